@@ -1,0 +1,541 @@
+//! The TOML config: the raw types serde parses, the validated types that build the
+//! components, and errors that name the file, the line and the key.
+//!
+//! Relative paths are resolved against the directory of the config file, so a config works
+//! the same from any working directory (and under systemd).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A config that could not be loaded. Every variant names the file; parse and validation
+/// errors name the line and the key too.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", file.display())]
+    Read {
+        /// The config file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown, missing or mistyped key.
+    #[error("{}:{line}:{column}: {message}", file.display())]
+    Parse {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A value parsed but is not usable.
+    #[error("{}:{line}: `{key}`: {message}", file.display())]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the value.
+        line: usize,
+        /// Dotted key path, e.g. `pipeline.demo.max_delete`.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub file: PathBuf,
+    /// Where the sled database (log, index, applied state) lives.
+    pub state_dir: PathBuf,
+    /// Address of the HTTP endpoints; loopback unless configured otherwise.
+    pub listen: SocketAddr,
+    /// How long `run` waits for in-flight work after SIGINT/SIGTERM before it gives up.
+    pub shutdown_timeout: Duration,
+    /// The pipelines, in file order.
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// One pipeline: a source mirrored into a target through an event log.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Unique name; labels metrics and names the log.
+    pub name: String,
+    /// Time between the end of one scan and the start of the next in `run`.
+    pub scan_interval: Duration,
+    /// What is listed.
+    pub source: SourceConfig,
+    /// What is written.
+    pub target: TargetConfig,
+    /// Where events are kept.
+    pub log: LogConfig,
+    /// Largest number of deletes one scan may emit before the guard withholds them all.
+    pub max_delete: DeleteLimit,
+    /// File bytes up to this size travel inside the event; larger files are read from the
+    /// source by the projector. 0 (default) keeps the log small when both run together.
+    pub inline_limit: u64,
+    /// Events applied at once (different keys; one key's events stay in order).
+    pub concurrency: usize,
+    /// Events read, applied and committed as one batch.
+    pub batch_size: usize,
+}
+
+/// Which source connector.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum SourceConfig {
+    /// A directory tree.
+    Dir(DirSourceConfig),
+}
+
+/// Which target connector.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TargetConfig {
+    /// A directory tree.
+    Dir(DirTargetConfig),
+}
+
+impl TargetConfig {
+    /// Whether deletes are applied (`prune = true`) or only recorded.
+    pub fn prune(&self) -> bool {
+        match self {
+            TargetConfig::Dir(d) => d.prune,
+        }
+    }
+}
+
+/// Which event log backend.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub enum LogConfig {
+    /// The embedded sled log in `state_dir`.
+    #[default]
+    Sled,
+}
+
+/// `[pipeline.source.dir]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirSourceConfig {
+    /// Root of the tree to mirror.
+    pub path: PathBuf,
+    /// Globs (relative to the root) of files to mirror; empty means everything.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Globs of files and directories to leave out; they win over `include`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Follow symbolic links and mirror what they point to. Off by default: links are
+    /// mirrored as links, with their target path unchanged.
+    #[serde(default)]
+    pub follow_symlinks: bool,
+}
+
+/// `[pipeline.target.dir]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirTargetConfig {
+    /// Root of the mirror; created if missing.
+    pub path: PathBuf,
+    /// Apply deletes. Off by default: deletes are recorded in the log and shown by `plan`.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// The delete guard's limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeleteLimit {
+    /// At most this many deletes per scan.
+    Count(u64),
+    /// At most this percentage of the indexed items per scan (rounded up).
+    Percent(f64),
+}
+
+impl DeleteLimit {
+    /// The number of deletes allowed for an index of `indexed` items.
+    pub fn allowed(self, indexed: u64) -> u64 {
+        match self {
+            DeleteLimit::Count(n) => n,
+            DeleteLimit::Percent(p) => (indexed as f64 * p / 100.0).ceil() as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for DeleteLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeleteLimit::Count(n) => write!(f, "{n}"),
+            DeleteLimit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeleteLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = DeleteLimit;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a count such as 100 or a percentage such as \"10%\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DeleteLimit, E> {
+                u64::try_from(v)
+                    .map(DeleteLimit::Count)
+                    .map_err(|_| E::custom("max_delete cannot be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DeleteLimit, E> {
+                Ok(DeleteLimit::Count(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DeleteLimit, E> {
+                let pct = v.trim().strip_suffix('%').ok_or_else(|| {
+                    E::custom(format!("max_delete `{v}` must be a count or end in `%`"))
+                })?;
+                match pct.trim().parse::<f64>() {
+                    Ok(p) if (0.0..=100.0).contains(&p) => Ok(DeleteLimit::Percent(p)),
+                    _ => Err(E::custom(format!(
+                        "max_delete `{v}` must be a percentage between 0% and 100%"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_listen")]
+    listen: Spanned<String>,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    shutdown_timeout: Duration,
+    #[serde(rename = "pipeline", default)]
+    pipelines: Vec<RawPipeline>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Spanned<String>,
+    #[serde(default = "default_scan_interval", with = "humantime_serde")]
+    scan_interval: Duration,
+    source: RawSource,
+    target: RawTarget,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default = "default_max_delete")]
+    max_delete: DeleteLimit,
+    #[serde(default)]
+    inline_limit: u64,
+    #[serde(default = "default_concurrency")]
+    concurrency: Spanned<usize>,
+    #[serde(default = "default_batch_size")]
+    batch_size: Spanned<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+enum RawSource {
+    Dir(Spanned<DirSourceConfig>),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+enum RawTarget {
+    Dir(Spanned<DirTargetConfig>),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+enum RawLog {
+    #[default]
+    Sled,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:9464".to_owned())
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_scan_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_delete() -> DeleteLimit {
+    DeleteLimit::Percent(50.0)
+}
+fn default_concurrency() -> Spanned<usize> {
+    Spanned::new(0..0, 16)
+}
+fn default_batch_size() -> Spanned<usize> {
+    Spanned::new(0..0, 1024)
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Config::parse(file, &text)
+    }
+
+    /// Parses and validates config text; `file` is used for messages and relative paths.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                file: file.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let invalid =
+            |span: std::ops::Range<usize>, key: String, message: String| ConfigError::Invalid {
+                file: file.to_owned(),
+                line: line_col(text, span.start).0,
+                key,
+                message,
+            };
+
+        let listen = raw.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                raw.listen.span(),
+                "listen".into(),
+                format!(
+                    "`{}` is not an address such as 127.0.0.1:9464 ({e})",
+                    raw.listen.get_ref()
+                ),
+            )
+        })?;
+
+        if raw.pipelines.is_empty() {
+            return Err(invalid(
+                0..0,
+                "pipeline".into(),
+                "no [[pipeline]] is configured; add one (see config/tidemark.toml)".into(),
+            ));
+        }
+
+        let mut pipelines: Vec<PipelineConfig> = Vec::new();
+        for p in raw.pipelines {
+            let name = p.name.get_ref().clone();
+            let key = |k: &str| format!("pipeline.{name}.{k}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    p.name.span(),
+                    "pipeline.name".into(),
+                    format!("`{name}` must be non-empty and use only letters, digits, `-` and `_`"),
+                ));
+            }
+            if pipelines.iter().any(|q| q.name == name) {
+                return Err(invalid(
+                    p.name.span(),
+                    "pipeline.name".into(),
+                    format!("pipeline `{name}` is defined twice"),
+                ));
+            }
+            for (value, k) in [
+                (&p.concurrency, "concurrency"),
+                (&p.batch_size, "batch_size"),
+            ] {
+                if *value.get_ref() == 0 {
+                    return Err(invalid(value.span(), key(k), "must be at least 1".into()));
+                }
+            }
+            let source = match p.source {
+                RawSource::Dir(d) => {
+                    let span = d.span();
+                    let mut d = d.into_inner();
+                    d.path = base.join(&d.path);
+                    for glob in d.include.iter().chain(&d.exclude) {
+                        if let Err(e) = globset::Glob::new(glob) {
+                            return Err(invalid(
+                                span.clone(),
+                                key("source.dir"),
+                                format!("bad glob `{glob}`: {e}"),
+                            ));
+                        }
+                    }
+                    SourceConfig::Dir(d)
+                }
+            };
+            let target = match p.target {
+                RawTarget::Dir(d) => {
+                    let span = d.span();
+                    let mut d = d.into_inner();
+                    d.path = base.join(&d.path);
+                    let source_root = match &source {
+                        SourceConfig::Dir(s) => Some(&s.path),
+                    };
+                    if let Some(root) = source_root {
+                        if d.path.starts_with(root) || root.starts_with(&d.path) {
+                            return Err(invalid(
+                                span,
+                                key("target.dir.path"),
+                                format!(
+                                    "target {} and source {} overlap; a mirror must not be inside its source or contain it",
+                                    d.path.display(),
+                                    root.display()
+                                ),
+                            ));
+                        }
+                    }
+                    TargetConfig::Dir(d)
+                }
+            };
+            pipelines.push(PipelineConfig {
+                name,
+                scan_interval: p.scan_interval,
+                source,
+                target,
+                log: match p.log {
+                    RawLog::Sled => LogConfig::Sled,
+                },
+                max_delete: p.max_delete,
+                inline_limit: p.inline_limit,
+                concurrency: p.concurrency.into_inner(),
+                batch_size: p.batch_size.into_inner(),
+            });
+        }
+
+        Ok(Config {
+            file: file.to_owned(),
+            state_dir: base.join(raw.state_dir),
+            listen,
+            shutdown_timeout: raw.shutdown_timeout,
+            pipelines,
+        })
+    }
+
+    /// The named pipeline, or all of them when `name` is `None`.
+    pub fn select(&self, name: Option<&str>) -> Result<Vec<&PipelineConfig>, String> {
+        match name {
+            None => Ok(self.pipelines.iter().collect()),
+            Some(n) => self
+                .pipelines
+                .iter()
+                .find(|p| p.name == n)
+                .map(|p| vec![p])
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.pipelines.iter().map(|p| p.name.as_str()).collect();
+                    format!(
+                        "no pipeline named `{n}` in {} (known: {})",
+                        self.file.display(),
+                        known.join(", ")
+                    )
+                }),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "state"
+
+[[pipeline]]
+name = "demo"
+scan_interval = "2s"
+max_delete = "10%"
+
+[pipeline.source.dir]
+path = "src"
+exclude = ["*.tmp"]
+
+[pipeline.target.dir]
+path = "dst"
+prune = true
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let c = Config::parse(Path::new("/etc/tidemark/t.toml"), GOOD).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/tidemark/state"));
+        let p = &c.pipelines[0];
+        assert_eq!(p.scan_interval, Duration::from_secs(2));
+        assert_eq!(p.max_delete, DeleteLimit::Percent(10.0));
+        let SourceConfig::Dir(s) = &p.source;
+        assert_eq!(s.path, Path::new("/etc/tidemark/src"));
+        assert!(p.target.prune());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn misspelled_key_names_key_and_line() {
+        let bad = GOOD.replace("prune = true", "pruen = true");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:15:"), "{err}");
+        assert!(err.contains("unknown field `pruen`"), "{err}");
+    }
+
+    #[test]
+    fn bad_max_delete_is_explained() {
+        let bad = GOOD.replace("\"10%\"", "\"lots\"");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.toml:7:"), "{err}");
+        assert!(err.contains("max_delete `lots`"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_line() {
+        let bad = GOOD.replace("\"2s\"", "\"soon\"");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.toml:6:"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_source_and_target_are_refused() {
+        let bad = GOOD.replace("path = \"dst\"", "path = \"src/mirror\"");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overlap"), "{err}");
+    }
+
+    #[test]
+    fn delete_limit_rounds_up() {
+        assert_eq!(DeleteLimit::Percent(50.0).allowed(1), 1);
+        assert_eq!(DeleteLimit::Percent(50.0).allowed(2), 1);
+        assert_eq!(DeleteLimit::Percent(10.0).allowed(1000), 100);
+        assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
+    }
+}

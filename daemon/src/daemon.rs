@@ -1,0 +1,169 @@
+//! `tidemark run`: every pipeline's scanner (on its interval) and projector (tailing the
+//! log), the HTTP endpoints, and the shutdown order — stop the scanners, let the projectors
+//! finish and commit their batch, flush, exit.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::progress::Progress;
+use crate::server::{self, ServerState};
+use crate::state::{State, StateError};
+
+/// Name of the file in `state_dir` holding the address the endpoints listen on.
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
+/// The daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Local state could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A pipeline could not be built.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The endpoints' address could not be bound.
+    #[error("cannot listen on {addr}: {source} (set `listen` in the config to a free address)")]
+    Listen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Tasks still running when the shutdown deadline passed.
+    #[error("shutdown deadline passed with tasks still running: {0}")]
+    Deadline(String),
+}
+
+/// Names of running tasks, so a missed shutdown deadline can say which ones hang.
+#[derive(Clone, Default)]
+struct Running(Arc<Mutex<BTreeSet<String>>>);
+
+struct RunningGuard(Running, String);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0 .0.lock().unwrap().remove(&self.1);
+    }
+}
+
+impl Running {
+    fn enter(&self, name: String) -> RunningGuard {
+        self.0.lock().unwrap().insert(name.clone());
+        RunningGuard(self.clone(), name)
+    }
+}
+
+/// Runs every pipeline until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let state = State::open(&config.state_dir)?;
+    let pipelines = config
+        .pipelines
+        .iter()
+        .map(|p| Pipeline::build(p, &state).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    for p in &pipelines {
+        p.status().await?;
+    }
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let addr_file: PathBuf = config.state_dir.join(LISTEN_ADDR_FILE);
+    if let Err(e) = std::fs::write(&addr_file, format!("{addr}\n")) {
+        warn!("cannot write {}: {e}", addr_file.display());
+    }
+    info!(%addr, "serving /metrics /healthz /readyz /status on http://{addr}");
+
+    let tracker = TaskTracker::new();
+    let running = Running::default();
+    let scanners = CancellationToken::new();
+    let projectors = CancellationToken::new();
+    let endpoints = CancellationToken::new();
+    let server_state = Arc::new(ServerState {
+        pipelines: pipelines.clone(),
+        ready: false.into(),
+    });
+
+    for p in &pipelines {
+        let (pipeline, cancel, guard) = (
+            p.clone(),
+            scanners.clone(),
+            running.enter(format!("scanner {}", p.name())),
+        );
+        tracker.spawn(async move {
+            let _guard = guard;
+            let progress = Progress::hidden();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    result = pipeline.scanner.scan(&progress) => {
+                        if let Err(e) = result {
+                            error!("{e}");
+                        }
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(pipeline.config.scan_interval) => {}
+                }
+            }
+        });
+        let (pipeline, cancel, guard) = (
+            p.clone(),
+            projectors.clone(),
+            running.enter(format!("projector {}", p.name())),
+        );
+        tracker.spawn(async move {
+            let _guard = guard;
+            pipeline.projector.run(cancel).await;
+        });
+    }
+    let server = {
+        let (state, cancel) = (server_state.clone(), endpoints.clone());
+        tokio::spawn(async move {
+            if let Err(e) = server::serve(listener, state, cancel).await {
+                error!("HTTP endpoints stopped: {e}");
+            }
+        })
+    };
+    server_state.ready.store(true, Ordering::SeqCst);
+    info!(pipelines = pipelines.len(), "tidemark is running");
+
+    shutdown.await;
+    info!("shutting down: stopping scanners, letting projectors finish their batch");
+    server_state.ready.store(false, Ordering::SeqCst);
+    scanners.cancel();
+    projectors.cancel();
+    tracker.close();
+    let finished = tokio::time::timeout(config.shutdown_timeout, tracker.wait()).await;
+    endpoints.cancel();
+    let _ = server.await;
+    state.flush().await?;
+    let _ = std::fs::remove_file(&addr_file);
+    if finished.is_err() {
+        let names: Vec<String> = running.0.lock().unwrap().iter().cloned().collect();
+        return Err(RunError::Deadline(names.join(", ")));
+    }
+    info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The event log boundary: the [`EventLog`] trait every backend implements, the records it
+//! returns and the errors of each operation.
+//!
+//! Offsets are per partition, assigned by the log, and only grow. A committed offset is the
+//! *next offset to read*: every event below it has been applied to the target.
+
+pub mod sled;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tidemark_proto::{DecodeError, Event};
+
+use crate::config::{LogConfig, PipelineConfig};
+use crate::state::State;
+
+pub use self::sled::SledLog;
+
+/// One record as read back: where it sits, and the event or why it could not be decoded.
+#[derive(Debug)]
+pub struct Record {
+    /// Partition it was read from.
+    pub partition: u32,
+    /// Its offset in that partition.
+    pub offset: u64,
+    /// The event, or the reason the bytes are not one (reported, never fatal).
+    pub event: Result<Event, DecodeError>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Appending failed; nothing in the batch may be assumed durable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The backend refused or failed the write.
+    #[error("append to the {backend} log failed: {source}")]
+    Backend {
+        /// `sled` or `kafka`.
+        backend: &'static str,
+        /// Why.
+        source: BoxError,
+    },
+}
+
+/// Reading events or the head offset failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The backend failed the read.
+    #[error("read from the {backend} log failed: {source}")]
+    Backend {
+        /// `sled` or `kafka`.
+        backend: &'static str,
+        /// Why.
+        source: BoxError,
+    },
+}
+
+/// Reading a committed offset failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadOffsetError {
+    /// The backend failed the read.
+    #[error(
+        "reading the committed offset of `{consumer}` from the {backend} log failed: {source}"
+    )]
+    Backend {
+        /// `sled` or `kafka`.
+        backend: &'static str,
+        /// The consumer.
+        consumer: String,
+        /// Why.
+        source: BoxError,
+    },
+}
+
+/// Committing or moving an offset failed; the previous committed offset still holds.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The backend failed the write.
+    #[error("committing the offset of `{consumer}` to the {backend} log failed: {source}")]
+    Backend {
+        /// `sled` or `kafka`.
+        backend: &'static str,
+        /// The consumer.
+        consumer: String,
+        /// Why.
+        source: BoxError,
+    },
+}
+
+/// An append-only, ordered, durable event log.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    /// Backend name for messages and status (`sled`, `kafka`).
+    fn backend(&self) -> &'static str;
+
+    /// Number of partitions; each has its own offsets.
+    fn partitions(&self) -> u32;
+
+    /// Appends the events in order, assigning partition and offset, and returns only once
+    /// they are durable.
+    async fn append(&self, events: Vec<Event>) -> Result<(), AppendError>;
+
+    /// Reads up to `max` records of `partition` from offset `from` on, in offset order.
+    async fn read(&self, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, ReadError>;
+
+    /// Next offset the partition will assign (one past the last record).
+    async fn head(&self, partition: u32) -> Result<u64, ReadError>;
+
+    /// Waits until the partition's head is above `offset` or `timeout` passes; returns the head.
+    async fn wait_beyond(
+        &self,
+        partition: u32,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<u64, ReadError>;
+
+    /// The consumer's committed offset (next offset to read); 0 if it never committed.
+    async fn committed(&self, consumer: &str, partition: u32) -> Result<u64, ReadOffsetError>;
+
+    /// Moves the committed offset forward to `next`; a lower value is ignored.
+    async fn commit(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError>;
+
+    /// Sets the committed offset to any value, backwards included (`replay`).
+    async fn seek(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError>;
+}
+
+/// Opens the log a pipeline is configured with.
+pub fn open(pipeline: &PipelineConfig, state: &State) -> Result<Arc<dyn EventLog>, ReadError> {
+    match &pipeline.log {
+        LogConfig::Sled => Ok(Arc::new(SledLog::open(state.db(), &pipeline.name)?)),
+    }
+}

@@ -1,0 +1,480 @@
+//! The `tidemark` command line: parses arguments, sets up logging, and calls the library.
+//!
+//! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed, or
+//! a scan had errors); 4 `verify` found drift.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tidemark::config::Config;
+use tidemark::daemon::{self, LISTEN_ADDR_FILE};
+use tidemark::pipeline::Pipeline;
+use tidemark::progress::Progress;
+use tidemark::state::{State, StateError};
+use tidemark::verify;
+
+const EXIT_DEGRADED: u8 = 3;
+const EXIT_DRIFT: u8 = 4;
+
+/// Keep a target a faithful mirror of a source, through a replayable event log.
+#[derive(Parser)]
+#[command(name = "tidemark", version, about, long_about = None)]
+struct Cli {
+    /// Config file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "TIDEMARK_CONFIG",
+        default_value = "config/tidemark.toml"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// No progress bars and only warnings and errors in the log.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: every pipeline's scanner and projector, plus /metrics, /healthz,
+    /// /readyz and /status. SIGINT/SIGTERM finish in-flight work, commit and exit 0.
+    Run,
+    /// List the source once and append its changes to the log.
+    Scan(Select),
+    /// Apply the log to the target until caught up.
+    Project(Select),
+    /// Scan, then project until caught up.
+    Sync(Select),
+    /// Show what `project` would do, writing nothing.
+    Plan(Select),
+    /// Offsets, lag, last scan, delete guard and failures per pipeline.
+    Status(Select),
+    /// Compare source and target item by item by checksum; exit 4 on drift.
+    Verify(Select),
+    /// Move a projector's committed offset: the events from there on are applied again.
+    Replay {
+        #[command(flatten)]
+        select: Select,
+        /// Offset to replay from (0 rebuilds the target).
+        #[arg(long)]
+        from: u64,
+    },
+    /// Read the event log.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Print events from an offset on, one JSON object a line.
+    Tail {
+        #[command(flatten)]
+        select: Select,
+        /// First offset to print (default: the last 10 events).
+        #[arg(long)]
+        from: Option<u64>,
+    },
+    /// Print one event.
+    Show {
+        #[command(flatten)]
+        select: Select,
+        /// Its offset.
+        offset: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct Select {
+    /// Only this pipeline (default: all).
+    #[arg(short, long)]
+    pipeline: Option<String>,
+    /// Output format on stdout.
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+fn init_logging(format: LogFormat, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.quiet);
+    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // A second signal means "now": committed work is durable, so exiting loses nothing.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!(
+            "second signal: exiting at once; uncommitted events are applied again on restart"
+        );
+        std::process::exit(130);
+    });
+}
+
+struct Session {
+    config: Config,
+    state: State,
+}
+
+impl Session {
+    fn open(config: Config) -> Result<Session> {
+        let state = State::open(&config.state_dir)?;
+        Ok(Session { config, state })
+    }
+
+    fn pipelines(&self, select: &Select) -> Result<Vec<Pipeline>> {
+        self.config
+            .select(select.pipeline.as_deref())
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(|p| Pipeline::build(p, &self.state).map_err(Into::into))
+            .collect()
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let config = Config::load(&cli.config)?;
+    let show_progress = !cli.quiet;
+    match cli.command {
+        Command::Run => {
+            daemon::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(select) => status(config, &select).await,
+        Command::Scan(select) => {
+            scan_project(Session::open(config)?, &select, true, false, show_progress).await
+        }
+        Command::Project(select) => {
+            scan_project(Session::open(config)?, &select, false, true, show_progress).await
+        }
+        Command::Sync(select) => {
+            scan_project(Session::open(config)?, &select, true, true, show_progress).await
+        }
+        Command::Plan(select) => plan(Session::open(config)?, &select).await,
+        Command::Verify(select) => {
+            let session = Session::open(config)?;
+            let mut drift = false;
+            let mut reports = Vec::new();
+            for p in session.pipelines(&select)? {
+                let progress = Progress::new(show_progress, "verify", None);
+                let report = verify::verify(&p.config, &progress).await?;
+                progress.finish();
+                drift |= !report.is_clean();
+                if select.output == Output::Text {
+                    print!("{}", report.to_text(p.name()));
+                }
+                reports.push(json!({"pipeline": p.name(), "report": report}));
+            }
+            if select.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            Ok(if drift {
+                ExitCode::from(EXIT_DRIFT)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Replay { select, from } => {
+            let session = Session::open(config)?;
+            for p in session.pipelines(&select)? {
+                let head = p.log.head(0).await?;
+                anyhow::ensure!(
+                    from <= head,
+                    "pipeline `{}`: --from {from} is past the log head {head}",
+                    p.name()
+                );
+                p.projector.replay(from).await?;
+                println!(
+                    "pipeline {}: committed offset set to {from}; {} events will be applied again by `project` or `run`",
+                    p.name(),
+                    head - from
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log(cmd) => log_command(Session::open(config)?, cmd).await,
+    }
+}
+
+async fn status(config: Config, select: &Select) -> Result<ExitCode> {
+    let statuses: Vec<serde_json::Value> = match Session::open(config.clone()) {
+        Ok(session) => {
+            let mut out = Vec::new();
+            for p in session.pipelines(select)? {
+                out.push(serde_json::to_value(p.status().await?)?);
+            }
+            out
+        }
+        Err(e)
+            if matches!(
+                e.downcast_ref::<StateError>(),
+                Some(StateError::Locked { .. })
+            ) =>
+        {
+            // The daemon holds the database: ask it.
+            let addr_file = config.state_dir.join(LISTEN_ADDR_FILE);
+            let addr = std::fs::read_to_string(&addr_file)
+                .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
+            let url = format!("http://{}/status", addr.trim());
+            let all: Vec<serde_json::Value> = reqwest::get(&url)
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("asking the running daemon at {url}"))?
+                .json()
+                .await?;
+            all.into_iter()
+                .filter(|s| {
+                    select
+                        .pipeline
+                        .as_deref()
+                        .is_none_or(|n| s["pipeline"] == n)
+                })
+                .collect()
+        }
+        Err(e) => return Err(e),
+    };
+    if select.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for s in &statuses {
+        println!(
+            "pipeline {} ({} log)",
+            s["pipeline"].as_str().unwrap_or("?"),
+            s["log"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  head {}  committed {}  lag {} events, {:.1} s",
+            s["head"],
+            s["committed"],
+            s["lag_events"],
+            s["lag_seconds"].as_f64().unwrap_or(0.0)
+        );
+        match s.get("last_scan").filter(|v| !v.is_null()) {
+            Some(scan) => println!(
+                "  last scan {} at {}: {} ({} listed, {} upserts, {} deletes, {} errors, {:.2} s)",
+                scan["id"].as_str().unwrap_or("?"),
+                scan["started_at"].as_str().unwrap_or("?"),
+                scan["result"].as_str().unwrap_or("?"),
+                scan["listed"],
+                scan["upserts"],
+                scan["deletes"],
+                scan["errors"],
+                scan["duration_secs"].as_f64().unwrap_or(0.0)
+            ),
+            None => println!("  no scan yet"),
+        }
+        if let Some(g) = s.get("delete_guard").filter(|v| !v.is_null()) {
+            println!(
+                "  DELETE GUARD TRIPPED: the last scan would delete {} items, max_delete = {} allows {}; no deletes were emitted",
+                g["would_delete"], g["limit"].as_str().unwrap_or("?"), g["allowed"]
+            );
+        }
+        if let Some(failed) = s["failed"].as_array().filter(|f| !f.is_empty()) {
+            println!("  {} failed items:", failed.len());
+            for f in failed.iter().take(20) {
+                println!(
+                    "    {} {} (offset {}): {}",
+                    f["kind"].as_str().unwrap_or("?"),
+                    f["key"].as_str().unwrap_or("?"),
+                    f["offset"],
+                    f["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn scan_project(
+    session: Session,
+    select: &Select,
+    scan: bool,
+    project: bool,
+    show_progress: bool,
+) -> Result<ExitCode> {
+    let mut degraded = false;
+    let mut out = Vec::new();
+    for p in session.pipelines(select)? {
+        let mut entry = json!({"pipeline": p.name()});
+        if scan {
+            let progress = Progress::new(show_progress, "scan", None);
+            let record = p.scanner.scan(&progress).await;
+            progress.finish();
+            let record = record?;
+            degraded |= record.errors > 0;
+            if select.output == Output::Text {
+                println!(
+                    "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s",
+                    p.name(), record.listed, record.upserts, record.deletes, record.errors, record.skipped, record.duration_secs
+                );
+                if let Some(g) = &record.guard {
+                    println!(
+                        "{}: delete guard tripped: {} deletes withheld (max_delete = {} allows {})",
+                        p.name(),
+                        g.would_delete,
+                        g.limit,
+                        g.allowed
+                    );
+                }
+            }
+            entry["scan"] = serde_json::to_value(&record)?;
+        }
+        if project {
+            let progress = Progress::new(show_progress, "project", Some(0));
+            let report = p.projector.catch_up(&progress).await;
+            progress.finish();
+            let report = report?;
+            degraded |= !report.failures.is_empty();
+            if select.output == Output::Text {
+                let counts: Vec<String> = report
+                    .outcomes
+                    .iter()
+                    .map(|(o, n)| format!("{n} {}", o.as_str()))
+                    .collect();
+                println!(
+                    "{}: applied {} events: {}",
+                    p.name(),
+                    report.events,
+                    if counts.is_empty() {
+                        "nothing to do".into()
+                    } else {
+                        counts.join(", ")
+                    }
+                );
+                for f in &report.failures {
+                    println!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
+                }
+            }
+            entry["project"] = serde_json::to_value(&report)?;
+        }
+        out.push(entry);
+    }
+    if select.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(if degraded {
+        ExitCode::from(EXIT_DEGRADED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
+    let mut out = Vec::new();
+    for p in session.pipelines(select)? {
+        let actions = p.projector.plan().await?;
+        if select.output == Output::Text {
+            let mut counts = std::collections::BTreeMap::new();
+            for a in &actions {
+                *counts.entry(a.action).or_insert(0) += 1;
+                if a.action != "skip" {
+                    println!("{:>6} {} {} (offset {})", a.action, a.kind, a.key, a.offset);
+                }
+            }
+            let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();
+            println!(
+                "{}: plan: {}",
+                p.name(),
+                if summary.is_empty() {
+                    "nothing to do".into()
+                } else {
+                    summary.join(", ")
+                }
+            );
+        }
+        out.push(json!({"pipeline": p.name(), "actions": actions}));
+    }
+    if select.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
+    let print = |r: tidemark::log::Record| match r.event {
+        Ok(e) => println!("{}", String::from_utf8_lossy(&e.encode())),
+        Err(err) => println!(
+            "{}",
+            json!({"partition": r.partition, "offset": r.offset, "error": err.to_string()})
+        ),
+    };
+    match cmd {
+        LogCommand::Show { select, offset } => {
+            for p in session.pipelines(&select)? {
+                let records = p.log.read(0, offset, 1).await?;
+                match records.into_iter().next().filter(|r| r.offset == offset) {
+                    Some(r) => print(r),
+                    None => anyhow::bail!(
+                        "pipeline `{}`: no event at offset {offset} (head is {})",
+                        p.name(),
+                        p.log.head(0).await?
+                    ),
+                }
+            }
+        }
+        LogCommand::Tail { select, from } => {
+            for p in session.pipelines(&select)? {
+                let head = p.log.head(0).await?;
+                let mut next = from.unwrap_or(head.saturating_sub(10));
+                while next < head {
+                    let records = p.log.read(0, next, 1000).await?;
+                    let Some(last) = records.last() else { break };
+                    next = last.offset + 1;
+                    records.into_iter().for_each(print);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

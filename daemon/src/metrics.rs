@@ -1,0 +1,242 @@
+//! Every Prometheus metric tidemark exports, defined once. Label values are bounded:
+//! pipeline, kind, op, outcome, result, error class — never a path or an id.
+//! `docs/metrics.md` documents each one; a test checks every one is exported.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The metrics of this process.
+pub struct Metrics {
+    registry: Registry,
+    /// Next offset the log will assign, per pipeline (summed over partitions).
+    pub log_head_offset: IntGaugeVec,
+    /// Next offset the projector will read, per pipeline (summed over partitions).
+    pub committed_offset: IntGaugeVec,
+    /// Events appended but not yet applied.
+    pub lag_events: IntGaugeVec,
+    /// Age of the oldest unapplied event; 0 when caught up.
+    pub lag_seconds: GaugeVec,
+    /// Seconds since the last complete, error-free scan: shows a stalled scanner even
+    /// when lag is 0.
+    pub source_freshness_seconds: GaugeVec,
+    /// Events appended, by kind and op.
+    pub events_appended: IntCounterVec,
+    /// Events projected, by kind and outcome.
+    pub applies: IntCounterVec,
+    /// Apply errors, by class (`transient` are retried, `permanent` block their key).
+    pub apply_errors: IntCounterVec,
+    /// Log records that are not valid events.
+    pub decode_errors: IntCounterVec,
+    /// Time to apply and commit one batch.
+    pub apply_duration: HistogramVec,
+    /// Time of one scan.
+    pub scan_duration: HistogramVec,
+    /// Scans by result (`ok`, `degraded`, `failed`).
+    pub scans: IntCounterVec,
+    /// Source entries that could not be listed or read.
+    pub scan_errors: IntCounterVec,
+    /// Scans whose deletes the delete guard withheld.
+    pub delete_guard_trips: IntCounterVec,
+    /// 1 while the last scan's deletes are withheld by the guard.
+    pub delete_guard_active: IntGaugeVec,
+    /// Unix time of the last complete, error-free scan.
+    pub last_scan_success: GaugeVec,
+    /// Unix time of the last batch applied and committed.
+    pub last_apply: GaugeVec,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definitions are valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let p = &["pipeline"];
+        Metrics {
+            log_head_offset: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_log_head_offset",
+                    "Next offset the event log will assign."
+                ),
+                p
+            )),
+            committed_offset: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_committed_offset",
+                    "Next offset the projector will read; every event below it is applied."
+                ),
+                p
+            )),
+            lag_events: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_lag_events",
+                    "Events appended to the log but not yet applied to the target."
+                ),
+                p
+            )),
+            lag_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "tidemark_lag_seconds",
+                    "Age of the oldest unapplied event in seconds; 0 when caught up."
+                ),
+                p
+            )),
+            source_freshness_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "tidemark_source_freshness_seconds",
+                    "Seconds since the last complete, error-free scan of the source."
+                ),
+                p
+            )),
+            events_appended: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_events_appended_total",
+                    "Events appended to the log."
+                ),
+                &["pipeline", "kind", "op"]
+            )),
+            applies: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_applies_total",
+                    "Events projected onto the target, by outcome."
+                ),
+                &["pipeline", "kind", "outcome"]
+            )),
+            apply_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_apply_errors_total",
+                    "Apply errors: transient ones are retried, permanent ones block their key."
+                ),
+                &["pipeline", "class"]
+            )),
+            decode_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_log_decode_errors_total",
+                    "Log records that are not valid events (skipped and reported)."
+                ),
+                p
+            )),
+            apply_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "tidemark_apply_batch_duration_seconds",
+                    "Time to apply, sync and commit one batch of events."
+                )
+                .buckets(exponential_buckets(0.001, 4.0, 10).expect("valid buckets")),
+                p
+            )),
+            scan_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "tidemark_scan_duration_seconds",
+                    "Time of one scan of the source."
+                )
+                .buckets(exponential_buckets(0.01, 4.0, 10).expect("valid buckets")),
+                p
+            )),
+            scans: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_scans_total",
+                    "Scans by result: ok, degraded (some entries failed; no deletes), failed."
+                ),
+                &["pipeline", "result"]
+            )),
+            scan_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_scan_errors_total",
+                    "Source entries that could not be listed or read."
+                ),
+                p
+            )),
+            delete_guard_trips: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_delete_guard_trips_total",
+                    "Scans whose deletes were withheld by max_delete."
+                ),
+                p
+            )),
+            delete_guard_active: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_delete_guard_active",
+                    "1 while the last scan's deletes are withheld by max_delete."
+                ),
+                p
+            )),
+            last_scan_success: reg!(GaugeVec::new(
+                Opts::new(
+                    "tidemark_last_scan_success_timestamp_seconds",
+                    "Unix time of the last complete, error-free scan."
+                ),
+                p
+            )),
+            last_apply: reg!(GaugeVec::new(
+                Opts::new(
+                    "tidemark_last_apply_timestamp_seconds",
+                    "Unix time of the last batch applied and committed."
+                ),
+                p
+            )),
+            registry,
+        }
+    }
+
+    /// Creates every series of a pipeline at zero, so dashboards and alerts see them
+    /// before the first event.
+    pub fn init_pipeline(&self, pipeline: &str) {
+        for g in [
+            &self.log_head_offset,
+            &self.committed_offset,
+            &self.lag_events,
+            &self.delete_guard_active,
+        ] {
+            g.with_label_values(&[pipeline]);
+        }
+        for g in [
+            &self.lag_seconds,
+            &self.source_freshness_seconds,
+            &self.last_scan_success,
+            &self.last_apply,
+        ] {
+            g.with_label_values(&[pipeline]);
+        }
+        for c in [
+            &self.scan_errors,
+            &self.delete_guard_trips,
+            &self.decode_errors,
+        ] {
+            c.with_label_values(&[pipeline]);
+        }
+        for class in ["transient", "permanent"] {
+            self.apply_errors.with_label_values(&[pipeline, class]);
+        }
+        for result in ["ok", "degraded", "failed"] {
+            self.scans.with_label_values(&[pipeline, result]);
+        }
+        self.apply_duration.with_label_values(&[pipeline]);
+        self.scan_duration.with_label_values(&[pipeline]);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}

@@ -1,0 +1,198 @@
+//! One configured pipeline wired together: its log, scanner and projector, and the status
+//! and lag figures `status`, `/status` and `/metrics` show.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::config::PipelineConfig;
+use crate::log::{self, EventLog};
+use crate::metrics::metrics;
+use crate::projector::{ProjectError, Projector};
+use crate::scanner::Scanner;
+use crate::state::{Failure, GuardTrip, ScanRecord, State, StateError};
+use crate::{source, target};
+
+/// A pipeline could not be built or inspected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// Its log could not be opened.
+    #[error("pipeline `{pipeline}`: {source}")]
+    OpenLog {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        source: log::ReadError,
+    },
+    /// Local state could not be read.
+    #[error("pipeline `{pipeline}`: {source}")]
+    State {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        source: StateError,
+    },
+    /// Offsets could not be read.
+    #[error(transparent)]
+    Project(#[from] ProjectError),
+}
+
+/// Offsets, lag and health of one pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineStatus {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Log backend.
+    pub log: &'static str,
+    /// Next offset the log assigns (summed over partitions).
+    pub head: u64,
+    /// Next offset the projector reads (summed over partitions).
+    pub committed: u64,
+    /// Events not yet applied.
+    pub lag_events: u64,
+    /// Age of the oldest unapplied event, 0 when caught up.
+    pub lag_seconds: f64,
+    /// Seconds since the last complete, error-free scan (`null` before the first one).
+    pub source_freshness_seconds: Option<f64>,
+    /// The last scan.
+    pub last_scan: Option<ScanRecord>,
+    /// Set while the last scan's deletes are withheld by `max_delete`.
+    pub delete_guard: Option<GuardTrip>,
+    /// Events that failed permanently; their keys wait for the next change.
+    pub failed: Vec<Failure>,
+}
+
+/// A pipeline ready to scan and project.
+pub struct Pipeline {
+    /// Its config.
+    pub config: PipelineConfig,
+    /// Its event log.
+    pub log: Arc<dyn EventLog>,
+    /// Its scanner.
+    pub scanner: Scanner,
+    /// Its projector.
+    pub projector: Projector,
+    state: State,
+}
+
+impl Pipeline {
+    /// Builds the pipeline's components on the shared state.
+    pub fn build(config: &PipelineConfig, state: &State) -> Result<Pipeline, PipelineError> {
+        let log = log::open(config, state).map_err(|source| PipelineError::OpenLog {
+            pipeline: config.name.clone(),
+            source,
+        })?;
+        let scanner = Scanner::new(
+            &config.name,
+            source::build(config),
+            log.clone(),
+            state.clone(),
+            config.max_delete,
+        );
+        let projector = Projector::new(
+            &config.name,
+            log.clone(),
+            target::build(config),
+            state.clone(),
+            config.target.prune(),
+            config.concurrency,
+            config.batch_size,
+        );
+        metrics().init_pipeline(&config.name);
+        Ok(Pipeline {
+            config: config.clone(),
+            log,
+            scanner,
+            projector,
+            state: state.clone(),
+        })
+    }
+
+    /// Pipeline name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Reads offsets, lag and the last scan, and updates the lag metrics with them.
+    pub async fn status(&self) -> Result<PipelineStatus, PipelineError> {
+        let state_err = |source| PipelineError::State {
+            pipeline: self.config.name.clone(),
+            source,
+        };
+        let mut head = 0;
+        let mut committed = 0;
+        let mut oldest: Option<chrono::DateTime<Utc>> = None;
+        for p in 0..self.log.partitions() {
+            let read_err = |source| ProjectError::Read {
+                pipeline: self.config.name.clone(),
+                source,
+            };
+            let h = self.log.head(p).await.map_err(read_err)?;
+            let c = self
+                .log
+                .committed(self.projector.consumer(), p)
+                .await
+                .map_err(|source| ProjectError::ReadOffset {
+                    pipeline: self.config.name.clone(),
+                    source,
+                })?;
+            head += h;
+            committed += c.min(h);
+            if c < h {
+                let first = self.log.read(p, c, 1).await.map_err(read_err)?;
+                if let Some(Ok(e)) = first.into_iter().next().map(|r| r.event) {
+                    oldest = Some(oldest.map_or(e.observed_at, |o| o.min(e.observed_at)));
+                }
+            }
+        }
+        let now = Utc::now();
+        let lag_seconds = oldest.map_or(0.0, |o| {
+            ((now - o).num_milliseconds().max(0)) as f64 / 1000.0
+        });
+        let last_scan = self
+            .state
+            .scans()
+            .and_then(|s| s.get(&self.config.name))
+            .map_err(state_err)?;
+        let freshness = last_scan
+            .as_ref()
+            .and_then(|s| s.last_success_at)
+            .map(|at| ((now - at).num_milliseconds().max(0)) as f64 / 1000.0);
+        let failed = self
+            .state
+            .failures(&self.config.name)
+            .map_err(state_err)?
+            .iter()
+            .map(|r| r.map(|(_, f)| f))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(state_err)?;
+
+        let m = metrics();
+        let p = [self.config.name.as_str()];
+        m.log_head_offset.with_label_values(&p).set(head as i64);
+        m.committed_offset
+            .with_label_values(&p)
+            .set(committed as i64);
+        m.lag_events
+            .with_label_values(&p)
+            .set((head - committed) as i64);
+        m.lag_seconds.with_label_values(&p).set(lag_seconds);
+        if let Some(f) = freshness {
+            m.source_freshness_seconds.with_label_values(&p).set(f);
+        }
+        Ok(PipelineStatus {
+            pipeline: self.config.name.clone(),
+            log: self.log.backend(),
+            head,
+            committed,
+            lag_events: head - committed,
+            lag_seconds,
+            source_freshness_seconds: freshness,
+            delete_guard: last_scan.as_ref().and_then(|s| s.guard.clone()),
+            last_scan,
+            failed,
+        })
+    }
+}

@@ -1,0 +1,73 @@
+//! The HTTP endpoints of `tidemark run`: `/metrics` (Prometheus text), `/healthz`
+//! (the process answers), `/readyz` (pipelines are built and running) and `/status` (JSON).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::metrics;
+use crate::pipeline::Pipeline;
+
+/// What the endpoints read.
+pub struct ServerState {
+    /// The running pipelines.
+    pub pipelines: Vec<Arc<Pipeline>>,
+    /// Set once every pipeline's loops are started; cleared when shutdown begins.
+    pub ready: AtomicBool,
+}
+
+async fn refresh(state: &ServerState) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for p in &state.pipelines {
+        match p.status().await {
+            Ok(s) => out.push(serde_json::to_value(s).expect("status serializes")),
+            Err(e) => out.push(serde_json::json!({"pipeline": p.name(), "error": e.to_string()})),
+        }
+    }
+    out
+}
+
+async fn metrics_handler(State(state): State<Arc<ServerState>>) -> Response {
+    refresh(&state).await;
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
+        .into_response()
+}
+
+async fn status_handler(State(state): State<Arc<ServerState>>) -> Response {
+    Json(refresh(&state).await).into_response()
+}
+
+async fn ready_handler(State(state): State<Arc<ServerState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// Serves the endpoints on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/status", get(status_handler))
+        .route("/readyz", get(ready_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}

@@ -1,0 +1,125 @@
+//! The source boundary: the [`Source`] trait (a streaming listing plus the content of one
+//! listed entry) and the types it produces.
+
+pub mod fs;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use tidemark_proto::{Blob, Body, Ref};
+
+use crate::config::{PipelineConfig, SourceConfig};
+
+pub use self::fs::DirSource;
+
+/// One listed entry, before its content is read.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Resource kind (`file`, `dir`, `symlink`, or an API kind).
+    pub kind: String,
+    /// Stable key in the source.
+    pub key: String,
+    /// Cheap change token (size, mtime, inode, mode); when it equals the index's, the
+    /// entry is unchanged and is not read. `None` for sources without one.
+    pub fingerprint: Option<String>,
+    /// Content the listing already fetched (API sources); directory sources leave it empty.
+    pub payload: Option<serde_json::Value>,
+}
+
+/// One entry with its content: what an upsert event carries.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Resource kind.
+    pub kind: String,
+    /// Stable key in the source.
+    pub key: String,
+    /// `blake3:<hex>` of the canonical content.
+    pub checksum: String,
+    /// Permission bits, for files and directories.
+    pub mode: Option<u32>,
+    /// Natural key for adoption.
+    pub name: Option<String>,
+    /// References to other items.
+    pub refs: Vec<Ref>,
+    /// Inline content.
+    pub body: Option<Body>,
+    /// Out-of-line content.
+    pub blob: Option<Blob>,
+}
+
+/// What a listing yields besides errors.
+#[derive(Debug)]
+pub enum Listing {
+    /// An entry to diff against the index.
+    Entry(Entry),
+    /// An entry left out on purpose (a special file); reported, not an error.
+    Skipped {
+        /// Its key.
+        key: String,
+        /// Why it was left out.
+        reason: String,
+    },
+}
+
+/// A listing error. [`ListError::Root`] ends the scan; the others cost one entry or one
+/// page, and any of them keeps the scan from emitting deletes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListError {
+    /// The source itself cannot be listed (missing or unreadable root).
+    #[error("{message}")]
+    Root {
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// One entry could not be listed.
+    #[error("cannot list `{key}`: {message}")]
+    Entry {
+        /// Key of the entry (or of the directory that could not be read).
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ListError {
+    /// Whether the whole listing failed (as opposed to one entry).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ListError::Root { .. })
+    }
+}
+
+/// The content of a listed entry could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// Reading the entry failed.
+    #[error("cannot read `{key}`: {message}")]
+    Entry {
+        /// Key of the entry.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A streaming listing.
+pub type ListStream = BoxStream<'static, Result<Listing, ListError>>;
+
+/// Something that can be listed and read.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Streams the listing; never holds the whole listing in memory.
+    fn list(&self) -> ListStream;
+
+    /// Reads one entry's content and computes its checksum.
+    async fn fetch(&self, entry: Entry) -> Result<Item, FetchError>;
+}
+
+/// Builds the source a pipeline is configured with.
+pub fn build(pipeline: &PipelineConfig) -> Arc<dyn Source> {
+    match &pipeline.source {
+        SourceConfig::Dir(cfg) => Arc::new(DirSource::new(cfg, pipeline.inline_limit)),
+    }
+}

@@ -1,0 +1,302 @@
+//! Local state in one sled database: the scanner's source index, the projector's applied
+//! state and failures, and the last scan record of each pipeline.
+//!
+//! One database holds everything a pipeline needs, so one `flush` makes a whole batch
+//! durable. sled lets only one process open it: a second `tidemark` on the same
+//! `state_dir` gets [`StateError::Locked`].
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Local state could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The state directory could not be created or opened.
+    #[error("cannot open state directory {}: {source}", path.display())]
+    Open {
+        /// The state directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the database.
+    #[error("state directory {} is in use by another tidemark process (is the daemon running? `tidemark status` asks it over HTTP)", path.display())]
+    Locked {
+        /// The state directory.
+        path: PathBuf,
+    },
+    /// A read or write failed.
+    #[error("state database: {0}")]
+    Db(#[from] sled::Error),
+    /// A stored record could not be decoded.
+    #[error("state record `{key}` is corrupt: {source}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// What the scanner last saw of a source item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// Checksum and mode ([`tidemark_proto::content_version`]) of the last appended upsert.
+    pub version: String,
+    /// The source's cheap change token (size, mtime, inode); an equal token skips hashing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// What the projector last applied for an item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Content version applied; an event with the same version is skipped.
+    pub version: String,
+    /// Offset of the event that applied it.
+    pub offset: u64,
+    /// Id the target gave the item, for targets that assign ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_id: Option<String>,
+}
+
+/// A failed event kept for `status` until the key changes again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Kind of the item.
+    pub kind: String,
+    /// Key of the item.
+    pub key: String,
+    /// Offset of the failed event.
+    pub offset: u64,
+    /// What went wrong (secrets redacted).
+    pub reason: String,
+    /// When it failed.
+    pub at: DateTime<Utc>,
+}
+
+/// The delete guard's decision on one scan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardTrip {
+    /// Deletes the scan would have emitted.
+    pub would_delete: u64,
+    /// Deletes the limit allowed.
+    pub allowed: u64,
+    /// The configured limit, as written.
+    pub limit: String,
+}
+
+/// Summary of one scan, kept for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanRecord {
+    /// Scan id (also in every event it produced).
+    pub id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_secs: f64,
+    /// Items listed.
+    pub listed: u64,
+    /// Upserts appended.
+    pub upserts: u64,
+    /// Deletes appended.
+    pub deletes: u64,
+    /// Entries that could not be listed or read.
+    pub errors: u64,
+    /// Entries skipped on purpose (special files).
+    pub skipped: u64,
+    /// `ok`, `degraded` (some entries failed; no deletes) or `failed`.
+    pub result: String,
+    /// Set when the delete guard withheld this scan's deletes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardTrip>,
+    /// When the last complete, error-free scan finished (this one or an earlier one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// First error met, for people reading `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The local state database.
+#[derive(Clone)]
+pub struct State {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl State {
+    /// Opens (creating with owner-only permissions) the state directory.
+    pub fn open(dir: &Path) -> Result<State, StateError> {
+        let open_err = |source| StateError::Open {
+            path: dir.to_owned(),
+            source,
+        };
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(open_err)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(open_err)?;
+        }
+        match sled::Config::new().path(dir.join("db")).open() {
+            Ok(db) => Ok(State {
+                db,
+                path: dir.to_owned(),
+            }),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                Err(StateError::Locked {
+                    path: dir.to_owned(),
+                })
+            }
+            Err(sled::Error::Io(e)) => Err(open_err(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The state directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying database, for the sled event log.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The scanner's index of a pipeline's source.
+    pub fn index(&self, pipeline: &str) -> Result<Records<IndexEntry>, StateError> {
+        self.records(&format!("index/{pipeline}"))
+    }
+
+    /// The projector's applied state for a pipeline.
+    pub fn applied(&self, pipeline: &str) -> Result<Records<Applied>, StateError> {
+        self.records(&format!("applied/{pipeline}"))
+    }
+
+    /// Events that failed permanently and block their key until it changes.
+    pub fn failures(&self, pipeline: &str) -> Result<Records<Failure>, StateError> {
+        self.records(&format!("failed/{pipeline}"))
+    }
+
+    /// Last scan record of each pipeline, keyed by pipeline name.
+    pub fn scans(&self) -> Result<Records<ScanRecord>, StateError> {
+        self.records("scans")
+    }
+
+    fn records<T>(&self, tree: &str) -> Result<Records<T>, StateError> {
+        Ok(Records {
+            tree: self.db.open_tree(tree)?,
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StateError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// A sled tree of JSON records keyed by item identity (or pipeline name).
+pub struct Records<T> {
+    tree: sled::Tree,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Serialize + DeserializeOwned> Records<T> {
+    /// The record under `key`.
+    pub fn get(&self, key: &str) -> Result<Option<T>, StateError> {
+        match self.tree.get(key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StateError::Corrupt {
+                        key: key.to_owned(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Whether a record exists under `key`.
+    pub fn contains(&self, key: &str) -> Result<bool, StateError> {
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    /// Writes one record.
+    pub fn put(&self, key: &str, value: &T) -> Result<(), StateError> {
+        self.tree.insert(
+            key,
+            serde_json::to_vec(value).expect("state records serialize"),
+        )?;
+        Ok(())
+    }
+
+    /// Removes one record.
+    pub fn remove(&self, key: &str) -> Result<(), StateError> {
+        self.tree.remove(key)?;
+        Ok(())
+    }
+
+    /// Applies puts (`Some`) and removes (`None`) atomically.
+    pub fn apply<'a>(
+        &self,
+        changes: impl IntoIterator<Item = (&'a str, Option<&'a T>)>,
+    ) -> Result<(), StateError>
+    where
+        T: 'a,
+    {
+        let mut batch = sled::Batch::default();
+        for (key, value) in changes {
+            match value {
+                Some(v) => {
+                    batch.insert(key, serde_json::to_vec(v).expect("state records serialize"))
+                }
+                None => batch.remove(key),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Every record, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(String, T), StateError>> + '_ {
+        self.tree.iter().map(|r| {
+            let (k, v) = r?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|source| StateError::Corrupt {
+                key: key.clone(),
+                source,
+            })?;
+            Ok((key, value))
+        })
+    }
+
+    /// Every key, in order.
+    pub fn keys(&self) -> impl Iterator<Item = Result<String, StateError>> + '_ {
+        self.tree
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+    }
+
+    /// Removes every record.
+    pub fn clear(&self) -> Result<(), StateError> {
+        self.tree.clear()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,392 @@
+//! The directory target: atomic writes (temporary file in `.tidemark-tmp/` on the same
+//! filesystem, then rename), modes carried, one filesystem sync per commit batch, deletes
+//! only when pruning, and keys that can never escape the root.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, File, Permissions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tidemark_proto::{checksum_bytes, pathkey, Body, ChecksumWriter, Event, Op};
+
+use super::{ApplyError, Effect, Outcome, Target};
+use crate::config::DirTargetConfig;
+use crate::source::fs::hash_reader;
+use crate::state::Applied;
+
+/// Buffer for copying source bytes into the target.
+const COPY_BUF: usize = 256 * 1024;
+
+/// Name of the directory under the root that holds files being written.
+pub const TMP_DIR: &str = ".tidemark-tmp";
+
+/// A directory tree as a [`Target`].
+pub struct DirTarget {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    /// Remove directories a delete leaves empty; set when the source lists no directories
+    /// itself (include globs), since otherwise directory deletes are events of their own.
+    remove_empty_parents: bool,
+    /// Parent directories already checked not to be symbolic links since the last flush;
+    /// saves an lstat per ancestor per file.
+    safe_dirs: Mutex<HashSet<PathBuf>>,
+    tmp_seq: AtomicU64,
+}
+
+enum Failure {
+    Transient(String),
+    Permanent(String),
+    Stale,
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        Failure::Transient(describe_io(&e))
+    }
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    let hint = match e.raw_os_error() {
+        Some(28) => " (target disk is full; free space and tidemark resumes)",
+        Some(30) => " (target filesystem is read-only)",
+        Some(13) | Some(1) => " (permission denied on the target; check ownership)",
+        _ => "",
+    };
+    format!("{e}{hint}")
+}
+
+impl DirTarget {
+    /// A target writing below `cfg.path`.
+    pub fn new(cfg: &DirTargetConfig, remove_empty_parents: bool) -> DirTarget {
+        DirTarget {
+            inner: Arc::new(Inner {
+                root: cfg.path.clone(),
+                remove_empty_parents,
+                safe_dirs: Mutex::new(HashSet::new()),
+                tmp_seq: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// The path of a key, refusing keys that would leave the root.
+    fn resolve(&self, key: &str) -> Result<PathBuf, Failure> {
+        let bytes = pathkey::decode(key)
+            .ok_or_else(|| Failure::Permanent("key is not a valid path encoding".into()))?;
+        let rel = Path::new(OsStr::from_bytes(&bytes));
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(Failure::Permanent(
+                "path is absolute or contains `..`; refusing to write outside the target root"
+                    .into(),
+            ));
+        }
+        Ok(self.root.join(rel))
+    }
+
+    /// Creates the parents of `path` and checks none of them is a symbolic link.
+    fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
+        let parent = path.parent().expect("resolved paths are below the root");
+        if self.safe_dirs.lock().unwrap().contains(parent) {
+            return Ok(());
+        }
+        let mut dir = self.root.clone();
+        let rel = parent.strip_prefix(&self.root).unwrap_or(Path::new(""));
+        fs::create_dir_all(&self.root)?;
+        for c in rel.components() {
+            dir.push(c);
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Failure::Permanent(format!(
+                        "parent {} is a symbolic link; refusing to write through it",
+                        dir.display()
+                    )))
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Failure::Permanent(format!(
+                        "parent {} exists and is not a directory",
+                        dir.display()
+                    )))
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir(&dir).or_else(|e| {
+                    if e.kind() == ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.safe_dirs.lock().unwrap().insert(parent.to_owned());
+        Ok(())
+    }
+
+    fn tmp_path(&self) -> Result<PathBuf, Failure> {
+        let dir = self.root.join(TMP_DIR);
+        fs::create_dir_all(&dir)?;
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        Ok(dir.join(format!("{}-{n}", std::process::id())))
+    }
+
+    fn upsert(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
+        let path = self.resolve(&event.key)?;
+        self.prepare_parents(&path)?;
+        let existing = match fs::symlink_metadata(&path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let fresh = if existing.is_some() {
+            Outcome::Updated
+        } else {
+            Outcome::Created
+        };
+        let mode = event.mode.unwrap_or(0o644);
+        match event.kind.as_str() {
+            "dir" => {
+                match &existing {
+                    Some(m) if m.is_dir() => {}
+                    Some(_) => {
+                        return Err(Failure::Permanent(
+                            "a file or link is in the way of this directory".into(),
+                        ))
+                    }
+                    None => fs::create_dir(&path)?,
+                }
+                fs::set_permissions(&path, Permissions::from_mode(mode))?;
+                Ok(fresh)
+            }
+            "symlink" => {
+                let Some(Body::Base64(target)) = &event.body else {
+                    return Err(Failure::Permanent(
+                        "symlink event carries no link target".into(),
+                    ));
+                };
+                if checksum_bytes(target) != event.checksum {
+                    return Err(Failure::Permanent(
+                        "link target does not match its checksum".into(),
+                    ));
+                }
+                let tmp = self.tmp_path()?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)?;
+                self.replace(&tmp, &path, existing.as_ref())?;
+                Ok(fresh)
+            }
+            _ => {
+                // Adopt an equal file that is already there instead of rewriting it.
+                if let (None, Some(m)) = (prior, &existing) {
+                    if m.is_file() && self.same_content(&path, event)? {
+                        if m.mode() & 0o777 != mode {
+                            fs::set_permissions(&path, Permissions::from_mode(mode))?;
+                        }
+                        return Ok(Outcome::Adopted);
+                    }
+                }
+                let tmp = self.tmp_path()?;
+                let written = self.write_tmp(&tmp, event, mode);
+                if let Err(e) = written {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                self.replace(&tmp, &path, existing.as_ref())?;
+                Ok(fresh)
+            }
+        }
+    }
+
+    fn same_content(&self, path: &Path, event: &Event) -> Result<bool, Failure> {
+        let expected = match (&event.body, &event.blob) {
+            (Some(Body::Base64(b)), _) => b.len() as u64,
+            (_, Some(blob)) => blob.size,
+            _ => return Ok(false),
+        };
+        if fs::metadata(path)?.len() != expected {
+            return Ok(false);
+        }
+        let (checksum, _, _) = hash_reader(&mut File::open(path)?, false)?;
+        Ok(checksum == event.checksum)
+    }
+
+    /// Writes the event's bytes to `tmp`, checking them against the checksum on the way.
+    fn write_tmp(&self, tmp: &Path, event: &Event, mode: u32) -> Result<(), Failure> {
+        let mut out = File::create(tmp)?;
+        match (&event.body, &event.blob) {
+            (Some(Body::Base64(bytes)), _) => {
+                if checksum_bytes(bytes) != event.checksum {
+                    return Err(Failure::Permanent(
+                        "inline bytes do not match the event's checksum; the log is corrupt".into(),
+                    ));
+                }
+                out.write_all(bytes)?;
+            }
+            (_, Some(blob)) => {
+                let Some(src) = pathkey::decode(&blob.locator) else {
+                    return Err(Failure::Permanent(
+                        "blob locator is not a valid path".into(),
+                    ));
+                };
+                let mut src = match File::open(OsStr::from_bytes(&src)) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Err(Failure::Stale),
+                    Err(e) => {
+                        return Err(Failure::Transient(format!(
+                            "cannot read source {}: {e}",
+                            blob.locator
+                        )))
+                    }
+                };
+                let mut hasher = ChecksumWriter::new();
+                let mut buf = vec![0u8; COPY_BUF];
+                loop {
+                    let n = match src.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        // The source changed or vanished under us; a newer event follows.
+                        Err(_) => return Err(Failure::Stale),
+                    };
+                    hasher.update(&buf[..n]);
+                    out.write_all(&buf[..n])?;
+                }
+                if hasher.finish() != event.checksum {
+                    return Err(Failure::Stale);
+                }
+            }
+            _ => {
+                return Err(Failure::Permanent(
+                    "file event carries neither body nor blob".into(),
+                ))
+            }
+        }
+        out.set_permissions(Permissions::from_mode(mode))?;
+        Ok(())
+    }
+
+    fn replace(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        existing: Option<&fs::Metadata>,
+    ) -> Result<(), Failure> {
+        if let Some(m) = existing {
+            if m.is_dir() {
+                // The source replaced a directory by a file or link; the directory's own
+                // deletes empty it first. Only an empty one can be replaced.
+                if let Err(e) = fs::remove_dir(path) {
+                    let _ = fs::remove_file(tmp);
+                    return Err(Failure::Permanent(format!(
+                        "a non-empty directory is in the way: {e}"
+                    )));
+                }
+            }
+        }
+        fs::rename(tmp, path)?;
+        Ok(())
+    }
+
+    fn delete(&self, event: &Event) -> Result<Outcome, Failure> {
+        let path = self.resolve(&event.key)?;
+        let removed = if event.kind == "dir" {
+            match fs::remove_dir(&path) {
+                Err(e) if e.raw_os_error() == Some(39) => {
+                    // Something not mirrored (or not yet deleted) remains; leave the directory.
+                    return Ok(Outcome::Retained);
+                }
+                r => r,
+            }
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.safe_dirs.lock().unwrap().remove(&path);
+        if self.remove_empty_parents {
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if d == self.root || fs::remove_dir(d).is_err() {
+                    break;
+                }
+                self.safe_dirs.lock().unwrap().remove(d);
+                dir = d.parent();
+            }
+        }
+        Ok(Outcome::Deleted)
+    }
+
+    fn sync(&self) -> Result<(), Failure> {
+        self.safe_dirs.lock().unwrap().clear();
+        if !self.root.exists() {
+            return Ok(());
+        }
+        let root = File::open(&self.root)?;
+        rustix::fs::syncfs(&root).map_err(|e| Failure::Transient(format!("syncfs: {e}")))?;
+        let _ = fs::remove_dir(self.root.join(TMP_DIR));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Target for DirTarget {
+    async fn apply(&self, event: &Event, prior: Option<&Applied>) -> Result<Effect, ApplyError> {
+        let inner = self.inner.clone();
+        let owned = event.clone();
+        let prior = prior.cloned();
+        let result = tokio::task::spawn_blocking(move || match owned.op {
+            Op::Upsert => inner.upsert(&owned, prior.as_ref()),
+            Op::Delete => inner.delete(&owned),
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::Transient(format!("writer task failed: {e}"))));
+        match result {
+            Ok(outcome) => Ok(outcome.into()),
+            Err(Failure::Stale) => Ok(Outcome::Stale.into()),
+            Err(Failure::Transient(message)) => Err(ApplyError::Transient {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message,
+            }),
+            Err(Failure::Permanent(message)) => Err(ApplyError::Permanent {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message,
+            }),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), ApplyError> {
+        let inner = self.inner.clone();
+        let root = inner.root.display().to_string();
+        match tokio::task::spawn_blocking(move || inner.sync()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Failure::Transient(message))) | Ok(Err(Failure::Permanent(message))) => {
+                Err(ApplyError::Transient {
+                    kind: "dir".into(),
+                    key: root,
+                    message,
+                })
+            }
+            Ok(Err(Failure::Stale)) => Ok(()),
+            Err(e) => Err(ApplyError::Transient {
+                kind: "dir".into(),
+                key: root,
+                message: format!("sync task failed: {e}"),
+            }),
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The target boundary: the [`Target`] trait (apply one event; a durability barrier before
+//! offsets are committed), the outcomes it reports and how it fails.
+
+pub mod fs;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tidemark_proto::Event;
+
+use crate::config::{PipelineConfig, SourceConfig, TargetConfig};
+use crate::state::Applied;
+
+pub use self::fs::DirTarget;
+
+/// What applying (or deciding not to apply) one event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The item did not exist on the target and was written.
+    Created,
+    /// The item existed and was rewritten.
+    Updated,
+    /// An equal item already existed on the target and was taken over without a write.
+    Adopted,
+    /// The item was removed (or was already absent).
+    Deleted,
+    /// The applied state already had this content: nothing touched.
+    Unchanged,
+    /// The source no longer holds the content the event describes; a newer event follows.
+    Stale,
+    /// Waiting for items it references.
+    Deferred,
+    /// The event failed permanently; its key is blocked until it changes.
+    Failed,
+    /// A delete that was not applied because the target does not prune.
+    Retained,
+}
+
+impl Outcome {
+    /// Every outcome, for metrics and reports.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Created,
+        Outcome::Updated,
+        Outcome::Adopted,
+        Outcome::Deleted,
+        Outcome::Unchanged,
+        Outcome::Stale,
+        Outcome::Deferred,
+        Outcome::Failed,
+        Outcome::Retained,
+    ];
+
+    /// The lowercase label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Updated => "updated",
+            Outcome::Adopted => "adopted",
+            Outcome::Deleted => "deleted",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Stale => "stale",
+            Outcome::Deferred => "deferred",
+            Outcome::Failed => "failed",
+            Outcome::Retained => "retained",
+        }
+    }
+
+    /// Whether the target was written.
+    pub fn wrote(self) -> bool {
+        matches!(self, Outcome::Created | Outcome::Updated | Outcome::Deleted)
+    }
+}
+
+/// The result of a successful apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effect {
+    /// What happened.
+    pub outcome: Outcome,
+    /// The id the target knows the item by, for targets that assign ids.
+    pub target_id: Option<String>,
+}
+
+impl From<Outcome> for Effect {
+    fn from(outcome: Outcome) -> Effect {
+        Effect {
+            outcome,
+            target_id: None,
+        }
+    }
+}
+
+/// Applying an event failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The target could not take the write now (disk full, read-only, unreachable, 5xx):
+    /// the event stays uncommitted and is retried with backoff.
+    #[error("{kind} `{key}`: {message}")]
+    Transient {
+        /// Kind of the item.
+        kind: String,
+        /// Key of the item.
+        key: String,
+        /// What failed and what to do.
+        message: String,
+    },
+    /// This event can never be applied as it is (unsafe path, rejected by the target):
+    /// counted, reported, and its key blocked until it changes.
+    #[error("{kind} `{key}`: {message}")]
+    Permanent {
+        /// Kind of the item.
+        kind: String,
+        /// Key of the item.
+        key: String,
+        /// What failed and what to do.
+        message: String,
+    },
+}
+
+/// Something events are applied to.
+#[async_trait]
+pub trait Target: Send + Sync {
+    /// Applies one event. `prior` is what the projector last applied for the key. Deletes
+    /// reach the target only when it prunes; unchanged content never reaches it.
+    async fn apply(&self, event: &Event, prior: Option<&Applied>) -> Result<Effect, ApplyError>;
+
+    /// Makes every apply so far durable; called before offsets are committed.
+    async fn flush(&self) -> Result<(), ApplyError>;
+}
+
+/// Builds the target a pipeline is configured with.
+pub fn build(pipeline: &PipelineConfig) -> Arc<dyn Target> {
+    match &pipeline.target {
+        TargetConfig::Dir(cfg) => {
+            // Sources with include globs list no directories, so nothing else removes the
+            // directories a delete leaves empty.
+            let dirs_are_items = match &pipeline.source {
+                SourceConfig::Dir(s) => s.include.is_empty(),
+            };
+            Arc::new(DirTarget::new(cfg, !dirs_are_items))
+        }
+    }
+}
