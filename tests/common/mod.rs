@@ -1,0 +1,275 @@
+//! Shared harness for the integration tests: each test gets its own temporary directory,
+//! config, sled state and port; it drives the real `tidemark` binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tidemark"))
+}
+
+/// Repository root (for `ops/` scripts).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A test's private world: a temporary directory with `src/`, `dst/`, `state/` and a config.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// A directory-to-directory pipeline named `t` with the given extra pipeline keys
+    /// (TOML lines placed in the `[[pipeline]]` table) and target keys.
+    pub fn dirs(pipeline_extra: &str, target_extra: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("src")).unwrap();
+        let config = dir.path().join("tidemark.toml");
+        let env = Env { dir, config };
+        env.write_config(&format!(
+            r#"state_dir = "state"
+listen = "127.0.0.1:0"
+shutdown_timeout = "20s"
+
+[[pipeline]]
+name = "t"
+scan_interval = "200ms"
+{pipeline_extra}
+
+[pipeline.source.dir]
+path = "src"
+
+[pipeline.target.dir]
+path = "dst"
+{target_extra}
+"#
+        ));
+        env
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn src(&self) -> PathBuf {
+        self.path("src")
+    }
+
+    pub fn dst(&self) -> PathBuf {
+        self.path("dst")
+    }
+
+    /// A command for the binary with this env's config.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--config").arg(&self.config).args(args);
+        c.env("RUST_LOG", "tidemark=debug,info");
+        c
+    }
+
+    /// Runs the binary to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("tidemark runs")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "tidemark {args:?} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs with `--output json` and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("stdout is JSON")
+    }
+
+    /// `sync --output json` for pipeline `t`: (scan record, project report).
+    pub fn sync(&self) -> (serde_json::Value, serde_json::Value) {
+        let v = self.json(&["sync"]);
+        (v[0]["scan"].clone(), v[0]["project"].clone())
+    }
+
+    /// Starts `tidemark run` with stderr captured to `daemon.log` (appended).
+    pub fn spawn_daemon(&self) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("daemon.log"))
+            .unwrap();
+        let child = self
+            .cmd(&["run"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tidemark run starts");
+        let addr_file = self.path("state/listen.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let addr = wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| panic!("daemon did not start; log:\n{}", self.daemon_log()));
+        Daemon { child, addr }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+}
+
+/// A running `tidemark run`.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        reqwest::blocking::get(format!("http://{}{path}", self.addr)).expect("endpoint answers")
+    }
+
+    /// Scrapes `/metrics` into `name{labels}` → value.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        parse_metrics(&self.get("/metrics").text().unwrap())
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics().get(series).copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes a file, creating parents.
+pub fn write(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) {
+    let path = path.as_ref();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Every entry below `root` (excluding nothing): relative path bytes → (type, mode, content).
+/// Two trees are equal mirrors when their snapshots are equal.
+pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for entry in walkdir::WalkDir::new(root).min_depth(1) {
+        let entry = entry.unwrap();
+        let rel = entry.path().strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+        let meta = entry.path().symlink_metadata().unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        let value = if meta.is_dir() {
+            ('d', mode, vec![])
+        } else if meta.file_type().is_symlink() {
+            ('l', 0, std::fs::read_link(entry.path()).unwrap().as_os_str().as_bytes().to_vec())
+        } else {
+            ('f', mode, std::fs::read(entry.path()).unwrap())
+        };
+        out.insert(rel, value);
+    }
+    out
+}
+
+/// Asserts `dst` mirrors `src` exactly, naming the first differences.
+pub fn assert_mirror(src: &Path, dst: &Path) {
+    let a = snapshot(src);
+    let b = snapshot(dst);
+    if a != b {
+        let show = |k: &Vec<u8>| String::from_utf8_lossy(k).into_owned();
+        let missing: Vec<String> = a.keys().filter(|k| !b.contains_key(*k)).map(show).take(10).collect();
+        let extra: Vec<String> = b.keys().filter(|k| !a.contains_key(*k)).map(show).take(10).collect();
+        let differ: Vec<String> = a
+            .iter()
+            .filter(|(k, v)| b.get(*k).is_some_and(|w| w != *v))
+            .map(|(k, _)| show(k))
+            .take(10)
+            .collect();
+        panic!("target is not a mirror of source: missing {missing:?}, extra {extra:?}, different {differ:?}");
+    }
+}
+
+/// Counts of an outcome in a project report (`sync` JSON).
+pub fn outcome(report: &serde_json::Value, name: &str) -> u64 {
+    report["outcomes"][name].as_u64().unwrap_or(0)
+}
+
+/// Counts of an outcome for one kind in a project report.
+pub fn kind_outcome(report: &serde_json::Value, kind: &str, name: &str) -> u64 {
+    report["by_kind"][kind][name].as_u64().unwrap_or(0)
+}
