@@ -47,7 +47,19 @@ pub struct Metrics {
     pub last_scan_success: GaugeVec,
     /// Unix time of the last batch applied and committed.
     pub last_apply: GaugeVec,
+    /// Requests to a source or target API, by side and status class (`2xx`, `3xx`, `4xx`,
+    /// `5xx`, `error` for connect/timeout failures).
+    pub requests: IntCounterVec,
+    /// Requests retried after a transient failure, by side.
+    pub retries: IntCounterVec,
+    /// Events waiting for the items they reference.
+    pub deferred_events: IntGaugeVec,
 }
+
+/// Sides of a pipeline that make requests (`side` label).
+pub const SIDES: [&str; 2] = ["source", "target"];
+/// Status classes of requests (`status_class` label).
+pub const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
 
 impl Metrics {
     fn new() -> Metrics {
@@ -184,6 +196,27 @@ impl Metrics {
                 ),
                 p
             )),
+            requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_requests_total",
+                    "Requests to the source or target API, by side and status class."
+                ),
+                &["pipeline", "side", "status_class"]
+            )),
+            retries: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tidemark_retries_total",
+                    "Requests retried after a transient failure (connect, timeout, 408, 429, 5xx)."
+                ),
+                &["pipeline", "side"]
+            )),
+            deferred_events: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_deferred_events",
+                    "Events waiting for the items they reference (applied once those exist, failed after the reference wait)."
+                ),
+                p
+            )),
             registry,
         }
     }
@@ -196,6 +229,7 @@ impl Metrics {
             &self.committed_offset,
             &self.lag_events,
             &self.delete_guard_active,
+            &self.deferred_events,
         ] {
             g.with_label_values(&[pipeline]);
         }
@@ -222,6 +256,12 @@ impl Metrics {
         }
         self.apply_duration.with_label_values(&[pipeline]);
         self.scan_duration.with_label_values(&[pipeline]);
+        for side in SIDES {
+            self.retries.with_label_values(&[pipeline, side]);
+            for class in STATUS_CLASSES {
+                self.requests.with_label_values(&[pipeline, side, class]);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.
