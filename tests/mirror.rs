@@ -1,15 +1,404 @@
-//! Directory mirroring end to end: the real binary, real directories (issue 2).
+//! Directory mirroring end to end: the real binary against real directories (issue 2).
 
 mod common;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
 use common::*;
 
+fn set_mode(path: impl AsRef<std::path::Path>, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so binary content is reproducible.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 #[test]
-fn mirrors_a_small_tree() {
+fn mirrors_a_tree_byte_for_byte_with_modes() {
     let env = Env::dirs("", "prune = true");
-    write(env.src().join("a/b.txt"), "hello");
+    let src = env.src();
+    write(src.join("top.txt"), "top level\n");
+    write(src.join("a/b/c/deep.txt"), "nested three levels\n");
+    write(src.join("empty-file"), "");
+    write(src.join("bin/blob.bin"), noise(70_000, 7));
+    write(src.join("big/several-mib.dat"), noise(5 * 1024 * 1024 + 17, 11));
+    write(src.join("unicode/naïve café ✓/日本語.txt"), "ünïcödé\n");
+    write(src.join("100% done.txt"), "percent sign in the name\n");
+    write(src.join(OsStr::from_bytes(b"raw-\xff\xfe-latin1.txt")), "not UTF-8 name\n");
+    write(src.join("scripts/run.sh"), "#!/bin/sh\necho hi\n");
+    set_mode(src.join("scripts/run.sh"), 0o755);
+    write(src.join("private.key"), "secret-ish\n");
+    set_mode(src.join("private.key"), 0o600);
+    std::fs::create_dir_all(src.join("empty/dir/inside")).unwrap();
+    std::fs::create_dir_all(src.join("locked-dir")).unwrap();
+    set_mode(src.join("locked-dir"), 0o700);
+    std::os::unix::fs::symlink("top.txt", src.join("link-to-top")).unwrap();
+
     let (scan, project) = env.sync();
-    assert_eq!(scan["upserts"], 2);
-    assert_eq!(kind_outcome(&project, "file", "created"), 1);
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_mirror(&src, &env.dst());
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+
+    // A second sync finds nothing to do and touches nothing.
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(project["events"], 0, "{project}");
+    assert_mirror(&src, &env.dst());
+}
+
+#[test]
+fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    for i in 0..50 {
+        write(src.join(format!("files/f{i:02}.txt")), format!("file {i}\n"));
+    }
+    env.sync();
+    assert_mirror(&src, &env.dst());
+    let untouched = env.dst().join("files/f10.txt");
+    let inode_before = std::fs::metadata(&untouched).unwrap().ino();
+
+    write(src.join("files/f01.txt"), "modified\n");
+    write(src.join("files/new.txt"), "added\n");
+    std::fs::remove_file(src.join("files/f02.txt")).unwrap();
+    std::fs::rename(src.join("files/f03.txt"), src.join("files/renamed.txt")).unwrap();
+    set_mode(src.join("files/f04.txt"), 0o755);
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 4, "modify + add + rename target + chmod: {scan}");
+    assert_eq!(scan["deletes"], 2, "delete + rename source: {scan}");
+    assert_eq!(kind_outcome(&project, "file", "updated"), 2, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 2, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "deleted"), 2, "{project}");
+    assert_eq!(project["events"], 6, "only changed files produce events: {project}");
+    assert_mirror(&src, &env.dst());
+    assert_eq!(
+        std::fs::metadata(&untouched).unwrap().ino(),
+        inode_before,
+        "an unchanged file was rewritten"
+    );
+
+    // Touching a file without changing its content re-hashes it but appends nothing.
+    std::fs::write(src.join("files/f20.txt"), "file 20\n").unwrap();
+    let (scan, _) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+}
+
+#[test]
+fn without_prune_deletes_are_recorded_but_not_applied() {
+    let env = Env::dirs("", "prune = false");
+    write(env.src().join("keep.txt"), "keep\n");
+    write(env.src().join("gone.txt"), "soon deleted\n");
+    env.sync();
+    std::fs::remove_file(env.src().join("gone.txt")).unwrap();
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("retain file gone.txt"), "{plan}");
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "retained"), 1, "{project}");
+    assert!(env.dst().join("gone.txt").exists(), "prune = false deleted a file");
+    let tail = env.ok(&["log", "tail", "--from", "0"]);
+    assert!(
+        tail.lines().any(|l| l.contains(r#""op":"delete""#) && l.contains("gone.txt")),
+        "the delete is recorded in the log:\n{tail}"
+    );
+}
+
+#[test]
+fn deleting_a_directory_removes_it_and_its_contents() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("keep/a.txt"), "a");
+    write(env.src().join("old/x/y/z.txt"), "z");
+    write(env.src().join("old/top.txt"), "t");
+    std::fs::create_dir_all(env.src().join("emptied/sub")).unwrap();
+    write(env.src().join("emptied/sub/file"), "f");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    std::fs::remove_file(env.src().join("emptied/sub/file")).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("scan_interval", "max_delete = \"100%\"\nscan_interval"));
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+    assert!(env.dst().join("emptied/sub").is_dir(), "a directory still in the source stays");
+}
+
+#[test]
+fn special_files_are_skipped_with_a_warning() {
+    let env = Env::dirs("", "");
+    write(env.src().join("regular.txt"), "r");
+    let status = std::process::Command::new("mkfifo")
+        .arg(env.src().join("a-fifo"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = env.run(&["sync", "--output", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["scan"]["skipped"], 1);
+    assert_eq!(v[0]["scan"]["errors"], 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("a-fifo") && stderr.contains("special file"), "{stderr}");
+    assert!(env.dst().join("regular.txt").exists());
+    assert!(!env.dst().join("a-fifo").exists());
+}
+
+/// The `applied` debug lines of a daemon log: (offset, key).
+fn applied_offsets(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("applied") && l.contains("outcome="))
+        .filter_map(|l| {
+            let rest = &l[l.find(" offset=")? + 8..];
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn issue_2_kill_during_projection_resumes_without_reapplying_committed_events() {
+    let env = Env::dirs("batch_size = 20\nconcurrency = 4\nscan_interval = \"1h\"", "prune = true");
+    for i in 0..4000 {
+        write(env.src().join(format!("d{}/f{i:05}.bin", i % 40)), noise(2048 + i, i as u64 + 1));
+    }
+    // Append everything first, so the daemon starts projecting at once.
+    env.ok(&["scan"]);
+    let head = 4000 + 40;
+
+    let daemon = env.spawn_daemon();
+    let committed_seen = wait_for(Duration::from_secs(60), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        let c = v[0]["committed"].as_u64()?;
+        (c >= 200).then_some(c)
+    })
+    .expect("projection started");
+    daemon.kill9();
+    let status = env.json(&["status"]);
+    let committed = status[0]["committed"].as_u64().unwrap();
+    assert!(committed >= committed_seen, "committed offset went backwards");
+    assert!(
+        committed < head,
+        "projection finished before the kill ({committed} of {head}); the test needs a slower projection"
+    );
+    let first_run = env.daemon_log();
+    let written_before = applied_offsets(&first_run);
+    assert!(!written_before.is_empty(), "debug lines name every applied event");
+
+    // Restart: it resumes from the committed offset and never re-applies what is below it.
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(120), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["committed"].as_u64()? == head).then_some(())
+    })
+    .expect("projection caught up after restart");
+    assert_eq!(daemon.metric("tidemark_lag_events{pipeline=\"t\"}"), 0.0);
+    assert!(daemon.terminate().success());
+    let second_run = &env.daemon_log()[first_run.len()..];
+    let rewritten: Vec<u64> = applied_offsets(second_run)
+        .into_iter()
+        .filter(|o| *o < committed)
+        .collect();
+    assert!(
+        rewritten.is_empty(),
+        "events below the committed offset {committed} were applied again: {rewritten:?}"
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn replay_from_zero_rebuilds_an_empty_target() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..30 {
+        write(env.src().join(format!("r/{i}.txt")), format!("{i}"));
+    }
+    env.sync();
+    write(env.src().join("r/3.txt"), "changed later");
+    std::fs::remove_file(env.src().join("r/4.txt")).unwrap();
+    env.sync();
+    std::fs::remove_dir_all(env.dst()).unwrap();
+
+    let out = env.ok(&["replay", "--from", "0"]);
+    assert!(out.contains("committed offset set to 0"), "{out}");
+    let (_, project) = env.json(&["project"])
+        .as_array()
+        .map(|a| (a[0]["scan"].clone(), a[0]["project"].clone()))
+        .unwrap();
+    assert!(outcome(&project, "created") >= 29, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
+    let env = Env::dirs("max_delete = \"20%\"", "prune = true");
+    for i in 0..10 {
+        write(env.src().join(format!("f{i}.txt")), "x");
+    }
+    env.sync();
+    for i in 0..10 {
+        std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
+    }
+    let out = env.run(&["sync", "--output", "json"]);
+    assert!(out.status.success(), "the guard is not a failure of the run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["scan"]["deletes"], 0);
+    assert_eq!(v[0]["scan"]["guard"]["would_delete"], 10);
+    assert_eq!(v[0]["scan"]["guard"]["allowed"], 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("delete guard tripped"), "log line names the guard: {stderr}");
+    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 10, "nothing deleted");
+
+    let status = env.ok(&["status"]);
+    assert!(status.contains("DELETE GUARD TRIPPED"), "{status}");
+    let daemon = env.spawn_daemon();
+    let tripped = wait_for(Duration::from_secs(20), || {
+        let m = daemon.metrics();
+        (m.get("tidemark_delete_guard_trips_total{pipeline=\"t\"}").copied()? >= 1.0).then_some(m)
+    })
+    .expect("the daemon's scans trip the guard too");
+    assert_eq!(tripped["tidemark_delete_guard_active{pipeline=\"t\"}"], 1.0);
+    assert!(daemon.terminate().success());
+    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 10);
+}
+
+fn is_root() -> bool {
+    rustix_uid() == 0
+}
+
+fn rustix_uid() -> u32 {
+    let out = std::process::Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn an_unreadable_subdirectory_causes_no_deletes() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("open/a.txt"), "a");
+    write(env.src().join("open/b.txt"), "b");
+    write(env.src().join("secret/s.txt"), "s");
+    // Root reads everything; run tidemark as an unprivileged user so permissions bite.
+    let run_as_user = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        if is_root() {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    };
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(run_as_user(&["sync"]).status.success());
+    assert!(env.dst().join("secret/s.txt").exists());
+
+    set_mode(env.src().join("secret"), 0o000);
+    std::fs::remove_file(env.src().join("open/b.txt")).unwrap();
+    let out = run_as_user(&["sync", "--output", "json"]);
+    set_mode(env.src().join("secret"), 0o755);
+    assert_eq!(out.status.code(), Some(3), "a degraded scan exits 3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v[0]["scan"]["errors"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v[0]["scan"]["deletes"], 0, "{v}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("secret") && stderr.contains("no deletes"), "{stderr}");
+    assert!(env.dst().join("secret/s.txt").exists(), "unreadable subtree was deleted");
+    assert!(env.dst().join("open/b.txt").exists(), "a delete was emitted by a degraded scan");
+}
+
+#[test]
+fn plan_writes_nothing_and_shows_what_project_would_do() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("b.txt"), "b");
+    env.sync();
+    write(env.src().join("a.txt"), "a2");
+    write(env.src().join("c.txt"), "c");
+    std::fs::remove_file(env.src().join("b.txt")).unwrap();
+    env.ok(&["scan"]);
+    let before = snapshot(&env.dst());
+    let status_before = env.json(&["status"]);
+
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("update file a.txt"), "{plan}");
+    assert!(plan.contains("create file c.txt"), "{plan}");
+    assert!(plan.contains("delete file b.txt"), "{plan}");
+    assert_eq!(snapshot(&env.dst()), before, "plan wrote to the target");
+    assert_eq!(env.json(&["status"])[0]["committed"], status_before[0]["committed"]);
+
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn a_misspelled_config_key_is_named_with_its_line() {
+    let env = Env::dirs("", "pruen = true");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("pruen"))
+        .unwrap()
+        + 1;
+    assert!(stderr.contains(&format!("tidemark.toml:{line}:")), "{stderr}");
+    assert!(stderr.contains("unknown field `pruen`"), "{stderr}");
+    assert!(!env.dst().exists(), "nothing ran");
+}
+
+#[test]
+fn a_missing_source_directory_is_a_clear_error() {
+    let env = Env::dirs("", "");
+    std::fs::remove_dir_all(env.src()).unwrap();
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("source directory") && stderr.contains("src"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn the_daemon_mirrors_continuously_and_exits_cleanly_on_sigterm() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("first.txt"), "1");
+    let daemon = env.spawn_daemon();
+    assert_eq!(daemon.get("/healthz").status(), 200);
+    assert_eq!(daemon.get("/readyz").status(), 200);
+    wait_for(Duration::from_secs(20), || env.dst().join("first.txt").exists().then_some(()))
+        .expect("first file mirrored");
+
+    write(env.src().join("later/second.txt"), "2");
+    std::fs::remove_file(env.src().join("first.txt")).unwrap();
+    wait_for(Duration::from_secs(20), || {
+        (env.dst().join("later/second.txt").exists() && !env.dst().join("first.txt").exists()).then_some(())
+    })
+    .expect("changes mirrored while running");
+    let m = wait_for(Duration::from_secs(20), || {
+        let m = daemon.metrics();
+        (m.get("tidemark_lag_events{pipeline=\"t\"}") == Some(&0.0)).then_some(m)
+    })
+    .expect("lag returns to 0");
+    assert_eq!(m["tidemark_lag_seconds{pipeline=\"t\"}"], 0.0);
+    assert_eq!(
+        m["tidemark_log_head_offset{pipeline=\"t\"}"],
+        m["tidemark_committed_offset{pipeline=\"t\"}"]
+    );
+    assert!(m["tidemark_events_appended_total{kind=\"file\",op=\"upsert\",pipeline=\"t\"}"] >= 2.0);
+    assert!(m["tidemark_applies_total{kind=\"file\",outcome=\"created\",pipeline=\"t\"}"] >= 2.0);
+
+    assert!(daemon.terminate().success(), "SIGTERM exits 0");
+    assert!(env.daemon_log().contains("stopped cleanly"));
     assert_mirror(&env.src(), &env.dst());
 }

@@ -33,6 +33,11 @@ impl Env {
         std::fs::create_dir_all(dir.path().join("src")).unwrap();
         let config = dir.path().join("tidemark.toml");
         let env = Env { dir, config };
+        let interval = if pipeline_extra.contains("scan_interval") {
+            ""
+        } else {
+            "scan_interval = \"200ms\""
+        };
         env.write_config(&format!(
             r#"state_dir = "state"
 listen = "127.0.0.1:0"
@@ -40,7 +45,7 @@ shutdown_timeout = "20s"
 
 [[pipeline]]
 name = "t"
-scan_interval = "200ms"
+{interval}
 {pipeline_extra}
 
 [pipeline.source.dir]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs every peer the tests need from the
+# package registries (when missing), starts the shared ones, runs `cargo test --workspace`,
+# and stops the peers again. Tests that start their own peers (json-server instances,
+# Prometheus) do so through the scripts in ops/peers/.
+#
+#   ops/test.sh                 # everything
+#   ops/test.sh --test mirror   # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+log "installing test peers (skipped when already installed)"
+ops/peers/json-server.sh install
+ops/peers/prometheus.sh install
+ops/peers/kafka.sh install
+
+log "starting the Kafka-protocol broker"
+ops/peers/kafka.sh start
+trap 'ops/peers/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh address)
+export TIDEMARK_KAFKA_BROKERS
+
+log "cargo test --workspace (broker at $TIDEMARK_KAFKA_BROKERS)"
+cargo test --workspace "$@"
