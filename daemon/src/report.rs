@@ -1,0 +1,502 @@
+//! Run reports: every one-shot run and every daemon cycle that changed something leaves a
+//! `report.json` (schema in `docs/reports.md`) and a human `summary.txt` under
+//! `{reports_dir}/{pipeline}/{YYYYMMDDTHHMMSSZ}/`; the oldest are pruned to the retention.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus::core::Collector;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::config::DeleteLimit;
+use crate::metrics::metrics;
+use crate::pipeline::Pipeline;
+use crate::projector::{PlannedAction, ProjectReport};
+use crate::state::{Failure, ScanRecord};
+
+/// Version of the `report.json` schema; bumped on any incompatible change.
+pub const REPORT_VERSION: u32 = 1;
+
+/// Name of a report directory: the UTC time it was written.
+const STAMP: &str = "%Y%m%dT%H%M%SZ";
+
+/// A report could not be written or old ones pruned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// A report file or directory could not be written.
+    #[error("cannot write report {}: {source} (check `reports_dir` in the config and its permissions)", path.display())]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An old report could not be listed or removed.
+    #[error("cannot prune old reports in {}: {source}", path.display())]
+    Prune {
+        /// The pipeline's report directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The scan part of a report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanSummary {
+    /// Scan id (also in every event it produced).
+    pub id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long it took.
+    pub duration_secs: f64,
+    /// `ok`, `degraded` or `failed`.
+    pub result: String,
+    /// Items listed.
+    pub listed: u64,
+    /// Upserts appended.
+    pub upserts: u64,
+    /// Deletes appended.
+    pub deletes: u64,
+    /// Entries that could not be listed or read.
+    pub errors: u64,
+    /// Entries skipped on purpose.
+    pub skipped: u64,
+}
+
+/// What the delete guard decided, so a reader sees why deletes did or did not happen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardDecision {
+    /// `passed` (deletes within the limit were emitted), `tripped` (all withheld),
+    /// `skipped` (the listing had errors, so no deletes were considered) or
+    /// `not_evaluated` (no scan in this run).
+    pub decision: String,
+    /// Deletes the scan emitted (`passed`) or would have emitted (`tripped`).
+    pub deletes: u64,
+    /// Deletes the limit allowed, when it was evaluated.
+    pub allowed: Option<u64>,
+    /// The configured `max_delete`, as written.
+    pub limit: String,
+}
+
+/// One `report.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// [`REPORT_VERSION`].
+    pub report_version: u32,
+    /// The pipeline.
+    pub pipeline: String,
+    /// `scan`, `project`, `sync`, `plan` or `cycle` (a daemon scan interval).
+    pub run: String,
+    /// When the report was written.
+    pub generated_at_utc: DateTime<Utc>,
+    /// True when nothing was written to the target (`plan`).
+    pub dry_run: bool,
+    /// The scan of this run, if it scanned.
+    pub scan: Option<ScanSummary>,
+    /// Events by outcome (`created`, `updated`, … as in `tidemark_applies_total`); for a
+    /// dry run, the outcomes the events would have.
+    pub counts: BTreeMap<String, u64>,
+    /// The same counts per kind.
+    pub by_kind: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Events that failed, with their reasons.
+    pub failures: Vec<Failure>,
+    /// The delete guard's decision.
+    pub delete_guard: GuardDecision,
+}
+
+impl Report {
+    /// An empty report of `run` on `pipeline` whose guard limit is `max_delete`.
+    pub fn new(pipeline: &str, run: &str, dry_run: bool, max_delete: DeleteLimit) -> Report {
+        Report {
+            report_version: REPORT_VERSION,
+            pipeline: pipeline.to_owned(),
+            run: run.to_owned(),
+            generated_at_utc: Utc::now(),
+            dry_run,
+            scan: None,
+            counts: BTreeMap::new(),
+            by_kind: BTreeMap::new(),
+            failures: Vec::new(),
+            delete_guard: GuardDecision {
+                decision: "not_evaluated".into(),
+                deletes: 0,
+                allowed: None,
+                limit: max_delete.to_string(),
+            },
+        }
+    }
+
+    /// Adds a scan and the guard's decision on it.
+    pub fn with_scan(mut self, record: &ScanRecord) -> Report {
+        self.scan = Some(ScanSummary {
+            id: record.id.clone(),
+            started_at: record.started_at,
+            duration_secs: record.duration_secs,
+            result: record.result.clone(),
+            listed: record.listed,
+            upserts: record.upserts,
+            deletes: record.deletes,
+            errors: record.errors,
+            skipped: record.skipped,
+        });
+        let g = &mut self.delete_guard;
+        match &record.guard {
+            Some(trip) => {
+                g.decision = "tripped".into();
+                g.deletes = trip.would_delete;
+                g.allowed = Some(trip.allowed);
+                g.limit = trip.limit.clone();
+            }
+            None if record.result != "ok" => g.decision = "skipped".into(),
+            None => {
+                g.decision = "passed".into();
+                g.deletes = record.deletes;
+            }
+        }
+        self
+    }
+
+    /// Adds what a projection did.
+    pub fn with_project(mut self, report: &ProjectReport) -> Report {
+        for (kind, outcomes) in &report.by_kind {
+            for (outcome, n) in outcomes {
+                self.add(kind, outcome.as_str(), *n);
+            }
+        }
+        self.failures.extend(report.failures.iter().cloned());
+        self
+    }
+
+    /// Adds what a plan would do, as the outcomes `project` would report.
+    pub fn with_plan(mut self, actions: &[PlannedAction]) -> Report {
+        for a in actions {
+            let outcome = match a.action {
+                "create" => "created",
+                "update" => "updated",
+                "delete" => "deleted",
+                "retain" => "retained",
+                "skip" => "unchanged",
+                other => other,
+            };
+            self.add(&a.kind, outcome, 1);
+        }
+        self
+    }
+
+    fn add(&mut self, kind: &str, outcome: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self.counts.entry(outcome.to_owned()).or_insert(0) += n;
+        *self
+            .by_kind
+            .entry(kind.to_owned())
+            .or_default()
+            .entry(outcome.to_owned())
+            .or_insert(0) += n;
+    }
+
+    /// Whether the run changed (or, dry, would change) anything or has something to say:
+    /// appended events, target writes, failures, a tripped guard.
+    pub fn changed(&self) -> bool {
+        self.scan
+            .as_ref()
+            .is_some_and(|s| s.upserts + s.deletes + s.errors > 0 || s.result != "ok")
+            || self
+                .counts
+                .iter()
+                .any(|(o, n)| *n > 0 && o != "unchanged" && o != "retained")
+            || !self.failures.is_empty()
+            || self.delete_guard.decision == "tripped"
+    }
+
+    /// The human summary written beside `report.json`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "tidemark {} report for pipeline {}{}",
+            self.run,
+            self.pipeline,
+            if self.dry_run {
+                " (dry run: nothing was written)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(s, "generated {}", self.generated_at_utc.to_rfc3339());
+        match &self.scan {
+            Some(scan) => {
+                let _ = writeln!(
+                    s,
+                    "scan {} {} in {:.2} s: {} listed, {} upserts, {} deletes, {} errors, {} skipped",
+                    scan.id,
+                    scan.result,
+                    scan.duration_secs,
+                    scan.listed,
+                    scan.upserts,
+                    scan.deletes,
+                    scan.errors,
+                    scan.skipped
+                );
+            }
+            None => {
+                let _ = writeln!(s, "scan: none in this run");
+            }
+        }
+        let g = &self.delete_guard;
+        let _ = match g.decision.as_str() {
+            "tripped" => writeln!(
+                s,
+                "delete guard: TRIPPED: {} deletes withheld, max_delete = {} allows {}; raise max_delete and scan again if they are intended",
+                g.deletes,
+                g.limit,
+                g.allowed.unwrap_or(0)
+            ),
+            "passed" => writeln!(
+                s,
+                "delete guard: passed ({} deletes emitted, max_delete = {})",
+                g.deletes, g.limit
+            ),
+            "skipped" => writeln!(
+                s,
+                "delete guard: no deletes considered, the listing had errors"
+            ),
+            _ => writeln!(s, "delete guard: not evaluated (no scan)"),
+        };
+        let verb = if self.dry_run {
+            "would apply"
+        } else {
+            "applied"
+        };
+        let line = |counts: &BTreeMap<String, u64>| {
+            counts
+                .iter()
+                .map(|(o, n)| format!("{n} {o}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.counts.is_empty() {
+            let _ = writeln!(s, "{verb}: nothing");
+        } else {
+            let _ = writeln!(s, "{verb}: {}", line(&self.counts));
+            for (kind, counts) in &self.by_kind {
+                let _ = writeln!(s, "  {kind}: {}", line(counts));
+            }
+        }
+        if self.failures.is_empty() {
+            let _ = writeln!(s, "failures: none");
+        } else {
+            let _ = writeln!(s, "failures: {}", self.failures.len());
+            for f in &self.failures {
+                let _ = writeln!(
+                    s,
+                    "  {} {} (offset {}): {}",
+                    f.kind, f.key, f.offset, f.reason
+                );
+            }
+        }
+        s
+    }
+
+    /// Writes `report.json` and `summary.txt` into a new directory under
+    /// `{reports_dir}/{pipeline}/`, then prunes that pipeline's reports to `retention`.
+    /// Returns the new directory.
+    pub fn write(&self, reports_dir: &Path, retention: usize) -> Result<PathBuf, ReportError> {
+        let base = reports_dir.join(&self.pipeline);
+        let stamp = self.generated_at_utc.format(STAMP).to_string();
+        let write_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ReportError::Write { path, source }
+        };
+        std::fs::create_dir_all(&base).map_err(write_err(&base))?;
+        // Two reports in the same second get `-1`, `-2`, … so neither is lost.
+        let mut dir = base.join(&stamp);
+        let mut n = 0;
+        loop {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    n += 1;
+                    dir = base.join(format!("{stamp}-{n}"));
+                }
+                Err(e) => return Err(write_err(&dir)(e)),
+            }
+        }
+        let json = serde_json::to_vec_pretty(self).expect("reports serialize");
+        for (name, bytes) in [
+            ("summary.txt", self.summary().into_bytes()),
+            ("report.json", json),
+        ] {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let path = dir.join(name);
+            std::fs::write(&tmp, bytes).map_err(write_err(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(write_err(&path))?;
+        }
+        prune(&base, retention)?;
+        Ok(dir)
+    }
+}
+
+/// Deletes the oldest report directories of one pipeline beyond `retention`. Only
+/// directories named like a report are touched.
+pub fn prune(pipeline_dir: &Path, retention: usize) -> Result<(), ReportError> {
+    let err = |source| ReportError::Prune {
+        path: pipeline_dir.to_owned(),
+        source,
+    };
+    let mut reports: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(pipeline_dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stamp = name.split('-').next().unwrap_or("");
+        if entry.file_type().map_err(err)?.is_dir()
+            && chrono::NaiveDateTime::parse_from_str(stamp, STAMP).is_ok()
+        {
+            reports.push(name);
+        }
+    }
+    // Oldest first: the stamp sorts by time, and `-n` suffixes sort after their stamp.
+    reports.sort_by(|a, b| {
+        let key = |s: &str| {
+            let (t, n) = s.split_once('-').unwrap_or((s, "0"));
+            (t.to_owned(), n.parse::<u64>().unwrap_or(0))
+        };
+        key(a).cmp(&key(b))
+    });
+    let excess = reports.len().saturating_sub(retention);
+    for name in &reports[..excess] {
+        std::fs::remove_dir_all(pipeline_dir.join(name)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Counts of `tidemark_applies_total` for one pipeline, by (kind, outcome).
+fn applies_of(pipeline: &str) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for family in metrics().applies.collect() {
+        for m in family.get_metric() {
+            let label = |name: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default()
+            };
+            if label("pipeline") == pipeline {
+                out.insert(
+                    (label("kind"), label("outcome")),
+                    m.get_counter().get_value() as u64,
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A daemon cycle of one pipeline: a scan and the projection that follows it until the
+/// projector catches up or the scan interval ends. Counts come from the same counters
+/// `/metrics` exports, taken between the end of one cycle and the end of the next, so
+/// no apply is counted twice or lost between cycles.
+pub struct Cycle {
+    pipeline: Arc<Pipeline>,
+    reports_dir: PathBuf,
+    retention: usize,
+    since: DateTime<Utc>,
+    applies: BTreeMap<(String, String), u64>,
+    scan: Option<ScanRecord>,
+}
+
+impl Cycle {
+    /// Starts counting the first cycle of `pipeline`.
+    pub fn new(pipeline: Arc<Pipeline>, reports_dir: PathBuf, retention: usize) -> Cycle {
+        let applies = applies_of(pipeline.name());
+        Cycle {
+            pipeline,
+            reports_dir,
+            retention,
+            since: Utc::now(),
+            applies,
+            scan: None,
+        }
+    }
+
+    /// Records the cycle's scan.
+    pub fn scanned(&mut self, record: ScanRecord) {
+        self.scan = Some(record);
+    }
+
+    /// Waits out `interval`; as soon as the projector has caught up (or when the interval
+    /// ends) logs the cycle's summary line and writes its report if it changed anything.
+    pub async fn wait(&mut self, interval: Duration) {
+        let deadline = tokio::time::Instant::now() + interval;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if matches!(self.pipeline.projector.lag().await, Ok(0)) {
+                break;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(200))).await;
+        }
+        self.finish().await;
+        tokio::time::sleep_until(deadline).await;
+    }
+
+    /// Ends the cycle: logs its summary line, writes its report if it changed anything
+    /// and starts the next one.
+    pub async fn finish(&mut self) {
+        let name = self.pipeline.name().to_owned();
+        let config = &self.pipeline.config;
+        let mut report = Report::new(&name, "cycle", false, config.max_delete);
+        if let Some(scan) = self.scan.take() {
+            report = report.with_scan(&scan);
+        }
+        let now = applies_of(&name);
+        for ((kind, outcome), n) in &now {
+            let before = self
+                .applies
+                .get(&(kind.clone(), outcome.clone()))
+                .copied()
+                .unwrap_or(0);
+            report.add(kind, outcome, n.saturating_sub(before));
+        }
+        if let Ok(status) = self.pipeline.status().await {
+            report.failures = status
+                .failed
+                .into_iter()
+                .filter(|f| f.at >= self.since)
+                .collect();
+        }
+        self.applies = now;
+        self.since = report.generated_at_utc;
+        let counts: Vec<String> = report
+            .counts
+            .iter()
+            .map(|(o, n)| format!("{n} {o}"))
+            .collect();
+        let scan = report.scan.as_ref();
+        info!(
+            pipeline = %name,
+            upserts = scan.map_or(0, |s| s.upserts),
+            deletes = scan.map_or(0, |s| s.deletes),
+            applied = %counts.join(", "),
+            failures = report.failures.len(),
+            delete_guard = %report.delete_guard.decision,
+            "cycle finished"
+        );
+        if report.changed() {
+            if let Err(e) = report.write(&self.reports_dir, self.retention) {
+                warn!(pipeline = %name, "{e}");
+            }
+        }
+    }
+}
