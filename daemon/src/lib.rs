@@ -15,6 +15,7 @@
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - [`verify`]: `tidemark verify`: source and target compared item by item.
 //! - [`progress`]: progress bars on a terminal, silence when piped.
+//! - [`report`]: `report.json` and `summary.txt` of every run and changed daemon cycle.
 //!
 //! The flow and its guarantees are described in `docs/ARCHITECTURE.md`.
 #![deny(missing_docs)]
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod projector;
+pub mod report;
 pub mod scanner;
 pub mod server;
 pub mod source;
