@@ -16,11 +16,16 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::progress::Progress;
+use crate::report::Cycle;
 use crate::server::{self, ServerState};
 use crate::state::{State, StateError};
 
 /// Name of the file in `state_dir` holding the address the endpoints listen on.
 pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
+/// How often the lag and freshness gauges are recomputed, so they stay true while the
+/// source is idle and nobody scrapes.
+const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The daemon could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +77,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .iter()
         .map(|p| Pipeline::build(p, &state).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
-    for p in &pipelines {
-        p.status().await?;
-    }
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -101,43 +103,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pipelines: pipelines.clone(),
         ready: false.into(),
     });
-
-    for p in &pipelines {
-        let (pipeline, cancel, guard) = (
-            p.clone(),
-            scanners.clone(),
-            running.enter(format!("scanner {}", p.name())),
-        );
-        tracker.spawn(async move {
-            let _guard = guard;
-            let progress = Progress::hidden();
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    result = pipeline.scanner.scan(&progress) => {
-                        if let Err(e) = result {
-                            error!("{e}");
-                        }
-                    }
-                }
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(pipeline.config.scan_interval) => {}
-                }
-            }
-        });
-        let (pipeline, cancel, guard) = (
-            p.clone(),
-            projectors.clone(),
-            running.enter(format!("projector {}", p.name())),
-        );
-        tracker.spawn(async move {
-            let _guard = guard;
-            pipeline.projector.run(cancel).await;
-        });
-    }
     let server = {
         let (state, cancel) = (server_state.clone(), endpoints.clone());
         tokio::spawn(async move {
@@ -146,6 +111,97 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         })
     };
+
+    // A log on a remote broker may be unreachable at start: retry with backoff while
+    // /readyz says not ready, and stop quietly if asked to meanwhile.
+    tokio::pin!(shutdown);
+    for p in &pipelines {
+        let mut delay = Duration::from_millis(500);
+        while let Err(e) = p.log.connect().await {
+            error!(pipeline = %p.name(), "{e}; retrying in {delay:?} (/readyz answers not ready until then)");
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => {
+                    endpoints.cancel();
+                    let _ = server.await;
+                    let _ = std::fs::remove_file(&addr_file);
+                    info!("stopped before the event log was reachable");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        p.status().await?;
+    }
+
+    for p in &pipelines {
+        let (pipeline, cancel, guard) = (
+            p.clone(),
+            scanners.clone(),
+            running.enter(format!("scanner {}", p.name())),
+        );
+        let (reports_dir, retention) = (config.reports_dir.clone(), config.report_retention);
+        tracker.spawn(async move {
+            let _guard = guard;
+            if !pipeline.config.role.scans() {
+                return;
+            }
+            let progress = Progress::hidden();
+            let mut cycle = Cycle::new(pipeline.clone(), reports_dir, retention);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    result = pipeline.scanner.scan(&progress) => {
+                        match result {
+                            Ok(record) => cycle.scanned(record),
+                            Err(e) => error!("{e}"),
+                        }
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = cycle.wait(pipeline.config.scan_interval) => {}
+                }
+            }
+            cycle.finish().await;
+        });
+        let (pipeline, cancel, guard) = (
+            p.clone(),
+            projectors.clone(),
+            running.enter(format!("projector {}", p.name())),
+        );
+        tracker.spawn(async move {
+            let _guard = guard;
+            if pipeline.config.role.projects() {
+                pipeline.projector.run(cancel).await;
+            }
+        });
+    }
+    {
+        let (pipelines, cancel, guard) = (
+            pipelines.clone(),
+            projectors.clone(),
+            running.enter("gauges".into()),
+        );
+        tracker.spawn(async move {
+            let _guard = guard;
+            loop {
+                for p in &pipelines {
+                    if let Err(e) = p.status().await {
+                        warn!("cannot refresh the lag gauges: {e}");
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(GAUGE_REFRESH) => {}
+                }
+            }
+        });
+    }
     server_state.ready.store(true, Ordering::SeqCst);
     info!(pipelines = pipelines.len(), "tidemark is running");
 
