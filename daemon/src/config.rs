@@ -93,34 +93,6 @@ pub struct PipelineConfig {
     pub concurrency: usize,
     /// Events read, applied and committed as one batch.
     pub batch_size: usize,
-    /// What `run` does for this pipeline: scan, project or both.
-    pub role: Role,
-}
-
-/// What `tidemark run` does for a pipeline. With a shared log (Kafka) exactly one daemon
-/// should scan the source; any number may project, sharing the log's partitions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Scan the source and project the log (the default; the only sensible role with sled).
-    #[default]
-    Both,
-    /// Only scan the source and append to the log.
-    Scan,
-    /// Only project the log onto the target.
-    Project,
-}
-
-impl Role {
-    /// Whether this daemon runs the pipeline's scanner.
-    pub fn scans(self) -> bool {
-        matches!(self, Role::Both | Role::Scan)
-    }
-
-    /// Whether this daemon runs the pipeline's projector.
-    pub fn projects(self) -> bool {
-        matches!(self, Role::Both | Role::Project)
-    }
 }
 
 /// Which source connector.
@@ -155,67 +127,6 @@ pub enum LogConfig {
     /// The embedded sled log in `state_dir`.
     #[default]
     Sled,
-    /// A Kafka topic (`[pipeline.log.kafka]`).
-    Kafka(KafkaLogConfig),
-}
-
-/// `[pipeline.log.kafka]`, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KafkaLogConfig {
-    /// Bootstrap brokers, `host:port[,host:port…]`.
-    pub brokers: String,
-    /// The pipeline's topic; one topic per pipeline (default `tidemark.<pipeline>`).
-    pub topic: String,
-    /// Partitions of the topic when tidemark creates it; an existing topic keeps its own.
-    pub partitions: u32,
-    /// Replication factor of the topic when tidemark creates it.
-    pub replication: u32,
-    /// `cleanup.policy` of the topic when tidemark creates it: `compact` keeps the latest
-    /// event of every kind/key (enough to rebuild a mirror), `delete` keeps everything
-    /// until retention removes it.
-    pub cleanup_policy: String,
-    /// Consumer group the projectors of this pipeline share (default `tidemark.<pipeline>`);
-    /// daemons in one group split the partitions between them.
-    pub group: String,
-    /// How long a daemon that stopped heartbeating keeps its partitions before the group
-    /// gives them to another daemon.
-    pub session_timeout: Duration,
-    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, …).
-    pub properties: std::collections::BTreeMap<String, String>,
-}
-
-/// `[pipeline.log.kafka]` as written.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKafkaLog {
-    brokers: Spanned<String>,
-    #[serde(default)]
-    topic: Option<String>,
-    #[serde(default = "default_kafka_partitions")]
-    partitions: Spanned<u32>,
-    #[serde(default = "default_kafka_replication")]
-    replication: Spanned<u32>,
-    #[serde(default = "default_cleanup_policy")]
-    cleanup_policy: Spanned<String>,
-    #[serde(default)]
-    group: Option<String>,
-    #[serde(default = "default_session_timeout", with = "humantime_serde")]
-    session_timeout: Duration,
-    #[serde(default)]
-    properties: std::collections::BTreeMap<String, String>,
-}
-
-fn default_kafka_partitions() -> Spanned<u32> {
-    Spanned::new(0..0, 3)
-}
-fn default_kafka_replication() -> Spanned<u32> {
-    Spanned::new(0..0, 1)
-}
-fn default_cleanup_policy() -> Spanned<String> {
-    Spanned::new(0..0, "compact".to_owned())
-}
-fn default_session_timeout() -> Duration {
-    Duration::from_secs(10)
 }
 
 /// `[pipeline.source.dir]`.
@@ -342,8 +253,6 @@ struct RawPipeline {
     concurrency: Spanned<usize>,
     #[serde(default = "default_batch_size")]
     batch_size: Spanned<usize>,
-    #[serde(default)]
-    role: Role,
 }
 
 #[derive(Deserialize)]
@@ -363,7 +272,6 @@ enum RawTarget {
 enum RawLog {
     #[default]
     Sled,
-    Kafka(Box<RawKafkaLog>),
 }
 
 fn default_state_dir() -> PathBuf {
@@ -519,53 +427,14 @@ impl Config {
                     TargetConfig::Dir(d)
                 }
             };
-            let log = match p.log {
-                RawLog::Sled => LogConfig::Sled,
-                RawLog::Kafka(k) => {
-                    let k = *k;
-                    if k.brokers.get_ref().trim().is_empty() {
-                        return Err(invalid(
-                            k.brokers.span(),
-                            key("log.kafka.brokers"),
-                            "is empty; list the bootstrap brokers as host:port,host:port"
-                                .into(),
-                        ));
-                    }
-                    for (value, k2) in [
-                        (&k.partitions, "log.kafka.partitions"),
-                        (&k.replication, "log.kafka.replication"),
-                    ] {
-                        if *value.get_ref() == 0 {
-                            return Err(invalid(value.span(), key(k2), "must be at least 1".into()));
-                        }
-                    }
-                    let policy = k.cleanup_policy.get_ref();
-                    if !matches!(policy.as_str(), "compact" | "delete" | "compact,delete") {
-                        return Err(invalid(
-                            k.cleanup_policy.span(),
-                            key("log.kafka.cleanup_policy"),
-                            format!("`{policy}` must be `compact`, `delete` or `compact,delete`"),
-                        ));
-                    }
-                    LogConfig::Kafka(KafkaLogConfig {
-                        brokers: k.brokers.into_inner(),
-                        topic: k.topic.unwrap_or_else(|| format!("tidemark.{name}")),
-                        partitions: k.partitions.into_inner(),
-                        replication: k.replication.into_inner(),
-                        cleanup_policy: k.cleanup_policy.into_inner(),
-                        group: k.group.unwrap_or_else(|| format!("tidemark.{name}")),
-                        session_timeout: k.session_timeout,
-                        properties: k.properties,
-                    })
-                }
-            };
             pipelines.push(PipelineConfig {
                 name,
                 scan_interval: p.scan_interval,
                 source,
                 target,
-                log,
-                role: p.role,
+                log: match p.log {
+                    RawLog::Sled => LogConfig::Sled,
+                },
                 max_delete: p.max_delete,
                 inline_limit: p.inline_limit,
                 concurrency: p.concurrency.into_inner(),
