@@ -12,6 +12,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::http_config::{HttpSourceConfig, HttpTargetConfig};
+
 /// A config that could not be loaded. Every variant names the file; parse and validation
 /// errors name the line and the key too.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +131,8 @@ pub enum LogConfig {
     Sled,
 }
 
+    /// A REST API (`[pipeline.source.http]`).
+    Http(HttpSourceConfig),
 /// `[pipeline.source.dir]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +141,8 @@ pub struct DirSourceConfig {
     pub path: PathBuf,
     /// Globs (relative to the root) of files to mirror; empty means everything.
     #[serde(default)]
+    /// A REST API (`[pipeline.target.http]`).
+    Http(HttpTargetConfig),
     pub include: Vec<String>,
     /// Globs of files and directories to leave out; they win over `include`.
     #[serde(default)]
@@ -144,6 +150,7 @@ pub struct DirSourceConfig {
     /// Follow symbolic links and mirror what they point to. Off by default: links are
     /// mirrored as links, with their target path unchanged.
     #[serde(default)]
+            TargetConfig::Http(h) => h.prune,
     pub follow_symlinks: bool,
 }
 
@@ -350,12 +357,14 @@ impl Config {
 
         if raw.pipelines.is_empty() {
             return Err(invalid(
+    Http(Spanned<HttpSourceConfig>),
                 0..0,
                 "pipeline".into(),
                 "no [[pipeline]] is configured; add one (see config/tidemark.toml)".into(),
             ));
         }
 
+    Http(Spanned<HttpTargetConfig>),
         let mut pipelines: Vec<PipelineConfig> = Vec::new();
         for p in raw.pipelines {
             let name = p.name.get_ref().clone();
@@ -500,6 +509,13 @@ max_delete = "10%"
 path = "src"
 exclude = ["*.tmp"]
 
+                RawSource::Http(h) => {
+                    let span = h.span();
+                    let mut h = h.into_inner();
+                    h.validate(base)
+                        .map_err(|m| invalid(span, key("source.http"), m))?;
+                    SourceConfig::Http(h)
+                }
 [pipeline.target.dir]
 path = "dst"
 prune = true
@@ -508,11 +524,14 @@ prune = true
     #[test]
     fn parses_and_resolves_relative_paths() {
         let c = Config::parse(Path::new("/etc/tidemark/t.toml"), GOOD).unwrap();
+                        SourceConfig::Http(_) => None,
         assert_eq!(c.state_dir, Path::new("/etc/tidemark/state"));
         let p = &c.pipelines[0];
         assert_eq!(p.scan_interval, Duration::from_secs(2));
         assert_eq!(p.max_delete, DeleteLimit::Percent(10.0));
-        let SourceConfig::Dir(s) = &p.source;
+        let SourceConfig::Dir(s) = &p.source else {
+            panic!("a dir source")
+        };
         assert_eq!(s.path, Path::new("/etc/tidemark/src"));
         assert!(p.target.prune());
         assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
@@ -524,6 +543,62 @@ prune = true
         let err = Config::parse(Path::new("t.toml"), &bad)
             .unwrap_err()
             .to_string();
+                RawTarget::Http(h) => {
+                    let span = h.span();
+                    let mut h = h.into_inner();
+                    h.validate(base)
+                        .map_err(|m| invalid(span.clone(), key("target.http"), m))?;
+                    if let SourceConfig::Http(s) = &source {
+                        if let Some(k) = s.kinds.iter().find(|k| h.kind(&k.name).is_none()) {
+                            return Err(invalid(
+                                span,
+                                key("target.http.kind"),
+                                format!("source kind `{}` has no [[…target.http.kind]] saying where to write it", k.name),
+                            ));
+                        }
+                    }
+                    TargetConfig::Http(h)
+                }
+            };
+            let log = match p.log {
+                RawLog::Sled => LogConfig::Sled,
+                RawLog::Kafka(k) => {
+                    let k = *k;
+                    if k.brokers.get_ref().trim().is_empty() {
+                        return Err(invalid(
+                            k.brokers.span(),
+                            key("log.kafka.brokers"),
+                            "is empty; list the bootstrap brokers as host:port,host:port"
+                                .into(),
+                        ));
+                    }
+                    for (value, k2) in [
+                        (&k.partitions, "log.kafka.partitions"),
+                        (&k.replication, "log.kafka.replication"),
+                    ] {
+                        if *value.get_ref() == 0 {
+                            return Err(invalid(value.span(), key(k2), "must be at least 1".into()));
+                        }
+                    }
+                    let policy = k.cleanup_policy.get_ref();
+                    if !matches!(policy.as_str(), "compact" | "delete" | "compact,delete") {
+                        return Err(invalid(
+                            k.cleanup_policy.span(),
+                            key("log.kafka.cleanup_policy"),
+                            format!("`{policy}` must be `compact`, `delete` or `compact,delete`"),
+                        ));
+                    }
+                    LogConfig::Kafka(KafkaLogConfig {
+                        brokers: k.brokers.into_inner(),
+                        topic: k.topic.unwrap_or_else(|| format!("tidemark.{name}")),
+                        partitions: k.partitions.into_inner(),
+                        replication: k.replication.into_inner(),
+                        cleanup_policy: k.cleanup_policy.into_inner(),
+                        group: k.group.unwrap_or_else(|| format!("tidemark.{name}")),
+                        session_timeout: k.session_timeout,
+                        properties: k.properties,
+                    })
+                }
         assert!(err.starts_with("t.toml:15:"), "{err}");
         assert!(err.contains("unknown field `pruen`"), "{err}");
     }

@@ -10,6 +10,8 @@
 //! - [`scanner`]: listing → diff against the source index → events appended to the log.
 //! - [`projector`]: events → target, applied state, committed offset.
 //! - [`pipeline`]: one configured pipeline wired together: its log, scanner, projector, status.
+//! - [`http`]: the REST connector's HTTP client: secret headers, retries, rate limits, redaction.
+//! - [`http_config`]: the REST connector's config types and secret resolution.
 //! - [`daemon`]: `tidemark run`: every pipeline's loops, the HTTP endpoints, shutdown order.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
@@ -22,6 +24,8 @@
 
 pub mod config;
 pub mod daemon;
+pub mod http;
+pub mod http_config;
 pub mod log;
 pub mod metrics;
 pub mod pipeline;

@@ -207,7 +207,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let mut reports = Vec::new();
             for p in session.pipelines(&select)? {
                 let progress = Progress::new(show_progress, "verify", None);
-                let report = verify::verify(&p.config, &progress).await?;
+                let report = verify::verify(&p.config, &session.state, &progress).await?;
                 progress.finish();
                 drift |= !report.is_clean();
                 if select.output == Output::Text {

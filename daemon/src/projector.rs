@@ -6,6 +6,14 @@
 //! finished. A transient failure (disk full, target down) stops the prefix there, and the
 //! batch is retried with backoff; a permanent failure is recorded against its key and the
 //! offset moves on.
+//!
+//! For targets that assign ids, a remap table keeps (kind, source key) → target id apart
+//! from applied state (so a `replay` adopts instead of duplicating). Reference fields are
+//! rewritten to target ids before an event is applied; an event whose references are not
+//! applied yet is *deferred*: kept in state (so the offset may pass it) and applied as soon
+//! as they are. Two items that reference each other are written in two passes: the first
+//! without the unresolved fields, then patched. A reference that stays unresolved past
+//! the target's reference wait fails its event with a report naming it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,14 +22,14 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
-use tidemark_proto::{Event, Op};
+use tidemark_proto::{item_identity, Body, Event, Op, Ref};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError};
 use crate::metrics::metrics;
 use crate::progress::Progress;
-use crate::state::{Applied, Failure, State, StateError};
+use crate::state::{Applied, Deferred, Failure, Records, State, StateError};
 use crate::target::{ApplyError, Outcome, Target};
 
 /// Projection stopped short of the batch.
@@ -234,6 +242,8 @@ impl Projector {
             .map_err(|source| ProjectError::Read {
                 pipeline: self.pipeline.clone(),
                 source,
+type DateTimeUtc = chrono::DateTime<Utc>;
+
             })
     }
 
@@ -259,7 +269,11 @@ impl Projector {
                 pipeline: self.pipeline.clone(),
                 source,
             })?;
-        if records.is_empty() {
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        if records.is_empty() && deferred.is_empty() {
             return Ok((ProjectReport::default(), 0));
         }
         let t0 = Instant::now();
@@ -307,12 +321,12 @@ impl Projector {
             .into_iter()
             .partition(|g| g[0].op == Op::Delete && g[0].kind == "dir");
         let mut results: Vec<GroupResult> = stream::iter(others)
-            .map(|g| self.apply_group(g, &applied))
+            .map(|g| self.apply_group(g, &applied, &refs, false))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
         for g in dir_deletes {
-            results.push(self.apply_group(g, &applied).await);
+            results.push(self.apply_group(g, &applied, &refs, false).await);
         }
 
         let mut next = end;
@@ -328,6 +342,7 @@ impl Projector {
         if let Err(source) = self.target.flush().await {
             metrics()
                 .apply_errors
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
                 .with_label_values(&[&self.pipeline, "transient"])
                 .inc();
             return Err(ProjectError::Apply {
@@ -342,7 +357,11 @@ impl Projector {
             .map_err(self.err_state())?;
         let mut puts: Vec<(String, Option<Applied>)> = Vec::new();
         let mut failed: Vec<(String, Option<Failure>)> = Vec::new();
-        for d in results.into_iter().flat_map(|r| r.done) {
+        let mut remapped: Vec<(String, Option<String>)> = Vec::new();
+        for d in results.into_iter().flat_map(|r| r.done).chain(settled) {
+            if let Some(id) = d.remap.clone() {
+                remapped.push((d.identity.clone(), id));
+            }
             report.count(&d.kind, d.outcome);
             if d.outcome.wrote() || d.outcome == Outcome::Adopted {
                 debug!(
@@ -372,6 +391,10 @@ impl Projector {
             }
             match d.change {
                 Change::Keep => {}
+        let refs = Refs {
+            remap: &remap,
+            fresh: Default::default(),
+        };
                 Change::Put(a) => puts.push((d.identity, Some(a))),
                 Change::Remove => puts.push((d.identity, None)),
             }
@@ -380,6 +403,9 @@ impl Projector {
             .apply(puts.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
         failures
+        let (pending, settled) = self
+            .settle_deferred(&results, &deferred, &applied, &refs)
+            .await?;
             .apply(failed.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
         self.state.flush().await.map_err(self.err_state())?;
@@ -420,7 +446,9 @@ impl Projector {
     async fn apply_group(
         &self,
         events: Vec<Event>,
-        applied: &crate::state::Records<Applied>,
+        applied: &Records<Applied>,
+        refs: &Refs<'_>,
+        partial: bool,
     ) -> GroupResult {
         let mut result = GroupResult::default();
         let identity = events[0].identity();
@@ -448,22 +476,96 @@ impl Projector {
                 outcome,
                 change,
                 failure,
+        remap
+            .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+            .map_err(self.err_state())?;
+        let gone: Vec<String> = deferred
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| !pending.contains_key(k)))
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        deferred
+            .apply(
+                gone.iter()
+                    .map(|k| (k.as_str(), None))
+                    .chain(pending.iter().map(|(k, v)| (k.as_str(), Some(v)))),
+            )
+            .map_err(self.err_state())?;
+        metrics()
+            .deferred_events
+            .with_label_values(&[&self.pipeline])
+            .set(pending.len() as i64);
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
                 result.done.push(done(outcome, Change::Keep, None));
                 continue;
             }
-            match self.target.apply(&event, prior.as_ref()).await {
+            let transient = |message: String| ApplyError::Transient {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message,
+            };
+            // What the target knows the item by: applied state, else the remap table (a
+            // replay or a cycle's first pass), as a prior without a version.
+            let known = match refs.target_id(&identity) {
+                Ok(id) => id,
+                Err(e) => {
+                    result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
+                    break;
+                }
+            };
+            let target_prior = match (&prior, known) {
+                (Some(p), Some(id)) if p.target_id.is_none() => Some(Applied {
+                    target_id: Some(id),
+                    ..p.clone()
+                }),
+                (None, Some(id)) => Some(Applied {
+                    version: String::new(),
+                    offset: 0,
+                    target_id: Some(id),
+                }),
+                (p, _) => p.clone(),
+            };
+            let mut to_apply = None;
+            let mut written_partially = false;
+            if event.op == Op::Upsert && !event.refs.is_empty() {
+                let (resolved, missing) = match refs.resolve(&event) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
+                        break;
+                    }
+                };
+                if !missing.is_empty() && !partial {
+                    let mut d = done(Outcome::Deferred, Change::Keep, None);
+                    d.deferred = Some(event.clone());
+                    result.done.push(d);
+                    continue;
+                }
+                let mut resolved = resolved;
+                if !missing.is_empty() {
+                    strip_refs(&mut resolved, &missing);
+                    written_partially = true;
+                }
+                to_apply = Some(resolved);
+            }
+            match self
+                .target
+                .apply(to_apply.as_ref().unwrap_or(&event), target_prior.as_ref())
+                .await
+            {
                 Ok(effect) => {
                     let change = match (event.op, effect.outcome) {
                         (_, Outcome::Stale | Outcome::Deferred) => Change::Keep,
                         (Op::Upsert, _) => {
                             let a = Applied {
-                                version: event.version(),
+                                version: if written_partially {
+                                    format!("partial:{}", event.version())
+                                } else {
+                                    event.version()
+                                },
                                 offset: event.offset,
-                                target_id: effect
-                                    .target_id
-                                    .or_else(|| prior.as_ref().and_then(|p| p.target_id.clone())),
+                                target_id,
                             };
                             prior = Some(a.clone());
                             Change::Put(a)
@@ -473,7 +575,13 @@ impl Projector {
                             Change::Remove
                         }
                     };
-                    result.done.push(done(effect.outcome, change, None));
+                    let mut d = done(effect.outcome, change, None);
+                    d.remap = remap;
+                    if written_partially {
+                        d.deferred = Some(event.clone());
+                        d.partial = true;
+                    }
+                    result.done.push(d);
                 }
                 Err(e @ ApplyError::Transient { .. }) => {
                     warn!(pipeline = %self.pipeline, offset = event.offset, "{e}; will retry");
@@ -483,6 +591,151 @@ impl Projector {
                 Err(e @ ApplyError::Permanent { .. }) => {
                     metrics()
                         .apply_errors
+    /// Applies deferred events whose references now resolve (this batch's and earlier
+    /// ones), breaks cycles by writing one item without its unresolved fields, and fails
+    /// events that waited longer than the target's reference wait. Returns what still
+    /// waits and what was done.
+    async fn settle_deferred(
+        &self,
+        results: &[GroupResult],
+        deferred: &Records<Deferred>,
+        applied: &Records<Applied>,
+        refs: &Refs<'_>,
+    ) -> Result<(BTreeMap<String, Deferred>, Vec<Done>), ProjectError> {
+        let now = Utc::now();
+        let mut pending: BTreeMap<String, Deferred> = deferred
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        for d in results.iter().flat_map(|r| &r.done) {
+            match &d.deferred {
+                Some(event) => {
+                    let since = pending.get(&d.identity).map_or(now, |p| p.since);
+                    pending.insert(
+                        d.identity.clone(),
+                        Deferred {
+                            event: event.clone(),
+                            since,
+                            partial: d.partial,
+                        },
+                    );
+                }
+                None => {
+                    pending.remove(&d.identity);
+                }
+            }
+        }
+        // Keys whose events in this batch stopped on a transient failure stay as they are.
+        let mut settled = Vec::new();
+        for _round in 0..10_000 {
+            if pending.is_empty() {
+                break;
+            }
+            let mut ready = Vec::new();
+            let mut cyclic: Option<(u64, String)> = None;
+            for (id, d) in &pending {
+                let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
+                if missing.is_empty() {
+                    ready.push(id.clone());
+                } else if refs.target_id(id).map_err(self.err_state())?.is_none()
+                    && missing
+                        .iter()
+                        .all(|r| pending.contains_key(&item_identity(&r.kind, &r.key)))
+                    && cyclic.as_ref().is_none_or(|(o, _)| d.event.offset < *o)
+                {
+                    cyclic = Some((d.event.offset, id.clone()));
+                }
+            }
+            let (batch, partial) = match (ready.is_empty(), cyclic) {
+                (false, _) => (ready, false),
+                (true, Some((_, id))) => (vec![id], true),
+                (true, None) => break,
+            };
+            let taken: Vec<Deferred> = batch
+                .iter()
+                .filter_map(|id| pending.remove(id))
+                .collect();
+            let since: HashMap<String, (DateTimeUtc, bool)> = taken
+                .iter()
+                .map(|d| (d.event.identity(), (d.since, d.partial)))
+                .collect();
+            let out: Vec<GroupResult> = stream::iter(taken.clone())
+                .map(|d| self.apply_group(vec![d.event], applied, refs, partial))
+                .buffer_unordered(self.concurrency)
+                .collect()
+                .await;
+            let mut stuck = false;
+            for r in out {
+                if let Some((_, e)) = r.stopped {
+                    warn!(pipeline = %self.pipeline, "{e}; the deferred event is retried later");
+                    stuck = true;
+                }
+                for d in r.done {
+                    if let Some(event) = &d.deferred {
+                        let (at, was_partial) = since.get(&d.identity).copied().unwrap_or((now, false));
+                        pending.insert(
+                            d.identity.clone(),
+                            Deferred {
+                                event: event.clone(),
+                                since: at,
+                                partial: d.partial || was_partial,
+                            },
+                        );
+                    }
+                    settled.push(d);
+                }
+            }
+            if stuck {
+                for d in taken {
+                    let id = d.event.identity();
+                    if !settled.iter().any(|s| s.identity == id) {
+                        pending.insert(id, d);
+                    }
+                }
+                break;
+            }
+        }
+        let wait = self.target.reference_wait();
+        let expired: Vec<String> = pending
+            .iter()
+            .filter(|(_, d)| {
+                (now - d.since).to_std().unwrap_or_default() >= wait
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in expired {
+            let Some(d) = pending.remove(&id) else { continue };
+            let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
+            let named: Vec<String> = missing
+                .iter()
+                .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
+                .collect();
+            let reason = format!(
+                "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is applied again when it changes or on replay)",
+                named.join(", "),
+                humantime::format_duration(wait)
+            );
+            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, "{reason}");
+            metrics()
+                .apply_errors
+                .with_label_values(&[&self.pipeline, "permanent"])
+                .inc();
+            settled.push(Done {
+                offset: d.event.offset,
+                identity: id,
+                kind: d.event.kind.clone(),
+                key: d.event.key.clone(),
+                outcome: Outcome::Failed,
+                change: Change::Keep,
+                failure: Some(reason),
+                remap: None,
+                deferred: None,
+                partial: false,
+            });
+        }
+        Ok((pending, settled))
+    }
+
                         .with_label_values(&[&self.pipeline, "permanent"])
                         .inc();
                     error!(pipeline = %self.pipeline, offset = event.offset, "{e}; the key is blocked until it changes");
@@ -514,6 +767,9 @@ impl Projector {
                 if read == 0 {
                     break;
                 }
+                remap: None,
+                deferred: None,
+                partial: false,
             }
             total.committed += self.committed(p).await?;
         }
@@ -521,9 +777,17 @@ impl Projector {
     }
 
     /// Tails the log until `cancel` fires, retrying failures with exponential backoff. A
+                    let mut remap = None;
     /// batch in flight when `cancel` fires is finished and committed first.
     pub async fn run(&self, cancel: CancellationToken) {
         use backoff::backoff::Backoff;
+                            let target_id = effect.target_id.or_else(|| {
+                                target_prior.as_ref().and_then(|p| p.target_id.clone())
+                            });
+                            if let Some(id) = &target_id {
+                                refs.record(&identity, Some(id.clone()));
+                                remap = Some(Some(id.clone()));
+                            }
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(200))
             .with_max_interval(Duration::from_secs(30))
@@ -535,6 +799,10 @@ impl Projector {
             for p in 0..self.log.partitions() {
                 match self.step(p).await {
                     Ok((report, n)) => {
+                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some()) {
+                                refs.record(&identity, None);
+                                remap = Some(None);
+                            }
                         read += n;
                         if n > 0 {
                             info!(
@@ -570,7 +838,7 @@ impl Projector {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
-                    _ = self.log.wait_beyond(0, committed, Duration::from_secs(1)) => {}
+                    _ = self.log.wait_beyond(first, committed, wait) => {}
                 }
             }
         }
@@ -676,3 +944,20 @@ impl Projector {
         Ok(())
     }
 }
+        // The remap table is kept: replayed events adopt the items they created.
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let later: Vec<String> = deferred
+            .iter()
+            .filter_map(|r| match r {
+                Ok((k, d)) if d.event.offset >= from => Some(Ok(k)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        deferred
+            .apply(later.iter().map(|k| (k.as_str(), None)))
+            .map_err(self.err_state())?;

@@ -1,5 +1,6 @@
 //! Local state in one sled database: the scanner's source index, the projector's applied
-//! state and failures, and the last scan record of each pipeline.
+//! state, failures, id remap table and deferred events, and the last scan record of each
+//! pipeline.
 //!
 //! One database holds everything a pipeline needs, so one `flush` makes a whole batch
 //! durable. sled lets only one process open it: a second `tidemark` on the same
@@ -61,6 +62,19 @@ pub struct Applied {
     /// Id the target gave the item, for targets that assign ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_id: Option<String>,
+}
+
+/// An event waiting for the items it references.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deferred {
+    /// The event, as read from the log.
+    pub event: tidemark_proto::Event,
+    /// When it was first deferred; after the target's reference wait it fails.
+    pub since: DateTime<Utc>,
+    /// Written without its unresolved reference fields to break a cycle; patched once
+    /// they resolve.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// A failed event kept for `status` until the key changes again.
@@ -179,6 +193,19 @@ impl State {
     /// Events that failed permanently and block their key until it changes.
     pub fn failures(&self, pipeline: &str) -> Result<Records<Failure>, StateError> {
         self.records(&format!("failed/{pipeline}"))
+    }
+
+    /// The id remap table: item identity (kind, source key) → target id, for targets that
+    /// assign ids. Kept apart from applied state so a `replay` adopts instead of creating
+    /// duplicates.
+    pub fn remap(&self, pipeline: &str) -> Result<Records<String>, StateError> {
+        self.records(&format!("remap/{pipeline}"))
+    }
+
+    /// Events waiting for the items they reference, by item identity; the committed
+    /// offset may pass them, so they are kept here until applied, superseded or failed.
+    pub fn deferred(&self, pipeline: &str) -> Result<Records<Deferred>, StateError> {
+        self.records(&format!("deferred/{pipeline}"))
     }
 
     /// Last scan record of each pipeline, keyed by pipeline name.

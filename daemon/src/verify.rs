@@ -1,5 +1,7 @@
 //! `tidemark verify`: lists source and target, compares them item by item by checksum
-//! (and mode), and reports what is missing, extra or different.
+//! (and mode), and reports what is missing, extra or different. For REST targets, target
+//! items are mapped back to source ids through the remap table and compared as canonical
+//! JSON without ignored and server-managed fields.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +9,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use tidemark_proto::{content_version, item_identity};
 
-use crate::config::{PipelineConfig, SourceConfig, TargetConfig};
+use crate::config::{HttpSourceConfig, HttpTargetConfig, PipelineConfig, SourceConfig, TargetConfig};
+use crate::state::{State, StateError};
 use crate::progress::Progress;
 use crate::source::{DirSource, ListError, Listing, Source};
 use crate::target::fs::TMP_DIR;
@@ -85,6 +88,22 @@ pub enum VerifyError {
         /// Why.
         source: ListError,
     },
+    /// The remap table could not be read.
+    #[error("pipeline `{pipeline}`: {source}")]
+    State {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        source: StateError,
+    },
+    /// The source and target kinds cannot be compared.
+    #[error("pipeline `{pipeline}`: {message}")]
+    Unsupported {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        message: String,
+    },
 }
 
 async fn collect(
@@ -121,16 +140,29 @@ async fn collect(
     Ok(out)
 }
 
-/// Compares a pipeline's source and target.
+/// Compares a pipeline's source and target; `state` holds the remap table REST targets
+/// are compared through.
 pub async fn verify(
     pipeline: &PipelineConfig,
+    state: &State,
     progress: &Progress,
 ) -> Result<VerifyReport, VerifyError> {
     let list_err = |source| VerifyError::List {
         pipeline: pipeline.name.clone(),
         source,
     };
-    let (SourceConfig::Dir(s), TargetConfig::Dir(t)) = (&pipeline.source, &pipeline.target);
+    let (s, t) = match (&pipeline.source, &pipeline.target) {
+        (SourceConfig::Dir(s), TargetConfig::Dir(t)) => (s, t),
+        (SourceConfig::Http(s), TargetConfig::Http(t)) => {
+            return verify_http(pipeline, s, t, state, progress).await
+        }
+        _ => {
+            return Err(VerifyError::Unsupported {
+                pipeline: pipeline.name.clone(),
+                message: "verify compares a directory with a directory or an API with an API".into(),
+            })
+        }
+    };
     let mut target_view = s.clone();
     target_view.path = t.path.clone();
     target_view.exclude.push(TMP_DIR.into());
@@ -161,5 +193,141 @@ pub async fn verify(
         .filter(|k| !source.contains_key(*k))
         .cloned()
         .collect();
+    Ok(report)
+}
+
+/// The comparable form of a REST item: without ignored and server-managed fields.
+fn comparable(mut item: serde_json::Value, ignore: &[String], strip: &[String]) -> String {
+    tidemark_proto::strip_fields(&mut item, ignore);
+    tidemark_proto::strip_fields(&mut item, strip);
+    tidemark_proto::checksum_json(&item, &[])
+}
+
+async fn verify_http(
+    pipeline: &PipelineConfig,
+    s: &HttpSourceConfig,
+    t: &HttpTargetConfig,
+    state: &State,
+    progress: &Progress,
+) -> Result<VerifyReport, VerifyError> {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::http::{id_string, HttpClient};
+    use crate::source::HttpSource;
+
+    let list_err = |source| VerifyError::List {
+        pipeline: pipeline.name.clone(),
+        source,
+    };
+    let mut report = VerifyReport {
+        prune: t.prune,
+        ..Default::default()
+    };
+    // Source: identity → comparable checksum.
+    let source = HttpSource::new(&pipeline.name, s);
+    let mut src: BTreeMap<String, String> = BTreeMap::new();
+    let mut entries = Vec::new();
+    let mut listing = source.list();
+    while let Some(next) = listing.next().await {
+        match next {
+            Ok(Listing::Entry(e)) => entries.push(e),
+            Ok(Listing::Skipped { .. }) => {}
+            Err(e) if e.is_fatal() => return Err(list_err(e)),
+            Err(e) => report.unreadable.push(e.to_string()),
+        }
+    }
+    let mut fetched = futures::stream::iter(entries)
+        .map(|e| source.fetch(e))
+        .buffer_unordered(8);
+    while let Some(item) = fetched.next().await {
+        progress.inc(1);
+        match item {
+            Ok(i) => {
+                let Some(tidemark_proto::Body::Json(body)) = i.body else { continue };
+                let strip = t.kind(&i.kind).map(|k| k.strip.clone()).unwrap_or_default();
+                src.insert(item_identity(&i.kind, &i.key), comparable(body, &[], &strip));
+            }
+            Err(e) => report.unreadable.push(e.to_string()),
+        }
+    }
+    // The remap table, both ways.
+    let remap = state.remap(&pipeline.name).map_err(|source| VerifyError::State {
+        pipeline: pipeline.name.clone(),
+        source,
+    })?;
+    let mut to_target: HashMap<String, String> = HashMap::new();
+    let mut to_source: HashMap<(String, String), String> = HashMap::new();
+    for r in remap.iter() {
+        let (identity, tid) = r.map_err(|source| VerifyError::State {
+            pipeline: pipeline.name.clone(),
+            source,
+        })?;
+        let (kind, key) = identity.split_once('\0').unwrap_or(("", &identity));
+        to_source.insert((kind.to_owned(), tid.clone()), key.to_owned());
+        to_target.insert(identity.clone(), tid);
+    }
+    // Target: identity → comparable checksum, through the remap table.
+    let client = Arc::new(HttpClient::new(&pipeline.name, "target", &t.endpoint));
+    let mut dst: BTreeMap<String, String> = BTreeMap::new();
+    for kind in &s.kinds {
+        let Some(tk) = t.kind(&kind.name) else { continue };
+        let mut items = HttpSource::list_raw(
+            client.clone(),
+            kind.name.clone(),
+            tk.path.clone(),
+            tk.pagination.clone(),
+            tk.items.clone(),
+            4,
+        );
+        while let Some(next) = items.next().await {
+            let mut item = match next {
+                Ok(i) => i,
+                Err(e) => {
+                    report.unreadable.push(format!("target: {e}"));
+                    continue;
+                }
+            };
+            progress.inc(1);
+            let Some(tid) = item.pointer(&tk.id_field).and_then(id_string) else {
+                report.unreadable.push(format!("target: a `{}` item has no id at `{}`", kind.name, tk.id_field));
+                continue;
+            };
+            let Some(key) = to_source.get(&(kind.name.clone(), tid.clone())) else {
+                report.extra.push(format!("{}\0(target id {tid})", kind.name));
+                continue;
+            };
+            // Reference fields back to source ids.
+            for r in &kind.refs {
+                let back = |v: &mut serde_json::Value| {
+                    if let Some(k) = id_string(v).and_then(|id| to_source.get(&(r.kind.clone(), id))) {
+                        *v = match (&*v, k.parse::<i64>()) {
+                            (serde_json::Value::Number(_), Ok(n)) => n.into(),
+                            _ => k.clone().into(),
+                        };
+                    }
+                };
+                match item.pointer_mut(&r.field) {
+                    Some(serde_json::Value::Array(ids)) => ids.iter_mut().for_each(back),
+                    Some(v) => back(v),
+                    None => {}
+                }
+            }
+            dst.insert(item_identity(&kind.name, key), comparable(item, &kind.ignore, &tk.strip));
+        }
+    }
+    for (id, sum) in &src {
+        report.compared += 1;
+        if !to_target.contains_key(id) {
+            report.missing.push(id.clone());
+            continue;
+        }
+        match dst.get(id) {
+            None => report.missing.push(id.clone()),
+            Some(d) if d != sum => report.different.push(id.clone()),
+            Some(_) => {}
+        }
+    }
+    report.extra.extend(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
     Ok(report)
 }

@@ -2,6 +2,7 @@
 //! listed entry) and the types it produces.
 
 pub mod fs;
+pub mod http;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use tidemark_proto::{Blob, Body, Ref};
 use crate::config::{PipelineConfig, SourceConfig};
 
 pub use self::fs::DirSource;
+pub use self::http::HttpSource;
 
 /// One listed entry, before its content is read.
 #[derive(Debug, Clone)]
@@ -121,5 +123,6 @@ pub trait Source: Send + Sync {
 pub fn build(pipeline: &PipelineConfig) -> Arc<dyn Source> {
     match &pipeline.source {
         SourceConfig::Dir(cfg) => Arc::new(DirSource::new(cfg, pipeline.inline_limit)),
+        SourceConfig::Http(cfg) => Arc::new(HttpSource::new(&pipeline.name, cfg)),
     }
 }

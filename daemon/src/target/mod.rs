@@ -2,6 +2,7 @@
 //! offsets are committed), the outcomes it reports and how it fails.
 
 pub mod fs;
+pub mod http;
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::config::{PipelineConfig, SourceConfig, TargetConfig};
 use crate::state::Applied;
 
 pub use self::fs::DirTarget;
+pub use self::http::HttpTarget;
 
 /// What applying (or deciding not to apply) one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -128,6 +130,12 @@ pub trait Target: Send + Sync {
 
     /// Makes every apply so far durable; called before offsets are committed.
     async fn flush(&self) -> Result<(), ApplyError>;
+
+    /// How long an event may wait for the items it references (see the projector's
+    /// deferral) before it fails with a report naming the missing reference.
+    fn reference_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(300)
+    }
 }
 
 /// Builds the target a pipeline is configured with.
@@ -138,8 +146,10 @@ pub fn build(pipeline: &PipelineConfig) -> Arc<dyn Target> {
             // directories a delete leaves empty.
             let dirs_are_items = match &pipeline.source {
                 SourceConfig::Dir(s) => s.include.is_empty(),
+                SourceConfig::Http(_) => true,
             };
             Arc::new(DirTarget::new(cfg, !dirs_are_items))
         }
+        TargetConfig::Http(cfg) => Arc::new(HttpTarget::new(&pipeline.name, cfg)),
     }
 }

@@ -1,0 +1,442 @@
+//! The HTTP client the REST source and target share: secret headers, retries with
+//! exponential backoff and jitter (honouring `Retry-After`) within a bounded budget, a
+//! requests-per-second limit, a limit on requests in flight, redaction of secrets from
+//! every message, and the request and retry metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backoff::backoff::Backoff;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{Mutex, Semaphore};
+use tracing::debug;
+
+use crate::http_config::HttpEndpointConfig;
+use crate::metrics::metrics;
+
+/// Characters of a response body quoted in an error.
+const EXCERPT: usize = 200;
+
+/// A request failed for good.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The server refused the request (4xx other than 408 and 429): retrying cannot help.
+    #[error("{method} {url}: HTTP {status}: {excerpt}")]
+    Rejected {
+        /// Method.
+        method: Method,
+        /// URL (never holds a secret: credentials travel in headers).
+        url: String,
+        /// Status code.
+        status: u16,
+        /// Start of the response body, secrets redacted.
+        excerpt: String,
+    },
+    /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
+    /// budget ran out.
+    #[error("{method} {url}: {message} (gave up after {attempts} attempts in {elapsed:.1?}; is the server up?)")]
+    Unavailable {
+        /// Method.
+        method: Method,
+        /// URL.
+        url: String,
+        /// The last failure, secrets redacted.
+        message: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        elapsed: Duration,
+    },
+}
+
+impl RequestError {
+    /// The HTTP status of a rejection.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            RequestError::Rejected { status, .. } => Some(*status),
+            RequestError::Unavailable { .. } => None,
+        }
+    }
+
+    /// Whether the request may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RequestError::Unavailable { .. })
+    }
+}
+
+/// A successful response, read in full.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code (2xx or 3xx).
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// The URL requested (for messages).
+    pub url: String,
+}
+
+/// Spaces request starts out to at most `rate` per second.
+struct RateLimit {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl RateLimit {
+    async fn wait(&self) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = (*next).max(Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+enum Attempt {
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Rejected {
+        status: u16,
+        excerpt: String,
+    },
+}
+
+/// One side's (source or target) HTTP client.
+pub struct HttpClient {
+    client: reqwest::Client,
+    base: String,
+    headers: HeaderMap,
+    /// Secret values, longest first, replaced by `***` in every message.
+    secrets: Arc<Vec<String>>,
+    pipeline: String,
+    side: &'static str,
+    retry_budget: Duration,
+    /// Bounds requests in flight; the target's `in_flight` setting.
+    in_flight: Semaphore,
+    rate: Option<RateLimit>,
+}
+
+impl HttpClient {
+    /// A client for `cfg` (validated: secrets resolved), labelled `side` in metrics.
+    pub fn new(pipeline: &str, side: &'static str, cfg: &HttpEndpointConfig) -> HttpClient {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &cfg.resolved_headers {
+            if name.is_empty() {
+                continue;
+            }
+            let (Ok(n), Ok(mut v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value.expose()),
+            ) else {
+                tracing::warn!(pipeline, side, header = %name, "header name or value is not valid HTTP; it is not sent");
+                continue;
+            };
+            v.set_sensitive(true);
+            headers.insert(n, v);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(cfg.in_flight.max(4))
+            .build()
+            .expect("the HTTP client builds");
+        HttpClient {
+            client,
+            base: cfg.base_url.trim_end_matches('/').to_owned(),
+            headers,
+            secrets: Arc::new(cfg.secrets()),
+            pipeline: pipeline.to_owned(),
+            side,
+            retry_budget: cfg.retry_budget,
+            in_flight: Semaphore::new(cfg.in_flight),
+            rate: (cfg.rate_limit > 0.0).then(|| RateLimit {
+                interval: Duration::from_secs_f64(1.0 / cfg.rate_limit),
+                next: Mutex::new(Instant::now()),
+            }),
+        }
+    }
+
+    /// `text` with every secret replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        redact(&self.secrets, text)
+    }
+
+    /// The absolute URL of a path (absolute URLs, from `Link` headers, pass through).
+    pub fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_owned()
+        } else if path.starts_with('/') {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/{path}", self.base)
+        }
+    }
+
+    fn count(&self, class: &str) {
+        metrics()
+            .requests
+            .with_label_values(&[&self.pipeline, self.side, class])
+            .inc();
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Response, Attempt> {
+        if let Some(rate) = &self.rate {
+            rate.wait().await;
+        }
+        let _permit = self.in_flight.acquire().await.expect("never closed");
+        let mut req = self
+            .client
+            .request(method.clone(), url)
+            .headers(self.headers.clone());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.count("error");
+                return Err(Attempt::Transient {
+                    message: self.redact(&describe(&e)),
+                    retry_after: None,
+                });
+            }
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => {
+                self.count("error");
+                return Err(Attempt::Transient {
+                    message: self.redact(&format!("reading the response: {}", describe(&e))),
+                    retry_after: None,
+                });
+            }
+        };
+        self.count(match status.as_u16() {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        });
+        if status.is_success() || status.is_redirection() {
+            return Ok(Response {
+                status: status.as_u16(),
+                headers,
+                body: bytes,
+                url: url.to_owned(),
+            });
+        }
+        let excerpt = self.excerpt(&bytes);
+        if status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error()
+        {
+            let retry_after = headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64);
+            return Err(Attempt::Transient {
+                message: format!("HTTP {}: {excerpt}", status.as_u16()),
+                retry_after,
+            });
+        }
+        Err(Attempt::Rejected {
+            status: status.as_u16(),
+            excerpt,
+        })
+    }
+
+    fn excerpt(&self, body: &[u8]) -> String {
+        let text = String::from_utf8_lossy(body);
+        let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut cut: String = flat.chars().take(EXCERPT).collect();
+        if flat.chars().count() > EXCERPT {
+            cut.push('…');
+        }
+        if cut.is_empty() {
+            cut.push_str("(empty body)");
+        }
+        self.redact(&cut)
+    }
+
+    /// Sends one request, retrying transient failures with exponential backoff and jitter
+    /// (at least as long as `Retry-After` asks) until the retry budget is spent.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Response, RequestError> {
+        let url = self.url(path);
+        let started = Instant::now();
+        let mut backoff = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_millis(100))
+            .with_randomization_factor(0.5)
+            .with_multiplier(2.0)
+            .with_max_interval(Duration::from_secs(10))
+            .with_max_elapsed_time(Some(self.retry_budget))
+            .build();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.attempt(&method, &url, body).await {
+                Ok(r) => return Ok(r),
+                Err(Attempt::Rejected { status, excerpt }) => {
+                    return Err(RequestError::Rejected {
+                        method,
+                        url,
+                        status,
+                        excerpt,
+                    })
+                }
+                Err(Attempt::Transient {
+                    message,
+                    retry_after,
+                }) => {
+                    let give_up = |message| RequestError::Unavailable {
+                        method: method.clone(),
+                        url: url.clone(),
+                        message,
+                        attempts,
+                        elapsed: started.elapsed(),
+                    };
+                    let Some(mut delay) = backoff.next_backoff() else {
+                        return Err(give_up(message));
+                    };
+                    if let Some(ra) = retry_after {
+                        delay = delay.max(ra);
+                    }
+                    if started.elapsed() + delay > self.retry_budget {
+                        return Err(give_up(message));
+                    }
+                    metrics()
+                        .retries
+                        .with_label_values(&[&self.pipeline, self.side])
+                        .inc();
+                    debug!(
+                        pipeline = %self.pipeline,
+                        side = self.side,
+                        %method,
+                        url = %url,
+                        attempt = attempts,
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying: {message}"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Sends a request and parses the response as JSON. A body that is not JSON is an
+    /// [`RequestError::Rejected`] naming the URL.
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(Response, serde_json::Value), RequestError> {
+        let resp = self.send(method.clone(), path, body).await?;
+        if resp.body.is_empty() {
+            return Ok((resp, serde_json::Value::Null));
+        }
+        match serde_json::from_slice(&resp.body) {
+            Ok(v) => Ok((resp, v)),
+            Err(e) => Err(RequestError::Rejected {
+                method,
+                url: resp.url.clone(),
+                status: resp.status,
+                excerpt: format!(
+                    "response is not valid JSON ({e}): {}",
+                    self.excerpt(&resp.body)
+                ),
+            }),
+        }
+    }
+}
+
+/// `text` with every secret in `secrets` replaced by `***`.
+pub fn redact(secrets: &[String], text: &str) -> String {
+    let mut out = text.to_owned();
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "***");
+        }
+    }
+    out
+}
+
+/// A transport error with its causes, which reqwest's `Display` leaves out.
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Percent-encodes a value for a query string.
+pub fn encode_query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// An id as a string: strings as they are, numbers in their JSON form.
+pub fn id_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_every_secret() {
+        let secrets = vec!["Bearer s3cret-token".to_owned(), "s3cret-token".to_owned()];
+        assert_eq!(
+            redact(&secrets, "auth: Bearer s3cret-token, again s3cret-token"),
+            "auth: ***, again ***"
+        );
+    }
+
+    #[test]
+    fn encodes_query_values() {
+        assert_eq!(encode_query_value("a b&c=ü"), "a%20b%26c%3D%C3%BC");
+    }
+}

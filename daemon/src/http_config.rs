@@ -1,0 +1,452 @@
+//! The config of the REST connector (`[pipeline.source.http]`, `[pipeline.target.http]`):
+//! what serde parses, and the validation that resolves secrets from environment variables
+//! or files. Secrets are never written in the config and never printed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret value (a token, a header value). `Debug` and `Display` never show it.
+#[derive(Clone, Default, PartialEq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A secret holding `value`.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where a secret comes from: exactly one of an environment variable or a file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// Name of the environment variable holding the value.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// File holding the value (trailing newline removed); relative to the config file.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+impl SecretSource {
+    fn resolve(&self, base: &Path, what: &str) -> Result<Secret, String> {
+        match (&self.env, &self.file) {
+            (Some(var), None) => std::env::var(var).map(Secret).map_err(|_| {
+                format!("{what}: environment variable `{var}` is not set (export it before starting tidemark)")
+            }),
+            (None, Some(file)) => {
+                let path = base.join(file);
+                std::fs::read_to_string(&path)
+                    .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_owned()))
+                    .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
+            }
+            _ => Err(format!(
+                "{what}: set exactly one of `env` (a variable name) or `file` (a path); secrets are never written in the config"
+            )),
+        }
+    }
+}
+
+/// A request header whose value is a secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderConfig {
+    /// Header name, e.g. `X-Api-Key`.
+    pub name: String,
+    /// Where its value comes from.
+    #[serde(flatten)]
+    pub value: SecretSource,
+}
+
+/// What every HTTP side shares: where, how to authenticate, how patiently.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpEndpointConfig {
+    /// Base URL every path is joined to, e.g. `https://api.dev.example.com/v1`.
+    pub base_url: String,
+    /// Bearer token sent as `Authorization: Bearer …`.
+    #[serde(default)]
+    pub bearer: Option<SecretSource>,
+    /// Further headers with secret values (API keys).
+    #[serde(default, rename = "header")]
+    pub headers: Vec<HeaderConfig>,
+    /// Time limit of one request.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long one request keeps being retried (connect errors, timeouts, 408, 429, 5xx)
+    /// before the failure is reported.
+    #[serde(default = "default_retry_budget", with = "humantime_serde")]
+    pub retry_budget: Duration,
+    /// Requests in flight at once.
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
+    /// Requests started per second; 0 means no limit.
+    #[serde(default)]
+    pub rate_limit: f64,
+    /// Secret headers resolved at validation (name, value); empty until then.
+    #[serde(skip)]
+    pub resolved_headers: Vec<(String, Secret)>,
+}
+
+impl HttpEndpointConfig {
+    /// Checks the URL and resolves every secret. The error says what to fix.
+    pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+        let url = reqwest::Url::parse(&self.base_url)
+            .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("base_url `{}` must be http or https", self.base_url));
+        }
+        if self.in_flight == 0 {
+            return Err("in_flight must be at least 1".into());
+        }
+        if self.rate_limit < 0.0 {
+            return Err("rate_limit cannot be negative".into());
+        }
+        self.resolved_headers.clear();
+        if let Some(b) = &self.bearer {
+            let token = b.resolve(base, "bearer")?;
+            self.resolved_headers.push((
+                "authorization".into(),
+                Secret(format!("Bearer {}", token.0)),
+            ));
+            // Keep the bare token too, so redaction catches it on its own.
+            self.resolved_headers.push((String::new(), token));
+        }
+        for h in &self.headers {
+            let v = h.value.resolve(base, &format!("header `{}`", h.name))?;
+            self.resolved_headers.push((h.name.clone(), v));
+        }
+        Ok(())
+    }
+
+    /// Every secret value, for redaction.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .resolved_headers
+            .iter()
+            .map(|(_, v)| v.0.clone())
+            .filter(|v| v.len() >= 4)
+            .collect();
+        // Longest first, so a token inside "Bearer <token>" is redacted as a whole.
+        s.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        s
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_retry_budget() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_in_flight() -> usize {
+    16
+}
+
+/// How a list endpoint pages.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "style", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Pagination {
+    /// One response holds everything.
+    None,
+    /// Page number and page size parameters (json-server: `_page`, `_limit`). A total
+    /// count header (`X-Total-Count`) lets later pages be fetched concurrently.
+    Page {
+        /// Page number parameter.
+        #[serde(default = "default_page_param")]
+        page_param: String,
+        /// Page size parameter.
+        #[serde(default = "default_size_param")]
+        size_param: String,
+        /// Items per page.
+        #[serde(default = "default_page_size")]
+        size: usize,
+        /// Number of the first page.
+        #[serde(default = "one")]
+        first: usize,
+        /// Response header with the total number of items, when the API sends one.
+        #[serde(default = "default_total_header")]
+        total_header: String,
+    },
+    /// Offset and limit parameters.
+    Offset {
+        /// Offset parameter.
+        #[serde(default = "default_offset_param")]
+        offset_param: String,
+        /// Limit parameter.
+        #[serde(default = "default_limit_param")]
+        limit_param: String,
+        /// Items per request.
+        #[serde(default = "default_page_size")]
+        size: usize,
+    },
+    /// The next page's URL in a `Link: <…>; rel="next"` header.
+    Link,
+    /// A cursor in the response body, sent back as a parameter.
+    Cursor {
+        /// JSON pointer of the next cursor in the response; absent, null or "" ends it.
+        cursor_pointer: String,
+        /// Parameter the cursor is sent in.
+        cursor_param: String,
+    },
+}
+
+fn default_page_param() -> String {
+    "_page".into()
+}
+fn default_size_param() -> String {
+    "_limit".into()
+}
+fn default_offset_param() -> String {
+    "offset".into()
+}
+fn default_limit_param() -> String {
+    "limit".into()
+}
+fn default_page_size() -> usize {
+    100
+}
+fn default_total_header() -> String {
+    "x-total-count".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_pagination() -> Pagination {
+    Pagination::None
+}
+
+/// A reference field and the kind it points to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefConfig {
+    /// JSON pointer of the field; an array there holds several ids.
+    pub field: String,
+    /// Kind of the items it references.
+    pub kind: String,
+}
+
+/// `[[pipeline.source.http.kind]]`: how to list one resource kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceKindConfig {
+    /// Kind name (labels events and metrics).
+    pub name: String,
+    /// List path relative to the base URL, e.g. `/users`.
+    pub path: String,
+    /// How the list pages.
+    #[serde(default = "default_pagination")]
+    pub pagination: Pagination,
+    /// JSON pointer of the items array in a list response; empty for a top-level array.
+    #[serde(default)]
+    pub items: String,
+    /// JSON pointer of the id in an item.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+    /// JSON pointer of the natural key used to adopt existing target items.
+    #[serde(default)]
+    pub name_field: Option<String>,
+    /// Detail path with `{id}`, for APIs whose list returns summaries.
+    #[serde(default)]
+    pub detail_path: Option<String>,
+    /// JSON pointers of fields left out of the body and the checksum (timestamps, etags).
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// Reference fields.
+    #[serde(default, rename = "ref")]
+    pub refs: Vec<RefConfig>,
+}
+
+fn default_id_field() -> String {
+    "/id".into()
+}
+
+/// `[pipeline.source.http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    /// Where and how.
+    #[serde(flatten)]
+    pub endpoint: HttpEndpointConfig,
+    /// The kinds listed, in dependency order when that matters to a reader.
+    #[serde(rename = "kind")]
+    pub kinds: Vec<SourceKindConfig>,
+}
+
+/// How the target treats an existing item with the same name.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// Take it over (update it when its content differs).
+    #[default]
+    Adopt,
+    /// Fail the event with a clear error (an identical item is still adopted, which is
+    /// what makes a crash between a create and its commit safe).
+    Abort,
+}
+
+/// Which method updates an item.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum UpdateMethod {
+    /// Replace the item.
+    #[default]
+    Put,
+    /// Merge into the item.
+    Patch,
+}
+
+/// `[[pipeline.target.http.kind]]`: how to write one resource kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetKindConfig {
+    /// Kind name, as the source names it.
+    pub name: String,
+    /// Collection path: POST creates here; `verify` lists here.
+    pub path: String,
+    /// Item path with `{id}` (PUT/PATCH/DELETE); default `{path}/{id}`.
+    #[serde(default)]
+    pub item_path: Option<String>,
+    /// Find-by-name query with `{name}`, e.g. `/users?name={name}`; results are matched
+    /// by exact name. Without it nothing is adopted.
+    #[serde(default)]
+    pub find: Option<String>,
+    /// JSON pointer of the name in target items.
+    #[serde(default = "default_name_field")]
+    pub name_field: String,
+    /// JSON pointer of the id in target items and create responses.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+    /// JSON pointer of the items array in list and find responses; empty for a top-level array.
+    #[serde(default)]
+    pub items: String,
+    /// How the collection pages, for `verify`.
+    #[serde(default = "default_pagination")]
+    pub pagination: Pagination,
+    /// Server-managed fields stripped before every write and ignored when comparing.
+    #[serde(default = "default_strip")]
+    pub strip: Vec<String>,
+}
+
+fn default_name_field() -> String {
+    "/name".into()
+}
+fn default_strip() -> Vec<String> {
+    vec!["/id".into()]
+}
+
+impl TargetKindConfig {
+    /// The item path for a target id.
+    pub fn item_path(&self, id: &str) -> String {
+        match &self.item_path {
+            Some(p) => p.replace("{id}", id),
+            None => format!("{}/{id}", self.path.trim_end_matches('/')),
+        }
+    }
+}
+
+/// `[pipeline.target.http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTargetConfig {
+    /// Where and how.
+    #[serde(flatten)]
+    pub endpoint: HttpEndpointConfig,
+    /// Apply deletes (DELETE). Off by default: deletes are recorded, not applied.
+    #[serde(default)]
+    pub prune: bool,
+    /// What to do when an item with the same name already exists.
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+    /// PUT (replace) or PATCH (merge) for updates.
+    #[serde(default)]
+    pub update_method: UpdateMethod,
+    /// How long an event waits for the items it references before it fails.
+    #[serde(default = "default_reference_wait", with = "humantime_serde")]
+    pub reference_wait: Duration,
+    /// The kinds written.
+    #[serde(rename = "kind")]
+    pub kinds: Vec<TargetKindConfig>,
+}
+
+fn default_reference_wait() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn check_pointer(p: &str, what: &str) -> Result<(), String> {
+    if p.is_empty() || p.starts_with('/') {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{p}` must be a JSON pointer such as `/{p}`"
+        ))
+    }
+}
+
+impl HttpSourceConfig {
+    /// Validates the kinds and resolves secrets.
+    pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+        self.endpoint.validate(base)?;
+        if self.kinds.is_empty() {
+            return Err("no [[…source.http.kind]] is configured".into());
+        }
+        for k in &self.kinds {
+            check_pointer(&k.items, "items")?;
+            check_pointer(&k.id_field, "id_field")?;
+            if let Some(n) = &k.name_field {
+                check_pointer(n, "name_field")?;
+            }
+            for i in &k.ignore {
+                check_pointer(i, "ignore")?;
+            }
+            for r in &k.refs {
+                check_pointer(&r.field, "ref field")?;
+                if !self.kinds.iter().any(|o| o.name == r.kind) {
+                    return Err(format!(
+                        "kind `{}`: ref `{}` points to kind `{}`, which is not configured",
+                        k.name, r.field, r.kind
+                    ));
+                }
+            }
+            if let Some(d) = &k.detail_path {
+                if !d.contains("{id}") {
+                    return Err(format!("kind `{}`: detail_path must contain `{{id}}`", k.name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HttpTargetConfig {
+    /// Validates the kinds and resolves secrets.
+    pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+        self.endpoint.validate(base)?;
+        for k in &self.kinds {
+            check_pointer(&k.id_field, "id_field")?;
+            check_pointer(&k.name_field, "name_field")?;
+            for s in &k.strip {
+                check_pointer(s, "strip")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The config of one kind.
+    pub fn kind(&self, name: &str) -> Option<&TargetKindConfig> {
+        self.kinds.iter().find(|k| k.name == name)
+    }
+}

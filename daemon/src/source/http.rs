@@ -1,0 +1,390 @@
+//! The declarative REST source: lists every configured kind page by page (pages fetched
+//! with bounded concurrency when the API says how many there are), streams the items to
+//! the scanner, and turns each into an item: source id as key, the name field, the
+//! references, and the JSON body minus ignored fields.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use reqwest::Method;
+use serde_json::Value;
+use tidemark_proto::{checksum_json, strip_fields, Body, Ref};
+
+use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
+use crate::config::HttpSourceConfig;
+use crate::http::{encode_query_value, id_string, HttpClient, RequestError};
+use crate::http_config::{Pagination, SourceKindConfig};
+
+/// Listing entries buffered between the page fetchers and the scanner.
+const CHANNEL: usize = 512;
+
+/// A REST API listed kind by kind.
+pub struct HttpSource {
+    client: Arc<HttpClient>,
+    kinds: Arc<Vec<SourceKindConfig>>,
+    /// Pages of one kind fetched at once.
+    page_concurrency: usize,
+}
+
+impl HttpSource {
+    /// A source for `cfg` (validated).
+    pub fn new(pipeline: &str, cfg: &HttpSourceConfig) -> HttpSource {
+        HttpSource {
+            client: Arc::new(HttpClient::new(pipeline, "source", &cfg.endpoint)),
+            kinds: Arc::new(cfg.kinds.clone()),
+            page_concurrency: cfg.endpoint.in_flight.clamp(1, 8),
+        }
+    }
+
+    /// Lists the items of one kind of `client`'s API, as raw JSON, for `verify`.
+    pub fn list_raw(
+        client: Arc<HttpClient>,
+        kind: String,
+        path: String,
+        pagination: Pagination,
+        items: String,
+        page_concurrency: usize,
+    ) -> mpsc::Receiver<Result<Value, ListError>> {
+        let (mut tx, rx) = mpsc::channel(CHANNEL);
+        tokio::spawn(async move {
+            let pages = Pager {
+                client: &client,
+                kind: &kind,
+                path: &path,
+                pagination: &pagination,
+                items: &items,
+                page_concurrency,
+            };
+            pages.run(&mut tx).await;
+        });
+        rx
+    }
+}
+
+fn list_error(kind: &str, e: impl std::fmt::Display) -> ListError {
+    ListError::Entry {
+        key: format!("{kind} listing"),
+        message: format!("kind `{kind}`: {e}; this scan emits no deletes"),
+    }
+}
+
+/// Fetches the pages of one kind and sends their items, in order.
+struct Pager<'a> {
+    client: &'a HttpClient,
+    kind: &'a str,
+    path: &'a str,
+    pagination: &'a Pagination,
+    items: &'a str,
+    page_concurrency: usize,
+}
+
+impl Pager<'_> {
+    fn with_params(&self, params: &[(&str, String)]) -> String {
+        let mut url = self.path.to_owned();
+        for (k, v) in params {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&encode_query_value(k));
+            url.push('=');
+            url.push_str(&encode_query_value(v));
+        }
+        url
+    }
+
+    /// One page: its items and the response (for headers and the body's cursor).
+    async fn page(&self, path: &str) -> Result<(Vec<Value>, crate::http::Response, Value), String> {
+        let (resp, body) = self
+            .client
+            .json(Method::GET, path, None)
+            .await
+            .map_err(|e: RequestError| e.to_string())?;
+        let list = if self.items.is_empty() {
+            Some(&body)
+        } else {
+            body.pointer(self.items)
+        };
+        match list {
+            Some(Value::Array(items)) => Ok((items.clone(), resp, body)),
+            _ => Err(format!(
+                "GET {}: no array of items at `{}` in the response",
+                resp.url,
+                if self.items.is_empty() { "(top level)" } else { self.items }
+            )),
+        }
+    }
+
+    async fn send_all(
+        &self,
+        tx: &mut mpsc::Sender<Result<Value, ListError>>,
+        items: Vec<Value>,
+    ) -> bool {
+        for item in items {
+            if tx.send(Ok(item)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn run(&self, tx: &mut mpsc::Sender<Result<Value, ListError>>) {
+        if let Err(e) = self.pages(tx).await {
+            let _ = tx.send(Err(list_error(self.kind, e))).await;
+        }
+    }
+
+    async fn pages(&self, tx: &mut mpsc::Sender<Result<Value, ListError>>) -> Result<(), String> {
+        match self.pagination {
+            Pagination::None => {
+                let (items, _, _) = self.page(self.path).await?;
+                self.send_all(tx, items).await;
+            }
+            Pagination::Page {
+                page_param,
+                size_param,
+                size,
+                first,
+                total_header,
+            } => {
+                let url = |n: usize| {
+                    self.with_params(&[(page_param, n.to_string()), (size_param, size.to_string())])
+                };
+                let (items, resp, _) = self.page(&url(*first)).await?;
+                let total = resp
+                    .headers
+                    .get(total_header.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let short = items.len() < *size;
+                if !self.send_all(tx, items).await || short {
+                    return Ok(());
+                }
+                match total {
+                    Some(total) => {
+                        // The count is known: fetch the other pages concurrently, in order.
+                        let pages = total.div_ceil(*size);
+                        let mut rest = futures::stream::iter(first + 1..first + pages)
+                            .map(|n| {
+                                let u = url(n);
+                                async move { self.page(&u).await }
+                            })
+                            .buffered(self.page_concurrency);
+                        while let Some(page) = rest.next().await {
+                            let (items, _, _) = page?;
+                            if !self.send_all(tx, items).await {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    None => {
+                        let mut n = first + 1;
+                        loop {
+                            let (items, _, _) = self.page(&url(n)).await?;
+                            let done = items.len() < *size;
+                            if !self.send_all(tx, items).await || done {
+                                break;
+                            }
+                            n += 1;
+                        }
+                    }
+                }
+            }
+            Pagination::Offset {
+                offset_param,
+                limit_param,
+                size,
+            } => {
+                let mut offset = 0;
+                loop {
+                    let u = self.with_params(&[
+                        (offset_param, offset.to_string()),
+                        (limit_param, size.to_string()),
+                    ]);
+                    let (items, _, _) = self.page(&u).await?;
+                    let n = items.len();
+                    if !self.send_all(tx, items).await || n < *size {
+                        break;
+                    }
+                    offset += n;
+                }
+            }
+            Pagination::Link => {
+                let mut next = Some(self.path.to_owned());
+                while let Some(u) = next.take() {
+                    let (items, resp, _) = self.page(&u).await?;
+                    next = resp
+                        .headers
+                        .get_all(reqwest::header::LINK)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .find_map(next_link);
+                    if !self.send_all(tx, items).await {
+                        break;
+                    }
+                }
+            }
+            Pagination::Cursor {
+                cursor_pointer,
+                cursor_param,
+            } => {
+                let mut u = self.path.to_owned();
+                loop {
+                    let (items, _, body) = self.page(&u).await?;
+                    let cursor = body
+                        .pointer(cursor_pointer)
+                        .and_then(id_string)
+                        .filter(|c| !c.is_empty());
+                    if !self.send_all(tx, items).await {
+                        break;
+                    }
+                    match cursor {
+                        Some(c) => u = self.with_params(&[(cursor_param, c)]),
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `rel="next"` URL of a `Link` header.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next");
+        let url = url.trim().strip_prefix('<')?.strip_suffix('>')?;
+        (is_next && !url.is_empty()).then(|| url.to_owned())
+    })
+}
+
+/// The references an item holds, per configured reference field.
+pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Vec<Ref> {
+    let mut refs = Vec::new();
+    for r in &kind.refs {
+        match item.pointer(&r.field) {
+            Some(Value::Array(ids)) => {
+                for (i, v) in ids.iter().enumerate() {
+                    if let Some(key) = id_string(v) {
+                        refs.push(Ref {
+                            kind: r.kind.clone(),
+                            key,
+                            path: format!("{}/{i}", r.field),
+                        });
+                    }
+                }
+            }
+            Some(v) => {
+                if let Some(key) = id_string(v) {
+                    refs.push(Ref {
+                        kind: r.kind.clone(),
+                        key,
+                        path: r.field.clone(),
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+    refs
+}
+
+#[async_trait]
+impl Source for HttpSource {
+    fn list(&self) -> ListStream {
+        let (mut tx, rx) = mpsc::channel::<Result<Listing, ListError>>(CHANNEL);
+        let client = self.client.clone();
+        let kinds = self.kinds.clone();
+        let page_concurrency = self.page_concurrency;
+        tokio::spawn(async move {
+            for kind in kinds.iter() {
+                let mut items = HttpSource::list_raw(
+                    client.clone(),
+                    kind.name.clone(),
+                    kind.path.clone(),
+                    kind.pagination.clone(),
+                    kind.items.clone(),
+                    page_concurrency,
+                );
+                while let Some(next) = items.next().await {
+                    let listing = next.and_then(|item| {
+                        let key = item.pointer(&kind.id_field).and_then(id_string).ok_or_else(|| {
+                            ListError::Entry {
+                                key: format!("{} item", kind.name),
+                                message: format!(
+                                    "kind `{}`: an item has no id at `{}`; it is left out and this scan emits no deletes",
+                                    kind.name, kind.id_field
+                                ),
+                            }
+                        })?;
+                        Ok(Listing::Entry(Entry {
+                            kind: kind.name.clone(),
+                            key,
+                            fingerprint: None,
+                            payload: Some(item),
+                        }))
+                    });
+                    if tx.send(listing).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx.boxed()
+    }
+
+    async fn fetch(&self, entry: Entry) -> Result<Item, FetchError> {
+        let fail = |message: String| FetchError::Entry {
+            key: format!("{} {}", entry.kind, entry.key),
+            message,
+        };
+        let kind = self
+            .kinds
+            .iter()
+            .find(|k| k.name == entry.kind)
+            .ok_or_else(|| fail(format!("kind `{}` is not configured", entry.kind)))?;
+        let mut item = match (&kind.detail_path, entry.payload.clone()) {
+            (Some(detail), _) => {
+                let path = detail.replace("{id}", &encode_query_value(&entry.key));
+                self.client
+                    .json(Method::GET, &path, None)
+                    .await
+                    .map_err(|e| fail(format!("kind `{}`: {e}", kind.name)))?
+                    .1
+            }
+            (None, Some(p)) => p,
+            (None, None) => return Err(fail("the listing carried no content".into())),
+        };
+        strip_fields(&mut item, &kind.ignore);
+        let name = kind
+            .name_field
+            .as_deref()
+            .and_then(|p| item.pointer(p))
+            .and_then(id_string);
+        let refs = extract_refs(kind, &item);
+        Ok(Item {
+            kind: entry.kind.clone(),
+            key: entry.key.clone(),
+            checksum: checksum_json(&item, &[]),
+            mode: None,
+            name,
+            refs,
+            body: Some(Body::Json(item)),
+            blob: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_next_link() {
+        let h = r#"<https://a/x?page=1>; rel="prev", <https://a/x?page=3>; rel="next""#;
+        assert_eq!(next_link(h).as_deref(), Some("https://a/x?page=3"));
+        assert_eq!(next_link(r#"<https://a/x?page=1>; rel="prev""#), None);
+    }
+}

@@ -1,0 +1,413 @@
+//! Shared harness for the REST connector tests (issue 3): real json-server peers started by
+//! `ops/peers/json-server.sh`, a fault-injecting HTTP proxy, and the pipeline config.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{repo_root, wait_for, Env};
+
+/// The bearer token the tests configure; it must never show up anywhere.
+pub const TOKEN: &str = "tm-secret-7f3a9c1e55d04b2a";
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One json-server instance, killed on drop.
+pub struct JsonServer {
+    child: Child,
+    pub port: u16,
+    pub db: std::path::PathBuf,
+}
+
+impl JsonServer {
+    /// Starts json-server on a copy of `db` in `dir`, through the project's script.
+    pub fn start(dir: &Path, name: &str, db: &Value) -> JsonServer {
+        let file = dir.join(format!("{name}.json"));
+        std::fs::write(&file, serde_json::to_vec_pretty(db).unwrap()).unwrap();
+        let port = free_port();
+        let script = repo_root().join("ops/peers/json-server.sh");
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(&script)
+            .arg(&file)
+            .arg(port.to_string())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start the REST peer with `{} {} {port}`: {e}", script.display(), file.display())
+            });
+        let mut server = JsonServer { child, port, db: file.clone() };
+        let up = wait_for(Duration::from_secs(120), || {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "the REST peer exited ({status}); start it by hand to see why: `{} {} {port}`\n{}",
+                    script.display(),
+                    file.display(),
+                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+                );
+            }
+            reqwest::blocking::get(format!("http://127.0.0.1:{port}/db")).ok().filter(|r| r.status().is_success())
+        });
+        assert!(
+            up.is_some(),
+            "the REST peer did not answer on port {port}; it is started with `{} {} {port}`",
+            script.display(),
+            file.display()
+        );
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every item of a collection.
+    pub fn all(&self, kind: &str) -> Vec<Value> {
+        reqwest::blocking::get(format!("{}/{kind}", self.url()))
+            .unwrap()
+            .json::<Vec<Value>>()
+            .unwrap()
+    }
+
+    pub fn post(&self, kind: &str, item: Value) -> Value {
+        reqwest::blocking::Client::new()
+            .post(format!("{}/{kind}", self.url()))
+            .json(&item)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    pub fn put(&self, kind: &str, id: &Value, item: Value) {
+        let r = reqwest::blocking::Client::new()
+            .put(format!("{}/{kind}/{id}", self.url()))
+            .json(&item)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    pub fn delete(&self, kind: &str, id: &Value) {
+        let r = reqwest::blocking::Client::new()
+            .delete(format!("{}/{kind}/{id}", self.url()))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+}
+
+impl Drop for JsonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Dev data: `users` users, 2 posts each (posts.userId), 2 comments per post
+/// (comments.postId). Ids are sparse and large so prod's own ids differ from them.
+pub fn dev_db(users: usize) -> Value {
+    let mut u = Vec::new();
+    let mut p = Vec::new();
+    let mut c = Vec::new();
+    for i in 0..users {
+        let uid = 1000 + 7 * i;
+        u.push(json!({"id": uid, "name": format!("user-{i}"), "active": i % 2 == 0, "score": 0, "bio": ""}));
+        for j in 0..2 {
+            let pid = 5000 + 11 * (2 * i + j);
+            p.push(json!({"id": pid, "name": format!("post-{i}-{j}"), "userId": uid, "title": format!("Post {j} by {i}")}));
+            for k in 0..2 {
+                let cid = 90000 + 13 * (4 * i + 2 * j + k);
+                c.push(json!({"id": cid, "name": format!("comment-{i}-{j}-{k}"), "postId": pid, "body": "nice"}));
+            }
+        }
+    }
+    json!({"users": u, "posts": p, "comments": c})
+}
+
+/// Config of pipeline `t` from `dev` to `prod` for users ← posts ← comments.
+/// `target_extra` goes into `[pipeline.target.http]`.
+pub fn write_rest_config(env: &Env, dev: &str, prod: &str, target_extra: &str) {
+    write_rest_config_with(env, dev, prod, target_extra, false)
+}
+
+/// As [`write_rest_config`]; with `cyclic`, users also reference posts (`favoritePostId`).
+pub fn write_rest_config_with(env: &Env, dev: &str, prod: &str, target_extra: &str, cyclic: bool) {
+    std::fs::write(env.path("token.txt"), format!("{TOKEN}\n")).unwrap();
+    let users_ref = if cyclic { "/favoritePostId|posts" } else { "" };
+    let kinds_src = [("users", users_ref), ("posts", "/userId|users"), ("comments", "/postId|posts")]
+        .iter()
+        .map(|(k, r)| {
+            let refs = if r.is_empty() {
+                String::new()
+            } else {
+                let (field, kind) = r.split_once('|').unwrap();
+                format!("\n[[pipeline.source.http.kind.ref]]\nfield = \"{field}\"\nkind = \"{kind}\"\n")
+            };
+            format!(
+                "\n[[pipeline.source.http.kind]]\nname = \"{k}\"\npath = \"/{k}\"\nname_field = \"/name\"\npagination = {{ style = \"page\", size = 50 }}\n{refs}"
+            )
+        })
+        .collect::<String>();
+    let kinds_dst = ["users", "posts", "comments"]
+        .iter()
+        .map(|k| {
+            format!(
+                "\n[[pipeline.target.http.kind]]\nname = \"{k}\"\npath = \"/{k}\"\nfind = \"/{k}?name={{name}}\"\npagination = {{ style = \"page\", size = 100 }}\n"
+            )
+        })
+        .collect::<String>();
+    env.write_config(&format!(
+        r#"state_dir = "state"
+listen = "127.0.0.1:0"
+shutdown_timeout = "20s"
+
+[[pipeline]]
+name = "t"
+scan_interval = "300ms"
+max_delete = "100%"
+
+[pipeline.source.http]
+base_url = "{dev}"
+bearer = {{ file = "token.txt" }}
+retry_budget = "20s"
+{kinds_src}
+
+[pipeline.target.http]
+base_url = "{prod}"
+bearer = {{ file = "token.txt" }}
+prune = true
+retry_budget = "20s"
+{target_extra}
+{kinds_dst}
+"#
+    ));
+}
+
+/// A test env (temporary directory) without a directory pipeline.
+pub fn rest_env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tidemark.toml");
+    Env { dir, config }
+}
+
+/// Asserts prod mirrors dev: same items by name, and every reference points at the prod
+/// item whose name is the dev item's name. Returns the number of items checked.
+pub fn assert_rest_mirror(dev: &JsonServer, prod: &JsonServer) -> usize {
+    let mut checked = 0;
+    let names = |s: &JsonServer, kind: &str| -> std::collections::BTreeMap<String, Value> {
+        let mut m = std::collections::BTreeMap::new();
+        for item in s.all(kind) {
+            let name = item["name"].as_str().unwrap().to_owned();
+            assert!(m.insert(name.clone(), item).is_none(), "duplicate {kind} named {name}");
+        }
+        m
+    };
+    let id_to_name = |m: &std::collections::BTreeMap<String, Value>| -> std::collections::HashMap<String, String> {
+        m.iter().map(|(n, v)| (v["id"].to_string(), n.clone())).collect()
+    };
+    let (du, pu) = (names(dev, "users"), names(prod, "users"));
+    let (dp, pp) = (names(dev, "posts"), names(prod, "posts"));
+    let (dc, pc) = (names(dev, "comments"), names(prod, "comments"));
+    for (d, p, kind) in [(&du, &pu, "users"), (&dp, &pp, "posts"), (&dc, &pc, "comments")] {
+        let dn: Vec<&String> = d.keys().collect();
+        let pn: Vec<&String> = p.keys().collect();
+        assert_eq!(dn, pn, "{kind}: prod does not hold the same items as dev");
+    }
+    for (d, p, field, dref, pref) in [
+        (&dp, &pp, "userId", id_to_name(&du), id_to_name(&pu)),
+        (&dc, &pc, "postId", id_to_name(&dp), id_to_name(&pp)),
+    ] {
+        for (name, ditem) in d.iter() {
+            let pitem = &p[name];
+            let want = dref.get(&ditem[field].to_string());
+            let got = pref.get(&pitem[field].to_string());
+            assert_eq!(got, want, "{name}.{field} points at the wrong prod item ({pitem})");
+            checked += 1;
+        }
+    }
+    for (d, p) in [(&du, &pu), (&dp, &pp), (&dc, &pc)] {
+        for (name, ditem) in d.iter() {
+            let mut a = ditem.clone();
+            let mut b = p[name].clone();
+            for f in ["id", "userId", "postId"] {
+                a.as_object_mut().unwrap().remove(f);
+                b.as_object_mut().unwrap().remove(f);
+            }
+            assert_eq!(a, b, "{name} differs between dev and prod");
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// Faults the proxy injects, switched on and off by the test.
+#[derive(Default)]
+pub struct Faults {
+    /// Cycle through 429 (Retry-After: 1), 503, a slow answer and a dropped connection.
+    pub chaos: AtomicBool,
+    /// Answer 200 with malformed JSON to requests whose path contains this.
+    pub corrupt: Mutex<Option<String>>,
+    /// Answer 400 echoing the request's Authorization header to paths containing this.
+    pub echo_auth: Mutex<Option<String>>,
+}
+
+/// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
+pub struct FaultProxy {
+    pub port: u16,
+    pub faults: Arc<Faults>,
+    /// (method, path) of every request received.
+    pub seen: Arc<Mutex<Vec<(String, String)>>>,
+    pub injected: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(Faults::default());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let injected = Arc::new(AtomicU64::new(0));
+        let counter = Arc::new(AtomicU64::new(0));
+        let upstream = upstream.to_owned();
+        let (f, s, i) = (faults.clone(), seen.clone(), injected.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (f, s, i, c, u) = (f.clone(), s.clone(), i.clone(), counter.clone(), upstream.clone());
+                std::thread::spawn(move || serve(conn, &u, &f, &s, &i, &c));
+            }
+        });
+        FaultProxy { port, faults, seen, injected }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests received with this method so far.
+    pub fn count(&self, method: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|(m, _)| m == method).count()
+    }
+
+    pub fn writes(&self) -> usize {
+        self.count("POST") + self.count("PUT") + self.count("PATCH") + self.count("DELETE")
+    }
+}
+
+fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, String)>>, injected: &AtomicU64, counter: &AtomicU64) {
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(method), Some(path)) = (parts.next().map(str::to_owned), parts.next().map(str::to_owned)) else { return };
+        let mut len = 0usize;
+        let mut auth = String::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    "authorization" => auth = v.trim().to_owned(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        seen.lock().unwrap().push((method.clone(), path.clone()));
+        let reply = |out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
+            let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n", body.len());
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            out.write_all(head.as_bytes()).and_then(|_| out.write_all(body)).is_ok()
+        };
+        if let Some(p) = f.echo_auth.lock().unwrap().clone() {
+            if path.contains(&p) {
+                injected.fetch_add(1, Ordering::SeqCst);
+                let b = format!("{{\"error\":\"bad request\",\"authorization\":\"{auth}\"}}");
+                if !reply(&mut out, "400 Bad Request", &[("content-type".into(), "application/json".into())], b.as_bytes()) { return; }
+                continue;
+            }
+        }
+        if let Some(p) = f.corrupt.lock().unwrap().clone() {
+            if path.contains(&p) {
+                injected.fetch_add(1, Ordering::SeqCst);
+                let b = b"[{\"id\": 1, \"name\": \"broken";
+                if !reply(&mut out, "200 OK", &[("content-type".into(), "application/json".into())], b) { return; }
+                continue;
+            }
+        }
+        if f.chaos.load(Ordering::SeqCst) {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            match n % 8 {
+                1 => {
+                    injected.fetch_add(1, Ordering::SeqCst);
+                    if !reply(&mut out, "429 Too Many Requests", &[("retry-after".into(), "1".into())], b"slow down") { return; }
+                    continue;
+                }
+                3 => {
+                    injected.fetch_add(1, Ordering::SeqCst);
+                    if !reply(&mut out, "503 Service Unavailable", &[], b"maintenance") { return; }
+                    continue;
+                }
+                5 => {
+                    injected.fetch_add(1, Ordering::SeqCst);
+                    return; // drop the connection without an answer
+                }
+                7 => {
+                    injected.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(400));
+                }
+                _ => {}
+            }
+        }
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = client.request(m, format!("{upstream}{path}"));
+        if len > 0 {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = match req.send() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let status = resp.status();
+        let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+        for h in ["x-total-count", "link"] {
+            if let Some(v) = resp.headers().get(h) {
+                headers.push((h.to_owned(), v.to_str().unwrap_or("").to_owned()));
+            }
+        }
+        let b = resp.bytes().unwrap_or_default();
+        let st = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("OK"));
+        if !reply(&mut out, &st, &headers, &b) {
+            return;
+        }
+    }
+}
