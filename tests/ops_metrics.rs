@@ -1,0 +1,184 @@
+//! Operations (issue 5): a running daemon exports every metric `docs/metrics.md` documents
+//! (and nothing undocumented), lag rises and returns to 0, freshness grows between scans
+//! and resets after one, and `/status` carries what operators need.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `name → type` of every metric in `docs/metrics.md`'s tables.
+fn documented() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("| `tidemark_")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`').to_owned();
+        let kind = cells[2].to_owned();
+        assert!(
+            ["counter", "gauge", "histogram"].contains(&kind.as_str()),
+            "docs/metrics.md: `{name}` has type `{kind}`"
+        );
+        assert!(
+            out.insert(name.clone(), kind).is_none(),
+            "docs/metrics.md documents `{name}` twice"
+        );
+    }
+    assert!(out.len() >= 15, "docs/metrics.md lists only {out:?}");
+    out
+}
+
+/// `name → type` from the `# TYPE` lines of an exposition.
+fn exported(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, t)| (n.to_owned(), t.to_owned()))
+        .collect()
+}
+
+fn lag(d: &Daemon) -> (f64, f64) {
+    let m = d.metrics();
+    (
+        m[r#"tidemark_lag_events{pipeline="t"}"#],
+        m[r#"tidemark_lag_seconds{pipeline="t"}"#],
+    )
+}
+
+#[test]
+fn issue_5_every_documented_metric_is_exported_and_lag_returns_to_zero() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..40 {
+        write(env.src().join(format!("d{}/f{i}.txt", i % 4)), format!("file {i}"));
+    }
+    // The target is down: its root is a regular file, so every write fails transiently.
+    write(env.dst(), "not a directory");
+    let d = env.spawn_daemon();
+
+    let stuck = wait_for(Duration::from_secs(30), || {
+        let (events, seconds) = lag(&d);
+        (events > 0.0 && seconds > 0.0).then_some((events, seconds))
+    })
+    .unwrap_or_else(|| panic!("lag never rose above 0; log:\n{}", env.daemon_log()));
+    assert_eq!(stuck.0, 44.0, "40 files and 4 directories wait");
+    // The source is idle and nothing is applied: lag in seconds keeps growing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (events, seconds) = lag(&d);
+    assert_eq!(events, stuck.0);
+    assert!(
+        seconds >= stuck.1 + 1.0,
+        "lag in seconds went from {} to {seconds} while the target was down",
+        stuck.1
+    );
+    let m = d.metrics();
+    assert!(m[r#"tidemark_apply_errors_total{class="transient",pipeline="t"}"#] > 0.0);
+
+    // The target comes back: the projector catches up and lag returns to 0.
+    std::fs::remove_file(env.dst()).unwrap();
+    wait_for(Duration::from_secs(60), || (lag(&d) == (0.0, 0.0)).then_some(()))
+        .unwrap_or_else(|| {
+            panic!(
+                "lag stayed at {:?}; log:\n{}",
+                lag(&d),
+                env.daemon_log()
+            )
+        });
+    let m = d.metrics();
+    assert_eq!(
+        m[r#"tidemark_applies_total{kind="file",outcome="created",pipeline="t"}"#],
+        40.0
+    );
+    assert_eq!(
+        m[r#"tidemark_log_head_offset{pipeline="t"}"#],
+        m[r#"tidemark_committed_offset{pipeline="t"}"#]
+    );
+    assert!(m[r#"tidemark_last_apply_timestamp_seconds{pipeline="t"}"#] > 1.6e9);
+    // Every documented metric is exported with its documented type (those labelled by
+    // kind exist once events were applied), and every exported tidemark metric is
+    // documented.
+    let text = d.get("/metrics").text().unwrap();
+    let exported = exported(&text);
+    let documented = documented();
+    for (name, kind) in &documented {
+        assert_eq!(
+            exported.get(name),
+            Some(kind),
+            "docs/metrics.md documents {name} as a {kind}; /metrics has {:?}",
+            exported.get(name)
+        );
+    }
+    for name in exported.keys().filter(|n| n.starts_with("tidemark_")) {
+        assert!(
+            documented.contains_key(name),
+            "{name} is exported but not documented in docs/metrics.md"
+        );
+    }
+
+    assert_mirror(&env.src(), &env.dst());
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn issue_5_freshness_grows_between_scans_and_resets_after_one() {
+    let env = Env::dirs("", "");
+    // Replace the harness's 200 ms interval: the scanner idles 3 s between scans.
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("scan_interval = \"200ms\"", "scan_interval = \"3s\"");
+    env.write_config(&text);
+    write(env.src().join("a.txt"), "a");
+    let d = env.spawn_daemon();
+    let series = r#"tidemark_source_freshness_seconds{pipeline="t"}"#;
+    let success = r#"tidemark_last_scan_success_timestamp_seconds{pipeline="t"}"#;
+    wait_for(Duration::from_secs(20), || (d.metric(success) > 0.0).then_some(()))
+        .expect("a first scan succeeds");
+
+    // Sample for two scan intervals: the value must climb past 2 s while the scanner
+    // sleeps, then drop below 1 s once the next scan finished.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut peak, mut reset_after_peak, mut samples) = (0.0f64, false, Vec::new());
+    while Instant::now() < deadline && !reset_after_peak {
+        let f = d.metric(series);
+        samples.push(f);
+        if f > peak {
+            peak = f;
+        }
+        if peak >= 2.0 && f < 1.0 {
+            reset_after_peak = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        peak >= 2.0 && reset_after_peak,
+        "freshness did not grow past 2 s and reset: {samples:?}"
+    );
+
+    // `/status` carries the same figure and the last scan's time, duration and result.
+    let status: serde_json::Value = d.get("/status").json().unwrap();
+    let s = &status[0];
+    assert_eq!(s["pipeline"], "t");
+    for key in [
+        "head",
+        "committed",
+        "lag_events",
+        "lag_seconds",
+        "source_freshness_seconds",
+        "failed",
+        "deferred",
+        "delete_guard",
+    ] {
+        assert!(s.get(key).is_some(), "/status lacks `{key}`: {s}");
+    }
+    assert_eq!(s["last_scan"]["result"], "ok");
+    assert!(s["last_scan"]["started_at"].is_string());
+    assert!(s["last_scan"]["duration_secs"].is_number());
+    assert!(s["source_freshness_seconds"].as_f64().unwrap() < 4.0);
+
+    // `tidemark status` asks the running daemon and prints the same.
+    let out = env.ok(&["status"]);
+    assert!(out.contains("last scan"), "{out}");
+    assert!(out.contains("freshness"), "{out}");
+    assert!(d.terminate().success());
+}
