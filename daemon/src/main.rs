@@ -13,6 +13,7 @@ use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::pipeline::Pipeline;
 use tidemark::progress::Progress;
+use tidemark::report::Report;
 use tidemark::state::{State, StateError};
 use tidemark::verify;
 
@@ -300,6 +301,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["lag_events"],
             s["lag_seconds"].as_f64().unwrap_or(0.0)
         );
+        match s["source_freshness_seconds"].as_f64() {
+            Some(f) => {
+                println!("  source freshness {f:.1} s (since the last complete, error-free scan)")
+            }
+            None => println!("  source freshness: no complete, error-free scan yet"),
+        }
         match s.get("last_scan").filter(|v| !v.is_null()) {
             Some(scan) => println!(
                 "  last scan {} at {}: {} ({} listed, {} upserts, {} deletes, {} errors, {:.2} s)",
@@ -319,6 +326,19 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 "  DELETE GUARD TRIPPED: the last scan would delete {} items, max_delete = {} allows {}; no deletes were emitted",
                 g["would_delete"], g["limit"].as_str().unwrap_or("?"), g["allowed"]
             );
+        }
+        if let Some(deferred) = s["deferred"].as_array().filter(|d| !d.is_empty()) {
+            println!("  {} deferred items:", deferred.len());
+            for d in deferred.iter().take(20) {
+                println!(
+                    "    {} {} (offset {}, since {}): {}",
+                    d["kind"].as_str().unwrap_or("?"),
+                    d["key"].as_str().unwrap_or("?"),
+                    d["offset"],
+                    d["since"].as_str().unwrap_or("?"),
+                    d["reason"].as_str().unwrap_or("?")
+                );
+            }
         }
         if let Some(failed) = s["failed"].as_array().filter(|f| !f.is_empty()) {
             println!("  {} failed items:", failed.len());
@@ -345,8 +365,14 @@ async fn scan_project(
 ) -> Result<ExitCode> {
     let mut degraded = false;
     let mut out = Vec::new();
+    let run = match (scan, project) {
+        (true, false) => "scan",
+        (false, true) => "project",
+        _ => "sync",
+    };
     for p in session.pipelines(select)? {
         let mut entry = json!({"pipeline": p.name()});
+        let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
         if scan {
             let progress = Progress::new(show_progress, "scan", None);
             let record = p.scanner.scan(&progress).await;
@@ -369,6 +395,7 @@ async fn scan_project(
                 }
             }
             entry["scan"] = serde_json::to_value(&record)?;
+            run_report = run_report.with_scan(&record);
         }
         if project {
             let progress = Progress::new(show_progress, "project", Some(0));
@@ -397,7 +424,9 @@ async fn scan_project(
                 }
             }
             entry["project"] = serde_json::to_value(&report)?;
+            run_report = run_report.with_project(&report);
         }
+        entry["report_dir"] = write_report(&session, &run_report).into();
         out.push(entry);
     }
     if select.output == Output::Json {
@@ -408,6 +437,22 @@ async fn scan_project(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Writes a run's report; a report that cannot be written is logged, not fatal: the run
+/// itself succeeded. Returns the report's directory.
+fn write_report(session: &Session, report: &Report) -> Option<String> {
+    let config = &session.config;
+    match report.write(&config.reports_dir, config.report_retention) {
+        Ok(dir) => {
+            tracing::info!(pipeline = %report.pipeline, "report written to {}", dir.display());
+            Some(dir.display().to_string())
+        }
+        Err(e) => {
+            tracing::warn!(pipeline = %report.pipeline, "{e}");
+            None
+        }
+    }
 }
 
 async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
@@ -433,7 +478,9 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
                 }
             );
         }
-        out.push(json!({"pipeline": p.name(), "actions": actions}));
+        let report = Report::new(p.name(), "plan", true, p.config.max_delete).with_plan(&actions);
+        let dir = write_report(&session, &report);
+        out.push(json!({"pipeline": p.name(), "actions": actions, "report_dir": dir}));
     }
     if select.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);

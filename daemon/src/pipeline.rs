@@ -62,6 +62,23 @@ pub struct PipelineStatus {
     pub delete_guard: Option<GuardTrip>,
     /// Events that failed permanently; their keys wait for the next change.
     pub failed: Vec<Failure>,
+    /// Events waiting for the items they reference, with what they wait for.
+    pub deferred: Vec<DeferredItem>,
+}
+
+/// An event waiting for the items it references, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeferredItem {
+    /// Kind of the item.
+    pub kind: String,
+    /// Key of the item.
+    pub key: String,
+    /// Offset of the waiting event.
+    pub offset: u64,
+    /// When it was first deferred.
+    pub since: chrono::DateTime<Utc>,
+    /// What it waits for.
+    pub reason: String,
 }
 
 /// A pipeline ready to scan and project.
@@ -168,6 +185,37 @@ impl Pipeline {
             .map(|r| r.map(|(_, f)| f))
             .collect::<Result<Vec<_>, _>>()
             .map_err(state_err)?;
+        let deferred = self
+            .state
+            .deferred(&self.config.name)
+            .map_err(state_err)?
+            .iter()
+            .map(|r| {
+                r.map(|(_, d)| {
+                    let refs: Vec<String> = d
+                        .event
+                        .refs
+                        .iter()
+                        .map(|r| format!("{} {} (at {})", r.kind, r.key, r.path))
+                        .collect();
+                    DeferredItem {
+                        reason: if d.partial {
+                            format!(
+                                "written without its references, to patch once they exist: {}",
+                                refs.join(", ")
+                            )
+                        } else {
+                            format!("waiting for referenced items: {}", refs.join(", "))
+                        },
+                        kind: d.event.kind,
+                        key: d.event.key,
+                        offset: d.event.offset,
+                        since: d.since,
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(state_err)?;
 
         let m = metrics();
         let p = [self.config.name.as_str()];
@@ -193,6 +241,7 @@ impl Pipeline {
             delete_guard: last_scan.as_ref().and_then(|s| s.guard.clone()),
             last_scan,
             failed,
+            deferred,
         })
     }
 }
