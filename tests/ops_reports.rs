@@ -1,0 +1,258 @@
+//! Operations (issue 5): one-shot runs, plans and changed daemon cycles write `report.json`
+//! and `summary.txt`; the JSON matches the schema in `docs/reports.md`, its counts match what
+//! the target received, and old reports are pruned to `report_retention`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// The schema tables of `docs/reports.md`: table heading (`report.json`, `scan`,
+/// `failures`, `delete_guard`) → field → type.
+fn schema() -> BTreeMap<String, BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(repo_root().join("docs/reports.md")).unwrap();
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(h) = line.strip_prefix("## `") {
+            table = h.trim_end_matches('`').to_owned();
+        } else if line.starts_with('`') && line.ends_with(':') {
+            table = line.trim_end_matches(':').trim_matches('`').to_owned();
+        } else if line.starts_with("Each of `") {
+            table = line["Each of `".len()..]
+                .split('`')
+                .next()
+                .unwrap()
+                .to_owned();
+        } else if line.starts_with("| `") && !table.is_empty() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cells[2].contains(' ') && !cells[2].contains(" or ") {
+                continue; // the configuration table (default values), not a schema
+            }
+            out.entry(table.clone())
+                .or_default()
+                .insert(cells[1].trim_matches('`').to_owned(), cells[2].to_owned());
+        }
+    }
+    for t in ["report.json", "scan", "failures", "delete_guard"] {
+        assert!(
+            out.contains_key(t),
+            "docs/reports.md has no `{t}` table: {out:?}"
+        );
+    }
+    out
+}
+
+fn type_ok(v: &Value, ty: &str) -> bool {
+    ty.split(" or ").any(|t| match t {
+        "integer" => v.is_u64(),
+        "number" => v.is_number(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "null" => v.is_null(),
+        other => panic!("docs/reports.md uses unknown type `{other}`"),
+    })
+}
+
+/// Asserts `v` has exactly the documented fields of `table`, with their types.
+fn conforms(v: &Value, table: &str, schema: &BTreeMap<String, BTreeMap<String, String>>) {
+    let fields = &schema[table];
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("{table} is not an object: {v}"));
+    let keys: Vec<&String> = obj.keys().collect();
+    let documented: Vec<&String> = fields.keys().collect();
+    assert_eq!(
+        keys, documented,
+        "{table} fields differ from docs/reports.md"
+    );
+    for (field, ty) in fields {
+        assert!(
+            type_ok(&obj[field], ty),
+            "{table}.{field} should be {ty}: {}",
+            obj[field]
+        );
+    }
+}
+
+fn check(report: &Value) {
+    let schema = schema();
+    conforms(report, "report.json", &schema);
+    if !report["scan"].is_null() {
+        conforms(&report["scan"], "scan", &schema);
+    }
+    for f in report["failures"].as_array().unwrap() {
+        conforms(f, "failures", &schema);
+    }
+    conforms(&report["delete_guard"], "delete_guard", &schema);
+    assert_eq!(report["report_version"], 1);
+    assert!(report["generated_at_utc"].as_str().unwrap().ends_with('Z'));
+}
+
+/// Report directories of pipeline `t`, oldest first.
+fn report_dirs(env: &Env) -> Vec<PathBuf> {
+    let base = env.path("state/reports/t");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&base)
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+fn read_report(dir: &Path) -> (Value, String) {
+    let json = std::fs::read_to_string(dir.join("report.json")).unwrap();
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    (serde_json::from_str(&json).unwrap(), summary)
+}
+
+/// `sync --output json` and the report it wrote.
+fn sync_report(env: &Env, args: &[&str]) -> (Value, String) {
+    let out = env.json(args);
+    let dir = out[0]["report_dir"]
+        .as_str()
+        .expect("the run names its report");
+    let name = Path::new(dir).file_name().unwrap().to_str().unwrap();
+    assert!(
+        name.len() >= 16
+            && chrono::NaiveDateTime::parse_from_str(&name[..16], "%Y%m%dT%H%M%SZ").is_ok(),
+        "report directory {dir} is not named YYYYMMDDTHHMMSSZ"
+    );
+    assert!(Path::new(dir).starts_with(env.path("state/reports/t")));
+    read_report(Path::new(dir))
+}
+
+fn count_files(root: &Path) -> (u64, u64) {
+    let (mut files, mut dirs) = (0, 0);
+    for e in walkdir::WalkDir::new(root).min_depth(1) {
+        let e = e.unwrap();
+        if e.file_type().is_dir() {
+            dirs += 1;
+        } else {
+            files += 1;
+        }
+    }
+    (files, dirs)
+}
+
+#[test]
+fn issue_5_reports_match_schema_and_what_the_target_received() {
+    let env = Env::dirs("max_delete = 2", "prune = true");
+    for i in 0..7 {
+        write(
+            env.src().join(format!("d{}/f{i}.txt", i % 3)),
+            format!("v1 {i}"),
+        );
+    }
+
+    // A sync: counts equal what landed on the target.
+    let (r, summary) = sync_report(&env, &["sync"]);
+    check(&r);
+    assert_eq!(
+        (r["run"].as_str(), r["dry_run"].as_bool()),
+        (Some("sync"), Some(false))
+    );
+    let (files, dirs) = count_files(&env.dst());
+    assert_eq!((files, dirs), (7, 3));
+    assert_eq!(r["by_kind"]["file"]["created"], files);
+    assert_eq!(r["by_kind"]["dir"]["created"], dirs);
+    assert_eq!(r["counts"]["created"], files + dirs);
+    assert_eq!(r["scan"]["upserts"], 10);
+    assert_eq!(r["delete_guard"]["decision"], "passed");
+    assert_eq!(r["delete_guard"]["limit"], "2");
+    assert!(
+        summary.contains("pipeline t") && summary.contains("10 created"),
+        "{summary}"
+    );
+
+    // A plan is a dry run: it counts what `project` would do and writes nothing.
+    write(env.src().join("new.txt"), "new");
+    std::fs::remove_file(env.src().join("d0/f0.txt")).unwrap();
+    write(env.src().join("d1/f1.txt"), "v2");
+    env.ok(&["scan"]);
+    let plan = env.json(&["plan"]);
+    let (r, summary) = read_report(Path::new(plan[0]["report_dir"].as_str().unwrap()));
+    check(&r);
+    assert_eq!(
+        (r["run"].as_str(), r["dry_run"].as_bool()),
+        (Some("plan"), Some(true))
+    );
+    assert_eq!(r["counts"]["created"], 1);
+    assert_eq!(r["counts"]["updated"], 1);
+    assert_eq!(r["counts"]["deleted"], 1);
+    assert!(summary.contains("dry run"), "{summary}");
+    assert!(!env.dst().join("new.txt").exists());
+    assert_eq!(r["delete_guard"]["decision"], "not_evaluated");
+
+    // The projection that follows matches the plan and the target.
+    let out = env.json(&["project"]);
+    let (r, _) = read_report(Path::new(out[0]["report_dir"].as_str().unwrap()));
+    check(&r);
+    assert!(r["scan"].is_null());
+    assert_eq!(r["by_kind"]["file"]["created"], 1);
+    assert_eq!(r["by_kind"]["file"]["updated"], 1);
+    assert_eq!(r["by_kind"]["file"]["deleted"], 1);
+    assert_eq!(std::fs::read(env.dst().join("d1/f1.txt")).unwrap(), b"v2");
+    assert_mirror(&env.src(), &env.dst());
+
+    // Emptying the source trips the guard; the report says so.
+    std::fs::remove_dir_all(env.src()).unwrap();
+    std::fs::create_dir(env.src()).unwrap();
+    let (r, summary) = sync_report(&env, &["sync"]);
+    check(&r);
+    assert_eq!(r["delete_guard"]["decision"], "tripped");
+    assert_eq!(r["delete_guard"]["allowed"], 2);
+    assert_eq!(r["delete_guard"]["deletes"], 10);
+    assert!(summary.contains("TRIPPED"), "{summary}");
+    assert_eq!(count_files(&env.dst()), (7, 3), "nothing was deleted");
+}
+
+#[test]
+fn issue_5_old_reports_are_pruned_to_the_retention() {
+    let env = Env::dirs("", "");
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("report_retention = 3\n{text}"));
+    write(env.src().join("a.txt"), "a");
+    let mut written = Vec::new();
+    for _ in 0..5 {
+        let out = env.json(&["sync"]);
+        written.push(PathBuf::from(out[0]["report_dir"].as_str().unwrap()));
+    }
+    let dirs = report_dirs(&env);
+    assert_eq!(dirs.len(), 3, "{dirs:?}");
+    // The newest three survive.
+    let mut newest = written[2..].to_vec();
+    newest.sort();
+    assert_eq!(dirs, newest);
+}
+
+#[test]
+fn issue_5_daemon_cycles_that_change_something_write_reports() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    let d = env.spawn_daemon();
+    let cycle = |created_file: &str| {
+        report_dirs(&env).into_iter().rev().find_map(|dir| {
+            let (r, _) = read_report(&dir);
+            (r["run"] == "cycle" && r["by_kind"]["file"]["created"].as_u64().is_some())
+                .then_some(r)
+                .filter(|_| env.dst().join(created_file).exists())
+        })
+    };
+    let r = wait_for(Duration::from_secs(30), || cycle("a.txt"))
+        .unwrap_or_else(|| panic!("no cycle report; log:\n{}", env.daemon_log()));
+    check(&r);
+    assert_eq!(r["by_kind"]["file"]["created"], 1);
+    assert_eq!(r["scan"]["upserts"], 1);
+    // Idle cycles write nothing more.
+    let before = report_dirs(&env).len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(report_dirs(&env).len(), before, "idle cycles wrote reports");
+    assert!(env.daemon_log().contains("cycle finished"));
+    assert!(d.terminate().success());
+}
