@@ -22,12 +22,8 @@ fn schema() -> BTreeMap<String, BTreeMap<String, String>> {
             table = h.trim_end_matches('`').to_owned();
         } else if line.starts_with('`') && line.ends_with(':') {
             table = line.trim_end_matches(':').trim_matches('`').to_owned();
-        } else if line.starts_with("Each of `") {
-            table = line["Each of `".len()..]
-                .split('`')
-                .next()
-                .unwrap()
-                .to_owned();
+        } else if let Some(rest) = line.strip_prefix("Each of `") {
+            table = rest.split('`').next().unwrap().to_owned();
         } else if line.starts_with("| `") && !table.is_empty() {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
             if cells[2].contains(' ') && !cells[2].contains(" or ") {
