@@ -164,7 +164,11 @@ impl Inner {
                             "a file or link is in the way of this directory".into(),
                         ))
                     }
-                    None => fs::create_dir(&path)?,
+                    // A concurrent write below it may have created it since the lstat.
+                    None => match fs::create_dir(&path) {
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => {}
+                        r => r?,
+                    },
                 }
                 fs::set_permissions(&path, Permissions::from_mode(mode))?;
                 Ok(fresh)
@@ -336,7 +340,9 @@ impl Inner {
         }
         let root = File::open(&self.root)?;
         rustix::fs::syncfs(&root).map_err(|e| Failure::Transient(format!("syncfs: {e}")))?;
-        let _ = fs::remove_dir(self.root.join(TMP_DIR));
+        // No write is in flight during a flush, so anything left in the temporary directory
+        // is debris of a process killed between write and rename.
+        let _ = fs::remove_dir_all(self.root.join(TMP_DIR));
         Ok(())
     }
 }

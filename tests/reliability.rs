@@ -1,0 +1,305 @@
+//! Crash, fault and bad-input tests of the directory pipeline (issue 6): SIGKILL at random
+//! instants, a full and a read-only target disk, a target parent that is a symbolic link,
+//! a vanished source root, and graceful shutdown under load. Real binary, real
+//! filesystems (a size-limited tmpfs for the full disk).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// xorshift: reproducible randomness without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Offsets of the `applied` debug lines in a daemon log.
+fn applied_offsets(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("applied") && l.contains("outcome="))
+        .filter_map(|l| {
+            let rest = &l[l.find(" offset=")? + 8..];
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn committed(env: &Env) -> u64 {
+    env.json(&["status"])[0]["committed"].as_u64().unwrap()
+}
+
+fn head(env: &Env) -> u64 {
+    env.json(&["status"])[0]["head"].as_u64().unwrap()
+}
+
+#[test]
+fn issue_6_random_sigkills_lose_nothing_and_apply_nothing_twice() {
+    let env = Env::dirs(
+        "batch_size = 16\nconcurrency = 4\nmax_delete = \"100%\"\nscan_interval = \"100ms\"",
+        "prune = true",
+    );
+    let src = env.src();
+    let mut rng = Rng(0x5eed);
+    for i in 0..600 {
+        write(src.join(format!("d{}/f{i}.txt", i % 12)), format!("initial {i}\n").repeat(1 + i % 50));
+    }
+    // The test command runs a short version; `ops/soak.sh SECONDS` runs it for a duration.
+    let soak = std::env::var("TIDEMARK_SOAK_SECONDS").ok().and_then(|s| s.parse::<u64>().ok());
+    let deadline = soak.map(|s| Instant::now() + Duration::from_secs(s));
+    let mut kills = 0u64;
+    let mut changes = 0u64;
+    let mut last_committed = 0;
+    let mut log_len = 0;
+    loop {
+        let round = kills;
+        match deadline {
+            Some(d) if Instant::now() >= d => break,
+            None if kills >= 24 => break,
+            _ => {}
+        }
+        let start_committed = committed(&env);
+        assert!(
+            start_committed >= last_committed,
+            "round {round}: committed offset went backwards ({last_committed} → {start_committed})"
+        );
+        last_committed = start_committed;
+        let daemon = env.spawn_daemon();
+        // Change the source while the daemon scans and projects.
+        for _ in 0..rng.below(40) {
+            changes += 1;
+            let i = rng.below(700);
+            let path = src.join(format!("d{}/f{i}.txt", i % 12));
+            match rng.below(4) {
+                0 => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => write(&path, format!("round {round} value {}\n", rng.next()).repeat(1 + (i % 30) as usize)),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50 + rng.below(700)));
+        daemon.kill9();
+        kills += 1;
+        let log = env.daemon_log();
+        let this_run = &log[log_len..];
+        log_len = log.len();
+        let again: Vec<u64> = applied_offsets(this_run)
+            .into_iter()
+            .filter(|o| *o < start_committed)
+            .collect();
+        assert!(
+            again.is_empty(),
+            "round {round}: events below the committed offset {start_committed} applied again: {again:?}"
+        );
+    }
+
+    // Quiesce: let one clean run catch up, then compare.
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(120), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        let s = &v[0];
+        let caught_up = s["lag_events"] == 0 && s["last_scan"]["result"] == "ok";
+        (caught_up && snapshot(&src) == snapshot(&env.dst())).then_some(())
+    })
+    .unwrap_or_else(|| {
+        let status = daemon.get("/status").text().unwrap_or_default();
+        eprintln!("did not converge after {kills} kills; status: {status}");
+        assert_mirror(&src, &env.dst());
+        panic!("did not converge after {kills} kills")
+    });
+    assert!(daemon.terminate().success());
+    assert_mirror(&src, &env.dst());
+
+    // The log has no gap: offsets 0..head, each exactly once.
+    let tail = env.ok(&["log", "tail", "--from", "0"]);
+    let offsets: Vec<u64> = tail
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = (0..head(&env)).collect();
+    assert_eq!(offsets, expected, "the log has a gap or a duplicate");
+    let applies = applied_offsets(&env.daemon_log()).len();
+    println!(
+        "soak figures: kills={kills} source_changes={changes} events={} writes={applies} \
+         items={} reapplied_below_commit=0 lost=0 log_gaps=0",
+        offsets.len(),
+        snapshot(&src).len()
+    );
+}
+
+/// A size-limited tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root with CAP_SYS_ADMIN (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_owned())
+    }
+
+    fn remount(&self, options: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
+    let env = Env::dirs("batch_size = 4\nconcurrency = 2", "prune = true");
+    let disk = Tmpfs::mount(&env.dst(), "1m");
+    for i in 0..12 {
+        write(env.src().join(format!("big{i:02}.bin")), vec![b'a' + i as u8; 200 * 1024]);
+    }
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || env.daemon_log().contains("disk is full").then_some(()))
+        .unwrap_or_else(|| panic!("no clear disk-full error; log:\n{}", env.daemon_log()));
+    let status: serde_json::Value = daemon.get("/status").json().unwrap();
+    let (c, h) = (status[0]["committed"].as_u64().unwrap(), status[0]["head"].as_u64().unwrap());
+    assert!(c < h, "offset advanced past events that were not written ({c} of {h})");
+    // Whatever reached the target is whole: no torn file is visible.
+    for entry in std::fs::read_dir(env.dst()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            let name = entry.file_name();
+            assert_eq!(
+                std::fs::read(entry.path()).unwrap(),
+                std::fs::read(env.src().join(&name)).unwrap(),
+                "{name:?} is torn"
+            );
+        }
+    }
+    assert!(daemon.metric("tidemark_apply_errors_total{class=\"transient\",pipeline=\"t\"}") >= 1.0);
+
+    disk.remount("size=16m");
+    wait_for(Duration::from_secs(60), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["lag_events"] == 0).then_some(())
+    })
+    .expect("projection recovered once space returned");
+    assert!(daemon.terminate().success());
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn issue_6_a_read_only_target_is_a_clear_error_and_recovers() {
+    let env = Env::dirs("", "prune = true");
+    let disk = Tmpfs::mount(&env.dst(), "8m");
+    write(env.src().join("a.txt"), "a");
+    disk.remount("ro");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("read-only"), "{stderr}");
+    assert!(stderr.contains("a.txt"), "the error names the item: {stderr}");
+    assert_eq!(committed(&env), 0, "nothing committed");
+
+    disk.remount("rw");
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn issue_6_a_symlinked_parent_on_the_target_is_never_written_through() {
+    let env = Env::dirs("", "prune = true");
+    let outside = env.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(env.dst()).unwrap();
+    std::os::unix::fs::symlink(&outside, env.dst().join("sub")).unwrap();
+    write(env.src().join("sub/file.txt"), "must not land outside");
+    write(env.src().join("other.txt"), "fine");
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "a failed item makes the run degraded");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failures = v[0]["project"]["failures"].as_array().unwrap();
+    assert!(
+        failures.iter().any(|f| f["key"] == "sub/file.txt" && f["reason"].as_str().unwrap().contains("symbolic link")),
+        "{failures:?}"
+    );
+    assert!(!outside.join("file.txt").exists(), "wrote through a symlinked parent");
+    assert_eq!(std::fs::read_to_string(env.dst().join("other.txt")).unwrap(), "fine");
+    let status = env.ok(&["status"]);
+    assert!(status.contains("failed items") && status.contains("sub/file.txt"), "{status}");
+}
+
+#[test]
+fn issue_6_a_vanished_source_root_deletes_nothing() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("b/c.txt"), "c");
+    env.sync();
+    std::fs::rename(env.src(), env.path("src-moved")).unwrap();
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be read"));
+    std::fs::create_dir(env.src()).unwrap(); // an empty directory where the tree was
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("max_delete = \"100%\"", "max_delete = \"50%\""));
+    env.sync();
+    assert!(env.dst().join("a.txt").exists() && env.dst().join("b/c.txt").exists());
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["delete_guard"]["would_delete"], 3, "{status}");
+}
+
+#[test]
+fn issue_6_sigterm_during_heavy_projection_commits_and_exits_zero() {
+    let env = Env::dirs("batch_size = 50\nscan_interval = \"1h\"", "prune = true");
+    for i in 0..3000 {
+        write(env.src().join(format!("x{}/f{i}", i % 30)), format!("{i}").repeat(100));
+    }
+    env.ok(&["scan"]);
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["committed"].as_u64()? > 0).then_some(())
+    })
+    .expect("projection started");
+    let t0 = Instant::now();
+    let status = daemon.terminate();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "shutdown took {:?}", t0.elapsed());
+    let c = committed(&env);
+    // Everything below the committed offset is on the target; the rest follows on restart.
+    env.ok(&["project"]);
+    assert!(committed(&env) >= c);
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn issue_6_state_directory_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::dirs("", "");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let mode = std::fs::metadata(env.path("state")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "state directory mode {mode:o}");
+}
