@@ -51,7 +51,10 @@ fn lag(d: &Daemon) -> (f64, f64) {
 fn issue_5_every_documented_metric_is_exported_and_lag_returns_to_zero() {
     let env = Env::dirs("", "prune = true");
     for i in 0..40 {
-        write(env.src().join(format!("d{}/f{i}.txt", i % 4)), format!("file {i}"));
+        write(
+            env.src().join(format!("d{}/f{i}.txt", i % 4)),
+            format!("file {i}"),
+        );
     }
     // The target is down: its root is a regular file, so every write fails transiently.
     write(env.dst(), "not a directory");
@@ -77,14 +80,10 @@ fn issue_5_every_documented_metric_is_exported_and_lag_returns_to_zero() {
 
     // The target comes back: the projector catches up and lag returns to 0.
     std::fs::remove_file(env.dst()).unwrap();
-    wait_for(Duration::from_secs(60), || (lag(&d) == (0.0, 0.0)).then_some(()))
-        .unwrap_or_else(|| {
-            panic!(
-                "lag stayed at {:?}; log:\n{}",
-                lag(&d),
-                env.daemon_log()
-            )
-        });
+    wait_for(Duration::from_secs(60), || {
+        (lag(&d) == (0.0, 0.0)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("lag stayed at {:?}; log:\n{}", lag(&d), env.daemon_log()));
     let m = d.metrics();
     assert_eq!(
         m[r#"tidemark_applies_total{kind="file",outcome="created",pipeline="t"}"#],
@@ -132,8 +131,10 @@ fn issue_5_freshness_grows_between_scans_and_resets_after_one() {
     let d = env.spawn_daemon();
     let series = r#"tidemark_source_freshness_seconds{pipeline="t"}"#;
     let success = r#"tidemark_last_scan_success_timestamp_seconds{pipeline="t"}"#;
-    wait_for(Duration::from_secs(20), || (d.metric(success) > 0.0).then_some(()))
-        .expect("a first scan succeeds");
+    wait_for(Duration::from_secs(20), || {
+        (d.metric(success) > 0.0).then_some(())
+    })
+    .expect("a first scan succeeds");
 
     // Sample for two scan intervals: the value must climb past 2 s while the scanner
     // sleeps, then drop below 1 s once the next scan finished.
