@@ -16,7 +16,11 @@ use serde_json::json;
 fn issue_3_converges_through_a_faulty_prod_and_counts_retries() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(15));
-    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": [], "posts": [], "comments": []}));
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": [], "posts": [], "comments": []}),
+    );
     let proxy = FaultProxy::start(&prod.url());
     proxy.faults.chaos.store(true, Ordering::SeqCst);
     write_rest_config(&env, &dev.url(), &proxy.url(), "");
@@ -27,15 +31,34 @@ fn issue_3_converges_through_a_faulty_prod_and_counts_retries() {
         let lag = daemon.metric("tidemark_lag_events{pipeline=\"t\"}");
         (n >= total && lag == 0.0).then_some(())
     });
-    assert!(converged.is_some(), "prod did not converge through the faults\n{}", env.daemon_log());
-    assert!(proxy.injected.load(Ordering::SeqCst) >= 10, "the proxy injected too few faults to prove anything");
+    assert!(
+        converged.is_some(),
+        "prod did not converge through the faults\n{}",
+        env.daemon_log()
+    );
+    assert!(
+        proxy.injected.load(Ordering::SeqCst) >= 10,
+        "the proxy injected too few faults to prove anything"
+    );
     let retries = daemon.metric("tidemark_retries_total{pipeline=\"t\",side=\"target\"}");
     assert!(retries >= 5.0, "retries metric did not move: {retries}");
     let m = daemon.metrics();
-    let five = m.get("tidemark_requests_total{pipeline=\"t\",side=\"target\",status_class=\"5xx\"}").copied().unwrap_or(0.0);
-    let four = m.get("tidemark_requests_total{pipeline=\"t\",side=\"target\",status_class=\"4xx\"}").copied().unwrap_or(0.0);
-    let err = m.get("tidemark_requests_total{pipeline=\"t\",side=\"target\",status_class=\"error\"}").copied().unwrap_or(0.0);
-    assert!(five >= 1.0 && four >= 1.0 && err >= 1.0, "request classes: 5xx {five}, 4xx {four}, error {err}");
+    let five = m
+        .get("tidemark_requests_total{pipeline=\"t\",side=\"target\",status_class=\"5xx\"}")
+        .copied()
+        .unwrap_or(0.0);
+    let four = m
+        .get("tidemark_requests_total{pipeline=\"t\",side=\"target\",status_class=\"4xx\"}")
+        .copied()
+        .unwrap_or(0.0);
+    let err = m
+        .get("tidemark_requests_total{pipeline=\"t\",side=\"target\",status_class=\"error\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(
+        five >= 1.0 && four >= 1.0 && err >= 1.0,
+        "request classes: 5xx {five}, 4xx {four}, error {err}"
+    );
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_rest_mirror(&dev, &prod);
 }
@@ -44,7 +67,11 @@ fn issue_3_converges_through_a_faulty_prod_and_counts_retries() {
 fn issue_3_malformed_page_emits_no_deletes_and_names_url_and_kind() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(30));
-    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": [], "posts": [], "comments": []}));
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": [], "posts": [], "comments": []}),
+    );
     let dev_proxy = FaultProxy::start(&dev.url());
     write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
     env.sync();
@@ -53,7 +80,11 @@ fn issue_3_malformed_page_emits_no_deletes_and_names_url_and_kind() {
     // A deleted comment and a changed user, while page 2 of posts is broken.
     let gone = dev.all("comments").into_iter().next().unwrap();
     dev.delete("comments", &gone["id"]);
-    let u = dev.all("users").into_iter().find(|u| u["name"] == "user-4").unwrap();
+    let u = dev
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-4")
+        .unwrap();
     let mut changed = u.clone();
     changed["bio"] = json!("changed while posts were broken");
     dev.put("users", &u["id"], changed);
@@ -65,10 +96,23 @@ fn issue_3_malformed_page_emits_no_deletes_and_names_url_and_kind() {
     assert_eq!(scan["deletes"], 0, "{scan}");
     assert!(scan["errors"].as_u64().unwrap() >= 1, "{scan}");
     let message = scan["message"].as_str().unwrap_or_default();
-    assert!(message.contains("posts") && message.contains("_page=2") && message.contains(&dev_proxy.url()), "{message}");
-    assert_eq!(prod.all("comments").len(), comments_before, "no delete may reach prod");
+    assert!(
+        message.contains("posts")
+            && message.contains("_page=2")
+            && message.contains(&dev_proxy.url()),
+        "{message}"
+    );
+    assert_eq!(
+        prod.all("comments").len(),
+        comments_before,
+        "no delete may reach prod"
+    );
     // The other kinds went on.
-    let pu = prod.all("users").into_iter().find(|u| u["name"] == "user-4").unwrap();
+    let pu = prod
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-4")
+        .unwrap();
     assert_eq!(pu["bio"], "changed while posts were broken");
 
     // Fixed: the delete goes through.
@@ -82,7 +126,11 @@ fn issue_3_malformed_page_emits_no_deletes_and_names_url_and_kind() {
 fn issue_3_bearer_token_never_appears() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
-    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": [], "posts": [], "comments": []}));
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": [], "posts": [], "comments": []}),
+    );
     let proxy = FaultProxy::start(&prod.url());
     // prod rejects comments with a body that echoes the Authorization header.
     *proxy.faults.echo_auth.lock().unwrap() = Some("/comments".into());
@@ -95,26 +143,48 @@ fn issue_3_bearer_token_never_appears() {
     let status_cli = env.run(&["status", "--output", "json"]);
     let verify = env.run(&["verify"]);
     let mut everything = vec![
-        ("sync stdout", String::from_utf8_lossy(&sync.stdout).into_owned()),
-        ("sync stderr", String::from_utf8_lossy(&sync.stderr).into_owned()),
+        (
+            "sync stdout",
+            String::from_utf8_lossy(&sync.stdout).into_owned(),
+        ),
+        (
+            "sync stderr",
+            String::from_utf8_lossy(&sync.stderr).into_owned(),
+        ),
         ("daemon log", env.daemon_log()),
         ("metrics", metrics),
         ("status", status),
-        ("status cli", String::from_utf8_lossy(&status_cli.stdout).into_owned()),
-        ("verify", String::from_utf8_lossy(&verify.stdout).into_owned() + &String::from_utf8_lossy(&verify.stderr)),
+        (
+            "status cli",
+            String::from_utf8_lossy(&status_cli.stdout).into_owned(),
+        ),
+        (
+            "verify",
+            String::from_utf8_lossy(&verify.stdout).into_owned()
+                + &String::from_utf8_lossy(&verify.stderr),
+        ),
     ];
     for entry in walkdir::WalkDir::new(env.dir.path()).into_iter().flatten() {
         let p = entry.path();
         let name = p.file_name().unwrap().to_string_lossy();
-        if entry.file_type().is_file() && (name.ends_with(".json") || name.ends_with(".txt")) && name != "token.txt" {
+        if entry.file_type().is_file()
+            && (name.ends_with(".json") || name.ends_with(".txt"))
+            && name != "token.txt"
+        {
             everything.push(("file", std::fs::read_to_string(p).unwrap_or_default()));
         }
     }
     // The rejection happened and its excerpt was quoted, redacted.
     let out = &everything[0].1;
-    assert!(out.contains("HTTP 400") && out.contains("***"), "the rejection is reported with a redacted excerpt: {out}");
+    assert!(
+        out.contains("HTTP 400") && out.contains("***"),
+        "the rejection is reported with a redacted excerpt: {out}"
+    );
     for (what, text) in &everything {
         assert!(!text.contains(TOKEN), "the bearer token leaked into {what}");
-        assert!(!text.contains(&TOKEN[3..15]), "part of the bearer token leaked into {what}");
+        assert!(
+            !text.contains(&TOKEN[3..15]),
+            "part of the bearer token leaked into {what}"
+        );
     }
 }

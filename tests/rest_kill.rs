@@ -14,7 +14,11 @@ use serde_json::json;
 fn issue_3_sigkill_during_projection_creates_no_duplicates() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(400)); // 400 + 800 + 1600 items
-    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": [], "posts": [], "comments": []}));
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": [], "posts": [], "comments": []}),
+    );
     let proxy = FaultProxy::start(&prod.url());
     write_rest_config(&env, &dev.url(), &proxy.url(), "");
     let total = 400 + 800 + 1600;
@@ -44,11 +48,19 @@ fn issue_3_sigkill_during_projection_creates_no_duplicates() {
         let n = prod.all("users").len() + prod.all("posts").len() + prod.all("comments").len();
         (n >= total && daemon.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0).then_some(n)
     });
-    assert!(done.is_some(), "prod did not converge after the kills\n{}", env.daemon_log());
+    assert!(
+        done.is_some(),
+        "prod did not converge after the kills\n{}",
+        env.daemon_log()
+    );
     assert_eq!(daemon.terminate().code(), Some(0));
     let n = prod.all("users").len() + prod.all("posts").len() + prod.all("comments").len();
     assert_eq!(n, total, "prod must hold exactly one item per dev item");
     assert_rest_mirror(&dev, &prod);
     let out = env.run(&["verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -30,31 +30,75 @@ fn issue_3_references_remap_changes_and_verify() {
     assert_eq!(assert_rest_mirror(&dev, &prod), 36 + 42);
     // prod assigned its own ids: none of dev's ids exist there.
     let dev_ids: Vec<Value> = dev.all("users").iter().map(|u| u["id"].clone()).collect();
-    assert!(prod.all("users").iter().all(|u| !dev_ids.contains(&u["id"])));
+    assert!(prod
+        .all("users")
+        .iter()
+        .all(|u| !dev_ids.contains(&u["id"])));
     let out = env.run(&["verify"]);
-    assert!(out.status.success(), "verify found drift after a sync:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "verify found drift after a sync:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // Change, add, delete in dev: exactly three writes reach prod.
-    let u0 = dev.all("users").into_iter().find(|u| u["name"] == "user-0").unwrap();
+    let u0 = dev
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-0")
+        .unwrap();
     let mut changed = u0.clone();
     changed["score"] = json!(42);
     changed["active"] = json!(false);
     dev.put("users", &u0["id"], changed);
-    let new_post = dev.post("posts", json!({"name": "post-new", "userId": u0["id"], "title": "fresh"}));
-    let doomed = dev.all("comments").into_iter().find(|c| c["name"] == "comment-3-1-0").unwrap();
+    let new_post = dev.post(
+        "posts",
+        json!({"name": "post-new", "userId": u0["id"], "title": "fresh"}),
+    );
+    let doomed = dev
+        .all("comments")
+        .into_iter()
+        .find(|c| c["name"] == "comment-3-1-0")
+        .unwrap();
     dev.delete("comments", &doomed["id"]);
     proxy.seen.lock().unwrap().clear();
     let (scan, project) = env.sync();
-    assert_eq!((scan["upserts"].as_u64(), scan["deletes"].as_u64()), (Some(2), Some(1)), "{scan}");
+    assert_eq!(
+        (scan["upserts"].as_u64(), scan["deletes"].as_u64()),
+        (Some(2), Some(1)),
+        "{scan}"
+    );
     assert_eq!(proxy.count("PUT"), 1, "{:?}", proxy.seen.lock().unwrap());
     assert_eq!(proxy.count("POST"), 1, "{:?}", proxy.seen.lock().unwrap());
     assert_eq!(proxy.count("DELETE"), 1, "{:?}", proxy.seen.lock().unwrap());
-    assert_eq!(outcome(&project, "updated") + outcome(&project, "created") + outcome(&project, "deleted"), 3, "{project}");
+    assert_eq!(
+        outcome(&project, "updated") + outcome(&project, "created") + outcome(&project, "deleted"),
+        3,
+        "{project}"
+    );
     assert_rest_mirror(&dev, &prod);
-    let prod_u0 = prod.all("users").into_iter().find(|u| u["name"] == "user-0").unwrap();
-    assert_eq!((prod_u0["score"].clone(), prod_u0["active"].clone(), prod_u0["bio"].clone()), (json!(42), json!(false), json!("")));
-    let prod_post = prod.all("posts").into_iter().find(|p| p["name"] == "post-new").unwrap();
-    assert_eq!(prod_post["userId"], prod_u0["id"], "the new post must reference user-0's prod id");
+    let prod_u0 = prod
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-0")
+        .unwrap();
+    assert_eq!(
+        (
+            prod_u0["score"].clone(),
+            prod_u0["active"].clone(),
+            prod_u0["bio"].clone()
+        ),
+        (json!(42), json!(false), json!(""))
+    );
+    let prod_post = prod
+        .all("posts")
+        .into_iter()
+        .find(|p| p["name"] == "post-new")
+        .unwrap();
+    assert_eq!(
+        prod_post["userId"], prod_u0["id"],
+        "the new post must reference user-0's prod id"
+    );
     assert_ne!(new_post["id"], prod_post["id"]);
 
     // Nothing changed: nothing is written.
@@ -64,14 +108,21 @@ fn issue_3_references_remap_changes_and_verify() {
     assert_eq!(proxy.writes(), 0, "{:?}", proxy.seen.lock().unwrap());
 
     // Drift made behind tidemark's back is reported with exit code 4.
-    let p1 = prod.all("posts").into_iter().find(|p| p["name"] == "post-1-1").unwrap();
+    let p1 = prod
+        .all("posts")
+        .into_iter()
+        .find(|p| p["name"] == "post-1-1")
+        .unwrap();
     let mut tampered = p1.clone();
     tampered["title"] = json!("tampered");
     prod.put("posts", &p1["id"], tampered);
     let out = env.run(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(4), "{text}");
-    assert!(text.contains("different") && text.contains("posts"), "{text}");
+    assert!(
+        text.contains("different") && text.contains("posts"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -96,8 +147,15 @@ fn issue_3_adopts_existing_items_by_name_and_abort_stops() {
     assert_eq!(users.len(), 4, "no duplicates: {users:?}");
     let u0 = users.iter().find(|u| u["name"] == "user-0").unwrap();
     assert_eq!(u0["id"], 2, "user-0 kept its prod id");
-    assert_eq!(users.iter().find(|u| u["name"] == "user-1").unwrap()["score"], 0);
-    assert!(prod.all("posts").iter().filter(|p| p["name"].as_str().unwrap().starts_with("post-0-")).all(|p| p["userId"] == 2));
+    assert_eq!(
+        users.iter().find(|u| u["name"] == "user-1").unwrap()["score"],
+        0
+    );
+    assert!(prod
+        .all("posts")
+        .iter()
+        .filter(|p| p["name"].as_str().unwrap().starts_with("post-0-"))
+        .all(|p| p["userId"] == 2));
 
     // on_conflict = "abort": a different item with the same name stops that item clearly.
     let env2 = rest_env();
@@ -108,14 +166,32 @@ fn issue_3_adopts_existing_items_by_name_and_abort_stops() {
     );
     write_rest_config(&env2, &dev.url(), &prod2.url(), "on_conflict = \"abort\"");
     let out = env2.run(&["sync"]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(3), "a failed item makes the run degraded:\n{text}");
-    assert!(text.contains("user-0") && text.contains("on_conflict = \"abort\""), "{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a failed item makes the run degraded:\n{text}"
+    );
+    assert!(
+        text.contains("user-0") && text.contains("on_conflict = \"abort\""),
+        "{text}"
+    );
     let users = prod2.all("users");
     assert_eq!(users.iter().filter(|u| u["name"] == "user-0").count(), 1);
-    assert_eq!(users.iter().find(|u| u["name"] == "user-0").unwrap()["score"], 7, "abort must not overwrite");
+    assert_eq!(
+        users.iter().find(|u| u["name"] == "user-0").unwrap()["score"],
+        7,
+        "abort must not overwrite"
+    );
     let status = env2.json(&["status"]);
-    assert!(status[0]["failed"].to_string().contains("abort"), "{status}");
+    assert!(
+        status[0]["failed"].to_string().contains("abort"),
+        "{status}"
+    );
 }
 
 #[test]
@@ -135,8 +211,18 @@ fn issue_3_cycle_is_patched_and_dangling_reference_is_reported() {
             ]
         }),
     );
-    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": [{"id": 1, "name": "filler"}], "posts": [{"id": 1, "name": "filler"}], "comments": []}));
-    write_rest_config_with(&env, &dev.url(), &prod.url(), "reference_wait = \"2s\"", true);
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": [{"id": 1, "name": "filler"}], "posts": [{"id": 1, "name": "filler"}], "comments": []}),
+    );
+    write_rest_config_with(
+        &env,
+        &dev.url(),
+        &prod.url(),
+        "reference_wait = \"2s\"",
+        true,
+    );
     let daemon = env.spawn_daemon();
     let done = wait_for(Duration::from_secs(60), || {
         let users = prod.all("users");
@@ -145,16 +231,47 @@ fn issue_3_cycle_is_patched_and_dangling_reference_is_reported() {
         let p = posts.iter().find(|p| p["name"] == "post-c")?;
         (u["favoritePostId"] == p["id"] && p["userId"] == u["id"]).then_some(())
     });
-    assert!(done.is_some(), "the cycle was not written and patched: users {:?} posts {:?}\n{}", prod.all("users"), prod.all("posts"), env.daemon_log());
+    assert!(
+        done.is_some(),
+        "the cycle was not written and patched: users {:?} posts {:?}\n{}",
+        prod.all("users"),
+        prod.all("posts"),
+        env.daemon_log()
+    );
     let reported = wait_for(Duration::from_secs(30), || {
         let s = daemon.get("/status").text().ok()?;
         s.contains("424242").then_some(s)
     });
-    let status = reported.unwrap_or_else(|| panic!("the dangling reference was not reported\n{}", env.daemon_log()));
-    assert!(status.contains("comment-d") || status.contains("701"), "{status}");
-    assert!(env.daemon_log().contains("424242"), "the log names the dangling reference");
-    assert_eq!(prod.all("comments").iter().map(|c| c["name"].clone()).collect::<Vec<_>>(), vec![json!("comment-ok")]);
-    assert_eq!(prod.all("users").len(), 2, "no duplicate from the two-pass write");
-    assert!(daemon.metric("tidemark_applies_total{kind=\"comments\",outcome=\"failed\",pipeline=\"t\"}") >= 1.0);
+    let status = reported.unwrap_or_else(|| {
+        panic!(
+            "the dangling reference was not reported\n{}",
+            env.daemon_log()
+        )
+    });
+    assert!(
+        status.contains("comment-d") || status.contains("701"),
+        "{status}"
+    );
+    assert!(
+        env.daemon_log().contains("424242"),
+        "the log names the dangling reference"
+    );
+    assert_eq!(
+        prod.all("comments")
+            .iter()
+            .map(|c| c["name"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!("comment-ok")]
+    );
+    assert_eq!(
+        prod.all("users").len(),
+        2,
+        "no duplicate from the two-pass write"
+    );
+    assert!(
+        daemon
+            .metric("tidemark_applies_total{kind=\"comments\",outcome=\"failed\",pipeline=\"t\"}")
+            >= 1.0
+    );
     assert_eq!(daemon.terminate().code(), Some(0));
 }

@@ -107,7 +107,10 @@ impl HttpEndpointConfig {
         let url = reqwest::Url::parse(&self.base_url)
             .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("base_url `{}` must be http or https", self.base_url));
+            return Err(format!(
+                "base_url `{}` must be http or https",
+                self.base_url
+            ));
         }
         if self.in_flight == 0 {
             return Err("in_flight must be at least 1".into());
@@ -423,7 +426,10 @@ impl HttpSourceConfig {
             }
             if let Some(d) = &k.detail_path {
                 if !d.contains("{id}") {
-                    return Err(format!("kind `{}`: detail_path must contain `{{id}}`", k.name));
+                    return Err(format!(
+                        "kind `{}`: detail_path must contain `{{id}}`",
+                        k.name
+                    ));
                 }
             }
         }

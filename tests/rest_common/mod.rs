@@ -19,7 +19,11 @@ pub const TOKEN: &str = "tm-secret-7f3a9c1e55d04b2a";
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One json-server instance, killed on drop.
@@ -44,9 +48,17 @@ impl JsonServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start the REST peer with `{} {} {port}`: {e}", script.display(), file.display())
+                panic!(
+                    "cannot start the REST peer with `{} {} {port}`: {e}",
+                    script.display(),
+                    file.display()
+                )
             });
-        let mut server = JsonServer { child, port, db: file.clone() };
+        let mut server = JsonServer {
+            child,
+            port,
+            db: file.clone(),
+        };
         let up = wait_for(Duration::from_secs(120), || {
             if let Ok(Some(status)) = server.child.try_wait() {
                 panic!(
@@ -56,7 +68,9 @@ impl JsonServer {
                     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
                 );
             }
-            reqwest::blocking::get(format!("http://127.0.0.1:{port}/db")).ok().filter(|r| r.status().is_success())
+            reqwest::blocking::get(format!("http://127.0.0.1:{port}/db"))
+                .ok()
+                .filter(|r| r.status().is_success())
         });
         assert!(
             up.is_some(),
@@ -209,7 +223,10 @@ pub fn assert_rest_mirror(dev: &JsonServer, prod: &JsonServer) -> usize {
         let mut m = std::collections::BTreeMap::new();
         for item in s.all(kind) {
             let name = item["name"].as_str().unwrap().to_owned();
-            assert!(m.insert(name.clone(), item).is_none(), "duplicate {kind} named {name}");
+            assert!(
+                m.insert(name.clone(), item).is_none(),
+                "duplicate {kind} named {name}"
+            );
         }
         m
     };
@@ -219,7 +236,11 @@ pub fn assert_rest_mirror(dev: &JsonServer, prod: &JsonServer) -> usize {
     let (du, pu) = (names(dev, "users"), names(prod, "users"));
     let (dp, pp) = (names(dev, "posts"), names(prod, "posts"));
     let (dc, pc) = (names(dev, "comments"), names(prod, "comments"));
-    for (d, p, kind) in [(&du, &pu, "users"), (&dp, &pp, "posts"), (&dc, &pc, "comments")] {
+    for (d, p, kind) in [
+        (&du, &pu, "users"),
+        (&dp, &pp, "posts"),
+        (&dc, &pc, "comments"),
+    ] {
         let dn: Vec<&String> = d.keys().collect();
         let pn: Vec<&String> = p.keys().collect();
         assert_eq!(dn, pn, "{kind}: prod does not hold the same items as dev");
@@ -232,7 +253,10 @@ pub fn assert_rest_mirror(dev: &JsonServer, prod: &JsonServer) -> usize {
             let pitem = &p[name];
             let want = dref.get(&ditem[field].to_string());
             let got = pref.get(&pitem[field].to_string());
-            assert_eq!(got, want, "{name}.{field} points at the wrong prod item ({pitem})");
+            assert_eq!(
+                got, want,
+                "{name}.{field} points at the wrong prod item ({pitem})"
+            );
             checked += 1;
         }
     }
@@ -284,11 +308,22 @@ impl FaultProxy {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (f, s, i, c, u) = (f.clone(), s.clone(), i.clone(), counter.clone(), upstream.clone());
+                let (f, s, i, c, u) = (
+                    f.clone(),
+                    s.clone(),
+                    i.clone(),
+                    counter.clone(),
+                    upstream.clone(),
+                );
                 std::thread::spawn(move || serve(conn, &u, &f, &s, &i, &c));
             }
         });
-        FaultProxy { port, faults, seen, injected }
+        FaultProxy {
+            port,
+            faults,
+            seen,
+            injected,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -297,7 +332,12 @@ impl FaultProxy {
 
     /// Requests received with this method so far.
     pub fn count(&self, method: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|(m, _)| m == method).count()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| m == method)
+            .count()
     }
 
     pub fn writes(&self) -> usize {
@@ -305,8 +345,18 @@ impl FaultProxy {
     }
 }
 
-fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, String)>>, injected: &AtomicU64, counter: &AtomicU64) {
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+fn serve(
+    conn: TcpStream,
+    upstream: &str,
+    f: &Faults,
+    seen: &Mutex<Vec<(String, String)>>,
+    injected: &AtomicU64,
+    counter: &AtomicU64,
+) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
     loop {
@@ -315,7 +365,12 @@ fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, 
             return;
         }
         let mut parts = line.split_whitespace();
-        let (Some(method), Some(path)) = (parts.next().map(str::to_owned), parts.next().map(str::to_owned)) else { return };
+        let (Some(method), Some(path)) = (
+            parts.next().map(str::to_owned),
+            parts.next().map(str::to_owned),
+        ) else {
+            return;
+        };
         let mut len = 0usize;
         let mut auth = String::new();
         loop {
@@ -340,19 +395,29 @@ fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, 
             return;
         }
         seen.lock().unwrap().push((method.clone(), path.clone()));
-        let reply = |out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
-            let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n", body.len());
-            for (k, v) in headers {
-                head.push_str(&format!("{k}: {v}\r\n"));
-            }
-            head.push_str("\r\n");
-            out.write_all(head.as_bytes()).and_then(|_| out.write_all(body)).is_ok()
-        };
+        let reply =
+            |out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
+                let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n", body.len());
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                out.write_all(head.as_bytes())
+                    .and_then(|_| out.write_all(body))
+                    .is_ok()
+            };
         if let Some(p) = f.echo_auth.lock().unwrap().clone() {
             if path.contains(&p) {
                 injected.fetch_add(1, Ordering::SeqCst);
                 let b = format!("{{\"error\":\"bad request\",\"authorization\":\"{auth}\"}}");
-                if !reply(&mut out, "400 Bad Request", &[("content-type".into(), "application/json".into())], b.as_bytes()) { return; }
+                if !reply(
+                    &mut out,
+                    "400 Bad Request",
+                    &[("content-type".into(), "application/json".into())],
+                    b.as_bytes(),
+                ) {
+                    return;
+                }
                 continue;
             }
         }
@@ -360,7 +425,14 @@ fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, 
             if path.contains(&p) {
                 injected.fetch_add(1, Ordering::SeqCst);
                 let b = b"[{\"id\": 1, \"name\": \"broken";
-                if !reply(&mut out, "200 OK", &[("content-type".into(), "application/json".into())], b) { return; }
+                if !reply(
+                    &mut out,
+                    "200 OK",
+                    &[("content-type".into(), "application/json".into())],
+                    b,
+                ) {
+                    return;
+                }
                 continue;
             }
         }
@@ -369,12 +441,21 @@ fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, 
             match n % 8 {
                 1 => {
                     injected.fetch_add(1, Ordering::SeqCst);
-                    if !reply(&mut out, "429 Too Many Requests", &[("retry-after".into(), "1".into())], b"slow down") { return; }
+                    if !reply(
+                        &mut out,
+                        "429 Too Many Requests",
+                        &[("retry-after".into(), "1".into())],
+                        b"slow down",
+                    ) {
+                        return;
+                    }
                     continue;
                 }
                 3 => {
                     injected.fetch_add(1, Ordering::SeqCst);
-                    if !reply(&mut out, "503 Service Unavailable", &[], b"maintenance") { return; }
+                    if !reply(&mut out, "503 Service Unavailable", &[], b"maintenance") {
+                        return;
+                    }
                     continue;
                 }
                 5 => {
@@ -405,7 +486,11 @@ fn serve(conn: TcpStream, upstream: &str, f: &Faults, seen: &Mutex<Vec<(String, 
             }
         }
         let b = resp.bytes().unwrap_or_default();
-        let st = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("OK"));
+        let st = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("OK")
+        );
         if !reply(&mut out, &st, &headers, &b) {
             return;
         }

@@ -109,7 +109,11 @@ impl Pager<'_> {
             _ => Err(format!(
                 "GET {}: no array of items at `{}` in the response",
                 resp.url,
-                if self.items.is_empty() { "(top level)" } else { self.items }
+                if self.items.is_empty() {
+                    "(top level)"
+                } else {
+                    self.items
+                }
             )),
         }
     }

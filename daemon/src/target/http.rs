@@ -92,9 +92,9 @@ impl HttpTarget {
                 format!("GET {path}: the find-by-name response has no array of items"),
             ));
         };
-        let mut matches = items.iter().filter(|i| {
-            i.pointer(&kind.name_field).and_then(id_string).as_deref() == Some(name)
-        });
+        let mut matches = items
+            .iter()
+            .filter(|i| i.pointer(&kind.name_field).and_then(id_string).as_deref() == Some(name));
         let Some(found) = matches.next() else {
             return Ok(None);
         };
@@ -104,12 +104,18 @@ impl HttpTarget {
                 format!("the target holds several `{}` items named `{name}`; tidemark cannot tell which one to adopt. Remove the duplicates", kind.name),
             ));
         }
-        let id = found.pointer(&kind.id_field).and_then(id_string).ok_or_else(|| {
-            Self::permanent(
-                event,
-                format!("the target's `{}` item named `{name}` has no id at `{}`", kind.name, kind.id_field),
-            )
-        })?;
+        let id = found
+            .pointer(&kind.id_field)
+            .and_then(id_string)
+            .ok_or_else(|| {
+                Self::permanent(
+                    event,
+                    format!(
+                        "the target's `{}` item named `{name}` has no id at `{}`",
+                        kind.name, kind.id_field
+                    ),
+                )
+            })?;
         Ok(Some((id, found.clone())))
     }
 
@@ -132,7 +138,11 @@ impl HttpTarget {
         };
         match self
             .client
-            .send(method, &kind.item_path(&encode_query_value(id)), Some(desired))
+            .send(
+                method,
+                &kind.item_path(&encode_query_value(id)),
+                Some(desired),
+            )
             .await
         {
             Ok(_) => Ok(true),
@@ -178,15 +188,18 @@ impl HttpTarget {
             .json(Method::POST, &kind.path, Some(desired))
             .await
             .map_err(|e| self.error(event, e))?;
-        let id = body.pointer(&kind.id_field).and_then(id_string).ok_or_else(|| {
-            Self::permanent(
-                event,
-                format!(
-                    "POST {}: the response has no id at `{}`; set id_field for kind `{}`",
-                    resp.url, kind.id_field, kind.name
-                ),
-            )
-        })?;
+        let id = body
+            .pointer(&kind.id_field)
+            .and_then(id_string)
+            .ok_or_else(|| {
+                Self::permanent(
+                    event,
+                    format!(
+                        "POST {}: the response has no id at `{}`; set id_field for kind `{}`",
+                        resp.url, kind.id_field, kind.name
+                    ),
+                )
+            })?;
         Ok(Effect {
             outcome: Outcome::Created,
             target_id: Some(id),
@@ -211,7 +224,11 @@ impl Target for HttpTarget {
                 };
                 match self
                     .client
-                    .send(Method::DELETE, &kind.item_path(&encode_query_value(&id)), None)
+                    .send(
+                        Method::DELETE,
+                        &kind.item_path(&encode_query_value(&id)),
+                        None,
+                    )
                     .await
                 {
                     Ok(_) => {}
@@ -225,7 +242,10 @@ impl Target for HttpTarget {
             }
             Op::Upsert => {
                 let Some(Body::Json(body)) = &event.body else {
-                    return Err(Self::permanent(event, "the event carries no JSON body".into()));
+                    return Err(Self::permanent(
+                        event,
+                        "the event carries no JSON body".into(),
+                    ));
                 };
                 let mut desired = body.clone();
                 strip_fields(&mut desired, &kind.strip);
