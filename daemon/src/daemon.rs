@@ -77,9 +77,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .iter()
         .map(|p| Pipeline::build(p, &state).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
-    for p in &pipelines {
-        p.status().await?;
-    }
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -106,6 +103,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pipelines: pipelines.clone(),
         ready: false.into(),
     });
+    let server = {
+        let (state, cancel) = (server_state.clone(), endpoints.clone());
+        tokio::spawn(async move {
+            if let Err(e) = server::serve(listener, state, cancel).await {
+                error!("HTTP endpoints stopped: {e}");
+            }
+        })
+    };
+
+    // A log on a remote broker may be unreachable at start: retry with backoff while
+    // /readyz says not ready, and stop quietly if asked to meanwhile.
+    tokio::pin!(shutdown);
+    for p in &pipelines {
+        let mut delay = std::time::Duration::from_millis(500);
+        while let Err(e) = p.log.connect().await {
+            error!(pipeline = %p.name(), "{e}; retrying in {delay:?} (/readyz answers not ready until then)");
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => {
+                    endpoints.cancel();
+                    let _ = server.await;
+                    let _ = std::fs::remove_file(&addr_file);
+                    info!("stopped before the event log was reachable");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
+        }
+        p.status().await?;
+    }
 
     for p in &pipelines {
         let (pipeline, cancel, guard) = (
@@ -116,6 +144,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let (reports_dir, retention) = (config.reports_dir.clone(), config.report_retention);
         tracker.spawn(async move {
             let _guard = guard;
+            if !pipeline.config.role.scans() {
+                return;
+            }
             let progress = Progress::hidden();
             let mut cycle = Cycle::new(pipeline.clone(), reports_dir, retention);
             loop {
@@ -144,7 +175,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
         tracker.spawn(async move {
             let _guard = guard;
-            pipeline.projector.run(cancel).await;
+            if pipeline.config.role.projects() {
+                pipeline.projector.run(cancel).await;
+            }
         });
     }
     {
@@ -169,14 +202,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         });
     }
-    let server = {
-        let (state, cancel) = (server_state.clone(), endpoints.clone());
-        tokio::spawn(async move {
-            if let Err(e) = server::serve(listener, state, cancel).await {
-                error!("HTTP endpoints stopped: {e}");
-            }
-        })
-    };
     server_state.ready.store(true, Ordering::SeqCst);
     info!(pipelines = pipelines.len(), "tidemark is running");
 

@@ -102,6 +102,13 @@ enum LogCommand {
         /// Its offset.
         offset: u64,
     },
+    /// Copy a pipeline's sled log (in `state_dir`) into the Kafka topic its config now
+    /// names, keeping order, and move the projector's committed position to match, so
+    /// syncing continues on Kafka with nothing applied twice.
+    Migrate {
+        #[command(flatten)]
+        select: Select,
+    },
 }
 
 #[derive(clap::Args)]
@@ -497,6 +504,11 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
         ),
     };
     match cmd {
+        LogCommand::Migrate { select } => {
+            for p in session.pipelines(&select)? {
+                migrate(&session, &p).await?;
+            }
+        }
         LogCommand::Show { select, offset } => {
             for p in session.pipelines(&select)? {
                 let records = p.log.read(0, offset, 1).await?;
@@ -524,4 +536,71 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `log migrate` for one pipeline: sled records in offset order → Kafka, then the
+/// projector's committed offset mapped onto each Kafka partition.
+async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
+    use tidemark::config::LogConfig;
+    use tidemark::log::{EventLog, KafkaLog, SledLog};
+    let LogConfig::Kafka(kafka) = &p.config.log else {
+        anyhow::bail!(
+            "pipeline `{}`: its config names no Kafka log; set [pipeline.log.kafka] first, then migrate",
+            p.name()
+        );
+    };
+    let sled = SledLog::open(session.state.db(), p.name())?;
+    let to = KafkaLog::new(kafka, p.name())?;
+    to.connect().await?;
+    let consumer = p.projector.consumer();
+    let mut heads = Vec::new();
+    for part in 0..to.partitions() {
+        heads.push(to.head(part).await?);
+    }
+    anyhow::ensure!(
+        heads.iter().all(|h| *h == 0),
+        "pipeline `{}`: Kafka topic `{}` already holds records; migrate copies into a new, empty topic",
+        p.name(),
+        to.topic()
+    );
+    let head = sled.head(0).await?;
+    let applied = sled.committed(consumer, 0).await?.min(head);
+    // Next offset to read per Kafka partition: one past the last copied event that the
+    // projector had already applied (sled offset below its committed offset).
+    let mut next = vec![0u64; to.partitions() as usize];
+    let (mut from, mut copied, mut invalid) = (0, 0u64, 0u64);
+    while from < head {
+        let records = sled.read(0, from, 1000).await?;
+        let Some(last) = records.last() else { break };
+        from = last.offset + 1;
+        let mut events = Vec::with_capacity(records.len());
+        let mut sled_offsets = Vec::with_capacity(records.len());
+        for r in records {
+            match r.event {
+                Ok(e) => {
+                    sled_offsets.push(r.offset);
+                    events.push(e);
+                }
+                Err(e) => {
+                    invalid += 1;
+                    eprintln!("skipping sled offset {} (not a valid event): {e}", r.offset);
+                }
+            }
+        }
+        copied += events.len() as u64;
+        for (sled_offset, (partition, offset)) in sled_offsets.into_iter().zip(to.append_acked(events).await?) {
+            if sled_offset < applied {
+                next[partition as usize] = offset + 1;
+            }
+        }
+    }
+    for (partition, n) in next.iter().enumerate() {
+        to.seek(consumer, partition as u32, *n).await?;
+    }
+    println!(
+        "pipeline {}: copied {copied} events ({invalid} invalid skipped) from sled into Kafka topic `{}`; committed offsets per partition {next:?} (sled committed {applied} of {head})",
+        p.name(),
+        to.topic()
+    );
+    Ok(())
 }

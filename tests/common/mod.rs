@@ -16,7 +16,10 @@ pub fn bin() -> PathBuf {
 
 /// Repository root (for `ops/` scripts).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// A test's private world: a temporary directory with `src/`, `dst/`, `state/` and a config.
@@ -186,7 +189,10 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -236,13 +242,27 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
     let mut out = BTreeMap::new();
     for entry in walkdir::WalkDir::new(root).min_depth(1) {
         let entry = entry.unwrap();
-        let rel = entry.path().strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
         let meta = entry.path().symlink_metadata().unwrap();
         let mode = meta.permissions().mode() & 0o777;
         let value = if meta.is_dir() {
             ('d', mode, vec![])
         } else if meta.file_type().is_symlink() {
-            ('l', 0, std::fs::read_link(entry.path()).unwrap().as_os_str().as_bytes().to_vec())
+            (
+                'l',
+                0,
+                std::fs::read_link(entry.path())
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            )
         } else {
             ('f', mode, std::fs::read(entry.path()).unwrap())
         };
@@ -257,8 +277,18 @@ pub fn assert_mirror(src: &Path, dst: &Path) {
     let b = snapshot(dst);
     if a != b {
         let show = |k: &Vec<u8>| String::from_utf8_lossy(k).into_owned();
-        let missing: Vec<String> = a.keys().filter(|k| !b.contains_key(*k)).map(show).take(10).collect();
-        let extra: Vec<String> = b.keys().filter(|k| !a.contains_key(*k)).map(show).take(10).collect();
+        let missing: Vec<String> = a
+            .keys()
+            .filter(|k| !b.contains_key(*k))
+            .map(show)
+            .take(10)
+            .collect();
+        let extra: Vec<String> = b
+            .keys()
+            .filter(|k| !a.contains_key(*k))
+            .map(show)
+            .take(10)
+            .collect();
         let differ: Vec<String> = a
             .iter()
             .filter(|(k, v)| b.get(*k).is_some_and(|w| w != *v))
@@ -277,4 +307,66 @@ pub fn outcome(report: &serde_json::Value, name: &str) -> u64 {
 /// Counts of an outcome for one kind in a project report.
 pub fn kind_outcome(report: &serde_json::Value, kind: &str, name: &str) -> u64 {
     report["by_kind"][kind][name].as_u64().unwrap_or(0)
+}
+
+/// How to start the broker the Kafka tests need.
+pub const KAFKA_HINT: &str =
+    "start one with `export TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh start)`";
+
+/// Bootstrap address of the test broker from `TIDEMARK_KAFKA_BROKERS`; fails the test,
+/// naming the command that starts one, when it is unset or does not answer.
+pub fn kafka_brokers() -> String {
+    let brokers = std::env::var("TIDEMARK_KAFKA_BROKERS").unwrap_or_else(|_| {
+        panic!("TIDEMARK_KAFKA_BROKERS is not set: the Kafka tests need a broker; {KAFKA_HINT}")
+    });
+    assert!(
+        tcp_answers(brokers.split(',').next().unwrap_or("").trim()),
+        "the Kafka broker {brokers} (TIDEMARK_KAFKA_BROKERS) does not answer; {KAFKA_HINT}"
+    );
+    brokers
+}
+
+/// Whether something accepts TCP connections at `host:port`.
+pub fn tcp_answers(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok())
+}
+
+/// A name no other test (or earlier run) uses, for Kafka topics and groups.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A `[pipeline.log.kafka]` table (to end a `pipeline_extra`) on `topic` and `group`.
+pub fn kafka_log_section(brokers: &str, topic: &str, group: &str, partitions: u32) -> String {
+    format!(
+        "\n[pipeline.log.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup = \"{group}\"\npartitions = {partitions}\nsession_timeout = \"6s\"\n"
+    )
+}
+
+/// Runs an `ops/` script with arguments and returns its stdout; panics with its stderr.
+pub fn ops(script: &str, args: &[&str]) -> String {
+    let out = Command::new(repo_root().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{script} cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

@@ -4,6 +4,7 @@
 //! Offsets are per partition, assigned by the log, and only grow. A committed offset is the
 //! *next offset to read*: every event below it has been applied to the target.
 
+pub mod kafka;
 pub mod sled;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tidemark_proto::{DecodeError, Event};
 use crate::config::{LogConfig, PipelineConfig};
 use crate::state::State;
 
+pub use self::kafka::KafkaLog;
 pub use self::sled::SledLog;
 
 /// One record as read back: where it sits, and the event or why it could not be decoded.
@@ -127,11 +129,39 @@ pub trait EventLog: Send + Sync {
 
     /// Sets the committed offset to any value, backwards included (`replay`).
     async fn seek(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError>;
+
+    /// Reaches the backend and makes sure the log exists (Kafka: contacts the brokers and
+    /// creates the topic). `run` retries it with backoff and reports not-ready until it
+    /// succeeds; every other operation connects on first use.
+    async fn connect(&self) -> Result<(), ReadError> {
+        Ok(())
+    }
+
+    /// The partitions `consumer` should work on now, in order. A backend whose consumers
+    /// share partitions through group membership (Kafka) joins the consumer's group and
+    /// returns its current assignment, which a rebalance may change at any time; the
+    /// default is every partition.
+    async fn assigned(&self, _consumer: &str) -> Result<Vec<u32>, ReadError> {
+        Ok((0..self.partitions()).collect())
+    }
+
+    /// Whether several processes may work on this log's partitions in turn, so a
+    /// partition this process gains may have been projected by another one meanwhile.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// The partition the events of an item are appended to, by its identity
+    /// ([`tidemark_proto::Event::identity`]).
+    fn partition_of(&self, _identity: &str) -> u32 {
+        0
+    }
 }
 
 /// Opens the log a pipeline is configured with.
 pub fn open(pipeline: &PipelineConfig, state: &State) -> Result<Arc<dyn EventLog>, ReadError> {
     match &pipeline.log {
         LogConfig::Sled => Ok(Arc::new(SledLog::open(state.db(), &pipeline.name)?)),
+        LogConfig::Kafka(kafka) => Ok(Arc::new(KafkaLog::new(kafka, &pipeline.name)?)),
     }
 }

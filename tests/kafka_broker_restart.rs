@@ -1,0 +1,147 @@
+//! Broker restarts (issue 4): the daemon keeps running while its broker restarts; appends
+//! and projection resume, no event is lost, none is applied twice, lag returns to 0. This
+//! test starts its own broker (own port, own data) so other tests keep theirs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const PORT: &str = "19193";
+
+struct Broker {
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> (Broker, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = ops(
+            "ops/peers/kafka.sh",
+            &["start", PORT, dir.path().to_str().unwrap()],
+        );
+        (Broker { dir }, addr.trim().to_owned())
+    }
+
+    fn run(&self, cmd: &str) {
+        ops(
+            "ops/peers/kafka.sh",
+            &[cmd, PORT, self.dir.path().to_str().unwrap()],
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.run("stop");
+    }
+}
+
+fn applied(log: &str, outcome: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("applied") && l.contains("kind=file "))
+        .filter(|l| {
+            l.contains(&format!("outcome=\"{outcome}\""))
+                || l.contains(&format!("outcome={outcome}"))
+        })
+        .count()
+}
+
+#[test]
+fn issue_4_broker_restart_during_a_run_loses_nothing() {
+    let (broker, brokers) = Broker::start();
+    let topic = unique("restart");
+    let env = Env::dirs(
+        &format!(
+            "batch_size = 10\n{}",
+            kafka_log_section(&brokers, &topic, &topic, 2)
+        ),
+        "",
+    );
+    for i in 0..50 {
+        write(
+            env.src().join(format!("a/{i:03}.txt")),
+            format!("before {i}\n"),
+        );
+    }
+    let daemon = env.spawn_daemon();
+    let first = wait_for(Duration::from_secs(90), || {
+        (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+    });
+    assert!(
+        first.is_some(),
+        "no first mirror; log:\n{}",
+        env.daemon_log()
+    );
+
+    broker.run("restart");
+    // Changes made while the broker is (re)starting and after.
+    for i in 0..50 {
+        write(
+            env.src().join(format!("b/{i:03}.txt")),
+            format!("after {i}\n"),
+        );
+    }
+    let mirrored = wait_for(Duration::from_secs(180), || {
+        (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+    });
+    assert!(
+        mirrored.is_some(),
+        "no mirror after the restart; log:\n{}",
+        env.daemon_log()
+    );
+    let caught_up = wait_for(Duration::from_secs(60), || {
+        (daemon.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0).then_some(())
+    });
+    assert!(
+        caught_up.is_some(),
+        "lag stays above 0: {:?}",
+        daemon.metrics()
+    );
+    let log = env.daemon_log();
+    assert_eq!(
+        applied(&log, "created"),
+        100,
+        "every file created exactly once:\n{log}"
+    );
+    assert_eq!(applied(&log, "updated"), 0, "no file rewritten:\n{log}");
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
+}
+
+#[test]
+fn issue_4_unreachable_broker_at_start_is_not_ready_then_recovers() {
+    // A port nobody listens on yet: the daemon reports not ready and retries.
+    let dir = tempfile::tempdir().unwrap();
+    let port = "19194";
+    let topic = unique("late");
+    let env = Env::dirs(
+        &kafka_log_section(&format!("127.0.0.1:{port}"), &topic, &topic, 1),
+        "",
+    );
+    write(env.src().join("x.txt"), "x\n");
+    let daemon = env.spawn_daemon();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(daemon.get("/readyz").status(), 503);
+    let log = env.daemon_log();
+    assert!(log.contains("cannot reach the Kafka brokers"), "{log}");
+    assert!(log.contains("retrying in"), "{log}");
+
+    let d = dir.path().to_str().unwrap();
+    ops("ops/peers/kafka.sh", &["start", port, d]);
+    let ready = wait_for(Duration::from_secs(90), || {
+        (daemon.get("/readyz").status() == 200).then_some(())
+    });
+    let result = std::panic::catch_unwind(|| {
+        assert!(ready.is_some(), "never ready; log:\n{}", env.daemon_log());
+        let mirrored = wait_for(Duration::from_secs(60), || {
+            (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+        });
+        assert!(mirrored.is_some(), "no mirror; log:\n{}", env.daemon_log());
+    });
+    drop(daemon);
+    ops("ops/peers/kafka.sh", &["stop", port, d]);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

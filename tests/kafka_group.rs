@@ -1,0 +1,121 @@
+//! Several daemons, one consumer group (issue 4): two `tidemark run` processes project the
+//! same Kafka pipeline, one of them is SIGKILLed mid-projection, the other takes its
+//! partitions over; the target equals the source and no file is written twice.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Lines of a daemon log saying a `kind` item was applied with `outcome`.
+fn applied(log: &str, kind: &str, outcome: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(" applied ") || l.contains(": applied"))
+        .filter(|l| l.contains(&format!("kind={kind} ")))
+        .filter(|l| {
+            l.contains(&format!("outcome=\"{outcome}\""))
+                || l.contains(&format!("outcome={outcome}"))
+        })
+        .count()
+}
+
+/// A config for a daemon with its own state and port, mirroring `src` into `dst`.
+fn config(src: &std::path::Path, dst: &std::path::Path, role: &str, kafka: &str) -> String {
+    format!(
+        r#"state_dir = "state"
+listen = "127.0.0.1:0"
+shutdown_timeout = "20s"
+
+[[pipeline]]
+name = "t"
+scan_interval = "500ms"
+role = "{role}"
+batch_size = 5
+concurrency = 1
+{kafka}
+[pipeline.source.dir]
+path = "{}"
+
+[pipeline.target.dir]
+path = "{}"
+"#,
+        src.display(),
+        dst.display()
+    )
+}
+
+#[test]
+fn issue_4_sigkill_one_of_two_daemons_the_other_takes_over() {
+    let brokers = kafka_brokers();
+    let topic = unique("group");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 4);
+    let scanner = Env::dirs("", "");
+    let other = Env::dirs("", "");
+    let (src, dst) = (scanner.src(), scanner.dst());
+    const FILES: usize = 400;
+    for i in 0..FILES {
+        write(
+            src.join(format!("f/{i:04}.txt")),
+            format!("content of file {i}\n").repeat(50),
+        );
+    }
+    scanner.write_config(&config(&src, &dst, "both", &kafka));
+    other.write_config(&config(&src, &dst, "project", &kafka));
+
+    // The projector-only daemon first, so both are in the group before most events land.
+    let victim = other.spawn_daemon();
+    let survivor = scanner.spawn_daemon();
+    let started = wait_for(Duration::from_secs(90), || {
+        let n = std::fs::read_dir(dst.join("f"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        (n >= 40).then_some(n)
+    });
+    assert!(
+        started.is_some(),
+        "projection did not start; logs:\n{}\n{}",
+        scanner.daemon_log(),
+        other.daemon_log()
+    );
+    let victim_log = other.daemon_log();
+    assert!(
+        applied(&victim_log, "file", "created") > 0,
+        "both daemons project (the group split the partitions); victim log:\n{victim_log}"
+    );
+    victim.kill9();
+
+    let mirrored = wait_for(Duration::from_secs(120), || {
+        (snapshot(&src) == snapshot(&dst)).then_some(())
+    });
+    assert!(
+        mirrored.is_some(),
+        "no mirror after the takeover; survivor log:\n{}",
+        scanner.daemon_log()
+    );
+    assert_mirror(&src, &dst);
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        (survivor.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0).then_some(())
+    });
+    assert!(
+        caught_up.is_some(),
+        "lag stays above 0: {:?}",
+        survivor.metrics()
+    );
+
+    // No duplicate effect: each file was written exactly once, by one daemon or the other;
+    // what the victim applied but had not committed was adopted, not rewritten.
+    let (a, b) = (scanner.daemon_log(), other.daemon_log());
+    let created = applied(&a, "file", "created") + applied(&b, "file", "created");
+    let updated = applied(&a, "file", "updated") + applied(&b, "file", "updated");
+    assert_eq!(
+        created, FILES,
+        "every file created once; survivor log:\n{a}"
+    );
+    assert_eq!(updated, 0, "no file rewritten");
+    assert!(
+        a.contains("took over partitions"),
+        "the survivor took partitions over:\n{a}"
+    );
+    assert!(survivor.terminate().success());
+}

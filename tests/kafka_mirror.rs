@@ -1,0 +1,135 @@
+//! The directory mirror end to end on the Kafka backend (issue 4): the real binary, real
+//! directories, a fresh topic and group on the broker `ops/peers/kafka.sh start` runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn kafka_env(partitions: u32) -> (Env, String) {
+    let brokers = kafka_brokers();
+    let topic = unique("mirror");
+    let env = Env::dirs(
+        &kafka_log_section(&brokers, &topic, &topic, partitions),
+        "prune = true",
+    );
+    (env, topic)
+}
+
+#[test]
+fn issue_4_mirrors_a_tree_through_kafka() {
+    let (env, _topic) = kafka_env(3);
+    let src = env.src();
+    write(src.join("top.txt"), "top level\n");
+    write(src.join("a/b/c/deep.txt"), "nested\n");
+    write(src.join("unicode/naïve café ✓.txt"), "ünïcödé\n");
+    for i in 0..40 {
+        write(src.join(format!("many/f{i:03}.txt")), format!("file {i}\n"));
+    }
+    let (scan, project) = env.sync();
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 43, "{project}");
+    assert_mirror(&src, &env.dst());
+
+    // Nothing changed: nothing appended, nothing applied.
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(project["events"], 0, "{project}");
+
+    // A change and a file delete travel through the topic too.
+    write(src.join("top.txt"), "changed\n");
+    std::fs::remove_file(src.join("many/f007.txt")).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(kind_outcome(&project, "file", "updated"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "deleted"), 1, "{project}");
+    assert_mirror(&src, &env.dst());
+
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["log"], "kafka", "{status}");
+    assert_eq!(status[0]["lag_events"], 0, "{status}");
+}
+
+#[test]
+fn issue_4_daemon_tails_kafka_and_lag_returns_to_zero() {
+    let (env, _topic) = kafka_env(3);
+    write(env.src().join("first.txt"), "1\n");
+    let daemon = env.spawn_daemon();
+    let ready = wait_for(Duration::from_secs(60), || {
+        (daemon.get("/readyz").status() == 200).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "daemon not ready; log:\n{}",
+        env.daemon_log()
+    );
+    for i in 0..20 {
+        write(env.src().join(format!("d/{i}.txt")), format!("{i}\n"));
+    }
+    let mirrored = wait_for(Duration::from_secs(60), || {
+        (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+    });
+    assert!(mirrored.is_some(), "no mirror; log:\n{}", env.daemon_log());
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        (daemon.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0).then_some(())
+    });
+    assert!(
+        caught_up.is_some(),
+        "lag stays above 0: {:?}",
+        daemon.metrics()
+    );
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
+}
+
+#[test]
+fn issue_4_invalid_records_are_reported_and_skipped() {
+    let (env, topic) = kafka_env(1);
+    write(env.src().join("good.txt"), "ok\n");
+    env.sync();
+    // Garbage and a future schema version, written by another producer.
+    produce_raw(
+        &topic,
+        &[
+            b"not json at all".to_vec(),
+            br#"{"v":99,"kind":"file"}"#.to_vec(),
+        ],
+    );
+    write(env.src().join("after.txt"), "after\n");
+    let out = env.cmd(&["sync", "--output", "json"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        kind_outcome(&v[0]["project"], "invalid", "failed"),
+        2,
+        "{v}"
+    );
+    assert_eq!(kind_outcome(&v[0]["project"], "file", "created"), 1, "{v}");
+    let reported: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("not a valid event"))
+        .collect();
+    assert_eq!(reported.len(), 2, "{stderr}");
+    assert!(
+        reported
+            .iter()
+            .all(|l| l.contains("partition=0") && l.contains("offset=")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("schema version 99"), "{stderr}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// Appends raw bytes to partition 0 of `topic` with a plain rdkafka producer.
+fn produce_raw(topic: &str, payloads: &[Vec<u8>]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .unwrap();
+    for p in payloads {
+        producer
+            .send(BaseRecord::<(), _>::to(topic).payload(p).partition(0))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
