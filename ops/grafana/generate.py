@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Generates tidemark.json (the Grafana dashboard): python3 ops/grafana/generate.py"""
+import json
+DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+P = 'pipeline=~"$pipeline"'
+panels = []
+pid = 0
+def ts(title, targets, unit="short", x=0, y=0, w=12, h=8, desc="", stack=False):
+    global pid
+    pid += 1
+    panels.append({
+        "id": pid, "type": "timeseries", "title": title, "description": desc,
+        "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit, "min": 0,
+            "custom": {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10,
+                       "stacking": {"mode": "normal" if stack else "none", "group": "A"}}},
+            "overrides": []},
+        "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+                    "tooltip": {"mode": "multi", "sort": "desc"}},
+        "targets": [{"datasource": DS, "refId": chr(65 + i), "expr": e, "legendFormat": l}
+                    for i, (e, l) in enumerate(targets)],
+    })
+def stat(title, expr, unit, x, y, w=6, h=4, desc="", thresholds=None, legend="{{pipeline}}"):
+    global pid
+    pid += 1
+    panels.append({
+        "id": pid, "type": "stat", "title": title, "description": desc, "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit, "thresholds": thresholds or {"mode": "absolute", "steps": [{"color": "green", "value": None}]}}, "overrides": []},
+        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                    "colorMode": "background", "graphMode": "area", "textMode": "value_and_name"},
+        "targets": [{"datasource": DS, "refId": "A", "expr": expr, "legendFormat": legend}],
+    })
+def row(title, y):
+    global pid
+    pid += 1
+    panels.append({"id": pid, "type": "row", "title": title, "collapsed": False,
+                   "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []})
+
+red_at = lambda v: {"mode": "absolute", "steps": [{"color": "green", "value": None}, {"color": "red", "value": v}]}
+row("Is the target behind?", 0)
+stat("Lag (events)", f'tidemark_lag_events{{{P}}}', "short", 0, 1, desc="Events appended but not yet applied.", thresholds=red_at(1000))
+stat("Lag (seconds)", f'tidemark_lag_seconds{{{P}}}', "s", 6, 1, desc="Age of the oldest unapplied change; 0 when caught up.", thresholds=red_at(600))
+stat("Source freshness", f'tidemark_source_freshness_seconds{{{P}}}', "s", 12, 1, desc="Seconds since the last complete, error-free scan.", thresholds=red_at(900))
+stat("Delete guard", f'tidemark_delete_guard_active{{{P}}}', "short", 18, 1, desc="1 while the last scan's deletes are withheld by max_delete.", thresholds=red_at(1))
+ts("Lag in events per pipeline", [(f'tidemark_lag_events{{{P}}}', "{{pipeline}}"), (f'tidemark_deferred_events{{{P}}}', "{{pipeline}} deferred")], "short", 0, 5,
+   desc="Events appended to the log but not yet applied to the target.")
+ts("Lag in seconds per pipeline", [(f'tidemark_lag_seconds{{{P}}}', "{{pipeline}}")], "s", 12, 5,
+   desc="Age of the oldest unapplied event. Grows while the projector is stuck, even if the source is idle.")
+ts("Log head and committed offset", [(f'tidemark_log_head_offset{{{P}}}', "{{pipeline}} head"),
+                                      (f'tidemark_committed_offset{{{P}}}', "{{pipeline}} committed")], "short", 0, 13,
+   desc="The gap between the lines is the lag in events.")
+ts("Events appended by op", [(f'sum by (pipeline, op) (rate(tidemark_events_appended_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{op}}")],
+   "ops", 12, 13, desc="Changes the scanner found, per second.")
+row("What is it doing?", 21)
+ts("Apply rate by outcome", [(f'sum by (pipeline, outcome) (rate(tidemark_applies_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{outcome}}")],
+   "ops", 0, 22, stack=True, desc="Events projected per second: created, updated, adopted, deleted, unchanged, stale, deferred, failed, retained.")
+ts("Apply batch duration", [
+    (f'histogram_quantile(0.5, sum by (pipeline, le) (rate(tidemark_apply_batch_duration_seconds_bucket{{{P}}}[$__rate_interval])))', "{{pipeline}} p50"),
+    (f'histogram_quantile(0.95, sum by (pipeline, le) (rate(tidemark_apply_batch_duration_seconds_bucket{{{P}}}[$__rate_interval])))', "{{pipeline}} p95"),
+    (f'sum by (pipeline) (rate(tidemark_apply_batch_duration_seconds_sum{{{P}}}[$__rate_interval])) / sum by (pipeline) (rate(tidemark_apply_batch_duration_seconds_count{{{P}}}[$__rate_interval]))', "{{pipeline}} mean"),
+], "s", 12, 22, desc="Time to apply, make durable and commit one batch.")
+row("Errors and retries", 30)
+ts("Errors", [
+    (f'sum by (pipeline, class) (rate(tidemark_apply_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} apply {{class}}"),
+    (f'sum by (pipeline) (rate(tidemark_applies_total{{{P}, outcome="failed"}}[$__rate_interval]))', "{{pipeline}} failed events"),
+    (f'sum by (pipeline) (rate(tidemark_scan_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} scan errors"),
+    (f'sum by (pipeline) (rate(tidemark_log_decode_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} undecodable records"),
+], "ops", 0, 31, desc="Transient apply errors are retried; failed events block their key until it changes (see `tidemark status`).")
+ts("Retries and requests", [
+    (f'sum by (pipeline, side) (rate(tidemark_retries_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} retries"),
+    (f'sum by (pipeline, side, status_class) (rate(tidemark_requests_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} {{status_class}}"),
+], "reqps", 12, 31, desc="Requests to REST sources and targets by status class, and retries after transient failures.")
+ts("Delete guard trips", [(f'increase(tidemark_delete_guard_trips_total{{{P}}}[$__range])', "{{pipeline}}")], "short", 0, 39, w=12,
+   desc="Scans whose deletes max_delete withheld, in the dashboard's time range.")
+ts("Scans by result", [(f'sum by (pipeline, result) (increase(tidemark_scans_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{result}}")],
+   "short", 12, 39, stack=True, desc="ok; degraded (some entries failed: no deletes); failed.")
+row("Scanner", 47)
+ts("Scan duration", [
+    (f'histogram_quantile(0.5, sum by (pipeline, le) (rate(tidemark_scan_duration_seconds_bucket{{{P}}}[$__rate_interval])))', "{{pipeline}} p50"),
+    (f'histogram_quantile(0.95, sum by (pipeline, le) (rate(tidemark_scan_duration_seconds_bucket{{{P}}}[$__rate_interval])))', "{{pipeline}} p95"),
+], "s", 0, 48, desc="How long one listing and diff of the source takes.")
+ts("Source freshness", [
+    (f'tidemark_source_freshness_seconds{{{P}}}', "{{pipeline}}"),
+    (f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "{{pipeline}} (from timestamp)"),
+    (f'time() - tidemark_last_apply_timestamp_seconds{{{P}}}', "{{pipeline}} since last apply"),
+], "s", 12, 48, desc="Seconds since the last complete, error-free scan; a saw-tooth of scan_interval is healthy, a rising line is a stalled scanner.")
+
+dash = {
+    "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "description": "The Prometheus that scrapes tidemark",
+                  "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}],
+    "__requires": [{"type": "grafana", "id": "grafana", "name": "Grafana", "version": "9.0.0"},
+                   {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+                   {"type": "panel", "id": "timeseries", "name": "Time series", "version": ""},
+                   {"type": "panel", "id": "stat", "name": "Stat", "version": ""}],
+    "uid": "tidemark",
+    "title": "tidemark",
+    "description": "tidemark sync daemon: lag, applies, errors, retries, scans. Metrics: docs/metrics.md.",
+    "tags": ["tidemark"],
+    "timezone": "utc",
+    "schemaVersion": 39,
+    "version": 1,
+    "editable": True,
+    "graphTooltip": 1,
+    "refresh": "30s",
+    "time": {"from": "now-6h", "to": "now"},
+    "templating": {"list": [
+        {"name": "DS_PROMETHEUS", "type": "datasource", "query": "prometheus", "label": "Data source", "hide": 0,
+         "current": {}, "options": [], "refresh": 1, "regex": ""},
+        {"name": "pipeline", "type": "query", "label": "Pipeline", "datasource": DS,
+         "query": {"query": "label_values(tidemark_lag_events, pipeline)", "refId": "pipeline"},
+         "definition": "label_values(tidemark_lag_events, pipeline)",
+         "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+         "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "options": []},
+    ]},
+    "annotations": {"list": []},
+    "panels": panels,
+}
+import pathlib
+json.dump(dash, open(pathlib.Path(__file__).with_name("tidemark.json"), "w"), indent=2)
