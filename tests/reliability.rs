@@ -303,3 +303,91 @@ fn issue_6_state_directory_is_owner_only() {
     let mode = std::fs::metadata(env.path("state")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "state directory mode {mode:o}");
 }
+
+#[test]
+fn issue_6_a_second_signal_exits_at_once_and_loses_nothing() {
+    let env = Env::dirs("batch_size = 10\nscan_interval = \"1h\"", "prune = true");
+    for i in 0..2000 {
+        write(env.src().join(format!("s{}/f{i}", i % 20)), format!("{i}").repeat(200));
+    }
+    env.ok(&["scan"]);
+    let mut daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["committed"].as_u64()? > 0).then_some(())
+    })
+    .expect("projection started");
+    daemon.signal("TERM");
+    daemon.signal("TERM");
+    let status = daemon.child.wait().unwrap();
+    assert!(status.code() == Some(130) || status.success(), "{status:?}");
+    // Whatever was committed is on the target; a restart finishes the rest.
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn issue_6_symlink_loops_are_listing_errors_and_block_deletes() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("path = \"src\"", "path = \"src\"\nfollow_symlinks = true"));
+    write(env.src().join("a/file.txt"), "a");
+    write(env.src().join("doomed.txt"), "d");
+    env.sync();
+    std::fs::remove_file(env.src().join("doomed.txt")).unwrap();
+    std::os::unix::fs::symlink("..", env.src().join("a/loop")).unwrap();
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("symbolic link loop"), "{stderr}");
+    assert!(env.dst().join("doomed.txt").exists(), "a scan with a loop emitted deletes");
+}
+
+#[test]
+fn issue_6_very_long_names_are_mirrored() {
+    let env = Env::dirs("", "prune = true");
+    let long = "n".repeat(255);
+    let mut deep = env.src();
+    for _ in 0..12 {
+        deep = deep.join("d".repeat(200));
+    }
+    write(env.src().join(&long), "longest name");
+    write(deep.join(&long), "deep and long");
+    let (scan, _) = env.sync();
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// Peak resident memory of a process in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn issue_6_a_large_file_is_streamed_not_loaded() {
+    let env = Env::dirs("", "prune = true");
+    let size: u64 = 1 << 30;
+    {
+        let f = std::fs::File::create(env.src().join("one-gib.img")).unwrap();
+        f.set_len(size).unwrap(); // sparse: reads as zeros without using disk
+        use std::io::{Seek, Write};
+        let mut f = f;
+        f.seek(std::io::SeekFrom::Start(size / 2)).unwrap();
+        f.write_all(b"a marker in the middle").unwrap();
+    }
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(300), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        let s = &v[0];
+        (s["lag_events"] == 0 && s["head"].as_u64()? > 0).then_some(())
+    })
+    .expect("the large file was mirrored");
+    let rss = peak_rss(daemon.child.id());
+    assert!(rss < 150 * 1024 * 1024, "peak RSS {} MiB while copying 1 GiB", rss >> 20);
+    assert!(daemon.terminate().success());
+    assert_eq!(std::fs::metadata(env.dst().join("one-gib.img")).unwrap().len(), size);
+    let out = env.run(&["verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

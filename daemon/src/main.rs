@@ -142,7 +142,18 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors already quote their cause; print each cause only once.
+            let mut message = String::new();
+            for cause in e.chain().map(ToString::to_string) {
+                if !message.contains(&cause) {
+                    message = if message.is_empty() {
+                        cause
+                    } else {
+                        format!("{message}: {cause}")
+                    };
+                }
+            }
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }

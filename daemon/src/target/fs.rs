@@ -396,3 +396,54 @@ impl Target for DirTarget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use tidemark_proto::SCHEMA_VERSION;
+
+    fn event(key: &str) -> Event {
+        let bytes = b"escape attempt".to_vec();
+        Event {
+            v: SCHEMA_VERSION,
+            pipeline: "t".into(),
+            partition: 0,
+            offset: 0,
+            kind: "file".into(),
+            key: key.into(),
+            op: Op::Upsert,
+            checksum: checksum_bytes(&bytes),
+            mode: Some(0o644),
+            name: None,
+            refs: vec![],
+            body: Some(Body::Base64(bytes)),
+            blob: None,
+            observed_at: Utc::now(),
+            scan: "s".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_never_escape_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let target = DirTarget::new(
+            &DirTargetConfig {
+                path: root.clone(),
+                prune: true,
+            },
+            false,
+        );
+        for key in ["../escape.txt", "a/../../escape.txt", "/etc/escape.txt", "%2E%2E/escape.txt", "", "./x"] {
+            let err = target.apply(&event(key), None).await.unwrap_err();
+            assert!(
+                matches!(&err, ApplyError::Permanent { message, .. } if message.contains("outside the target root")),
+                "{key}: {err}"
+            );
+        }
+        assert!(!dir.path().join("escape.txt").exists());
+        assert!(target.apply(&event("inside/ok.txt"), None).await.is_ok());
+        assert_eq!(fs::read(root.join("inside/ok.txt")).unwrap(), b"escape attempt");
+    }
+}

@@ -128,7 +128,8 @@ pub trait Target: Send + Sync {
     /// reach the target only when it prunes; unchanged content never reaches it.
     async fn apply(&self, event: &Event, prior: Option<&Applied>) -> Result<Effect, ApplyError>;
 
-    /// Makes every apply so far durable; called before offsets are committed.
+    /// Makes every apply so far durable and clears debris of interrupted writes; called
+    /// before offsets are committed and once when a projector starts.
     async fn flush(&self) -> Result<(), ApplyError>;
 
     /// How long an event may wait for the items it references (see the projector's
