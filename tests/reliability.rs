@@ -391,3 +391,29 @@ fn issue_6_a_large_file_is_streamed_not_loaded() {
     let out = env.run(&["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn issue_6_status_requires_the_bearer_token_which_never_leaks() {
+    let env = Env::dirs("", "prune = true");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&format!("status_token_env = \"TM_RELIABILITY_TOKEN\"\n{config}"));
+    let token = "s3cr3t-status-token-4711";
+    // SAFETY of the test: the variable name is unique to this test.
+    std::env::set_var("TM_RELIABILITY_TOKEN", token);
+    write(env.src().join("a.txt"), "a");
+    let daemon = env.spawn_daemon();
+    assert_eq!(daemon.get("/status").status(), 401);
+    let client = reqwest::blocking::Client::new();
+    let url = format!("http://{}/status", daemon.addr);
+    assert_eq!(client.get(&url).bearer_auth("wrong").send().unwrap().status(), 401);
+    assert_eq!(client.get(&url).bearer_auth(token).send().unwrap().status(), 200);
+    assert!(daemon.addr.starts_with("127.0.0.1:"));
+    // The CLI asks the running daemon (sled admits one process) with the same token.
+    let status = env.ok(&["status"]);
+    assert!(status.contains("pipeline t"), "{status}");
+    let metrics = daemon.get("/metrics").text().unwrap();
+    assert!(daemon.terminate().success());
+    for (what, text) in [("log", env.daemon_log()), ("metrics", metrics), ("status", status)] {
+        assert!(!text.contains(token), "the token leaked into the {what}");
+    }
+}

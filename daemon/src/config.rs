@@ -64,6 +64,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How long `run` waits for in-flight work after SIGINT/SIGTERM before it gives up.
     pub shutdown_timeout: Duration,
+    /// Name of the environment variable holding the bearer token `/status` requires; the
+    /// token itself never appears in the config. `None`: `/status` is open (it is on
+    /// loopback unless `listen` says otherwise).
+    pub status_token_env: Option<String>,
     /// The pipelines, in file order.
     pub pipelines: Vec<PipelineConfig>,
     /// Where run reports go: `{reports_dir}/{pipeline}/{YYYYMMDDTHHMMSSZ}/` (default
@@ -95,6 +99,34 @@ pub struct PipelineConfig {
     pub concurrency: usize,
     /// Events read, applied and committed as one batch.
     pub batch_size: usize,
+    /// What `run` does for this pipeline: scan, project or both.
+    pub role: Role,
+}
+
+/// What `tidemark run` does for a pipeline. With a shared log (Kafka) exactly one daemon
+/// should scan the source; any number may project, sharing the log's partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Scan the source and project the log (the default; the only sensible role with sled).
+    #[default]
+    Both,
+    /// Only scan the source and append to the log.
+    Scan,
+    /// Only project the log onto the target.
+    Project,
+}
+
+impl Role {
+    /// Whether this daemon runs the pipeline's scanner.
+    pub fn scans(self) -> bool {
+        matches!(self, Role::Both | Role::Scan)
+    }
+
+    /// Whether this daemon runs the pipeline's projector.
+    pub fn projects(self) -> bool {
+        matches!(self, Role::Both | Role::Project)
+    }
 }
 
 /// Which source connector.
@@ -103,6 +135,8 @@ pub struct PipelineConfig {
 pub enum SourceConfig {
     /// A directory tree.
     Dir(DirSourceConfig),
+    /// A REST API (`[pipeline.source.http]`).
+    Http(HttpSourceConfig),
 }
 
 /// Which target connector.
@@ -111,6 +145,8 @@ pub enum SourceConfig {
 pub enum TargetConfig {
     /// A directory tree.
     Dir(DirTargetConfig),
+    /// A REST API (`[pipeline.target.http]`).
+    Http(HttpTargetConfig),
 }
 
 impl TargetConfig {
@@ -118,6 +154,7 @@ impl TargetConfig {
     pub fn prune(&self) -> bool {
         match self {
             TargetConfig::Dir(d) => d.prune,
+            TargetConfig::Http(h) => h.prune,
         }
     }
 }
@@ -129,10 +166,69 @@ pub enum LogConfig {
     /// The embedded sled log in `state_dir`.
     #[default]
     Sled,
+    /// A Kafka topic (`[pipeline.log.kafka]`).
+    Kafka(KafkaLogConfig),
 }
 
-    /// A REST API (`[pipeline.source.http]`).
-    Http(HttpSourceConfig),
+/// `[pipeline.log.kafka]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaLogConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// The pipeline's topic; one topic per pipeline (default `tidemark.<pipeline>`).
+    pub topic: String,
+    /// Partitions of the topic when tidemark creates it; an existing topic keeps its own.
+    pub partitions: u32,
+    /// Replication factor of the topic when tidemark creates it.
+    pub replication: u32,
+    /// `cleanup.policy` of the topic when tidemark creates it: `compact` keeps the latest
+    /// event of every kind/key (enough to rebuild a mirror), `delete` keeps everything
+    /// until retention removes it.
+    pub cleanup_policy: String,
+    /// Consumer group the projectors of this pipeline share (default `tidemark.<pipeline>`);
+    /// daemons in one group split the partitions between them.
+    pub group: String,
+    /// How long a daemon that stopped heartbeating keeps its partitions before the group
+    /// gives them to another daemon.
+    pub session_timeout: Duration,
+    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, …).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// `[pipeline.log.kafka]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafkaLog {
+    brokers: Spanned<String>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default = "default_kafka_partitions")]
+    partitions: Spanned<u32>,
+    #[serde(default = "default_kafka_replication")]
+    replication: Spanned<u32>,
+    #[serde(default = "default_cleanup_policy")]
+    cleanup_policy: Spanned<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    session_timeout: Duration,
+    #[serde(default)]
+    properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_kafka_partitions() -> Spanned<u32> {
+    Spanned::new(0..0, 3)
+}
+fn default_kafka_replication() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+fn default_cleanup_policy() -> Spanned<String> {
+    Spanned::new(0..0, "compact".to_owned())
+}
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// `[pipeline.source.dir]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,8 +237,6 @@ pub struct DirSourceConfig {
     pub path: PathBuf,
     /// Globs (relative to the root) of files to mirror; empty means everything.
     #[serde(default)]
-    /// A REST API (`[pipeline.target.http]`).
-    Http(HttpTargetConfig),
     pub include: Vec<String>,
     /// Globs of files and directories to leave out; they win over `include`.
     #[serde(default)]
@@ -150,7 +244,6 @@ pub struct DirSourceConfig {
     /// Follow symbolic links and mirror what they point to. Off by default: links are
     /// mirrored as links, with their target path unchanged.
     #[serde(default)]
-            TargetConfig::Http(h) => h.prune,
     pub follow_symlinks: bool,
 }
 
@@ -234,6 +327,8 @@ struct RawConfig {
     listen: Spanned<String>,
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     shutdown_timeout: Duration,
+    #[serde(default)]
+    status_token_env: Option<String>,
     #[serde(rename = "pipeline", default)]
     pipelines: Vec<RawPipeline>,
     #[serde(default)]
@@ -260,18 +355,22 @@ struct RawPipeline {
     concurrency: Spanned<usize>,
     #[serde(default = "default_batch_size")]
     batch_size: Spanned<usize>,
+    #[serde(default)]
+    role: Role,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 enum RawSource {
     Dir(Spanned<DirSourceConfig>),
+    Http(Spanned<HttpSourceConfig>),
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 enum RawTarget {
     Dir(Spanned<DirTargetConfig>),
+    Http(Spanned<HttpTargetConfig>),
 }
 
 #[derive(Deserialize, Default)]
@@ -279,6 +378,7 @@ enum RawTarget {
 enum RawLog {
     #[default]
     Sled,
+    Kafka(Box<RawKafkaLog>),
 }
 
 fn default_state_dir() -> PathBuf {
@@ -320,11 +420,17 @@ impl Config {
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            let mut message = e.message().trim().to_owned();
+            // Some messages ("duplicate key") do not say which key; quote what the span covers.
+            let at = e.span().and_then(|s| text.get(s)).and_then(|t| t.lines().next());
+            if let Some(at) = at.map(str::trim).filter(|t| !t.is_empty() && !message.contains('`')) {
+                message = format!("{message}: `{at}`");
+            }
             ConfigError::Parse {
                 file: file.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message,
             }
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
@@ -357,14 +463,12 @@ impl Config {
 
         if raw.pipelines.is_empty() {
             return Err(invalid(
-    Http(Spanned<HttpSourceConfig>),
                 0..0,
                 "pipeline".into(),
                 "no [[pipeline]] is configured; add one (see config/tidemark.toml)".into(),
             ));
         }
 
-    Http(Spanned<HttpTargetConfig>),
         let mut pipelines: Vec<PipelineConfig> = Vec::new();
         for p in raw.pipelines {
             let name = p.name.get_ref().clone();
@@ -411,6 +515,13 @@ impl Config {
                     }
                     SourceConfig::Dir(d)
                 }
+                RawSource::Http(h) => {
+                    let span = h.span();
+                    let mut h = h.into_inner();
+                    h.validate(base)
+                        .map_err(|m| invalid(span, key("source.http"), m))?;
+                    SourceConfig::Http(h)
+                }
             };
             let target = match p.target {
                 RawTarget::Dir(d) => {
@@ -419,6 +530,7 @@ impl Config {
                     d.path = base.join(&d.path);
                     let source_root = match &source {
                         SourceConfig::Dir(s) => Some(&s.path),
+                        SourceConfig::Http(_) => None,
                     };
                     if let Some(root) = source_root {
                         if d.path.starts_with(root) || root.starts_with(&d.path) {
@@ -435,114 +547,6 @@ impl Config {
                     }
                     TargetConfig::Dir(d)
                 }
-            };
-            pipelines.push(PipelineConfig {
-                name,
-                scan_interval: p.scan_interval,
-                source,
-                target,
-                log: match p.log {
-                    RawLog::Sled => LogConfig::Sled,
-                },
-                max_delete: p.max_delete,
-                inline_limit: p.inline_limit,
-                concurrency: p.concurrency.into_inner(),
-                batch_size: p.batch_size.into_inner(),
-            });
-        }
-
-        let state_dir = base.join(raw.state_dir);
-        Ok(Config {
-            file: file.to_owned(),
-            reports_dir: raw
-                .reports_dir
-                .map_or_else(|| state_dir.join("reports"), |d| base.join(d)),
-            report_retention: raw.report_retention.into_inner(),
-            state_dir,
-            listen,
-            shutdown_timeout: raw.shutdown_timeout,
-            pipelines,
-        })
-    }
-
-    /// The named pipeline, or all of them when `name` is `None`.
-    pub fn select(&self, name: Option<&str>) -> Result<Vec<&PipelineConfig>, String> {
-        match name {
-            None => Ok(self.pipelines.iter().collect()),
-            Some(n) => self
-                .pipelines
-                .iter()
-                .find(|p| p.name == n)
-                .map(|p| vec![p])
-                .ok_or_else(|| {
-                    let known: Vec<&str> = self.pipelines.iter().map(|p| p.name.as_str()).collect();
-                    format!(
-                        "no pipeline named `{n}` in {} (known: {})",
-                        self.file.display(),
-                        known.join(", ")
-                    )
-                }),
-        }
-    }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    (line, column)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-state_dir = "state"
-
-[[pipeline]]
-name = "demo"
-scan_interval = "2s"
-max_delete = "10%"
-
-[pipeline.source.dir]
-path = "src"
-exclude = ["*.tmp"]
-
-                RawSource::Http(h) => {
-                    let span = h.span();
-                    let mut h = h.into_inner();
-                    h.validate(base)
-                        .map_err(|m| invalid(span, key("source.http"), m))?;
-                    SourceConfig::Http(h)
-                }
-[pipeline.target.dir]
-path = "dst"
-prune = true
-"#;
-
-    #[test]
-    fn parses_and_resolves_relative_paths() {
-        let c = Config::parse(Path::new("/etc/tidemark/t.toml"), GOOD).unwrap();
-                        SourceConfig::Http(_) => None,
-        assert_eq!(c.state_dir, Path::new("/etc/tidemark/state"));
-        let p = &c.pipelines[0];
-        assert_eq!(p.scan_interval, Duration::from_secs(2));
-        assert_eq!(p.max_delete, DeleteLimit::Percent(10.0));
-        let SourceConfig::Dir(s) = &p.source else {
-            panic!("a dir source")
-        };
-        assert_eq!(s.path, Path::new("/etc/tidemark/src"));
-        assert!(p.target.prune());
-        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
-    }
-
-    #[test]
-    fn misspelled_key_names_key_and_line() {
-        let bad = GOOD.replace("prune = true", "pruen = true");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
                 RawTarget::Http(h) => {
                     let span = h.span();
                     let mut h = h.into_inner();
@@ -599,6 +603,106 @@ prune = true
                         properties: k.properties,
                     })
                 }
+            };
+            pipelines.push(PipelineConfig {
+                name,
+                scan_interval: p.scan_interval,
+                source,
+                target,
+                log,
+                role: p.role,
+                max_delete: p.max_delete,
+                inline_limit: p.inline_limit,
+                concurrency: p.concurrency.into_inner(),
+                batch_size: p.batch_size.into_inner(),
+            });
+        }
+
+        let state_dir = base.join(raw.state_dir);
+        Ok(Config {
+            file: file.to_owned(),
+            reports_dir: raw
+                .reports_dir
+                .map_or_else(|| state_dir.join("reports"), |d| base.join(d)),
+            report_retention: raw.report_retention.into_inner(),
+            state_dir,
+            listen,
+            shutdown_timeout: raw.shutdown_timeout,
+            status_token_env: raw.status_token_env,
+            pipelines,
+        })
+    }
+
+    /// The named pipeline, or all of them when `name` is `None`.
+    pub fn select(&self, name: Option<&str>) -> Result<Vec<&PipelineConfig>, String> {
+        match name {
+            None => Ok(self.pipelines.iter().collect()),
+            Some(n) => self
+                .pipelines
+                .iter()
+                .find(|p| p.name == n)
+                .map(|p| vec![p])
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.pipelines.iter().map(|p| p.name.as_str()).collect();
+                    format!(
+                        "no pipeline named `{n}` in {} (known: {})",
+                        self.file.display(),
+                        known.join(", ")
+                    )
+                }),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "state"
+
+[[pipeline]]
+name = "demo"
+scan_interval = "2s"
+max_delete = "10%"
+
+[pipeline.source.dir]
+path = "src"
+exclude = ["*.tmp"]
+
+[pipeline.target.dir]
+path = "dst"
+prune = true
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let c = Config::parse(Path::new("/etc/tidemark/t.toml"), GOOD).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/tidemark/state"));
+        let p = &c.pipelines[0];
+        assert_eq!(p.scan_interval, Duration::from_secs(2));
+        assert_eq!(p.max_delete, DeleteLimit::Percent(10.0));
+        let SourceConfig::Dir(s) = &p.source else {
+            panic!("a dir source")
+        };
+        assert_eq!(s.path, Path::new("/etc/tidemark/src"));
+        assert!(p.target.prune());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn misspelled_key_names_key_and_line() {
+        let bad = GOOD.replace("prune = true", "pruen = true");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("t.toml:15:"), "{err}");
         assert!(err.contains("unknown field `pruen`"), "{err}");
     }
@@ -632,6 +736,14 @@ prune = true
     }
 
     #[test]
+    fn duplicate_key_is_quoted() {
+        let bad = GOOD.replace("scan_interval = \"2s\"", "scan_interval = \"2s\"\nscan_interval = \"3s\"");
+        let err = Config::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        assert!(err.starts_with("t.toml:7:"), "{err}");
+        assert!(err.contains("scan_interval"), "{err}");
+    }
+
+    #[test]
     fn reports_default_under_state_and_retention_is_checked() {
         let c = Config::parse(Path::new("/etc/tidemark/t.toml"), GOOD).unwrap();
         assert_eq!(c.reports_dir, Path::new("/etc/tidemark/state/reports"));
@@ -653,5 +765,27 @@ prune = true
         assert_eq!(DeleteLimit::Percent(50.0).allowed(2), 1);
         assert_eq!(DeleteLimit::Percent(10.0).allowed(1000), 100);
         assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
+    }
+
+    proptest::proptest! {
+        /// No input makes the parser panic; every rejection names the file.
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in "\\PC{0,400}") {
+            if let Err(e) = Config::parse(Path::new("p.toml"), &text) {
+                proptest::prop_assert!(e.to_string().starts_with("p.toml"));
+            }
+        }
+
+        /// Corrupting one byte of a good config never panics.
+        #[test]
+        fn corrupted_configs_fail_cleanly(at in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+            let mut bytes = GOOD.as_bytes().to_vec();
+            let i = at % bytes.len();
+            bytes[i] = byte;
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = Config::parse(Path::new("p.toml"), &text) {
+                proptest::prop_assert!(e.to_string().starts_with("p.toml"));
+            }
+        }
     }
 }

@@ -45,6 +45,12 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// `status_token_env` names a variable that is not set.
+    #[error("status_token_env = \"{var}\" but the environment variable {var} is not set; export the token or remove the setting")]
+    StatusToken {
+        /// The variable's name.
+        var: String,
+    },
     /// Tasks still running when the shutdown deadline passed.
     #[error("shutdown deadline passed with tasks still running: {0}")]
     Deadline(String),
@@ -99,9 +105,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let scanners = CancellationToken::new();
     let projectors = CancellationToken::new();
     let endpoints = CancellationToken::new();
+    let status_token = match &config.status_token_env {
+        None => None,
+        Some(var) => Some(std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?),
+    };
     let server_state = Arc::new(ServerState {
         pipelines: pipelines.clone(),
         ready: false.into(),
+        status_token,
     });
     let server = {
         let (state, cancel) = (server_state.clone(), endpoints.clone());

@@ -285,7 +285,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             let addr = std::fs::read_to_string(&addr_file)
                 .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
             let url = format!("http://{}/status", addr.trim());
-            let all: Vec<serde_json::Value> = reqwest::get(&url)
+            let mut request = reqwest::Client::new().get(&url);
+            if let Some(token) = config.status_token_env.as_ref().and_then(|v| std::env::var(v).ok()) {
+                request = request.bearer_auth(token);
+            }
+            let all: Vec<serde_json::Value> = request
+                .send()
                 .await
                 .and_then(|r| r.error_for_status())
                 .with_context(|| format!("asking the running daemon at {url}"))?

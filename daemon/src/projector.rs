@@ -15,7 +15,7 @@
 //! without the unresolved fields, then patched. A reference that stays unresolved past
 //! the target's reference wait fails its event with a report naming it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,72 @@ struct Done {
     outcome: Outcome,
     change: Change,
     failure: Option<String>,
+    /// New target id (`Some(Some)`), forgotten one (`Some(None)`), or untouched.
+    remap: Option<Option<String>>,
+    /// The event still waits for references (deferred, or written without them).
+    deferred: Option<Event>,
+    /// Written without its unresolved reference fields.
+    partial: bool,
+}
+
+/// Target ids of referenced items: the remap table plus what this batch applied so far.
+struct Refs<'a> {
+    remap: &'a Records<String>,
+    fresh: std::sync::Mutex<HashMap<String, Option<String>>>,
+}
+
+impl Refs<'_> {
+    fn target_id(&self, identity: &str) -> Result<Option<String>, StateError> {
+        if let Some(id) = self.fresh.lock().expect("not poisoned").get(identity) {
+            return Ok(id.clone());
+        }
+        self.remap.get(identity)
+    }
+
+    fn record(&self, identity: &str, id: Option<String>) {
+        self.fresh
+            .lock()
+            .expect("not poisoned")
+            .insert(identity.to_owned(), id);
+    }
+
+    /// The event with every resolvable reference field holding its target id, and the
+    /// references that are not resolvable yet.
+    fn resolve(&self, event: &Event) -> Result<(Event, Vec<Ref>), StateError> {
+        let mut out = event.clone();
+        let mut missing = Vec::new();
+        for r in &event.refs {
+            match self.target_id(&item_identity(&r.kind, &r.key))? {
+                Some(id) => {
+                    if let Some(Body::Json(body)) = &mut out.body {
+                        if let Some(slot) = body.pointer_mut(&r.path) {
+                            *slot = match (&*slot, id.parse::<i64>()) {
+                                (serde_json::Value::Number(_), Ok(n)) => n.into(),
+                                _ => id.into(),
+                            };
+                        }
+                    }
+                }
+                None => missing.push(r.clone()),
+            }
+        }
+        Ok((out, missing))
+    }
+}
+
+/// Removes the fields at `refs`' paths, array elements last-first so indices stay valid.
+fn strip_refs(event: &mut Event, refs: &[Ref]) {
+    let Some(Body::Json(body)) = &mut event.body else {
+        return;
+    };
+    let mut paths: Vec<&str> = refs.iter().map(|r| r.path.as_str()).collect();
+    let key = |p: &str| {
+        let (parent, last) = p.rsplit_once('/').unwrap_or(("", p));
+        (parent.to_owned(), std::cmp::Reverse(last.parse::<u64>().unwrap_or(0)))
+    };
+    paths.sort_by_key(|p| key(p));
+    let owned: Vec<String> = paths.into_iter().map(str::to_owned).collect();
+    tidemark_proto::strip_fields(body, &owned);
 }
 
 #[derive(Default)]
@@ -175,6 +241,8 @@ pub fn decide(event: &Event, prior: Option<&Applied>, prune: bool) -> Option<Out
         Op::Delete => None,
     }
 }
+
+type DateTimeUtc = chrono::DateTime<Utc>;
 
 /// Applies one pipeline's log to its target.
 pub struct Projector {
@@ -242,8 +310,6 @@ impl Projector {
             .map_err(|source| ProjectError::Read {
                 pipeline: self.pipeline.clone(),
                 source,
-type DateTimeUtc = chrono::DateTime<Utc>;
-
             })
     }
 
@@ -276,6 +342,7 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         if records.is_empty() && deferred.is_empty() {
             return Ok((ProjectReport::default(), 0));
         }
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
         let t0 = Instant::now();
         let read = records.len();
         let end = records.last().map_or(committed, |r| r.offset + 1);
@@ -320,6 +387,10 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         let (dir_deletes, others): (Vec<_>, Vec<_>) = groups
             .into_iter()
             .partition(|g| g[0].op == Op::Delete && g[0].kind == "dir");
+        let refs = Refs {
+            remap: &remap,
+            fresh: Default::default(),
+        };
         let mut results: Vec<GroupResult> = stream::iter(others)
             .map(|g| self.apply_group(g, &applied, &refs, false))
             .buffer_unordered(self.concurrency)
@@ -328,6 +399,9 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         for g in dir_deletes {
             results.push(self.apply_group(g, &applied, &refs, false).await);
         }
+        let (pending, settled) = self
+            .settle_deferred(&results, &deferred, &applied, &refs)
+            .await?;
 
         let mut next = end;
         let mut transient = None;
@@ -342,7 +416,6 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         if let Err(source) = self.target.flush().await {
             metrics()
                 .apply_errors
-        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
                 .with_label_values(&[&self.pipeline, "transient"])
                 .inc();
             return Err(ProjectError::Apply {
@@ -391,10 +464,6 @@ type DateTimeUtc = chrono::DateTime<Utc>;
             }
             match d.change {
                 Change::Keep => {}
-        let refs = Refs {
-            remap: &remap,
-            fresh: Default::default(),
-        };
                 Change::Put(a) => puts.push((d.identity, Some(a))),
                 Change::Remove => puts.push((d.identity, None)),
             }
@@ -403,11 +472,27 @@ type DateTimeUtc = chrono::DateTime<Utc>;
             .apply(puts.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
         failures
-        let (pending, settled) = self
-            .settle_deferred(&results, &deferred, &applied, &refs)
-            .await?;
             .apply(failed.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
+        remap
+            .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+            .map_err(self.err_state())?;
+        let gone: Vec<String> = deferred
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| !pending.contains_key(k)))
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        deferred
+            .apply(
+                gone.iter()
+                    .map(|k| (k.as_str(), None))
+                    .chain(pending.iter().map(|(k, v)| (k.as_str(), Some(v)))),
+            )
+            .map_err(self.err_state())?;
+        metrics()
+            .deferred_events
+            .with_label_values(&[&self.pipeline])
+            .set(pending.len() as i64);
         self.state.flush().await.map_err(self.err_state())?;
         self.log
             .commit(&self.consumer, partition, next)
@@ -443,154 +528,6 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         Ok((report, read))
     }
 
-    async fn apply_group(
-        &self,
-        events: Vec<Event>,
-        applied: &Records<Applied>,
-        refs: &Refs<'_>,
-        partial: bool,
-    ) -> GroupResult {
-        let mut result = GroupResult::default();
-        let identity = events[0].identity();
-        let mut prior = match applied.get(&identity) {
-            Ok(p) => p,
-            Err(e) => {
-                let offset = events[0].offset;
-                result.stopped = Some((
-                    offset,
-                    ApplyError::Transient {
-                        kind: events[0].kind.clone(),
-                        key: events[0].key.clone(),
-                        message: format!("cannot read applied state: {e}"),
-                    },
-                ));
-                return result;
-            }
-        };
-        for event in events {
-            let done = |outcome, change, failure| Done {
-                offset: event.offset,
-                identity: identity.clone(),
-                kind: event.kind.clone(),
-                key: event.key.clone(),
-                outcome,
-                change,
-                failure,
-        remap
-            .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
-            .map_err(self.err_state())?;
-        let gone: Vec<String> = deferred
-            .keys()
-            .filter(|k| k.as_ref().map_or(true, |k| !pending.contains_key(k)))
-            .collect::<Result<_, _>>()
-            .map_err(self.err_state())?;
-        deferred
-            .apply(
-                gone.iter()
-                    .map(|k| (k.as_str(), None))
-                    .chain(pending.iter().map(|(k, v)| (k.as_str(), Some(v)))),
-            )
-            .map_err(self.err_state())?;
-        metrics()
-            .deferred_events
-            .with_label_values(&[&self.pipeline])
-            .set(pending.len() as i64);
-            };
-            if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
-                result.done.push(done(outcome, Change::Keep, None));
-                continue;
-            }
-            let transient = |message: String| ApplyError::Transient {
-                kind: event.kind.clone(),
-                key: event.key.clone(),
-                message,
-            };
-            // What the target knows the item by: applied state, else the remap table (a
-            // replay or a cycle's first pass), as a prior without a version.
-            let known = match refs.target_id(&identity) {
-                Ok(id) => id,
-                Err(e) => {
-                    result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
-                    break;
-                }
-            };
-            let target_prior = match (&prior, known) {
-                (Some(p), Some(id)) if p.target_id.is_none() => Some(Applied {
-                    target_id: Some(id),
-                    ..p.clone()
-                }),
-                (None, Some(id)) => Some(Applied {
-                    version: String::new(),
-                    offset: 0,
-                    target_id: Some(id),
-                }),
-                (p, _) => p.clone(),
-            };
-            let mut to_apply = None;
-            let mut written_partially = false;
-            if event.op == Op::Upsert && !event.refs.is_empty() {
-                let (resolved, missing) = match refs.resolve(&event) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
-                        break;
-                    }
-                };
-                if !missing.is_empty() && !partial {
-                    let mut d = done(Outcome::Deferred, Change::Keep, None);
-                    d.deferred = Some(event.clone());
-                    result.done.push(d);
-                    continue;
-                }
-                let mut resolved = resolved;
-                if !missing.is_empty() {
-                    strip_refs(&mut resolved, &missing);
-                    written_partially = true;
-                }
-                to_apply = Some(resolved);
-            }
-            match self
-                .target
-                .apply(to_apply.as_ref().unwrap_or(&event), target_prior.as_ref())
-                .await
-            {
-                Ok(effect) => {
-                    let change = match (event.op, effect.outcome) {
-                        (_, Outcome::Stale | Outcome::Deferred) => Change::Keep,
-                        (Op::Upsert, _) => {
-                            let a = Applied {
-                                version: if written_partially {
-                                    format!("partial:{}", event.version())
-                                } else {
-                                    event.version()
-                                },
-                                offset: event.offset,
-                                target_id,
-                            };
-                            prior = Some(a.clone());
-                            Change::Put(a)
-                        }
-                        (Op::Delete, _) => {
-                            prior = None;
-                            Change::Remove
-                        }
-                    };
-                    let mut d = done(effect.outcome, change, None);
-                    d.remap = remap;
-                    if written_partially {
-                        d.deferred = Some(event.clone());
-                        d.partial = true;
-                    }
-                    result.done.push(d);
-                }
-                Err(e @ ApplyError::Transient { .. }) => {
-                    warn!(pipeline = %self.pipeline, offset = event.offset, "{e}; will retry");
-                    result.stopped = Some((event.offset, e));
-                    break;
-                }
-                Err(e @ ApplyError::Permanent { .. }) => {
-                    metrics()
-                        .apply_errors
     /// Applies deferred events whose references now resolve (this batch's and earlier
     /// ones), breaks cycles by writing one item without its unresolved fields, and fails
     /// events that waited longer than the target's reference wait. Returns what still
@@ -736,6 +673,150 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         Ok((pending, settled))
     }
 
+    async fn apply_group(
+        &self,
+        events: Vec<Event>,
+        applied: &Records<Applied>,
+        refs: &Refs<'_>,
+        partial: bool,
+    ) -> GroupResult {
+        let mut result = GroupResult::default();
+        let identity = events[0].identity();
+        let mut prior = match applied.get(&identity) {
+            Ok(p) => p,
+            Err(e) => {
+                let offset = events[0].offset;
+                result.stopped = Some((
+                    offset,
+                    ApplyError::Transient {
+                        kind: events[0].kind.clone(),
+                        key: events[0].key.clone(),
+                        message: format!("cannot read applied state: {e}"),
+                    },
+                ));
+                return result;
+            }
+        };
+        for event in events {
+            let done = |outcome, change, failure| Done {
+                offset: event.offset,
+                identity: identity.clone(),
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                outcome,
+                change,
+                failure,
+                remap: None,
+                deferred: None,
+                partial: false,
+            };
+            if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
+                result.done.push(done(outcome, Change::Keep, None));
+                continue;
+            }
+            let transient = |message: String| ApplyError::Transient {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message,
+            };
+            // What the target knows the item by: applied state, else the remap table (a
+            // replay or a cycle's first pass), as a prior without a version.
+            let known = match refs.target_id(&identity) {
+                Ok(id) => id,
+                Err(e) => {
+                    result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
+                    break;
+                }
+            };
+            let target_prior = match (&prior, known) {
+                (Some(p), Some(id)) if p.target_id.is_none() => Some(Applied {
+                    target_id: Some(id),
+                    ..p.clone()
+                }),
+                (None, Some(id)) => Some(Applied {
+                    version: String::new(),
+                    offset: 0,
+                    target_id: Some(id),
+                }),
+                (p, _) => p.clone(),
+            };
+            let mut to_apply = None;
+            let mut written_partially = false;
+            if event.op == Op::Upsert && !event.refs.is_empty() {
+                let (resolved, missing) = match refs.resolve(&event) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
+                        break;
+                    }
+                };
+                if !missing.is_empty() && !partial {
+                    let mut d = done(Outcome::Deferred, Change::Keep, None);
+                    d.deferred = Some(event.clone());
+                    result.done.push(d);
+                    continue;
+                }
+                let mut resolved = resolved;
+                if !missing.is_empty() {
+                    strip_refs(&mut resolved, &missing);
+                    written_partially = true;
+                }
+                to_apply = Some(resolved);
+            }
+            match self
+                .target
+                .apply(to_apply.as_ref().unwrap_or(&event), target_prior.as_ref())
+                .await
+            {
+                Ok(effect) => {
+                    let mut remap = None;
+                    let change = match (event.op, effect.outcome) {
+                        (_, Outcome::Stale | Outcome::Deferred) => Change::Keep,
+                        (Op::Upsert, _) => {
+                            let target_id = effect.target_id.or_else(|| {
+                                target_prior.as_ref().and_then(|p| p.target_id.clone())
+                            });
+                            if let Some(id) = &target_id {
+                                refs.record(&identity, Some(id.clone()));
+                                remap = Some(Some(id.clone()));
+                            }
+                            let a = Applied {
+                                version: if written_partially {
+                                    format!("partial:{}", event.version())
+                                } else {
+                                    event.version()
+                                },
+                                offset: event.offset,
+                                target_id,
+                            };
+                            prior = Some(a.clone());
+                            Change::Put(a)
+                        }
+                        (Op::Delete, _) => {
+                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some()) {
+                                refs.record(&identity, None);
+                                remap = Some(None);
+                            }
+                            prior = None;
+                            Change::Remove
+                        }
+                    };
+                    let mut d = done(effect.outcome, change, None);
+                    d.remap = remap;
+                    if written_partially {
+                        d.deferred = Some(event.clone());
+                        d.partial = true;
+                    }
+                    result.done.push(d);
+                }
+                Err(e @ ApplyError::Transient { .. }) => {
+                    warn!(pipeline = %self.pipeline, offset = event.offset, "{e}; will retry");
+                    result.stopped = Some((event.offset, e));
+                    break;
+                }
+                Err(e @ ApplyError::Permanent { .. }) => {
+                    metrics()
+                        .apply_errors
                         .with_label_values(&[&self.pipeline, "permanent"])
                         .inc();
                     error!(pipeline = %self.pipeline, offset = event.offset, "{e}; the key is blocked until it changes");
@@ -750,6 +831,7 @@ type DateTimeUtc = chrono::DateTime<Utc>;
 
     /// Projects until every partition is caught up with the head as it was at the start.
     pub async fn catch_up(&self, progress: &Progress) -> Result<ProjectReport, ProjectError> {
+        self.recover().await?;
         let mut total = ProjectReport::default();
         let mut targets = Vec::new();
         let mut remaining = 0;
@@ -767,42 +849,49 @@ type DateTimeUtc = chrono::DateTime<Utc>;
                 if read == 0 {
                     break;
                 }
-                remap: None,
-                deferred: None,
-                partial: false,
             }
             total.committed += self.committed(p).await?;
         }
         Ok(total)
     }
 
+    /// Settles what an interrupted run left on the target before new work starts.
+    async fn recover(&self) -> Result<(), ProjectError> {
+        self.target.flush().await.map_err(|source| ProjectError::Apply {
+            pipeline: self.pipeline.clone(),
+            source,
+        })
+    }
+
     /// Tails the log until `cancel` fires, retrying failures with exponential backoff. A
-                    let mut remap = None;
     /// batch in flight when `cancel` fires is finished and committed first.
     pub async fn run(&self, cancel: CancellationToken) {
         use backoff::backoff::Backoff;
-                            let target_id = effect.target_id.or_else(|| {
-                                target_prior.as_ref().and_then(|p| p.target_id.clone())
-                            });
-                            if let Some(id) = &target_id {
-                                refs.record(&identity, Some(id.clone()));
-                                remap = Some(Some(id.clone()));
-                            }
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(200))
             .with_max_interval(Duration::from_secs(30))
             .with_max_elapsed_time(None)
             .build();
+        // Partitions held since the last look, for logs whose partitions move between daemons.
+        let mut owned: Option<BTreeSet<u32>> = None;
+        if let Err(e) = self.recover().await {
+            error!("{e}");
+        }
         while !cancel.is_cancelled() {
             let mut read = 0;
             let mut failed = false;
-            for p in 0..self.log.partitions() {
+            // The log (its consumer group, for Kafka) decides which partitions are ours.
+            let partitions = match self.take_assignment(&mut owned).await {
+                Ok(p) => p,
+                Err(e) => {
+                    error!("{e}");
+                    failed = true;
+                    Vec::new()
+                }
+            };
+            for &p in &partitions {
                 match self.step(p).await {
                     Ok((report, n)) => {
-                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some()) {
-                                refs.record(&identity, None);
-                                remap = Some(None);
-                            }
                         read += n;
                         if n > 0 {
                             info!(
@@ -831,7 +920,18 @@ type DateTimeUtc = chrono::DateTime<Utc>;
             }
             backoff.reset();
             if read == 0 {
-                let committed = match self.committed(0).await {
+                // Tail the first partition; with several, wake often enough for the others.
+                let wait = if partitions.len() > 1 { 200 } else { 1000 };
+                let wait = Duration::from_millis(wait);
+                let Some(&first) = partitions.first() else {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                };
+                let committed = match self.committed(first).await {
                     Ok(c) => c,
                     Err(_) => continue,
                 };
@@ -842,6 +942,60 @@ type DateTimeUtc = chrono::DateTime<Utc>;
                 }
             }
         }
+    }
+
+    /// The partitions to project now. On a shared log, a partition this projector did not
+    /// hold on its last look may have been projected by another daemon meanwhile, so the
+    /// local applied state of its items is forgotten: their next events are checked against
+    /// the target itself (which adopts equal content without writing) instead of being
+    /// skipped on a record that may be out of date.
+    async fn take_assignment(
+        &self,
+        owned: &mut Option<BTreeSet<u32>>,
+    ) -> Result<Vec<u32>, ProjectError> {
+        let partitions = self
+            .log
+            .assigned(&self.consumer)
+            .await
+            .map_err(|source| ProjectError::Read {
+                pipeline: self.pipeline.clone(),
+                source,
+            })?;
+        if !self.log.shared() {
+            return Ok(partitions);
+        }
+        let gained: BTreeSet<u32> = partitions
+            .iter()
+            .filter(|p| owned.as_ref().is_none_or(|o| !o.contains(p)))
+            .copied()
+            .collect();
+        if !gained.is_empty() {
+            let applied = self
+                .state
+                .applied(&self.pipeline)
+                .map_err(self.err_state())?;
+            let forget: Vec<String> = applied
+                .iter()
+                .filter_map(|r| match r {
+                    Ok((k, _)) if gained.contains(&self.log.partition_of(&k)) => Some(Ok(k)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(self.err_state())?;
+            applied
+                .apply(forget.iter().map(|k| (k.as_str(), None)))
+                .map_err(self.err_state())?;
+            self.state.flush().await.map_err(self.err_state())?;
+            info!(
+                pipeline = %self.pipeline,
+                partitions = ?gained,
+                forgotten = forget.len(),
+                "took over partitions; their items are checked against the target"
+            );
+        }
+        *owned = Some(partitions.iter().copied().collect());
+        Ok(partitions)
     }
 
     /// What `project` would do from the committed offsets on, without writing anything.
@@ -915,6 +1069,23 @@ type DateTimeUtc = chrono::DateTime<Utc>;
             .state
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
+        // The remap table is kept: replayed events adopt the items they created.
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let later: Vec<String> = deferred
+            .iter()
+            .filter_map(|r| match r {
+                Ok((k, d)) if d.event.offset >= from => Some(Ok(k)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        deferred
+            .apply(later.iter().map(|k| (k.as_str(), None)))
+            .map_err(self.err_state())?;
         if from == 0 {
             applied.clear().map_err(self.err_state())?;
         } else {
@@ -944,20 +1115,3 @@ type DateTimeUtc = chrono::DateTime<Utc>;
         Ok(())
     }
 }
-        // The remap table is kept: replayed events adopt the items they created.
-        let deferred = self
-            .state
-            .deferred(&self.pipeline)
-            .map_err(self.err_state())?;
-        let later: Vec<String> = deferred
-            .iter()
-            .filter_map(|r| match r {
-                Ok((k, d)) if d.event.offset >= from => Some(Ok(k)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(self.err_state())?;
-        deferred
-            .apply(later.iter().map(|k| (k.as_str(), None)))
-            .map_err(self.err_state())?;

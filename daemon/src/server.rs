@@ -21,6 +21,26 @@ pub struct ServerState {
     pub pipelines: Vec<Arc<Pipeline>>,
     /// Set once every pipeline's loops are started; cleared when shutdown begins.
     pub ready: AtomicBool,
+    /// Bearer token `/status` requires, when configured (`status_token_env`).
+    pub status_token: Option<String>,
+}
+
+/// Whether the request carries the configured bearer token (compared in constant time).
+fn authorized(state: &ServerState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(expected) = &state.status_token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn refresh(state: &ServerState) -> Vec<serde_json::Value> {
@@ -43,7 +63,18 @@ async fn metrics_handler(State(state): State<Arc<ServerState>>) -> Response {
         .into_response()
 }
 
-async fn status_handler(State(state): State<Arc<ServerState>>) -> Response {
+async fn status_handler(
+    State(state): State<Arc<ServerState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "/status requires `Authorization: Bearer <token>` (status_token_env)\n",
+        )
+            .into_response();
+    }
     Json(refresh(&state).await).into_response()
 }
 

@@ -370,3 +370,9 @@ pub fn ops(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Whether `dst` mirrors `src` right now; false (not a panic) while a writer is still
+/// changing `dst` under the walk.
+pub fn mirrors_now(src: &Path, dst: &Path) -> bool {
+    std::panic::catch_unwind(|| snapshot(src) == snapshot(dst)).unwrap_or(false)
+}
