@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:?usage: ops/soak.sh SECONDS}
-TIDEMARK_SOAK_SECONDS=$seconds cargo test --release -p tidemark --test reliability \
+TIDEMARK_SOAK_SECONDS=$seconds cargo test -p tidemark --test reliability \
   issue_6_random_sigkills -- --nocapture 2>&1 | grep -E '^soak figures|test result|panicked'

@@ -17,9 +17,8 @@ ops/peers/prometheus.sh install
 ops/peers/kafka.sh install
 
 log "starting the Kafka-protocol broker"
-ops/peers/kafka.sh start
 trap 'ops/peers/kafka.sh stop >/dev/null 2>&1 || true' EXIT
-TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh address)
+TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh start)
 export TIDEMARK_KAFKA_BROKERS
 
 log "cargo test --workspace (broker at $TIDEMARK_KAFKA_BROKERS)"

@@ -3,12 +3,13 @@
 # Installs the pinned version into ops/peers/node_modules on first use.
 #
 #   ops/peers/json-server.sh DB.json PORT
+#   ops/peers/json-server.sh install        install only (ops/test.sh does this up front)
 #
 # Runs in the foreground (exec), so the caller's pid is the server's pid.
 set -euo pipefail
 VERSION="0.17.4"
 here="$(cd "$(dirname "$0")" && pwd)"
-if [ $# -ne 2 ]; then
+if [ "${1:-}" != install ] && [ $# -ne 2 ]; then
   echo "usage: $0 DB.json PORT" >&2
   exit 2
 fi
@@ -23,4 +24,5 @@ if [ ! -x "$bin" ]; then
   fi
   flock -u 9
 fi
+[ "$1" = install ] && exit 0
 exec "$bin" --watch=false --quiet --host 127.0.0.1 --port "$2" "$1"
