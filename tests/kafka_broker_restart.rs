@@ -67,7 +67,7 @@ fn issue_4_broker_restart_during_a_run_loses_nothing() {
     }
     let daemon = env.spawn_daemon();
     let first = wait_for(Duration::from_secs(90), || {
-        (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+        mirrors_now(&env.src(), &env.dst()).then_some(())
     });
     assert!(
         first.is_some(),
@@ -84,7 +84,7 @@ fn issue_4_broker_restart_during_a_run_loses_nothing() {
         );
     }
     let mirrored = wait_for(Duration::from_secs(180), || {
-        (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+        mirrors_now(&env.src(), &env.dst()).then_some(())
     });
     assert!(
         mirrored.is_some(),
@@ -135,7 +135,7 @@ fn issue_4_unreachable_broker_at_start_is_not_ready_then_recovers() {
     let result = std::panic::catch_unwind(|| {
         assert!(ready.is_some(), "never ready; log:\n{}", env.daemon_log());
         let mirrored = wait_for(Duration::from_secs(60), || {
-            (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+            mirrors_now(&env.src(), &env.dst()).then_some(())
         });
         assert!(mirrored.is_some(), "no mirror; log:\n{}", env.daemon_log());
     });

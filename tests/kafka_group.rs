@@ -86,7 +86,7 @@ fn issue_4_sigkill_one_of_two_daemons_the_other_takes_over() {
     victim.kill9();
 
     let mirrored = wait_for(Duration::from_secs(120), || {
-        (snapshot(&src) == snapshot(&dst)).then_some(())
+        mirrors_now(&src, &dst).then_some(())
     });
     assert!(
         mirrored.is_some(),

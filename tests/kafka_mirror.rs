@@ -67,7 +67,7 @@ fn issue_4_daemon_tails_kafka_and_lag_returns_to_zero() {
         write(env.src().join(format!("d/{i}.txt")), format!("{i}\n"));
     }
     let mirrored = wait_for(Duration::from_secs(60), || {
-        (snapshot(&env.src()) == snapshot(&env.dst())).then_some(())
+        mirrors_now(&env.src(), &env.dst()).then_some(())
     });
     assert!(mirrored.is_some(), "no mirror; log:\n{}", env.daemon_log());
     let caught_up = wait_for(Duration::from_secs(30), || {
