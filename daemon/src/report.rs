@@ -231,7 +231,12 @@ impl Report {
                 ""
             }
         );
-        let _ = writeln!(s, "generated {}", self.generated_at_utc.to_rfc3339());
+        let _ = writeln!(
+            s,
+            "generated {}",
+            self.generated_at_utc
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
         match &self.scan {
             Some(scan) => {
                 let _ = writeln!(
@@ -317,9 +322,25 @@ impl Report {
             move |source| ReportError::Write { path, source }
         };
         std::fs::create_dir_all(&base).map_err(write_err(&base))?;
-        // Two reports in the same second get `-1`, `-2`, … so neither is lost.
-        let mut dir = base.join(&stamp);
-        let mut n = 0;
+        // Two reports in the same second get `-1`, `-2`, … so neither is lost. The suffix
+        // goes past every existing one, so a pruned name is never reused for a newer report.
+        let mut n = std::fs::read_dir(&base)
+            .map_err(write_err(&base))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                match name.strip_prefix(stamp.as_str())? {
+                    "" => Some(0),
+                    rest => rest.strip_prefix('-')?.parse::<u64>().ok(),
+                }
+            })
+            .max()
+            .map_or(0, |m| m + 1);
+        let mut dir = if n == 0 {
+            base.join(&stamp)
+        } else {
+            base.join(format!("{stamp}-{n}"))
+        };
         loop {
             match std::fs::create_dir(&dir) {
                 Ok(()) => break,
@@ -443,6 +464,9 @@ impl Cycle {
                 break;
             }
             if matches!(self.pipeline.projector.lag().await, Ok(0)) {
+                // The projector commits, then counts: let the counters of the batch
+                // that just committed land in this cycle rather than the next.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 break;
             }
             tokio::time::sleep((deadline - now).min(Duration::from_millis(200))).await;
