@@ -4,11 +4,15 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A progress bar that may be hidden.
 pub struct Progress {
     bar: ProgressBar,
+    /// Bytes read or written so far, shown beside the item count.
+    bytes: AtomicU64,
 }
 
 impl Progress {
@@ -24,9 +28,9 @@ impl Progress {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
         let template = if total.is_some() {
-            "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {per_sec} ETA {eta}"
+            "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {msg} {per_sec} ETA {eta}"
         } else {
-            "{prefix:>10} {spinner} {human_pos} {per_sec} {elapsed}"
+            "{prefix:>10} {spinner} {human_pos} {msg} {per_sec} {elapsed}"
         };
         bar.set_style(
             ProgressStyle::with_template(template)
@@ -35,13 +39,26 @@ impl Progress {
         );
         bar.set_prefix(what.to_owned());
         bar.enable_steady_tick(Duration::from_millis(200));
-        Progress { bar }
+        Progress {
+            bar,
+            bytes: AtomicU64::new(0),
+        }
     }
 
     /// A bar that never draws (daemon loops, tests).
     pub fn hidden() -> Progress {
-        let bar = ProgressBar::hidden();
-        Progress { bar }
+        Progress {
+            bar: ProgressBar::hidden(),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts `n` more bytes.
+    pub fn add_bytes(&self, n: u64) {
+        let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        if !self.bar.is_hidden() {
+            self.bar.set_message(format!("({})", HumanBytes(total)));
+        }
     }
 
     /// Counts `n` more items.

@@ -91,6 +91,8 @@ pub struct ProjectReport {
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions.
     pub committed: u64,
+    /// Content bytes of the events that wrote to the target.
+    pub bytes_written: u64,
 }
 
 impl ProjectReport {
@@ -106,6 +108,7 @@ impl ProjectReport {
 
     fn merge(&mut self, other: ProjectReport) {
         self.events += other.events;
+        self.bytes_written += other.bytes_written;
         for (kind, outcomes) in other.by_kind {
             for (outcome, n) in outcomes {
                 *self.outcomes.entry(outcome).or_insert(0) += n;
@@ -160,6 +163,8 @@ struct Done {
     deferred: Option<Event>,
     /// Written without its unresolved reference fields.
     partial: bool,
+    /// Content bytes the event carries (inline or blob), for progress.
+    bytes: u64,
 }
 
 /// Target ids of referenced items: the remap table plus what this batch applied so far.
@@ -215,7 +220,10 @@ fn strip_refs(event: &mut Event, refs: &[Ref]) {
     let mut paths: Vec<&str> = refs.iter().map(|r| r.path.as_str()).collect();
     let key = |p: &str| {
         let (parent, last) = p.rsplit_once('/').unwrap_or(("", p));
-        (parent.to_owned(), std::cmp::Reverse(last.parse::<u64>().unwrap_or(0)))
+        (
+            parent.to_owned(),
+            std::cmp::Reverse(last.parse::<u64>().unwrap_or(0)),
+        )
     };
     paths.sort_by_key(|p| key(p));
     let owned: Vec<String> = paths.into_iter().map(str::to_owned).collect();
@@ -436,6 +444,9 @@ impl Projector {
                 remapped.push((d.identity.clone(), id));
             }
             report.count(&d.kind, d.outcome);
+            if d.outcome.wrote() {
+                report.bytes_written += d.bytes;
+            }
             if d.outcome.wrote() || d.outcome == Outcome::Adopted {
                 debug!(
                     pipeline = %self.pipeline,
@@ -515,9 +526,12 @@ impl Projector {
         m.apply_duration
             .with_label_values(&[p])
             .observe(t0.elapsed().as_secs_f64());
-        m.last_apply
-            .with_label_values(&[p])
-            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+        // Only progress counts as an apply: a projector stuck retrying must look stuck.
+        if next > committed {
+            m.last_apply
+                .with_label_values(&[p])
+                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
         if let Some(source) = transient {
             m.apply_errors.with_label_values(&[p, "transient"]).inc();
             return Err(ProjectError::Apply {
@@ -588,10 +602,7 @@ impl Projector {
                 (true, Some((_, id))) => (vec![id], true),
                 (true, None) => break,
             };
-            let taken: Vec<Deferred> = batch
-                .iter()
-                .filter_map(|id| pending.remove(id))
-                .collect();
+            let taken: Vec<Deferred> = batch.iter().filter_map(|id| pending.remove(id)).collect();
             let since: HashMap<String, (DateTimeUtc, bool)> = taken
                 .iter()
                 .map(|d| (d.event.identity(), (d.since, d.partial)))
@@ -609,7 +620,8 @@ impl Projector {
                 }
                 for d in r.done {
                     if let Some(event) = &d.deferred {
-                        let (at, was_partial) = since.get(&d.identity).copied().unwrap_or((now, false));
+                        let (at, was_partial) =
+                            since.get(&d.identity).copied().unwrap_or((now, false));
                         pending.insert(
                             d.identity.clone(),
                             Deferred {
@@ -635,13 +647,13 @@ impl Projector {
         let wait = self.target.reference_wait();
         let expired: Vec<String> = pending
             .iter()
-            .filter(|(_, d)| {
-                (now - d.since).to_std().unwrap_or_default() >= wait
-            })
+            .filter(|(_, d)| (now - d.since).to_std().unwrap_or_default() >= wait)
             .map(|(k, _)| k.clone())
             .collect();
         for id in expired {
-            let Some(d) = pending.remove(&id) else { continue };
+            let Some(d) = pending.remove(&id) else {
+                continue;
+            };
             let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
             let named: Vec<String> = missing
                 .iter()
@@ -668,6 +680,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                bytes: 0,
             });
         }
         Ok((pending, settled))
@@ -709,6 +722,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
                 result.done.push(done(outcome, Change::Keep, None));
@@ -724,7 +738,10 @@ impl Projector {
             let known = match refs.target_id(&identity) {
                 Ok(id) => id,
                 Err(e) => {
-                    result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
+                    result.stopped = Some((
+                        event.offset,
+                        transient(format!("cannot read the remap table: {e}")),
+                    ));
                     break;
                 }
             };
@@ -746,7 +763,10 @@ impl Projector {
                 let (resolved, missing) = match refs.resolve(&event) {
                     Ok(r) => r,
                     Err(e) => {
-                        result.stopped = Some((event.offset, transient(format!("cannot read the remap table: {e}"))));
+                        result.stopped = Some((
+                            event.offset,
+                            transient(format!("cannot read the remap table: {e}")),
+                        ));
                         break;
                     }
                 };
@@ -810,7 +830,13 @@ impl Projector {
                     result.done.push(d);
                 }
                 Err(e @ ApplyError::Transient { .. }) => {
-                    warn!(pipeline = %self.pipeline, offset = event.offset, "{e}; will retry");
+                    warn!(
+                        pipeline = %self.pipeline,
+                        kind = %event.kind,
+                        key = %event.key,
+                        offset = event.offset,
+                        "{e}; will retry"
+                    );
                     result.stopped = Some((event.offset, e));
                     break;
                 }
@@ -819,7 +845,13 @@ impl Projector {
                         .apply_errors
                         .with_label_values(&[&self.pipeline, "permanent"])
                         .inc();
-                    error!(pipeline = %self.pipeline, offset = event.offset, "{e}; the key is blocked until it changes");
+                    error!(
+                        pipeline = %self.pipeline,
+                        kind = %event.kind,
+                        key = %event.key,
+                        offset = event.offset,
+                        "{e}; the key is blocked until it changes"
+                    );
                     result
                         .done
                         .push(done(Outcome::Failed, Change::Keep, Some(e.to_string())));
@@ -845,6 +877,7 @@ impl Projector {
             while self.committed(p).await? < head {
                 let (report, read) = self.step(p).await?;
                 progress.inc(read as u64);
+                progress.add_bytes(report.bytes_written);
                 total.merge(report);
                 if read == 0 {
                     break;
@@ -857,10 +890,13 @@ impl Projector {
 
     /// Settles what an interrupted run left on the target before new work starts.
     async fn recover(&self) -> Result<(), ProjectError> {
-        self.target.flush().await.map_err(|source| ProjectError::Apply {
-            pipeline: self.pipeline.clone(),
-            source,
-        })
+        self.target
+            .flush()
+            .await
+            .map_err(|source| ProjectError::Apply {
+                pipeline: self.pipeline.clone(),
+                source,
+            })
     }
 
     /// Tails the log until `cancel` fires, retrying failures with exponential backoff. A
@@ -953,14 +989,14 @@ impl Projector {
         &self,
         owned: &mut Option<BTreeSet<u32>>,
     ) -> Result<Vec<u32>, ProjectError> {
-        let partitions = self
-            .log
-            .assigned(&self.consumer)
-            .await
-            .map_err(|source| ProjectError::Read {
-                pipeline: self.pipeline.clone(),
-                source,
-            })?;
+        let partitions =
+            self.log
+                .assigned(&self.consumer)
+                .await
+                .map_err(|source| ProjectError::Read {
+                    pipeline: self.pipeline.clone(),
+                    source,
+                })?;
         if !self.log.shared() {
             return Ok(partitions);
         }

@@ -200,6 +200,7 @@ impl Scanner {
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
                         Ok(item) => {
+                            progress.add_bytes(tidemark_proto::content_len(item.body.as_ref(), item.blob.as_ref()));
                             self.stage(item, previous, fingerprint, &mut pending, record);
                             if pending.events.len() >= APPEND_BATCH || pending.bytes >= APPEND_BYTES {
                                 self.append(&mut pending).await?;

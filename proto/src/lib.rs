@@ -328,6 +328,16 @@ mod base64_bytes {
     }
 }
 
+/// Size of the content an item carries: inline file bytes or the blob's size (0 for
+/// structured bodies and deletes).
+pub fn content_len(body: Option<&Body>, blob: Option<&Blob>) -> u64 {
+    match (body, blob) {
+        (Some(Body::Base64(b)), _) => b.len() as u64,
+        (_, Some(blob)) => blob.size,
+        _ => 0,
+    }
+}
+
 /// Base64 of bytes, as [`Body::Base64`] writes it (exported for tools and tests).
 pub fn base64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
