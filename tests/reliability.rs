@@ -31,7 +31,10 @@ fn applied_offsets(log: &str) -> Vec<u64> {
         .filter(|l| l.contains("applied") && l.contains("outcome="))
         .filter_map(|l| {
             let rest = &l[l.find(" offset=")? + 8..];
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         })
         .collect()
 }
@@ -53,10 +56,15 @@ fn issue_6_random_sigkills_lose_nothing_and_apply_nothing_twice() {
     let src = env.src();
     let mut rng = Rng(0x5eed);
     for i in 0..600 {
-        write(src.join(format!("d{}/f{i}.txt", i % 12)), format!("initial {i}\n").repeat(1 + i % 50));
+        write(
+            src.join(format!("d{}/f{i}.txt", i % 12)),
+            format!("initial {i}\n").repeat(1 + i % 50),
+        );
     }
     // The test command runs a short version; `ops/soak.sh SECONDS` runs it for a duration.
-    let soak = std::env::var("TIDEMARK_SOAK_SECONDS").ok().and_then(|s| s.parse::<u64>().ok());
+    let soak = std::env::var("TIDEMARK_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
     let deadline = soak.map(|s| Instant::now() + Duration::from_secs(s));
     let mut kills = 0u64;
     let mut changes = 0u64;
@@ -85,7 +93,10 @@ fn issue_6_random_sigkills_lose_nothing_and_apply_nothing_twice() {
                 0 => {
                     let _ = std::fs::remove_file(&path);
                 }
-                _ => write(&path, format!("round {round} value {}\n", rng.next()).repeat(1 + (i % 30) as usize)),
+                _ => write(
+                    &path,
+                    format!("round {round} value {}\n", rng.next()).repeat(1 + (i % 30) as usize),
+                ),
             }
         }
         std::thread::sleep(Duration::from_millis(50 + rng.below(700)));
@@ -125,7 +136,11 @@ fn issue_6_random_sigkills_lose_nothing_and_apply_nothing_twice() {
     let tail = env.ok(&["log", "tail", "--from", "0"]);
     let offsets: Vec<u64> = tail
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     let expected: Vec<u64> = (0..head(&env)).collect();
     assert_eq!(offsets, expected, "the log has a gap or a duplicate");
@@ -175,17 +190,31 @@ impl Drop for Tmpfs {
 
 #[test]
 fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
-    let env = Env::dirs("batch_size = 4\nconcurrency = 2", "prune = true");
+    let env = Env::dirs(
+        "batch_size = 4\nconcurrency = 2\nretry_max_backoff = \"1s\"",
+        "prune = true",
+    );
     let disk = Tmpfs::mount(&env.dst(), "1m");
     for i in 0..12 {
-        write(env.src().join(format!("big{i:02}.bin")), vec![b'a' + i as u8; 200 * 1024]);
+        write(
+            env.src().join(format!("big{i:02}.bin")),
+            vec![b'a' + i as u8; 200 * 1024],
+        );
     }
     let daemon = env.spawn_daemon();
-    wait_for(Duration::from_secs(30), || env.daemon_log().contains("disk is full").then_some(()))
-        .unwrap_or_else(|| panic!("no clear disk-full error; log:\n{}", env.daemon_log()));
+    wait_for(Duration::from_secs(30), || {
+        env.daemon_log().contains("disk is full").then_some(())
+    })
+    .unwrap_or_else(|| panic!("no clear disk-full error; log:\n{}", env.daemon_log()));
     let status: serde_json::Value = daemon.get("/status").json().unwrap();
-    let (c, h) = (status[0]["committed"].as_u64().unwrap(), status[0]["head"].as_u64().unwrap());
-    assert!(c < h, "offset advanced past events that were not written ({c} of {h})");
+    let (c, h) = (
+        status[0]["committed"].as_u64().unwrap(),
+        status[0]["head"].as_u64().unwrap(),
+    );
+    assert!(
+        c < h,
+        "offset advanced past events that were not written ({c} of {h})"
+    );
     // Whatever reached the target is whole: no torn file is visible.
     for entry in std::fs::read_dir(env.dst()).unwrap() {
         let entry = entry.unwrap();
@@ -198,7 +227,9 @@ fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
             );
         }
     }
-    assert!(daemon.metric("tidemark_apply_errors_total{class=\"transient\",pipeline=\"t\"}") >= 1.0);
+    assert!(
+        daemon.metric("tidemark_apply_errors_total{class=\"transient\",pipeline=\"t\"}") >= 1.0
+    );
 
     disk.remount("size=16m");
     wait_for(Duration::from_secs(60), || {
@@ -220,7 +251,10 @@ fn issue_6_a_read_only_target_is_a_clear_error_and_recovers() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("read-only"), "{stderr}");
-    assert!(stderr.contains("a.txt"), "the error names the item: {stderr}");
+    assert!(
+        stderr.contains("a.txt"),
+        "the error names the item: {stderr}"
+    );
     assert_eq!(committed(&env), 0, "nothing committed");
 
     disk.remount("rw");
@@ -238,17 +272,31 @@ fn issue_6_a_symlinked_parent_on_the_target_is_never_written_through() {
     write(env.src().join("sub/file.txt"), "must not land outside");
     write(env.src().join("other.txt"), "fine");
     let out = env.run(&["sync", "--output", "json"]);
-    assert_eq!(out.status.code(), Some(3), "a failed item makes the run degraded");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a failed item makes the run degraded"
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let failures = v[0]["project"]["failures"].as_array().unwrap();
     assert!(
-        failures.iter().any(|f| f["key"] == "sub/file.txt" && f["reason"].as_str().unwrap().contains("symbolic link")),
+        failures.iter().any(|f| f["key"] == "sub/file.txt"
+            && f["reason"].as_str().unwrap().contains("symbolic link")),
         "{failures:?}"
     );
-    assert!(!outside.join("file.txt").exists(), "wrote through a symlinked parent");
-    assert_eq!(std::fs::read_to_string(env.dst().join("other.txt")).unwrap(), "fine");
+    assert!(
+        !outside.join("file.txt").exists(),
+        "wrote through a symlinked parent"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.dst().join("other.txt")).unwrap(),
+        "fine"
+    );
     let status = env.ok(&["status"]);
-    assert!(status.contains("failed items") && status.contains("sub/file.txt"), "{status}");
+    assert!(
+        status.contains("failed items") && status.contains("sub/file.txt"),
+        "{status}"
+    );
 }
 
 #[test]
@@ -274,7 +322,10 @@ fn issue_6_a_vanished_source_root_deletes_nothing() {
 fn issue_6_sigterm_during_heavy_projection_commits_and_exits_zero() {
     let env = Env::dirs("batch_size = 50\nscan_interval = \"1h\"", "prune = true");
     for i in 0..3000 {
-        write(env.src().join(format!("x{}/f{i}", i % 30)), format!("{i}").repeat(100));
+        write(
+            env.src().join(format!("x{}/f{i}", i % 30)),
+            format!("{i}").repeat(100),
+        );
     }
     env.ok(&["scan"]);
     let daemon = env.spawn_daemon();
@@ -286,7 +337,11 @@ fn issue_6_sigterm_during_heavy_projection_commits_and_exits_zero() {
     let t0 = Instant::now();
     let status = daemon.terminate();
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
-    assert!(t0.elapsed() < Duration::from_secs(20), "shutdown took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
     let c = committed(&env);
     // Everything below the committed offset is on the target; the rest follows on restart.
     env.ok(&["project"]);
@@ -300,7 +355,11 @@ fn issue_6_state_directory_is_owner_only() {
     let env = Env::dirs("", "");
     write(env.src().join("a"), "a");
     env.sync();
-    let mode = std::fs::metadata(env.path("state")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(env.path("state"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o700, "state directory mode {mode:o}");
 }
 
@@ -308,7 +367,10 @@ fn issue_6_state_directory_is_owner_only() {
 fn issue_6_a_second_signal_exits_at_once_and_loses_nothing() {
     let env = Env::dirs("batch_size = 10\nscan_interval = \"1h\"", "prune = true");
     for i in 0..2000 {
-        write(env.src().join(format!("s{}/f{i}", i % 20)), format!("{i}").repeat(200));
+        write(
+            env.src().join(format!("s{}/f{i}", i % 20)),
+            format!("{i}").repeat(200),
+        );
     }
     env.ok(&["scan"]);
     let mut daemon = env.spawn_daemon();
@@ -340,7 +402,10 @@ fn issue_6_symlink_loops_are_listing_errors_and_block_deletes() {
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("symbolic link loop"), "{stderr}");
-    assert!(env.dst().join("doomed.txt").exists(), "a scan with a loop emitted deletes");
+    assert!(
+        env.dst().join("doomed.txt").exists(),
+        "a scan with a loop emitted deletes"
+    );
 }
 
 #[test]
@@ -362,7 +427,12 @@ fn issue_6_very_long_names_are_mirrored() {
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 #[test]
@@ -385,18 +455,33 @@ fn issue_6_a_large_file_is_streamed_not_loaded() {
     })
     .expect("the large file was mirrored");
     let rss = peak_rss(daemon.child.id());
-    assert!(rss < 150 * 1024 * 1024, "peak RSS {} MiB while copying 1 GiB", rss >> 20);
+    assert!(
+        rss < 150 * 1024 * 1024,
+        "peak RSS {} MiB while copying 1 GiB",
+        rss >> 20
+    );
     assert!(daemon.terminate().success());
-    assert_eq!(std::fs::metadata(env.dst().join("one-gib.img")).unwrap().len(), size);
+    assert_eq!(
+        std::fs::metadata(env.dst().join("one-gib.img"))
+            .unwrap()
+            .len(),
+        size
+    );
     let out = env.run(&["verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
 fn issue_6_status_requires_the_bearer_token_which_never_leaks() {
     let env = Env::dirs("", "prune = true");
     let config = std::fs::read_to_string(&env.config).unwrap();
-    env.write_config(&format!("status_token_env = \"TM_RELIABILITY_TOKEN\"\n{config}"));
+    env.write_config(&format!(
+        "status_token_env = \"TM_RELIABILITY_TOKEN\"\n{config}"
+    ));
     let token = "s3cr3t-status-token-4711";
     // SAFETY of the test: the variable name is unique to this test.
     std::env::set_var("TM_RELIABILITY_TOKEN", token);
@@ -405,15 +490,81 @@ fn issue_6_status_requires_the_bearer_token_which_never_leaks() {
     assert_eq!(daemon.get("/status").status(), 401);
     let client = reqwest::blocking::Client::new();
     let url = format!("http://{}/status", daemon.addr);
-    assert_eq!(client.get(&url).bearer_auth("wrong").send().unwrap().status(), 401);
-    assert_eq!(client.get(&url).bearer_auth(token).send().unwrap().status(), 200);
+    assert_eq!(
+        client
+            .get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        client.get(&url).bearer_auth(token).send().unwrap().status(),
+        200
+    );
     assert!(daemon.addr.starts_with("127.0.0.1:"));
     // The CLI asks the running daemon (sled admits one process) with the same token.
     let status = env.ok(&["status"]);
     assert!(status.contains("pipeline t"), "{status}");
     let metrics = daemon.get("/metrics").text().unwrap();
     assert!(daemon.terminate().success());
-    for (what, text) in [("log", env.daemon_log()), ("metrics", metrics), ("status", status)] {
+    for (what, text) in [
+        ("log", env.daemon_log()),
+        ("metrics", metrics),
+        ("status", status),
+    ] {
         assert!(!text.contains(token), "the token leaked into the {what}");
     }
+}
+
+#[test]
+fn issue_6_memory_stays_bounded_while_the_target_is_down_and_the_log_grows() {
+    let env = Env::dirs(
+        "scan_interval = \"300ms\"\nretry_max_backoff = \"1s\"",
+        "prune = true",
+    );
+    // A regular file where the target directory should be: every write fails transiently.
+    write(env.dst(), "not a directory");
+    let daemon = env.spawn_daemon();
+    let pid = daemon.child.id();
+    let mut written = 0;
+    for round in 0..3 {
+        for i in 0..4000 {
+            write(
+                env.src().join(format!("r{round}/f{i}.txt")),
+                format!("{round}-{i}").repeat(20),
+            );
+        }
+        written += 4000;
+        let expected = written;
+        wait_for(Duration::from_secs(60), || {
+            let v: serde_json::Value = daemon.get("/status").json().ok()?;
+            (v[0]["head"].as_u64()? >= expected).then_some(())
+        })
+        .expect("the scanner keeps appending while the target is down");
+    }
+    let status: serde_json::Value = daemon.get("/status").json().unwrap();
+    assert_eq!(
+        status[0]["committed"], 0,
+        "nothing can be committed while the target is down"
+    );
+    assert!(status[0]["lag_events"].as_u64().unwrap() >= 12_000);
+    let rss = peak_rss(pid);
+    eprintln!("peak RSS with 12 000 events waiting: {} MiB", rss >> 20);
+    assert!(
+        rss < 100 * 1024 * 1024,
+        "peak RSS {} MiB with 12 000 events waiting",
+        rss >> 20
+    );
+
+    // The target comes back: everything lands.
+    std::fs::remove_file(env.dst()).unwrap();
+    wait_for(Duration::from_secs(180), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["lag_events"] == 0).then_some(())
+    })
+    .expect("caught up once the target returned");
+    assert!(daemon.terminate().success());
+    assert_mirror(&env.src(), &env.dst());
 }

@@ -99,6 +99,9 @@ pub struct PipelineConfig {
     pub concurrency: usize,
     /// Events read, applied and committed as one batch.
     pub batch_size: usize,
+    /// Longest pause between retries of a batch the target could not take (backoff grows
+    /// exponentially up to this); also bounds how long recovery waits once the target is back.
+    pub retry_max_backoff: Duration,
     /// What `run` does for this pipeline: scan, project or both.
     pub role: Role,
 }
@@ -355,6 +358,8 @@ struct RawPipeline {
     concurrency: Spanned<usize>,
     #[serde(default = "default_batch_size")]
     batch_size: Spanned<usize>,
+    #[serde(default = "default_retry_max_backoff", with = "humantime_serde")]
+    retry_max_backoff: Duration,
     #[serde(default)]
     role: Role,
 }
@@ -402,6 +407,9 @@ fn default_max_delete() -> DeleteLimit {
 fn default_concurrency() -> Spanned<usize> {
     Spanned::new(0..0, 16)
 }
+fn default_retry_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_batch_size() -> Spanned<usize> {
     Spanned::new(0..0, 1024)
 }
@@ -422,8 +430,14 @@ impl Config {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             let mut message = e.message().trim().to_owned();
             // Some messages ("duplicate key") do not say which key; quote what the span covers.
-            let at = e.span().and_then(|s| text.get(s)).and_then(|t| t.lines().next());
-            if let Some(at) = at.map(str::trim).filter(|t| !t.is_empty() && !message.contains('`')) {
+            let at = e
+                .span()
+                .and_then(|s| text.get(s))
+                .and_then(|t| t.lines().next());
+            if let Some(at) = at
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && !message.contains('`'))
+            {
                 message = format!("{message}: `{at}`");
             }
             ConfigError::Parse {
@@ -572,8 +586,7 @@ impl Config {
                         return Err(invalid(
                             k.brokers.span(),
                             key("log.kafka.brokers"),
-                            "is empty; list the bootstrap brokers as host:port,host:port"
-                                .into(),
+                            "is empty; list the bootstrap brokers as host:port,host:port".into(),
                         ));
                     }
                     for (value, k2) in [
@@ -581,7 +594,11 @@ impl Config {
                         (&k.replication, "log.kafka.replication"),
                     ] {
                         if *value.get_ref() == 0 {
-                            return Err(invalid(value.span(), key(k2), "must be at least 1".into()));
+                            return Err(invalid(
+                                value.span(),
+                                key(k2),
+                                "must be at least 1".into(),
+                            ));
                         }
                     }
                     let policy = k.cleanup_policy.get_ref();
@@ -615,6 +632,7 @@ impl Config {
                 inline_limit: p.inline_limit,
                 concurrency: p.concurrency.into_inner(),
                 batch_size: p.batch_size.into_inner(),
+                retry_max_backoff: p.retry_max_backoff,
             });
         }
 
@@ -737,8 +755,13 @@ prune = true
 
     #[test]
     fn duplicate_key_is_quoted() {
-        let bad = GOOD.replace("scan_interval = \"2s\"", "scan_interval = \"2s\"\nscan_interval = \"3s\"");
-        let err = Config::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        let bad = GOOD.replace(
+            "scan_interval = \"2s\"",
+            "scan_interval = \"2s\"\nscan_interval = \"3s\"",
+        );
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("t.toml:7:"), "{err}");
         assert!(err.contains("scan_interval"), "{err}");
     }

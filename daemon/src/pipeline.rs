@@ -116,7 +116,8 @@ impl Pipeline {
             config.target.prune(),
             config.concurrency,
             config.batch_size,
-        );
+        )
+        .with_retry_max_backoff(config.retry_max_backoff);
         metrics().init_pipeline(&config.name);
         Ok(Pipeline {
             config: config.clone(),

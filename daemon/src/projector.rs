@@ -263,6 +263,8 @@ pub struct Projector {
     prune: bool,
     concurrency: usize,
     batch_size: usize,
+    /// Longest pause between retries when the target refuses a batch.
+    retry_max_backoff: Duration,
 }
 
 impl Projector {
@@ -286,7 +288,14 @@ impl Projector {
             prune,
             concurrency,
             batch_size,
+            retry_max_backoff: Duration::from_secs(30),
         }
+    }
+
+    /// Caps the pause between retries of a batch the target refused.
+    pub fn with_retry_max_backoff(mut self, max: Duration) -> Projector {
+        self.retry_max_backoff = max;
+        self
     }
 
     /// Consumer name of this projector's committed offsets.
@@ -905,7 +914,7 @@ impl Projector {
         use backoff::backoff::Backoff;
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(200))
-            .with_max_interval(Duration::from_secs(30))
+            .with_max_interval(self.retry_max_backoff)
             .with_max_elapsed_time(None)
             .build();
         // Partitions held since the last look, for logs whose partitions move between daemons.
