@@ -344,6 +344,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             ),
             None => println!("  no scan yet"),
         }
+        println!("  max_delete {}", s["max_delete"].as_str().unwrap_or("?"));
         if let Some(g) = s.get("delete_guard").filter(|v| !v.is_null()) {
             println!(
                 "  DELETE GUARD TRIPPED: the last scan would delete {} items, max_delete = {} allows {}; no deletes were emitted",

@@ -60,6 +60,8 @@ pub struct PipelineStatus {
     pub last_scan: Option<ScanRecord>,
     /// Set while the last scan's deletes are withheld by `max_delete`.
     pub delete_guard: Option<GuardTrip>,
+    /// The configured delete limit (`max_delete`), shown whether or not it tripped.
+    pub max_delete: String,
     /// Events that failed permanently; their keys wait for the next change.
     pub failed: Vec<Failure>,
     /// Events waiting for the items they reference, with what they wait for.
@@ -240,6 +242,7 @@ impl Pipeline {
             lag_seconds,
             source_freshness_seconds: freshness,
             delete_guard: last_scan.as_ref().and_then(|s| s.guard.clone()),
+            max_delete: self.config.max_delete.to_string(),
             last_scan,
             failed,
             deferred,
