@@ -252,9 +252,13 @@ fn issue_3_cycle_is_patched_and_dangling_reference_is_reported() {
         status.contains("comment-d") || status.contains("701"),
         "{status}"
     );
+    let logged = wait_for(Duration::from_secs(10), || {
+        env.daemon_log().contains("424242").then_some(())
+    });
     assert!(
-        env.daemon_log().contains("424242"),
-        "the log names the dangling reference"
+        logged.is_some(),
+        "the log names the dangling reference:\n{}",
+        env.daemon_log()
     );
     assert_eq!(
         prod.all("comments")
