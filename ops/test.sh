@@ -16,9 +16,16 @@ ops/peers/json-server.sh install
 ops/peers/prometheus.sh install
 ops/peers/kafka.sh install
 
-log "starting the Kafka-protocol broker"
-trap 'ops/peers/kafka.sh stop >/dev/null 2>&1 || true' EXIT
-TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh start)
+# TIDEMARK_KAFKA_PORT picks the broker's port (default 19092); a broker already running
+# there from an earlier `ops/peers/kafka.sh start` is used as it is and left running.
+port=${TIDEMARK_KAFKA_PORT:-19092}
+if ops/peers/kafka.sh status "$port" >/dev/null 2>&1; then
+  log "using the Kafka-protocol broker already running on port $port"
+else
+  log "starting the Kafka-protocol broker on port $port"
+  trap 'ops/peers/kafka.sh stop "$port" >/dev/null 2>&1 || true' EXIT
+fi
+TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh start "$port")
 export TIDEMARK_KAFKA_BROKERS
 
 log "cargo test --workspace (broker at $TIDEMARK_KAFKA_BROKERS)"

@@ -9,6 +9,7 @@
 #                                              address once the broker answers
 #   ops/peers/kafka.sh stop    [PORT] [DIR]    stop it
 #   ops/peers/kafka.sh restart [PORT] [DIR]    stop, then start on the same data
+#   ops/peers/kafka.sh status  [PORT] [DIR]    exit 0 if a broker started here is running
 #
 # Tests read the address from TIDEMARK_KAFKA_BROKERS:
 #   export TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh start)
@@ -96,6 +97,7 @@ case "$cmd" in
     start) start ;;
     stop) stop ;;
     restart) stop; start ;;
+    status) pid_alive ;;
     *)
         sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
         exit 2
