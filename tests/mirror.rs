@@ -35,10 +35,16 @@ fn mirrors_a_tree_byte_for_byte_with_modes() {
     write(src.join("a/b/c/deep.txt"), "nested three levels\n");
     write(src.join("empty-file"), "");
     write(src.join("bin/blob.bin"), noise(70_000, 7));
-    write(src.join("big/several-mib.dat"), noise(5 * 1024 * 1024 + 17, 11));
+    write(
+        src.join("big/several-mib.dat"),
+        noise(5 * 1024 * 1024 + 17, 11),
+    );
     write(src.join("unicode/naïve café ✓/日本語.txt"), "ünïcödé\n");
     write(src.join("100% done.txt"), "percent sign in the name\n");
-    write(src.join(OsStr::from_bytes(b"raw-\xff\xfe-latin1.txt")), "not UTF-8 name\n");
+    write(
+        src.join(OsStr::from_bytes(b"raw-\xff\xfe-latin1.txt")),
+        "not UTF-8 name\n",
+    );
     write(src.join("scripts/run.sh"), "#!/bin/sh\necho hi\n");
     set_mode(src.join("scripts/run.sh"), 0o755);
     write(src.join("private.key"), "secret-ish\n");
@@ -65,7 +71,10 @@ fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
     let env = Env::dirs("", "prune = true");
     let src = env.src();
     for i in 0..50 {
-        write(src.join(format!("files/f{i:02}.txt")), format!("file {i}\n"));
+        write(
+            src.join(format!("files/f{i:02}.txt")),
+            format!("file {i}\n"),
+        );
     }
     env.sync();
     assert_mirror(&src, &env.dst());
@@ -78,12 +87,18 @@ fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
     std::fs::rename(src.join("files/f03.txt"), src.join("files/renamed.txt")).unwrap();
     set_mode(src.join("files/f04.txt"), 0o755);
     let (scan, project) = env.sync();
-    assert_eq!(scan["upserts"], 4, "modify + add + rename target + chmod: {scan}");
+    assert_eq!(
+        scan["upserts"], 4,
+        "modify + add + rename target + chmod: {scan}"
+    );
     assert_eq!(scan["deletes"], 2, "delete + rename source: {scan}");
     assert_eq!(kind_outcome(&project, "file", "updated"), 2, "{project}");
     assert_eq!(kind_outcome(&project, "file", "created"), 2, "{project}");
     assert_eq!(kind_outcome(&project, "file", "deleted"), 2, "{project}");
-    assert_eq!(project["events"], 6, "only changed files produce events: {project}");
+    assert_eq!(
+        project["events"], 6,
+        "only changed files produce events: {project}"
+    );
     assert_mirror(&src, &env.dst());
     assert_eq!(
         std::fs::metadata(&untouched).unwrap().ino(),
@@ -109,10 +124,14 @@ fn without_prune_deletes_are_recorded_but_not_applied() {
     assert!(plan.contains("retain file gone.txt"), "{plan}");
     let (_, project) = env.sync();
     assert_eq!(outcome(&project, "retained"), 1, "{project}");
-    assert!(env.dst().join("gone.txt").exists(), "prune = false deleted a file");
+    assert!(
+        env.dst().join("gone.txt").exists(),
+        "prune = false deleted a file"
+    );
     let tail = env.ok(&["log", "tail", "--from", "0"]);
     assert!(
-        tail.lines().any(|l| l.contains(r#""op":"delete""#) && l.contains("gone.txt")),
+        tail.lines()
+            .any(|l| l.contains(r#""op":"delete""#) && l.contains("gone.txt")),
         "the delete is recorded in the log:\n{tail}"
     );
 }
@@ -132,7 +151,10 @@ fn deleting_a_directory_removes_it_and_its_contents() {
     env.write_config(&config.replace("scan_interval", "max_delete = \"100%\"\nscan_interval"));
     env.sync();
     assert_mirror(&env.src(), &env.dst());
-    assert!(env.dst().join("emptied/sub").is_dir(), "a directory still in the source stays");
+    assert!(
+        env.dst().join("emptied/sub").is_dir(),
+        "a directory still in the source stays"
+    );
 }
 
 #[test]
@@ -150,7 +172,10 @@ fn special_files_are_skipped_with_a_warning() {
     assert_eq!(v[0]["scan"]["skipped"], 1);
     assert_eq!(v[0]["scan"]["errors"], 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("a-fifo") && stderr.contains("special file"), "{stderr}");
+    assert!(
+        stderr.contains("a-fifo") && stderr.contains("special file"),
+        "{stderr}"
+    );
     assert!(env.dst().join("regular.txt").exists());
     assert!(!env.dst().join("a-fifo").exists());
 }
@@ -161,16 +186,25 @@ fn applied_offsets(log: &str) -> Vec<u64> {
         .filter(|l| l.contains("applied") && l.contains("outcome="))
         .filter_map(|l| {
             let rest = &l[l.find(" offset=")? + 8..];
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         })
         .collect()
 }
 
 #[test]
 fn issue_2_kill_during_projection_resumes_without_reapplying_committed_events() {
-    let env = Env::dirs("batch_size = 20\nconcurrency = 4\nscan_interval = \"1h\"", "prune = true");
+    let env = Env::dirs(
+        "batch_size = 20\nconcurrency = 4\nscan_interval = \"1h\"",
+        "prune = true",
+    );
     for i in 0..4000 {
-        write(env.src().join(format!("d{}/f{i:05}.bin", i % 40)), noise(2048 + i, i as u64 + 1));
+        write(
+            env.src().join(format!("d{}/f{i:05}.bin", i % 40)),
+            noise(2048 + i, i as u64 + 1),
+        );
     }
     // Append everything first, so the daemon starts projecting at once.
     env.ok(&["scan"]);
@@ -186,14 +220,20 @@ fn issue_2_kill_during_projection_resumes_without_reapplying_committed_events() 
     daemon.kill9();
     let status = env.json(&["status"]);
     let committed = status[0]["committed"].as_u64().unwrap();
-    assert!(committed >= committed_seen, "committed offset went backwards");
+    assert!(
+        committed >= committed_seen,
+        "committed offset went backwards"
+    );
     assert!(
         committed < head,
         "projection finished before the kill ({committed} of {head}); the test needs a slower projection"
     );
     let first_run = env.daemon_log();
     let written_before = applied_offsets(&first_run);
-    assert!(!written_before.is_empty(), "debug lines name every applied event");
+    assert!(
+        !written_before.is_empty(),
+        "debug lines name every applied event"
+    );
 
     // Restart: it resumes from the committed offset and never re-applies what is below it.
     let daemon = env.spawn_daemon();
@@ -230,7 +270,8 @@ fn replay_from_zero_rebuilds_an_empty_target() {
 
     let out = env.ok(&["replay", "--from", "0"]);
     assert!(out.contains("committed offset set to 0"), "{out}");
-    let (_, project) = env.json(&["project"])
+    let (_, project) = env
+        .json(&["project"])
         .as_array()
         .map(|a| (a[0]["scan"].clone(), a[0]["project"].clone()))
         .unwrap();
@@ -249,21 +290,34 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
         std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
     }
     let out = env.run(&["sync", "--output", "json"]);
-    assert!(out.status.success(), "the guard is not a failure of the run");
+    assert!(
+        out.status.success(),
+        "the guard is not a failure of the run"
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["scan"]["deletes"], 0);
     assert_eq!(v[0]["scan"]["guard"]["would_delete"], 10);
     assert_eq!(v[0]["scan"]["guard"]["allowed"], 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("delete guard tripped"), "log line names the guard: {stderr}");
-    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 10, "nothing deleted");
+    assert!(
+        stderr.contains("delete guard tripped"),
+        "log line names the guard: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(env.dst()).unwrap().count(),
+        10,
+        "nothing deleted"
+    );
 
     let status = env.ok(&["status"]);
     assert!(status.contains("DELETE GUARD TRIPPED"), "{status}");
     let daemon = env.spawn_daemon();
     let tripped = wait_for(Duration::from_secs(20), || {
         let m = daemon.metrics();
-        (m.get("tidemark_delete_guard_trips_total{pipeline=\"t\"}").copied()? >= 1.0).then_some(m)
+        (m.get("tidemark_delete_guard_trips_total{pipeline=\"t\"}")
+            .copied()?
+            >= 1.0)
+            .then_some(m)
     })
     .expect("the daemon's scans trip the guard too");
     assert_eq!(tripped["tidemark_delete_guard_active{pipeline=\"t\"}"], 1.0);
@@ -312,9 +366,18 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
     assert!(v[0]["scan"]["errors"].as_u64().unwrap() >= 1, "{v}");
     assert_eq!(v[0]["scan"]["deletes"], 0, "{v}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("secret") && stderr.contains("no deletes"), "{stderr}");
-    assert!(env.dst().join("secret/s.txt").exists(), "unreadable subtree was deleted");
-    assert!(env.dst().join("open/b.txt").exists(), "a delete was emitted by a degraded scan");
+    assert!(
+        stderr.contains("secret") && stderr.contains("no deletes"),
+        "{stderr}"
+    );
+    assert!(
+        env.dst().join("secret/s.txt").exists(),
+        "unreadable subtree was deleted"
+    );
+    assert!(
+        env.dst().join("open/b.txt").exists(),
+        "a delete was emitted by a degraded scan"
+    );
 }
 
 #[test]
@@ -335,7 +398,10 @@ fn plan_writes_nothing_and_shows_what_project_would_do() {
     assert!(plan.contains("create file c.txt"), "{plan}");
     assert!(plan.contains("delete file b.txt"), "{plan}");
     assert_eq!(snapshot(&env.dst()), before, "plan wrote to the target");
-    assert_eq!(env.json(&["status"])[0]["committed"], status_before[0]["committed"]);
+    assert_eq!(
+        env.json(&["status"])[0]["committed"],
+        status_before[0]["committed"]
+    );
 
     env.ok(&["project"]);
     assert_mirror(&env.src(), &env.dst());
@@ -353,7 +419,10 @@ fn a_misspelled_config_key_is_named_with_its_line() {
         .position(|l| l.contains("pruen"))
         .unwrap()
         + 1;
-    assert!(stderr.contains(&format!("tidemark.toml:{line}:")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("tidemark.toml:{line}:")),
+        "{stderr}"
+    );
     assert!(stderr.contains("unknown field `pruen`"), "{stderr}");
     assert!(!env.dst().exists(), "nothing ran");
 }
@@ -365,7 +434,10 @@ fn a_missing_source_directory_is_a_clear_error() {
     let out = env.run(&["sync"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("source directory") && stderr.contains("src"), "{stderr}");
+    assert!(
+        stderr.contains("source directory") && stderr.contains("src"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -376,13 +448,16 @@ fn the_daemon_mirrors_continuously_and_exits_cleanly_on_sigterm() {
     let daemon = env.spawn_daemon();
     assert_eq!(daemon.get("/healthz").status(), 200);
     assert_eq!(daemon.get("/readyz").status(), 200);
-    wait_for(Duration::from_secs(20), || env.dst().join("first.txt").exists().then_some(()))
-        .expect("first file mirrored");
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("first.txt").exists().then_some(())
+    })
+    .expect("first file mirrored");
 
     write(env.src().join("later/second.txt"), "2");
     std::fs::remove_file(env.src().join("first.txt")).unwrap();
     wait_for(Duration::from_secs(20), || {
-        (env.dst().join("later/second.txt").exists() && !env.dst().join("first.txt").exists()).then_some(())
+        (env.dst().join("later/second.txt").exists() && !env.dst().join("first.txt").exists())
+            .then_some(())
     })
     .expect("changes mirrored while running");
     let m = wait_for(Duration::from_secs(20), || {

@@ -107,7 +107,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let endpoints = CancellationToken::new();
     let status_token = match &config.status_token_env {
         None => None,
-        Some(var) => Some(std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?),
+        Some(var) => {
+            Some(std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?)
+        }
     };
     let server_state = Arc::new(ServerState {
         pipelines: pipelines.clone(),

@@ -286,7 +286,11 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
             let url = format!("http://{}/status", addr.trim());
             let mut request = reqwest::Client::new().get(&url);
-            if let Some(token) = config.status_token_env.as_ref().and_then(|v| std::env::var(v).ok()) {
+            if let Some(token) = config
+                .status_token_env
+                .as_ref()
+                .and_then(|v| std::env::var(v).ok())
+            {
                 request = request.bearer_auth(token);
             }
             let all: Vec<serde_json::Value> = request
@@ -605,7 +609,9 @@ async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
             }
         }
         copied += events.len() as u64;
-        for (sled_offset, (partition, offset)) in sled_offsets.into_iter().zip(to.append_acked(events).await?) {
+        for (sled_offset, (partition, offset)) in
+            sled_offsets.into_iter().zip(to.append_acked(events).await?)
+        {
             if sled_offset < applied {
                 next[partition as usize] = offset + 1;
             }

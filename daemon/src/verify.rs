@@ -9,10 +9,12 @@ use futures::StreamExt;
 use serde::Serialize;
 use tidemark_proto::{content_version, item_identity};
 
-use crate::config::{HttpSourceConfig, HttpTargetConfig, PipelineConfig, SourceConfig, TargetConfig};
-use crate::state::{State, StateError};
+use crate::config::{
+    HttpSourceConfig, HttpTargetConfig, PipelineConfig, SourceConfig, TargetConfig,
+};
 use crate::progress::Progress;
 use crate::source::{DirSource, ListError, Listing, Source};
+use crate::state::{State, StateError};
 use crate::target::fs::TMP_DIR;
 
 /// Drift between source and target.
@@ -159,7 +161,8 @@ pub async fn verify(
         _ => {
             return Err(VerifyError::Unsupported {
                 pipeline: pipeline.name.clone(),
-                message: "verify compares a directory with a directory or an API with an API".into(),
+                message: "verify compares a directory with a directory or an API with an API"
+                    .into(),
             })
         }
     };
@@ -244,18 +247,25 @@ async fn verify_http(
         progress.inc(1);
         match item {
             Ok(i) => {
-                let Some(tidemark_proto::Body::Json(body)) = i.body else { continue };
+                let Some(tidemark_proto::Body::Json(body)) = i.body else {
+                    continue;
+                };
                 let strip = t.kind(&i.kind).map(|k| k.strip.clone()).unwrap_or_default();
-                src.insert(item_identity(&i.kind, &i.key), comparable(body, &[], &strip));
+                src.insert(
+                    item_identity(&i.kind, &i.key),
+                    comparable(body, &[], &strip),
+                );
             }
             Err(e) => report.unreadable.push(e.to_string()),
         }
     }
     // The remap table, both ways.
-    let remap = state.remap(&pipeline.name).map_err(|source| VerifyError::State {
-        pipeline: pipeline.name.clone(),
-        source,
-    })?;
+    let remap = state
+        .remap(&pipeline.name)
+        .map_err(|source| VerifyError::State {
+            pipeline: pipeline.name.clone(),
+            source,
+        })?;
     let mut to_target: HashMap<String, String> = HashMap::new();
     let mut to_source: HashMap<(String, String), String> = HashMap::new();
     for r in remap.iter() {
@@ -271,7 +281,9 @@ async fn verify_http(
     let client = Arc::new(HttpClient::new(&pipeline.name, "target", &t.endpoint));
     let mut dst: BTreeMap<String, String> = BTreeMap::new();
     for kind in &s.kinds {
-        let Some(tk) = t.kind(&kind.name) else { continue };
+        let Some(tk) = t.kind(&kind.name) else {
+            continue;
+        };
         let mut items = HttpSource::list_raw(
             client.clone(),
             kind.name.clone(),
@@ -290,17 +302,24 @@ async fn verify_http(
             };
             progress.inc(1);
             let Some(tid) = item.pointer(&tk.id_field).and_then(id_string) else {
-                report.unreadable.push(format!("target: a `{}` item has no id at `{}`", kind.name, tk.id_field));
+                report.unreadable.push(format!(
+                    "target: a `{}` item has no id at `{}`",
+                    kind.name, tk.id_field
+                ));
                 continue;
             };
             let Some(key) = to_source.get(&(kind.name.clone(), tid.clone())) else {
-                report.extra.push(format!("{}\0(target id {tid})", kind.name));
+                report
+                    .extra
+                    .push(format!("{}\0(target id {tid})", kind.name));
                 continue;
             };
             // Reference fields back to source ids.
             for r in &kind.refs {
                 let back = |v: &mut serde_json::Value| {
-                    if let Some(k) = id_string(v).and_then(|id| to_source.get(&(r.kind.clone(), id))) {
+                    if let Some(k) =
+                        id_string(v).and_then(|id| to_source.get(&(r.kind.clone(), id)))
+                    {
                         *v = match (&*v, k.parse::<i64>()) {
                             (serde_json::Value::Number(_), Ok(n)) => n.into(),
                             _ => k.clone().into(),
@@ -313,7 +332,10 @@ async fn verify_http(
                     None => {}
                 }
             }
-            dst.insert(item_identity(&kind.name, key), comparable(item, &kind.ignore, &tk.strip));
+            dst.insert(
+                item_identity(&kind.name, key),
+                comparable(item, &kind.ignore, &tk.strip),
+            );
         }
     }
     for (id, sum) in &src {
@@ -328,6 +350,8 @@ async fn verify_http(
             Some(_) => {}
         }
     }
-    report.extra.extend(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
+    report
+        .extra
+        .extend(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
     Ok(report)
 }

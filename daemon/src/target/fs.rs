@@ -435,7 +435,14 @@ mod tests {
             },
             false,
         );
-        for key in ["../escape.txt", "a/../../escape.txt", "/etc/escape.txt", "%2E%2E/escape.txt", "", "./x"] {
+        for key in [
+            "../escape.txt",
+            "a/../../escape.txt",
+            "/etc/escape.txt",
+            "%2E%2E/escape.txt",
+            "",
+            "./x",
+        ] {
             let err = target.apply(&event(key), None).await.unwrap_err();
             assert!(
                 matches!(&err, ApplyError::Permanent { message, .. } if message.contains("outside the target root")),
@@ -444,6 +451,9 @@ mod tests {
         }
         assert!(!dir.path().join("escape.txt").exists());
         assert!(target.apply(&event("inside/ok.txt"), None).await.is_ok());
-        assert_eq!(fs::read(root.join("inside/ok.txt")).unwrap(), b"escape attempt");
+        assert_eq!(
+            fs::read(root.join("inside/ok.txt")).unwrap(),
+            b"escape attempt"
+        );
     }
 }
