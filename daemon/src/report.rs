@@ -512,7 +512,7 @@ impl Cycle {
             pipeline = %name,
             upserts = scan.map_or(0, |s| s.upserts),
             deletes = scan.map_or(0, |s| s.deletes),
-            applied = %counts.join(", "),
+            applied = %if counts.is_empty() { "nothing".to_owned() } else { counts.join(", ") },
             failures = report.failures.len(),
             delete_guard = %report.delete_guard.decision,
             "cycle finished"
