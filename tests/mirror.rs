@@ -14,19 +14,6 @@ fn set_mode(path: impl AsRef<std::path::Path>, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so binary content is reproducible.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 #[test]
 fn mirrors_a_tree_byte_for_byte_with_modes() {
     let env = Env::dirs("", "prune = true");
@@ -178,20 +165,6 @@ fn special_files_are_skipped_with_a_warning() {
     );
     assert!(env.dst().join("regular.txt").exists());
     assert!(!env.dst().join("a-fifo").exists());
-}
-
-/// The `applied` debug lines of a daemon log: (offset, key).
-fn applied_offsets(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("applied") && l.contains("outcome="))
-        .filter_map(|l| {
-            let rest = &l[l.find(" offset=")? + 8..];
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
 }
 
 #[test]

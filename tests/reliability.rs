@@ -11,34 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// xorshift: reproducible randomness without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Offsets of the `applied` debug lines in a daemon log.
-fn applied_offsets(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("applied") && l.contains("outcome="))
-        .filter_map(|l| {
-            let rest = &l[l.find(" offset=")? + 8..];
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 fn committed(env: &Env) -> u64 {
     env.json(&["status"])[0]["committed"].as_u64().unwrap()
 }

@@ -376,3 +376,44 @@ pub fn ops(script: &str, args: &[&str]) -> String {
 pub fn mirrors_now(src: &Path, dst: &Path) -> bool {
     std::panic::catch_unwind(|| snapshot(src) == snapshot(dst)).unwrap_or(false)
 }
+
+/// xorshift: reproducible randomness without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Deterministic pseudo-random bytes, so binary content is reproducible.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed.max(1));
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Offsets of the `applied` debug lines (one per change written) in a daemon log.
+pub fn applied_offsets(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("applied") && l.contains("outcome="))
+        .filter_map(|l| {
+            let rest = &l[l.find(" offset=")? + 8..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
