@@ -1,21 +1,23 @@
 //! The Kafka event log: one topic per pipeline, an idempotent producer, records keyed by
-//! kind/key, committed offsets kept in a consumer group whose members split the partitions.
+//! kind/key, committed offsets kept in a consumer group, partitions split between daemons
+//! by leases.
 //!
 //! Pieces, each a librdkafka client:
 //! - the **producer** (`enable.idempotence`, `acks=all`) appends; an append returns once the
 //!   broker acknowledged every record of the batch;
 //! - one **reader** per partition reads by position (`assign` at an offset, never a group),
-//!   so reading is independent of membership and of committed offsets;
-//! - one **group client** per consumer name keeps committed offsets. It commits as a plain
-//!   client until its owner calls [`EventLog::assigned`]; from then on it is a member of the
-//!   group (subscribed, its partitions paused so it never fetches) and the group decides
-//!   which partitions this process projects. A member only commits partitions it holds.
+//!   so reading is independent of ownership and of committed offsets;
+//! - one **group client** per consumer name keeps committed offsets (plain commits, never
+//!   a group member);
+//! - once a consumer's owner calls [`EventLog::assigned`], a [`Leases`] thread decides
+//!   which partitions this process projects; from then on the consumer commits only
+//!   partitions it holds.
 //!
 //! A consumer name maps to a Kafka group: the pipeline's projector (`<pipeline>.projector`)
 //! uses the configured `group`; any other name `c` uses `<group>.<c>`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
 
@@ -23,13 +25,11 @@ use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tidemark_proto::Event;
 use tokio::sync::{watch, Mutex, OnceCell};
 use tracing::{info, warn};
@@ -62,6 +62,8 @@ pub struct KafkaLog {
     connected: OnceCell<()>,
     readers: SyncMutex<HashMap<u32, Arc<Mutex<Reader>>>>,
     groups: SyncMutex<HashMap<String, Arc<Group>>>,
+    /// Partition ownership of each consumer whose owner asked [`EventLog::assigned`].
+    leases: SyncMutex<HashMap<String, Arc<Leases>>>,
     /// Bumped after each local append so tailing readers in this process wake at once.
     appended: watch::Sender<u64>,
 }
@@ -75,47 +77,7 @@ struct Reader {
 
 /// The client that keeps one consumer group's committed offsets.
 struct Group {
-    id: String,
-    consumer: Arc<BaseConsumer<MemberContext>>,
-    /// Set once the client subscribed and is a member of the group.
-    joined: AtomicBool,
-    /// Tells the polling thread of a member to stop.
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// Rebalance hooks of a group member: pause every assigned partition (a member keeps
-/// offsets, it does not fetch; readers do) and log what changed.
-struct MemberContext {
-    group: String,
-}
-
-impl ClientContext for MemberContext {}
-
-impl ConsumerContext for MemberContext {
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                info!(group = %self.group, partitions = ?parts, "consumer group assigned partitions");
-                if let Err(e) = consumer.pause(tpl) {
-                    warn!(group = %self.group, "cannot pause assigned partitions: {e}");
-                }
-            }
-            Rebalance::Revoke(tpl) => {
-                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                info!(group = %self.group, partitions = ?parts, "consumer group revoked partitions");
-            }
-            Rebalance::Error(e) => {
-                warn!(group = %self.group, "consumer group rebalance failed: {e}")
-            }
-        }
-    }
+    consumer: Arc<BaseConsumer>,
 }
 
 fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
@@ -163,6 +125,7 @@ impl KafkaLog {
             connected: OnceCell::new(),
             readers: SyncMutex::new(HashMap::new()),
             groups: SyncMutex::new(HashMap::new()),
+            leases: SyncMutex::new(HashMap::new()),
             appended: watch::channel(0).0,
         })
     }
@@ -348,46 +311,28 @@ impl KafkaLog {
         if let Some(g) = groups.get(&id) {
             return Ok(g.clone());
         }
-        let timeout_ms = self.config.session_timeout.as_millis().max(1000);
-        let client: BaseConsumer<MemberContext> = client_config(&self.config)
-            .set("group.id", &id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("session.timeout.ms", timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (timeout_ms / 4).to_string())
-            .set("partition.assignment.strategy", "roundrobin")
-            .create_with_context(MemberContext { group: id.clone() })?;
         let g = Arc::new(Group {
-            id: id.clone(),
-            consumer: Arc::new(client),
-            joined: AtomicBool::new(false),
-            stop: Arc::new(AtomicBool::new(false)),
+            consumer: Arc::new(plain_client(&self.config, &id)?),
         });
         groups.insert(id, g.clone());
         Ok(g)
     }
 
-    /// Subscribes the group client and starts the thread that keeps its membership alive
-    /// (heartbeats and rebalances are served by polling).
-    fn join(&self, group: &Group) -> Result<(), BoxError> {
-        if group.joined.swap(true, Ordering::SeqCst) {
-            return Ok(());
+    /// The leases of `consumer`, started (and their thread running) on first use.
+    fn leases(&self, consumer: &str) -> Result<Arc<Leases>, BoxError> {
+        let id = self.group_id(consumer);
+        let mut all = self.leases.lock().unwrap();
+        if let Some(l) = all.get(&id) {
+            return Ok(l.clone());
         }
-        group.consumer.subscribe(&[&self.config.topic])?;
-        let (consumer, stop, id) = (group.consumer.clone(), group.stop.clone(), group.id.clone());
+        let leases = Arc::new(Leases::new(&self.config, &id, self.partitions())?);
+        // The thread holds a weak reference: it ends once the log (and its leases) is dropped.
+        let worker = Arc::downgrade(&leases);
         std::thread::Builder::new()
-            .name(format!("kafka-group-{id}"))
-            .spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    // Partitions are paused, so this serves rebalances and returns no records
-                    // (a record fetched before the pause took effect is dropped: readers read).
-                    if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
-                        warn!(group = %id, "consumer group: {e}");
-                    }
-                }
-                consumer.unsubscribe();
-            })?;
-        Ok(())
+            .name(format!("kafka-leases-{id}"))
+            .spawn(move || Leases::maintain(worker))?;
+        all.insert(id, leases.clone());
+        Ok(leases)
     }
 
     fn tpl(&self, partition: u32, offset: Offset) -> Result<TopicPartitionList, KafkaError> {
@@ -420,26 +365,25 @@ impl KafkaLog {
                 return Ok(());
             }
         }
-        let group = self.group(consumer).map_err(err)?;
-        if group.joined.load(Ordering::SeqCst) {
-            // A member commits only what it holds: after a rebalance another daemon owns
-            // the partition and re-applies from its committed offset (without duplicate
-            // effect), so a late commit from here must not move it.
-            let held = group
-                .consumer
-                .assignment()
-                .map_err(|e| err(boxed(e)))?
-                .elements_for_topic(&self.config.topic)
-                .iter()
-                .any(|e| e.partition() == partition as i32);
-            if !held {
+        let leases = self
+            .leases
+            .lock()
+            .unwrap()
+            .get(&self.group_id(consumer))
+            .cloned();
+        if let Some(leases) = leases {
+            // A daemon commits only partitions it holds: after a takeover or a handover the
+            // new holder continues from the last committed offset (re-applying without
+            // duplicate effect), so a late commit from here must not move it.
+            if !leases.holds(partition) {
                 return Err(err(format!(
-                    "partition {partition} is no longer assigned to this daemon in group `{}`; its new owner continues from the last committed offset",
-                    group.id
+                    "partition {partition} is no longer held by this daemon in group `{}`; its new holder continues from the last committed offset",
+                    self.group_id(consumer)
                 )
                 .into()));
             }
         }
+        let group = self.group(consumer).map_err(err)?;
         let tpl = self
             .tpl(partition, Offset::Offset(next as i64))
             .map_err(|e| err(boxed(e)))?;
@@ -461,6 +405,316 @@ fn client_config(config: &KafkaLogConfig) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+/// A client that commits and reads offsets of group `id` without ever joining it.
+fn plain_client(config: &KafkaLogConfig, id: &str) -> Result<BaseConsumer, KafkaError> {
+    client_config(config)
+        .set("group.id", id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+}
+
+/// Which partitions of the topic this process projects, for one consumer group.
+///
+/// Why leases and not the broker's consumer-group membership: tansu 0.6 (the broker the
+/// tests and the project run on) evicts a member whose session expired inside its
+/// `Heartbeat` handler but leaves the group `Formed` with the same generation, the dead
+/// member still recorded as leader and the old assignments. The survivor is told to
+/// rebalance, rejoins as a follower of the dead leader and is handed its old share again:
+/// the dead daemon's partitions are never projected (seen in tansu's debug log; its
+/// `OffsetFetch` also returns empty commit metadata, so that cannot carry a lease either).
+/// Ownership therefore depends on nothing but offset commits, which every Kafka-protocol
+/// broker stores faithfully:
+///
+/// - **Lease slots.** Group `<group>.tidemark-lease` keeps one committed "offset" per
+///   partition holding `(owner << 32) | seq`, where `owner` is a random id of this process
+///   and `seq` changes on every write. A holder rewrites its slots every `lease / 3`.
+/// - **Expiry by observation.** A slot another process holds counts as expired once its
+///   value has not changed for 1.5 × `lease` by this process's own clock (no clock sync
+///   needed). A holder that could not rewrite a slot for `lease` stops projecting it
+///   first, so it is fenced before anyone else may take it.
+/// - **Claims.** A free slot is written, re-read after a settle delay, and held only if it
+///   still carries this process's value (the later of two simultaneous claimants wins; a
+///   double holding is also dropped at the next round by whoever sees the other's value).
+/// - **Balance.** A process holding at least two partitions fewer than the busiest holder
+///   writes its id into that holder's *want slot* (group `<group>.tidemark-want`); the
+///   holder gives one such partition over by writing the wanter into its lease slot, at
+///   its next [`EventLog::assigned`] call, i.e. after its batches on it were committed.
+///
+/// The guarantees stay those of the projector: a holder commits only what it holds and
+/// only after the target applied it; a new holder resumes from the committed offset and
+/// adopts what its predecessor applied but did not commit.
+struct Leases {
+    /// This process's owner id (30 random bits, never 0).
+    me: u32,
+    /// Group id of the consumer, for messages.
+    group: String,
+    topic: String,
+    partitions: u32,
+    /// How long a holder may go without rewriting its slots (`session_timeout`).
+    lease: Duration,
+    /// Commits and reads the lease slots.
+    slots: BaseConsumer,
+    /// Commits and reads the want slots.
+    wants: BaseConsumer,
+    state: SyncMutex<LeaseState>,
+}
+
+#[derive(Default)]
+struct LeaseState {
+    /// Changes the value of every slot write.
+    seq: u32,
+    /// Partitions held, with when their slot was last written.
+    held: BTreeMap<u32, Instant>,
+    /// Partitions promised to another owner, given over at the next `hand_over`.
+    handover: BTreeMap<u32, u32>,
+}
+
+/// A slot value and when this process first saw it.
+type Seen = HashMap<(&'static str, u32), (Option<i64>, Instant)>;
+
+fn owner_of(slot: Option<i64>) -> u32 {
+    slot.map_or(0, |v| (v >> 32) as u32)
+}
+
+impl Leases {
+    fn new(config: &KafkaLogConfig, group: &str, partitions: u32) -> Result<Leases, KafkaError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let seed = format!("{}-{nanos}-{group}", std::process::id());
+        let mut first = [0u8; 4];
+        first.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..4]);
+        let me = (u32::from_le_bytes(first) & 0x3fff_ffff).max(1);
+        Ok(Leases {
+            me,
+            group: group.to_owned(),
+            topic: config.topic.clone(),
+            partitions,
+            lease: config.session_timeout.max(Duration::from_secs(1)),
+            slots: plain_client(config, &format!("{group}.tidemark-lease"))?,
+            wants: plain_client(config, &format!("{group}.tidemark-want"))?,
+            state: SyncMutex::new(LeaseState::default()),
+        })
+    }
+
+    fn holds(&self, partition: u32) -> bool {
+        self.state.lock().unwrap().held.contains_key(&partition)
+    }
+
+    fn value(&self, owner: u32, state: &mut LeaseState) -> i64 {
+        state.seq = state.seq.wrapping_add(1);
+        (i64::from(owner) << 32) | i64::from(state.seq)
+    }
+
+    /// Every slot of `client`'s group: the committed value, `None` if never written.
+    fn read(&self, client: &BaseConsumer) -> Result<Vec<Option<i64>>, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition_offset(&self.topic, p as i32, Offset::Invalid)?;
+        }
+        let got = client.committed_offsets(tpl, REQUEST_TIMEOUT)?;
+        Ok((0..self.partitions)
+            .map(|p| {
+                match got
+                    .find_partition(&self.topic, p as i32)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(v)) if v >= 0 => Some(v),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    fn write(&self, client: &BaseConsumer, values: &[(u32, i64)]) -> Result<(), KafkaError> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, v) in values {
+            tpl.add_partition_offset(&self.topic, p as i32, Offset::Offset(v))?;
+        }
+        client.commit(&tpl, CommitMode::Sync)
+    }
+
+    /// Gives over the partitions promised to other owners and returns those held now.
+    fn hand_over(&self) -> Vec<u32> {
+        let mut state = self.state.lock().unwrap();
+        for (p, to) in std::mem::take(&mut state.handover) {
+            state.held.remove(&p);
+            let value = self.value(to, &mut state);
+            match self.write(&self.slots, &[(p, value)]) {
+                Ok(()) => {
+                    info!(group = %self.group, partition = p, "handed a partition over to another daemon")
+                }
+                // The slot still names this process, which takes it back at its next round.
+                Err(e) => {
+                    warn!(group = %self.group, partition = p, "cannot hand a partition over: {e}")
+                }
+            }
+        }
+        state.held.keys().copied().collect()
+    }
+
+    /// Keeps the leases until the log is dropped.
+    fn maintain(leases: std::sync::Weak<Leases>) {
+        let mut seen = Seen::new();
+        while let Some(this) = leases.upgrade() {
+            let round = this.lease / 3;
+            if let Err(e) = this.round(&mut seen, round) {
+                warn!(group = %this.group, "cannot renew partition leases: {e}");
+                this.fence();
+            }
+            drop(this);
+            std::thread::sleep(round);
+        }
+    }
+
+    /// Stops projecting partitions whose slot could not be rewritten for a whole lease.
+    fn fence(&self) {
+        let mut state = self.state.lock().unwrap();
+        let lease = self.lease;
+        let stale: Vec<u32> = state
+            .held
+            .iter()
+            .filter(|(_, at)| at.elapsed() > lease)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in stale {
+            state.held.remove(&p);
+            state.handover.remove(&p);
+            warn!(group = %self.group, partition = p, "lease not renewed in time; stopped projecting the partition");
+        }
+    }
+
+    fn round(&self, seen: &mut Seen, round: Duration) -> Result<(), KafkaError> {
+        let slots = self.read(&self.slots)?;
+        let wants = self.read(&self.wants)?;
+        let now = Instant::now();
+        for (kind, values) in [("lease", &slots), ("want", &wants)] {
+            for (p, v) in values.iter().enumerate() {
+                let entry = seen.entry((kind, p as u32)).or_insert((*v, now));
+                if entry.0 != *v {
+                    *entry = (*v, now);
+                }
+            }
+        }
+        let expiry = self.lease * 3 / 2;
+        // The owner of a slot another process keeps rewriting; 0 when free or expired.
+        let live = |kind: &'static str, p: u32, values: &[Option<i64>]| -> u32 {
+            let v = values[p as usize];
+            match seen.get(&(kind, p)) {
+                Some((_, since)) if now.duration_since(*since) < expiry => owner_of(v),
+                _ => 0,
+            }
+        };
+
+        let mut state = self.state.lock().unwrap();
+        // Partitions whose slot names someone else were taken over (or reset): let go.
+        let lost: Vec<u32> = state
+            .held
+            .keys()
+            .copied()
+            .filter(|p| owner_of(slots[*p as usize]) != self.me)
+            .collect();
+        for p in lost {
+            state.held.remove(&p);
+            state.handover.remove(&p);
+            warn!(group = %self.group, partition = p, "another daemon holds the partition now; stopped projecting it");
+        }
+        let renew: Vec<u32> = state
+            .held
+            .keys()
+            .copied()
+            .filter(|p| !state.handover.contains_key(p))
+            .collect();
+        let values: Vec<(u32, i64)> = renew
+            .iter()
+            .map(|&p| (p, self.value(self.me, &mut state)))
+            .collect();
+        let sent = Instant::now();
+        match self.write(&self.slots, &values) {
+            Ok(()) => {
+                for p in renew {
+                    state.held.insert(p, sent);
+                }
+            }
+            Err(e) => {
+                drop(state);
+                return Err(e);
+            }
+        }
+
+        // Free slots (never written, expired, or still naming this process) are claimed.
+        let free: Vec<u32> = (0..self.partitions)
+            .filter(|p| !state.held.contains_key(p) && !state.handover.contains_key(p))
+            .filter(|&p| owner_of(slots[p as usize]) == self.me || live("lease", p, &slots) == 0)
+            .collect();
+        let claims: Vec<(u32, i64)> = free
+            .iter()
+            .map(|&p| (p, self.value(self.me, &mut state)))
+            .collect();
+        let claimed_at = Instant::now();
+        self.write(&self.slots, &claims)?;
+        drop(state);
+        if !claims.is_empty() {
+            std::thread::sleep((round / 2).min(Duration::from_secs(1)));
+            let after = self.read(&self.slots)?;
+            let mut state = self.state.lock().unwrap();
+            let won: Vec<u32> = claims
+                .iter()
+                .filter(|(p, v)| after[*p as usize] == Some(*v))
+                .map(|(p, _)| *p)
+                .collect();
+            for &p in &won {
+                state.held.insert(p, claimed_at);
+            }
+            if !won.is_empty() {
+                info!(group = %self.group, partitions = ?won, "leased partitions");
+            }
+        }
+
+        // Balance: hand one partition to a wanter that holds two fewer, or want one.
+        let mut state = self.state.lock().unwrap();
+        let mine = state.held.len() - state.handover.len();
+        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for p in 0..self.partitions {
+            let owner = live("lease", p, &slots);
+            if owner != 0 && owner != self.me {
+                *counts.entry(owner).or_default() += 1;
+            }
+        }
+        if state.handover.is_empty() {
+            let give = state.held.keys().copied().find_map(|p| {
+                let wanter = live("want", p, &wants);
+                (wanter != 0
+                    && wanter != self.me
+                    && mine > counts.get(&wanter).copied().unwrap_or(0) + 1)
+                    .then_some((p, wanter))
+            });
+            if let Some((p, wanter)) = give {
+                state.handover.insert(p, wanter);
+            }
+        }
+        let busiest = counts
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(o, n)| (*o, *n));
+        if let Some((owner, most)) = busiest {
+            if mine + 1 < most {
+                let p = (0..self.partitions).find(|&p| live("lease", p, &slots) == owner);
+                if let Some(p) = p {
+                    let value = self.value(self.me, &mut state);
+                    self.write(&self.wants, &[(p, value)])?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -612,16 +866,12 @@ impl EventLog for KafkaLog {
 
     async fn assigned(&self, consumer: &str) -> Result<Vec<u32>, ReadError> {
         self.ensure_connected().await?;
-        let group = self.group(consumer).map_err(read_err)?;
-        self.join(&group).map_err(read_err)?;
-        let assignment = group.consumer.assignment().map_err(read_err)?;
-        let mut parts: Vec<u32> = assignment
-            .elements_for_topic(&self.config.topic)
-            .iter()
-            .map(|e| e.partition() as u32)
-            .collect();
-        parts.sort_unstable();
-        Ok(parts)
+        let leases = self.leases(consumer).map_err(read_err)?;
+        // Between two calls the projector has finished (and committed) its batches, so this
+        // is where partitions promised to another daemon are let go.
+        tokio::task::spawn_blocking(move || leases.hand_over())
+            .await
+            .map_err(read_err)
     }
 
     fn shared(&self) -> bool {
