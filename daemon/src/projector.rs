@@ -1019,23 +1019,14 @@ impl Projector {
                 .state
                 .applied(&self.pipeline)
                 .map_err(self.err_state())?;
-            let forget: Vec<String> = applied
-                .iter()
-                .filter_map(|r| match r {
-                    Ok((k, _)) if gained.contains(&self.log.partition_of(&k)) => Some(Ok(k)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(self.err_state())?;
-            applied
-                .apply(forget.iter().map(|k| (k.as_str(), None)))
+            let forgotten = applied
+                .remove_where(|k, _| gained.contains(&self.log.partition_of(k)))
                 .map_err(self.err_state())?;
             self.state.flush().await.map_err(self.err_state())?;
             info!(
                 pipeline = %self.pipeline,
                 partitions = ?gained,
-                forgotten = forget.len(),
+                forgotten,
                 "took over partitions; their items are checked against the target"
             );
         }
@@ -1119,34 +1110,12 @@ impl Projector {
             .state
             .deferred(&self.pipeline)
             .map_err(self.err_state())?;
-        let later: Vec<String> = deferred
-            .iter()
-            .filter_map(|r| match r {
-                Ok((k, d)) if d.event.offset >= from => Some(Ok(k)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(self.err_state())?;
         deferred
-            .apply(later.iter().map(|k| (k.as_str(), None)))
+            .remove_where(|_, d| d.event.offset >= from)
             .map_err(self.err_state())?;
-        if from == 0 {
-            applied.clear().map_err(self.err_state())?;
-        } else {
-            let stale: Vec<String> = applied
-                .iter()
-                .filter_map(|r| match r {
-                    Ok((k, a)) if a.offset >= from => Some(Ok(k)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<_, _>>()
-                .map_err(self.err_state())?;
-            applied
-                .apply(stale.iter().map(|k| (k.as_str(), None)))
-                .map_err(self.err_state())?;
-        }
+        applied
+            .remove_where(|_, a| a.offset >= from)
+            .map_err(self.err_state())?;
         self.state.flush().await.map_err(self.err_state())?;
         for p in 0..self.log.partitions() {
             self.log

@@ -321,9 +321,17 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
             .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
     }
 
-    /// Removes every record.
-    pub fn clear(&self) -> Result<(), StateError> {
-        self.tree.clear()?;
-        Ok(())
+    /// Removes every record for which `doomed(key, record)` holds, atomically; returns
+    /// how many were removed.
+    pub fn remove_where(&self, doomed: impl Fn(&str, &T) -> bool) -> Result<usize, StateError> {
+        let mut keys = Vec::new();
+        for record in self.iter() {
+            let (key, value) = record?;
+            if doomed(&key, &value) {
+                keys.push(key);
+            }
+        }
+        self.apply(keys.iter().map(|k| (k.as_str(), None)))?;
+        Ok(keys.len())
     }
 }
