@@ -101,6 +101,9 @@ enum Attempt {
     Transient {
         message: String,
         retry_after: Option<Duration>,
+        /// The server may have acted on the request (its answer was lost, cut short or a
+        /// 5xx other than 503): repeating a POST could do the work twice.
+        ambiguous: bool,
     },
     Rejected {
         status: u16,
@@ -210,6 +213,7 @@ impl HttpClient {
                 return Err(Attempt::Transient {
                     message: self.redact(&describe(&e)),
                     retry_after: None,
+                    ambiguous: !e.is_connect(),
                 });
             }
         };
@@ -222,6 +226,7 @@ impl HttpClient {
                 return Err(Attempt::Transient {
                     message: self.redact(&format!("reading the response: {}", describe(&e))),
                     retry_after: None,
+                    ambiguous: true,
                 });
             }
         };
@@ -253,6 +258,8 @@ impl HttpClient {
             return Err(Attempt::Transient {
                 message: format!("HTTP {}: {excerpt}", status.as_u16()),
                 retry_after,
+                // 408, 429 and 503 say the request was not processed.
+                ambiguous: status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE,
             });
         }
         Err(Attempt::Rejected {
@@ -275,7 +282,10 @@ impl HttpClient {
     }
 
     /// Sends one request, retrying transient failures with exponential backoff and jitter
-    /// (at least as long as `Retry-After` asks) until the retry budget is spent.
+    /// (at least as long as `Retry-After` asks) until the retry budget is spent. A POST is
+    /// repeated only when the server provably did not act on it (no connection, 408, 429,
+    /// 503); otherwise it fails at once with [`RequestError::Unavailable`], so the caller
+    /// can look for what the lost attempt created before creating again.
     pub async fn send(
         &self,
         method: Method,
@@ -307,6 +317,7 @@ impl HttpClient {
                 Err(Attempt::Transient {
                     message,
                     retry_after,
+                    ambiguous,
                 }) => {
                     let give_up = |message| RequestError::Unavailable {
                         method: method.clone(),
@@ -315,6 +326,11 @@ impl HttpClient {
                         attempts,
                         elapsed: started.elapsed(),
                     };
+                    if ambiguous && method == Method::POST {
+                        return Err(give_up(format!(
+                            "{message}; the server may have acted on it, so it is not repeated blindly"
+                        )));
+                    }
                     let Some(mut delay) = backoff.next_backoff() else {
                         return Err(give_up(message));
                     };
@@ -341,6 +357,19 @@ impl HttpClient {
                 }
             }
         }
+    }
+
+    /// The time a request may spend on retries.
+    pub fn retry_budget(&self) -> Duration {
+        self.retry_budget
+    }
+
+    /// Counts a retry made by a caller (a create looked up again before its next POST).
+    pub fn count_retry(&self) {
+        metrics()
+            .retries
+            .with_label_values(&[&self.pipeline, self.side])
+            .inc();
     }
 
     /// Sends a request and parses the response as JSON. A body that is not JSON is an

@@ -278,7 +278,9 @@ pub fn assert_rest_mirror(dev: &JsonServer, prod: &JsonServer) -> usize {
 /// Faults the proxy injects, switched on and off by the test.
 #[derive(Default)]
 pub struct Faults {
-    /// Cycle through 429 (Retry-After: 1), 503, a slow answer and a dropped connection.
+    /// Cycle through 429 (Retry-After: 1), 503, a slow answer, a connection dropped before
+    /// the request reaches the server, and — after the server has done the work — a
+    /// truncated body and a half-closed connection with no answer at all.
     pub chaos: AtomicBool,
     /// Answer 200 with malformed JSON to requests whose path contains this.
     pub corrupt: Mutex<Option<String>>,
@@ -436,9 +438,11 @@ fn serve(
                 continue;
             }
         }
+        // A fault that strikes after the server has handled the request.
+        let mut after = None;
         if f.chaos.load(Ordering::SeqCst) {
             let n = counter.fetch_add(1, Ordering::SeqCst);
-            match n % 8 {
+            match n % 11 {
                 1 => {
                     injected.fetch_add(1, Ordering::SeqCst);
                     if !reply(
@@ -466,6 +470,8 @@ fn serve(
                     injected.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(400));
                 }
+                8 => after = Some("truncate"),
+                10 => after = Some("half-close"),
                 _ => {}
             }
         }
@@ -486,6 +492,27 @@ fn serve(
             }
         }
         let b = resp.bytes().unwrap_or_default();
+        match after {
+            Some("truncate") => {
+                // The full length announced, half the body sent, then the connection closed.
+                injected.fetch_add(1, Ordering::SeqCst);
+                let head = format!(
+                    "HTTP/1.1 {} OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    status.as_u16(),
+                    b.len().max(2)
+                );
+                let _ = out.write_all(head.as_bytes());
+                let _ = out.write_all(&b[..b.len() / 2]);
+                return;
+            }
+            Some(_) => {
+                // Half-closed: the server did the work, the client never hears of it.
+                injected.fetch_add(1, Ordering::SeqCst);
+                let _ = out.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            None => {}
+        }
         let st = format!(
             "{} {}",
             status.as_u16(),

@@ -157,6 +157,40 @@ impl HttpTarget {
         event: &Event,
         desired: &Value,
     ) -> Result<Effect, ApplyError> {
+        // A POST whose answer was lost may have created the item. When the kind can be
+        // found by name, every new attempt looks first and adopts what a lost one made,
+        // so a flaky connection never creates a duplicate.
+        let can_find = event.name.is_some() && kind.find.is_some();
+        let started = std::time::Instant::now();
+        let mut backoff = backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_millis(200))
+            .with_max_elapsed_time(None)
+            .build();
+        loop {
+            match self.create_once(kind, event, desired).await {
+                Err(CreateError::Lost(e)) if can_find => {
+                    use backoff::backoff::Backoff;
+                    let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                    if started.elapsed() + delay > self.client.retry_budget() {
+                        return Err(self.error(event, e));
+                    }
+                    self.client.count_retry();
+                    tokio::time::sleep(delay).await;
+                }
+                Err(CreateError::Lost(e)) => return Err(self.error(event, e)),
+                Err(CreateError::Apply(e)) => return Err(e),
+                Ok(effect) => return Ok(effect),
+            }
+        }
+    }
+
+    /// One create attempt: adopt by name, or POST.
+    async fn create_once(
+        &self,
+        kind: &TargetKindConfig,
+        event: &Event,
+        desired: &Value,
+    ) -> Result<Effect, CreateError> {
         if let Some(name) = &event.name {
             if let Some((id, existing)) = self.find(kind, event, name).await? {
                 if Self::same(kind, &existing, desired) {
@@ -172,7 +206,8 @@ impl HttpTarget {
                             "the target already has a different `{}` item named `{name}` (id {id}) and on_conflict = \"abort\"; rename or remove it, or set on_conflict = \"adopt\" to take it over",
                             kind.name
                         ),
-                    ));
+                    )
+                    .into());
                 }
                 if self.update(kind, event, &id, desired).await? {
                     info!(kind = %event.kind, key = %event.key, target_id = %id, "adopted an existing target item by name and updated it");
@@ -183,11 +218,15 @@ impl HttpTarget {
                 }
             }
         }
-        let (resp, body) = self
+        let (resp, body) = match self
             .client
             .json(Method::POST, &kind.path, Some(desired))
             .await
-            .map_err(|e| self.error(event, e))?;
+        {
+            Ok(r) => r,
+            Err(e) if e.is_transient() => return Err(CreateError::Lost(e)),
+            Err(e) => return Err(self.error(event, e).into()),
+        };
         let id = body
             .pointer(&kind.id_field)
             .and_then(id_string)
@@ -204,6 +243,20 @@ impl HttpTarget {
             outcome: Outcome::Created,
             target_id: Some(id),
         })
+    }
+}
+
+/// Why one create attempt failed.
+enum CreateError {
+    /// The POST may or may not have created the item (its answer was lost).
+    Lost(RequestError),
+    /// Anything else, already classified.
+    Apply(ApplyError),
+}
+
+impl From<ApplyError> for CreateError {
+    fn from(e: ApplyError) -> CreateError {
+        CreateError::Apply(e)
     }
 }
 
