@@ -11,4 +11,5 @@ events=${1:-20000}
 batch=${2:-1000}
 brokers=${TIDEMARK_KAFKA_BROKERS:-$(ops/peers/kafka.sh start)}
 cargo build --release -p tidemark --example log_bench >&2
-exec target/release/examples/log_bench "$brokers" "$events" "$batch"
+# Honour CARGO_TARGET_DIR (a private target dir keeps the bench off others' cargo lock).
+exec "${CARGO_TARGET_DIR:-target}/release/examples/log_bench" "$brokers" "$events" "$batch"
