@@ -29,4 +29,4 @@ TIDEMARK_KAFKA_BROKERS=$(ops/peers/kafka.sh start "$port")
 export TIDEMARK_KAFKA_BROKERS
 
 log "cargo test --workspace (broker at $TIDEMARK_KAFKA_BROKERS)"
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
