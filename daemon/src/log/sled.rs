@@ -1,15 +1,53 @@
-//! The embedded event log: one sled tree per pipeline, keyed by big-endian offset, plus a
-//! tree of committed offsets. One partition.
+//! The embedded event log: one sled tree of events per pipeline, plus a tree of committed
+//! offsets. One partition.
+//!
+//! # On-disk format
+//!
+//! Tree `log/<pipeline>` holds *chunks*. An appended batch is cut, in order, into chunks of
+//! consecutive events; each chunk is one sled value keyed by the offset of its first event
+//! (8 bytes, big-endian, so key order is offset order). A chunk value is:
+//!
+//! ```text
+//! format: u8 = 1 | count: u32 LE | count × (len: u32 LE | len bytes of Event::encode JSON)
+//! ```
+//!
+//! The `i`-th event of the chunk keyed `k` has offset `k + i`; the JSON's `partition` and
+//! `offset` fields are written as 0 (the events are encoded before the append lock assigns
+//! offsets) and set from the key when read. Chunks are contiguous: the next chunk's key is
+//! `k + count`, and the head is the last key plus its count. To read from `from`, the
+//! reader starts at the last key ≤ `from` (a reverse range lookup) and skips the events
+//! before `from`.
+//!
+//! A chunk closes once it holds [`CHUNK_BYTES`] of events (an event larger than that gets
+//! a chunk of its own). Chunks stay that small on purpose: sled 0.34 writes any page larger
+//! than a quarter of its 512 KiB segment to a separate blob file that its `flush` never
+//! fsyncs, and a leaf page holds up to 16 values, so a leaf of chunks stays inside the
+//! fsynced log. A chunk whose header or framing is damaged is reported as undecodable
+//! records (one per offset the header claims, or one if the header itself is unreadable);
+//! reading goes on with the next chunk.
+//!
+//! Tree `offsets/<pipeline>`: key `<consumer>\0<partition>`, value the committed offset
+//! (the next offset to read), u64 big-endian.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tidemark_proto::Event;
+use tidemark_proto::{DecodeError, Event};
 use tokio::sync::{watch, Mutex};
 
 use super::{AppendError, CommitError, EventLog, ReadError, ReadOffsetError, Record};
 
 const BACKEND: &str = "sled";
+
+/// Format byte of a chunk value.
+const CHUNK_FORMAT: u8 = 1;
+
+/// Bytes of a chunk header: format byte and event count.
+const CHUNK_HEADER: usize = 5;
+
+/// Encoded event bytes after which a chunk is closed. 16 leaf entries of this size stay
+/// under sled's blob threshold (128 KiB less headers); see the module docs.
+pub const CHUNK_BYTES: usize = 6 * 1024;
 
 /// The sled-backed [`EventLog`].
 pub struct SledLog {
@@ -18,7 +56,8 @@ pub struct SledLog {
     offsets: sled::Tree,
     /// Serialises appenders so offsets are assigned in the order batches become durable.
     append_lock: Mutex<()>,
-    /// Head offset, published after each durable append so tailing readers wake up.
+    /// Head offset, published after each durable append so tailing readers wake up; reads
+    /// stop below it, so chunks of a failed append are never returned.
     head: watch::Sender<u64>,
 }
 
@@ -41,7 +80,7 @@ impl SledLog {
             .open_tree(format!("offsets/{pipeline}"))
             .map_err(read_err)?;
         let head = match events.last().map_err(read_err)? {
-            Some((k, _)) => decode_offset(&k) + 1,
+            Some((k, v)) => decode_offset(&k) + Chunk::parse(&v).count,
             None => 0,
         };
         Ok(SledLog {
@@ -87,6 +126,88 @@ fn decode_offset(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// Encodes events into chunk values, each with the index of its first event in `events`.
+/// Offsets are not part of the values, so this runs before the append lock.
+fn encode_chunks(events: &mut [Event]) -> Vec<(u64, Vec<u8>)> {
+    let mut chunks = Vec::new();
+    let mut value = Vec::new();
+    let (mut start, mut count) = (0u64, 0u32);
+    for (i, event) in events.iter_mut().enumerate() {
+        event.partition = 0;
+        event.offset = 0;
+        if count == 0 {
+            value.push(CHUNK_FORMAT);
+            value.extend_from_slice(&[0; 4]);
+        }
+        let at = value.len();
+        value.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut value, event).expect("an Event always serializes");
+        let len = u32::try_from(value.len() - at - 4).expect("an event is under 4 GiB");
+        value[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        count += 1;
+        if value.len() - CHUNK_HEADER >= CHUNK_BYTES {
+            value[1..CHUNK_HEADER].copy_from_slice(&count.to_le_bytes());
+            chunks.push((start, std::mem::take(&mut value)));
+            (start, count) = (i as u64 + 1, 0);
+        }
+    }
+    if count > 0 {
+        value[1..CHUNK_HEADER].copy_from_slice(&count.to_le_bytes());
+        chunks.push((start, value));
+    }
+    chunks
+}
+
+/// A chunk value as read back.
+struct Chunk<'a> {
+    /// Offsets the chunk covers from its key on.
+    count: u64,
+    /// The framed events, or why the header is unreadable.
+    frames: Result<&'a [u8], &'static str>,
+}
+
+impl<'a> Chunk<'a> {
+    fn parse(value: &'a [u8]) -> Chunk<'a> {
+        match value {
+            [CHUNK_FORMAT, c0, c1, c2, c3, frames @ ..] => Chunk {
+                count: u64::from(u32::from_le_bytes([*c0, *c1, *c2, *c3])),
+                frames: Ok(frames),
+            },
+            _ => Chunk {
+                count: 1,
+                frames: Err("unknown chunk format (a log written by another tidemark version?)"),
+            },
+        }
+    }
+
+    /// The record at each offset from `first` on: its encoded event, or why it has none.
+    fn records(&self) -> impl Iterator<Item = Result<&'a [u8], &'static str>> + '_ {
+        let mut rest = self.frames;
+        (0..self.count).map(move |_| {
+            let frames = rest?;
+            let Some((len, tail)) = frames.split_first_chunk::<4>() else {
+                rest = Err("chunk is shorter than its event count says");
+                return Err("chunk is shorter than its event count says");
+            };
+            let len = u32::from_le_bytes(*len) as usize;
+            if tail.len() < len {
+                rest = Err("chunk is shorter than its event count says");
+                return Err("event frame runs past the end of its chunk");
+            }
+            let (frame, tail) = tail.split_at(len);
+            rest = Ok(tail);
+            Ok(frame)
+        })
+    }
+}
+
+/// A record that could not be read out of its chunk, as a decode error of that offset.
+fn damaged(reason: &str) -> DecodeError {
+    DecodeError::Malformed(<serde_json::Error as serde::de::Error>::custom(format!(
+        "damaged sled log record: {reason}"
+    )))
+}
+
 #[async_trait]
 impl EventLog for SledLog {
     fn backend(&self) -> &'static str {
@@ -101,18 +222,21 @@ impl EventLog for SledLog {
         if events.is_empty() {
             return Ok(());
         }
-        let _guard = self.append_lock.lock().await;
-        let first = *self.head.borrow();
-        let mut batch = sled::Batch::default();
-        for (i, event) in events.iter_mut().enumerate() {
-            event.partition = 0;
-            event.offset = first + i as u64;
-            batch.insert(&event.offset.to_be_bytes(), event.encode());
-        }
+        let chunks = encode_chunks(&mut events);
         let err = |e: sled::Error| AppendError::Backend {
             backend: BACKEND,
             source: Box::new(e),
         };
+        let _guard = self.append_lock.lock().await;
+        let first = *self.head.borrow();
+        let mut batch = sled::Batch::default();
+        // Chunks a failed append left above the head would be read as part of this batch.
+        for stale in self.events.range(first.to_be_bytes()..).keys() {
+            batch.remove(stale.map_err(err)?);
+        }
+        for (start, value) in chunks {
+            batch.insert(&(first + start).to_be_bytes(), value);
+        }
         self.events.apply_batch(batch).map_err(err)?;
         self.db.flush_async().await.map_err(err)?;
         self.head.send_replace(first + events.len() as u64);
@@ -120,14 +244,38 @@ impl EventLog for SledLog {
     }
 
     async fn read(&self, _partition: u32, from: u64, max: usize) -> Result<Vec<Record>, ReadError> {
+        let head = *self.head.borrow();
         let mut out = Vec::new();
-        for item in self.events.range(from.to_be_bytes()..).take(max) {
+        if from >= head || max == 0 {
+            return Ok(out);
+        }
+        let start = match self.events.range(..=from.to_be_bytes()).next_back() {
+            Some(item) => item.map_err(read_err)?.0,
+            None => sled::IVec::from(&from.to_be_bytes()),
+        };
+        for item in self.events.range(start..) {
             let (k, v) = item.map_err(read_err)?;
-            out.push(Record {
-                partition: 0,
-                offset: decode_offset(&k),
-                event: Event::decode(&v),
-            });
+            let first = decode_offset(&k);
+            let chunk = Chunk::parse(&v);
+            let skip = from.saturating_sub(first);
+            for (offset, bytes) in (first..).zip(chunk.records()).skip(skip as usize) {
+                if offset >= head || out.len() == max {
+                    return Ok(out);
+                }
+                let event = match bytes {
+                    Ok(bytes) => Event::decode(bytes).map(|mut e| {
+                        e.partition = 0;
+                        e.offset = offset;
+                        e
+                    }),
+                    Err(reason) => Err(damaged(reason)),
+                };
+                out.push(Record {
+                    partition: 0,
+                    offset,
+                    event,
+                });
+            }
         }
         Ok(out)
     }
