@@ -73,34 +73,37 @@ fn issue_4_sigkill_one_of_two_daemons_the_other_takes_over() {
     let other = Env::dirs("", "");
     let (src, dst) = (scanner.src(), scanner.dst());
     const FILES: usize = 400;
+    scanner.write_config(&config(&src, &dst, "both", &kafka));
+    other.write_config(&config(&src, &dst, "project", &kafka));
+
+    // Both daemons hold partitions before any event exists, so both project from the start.
+    let victim = other.spawn_daemon();
+    let survivor = scanner.spawn_daemon();
+    let both_leased = wait_for(Duration::from_secs(90), || {
+        (scanner.daemon_log().contains("leased partitions")
+            && other.daemon_log().contains("leased partitions"))
+        .then_some(())
+    });
+    assert!(
+        both_leased.is_some(),
+        "both daemons lease partitions; logs:\n{}\n{}",
+        scanner.daemon_log(),
+        other.daemon_log()
+    );
     for i in 0..FILES {
         write(
             src.join(format!("f/{i:04}.txt")),
             format!("content of file {i}\n").repeat(50),
         );
     }
-    scanner.write_config(&config(&src, &dst, "both", &kafka));
-    other.write_config(&config(&src, &dst, "project", &kafka));
-
-    // The projector-only daemon first, so both are in the group before most events land.
-    let victim = other.spawn_daemon();
-    let survivor = scanner.spawn_daemon();
-    let started = wait_for(Duration::from_secs(90), || {
-        let n = std::fs::read_dir(dst.join("f"))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        (n >= 40).then_some(n)
+    let victim_projects = wait_for(Duration::from_secs(90), || {
+        (applied(&other.daemon_log(), "file", "created") > 0).then_some(())
     });
     assert!(
-        started.is_some(),
-        "projection did not start; logs:\n{}\n{}",
+        victim_projects.is_some(),
+        "both daemons project (the group split the partitions); logs:\n{}\n{}",
         scanner.daemon_log(),
         other.daemon_log()
-    );
-    let victim_log = other.daemon_log();
-    assert!(
-        applied(&victim_log, "file", "created") > 0,
-        "both daemons project (the group split the partitions); victim log:\n{victim_log}"
     );
     victim.kill9();
 
