@@ -95,6 +95,8 @@ impl Scanner {
         state: State,
         max_delete: DeleteLimit,
     ) -> Scanner {
+        // Reads of changed files wait on the disk more than on the CPU when the tree is
+        // cold, so more of them are kept in flight than there are cores.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Scanner {
             pipeline: pipeline.to_owned(),
@@ -102,7 +104,7 @@ impl Scanner {
             log,
             state,
             max_delete,
-            fetch_concurrency: (cores * 2).max(4),
+            fetch_concurrency: (cores * 4).max(16),
         }
     }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use tidemark_proto::{checksum_bytes, pathkey, Blob, Body, ChecksumWriter};
 use tokio::sync::mpsc;
@@ -80,11 +81,62 @@ impl DirSource {
     }
 }
 
+/// Directories read at once by the walk. Listing a cold tree waits on the disk for every
+/// directory block and inode; several reads in flight keep the device's queue busy (on
+/// the benchmark machine a cold no-change scan of 100k files went from 3.6 s to about
+/// 1.5 s), and a warm walk loses nothing by it.
+const WALK_THREADS: usize = 8;
+/// Listings sent to the scanner in one message, to keep channel wake-ups per entry low.
+const LIST_CHUNK: usize = 256;
+
+type ListSender = mpsc::Sender<Vec<Result<Listing, ListError>>>;
+
+/// A directory waiting to be read.
+struct DirWork {
+    path: PathBuf,
+    /// (device, inode) of the directories above it, when links are followed, to refuse
+    /// a link back to one of them (a loop).
+    ancestors: Option<Arc<Vec<(u64, u64, PathBuf)>>>,
+}
+
+/// The directories still to read, shared by the walking threads.
+struct WorkQueue {
+    dirs: Vec<DirWork>,
+    /// Threads reading a directory now; they may add more.
+    busy: usize,
+    /// The scanner stopped listening.
+    stop: bool,
+}
+
+/// What one walking thread gathers before sending.
+struct Batch<'a> {
+    tx: &'a ListSender,
+    items: Vec<Result<Listing, ListError>>,
+}
+
+impl Batch<'_> {
+    /// Queues one listing; `false` once the scanner stopped listening.
+    fn push(&mut self, item: Result<Listing, ListError>) -> bool {
+        self.items.push(item);
+        self.items.len() < LIST_CHUNK || self.send()
+    }
+
+    fn send(&mut self) -> bool {
+        self.items.is_empty()
+            || self
+                .tx
+                .blocking_send(std::mem::take(&mut self.items))
+                .is_ok()
+    }
+}
+
 impl Walker {
-    fn walk(&self, tx: &mpsc::Sender<Result<Listing, ListError>>) {
-        let send = |item| tx.blocking_send(item).is_ok();
-        match std::fs::metadata(&self.root) {
-            Ok(m) if m.is_dir() => {}
+    /// Walks the tree with [`WALK_THREADS`] threads, streaming listings to `tx`. The order
+    /// of entries is not defined; only the directory list waiting to be read is held.
+    fn walk(&self, tx: &ListSender) {
+        let send = |item| tx.blocking_send(vec![item]).is_ok();
+        let root_meta = match std::fs::metadata(&self.root) {
+            Ok(m) if m.is_dir() => m,
             Ok(_) => {
                 send(Err(ListError::Root {
                     message: format!("source {} is not a directory", self.root.display()),
@@ -100,58 +152,163 @@ impl Walker {
                 }));
                 return;
             }
+        };
+        let queue = std::sync::Mutex::new(WorkQueue {
+            dirs: vec![DirWork {
+                path: self.root.clone(),
+                ancestors: self
+                    .follow_symlinks
+                    .then(|| Arc::new(vec![(root_meta.dev(), root_meta.ino(), self.root.clone())])),
+            }],
+            busy: 0,
+            stop: false,
+        });
+        let ready = std::sync::Condvar::new();
+        std::thread::scope(|s| {
+            for _ in 0..WALK_THREADS {
+                s.spawn(|| self.walk_thread(&queue, &ready, tx));
+            }
+        });
+    }
+
+    fn walk_thread(
+        &self,
+        queue: &std::sync::Mutex<WorkQueue>,
+        ready: &std::sync::Condvar,
+        tx: &ListSender,
+    ) {
+        let mut batch = Batch {
+            tx,
+            items: Vec::with_capacity(LIST_CHUNK),
+        };
+        loop {
+            let work = {
+                let mut q = queue.lock().expect("walk queue lock");
+                loop {
+                    if q.stop {
+                        return;
+                    }
+                    if let Some(w) = q.dirs.pop() {
+                        q.busy += 1;
+                        break w;
+                    }
+                    if q.busy == 0 {
+                        drop(q);
+                        ready.notify_all();
+                        batch.send();
+                        return;
+                    }
+                    // Send what is gathered before waiting, so the scanner is never starved.
+                    if !batch.items.is_empty() {
+                        drop(q);
+                        if !batch.send() {
+                            queue.lock().expect("walk queue lock").stop = true;
+                            ready.notify_all();
+                            return;
+                        }
+                        q = queue.lock().expect("walk queue lock");
+                        continue;
+                    }
+                    q = ready.wait(q).expect("walk queue lock");
+                }
+            };
+            let mut found = Vec::new();
+            let listening = self.read_dir(&work, &mut batch, &mut found);
+            let mut q = queue.lock().expect("walk queue lock");
+            q.busy -= 1;
+            q.stop |= !listening;
+            let woken = found.len();
+            q.dirs.extend(found);
+            let done = q.busy == 0 && q.dirs.is_empty();
+            drop(q);
+            if done || !listening {
+                ready.notify_all();
+            } else {
+                for _ in 0..woken {
+                    ready.notify_one();
+                }
+            }
         }
-        let mut walk = walkdir::WalkDir::new(&self.root)
-            .min_depth(1)
-            .follow_links(self.follow_symlinks)
-            .into_iter();
-        while let Some(next) = walk.next() {
+    }
+
+    /// Lists one directory into `batch` and its subdirectories into `found`; `false` once
+    /// the scanner stopped listening.
+    fn read_dir(&self, work: &DirWork, batch: &mut Batch, found: &mut Vec<DirWork>) -> bool {
+        let entries = match std::fs::read_dir(&work.path) {
+            Ok(entries) => entries,
+            Err(e) => {
+                return batch.push(Err(ListError::Entry {
+                    key: key_of(&self.root, &work.path),
+                    message: e.to_string(),
+                }))
+            }
+        };
+        for next in entries {
             let entry = match next {
                 Ok(entry) => entry,
                 Err(e) => {
-                    let key = e.path().map(|p| key_of(&self.root, p)).unwrap_or_default();
-                    let message = match e.loop_ancestor() {
-                        Some(a) => format!("symbolic link loop back to {}", a.display()),
-                        None => e
-                            .io_error()
-                            .map_or_else(|| e.to_string(), |io| io.to_string()),
-                    };
-                    if !send(Err(ListError::Entry { key, message })) {
-                        return;
+                    if !batch.push(Err(ListError::Entry {
+                        key: key_of(&self.root, &work.path),
+                        message: e.to_string(),
+                    })) {
+                        return false;
                     }
                     continue;
                 }
             };
-            let key = key_of(&self.root, entry.path());
-            let ft = entry.file_type();
-            if self.exclude.is_match(
-                entry
-                    .path()
-                    .strip_prefix(&self.root)
-                    .unwrap_or(entry.path()),
-            ) {
-                if ft.is_dir() {
-                    walk.skip_current_dir();
-                }
+            let path = entry.path();
+            let rel = path.strip_prefix(&self.root).unwrap_or(&path);
+            if self.exclude.is_match(rel) {
                 continue;
             }
-            let rel = entry
-                .path()
-                .strip_prefix(&self.root)
-                .unwrap_or(entry.path());
-            let included = self.include.as_ref().is_none_or(|g| g.is_match(rel));
-            let meta = match entry.metadata() {
+            let key = key_of(&self.root, &path);
+            let meta = if self.follow_symlinks {
+                std::fs::metadata(&path)
+            } else {
+                // fstatat on the open directory: no path walk from the root per entry.
+                entry.metadata()
+            };
+            let meta = match meta {
                 Ok(m) => m,
                 Err(e) => {
-                    if !send(Err(ListError::Entry {
+                    if !batch.push(Err(ListError::Entry {
                         key,
                         message: e.to_string(),
                     })) {
-                        return;
+                        return false;
                     }
                     continue;
                 }
             };
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                let ancestors = match &work.ancestors {
+                    None => None,
+                    Some(up) => {
+                        if let Some((_, _, a)) = up
+                            .iter()
+                            .find(|(dev, ino, _)| *dev == meta.dev() && *ino == meta.ino())
+                        {
+                            if !batch.push(Err(ListError::Entry {
+                                key,
+                                message: format!("symbolic link loop back to {}", a.display()),
+                            })) {
+                                return false;
+                            }
+                            continue;
+                        }
+                        let mut chain = Vec::with_capacity(up.len() + 1);
+                        chain.extend(up.iter().cloned());
+                        chain.push((meta.dev(), meta.ino(), path.clone()));
+                        Some(Arc::new(chain))
+                    }
+                };
+                found.push(DirWork {
+                    path: path.clone(),
+                    ancestors,
+                });
+            }
+            let included = self.include.as_ref().is_none_or(|g| g.is_match(rel));
             let listing = if ft.is_dir() {
                 if self.include.is_some() {
                     continue;
@@ -196,20 +353,22 @@ impl Walker {
                     reason: "special file (FIFO, socket or device) is not mirrored".into(),
                 }
             };
-            if !send(Ok(listing)) {
-                return;
+            if !batch.push(Ok(listing)) {
+                return false;
             }
         }
+        true
     }
 }
 
 #[async_trait]
 impl Source for DirSource {
     fn list(&self) -> ListStream {
-        let (tx, rx) = mpsc::channel(1024);
+        // At most this many chunks of LIST_CHUNK listings wait for the scanner.
+        let (tx, rx) = mpsc::channel(16);
         let walker = self.inner.clone();
         tokio::task::spawn_blocking(move || walker.walk(&tx));
-        Box::pin(tokio_stream_from(rx))
+        Box::pin(tokio_stream_from(rx).flat_map(futures::stream::iter))
     }
 
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError> {
@@ -282,27 +441,39 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
     Ok(item)
 }
 
+thread_local! {
+    /// One read buffer per thread, reused for every file: allocating and zeroing 256 KiB
+    /// per file cost more than hashing a typical small file (8% of an initial sync).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; READ_BUF]);
+}
+
+/// Runs `f` with this thread's reusable read buffer. Not reentrant: `f` must not call it.
+pub fn with_read_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUFFER.with(|b| f(&mut b.borrow_mut()))
+}
+
 /// Streams a reader through blake3; keeps the bytes when `keep` is set.
 pub fn hash_reader(
     reader: &mut impl Read,
     keep: bool,
 ) -> std::io::Result<(String, u64, Option<Vec<u8>>)> {
-    let mut hasher = ChecksumWriter::new();
-    let mut buf = vec![0u8; READ_BUF];
-    let mut kept = keep.then(Vec::new);
-    let mut size = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        if let Some(k) = kept.as_mut() {
-            k.extend_from_slice(&buf[..n]);
+    with_read_buffer(|buf| {
+        let mut hasher = ChecksumWriter::new();
+        let mut kept = keep.then(Vec::new);
+        let mut size = 0u64;
+        loop {
+            let n = match reader.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            if let Some(k) = kept.as_mut() {
+                k.extend_from_slice(&buf[..n]);
+            }
+            size += n as u64;
         }
-        size += n as u64;
-    }
-    Ok((hasher.finish(), size, kept))
+        Ok((hasher.finish(), size, kept))
+    })
 }
