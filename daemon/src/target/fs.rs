@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -17,11 +17,8 @@ use tidemark_proto::{checksum_bytes, pathkey, Body, ChecksumWriter, Event, Op};
 
 use super::{ApplyError, Effect, Outcome, Target};
 use crate::config::DirTargetConfig;
-use crate::source::fs::hash_reader;
+use crate::source::fs::{hash_reader, with_read_buffer};
 use crate::state::Applied;
-
-/// Buffer for copying source bytes into the target.
-const COPY_BUF: usize = 256 * 1024;
 
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
@@ -40,6 +37,9 @@ struct Inner {
     /// saves an lstat per ancestor per file.
     safe_dirs: Mutex<HashSet<PathBuf>>,
     tmp_seq: AtomicU64,
+    /// Set once `O_TMPFILE` or linking through `/proc` failed here; every new file then
+    /// goes through `.tidemark-tmp/`.
+    no_tmpfile: AtomicBool,
 }
 
 enum Failure {
@@ -73,6 +73,7 @@ impl DirTarget {
                 remove_empty_parents,
                 safe_dirs: Mutex::new(HashSet::new()),
                 tmp_seq: AtomicU64::new(0),
+                no_tmpfile: AtomicBool::new(false),
             }),
         }
     }
@@ -199,6 +200,9 @@ impl Inner {
                         return Ok(Outcome::Adopted);
                     }
                 }
+                if existing.is_none() && self.create_in_place(&path, event, mode)? {
+                    return Ok(fresh);
+                }
                 let tmp = self.tmp_path()?;
                 let written = self.write_tmp(&tmp, event, mode);
                 if let Err(e) = written {
@@ -224,9 +228,53 @@ impl Inner {
         Ok(checksum == event.checksum)
     }
 
-    /// Writes the event's bytes to `tmp`, checking them against the checksum on the way.
+    /// Writes the event's bytes to a new file at `tmp`.
     fn write_tmp(&self, tmp: &Path, event: &Event, mode: u32) -> Result<(), Failure> {
-        let mut out = File::create(tmp)?;
+        self.write_into(&mut File::create(tmp)?, event, mode)
+    }
+
+    /// Writes a new file as an unnamed inode in its own directory (`O_TMPFILE`) and links
+    /// it in once it is complete: no reader sees half a file and a killed write leaves no
+    /// debris. Allocating the inode in its directory, not in `.tidemark-tmp/`, spreads new
+    /// files over the filesystem as their directories are; with every file born in one
+    /// directory, ext4 spent half of an initial sync of 100k files searching one block
+    /// group for free inodes. `Ok(false)`: not done (no `O_TMPFILE` or `/proc` here, or
+    /// the name was taken meanwhile); the caller writes it the usual way.
+    fn create_in_place(&self, path: &Path, event: &Event, mode: u32) -> Result<bool, Failure> {
+        use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+        if self.no_tmpfile.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let dir = path.parent().expect("resolved paths are below the root");
+        let fd = match rustix::fs::open(
+            dir,
+            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => fd,
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
+            ) => {
+                self.no_tmpfile.store(true, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(_) => return Ok(false),
+        };
+        let mut out = File::from(fd);
+        self.write_into(&mut out, event, mode)?;
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&out));
+        match rustix::fs::linkat(CWD, proc.as_str(), CWD, path, AtFlags::SYMLINK_FOLLOW) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::EXIST) => Ok(false),
+            Err(_) => {
+                self.no_tmpfile.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Writes the event's bytes to `out`, checking them against the checksum on the way.
+    fn write_into(&self, out: &mut File, event: &Event, mode: u32) -> Result<(), Failure> {
         match (&event.body, &event.blob) {
             (Some(Body::Base64(bytes)), _) => {
                 if checksum_bytes(bytes) != event.checksum {
@@ -252,20 +300,22 @@ impl Inner {
                         )))
                     }
                 };
-                let mut hasher = ChecksumWriter::new();
-                let mut buf = vec![0u8; COPY_BUF];
-                loop {
-                    let n = match src.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        // The source changed or vanished under us; a newer event follows.
-                        Err(_) => return Err(Failure::Stale),
-                    };
-                    hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
-                }
-                if hasher.finish() != event.checksum {
+                let copied = with_read_buffer(|buf| {
+                    let mut hasher = ChecksumWriter::new();
+                    loop {
+                        let n = match src.read(buf) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                            // The source changed or vanished under us; a newer event follows.
+                            Err(_) => return Err(Failure::Stale),
+                        };
+                        hasher.update(&buf[..n]);
+                        out.write_all(&buf[..n])?;
+                    }
+                    Ok(hasher.finish())
+                })?;
+                if copied != event.checksum {
                     return Err(Failure::Stale);
                 }
             }
