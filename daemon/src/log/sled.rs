@@ -18,7 +18,7 @@
 //! reader starts at the last key ≤ `from` (a reverse range lookup) and skips the events
 //! before `from`.
 //!
-//! A chunk closes once it holds [`CHUNK_BYTES`] of events (an event larger than that gets
+//! A chunk holds at most [`CHUNK_BYTES`] of framed events (an event larger than that gets
 //! a chunk of its own). Chunks stay that small on purpose: sled 0.34 writes any page larger
 //! than a quarter of its 512 KiB segment to a separate blob file that its `flush` never
 //! fsyncs, and a leaf page holds up to 16 values, so a leaf of chunks stays inside the
@@ -45,8 +45,9 @@ const CHUNK_FORMAT: u8 = 1;
 /// Bytes of a chunk header: format byte and event count.
 const CHUNK_HEADER: usize = 5;
 
-/// Encoded event bytes after which a chunk is closed. 16 leaf entries of this size stay
-/// under sled's blob threshold (128 KiB less headers); see the module docs.
+/// Most framed event bytes a chunk holds, unless one event alone is larger. 16 leaf entries
+/// of this size stay under sled's blob threshold (128 KiB less headers); see the module
+/// docs.
 pub const CHUNK_BYTES: usize = 6 * 1024;
 
 /// The sled-backed [`EventLog`].
@@ -131,31 +132,38 @@ fn decode_offset(bytes: &[u8]) -> u64 {
 fn encode_chunks(events: &mut [Event]) -> Vec<(u64, Vec<u8>)> {
     let mut chunks = Vec::new();
     let mut value = Vec::new();
+    let mut json = Vec::new();
     let (mut start, mut count) = (0u64, 0u32);
     for (i, event) in events.iter_mut().enumerate() {
         event.partition = 0;
         event.offset = 0;
-        if count == 0 {
-            value.push(CHUNK_FORMAT);
-            value.extend_from_slice(&[0; 4]);
-        }
-        let at = value.len();
-        value.extend_from_slice(&[0; 4]);
-        serde_json::to_writer(&mut value, event).expect("an Event always serializes");
-        let len = u32::try_from(value.len() - at - 4).expect("an event is under 4 GiB");
-        value[at..at + 4].copy_from_slice(&len.to_le_bytes());
-        count += 1;
-        if value.len() - CHUNK_HEADER >= CHUNK_BYTES {
-            value[1..CHUNK_HEADER].copy_from_slice(&count.to_le_bytes());
+        json.clear();
+        serde_json::to_writer(&mut json, event).expect("an Event always serializes");
+        let frame = 4 + json.len();
+        if count > 0 && value.len() - CHUNK_HEADER + frame > CHUNK_BYTES {
+            close_chunk(&mut value, count);
             chunks.push((start, std::mem::take(&mut value)));
-            (start, count) = (i as u64 + 1, 0);
+            (start, count) = (i as u64, 0);
         }
+        if count == 0 {
+            value.reserve(CHUNK_HEADER + frame.max(CHUNK_BYTES));
+            value.extend_from_slice(&[CHUNK_FORMAT, 0, 0, 0, 0]);
+        }
+        let len = u32::try_from(json.len()).expect("an event is under 4 GiB");
+        value.extend_from_slice(&len.to_le_bytes());
+        value.extend_from_slice(&json);
+        count += 1;
     }
     if count > 0 {
-        value[1..CHUNK_HEADER].copy_from_slice(&count.to_le_bytes());
+        close_chunk(&mut value, count);
         chunks.push((start, value));
     }
     chunks
+}
+
+/// Writes the event count into a chunk's header.
+fn close_chunk(value: &mut [u8], count: u32) {
+    value[1..CHUNK_HEADER].copy_from_slice(&count.to_le_bytes());
 }
 
 /// A chunk value as read back.
@@ -314,5 +322,92 @@ impl EventLog for SledLog {
 
     async fn seek(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError> {
         self.set_offset(consumer, partition, next, false).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(key: &str) -> Event {
+        Event::decode(
+            serde_json::json!({
+                "v": 1, "pipeline": "t", "kind": "file", "key": key, "op": "upsert",
+                "observed_at": "2024-01-01T00:00:00Z", "scan": "s",
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// A damaged chunk yields one undecodable record per offset it claims; the records
+    /// around it, and appends after a restart, are unaffected.
+    #[tokio::test]
+    async fn damaged_chunk_is_reported_per_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let log = SledLog::open(&db, "t").unwrap();
+        log.append(vec![event("a"), event("b"), event("c")])
+            .await
+            .unwrap();
+        // Offsets 3 and 4: the first frame is not JSON, the second runs past the end.
+        let mut bad = vec![CHUNK_FORMAT, 2, 0, 0, 0, 3, 0, 0, 0];
+        bad.extend_from_slice(b"{{{");
+        bad.extend_from_slice(&[200, 0, 0, 0, b'{']);
+        log.events.insert(3u64.to_be_bytes(), bad).unwrap();
+        drop(log);
+        let log = SledLog::open(&db, "t").unwrap();
+        assert_eq!(
+            log.head(0).await.unwrap(),
+            5,
+            "the head counts the damaged chunk"
+        );
+        log.append(vec![event("d"), event("e")]).await.unwrap();
+        let records = log.read(0, 0, 100).await.unwrap();
+        let got: Vec<(u64, Option<String>)> = records
+            .iter()
+            .map(|r| (r.offset, r.event.as_ref().ok().map(|e| e.key.clone())))
+            .collect();
+        let some = |k: &str| Some(k.to_owned());
+        assert_eq!(
+            got,
+            vec![
+                (0, some("a")),
+                (1, some("b")),
+                (2, some("c")),
+                (3, None),
+                (4, None),
+                (5, some("d")),
+                (6, some("e")),
+            ]
+        );
+        let from_4: Vec<u64> = log
+            .read(0, 4, 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(from_4, vec![4, 5]);
+    }
+
+    #[test]
+    fn chunks_stay_within_their_budget() {
+        let mut events: Vec<Event> = (0..1000).map(|i| event(&format!("k{i}"))).collect();
+        events[500].name = Some("x".repeat(3 * CHUNK_BYTES));
+        let chunks = encode_chunks(&mut events);
+        let mut next = 0;
+        for (start, value) in &chunks {
+            let chunk = Chunk::parse(value);
+            assert_eq!(*start, next, "chunks are contiguous");
+            assert!(
+                value.len() - CHUNK_HEADER <= CHUNK_BYTES || chunk.count == 1,
+                "only a single large event exceeds the budget"
+            );
+            assert!(chunk.records().all(|r| r.is_ok()));
+            next += chunk.count;
+        }
+        assert_eq!(next, 1000);
     }
 }
