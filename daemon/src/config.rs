@@ -191,8 +191,9 @@ pub struct KafkaLogConfig {
     /// Consumer group the projectors of this pipeline share (default `tidemark.<pipeline>`);
     /// daemons in one group split the partitions between them.
     pub group: String,
-    /// How long a daemon that stopped heartbeating keeps its partitions before the group
-    /// gives them to another daemon.
+    /// Partition lease length: a daemon renews its leases every third of it, and another
+    /// daemon takes over a partition whose lease went unrenewed for 1.5 times it (see
+    /// `log/kafka.rs`, `Leases`).
     pub session_timeout: Duration,
     /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, …).
     pub properties: std::collections::BTreeMap<String, String>,
