@@ -45,6 +45,11 @@ fn mirrors_a_tree_byte_for_byte_with_modes() {
     assert_eq!(scan["errors"], 0, "{scan}");
     assert_mirror(&src, &env.dst());
     assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(
+        outcome(&project, "created"),
+        project["events"].as_u64().unwrap(),
+        "a first sync creates everything, directories included: {project}"
+    );
 
     // A second sync finds nothing to do and touches nothing.
     let (scan, project) = env.sync();

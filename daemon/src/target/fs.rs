@@ -36,6 +36,9 @@ struct Inner {
     /// Parent directories already checked not to be symbolic links since the last flush;
     /// saves an lstat per ancestor per file.
     safe_dirs: Mutex<HashSet<PathBuf>>,
+    /// Directories created since the last flush because a file below them was written
+    /// before their own event; that event then reports them `created`, not `updated`.
+    implicit_dirs: Mutex<HashSet<PathBuf>>,
     tmp_seq: AtomicU64,
     /// Set once `O_TMPFILE` or linking through `/proc` failed here; every new file then
     /// goes through `.tidemark-tmp/`.
@@ -72,6 +75,7 @@ impl DirTarget {
                 root: cfg.path.clone(),
                 remove_empty_parents,
                 safe_dirs: Mutex::new(HashSet::new()),
+                implicit_dirs: Mutex::new(HashSet::new()),
                 tmp_seq: AtomicU64::new(0),
                 no_tmpfile: AtomicBool::new(false),
             }),
@@ -121,13 +125,13 @@ impl Inner {
                         dir.display()
                     )))
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir(&dir).or_else(|e| {
-                    if e.kind() == ErrorKind::AlreadyExists {
-                        Ok(())
-                    } else {
-                        Err(e)
+                Err(e) if e.kind() == ErrorKind::NotFound => match fs::create_dir(&dir) {
+                    Ok(()) => {
+                        self.implicit_dirs.lock().unwrap().insert(dir.clone());
                     }
-                })?,
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e.into()),
+                },
                 Err(e) => return Err(e.into()),
             }
         }
@@ -172,6 +176,10 @@ impl Inner {
                     },
                 }
                 fs::set_permissions(&path, Permissions::from_mode(mode))?;
+                // Created a moment ago for a file inside it: this event is its creation.
+                if self.implicit_dirs.lock().unwrap().remove(&path) {
+                    return Ok(Outcome::Created);
+                }
                 Ok(fresh)
             }
             "symlink" => {
@@ -385,6 +393,7 @@ impl Inner {
 
     fn sync(&self) -> Result<(), Failure> {
         self.safe_dirs.lock().unwrap().clear();
+        self.implicit_dirs.lock().unwrap().clear();
         if !self.root.exists() {
             return Ok(());
         }
