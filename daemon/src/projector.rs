@@ -939,7 +939,7 @@ impl Projector {
                     Ok((report, n)) => {
                         read += n;
                         if n > 0 {
-                            info!(
+                            debug!(
                                 pipeline = %self.pipeline,
                                 events = report.events,
                                 committed = report.committed,
