@@ -16,11 +16,7 @@ fn issue_4_rest_mirror_through_kafka() {
     let topic = unique("rest");
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(5));
-    let prod = JsonServer::start(
-        env.dir.path(),
-        "prod",
-        &json!({"users": [], "posts": [], "comments": []}),
-    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     let proxy = FaultProxy::start(&prod.url());
     write_rest_config(&env, &dev.url(), &proxy.url(), "");
     let config = std::fs::read_to_string(&env.config).unwrap();

@@ -16,11 +16,7 @@ use serde_json::json;
 fn issue_3_converges_through_a_faulty_prod_and_counts_retries() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(15));
-    let prod = JsonServer::start(
-        env.dir.path(),
-        "prod",
-        &json!({"users": [], "posts": [], "comments": []}),
-    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     let proxy = FaultProxy::start(&prod.url());
     proxy.faults.chaos.store(true, Ordering::SeqCst);
     write_rest_config(&env, &dev.url(), &proxy.url(), "");
@@ -67,11 +63,7 @@ fn issue_3_converges_through_a_faulty_prod_and_counts_retries() {
 fn issue_3_malformed_page_emits_no_deletes_and_names_url_and_kind() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(30));
-    let prod = JsonServer::start(
-        env.dir.path(),
-        "prod",
-        &json!({"users": [], "posts": [], "comments": []}),
-    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     let dev_proxy = FaultProxy::start(&dev.url());
     write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
     env.sync();
@@ -126,11 +118,7 @@ fn issue_3_malformed_page_emits_no_deletes_and_names_url_and_kind() {
 fn issue_3_bearer_token_never_appears() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
-    let prod = JsonServer::start(
-        env.dir.path(),
-        "prod",
-        &json!({"users": [], "posts": [], "comments": []}),
-    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     let proxy = FaultProxy::start(&prod.url());
     // prod rejects comments with a body that echoes the Authorization header.
     *proxy.faults.echo_auth.lock().unwrap() = Some("/comments".into());

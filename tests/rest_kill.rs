@@ -8,17 +8,12 @@ use std::time::Duration;
 
 use common::*;
 use rest_common::*;
-use serde_json::json;
 
 #[test]
 fn issue_3_sigkill_during_projection_creates_no_duplicates() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(400)); // 400 + 800 + 1600 items
-    let prod = JsonServer::start(
-        env.dir.path(),
-        "prod",
-        &json!({"users": [], "posts": [], "comments": []}),
-    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     let proxy = FaultProxy::start(&prod.url());
     write_rest_config(&env, &dev.url(), &proxy.url(), "");
     let total = 400 + 800 + 1600;

@@ -11,10 +11,6 @@ use common::*;
 use rest_common::*;
 use serde_json::{json, Value};
 
-fn empty_db() -> Value {
-    json!({"users": [], "posts": [], "comments": []})
-}
-
 #[test]
 fn issue_3_references_remap_changes_and_verify() {
     let env = rest_env();

@@ -149,6 +149,11 @@ pub fn dev_db(users: usize) -> Value {
     json!({"users": u, "posts": p, "comments": c})
 }
 
+/// An empty database for the three kinds: a fresh prod.
+pub fn empty_db() -> Value {
+    serde_json::json!({"users": [], "posts": [], "comments": []})
+}
+
 /// Config of pipeline `t` from `dev` to `prod` for users ← posts ← comments.
 /// `target_extra` goes into `[pipeline.target.http]`.
 pub fn write_rest_config(env: &Env, dev: &str, prod: &str, target_extra: &str) {
