@@ -59,6 +59,7 @@ impl Kafka {
                 group: name,
                 session_timeout: Duration::from_secs(6),
                 properties: BTreeMap::new(),
+                secret_properties: Vec::new(),
             },
         }
     }

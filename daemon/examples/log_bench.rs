@@ -49,6 +49,7 @@ fn kafka_config(brokers: &str, name: &str) -> KafkaLogConfig {
         group: name.to_owned(),
         session_timeout: Duration::from_secs(10),
         properties: BTreeMap::new(),
+        secret_properties: Vec::new(),
     }
 }
 

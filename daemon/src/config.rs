@@ -195,8 +195,11 @@ pub struct KafkaLogConfig {
     /// daemon takes over a partition whose lease went unrenewed for 1.5 times it (see
     /// `log/kafka.rs`, `Leases`).
     pub session_timeout: Duration,
-    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, …).
+    /// Extra librdkafka client properties (`security.protocol`, `sasl.mechanism`, …).
     pub properties: std::collections::BTreeMap<String, String>,
+    /// Client properties that are secrets (`sasl.password`, …), read from environment
+    /// variables or files when the config is loaded and never printed.
+    pub secret_properties: Vec<(String, crate::http_config::Secret)>,
 }
 
 /// `[pipeline.log.kafka]` as written.
@@ -216,8 +219,15 @@ struct RawKafkaLog {
     group: Option<String>,
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     session_timeout: Duration,
-    #[serde(default)]
-    properties: std::collections::BTreeMap<String, String>,
+    #[serde(default = "empty_spanned")]
+    properties: Spanned<std::collections::BTreeMap<String, String>>,
+    #[serde(default = "empty_spanned")]
+    secret_properties:
+        Spanned<std::collections::BTreeMap<String, crate::http_config::SecretSource>>,
+}
+
+fn empty_spanned<T: Default>() -> Spanned<T> {
+    Spanned::new(0..0, T::default())
 }
 
 fn default_kafka_partitions() -> Spanned<u32> {
@@ -610,6 +620,29 @@ impl Config {
                             format!("`{policy}` must be `compact`, `delete` or `compact,delete`"),
                         ));
                     }
+                    if let Some(k2) = k.properties.get_ref().keys().find(|k2| {
+                        let k2 = k2.to_ascii_lowercase();
+                        k2.contains("password") || k2.contains("secret")
+                    }) {
+                        return Err(invalid(
+                            k.properties.span(),
+                            key(&format!("log.kafka.properties.{k2}")),
+                            format!("`{k2}` is a secret and secrets are never written in the config; set it under [pipeline.log.kafka.secret_properties] as \"{k2}\" = {{ env = \"VAR\" }} or {{ file = \"PATH\" }}"),
+                        ));
+                    }
+                    let mut secret_properties = Vec::new();
+                    for (prop, source) in k.secret_properties.get_ref() {
+                        let secret = source
+                            .resolve(base, &format!("secret property `{prop}`"))
+                            .map_err(|message| {
+                                invalid(
+                                    k.secret_properties.span(),
+                                    key("log.kafka.secret_properties"),
+                                    message,
+                                )
+                            })?;
+                        secret_properties.push((prop.clone(), secret));
+                    }
                     LogConfig::Kafka(KafkaLogConfig {
                         brokers: k.brokers.into_inner(),
                         topic: k.topic.unwrap_or_else(|| format!("tidemark.{name}")),
@@ -618,7 +651,8 @@ impl Config {
                         cleanup_policy: k.cleanup_policy.into_inner(),
                         group: k.group.unwrap_or_else(|| format!("tidemark.{name}")),
                         session_timeout: k.session_timeout,
-                        properties: k.properties,
+                        properties: k.properties.into_inner(),
+                        secret_properties,
                     })
                 }
             };
@@ -789,6 +823,44 @@ prune = true
         assert_eq!(DeleteLimit::Percent(50.0).allowed(2), 1);
         assert_eq!(DeleteLimit::Percent(10.0).allowed(1000), 100);
         assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
+    }
+
+    #[test]
+    fn kafka_secrets_come_from_the_environment_never_the_config() {
+        let kafka = GOOD.replace(
+            "[pipeline.source.dir]",
+            "[pipeline.log.kafka]\nbrokers = \"b:9092\"\n[pipeline.log.kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\n[pipeline.source.dir]",
+        );
+        let err = Config::parse(Path::new("t.toml"), &kafka)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sasl.password") && err.contains("secret_properties"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+
+        std::env::set_var("TIDEMARK_TEST_SASL_PASSWORD", "hunter3");
+        let ok = GOOD.replace(
+            "[pipeline.source.dir]",
+            "[pipeline.log.kafka]\nbrokers = \"b:9092\"\n[pipeline.log.kafka.secret_properties]\n\"sasl.password\" = { env = \"TIDEMARK_TEST_SASL_PASSWORD\" }\n\n[pipeline.source.dir]",
+        );
+        let c = Config::parse(Path::new("t.toml"), &ok).unwrap();
+        let LogConfig::Kafka(k) = &c.pipelines[0].log else {
+            panic!("kafka log expected")
+        };
+        assert_eq!(k.secret_properties[0].0, "sasl.password");
+        assert_eq!(k.secret_properties[0].1.expose(), "hunter3");
+        assert!(
+            !format!("{c:?}").contains("hunter3"),
+            "Debug shows the secret"
+        );
+
+        let missing = ok.replace("TIDEMARK_TEST_SASL_PASSWORD", "TIDEMARK_TEST_UNSET_VAR");
+        let err = Config::parse(Path::new("t.toml"), &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TIDEMARK_TEST_UNSET_VAR"), "{err}");
     }
 
     proptest::proptest! {

@@ -42,7 +42,8 @@ pub struct SecretSource {
 }
 
 impl SecretSource {
-    fn resolve(&self, base: &Path, what: &str) -> Result<Secret, String> {
+    /// Reads the secret; the error names the variable or file, never the value.
+    pub fn resolve(&self, base: &Path, what: &str) -> Result<Secret, String> {
         match (&self.env, &self.file) {
             (Some(var), None) => std::env::var(var).map(Secret).map_err(|_| {
                 format!("{what}: environment variable `{var}` is not set (export it before starting tidemark)")
@@ -336,9 +337,17 @@ pub struct TargetKindConfig {
     /// JSON pointer of the items array in list and find responses; empty for a top-level array.
     #[serde(default)]
     pub items: String,
-    /// How the collection pages, for `verify`.
+    /// How the collection pages, for `verify` and `prefetch_names`.
     #[serde(default = "default_pagination")]
     pub pagination: Pagination,
+    /// List the whole collection once per batch (at its first create) and adopt by name
+    /// from that listing, instead of one `find` request before every create: a create
+    /// then costs one request instead of two. Right for initial migrations and small
+    /// collections; wrong for huge ones, which are listed in full after every batch.
+    /// Needs `find` (without it nothing is adopted) and a `pagination` that reaches every
+    /// item: an incomplete listing would let a create duplicate an item it missed.
+    #[serde(default)]
+    pub prefetch_names: bool,
     /// Server-managed fields stripped before every write and ignored when comparing.
     #[serde(default = "default_strip")]
     pub strip: Vec<String>,

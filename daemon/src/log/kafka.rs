@@ -404,6 +404,9 @@ fn client_config(config: &KafkaLogConfig) -> ClientConfig {
     for (k, v) in &config.properties {
         c.set(k, v);
     }
+    for (k, v) in &config.secret_properties {
+        c.set(k, v.expose());
+    }
     c
 }
 
