@@ -275,3 +275,131 @@ fn issue_3_cycle_is_patched_and_dangling_reference_is_reported() {
     );
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// Requests the proxy saw whose path starts with `prefix` and contains `part`.
+fn requests(proxy: &FaultProxy, method: &str, prefix: &str, part: &str) -> usize {
+    proxy
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, p)| m == method && p.starts_with(prefix) && p.contains(part))
+        .count()
+}
+
+#[test]
+fn prefetch_names_lists_each_kind_once_per_batch_and_still_adopts() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(12));
+    // prod already holds user-0, user-2 and user-3 (identical) and user-1 (different).
+    let users: Vec<Value> = dev.all("users").into_iter().take(4).collect();
+    let prod_users: Vec<Value> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let mut u = u.clone();
+            u["id"] = json!(i + 1);
+            if u["name"] == "user-1" {
+                u["score"] = json!(99);
+            }
+            u
+        })
+        .collect();
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": prod_users, "posts": [], "comments": []}),
+    );
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    // Pages of 3, so the listing of the 4 existing users takes two requests.
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "pagination = { style = \"page\", size = 100 }\n",
+        "pagination = { style = \"page\", size = 3 }\nprefetch_names = true\n",
+    );
+    std::fs::write(&env.config, config).unwrap();
+
+    let (_, project) = env.sync();
+    let seen = || format!("{:?}", proxy.seen.lock().unwrap());
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(kind_outcome(&project, "users", "adopted"), 4, "{project}");
+    assert_eq!(outcome(&project, "created"), 8 + 24 + 48, "{project}");
+    assert_eq!(
+        proxy.count("POST"),
+        8 + 24 + 48,
+        "one POST per new item: {}",
+        seen()
+    );
+    assert_eq!(proxy.count("PUT"), 1, "user-1 is updated: {}", seen());
+    assert_eq!(
+        requests(&proxy, "GET", "/", "name="),
+        0,
+        "no find GETs: {}",
+        seen()
+    );
+    for kind in ["users", "posts", "comments"] {
+        assert_eq!(
+            requests(&proxy, "GET", &format!("/{kind}?"), "_page=1&"),
+            1,
+            "one listing of {kind} in the one batch: {}",
+            seen()
+        );
+    }
+    assert_eq!(
+        requests(&proxy, "GET", "/users?", "_page="),
+        2,
+        "the 4 users take two pages: {}",
+        seen()
+    );
+    assert_eq!(proxy.count("GET"), 4, "{}", seen());
+    assert_rest_mirror(&dev, &prod);
+    let prod_users = prod.all("users");
+    assert_eq!(prod_users.len(), 12, "no duplicates: {prod_users:?}");
+    for (i, u) in users.iter().enumerate() {
+        let p = prod_users.iter().find(|p| p["name"] == u["name"]).unwrap();
+        assert_eq!(p["id"], json!(i + 1), "{} kept its prod id", u["name"]);
+    }
+
+    // The next batch lists afresh (the first one's creates included), and only the kinds
+    // it creates.
+    let u0 = &users[0];
+    dev.post(
+        "users",
+        json!({"name": "user-new", "active": true, "score": 5, "bio": "new"}),
+    );
+    dev.post(
+        "posts",
+        json!({"name": "post-new", "userId": u0["id"], "title": "fresh"}),
+    );
+    proxy.seen.lock().unwrap().clear();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "created"), 2, "{project}");
+    assert_eq!(proxy.count("POST"), 2, "{}", seen());
+    assert_eq!(requests(&proxy, "GET", "/", "name="), 0, "{}", seen());
+    assert_eq!(
+        requests(&proxy, "GET", "/users?", "_page=1&"),
+        1,
+        "{}",
+        seen()
+    );
+    assert_eq!(
+        requests(&proxy, "GET", "/posts?", "_page=1&"),
+        1,
+        "{}",
+        seen()
+    );
+    assert_eq!(requests(&proxy, "GET", "/comments?", ""), 0, "{}", seen());
+    assert_eq!(
+        requests(&proxy, "GET", "/users?", "_page="),
+        4,
+        "12 users in pages of 3: {}",
+        seen()
+    );
+    assert_rest_mirror(&dev, &prod);
+    let out = env.run(&["verify"]);
+    assert!(
+        out.status.success(),
+        "verify found drift:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

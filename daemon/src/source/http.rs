@@ -38,7 +38,9 @@ impl HttpSource {
         }
     }
 
-    /// Lists the items of one kind of `client`'s API, as raw JSON, for `verify`.
+    /// Lists the items of one kind of `client`'s API, as raw JSON: for `verify`, and for
+    /// the target's `prefetch_names`. A failed page ends the listing with an error, so a
+    /// reader can tell a complete listing from a partial one.
     pub fn list_raw(
         client: Arc<HttpClient>,
         kind: String,
@@ -66,7 +68,7 @@ impl HttpSource {
 fn list_error(kind: &str, e: impl std::fmt::Display) -> ListError {
     ListError::Entry {
         key: format!("{kind} listing"),
-        message: format!("kind `{kind}`: {e}; this scan emits no deletes"),
+        message: format!("kind `{kind}`: {e}"),
     }
 }
 
@@ -313,6 +315,13 @@ impl Source for HttpSource {
                     page_concurrency,
                 );
                 while let Some(next) = items.next().await {
+                    let next = next.map_err(|e| match e {
+                        ListError::Entry { key, message } => ListError::Entry {
+                            key,
+                            message: format!("{message}; this scan emits no deletes"),
+                        },
+                        root => root,
+                    });
                     let listing = next.and_then(|item| {
                         let key = item.pointer(&kind.id_field).and_then(id_string).ok_or_else(|| {
                             ListError::Entry {

@@ -5,33 +5,56 @@
 //!
 //! The projector hands it events whose reference fields already hold target ids, and the
 //! item's target id (from applied state or the remap table) in `prior`.
+//!
+//! A kind with `prefetch_names` is listed once per batch, by its first create, and later
+//! creates adopt by name from that listing instead of sending a find request each.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 use tidemark_proto::{canonical_json, strip_fields, Body, Event, Op};
-use tracing::info;
+use tokio::sync::OnceCell;
+use tracing::{debug, info, warn};
 
 use super::{ApplyError, Effect, Outcome, Target};
 use crate::config::HttpTargetConfig;
 use crate::http::{encode_query_value, id_string, HttpClient, RequestError};
 use crate::http_config::{OnConflict, TargetKindConfig, UpdateMethod};
+use crate::source::HttpSource;
 use crate::state::Applied;
+
+/// The items of one kind by name, from one listing of its collection.
+type Names = Mutex<HashMap<String, Vec<Value>>>;
+
+/// One kind's listing for the current batch: made once by the first create that needs it
+/// (the others wait for it); `None` when the listing failed, so creates find by name.
+type Listing = Arc<OnceCell<Option<Arc<Names>>>>;
 
 /// A REST API written kind by kind.
 pub struct HttpTarget {
-    client: HttpClient,
+    client: Arc<HttpClient>,
     cfg: HttpTargetConfig,
+    /// Pages of one collection fetched at once when `prefetch_names` lists it.
+    page_concurrency: usize,
+    /// The `prefetch_names` listings of this batch, by kind. `flush` (after every batch)
+    /// drops them, so each batch adopts from a fresh listing and never from one that
+    /// misses what others wrote to the target since.
+    listings: Mutex<HashMap<String, Listing>>,
 }
 
 impl HttpTarget {
     /// A target for `cfg` (validated).
     pub fn new(pipeline: &str, cfg: &HttpTargetConfig) -> HttpTarget {
         HttpTarget {
-            client: HttpClient::new(pipeline, "target", &cfg.endpoint),
+            client: Arc::new(HttpClient::new(pipeline, "target", &cfg.endpoint)),
             cfg: cfg.clone(),
+            page_concurrency: cfg.endpoint.in_flight.clamp(1, 8),
+            listings: Mutex::new(HashMap::new()),
         }
     }
 
@@ -92,9 +115,21 @@ impl HttpTarget {
                 format!("GET {path}: the find-by-name response has no array of items"),
             ));
         };
-        let mut matches = items
+        let matches = items
             .iter()
             .filter(|i| i.pointer(&kind.name_field).and_then(id_string).as_deref() == Some(name));
+        Self::pick(kind, event, name, matches)
+    }
+
+    /// The one item of `matches` (the target's items named `name`), if any: (target id,
+    /// item). Several is an error: tidemark cannot tell which one to adopt.
+    fn pick<'a>(
+        kind: &TargetKindConfig,
+        event: &Event,
+        name: &str,
+        matches: impl IntoIterator<Item = &'a Value>,
+    ) -> Result<Option<(String, Value)>, ApplyError> {
+        let mut matches = matches.into_iter();
         let Some(found) = matches.next() else {
             return Ok(None);
         };
@@ -117,6 +152,65 @@ impl HttpTarget {
                 )
             })?;
         Ok(Some((id, found.clone())))
+    }
+
+    /// This batch's listing of `kind` by name, made now if no create of the batch has made
+    /// it yet; `None` when the kind does not prefetch or its listing failed.
+    async fn listing(&self, kind: &TargetKindConfig) -> Option<Arc<Names>> {
+        if !kind.prefetch_names || kind.find.is_none() {
+            return None;
+        }
+        let cell = self
+            .listings
+            .lock()
+            .expect("the listings lock is never poisoned")
+            .entry(kind.name.clone())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| self.list_names(kind)).await.clone()
+    }
+
+    /// Lists `kind`'s whole collection (its `path` and `pagination`) and groups the items
+    /// by name. A listing with any error is discarded whole: a partial one could miss an
+    /// item and let a create duplicate it.
+    async fn list_names(&self, kind: &TargetKindConfig) -> Option<Arc<Names>> {
+        let mut items = HttpSource::list_raw(
+            self.client.clone(),
+            kind.name.clone(),
+            kind.path.clone(),
+            kind.pagination.clone(),
+            kind.items.clone(),
+            self.page_concurrency,
+        );
+        let mut names: HashMap<String, Vec<Value>> = HashMap::new();
+        let mut listed = 0usize;
+        while let Some(next) = items.next().await {
+            match next {
+                Ok(item) => {
+                    listed += 1;
+                    if let Some(name) = item.pointer(&kind.name_field).and_then(id_string) {
+                        names.entry(name).or_default().push(item);
+                    }
+                }
+                Err(e) => {
+                    warn!(kind = %kind.name, error = %self.client.redact(&e.to_string()), "prefetch_names: the target collection could not be listed; this batch finds each item by name instead (check the kind's path and pagination)");
+                    return None;
+                }
+            }
+        }
+        debug!(kind = %kind.name, items = listed, names = names.len(), "prefetch_names: listed the target collection");
+        Some(Arc::new(Mutex::new(names)))
+    }
+
+    /// Records in this batch's listing (if any) that `name` is now `item`, as created:
+    /// filed under `name` even when the create response does not echo the name.
+    fn remember(names: Option<&Names>, name: &str, item: Value) {
+        if let Some(names) = names {
+            names
+                .lock()
+                .expect("a names lock is never poisoned")
+                .insert(name.to_owned(), vec![item]);
+        }
     }
 
     fn same(kind: &TargetKindConfig, existing: &Value, desired: &Value) -> bool {
@@ -166,8 +260,13 @@ impl HttpTarget {
             .with_initial_interval(Duration::from_millis(200))
             .with_max_elapsed_time(None)
             .build();
+        // The first attempt may adopt from this batch's listing; a retry finds by name
+        // live, since only the target knows what a lost POST created.
+        let mut prefetched = true;
         loop {
-            match self.create_once(kind, event, desired).await {
+            let attempt = self.create_once(kind, event, desired, prefetched).await;
+            prefetched = false;
+            match attempt {
                 Err(CreateError::Lost(e)) if can_find => {
                     use backoff::backoff::Backoff;
                     let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
@@ -184,15 +283,28 @@ impl HttpTarget {
         }
     }
 
-    /// One create attempt: adopt by name, or POST.
+    /// One create attempt: adopt by name, or POST. With `prefetched`, the name is looked
+    /// up in this batch's listing when the kind has one (`prefetch_names`).
     async fn create_once(
         &self,
         kind: &TargetKindConfig,
         event: &Event,
         desired: &Value,
+        prefetched: bool,
     ) -> Result<Effect, CreateError> {
+        let names = match (&event.name, prefetched) {
+            (Some(_), true) => self.listing(kind).await,
+            _ => None,
+        };
         if let Some(name) = &event.name {
-            if let Some((id, existing)) = self.find(kind, event, name).await? {
+            let found = match &names {
+                Some(names) => {
+                    let names = names.lock().expect("a names lock is never poisoned");
+                    Self::pick(kind, event, name, names.get(name).into_iter().flatten())?
+                }
+                None => self.find(kind, event, name).await?,
+            };
+            if let Some((id, existing)) = found {
                 if Self::same(kind, &existing, desired) {
                     return Ok(Effect {
                         outcome: Outcome::Adopted,
@@ -239,6 +351,9 @@ impl HttpTarget {
                     ),
                 )
             })?;
+        if let Some(name) = &event.name {
+            Self::remember(names.as_deref(), name, body);
+        }
         Ok(Effect {
             outcome: Outcome::Created,
             target_id: Some(id),
@@ -335,6 +450,10 @@ impl Target for HttpTarget {
     }
 
     async fn flush(&self) -> Result<(), ApplyError> {
+        self.listings
+            .lock()
+            .expect("the listings lock is never poisoned")
+            .clear();
         Ok(())
     }
 
