@@ -341,25 +341,35 @@ impl Report {
         } else {
             base.join(format!("{stamp}-{n}"))
         };
-        loop {
-            match std::fs::create_dir(&dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    n += 1;
-                    dir = base.join(format!("{stamp}-{n}"));
-                }
-                Err(e) => return Err(write_err(&dir)(e)),
-            }
-        }
+        // Both files are written into a hidden directory that is renamed into place, so a
+        // reader never sees a report directory without its files.
+        let tmp = base.join(format!(".{stamp}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(write_err(&tmp))?;
         let json = serde_json::to_vec_pretty(self).expect("reports serialize");
         for (name, bytes) in [
             ("summary.txt", self.summary().into_bytes()),
             ("report.json", json),
         ] {
-            let tmp = dir.join(format!(".{name}.tmp"));
-            let path = dir.join(name);
-            std::fs::write(&tmp, bytes).map_err(write_err(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(write_err(&path))?;
+            let path = tmp.join(name);
+            std::fs::write(&path, bytes).map_err(write_err(&path))?;
+        }
+        loop {
+            match std::fs::rename(&tmp, &dir) {
+                Ok(()) => break,
+                // A report of the same second already took the name (ENOTEMPTY).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AlreadyExists
+                        || e.raw_os_error() == Some(39) =>
+                {
+                    n += 1;
+                    dir = base.join(format!("{stamp}-{n}"));
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(write_err(&dir)(e));
+                }
+            }
         }
         prune(&base, retention)?;
         Ok(dir)
