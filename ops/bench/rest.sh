@@ -19,6 +19,8 @@
 #   ops/bench/rest.sh [N] [--record]
 #   env: REST_BENCH_SCENARIOS="file memory latency"  REST_BENCH_LATENCY_MS=10
 #        REST_BENCH_SEQ_SAMPLE=1000  TIDEMARK_BIN=path/to/release/tidemark
+#        REST_BENCH_PREFETCH=1 (tidemark's target kind sets prefetch_names = true: one
+#        listing of prod per batch instead of a find-by-name GET before every POST)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 N="${1:-10000}"
@@ -26,6 +28,7 @@ RECORD="${2:-}"
 SCENARIOS="${REST_BENCH_SCENARIOS:-file memory latency}"
 LATENCY_MS="${REST_BENCH_LATENCY_MS:-10}"
 SEQ_SAMPLE="${REST_BENCH_SEQ_SAMPLE:-1000}"
+PREFETCH="${REST_BENCH_PREFETCH:-0}"
 [ "$SEQ_SAMPLE" -gt "$N" ] && SEQ_SAMPLE="$N"
 BIN="${TIDEMARK_BIN:-$root/target/release/tidemark}"
 command -v wrk >/dev/null || { echo "wrk is required (apt-get install wrk)" >&2; exit 1; }
@@ -118,6 +121,8 @@ in_flight = 16
 name = "users"
 path = "/users"
 find = "/users?name={name}"
+pagination = { style = "page", size = 500 }
+prefetch_names = $([ "$PREFETCH" = 1 ] && echo true || echo false)
 TOML
   t0=$(now)
   "$BIN" --quiet --config "$dir/tidemark.toml" sync >"$dir/tidemark.out"
@@ -193,9 +198,10 @@ for scenario in $SCENARIOS; do
 done
 load_end="$(uptime)"
 
-report="$(python3 - "$results" "$N" "$LATENCY_MS" "$SEQ_SAMPLE" <<'PY'
+report="$(python3 - "$results" "$N" "$LATENCY_MS" "$SEQ_SAMPLE" "$PREFETCH" <<'PY'
 import sys
 path, n, lat, sample = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+prefetch = sys.argv[5] == "1"
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 label = {
     "file": "file (json-server on .json, loopback)",
@@ -204,7 +210,8 @@ label = {
 }
 client = {
     "wrk": "direct load (wrk -t1 -c16, the same POSTs)",
-    "tidemark": "tidemark sync (scan + find-by-name + POST, concurrency 16)",
+    "tidemark": "tidemark sync (scan + one listing per batch + POST, prefetch_names, concurrency 16)"
+    if prefetch else "tidemark sync (scan + find-by-name + POST, concurrency 16)",
     "sequential": "sequential list → GET → POST (Python, keep-alive)",
 }
 out = ["| scenario | run | items | seconds | items/s |", "|---|---|---|---|---|"]
@@ -235,7 +242,7 @@ if [ "$RECORD" = "--record" ]; then
 
 $(date -u +%Y-%m-%d), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), json-server 0.17.4 for dev and each prod, $("$BIN" --version).
 Load (\`uptime\`) at the start: \`${load_start# }\`; at the end: \`${load_end# }\`.
-Command: \`ops/bench/rest.sh $N --record\`
+Command: \`$([ "$PREFETCH" = 1 ] && echo "REST_BENCH_PREFETCH=1 ")$([ "$SCENARIOS" != "file memory latency" ] && echo "REST_BENCH_SCENARIOS=\"$SCENARIOS\" ")ops/bench/rest.sh $N --record\`
 
 $report"
   python3 - "$root/BENCHMARKS.md" "$section" <<'PY'
