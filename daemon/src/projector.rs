@@ -514,15 +514,7 @@ impl Projector {
             .with_label_values(&[&self.pipeline])
             .set(pending.len() as i64);
         self.state.flush().await.map_err(self.err_state())?;
-        self.log
-            .commit(&self.consumer, partition, next)
-            .await
-            .map_err(|source| ProjectError::Commit {
-                pipeline: self.pipeline.clone(),
-                source,
-            })?;
-        report.committed = next;
-
+        // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
         let m = metrics();
         let p = self.pipeline.as_str();
         for (kind, outcomes) in &report.by_kind {
@@ -532,6 +524,15 @@ impl Projector {
                     .inc_by(*n);
             }
         }
+        self.log
+            .commit(&self.consumer, partition, next)
+            .await
+            .map_err(|source| ProjectError::Commit {
+                pipeline: self.pipeline.clone(),
+                source,
+            })?;
+        report.committed = next;
+
         m.apply_duration
             .with_label_values(&[p])
             .observe(t0.elapsed().as_secs_f64());
