@@ -455,3 +455,70 @@ fn the_daemon_mirrors_continuously_and_exits_cleanly_on_sigterm() {
     assert!(env.daemon_log().contains("stopped cleanly"));
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// `sync` projects while it scans: the projector applies what the scanner appends as it
+/// arrives, not after the listing ends. Driven through the library so "before the scan
+/// ended" is a fact, not a timing: the scan is reported as still running throughout, and
+/// the target must fill anyway.
+#[test]
+fn sync_applies_appended_changes_while_the_scan_is_still_running() {
+    use tidemark::config::Config;
+    use tidemark::pipeline::Pipeline;
+    use tidemark::progress::Progress;
+    use tidemark::state::State;
+    use tokio_util::sync::CancellationToken;
+
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    for i in 0..300 {
+        write(
+            src.join(format!("d{}/f{i}.txt", i % 7)),
+            format!("file {i}\n"),
+        );
+    }
+    let config = Config::load(&env.config).unwrap();
+    let state = State::open(&config.state_dir).unwrap();
+    let pipeline = Pipeline::build(&config.pipelines[0], &state).unwrap();
+    async fn scan(p: &Pipeline) -> tidemark::state::ScanRecord {
+        p.scanner.scan(&Progress::hidden()).await.unwrap()
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let scanning = CancellationToken::new();
+        let progress = Progress::hidden();
+        let follow = pipeline.projector.follow(&progress, &scanning);
+        let checks = async {
+            let wait_mirror = || async {
+                for _ in 0..300 {
+                    if mirrors_now(&src, &env.dst()) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("the target did not mirror the source while the scan was still open");
+            };
+            assert_eq!(scan(&pipeline).await.upserts, 307);
+            wait_mirror().await;
+            write(src.join("d3/f3.txt"), "changed\n");
+            std::fs::remove_file(src.join("d0/f0.txt")).unwrap();
+            let second = scan(&pipeline).await;
+            assert_eq!((second.upserts, second.deletes), (1, 1));
+            wait_mirror().await;
+            scanning.cancel();
+        };
+        let (report, ()) = tokio::join!(follow, checks);
+        let report = report.unwrap();
+        // Every event applied exactly once: 300 files and 7 directories created, one file
+        // updated, one deleted.
+        assert_eq!(report.events, 309);
+        let outcomes: std::collections::BTreeMap<String, u64> = report
+            .outcomes
+            .iter()
+            .map(|(o, n)| (o.as_str().to_owned(), *n))
+            .collect();
+        let expected = [("created", 307), ("updated", 1), ("deleted", 1)]
+            .map(|(o, n)| (o.to_owned(), n))
+            .into();
+        assert_eq!(outcomes, expected);
+    });
+}

@@ -12,10 +12,11 @@ use serde_json::json;
 use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::pipeline::Pipeline;
-use tidemark::progress::Progress;
+use tidemark::progress::{Progress, ProgressGroup};
 use tidemark::report::Report;
 use tidemark::state::{State, StateError};
 use tidemark::verify;
+use tokio_util::sync::CancellationToken;
 
 const EXIT_DEGRADED: u8 = 3;
 const EXIT_DRIFT: u8 = 4;
@@ -401,10 +402,30 @@ async fn scan_project(
     for p in session.pipelines(select)? {
         let mut entry = json!({"pipeline": p.name()});
         let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
-        if scan {
-            let progress = Progress::new(show_progress, "scan", None);
-            let record = p.scanner.scan(&progress).await;
-            progress.finish();
+        // `sync` projects while it scans, so the target fills as the source is read.
+        let bars = ProgressGroup::new(show_progress);
+        let scan_bar = scan.then(|| bars.bar("scan", None));
+        let project_bar = project.then(|| bars.bar("project", (!scan).then_some(0)));
+        let scanning = CancellationToken::new();
+        let scanned = async {
+            let scan_bar = scan_bar.as_ref()?;
+            let record = p.scanner.scan(scan_bar).await;
+            scan_bar.finish();
+            scanning.cancel();
+            Some(record)
+        };
+        let projected = async {
+            let project_bar = project_bar.as_ref()?;
+            let report = if scan {
+                p.projector.follow(project_bar, &scanning).await
+            } else {
+                p.projector.catch_up(project_bar).await
+            };
+            project_bar.finish();
+            Some(report)
+        };
+        let (scanned, projected) = tokio::join!(scanned, projected);
+        if let Some(record) = scanned {
             let record = record?;
             degraded |= record.errors > 0;
             if select.output == Output::Text {
@@ -425,10 +446,7 @@ async fn scan_project(
             entry["scan"] = serde_json::to_value(&record)?;
             run_report = run_report.with_scan(&record);
         }
-        if project {
-            let progress = Progress::new(show_progress, "project", Some(0));
-            let report = p.projector.catch_up(&progress).await;
-            progress.finish();
+        if let Some(report) = projected {
             let report = report?;
             degraded |= !report.failures.is_empty();
             if select.output == Output::Text {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A progress bar that may be hidden.
 pub struct Progress {
@@ -20,13 +20,22 @@ impl Progress {
     /// unless `enabled` and stderr is a terminal.
     pub fn new(enabled: bool, what: &str, total: Option<u64>) -> Progress {
         let visible = enabled && std::io::stderr().is_terminal();
+        let bar = Progress::styled(what, total);
+        if !visible {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Progress {
+            bar,
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn styled(what: &str, total: Option<u64>) -> ProgressBar {
         let bar = match total {
             Some(n) => ProgressBar::new(n),
             None => ProgressBar::no_length(),
         };
-        if !visible {
-            bar.set_draw_target(ProgressDrawTarget::hidden());
-        }
         let template = if total.is_some() {
             "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {msg} {per_sec} ETA {eta}"
         } else {
@@ -38,11 +47,7 @@ impl Progress {
                 .progress_chars("=> "),
         );
         bar.set_prefix(what.to_owned());
-        bar.enable_steady_tick(Duration::from_millis(200));
-        Progress {
-            bar,
-            bytes: AtomicU64::new(0),
-        }
+        bar
     }
 
     /// A bar that never draws (daemon loops, tests).
@@ -66,13 +71,40 @@ impl Progress {
         self.bar.inc(n);
     }
 
-    /// Sets the total.
-    pub fn set_total(&self, n: u64) {
-        self.bar.set_length(n);
+    /// Sets the total to what is counted so far plus `n` still to come.
+    pub fn set_remaining(&self, n: u64) {
+        self.bar.set_length(self.bar.position() + n);
     }
 
     /// Removes the bar from the terminal.
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+/// Bars drawn together, one line each, for work that runs side by side (`sync` scans and
+/// projects at once); hidden unless enabled and stderr is a terminal.
+pub struct ProgressGroup {
+    multi: MultiProgress,
+}
+
+impl ProgressGroup {
+    /// A group drawn on stderr when `enabled` and stderr is a terminal.
+    pub fn new(enabled: bool) -> ProgressGroup {
+        let multi = MultiProgress::new();
+        if !(enabled && std::io::stderr().is_terminal()) {
+            multi.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        ProgressGroup { multi }
+    }
+
+    /// A bar in this group, as [`Progress::new`] describes.
+    pub fn bar(&self, what: &str, total: Option<u64>) -> Progress {
+        let bar = self.multi.add(Progress::styled(what, total));
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Progress {
+            bar,
+            bytes: AtomicU64::new(0),
+        }
     }
 }

@@ -874,6 +874,48 @@ impl Projector {
     /// Projects until every partition is caught up with the head as it was at the start.
     pub async fn catch_up(&self, progress: &Progress) -> Result<ProjectReport, ProjectError> {
         self.recover().await?;
+        self.catch_up_to_heads(progress).await
+    }
+
+    /// Projects while a scan appends (`sync`): applies batches as they arrive until
+    /// `scanning` fires, then catches up with the head as it is then. The target fills while
+    /// the source is still being read, instead of after it; per-key order, idempotence and
+    /// the commit rule are those of every other step.
+    pub async fn follow(
+        &self,
+        progress: &Progress,
+        scanning: &CancellationToken,
+    ) -> Result<ProjectReport, ProjectError> {
+        self.recover().await?;
+        let mut total = ProjectReport::default();
+        while !scanning.is_cancelled() {
+            let mut read = 0;
+            for p in 0..self.log.partitions() {
+                let (report, n) = self.step(p).await?;
+                progress.inc(n as u64);
+                progress.add_bytes(report.bytes_written);
+                total.merge(report);
+                read += n;
+            }
+            if read == 0 {
+                // Nothing new: wait for the scanner's next append (or its end).
+                let committed = self.committed(0).await?;
+                tokio::select! {
+                    biased;
+                    _ = scanning.cancelled() => {}
+                    _ = self.log.wait_beyond(0, committed, Duration::from_millis(200)) => {}
+                }
+            }
+        }
+        let rest = self.catch_up_to_heads(progress).await?;
+        let committed = rest.committed;
+        total.merge(rest);
+        total.committed = committed;
+        Ok(total)
+    }
+
+    /// Projects every partition up to its head as it is now.
+    async fn catch_up_to_heads(&self, progress: &Progress) -> Result<ProjectReport, ProjectError> {
         let mut total = ProjectReport::default();
         let mut targets = Vec::new();
         let mut remaining = 0;
@@ -882,7 +924,7 @@ impl Projector {
             remaining += head.saturating_sub(self.committed(p).await?);
             targets.push((p, head));
         }
-        progress.set_total(remaining);
+        progress.set_remaining(remaining);
         for (p, head) in targets {
             while self.committed(p).await? < head {
                 let (report, read) = self.step(p).await?;

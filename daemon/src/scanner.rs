@@ -23,6 +23,11 @@ use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError};
 const APPEND_BATCH: usize = 1000;
 /// Inline bytes buffered before a batch is appended regardless of its length.
 const APPEND_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest a found change waits for its batch to fill: a projector following the log
+/// (`sync`, the daemon) applies changes while the rest of the tree is still listed, so
+/// a scan that finds a few changes among many unchanged files does not hold them all
+/// until the listing ends.
+const APPEND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A scan failed as a whole; events appended before the failure stay valid.
 #[derive(Debug, thiserror::Error)]
@@ -196,9 +201,14 @@ impl Scanner {
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
         let mut pending = Pending::default();
+        let mut flush = tokio::time::interval(APPEND_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
+                _ = flush.tick(), if !pending.events.is_empty() => {
+                    self.append(&mut pending).await?;
+                }
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
                         Ok(item) => {
