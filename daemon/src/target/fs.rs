@@ -20,6 +20,9 @@ use crate::config::DirTargetConfig;
 use crate::source::fs::{hash_reader, with_read_buffer};
 use crate::state::Applied;
 
+/// Most directories remembered as created ahead of their own events.
+const IMPLICIT_DIRS_MAX: usize = 100_000;
+
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
 
@@ -36,10 +39,17 @@ struct Inner {
     /// Parent directories already checked not to be symbolic links since the last flush;
     /// saves an lstat per ancestor per file.
     safe_dirs: Mutex<HashSet<PathBuf>>,
-    /// Directories created since the last flush because a file below them was written
-    /// before their own event; that event then reports them `created`, not `updated`.
+    /// Directories created because a file below them was written before their own event;
+    /// that event then reports them `created`, not `updated`. Kept across flushes, since
+    /// the directory's event may come in a later batch (a `sync` projects while it
+    /// scans); not kept when the source lists no directories, as no event would remove
+    /// them, and bounded by [`IMPLICIT_DIRS_MAX`].
     implicit_dirs: Mutex<HashSet<PathBuf>>,
     tmp_seq: AtomicU64,
+    /// `.tidemark-tmp/` exists (since the last flush, which removes it).
+    tmp_ready: AtomicBool,
+    /// This process's id, part of every temporary name.
+    pid: u32,
     /// Set once `O_TMPFILE` or linking through `/proc` failed here; every new file then
     /// goes through `.tidemark-tmp/`.
     no_tmpfile: AtomicBool,
@@ -77,6 +87,8 @@ impl DirTarget {
                 safe_dirs: Mutex::new(HashSet::new()),
                 implicit_dirs: Mutex::new(HashSet::new()),
                 tmp_seq: AtomicU64::new(0),
+                tmp_ready: AtomicBool::new(false),
+                pid: std::process::id(),
                 no_tmpfile: AtomicBool::new(false),
             }),
         }
@@ -126,9 +138,16 @@ impl Inner {
                     )))
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => match fs::create_dir(&dir) {
-                    Ok(()) => {
-                        self.implicit_dirs.lock().unwrap().insert(dir.clone());
+                    Ok(()) if !self.remove_empty_parents => {
+                        let mut implicit = self.implicit_dirs.lock().unwrap();
+                        if implicit.len() >= IMPLICIT_DIRS_MAX {
+                            // Events that never came (a source that stopped listing them);
+                            // forgetting only miscounts a later `created` as `updated`.
+                            implicit.clear();
+                        }
+                        implicit.insert(dir.clone());
                     }
+                    Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(e.into()),
                 },
@@ -141,9 +160,13 @@ impl Inner {
 
     fn tmp_path(&self) -> Result<PathBuf, Failure> {
         let dir = self.root.join(TMP_DIR);
-        fs::create_dir_all(&dir)?;
+        // Created once per batch (a flush removes it), not once per file.
+        if !self.tmp_ready.load(Ordering::Acquire) {
+            fs::create_dir_all(&dir)?;
+            self.tmp_ready.store(true, Ordering::Release);
+        }
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        Ok(dir.join(format!("{}-{n}", std::process::id())))
+        Ok(dir.join(format!("{}-{n}", self.pid)))
     }
 
     fn upsert(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
@@ -393,7 +416,6 @@ impl Inner {
 
     fn sync(&self) -> Result<(), Failure> {
         self.safe_dirs.lock().unwrap().clear();
-        self.implicit_dirs.lock().unwrap().clear();
         if !self.root.exists() {
             return Ok(());
         }
@@ -402,6 +424,7 @@ impl Inner {
         // No write is in flight during a flush, so anything left in the temporary directory
         // is debris of a process killed between write and rename.
         let _ = fs::remove_dir_all(self.root.join(TMP_DIR));
+        self.tmp_ready.store(false, Ordering::Release);
         Ok(())
     }
 }
