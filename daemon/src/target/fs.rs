@@ -23,6 +23,9 @@ use crate::state::Applied;
 /// Most directories remembered as created ahead of their own events.
 const IMPLICIT_DIRS_MAX: usize = 100_000;
 
+/// Directories under `.tidemark-tmp/` replacements are written in (at most 64).
+const TMP_SHARDS: u64 = 16;
+
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
 
@@ -46,8 +49,9 @@ struct Inner {
     /// them, and bounded by [`IMPLICIT_DIRS_MAX`].
     implicit_dirs: Mutex<HashSet<PathBuf>>,
     tmp_seq: AtomicU64,
-    /// `.tidemark-tmp/` exists (since the last flush, which removes it).
-    tmp_ready: AtomicBool,
+    /// Bit `n` set: shard `n` of `.tidemark-tmp/` exists (since the last flush, which
+    /// removes them).
+    tmp_ready: AtomicU64,
     /// This process's id, part of every temporary name.
     pid: u32,
     /// Set once `O_TMPFILE` or linking through `/proc` failed here; every new file then
@@ -87,7 +91,7 @@ impl DirTarget {
                 safe_dirs: Mutex::new(HashSet::new()),
                 implicit_dirs: Mutex::new(HashSet::new()),
                 tmp_seq: AtomicU64::new(0),
-                tmp_ready: AtomicBool::new(false),
+                tmp_ready: AtomicU64::new(0),
                 pid: std::process::id(),
                 no_tmpfile: AtomicBool::new(false),
             }),
@@ -158,14 +162,18 @@ impl Inner {
         Ok(())
     }
 
+    /// A fresh temporary name in one of the [`TMP_SHARDS`] directories of `.tidemark-tmp/`,
+    /// taken in turn: with every replacement created in one directory and renamed out of
+    /// it, concurrent writers queued on that directory's lock.
     fn tmp_path(&self) -> Result<PathBuf, Failure> {
-        let dir = self.root.join(TMP_DIR);
-        // Created once per batch (a flush removes it), not once per file.
-        if !self.tmp_ready.load(Ordering::Acquire) {
-            fs::create_dir_all(&dir)?;
-            self.tmp_ready.store(true, Ordering::Release);
-        }
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let shard = n % TMP_SHARDS;
+        let dir = self.root.join(TMP_DIR).join(format!("{shard:02}"));
+        // Created once per batch (a flush removes them), not once per file.
+        if self.tmp_ready.load(Ordering::Acquire) & (1 << shard) == 0 {
+            fs::create_dir_all(&dir)?;
+            self.tmp_ready.fetch_or(1 << shard, Ordering::AcqRel);
+        }
         Ok(dir.join(format!("{}-{n}", self.pid)))
     }
 
@@ -424,7 +432,7 @@ impl Inner {
         // No write is in flight during a flush, so anything left in the temporary directory
         // is debris of a process killed between write and rename.
         let _ = fs::remove_dir_all(self.root.join(TMP_DIR));
-        self.tmp_ready.store(false, Ordering::Release);
+        self.tmp_ready.store(0, Ordering::Release);
         Ok(())
     }
 }
