@@ -133,3 +133,63 @@ fn produce_raw(topic: &str, payloads: &[Vec<u8>]) {
     }
     producer.flush(Duration::from_secs(30)).unwrap();
 }
+
+/// Several partitions do not order the events of different items: a directory's delete
+/// can be read before the deletes of the files inside it. The directory must still be gone
+/// after one `sync`, and only once it is empty.
+#[test]
+fn deleting_directory_trees_across_partitions_leaves_no_empty_directories() {
+    let brokers = kafka_brokers();
+    let topic = unique("dirdel");
+    let env = Env::dirs(
+        &format!(
+            "max_delete = \"100%\"\n{}",
+            kafka_log_section(&brokers, &topic, &topic, 4)
+        ),
+        "prune = true",
+    );
+    let src = env.src();
+    write(src.join("kept/stays.txt"), "kept\n");
+    let mut files = 0;
+    let mut dirs = 0;
+    for top in 0..6 {
+        dirs += 1;
+        for sub in 0..4 {
+            dirs += 2;
+            for i in 0..15 {
+                write(
+                    src.join(format!("gone{top}/s{sub}/deeper/f{i:02}.txt")),
+                    format!("{top}/{sub}/{i}\n"),
+                );
+                files += 1;
+            }
+            write(src.join(format!("gone{top}/s{sub}/beside.txt")), "b\n");
+            files += 1;
+        }
+    }
+    let (scan, _) = env.sync();
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_mirror(&src, &env.dst());
+
+    for top in 0..6 {
+        std::fs::remove_dir_all(src.join(format!("gone{top}"))).unwrap();
+    }
+    let (scan, project) = env.sync();
+    assert_eq!(scan["deletes"], files + dirs, "{scan}");
+    assert_mirror(&src, &env.dst());
+    for top in 0..6 {
+        assert!(!env.dst().join(format!("gone{top}")).exists(), "{project}");
+    }
+    assert_eq!(
+        kind_outcome(&project, "file", "deleted"),
+        files,
+        "{project}"
+    );
+    assert_eq!(kind_outcome(&project, "dir", "deleted"), dirs, "{project}");
+    // The scenario really read some directory delete before the contents' deletes.
+    assert!(kind_outcome(&project, "dir", "deferred") > 0, "{project}");
+    assert_eq!(outcome(&project, "retained"), 0, "{project}");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["deferred"], serde_json::json!([]), "{status}");
+    assert!(env.dst().join("kept/stays.txt").is_file());
+}

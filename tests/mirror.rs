@@ -141,12 +141,97 @@ fn deleting_a_directory_removes_it_and_its_contents() {
     std::fs::remove_file(env.src().join("emptied/sub/file")).unwrap();
     let config = std::fs::read_to_string(&env.config).unwrap();
     env.write_config(&config.replace("scan_interval", "max_delete = \"100%\"\nscan_interval"));
-    env.sync();
+    let (_, project) = env.sync();
     assert_mirror(&env.src(), &env.dst());
     assert!(
         env.dst().join("emptied/sub").is_dir(),
         "a directory still in the source stays"
     );
+    // One ordered log: contents go first, so no directory delete has to wait.
+    assert_eq!(kind_outcome(&project, "dir", "deleted"), 3, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "deferred"), 0, "{project}");
+}
+
+/// Keys of the directory deletes `status` lists as waiting.
+fn waiting_dirs(env: &Env) -> Vec<String> {
+    let status = env.json(&["status"]);
+    status[0]["deferred"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["kind"] == "dir")
+        .map(|d| d["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_directory_delete_waits_while_the_target_directory_holds_other_entries() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("keep/a.txt"), "a");
+    write(env.src().join("old/x.txt"), "x");
+    write(env.src().join("back/f.txt"), "f");
+    env.sync();
+    // Entries the source never had: the directories must not go with them.
+    write(env.dst().join("old/stray.txt"), "not from the source");
+    write(env.dst().join("back/stray.txt"), "not from the source");
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    std::fs::remove_dir_all(env.src().join("back")).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(kind_outcome(&project, "file", "deleted"), 2, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "deferred"), 2, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "deleted"), 0, "{project}");
+    assert!(env.dst().join("old/stray.txt").is_file());
+    assert!(env.dst().join("back/stray.txt").is_file());
+    assert_eq!(waiting_dirs(&env), ["back", "old"]);
+
+    // The source re-creates `back`: its newer event supersedes the waiting delete.
+    std::fs::create_dir(env.src().join("back")).unwrap();
+    env.sync();
+    assert_eq!(waiting_dirs(&env), ["old"]);
+
+    // Once empty, `old` goes after the next batch; `back` stays, the source has it.
+    std::fs::remove_file(env.dst().join("old/stray.txt")).unwrap();
+    std::fs::remove_file(env.dst().join("back/stray.txt")).unwrap();
+    write(env.src().join("keep/b.txt"), "b");
+    let (_, project) = env.sync();
+    assert_eq!(kind_outcome(&project, "dir", "deleted"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "deferred"), 0, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+    assert!(env.dst().join("back").is_dir());
+    assert!(waiting_dirs(&env).is_empty());
+}
+
+#[test]
+fn the_daemon_removes_a_waiting_directory_once_it_is_empty() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("keep/a.txt"), "a");
+    write(env.src().join("old/x.txt"), "x");
+    env.sync();
+    write(env.dst().join("old/stray.txt"), "not from the source");
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    env.sync();
+    assert_eq!(waiting_dirs(&env), ["old"]);
+    let daemon = env.spawn_daemon();
+    let waiting = wait_for(Duration::from_secs(30), || {
+        (daemon.metric("tidemark_deferred_events{pipeline=\"t\"}") == 1.0).then_some(())
+    });
+    assert!(waiting.is_some(), "{:?}", daemon.metrics());
+    // Nothing changes in the source, so no batch comes: the idle retry removes it.
+    std::fs::remove_file(env.dst().join("old/stray.txt")).unwrap();
+    let gone = wait_for(Duration::from_secs(30), || {
+        (!env.dst().join("old").exists()).then_some(())
+    });
+    assert!(gone.is_some(), "log:\n{}", env.daemon_log());
+    let counted = wait_for(Duration::from_secs(30), || {
+        (daemon.metric("tidemark_deferred_events{pipeline=\"t\"}") == 0.0
+            && daemon
+                .metric("tidemark_applies_total{kind=\"dir\",outcome=\"deleted\",pipeline=\"t\"}")
+                == 1.0)
+            .then_some(())
+    });
+    assert!(counted.is_some(), "{:?}", daemon.metrics());
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
+    assert_mirror(&env.src(), &env.dst());
 }
 
 #[test]

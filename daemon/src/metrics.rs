@@ -52,7 +52,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Requests retried after a transient failure, by side.
     pub retries: IntCounterVec,
-    /// Events waiting for the items they reference.
+    /// Events waiting for the items they reference, and pending directory deletes.
     pub deferred_events: IntGaugeVec,
 }
 
@@ -213,7 +213,7 @@ impl Metrics {
             deferred_events: reg!(IntGaugeVec::new(
                 Opts::new(
                     "tidemark_deferred_events",
-                    "Events waiting for the items they reference (applied once those exist, failed after the reference wait)."
+                    "Events waiting: for the items they reference (applied once those exist, failed after the reference wait), or directory deletes for their directory to be empty."
                 ),
                 p
             )),

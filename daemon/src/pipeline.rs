@@ -64,11 +64,13 @@ pub struct PipelineStatus {
     pub max_delete: String,
     /// Events that failed permanently; their keys wait for the next change.
     pub failed: Vec<Failure>,
-    /// Events waiting for the items they reference, with what they wait for.
+    /// Events waiting for the items they reference, and directory deletes waiting for the
+    /// directory to be empty, with what they wait for.
     pub deferred: Vec<DeferredItem>,
 }
 
-/// An event waiting for the items it references, as `status` shows it.
+/// An event waiting for the items it references (or a directory delete waiting for its
+/// directory to be empty), as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeferredItem {
     /// Kind of the item.
@@ -188,7 +190,7 @@ impl Pipeline {
             .map(|r| r.map(|(_, f)| f))
             .collect::<Result<Vec<_>, _>>()
             .map_err(state_err)?;
-        let deferred = self
+        let mut deferred = self
             .state
             .deferred(&self.config.name)
             .map_err(state_err)?
@@ -219,6 +221,21 @@ impl Pipeline {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(state_err)?;
+        for r in self
+            .state
+            .dir_deletes(&self.config.name)
+            .map_err(state_err)?
+            .iter()
+        {
+            let (_, d) = r.map_err(state_err)?;
+            deferred.push(DeferredItem {
+                reason: "directory delete waiting for the directory to be empty (the deletes of its contents are not all applied yet, or the target holds entries the source does not have); tried again after every batch".into(),
+                kind: d.event.kind,
+                key: d.event.key,
+                offset: d.event.offset,
+                since: d.since,
+            });
+        }
 
         let m = metrics();
         let p = [self.config.name.as_str()];
@@ -230,6 +247,9 @@ impl Pipeline {
             .with_label_values(&p)
             .set((head - committed) as i64);
         m.lag_seconds.with_label_values(&p).set(lag_seconds);
+        m.deferred_events
+            .with_label_values(&p)
+            .set(deferred.len() as i64);
         if let Some(f) = freshness {
             m.source_freshness_seconds.with_label_values(&p).set(f);
         }

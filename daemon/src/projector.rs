@@ -14,6 +14,11 @@
 //! as they are. Two items that reference each other are written in two passes: the first
 //! without the unresolved fields, then patched. A reference that stays unresolved past
 //! the target's reference wait fails its event with a report naming it.
+//!
+//! A directory delete that finds its directory not empty is *pending*: on a log of several
+//! partitions the deletes of its contents are not ordered with it and may come later. It is
+//! kept in state and tried again (deepest first, `rmdir` only) after every later batch
+//! until the directory is empty and removed; a newer event for the directory supersedes it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -29,7 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError};
 use crate::metrics::metrics;
 use crate::progress::Progress;
-use crate::state::{Applied, Deferred, Failure, Records, State, StateError};
+use crate::state::{Applied, Deferred, Failure, PendingDelete, Records, State, StateError};
 use crate::target::{ApplyError, Outcome, Target};
 
 /// Projection stopped short of the batch.
@@ -163,6 +168,8 @@ struct Done {
     deferred: Option<Event>,
     /// Written without its unresolved reference fields.
     partial: bool,
+    /// A directory delete that found the directory not empty; tried again later.
+    waiting_delete: Option<Event>,
     /// Content bytes the event carries (inline or blob), for progress.
     bytes: u64,
 }
@@ -251,6 +258,22 @@ pub fn decide(event: &Event, prior: Option<&Applied>, prune: bool) -> Option<Out
 }
 
 type DateTimeUtc = chrono::DateTime<Utc>;
+
+/// Makes `tree` hold exactly `keep`, atomically (not yet flushed).
+fn replace_all<T: Serialize + serde::de::DeserializeOwned>(
+    tree: &Records<T>,
+    keep: &BTreeMap<String, T>,
+) -> Result<(), StateError> {
+    let gone: Vec<String> = tree
+        .keys()
+        .filter(|k| k.as_ref().map_or(true, |k| !keep.contains_key(k)))
+        .collect::<Result<_, _>>()?;
+    tree.apply(
+        gone.iter()
+            .map(|k| (k.as_str(), None))
+            .chain(keep.iter().map(|(k, v)| (k.as_str(), Some(v)))),
+    )
+}
 
 /// Applies one pipeline's log to its target.
 pub struct Projector {
@@ -359,6 +382,10 @@ impl Projector {
         if records.is_empty() && deferred.is_empty() {
             return Ok((ProjectReport::default(), 0));
         }
+        let dir_pending = self
+            .state
+            .dir_deletes(&self.pipeline)
+            .map_err(self.err_state())?;
         let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
         let t0 = Instant::now();
         let read = records.len();
@@ -419,6 +446,9 @@ impl Projector {
         let (pending, settled) = self
             .settle_deferred(&results, &deferred, &applied, &refs)
             .await?;
+        let (waiting, removed) = self
+            .settle_dir_deletes(&group_of, &results, &dir_pending, &applied, &refs)
+            .await?;
 
         let mut next = end;
         let mut transient = None;
@@ -441,6 +471,61 @@ impl Projector {
             });
         }
 
+        let dones = results
+            .into_iter()
+            .flat_map(|r| r.done)
+            .chain(settled)
+            .chain(removed);
+        self.record(dones, &mut report, Some(partition), &applied, &remap)?;
+        replace_all(&deferred, &pending).map_err(self.err_state())?;
+        replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
+        metrics()
+            .deferred_events
+            .with_label_values(&[&self.pipeline])
+            .set((pending.len() + waiting.len()) as i64);
+        self.state.flush().await.map_err(self.err_state())?;
+        // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
+        self.count_applies(&report);
+        let m = metrics();
+        let p = self.pipeline.as_str();
+        self.log
+            .commit(&self.consumer, partition, next)
+            .await
+            .map_err(|source| ProjectError::Commit {
+                pipeline: self.pipeline.clone(),
+                source,
+            })?;
+        report.committed = next;
+
+        m.apply_duration
+            .with_label_values(&[p])
+            .observe(t0.elapsed().as_secs_f64());
+        // Only progress counts as an apply: a projector stuck retrying must look stuck.
+        if next > committed {
+            m.last_apply
+                .with_label_values(&[p])
+                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
+        if let Some(source) = transient {
+            m.apply_errors.with_label_values(&[p, "transient"]).inc();
+            return Err(ProjectError::Apply {
+                pipeline: self.pipeline.clone(),
+                source,
+            });
+        }
+        Ok((report, read))
+    }
+
+    /// Counts what was done in the report and writes applied state, failures and the remap
+    /// table (not yet flushed).
+    fn record(
+        &self,
+        dones: impl IntoIterator<Item = Done>,
+        report: &mut ProjectReport,
+        partition: Option<u32>,
+        applied: &Records<Applied>,
+        remap: &Records<String>,
+    ) -> Result<(), ProjectError> {
         let failures = self
             .state
             .failures(&self.pipeline)
@@ -448,7 +533,7 @@ impl Projector {
         let mut puts: Vec<(String, Option<Applied>)> = Vec::new();
         let mut failed: Vec<(String, Option<Failure>)> = Vec::new();
         let mut remapped: Vec<(String, Option<String>)> = Vec::new();
-        for d in results.into_iter().flat_map(|r| r.done).chain(settled) {
+        for d in dones {
             if let Some(id) = d.remap.clone() {
                 remapped.push((d.identity.clone(), id));
             }
@@ -497,59 +582,132 @@ impl Projector {
         remap
             .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
-        let gone: Vec<String> = deferred
-            .keys()
-            .filter(|k| k.as_ref().map_or(true, |k| !pending.contains_key(k)))
+        Ok(())
+    }
+
+    /// Adds a report's outcomes to the apply counters.
+    fn count_applies(&self, report: &ProjectReport) {
+        let m = metrics();
+        for (kind, outcomes) in &report.by_kind {
+            for (outcome, n) in outcomes {
+                m.applies
+                    .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
+                    .inc_by(*n);
+            }
+        }
+    }
+
+    /// Directory deletes that found their directory not empty. This batch's (`batch`: the
+    /// identities it holds events for) are added; earlier ones for items this batch has a
+    /// newer event for are dropped (a directory the source re-created stays); then every
+    /// waiting one is tried again, deepest first, so a parent follows its children. The
+    /// target only ever removes an empty directory. Returns what still waits and what was
+    /// done (a removal counts as `deleted`; a retry that still finds content counts
+    /// nothing, the first attempt was counted `deferred`).
+    async fn settle_dir_deletes(
+        &self,
+        batch: &HashMap<String, usize>,
+        results: &[GroupResult],
+        stored: &Records<PendingDelete>,
+        applied: &Records<Applied>,
+        refs: &Refs<'_>,
+    ) -> Result<(BTreeMap<String, PendingDelete>, Vec<Done>), ProjectError> {
+        let now = Utc::now();
+        let before: BTreeMap<String, PendingDelete> = stored
+            .iter()
             .collect::<Result<_, _>>()
             .map_err(self.err_state())?;
-        deferred
-            .apply(
-                gone.iter()
-                    .map(|k| (k.as_str(), None))
-                    .chain(pending.iter().map(|(k, v)| (k.as_str(), Some(v)))),
-            )
+        let mut waiting: BTreeMap<String, PendingDelete> = before
+            .iter()
+            .filter(|(id, _)| !batch.contains_key(*id))
+            .map(|(id, p)| (id.clone(), p.clone()))
+            .collect();
+        // Each key's events finished in log order: its last one decides.
+        for d in results.iter().flat_map(|r| &r.done) {
+            match &d.waiting_delete {
+                Some(event) => {
+                    let since = before.get(&d.identity).map_or(now, |p| p.since);
+                    waiting.insert(
+                        d.identity.clone(),
+                        PendingDelete {
+                            event: event.clone(),
+                            since,
+                        },
+                    );
+                }
+                None => {
+                    waiting.remove(&d.identity);
+                }
+            }
+        }
+        let mut done = Vec::new();
+        // A child's identity extends its parent's, so reverse key order is deepest first.
+        let ids: Vec<String> = waiting.keys().rev().cloned().collect();
+        for id in ids {
+            let event = waiting[&id].event.clone();
+            let r = self.apply_group(vec![event], applied, refs, false).await;
+            if let Some((_, e)) = r.stopped {
+                warn!(pipeline = %self.pipeline, "{e}; the directory delete is tried again later");
+                continue;
+            }
+            for d in r.done {
+                if d.waiting_delete.is_none() {
+                    waiting.remove(&id);
+                    done.push(d);
+                }
+            }
+        }
+        Ok((waiting, done))
+    }
+
+    /// Tries the pending directory deletes again outside a batch (the daemon does so while
+    /// idle, at most once a second): on a log several daemons share, another one may have
+    /// applied the deletes of the contents. Writes the target and state only when a
+    /// directory was removed; no offset moves.
+    pub async fn retry_dir_deletes(&self) -> Result<ProjectReport, ProjectError> {
+        let stored = self
+            .state
+            .dir_deletes(&self.pipeline)
+            .map_err(self.err_state())?;
+        if stored.is_empty() {
+            return Ok(ProjectReport::default());
+        }
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?;
+        let refs = Refs {
+            remap: &remap,
+            fresh: Default::default(),
+        };
+        let (waiting, done) = self
+            .settle_dir_deletes(&HashMap::new(), &[], &stored, &applied, &refs)
+            .await?;
+        let mut report = ProjectReport::default();
+        if done.is_empty() {
+            return Ok(report);
+        }
+        self.target
+            .flush()
+            .await
+            .map_err(|source| ProjectError::Apply {
+                pipeline: self.pipeline.clone(),
+                source,
+            })?;
+        self.record(done, &mut report, None, &applied, &remap)?;
+        replace_all(&stored, &waiting).map_err(self.err_state())?;
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
             .map_err(self.err_state())?;
         metrics()
             .deferred_events
             .with_label_values(&[&self.pipeline])
-            .set(pending.len() as i64);
+            .set((deferred.len() + waiting.len()) as i64);
         self.state.flush().await.map_err(self.err_state())?;
-        // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
-        let m = metrics();
-        let p = self.pipeline.as_str();
-        for (kind, outcomes) in &report.by_kind {
-            for (outcome, n) in outcomes {
-                m.applies
-                    .with_label_values(&[p, kind, outcome.as_str()])
-                    .inc_by(*n);
-            }
-        }
-        self.log
-            .commit(&self.consumer, partition, next)
-            .await
-            .map_err(|source| ProjectError::Commit {
-                pipeline: self.pipeline.clone(),
-                source,
-            })?;
-        report.committed = next;
-
-        m.apply_duration
-            .with_label_values(&[p])
-            .observe(t0.elapsed().as_secs_f64());
-        // Only progress counts as an apply: a projector stuck retrying must look stuck.
-        if next > committed {
-            m.last_apply
-                .with_label_values(&[p])
-                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
-        }
-        if let Some(source) = transient {
-            m.apply_errors.with_label_values(&[p, "transient"]).inc();
-            return Err(ProjectError::Apply {
-                pipeline: self.pipeline.clone(),
-                source,
-            });
-        }
-        Ok((report, read))
+        self.count_applies(&report);
+        Ok(report)
     }
 
     /// Applies deferred events whose references now resolve (this batch's and earlier
@@ -690,6 +848,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                waiting_delete: None,
                 bytes: 0,
             });
         }
@@ -732,6 +891,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                waiting_delete: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
@@ -833,6 +993,9 @@ impl Projector {
                     };
                     let mut d = done(effect.outcome, change, None);
                     d.remap = remap;
+                    if event.op == Op::Delete && effect.outcome == Outcome::Deferred {
+                        d.waiting_delete = Some(event.clone());
+                    }
                     if written_partially {
                         d.deferred = Some(event.clone());
                         d.partial = true;
@@ -962,6 +1125,7 @@ impl Projector {
             .build();
         // Partitions held since the last look, for logs whose partitions move between daemons.
         let mut owned: Option<BTreeSet<u32>> = None;
+        let mut last_dir_retry = Instant::now();
         if let Err(e) = self.recover().await {
             error!("{e}");
         }
@@ -1007,6 +1171,13 @@ impl Projector {
                 continue;
             }
             backoff.reset();
+            if read == 0 && last_dir_retry.elapsed() >= Duration::from_secs(1) {
+                // Another daemon may have deleted what kept a pending directory delete waiting.
+                last_dir_retry = Instant::now();
+                if let Err(e) = self.retry_dir_deletes().await {
+                    error!("{e}");
+                }
+            }
             if read == 0 {
                 // Tail the first partition; with several, wake often enough for the others.
                 let wait = if partitions.len() > 1 { 200 } else { 1000 };
@@ -1155,6 +1326,10 @@ impl Projector {
             .map_err(self.err_state())?;
         deferred
             .remove_where(|_, d| d.event.offset >= from)
+            .map_err(self.err_state())?;
+        self.state
+            .dir_deletes(&self.pipeline)
+            .and_then(|t| t.remove_where(|_, d| d.event.offset >= from))
             .map_err(self.err_state())?;
         applied
             .remove_where(|_, a| a.offset >= from)

@@ -1,6 +1,6 @@
 //! Local state in one sled database: the scanner's source index, the projector's applied
-//! state, failures, id remap table and deferred events, and the last scan record of each
-//! pipeline.
+//! state, failures, id remap table, deferred events and pending directory deletes, and the
+//! last scan record of each pipeline.
 //!
 //! One database holds everything a pipeline needs, so one `flush` makes a whole batch
 //! durable. sled lets only one process open it: a second `tidemark` on the same
@@ -75,6 +75,17 @@ pub struct Deferred {
     /// they resolve.
     #[serde(default)]
     pub partial: bool,
+}
+
+/// A directory delete not applied yet because the directory was not empty (the deletes of
+/// its contents had not all been applied: on a log of several partitions they are not
+/// ordered with it). Re-attempted after later batches until the directory is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingDelete {
+    /// The delete event, as read from the log.
+    pub event: tidemark_proto::Event,
+    /// When it was first found not empty.
+    pub since: DateTime<Utc>,
 }
 
 /// A failed event kept for `status` until the key changes again.
@@ -206,6 +217,12 @@ impl State {
     /// offset may pass them, so they are kept here until applied, superseded or failed.
     pub fn deferred(&self, pipeline: &str) -> Result<Records<Deferred>, StateError> {
         self.records(&format!("deferred/{pipeline}"))
+    }
+
+    /// Directory deletes waiting for the directory to be empty, by item identity; the
+    /// committed offset may pass them, so they are kept here until applied or superseded.
+    pub fn dir_deletes(&self, pipeline: &str) -> Result<Records<PendingDelete>, StateError> {
+        self.records(&format!("dir-deletes/{pipeline}"))
     }
 
     /// Last scan record of each pipeline, keyed by pipeline name.

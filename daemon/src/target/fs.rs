@@ -395,8 +395,10 @@ impl Inner {
         let removed = if event.kind == "dir" {
             match fs::remove_dir(&path) {
                 Err(e) if e.raw_os_error() == Some(39) => {
-                    // Something not mirrored (or not yet deleted) remains; leave the directory.
-                    return Ok(Outcome::Retained);
+                    // Something remains: deletes not applied yet (another partition's), or
+                    // entries the source never had. Never removed with its contents; the
+                    // projector tries again after later batches.
+                    return Ok(Outcome::Deferred);
                 }
                 r => r,
             }

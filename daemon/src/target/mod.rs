@@ -32,7 +32,8 @@ pub enum Outcome {
     Unchanged,
     /// The source no longer holds the content the event describes; a newer event follows.
     Stale,
-    /// Waiting for items it references.
+    /// Waiting: an upsert for items it references, a directory delete for the directory to
+    /// be empty. Kept in state and applied later.
     Deferred,
     /// The event failed permanently; its key is blocked until it changes.
     Failed,
