@@ -1051,9 +1051,19 @@ impl Projector {
     ) -> Result<ProjectReport, ProjectError> {
         self.recover().await?;
         let mut total = ProjectReport::default();
+        // A target with a cost per batch gets whole batches while the scan runs, the same
+        // batches a projection after the scan would have had; others apply what arrived.
+        let least = if self.target.costly_batches() {
+            self.batch_size as u64
+        } else {
+            1
+        };
         while !scanning.is_cancelled() {
             let mut read = 0;
             for p in 0..self.log.partitions() {
+                if self.head(p).await? < self.committed(p).await? + least {
+                    continue;
+                }
                 let (report, n) = self.step(p).await?;
                 progress.inc(n as u64);
                 progress.add_bytes(report.bytes_written);
@@ -1062,11 +1072,11 @@ impl Projector {
             }
             if read == 0 {
                 // Nothing new: wait for the scanner's next append (or its end).
-                let committed = self.committed(0).await?;
+                let wanted = self.committed(0).await? + least - 1;
                 tokio::select! {
                     biased;
                     _ = scanning.cancelled() => {}
-                    _ = self.log.wait_beyond(0, committed, Duration::from_millis(200)) => {}
+                    _ = self.log.wait_beyond(0, wanted, Duration::from_millis(200)) => {}
                 }
             }
         }
