@@ -3,7 +3,7 @@
 //! `delete` for every indexed key no longer listed — unless the delete guard trips. The
 //! index is updated only after the log has made the events durable.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ use crate::log::{AppendError, EventLog};
 use crate::metrics::metrics;
 use crate::progress::Progress;
 use crate::source::{FetchError, Item, ListError, Listing, Source};
-use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError};
+use crate::state::{GuardTrip, IndexEntry, Records, ScanRecord, State, StateError};
 
 /// Events appended per durable batch.
 const APPEND_BATCH: usize = 1000;
@@ -86,9 +86,67 @@ struct Pending {
     bytes: u64,
 }
 
+/// 128 bits of blake3: a key's (or fingerprint's) stand-in in memory.
 fn seen_hash(identity: &str) -> u128 {
     let h = blake3::hash(identity.as_bytes());
     u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+/// What a scan keeps of the index in memory, read in one pass when it starts: per indexed
+/// key, a hash of its fingerprint and whether the listing has shown it yet (32 bytes of
+/// payload per key, never the keys or the listing themselves). Unchanged entries are
+/// recognised without a lookup in sled each, and keys still unseen at the end are the
+/// deletes, without a second pass over the index.
+struct Known {
+    entries: HashMap<u128, KnownEntry>,
+}
+
+struct KnownEntry {
+    /// Hash of the indexed fingerprint; `None` when the index has none.
+    fingerprint: Option<u128>,
+    seen: bool,
+}
+
+impl Known {
+    fn load(index: &Records<IndexEntry>) -> Result<Known, StateError> {
+        let mut entries = HashMap::new();
+        for record in index.iter() {
+            let (identity, entry) = record?;
+            entries.insert(
+                seen_hash(&identity),
+                KnownEntry {
+                    fingerprint: entry.fingerprint.as_deref().map(seen_hash),
+                    seen: false,
+                },
+            );
+        }
+        Ok(Known { entries })
+    }
+
+    /// Marks `identity` seen; returns whether it was indexed and whether its fingerprint
+    /// equals `fingerprint` (so it need not be read).
+    fn see(&mut self, identity: &str, fingerprint: Option<&str>) -> (bool, bool) {
+        match self.entries.get_mut(&seen_hash(identity)) {
+            None => (false, false),
+            Some(known) => {
+                known.seen = true;
+                let same = match (fingerprint, known.fingerprint) {
+                    (Some(fp), Some(indexed)) => seen_hash(fp) == indexed,
+                    _ => false,
+                };
+                (true, same)
+            }
+        }
+    }
+
+    /// Hashes of the indexed keys the listing did not show.
+    fn unseen(&self) -> HashSet<u128> {
+        self.entries
+            .iter()
+            .filter(|(_, k)| !k.seen)
+            .map(|(h, _)| *h)
+            .collect()
+    }
 }
 
 impl Scanner {
@@ -196,7 +254,7 @@ impl Scanner {
         progress: &Progress,
     ) -> Result<(), ScanError> {
         let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
-        let mut seen: HashSet<u128> = HashSet::new();
+        let mut known = Known::load(&index).map_err(self.state_err())?;
         let mut listing = self.source.list();
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
@@ -236,13 +294,15 @@ impl Scanner {
                             record.listed += 1;
                             progress.inc(1);
                             let identity = item_identity(&entry.kind, &entry.key);
-                            seen.insert(seen_hash(&identity));
-                            let previous = index.get(&identity).map_err(self.state_err())?;
-                            if let (Some(fp), Some(prev)) = (&entry.fingerprint, &previous) {
-                                if prev.fingerprint.as_ref() == Some(fp) {
-                                    continue;
-                                }
+                            let (indexed, unchanged) = known.see(&identity, entry.fingerprint.as_deref());
+                            if unchanged {
+                                continue;
                             }
+                            let previous = if indexed {
+                                index.get(&identity).map_err(self.state_err())?
+                            } else {
+                                None
+                            };
                             let source = self.source.clone();
                             let fingerprint = entry.fingerprint.clone();
                             fetching.push(Box::pin(async move { (previous, fingerprint, source.fetch(entry).await) }));
@@ -261,7 +321,9 @@ impl Scanner {
             );
             return Ok(());
         }
-        self.deletes(record, &seen).await
+        let unseen = known.unseen();
+        drop(known);
+        self.deletes(record, &unseen).await
     }
 
     fn entry_error(&self, record: &mut ScanRecord, message: String) {
@@ -355,24 +417,21 @@ impl Scanner {
         Ok(())
     }
 
-    /// Emits deletes for indexed keys the listing did not contain, within the guard.
+    /// Emits deletes for the indexed keys the listing did not contain (`unseen`, by
+    /// hash), within the guard.
     async fn deletes(
         &self,
         record: &mut ScanRecord,
-        seen: &HashSet<u128>,
+        unseen: &HashSet<u128>,
     ) -> Result<(), ScanError> {
-        let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
-        let gone = |k: &Result<String, StateError>| {
-            k.as_ref().map_or(true, |k| !seen.contains(&seen_hash(k)))
-        };
-        let mut would_delete = 0u64;
-        for key in index.keys().filter(gone) {
-            key.map_err(self.state_err())?;
-            would_delete += 1;
-        }
+        let would_delete = unseen.len() as u64;
         if would_delete == 0 {
             return Ok(());
         }
+        let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
+        let gone = |k: &Result<String, StateError>| {
+            k.as_ref().map_or(true, |k| unseen.contains(&seen_hash(k)))
+        };
         let allowed = self.max_delete.allowed(index.len() as u64);
         if would_delete > allowed {
             let trip = GuardTrip {

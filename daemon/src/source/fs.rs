@@ -243,6 +243,13 @@ impl Walker {
                 }))
             }
         };
+        // Paths relative to the root are built from the directory's once, not stripped
+        // from every entry's absolute path.
+        let rel_dir = work
+            .path
+            .strip_prefix(&self.root)
+            .unwrap_or(Path::new(""))
+            .to_owned();
         for next in entries {
             let entry = match next {
                 Ok(entry) => entry,
@@ -256,14 +263,13 @@ impl Walker {
                     continue;
                 }
             };
-            let path = entry.path();
-            let rel = path.strip_prefix(&self.root).unwrap_or(&path);
-            if self.exclude.is_match(rel) {
+            let rel = rel_dir.join(entry.file_name());
+            if !self.exclude.is_empty() && self.exclude.is_match(&rel) {
                 continue;
             }
-            let key = key_of(&self.root, &path);
+            let key = pathkey::encode(rel.as_os_str().as_bytes());
             let meta = if self.follow_symlinks {
-                std::fs::metadata(&path)
+                std::fs::metadata(entry.path())
             } else {
                 // fstatat on the open directory: no path walk from the root per entry.
                 entry.metadata()
@@ -282,6 +288,7 @@ impl Walker {
             };
             let ft = meta.file_type();
             if ft.is_dir() {
+                let path = entry.path();
                 let ancestors = match &work.ancestors {
                     None => None,
                     Some(up) => {
@@ -303,12 +310,9 @@ impl Walker {
                         Some(Arc::new(chain))
                     }
                 };
-                found.push(DirWork {
-                    path: path.clone(),
-                    ancestors,
-                });
+                found.push(DirWork { path, ancestors });
             }
-            let included = self.include.as_ref().is_none_or(|g| g.is_match(rel));
+            let included = self.include.as_ref().is_none_or(|g| g.is_match(&rel));
             let listing = if ft.is_dir() {
                 if self.include.is_some() {
                     continue;
