@@ -81,6 +81,78 @@ fn issue_4_daemon_tails_kafka_and_lag_returns_to_zero() {
     assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
 }
 
+/// Lag is shown per partition as well as summed: a stalled partition must be visible even
+/// when the pipeline's total is dominated by the others.
+#[test]
+fn issue_4_status_and_metrics_show_lag_per_partition() {
+    let (env, _topic) = kafka_env(3);
+    for i in 0..30 {
+        write(env.src().join(format!("f{i:02}.txt")), format!("{i}\n"));
+    }
+    let scanned = env.json(&["scan"]);
+    assert_eq!(scanned[0]["scan"]["upserts"], 30, "{scanned}");
+
+    // Scanned, not projected: every partition's lag is its share of the 30 events.
+    let status = env.json(&["status"]);
+    let parts = status[0]["partitions"]
+        .as_array()
+        .expect("partitions listed");
+    assert_eq!(parts.len(), 3, "{status}");
+    let lags: Vec<u64> = parts
+        .iter()
+        .map(|p| p["lag_events"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lags.iter().sum::<u64>(), 30, "{status}");
+    assert_eq!(status[0]["lag_events"], 30, "{status}");
+    assert!(
+        lags.iter().filter(|&&l| l > 0).count() >= 2,
+        "30 keys should spread over partitions: {lags:?}"
+    );
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!(p["partition"], i, "{status}");
+        assert_eq!(
+            p["head"].as_u64().unwrap() - p["committed"].as_u64().unwrap(),
+            lags[i],
+            "{status}"
+        );
+        if lags[i] > 0 {
+            assert!(p["lag_seconds"].as_f64().unwrap() >= 0.0, "{status}");
+        }
+    }
+    let text = String::from_utf8(env.run(&["status"]).stdout).unwrap();
+    for (i, lag) in lags.iter().enumerate() {
+        assert!(
+            text.contains(&format!("partition {i}: "))
+                && text.contains(&format!("lag {lag} events")),
+            "status text lacks partition {i}:\n{text}"
+        );
+    }
+
+    // The daemon projects them; each partition's series returns to 0.
+    let daemon = env.spawn_daemon();
+    let series = |m: &std::collections::BTreeMap<String, f64>, p: u32| {
+        m.iter()
+            .find(|(k, _)| {
+                k.starts_with("tidemark_partition_lag_events{")
+                    && k.contains(&format!("partition=\"{p}\""))
+                    && k.contains("pipeline=\"t\"")
+            })
+            .map(|(_, v)| *v)
+    };
+    let caught_up = wait_for(Duration::from_secs(60), || {
+        let m = daemon.metrics();
+        (0..3).all(|p| series(&m, p) == Some(0.0)).then_some(())
+    });
+    assert!(
+        caught_up.is_some(),
+        "per-partition lag did not return to 0: {:?}\nlog:\n{}",
+        daemon.metrics(),
+        env.daemon_log()
+    );
+    assert_mirror(&env.src(), &env.dst());
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
+}
+
 #[test]
 fn issue_4_invalid_records_are_reported_and_skipped() {
     let (env, topic) = kafka_env(1);

@@ -329,6 +329,18 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["lag_events"],
             s["lag_seconds"].as_f64().unwrap_or(0.0)
         );
+        if let Some(parts) = s["partitions"].as_array().filter(|p| p.len() > 1) {
+            for part in parts {
+                println!(
+                    "    partition {}: head {}  committed {}  lag {} events, {:.1} s",
+                    part["partition"],
+                    part["head"],
+                    part["committed"],
+                    part["lag_events"],
+                    part["lag_seconds"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
         match s["source_freshness_seconds"].as_f64() {
             Some(f) => {
                 println!("  source freshness {f:.1} s (since the last complete, error-free scan)")

@@ -20,6 +20,11 @@ pub struct Metrics {
     pub lag_events: IntGaugeVec,
     /// Age of the oldest unapplied event; 0 when caught up.
     pub lag_seconds: GaugeVec,
+    /// Lag in events of each partition of the log (one series per partition, so a
+    /// stalled partition shows even when the others keep the pipeline's lag low).
+    pub partition_lag_events: IntGaugeVec,
+    /// Age of the oldest unapplied event of each partition; 0 when caught up.
+    pub partition_lag_seconds: GaugeVec,
     /// Seconds since the last complete, error-free scan: shows a stalled scanner even
     /// when lag is 0.
     pub source_freshness_seconds: GaugeVec,
@@ -102,6 +107,20 @@ impl Metrics {
                     "Age of the oldest unapplied event in seconds; 0 when caught up."
                 ),
                 p
+            )),
+            partition_lag_events: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_partition_lag_events",
+                    "Events appended to one partition of the log but not yet applied."
+                ),
+                &["pipeline", "partition"]
+            )),
+            partition_lag_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "tidemark_partition_lag_seconds",
+                    "Age of the oldest unapplied event of one partition in seconds; 0 when caught up."
+                ),
+                &["pipeline", "partition"]
             )),
             source_freshness_seconds: reg!(GaugeVec::new(
                 Opts::new(
@@ -222,8 +241,13 @@ impl Metrics {
     }
 
     /// Creates every series of a pipeline at zero, so dashboards and alerts see them
-    /// before the first event.
-    pub fn init_pipeline(&self, pipeline: &str) {
+    /// before the first event; `partitions` is the number of partitions of its log.
+    pub fn init_pipeline(&self, pipeline: &str, partitions: u32) {
+        for partition in 0..partitions {
+            let labels = [pipeline, &partition.to_string()];
+            self.partition_lag_events.with_label_values(&labels);
+            self.partition_lag_seconds.with_label_values(&labels);
+        }
         for g in [
             &self.log_head_offset,
             &self.committed_offset,

@@ -39,6 +39,21 @@ pub enum PipelineError {
     Project(#[from] ProjectError),
 }
 
+/// Offsets and lag of one partition of a pipeline's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    /// Partition number.
+    pub partition: u32,
+    /// Next offset the log assigns in this partition.
+    pub head: u64,
+    /// Next offset the projector reads in this partition.
+    pub committed: u64,
+    /// Events of this partition not yet applied.
+    pub lag_events: u64,
+    /// Age of this partition's oldest unapplied event, 0 when caught up.
+    pub lag_seconds: f64,
+}
+
 /// Offsets, lag and health of one pipeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineStatus {
@@ -54,6 +69,8 @@ pub struct PipelineStatus {
     pub lag_events: u64,
     /// Age of the oldest unapplied event, 0 when caught up.
     pub lag_seconds: f64,
+    /// The same, per partition of the log (one entry for the sled log).
+    pub partitions: Vec<PartitionStatus>,
     /// Seconds since the last complete, error-free scan (`null` before the first one).
     pub source_freshness_seconds: Option<f64>,
     /// The last scan.
@@ -122,7 +139,7 @@ impl Pipeline {
             config.batch_size,
         )
         .with_retry_max_backoff(config.retry_max_backoff);
-        metrics().init_pipeline(&config.name);
+        metrics().init_pipeline(&config.name, log.partitions());
         Ok(Pipeline {
             config: config.clone(),
             log,
@@ -146,6 +163,13 @@ impl Pipeline {
         let mut head = 0;
         let mut committed = 0;
         let mut oldest: Option<chrono::DateTime<Utc>> = None;
+        let mut partitions = Vec::new();
+        let now = Utc::now();
+        let age = |at: Option<chrono::DateTime<Utc>>| {
+            at.map_or(0.0, |o| {
+                ((now - o).num_milliseconds().max(0)) as f64 / 1000.0
+            })
+        };
         for p in 0..self.log.partitions() {
             let read_err = |source| ProjectError::Read {
                 pipeline: self.config.name.clone(),
@@ -162,17 +186,23 @@ impl Pipeline {
                 })?;
             head += h;
             committed += c.min(h);
+            let mut first_unapplied = None;
             if c < h {
                 let first = self.log.read(p, c, 1).await.map_err(read_err)?;
                 if let Some(Ok(e)) = first.into_iter().next().map(|r| r.event) {
+                    first_unapplied = Some(e.observed_at);
                     oldest = Some(oldest.map_or(e.observed_at, |o| o.min(e.observed_at)));
                 }
             }
+            partitions.push(PartitionStatus {
+                partition: p,
+                head: h,
+                committed: c.min(h),
+                lag_events: h - c.min(h),
+                lag_seconds: age(first_unapplied),
+            });
         }
-        let now = Utc::now();
-        let lag_seconds = oldest.map_or(0.0, |o| {
-            ((now - o).num_milliseconds().max(0)) as f64 / 1000.0
-        });
+        let lag_seconds = age(oldest);
         let last_scan = self
             .state
             .scans()
@@ -247,6 +277,15 @@ impl Pipeline {
             .with_label_values(&p)
             .set((head - committed) as i64);
         m.lag_seconds.with_label_values(&p).set(lag_seconds);
+        for part in &partitions {
+            let labels = [p[0], &part.partition.to_string()];
+            m.partition_lag_events
+                .with_label_values(&labels)
+                .set(part.lag_events as i64);
+            m.partition_lag_seconds
+                .with_label_values(&labels)
+                .set(part.lag_seconds);
+        }
         m.deferred_events
             .with_label_values(&p)
             .set(deferred.len() as i64);
@@ -260,6 +299,7 @@ impl Pipeline {
             committed,
             lag_events: head - committed,
             lag_seconds,
+            partitions,
             source_freshness_seconds: freshness,
             delete_guard: last_scan.as_ref().and_then(|s| s.guard.clone()),
             max_delete: self.config.max_delete.to_string(),

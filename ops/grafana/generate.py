@@ -86,6 +86,11 @@ ts("Source freshness", [
     (f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "{{pipeline}} (from timestamp)"),
     (f'time() - tidemark_last_apply_timestamp_seconds{{{P}}}', "{{pipeline}} since last apply"),
 ], "s", 12, 48, desc="Seconds since the last complete, error-free scan; a saw-tooth of scan_interval is healthy, a rising line is a stalled scanner.")
+row("Partitions (Kafka log)", 56)
+ts("Lag in events per partition", [(f'tidemark_partition_lag_events{{{P}}}', "{{pipeline}} p{{partition}}")], "short", 0, 57,
+   desc="One line per partition of the log; a partition that keeps rising while the others stay at 0 is one no projector applies (a sled log has partition 0 only).")
+ts("Lag in seconds per partition", [(f'tidemark_partition_lag_seconds{{{P}}}', "{{pipeline}} p{{partition}}")], "s", 12, 57,
+   desc="Age of the oldest unapplied event of each partition.")
 
 dash = {
     "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "description": "The Prometheus that scrapes tidemark",
