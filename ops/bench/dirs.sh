@@ -17,10 +17,17 @@
 #                    between runs, targets and state are recreated on every run
 #   --inline-limit   the pipeline's inline_limit for tidemark (default: tidemark's default)
 #   --no-build       use the tidemark binary already built
+#   --fresh-fs GB    run on a new ext4 filesystem of GB GiB (a sparse image on a loop
+#                    device with direct I/O, mounted at DIR, removed afterwards; root
+#                    only). On a disk where big trees were created and deleted before,
+#                    ext4 spends much of its time looking for free inodes, and by how much
+#                    changes from run to run; a new filesystem gives every run the same start.
+#                    Trees are generated anew (tree A needs ~4 GiB for all tools, B ~6 GiB).
 #
 # tidemark is built with `cargo build --release` into $CARGO_TARGET_DIR (default
 # /tmp/tidemark-bench-target, so the build does not wait on other builds' lock).
-# Results: $DIR/results.tsv and the table on stdout; tool output in $DIR/logs/.
+# Results: $DIR/results.tsv and the table on stdout; tool output in $DIR/logs/ (with
+# --fresh-fs: $DIR.results/).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -32,6 +39,7 @@ TOOLS="tidemark rsync rclone"
 INLINE=""
 BUILD=1
 VERIFY=1
+FRESHFS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) SCALE=0.1 ;;
@@ -41,7 +49,8 @@ while [ $# -gt 0 ]; do
     --inline-limit) INLINE="$2"; shift ;;
     --no-build) BUILD=0 ;;
     --no-verify) VERIFY=0 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --fresh-fs) FRESHFS="$2"; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -65,12 +74,32 @@ if [ "$BUILD" = 1 ]; then
 fi
 [ -x "$BIN" ] || { echo "no tidemark binary at $BIN (drop --no-build)" >&2; exit 1; }
 
+if [ -n "$FRESHFS" ]; then
+  [ "$(id -u)" = 0 ] || { echo "--fresh-fs needs root (mkfs, losetup, mount)" >&2; exit 2; }
+  img="${FRESH_IMAGE:-/var/tmp/tidemark-bench-fs.img}"
+  fresh_cleanup() {
+    umount "$SCRATCH" 2>/dev/null || true
+    losetup -j "$img" | cut -d: -f1 | xargs -r -n1 losetup -d
+    rm -f "$img"
+  }
+  fresh_cleanup
+  truncate -s "${FRESHFS}G" "$img"
+  mkfs.ext4 -q -F "$img"
+  dev=$(losetup --find --show --direct-io=on "$img")
+  mkdir -p "$SCRATCH"
+  mount "$dev" "$SCRATCH"
+  trap fresh_cleanup EXIT
+  echo "fresh ext4 of ${FRESHFS} GiB on $dev (direct I/O) at $SCRATCH" >&2
+fi
+
 scale_name=full; [ "$SCALE" = 1 ] || scale_name=small
 base="$SCRATCH/$scale_name"
-mkdir -p "$base" "$SCRATCH/logs"
-results="$SCRATCH/results.tsv"
+# Results and tool output outlive a --fresh-fs filesystem.
+out="$SCRATCH"; [ -z "$FRESHFS" ] || out="$SCRATCH.results"
+mkdir -p "$base" "$out/logs"
+results="$out/results.tsv"
 : > "$results"
-logs="$SCRATCH/logs"
+logs="$out/logs"
 
 # Page cache: dropped before every timed run if permitted, otherwise every tool runs warm.
 DROP=0
