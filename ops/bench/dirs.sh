@@ -17,6 +17,9 @@
 #                    between runs, targets and state are recreated on every run
 #   --inline-limit   the pipeline's inline_limit for tidemark (default: tidemark's default)
 #   --no-build       use the tidemark binary already built
+#   --repeat N       run the whole sequence (fresh targets and state, initial, incremental
+#                    with a different 1% each time, no-change) N times; the table shows
+#                    medians and the range. Single runs on a shared VM disk vary by up to 2x.
 #   --fresh-fs GB    run on a new ext4 filesystem of GB GiB (a sparse image on a loop
 #                    device with direct I/O, mounted at DIR, removed afterwards; root
 #                    only). On a disk where big trees were created and deleted before,
@@ -40,6 +43,7 @@ INLINE=""
 BUILD=1
 VERIFY=1
 FRESHFS=""
+REPEAT=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) SCALE=0.1 ;;
@@ -50,7 +54,8 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --no-verify) VERIFY=0 ;;
     --fresh-fs) FRESHFS="$2"; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --repeat) REPEAT="$2"; shift ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -115,7 +120,7 @@ timed() {
     echo "FAILED: $tool $phase on tree $tree; see $log" >&2
     tail -5 "$log" >&2
     read -r wall user sys rss < <(tail -1 "$log.time" | grep -E '^[0-9.]+ ' || echo "0 0 0 0")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tree" "$phase" "$tool" "$wall" "$user" "$sys" "$rss" "FAILED" >>"$results"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tree" "$phase" "$tool" "$wall" "$user" "$sys" "$rss" "FAILED" "$rep" >>"$results"
     return
   fi
   read -r wall user sys rss < "$log.time"
@@ -123,7 +128,7 @@ timed() {
   if [ "$VERIFY" = 1 ]; then
     if diff -rq "$src" "$dst" >"$log.diff" 2>&1; then ok=equal; else ok=DIFFERS; fi
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tree" "$phase" "$tool" "$wall" "$user" "$sys" "$rss" "$ok" >>"$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tree" "$phase" "$tool" "$wall" "$user" "$sys" "$rss" "$ok" "$rep" >>"$results"
   printf '  %-5s %-12s %-9s %7.2f s wall %7.2f s cpu %7.1f MB  %s\n' "$tree" "$phase" "$tool" \
     "$wall" "$(echo "$user + $sys" | bc)" "$(echo "scale=1; $rss / 1024" | bc)" "$ok" >&2
 }
@@ -142,7 +147,10 @@ run_tool() { # TOOL TREE PHASE SRC
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uptime | sed 's/.*load/load/')" >&2
 echo "page cache dropped before each run: $([ "$DROP" = 1 ] && echo yes || echo 'no (not permitted; every tool runs warm)')" >&2
 for tree in $TREES; do
+ for rep in $(seq 1 "$REPEAT"); do
+  [ "$REPEAT" = 1 ] || echo "tree $tree, run $rep of $REPEAT" >&2
   src="$base/src-$tree"
+  # Restores the tree a previous run's mutation changed.
   python3 "$helper" gen "$tree" "$src" --scale "$SCALE"
   for tool in $TOOLS; do
     rm -rf "$base/dst-$tree-$tool" "$base/state-$tree"
@@ -163,12 +171,13 @@ for tree in $TREES; do
     echo "prune = true"
   } > "$base/tidemark-$tree.toml"
   for tool in $TOOLS; do run_tool "$tool" "$tree" initial "$src"; done
-  python3 "$helper" mutate "$src" 0.01
+  python3 "$helper" mutate "$src" 0.01 --seed $((41 + rep))
   for tool in $TOOLS; do run_tool "$tool" "$tree" incremental "$src"; done
   for tool in $TOOLS; do run_tool "$tool" "$tree" no-change "$src"; done
   if [ -d "$base/state-$tree" ]; then
     echo "  tidemark state dir after tree $tree: $(du -sh "$base/state-$tree" | cut -f1)" >&2
   fi
+ done
 done
 
 echo

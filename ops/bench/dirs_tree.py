@@ -13,6 +13,7 @@ Content is pseudo-random (seeded), so it does not compress and is the same on ev
 import math
 import os
 import random
+import statistics
 import sys
 
 TREES = {
@@ -80,20 +81,36 @@ def mutate(root, fraction, seed):
 
 
 def table(results):
+    """Medians per (tree, phase, tool) over the runs in `results`, with the range of wall
+    times when there was more than one run."""
     rows = [line.rstrip("\n").split("\t") for line in open(results) if line.strip()]
-    # tree phase tool wall user sys rss_kb ok
-    print(f"{'tree':<5}{'phase':<13}{'tool':<10}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}  {'target = source':<15} {'vs faster peer':>14}")
+    # tree phase tool wall user sys rss_kb ok [run]
+    groups = {}
+    for r in rows:
+        tree, phase, tool, wall, user, sys_, rss, ok = r[:8]
+        g = groups.setdefault((tree, phase, tool), {"wall": [], "cpu": [], "rss": [], "ok": set()})
+        g["wall"].append(float(wall))
+        g["cpu"].append(float(user) + float(sys_))
+        g["rss"].append(int(rss))
+        g["ok"].add(ok)
+    runs = max(len(g["wall"]) for g in groups.values())
+    med = lambda xs: statistics.median(xs)
     best = {}
-    for tree, phase, tool, wall, user, sys_, rss, ok in rows:
+    for (tree, phase, tool), g in groups.items():
         if tool != "tidemark":
-            key = (tree, phase)
-            best[key] = min(best.get(key, float("inf")), float(wall))
-    for tree, phase, tool, wall, user, sys_, rss, ok in rows:
-        cpu = float(user) + float(sys_)
+            best[(tree, phase)] = min(best.get((tree, phase), float("inf")), med(g["wall"]))
+    rng = "  wall range" if runs > 1 else ""
+    print(f"{'tree':<5}{'phase':<13}{'tool':<10}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}  {'target = source':<15} {'vs faster peer':>14}{rng}")
+    for (tree, phase, tool), g in groups.items():
+        wall = med(g["wall"])
         ratio = ""
-        if tool == "tidemark" and (tree, phase) in best and best[(tree, phase)] > 0:
-            ratio = f"{float(wall) / best[(tree, phase)]:.2f}x"
-        print(f"{tree:<5}{phase:<13}{tool:<10}{float(wall):>9.2f}{cpu:>9.2f}{int(rss) / 1024:>13.1f}  {ok:<15} {ratio:>14}")
+        if tool == "tidemark" and best.get((tree, phase), 0) > 0:
+            ratio = f"{wall / best[(tree, phase)]:.2f}x"
+        ok = "/".join(sorted(g["ok"]))
+        spread = f"  {min(g['wall']):.2f}-{max(g['wall']):.2f}" if runs > 1 else ""
+        print(f"{tree:<5}{phase:<13}{tool:<10}{wall:>9.2f}{med(g['cpu']):>9.2f}{max(g['rss']) / 1024:>13.1f}  {ok:<15} {ratio:>14}{spread}")
+    if runs > 1:
+        print(f"(medians of {runs} runs; peak RSS is the largest of them)")
 
 
 def main(argv):
