@@ -1,4 +1,4 @@
-//! Operations (issue 5): `scan`, `project` and `verify` draw a progress bar on a terminal
+//! Operations (issue 5): `scan`, `project`, `sync` and `verify` draw progress on a terminal
 //! (run under a pseudo-terminal with util-linux `script`) and nothing when stderr is piped
 //! or `--quiet` is given.
 
@@ -77,11 +77,25 @@ fn issue_5_progress_appears_on_a_terminal() {
     );
 }
 
+/// `sync` scans and projects at once: both bars are drawn, one line each.
+#[test]
+fn issue_5_sync_draws_scan_and_project_bars_together() {
+    let env = Env::dirs("", "");
+    tree(&env);
+    let sync = under_pty(&env, "sync");
+    // Bar prefixes are right-aligned to 10 columns; the summary lines are not.
+    assert!(
+        sync.contains("      scan ") && sync.contains("   project ") && sync.contains("/s"),
+        "sync did not draw both bars: {sync:?}"
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn issue_5_no_progress_when_piped() {
     let env = Env::dirs("", "");
     tree(&env);
-    for args in [&["scan"][..], &["project"], &["verify"]] {
+    for args in [&["scan"][..], &["project"], &["verify"], &["sync"]] {
         let out = env.cmd(args).env("RUST_LOG", "warn").output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
