@@ -3,26 +3,28 @@
 //! `delete` for every indexed key no longer listed — unless the delete guard trips. The
 //! index is updated only after the log has made the events durable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tidemark_proto::{content_version, item_identity, Event, Op, SCHEMA_VERSION};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::DeleteLimit;
 use crate::log::{AppendError, EventLog};
 use crate::metrics::metrics;
 use crate::progress::Progress;
-use crate::source::{FetchError, Item, ListError, Listing, Source};
+use crate::source::{Entry, FetchError, Item, ListError, Listing, Source};
 use crate::state::{GuardTrip, IndexEntry, Records, ScanRecord, State, StateError};
 
 /// Events appended per durable batch.
 const APPEND_BATCH: usize = 1000;
 /// Inline bytes buffered before a batch is appended regardless of its length.
 const APPEND_BYTES: u64 = 16 * 1024 * 1024;
+/// Entries listed while the index digest is still being read, kept until it is there.
+const EARLY_ENTRIES: usize = 65_536;
 /// Longest a found change waits for its batch to fill: a projector following the log
 /// (`sync`, the daemon) applies changes while the rest of the tree is still listed, so
 /// a scan that finds a few changes among many unchanged files does not hold them all
@@ -88,8 +90,19 @@ struct Pending {
 
 /// 128 bits of blake3: a key's (or fingerprint's) stand-in in memory.
 fn seen_hash(identity: &str) -> u128 {
-    let h = blake3::hash(identity.as_bytes());
+    hash128(identity.as_bytes())
+}
+
+fn hash128(bytes: &[u8]) -> u128 {
+    let h = blake3::hash(bytes);
     u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+/// The one field of an index record the digest needs, read without copying.
+#[derive(serde::Deserialize)]
+struct FingerprintOnly<'a> {
+    #[serde(borrow, default)]
+    fingerprint: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// What a scan keeps of the index in memory, read in one pass when it starts: per indexed
@@ -110,16 +123,21 @@ struct KnownEntry {
 impl Known {
     fn load(index: &Records<IndexEntry>) -> Result<Known, StateError> {
         let mut entries = HashMap::new();
-        for record in index.iter() {
-            let (identity, entry) = record?;
+        index.for_each_raw(|identity, value| {
+            let entry: FingerprintOnly =
+                serde_json::from_slice(value).map_err(|source| StateError::Corrupt {
+                    key: String::from_utf8_lossy(identity).into_owned(),
+                    source,
+                })?;
             entries.insert(
-                seen_hash(&identity),
+                hash128(identity),
                 KnownEntry {
                     fingerprint: entry.fingerprint.as_deref().map(seen_hash),
                     seen: false,
                 },
             );
-        }
+            Ok(())
+        })?;
         Ok(Known { entries })
     }
 
@@ -254,7 +272,18 @@ impl Scanner {
         progress: &Progress,
     ) -> Result<(), ScanError> {
         let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
-        let mut known = Known::load(&index).map_err(self.state_err())?;
+        // The digest is read while the walk starts: reading it cold takes about as long as
+        // walking the tree, and neither needs the other until entries are diffed. What is
+        // listed meanwhile waits in `listed` (at most EARLY_ENTRIES of it).
+        let mut digest = Some({
+            let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
+            tokio::task::spawn_blocking(move || {
+                let t0 = Instant::now();
+                Known::load(&index).map(|k| (k, t0.elapsed()))
+            })
+        });
+        let mut known: Option<Known> = None;
+        let mut listed: VecDeque<Entry> = VecDeque::new();
         let mut listing = self.source.list();
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
@@ -262,8 +291,37 @@ impl Scanner {
         let mut flush = tokio::time::interval(APPEND_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if let Some(known) = known.as_mut() {
+                while fetching.len() < self.fetch_concurrency {
+                    let Some(entry) = listed.pop_front() else {
+                        break;
+                    };
+                    if let Some(fetch) = self.diff(entry, known, &index)? {
+                        fetching.push(fetch);
+                    }
+                }
+            }
+            let room = if known.is_some() {
+                listed.is_empty() && fetching.len() < self.fetch_concurrency
+            } else {
+                listed.len() < EARLY_ENTRIES
+            };
             tokio::select! {
                 biased;
+                loaded = async { digest.as_mut().expect("guarded").await }, if digest.is_some() => {
+                    digest = None;
+                    let (k, took) = loaded
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+                        .map_err(self.state_err())?;
+                    debug!(
+                        pipeline = %self.pipeline,
+                        keys = k.entries.len(),
+                        seconds = took.as_secs_f64(),
+                        waiting = listed.len(),
+                        "index digest loaded"
+                    );
+                    known = Some(k);
+                }
                 _ = flush.tick(), if !pending.events.is_empty() => {
                     self.append(&mut pending).await?;
                 }
@@ -279,7 +337,7 @@ impl Scanner {
                         Err(e) => self.entry_error(record, e.to_string()),
                     }
                 }
-                next = listing.next(), if !listing_done && fetching.len() < self.fetch_concurrency => {
+                next = listing.next(), if !listing_done && room => {
                     match next {
                         None => listing_done = true,
                         Some(Err(e)) if e.is_fatal() => {
@@ -293,25 +351,14 @@ impl Scanner {
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
                             progress.inc(1);
-                            let identity = item_identity(&entry.kind, &entry.key);
-                            let (indexed, unchanged) = known.see(&identity, entry.fingerprint.as_deref());
-                            if unchanged {
-                                continue;
-                            }
-                            let previous = if indexed {
-                                index.get(&identity).map_err(self.state_err())?
-                            } else {
-                                None
-                            };
-                            let source = self.source.clone();
-                            let fingerprint = entry.fingerprint.clone();
-                            fetching.push(Box::pin(async move { (previous, fingerprint, source.fetch(entry).await) }));
+                            listed.push_back(entry);
                         }
                     }
                 }
                 else => break,
             }
         }
+        let known = known.expect("the loop ends only after the digest is loaded");
         self.append(&mut pending).await?;
         if record.errors > 0 {
             warn!(
@@ -324,6 +371,31 @@ impl Scanner {
         let unseen = known.unseen();
         drop(known);
         self.deletes(record, &unseen).await
+    }
+
+    /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
+    /// the read of its content (with its previous index entry).
+    fn diff(
+        &self,
+        entry: Entry,
+        known: &mut Known,
+        index: &Records<IndexEntry>,
+    ) -> Result<Option<Fetch>, ScanError> {
+        let identity = item_identity(&entry.kind, &entry.key);
+        let (indexed, unchanged) = known.see(&identity, entry.fingerprint.as_deref());
+        if unchanged {
+            return Ok(None);
+        }
+        let previous = if indexed {
+            index.get(&identity).map_err(self.state_err())?
+        } else {
+            None
+        };
+        let source = self.source.clone();
+        let fingerprint = entry.fingerprint.clone();
+        Ok(Some(Box::pin(async move {
+            (previous, fingerprint, source.fetch(entry).await)
+        })))
     }
 
     fn entry_error(&self, record: &mut ScanRecord, message: String) {

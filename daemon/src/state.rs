@@ -330,6 +330,19 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
         })
     }
 
+    /// Calls `f` with every key and stored value as bytes, in key order, without decoding
+    /// or copying them (for passes over large trees).
+    pub fn for_each_raw(
+        &self,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        for r in self.tree.iter() {
+            let (k, v) = r?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Every key, in order.
     pub fn keys(&self) -> impl Iterator<Item = Result<String, StateError>> + '_ {
         self.tree
