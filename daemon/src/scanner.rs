@@ -3,7 +3,7 @@
 //! `delete` for every indexed key no longer listed — unless the delete guard trips. The
 //! index is updated only after the log has made the events durable.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,8 +23,6 @@ use crate::state::{GuardTrip, IndexEntry, Records, ScanRecord, State, StateError
 const APPEND_BATCH: usize = 1000;
 /// Inline bytes buffered before a batch is appended regardless of its length.
 const APPEND_BYTES: u64 = 16 * 1024 * 1024;
-/// Entries listed while the index digest is still being read, kept until it is there.
-const EARLY_ENTRIES: usize = 65_536;
 /// Longest a found change waits for its batch to fill: a projector following the log
 /// (`sync`, the daemon) applies changes while the rest of the tree is still listed, so
 /// a scan that finds a few changes among many unchanged files does not hold them all
@@ -272,18 +270,14 @@ impl Scanner {
         progress: &Progress,
     ) -> Result<(), ScanError> {
         let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
-        // The digest is read while the walk starts: reading it cold takes about as long as
-        // walking the tree, and neither needs the other until entries are diffed. What is
-        // listed meanwhile waits in `listed` (at most EARLY_ENTRIES of it).
-        let mut digest = Some({
-            let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
-            tokio::task::spawn_blocking(move || {
-                let t0 = Instant::now();
-                Known::load(&index).map(|k| (k, t0.elapsed()))
-            })
-        });
-        let mut known: Option<Known> = None;
-        let mut listed: VecDeque<Entry> = VecDeque::new();
+        let loading = Instant::now();
+        let mut known = Known::load(&index).map_err(self.state_err())?;
+        debug!(
+            pipeline = %self.pipeline,
+            keys = known.entries.len(),
+            seconds = loading.elapsed().as_secs_f64(),
+            "index digest loaded"
+        );
         let mut listing = self.source.list();
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
@@ -291,37 +285,8 @@ impl Scanner {
         let mut flush = tokio::time::interval(APPEND_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Some(known) = known.as_mut() {
-                while fetching.len() < self.fetch_concurrency {
-                    let Some(entry) = listed.pop_front() else {
-                        break;
-                    };
-                    if let Some(fetch) = self.diff(entry, known, &index)? {
-                        fetching.push(fetch);
-                    }
-                }
-            }
-            let room = if known.is_some() {
-                listed.is_empty() && fetching.len() < self.fetch_concurrency
-            } else {
-                listed.len() < EARLY_ENTRIES
-            };
             tokio::select! {
                 biased;
-                loaded = async { digest.as_mut().expect("guarded").await }, if digest.is_some() => {
-                    digest = None;
-                    let (k, took) = loaded
-                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-                        .map_err(self.state_err())?;
-                    debug!(
-                        pipeline = %self.pipeline,
-                        keys = k.entries.len(),
-                        seconds = took.as_secs_f64(),
-                        waiting = listed.len(),
-                        "index digest loaded"
-                    );
-                    known = Some(k);
-                }
                 _ = flush.tick(), if !pending.events.is_empty() => {
                     self.append(&mut pending).await?;
                 }
@@ -337,7 +302,7 @@ impl Scanner {
                         Err(e) => self.entry_error(record, e.to_string()),
                     }
                 }
-                next = listing.next(), if !listing_done && room => {
+                next = listing.next(), if !listing_done && fetching.len() < self.fetch_concurrency => {
                     match next {
                         None => listing_done = true,
                         Some(Err(e)) if e.is_fatal() => {
@@ -351,14 +316,15 @@ impl Scanner {
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
                             progress.inc(1);
-                            listed.push_back(entry);
+                            if let Some(fetch) = self.diff(entry, &mut known, &index)? {
+                                fetching.push(fetch);
+                            }
                         }
                     }
                 }
                 else => break,
             }
         }
-        let known = known.expect("the loop ends only after the digest is loaded");
         self.append(&mut pending).await?;
         if record.errors > 0 {
             warn!(
