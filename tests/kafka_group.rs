@@ -9,26 +9,28 @@ use std::time::Duration;
 use common::*;
 
 /// Lines of a daemon log saying a `kind` item was applied with `outcome`.
-fn applied(log: &str, kind: &str, outcome: &str) -> usize {
+fn applied_lines<'a>(
+    log: &'a str,
+    kind: &'a str,
+    outcome: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
     log.lines()
         .filter(|l| l.contains(" applied ") || l.contains(": applied"))
-        .filter(|l| l.contains(&format!("kind={kind} ")))
-        .filter(|l| {
+        .filter(move |l| l.contains(&format!("kind={kind} ")))
+        .filter(move |l| {
             l.contains(&format!("outcome=\"{outcome}\""))
                 || l.contains(&format!("outcome={outcome}"))
         })
-        .count()
+}
+
+/// How many `kind` items a daemon log says were applied with `outcome`.
+fn applied(log: &str, kind: &str, outcome: &str) -> usize {
+    applied_lines(log, kind, outcome).count()
 }
 
 /// Keys of the `kind` items a daemon log says were applied with `outcome`.
 fn applied_keys(log: &str, kind: &str, outcome: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(" applied ") || l.contains(": applied"))
-        .filter(|l| l.contains(&format!("kind={kind} ")))
-        .filter(|l| {
-            l.contains(&format!("outcome=\"{outcome}\""))
-                || l.contains(&format!("outcome={outcome}"))
-        })
+    applied_lines(log, kind, outcome)
         .filter_map(|l| {
             l.split(" key=")
                 .nth(1)?
