@@ -104,6 +104,71 @@ fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
     assert_eq!(scan["upserts"], 0, "{scan}");
 }
 
+/// Runs `sync` and returns its scan record and what the scanner said on stderr.
+fn sync_with_log(env: &Env) -> (serde_json::Value, String) {
+    let out = env.run(&["sync", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v[0]["scan"].clone(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The scan reads the stored digest of its index, which must follow every change a scan
+/// made: a digest still holding a file's old fingerprint would take that file, put back
+/// with its old size, mtime and inode, for unchanged.
+#[test]
+fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_digest() {
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    let a = src.join("a.txt");
+    write(&a, "first");
+    write(src.join("b.txt"), "b");
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(then)
+        .unwrap();
+    let (_, log) = sync_with_log(&env);
+    assert!(log.contains(r#"from="index records""#), "{log}");
+
+    // Same size and inode, another mtime: a change the stored digest must take in.
+    std::fs::write(&a, "later").unwrap();
+    let (scan, log) = sync_with_log(&env);
+    assert!(log.contains(r#"from="stored digest""#), "{log}");
+    assert_eq!(scan["upserts"], 1, "{scan}");
+    assert_eq!(std::fs::read(env.dst().join("a.txt")).unwrap(), b"later");
+
+    // Back to the first bytes and the first mtime: the fingerprint of the first sync.
+    std::fs::write(&a, "first").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(then)
+        .unwrap();
+    std::fs::remove_file(src.join("b.txt")).unwrap();
+    let (scan, log) = sync_with_log(&env);
+    assert!(log.contains(r#"from="stored digest""#), "{log}");
+    assert_eq!(
+        (&scan["upserts"], &scan["deletes"]),
+        (&1.into(), &1.into()),
+        "{scan}"
+    );
+    assert_mirror(&src, &env.dst());
+
+    // And a scan after that finds nothing: the delete left the stored digest too.
+    let (scan, _) = sync_with_log(&env);
+    assert_eq!(
+        (&scan["upserts"], &scan["deletes"]),
+        (&0.into(), &0.into()),
+        "{scan}"
+    );
+}
+
 #[test]
 fn without_prune_deletes_are_recorded_but_not_applied() {
     let env = Env::dirs("", "prune = false");
@@ -546,14 +611,14 @@ fn the_daemon_mirrors_continuously_and_exits_cleanly_on_sigterm() {
 /// ended" is a fact, not a timing: the scan is reported as still running throughout, and
 /// the target must fill anyway.
 #[test]
-fn sync_applies_appended_changes_while_the_scan_is_still_running() {
+fn sync_applies_whole_batches_while_the_scan_is_still_running() {
     use tidemark::config::Config;
     use tidemark::pipeline::Pipeline;
     use tidemark::progress::Progress;
     use tidemark::state::State;
     use tokio_util::sync::CancellationToken;
 
-    let env = Env::dirs("", "prune = true");
+    let env = Env::dirs("batch_size = 100", "prune = true");
     let src = env.src();
     for i in 0..300 {
         write(
@@ -573,26 +638,35 @@ fn sync_applies_appended_changes_while_the_scan_is_still_running() {
         let progress = Progress::hidden();
         let follow = pipeline.projector.follow(&progress, &scanning);
         let checks = async {
-            let wait_mirror = || async {
-                for _ in 0..300 {
-                    if mirrors_now(&src, &env.dst()) {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                panic!("the target did not mirror the source while the scan was still open");
-            };
+            let lag = || async { pipeline.projector.lag().await.unwrap() };
             assert_eq!(scan(&pipeline).await.upserts, 307);
-            wait_mirror().await;
+            // While the scan is still open, the three whole batches of 100 are applied...
+            let mut waited = 0;
+            while lag().await != 7 {
+                assert!(
+                    waited < 300,
+                    "whole batches were not applied during the scan"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                waited += 1;
+            }
+            // ... and the 7 events of a partial batch wait for the scan to end.
             write(src.join("d3/f3.txt"), "changed\n");
             std::fs::remove_file(src.join("d0/f0.txt")).unwrap();
             let second = scan(&pipeline).await;
             assert_eq!((second.upserts, second.deletes), (1, 1));
-            wait_mirror().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                lag().await,
+                9,
+                "a partial batch was applied during the scan"
+            );
+            assert!(!mirrors_now(&src, &env.dst()));
             scanning.cancel();
         };
         let (report, ()) = tokio::join!(follow, checks);
         let report = report.unwrap();
+        assert!(mirrors_now(&src, &env.dst()));
         // Every event applied exactly once: 300 files and 7 directories created, one file
         // updated, one deleted.
         assert_eq!(report.events, 309);

@@ -259,6 +259,60 @@ pub fn decide(event: &Event, prior: Option<&Applied>, prune: bool) -> Option<Out
 
 type DateTimeUtc = chrono::DateTime<Utc>;
 
+/// Applied state of the items a batch touches, read ahead.
+struct Priors<'a> {
+    applied: &'a Records<Applied>,
+    read: HashMap<String, Option<Applied>>,
+}
+
+impl<'a> Priors<'a> {
+    /// Blocking threads reading applied state at once.
+    const READERS: usize = 16;
+
+    /// Nothing read ahead: every item's applied state is read when it is applied.
+    fn direct(applied: &'a Records<Applied>) -> Priors<'a> {
+        Priors {
+            applied,
+            read: HashMap::new(),
+        }
+    }
+
+    /// Reads the applied state of `identities` on several blocking threads at once. On a
+    /// cold cache each read waits on the disk, and the applies, polled on one task, would
+    /// otherwise wait for them one after another (a cold `project` of 1000 changed files
+    /// among 100k took 0.86 s, and 0.46 s with the reads ahead). A read that fails here is
+    /// simply read again when its item is applied, which reports the error.
+    async fn read_ahead(applied: &'a Records<Applied>, identities: Vec<String>) -> Priors<'a> {
+        let mut read = HashMap::with_capacity(identities.len());
+        if identities.len() >= 2 * Self::READERS {
+            let per_reader = identities.len().div_ceil(Self::READERS);
+            let readers: Vec<_> = identities
+                .chunks(per_reader)
+                .map(|chunk| {
+                    let (applied, chunk) = (applied.clone(), chunk.to_vec());
+                    tokio::task::spawn_blocking(move || {
+                        chunk
+                            .into_iter()
+                            .filter_map(|id| applied.get(&id).ok().map(|prior| (id, prior)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for reader in readers {
+                read.extend(reader.await.unwrap_or_default());
+            }
+        }
+        Priors { applied, read }
+    }
+
+    fn get(&self, identity: &str) -> Result<Option<Applied>, StateError> {
+        match self.read.get(identity) {
+            Some(prior) => Ok(prior.clone()),
+            None => self.applied.get(identity),
+        }
+    }
+}
+
 /// Makes `tree` hold exactly `keep`, atomically (not yet flushed).
 fn replace_all<T: Serialize + serde::de::DeserializeOwned>(
     tree: &Records<T>,
@@ -435,14 +489,16 @@ impl Projector {
             remap: &remap,
             fresh: Default::default(),
         };
+        let priors = Priors::read_ahead(&applied, group_of.keys().cloned().collect()).await;
         let mut results: Vec<GroupResult> = stream::iter(others)
-            .map(|g| self.apply_group(g, &applied, &refs, false))
+            .map(|g| self.apply_group(g, &priors, &refs, false))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
         for g in dir_deletes {
-            results.push(self.apply_group(g, &applied, &refs, false).await);
+            results.push(self.apply_group(g, &priors, &refs, false).await);
         }
+        drop(priors);
         let (pending, settled) = self
             .settle_deferred(&results, &deferred, &applied, &refs)
             .await?;
@@ -645,7 +701,9 @@ impl Projector {
         let ids: Vec<String> = waiting.keys().rev().cloned().collect();
         for id in ids {
             let event = waiting[&id].event.clone();
-            let r = self.apply_group(vec![event], applied, refs, false).await;
+            let r = self
+                .apply_group(vec![event], &Priors::direct(applied), refs, false)
+                .await;
             if let Some((_, e)) = r.stopped {
                 warn!(pipeline = %self.pipeline, "{e}; the directory delete is tried again later");
                 continue;
@@ -775,8 +833,9 @@ impl Projector {
                 .iter()
                 .map(|d| (d.event.identity(), (d.since, d.partial)))
                 .collect();
+            let priors = Priors::direct(applied);
             let out: Vec<GroupResult> = stream::iter(taken.clone())
-                .map(|d| self.apply_group(vec![d.event], applied, refs, partial))
+                .map(|d| self.apply_group(vec![d.event], &priors, refs, partial))
                 .buffer_unordered(self.concurrency)
                 .collect()
                 .await;
@@ -858,13 +917,13 @@ impl Projector {
     async fn apply_group(
         &self,
         events: Vec<Event>,
-        applied: &Records<Applied>,
+        priors: &Priors<'_>,
         refs: &Refs<'_>,
         partial: bool,
     ) -> GroupResult {
         let mut result = GroupResult::default();
         let identity = events[0].identity();
-        let mut prior = match applied.get(&identity) {
+        let mut prior = match priors.get(&identity) {
             Ok(p) => p,
             Err(e) => {
                 let offset = events[0].offset;
@@ -1040,10 +1099,16 @@ impl Projector {
         self.catch_up_to_heads(progress).await
     }
 
-    /// Projects while a scan appends (`sync`): applies batches as they arrive until
-    /// `scanning` fires, then catches up with the head as it is then. The target fills while
-    /// the source is still being read, instead of after it; per-key order, idempotence and
-    /// the commit rule are those of every other step.
+    /// Projects while a scan appends (`sync`): applies each whole batch (`batch_size`
+    /// events) as soon as the log holds it, until `scanning` fires, then catches up with the
+    /// head as it is then. A large sync fills the target while the source is still being
+    /// read, instead of after it; per-key order, idempotence and the commit rule are those
+    /// of every other step.
+    ///
+    /// Only whole batches: every step ends with a filesystem sync and two database
+    /// flushes, and a target may list itself once per batch (`prefetch_names`). Applying
+    /// whatever had arrived made a re-sync of 1000 changed files among 100k take
+    /// 1.35–1.53 s instead of 0.98–1.22 s (4 runs each, cold cache, 2 cores).
     pub async fn follow(
         &self,
         progress: &Progress,
@@ -1051,13 +1116,7 @@ impl Projector {
     ) -> Result<ProjectReport, ProjectError> {
         self.recover().await?;
         let mut total = ProjectReport::default();
-        // A target with a cost per batch gets whole batches while the scan runs, the same
-        // batches a projection after the scan would have had; others apply what arrived.
-        let least = if self.target.costly_batches() {
-            self.batch_size as u64
-        } else {
-            1
-        };
+        let least = self.batch_size as u64;
         while !scanning.is_cancelled() {
             let mut read = 0;
             for p in 0..self.log.partitions() {

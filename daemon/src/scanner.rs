@@ -3,7 +3,9 @@
 //! `delete` for every indexed key no longer listed — unless the delete guard trips. The
 //! index is updated only after the log has made the events durable.
 
-use std::collections::{HashMap, HashSet};
+mod digest;
+
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,15 +20,15 @@ use crate::metrics::metrics;
 use crate::progress::Progress;
 use crate::source::{Entry, FetchError, Item, ListError, Listing, Source};
 use crate::state::{GuardTrip, IndexEntry, Records, ScanRecord, State, StateError};
+use digest::{hash128, Digest, PreviousVersion, Seen};
 
 /// Events appended per durable batch.
 const APPEND_BATCH: usize = 1000;
 /// Inline bytes buffered before a batch is appended regardless of its length.
 const APPEND_BYTES: u64 = 16 * 1024 * 1024;
-/// Longest a found change waits for its batch to fill: a projector following the log
-/// (`sync`, the daemon) applies changes while the rest of the tree is still listed, so
-/// a scan that finds a few changes among many unchanged files does not hold them all
-/// until the listing ends.
+/// Longest a found change waits for its batch to fill: the daemon's projector applies
+/// changes while the rest of the tree is still listed, so a scan that finds a few changes
+/// among many unchanged files does not hold them all until the listing ends.
 const APPEND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A scan failed as a whole; events appended before the failure stay valid.
@@ -70,11 +72,15 @@ pub struct Scanner {
     fetch_concurrency: usize,
 }
 
-/// An entry being read: its previous index entry, its fingerprint, and the read.
+/// An entry being read: its indexed version (`None` if new), its fingerprint, and the read.
 type Fetch = std::pin::Pin<
     Box<
         dyn std::future::Future<
-                Output = (Option<IndexEntry>, Option<String>, Result<Item, FetchError>),
+                Output = (
+                    Option<PreviousVersion>,
+                    Option<String>,
+                    Result<Item, FetchError>,
+                ),
             > + Send,
     >,
 >;
@@ -84,85 +90,6 @@ struct Pending {
     events: Vec<Event>,
     index: Vec<(String, IndexEntry)>,
     bytes: u64,
-}
-
-/// 128 bits of blake3: a key's (or fingerprint's) stand-in in memory.
-fn seen_hash(identity: &str) -> u128 {
-    hash128(identity.as_bytes())
-}
-
-fn hash128(bytes: &[u8]) -> u128 {
-    let h = blake3::hash(bytes);
-    u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
-}
-
-/// The one field of an index record the digest needs, read without copying.
-#[derive(serde::Deserialize)]
-struct FingerprintOnly<'a> {
-    #[serde(borrow, default)]
-    fingerprint: Option<std::borrow::Cow<'a, str>>,
-}
-
-/// What a scan keeps of the index in memory, read in one pass when it starts: per indexed
-/// key, a hash of its fingerprint and whether the listing has shown it yet (32 bytes of
-/// payload per key, never the keys or the listing themselves). Unchanged entries are
-/// recognised without a lookup in sled each, and keys still unseen at the end are the
-/// deletes, without a second pass over the index.
-struct Known {
-    entries: HashMap<u128, KnownEntry>,
-}
-
-struct KnownEntry {
-    /// Hash of the indexed fingerprint; `None` when the index has none.
-    fingerprint: Option<u128>,
-    seen: bool,
-}
-
-impl Known {
-    fn load(index: &Records<IndexEntry>) -> Result<Known, StateError> {
-        let mut entries = HashMap::new();
-        index.for_each_raw(|identity, value| {
-            let entry: FingerprintOnly =
-                serde_json::from_slice(value).map_err(|source| StateError::Corrupt {
-                    key: String::from_utf8_lossy(identity).into_owned(),
-                    source,
-                })?;
-            entries.insert(
-                hash128(identity),
-                KnownEntry {
-                    fingerprint: entry.fingerprint.as_deref().map(seen_hash),
-                    seen: false,
-                },
-            );
-            Ok(())
-        })?;
-        Ok(Known { entries })
-    }
-
-    /// Marks `identity` seen; returns whether it was indexed and whether its fingerprint
-    /// equals `fingerprint` (so it need not be read).
-    fn see(&mut self, identity: &str, fingerprint: Option<&str>) -> (bool, bool) {
-        match self.entries.get_mut(&seen_hash(identity)) {
-            None => (false, false),
-            Some(known) => {
-                known.seen = true;
-                let same = match (fingerprint, known.fingerprint) {
-                    (Some(fp), Some(indexed)) => seen_hash(fp) == indexed,
-                    _ => false,
-                };
-                (true, same)
-            }
-        }
-    }
-
-    /// Hashes of the indexed keys the listing did not show.
-    fn unseen(&self) -> HashSet<u128> {
-        self.entries
-            .iter()
-            .filter(|(_, k)| !k.seen)
-            .map(|(h, _)| *h)
-            .collect()
-    }
 }
 
 impl Scanner {
@@ -271,10 +198,15 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
         let loading = Instant::now();
-        let mut known = Known::load(&index).map_err(self.state_err())?;
+        let snapshot = self
+            .state
+            .index_digest(&self.pipeline)
+            .map_err(self.state_err())?;
+        let (mut known, origin) = Digest::load(&index, snapshot).map_err(self.state_err())?;
         debug!(
             pipeline = %self.pipeline,
-            keys = known.entries.len(),
+            keys = known.len(),
+            from = origin.as_str(),
             seconds = loading.elapsed().as_secs_f64(),
             "index digest loaded"
         );
@@ -288,7 +220,7 @@ impl Scanner {
             tokio::select! {
                 biased;
                 _ = flush.tick(), if !pending.events.is_empty() => {
-                    self.append(&mut pending).await?;
+                    self.append(&mut pending, &mut known, &index).await?;
                 }
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
@@ -296,7 +228,7 @@ impl Scanner {
                             progress.add_bytes(tidemark_proto::content_len(item.body.as_ref(), item.blob.as_ref()));
                             self.stage(item, previous, fingerprint, &mut pending, record);
                             if pending.events.len() >= APPEND_BATCH || pending.bytes >= APPEND_BYTES {
-                                self.append(&mut pending).await?;
+                                self.append(&mut pending, &mut known, &index).await?;
                             }
                         }
                         Err(e) => self.entry_error(record, e.to_string()),
@@ -316,7 +248,7 @@ impl Scanner {
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
                             progress.inc(1);
-                            if let Some(fetch) = self.diff(entry, &mut known, &index)? {
+                            if let Some(fetch) = self.diff(entry, &mut known) {
                                 fetching.push(fetch);
                             }
                         }
@@ -325,43 +257,33 @@ impl Scanner {
                 else => break,
             }
         }
-        self.append(&mut pending).await?;
+        self.append(&mut pending, &mut known, &index).await?;
         if record.errors > 0 {
             warn!(
                 pipeline = %self.pipeline,
                 errors = record.errors,
                 "the listing had errors, so this scan emits no deletes"
             );
-            return Ok(());
+        } else {
+            self.deletes(record, &mut known, &index).await?;
         }
-        let unseen = known.unseen();
-        drop(known);
-        self.deletes(record, &unseen).await
+        known.store().map_err(self.state_err())
     }
 
     /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
     /// the read of its content (with its previous index entry).
-    fn diff(
-        &self,
-        entry: Entry,
-        known: &mut Known,
-        index: &Records<IndexEntry>,
-    ) -> Result<Option<Fetch>, ScanError> {
+    fn diff(&self, entry: Entry, known: &mut Digest) -> Option<Fetch> {
         let identity = item_identity(&entry.kind, &entry.key);
-        let (indexed, unchanged) = known.see(&identity, entry.fingerprint.as_deref());
-        if unchanged {
-            return Ok(None);
-        }
-        let previous = if indexed {
-            index.get(&identity).map_err(self.state_err())?
-        } else {
-            None
+        let previous = match known.see(&identity, entry.fingerprint.as_deref()) {
+            Seen::Unchanged => return None,
+            Seen::New => None,
+            Seen::Changed(previous) => Some(previous),
         };
         let source = self.source.clone();
         let fingerprint = entry.fingerprint.clone();
-        Ok(Some(Box::pin(async move {
+        Some(Box::pin(async move {
             (previous, fingerprint, source.fetch(entry).await)
-        })))
+        }))
     }
 
     fn entry_error(&self, record: &mut ScanRecord, message: String) {
@@ -377,7 +299,7 @@ impl Scanner {
     fn stage(
         &self,
         item: Item,
-        previous: Option<IndexEntry>,
+        previous: Option<PreviousVersion>,
         fingerprint: Option<String>,
         pending: &mut Pending,
         record: &mut ScanRecord,
@@ -387,7 +309,7 @@ impl Scanner {
             version: content_version(&item.checksum, item.mode),
             fingerprint,
         };
-        let changed = previous.is_none_or(|p| p.version != entry.version);
+        let changed = previous.is_none_or(|p| !p.is(&entry.version));
         pending.index.push((identity, entry));
         if !changed {
             return;
@@ -418,13 +340,20 @@ impl Scanner {
     }
 
     /// Appends the pending events, then (only then) records them in the index.
-    async fn append(&self, pending: &mut Pending) -> Result<(), ScanError> {
+    async fn append(
+        &self,
+        pending: &mut Pending,
+        known: &mut Digest,
+        index: &Records<IndexEntry>,
+    ) -> Result<(), ScanError> {
         self.append_events(std::mem::take(&mut pending.events))
             .await?;
-        let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
-        index
-            .apply(pending.index.iter().map(|(k, v)| (k.as_str(), Some(v))))
-            .map_err(self.state_err())?;
+        let changes: Vec<_> = pending
+            .index
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v)))
+            .collect();
+        known.apply(index, &changes).map_err(self.state_err())?;
         pending.index.clear();
         pending.bytes = 0;
         Ok(())
@@ -455,22 +384,24 @@ impl Scanner {
         Ok(())
     }
 
-    /// Emits deletes for the indexed keys the listing did not contain (`unseen`, by
-    /// hash), within the guard.
+    /// Emits deletes for the indexed keys the listing did not show, within the guard.
     async fn deletes(
         &self,
         record: &mut ScanRecord,
-        unseen: &HashSet<u128>,
+        known: &mut Digest,
+        index: &Records<IndexEntry>,
     ) -> Result<(), ScanError> {
+        let unseen: HashSet<u128> = known.unseen();
         let would_delete = unseen.len() as u64;
         if would_delete == 0 {
             return Ok(());
         }
-        let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
+        let indexed = known.len();
         let gone = |k: &Result<String, StateError>| {
-            k.as_ref().map_or(true, |k| unseen.contains(&seen_hash(k)))
+            k.as_ref()
+                .map_or(true, |k| unseen.contains(&hash128(k.as_bytes())))
         };
-        let allowed = self.max_delete.allowed(index.len() as u64);
+        let allowed = self.max_delete.allowed(indexed as u64);
         if would_delete > allowed {
             let trip = GuardTrip {
                 would_delete,
@@ -486,8 +417,7 @@ impl Scanner {
                 would_delete,
                 allowed,
                 limit = %trip.limit,
-                "delete guard tripped: this scan would delete {would_delete} of {} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete and scan again",
-                index.len(),
+                "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete and scan again",
                 trip.limit
             );
             record.guard = Some(trip);
@@ -526,9 +456,8 @@ impl Scanner {
                 })
                 .collect();
             self.append_events(events).await?;
-            index
-                .apply(chunk.iter().map(|k| (k.as_str(), None)))
-                .map_err(self.state_err())?;
+            let changes: Vec<_> = chunk.iter().map(|k| (k.as_str(), None)).collect();
+            known.apply(index, &changes).map_err(self.state_err())?;
             record.deletes += chunk.len() as u64;
         }
         Ok(())

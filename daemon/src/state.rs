@@ -225,6 +225,16 @@ impl State {
         self.records(&format!("dir-deletes/{pipeline}"))
     }
 
+    /// The stored digest of a pipeline's index: what the scanner keeps of the index in
+    /// memory, written after a scan so the next one reads one value instead of the whole
+    /// index. [`Records::apply_clearing`] removes it together with the index change that
+    /// makes it stale.
+    pub fn index_digest(&self, pipeline: &str) -> Result<Snapshot, StateError> {
+        Ok(Snapshot {
+            tree: self.db.open_tree(format!("index-digest/{pipeline}"))?,
+        })
+    }
+
     /// Last scan record of each pipeline, keyed by pipeline name.
     pub fn scans(&self) -> Result<Records<ScanRecord>, StateError> {
         self.records("scans")
@@ -244,10 +254,76 @@ impl State {
     }
 }
 
+/// One stored value derived from a tree of records (see [`State::index_digest`]), kept in
+/// its own tree as chunks of at most [`crate::log::sled::CHUNK_BYTES`]: sled 0.34 writes a
+/// larger page to a blob file its `flush` does not fsync, and a digest of 100k keys is
+/// 3.3 MB. A header records the chunk count; [`Records::apply_clearing`] removes the
+/// header, which is enough to make the stored value absent.
+pub struct Snapshot {
+    tree: sled::Tree,
+}
+
+impl Snapshot {
+    /// Key of the header: the chunk count, u32 big-endian. Chunks are keyed `c` and their
+    /// index, u32 big-endian.
+    const HEADER: &'static [u8] = b"n";
+
+    fn chunk_key(i: u32) -> [u8; 5] {
+        let [a, b, c, d] = i.to_be_bytes();
+        [b'c', a, b, c, d]
+    }
+
+    /// The stored bytes, if a snapshot is stored.
+    pub fn get(&self) -> Result<Option<Vec<u8>>, StateError> {
+        let Some(header) = self.tree.get(Self::HEADER)? else {
+            return Ok(None);
+        };
+        let Ok(count) = <[u8; 4]>::try_from(header.as_ref()).map(u32::from_be_bytes) else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        for i in 0..count {
+            match self.tree.get(Self::chunk_key(i))? {
+                Some(chunk) => bytes.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Stores `bytes` as the snapshot, atomically.
+    pub fn put(&self, bytes: &[u8]) -> Result<(), StateError> {
+        let chunks = bytes.chunks(crate::log::sled::CHUNK_BYTES);
+        let count = u32::try_from(chunks.len()).expect("a snapshot under 24 TiB");
+        let mut batch = sled::Batch::default();
+        for (i, chunk) in (0..).zip(chunks) {
+            batch.insert(&Self::chunk_key(i), chunk);
+        }
+        for old in self
+            .tree
+            .range(Self::chunk_key(count)..Self::chunk_key(u32::MAX))
+        {
+            batch.remove(old?.0);
+        }
+        batch.insert(Self::HEADER, &count.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
 /// A sled tree of JSON records keyed by item identity (or pipeline name).
 pub struct Records<T> {
     tree: sled::Tree,
     _t: std::marker::PhantomData<T>,
+}
+
+impl<T> Clone for Records<T> {
+    fn clone(&self) -> Self {
+        Records {
+            tree: self.tree.clone(),
+            _t: std::marker::PhantomData,
+        }
+    }
 }
 
 impl<T: Serialize + DeserializeOwned> Records<T> {
@@ -294,6 +370,42 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     where
         T: 'a,
     {
+        self.tree.apply_batch(Self::batch(changes))?;
+        Ok(())
+    }
+
+    /// Like [`Records::apply`], and removes `snapshot` in the same transaction: a crash
+    /// can never leave the changes without the removal, so a snapshot that is still
+    /// stored describes the records as they are.
+    pub fn apply_clearing<'a>(
+        &self,
+        changes: impl IntoIterator<Item = (&'a str, Option<&'a T>)>,
+        snapshot: &Snapshot,
+    ) -> Result<(), StateError>
+    where
+        T: 'a,
+    {
+        use sled::Transactional;
+        let batch = Self::batch(changes);
+        (&self.tree, &snapshot.tree)
+            .transaction(|(records, snap)| {
+                records.apply_batch(&batch)?;
+                snap.remove(Snapshot::HEADER)?;
+                Ok(())
+            })
+            .map_err(
+                |e: sled::transaction::TransactionError<std::convert::Infallible>| match e {
+                    sled::transaction::TransactionError::Storage(e) => StateError::Db(e),
+                    sled::transaction::TransactionError::Abort(never) => match never {},
+                },
+            )?;
+        Ok(())
+    }
+
+    fn batch<'a>(changes: impl IntoIterator<Item = (&'a str, Option<&'a T>)>) -> sled::Batch
+    where
+        T: 'a,
+    {
         let mut batch = sled::Batch::default();
         for (key, value) in changes {
             match value {
@@ -303,8 +415,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
                 None => batch.remove(key),
             }
         }
-        self.tree.apply_batch(batch)?;
-        Ok(())
+        batch
     }
 
     /// Number of records.
@@ -363,5 +474,49 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
         }
         self.apply(keys.iter().map(|k| (k.as_str(), None)))?;
         Ok(keys.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_stored_in_chunks_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let snapshot = state.index_digest("p").unwrap();
+        assert_eq!(snapshot.get().unwrap(), None);
+
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        snapshot.put(&big).unwrap();
+        assert_eq!(snapshot.get().unwrap().as_deref(), Some(big.as_slice()));
+        assert!(
+            snapshot
+                .tree
+                .iter()
+                .values()
+                .all(|v| v.unwrap().len() <= crate::log::sled::CHUNK_BYTES),
+            "no value may reach sled's blob threshold"
+        );
+
+        // A smaller one leaves none of the bigger one's chunks behind.
+        snapshot.put(b"small").unwrap();
+        assert_eq!(
+            snapshot.get().unwrap().as_deref(),
+            Some(b"small".as_slice())
+        );
+        assert_eq!(snapshot.tree.len(), 2);
+
+        let index = state.index("p").unwrap();
+        let entry = IndexEntry {
+            version: "v".into(),
+            fingerprint: None,
+        };
+        index
+            .apply_clearing([("k", Some(&entry))], &snapshot)
+            .unwrap();
+        assert_eq!(snapshot.get().unwrap(), None);
+        assert_eq!(index.get("k").unwrap(), Some(entry));
     }
 }

@@ -460,8 +460,4 @@ impl Target for HttpTarget {
     fn reference_wait(&self) -> Duration {
         self.cfg.reference_wait
     }
-
-    fn costly_batches(&self) -> bool {
-        self.cfg.kinds.iter().any(|k| k.prefetch_names)
-    }
 }

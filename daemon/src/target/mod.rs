@@ -138,13 +138,6 @@ pub trait Target: Send + Sync {
     fn reference_wait(&self) -> std::time::Duration {
         std::time::Duration::from_secs(300)
     }
-
-    /// Whether each batch carries a cost of its own worth amortising over a whole batch
-    /// (a listing of the target per batch with `prefetch_names`). A projector following a
-    /// running scan then waits for whole batches instead of applying what has arrived.
-    fn costly_batches(&self) -> bool {
-        false
-    }
 }
 
 /// Builds the target a pipeline is configured with.
