@@ -97,18 +97,18 @@ def table(results):
     med = lambda xs: statistics.median(xs)
     best = {}
     for (tree, phase, tool), g in groups.items():
-        if tool != "tidemark":
+        if not tool.startswith("tidemark"):
             best[(tree, phase)] = min(best.get((tree, phase), float("inf")), med(g["wall"]))
     rng = "  wall range" if runs > 1 else ""
-    print(f"{'tree':<5}{'phase':<13}{'tool':<10}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}  {'target = source':<15} {'vs faster peer':>14}{rng}")
+    print(f"{'tree':<5}{'phase':<13}{'tool':<14}{'wall s':>9}{'cpu s':>9}{'peak RSS MB':>13}  {'target = source':<15} {'vs faster peer':>14}{rng}")
     for (tree, phase, tool), g in groups.items():
         wall = med(g["wall"])
         ratio = ""
-        if tool == "tidemark" and best.get((tree, phase), 0) > 0:
+        if tool.startswith("tidemark") and best.get((tree, phase), 0) > 0:
             ratio = f"{wall / best[(tree, phase)]:.2f}x"
         ok = "/".join(sorted(g["ok"]))
         spread = f"  {min(g['wall']):.2f}-{max(g['wall']):.2f}" if runs > 1 else ""
-        print(f"{tree:<5}{phase:<13}{tool:<10}{wall:>9.2f}{med(g['cpu']):>9.2f}{max(g['rss']) / 1024:>13.1f}  {ok:<15} {ratio:>14}{spread}")
+        print(f"{tree:<5}{phase:<13}{tool:<14}{wall:>9.2f}{med(g['cpu']):>9.2f}{max(g['rss']) / 1024:>13.1f}  {ok:<15} {ratio:>14}{spread}")
     if runs > 1:
         print(f"(medians of {runs} runs; peak RSS is the largest of them)")
 
