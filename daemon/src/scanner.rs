@@ -271,7 +271,8 @@ impl Scanner {
     }
 
     /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
-    /// the read of its content (with its previous index entry).
+    /// the read of its content (with its indexed version, to tell a touched file from a
+    /// changed one).
     fn diff(&self, entry: Entry, known: &mut Digest) -> Option<Fetch> {
         let identity = item_identity(&entry.kind, &entry.key);
         let previous = match known.see(&identity, entry.fingerprint.as_deref()) {
@@ -391,7 +392,7 @@ impl Scanner {
         known: &mut Digest,
         index: &Records<IndexEntry>,
     ) -> Result<(), ScanError> {
-        let unseen: HashSet<u128> = known.unseen();
+        let unseen = known.unseen();
         let would_delete = unseen.len() as u64;
         if would_delete == 0 {
             return Ok(());
