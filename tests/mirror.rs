@@ -104,6 +104,11 @@ fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
     assert_eq!(scan["upserts"], 0, "{scan}");
 }
 
+fn set_mtime(path: &std::path::Path, at: std::time::SystemTime) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(at).unwrap();
+}
+
 /// Runs `sync` and returns its scan record and what the scanner said on stderr.
 fn sync_with_log(env: &Env) -> (serde_json::Value, String) {
     let out = env.run(&["sync", "--output", "json"]);
@@ -126,12 +131,7 @@ fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_dig
     write(&a, "first");
     write(src.join("b.txt"), "b");
     let then = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&a)
-        .unwrap()
-        .set_modified(then)
-        .unwrap();
+    set_mtime(&a, then);
     let (_, log) = sync_with_log(&env);
     assert!(log.contains(r#"from="index records""#), "{log}");
 
@@ -144,12 +144,7 @@ fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_dig
 
     // Back to the first bytes and the first mtime: the fingerprint of the first sync.
     std::fs::write(&a, "first").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&a)
-        .unwrap()
-        .set_modified(then)
-        .unwrap();
+    set_mtime(&a, then);
     std::fs::remove_file(src.join("b.txt")).unwrap();
     let (scan, log) = sync_with_log(&env);
     assert!(log.contains(r#"from="stored digest""#), "{log}");
