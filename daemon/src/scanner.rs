@@ -5,7 +5,6 @@
 
 mod digest;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
