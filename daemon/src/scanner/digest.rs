@@ -101,10 +101,10 @@ struct KnownEntry {
 }
 
 impl KnownEntry {
-    fn new(entry: &IndexEntry, seen: bool) -> KnownEntry {
+    fn new(version: &str, fingerprint: Option<&str>, seen: bool) -> KnownEntry {
         KnownEntry {
-            fingerprint: entry.fingerprint.as_deref().map(hash64),
-            version: hash64(&entry.version),
+            fingerprint: fingerprint.map(hash64),
+            version: hash64(version),
             seen,
         }
     }
@@ -133,11 +133,7 @@ impl Digest {
                 })?;
             entries.insert(
                 hash128(identity),
-                KnownEntry {
-                    fingerprint: entry.fingerprint.as_deref().map(hash64),
-                    version: hash64(&entry.version),
-                    seen: false,
-                },
+                KnownEntry::new(&entry.version, entry.fingerprint.as_deref(), false),
             );
             Ok(())
         })?;
@@ -185,7 +181,10 @@ impl Digest {
             let key = hash128(identity.as_bytes());
             match entry {
                 Some(entry) => {
-                    self.entries.insert(key, KnownEntry::new(entry, true));
+                    self.entries.insert(
+                        key,
+                        KnownEntry::new(&entry.version, entry.fingerprint.as_deref(), true),
+                    );
                 }
                 None => {
                     self.entries.remove(&key);
@@ -336,7 +335,7 @@ mod tests {
         assert!(decode(b"tmdgst-1\x01\0\0\0\0\0\0\0short").is_none());
         assert!(decode(b"tmdgst99\0\0\0\0\0\0\0\0").is_none());
         let mut entries = HashMap::new();
-        entries.insert(7, KnownEntry::new(&entry("v1", Some("1:2:3")), true));
+        entries.insert(7, KnownEntry::new("v1", Some("1:2:3"), true));
         let mut bytes = encode(&entries);
         assert_eq!(decode(&bytes).map(|e| e.len()), Some(1));
         bytes[TAG.len() + 8 + 16] = 2;
