@@ -60,9 +60,16 @@ fn issue_5_every_documented_metric_is_exported_and_lag_returns_to_zero() {
     write(env.dst(), "not a directory");
     let d = env.spawn_daemon();
 
+    // The scanner appends as it walks, so lag rises in steps: wait for a finished scan,
+    // seen in the same scrape as the lag.
     let stuck = wait_for(Duration::from_secs(30), || {
-        let (events, seconds) = lag(&d);
-        (events > 0.0 && seconds > 0.0).then_some((events, seconds))
+        let m = d.metrics();
+        let scanned = m
+            .get(r#"tidemark_last_scan_success_timestamp_seconds{pipeline="t"}"#)
+            .is_some_and(|&at| at > 0.0);
+        let events = m[r#"tidemark_lag_events{pipeline="t"}"#];
+        let seconds = m[r#"tidemark_lag_seconds{pipeline="t"}"#];
+        (scanned && seconds > 0.0).then_some((events, seconds))
     })
     .unwrap_or_else(|| panic!("lag never rose above 0; log:\n{}", env.daemon_log()));
     assert_eq!(stuck.0, 44.0, "40 files and 4 directories wait");
