@@ -209,6 +209,8 @@ impl Scanner {
             seconds = loading.elapsed().as_secs_f64(),
             "index digest loaded"
         );
+        // On a first scan every entry is new and the index is being built in cache anyway.
+        let warm_index = (known.len() > 0).then_some(&index);
         let mut listing = self.source.list();
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
@@ -247,7 +249,7 @@ impl Scanner {
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
                             progress.inc(1);
-                            if let Some(fetch) = self.diff(entry, &mut known) {
+                            if let Some(fetch) = self.diff(entry, &mut known, warm_index) {
                                 fetching.push(fetch);
                             }
                         }
@@ -272,17 +274,36 @@ impl Scanner {
     /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
     /// the read of its content (with its indexed version, to tell a touched file from a
     /// changed one).
-    fn diff(&self, entry: Entry, known: &mut Digest) -> Option<Fetch> {
+    ///
+    /// With `warm_index`, the read also looks the entry up in the index on a blocking
+    /// thread, so the index write after the append finds the record's page in sled's
+    /// cache. Changed entries are scattered over the index: on a cold cache each write
+    /// otherwise waits for its page on the disk, one after another, while the scan waits
+    /// for the write (1000 changed files among 100k: 0.4–0.5 s of a 1.2 s scan).
+    fn diff(
+        &self,
+        entry: Entry,
+        known: &mut Digest,
+        warm_index: Option<&Records<IndexEntry>>,
+    ) -> Option<Fetch> {
         let identity = item_identity(&entry.kind, &entry.key);
         let previous = match known.see(&identity, entry.fingerprint.as_deref()) {
             Seen::Unchanged => return None,
             Seen::New => None,
             Seen::Changed(previous) => Some(previous),
         };
+        let warm = warm_index.cloned().map(|index| {
+            // A failed lookup is not an error here: the write reports it.
+            tokio::task::spawn_blocking(move || index.contains(&identity).is_ok())
+        });
         let source = self.source.clone();
         let fingerprint = entry.fingerprint.clone();
         Some(Box::pin(async move {
-            (previous, fingerprint, source.fetch(entry).await)
+            let fetched = source.fetch(entry).await;
+            if let Some(warm) = warm {
+                let _ = warm.await;
+            }
+            (previous, fingerprint, fetched)
         }))
     }
 
