@@ -9,6 +9,22 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Bytes of the files below `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                dir_size(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
 /// `name → type` of every metric in `docs/metrics.md`'s tables.
 fn documented() -> BTreeMap<String, String> {
     let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
@@ -101,6 +117,12 @@ fn issue_5_every_documented_metric_is_exported_and_lag_returns_to_zero() {
         m[r#"tidemark_committed_offset{pipeline="t"}"#]
     );
     assert!(m[r#"tidemark_last_apply_timestamp_seconds{pipeline="t"}"#] > 1.6e9);
+    let on_disk = dir_size(&env.path("state/db"));
+    let reported = m["tidemark_state_size_bytes"];
+    assert!(
+        reported > 0.0 && reported <= on_disk as f64,
+        "state size {reported} against {on_disk} bytes in state/db"
+    );
     // Every documented metric is exported with its documented type (those labelled by
     // kind exist once events were applied), and every exported tidemark metric is
     // documented.

@@ -84,6 +84,13 @@ enum Command {
     /// Read the event log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Rewrite the state database (log, index, applied state) into a new one without the
+    /// space sled has not reclaimed, and put it in place. Stop the daemon first.
+    Compact {
+        /// Output format on stdout.
+        #[arg(short, long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -263,6 +270,28 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(cmd) => log_command(Session::open(config)?, cmd).await,
+        Command::Compact { output } => {
+            let progress = Progress::new(show_progress, "compact", None);
+            let dir = config.state_dir.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let done = State::compact(&dir, &progress);
+                progress.finish();
+                done
+            })
+            .await
+            .context("the compaction task failed")??;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&done)?),
+                Output::Text => println!(
+                    "state {} compacted: {} records, {} -> {} on disk",
+                    config.state_dir.display(),
+                    done.records,
+                    indicatif::HumanBytes(done.before),
+                    indicatif::HumanBytes(done.after)
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -59,6 +59,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Events waiting for the items they reference, and pending directory deletes.
     pub deferred_events: IntGaugeVec,
+    /// Bytes the sled state database occupies on disk (all pipelines share it).
+    pub state_size_bytes: IntGauge,
 }
 
 /// Sides of a pipeline that make requests (`side` label).
@@ -235,6 +237,10 @@ impl Metrics {
                     "Events waiting: for the items they reference (applied once those exist, failed after the reference wait), or directory deletes for their directory to be empty."
                 ),
                 p
+            )),
+            state_size_bytes: reg!(IntGauge::new(
+                "tidemark_state_size_bytes",
+                "Bytes the sled state database (log, index, applied state) occupies on disk."
             )),
             registry,
         }

@@ -292,6 +292,8 @@ impl Pipeline {
         if let Some(f) = freshness {
             m.source_freshness_seconds.with_label_values(&p).set(f);
         }
+        m.state_size_bytes
+            .set(self.state.size_on_disk().map_err(state_err)? as i64);
         Ok(PipelineStatus {
             pipeline: self.config.name.clone(),
             log: self.log.backend(),
