@@ -84,8 +84,11 @@ impl DirSource {
 /// Directories read at once by the walk. Listing a cold tree waits on the disk for every
 /// directory block and inode; several reads in flight keep the device's queue busy (on
 /// the benchmark machine a cold no-change scan of 100k files went from 3.6 s to about
-/// 1.5 s), and a warm walk loses nothing by it.
-const WALK_THREADS: usize = 8;
+/// 1.5 s), and a warm walk loses nothing by it. More threads than that cost CPU the rest
+/// of the scan needs: on the 2-core benchmark machine 4 beat 8 in every paired re-sync
+/// with changes (BENCHMARKS.md), and no-change re-syncs came out even. Machines with more
+/// cores were not measured.
+const WALK_THREADS: usize = 4;
 /// Listings sent to the scanner in one message, to keep channel wake-ups per entry low.
 const LIST_CHUNK: usize = 256;
 
