@@ -292,8 +292,10 @@ impl Pipeline {
         if let Some(f) = freshness {
             m.source_freshness_seconds.with_label_values(&p).set(f);
         }
-        m.state_size_bytes
-            .set(self.state.size_on_disk().map_err(state_err)? as i64);
+        // A gauge, not a reason to fail the status: a real state error shows elsewhere.
+        if let Ok(bytes) = self.state.size_on_disk() {
+            m.state_size_bytes.set(bytes as i64);
+        }
         Ok(PipelineStatus {
             pipeline: self.config.name.clone(),
             log: self.log.backend(),

@@ -309,8 +309,11 @@ impl State {
         let (current, retired) = (dir.join(DB), dir.join(DB_RETIRED));
         std::fs::rename(&current, &retired).map_err(io_err)?;
         std::fs::rename(&fresh, &current).map_err(io_err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err)?;
         drop(old);
-        // A tidemark that opened the new database meanwhile may have removed it already.
+        // A tidemark that opened the new database meanwhile may have removed the old one.
         match std::fs::remove_dir_all(&retired) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(e)),
             _ => {}
