@@ -677,22 +677,6 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
     });
 }
 
-/// Bytes of the files below `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let meta = e.metadata().unwrap();
-            if meta.is_dir() {
-                dir_size(&e.path())
-            } else {
-                meta.len()
-            }
-        })
-        .sum()
-}
-
 /// `compact` rewrites the state into a new database holding the same log, index and
 /// applied state: a re-sync after it finds nothing to do, and a replay from 0 rebuilds
 /// the target from the compacted log. It refuses a state a daemon holds, and says so.
@@ -715,8 +699,8 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     let status = env.json(&["status"]);
     let on_disk = dir_size(&env.path("state/db"));
 
-    // How much it reclaims depends on sled's segments (76 MB to 20 MB for a state of
-    // 10k files after 80 re-syncs, in docs/operations.md); here, only that it is not more.
+    // How much it reclaims depends on sled's segments (78 MB to 23 MB for a state of
+    // 10k files after 80 re-syncs, in BENCHMARKS.md); here, only that it is not more.
     let done = env.json(&["compact"]);
     let after = dir_size(&env.path("state/db"));
     assert!(

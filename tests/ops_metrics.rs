@@ -9,22 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Bytes of the files below `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let meta = e.metadata().unwrap();
-            if meta.is_dir() {
-                dir_size(&e.path())
-            } else {
-                meta.len()
-            }
-        })
-        .sum()
-}
-
 /// `name → type` of every metric in `docs/metrics.md`'s tables.
 fn documented() -> BTreeMap<String, String> {
     let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
