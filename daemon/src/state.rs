@@ -587,11 +587,11 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
 mod tests {
     use super::*;
 
-    /// Opens `dir` once the previous handle's sled threads have let go of its lock (they
-    /// finish shortly after the handle is dropped).
-    fn reopen(dir: &Path) -> State {
+    /// Runs `f` once the previous handle's sled threads have let go of the lock on `dir`
+    /// (they finish shortly after the handle is dropped).
+    fn once_released<T>(dir: &Path, f: impl Fn() -> Result<T, StateError>) -> T {
         for _ in 0..100 {
-            match State::open(dir) {
+            match f() {
                 Err(StateError::Locked { .. }) => {
                     std::thread::sleep(std::time::Duration::from_millis(50))
                 }
@@ -601,18 +601,8 @@ mod tests {
         panic!("{} stayed locked", dir.display())
     }
 
-    /// Like [`State::compact`], once the previous handle has let go of the lock.
-    fn compact_when_released(dir: &Path) -> Compacted {
-        drop(reopen(dir));
-        for _ in 0..100 {
-            match State::compact(dir, &Progress::hidden()) {
-                Err(StateError::Locked { .. }) => {
-                    std::thread::sleep(std::time::Duration::from_millis(50))
-                }
-                other => return other.unwrap(),
-            }
-        }
-        panic!("{} stayed locked", dir.display())
+    fn reopen(dir: &Path) -> State {
+        once_released(dir, || State::open(dir))
     }
 
     fn entry(version: &str) -> IndexEntry {
@@ -649,7 +639,9 @@ mod tests {
                 .unwrap();
             state.db().flush().unwrap();
         }
-        let done = compact_when_released(dir.path());
+        let done = once_released(dir.path(), || {
+            State::compact(dir.path(), &Progress::hidden())
+        });
         assert_eq!(done.records, 501);
         assert!(!dir.path().join(DB_COMPACTING).exists());
         assert!(!dir.path().join(DB_RETIRED).exists());
