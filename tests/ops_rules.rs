@@ -149,6 +149,21 @@ fn issue_5_dashboard_and_rules_reference_only_exported_metrics() {
         refs.extend(referenced(&e));
     }
     assert!(from_rules >= 8 && refs.len() >= 15, "{refs:?}");
+    // What on-call looks for first, and the disk the state fills, each have a panel.
+    for wanted in [
+        "tidemark_lag_events",
+        "tidemark_lag_seconds",
+        "tidemark_source_freshness_seconds",
+        "tidemark_delete_guard_active",
+        "tidemark_state_size_bytes",
+    ] {
+        assert!(
+            dashboard_exprs()
+                .iter()
+                .any(|e| referenced(e).contains(wanted)),
+            "the dashboard has no panel for {wanted}"
+        );
+    }
 
     // A daemon that has appended and applied, so kind-labelled series exist too.
     let env = Env::dirs("", "prune = true");
