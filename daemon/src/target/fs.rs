@@ -1,6 +1,7 @@
 //! The directory target: atomic writes (a new file linked in complete; a replacement
-//! written in `.tidemark-tmp/` on the same filesystem, then swapped in), modes carried, one filesystem sync per commit batch, deletes
-//! only when pruning, and keys that can never escape the root.
+//! written in `.tidemark-tmp/` on the same filesystem, then swapped in), modes carried,
+//! one filesystem sync per commit batch, deletes only when pruning, and keys that can
+//! never escape the root.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
