@@ -265,8 +265,8 @@ impl State {
     /// and puts it in place of the old one. sled 0.34 reclaims the space of rewritten
     /// pages lazily, and with a log that only grows it hardly does: on 10k files, 80
     /// re-syncs of 100 changed files each left 78 MB on disk for about 10 MB of records
-    /// (and growing); the rewrite took 0.4 s and left 23 MB. Needs the database to itself (no
-    /// daemon running). `progress` counts the records copied.
+    /// (and growing); the rewrite took 0.4 s and left 23 MB. Needs the database to itself
+    /// (no daemon running). `progress` counts the records copied.
     pub fn compact(dir: &Path, progress: &Progress) -> Result<Compacted, StateError> {
         let io_err = |source| StateError::Open {
             path: dir.to_owned(),
