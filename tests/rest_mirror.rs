@@ -403,3 +403,63 @@ fn prefetch_names_lists_each_kind_once_per_batch_and_still_adopts() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// `plan` lists what a projection kept waiting, not only what the log still holds: an
+/// item whose reference is missing waits below the committed offset, and the next
+/// `project` tries it again. A newer event for the item replaces the waiting one.
+#[test]
+fn plan_shows_events_kept_waiting_and_a_newer_event_replaces_them() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [{"id": 500, "name": "user-a"}],
+            "posts": [{"id": 600, "name": "post-a", "userId": 500, "title": "t"}],
+            "comments": [{"id": 701, "name": "comment-d", "postId": 424242, "body": "dangling"}]
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1h\"");
+
+    let (_, project) = env.sync();
+    assert_eq!(project["by_kind"]["comments"]["deferred"], 1, "{project}");
+    assert_eq!(project["by_kind"]["posts"]["created"], 1, "{project}");
+    assert!(prod.all("comments").is_empty());
+
+    let plan = env.ok(&["plan"]);
+    let line = plan
+        .lines()
+        .find(|l| l.contains("comments"))
+        .unwrap_or_else(|| panic!("plan does not show the waiting comment:\n{plan}"));
+    // Items are keyed by their dev id.
+    assert!(
+        line.trim_start().starts_with("retry comments 701") && line.contains("waiting since"),
+        "{plan}"
+    );
+    assert!(plan.contains("t: plan: 1 retry"), "{plan}");
+    let json = env.json(&["plan"]);
+    let actions = json[0]["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 1, "{json}");
+    assert_eq!(actions[0]["action"], "retry");
+    assert!(actions[0]["waiting_since"].is_string(), "{json}");
+    assert!(prod.all("comments").is_empty(), "plan wrote to prod");
+
+    // The comment now points at a post that exists: its new event replaces the waiting
+    // one, in the plan as in the projection.
+    dev.put(
+        "comments",
+        &json!(701),
+        json!({"id": 701, "name": "comment-d", "postId": 600, "body": "fixed"}),
+    );
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("create comments 701"), "{plan}");
+    assert!(!plan.contains("retry"), "{plan}");
+    env.ok(&["project"]);
+    let comments = prod.all("comments");
+    assert_eq!(comments.len(), 1, "{comments:?}");
+    assert_eq!(comments[0]["body"], "fixed");
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+}

@@ -550,8 +550,18 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
             let mut counts = std::collections::BTreeMap::new();
             for a in &actions {
                 *counts.entry(a.action).or_insert(0) += 1;
-                if a.action != "skip" {
-                    println!("{:>6} {} {} (offset {})", a.action, a.kind, a.key, a.offset);
+                match (a.action, a.waiting_since) {
+                    ("skip", _) => {}
+                    (action, Some(since)) => println!(
+                        "{action:>6} {} {} (offset {}, waiting since {})",
+                        a.kind,
+                        a.key,
+                        a.offset,
+                        since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                    (action, None) => {
+                        println!("{action:>6} {} {} (offset {})", a.kind, a.key, a.offset)
+                    }
                 }
             }
             let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();

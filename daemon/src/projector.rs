@@ -139,12 +139,17 @@ impl ProjectReport {
 pub struct PlannedAction {
     /// Offset of the event.
     pub offset: u64,
-    /// `create`, `update`, `delete`, `retain` (delete not applied: prune is off) or `skip`.
+    /// `create`, `update`, `delete`, `retain` (delete not applied: prune is off), `skip`,
+    /// or `retry`: an event a previous projection kept waiting (for the items it
+    /// references, or a directory delete for the directory to empty), tried again.
     pub action: &'static str,
     /// Kind of the item.
     pub kind: String,
     /// Key of the item.
     pub key: String,
+    /// For `retry`: when the event started waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<DateTimeUtc>,
 }
 
 /// What applying one event did to the applied state.
@@ -1325,6 +1330,8 @@ impl Projector {
             .map_err(self.err_state())?;
         // Applied versions as the plan goes, so a key's later events see its earlier ones.
         let mut overlay: HashMap<String, Option<Applied>> = HashMap::new();
+        // Every key the log still has an event for: that event replaces a waiting one.
+        let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut actions = Vec::new();
         for p in 0..self.log.partitions() {
             let mut from = self.committed(p).await?;
@@ -1342,6 +1349,7 @@ impl Projector {
                 for record in records {
                     let Ok(event) = record.event else { continue };
                     let id = event.identity();
+                    seen.insert(id.clone());
                     let prior = match overlay.get(&id) {
                         Some(p) => p.clone(),
                         None => applied.get(&id).map_err(self.err_state())?,
@@ -1374,10 +1382,42 @@ impl Projector {
                         action,
                         kind: event.kind,
                         key: event.key,
+                        waiting_since: None,
                     });
                 }
             }
         }
+        // Then, as `project` does after a batch, the events kept waiting (below the
+        // committed offset, so no log read finds them).
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let dir_deletes = self
+            .state
+            .dir_deletes(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut waiting: Vec<(Event, DateTimeUtc)> = Vec::new();
+        for entry in deferred.iter() {
+            let (id, d) = entry.map_err(self.err_state())?;
+            if !seen.contains(&id) {
+                waiting.push((d.event, d.since));
+            }
+        }
+        for entry in dir_deletes.iter() {
+            let (id, d) = entry.map_err(self.err_state())?;
+            if !seen.contains(&id) {
+                waiting.push((d.event, d.since));
+            }
+        }
+        waiting.sort_by_key(|(event, _)| event.offset);
+        actions.extend(waiting.into_iter().map(|(event, since)| PlannedAction {
+            offset: event.offset,
+            action: "retry",
+            kind: event.kind,
+            key: event.key,
+            waiting_since: Some(since),
+        }));
         Ok(actions)
     }
 

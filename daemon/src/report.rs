@@ -183,6 +183,7 @@ impl Report {
                 "delete" => "deleted",
                 "retain" => "retained",
                 "skip" => "unchanged",
+                "retry" => "deferred",
                 other => other,
             };
             self.add(&a.kind, outcome, 1);
