@@ -1397,17 +1397,17 @@ impl Projector {
             .state
             .dir_deletes(&self.pipeline)
             .map_err(self.err_state())?;
+        let upserts = deferred
+            .iter()
+            .map(|r| r.map(|(id, d)| (id, d.event, d.since)));
+        let deletes = dir_deletes
+            .iter()
+            .map(|r| r.map(|(id, d)| (id, d.event, d.since)));
         let mut waiting: Vec<(Event, DateTimeUtc)> = Vec::new();
-        for entry in deferred.iter() {
-            let (id, d) = entry.map_err(self.err_state())?;
+        for entry in upserts.chain(deletes) {
+            let (id, event, since) = entry.map_err(self.err_state())?;
             if !seen.contains(&id) {
-                waiting.push((d.event, d.since));
-            }
-        }
-        for entry in dir_deletes.iter() {
-            let (id, d) = entry.map_err(self.err_state())?;
-            if !seen.contains(&id) {
-                waiting.push((d.event, d.since));
+                waiting.push((event, since));
             }
         }
         waiting.sort_by_key(|(event, _)| event.offset);
