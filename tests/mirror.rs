@@ -530,6 +530,43 @@ fn plan_writes_nothing_and_shows_what_project_would_do() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A directory delete waits while the target directory holds something the source never
+/// had; `plan` shows it as `retry` (it sits below the committed offset) until the
+/// directory can go, and it goes on the next `project` once it is empty.
+#[test]
+fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("sub/a.txt"), "a");
+    write(env.src().join("b.txt"), "b");
+    env.sync();
+    write(env.dst().join("sub/local.txt"), "not from the source");
+    std::fs::remove_dir_all(env.src().join("sub")).unwrap();
+    env.sync();
+    assert!(env.dst().join("sub/local.txt").exists());
+    assert!(!env.dst().join("sub/a.txt").exists());
+
+    let plan = env.ok(&["plan"]);
+    let line = plan
+        .lines()
+        .find(|l| l.contains("dir sub"))
+        .unwrap_or_else(|| panic!("plan does not show the waiting directory delete:\n{plan}"));
+    assert!(
+        line.trim_start().starts_with("retry dir sub") && line.contains("waiting since"),
+        "{plan}"
+    );
+    assert!(plan.contains("t: plan: 1 retry"), "{plan}");
+
+    std::fs::remove_file(env.dst().join("sub/local.txt")).unwrap();
+    env.ok(&["project"]);
+    assert!(
+        !env.dst().join("sub").exists(),
+        "the directory delete was not retried"
+    );
+    assert_mirror(&env.src(), &env.dst());
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+}
+
 #[test]
 fn a_misspelled_config_key_is_named_with_its_line() {
     let env = Env::dirs("", "pruen = true");

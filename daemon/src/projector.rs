@@ -1174,6 +1174,9 @@ impl Projector {
             }
             total.committed += self.committed(p).await?;
         }
+        // As the daemon does while idle: a directory delete an earlier batch kept waiting
+        // goes once its directory is empty, even when the log holds nothing new.
+        total.merge(self.retry_dir_deletes().await?);
         Ok(total)
     }
 
