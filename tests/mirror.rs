@@ -545,16 +545,7 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     assert!(env.dst().join("sub/local.txt").exists());
     assert!(!env.dst().join("sub/a.txt").exists());
 
-    let plan = env.ok(&["plan"]);
-    let line = plan
-        .lines()
-        .find(|l| l.contains("dir sub"))
-        .unwrap_or_else(|| panic!("plan does not show the waiting directory delete:\n{plan}"));
-    assert!(
-        line.trim_start().starts_with("retry dir sub") && line.contains("waiting since"),
-        "{plan}"
-    );
-    assert!(plan.contains("t: plan: 1 retry"), "{plan}");
+    assert_plan_retries(&env, "dir sub");
 
     std::fs::remove_file(env.dst().join("sub/local.txt")).unwrap();
     env.ok(&["project"]);

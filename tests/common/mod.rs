@@ -315,6 +315,20 @@ pub fn assert_mirror(src: &Path, dst: &Path) {
     }
 }
 
+/// Runs `plan` for pipeline `t` and asserts it shows exactly one event kept waiting:
+/// `retry <kind> <key>` with the time it started waiting. Returns the plan.
+pub fn assert_plan_retries(env: &Env, kind_key: &str) -> String {
+    let plan = env.ok(&["plan"]);
+    let wanted = format!("retry {kind_key} ");
+    let line = plan
+        .lines()
+        .find(|l| l.trim_start().starts_with(&wanted))
+        .unwrap_or_else(|| panic!("plan does not show `{kind_key}` waiting:\n{plan}"));
+    assert!(line.contains("waiting since"), "{plan}");
+    assert!(plan.contains("t: plan: 1 retry"), "{plan}");
+    plan
+}
+
 /// Counts of an outcome in a project report (`sync` JSON).
 pub fn outcome(report: &serde_json::Value, name: &str) -> u64 {
     report["outcomes"][name].as_u64().unwrap_or(0)
