@@ -54,7 +54,9 @@ struct Inner {
     /// that event then reports them `created`, not `updated`. Kept across flushes, since
     /// the directory's event may come in a later batch (a `sync` projects while it
     /// scans); not kept when the source lists no directories, as no event would remove
-    /// them, and bounded by [`IMPLICIT_DIRS_MAX`].
+    /// them, and bounded by [`IMPLICIT_DIRS_MAX`]. Held while such a directory is created
+    /// and while a directory's event looks for it, so the event never sees the directory
+    /// before it is recorded here.
     implicit_dirs: Mutex<HashSet<PathBuf>>,
     tmp_seq: AtomicU64,
     /// Bit `n` set: shard `n` of `.tidemark-tmp/` exists (since the last flush, which
@@ -153,20 +155,23 @@ impl Inner {
                         dir.display()
                     )))
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => match fs::create_dir(&dir) {
-                    Ok(()) if !self.remove_empty_parents => {
-                        let mut implicit = self.implicit_dirs.lock().unwrap();
-                        if implicit.len() >= IMPLICIT_DIRS_MAX {
-                            // Events that never came (a source that stopped listing them);
-                            // forgetting only miscounts a later `created` as `updated`.
-                            implicit.clear();
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    let mut implicit = self.implicit_dirs.lock().unwrap();
+                    match fs::create_dir(&dir) {
+                        Ok(()) if !self.remove_empty_parents => {
+                            if implicit.len() >= IMPLICIT_DIRS_MAX {
+                                // Events that never came (a source that stopped listing
+                                // them); forgetting only miscounts a later `created` as
+                                // `updated`.
+                                implicit.clear();
+                            }
+                            implicit.insert(dir.clone());
                         }
-                        implicit.insert(dir.clone());
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e.into()),
                     }
-                    Ok(()) => {}
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e.into()),
-                },
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -192,6 +197,9 @@ impl Inner {
     fn upsert(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
         let path = self.resolve(&event.key)?;
         self.prepare_parents(&path)?;
+        // A directory's event decides `created` from the lstat and the implicit set
+        // together, while no file below it can create it in between.
+        let mut implicit = (event.kind == "dir").then(|| self.implicit_dirs.lock().unwrap());
         let existing = match fs::symlink_metadata(&path) {
             Ok(m) => Some(m),
             Err(e) if e.kind() == ErrorKind::NotFound => None,
@@ -218,12 +226,10 @@ impl Inner {
                         r => r?,
                     },
                 }
-                fs::set_permissions(&path, Permissions::from_mode(mode))?;
                 // Created a moment ago for a file inside it: this event is its creation.
-                if self.implicit_dirs.lock().unwrap().remove(&path) {
-                    return Ok(Outcome::Created);
-                }
-                Ok(fresh)
+                let implicit = implicit.take().is_some_and(|mut set| set.remove(&path));
+                fs::set_permissions(&path, Permissions::from_mode(mode))?;
+                Ok(if implicit { Outcome::Created } else { fresh })
             }
             "symlink" => {
                 let Some(Body::Base64(target)) = &event.body else {
