@@ -17,7 +17,7 @@ use crate::config::DeleteLimit;
 use crate::log::{AppendError, EventLog};
 use crate::metrics::metrics;
 use crate::progress::Progress;
-use crate::source::{Entry, FetchError, Item, ListError, Listing, Source};
+use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
 use crate::state::{GuardTrip, IndexEntry, Records, ScanRecord, State, StateError};
 use digest::{hash128, Digest, PreviousVersion, Seen};
 
@@ -122,6 +122,16 @@ impl Scanner {
 
     /// Runs one scan and records its summary for `status`.
     pub async fn scan(&self, progress: &Progress) -> Result<ScanRecord, ScanError> {
+        self.scan_listing(progress, None).await
+    }
+
+    /// Like [`Scanner::scan`], over `listing` when one is given: a listing of this
+    /// scanner's source that was started earlier (see `EarlyListing` in `main.rs`).
+    pub async fn scan_listing(
+        &self,
+        progress: &Progress,
+        listing: Option<ListStream>,
+    ) -> Result<ScanRecord, ScanError> {
         let started_at = Utc::now();
         let t0 = Instant::now();
         let mut record = ScanRecord {
@@ -138,7 +148,7 @@ impl Scanner {
             last_success_at: None,
             message: None,
         };
-        let outcome = self.scan_into(&mut record, progress).await;
+        let outcome = self.scan_into(&mut record, progress, listing).await;
         record.duration_secs = t0.elapsed().as_secs_f64();
         let m = metrics();
         let p = self.pipeline.as_str();
@@ -194,7 +204,10 @@ impl Scanner {
         &self,
         record: &mut ScanRecord,
         progress: &Progress,
+        listing: Option<ListStream>,
     ) -> Result<(), ScanError> {
+        // The walk starts before the digest is read, and fills its channel meanwhile.
+        let mut listing = listing.unwrap_or_else(|| self.source.list());
         let index = self.state.index(&self.pipeline).map_err(self.state_err())?;
         let loading = Instant::now();
         let snapshot = self
@@ -211,7 +224,6 @@ impl Scanner {
         );
         // On a first scan every entry is new and the index is being built in cache anyway.
         let warm_index = (known.len() > 0).then_some(&index);
-        let mut listing = self.source.list();
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
         let mut pending = Pending::default();
