@@ -471,8 +471,7 @@ async fn scan_project(
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
             let listing = early.take_if(|e| e.pipeline == p.name()).map(|e| e.listing);
-            // The projector finishes while the scanner stores its index digest.
-            let record = p.scanner.scan_listing(scan_bar, listing, &scanning).await;
+            let record = p.scanner.scan_listing(scan_bar, listing).await;
             scan_bar.finish();
             scanning.cancel();
             Some(record)

@@ -11,7 +11,6 @@ use std::time::Instant;
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tidemark_proto::{content_version, item_identity, Event, Op, SCHEMA_VERSION};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::DeleteLimit;
@@ -123,19 +122,15 @@ impl Scanner {
 
     /// Runs one scan and records its summary for `status`.
     pub async fn scan(&self, progress: &Progress) -> Result<ScanRecord, ScanError> {
-        self.scan_listing(progress, None, &CancellationToken::new())
-            .await
+        self.scan_listing(progress, None).await
     }
 
     /// Like [`Scanner::scan`], over `listing` when one is given: a listing of this
     /// scanner's source that was started earlier (see `EarlyListing` in `main.rs`).
-    /// `appended` is cancelled once the scan's last event is in the log, before the scan
-    /// stores its index digest, so a projector waiting for the scan can finish meanwhile.
     pub async fn scan_listing(
         &self,
         progress: &Progress,
         listing: Option<ListStream>,
-        appended: &CancellationToken,
     ) -> Result<ScanRecord, ScanError> {
         let started_at = Utc::now();
         let t0 = Instant::now();
@@ -153,9 +148,7 @@ impl Scanner {
             last_success_at: None,
             message: None,
         };
-        let outcome = self
-            .scan_into(&mut record, progress, listing, appended)
-            .await;
+        let outcome = self.scan_into(&mut record, progress, listing).await;
         record.duration_secs = t0.elapsed().as_secs_f64();
         let m = metrics();
         let p = self.pipeline.as_str();
@@ -212,7 +205,6 @@ impl Scanner {
         record: &mut ScanRecord,
         progress: &Progress,
         listing: Option<ListStream>,
-        appended: &CancellationToken,
     ) -> Result<(), ScanError> {
         // The walk starts before the digest is read, and fills its channel meanwhile.
         let mut listing = listing.unwrap_or_else(|| self.source.list());
@@ -288,7 +280,6 @@ impl Scanner {
         } else {
             self.deletes(record, &mut known, &index).await?;
         }
-        appended.cancel();
         known.store().map_err(self.state_err())
     }
 
