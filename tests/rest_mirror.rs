@@ -408,6 +408,47 @@ fn prefetch_names_lists_each_kind_once_per_batch_and_still_adopts() {
 /// item whose reference is missing waits below the committed offset, and the next
 /// `project` tries it again. A newer event for the item replaces the waiting one.
 #[test]
+fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [{"id": 500, "name": "user-a"}],
+            "posts": [{"id": 600, "name": "post-a", "userId": 500, "title": "t"}],
+            "comments": [{"id": 701, "name": "comment-d", "postId": 424242, "body": "dangling"}]
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1s\"");
+
+    let (_, project) = env.sync();
+    assert_eq!(project["by_kind"]["comments"]["deferred"], 1, "{project}");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // The log holds nothing new, yet the run tries the waiting comment again: its wait is
+    // over, so it fails now, naming the missing reference, instead of waiting for a batch.
+    let out = env.run(&["project", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let project = &json[0]["project"];
+    assert_eq!(project["by_kind"]["comments"]["failed"], 1, "{json}");
+    let failures = project["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{json}");
+    let reason = failures[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("424242"), "{reason}");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a run with a failed item is not clean"
+    );
+    let status = env.ok(&["status"]);
+    assert!(status.contains("1 failed items"), "{status}");
+    assert!(!status.contains("deferred items"), "{status}");
+    assert!(prod.all("comments").is_empty());
+    assert_eq!(prod.all("posts").len(), 1, "nothing else was written again");
+}
+
+#[test]
 fn plan_shows_events_kept_waiting_and_a_newer_event_replaces_them() {
     let env = rest_env();
     let dev = JsonServer::start(

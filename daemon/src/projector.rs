@@ -1162,9 +1162,11 @@ impl Projector {
             targets.push((p, head));
         }
         progress.set_remaining(remaining);
-        for (p, head) in targets {
+        let mut stepped = false;
+        for &(p, head) in &targets {
             while self.committed(p).await? < head {
                 let (report, read) = self.step(p).await?;
+                stepped = true;
                 progress.inc(read as u64);
                 progress.add_bytes(report.bytes_written);
                 total.merge(report);
@@ -1172,10 +1174,21 @@ impl Projector {
                     break;
                 }
             }
+        }
+        // As the daemon does on every pass, even when the log holds nothing new: items an
+        // earlier batch kept waiting for their references are tried again (and fail once
+        // `reference_wait` is over), and a directory delete kept waiting goes once its
+        // directory is empty. Every step settles the waiting items, so one is enough.
+        let waiting = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        if let (false, false, Some(&(p, _))) = (stepped, waiting.is_empty(), targets.first()) {
+            total.merge(self.step(p).await?.0);
+        }
+        for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
-        // As the daemon does while idle: a directory delete an earlier batch kept waiting
-        // goes once its directory is empty, even when the log holds nothing new.
         total.merge(self.retry_dir_deletes().await?);
         Ok(total)
     }
