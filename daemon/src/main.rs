@@ -14,6 +14,7 @@ use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::pipeline::Pipeline;
 use tidemark::progress::{Progress, ProgressGroup};
 use tidemark::report::Report;
+use tidemark::scanner::StartedListing;
 use tidemark::state::{State, StateError};
 use tidemark::verify;
 use tokio_util::sync::CancellationToken;
@@ -428,7 +429,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
 /// scanner's client, which holds the `in_flight` limit.
 struct EarlyListing {
     pipeline: String,
-    listing: tidemark::source::ListStream,
+    listing: StartedListing,
 }
 
 impl EarlyListing {
@@ -439,7 +440,7 @@ impl EarlyListing {
         }
         Some(EarlyListing {
             pipeline: first.name.clone(),
-            listing: tidemark::source::build(first).list(),
+            listing: StartedListing::start(&*tidemark::source::build(first)),
         })
     }
 }

@@ -60,6 +60,24 @@ pub enum ScanError {
     },
 }
 
+/// A listing of a source, started before the scan that consumes it.
+pub struct StartedListing {
+    listing: ListStream,
+    started_at: chrono::DateTime<Utc>,
+    started: Instant,
+}
+
+impl StartedListing {
+    /// Starts listing `source`.
+    pub fn start(source: &dyn Source) -> StartedListing {
+        StartedListing {
+            listing: source.list(),
+            started_at: Utc::now(),
+            started: Instant::now(),
+        }
+    }
+}
+
 /// Turns listings of one pipeline's source into events.
 pub struct Scanner {
     pipeline: String,
@@ -125,15 +143,18 @@ impl Scanner {
         self.scan_listing(progress, None).await
     }
 
-    /// Like [`Scanner::scan`], over `listing` when one is given: a listing of this
-    /// scanner's source that was started earlier (see `EarlyListing` in `main.rs`).
+    /// Like [`Scanner::scan`], over `early` when it is given: a listing of this scanner's
+    /// source started before the scan (see `EarlyListing` in `main.rs`). The scan's record
+    /// then starts, and its duration counts, from when the listing started.
     pub async fn scan_listing(
         &self,
         progress: &Progress,
-        listing: Option<ListStream>,
+        early: Option<StartedListing>,
     ) -> Result<ScanRecord, ScanError> {
-        let started_at = Utc::now();
-        let t0 = Instant::now();
+        let (listing, started_at, t0) = match early {
+            Some(e) => (Some(e.listing), e.started_at, e.started),
+            None => (None, Utc::now(), Instant::now()),
+        };
         let mut record = ScanRecord {
             id: started_at.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
             started_at,
