@@ -404,11 +404,9 @@ fn prefetch_names_lists_each_kind_once_per_batch_and_still_adopts() {
     );
 }
 
-/// `plan` lists what a projection kept waiting, not only what the log still holds: an
-/// item whose reference is missing waits below the committed offset, and the next
-/// `project` tries it again. A newer event for the item replaces the waiting one.
-#[test]
-fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
+/// Dev with a user, a post and a comment whose post (424242) dev does not have; an empty
+/// prod; a pipeline between them with `reference_wait`.
+fn dangling_comment(reference_wait: &str) -> (Env, JsonServer, JsonServer) {
     let env = rest_env();
     let dev = JsonServer::start(
         env.dir.path(),
@@ -420,7 +418,14 @@ fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
         }),
     );
     let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
-    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1s\"");
+    let wait = format!("reference_wait = \"{reference_wait}\"");
+    write_rest_config(&env, &dev.url(), &prod.url(), &wait);
+    (env, dev, prod)
+}
+
+#[test]
+fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
+    let (env, _dev, prod) = dangling_comment("1s");
 
     let (_, project) = env.sync();
     assert_eq!(project["by_kind"]["comments"]["deferred"], 1, "{project}");
@@ -448,20 +453,12 @@ fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
     assert_eq!(prod.all("posts").len(), 1, "nothing else was written again");
 }
 
+/// `plan` lists what a projection kept waiting, not only what the log still holds: an
+/// item whose reference is missing waits below the committed offset, and the next
+/// `project` tries it again. A newer event for the item replaces the waiting one.
 #[test]
 fn plan_shows_events_kept_waiting_and_a_newer_event_replaces_them() {
-    let env = rest_env();
-    let dev = JsonServer::start(
-        env.dir.path(),
-        "dev",
-        &json!({
-            "users": [{"id": 500, "name": "user-a"}],
-            "posts": [{"id": 600, "name": "post-a", "userId": 500, "title": "t"}],
-            "comments": [{"id": 701, "name": "comment-d", "postId": 424242, "body": "dangling"}]
-        }),
-    );
-    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
-    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1h\"");
+    let (env, dev, prod) = dangling_comment("1h");
 
     let (_, project) = env.sync();
     assert_eq!(project["by_kind"]["comments"]["deferred"], 1, "{project}");
