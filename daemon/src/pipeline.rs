@@ -113,6 +113,11 @@ pub struct Pipeline {
     /// Its projector.
     pub projector: Projector,
     state: State,
+    /// Held by [`Pipeline::status`] from its first read to its last gauge update. The
+    /// daemon's gauge task and every `/metrics` scrape refresh the gauges; without it, a
+    /// refresh that read the offsets earlier could set its older figures over a newer
+    /// one's (a scrape once showed 1 event waiting after a scan that appended 44).
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Pipeline {
@@ -146,6 +151,7 @@ impl Pipeline {
             scanner,
             projector,
             state: state.clone(),
+            refreshing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -156,6 +162,7 @@ impl Pipeline {
 
     /// Reads offsets, lag and the last scan, and updates the lag metrics with them.
     pub async fn status(&self) -> Result<PipelineStatus, PipelineError> {
+        let _refreshing = self.refreshing.lock().await;
         let state_err = |source| PipelineError::State {
             pipeline: self.config.name.clone(),
             source,
