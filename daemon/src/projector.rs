@@ -1175,21 +1175,23 @@ impl Projector {
                 }
             }
         }
-        // As the daemon does on every pass, even when the log holds nothing new: items an
-        // earlier batch kept waiting for their references are tried again (and fail once
-        // `reference_wait` is over), and a directory delete kept waiting goes once its
-        // directory is empty. Every step settles the waiting items, so one is enough.
-        let waiting = self
-            .state
-            .deferred(&self.pipeline)
-            .map_err(self.err_state())?;
-        if let (false, false, Some(&(p, _))) = (stepped, waiting.is_empty(), targets.first()) {
-            total.merge(self.step(p).await?.0);
+        // As the daemon does on every pass, even when the log holds nothing new, what
+        // earlier batches kept waiting is tried again: items waiting for their references
+        // (which fail once `reference_wait` is over) and directory deletes waiting for the
+        // directory to empty. Every step settles both, so only a run without one needs to.
+        if !stepped {
+            let deferred = self
+                .state
+                .deferred(&self.pipeline)
+                .map_err(self.err_state())?;
+            match targets.first() {
+                Some(&(p, _)) if !deferred.is_empty() => total.merge(self.step(p).await?.0),
+                _ => total.merge(self.retry_dir_deletes().await?),
+            }
         }
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
-        total.merge(self.retry_dir_deletes().await?);
         Ok(total)
     }
 
