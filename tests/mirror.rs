@@ -120,11 +120,11 @@ fn sync_with_log(env: &Env) -> (serde_json::Value, String) {
     )
 }
 
-/// The scan reads the stored digest of its index, which must follow every change a scan
-/// made: a digest still holding a file's old fingerprint would take that file, put back
-/// with its old size, mtime and inode, for unchanged.
+/// The scan reads its stored index (snapshot and journal), which must follow every change
+/// a scan made: an index still holding a file's old fingerprint would take that file, put
+/// back with its old size, mtime and inode, for unchanged.
 #[test]
-fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_digest() {
+fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_index() {
     let env = Env::dirs("", "prune = true");
     let src = env.src();
     let a = src.join("a.txt");
@@ -133,12 +133,12 @@ fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_dig
     let then = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
     set_mtime(&a, then);
     let (_, log) = sync_with_log(&env);
-    assert!(log.contains(r#"from="index records""#), "{log}");
+    assert!(log.contains(r#"from="nothing stored""#), "{log}");
 
-    // Same size and inode, another mtime: a change the stored digest must take in.
+    // Same size and inode, another mtime: a change the stored index must take in.
     std::fs::write(&a, "later").unwrap();
     let (scan, log) = sync_with_log(&env);
-    assert!(log.contains(r#"from="stored digest""#), "{log}");
+    assert!(log.contains(r#"from="snapshot""#), "{log}");
     assert_eq!(scan["upserts"], 1, "{scan}");
     assert_eq!(std::fs::read(env.dst().join("a.txt")).unwrap(), b"later");
 
@@ -147,7 +147,7 @@ fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_dig
     set_mtime(&a, then);
     std::fs::remove_file(src.join("b.txt")).unwrap();
     let (scan, log) = sync_with_log(&env);
-    assert!(log.contains(r#"from="stored digest""#), "{log}");
+    assert!(log.contains(r#"from="snapshot""#), "{log}");
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),
         (&1.into(), &1.into()),
@@ -155,7 +155,7 @@ fn a_file_put_back_as_it_was_is_mirrored_after_re_syncs_that_read_the_stored_dig
     );
     assert_mirror(&src, &env.dst());
 
-    // And a scan after that finds nothing: the delete left the stored digest too.
+    // And a scan after that finds nothing: the journal kept the delete too.
     let (scan, _) = sync_with_log(&env);
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),
@@ -703,6 +703,64 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
             .into();
         assert_eq!(outcomes, expected);
     });
+}
+
+/// The index is a snapshot and a journal of the changes after it, folded into a new
+/// snapshot once the journal holds more than 1024 changes. Across folds, with keys added,
+/// changed, removed and added back, each re-sync emits exactly the changes, deletes
+/// included (their names come from the snapshot or the journal), and then nothing.
+#[test]
+fn re_syncs_across_index_folds_emit_each_change_once() {
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    let file = |i: usize| src.join(format!("d{}/f{i}.txt", i % 7));
+    let quiet = |env: &Env| {
+        let (scan, project) = env.sync();
+        assert_eq!(
+            (&scan["upserts"], &scan["deletes"], &project["events"]),
+            (&0.into(), &0.into(), &0.into()),
+            "{scan} {project}"
+        );
+    };
+    for i in 0..1500 {
+        write(file(i), format!("file {i} v0"));
+    }
+    env.sync();
+    quiet(&env);
+
+    // 1200 changes: past the fold, which must keep the names of the 900 files left.
+    for i in 0..600 {
+        std::fs::remove_file(file(i)).unwrap();
+    }
+    for i in 600..1200 {
+        write(file(i), format!("file {i} v1"));
+    }
+    let (scan, _) = env.sync();
+    assert_eq!(
+        (&scan["upserts"], &scan["deletes"]),
+        (&600.into(), &600.into()),
+        "{scan}"
+    );
+    assert_mirror(&src, &env.dst());
+    quiet(&env);
+
+    // Below the fold: deletes of keys named in the snapshot and of keys only journaled.
+    for i in 0..10 {
+        write(file(i), format!("file {i} back"));
+    }
+    env.sync();
+    for i in (0..5).chain(1400..1450) {
+        std::fs::remove_file(file(i)).unwrap();
+    }
+    write(file(1000), "file 1000 v2");
+    let (scan, _) = env.sync();
+    assert_eq!(
+        (&scan["upserts"], &scan["deletes"]),
+        (&1.into(), &55.into()),
+        "{scan}"
+    );
+    assert_mirror(&src, &env.dst());
+    quiet(&env);
 }
 
 /// `compact` rewrites the state into a new database holding the same log, index and

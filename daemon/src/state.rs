@@ -34,6 +34,14 @@ pub enum StateError {
     /// A read or write failed.
     #[error("state database: {0}")]
     Db(#[from] sled::Error),
+    /// A stored value is damaged: not in the format its reader knows.
+    #[error("state value `{key}` is unreadable: {reason}")]
+    Unreadable {
+        /// Its key or tree.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A stored record could not be decoded.
     #[error("state record `{key}` is corrupt: {source}")]
     Corrupt {
@@ -194,9 +202,30 @@ impl State {
         &self.db
     }
 
-    /// The scanner's index of a pipeline's source.
-    pub fn index(&self, pipeline: &str) -> Result<Records<IndexEntry>, StateError> {
-        self.records(&format!("index/{pipeline}"))
+    /// The per-key source index of a pipeline as state directories written before the
+    /// journaled index kept it, if this database has one; the scanner moves it into
+    /// [`State::index_snapshot`] and then drops it with [`State::drop_legacy_index`].
+    pub fn legacy_index(&self, pipeline: &str) -> Result<Option<Records<IndexEntry>>, StateError> {
+        let name = format!("index/{pipeline}");
+        if !self.db.tree_names().iter().any(|n| n == name.as_bytes()) {
+            return Ok(None);
+        }
+        self.records(&name).map(Some)
+    }
+
+    /// The legacy per-key index tree of a pipeline, created if missing: tests write one to
+    /// see it moved.
+    #[cfg(test)]
+    pub fn legacy_index_for_tests(&self, pipeline: &str) -> Records<IndexEntry> {
+        self.records(&format!("index/{pipeline}")).unwrap()
+    }
+
+    /// Drops the legacy per-key index of a pipeline, once the snapshot that replaces it
+    /// is durable (flushed first here, so no crash can keep the drop without it).
+    pub fn drop_legacy_index(&self, pipeline: &str) -> Result<(), StateError> {
+        self.db.flush()?;
+        self.db.drop_tree(format!("index/{pipeline}"))?;
+        Ok(())
     }
 
     /// The projector's applied state for a pipeline.
@@ -228,13 +257,19 @@ impl State {
         self.records(&format!("dir-deletes/{pipeline}"))
     }
 
-    /// The stored digest of a pipeline's index: what the scanner keeps of the index in
-    /// memory, written after a scan so the next one reads one value instead of the whole
-    /// index. [`Records::apply_clearing`] removes it together with the index change that
-    /// makes it stale.
-    pub fn index_digest(&self, pipeline: &str) -> Result<Snapshot, StateError> {
+    /// The stored snapshot of a pipeline's source index (see `scanner/digest.rs`): the
+    /// digest a scan keeps in memory and the indexed keys' names, as of a position of
+    /// [`State::index_journal`].
+    pub fn index_snapshot(&self, pipeline: &str) -> Result<Snapshot, StateError> {
         Ok(Snapshot {
             tree: self.db.open_tree(format!("index-digest/{pipeline}"))?,
+        })
+    }
+
+    /// The journal of a pipeline's source index: the index changes since its snapshot.
+    pub fn index_journal(&self, pipeline: &str) -> Result<Journal, StateError> {
+        Ok(Journal {
+            tree: self.db.open_tree(format!("index-journal/{pipeline}"))?,
         })
     }
 
@@ -360,58 +395,163 @@ fn finish_interrupted_compaction(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// One stored value derived from a tree of records (see [`State::index_digest`]), kept in
-/// its own tree as chunks of at most [`crate::log::sled::CHUNK_BYTES`]: sled 0.34 writes a
-/// larger page to a blob file its `flush` does not fsync, and a digest of 100k keys is
-/// 3.3 MB. A header records the chunk count; [`Records::apply_clearing`] removes the
-/// header, which is enough to make the stored value absent.
+/// Stored values derived from a tree of records (see [`State::index_snapshot`]), kept in
+/// their own tree as chunks of at most [`crate::log::sled::CHUNK_BYTES`]: sled 0.34 writes
+/// a larger page to a blob file its `flush` does not fsync, and the index digest of 100k
+/// keys is 3.3 MB. A snapshot has [`SNAPSHOT_PARTS`] parts, read apart (the index reads its
+/// names only to delete), and the position of the last [`Journal`] record it includes. A
+/// header records both; `put` writes the chunks and the header in one batch.
 pub struct Snapshot {
     tree: sled::Tree,
 }
 
-impl Snapshot {
-    /// Key of the header: the chunk count, u32 big-endian. Chunks are keyed `c` and their
-    /// index, u32 big-endian.
-    const HEADER: &'static [u8] = b"n";
+/// Parts of a [`Snapshot`].
+pub const SNAPSHOT_PARTS: usize = 2;
 
-    fn chunk_key(i: u32) -> [u8; 5] {
+/// Where a stored [`Snapshot`]'s parts are, and what it includes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// The last journal record the snapshot includes; 0 when none.
+    pub position: u64,
+    counts: [u32; SNAPSHOT_PARTS],
+}
+
+impl Snapshot {
+    /// Key of the header: the journal position (u64) and each part's chunk count (u32),
+    /// big-endian. A part's chunks are keyed by its tag and their index, u32 big-endian.
+    const HEADER: &'static [u8] = b"h";
+    /// Header of the format without parts or journal (before 0.1.0's journaled index),
+    /// removed by the first `put`.
+    const LEGACY_HEADER: &'static [u8] = b"n";
+    const PART_TAGS: [u8; SNAPSHOT_PARTS] = [b'c', b'm'];
+
+    fn chunk_key(part: usize, i: u32) -> [u8; 5] {
         let [a, b, c, d] = i.to_be_bytes();
-        [b'c', a, b, c, d]
+        [Self::PART_TAGS[part], a, b, c, d]
     }
 
-    /// The stored bytes, if a snapshot is stored.
-    pub fn get(&self) -> Result<Option<Vec<u8>>, StateError> {
+    fn unreadable(&self, reason: &str) -> StateError {
+        StateError::Unreadable {
+            key: String::from_utf8_lossy(&self.tree.name()).into_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// The header, if a snapshot is stored.
+    pub fn header(&self) -> Result<Option<SnapshotHeader>, StateError> {
         let Some(header) = self.tree.get(Self::HEADER)? else {
             return Ok(None);
         };
-        let Ok(count) = <[u8; 4]>::try_from(header.as_ref()).map(u32::from_be_bytes) else {
-            return Ok(None);
-        };
-        let mut bytes = Vec::new();
-        for i in 0..count {
-            match self.tree.get(Self::chunk_key(i))? {
-                Some(chunk) => bytes.extend_from_slice(&chunk),
-                None => return Ok(None),
-            }
+        let bad = || self.unreadable("its header is not 16 bytes");
+        let (position, rest) = header.split_first_chunk::<8>().ok_or_else(bad)?;
+        let mut counts = [0; SNAPSHOT_PARTS];
+        let mut rest = rest;
+        for count in &mut counts {
+            let (c, tail) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+            *count = u32::from_be_bytes(*c);
+            rest = tail;
         }
-        Ok(Some(bytes))
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        Ok(Some(SnapshotHeader {
+            position: u64::from_be_bytes(*position),
+            counts,
+        }))
     }
 
-    /// Stores `bytes` as the snapshot, atomically.
-    pub fn put(&self, bytes: &[u8]) -> Result<(), StateError> {
-        let chunks = bytes.chunks(crate::log::sled::CHUNK_BYTES);
-        let count = u32::try_from(chunks.len()).expect("a snapshot under 24 TiB");
+    /// The bytes of one part of the snapshot `header` describes.
+    pub fn part(&self, header: &SnapshotHeader, part: usize) -> Result<Vec<u8>, StateError> {
+        let mut bytes = Vec::new();
+        for i in 0..header.counts[part] {
+            match self.tree.get(Self::chunk_key(part, i))? {
+                Some(chunk) => bytes.extend_from_slice(&chunk),
+                None => return Err(self.unreadable("a chunk its header counts is missing")),
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Stores `parts` as the snapshot that includes the journal up to `position`,
+    /// atomically.
+    pub fn put(&self, position: u64, parts: [&[u8]; SNAPSHOT_PARTS]) -> Result<(), StateError> {
         let mut batch = sled::Batch::default();
-        for (i, chunk) in (0..).zip(chunks) {
-            batch.insert(&Self::chunk_key(i), chunk);
+        let mut header = position.to_be_bytes().to_vec();
+        for (part, bytes) in parts.iter().enumerate() {
+            let chunks = bytes.chunks(crate::log::sled::CHUNK_BYTES);
+            let count = u32::try_from(chunks.len()).expect("a snapshot under 24 TiB");
+            for (i, chunk) in (0..).zip(chunks) {
+                batch.insert(&Self::chunk_key(part, i), chunk);
+            }
+            for old in self
+                .tree
+                .range(Self::chunk_key(part, count)..=Self::chunk_key(part, u32::MAX))
+            {
+                batch.remove(old?.0);
+            }
+            header.extend_from_slice(&count.to_be_bytes());
         }
-        for old in self
-            .tree
-            .range(Self::chunk_key(count)..Self::chunk_key(u32::MAX))
-        {
-            batch.remove(old?.0);
+        batch.remove(Self::LEGACY_HEADER);
+        batch.insert(Self::HEADER, header);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+/// Records appended under increasing positions (u64 big-endian keys, from 1), so an append
+/// writes only the tree's last leaf, which is in memory: unlike a write keyed by item, it
+/// never waits for a page on the disk. Read back from a position; removed up to one once a
+/// [`Snapshot`] includes them.
+pub struct Journal {
+    tree: sled::Tree,
+}
+
+impl Journal {
+    /// Position of the last record; 0 when there is none.
+    pub fn last(&self) -> Result<u64, StateError> {
+        Ok(match self.tree.last()? {
+            Some((k, _)) => Self::position(&k)?,
+            None => 0,
+        })
+    }
+
+    fn position(key: &[u8]) -> Result<u64, StateError> {
+        <[u8; 8]>::try_from(key)
+            .map(u64::from_be_bytes)
+            .map_err(|_| StateError::Unreadable {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason: "a journal key is not 8 bytes".into(),
+            })
+    }
+
+    /// Appends `records` under `first`, `first + 1`, …, atomically.
+    pub fn append(&self, first: u64, records: &[Vec<u8>]) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        for (position, record) in (first..).zip(records) {
+            batch.insert(&position.to_be_bytes(), record.as_slice());
         }
-        batch.insert(Self::HEADER, &count.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The records after `position`, in order, with their positions.
+    pub fn after(
+        &self,
+        position: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StateError>> + '_ {
+        let from = position.saturating_add(1).to_be_bytes();
+        self.tree.range(from..).map(|r| {
+            let (k, v) = r?;
+            Ok((Self::position(&k)?, v))
+        })
+    }
+
+    /// Removes the records up to `position`, atomically.
+    pub fn remove_through(&self, position: u64) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        for key in self.tree.range(..=position.to_be_bytes()).keys() {
+            batch.remove(key?);
+        }
         self.tree.apply_batch(batch)?;
         Ok(())
     }
@@ -477,34 +617,6 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
         T: 'a,
     {
         self.tree.apply_batch(Self::batch(changes))?;
-        Ok(())
-    }
-
-    /// Like [`Records::apply`], and removes `snapshot` in the same transaction: a crash
-    /// can never leave the changes without the removal, so a snapshot that is still
-    /// stored describes the records as they are.
-    pub fn apply_clearing<'a>(
-        &self,
-        changes: impl IntoIterator<Item = (&'a str, Option<&'a T>)>,
-        snapshot: &Snapshot,
-    ) -> Result<(), StateError>
-    where
-        T: 'a,
-    {
-        use sled::Transactional;
-        let batch = Self::batch(changes);
-        (&self.tree, &snapshot.tree)
-            .transaction(|(records, snap)| {
-                records.apply_batch(&batch)?;
-                snap.remove(Snapshot::HEADER)?;
-                Ok(())
-            })
-            .map_err(
-                |e: sled::transaction::TransactionError<std::convert::Infallible>| match e {
-                    sled::transaction::TransactionError::Storage(e) => StateError::Db(e),
-                    sled::transaction::TransactionError::Abort(never) => match never {},
-                },
-            )?;
         Ok(())
     }
 
@@ -617,7 +729,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let state = State::open(dir.path()).unwrap();
-            let index = state.index("p").unwrap();
+            let index = state.records::<IndexEntry>("index/p").unwrap();
             for round in 0..20 {
                 for k in 0..500 {
                     index
@@ -646,7 +758,7 @@ mod tests {
         assert!(!dir.path().join(DB_COMPACTING).exists());
         assert!(!dir.path().join(DB_RETIRED).exists());
         let state = reopen(dir.path());
-        let index = state.index("p").unwrap();
+        let index = state.records::<IndexEntry>("index/p").unwrap();
         assert_eq!(index.len(), 500);
         assert_eq!(index.get("k42").unwrap(), Some(entry("v19")));
         assert_eq!(
@@ -666,7 +778,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let state = State::open(dir.path()).unwrap();
-            state.index("p").unwrap().put("k", &entry("v")).unwrap();
+            state
+                .records::<IndexEntry>("index/p")
+                .unwrap()
+                .put("k", &entry("v"))
+                .unwrap();
             state.db().flush().unwrap();
         }
         // Crashed after moving the old database aside, before the new one was in place:
@@ -675,7 +791,11 @@ mod tests {
         {
             let state = reopen(dir.path());
             assert_eq!(
-                state.index("p").unwrap().get("k").unwrap(),
+                state
+                    .records::<IndexEntry>("index/p")
+                    .unwrap()
+                    .get("k")
+                    .unwrap(),
                 Some(entry("v"))
             );
         }
@@ -684,7 +804,11 @@ mod tests {
         std::fs::create_dir(dir.path().join(DB_RETIRED)).unwrap();
         let state = reopen(dir.path());
         assert_eq!(
-            state.index("p").unwrap().get("k").unwrap(),
+            state
+                .records::<IndexEntry>("index/p")
+                .unwrap()
+                .get("k")
+                .unwrap(),
             Some(entry("v"))
         );
         assert!(!dir.path().join(DB_RETIRED).exists());
@@ -694,12 +818,16 @@ mod tests {
     fn a_snapshot_is_stored_in_chunks_and_read_back_whole() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
-        let snapshot = state.index_digest("p").unwrap();
-        assert_eq!(snapshot.get().unwrap(), None);
+        let snapshot = state.index_snapshot("p").unwrap();
+        assert_eq!(snapshot.header().unwrap(), None);
 
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        snapshot.put(&big).unwrap();
-        assert_eq!(snapshot.get().unwrap().as_deref(), Some(big.as_slice()));
+        let names = b"names".repeat(5000);
+        snapshot.put(7, [&big, &names]).unwrap();
+        let header = snapshot.header().unwrap().unwrap();
+        assert_eq!(header.position, 7);
+        assert_eq!(snapshot.part(&header, 0).unwrap(), big);
+        assert_eq!(snapshot.part(&header, 1).unwrap(), names);
         assert!(
             snapshot
                 .tree
@@ -710,22 +838,55 @@ mod tests {
         );
 
         // A smaller one leaves none of the bigger one's chunks behind.
-        snapshot.put(b"small").unwrap();
-        assert_eq!(
-            snapshot.get().unwrap().as_deref(),
-            Some(b"small".as_slice())
-        );
+        snapshot.put(9, [b"small", b""]).unwrap();
+        let header = snapshot.header().unwrap().unwrap();
+        assert_eq!(header.position, 9);
+        assert_eq!(snapshot.part(&header, 0).unwrap(), b"small");
+        assert_eq!(snapshot.part(&header, 1).unwrap(), b"");
         assert_eq!(snapshot.tree.len(), 2);
 
-        let index = state.index("p").unwrap();
-        let entry = IndexEntry {
-            version: "v".into(),
-            fingerprint: None,
-        };
-        index
-            .apply_clearing([("k", Some(&entry))], &snapshot)
+        // A missing chunk is an error that names the tree, not a shorter value.
+        snapshot.tree.remove(Snapshot::chunk_key(0, 0)).unwrap();
+        let err = snapshot.part(&header, 0).unwrap_err().to_string();
+        assert!(err.contains("index-digest/p"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_reads_back_after_a_position_and_forgets_what_was_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let journal = state.index_journal("p").unwrap();
+        assert_eq!(journal.last().unwrap(), 0);
+        journal
+            .append(1, &[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()])
             .unwrap();
-        assert_eq!(snapshot.get().unwrap(), None);
-        assert_eq!(index.get("k").unwrap(), Some(entry));
+        journal.append(4, &[b"d".to_vec()]).unwrap();
+        assert_eq!(journal.last().unwrap(), 4);
+        let after = |p| -> Vec<(u64, Vec<u8>)> {
+            journal
+                .after(p)
+                .map(|r| r.map(|(k, v)| (k, v.to_vec())).unwrap())
+                .collect()
+        };
+        assert_eq!(after(2), vec![(3, b"c".to_vec()), (4, b"d".to_vec())]);
+        journal.remove_through(3).unwrap();
+        assert_eq!(after(0), vec![(4, b"d".to_vec())]);
+        assert_eq!(journal.last().unwrap(), 4);
+    }
+
+    #[test]
+    fn the_legacy_index_is_there_only_until_it_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        assert!(state.legacy_index("p").unwrap().is_none());
+        state
+            .records::<IndexEntry>("index/p")
+            .unwrap()
+            .put("k", &entry("v"))
+            .unwrap();
+        let legacy = state.legacy_index("p").unwrap().unwrap();
+        assert_eq!(legacy.get("k").unwrap(), Some(entry("v")));
+        state.drop_legacy_index("p").unwrap();
+        assert!(state.legacy_index("p").unwrap().is_none());
     }
 }
