@@ -711,21 +711,27 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
 /// included (their names come from the snapshot or the journal), and then nothing.
 #[test]
 fn re_syncs_across_index_folds_emit_each_change_once() {
+    const FOLDED: &str = "index journal folded into a new snapshot";
     let env = Env::dirs("", "prune = true");
     let src = env.src();
     let file = |i: usize| src.join(format!("d{}/f{i}.txt", i % 7));
     let quiet = |env: &Env| {
-        let (scan, project) = env.sync();
+        let (scan, log) = sync_with_log(env);
         assert_eq!(
-            (&scan["upserts"], &scan["deletes"], &project["events"]),
-            (&0.into(), &0.into(), &0.into()),
-            "{scan} {project}"
+            (&scan["upserts"], &scan["deletes"]),
+            (&0.into(), &0.into()),
+            "{scan}"
         );
+        assert!(!log.contains(FOLDED), "{log}");
     };
     for i in 0..1500 {
         write(file(i), format!("file {i} v0"));
     }
-    env.sync();
+    let (_, log) = sync_with_log(&env);
+    assert!(
+        log.contains(FOLDED),
+        "a first scan stores a snapshot: {log}"
+    );
     quiet(&env);
 
     // 1200 changes: past the fold, which must keep the names of the 900 files left.
@@ -735,12 +741,13 @@ fn re_syncs_across_index_folds_emit_each_change_once() {
     for i in 600..1200 {
         write(file(i), format!("file {i} v1"));
     }
-    let (scan, _) = env.sync();
+    let (scan, log) = sync_with_log(&env);
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),
         (&600.into(), &600.into()),
         "{scan}"
     );
+    assert!(log.contains(FOLDED), "{log}");
     assert_mirror(&src, &env.dst());
     quiet(&env);
 
@@ -753,12 +760,13 @@ fn re_syncs_across_index_folds_emit_each_change_once() {
         std::fs::remove_file(file(i)).unwrap();
     }
     write(file(1000), "file 1000 v2");
-    let (scan, _) = env.sync();
+    let (scan, log) = sync_with_log(&env);
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),
         (&1.into(), &55.into()),
         "{scan}"
     );
+    assert!(!log.contains(FOLDED), "{log}");
     assert_mirror(&src, &env.dst());
     quiet(&env);
 }

@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::log::sled::CHUNK_BYTES;
 use crate::state::{IndexEntry, Journal, Snapshot, SnapshotHeader, State, StateError};
@@ -390,12 +390,20 @@ impl Digest {
         if !due {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let mut names = NamesPart::default();
         self.for_each_name(|_, name| names.push(name))?;
         self.snapshot
             .put(self.last, [&encode(&self.entries), &names.finish()])?;
         self.journal.remove_through(self.last)?;
         self.header = self.snapshot.header()?;
+        debug!(
+            pipeline = %self.pipeline,
+            keys = self.entries.len(),
+            folded = self.journaled,
+            seconds = started.elapsed().as_secs_f64(),
+            "index journal folded into a new snapshot"
+        );
         self.names.clear();
         self.journaled = 0;
         Ok(())
