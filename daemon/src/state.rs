@@ -420,7 +420,7 @@ impl Snapshot {
     /// Key of the header: the journal position (u64) and each part's chunk count (u32),
     /// big-endian. A part's chunks are keyed by its tag and their index, u32 big-endian.
     const HEADER: &'static [u8] = b"h";
-    /// Header of the format without parts or journal (before 0.1.0's journaled index),
+    /// Header of the format without parts or journal (before the journaled index),
     /// removed by the first `put`.
     const LEGACY_HEADER: &'static [u8] = b"n";
     const PART_TAGS: [u8; SNAPSHOT_PARTS] = [b'c', b'm'];
@@ -820,10 +820,21 @@ mod tests {
         let state = State::open(dir.path()).unwrap();
         let snapshot = state.index_snapshot("p").unwrap();
         assert_eq!(snapshot.header().unwrap(), None);
+        // What the format before the journaled index left: its header and more chunks.
+        snapshot
+            .tree
+            .insert(Snapshot::LEGACY_HEADER, &[0, 0, 0, 41])
+            .unwrap();
+        snapshot
+            .tree
+            .insert(Snapshot::chunk_key(0, 40), b"old")
+            .unwrap();
 
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let names = b"names".repeat(5000);
         snapshot.put(7, [&big, &names]).unwrap();
+        assert_eq!(snapshot.tree.get(Snapshot::LEGACY_HEADER).unwrap(), None);
+        assert_eq!(snapshot.tree.get(Snapshot::chunk_key(0, 40)).unwrap(), None);
         let header = snapshot.header().unwrap().unwrap();
         assert_eq!(header.position, 7);
         assert_eq!(snapshot.part(&header, 0).unwrap(), big);
