@@ -438,7 +438,7 @@ impl Scanner {
             record.guard = Some(trip);
             return Ok(());
         }
-        let mut doomed = known.unseen_names().map_err(self.state_err())?;
+        let mut doomed = known.names_of(&unseen).map_err(self.state_err())?;
         // Deepest first, so a directory's contents are deleted before the directory.
         doomed.sort_by_key(|id| std::cmp::Reverse(id.matches('/').count()));
         let observed_at = Utc::now();

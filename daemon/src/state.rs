@@ -473,10 +473,15 @@ impl Snapshot {
     }
 
     /// Stores `parts` as the snapshot that includes the journal up to `position`,
-    /// atomically.
-    pub fn put(&self, position: u64, parts: [&[u8]; SNAPSHOT_PARTS]) -> Result<(), StateError> {
+    /// atomically, and returns its header.
+    pub fn put(
+        &self,
+        position: u64,
+        parts: [&[u8]; SNAPSHOT_PARTS],
+    ) -> Result<SnapshotHeader, StateError> {
         let mut batch = sled::Batch::default();
         let mut header = position.to_be_bytes().to_vec();
+        let mut counts = [0; SNAPSHOT_PARTS];
         for (part, bytes) in parts.iter().enumerate() {
             let chunks = bytes.chunks(crate::log::sled::CHUNK_BYTES);
             let count = u32::try_from(chunks.len()).expect("a snapshot under 24 TiB");
@@ -490,11 +495,12 @@ impl Snapshot {
                 batch.remove(old?.0);
             }
             header.extend_from_slice(&count.to_be_bytes());
+            counts[part] = count;
         }
         batch.remove(Self::LEGACY_HEADER);
         batch.insert(Self::HEADER, header);
         self.tree.apply_batch(batch)?;
-        Ok(())
+        Ok(SnapshotHeader { position, counts })
     }
 }
 
@@ -832,7 +838,8 @@ mod tests {
 
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let names = b"names".repeat(5000);
-        snapshot.put(7, [&big, &names]).unwrap();
+        let stored = snapshot.put(7, [&big, &names]).unwrap();
+        assert_eq!(snapshot.header().unwrap(), Some(stored));
         assert_eq!(snapshot.tree.get(Snapshot::LEGACY_HEADER).unwrap(), None);
         assert_eq!(snapshot.tree.get(Snapshot::chunk_key(0, 40)).unwrap(), None);
         let header = snapshot.header().unwrap().unwrap();

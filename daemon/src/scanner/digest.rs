@@ -232,9 +232,10 @@ impl Digest {
             Ok(())
         })?;
         self.last = self.journal.last()?;
-        self.snapshot
-            .put(self.last, [&encode(&self.entries), &names.finish()])?;
-        self.header = self.snapshot.header()?;
+        self.header = Some(
+            self.snapshot
+                .put(self.last, [&encode(&self.entries), &names.finish()])?,
+        );
         Ok(())
     }
 
@@ -334,24 +335,24 @@ impl Digest {
             .collect()
     }
 
-    /// Names of the indexed keys the listing did not show. A key whose name is not stored
-    /// (never, unless the state was damaged) is left out with a warning: without its name
-    /// it cannot be deleted, and no delete is better than a wrong one.
-    pub(super) fn unseen_names(&self) -> Result<Vec<String>, StateError> {
-        let unseen = self.unseen();
-        if unseen.is_empty() {
+    /// Names of the indexed keys among `keys` (hashes, as [`Digest::unseen`] gives them).
+    /// A key whose name is not stored (never, unless the state was damaged) is left out
+    /// with a warning: without its name it cannot be deleted, and no delete is better than
+    /// a wrong one.
+    pub(super) fn names_of(&self, keys: &HashSet<u128>) -> Result<Vec<String>, StateError> {
+        if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut found = Vec::with_capacity(unseen.len());
+        let mut found = Vec::with_capacity(keys.len());
         self.for_each_name(|key, name| {
-            if unseen.contains(&key) {
+            if keys.contains(&key) {
                 found.push(name.to_owned());
             }
         })?;
-        if found.len() < unseen.len() {
+        if found.len() < keys.len() {
             warn!(
                 pipeline = %self.pipeline,
-                missing = unseen.len() - found.len(),
+                missing = keys.len() - found.len(),
                 "the index holds keys whose names are not stored; they are not deleted"
             );
         }
@@ -393,10 +394,11 @@ impl Digest {
         let started = std::time::Instant::now();
         let mut names = NamesPart::default();
         self.for_each_name(|_, name| names.push(name))?;
-        self.snapshot
+        let header = self
+            .snapshot
             .put(self.last, [&encode(&self.entries), &names.finish()])?;
         self.journal.remove_through(self.last)?;
-        self.header = self.snapshot.header()?;
+        self.header = Some(header);
         debug!(
             pipeline = %self.pipeline,
             keys = self.entries.len(),
@@ -581,7 +583,7 @@ mod tests {
         assert_eq!(digest.len(), 2);
         assert_eq!(digest.see("a", Some("9:9:9")), Seen::Unchanged);
         assert_eq!(digest.see("b", None), Seen::New);
-        assert_eq!(sorted(digest.unseen_names().unwrap()), ["c"]);
+        assert_eq!(sorted(digest.names_of(&digest.unseen()).unwrap()), ["c"]);
     }
 
     #[test]
@@ -624,7 +626,10 @@ mod tests {
             .cloned()
             .collect();
         expected.push("new".into());
-        assert_eq!(sorted(digest.unseen_names().unwrap()), sorted(expected));
+        assert_eq!(
+            sorted(digest.names_of(&digest.unseen()).unwrap()),
+            sorted(expected)
+        );
     }
 
     #[test]
@@ -649,9 +654,15 @@ mod tests {
         assert_eq!(origin, Origin::Snapshot);
         assert_eq!(digest.see("a", Some("1:2:3")), Seen::Unchanged);
         assert!(changed_from(digest.see("b", None), "v2"));
-        assert_eq!(sorted(digest.unseen_names().unwrap()), Vec::<String>::new());
+        assert_eq!(
+            sorted(digest.names_of(&digest.unseen()).unwrap()),
+            Vec::<String>::new()
+        );
         let (digest, _) = load(&state);
-        assert_eq!(sorted(digest.unseen_names().unwrap()), ["a", "b"]);
+        assert_eq!(
+            sorted(digest.names_of(&digest.unseen()).unwrap()),
+            ["a", "b"]
+        );
     }
 
     #[test]
