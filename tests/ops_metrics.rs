@@ -61,15 +61,19 @@ fn issue_5_every_documented_metric_is_exported_and_lag_returns_to_zero() {
     let d = env.spawn_daemon();
 
     // The scanner appends as it walks, so lag rises in steps: wait for a finished scan,
-    // seen in the same scrape as the lag.
-    let stuck = wait_for(Duration::from_secs(30), || {
-        let m = d.metrics();
-        let scanned = m
+    // then read the lag from a later scrape. A scrape computes the lag before it renders,
+    // so the scrape that first shows the scan finished may hold the lag from just before
+    // the scan's last append.
+    wait_for(Duration::from_secs(30), || {
+        d.metrics()
             .get(r#"tidemark_last_scan_success_timestamp_seconds{pipeline="t"}"#)
-            .is_some_and(|&at| at > 0.0);
-        let events = m[r#"tidemark_lag_events{pipeline="t"}"#];
-        let seconds = m[r#"tidemark_lag_seconds{pipeline="t"}"#];
-        (scanned && seconds > 0.0).then_some((events, seconds))
+            .is_some_and(|&at| at > 0.0)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no scan finished; log:\n{}", env.daemon_log()));
+    let stuck = wait_for(Duration::from_secs(30), || {
+        let (events, seconds) = lag(&d);
+        (seconds > 0.0).then_some((events, seconds))
     })
     .unwrap_or_else(|| panic!("lag never rose above 0; log:\n{}", env.daemon_log()));
     assert_eq!(stuck.0, 44.0, "40 files and 4 directories wait");
