@@ -587,6 +587,42 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_between_a_fold_and_the_journal_removal_replays_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let (mut digest, _) = load(&state);
+        let v = entry("v1", Some("1:1:1"));
+        digest.apply(&[("a", Some(&v)), ("b", Some(&v))]).unwrap();
+        digest.store().unwrap();
+        let (mut digest, _) = load(&state);
+        digest.apply(&[("a", None), ("c", Some(&v))]).unwrap();
+
+        // The fold's snapshot is stored, and the "crash" comes before the journal records
+        // it includes are removed.
+        let mut names = NamesPart::default();
+        digest.for_each_name(|_, name| names.push(name)).unwrap();
+        let last = digest.last;
+        digest
+            .snapshot
+            .put(last, [&encode(&digest.entries), &names.finish()])
+            .unwrap();
+        drop(digest);
+        assert!(state.index_journal("p").unwrap().after(0).count() > 0);
+
+        let (digest, origin) = load(&state);
+        assert_eq!(origin, Origin::Snapshot);
+        assert_eq!(
+            digest.journaled, 0,
+            "records the snapshot includes are skipped"
+        );
+        assert_eq!(digest.len(), 2);
+        assert_eq!(
+            sorted(digest.names_of(&digest.unseen()).unwrap()),
+            ["b", "c"]
+        );
+    }
+
+    #[test]
     fn a_fold_keeps_the_names_of_the_index_and_empties_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
