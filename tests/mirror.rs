@@ -705,6 +705,35 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
     });
 }
 
+/// A run that wrote 10k events or more reopens the state database once it is done, so sled
+/// leaves a snapshot of it and the next start need not read it all back. The checkpoint
+/// needs every handle of the run dropped: the log line says it happened. A run that wrote
+/// little does not pay for one.
+#[test]
+fn a_sync_that_wrote_much_checkpoints_the_state_database_and_one_that_wrote_little_does_not() {
+    const DONE: &str = "state database checkpointed";
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    // 5000 files and 10 directories: 5010 events appended, then 5010 applied.
+    for i in 0..5000 {
+        write(src.join(format!("d{}/f{i}.txt", i % 10)), format!("{i}\n"));
+    }
+    let (scan, log) = sync_with_log(&env);
+    assert_eq!(scan["upserts"], 5010);
+    assert!(log.contains(DONE), "{log}");
+    assert!(!log.contains("not checkpointed"), "{log}");
+    assert_mirror(&src, &env.dst());
+
+    write(src.join("d3/f3.txt"), "changed\n");
+    let (scan, log) = sync_with_log(&env);
+    assert_eq!(scan["upserts"], 1);
+    assert!(!log.contains(DONE), "{log}");
+    assert_mirror(&src, &env.dst());
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["head"], 5011);
+    assert_eq!(status[0]["committed"], 5011);
+}
+
 /// The index is a snapshot and a journal of the changes after it, folded into a new
 /// snapshot once the journal holds more than 1024 changes. Across folds, with keys added,
 /// changed, removed and added back, each re-sync emits exactly the changes, deletes

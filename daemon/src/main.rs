@@ -455,6 +455,8 @@ async fn scan_project(
     let mut early = scan.then(|| EarlyListing::start(&config, select)).flatten();
     let session = Session::open(config)?;
     let mut degraded = false;
+    // Events appended and applied: what this run wrote to the state database.
+    let mut written = 0;
     let mut out = Vec::new();
     let run = match (scan, project) {
         (true, false) => "scan",
@@ -491,6 +493,7 @@ async fn scan_project(
         if let Some(record) = scanned {
             let record = record?;
             degraded |= record.errors > 0;
+            written += record.upserts + record.deletes;
             if select.output == Output::Text {
                 println!(
                     "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s",
@@ -512,6 +515,7 @@ async fn scan_project(
         if let Some(report) = projected {
             let report = report?;
             degraded |= !report.failures.is_empty();
+            written += report.events;
             if select.output == Output::Text {
                 let counts: Vec<String> = report
                     .outcomes
@@ -541,11 +545,34 @@ async fn scan_project(
     if select.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
+    if written >= CHECKPOINT_AFTER {
+        checkpoint(session);
+    }
     Ok(if degraded {
         ExitCode::from(EXIT_DEGRADED)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Events a run appends or applies before it leaves the state database a fresh snapshot
+/// ([`State::checkpoint`]): below this, what the next start reads back is a few hundredths
+/// of a second at most, about what the checkpoint would cost.
+const CHECKPOINT_AFTER: u64 = 10_000;
+
+/// Closes the session's state database and checkpoints it. Best effort: a database still
+/// held (or one that fails to open now) is left as it is, and the next start reads more.
+fn checkpoint(session: Session) {
+    let dir = session.state.path().to_owned();
+    drop(session);
+    let started = std::time::Instant::now();
+    match State::checkpoint(&dir) {
+        Ok(()) => tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "state database checkpointed"
+        ),
+        Err(e) => tracing::debug!("state database not checkpointed: {e}"),
+    }
 }
 
 /// Writes a run's report; a report that cannot be written is logged, not fatal: the run

@@ -296,6 +296,28 @@ impl State {
         Ok(self.db.size_on_disk()?)
     }
 
+    /// Opens the database of `dir` once more and closes it, to leave a fresh sled snapshot
+    /// behind. sled 0.34 keeps its page table as a snapshot plus the log written after it,
+    /// and every open reads that log back and writes a new snapshot. After a run that wrote
+    /// much, the next start read it from a cold disk: the first re-sync after an initial
+    /// sync of 100k files spent 0.32–0.34 s opening the database instead of 0.07–0.09 s.
+    /// Right after the run the log is still in the page cache, and reading it here took
+    /// 0.05 s. Needs the database to itself: every handle of the run must be dropped. sled's
+    /// threads let go of the lock shortly after the last handle is dropped, so a locked
+    /// database is tried again for up to two seconds before the error is returned.
+    pub fn checkpoint(dir: &Path) -> Result<(), StateError> {
+        let mut tries = 0;
+        loop {
+            match State::open(dir) {
+                Err(StateError::Locked { .. }) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => return opened.map(drop),
+            }
+        }
+    }
+
     /// Rewrites the database of `dir` into a new one holding exactly the same records,
     /// and puts it in place of the old one. sled 0.34 reclaims the space of rewritten
     /// pages lazily, and with a log that only grows it hardly does: on 10k files, 80
@@ -728,6 +750,51 @@ mod tests {
             version: version.into(),
             fingerprint: None,
         }
+    }
+
+    /// sled's newest snapshot in `dir`: the log position it covers (0: none yet).
+    fn snapshot_position(dir: &Path) -> u64 {
+        std::fs::read_dir(dir.join(DB))
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                let hex = name.strip_prefix("snap.")?;
+                u64::from_str_radix(hex, 16).ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_checkpoint_leaves_a_snapshot_of_everything_written_and_waits_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let written = snapshot_position(dir.path());
+        let applied = state.applied("p").unwrap();
+        for k in 0..5000 {
+            let a = Applied {
+                version: format!("blake3:{k:064}"),
+                offset: k,
+                target_id: None,
+            };
+            applied.put(&format!("file\0k{k}"), &a).unwrap();
+        }
+        futures::executor::block_on(state.flush()).unwrap();
+        drop((applied, state));
+        // Right after the drop sled's threads may still hold the lock: it waits for them.
+        State::checkpoint(dir.path()).unwrap();
+        assert!(
+            snapshot_position(dir.path()) > written,
+            "the snapshot covers the records written after the last open"
+        );
+        let state = reopen(dir.path());
+        let applied = state.applied("p").unwrap();
+        assert_eq!(applied.iter().count(), 5000);
+        assert_eq!(applied.get("file\0k4999").unwrap().unwrap().offset, 4999);
+
+        // A database another handle holds is not checkpointed; the error says so.
+        let err = State::checkpoint(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
     }
 
     #[test]
