@@ -371,11 +371,13 @@ impl Walker {
 #[async_trait]
 impl Source for DirSource {
     fn list(&self) -> ListStream {
-        // At most this many chunks of LIST_CHUNK listings (16k entries, a few MB) wait for
-        // the scanner: enough for the walk to keep going while `scan` and `sync` open the
-        // state database and read the index digest, which on a cold cache take 0.1 s for
-        // a tree of 100k files.
-        let (tx, rx) = mpsc::channel(64);
+        // At most this many chunks of LIST_CHUNK listings (64k entries, about 8 MB) wait
+        // for the scanner, so the walk keeps going while `scan` and `sync` open the state
+        // database and read the index, which on a cold cache take 0.1–0.4 s for a tree
+        // of 100k files. With 16k entries the walk stopped to wait: a cold re-sync of 1000
+        // changed files among 100k took 1.28 s instead of 1.21 s (5 pairs), for 8 MB more
+        // at the peak of an initial sync (163 MB instead of 155 MB).
+        let (tx, rx) = mpsc::channel(256);
         let walker = self.inner.clone();
         tokio::task::spawn_blocking(move || walker.walk(&tx));
         Box::pin(tokio_stream_from(rx).flat_map(futures::stream::iter))
