@@ -306,16 +306,7 @@ impl State {
     /// threads let go of the lock shortly after the last handle is dropped, so a locked
     /// database is tried again for up to two seconds before the error is returned.
     pub fn checkpoint(dir: &Path) -> Result<(), StateError> {
-        let mut tries = 0;
-        loop {
-            match State::open(dir) {
-                Err(StateError::Locked { .. }) if tries < 100 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                opened => return opened.map(drop),
-            }
-        }
+        once_unlocked(|| State::open(dir).map(drop))
     }
 
     /// Rewrites the database of `dir` into a new one holding exactly the same records,
@@ -361,6 +352,22 @@ impl State {
         new.flush()?;
         let after = new.size_on_disk()?;
         drop(new);
+        // Written since its only open, the new database has no snapshot yet: the first
+        // start after the swap would read all of it back from disk (see `checkpoint`).
+        once_unlocked(|| {
+            sled::Config::new()
+                .path(&fresh)
+                .open()
+                .map(drop)
+                .map_err(|e| match e {
+                    sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                        StateError::Locked {
+                            path: fresh.clone(),
+                        }
+                    }
+                    e => e.into(),
+                })
+        })?;
         // Swapped while the old database is still open and locked, so no tidemark opens
         // it in between; a crash between the two renames is finished by the next open.
         let (current, retired) = (dir.join(DB), dir.join(DB_RETIRED));
@@ -380,6 +387,22 @@ impl State {
             before,
             after,
         })
+    }
+}
+
+/// Runs `open` (which opens a database and closes it) until the database is not locked,
+/// for up to two seconds: sled's threads let go of the lock shortly after the last handle
+/// is dropped.
+fn once_unlocked(open: impl Fn() -> Result<(), StateError>) -> Result<(), StateError> {
+    let mut tries = 0;
+    loop {
+        match open() {
+            Err(StateError::Locked { .. }) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            done => return done,
+        }
     }
 }
 
@@ -830,6 +853,10 @@ mod tests {
         assert_eq!(done.records, 501);
         assert!(!dir.path().join(DB_COMPACTING).exists());
         assert!(!dir.path().join(DB_RETIRED).exists());
+        assert!(
+            snapshot_position(dir.path()) > 0,
+            "the compacted database has a snapshot, so its next open reads nothing back"
+        );
         let state = reopen(dir.path());
         let index = state.records::<IndexEntry>("index/p").unwrap();
         assert_eq!(index.len(), 500);
