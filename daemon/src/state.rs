@@ -182,11 +182,9 @@ impl State {
                 db,
                 path: dir.to_owned(),
             }),
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                Err(StateError::Locked {
-                    path: dir.to_owned(),
-                })
-            }
+            Err(e) if is_locked(&e) => Err(StateError::Locked {
+                path: dir.to_owned(),
+            }),
             Err(sled::Error::Io(e)) => Err(open_err(e)),
             Err(e) => Err(e.into()),
         }
@@ -359,13 +357,14 @@ impl State {
                 .path(&fresh)
                 .open()
                 .map(drop)
-                .map_err(|e| match e {
-                    sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                .map_err(|e| {
+                    if is_locked(&e) {
                         StateError::Locked {
                             path: fresh.clone(),
                         }
+                    } else {
+                        e.into()
                     }
-                    e => e.into(),
                 })
         })?;
         // Swapped while the old database is still open and locked, so no tidemark opens
@@ -388,6 +387,11 @@ impl State {
             after,
         })
     }
+}
+
+/// sled could not open a database because another handle holds its lock.
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
 }
 
 /// Runs `open` (which opens a database and closes it) until the database is not locked,
