@@ -130,17 +130,26 @@ impl Inner {
         Ok(self.root.join(rel))
     }
 
-    /// Creates the parents of `path` and checks none of them is a symbolic link.
+    /// Creates the parents of `path` and checks none of them is a symbolic link. What was
+    /// checked is remembered until the next flush, so each directory (the root too) is
+    /// looked at once per batch, not once per new directory below it.
     fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
         let parent = path.parent().expect("resolved paths are below the root");
-        if self.safe_dirs.lock().unwrap().contains(parent) {
+        let known = |dir: &Path| self.safe_dirs.lock().unwrap().contains(dir);
+        if known(parent) {
             return Ok(());
+        }
+        if !known(&self.root) {
+            fs::create_dir_all(&self.root)?;
+            self.safe_dirs.lock().unwrap().insert(self.root.clone());
         }
         let mut dir = self.root.clone();
         let rel = parent.strip_prefix(&self.root).unwrap_or(Path::new(""));
-        fs::create_dir_all(&self.root)?;
         for c in rel.components() {
             dir.push(c);
+            if known(&dir) {
+                continue;
+            }
             match fs::symlink_metadata(&dir) {
                 Ok(m) if m.file_type().is_symlink() => {
                     return Err(Failure::Permanent(format!(
@@ -174,8 +183,8 @@ impl Inner {
                 }
                 Err(e) => return Err(e.into()),
             }
+            self.safe_dirs.lock().unwrap().insert(dir.clone());
         }
-        self.safe_dirs.lock().unwrap().insert(parent.to_owned());
         Ok(())
     }
 
