@@ -13,6 +13,10 @@
 #                     [--inline-limit BYTES] [--no-build] [--no-verify] [--repeat N]
 #                     [--fresh-fs GB] [--baseline BIN]
 #
+#   --tools LIST     tools to time; besides the default three, `rsync-fsync` (`rsync -a
+#                    --fsync`, every written file made durable as tidemark's commits make
+#                    them) is shown for reference; it is not one of the peers the
+#                    "vs faster peer" column compares with (rsync and rclone)
 #   --small          1/10 scale (10k and 1k files), for a quick trial
 #   --dir DIR        scratch directory (default /tmp/tidemark-bench); trees are kept there
 #                    between runs, targets and state are recreated on every run
@@ -63,7 +67,7 @@ while [ $# -gt 0 ]; do
     --fresh-fs) FRESHFS="$2"; shift ;;
     --repeat) REPEAT="$2"; shift ;;
     --baseline) BASE_BIN="$(realpath "$2")"; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -154,6 +158,7 @@ run_tool() { # TOOL TREE PHASE SRC
     tidemark) timed "$tree" "$phase" tidemark "$src" "$dst" "$BIN" --config "$base/tidemark-$tree.toml" sync ;;
     tidemark-base) timed "$tree" "$phase" tidemark-base "$src" "$dst" "$BASE_BIN" --config "$base/tidemark-base-$tree.toml" sync ;;
     rsync) timed "$tree" "$phase" rsync "$src" "$dst" rsync -a "$src/" "$dst/" ;;
+    rsync-fsync) timed "$tree" "$phase" rsync-fsync "$src" "$dst" rsync -a --fsync "$src/" "$dst/" ;;
     rclone) timed "$tree" "$phase" rclone "$src" "$dst" rclone --config /dev/null sync "$src" "$dst" ;;
     *) echo "unknown tool $tool" >&2; exit 2 ;;
   esac
