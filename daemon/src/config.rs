@@ -440,12 +440,18 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             let mut message = e.message().trim().to_owned();
-            // Some messages ("duplicate key") do not say which key; quote what the span covers.
+            // A value of the wrong type or form ("invalid value: string \"soon\", expected
+            // a duration") and a table missing a key come without the key they belong to:
+            // name it, as every other config error does.
+            let key = e.span().and_then(|s| key_at(text, s.start));
+            // Other messages ("duplicate key") do not say which key; quote what the span covers.
             let at = e
                 .span()
                 .and_then(|s| text.get(s))
                 .and_then(|t| t.lines().next());
-            if let Some(at) = at
+            if let Some(key) = key {
+                message = format!("`{key}`: {message}");
+            } else if let Some(at) = at
                 .map(str::trim)
                 .filter(|t| !t.is_empty() && !message.contains('`'))
             {
@@ -707,6 +713,55 @@ impl Config {
     }
 }
 
+/// The dotted path of the key whose value covers byte `offset` of `text`, the innermost
+/// one, such as `pipeline.demo.scan_interval`: a pipeline is named by its `name`, other
+/// array elements by their index. `None` when the text is not valid TOML or no value
+/// covers `offset`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    fn search(table: &toml::de::DeTable, offset: usize, path: &mut Vec<String>) -> bool {
+        table.iter().any(|(k, v)| {
+            path.push(k.get_ref().to_string());
+            if search_value(v, offset, path) {
+                return true;
+            }
+            path.pop();
+            false
+        })
+    }
+    fn search_value(
+        v: &toml::Spanned<toml::de::DeValue>,
+        offset: usize,
+        path: &mut Vec<String>,
+    ) -> bool {
+        match v.get_ref() {
+            // A table's own error ("missing field `path`") names the table.
+            toml::de::DeValue::Table(t) => search(t, offset, path) || v.span().contains(&offset),
+            toml::de::DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                let label = match item.get_ref() {
+                    toml::de::DeValue::Table(t) => {
+                        t.iter()
+                            .find_map(|(k, v)| match (k.get_ref().as_ref(), v.get_ref()) {
+                                ("name", toml::de::DeValue::String(name)) => Some(name.to_string()),
+                                _ => None,
+                            })
+                    }
+                    _ => None,
+                };
+                path.push(label.unwrap_or_else(|| i.to_string()));
+                if search_value(item, offset, path) {
+                    return true;
+                }
+                path.pop();
+                false
+            }),
+            _ => v.span().contains(&offset),
+        }
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    search(doc.get_ref(), offset, &mut path).then(|| path.join("."))
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -777,6 +832,38 @@ prune = true
             .unwrap_err()
             .to_string();
         assert!(err.contains("t.toml:6:"), "{err}");
+        assert!(err.contains("`pipeline.demo.scan_interval`"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let bad = GOOD.replace("prune = true", "prune = \"yes\"");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:15:"), "{err}");
+        assert!(
+            err.contains("`pipeline.demo.target.dir.prune`: invalid type"),
+            "{err}"
+        );
+        let bad = GOOD.replace("exclude = [\"*.tmp\"]", "exclude = [\"*.tmp\", 3]");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:11:"), "{err}");
+        assert!(
+            err.contains("`pipeline.demo.source.dir.exclude.1`"),
+            "{err}"
+        );
+        // A table missing a required key is named too.
+        let bad = GOOD.replace("path = \"src\"\n", "");
+        let err = Config::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`pipeline.demo.source.dir`: missing field `path`"),
+            "{err}"
+        );
     }
 
     #[test]
