@@ -790,6 +790,13 @@ path = "dst"
 prune = true
 "#;
 
+    /// The message `Config::parse` fails with on `text`, as the file `t.toml`.
+    fn parse_err(text: &str) -> String {
+        Config::parse(Path::new("t.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn parses_and_resolves_relative_paths() {
         let c = Config::parse(Path::new("/etc/tidemark/t.toml"), GOOD).unwrap();
@@ -808,9 +815,7 @@ prune = true
     #[test]
     fn misspelled_key_names_key_and_line() {
         let bad = GOOD.replace("prune = true", "pruen = true");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.starts_with("t.toml:15:"), "{err}");
         assert!(err.contains("unknown field `pruen`"), "{err}");
     }
@@ -818,9 +823,7 @@ prune = true
     #[test]
     fn bad_max_delete_is_explained() {
         let bad = GOOD.replace("\"10%\"", "\"lots\"");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.contains("t.toml:7:"), "{err}");
         assert!(err.contains("max_delete `lots`"), "{err}");
     }
@@ -828,9 +831,7 @@ prune = true
     #[test]
     fn bad_duration_names_line() {
         let bad = GOOD.replace("\"2s\"", "\"soon\"");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.contains("t.toml:6:"), "{err}");
         assert!(err.contains("`pipeline.demo.scan_interval`"), "{err}");
     }
@@ -838,18 +839,14 @@ prune = true
     #[test]
     fn a_value_of_the_wrong_type_names_its_key() {
         let bad = GOOD.replace("prune = true", "prune = \"yes\"");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.starts_with("t.toml:15:"), "{err}");
         assert!(
             err.contains("`pipeline.demo.target.dir.prune`: invalid type"),
             "{err}"
         );
         let bad = GOOD.replace("exclude = [\"*.tmp\"]", "exclude = [\"*.tmp\", 3]");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.starts_with("t.toml:11:"), "{err}");
         assert!(
             err.contains("`pipeline.demo.source.dir.exclude.1`"),
@@ -857,9 +854,7 @@ prune = true
         );
         // A table missing a required key is named too.
         let bad = GOOD.replace("path = \"src\"\n", "");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(
             err.contains("`pipeline.demo.source.dir`: missing field `path`"),
             "{err}"
@@ -869,9 +864,7 @@ prune = true
     #[test]
     fn overlapping_source_and_target_are_refused() {
         let bad = GOOD.replace("path = \"dst\"", "path = \"src/mirror\"");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.contains("overlap"), "{err}");
     }
 
@@ -881,9 +874,7 @@ prune = true
             "scan_interval = \"2s\"",
             "scan_interval = \"2s\"\nscan_interval = \"3s\"",
         );
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.starts_with("t.toml:7:"), "{err}");
         assert!(err.contains("scan_interval"), "{err}");
     }
@@ -898,9 +889,7 @@ prune = true
         assert_eq!(c.reports_dir, Path::new("/var/log/tm"));
         assert_eq!(c.report_retention, 3);
         let bad = format!("report_retention = 0\n{GOOD}");
-        let err = Config::parse(Path::new("t.toml"), &bad)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&bad);
         assert!(err.starts_with("t.toml:1: `report_retention`"), "{err}");
     }
 
@@ -918,9 +907,7 @@ prune = true
             "[pipeline.source.dir]",
             "[pipeline.log.kafka]\nbrokers = \"b:9092\"\n[pipeline.log.kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\n[pipeline.source.dir]",
         );
-        let err = Config::parse(Path::new("t.toml"), &kafka)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&kafka);
         assert!(
             err.contains("sasl.password") && err.contains("secret_properties"),
             "{err}"
@@ -944,9 +931,7 @@ prune = true
         );
 
         let missing = ok.replace("TIDEMARK_TEST_SASL_PASSWORD", "TIDEMARK_TEST_UNSET_VAR");
-        let err = Config::parse(Path::new("t.toml"), &missing)
-            .unwrap_err()
-            .to_string();
+        let err = parse_err(&missing);
         assert!(err.contains("TIDEMARK_TEST_UNSET_VAR"), "{err}");
     }
 
