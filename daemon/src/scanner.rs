@@ -87,6 +87,8 @@ pub struct Scanner {
     max_delete: DeleteLimit,
     /// Entries read and hashed at once.
     fetch_concurrency: usize,
+    /// Longest a found change waits for its batch to fill ([`APPEND_INTERVAL`]).
+    append_interval: std::time::Duration,
 }
 
 /// An entry being read: its indexed version (`None` if new), its fingerprint, and the read.
@@ -128,6 +130,7 @@ impl Scanner {
             state,
             max_delete,
             fetch_concurrency: (cores * 4).max(16),
+            append_interval: APPEND_INTERVAL,
         }
     }
 
@@ -242,12 +245,16 @@ impl Scanner {
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
         let mut pending = Pending::default();
-        let mut flush = tokio::time::interval(APPEND_INTERVAL);
+        let mut flush = tokio::time::interval(self.append_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Once the listing is done and every read is back, what is pending is appended
+            // right away below, not at the next tick: waiting for it kept every scan with
+            // changes up to 50 ms longer than its work (25 ms on average).
+            let finished = listing_done && fetching.is_empty();
             tokio::select! {
                 biased;
-                _ = flush.tick(), if !pending.events.is_empty() => {
+                _ = flush.tick(), if !pending.events.is_empty() && !finished => {
                     self.append(&mut pending, &mut known).await?;
                 }
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
@@ -472,5 +479,54 @@ impl Scanner {
             record.deletes += chunk.len() as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DirSourceConfig;
+    use crate::log::sled::SledLog;
+    use crate::source::fs::DirSource;
+    use std::time::Duration;
+
+    /// Once the listing is done and every read is back, the scan appends what it found and
+    /// ends; it does not wait for the next tick of its append interval (an hour here).
+    #[tokio::test]
+    async fn a_scan_that_has_read_everything_ends_without_waiting_for_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for i in 0..50 {
+            std::fs::write(src.join(format!("f{i}")), i.to_string()).unwrap();
+        }
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
+        let source = DirSource::new(
+            &DirSourceConfig {
+                path: src,
+                include: vec![],
+                exclude: vec![],
+                follow_symlinks: false,
+            },
+            0,
+        );
+        let mut scanner = Scanner::new(
+            "p",
+            Arc::new(source),
+            log.clone(),
+            state,
+            DeleteLimit::Percent(100.0),
+        );
+        // The first tick comes at once and takes the first change found; the other 49
+        // would wait an hour for the second.
+        scanner.append_interval = Duration::from_secs(3600);
+        let record =
+            tokio::time::timeout(Duration::from_secs(20), scanner.scan(&Progress::hidden()))
+                .await
+                .expect("the scan waited for its next append tick after reading everything")
+                .unwrap();
+        assert_eq!(record.upserts, 50);
+        assert_eq!(log.head(0).await.unwrap(), 50);
     }
 }
