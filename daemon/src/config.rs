@@ -718,26 +718,23 @@ impl Config {
 /// array elements by their index. `None` when the text is not valid TOML or no value
 /// covers `offset`.
 fn key_at(text: &str, offset: usize) -> Option<String> {
-    fn search(table: &toml::de::DeTable, offset: usize, path: &mut Vec<String>) -> bool {
-        table.iter().any(|(k, v)| {
-            path.push(k.get_ref().to_string());
-            if search_value(v, offset, path) {
-                return true;
-            }
-            path.pop();
-            false
-        })
-    }
-    fn search_value(
+    /// Whether `offset` lies in `v`, found under `label`: `path` ends with the key then.
+    fn under(
+        label: String,
         v: &toml::Spanned<toml::de::DeValue>,
         offset: usize,
         path: &mut Vec<String>,
     ) -> bool {
-        match v.get_ref() {
-            // A table's own error ("missing field `path`") names the table.
-            toml::de::DeValue::Table(t) => search(t, offset, path) || v.span().contains(&offset),
+        path.push(label);
+        let found = match v.get_ref() {
+            toml::de::DeValue::Table(t) => {
+                t.iter()
+                    .any(|(k, v)| under(k.get_ref().to_string(), v, offset, path))
+                    // A table's own error ("missing field `path`") names the table.
+                    || v.span().contains(&offset)
+            }
             toml::de::DeValue::Array(items) => items.iter().enumerate().any(|(i, item)| {
-                let label = match item.get_ref() {
+                let name = match item.get_ref() {
                     toml::de::DeValue::Table(t) => {
                         t.iter()
                             .find_map(|(k, v)| match (k.get_ref().as_ref(), v.get_ref()) {
@@ -747,19 +744,21 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
                     }
                     _ => None,
                 };
-                path.push(label.unwrap_or_else(|| i.to_string()));
-                if search_value(item, offset, path) {
-                    return true;
-                }
-                path.pop();
-                false
+                under(name.unwrap_or_else(|| i.to_string()), item, offset, path)
             }),
             _ => v.span().contains(&offset),
+        };
+        if !found {
+            path.pop();
         }
+        found
     }
     let doc = toml::de::DeTable::parse(text).ok()?;
     let mut path = Vec::new();
-    search(doc.get_ref(), offset, &mut path).then(|| path.join("."))
+    doc.get_ref()
+        .iter()
+        .any(|(k, v)| under(k.get_ref().to_string(), v, offset, &mut path))
+        .then(|| path.join("."))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
