@@ -212,6 +212,55 @@ fn deleting_a_directory_removes_it_and_its_contents() {
     assert_eq!(kind_outcome(&project, "dir", "deferred"), 0, "{project}");
 }
 
+/// The log records where each changed source file is; a `project` run from another
+/// working directory than the `scan` (cron, systemd, an operator's shell) must find it.
+#[test]
+fn a_scan_and_a_project_run_from_different_working_directories_mirror_the_files() {
+    let env = Env::dirs("", "");
+    write(env.src().join("sub/new.txt"), "new");
+    let scan = std::process::Command::new(bin())
+        .current_dir(env.dir.path())
+        .args(["--config", "tidemark.toml", "scan"])
+        .output()
+        .unwrap();
+    assert!(scan.status.success(), "{scan:?}");
+    let project = std::process::Command::new(bin())
+        .current_dir("/")
+        .arg("--config")
+        .arg(&env.config)
+        .args(["project", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(project.status.success(), "{project:?}");
+    let report: serde_json::Value = serde_json::from_slice(&project.stdout).unwrap();
+    assert_eq!(outcome(&report[0]["project"], "stale"), 0, "{report}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A link or a file the source replaced by a directory of the same name: the directory
+/// and what is in it reach the target, and nothing is written through the old link.
+#[test]
+fn a_link_or_file_replaced_by_a_directory_is_mirrored() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("real/r.txt"), "r");
+    std::os::unix::fs::symlink("real", env.src().join("a")).unwrap();
+    write(env.src().join("x"), "a file for now");
+    env.sync();
+    assert!(env.dst().join("a").is_symlink());
+    std::fs::remove_file(env.src().join("a")).unwrap();
+    write(env.src().join("a/f1.txt"), "one");
+    write(env.src().join("a/deeper/f2.txt"), "two");
+    std::fs::remove_file(env.src().join("x")).unwrap();
+    write(env.src().join("x/y.txt"), "y");
+    // `sync` asserts exit 0: no item failed.
+    let (_, project) = env.sync();
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    // A later run has nothing left to do.
+    let (_, again) = env.sync();
+    assert_eq!(again["events"], 0, "{again}");
+}
+
 /// Keys of the directory deletes `status` lists as waiting.
 fn waiting_dirs(env: &Env) -> Vec<String> {
     let status = env.json(&["status"]);
@@ -400,6 +449,9 @@ fn replay_from_zero_rebuilds_an_empty_target() {
         .unwrap();
     assert!(outcome(&project, "created") >= 29, "{project}");
     assert_mirror(&env.src(), &env.dst());
+    let replayed = env.json(&["replay", "--from", "0"]);
+    assert_eq!(replayed[0]["committed"], 0, "{replayed}");
+    assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
 #[test]

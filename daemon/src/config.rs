@@ -355,8 +355,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     name: Spanned<String>,
-    #[serde(default = "default_scan_interval", with = "humantime_serde")]
-    scan_interval: Duration,
+    #[serde(default = "default_scan_interval")]
+    scan_interval: Spanned<humantime_serde::Serde<Duration>>,
     source: RawSource,
     target: RawTarget,
     #[serde(default)]
@@ -409,8 +409,11 @@ fn default_shutdown_timeout() -> Duration {
 fn default_report_retention() -> Spanned<usize> {
     Spanned::new(0..0, 100)
 }
-fn default_scan_interval() -> Duration {
-    Duration::from_secs(10)
+/// Shortest `scan_interval` accepted.
+const MIN_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+
+fn default_scan_interval() -> Spanned<humantime_serde::Serde<Duration>> {
+    Spanned::new(0..0, Duration::from_secs(10).into())
 }
 fn default_max_delete() -> DeleteLimit {
     DeleteLimit::Percent(50.0)
@@ -464,7 +467,11 @@ impl Config {
                 message,
             }
         })?;
-        let base = file.parent().unwrap_or(Path::new("."));
+        // Relative paths are resolved against the config file's directory, made absolute
+        // here: the log records source paths (blob locators) that later runs read, and a
+        // run from another working directory must find the same files.
+        let absolute = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         let invalid =
             |span: std::ops::Range<usize>, key: String, message: String| ConfigError::Invalid {
                 file: file.to_owned(),
@@ -529,6 +536,16 @@ impl Config {
                 if *value.get_ref() == 0 {
                     return Err(invalid(value.span(), key(k), "must be at least 1".into()));
                 }
+            }
+            if **p.scan_interval.get_ref() < MIN_SCAN_INTERVAL {
+                return Err(invalid(
+                    p.scan_interval.span(),
+                    key("scan_interval"),
+                    format!(
+                        "must be at least {} (a scan lists the whole source; back to back they would keep a core busy)",
+                        humantime::format_duration(MIN_SCAN_INTERVAL)
+                    ),
+                ));
             }
             let source = match p.source {
                 RawSource::Dir(d) => {
@@ -664,7 +681,7 @@ impl Config {
             };
             pipelines.push(PipelineConfig {
                 name,
-                scan_interval: p.scan_interval,
+                scan_interval: p.scan_interval.into_inner().into_inner(),
                 source,
                 target,
                 log,
@@ -809,6 +826,36 @@ prune = true
         assert_eq!(s.path, Path::new("/etc/tidemark/src"));
         assert!(p.target.prune());
         assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn a_scan_interval_of_zero_is_refused_on_its_line() {
+        let bad = GOOD.replace("\"2s\"", "\"0s\"");
+        let err = parse_err(&bad);
+        let line = bad.lines().position(|l| l.contains("\"0s\"")).unwrap() + 1;
+        assert!(err.contains(&format!("t.toml:{line}:")), "{err}");
+        assert!(err.contains("`pipeline.demo.scan_interval`"), "{err}");
+        assert!(err.contains("at least 100ms"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_written_in_the_config_is_refused_without_being_repeated() {
+        let text = r#"state_dir = "state"
+[[pipeline]]
+name = "api"
+[pipeline.source.http]
+base_url = "http://127.0.0.1:9"
+bearer = "LITERAL-TOKEN-4f2a"
+[[pipeline.source.http.kind]]
+name = "users"
+path = "/users"
+[pipeline.target.dir]
+path = "dst"
+"#;
+        let err = parse_err(text);
+        assert!(!err.contains("LITERAL-TOKEN-4f2a"), "{err}");
+        assert!(err.contains("never written in the config"), "{err}");
+        assert!(err.contains("{ env = "), "{err}");
     }
 
     #[test]

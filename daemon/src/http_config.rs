@@ -30,15 +30,53 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Where a secret comes from: exactly one of an environment variable or a file.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct SecretSource {
     /// Name of the environment variable holding the value.
-    #[serde(default)]
     pub env: Option<String>,
     /// File holding the value (trailing newline removed); relative to the config file.
-    #[serde(default)]
     pub file: Option<PathBuf>,
+}
+
+/// The table a [`SecretSource`] is written as.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFields {
+    #[serde(default)]
+    env: Option<String>,
+    #[serde(default)]
+    file: Option<PathBuf>,
+}
+
+/// Accepts `{ env = … }` or `{ file = … }`. A secret written in the config as a plain value
+/// is refused with a message that does not repeat it (serde's own would quote it).
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = SecretSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`{ env = \"VARIABLE\" }` or `{ file = \"path\" }`")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<SecretSource, A::Error> {
+                let f =
+                    SecretFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(SecretSource {
+                    env: f.env,
+                    file: f.file,
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<SecretSource, E> {
+                Err(E::custom(
+                    "a secret (`bearer` or a header's value) is never written in the config: use `{ env = \"VARIABLE\" }` or `{ file = \"path\" }`",
+                ))
+            }
+        }
+        d.deserialize_any(Fields)
+    }
 }
 
 impl SecretSource {

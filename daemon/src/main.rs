@@ -66,7 +66,8 @@ enum Command {
     Scan(Select),
     /// Apply the log to the target until caught up.
     Project(Select),
-    /// Scan, then project until caught up.
+    /// Scan and project at once (the target fills while the source is read), until the
+    /// target has caught up with the scan; for one-shot use.
     Sync(Select),
     /// Show what `project` would do, writing nothing.
     Plan(Select),
@@ -248,6 +249,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Replay { select, from } => {
             let session = Session::open(config)?;
+            let mut out = Vec::new();
             for p in session.pipelines(&select)? {
                 let head = p.log.head(0).await?;
                 anyhow::ensure!(
@@ -256,11 +258,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     p.name()
                 );
                 p.projector.replay(from).await?;
-                println!(
-                    "pipeline {}: committed offset set to {from}; {} events will be applied again by `project` or `run`",
-                    p.name(),
-                    head - from
-                );
+                if select.output == Output::Text {
+                    println!(
+                        "pipeline {}: committed offset set to {from}; {} events will be applied again by `project` or `run`",
+                        p.name(),
+                        head - from
+                    );
+                }
+                out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": head - from}));
+            }
+            if select.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
             }
             Ok(ExitCode::SUCCESS)
         }

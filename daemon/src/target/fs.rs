@@ -151,19 +151,11 @@ impl Inner {
                 continue;
             }
             match fs::symlink_metadata(&dir) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Failure::Permanent(format!(
-                        "parent {} is a symbolic link; refusing to write through it",
-                        dir.display()
-                    )))
-                }
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(Failure::Permanent(format!(
-                        "parent {} exists and is not a directory",
-                        dir.display()
-                    )))
-                }
+                // The source has a directory here now (the event's key is below it), so the
+                // file or link the target still holds is an older item's: it is replaced,
+                // never written through. Its own delete finds the directory and leaves it.
+                Ok(_) => self.make_dir_in_place_of(&dir)?,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     let mut implicit = self.implicit_dirs.lock().unwrap();
                     match fs::create_dir(&dir) {
@@ -186,6 +178,26 @@ impl Inner {
             self.safe_dirs.lock().unwrap().insert(dir.clone());
         }
         Ok(())
+    }
+
+    /// Removes the file or link at `path` and creates a directory there. Another writer
+    /// may do the same at once: a directory already there is kept, never removed.
+    fn make_dir_in_place_of(&self, path: &Path) -> Result<(), Failure> {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(21) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match fs::create_dir(path) {
+            Err(e)
+                if e.kind() == ErrorKind::AlreadyExists
+                    && fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) =>
+            {
+                Ok(())
+            }
+            r => Ok(r?),
+        }
     }
 
     /// A fresh temporary name in one of the [`TMP_SHARDS`] directories of `.tidemark-tmp/`,
@@ -224,11 +236,8 @@ impl Inner {
             "dir" => {
                 match &existing {
                     Some(m) if m.is_dir() => {}
-                    Some(_) => {
-                        return Err(Failure::Permanent(
-                            "a file or link is in the way of this directory".into(),
-                        ))
-                    }
+                    // The source replaced a file or link by this directory.
+                    Some(_) => self.make_dir_in_place_of(&path)?,
                     // A concurrent write below it may have created it since the lstat.
                     None => match fs::create_dir(&path) {
                         Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => {}
@@ -479,7 +488,11 @@ impl Inner {
         };
         match removed {
             Ok(()) => {}
+            // Gone already, or another kind of item took its place (a file where the
+            // directory was, a directory where the file was, or a file in place of a parent):
+            // that item has its own events, and this delete must not remove it.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) if matches!(e.raw_os_error(), Some(20 | 21)) => return Ok(Outcome::Deleted),
             Err(e) => return Err(e.into()),
         }
         self.safe_dirs.lock().unwrap().remove(&path);
@@ -670,6 +683,29 @@ mod tests {
         assert_eq!(effect.outcome, Outcome::Updated);
         assert_eq!(fs::read(dir.path().join("a.txt")).unwrap(), b"new content");
         assert_eq!(debris(dir.path()), Vec::<PathBuf>::new());
+    }
+
+    /// The source turned directory `x` into a file and file `y` into a directory: the old
+    /// items' deletes, applied after the new items were written, leave the new ones alone
+    /// and count as done, instead of failing (and being retried) forever.
+    #[tokio::test]
+    async fn a_delete_that_finds_another_kind_of_item_in_its_place_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = target(dir.path());
+        fs::write(dir.path().join("x"), b"now a file").unwrap();
+        fs::create_dir_all(dir.path().join("y/inner")).unwrap();
+        for (kind, key) in [("dir", "x"), ("file", "y"), ("file", "x/old.txt")] {
+            let delete = Event {
+                kind: kind.into(),
+                op: Op::Delete,
+                body: None,
+                ..event(key)
+            };
+            let effect = target.apply(&delete, None).await.unwrap();
+            assert_eq!(effect.outcome, Outcome::Deleted, "{kind} {key}");
+        }
+        assert_eq!(fs::read(dir.path().join("x")).unwrap(), b"now a file");
+        assert!(dir.path().join("y/inner").is_dir());
     }
 
     #[test]
