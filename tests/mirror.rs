@@ -261,6 +261,47 @@ fn a_link_or_file_replaced_by_a_directory_is_mirrored() {
     assert_eq!(again["events"], 0, "{again}");
 }
 
+/// A directory the source replaced by a file or a link of the same name: the file takes
+/// its place on the target even when the deletes of what the directory held come in later
+/// batches than the file, and a later run has nothing left to do.
+#[test]
+fn a_directory_replaced_by_a_file_or_link_is_mirrored_when_its_deletes_come_later() {
+    let env = Env::dirs("max_delete = \"100%\"\nbatch_size = 3", "prune = true");
+    for i in 0..12 {
+        write(env.src().join(format!("d/f{i:02}")), format!("{i}"));
+    }
+    write(env.src().join("d/sub/deep"), "deep");
+    write(env.src().join("l/inside"), "x");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("d")).unwrap();
+    write(env.src().join("d"), "now a file");
+    std::fs::remove_dir_all(env.src().join("l")).unwrap();
+    std::os::unix::fs::symlink("d", env.src().join("l")).unwrap();
+    let (_, project) = env.sync();
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    let (_, again) = env.sync();
+    assert_eq!(again["events"], 0, "{again}");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["deferred"], serde_json::json!([]), "{status}");
+}
+
+/// With `prune = false` the directory's contents are never removed, so the file cannot
+/// take its place: it fails with a reason that says so, and the directory is kept whole.
+#[test]
+fn without_prune_a_directory_replaced_by_a_file_is_kept_and_the_file_fails_saying_why() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("d/a"), "a");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("d")).unwrap();
+    write(env.src().join("d"), "now a file");
+    let out = env.run(&["sync", "--output", "json"]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("prune"), "{stderr}");
+    assert_eq!(std::fs::read(env.dst().join("d/a")).unwrap(), b"a");
+}
+
 /// Keys of the directory deletes `status` lists as waiting.
 fn waiting_dirs(env: &Env) -> Vec<String> {
     let status = env.json(&["status"]);

@@ -241,7 +241,9 @@ impl Pipeline {
                         .map(|r| format!("{} {} (at {})", r.kind, r.key, r.path))
                         .collect();
                     DeferredItem {
-                        reason: if d.partial {
+                        reason: if d.event.refs.is_empty() {
+                            "waiting for the directory in its place on the target to be empty (the deletes of what it holds are not all applied yet, or the target holds entries the source does not have); tried again after every batch".into()
+                        } else if d.partial {
                             format!(
                                 "written without its references, to patch once they exist: {}",
                                 refs.join(", ")

@@ -809,6 +809,10 @@ impl Projector {
         }
         // Keys whose events in this batch stopped on a transient failure stay as they are.
         let mut settled = Vec::new();
+        // Events the target deferred again although nothing they reference is missing (a
+        // directory still in a file's place): tried once per call, as only a later batch
+        // can change that.
+        let mut blocked: BTreeSet<String> = BTreeSet::new();
         for _round in 0..10_000 {
             if pending.is_empty() {
                 break;
@@ -818,7 +822,9 @@ impl Projector {
             for (id, d) in &pending {
                 let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
                 if missing.is_empty() {
-                    ready.push(id.clone());
+                    if !blocked.contains(id) {
+                        ready.push(id.clone());
+                    }
                 } else if refs.target_id(id).map_err(self.err_state())?.is_none()
                     && missing
                         .iter()
@@ -851,6 +857,9 @@ impl Projector {
                     stuck = true;
                 }
                 for d in r.done {
+                    if d.outcome == Outcome::Deferred {
+                        blocked.insert(d.identity.clone());
+                    }
                     if let Some(event) = &d.deferred {
                         let (at, was_partial) =
                             since.get(&d.identity).copied().unwrap_or((now, false));
@@ -876,17 +885,23 @@ impl Projector {
                 break;
             }
         }
+        // Only a wait for references expires; what waits for the target (a directory in the
+        // way) waits as long as that directory's delete does.
         let wait = self.target.reference_wait();
-        let expired: Vec<String> = pending
-            .iter()
-            .filter(|(_, d)| (now - d.since).to_std().unwrap_or_default() >= wait)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for id in expired {
+        let mut expired = Vec::new();
+        for (id, d) in &pending {
+            if (now - d.since).to_std().unwrap_or_default() < wait {
+                continue;
+            }
+            let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
+            if !missing.is_empty() {
+                expired.push((id.clone(), missing));
+            }
+        }
+        for (id, missing) in expired {
             let Some(d) = pending.remove(&id) else {
                 continue;
             };
-            let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
             let named: Vec<String> = missing
                 .iter()
                 .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
@@ -1057,8 +1072,13 @@ impl Projector {
                     };
                     let mut d = done(effect.outcome, change, None);
                     d.remap = remap;
-                    if event.op == Op::Delete && effect.outcome == Outcome::Deferred {
-                        d.waiting_delete = Some(event.clone());
+                    if effect.outcome == Outcome::Deferred {
+                        match event.op {
+                            Op::Delete => d.waiting_delete = Some(event.clone()),
+                            // A directory still holds its place (its contents' deletes are
+                            // not all applied yet): tried again after each batch.
+                            Op::Upsert => d.deferred = Some(event.clone()),
+                        }
                     }
                     if written_partially {
                         d.deferred = Some(event.clone());

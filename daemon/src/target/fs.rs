@@ -44,6 +44,9 @@ pub struct DirTarget {
 
 struct Inner {
     root: PathBuf,
+    /// Deletes are applied (`prune = true`); otherwise a directory's contents stay, so a
+    /// file that would take its place never can.
+    prune: bool,
     /// Remove directories a delete leaves empty; set when the source lists no directories
     /// itself (include globs), since otherwise directory deletes are events of their own.
     remove_empty_parents: bool,
@@ -100,6 +103,7 @@ impl DirTarget {
         DirTarget {
             inner: Arc::new(Inner {
                 root: cfg.path.clone(),
+                prune: cfg.prune,
                 remove_empty_parents,
                 safe_dirs: Mutex::new(HashSet::new()),
                 implicit_dirs: Mutex::new(HashSet::new()),
@@ -232,15 +236,28 @@ impl Inner {
             Outcome::Created
         };
         let mode = event.mode.unwrap_or(0o644);
+        // The source replaced a directory by a file or link: only an empty one can go.
+        let existing = match existing {
+            Some(m) if m.is_dir() && event.kind != "dir" => {
+                if !self.remove_dir_in_the_way(&path)? {
+                    return Ok(Outcome::Deferred);
+                }
+                None
+            }
+            e => e,
+        };
         match event.kind.as_str() {
             "dir" => {
                 match &existing {
                     Some(m) if m.is_dir() => {}
                     // The source replaced a file or link by this directory.
                     Some(_) => self.make_dir_in_place_of(&path)?,
-                    // A concurrent write below it may have created it since the lstat.
+                    // A concurrent write below it may have created it since the lstat;
+                    // anything else there now (a link) is replaced, never followed.
                     None => match fs::create_dir(&path) {
-                        Err(e) if e.kind() == ErrorKind::AlreadyExists && path.is_dir() => {}
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                            self.make_dir_in_place_of(&path)?
+                        }
                         r => r?,
                     },
                 }
@@ -287,6 +304,22 @@ impl Inner {
                 self.replace(&tmp, &path, existing.as_ref())?;
                 Ok(fresh)
             }
+        }
+    }
+
+    /// Removes the directory at `path` for the file or link that takes its place. `false`:
+    /// it still holds entries, which the deletes of its contents (in this batch or a later
+    /// one) remove; the projector tries the event again after each batch. Without prune
+    /// those deletes never reach the target, so the event fails instead.
+    fn remove_dir_in_the_way(&self, path: &Path) -> Result<bool, Failure> {
+        match fs::remove_dir(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
+            Err(e) if e.raw_os_error() == Some(39) && self.prune => Ok(false),
+            Err(e) if e.raw_os_error() == Some(39) => Err(Failure::Permanent(
+                "a directory that is not empty is in its place, and with prune = false what it holds is never removed; remove the directory on the target or set prune = true".into(),
+            )),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -410,19 +443,7 @@ impl Inner {
         path: &Path,
         existing: Option<&fs::Metadata>,
     ) -> Result<(), Failure> {
-        if let Some(m) = existing {
-            if m.is_dir() {
-                // The source replaced a directory by a file or link; the directory's own
-                // deletes empty it first. Only an empty one can be replaced.
-                if let Err(e) = fs::remove_dir(path) {
-                    let _ = fs::remove_file(tmp);
-                    return Err(Failure::Permanent(format!(
-                        "a non-empty directory is in the way: {e}"
-                    )));
-                }
-            }
-        }
-        if existing.is_some_and(|m| !m.is_dir()) && self.exchange(tmp, path)? {
+        if existing.is_some() && self.exchange(tmp, path)? {
             return Ok(());
         }
         fs::rename(tmp, path)?;
@@ -733,5 +754,39 @@ mod tests {
         // The flush that empties `.tidemark-tmp/` leaves it alone.
         inner.sync().unwrap();
         assert_eq!(fs::read(path.join("keep.txt")).unwrap(), b"theirs");
+    }
+
+    #[tokio::test]
+    async fn a_file_waits_while_a_directory_holds_its_place_and_fails_without_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("d/sub")).unwrap();
+        fs::write(dir.path().join("d/sub/f"), b"old").unwrap();
+        let file = with_bytes("d", b"now a file");
+
+        let no_prune = DirTarget::new(
+            &DirTargetConfig {
+                path: dir.path().to_owned(),
+                prune: false,
+            },
+            false,
+        );
+        let err = no_prune.apply(&file, None).await.unwrap_err();
+        assert!(
+            matches!(&err, ApplyError::Permanent { message, .. } if message.contains("prune = false")),
+            "{err}"
+        );
+
+        let target = target(dir.path());
+        let effect = target.apply(&file, None).await.unwrap();
+        assert_eq!(effect.outcome, Outcome::Deferred);
+        assert_eq!(fs::read(dir.path().join("d/sub/f")).unwrap(), b"old");
+        assert_eq!(debris(dir.path()), Vec::<PathBuf>::new());
+
+        // Once the deletes of its contents emptied it, the file takes its place.
+        fs::remove_file(dir.path().join("d/sub/f")).unwrap();
+        fs::remove_dir(dir.path().join("d/sub")).unwrap();
+        let effect = target.apply(&file, None).await.unwrap();
+        assert_eq!(effect.outcome, Outcome::Updated);
+        assert_eq!(fs::read(dir.path().join("d")).unwrap(), b"now a file");
     }
 }
