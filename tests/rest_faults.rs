@@ -124,6 +124,71 @@ fn issue_3_bearer_token_never_appears() {
     *proxy.faults.echo_auth.lock().unwrap() = Some("/comments".into());
     write_rest_config(&env, &dev.url(), &proxy.url(), "");
     let sync = env.run(&["sync", "--output", "json"]);
+    let everything = everything_reported(&env, &sync);
+    // The rejection happened and its excerpt was quoted, redacted.
+    let out = &everything[0].1;
+    assert!(
+        out.contains("HTTP 400") && out.contains("***"),
+        "the rejection is reported with a redacted excerpt: {out}"
+    );
+    for (what, text) in &everything {
+        assert!(!text.contains(TOKEN), "the bearer token leaked into {what}");
+        assert!(
+            !text.contains(&TOKEN[3..15]),
+            "part of the bearer token leaked into {what}"
+        );
+    }
+}
+
+/// An API that takes its key only in the query string: the key comes from a file, is sent
+/// with every request, and shows as `***` in every URL tidemark reports, even when the
+/// server's error quotes the URL it was asked for.
+#[test]
+fn issue_3_a_secret_query_parameter_is_sent_and_never_appears() {
+    const KEY: &str = "qk-5d81c0ffee2b77";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&dev.url());
+    *proxy.faults.require_query.lock().unwrap() = Some(format!("api_key={KEY}"));
+    write_rest_config(&env, &proxy.url(), &prod.url(), "");
+    std::fs::write(env.path("key.txt"), KEY).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[pipeline.target.http]",
+        "[[pipeline.source.http.query]]\nname = \"api_key\"\nfile = \"key.txt\"\n\n[pipeline.target.http]",
+    );
+    env.write_config(&config);
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    assert_eq!(
+        proxy.faults.refused.load(Ordering::SeqCst),
+        0,
+        "every request carried the key"
+    );
+
+    // dev now rejects comments, quoting the URL with the key in it.
+    *proxy.faults.echo_path.lock().unwrap() = Some("/comments".into());
+    let sync = env.run(&["sync", "--output", "json"]);
+    assert!(!sync.status.success(), "{sync:?}");
+    let everything = everything_reported(&env, &sync);
+    let stderr = &everything[1].1;
+    assert!(
+        stderr.contains("HTTP 400") && stderr.contains("api_key=***"),
+        "the rejection names the URL, key redacted: {stderr}"
+    );
+    for (what, text) in &everything {
+        assert!(!text.contains(KEY), "the query key leaked into {what}");
+        assert!(
+            !text.contains(&KEY[3..12]),
+            "part of the query key leaked into {what}"
+        );
+    }
+}
+
+/// What a sync, a daemon (log, `/metrics`, `/status`), `status`, `verify` and the files
+/// under the test directory (reports, state JSON) show, labelled; `sync`'s stdout and
+/// stderr first.
+fn everything_reported(env: &Env, sync: &std::process::Output) -> Vec<(&'static str, String)> {
     let daemon = env.spawn_daemon();
     let metrics = daemon.get("/metrics").text().unwrap();
     let status = daemon.get("/status").text().unwrap();
@@ -158,21 +223,10 @@ fn issue_3_bearer_token_never_appears() {
         if entry.file_type().is_file()
             && (name.ends_with(".json") || name.ends_with(".txt"))
             && name != "token.txt"
+            && name != "key.txt"
         {
             everything.push(("file", std::fs::read_to_string(p).unwrap_or_default()));
         }
     }
-    // The rejection happened and its excerpt was quoted, redacted.
-    let out = &everything[0].1;
-    assert!(
-        out.contains("HTTP 400") && out.contains("***"),
-        "the rejection is reported with a redacted excerpt: {out}"
-    );
-    for (what, text) in &everything {
-        assert!(!text.contains(TOKEN), "the bearer token leaked into {what}");
-        assert!(
-            !text.contains(&TOKEN[3..15]),
-            "part of the bearer token leaked into {what}"
-        );
-    }
+    everything
 }

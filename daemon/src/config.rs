@@ -145,6 +145,8 @@ pub enum SourceConfig {
 /// Which target connector.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
+// One per pipeline, built once at start: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum TargetConfig {
     /// A directory tree.
     Dir(DirTargetConfig),
@@ -384,6 +386,7 @@ enum RawSource {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[allow(clippy::large_enum_variant)]
 enum RawTarget {
     Dir(Spanned<DirTargetConfig>),
     Http(Spanned<HttpTargetConfig>),
@@ -856,6 +859,127 @@ path = "dst"
         assert!(!err.contains("LITERAL-TOKEN-4f2a"), "{err}");
         assert!(err.contains("never written in the config"), "{err}");
         assert!(err.contains("{ env = "), "{err}");
+        let header = text.replace(
+            "bearer = \"LITERAL-TOKEN-4f2a\"",
+            "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nvalue = \"LITERAL-TOKEN-4f2a\"",
+        );
+        let err = parse_err(&header);
+        assert!(!err.contains("LITERAL-TOKEN-4f2a"), "{err}");
+        assert!(
+            err.contains("`X-Api-Key` is a secret and is never written in the config"),
+            "{err}"
+        );
+    }
+
+    /// Credentials in a URL (`user:pass@`, `?api_key=`) would stay in the file and show
+    /// wherever the URL is reported: refused, named, never repeated.
+    #[test]
+    fn credentials_in_a_url_are_refused_without_being_repeated() {
+        let config = |base_url: &str, path: &str| {
+            format!(
+                r#"state_dir = "state"
+[[pipeline]]
+name = "api"
+[pipeline.source.http]
+base_url = "{base_url}"
+[[pipeline.source.http.kind]]
+name = "users"
+path = "{path}"
+[pipeline.target.dir]
+path = "dst"
+"#
+            )
+        };
+        let err = parse_err(&config(
+            "https://admin:Hunter2-pw@api.example.com/v1",
+            "/users",
+        ));
+        assert!(!err.contains("Hunter2-pw"), "{err}");
+        assert!(err.contains("user name or password"), "{err}");
+        assert!(err.contains("t.toml:4:"), "{err}");
+        let err = parse_err(&config(
+            "https://api.example.com/v1?api_key=K-9931",
+            "/users",
+        ));
+        assert!(!err.contains("K-9931"), "{err}");
+        assert!(
+            err.contains("`api_key`") && err.contains("[[…query]]"),
+            "{err}"
+        );
+        let err = parse_err(&config(
+            "https://api.example.com",
+            "/users?access_token=T-77",
+        ));
+        assert!(!err.contains("T-77"), "{err}");
+        assert!(
+            err.contains("kind `users`: path has `access_token`"),
+            "{err}"
+        );
+        // Ordinary parameters are not credentials.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            config(
+                "https://api.example.com?api-version=2024-01",
+                "/users?author=ann&sort_key=id",
+            ),
+        )
+        .unwrap();
+        Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn a_secret_query_parameter_is_resolved_and_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key.txt"), "k/ey+42\n").unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            r#"state_dir = "state"
+[[pipeline]]
+name = "api"
+[pipeline.source.http]
+base_url = "https://api.example.com"
+[[pipeline.source.http.query]]
+name = "api_key"
+file = "key.txt"
+[[pipeline.source.http.header]]
+name = "X-Api-Key"
+file = "key.txt"
+[[pipeline.source.http.kind]]
+name = "users"
+path = "/users"
+[pipeline.target.dir]
+path = "dst"
+"#,
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        let SourceConfig::Http(h) = &config.pipelines[0].source else {
+            panic!("an HTTP source")
+        };
+        let headers: Vec<_> = h
+            .endpoint
+            .resolved_headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.expose()))
+            .collect();
+        assert_eq!(headers, [("X-Api-Key", "k/ey+42")]);
+        let client = crate::http::HttpClient::new("api", "source", &h.endpoint);
+        let url = client.url("/users?_page=2");
+        assert_eq!(
+            url,
+            "https://api.example.com/users?_page=2&api_key=k%2Fey%2B42"
+        );
+        assert_eq!(
+            client.shown(&url),
+            "https://api.example.com/users?_page=2&api_key=***"
+        );
+        // A next-page link that carries it already is left as it is.
+        let link = "https://api.example.com/users?api_key=k%2Fey%2B42&_page=3";
+        assert_eq!(client.url(link), link);
+        assert_eq!(client.redact("raw k/ey+42"), "raw ***");
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub struct Response {
     pub headers: HeaderMap,
     /// Body bytes.
     pub body: Vec<u8>,
-    /// The URL requested (for messages).
+    /// The URL requested, secrets shown as `***` (for messages).
     pub url: String,
 }
 
@@ -116,6 +116,8 @@ pub struct HttpClient {
     client: reqwest::Client,
     base: String,
     headers: HeaderMap,
+    /// Secret query parameters, encoded (`name=value`), added to every URL.
+    query: Vec<(String, String)>,
     /// Secret values, longest first, replaced by `***` in every message.
     secrets: Arc<Vec<String>>,
     pipeline: String,
@@ -154,6 +156,11 @@ impl HttpClient {
             client,
             base: cfg.base_url.trim_end_matches('/').to_owned(),
             headers,
+            query: cfg
+                .resolved_queries
+                .iter()
+                .map(|(n, v)| (encode_query_value(n), encode_query_value(v.expose())))
+                .collect(),
             secrets: Arc::new(cfg.secrets()),
             pipeline: pipeline.to_owned(),
             side,
@@ -171,15 +178,33 @@ impl HttpClient {
         redact(&self.secrets, text)
     }
 
-    /// The absolute URL of a path (absolute URLs, from `Link` headers, pass through).
+    /// The absolute URL of a path (absolute URLs, from `Link` headers, pass through), with
+    /// the secret query parameters it does not carry yet. It may hold secrets: what is
+    /// reported is [`HttpClient::shown`].
     pub fn url(&self, path: &str) -> String {
-        if path.starts_with("http://") || path.starts_with("https://") {
+        let mut url = if path.starts_with("http://") || path.starts_with("https://") {
             path.to_owned()
         } else if path.starts_with('/') {
             format!("{}{path}", self.base)
         } else {
             format!("{}/{path}", self.base)
+        };
+        for (name, value) in &self.query {
+            let query = url.split_once('?').map_or("", |(_, q)| q);
+            if query.split('&').any(|p| p.split('=').next() == Some(name)) {
+                continue;
+            }
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(name);
+            url.push('=');
+            url.push_str(value);
         }
+        url
+    }
+
+    /// A URL as reports, logs and errors show it: secrets replaced by `***`.
+    pub fn shown(&self, url: &str) -> String {
+        self.redact(url)
     }
 
     fn count(&self, class: &str) {
@@ -241,7 +266,7 @@ impl HttpClient {
                 status: status.as_u16(),
                 headers,
                 body: bytes,
-                url: url.to_owned(),
+                url: self.shown(url),
             });
         }
         let excerpt = self.excerpt(&bytes);
@@ -293,6 +318,7 @@ impl HttpClient {
         body: Option<&serde_json::Value>,
     ) -> Result<Response, RequestError> {
         let url = self.url(path);
+        let shown = self.shown(&url);
         let started = Instant::now();
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(100))
@@ -309,7 +335,7 @@ impl HttpClient {
                 Err(Attempt::Rejected { status, excerpt }) => {
                     return Err(RequestError::Rejected {
                         method,
-                        url,
+                        url: shown,
                         status,
                         excerpt,
                     })
@@ -321,7 +347,7 @@ impl HttpClient {
                 }) => {
                     let give_up = |message| RequestError::Unavailable {
                         method: method.clone(),
-                        url: url.clone(),
+                        url: shown.clone(),
                         message,
                         attempts,
                         elapsed: started.elapsed(),
@@ -348,7 +374,7 @@ impl HttpClient {
                         pipeline = %self.pipeline,
                         side = self.side,
                         %method,
-                        url = %url,
+                        url = %shown,
                         attempt = attempts,
                         delay_ms = delay.as_millis() as u64,
                         "retrying: {message}"

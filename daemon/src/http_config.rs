@@ -99,15 +99,49 @@ impl SecretSource {
     }
 }
 
-/// A request header whose value is a secret.
+/// A request header or query parameter whose value is a secret.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SecretParamFields")]
 pub struct HeaderConfig {
-    /// Header name, e.g. `X-Api-Key`.
+    /// Header or parameter name, e.g. `X-Api-Key` or `api_key`.
     pub name: String,
     /// Where its value comes from.
-    #[serde(flatten)]
     pub value: SecretSource,
+}
+
+/// The table a [`HeaderConfig`] is written as: `name` and one of `env` or `file`. (A
+/// flattened [`SecretSource`] would leave `env` and `file` unclaimed under
+/// `deny_unknown_fields`.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretParamFields {
+    name: String,
+    #[serde(default)]
+    env: Option<String>,
+    #[serde(default)]
+    file: Option<PathBuf>,
+    /// Refused, unread: a value written in the config.
+    #[serde(default)]
+    value: Option<serde::de::IgnoredAny>,
+}
+
+impl TryFrom<SecretParamFields> for HeaderConfig {
+    type Error = String;
+    fn try_from(f: SecretParamFields) -> Result<HeaderConfig, String> {
+        if f.value.is_some() {
+            return Err(format!(
+                "the value of `{}` is a secret and is never written in the config: use `env = \"VARIABLE\"` or `file = \"path\"`",
+                f.name
+            ));
+        }
+        Ok(HeaderConfig {
+            name: f.name,
+            value: SecretSource {
+                env: f.env,
+                file: f.file,
+            },
+        })
+    }
 }
 
 /// What every HTTP side shares: where, how to authenticate, how patiently.
@@ -122,6 +156,10 @@ pub struct HttpEndpointConfig {
     /// Further headers with secret values (API keys).
     #[serde(default, rename = "header")]
     pub headers: Vec<HeaderConfig>,
+    /// Query parameters with secret values (APIs that take a key only in the URL), added
+    /// to every request and shown as `***` wherever a URL is reported.
+    #[serde(default, rename = "query")]
+    pub queries: Vec<HeaderConfig>,
     /// Time limit of one request.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -138,11 +176,65 @@ pub struct HttpEndpointConfig {
     /// Secret headers resolved at validation (name, value); empty until then.
     #[serde(skip)]
     pub resolved_headers: Vec<(String, Secret)>,
+    /// Secret query parameters resolved at validation (name, value).
+    #[serde(skip)]
+    pub resolved_queries: Vec<(String, Secret)>,
+}
+
+/// Query parameter names that carry credentials. A URL in the config with one of them
+/// would keep the secret in the file and show it wherever the URL is reported.
+fn credential_like(name: &str) -> bool {
+    let n: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    [
+        "token",
+        "secret",
+        "passw",
+        "apikey",
+        "accesskey",
+        "privatekey",
+        "signature",
+        "credential",
+        "authorization",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+        || matches!(
+            n.as_str(),
+            "key" | "auth" | "sig" | "pwd" | "session" | "sessionid" | "sid"
+        )
+}
+
+/// Refuses a URL or path from the config whose query string names a credential. `what`
+/// says where it is; the value is never repeated.
+pub fn check_no_credentials(url: &str, what: &str) -> Result<(), String> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    for pair in query.split('&') {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if credential_like(name) {
+            return Err(format!(
+                "{what} has `{name}` in its query string, which looks like a credential; secrets never go in the config: use [[…query]] with name = \"{name}\" and env = \"VAR\" or file = \"PATH\" (or a header)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl HttpEndpointConfig {
     /// Checks the URL and resolves every secret. The error says what to fix.
     pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+        // A user name or password in the URL is never repeated, not even in this error.
+        if let Some((_, rest)) = self.base_url.split_once("://") {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            if authority.contains('@') {
+                return Err("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into());
+            }
+        }
         let url = reqwest::Url::parse(&self.base_url)
             .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -151,6 +243,7 @@ impl HttpEndpointConfig {
                 self.base_url
             ));
         }
+        check_no_credentials(&self.base_url, "base_url")?;
         if self.in_flight == 0 {
             return Err("in_flight must be at least 1".into());
         }
@@ -171,6 +264,16 @@ impl HttpEndpointConfig {
             let v = h.value.resolve(base, &format!("header `{}`", h.name))?;
             self.resolved_headers.push((h.name.clone(), v));
         }
+        self.resolved_queries.clear();
+        for q in &self.queries {
+            if q.name.is_empty() || q.name.contains(['&', '=', '?', '#']) {
+                return Err(format!("query parameter name `{}` is not valid", q.name));
+            }
+            let v = q
+                .value
+                .resolve(base, &format!("query parameter `{}`", q.name))?;
+            self.resolved_queries.push((q.name.clone(), v));
+        }
         Ok(())
     }
 
@@ -180,10 +283,16 @@ impl HttpEndpointConfig {
             .resolved_headers
             .iter()
             .map(|(_, v)| v.0.clone())
+            .chain(self.resolved_queries.iter().flat_map(|(_, v)| {
+                // As sent in a URL, too.
+                [v.0.clone(), crate::http::encode_query_value(&v.0)]
+            }))
             .filter(|v| v.len() >= 4)
             .collect();
+
         // Longest first, so a token inside "Bearer <token>" is redacted as a whole.
-        s.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        s.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        s.dedup();
         s
     }
 }
@@ -454,6 +563,10 @@ impl HttpSourceConfig {
             return Err("no [[…source.http.kind]] is configured".into());
         }
         for k in &self.kinds {
+            check_no_credentials(&k.path, &format!("kind `{}`: path", k.name))?;
+            if let Some(d) = &k.detail_path {
+                check_no_credentials(d, &format!("kind `{}`: detail_path", k.name))?;
+            }
             check_pointer(&k.items, "items")?;
             check_pointer(&k.id_field, "id_field")?;
             if let Some(n) = &k.name_field {
@@ -489,6 +602,15 @@ impl HttpTargetConfig {
     pub fn validate(&mut self, base: &Path) -> Result<(), String> {
         self.endpoint.validate(base)?;
         for k in &self.kinds {
+            for (url, what) in [
+                (Some(&k.path), "path"),
+                (k.item_path.as_ref(), "item_path"),
+                (k.find.as_ref(), "find"),
+            ] {
+                if let Some(u) = url {
+                    check_no_credentials(u, &format!("kind `{}`: {what}", k.name))?;
+                }
+            }
             check_pointer(&k.id_field, "id_field")?;
             check_pointer(&k.name_field, "name_field")?;
             for s in &k.strip {

@@ -291,6 +291,13 @@ pub struct Faults {
     pub corrupt: Mutex<Option<String>>,
     /// Answer 400 echoing the request's Authorization header to paths containing this.
     pub echo_auth: Mutex<Option<String>>,
+    /// Answer 401 to requests whose query lacks this `name=value`; strip it from the
+    /// others before they go on (json-server would read it as a filter).
+    pub require_query: Mutex<Option<String>>,
+    /// Requests answered 401 for lacking [`Faults::require_query`].
+    pub refused: AtomicU64,
+    /// Answer 400 quoting the request's path and query to paths containing this.
+    pub echo_path: Mutex<Option<String>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -372,7 +379,7 @@ fn serve(
             return;
         }
         let mut parts = line.split_whitespace();
-        let (Some(method), Some(path)) = (
+        let (Some(method), Some(mut path)) = (
             parts.next().map(str::to_owned),
             parts.next().map(str::to_owned),
         ) else {
@@ -413,6 +420,37 @@ fn serve(
                     .and_then(|_| out.write_all(body))
                     .is_ok()
             };
+        if let Some(needle) = f.require_query.lock().unwrap().clone() {
+            let (route, query) = path.split_once('?').unwrap_or((&path, ""));
+            if !query.split('&').any(|p| p == needle) {
+                f.refused.fetch_add(1, Ordering::SeqCst);
+                if !reply(&mut out, "401 Unauthorized", &[], b"missing api key") {
+                    return;
+                }
+                continue;
+            }
+            if let Some(p) = f.echo_path.lock().unwrap().clone() {
+                if route.contains(&p) {
+                    injected.fetch_add(1, Ordering::SeqCst);
+                    let b = format!("{{\"error\":\"bad request\",\"url\":\"{path}\"}}");
+                    if !reply(
+                        &mut out,
+                        "400 Bad Request",
+                        &[("content-type".into(), "application/json".into())],
+                        b.as_bytes(),
+                    ) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let rest: Vec<&str> = query.split('&').filter(|p| *p != needle).collect();
+            path = if rest.is_empty() {
+                route.to_owned()
+            } else {
+                format!("{route}?{}", rest.join("&"))
+            };
+        }
         if let Some(p) = f.echo_auth.lock().unwrap().clone() {
             if path.contains(&p) {
                 injected.fetch_add(1, Ordering::SeqCst);
