@@ -185,6 +185,33 @@ fn issue_3_a_secret_query_parameter_is_sent_and_never_appears() {
     }
 }
 
+/// `verify` against an API that does not answer cannot say anything about drift: it
+/// exits 1 naming the side and the kind, not 4 with every item "unreadable".
+#[test]
+fn issue_3_verify_against_an_api_that_does_not_answer_is_an_error_not_drift() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("retry_budget = \"20s\"", "retry_budget = \"1s\""));
+    env.sync();
+    assert!(env.run(&["verify"]).status.success());
+    for (down, side) in [(prod, "target"), (dev, "source")] {
+        drop(down);
+        let out = env.run(&["verify"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot verify, the {side} could not be listed"))
+                && stderr.contains("kind `users`")
+                && stderr.contains("is the server up?"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("emits no deletes"), "{stderr}");
+    }
+}
+
 /// What a sync, a daemon (log, `/metrics`, `/status`), `status`, `verify` and the files
 /// under the test directory (reports, state JSON) show, labelled; `sync`'s stdout and
 /// stderr first.

@@ -323,6 +323,7 @@ impl Scanner {
     }
 
     fn entry_error(&self, record: &mut ScanRecord, message: String) {
+        let message = format!("{message}; this scan emits no deletes");
         record.errors += 1;
         metrics()
             .scan_errors

@@ -98,6 +98,17 @@ pub enum VerifyError {
         /// Why.
         source: StateError,
     },
+    /// A kind could not be listed on one side (its API did not answer, or answered with
+    /// a page that is not a list): nothing can be said about its drift.
+    #[error("pipeline `{pipeline}`: cannot verify, the {side} could not be listed: {source}")]
+    Incomplete {
+        /// The pipeline.
+        pipeline: String,
+        /// `source` or `target`.
+        side: &'static str,
+        /// Why.
+        source: ListError,
+    },
     /// The source and target kinds cannot be compared.
     #[error("pipeline `{pipeline}`: {message}")]
     Unsupported {
@@ -231,12 +242,18 @@ async fn verify_http(
     let source = HttpSource::new(&pipeline.name, s);
     let mut src: BTreeMap<String, String> = BTreeMap::new();
     let mut entries = Vec::new();
+    let incomplete = |side, source| VerifyError::Incomplete {
+        pipeline: pipeline.name.clone(),
+        side,
+        source,
+    };
     let mut listing = source.list();
     while let Some(next) = listing.next().await {
         match next {
             Ok(Listing::Entry(e)) => entries.push(e),
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(list_err(e)),
+            Err(e @ ListError::Kind { .. }) => return Err(incomplete("source", e)),
             Err(e) => report.unreadable.push(e.to_string()),
         }
     }
@@ -295,6 +312,7 @@ async fn verify_http(
         while let Some(next) = items.next().await {
             let mut item = match next {
                 Ok(i) => i,
+                Err(e @ ListError::Kind { .. }) => return Err(incomplete("target", e)),
                 Err(e) => {
                     report.unreadable.push(format!("target: {e}"));
                     continue;

@@ -66,9 +66,9 @@ impl HttpSource {
 }
 
 fn list_error(kind: &str, e: impl std::fmt::Display) -> ListError {
-    ListError::Entry {
-        key: format!("{kind} listing"),
-        message: format!("kind `{kind}`: {e}"),
+    ListError::Kind {
+        kind: kind.to_owned(),
+        message: e.to_string(),
     }
 }
 
@@ -315,23 +315,17 @@ impl Source for HttpSource {
                     page_concurrency,
                 );
                 while let Some(next) = items.next().await {
-                    let next = next.map_err(|e| match e {
-                        ListError::Entry { key, message } => ListError::Entry {
-                            key,
-                            message: format!("{message}; this scan emits no deletes"),
-                        },
-                        root => root,
-                    });
                     let listing = next.and_then(|item| {
-                        let key = item.pointer(&kind.id_field).and_then(id_string).ok_or_else(|| {
-                            ListError::Entry {
+                        let key = item
+                            .pointer(&kind.id_field)
+                            .and_then(id_string)
+                            .ok_or_else(|| ListError::Entry {
                                 key: format!("{} item", kind.name),
                                 message: format!(
-                                    "kind `{}`: an item has no id at `{}`; it is left out and this scan emits no deletes",
+                                    "kind `{}`: an item has no id at `{}`; it is left out",
                                     kind.name, kind.id_field
                                 ),
-                            }
-                        })?;
+                            })?;
                         Ok(Listing::Entry(Entry {
                             kind: kind.name.clone(),
                             key,

@@ -75,6 +75,15 @@ pub enum ListError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// One kind of item could not be listed, or not to its end: its API did not answer
+    /// within the retry budget, or answered with a page that is not a valid list.
+    #[error("cannot list kind `{kind}`: {message}")]
+    Kind {
+        /// The kind.
+        kind: String,
+        /// Why.
+        message: String,
+    },
     /// One entry could not be listed.
     #[error("cannot list `{key}`: {message}")]
     Entry {
