@@ -202,6 +202,14 @@ fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
     assert!(
         daemon.metric("tidemark_apply_errors_total{class=\"transient\",pipeline=\"t\"}") >= 1.0
     );
+    // One warning per retry of the batch, not one per item it holds (those are debug).
+    let log = env.daemon_log();
+    let full: Vec<&str> = log.lines().filter(|l| l.contains("disk is full")).collect();
+    assert!(
+        full.iter().any(|l| l.contains(" ERROR ")) && full.iter().all(|l| !l.contains(" WARN ")),
+        "item-level lines for a batch's failure:\n{}",
+        full.join("\n")
+    );
 
     disk.remount("size=16m");
     wait_for(Duration::from_secs(60), || {

@@ -1087,7 +1087,9 @@ impl Projector {
                     result.done.push(d);
                 }
                 Err(e @ ApplyError::Transient { .. }) => {
-                    warn!(
+                    // The batch's error (its first such item) is what the caller logs, once
+                    // per retry: a full disk fails every item, and a line each drowned it.
+                    debug!(
                         pipeline = %self.pipeline,
                         kind = %event.kind,
                         key = %event.key,
