@@ -506,9 +506,10 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
         std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
     }
     let out = env.run(&["sync", "--output", "json"]);
-    assert!(
-        out.status.success(),
-        "the guard is not a failure of the run"
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "withheld deletes make the run degraded, so a cron job sees them"
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["scan"]["deletes"], 0);

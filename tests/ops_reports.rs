@@ -114,7 +114,16 @@ fn read_report(dir: &Path) -> (Value, String) {
 
 /// `sync --output json` and the report it wrote.
 fn sync_report(env: &Env, args: &[&str]) -> (Value, String) {
-    let out = env.json(args);
+    sync_report_exiting(env, args, 0)
+}
+
+/// As [`sync_report`], for a run that exits with `code`.
+fn sync_report_exiting(env: &Env, args: &[&str], code: i32) -> (Value, String) {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    let run = env.run(&a);
+    assert_eq!(run.status.code(), Some(code), "{run:?}");
+    let out: Value = serde_json::from_slice(&run.stdout).expect("stdout is JSON");
     let dir = out[0]["report_dir"]
         .as_str()
         .expect("the run names its report");
@@ -217,7 +226,7 @@ fn issue_5_reports_match_schema_and_what_the_target_received() {
     // Emptying the source trips the guard; the report says so.
     std::fs::remove_dir_all(env.src()).unwrap();
     std::fs::create_dir(env.src()).unwrap();
-    let (r, summary) = sync_report(&env, &["sync"]);
+    let (r, summary) = sync_report_exiting(&env, &["sync"], 3);
     check(&r);
     assert_eq!(r["delete_guard"]["decision"], "tripped");
     assert_eq!(r["delete_guard"]["allowed"], 2);

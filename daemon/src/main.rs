@@ -1,7 +1,7 @@
 //! The `tidemark` command line: parses arguments, sets up logging, and calls the library.
 //!
-//! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed, or
-//! a scan had errors); 4 `verify` found drift.
+//! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed, a
+//! scan had errors, or the delete guard withheld a scan's deletes); 4 `verify` found drift.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -500,7 +500,9 @@ async fn scan_project(
         let (scanned, projected) = tokio::join!(scanned, projected);
         if let Some(record) = scanned {
             let record = record?;
-            degraded |= record.errors > 0;
+            // Withheld deletes leave the target holding what the source no longer has; a
+            // cron job must be able to see that (rsync's `--max-delete` exits 25).
+            degraded |= record.errors > 0 || record.guard.is_some();
             written += record.upserts + record.deletes;
             if select.output == Output::Text {
                 println!(
