@@ -627,6 +627,57 @@ fn plan_writes_nothing_and_shows_what_project_would_do() {
 /// A directory delete waits while the target directory holds something the source never
 /// had; `plan` shows it as `retry` (it sits below the committed offset) until the
 /// directory can go, and it goes on the next `project` once it is empty.
+/// After `replay --from 0` no applied state is left, so what `project` does depends on the
+/// target: `plan` looks (reading only) and says adopt, update or create as `project` then
+/// counts them.
+#[test]
+fn plan_after_a_replay_shows_what_project_does_with_what_the_target_holds() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..6 {
+        write(env.src().join(format!("sub/f{i}.txt")), format!("{i}"));
+    }
+    env.sync();
+    env.ok(&["replay", "--from", "0"]);
+    write(env.dst().join("sub/f1.txt"), "changed on the target");
+    std::fs::remove_file(env.dst().join("sub/f2.txt")).unwrap();
+    let before = snapshot(&env.dst());
+
+    let plan = env.json(&["plan"]);
+    assert_eq!(snapshot(&env.dst()), before, "plan wrote to the target");
+    let mut planned = std::collections::BTreeMap::new();
+    for a in plan[0]["actions"].as_array().unwrap() {
+        let (kind, action) = (a["kind"].as_str().unwrap(), a["action"].as_str().unwrap());
+        *planned
+            .entry((kind.to_owned(), action.to_owned()))
+            .or_insert(0u64) += 1;
+    }
+    let count = |kind: &str, action: &str| {
+        planned
+            .get(&(kind.to_owned(), action.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(count("file", "adopt"), 4, "{plan}");
+    assert_eq!(count("file", "update"), 1, "{plan}");
+    assert_eq!(count("file", "create"), 1, "{plan}");
+
+    let project = &env.json(&["project"])[0]["project"];
+    for (action, outcome) in [
+        ("adopt", "adopted"),
+        ("update", "updated"),
+        ("create", "created"),
+    ] {
+        for kind in ["file", "dir"] {
+            assert_eq!(
+                count(kind, action),
+                kind_outcome(project, kind, outcome),
+                "{kind} {action}: plan {plan} against project {project}"
+            );
+        }
+    }
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     let env = Env::dirs("", "prune = true");

@@ -35,7 +35,7 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError};
 use crate::metrics::metrics;
 use crate::progress::Progress;
 use crate::state::{Applied, Deferred, Failure, PendingDelete, Records, State, StateError};
-use crate::target::{ApplyError, Outcome, Target};
+use crate::target::{ApplyError, Outcome, Probe, Target};
 
 /// Projection stopped short of the batch.
 #[derive(Debug, thiserror::Error)]
@@ -1413,7 +1413,13 @@ impl Projector {
                             if prior.is_some() {
                                 "update"
                             } else {
-                                "create"
+                                // No applied state (a replay, a pre-filled target): what
+                                // `project` does depends on what the target holds.
+                                match self.target.probe(&event).await {
+                                    Probe::Equal => "adopt",
+                                    Probe::Different => "update",
+                                    Probe::Absent | Probe::Unknown => "create",
+                                }
                             }
                         }
                     };

@@ -180,6 +180,7 @@ impl Report {
             let outcome = match a.action {
                 "create" => "created",
                 "update" => "updated",
+                "adopt" => "adopted",
                 "delete" => "deleted",
                 "retain" => "retained",
                 "skip" => "unchanged",

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tidemark_proto::{checksum_bytes, pathkey, Body, ChecksumWriter, Event, Op};
 
-use super::{ApplyError, Effect, Outcome, Target};
+use super::{ApplyError, Effect, Outcome, Probe, Target};
 use crate::config::DirTargetConfig;
 use crate::source::fs::{hash_reader, with_read_buffer};
 use crate::state::Applied;
@@ -323,6 +323,28 @@ impl Inner {
         }
     }
 
+    /// What [`Inner::upsert`] would find at the event's path, without writing. Only a file
+    /// of the same content is adopted; a directory or link already there is written again
+    /// (and counted `updated`).
+    fn probe(&self, event: &Event) -> Probe {
+        let Ok(path) = self.resolve(&event.key) else {
+            return Probe::Unknown;
+        };
+        let m = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Probe::Absent,
+            Err(_) => return Probe::Unknown,
+        };
+        let equal = !matches!(event.kind.as_str(), "dir" | "symlink")
+            && m.is_file()
+            && self.same_content(&path, event).unwrap_or(false);
+        if equal {
+            Probe::Equal
+        } else {
+            Probe::Different
+        }
+    }
+
     fn same_content(&self, path: &Path, event: &Event) -> Result<bool, Failure> {
         let expected = match (&event.body, &event.blob) {
             (Some(Body::Base64(b)), _) => b.len() as u64,
@@ -571,6 +593,14 @@ impl Target for DirTarget {
                 message,
             }),
         }
+    }
+
+    async fn probe(&self, event: &Event) -> Probe {
+        let inner = self.inner.clone();
+        let event = event.clone();
+        tokio::task::spawn_blocking(move || inner.probe(&event))
+            .await
+            .unwrap_or(Probe::Unknown)
     }
 
     async fn flush(&self) -> Result<(), ApplyError> {

@@ -138,6 +138,25 @@ pub trait Target: Send + Sync {
     fn reference_wait(&self) -> std::time::Duration {
         std::time::Duration::from_secs(300)
     }
+
+    /// What the target holds for an upsert's item that no applied state covers (after a
+    /// `replay`, or in a pre-filled target), looked at without writing: what `plan` shows.
+    async fn probe(&self, _event: &Event) -> Probe {
+        Probe::Unknown
+    }
+}
+
+/// What a target holds where an upsert would go, for `plan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Not looked at (the target cannot tell without a request per item).
+    Unknown,
+    /// Nothing there: the upsert creates it.
+    Absent,
+    /// The same content is there: the upsert adopts it without writing.
+    Equal,
+    /// Something else is there: the upsert replaces it.
+    Different,
 }
 
 /// Builds the target a pipeline is configured with.
