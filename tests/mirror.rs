@@ -703,6 +703,35 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     assert!(plan.contains("t: plan: nothing to do"), "{plan}");
 }
 
+/// Commands that only read leave a fresh config's directory as it was: no state
+/// directory, no report, and they answer as for a pipeline that never ran.
+#[test]
+fn read_only_commands_on_a_fresh_config_create_no_state() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["head"], 0, "{status}");
+    assert_eq!(status[0]["lag_events"], 0, "{status}");
+    let plan = env.json(&["plan"]);
+    assert_eq!(plan[0]["actions"], serde_json::json!([]), "{plan}");
+    assert!(plan[0]["report_dir"].is_null(), "{plan}");
+    let verify = env.run(&["verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(4),
+        "a.txt is missing: {verify:?}"
+    );
+    env.ok(&["log", "tail"]);
+    assert!(
+        !env.path("state").exists(),
+        "a read-only command made the state directory"
+    );
+    assert!(!env.dst().exists(), "a read-only command made the target");
+    // The first real run starts from nothing.
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn a_misspelled_config_key_is_named_with_its_line() {
     let env = Env::dirs("", "pruen = true");

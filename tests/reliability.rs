@@ -279,7 +279,8 @@ fn issue_6_a_vanished_source_root_deletes_nothing() {
     std::fs::create_dir(env.src()).unwrap(); // an empty directory where the tree was
     let config = std::fs::read_to_string(&env.config).unwrap();
     env.write_config(&config.replace("max_delete = \"100%\"", "max_delete = \"50%\""));
-    env.sync();
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "withheld deletes: degraded");
     assert!(env.dst().join("a.txt").exists() && env.dst().join("b/c.txt").exists());
     let status = env.json(&["status"]);
     assert_eq!(status[0]["delete_guard"]["would_delete"], 3, "{status}");

@@ -193,12 +193,35 @@ async fn shutdown_signal() {
 struct Session {
     config: Config,
     state: State,
+    /// Where an empty state lives for a read-only command run before anything else (see
+    /// [`Session::open_read_only`]); removed after `state` is closed.
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl Session {
     fn open(config: Config) -> Result<Session> {
         let state = State::open(&config.state_dir)?;
-        Ok(Session { config, state })
+        Ok(Session {
+            config,
+            state,
+            scratch: None,
+        })
+    }
+
+    /// For commands that only read (`status`, `plan`, `verify`, `log`): a state directory
+    /// that does not exist yet is not created; they see an empty state, as nothing has
+    /// run with this config.
+    fn open_read_only(config: Config) -> Result<Session> {
+        if config.state_dir.exists() {
+            return Session::open(config);
+        }
+        let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+        let state = State::open(scratch.path())?;
+        Ok(Session {
+            config,
+            state,
+            scratch: Some(scratch),
+        })
     }
 
     fn pipelines(&self, select: &Select) -> Result<Vec<Pipeline>> {
@@ -223,9 +246,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Scan(select) => scan_project(config, &select, true, false, show_progress).await,
         Command::Project(select) => scan_project(config, &select, false, true, show_progress).await,
         Command::Sync(select) => scan_project(config, &select, true, true, show_progress).await,
-        Command::Plan(select) => plan(Session::open(config)?, &select).await,
+        Command::Plan(select) => plan(Session::open_read_only(config)?, &select).await,
         Command::Verify(select) => {
-            let session = Session::open(config)?;
+            let session = Session::open_read_only(config)?;
             let mut drift = false;
             let mut reports = Vec::new();
             for p in session.pipelines(&select)? {
@@ -272,7 +295,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log(cmd) => log_command(Session::open(config)?, cmd).await,
+        Command::Log(cmd) => match cmd {
+            LogCommand::Migrate { .. } => log_command(Session::open(config)?, cmd).await,
+            _ => log_command(Session::open_read_only(config)?, cmd).await,
+        },
         Command::Compact { output } => {
             let progress = Progress::new(show_progress, "compact", None);
             let dir = config.state_dir.clone();
@@ -299,7 +325,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn status(config: Config, select: &Select) -> Result<ExitCode> {
-    let statuses: Vec<serde_json::Value> = match Session::open(config.clone()) {
+    let statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
         Ok(session) => {
             let mut out = Vec::new();
             for p in session.pipelines(select)? {
@@ -635,7 +661,12 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
             );
         }
         let report = Report::new(p.name(), "plan", true, p.config.max_delete).with_plan(&actions);
-        let dir = write_report(&session, &report);
+        // Nothing has run with this config: no report directory is made for a dry run.
+        let dir = session
+            .scratch
+            .is_none()
+            .then(|| write_report(&session, &report))
+            .flatten();
         out.push(json!({"pipeline": p.name(), "actions": actions, "report_dir": dir}));
     }
     if select.output == Output::Json {

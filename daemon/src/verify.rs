@@ -187,13 +187,20 @@ pub async fn verify(
     let source = collect(&DirSource::new(s, 0), progress, &mut report.unreadable)
         .await
         .map_err(list_err)?;
-    let target = collect(
-        &DirSource::new(&target_view, 0),
-        progress,
-        &mut report.unreadable,
-    )
-    .await
-    .map_err(list_err)?;
+    // A target nothing was written to yet holds nothing: every item is missing.
+    let target = if std::fs::symlink_metadata(&t.path)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
+        BTreeMap::new()
+    } else {
+        collect(
+            &DirSource::new(&target_view, 0),
+            progress,
+            &mut report.unreadable,
+        )
+        .await
+        .map_err(list_err)?
+    };
     for (id, version) in &source {
         report.compared += 1;
         match target.get(id) {
