@@ -177,17 +177,14 @@ impl State {
                 .map_err(open_err)?;
         }
         finish_interrupted_compaction(dir).map_err(open_err)?;
-        match sled::Config::new().path(dir.join(DB)).open() {
-            Ok(db) => Ok(State {
-                db,
-                path: dir.to_owned(),
-            }),
-            Err(e) if is_locked(&e) => Err(StateError::Locked {
-                path: dir.to_owned(),
-            }),
-            Err(sled::Error::Io(e)) => Err(open_err(e)),
-            Err(e) => Err(e.into()),
-        }
+        let db = sled::Config::new()
+            .path(dir.join(DB))
+            .open()
+            .map_err(|e| open_error(e, dir))?;
+        Ok(State {
+            db,
+            path: dir.to_owned(),
+        })
     }
 
     /// The state directory.
@@ -357,15 +354,7 @@ impl State {
                 .path(&fresh)
                 .open()
                 .map(drop)
-                .map_err(|e| {
-                    if is_locked(&e) {
-                        StateError::Locked {
-                            path: fresh.clone(),
-                        }
-                    } else {
-                        e.into()
-                    }
-                })
+                .map_err(|e| open_error(e, &fresh))
         })?;
         // Swapped while the old database is still open and locked, so no tidemark opens
         // it in between; a crash between the two renames is finished by the next open.
@@ -386,6 +375,21 @@ impl State {
             before,
             after,
         })
+    }
+}
+
+/// What opening the sled database at `path` failed with: held by another process
+/// ([`StateError::Locked`]), an I/O error naming the path, or sled's own.
+fn open_error(e: sled::Error, path: &Path) -> StateError {
+    match e {
+        e if is_locked(&e) => StateError::Locked {
+            path: path.to_owned(),
+        },
+        sled::Error::Io(source) => StateError::Open {
+            path: path.to_owned(),
+            source,
+        },
+        e => e.into(),
     }
 }
 
