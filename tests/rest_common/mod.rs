@@ -420,6 +420,8 @@ fn serve(
                     .and_then(|_| out.write_all(body))
                     .is_ok()
             };
+        // As the client asked for it, before a required key is stripped.
+        let asked = path.clone();
         if let Some(needle) = f.require_query.lock().unwrap().clone() {
             let (route, query) = path.split_once('?').unwrap_or((&path, ""));
             if !query.split('&').any(|p| p == needle) {
@@ -429,21 +431,6 @@ fn serve(
                 }
                 continue;
             }
-            if let Some(p) = f.echo_path.lock().unwrap().clone() {
-                if route.contains(&p) {
-                    injected.fetch_add(1, Ordering::SeqCst);
-                    let b = format!("{{\"error\":\"bad request\",\"url\":\"{path}\"}}");
-                    if !reply(
-                        &mut out,
-                        "400 Bad Request",
-                        &[("content-type".into(), "application/json".into())],
-                        b.as_bytes(),
-                    ) {
-                        return;
-                    }
-                    continue;
-                }
-            }
             let rest: Vec<&str> = query.split('&').filter(|p| *p != needle).collect();
             path = if rest.is_empty() {
                 route.to_owned()
@@ -451,20 +438,28 @@ fn serve(
                 format!("{route}?{}", rest.join("&"))
             };
         }
-        if let Some(p) = f.echo_auth.lock().unwrap().clone() {
-            if path.contains(&p) {
-                injected.fetch_add(1, Ordering::SeqCst);
-                let b = format!("{{\"error\":\"bad request\",\"authorization\":\"{auth}\"}}");
-                if !reply(
-                    &mut out,
-                    "400 Bad Request",
-                    &[("content-type".into(), "application/json".into())],
-                    b.as_bytes(),
-                ) {
-                    return;
-                }
-                continue;
+        // A 400 that quotes what the request carried.
+        let echo = [
+            (&f.echo_auth, "authorization", &auth),
+            (&f.echo_path, "url", &asked),
+        ]
+        .into_iter()
+        .find_map(|(on, field, value)| {
+            let p = on.lock().unwrap().clone()?;
+            path.contains(&p)
+                .then(|| format!("{{\"error\":\"bad request\",\"{field}\":\"{value}\"}}"))
+        });
+        if let Some(b) = echo {
+            injected.fetch_add(1, Ordering::SeqCst);
+            if !reply(
+                &mut out,
+                "400 Bad Request",
+                &[("content-type".into(), "application/json".into())],
+                b.as_bytes(),
+            ) {
+                return;
             }
+            continue;
         }
         if let Some(p) = f.corrupt.lock().unwrap().clone() {
             if path.contains(&p) {
