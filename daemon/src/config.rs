@@ -841,27 +841,40 @@ prune = true
         assert!(err.contains("at least 100ms"), "{err}");
     }
 
-    #[test]
-    fn a_secret_written_in_the_config_is_refused_without_being_repeated() {
-        let text = r#"state_dir = "state"
+    /// A pipeline from an API's `users` at `path` to a directory; `source_extra` (keys,
+    /// then tables) goes into `[pipeline.source.http]` after `base_url`.
+    fn api_config(base_url: &str, source_extra: &str, path: &str) -> String {
+        format!(
+            r#"state_dir = "state"
 [[pipeline]]
 name = "api"
 [pipeline.source.http]
-base_url = "http://127.0.0.1:9"
-bearer = "LITERAL-TOKEN-4f2a"
+base_url = "{base_url}"
+{source_extra}
 [[pipeline.source.http.kind]]
 name = "users"
-path = "/users"
+path = "{path}"
 [pipeline.target.dir]
 path = "dst"
-"#;
-        let err = parse_err(text);
+"#
+        )
+    }
+
+    #[test]
+    fn a_secret_written_in_the_config_is_refused_without_being_repeated() {
+        let text = api_config(
+            "http://127.0.0.1:9",
+            "bearer = \"LITERAL-TOKEN-4f2a\"",
+            "/users",
+        );
+        let err = parse_err(&text);
         assert!(!err.contains("LITERAL-TOKEN-4f2a"), "{err}");
         assert!(err.contains("never written in the config"), "{err}");
         assert!(err.contains("{ env = "), "{err}");
-        let header = text.replace(
-            "bearer = \"LITERAL-TOKEN-4f2a\"",
+        let header = api_config(
+            "http://127.0.0.1:9",
             "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nvalue = \"LITERAL-TOKEN-4f2a\"",
+            "/users",
         );
         let err = parse_err(&header);
         assert!(!err.contains("LITERAL-TOKEN-4f2a"), "{err}");
@@ -875,21 +888,7 @@ path = "dst"
     /// wherever the URL is reported: refused, named, never repeated.
     #[test]
     fn credentials_in_a_url_are_refused_without_being_repeated() {
-        let config = |base_url: &str, path: &str| {
-            format!(
-                r#"state_dir = "state"
-[[pipeline]]
-name = "api"
-[pipeline.source.http]
-base_url = "{base_url}"
-[[pipeline.source.http.kind]]
-name = "users"
-path = "{path}"
-[pipeline.target.dir]
-path = "dst"
-"#
-            )
-        };
+        let config = |base_url: &str, path: &str| api_config(base_url, "", path);
         let err = parse_err(&config(
             "https://admin:Hunter2-pw@api.example.com/v1",
             "/users",
@@ -916,17 +915,11 @@ path = "dst"
             "{err}"
         );
         // Ordinary parameters are not credentials.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.toml");
-        std::fs::write(
-            &path,
-            config(
-                "https://api.example.com?api-version=2024-01",
-                "/users?author=ann&sort_key=id",
-            ),
-        )
-        .unwrap();
-        Config::load(&path).unwrap();
+        let ordinary = config(
+            "https://api.example.com?api-version=2024-01",
+            "/users?author=ann&sort_key=id",
+        );
+        Config::parse(Path::new("t.toml"), &ordinary).unwrap();
     }
 
     #[test]
@@ -934,25 +927,11 @@ path = "dst"
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("key.txt"), "k/ey+42\n").unwrap();
         let path = dir.path().join("t.toml");
+        let secrets = "[[pipeline.source.http.query]]\nname = \"api_key\"\nfile = \"key.txt\"\n\
+                       [[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"key.txt\"";
         std::fs::write(
             &path,
-            r#"state_dir = "state"
-[[pipeline]]
-name = "api"
-[pipeline.source.http]
-base_url = "https://api.example.com"
-[[pipeline.source.http.query]]
-name = "api_key"
-file = "key.txt"
-[[pipeline.source.http.header]]
-name = "X-Api-Key"
-file = "key.txt"
-[[pipeline.source.http.kind]]
-name = "users"
-path = "/users"
-[pipeline.target.dir]
-path = "dst"
-"#,
+            api_config("https://api.example.com", secrets, "/users"),
         )
         .unwrap();
         let config = Config::load(&path).unwrap();
