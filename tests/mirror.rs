@@ -624,6 +624,147 @@ fn plan_writes_nothing_and_shows_what_project_would_do() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// Counts of planned actions by (kind, action).
+fn planned(actions: &serde_json::Value) -> std::collections::BTreeMap<(String, String), u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for a in actions.as_array().unwrap() {
+        let (kind, action) = (a["kind"].as_str().unwrap(), a["action"].as_str().unwrap());
+        *counts
+            .entry((kind.to_owned(), action.to_owned()))
+            .or_insert(0u64) += 1;
+    }
+    counts
+}
+
+/// `sync --dry-run` is `rsync -n`: it shows what the scan would find and what the target
+/// would get, and appends, indexes and writes nothing, so the real `sync` after it does
+/// exactly what it showed.
+#[test]
+fn sync_dry_run_shows_what_sync_would_do_and_writes_nothing() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("b.txt"), "b");
+    write(env.src().join("sub/d.txt"), "d");
+
+    // Nothing has run with this config: no state, no target, no report.
+    let fresh = env.json(&["sync", "--dry-run"]);
+    assert_eq!(planned(&fresh[0]["actions"]).len(), 2, "{fresh}");
+    assert_eq!(
+        planned(&fresh[0]["actions"])[&("file".to_owned(), "create".to_owned())],
+        3,
+        "{fresh}"
+    );
+    assert!(fresh[0]["report_dir"].is_null(), "{fresh}");
+    assert!(!env.path("state").exists(), "a dry run made the state");
+    assert!(!env.dst().exists(), "a dry run made the target");
+
+    env.sync();
+    write(env.src().join("a.txt"), "a2");
+    write(env.src().join("c.txt"), "c");
+    std::fs::remove_file(env.src().join("b.txt")).unwrap();
+    // Touched, not changed: a dry run reads it as a scan does and shows nothing for it.
+    let d = env.src().join("sub/d.txt");
+    let later = std::fs::metadata(&d).unwrap().modified().unwrap() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&d)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let before = snapshot(&env.dst());
+    let status_before = env.json(&["status"]);
+
+    let text = env.ok(&["sync", "-n"]);
+    assert!(
+        text.contains("update file a.txt (found by this scan)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("create file c.txt (found by this scan)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("delete file b.txt (found by this scan)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("d.txt"),
+        "a touched file is not a change: {text}"
+    );
+    assert!(
+        text.contains("t: dry run: 1 create, 1 delete, 1 update"),
+        "{text}"
+    );
+    let dry = env.json(&["sync", "--dry-run"]);
+    assert_eq!(
+        snapshot(&env.dst()),
+        before,
+        "a dry run wrote to the target"
+    );
+    let status = env.json(&["status"]);
+    for field in ["head", "committed"] {
+        assert_eq!(
+            status[0][field], status_before[0][field],
+            "{field}: {status}"
+        );
+    }
+    assert_eq!(dry[0]["scan"]["upserts"], 2, "{dry}");
+    assert_eq!(dry[0]["scan"]["deletes"], 1, "{dry}");
+
+    // The index was left as it was, so the real sync finds the same and does what the
+    // dry run said.
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], dry[0]["scan"]["upserts"], "{scan}");
+    assert_eq!(scan["deletes"], dry[0]["scan"]["deletes"], "{scan}");
+    let plan = planned(&dry[0]["actions"]);
+    for (action, outcome) in [
+        ("create", "created"),
+        ("update", "updated"),
+        ("delete", "deleted"),
+    ] {
+        let planned = plan
+            .get(&("file".to_owned(), action.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(
+            planned,
+            kind_outcome(&project, "file", outcome),
+            "{action}: dry run {dry} against sync {project}"
+        );
+    }
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A dry run that empties the target through the source shows the delete guard tripping
+/// (exit 3, as `sync` would) and deletes nothing.
+#[test]
+fn sync_dry_run_shows_the_delete_guard_and_deletes_nothing() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..4 {
+        write(env.src().join(format!("f{i}.txt")), format!("{i}"));
+    }
+    env.sync();
+    for i in 0..4 {
+        std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
+    }
+    let status_before = env.json(&["status"]);
+    let out = env.run(&["sync", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("t: the delete guard would trip: 4 deletes withheld"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("t: dry run: nothing to do"), "{stdout}");
+    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 4);
+    let status = env.json(&["status"]);
+    assert!(status[0]["delete_guard"].is_null(), "{status}");
+    assert_eq!(
+        status[0]["last_scan"], status_before[0]["last_scan"],
+        "a dry run recorded its scan"
+    );
+}
+
 /// A directory delete waits while the target directory holds something the source never
 /// had; `plan` shows it as `retry` (it sits below the committed offset) until the
 /// directory can go, and it goes on the next `project` once it is empty.

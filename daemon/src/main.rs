@@ -13,6 +13,7 @@ use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::pipeline::Pipeline;
 use tidemark::progress::{Progress, ProgressGroup};
+use tidemark::projector::PlannedAction;
 use tidemark::report::Report;
 use tidemark::scanner::StartedListing;
 use tidemark::state::{State, StateError};
@@ -68,7 +69,7 @@ enum Command {
     Project(Select),
     /// Scan and project at once (the target fills while the source is read), until the
     /// target has caught up with the scan; for one-shot use.
-    Sync(Select),
+    Sync(SyncArgs),
     /// Show what `project` would do, writing nothing.
     Plan(Select),
     /// Offsets, lag, last scan, delete guard and failures per pipeline.
@@ -119,6 +120,16 @@ enum LogCommand {
         #[command(flatten)]
         select: Select,
     },
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    #[command(flatten)]
+    select: Select,
+    /// Show what the sync would do (what the scan would find, then what projecting the
+    /// log and those changes would do to the target), writing nothing.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -245,7 +256,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status(select) => status(config, &select).await,
         Command::Scan(select) => scan_project(config, &select, true, false, show_progress).await,
         Command::Project(select) => scan_project(config, &select, false, true, show_progress).await,
-        Command::Sync(select) => scan_project(config, &select, true, true, show_progress).await,
+        Command::Sync(args) if args.dry_run => {
+            dry_sync(
+                Session::open_read_only(config)?,
+                &args.select,
+                show_progress,
+            )
+            .await
+        }
+        Command::Sync(args) => scan_project(config, &args.select, true, true, show_progress).await,
         Command::Plan(select) => plan(Session::open_read_only(config)?, &select).await,
         Command::Verify(select) => {
             let session = Session::open_read_only(config)?;
@@ -632,47 +651,111 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
     for p in session.pipelines(select)? {
         let actions = p.projector.plan().await?;
         if select.output == Output::Text {
-            let mut counts = std::collections::BTreeMap::new();
-            for a in &actions {
-                *counts.entry(a.action).or_insert(0) += 1;
-                match (a.action, a.waiting_since) {
-                    ("skip", _) => {}
-                    (action, Some(since)) => println!(
-                        "{action:>6} {} {} (offset {}, waiting since {})",
-                        a.kind,
-                        a.key,
-                        a.offset,
-                        since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    ),
-                    (action, None) => {
-                        println!("{action:>6} {} {} (offset {})", a.kind, a.key, a.offset)
-                    }
-                }
-            }
-            let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();
-            println!(
-                "{}: plan: {}",
-                p.name(),
-                if summary.is_empty() {
-                    "nothing to do".into()
-                } else {
-                    summary.join(", ")
-                }
-            );
+            print_plan(p.name(), "plan", &actions);
         }
         let report = Report::new(p.name(), "plan", true, p.config.max_delete).with_plan(&actions);
-        // Nothing has run with this config: no report directory is made for a dry run.
-        let dir = session
-            .scratch
-            .is_none()
-            .then(|| write_report(&session, &report))
-            .flatten();
-        out.push(json!({"pipeline": p.name(), "actions": actions, "report_dir": dir}));
+        out.push(json!({
+            "pipeline": p.name(),
+            "actions": actions,
+            "report_dir": write_dry_report(&session, &report),
+        }));
     }
     if select.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sync --dry-run`: what the scan would find, then what projecting the log and those
+/// changes would do, writing nothing (not the log, the index nor the target).
+async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Result<ExitCode> {
+    let mut out = Vec::new();
+    let mut degraded = false;
+    for p in session.pipelines(select)? {
+        let progress = Progress::new(show_progress, "scan", None);
+        let preview = p.scanner.preview(&progress).await?;
+        progress.finish();
+        let record = preview.record;
+        let actions = p.projector.plan_with(preview.events).await?;
+        degraded |= record.errors > 0 || record.guard.is_some();
+        if select.output == Output::Text {
+            println!(
+                "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s (dry run: nothing appended)",
+                p.name(), record.listed, record.upserts, record.deletes, record.errors, record.skipped, record.duration_secs
+            );
+            if let Some(g) = &record.guard {
+                println!(
+                    "{}: the delete guard would trip: {} deletes withheld (max_delete = {} allows {})",
+                    p.name(),
+                    g.would_delete,
+                    g.limit,
+                    g.allowed
+                );
+            }
+            print_plan(p.name(), "dry run", &actions);
+        }
+        let report = Report::new(p.name(), "sync", true, p.config.max_delete)
+            .with_scan(&record)
+            .with_plan(&actions);
+        out.push(json!({
+            "pipeline": p.name(),
+            "scan": record,
+            "actions": actions,
+            "report_dir": write_dry_report(&session, &report),
+        }));
+    }
+    if select.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(if degraded {
+        ExitCode::from(EXIT_DEGRADED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Prints planned actions, one a line (unchanged items left out), then their counts.
+fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
+    let mut counts = std::collections::BTreeMap::new();
+    for a in actions {
+        *counts.entry(a.action).or_insert(0) += 1;
+        if a.action == "skip" {
+            continue;
+        }
+        let at = match a.offset {
+            Some(offset) => format!("offset {offset}"),
+            None => "found by this scan".into(),
+        };
+        match a.waiting_since {
+            Some(since) => println!(
+                "{:>6} {} {} ({at}, waiting since {})",
+                a.action,
+                a.kind,
+                a.key,
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            None => println!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
+        }
+    }
+    let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();
+    println!(
+        "{pipeline}: {what}: {}",
+        if summary.is_empty() {
+            "nothing to do".into()
+        } else {
+            summary.join(", ")
+        }
+    );
+}
+
+/// A dry run's report, except when nothing has run with this config: no report directory
+/// is made for it then.
+fn write_dry_report(session: &Session, report: &Report) -> Option<String> {
+    session
+        .scratch
+        .is_none()
+        .then(|| write_report(session, report))
+        .flatten()
 }
 
 async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {

@@ -137,8 +137,9 @@ impl ProjectReport {
 /// One planned action, as `plan` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedAction {
-    /// Offset of the event.
-    pub offset: u64,
+    /// Offset of the event; none for an event a dry run found but did not append.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
     /// `create`, `update`, `delete`, `retain` (delete not applied: prune is off), `skip`,
     /// or `retry`: an event a previous projection kept waiting (for the items it
     /// references, or a directory delete for the directory to empty), tried again.
@@ -150,6 +151,16 @@ pub struct PlannedAction {
     /// For `retry`: when the event started waiting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTimeUtc>,
+}
+
+/// A plan being made ([`Projector::plan_with`]).
+struct Plan<'a> {
+    applied: &'a Records<Applied>,
+    /// Applied versions as the plan goes, so a key's later events see its earlier ones.
+    overlay: HashMap<String, Option<Applied>>,
+    /// Every key the log still has an event for: that event replaces a waiting one.
+    seen: BTreeSet<String>,
+    actions: Vec<PlannedAction>,
 }
 
 /// What applying one event did to the applied state.
@@ -1364,15 +1375,25 @@ impl Projector {
 
     /// What `project` would do from the committed offsets on, without writing anything.
     pub async fn plan(&self) -> Result<Vec<PlannedAction>, ProjectError> {
+        self.plan_with(Vec::new()).await
+    }
+
+    /// Like [`Projector::plan`], with `unlogged` (the events a dry-run scan found, in
+    /// order) as if they were appended after the log's head.
+    pub async fn plan_with(
+        &self,
+        unlogged: Vec<Event>,
+    ) -> Result<Vec<PlannedAction>, ProjectError> {
         let applied = self
             .state
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
-        // Applied versions as the plan goes, so a key's later events see its earlier ones.
-        let mut overlay: HashMap<String, Option<Applied>> = HashMap::new();
-        // Every key the log still has an event for: that event replaces a waiting one.
-        let mut seen: BTreeSet<String> = BTreeSet::new();
-        let mut actions = Vec::new();
+        let mut plan = Plan {
+            applied: &applied,
+            overlay: HashMap::new(),
+            seen: BTreeSet::new(),
+            actions: Vec::new(),
+        };
         for p in 0..self.log.partitions() {
             let mut from = self.committed(p).await?;
             loop {
@@ -1387,52 +1408,19 @@ impl Projector {
                 let Some(last) = records.last() else { break };
                 from = last.offset + 1;
                 for record in records {
-                    let Ok(event) = record.event else { continue };
-                    let id = event.identity();
-                    seen.insert(id.clone());
-                    let prior = match overlay.get(&id) {
-                        Some(p) => p.clone(),
-                        None => applied.get(&id).map_err(self.err_state())?,
-                    };
-                    let action = match (decide(&event, prior.as_ref(), self.prune), event.op) {
-                        (Some(Outcome::Retained), _) => "retain",
-                        (Some(_), _) => "skip",
-                        (None, Op::Delete) => {
-                            overlay.insert(id, None);
-                            "delete"
-                        }
-                        (None, Op::Upsert) => {
-                            overlay.insert(
-                                id,
-                                Some(Applied {
-                                    version: event.version(),
-                                    offset: event.offset,
-                                    target_id: None,
-                                }),
-                            );
-                            if prior.is_some() {
-                                "update"
-                            } else {
-                                // No applied state (a replay, a pre-filled target): what
-                                // `project` does depends on what the target holds.
-                                match self.target.probe(&event).await {
-                                    Probe::Equal => "adopt",
-                                    Probe::Different => "update",
-                                    Probe::Absent | Probe::Unknown => "create",
-                                }
-                            }
-                        }
-                    };
-                    actions.push(PlannedAction {
-                        offset: event.offset,
-                        action,
-                        kind: event.kind,
-                        key: event.key,
-                        waiting_since: None,
-                    });
+                    if let Ok(event) = record.event {
+                        self.plan_event(&mut plan, event, Some(record.offset))
+                            .await?;
+                    }
                 }
             }
         }
+        for event in unlogged {
+            self.plan_event(&mut plan, event, None).await?;
+        }
+        let Plan {
+            seen, mut actions, ..
+        } = plan;
         // Then, as `project` does after a batch, the events kept waiting (below the
         // committed offset, so no log read finds them).
         let deferred = self
@@ -1458,13 +1446,65 @@ impl Projector {
         }
         waiting.sort_by_key(|(event, _)| event.offset);
         actions.extend(waiting.into_iter().map(|(event, since)| PlannedAction {
-            offset: event.offset,
+            offset: Some(event.offset),
             action: "retry",
             kind: event.kind,
             key: event.key,
             waiting_since: Some(since),
         }));
         Ok(actions)
+    }
+
+    /// Adds what `project` would do with `event` to `plan`.
+    async fn plan_event(
+        &self,
+        plan: &mut Plan<'_>,
+        event: Event,
+        offset: Option<u64>,
+    ) -> Result<(), ProjectError> {
+        let id = event.identity();
+        plan.seen.insert(id.clone());
+        let prior = match plan.overlay.get(&id) {
+            Some(p) => p.clone(),
+            None => plan.applied.get(&id).map_err(self.err_state())?,
+        };
+        let action = match (decide(&event, prior.as_ref(), self.prune), event.op) {
+            (Some(Outcome::Retained), _) => "retain",
+            (Some(_), _) => "skip",
+            (None, Op::Delete) => {
+                plan.overlay.insert(id, None);
+                "delete"
+            }
+            (None, Op::Upsert) => {
+                plan.overlay.insert(
+                    id,
+                    Some(Applied {
+                        version: event.version(),
+                        offset: event.offset,
+                        target_id: None,
+                    }),
+                );
+                if prior.is_some() {
+                    "update"
+                } else {
+                    // No applied state (a replay, a pre-filled target): what `project`
+                    // does depends on what the target holds.
+                    match self.target.probe(&event).await {
+                        Probe::Equal => "adopt",
+                        Probe::Different => "update",
+                        Probe::Absent | Probe::Unknown => "create",
+                    }
+                }
+            }
+        };
+        plan.actions.push(PlannedAction {
+            offset,
+            action,
+            kind: event.kind,
+            key: event.key,
+            waiting_since: None,
+        });
+        Ok(())
     }
 
     /// Moves the committed offset to `from` and forgets what was applied at or after it, so

@@ -104,6 +104,21 @@ type Fetch = std::pin::Pin<
     >,
 >;
 
+/// What a scan would append, found without appending anything (`sync --dry-run`).
+pub struct Preview {
+    /// The scan's summary, as a real scan would record it.
+    pub record: ScanRecord,
+    /// The events the scan would append, in order.
+    pub events: Vec<Event>,
+}
+
+/// Where a scan's events go: the log, or (a dry run) a list kept for the caller, with
+/// the index left as it was.
+enum Sink {
+    Log,
+    Dry(Vec<Event>),
+}
+
 #[derive(Default)]
 struct Pending {
     events: Vec<Event>,
@@ -158,21 +173,10 @@ impl Scanner {
             Some(e) => (Some(e.listing), e.started_at, e.started),
             None => (None, Utc::now(), Instant::now()),
         };
-        let mut record = ScanRecord {
-            id: started_at.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
-            started_at,
-            duration_secs: 0.0,
-            listed: 0,
-            upserts: 0,
-            deletes: 0,
-            errors: 0,
-            skipped: 0,
-            result: "ok".into(),
-            guard: None,
-            last_success_at: None,
-            message: None,
-        };
-        let outcome = self.scan_into(&mut record, progress, listing).await;
+        let mut record = new_record(started_at);
+        let outcome = self
+            .scan_into(&mut record, progress, listing, &mut Sink::Log)
+            .await;
         record.duration_secs = t0.elapsed().as_secs_f64();
         let m = metrics();
         let p = self.pipeline.as_str();
@@ -224,11 +228,31 @@ impl Scanner {
         Ok(record)
     }
 
+    /// What a scan would append now, without appending it, recording it or touching the
+    /// index: the listing, the reads of new and changed items, the delete guard and the
+    /// listing errors are those of a real scan. Its events have no offsets yet.
+    pub async fn preview(&self, progress: &Progress) -> Result<Preview, ScanError> {
+        let t0 = Instant::now();
+        let mut record = new_record(Utc::now());
+        let mut sink = Sink::Dry(Vec::new());
+        self.scan_into(&mut record, progress, None, &mut sink)
+            .await?;
+        record.duration_secs = t0.elapsed().as_secs_f64();
+        if record.errors > 0 {
+            record.result = "degraded".into();
+        }
+        let Sink::Dry(events) = sink else {
+            unreachable!("a preview collects its events")
+        };
+        Ok(Preview { record, events })
+    }
+
     async fn scan_into(
         &self,
         record: &mut ScanRecord,
         progress: &Progress,
         listing: Option<ListStream>,
+        sink: &mut Sink,
     ) -> Result<(), ScanError> {
         // The walk starts before the digest is read, and fills its channel meanwhile.
         let mut listing = listing.unwrap_or_else(|| self.source.list());
@@ -255,7 +279,7 @@ impl Scanner {
             tokio::select! {
                 biased;
                 _ = flush.tick(), if !pending.events.is_empty() && !finished => {
-                    self.append(&mut pending, &mut known).await?;
+                    self.append(&mut pending, &mut known, sink).await?;
                 }
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
@@ -263,7 +287,7 @@ impl Scanner {
                             progress.add_bytes(tidemark_proto::content_len(item.body.as_ref(), item.blob.as_ref()));
                             self.stage(item, previous, fingerprint, &mut pending, record);
                             if pending.events.len() >= APPEND_BATCH || pending.bytes >= APPEND_BYTES {
-                                self.append(&mut pending, &mut known).await?;
+                                self.append(&mut pending, &mut known, sink).await?;
                             }
                         }
                         Err(e) => self.entry_error(record, e.to_string()),
@@ -292,7 +316,7 @@ impl Scanner {
                 else => break,
             }
         }
-        self.append(&mut pending, &mut known).await?;
+        self.append(&mut pending, &mut known, sink).await?;
         if record.errors > 0 {
             warn!(
                 pipeline = %self.pipeline,
@@ -300,9 +324,12 @@ impl Scanner {
                 "the listing had errors, so this scan emits no deletes"
             );
         } else {
-            self.deletes(record, &mut known).await?;
+            self.deletes(record, &mut known, sink).await?;
         }
-        known.store().map_err(self.state_err())
+        match sink {
+            Sink::Log => known.store().map_err(self.state_err()),
+            Sink::Dry(_) => Ok(()),
+        }
     }
 
     /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
@@ -377,7 +404,18 @@ impl Scanner {
     }
 
     /// Appends the pending events, then (only then) records them in the index.
-    async fn append(&self, pending: &mut Pending, known: &mut Digest) -> Result<(), ScanError> {
+    async fn append(
+        &self,
+        pending: &mut Pending,
+        known: &mut Digest,
+        sink: &mut Sink,
+    ) -> Result<(), ScanError> {
+        if let Sink::Dry(events) = sink {
+            events.append(&mut pending.events);
+            pending.index.clear();
+            pending.bytes = 0;
+            return Ok(());
+        }
         self.append_events(std::mem::take(&mut pending.events))
             .await?;
         let changes: Vec<_> = pending
@@ -417,7 +455,12 @@ impl Scanner {
     }
 
     /// Emits deletes for the indexed keys the listing did not show, within the guard.
-    async fn deletes(&self, record: &mut ScanRecord, known: &mut Digest) -> Result<(), ScanError> {
+    async fn deletes(
+        &self,
+        record: &mut ScanRecord,
+        known: &mut Digest,
+        sink: &mut Sink,
+    ) -> Result<(), ScanError> {
         let unseen = known.unseen();
         let would_delete = unseen.len() as u64;
         if would_delete == 0 {
@@ -431,6 +474,10 @@ impl Scanner {
                 allowed,
                 limit: self.max_delete.to_string(),
             };
+            if let Sink::Dry(_) = sink {
+                record.guard = Some(trip);
+                return Ok(());
+            }
             metrics()
                 .delete_guard_trips
                 .with_label_values(&[&self.pipeline])
@@ -474,12 +521,35 @@ impl Scanner {
                     }
                 })
                 .collect();
+            if let Sink::Dry(dry) = sink {
+                dry.extend(events);
+                record.deletes += chunk.len() as u64;
+                continue;
+            }
             self.append_events(events).await?;
             let changes: Vec<_> = chunk.iter().map(|k| (k.as_str(), None)).collect();
             known.apply(&changes).map_err(self.state_err())?;
             record.deletes += chunk.len() as u64;
         }
         Ok(())
+    }
+}
+
+/// The summary of a scan started at `started_at`, before it has found anything.
+fn new_record(started_at: chrono::DateTime<Utc>) -> ScanRecord {
+    ScanRecord {
+        id: started_at.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
+        started_at,
+        duration_secs: 0.0,
+        listed: 0,
+        upserts: 0,
+        deletes: 0,
+        errors: 0,
+        skipped: 0,
+        result: "ok".into(),
+        guard: None,
+        last_success_at: None,
+        message: None,
     }
 }
 
