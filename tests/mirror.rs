@@ -873,6 +873,35 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// `tidemark status | head -1`: a reader that has gone is no panic, and the command
+/// still does its work (a sync syncs, and writes its report).
+#[test]
+fn output_to_a_reader_that_has_gone_is_no_panic() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    for args in [
+        &["sync"][..],
+        &["status"],
+        &["plan"],
+        &["verify"],
+        &["log", "tail"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env
+            .cmd(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+    assert_mirror(&env.src(), &env.dst());
+    assert!(env.path("state/reports/t").read_dir().unwrap().count() >= 2);
+}
+
 #[test]
 fn a_misspelled_config_key_is_named_with_its_line() {
     let env = Env::dirs("", "pruen = true");

@@ -24,6 +24,37 @@ const EXIT_DEGRADED: u8 = 3;
 const EXIT_DRIFT: u8 = 4;
 
 /// Keep a target a faithful mirror of a source, through a replayable event log.
+/// Whether stdout was found closed (or failing): the rest of the output is dropped.
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes a command's output to stdout. Unlike `print!`, a reader that has gone
+/// (`tidemark status | head -1`) is no panic: the output is dropped from there on and the
+/// command finishes its work (a sync still syncs every pipeline and writes its reports).
+fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            tracing::warn!("cannot write to stdout, the rest of the output is dropped: {e}");
+        }
+    }
+}
+
+/// `print!` through [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 #[derive(Parser)]
 #[command(name = "tidemark", version, about, long_about = None)]
 struct Cli {
@@ -276,12 +307,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 progress.finish();
                 drift |= !report.is_clean();
                 if select.output == Output::Text {
-                    print!("{}", report.to_text(p.name()));
+                    out!("{}", report.to_text(p.name()));
                 }
                 reports.push(json!({"pipeline": p.name(), "report": report}));
             }
             if select.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
+                outln!("{}", serde_json::to_string_pretty(&reports)?);
             }
             Ok(if drift {
                 ExitCode::from(EXIT_DRIFT)
@@ -301,7 +332,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 );
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
-                    println!(
+                    outln!(
                         "pipeline {}: committed offset set to {from}; {} events will be applied again by `project` or `run`",
                         p.name(),
                         head - from
@@ -310,7 +341,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": head - from}));
             }
             if select.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                outln!("{}", serde_json::to_string_pretty(&out)?);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -329,8 +360,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await
             .context("the compaction task failed")??;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&done)?),
-                Output::Text => println!(
+                Output::Json => outln!("{}", serde_json::to_string_pretty(&done)?),
+                Output::Text => outln!(
                     "state {} compacted: {} records, {} -> {} on disk",
                     config.state_dir.display(),
                     done.records,
@@ -390,16 +421,16 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         Err(e) => return Err(e),
     };
     if select.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        outln!("{}", serde_json::to_string_pretty(&statuses)?);
         return Ok(ExitCode::SUCCESS);
     }
     for s in &statuses {
-        println!(
+        outln!(
             "pipeline {} ({} log)",
             s["pipeline"].as_str().unwrap_or("?"),
             s["log"].as_str().unwrap_or("?")
         );
-        println!(
+        outln!(
             "  head {}  committed {}  lag {} events, {:.1} s",
             s["head"],
             s["committed"],
@@ -408,7 +439,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         );
         if let Some(parts) = s["partitions"].as_array().filter(|p| p.len() > 1) {
             for part in parts {
-                println!(
+                outln!(
                     "    partition {}: head {}  committed {}  lag {} events, {:.1} s",
                     part["partition"],
                     part["head"],
@@ -420,12 +451,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         }
         match s["source_freshness_seconds"].as_f64() {
             Some(f) => {
-                println!("  source freshness {f:.1} s (since the last complete, error-free scan)")
+                outln!("  source freshness {f:.1} s (since the last complete, error-free scan)")
             }
-            None => println!("  source freshness: no complete, error-free scan yet"),
+            None => outln!("  source freshness: no complete, error-free scan yet"),
         }
         match s.get("last_scan").filter(|v| !v.is_null()) {
-            Some(scan) => println!(
+            Some(scan) => outln!(
                 "  last scan {} at {}: {} ({} listed, {} upserts, {} deletes, {} errors, {:.2} s)",
                 scan["id"].as_str().unwrap_or("?"),
                 scan["started_at"].as_str().unwrap_or("?"),
@@ -436,19 +467,19 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 scan["errors"],
                 scan["duration_secs"].as_f64().unwrap_or(0.0)
             ),
-            None => println!("  no scan yet"),
+            None => outln!("  no scan yet"),
         }
-        println!("  max_delete {}", s["max_delete"].as_str().unwrap_or("?"));
+        outln!("  max_delete {}", s["max_delete"].as_str().unwrap_or("?"));
         if let Some(g) = s.get("delete_guard").filter(|v| !v.is_null()) {
-            println!(
+            outln!(
                 "  DELETE GUARD TRIPPED: the last scan would delete {} items, max_delete = {} allows {}; no deletes were emitted",
                 g["would_delete"], g["limit"].as_str().unwrap_or("?"), g["allowed"]
             );
         }
         if let Some(deferred) = s["deferred"].as_array().filter(|d| !d.is_empty()) {
-            println!("  {} deferred items:", deferred.len());
+            outln!("  {} deferred items:", deferred.len());
             for d in deferred.iter().take(20) {
-                println!(
+                outln!(
                     "    {} {} (offset {}, since {}): {}",
                     d["kind"].as_str().unwrap_or("?"),
                     d["key"].as_str().unwrap_or("?"),
@@ -459,9 +490,9 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             }
         }
         if let Some(failed) = s["failed"].as_array().filter(|f| !f.is_empty()) {
-            println!("  {} failed items:", failed.len());
+            outln!("  {} failed items:", failed.len());
             for f in failed.iter().take(20) {
-                println!(
+                outln!(
                     "    {} {} (offset {}): {}",
                     f["kind"].as_str().unwrap_or("?"),
                     f["key"].as_str().unwrap_or("?"),
@@ -550,12 +581,12 @@ async fn scan_project(
             degraded |= record.errors > 0 || record.guard.is_some();
             written += record.upserts + record.deletes;
             if select.output == Output::Text {
-                println!(
+                outln!(
                     "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s",
                     p.name(), record.listed, record.upserts, record.deletes, record.errors, record.skipped, record.duration_secs
                 );
                 if let Some(g) = &record.guard {
-                    println!(
+                    outln!(
                         "{}: delete guard tripped: {} deletes withheld (max_delete = {} allows {})",
                         p.name(),
                         g.would_delete,
@@ -577,7 +608,7 @@ async fn scan_project(
                     .iter()
                     .map(|(o, n)| format!("{n} {}", o.as_str()))
                     .collect();
-                println!(
+                outln!(
                     "{}: applied {} events: {}",
                     p.name(),
                     report.events,
@@ -588,7 +619,7 @@ async fn scan_project(
                     }
                 );
                 for f in &report.failures {
-                    println!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
+                    outln!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
                 }
             }
             entry["project"] = serde_json::to_value(&report)?;
@@ -598,7 +629,7 @@ async fn scan_project(
         out.push(entry);
     }
     if select.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     }
     if written >= CHECKPOINT_AFTER {
         checkpoint(session);
@@ -661,7 +692,7 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
         }));
     }
     if select.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -679,12 +710,12 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         let actions = p.projector.plan_with(preview.events).await?;
         degraded |= record.errors > 0 || record.guard.is_some();
         if select.output == Output::Text {
-            println!(
+            outln!(
                 "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s (dry run: nothing appended)",
                 p.name(), record.listed, record.upserts, record.deletes, record.errors, record.skipped, record.duration_secs
             );
             if let Some(g) = &record.guard {
-                println!(
+                outln!(
                     "{}: the delete guard would trip: {} deletes withheld (max_delete = {} allows {})",
                     p.name(),
                     g.would_delete,
@@ -705,7 +736,7 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         }));
     }
     if select.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(if degraded {
         ExitCode::from(EXIT_DEGRADED)
@@ -727,18 +758,18 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
             None => "found by this scan".into(),
         };
         match a.waiting_since {
-            Some(since) => println!(
+            Some(since) => outln!(
                 "{:>6} {} {} ({at}, waiting since {})",
                 a.action,
                 a.kind,
                 a.key,
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
-            None => println!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
+            None => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
         }
     }
     let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();
-    println!(
+    outln!(
         "{pipeline}: {what}: {}",
         if summary.is_empty() {
             "nothing to do".into()
@@ -760,8 +791,8 @@ fn write_dry_report(session: &Session, report: &Report) -> Option<String> {
 
 async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
     let print = |r: tidemark::log::Record| match r.event {
-        Ok(e) => println!("{}", String::from_utf8_lossy(&e.encode())),
-        Err(err) => println!(
+        Ok(e) => outln!("{}", String::from_utf8_lossy(&e.encode())),
+        Err(err) => outln!(
             "{}",
             json!({"partition": r.partition, "offset": r.offset, "error": err.to_string()})
         ),
@@ -862,7 +893,7 @@ async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
     for (partition, n) in next.iter().enumerate() {
         to.seek(consumer, partition as u32, *n).await?;
     }
-    println!(
+    outln!(
         "pipeline {}: copied {copied} events ({invalid} invalid skipped) from sled into Kafka topic `{}`; committed offsets per partition {next:?} (sled committed {applied} of {head})",
         p.name(),
         to.topic()
