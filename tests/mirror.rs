@@ -873,6 +873,45 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// The target keeps its temporary files in `.tidemark-tmp/` at its top and empties it
+/// after every batch: a source item of that name cannot be mirrored, and says so (it was
+/// counted created, and silently lost, before).
+#[test]
+fn a_source_item_named_like_the_targets_scratch_directory_fails_saying_why() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join(".tidemark-tmp/00/keep"), "p");
+    write(env.src().join("x.txt"), "x");
+    // Enough other items that excluding the three later is within `max_delete`.
+    for i in 0..6 {
+        write(env.src().join(format!("y{i}.txt")), "y");
+    }
+    let out = env.run(&["sync"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("FAILED file .tidemark-tmp/00/keep:"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`.tidemark-tmp` at the top of a directory target"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("exclude it in the source"), "{stdout}");
+    assert_eq!(std::fs::read(env.dst().join("x.txt")).unwrap(), b"x");
+
+    std::fs::write(
+        &env.config,
+        std::fs::read_to_string(&env.config).unwrap().replace(
+            "[pipeline.source.dir]\n",
+            "[pipeline.source.dir]\nexclude = [\".tidemark-tmp\", \".tidemark-tmp/**\"]\n",
+        ),
+    )
+    .unwrap();
+    env.sync();
+    let verify = env.run(&["verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{verify:?}");
+}
+
 /// `tidemark status | head -1`: a reader that has gone is no panic, and the command
 /// still does its work (a sync syncs, and writes its report).
 #[test]

@@ -30,6 +30,14 @@ const TMP_SHARDS: u64 = 16;
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
 
+/// Whether `key` is [`TMP_DIR`] at the top of the target or below it.
+fn is_scratch(key: &str) -> bool {
+    pathkey::decode(key).is_some_and(|bytes| {
+        Path::new(OsStr::from_bytes(&bytes)).components().next()
+            == Some(Component::Normal(OsStr::new(TMP_DIR)))
+    })
+}
+
 /// The last component of a temporary path (`{pid}-{n}`), unique within a process.
 fn tmp_name(tmp: &Path) -> String {
     tmp.file_name()
@@ -130,6 +138,11 @@ impl Inner {
                 "path is absolute or contains `..`; refusing to write outside the target root"
                     .into(),
             ));
+        }
+        if is_scratch(key) {
+            return Err(Failure::Permanent(format!(
+                "`{TMP_DIR}` at the top of a directory target holds tidemark's temporary files and is emptied after every batch, so nothing can be mirrored there; exclude it in the source (`exclude = [\"{TMP_DIR}\", \"{TMP_DIR}/**\"]`) or rename it"
+            )));
         }
         Ok(self.root.join(rel))
     }
@@ -515,6 +528,11 @@ impl Inner {
     }
 
     fn delete(&self, event: &Event) -> Result<Outcome, Failure> {
+        if is_scratch(&event.key) {
+            // Never mirrored (see `resolve`), so already absent; the scratch directory
+            // itself is not the source's to remove.
+            return Ok(Outcome::Deleted);
+        }
         let path = self.resolve(&event.key)?;
         let removed = if event.kind == "dir" {
             match fs::remove_dir(&path) {
