@@ -584,7 +584,8 @@ impl Config {
                         SourceConfig::Http(_) => None,
                     };
                     if let Some(root) = source_root {
-                        if d.path.starts_with(root) || root.starts_with(&d.path) {
+                        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+                        if overlap(&d.path, root) || overlap(&resolved(&d.path), &resolved(root)) {
                             return Err(invalid(
                                 span,
                                 key("target.dir.path"),
@@ -788,6 +789,25 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// `path` with its longest existing ancestor resolved (symbolic links, `..`) and the rest
+/// appended: where a directory that may not exist yet will be.
+fn resolved(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,6 +828,24 @@ exclude = ["*.tmp"]
 path = "dst"
 prune = true
 "#;
+
+    /// A target reached through a symbolic link is inside its source all the same.
+    #[test]
+    fn a_target_inside_its_source_through_a_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data/src")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("data"), dir.path().join("dst")).unwrap();
+        let file = dir.path().join("t.toml");
+        let source = GOOD.replace("path = \"src\"", "path = \"data/src\"");
+        let err = Config::parse(&file, &source).unwrap_err().to_string();
+        assert!(err.contains("overlap"), "{err}");
+        assert!(err.contains("target.dir.path"), "{err}");
+        let link = GOOD.replace("path = \"dst\"", "path = \"src-link\"");
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("src"), dir.path().join("src-link")).unwrap();
+        let err = Config::parse(&file, &link).unwrap_err().to_string();
+        assert!(err.contains("overlap"), "{err}");
+    }
 
     /// The message `Config::parse` fails with on `text`, as the file `t.toml`.
     fn parse_err(text: &str) -> String {
