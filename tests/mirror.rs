@@ -495,6 +495,26 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// `replay` moves the committed offset back only: forward, it would mark events that were
+/// never applied as done, and the target would miss them for good.
+#[test]
+fn replay_past_the_committed_offset_is_refused() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..5 {
+        write(env.src().join(format!("{i}.txt")), format!("{i}"));
+    }
+    env.ok(&["scan"]);
+    let out = env.run(&["replay", "--from", "3"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--from 3 is past the committed offset 0"),
+        "{stderr}"
+    );
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
     let env = Env::dirs("max_delete = \"20%\"", "prune = true");

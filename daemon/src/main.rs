@@ -330,6 +330,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     "pipeline `{}`: --from {from} is past the log head {head}",
                     p.name()
                 );
+                // Forward would mark events never applied as done: the target would miss
+                // them for good.
+                for partition in 0..p.log.partitions() {
+                    let committed = p.projector.committed(partition).await?;
+                    anyhow::ensure!(
+                        from <= committed,
+                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them)",
+                        p.name(),
+                        if p.log.partitions() > 1 { format!(" of partition {partition}") } else { String::new() }
+                    );
+                }
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
                     outln!(

@@ -403,7 +403,8 @@ impl Projector {
         }
     }
 
-    async fn committed(&self, partition: u32) -> Result<u64, ProjectError> {
+    /// The committed offset of `partition`: the events below it are applied.
+    pub async fn committed(&self, partition: u32) -> Result<u64, ProjectError> {
         self.log
             .committed(&self.consumer, partition)
             .await
