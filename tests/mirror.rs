@@ -495,6 +495,19 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// A percentage is rounded down: emptying a source of one item trips the default guard
+/// (50% of 1 allowed that one delete before).
+#[test]
+fn emptying_a_one_item_source_trips_the_delete_guard() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("only.txt"), "1");
+    env.sync();
+    std::fs::remove_file(env.src().join("only.txt")).unwrap();
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(std::fs::read(env.dst().join("only.txt")).unwrap(), b"1");
+}
+
 /// `replay` moves the committed offset back only: forward, it would mark events that were
 /// never applied as done, and the target would miss them for good.
 #[test]
@@ -841,7 +854,8 @@ fn plan_after_a_replay_shows_what_project_does_with_what_the_target_holds() {
 
 #[test]
 fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
-    let env = Env::dirs("", "prune = true");
+    // Two deletes of three items.
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
     write(env.src().join("sub/a.txt"), "a");
     write(env.src().join("b.txt"), "b");
     env.sync();

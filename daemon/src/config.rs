@@ -279,7 +279,8 @@ pub struct DirTargetConfig {
 pub enum DeleteLimit {
     /// At most this many deletes per scan.
     Count(u64),
-    /// At most this percentage of the indexed items per scan (rounded up).
+    /// At most this percentage of the indexed items per scan, rounded down: below 100%,
+    /// a scan that would empty the source always trips it, however few items it holds.
     Percent(f64),
 }
 
@@ -288,7 +289,7 @@ impl DeleteLimit {
     pub fn allowed(self, indexed: u64) -> u64 {
         match self {
             DeleteLimit::Count(n) => n,
-            DeleteLimit::Percent(p) => (indexed as f64 * p / 100.0).ceil() as u64,
+            DeleteLimit::Percent(p) => (indexed as f64 * p / 100.0).floor() as u64,
         }
     }
 }
@@ -1082,8 +1083,11 @@ path = "dst"
 
     #[test]
     fn delete_limit_rounds_up() {
-        assert_eq!(DeleteLimit::Percent(50.0).allowed(1), 1);
+        // Rounded down: emptying a source of one item (or three, at 50%) trips the guard.
+        assert_eq!(DeleteLimit::Percent(50.0).allowed(1), 0);
         assert_eq!(DeleteLimit::Percent(50.0).allowed(2), 1);
+        assert_eq!(DeleteLimit::Percent(50.0).allowed(3), 1);
+        assert_eq!(DeleteLimit::Percent(100.0).allowed(3), 3);
         assert_eq!(DeleteLimit::Percent(10.0).allowed(1000), 100);
         assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
     }
