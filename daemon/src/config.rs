@@ -1082,7 +1082,7 @@ path = "dst"
     }
 
     #[test]
-    fn delete_limit_rounds_up() {
+    fn delete_limit_rounds_down() {
         // Rounded down: emptying a source of one item (or three, at 50%) trips the guard.
         assert_eq!(DeleteLimit::Percent(50.0).allowed(1), 0);
         assert_eq!(DeleteLimit::Percent(50.0).allowed(2), 1);

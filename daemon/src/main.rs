@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 const EXIT_DEGRADED: u8 = 3;
 const EXIT_DRIFT: u8 = 4;
 
-/// Keep a target a faithful mirror of a source, through a replayable event log.
 /// Whether stdout was found closed (or failing): the rest of the output is dropped.
 static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -55,6 +54,7 @@ macro_rules! outln {
     ($($arg:tt)*) => { write_out(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
+/// Keep a target a faithful mirror of a source, through a replayable event log.
 #[derive(Parser)]
 #[command(name = "tidemark", version, about, long_about = None)]
 struct Cli {
