@@ -592,19 +592,7 @@ async fn scan_project(
             degraded |= record.errors > 0 || record.guard.is_some();
             written += record.upserts + record.deletes;
             if select.output == Output::Text {
-                outln!(
-                    "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s",
-                    p.name(), record.listed, record.upserts, record.deletes, record.errors, record.skipped, record.duration_secs
-                );
-                if let Some(g) = &record.guard {
-                    outln!(
-                        "{}: delete guard tripped: {} deletes withheld (max_delete = {} allows {})",
-                        p.name(),
-                        g.would_delete,
-                        g.limit,
-                        g.allowed
-                    );
-                }
+                print_scan(p.name(), &record, false);
             }
             entry["scan"] = serde_json::to_value(&record)?;
             run_report = run_report.with_scan(&record);
@@ -721,19 +709,7 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         let actions = p.projector.plan_with(preview.events).await?;
         degraded |= record.errors > 0 || record.guard.is_some();
         if select.output == Output::Text {
-            outln!(
-                "{}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s (dry run: nothing appended)",
-                p.name(), record.listed, record.upserts, record.deletes, record.errors, record.skipped, record.duration_secs
-            );
-            if let Some(g) = &record.guard {
-                outln!(
-                    "{}: the delete guard would trip: {} deletes withheld (max_delete = {} allows {})",
-                    p.name(),
-                    g.would_delete,
-                    g.limit,
-                    g.allowed
-                );
-            }
+            print_scan(p.name(), &record, true);
             print_plan(p.name(), "dry run", &actions);
         }
         let report = Report::new(p.name(), "sync", true, p.config.max_delete)
@@ -754,6 +730,37 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Prints a scan's summary line, and the delete guard's when it tripped (or, `dry`, would).
+fn print_scan(pipeline: &str, record: &tidemark::state::ScanRecord, dry: bool) {
+    outln!(
+        "{pipeline}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s{}",
+        record.listed,
+        record.upserts,
+        record.deletes,
+        record.errors,
+        record.skipped,
+        record.duration_secs,
+        if dry {
+            " (dry run: nothing appended)"
+        } else {
+            ""
+        }
+    );
+    if let Some(g) = &record.guard {
+        outln!(
+            "{pipeline}: {} {} deletes withheld (max_delete = {} allows {})",
+            if dry {
+                "the delete guard would trip:"
+            } else {
+                "delete guard tripped:"
+            },
+            g.would_delete,
+            g.limit,
+            g.allowed
+        );
+    }
 }
 
 /// Prints planned actions, one a line (unchanged items left out), then their counts.
