@@ -657,16 +657,27 @@ fn plan_writes_nothing_and_shows_what_project_would_do() {
     assert_mirror(&env.src(), &env.dst());
 }
 
-/// Counts of planned actions by (kind, action).
-fn planned(actions: &serde_json::Value) -> std::collections::BTreeMap<(String, String), u64> {
-    let mut counts = std::collections::BTreeMap::new();
-    for a in actions.as_array().unwrap() {
-        let (kind, action) = (a["kind"].as_str().unwrap(), a["action"].as_str().unwrap());
-        *counts
-            .entry((kind.to_owned(), action.to_owned()))
-            .or_insert(0u64) += 1;
+/// Planned actions (`plan`'s or a dry run's JSON) counted by (kind, action).
+struct Planned(std::collections::BTreeMap<(String, String), u64>);
+
+impl Planned {
+    fn of(actions: &serde_json::Value) -> Planned {
+        let mut counts = std::collections::BTreeMap::new();
+        for a in actions.as_array().unwrap() {
+            let (kind, action) = (a["kind"].as_str().unwrap(), a["action"].as_str().unwrap());
+            *counts
+                .entry((kind.to_owned(), action.to_owned()))
+                .or_insert(0u64) += 1;
+        }
+        Planned(counts)
     }
-    counts
+
+    fn count(&self, kind: &str, action: &str) -> u64 {
+        self.0
+            .get(&(kind.to_owned(), action.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// `sync --dry-run` is `rsync -n`: it shows what the scan would find and what the target
@@ -681,12 +692,9 @@ fn sync_dry_run_shows_what_sync_would_do_and_writes_nothing() {
 
     // Nothing has run with this config: no state, no target, no report.
     let fresh = env.json(&["sync", "--dry-run"]);
-    assert_eq!(planned(&fresh[0]["actions"]).len(), 2, "{fresh}");
-    assert_eq!(
-        planned(&fresh[0]["actions"])[&("file".to_owned(), "create".to_owned())],
-        3,
-        "{fresh}"
-    );
+    let fresh_plan = Planned::of(&fresh[0]["actions"]);
+    assert_eq!(fresh_plan.0.len(), 2, "{fresh}");
+    assert_eq!(fresh_plan.count("file", "create"), 3, "{fresh}");
     assert!(fresh[0]["report_dir"].is_null(), "{fresh}");
     assert!(!env.path("state").exists(), "a dry run made the state");
     assert!(!env.dst().exists(), "a dry run made the target");
@@ -749,18 +757,14 @@ fn sync_dry_run_shows_what_sync_would_do_and_writes_nothing() {
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], dry[0]["scan"]["upserts"], "{scan}");
     assert_eq!(scan["deletes"], dry[0]["scan"]["deletes"], "{scan}");
-    let plan = planned(&dry[0]["actions"]);
+    let plan = Planned::of(&dry[0]["actions"]);
     for (action, outcome) in [
         ("create", "created"),
         ("update", "updated"),
         ("delete", "deleted"),
     ] {
-        let planned = plan
-            .get(&("file".to_owned(), action.to_owned()))
-            .copied()
-            .unwrap_or(0);
         assert_eq!(
-            planned,
+            plan.count("file", action),
             kind_outcome(&project, "file", outcome),
             "{action}: dry run {dry} against sync {project}"
         );
@@ -818,19 +822,8 @@ fn plan_after_a_replay_shows_what_project_does_with_what_the_target_holds() {
 
     let plan = env.json(&["plan"]);
     assert_eq!(snapshot(&env.dst()), before, "plan wrote to the target");
-    let mut planned = std::collections::BTreeMap::new();
-    for a in plan[0]["actions"].as_array().unwrap() {
-        let (kind, action) = (a["kind"].as_str().unwrap(), a["action"].as_str().unwrap());
-        *planned
-            .entry((kind.to_owned(), action.to_owned()))
-            .or_insert(0u64) += 1;
-    }
-    let count = |kind: &str, action: &str| {
-        planned
-            .get(&(kind.to_owned(), action.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let planned = Planned::of(&plan[0]["actions"]);
+    let count = |kind: &str, action: &str| planned.count(kind, action);
     assert_eq!(count("file", "adopt"), 4, "{plan}");
     assert_eq!(count("file", "update"), 1, "{plan}");
     assert_eq!(count("file", "create"), 1, "{plan}");
