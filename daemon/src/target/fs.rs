@@ -30,12 +30,14 @@ const TMP_SHARDS: u64 = 16;
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
 
-/// Whether `key` is [`TMP_DIR`] at the top of the target or below it.
+/// Whether `rel` (a path below the target root) is [`TMP_DIR`] or below it.
+fn in_scratch(rel: &Path) -> bool {
+    rel.components().next() == Some(Component::Normal(OsStr::new(TMP_DIR)))
+}
+
+/// [`in_scratch`] for an event's key.
 fn is_scratch(key: &str) -> bool {
-    pathkey::decode(key).is_some_and(|bytes| {
-        Path::new(OsStr::from_bytes(&bytes)).components().next()
-            == Some(Component::Normal(OsStr::new(TMP_DIR)))
-    })
+    pathkey::decode(key).is_some_and(|bytes| in_scratch(Path::new(OsStr::from_bytes(&bytes))))
 }
 
 /// The last component of a temporary path (`{pid}-{n}`), unique within a process.
@@ -139,7 +141,7 @@ impl Inner {
                     .into(),
             ));
         }
-        if is_scratch(key) {
+        if in_scratch(rel) {
             return Err(Failure::Permanent(format!(
                 "`{TMP_DIR}` at the top of a directory target holds tidemark's temporary files and is emptied after every batch, so nothing can be mirrored there; exclude it in the source (`exclude = [\"{TMP_DIR}\", \"{TMP_DIR}/**\"]`) or rename it"
             )));
