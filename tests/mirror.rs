@@ -1272,3 +1272,27 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     );
     assert!(daemon.terminate().success());
 }
+
+#[test]
+fn the_daemon_warns_about_a_special_file_once_not_at_every_scan() {
+    let env = Env::dirs("", "");
+    write(env.src().join("regular.txt"), "r");
+    let status = std::process::Command::new("mkfifo")
+        .arg(env.src().join("a-fifo"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let d = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        (d.metric(r#"tidemark_scans_total{pipeline="t",result="ok"}"#) >= 4.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no scans; log:\n{}", env.daemon_log()));
+    assert!(d.terminate().success());
+    let log = env.daemon_log();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("a-fifo"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+    assert!(env.dst().join("regular.txt").exists());
+}

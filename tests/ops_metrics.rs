@@ -200,3 +200,67 @@ fn issue_5_freshness_grows_between_scans_and_resets_after_one() {
     assert!(out.contains("freshness"), "{out}");
     assert!(d.terminate().success());
 }
+
+#[test]
+fn a_restart_keeps_the_last_apply_time() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "a");
+    let series = r#"tidemark_last_apply_timestamp_seconds{pipeline="t"}"#;
+    let d = env.spawn_daemon();
+    let applied = wait_for(Duration::from_secs(30), || {
+        let at = d.metric(series);
+        (at > 0.0).then_some(at)
+    })
+    .unwrap_or_else(|| panic!("nothing applied; log:\n{}", env.daemon_log()));
+    assert!(d.terminate().success());
+
+    // The source is idle, so the restarted daemon applies nothing: the gauge must come
+    // from the state, not read 0 (which a "since last apply" panel shows as 56 years).
+    let d = env.spawn_daemon();
+    assert_eq!(d.metric(series), applied);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(d.metric(series), applied, "nothing new was applied");
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn sighup_stops_the_daemon_cleanly_and_says_why() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "a");
+    let d = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        env.dst().join("a.txt").exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("nothing applied; log:\n{}", env.daemon_log()));
+    let status = d.stop_with("HUP");
+    let log = env.daemon_log();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(
+        log.contains("SIGHUP") && log.contains("does not reload"),
+        "{log}"
+    );
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(
+        !env.path("state/listen.addr").exists(),
+        "the address file is left behind"
+    );
+}
+
+#[test]
+fn status_of_a_misspelled_pipeline_is_an_error_while_the_daemon_runs() {
+    let env = Env::dirs("", "");
+    let d = env.spawn_daemon();
+    for output in ["text", "json"] {
+        let out = env.run(&["status", "--pipeline", "nosuch", "--output", output]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            stderr.contains("nosuch") && stderr.contains("known: t"),
+            "{stderr}"
+        );
+    }
+    // The right name is answered by the daemon.
+    let out = env.json(&["status", "--pipeline", "t"]);
+    assert_eq!(out[0]["pipeline"], "t");
+    assert!(d.terminate().success());
+}

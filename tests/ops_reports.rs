@@ -293,3 +293,143 @@ fn issue_5_daemon_cycles_that_change_something_write_reports() {
     assert!(env.daemon_log().contains("cycle finished"));
     assert!(d.terminate().success());
 }
+
+/// Every report of pipeline `t` written by daemon cycles, oldest first.
+fn cycle_reports(env: &Env) -> Vec<Value> {
+    report_dirs(env)
+        .iter()
+        .map(|dir| read_report(dir).0)
+        .filter(|r| r["run"] == "cycle")
+        .collect()
+}
+
+#[test]
+fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..4 {
+        write(env.src().join(format!("f{i}")), format!("{i}"));
+    }
+    let d = env.spawn_daemon();
+    let series = |name: &str| format!("{name}{{pipeline=\"t\"}}");
+    wait_for(Duration::from_secs(30), || {
+        (env.dst().exists() && count_files(&env.dst()).0 == 4).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no mirror; log:\n{}", env.daemon_log()));
+
+    // The source is emptied: the guard trips at every scan, and the reports say so once.
+    for i in 0..4 {
+        std::fs::remove_file(env.src().join(format!("f{i}"))).unwrap();
+    }
+    wait_for(Duration::from_secs(30), || {
+        (d.metric(&series("tidemark_delete_guard_trips_total")) >= 5.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the guard did not trip; log:\n{}", env.daemon_log()));
+    let tripped = |rs: &[Value]| {
+        rs.iter()
+            .filter(|r| r["delete_guard"]["decision"] == "tripped")
+            .count()
+    };
+    assert_eq!(tripped(&cycle_reports(&env)), 1, "one report per trip");
+    assert_eq!(count_files(&env.dst()).0, 4, "nothing was deleted");
+
+    // The source root goes away: every scan fails, and counts as a scan error.
+    std::fs::rename(env.src(), env.path("src.gone")).unwrap();
+    wait_for(Duration::from_secs(30), || {
+        let m = d.metrics();
+        let n = m
+            .iter()
+            .find(|(k, _)| {
+                k.starts_with("tidemark_scans_total{")
+                    && k.contains("result=\"failed\"")
+                    && k.contains("pipeline=\"t\"")
+            })
+            .map_or(0.0, |(_, v)| *v);
+        (n >= 4.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("scans did not fail; log:\n{}", env.daemon_log()));
+    assert!(d.metric(&series("tidemark_scan_errors_total")) >= 4.0);
+    let rs = cycle_reports(&env);
+    let failed_reports: Vec<&Value> = rs
+        .iter()
+        .filter(|r| r["scan"]["result"] == "failed")
+        .collect();
+    assert_eq!(
+        failed_reports.len(),
+        1,
+        "one report while the source is gone"
+    );
+    check(failed_reports[0]);
+    assert_eq!(failed_reports[0]["scan"]["errors"], 1);
+
+    // The files come back: the condition ends, and that is reported too; then idle cycles
+    // write nothing.
+    std::fs::rename(env.path("src.gone"), env.src()).unwrap();
+    for i in 0..4 {
+        write(env.src().join(format!("f{i}")), format!("{i}"));
+    }
+    let rs = wait_for(Duration::from_secs(30), || {
+        let rs = cycle_reports(&env);
+        (rs.last().unwrap()["scan"]["result"] == "ok").then_some(rs)
+    })
+    .unwrap_or_else(|| panic!("no report of the recovery; log:\n{}", env.daemon_log()));
+    let last = rs.last().unwrap();
+    check(last);
+    assert_eq!(last["delete_guard"]["decision"], "passed");
+    assert_eq!(last["scan"]["upserts"], 0, "the files came back unchanged");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        cycle_reports(&env).len(),
+        rs.len(),
+        "idle cycles wrote reports"
+    );
+    assert_eq!(tripped(&cycle_reports(&env)), 1);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn the_last_cycle_report_after_sigterm_counts_every_appended_and_applied_event() {
+    // A slow projector (small batches, one at a time) and a big tree, so SIGTERM lands
+    // while the projector has a batch in flight and, most likely, while the scan runs.
+    let env = Env::dirs("batch_size = 32\nconcurrency = 1", "");
+    let items = 20_000u64;
+    for i in 0..items - 100 {
+        write(env.src().join(format!("d{}/f{i}", i % 100)), i.to_string());
+    }
+    let d = env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        (d.metric(r#"tidemark_committed_offset{pipeline="t"}"#) > 0.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("nothing committed; log:\n{}", env.daemon_log()));
+    assert!(d.terminate().success(), "log:\n{}", env.daemon_log());
+
+    let status = env.json(&["status"]);
+    let (head, committed) = (
+        status[0]["head"].as_u64().unwrap(),
+        status[0]["committed"].as_u64().unwrap(),
+    );
+    assert!(
+        committed < head,
+        "the projector caught up before SIGTERM, so this run tests nothing"
+    );
+    let rs = cycle_reports(&env);
+    for r in &rs {
+        check(r);
+    }
+    let appended: u64 = rs
+        .iter()
+        .map(|r| r["scan"]["upserts"].as_u64().unwrap_or(0))
+        .sum();
+    let applied: u64 = rs
+        .iter()
+        .flat_map(|r| r["counts"].as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(appended, head, "every appended event is in a report");
+    assert_eq!(applied, committed, "every committed apply is in a report");
+    if head < items {
+        assert!(
+            rs.iter().any(|r| r["scan"]["result"] == "interrupted"),
+            "the scan was cut short: {rs:?}"
+        );
+    }
+}

@@ -27,6 +27,9 @@ pub const LISTEN_ADDR_FILE: &str = "listen.addr";
 /// source is idle and nobody scrapes.
 const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a scan asked to stop may take to append what it found before it is dropped.
+const SCAN_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The daemon could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -149,12 +152,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     for p in &pipelines {
+        // Cancelled once this pipeline's projector has committed its last batch, so the
+        // last cycle's report counts that batch.
+        let projected = CancellationToken::new();
         let (pipeline, cancel, guard) = (
             p.clone(),
             scanners.clone(),
             running.enter(format!("scanner {}", p.name())),
         );
         let (reports_dir, retention) = (config.reports_dir.clone(), config.report_retention);
+        let last_batch = projected.clone();
         tracker.spawn(async move {
             let _guard = guard;
             if !pipeline.config.role.scans() {
@@ -163,14 +170,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let progress = Progress::hidden();
             let mut cycle = Cycle::new(pipeline.clone(), reports_dir, retention);
             loop {
+                // A scan asked to stop appends what it has found and returns; one stuck
+                // on its peer is dropped after SCAN_WIND_DOWN.
+                let wind_down = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(SCAN_WIND_DOWN).await;
+                };
                 tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break,
-                    result = pipeline.scanner.scan(&progress) => {
+                    result = pipeline.scanner.scan_until(&progress, &cancel) => {
                         match result {
                             Ok(record) => cycle.scanned(record),
-                            Err(e) => error!("{e}"),
+                            Err(e) => {
+                                error!("{e}");
+                                cycle.scan_failed();
+                            }
                         }
+                    }
+                    _ = wind_down => {
+                        warn!(pipeline = %pipeline.name(), "the scan did not stop within {SCAN_WIND_DOWN:?}; dropped (the next start lists the source again)");
+                        break;
                     }
                 }
                 tokio::select! {
@@ -179,6 +198,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     _ = cycle.wait(pipeline.config.scan_interval) => {}
                 }
             }
+            last_batch.cancelled().await;
             cycle.finish().await;
         });
         let (pipeline, cancel, guard) = (
@@ -187,7 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             running.enter(format!("projector {}", p.name())),
         );
         tracker.spawn(async move {
-            let _guard = guard;
+            let (_guard, _projected) = (guard, projected.drop_guard());
             if pipeline.config.role.projects() {
                 pipeline.projector.run(cancel).await;
             }

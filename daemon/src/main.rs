@@ -92,7 +92,7 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: every pipeline's scanner and projector, plus /metrics, /healthz,
-    /// /readyz and /status. SIGINT/SIGTERM finish in-flight work, commit and exit 0.
+    /// /readyz and /status. SIGINT/SIGTERM/SIGHUP finish in-flight work, commit and exit 0.
     Run,
     /// List the source once and append its changes to the log.
     Scan(Select),
@@ -215,15 +215,22 @@ async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = hup.recv() => {
+            tracing::warn!(
+                "SIGHUP: stopping cleanly; tidemark does not reload its config, start it again to apply a changed one"
+            );
+        }
     }
     // A second signal means "now": committed work is durable, so exiting loses nothing.
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
         eprintln!(
             "second signal: exiting at once; uncommitted events are applied again on restart"
@@ -386,6 +393,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn status(config: Config, select: &Select) -> Result<ExitCode> {
+    // Checked here, not only when the state is opened: a misspelled name must not read
+    // as "nothing to report" when the daemon answers instead.
+    config
+        .select(select.pipeline.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
         Ok(session) => {
             let mut out = Vec::new();

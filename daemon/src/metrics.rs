@@ -281,7 +281,7 @@ impl Metrics {
         for class in ["transient", "permanent"] {
             self.apply_errors.with_label_values(&[pipeline, class]);
         }
-        for result in ["ok", "degraded", "failed"] {
+        for result in ["ok", "degraded", "failed", crate::scanner::INTERRUPTED] {
             self.scans.with_label_values(&[pipeline, result]);
         }
         self.apply_duration.with_label_values(&[pipeline]);

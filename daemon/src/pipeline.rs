@@ -145,6 +145,19 @@ impl Pipeline {
         )
         .with_retry_max_backoff(config.retry_max_backoff);
         metrics().init_pipeline(&config.name, log.partitions());
+        let last_apply = state
+            .last_applies()
+            .and_then(|r| r.get(&config.name))
+            .map_err(|source| PipelineError::State {
+                pipeline: config.name.clone(),
+                source,
+            })?;
+        if let Some(at) = last_apply {
+            metrics()
+                .last_apply
+                .with_label_values(&[&config.name])
+                .set(at.timestamp_millis() as f64 / 1000.0);
+        }
         Ok(Pipeline {
             config: config.clone(),
             log,

@@ -556,6 +556,13 @@ impl Projector {
             .deferred_events
             .with_label_values(&[&self.pipeline])
             .set((pending.len() + waiting.len()) as i64);
+        let now = Utc::now();
+        if next > committed {
+            self.state
+                .last_applies()
+                .and_then(|r| r.put(&self.pipeline, &now))
+                .map_err(self.err_state())?;
+        }
         self.state.flush().await.map_err(self.err_state())?;
         // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
         self.count_applies(&report);
@@ -577,7 +584,7 @@ impl Projector {
         if next > committed {
             m.last_apply
                 .with_label_values(&[p])
-                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+                .set(now.timestamp_millis() as f64 / 1000.0);
         }
         if let Some(source) = transient {
             m.apply_errors.with_label_values(&[p, "transient"]).inc();

@@ -205,18 +205,41 @@ impl Report {
             .or_insert(0) += n;
     }
 
-    /// Whether the run changed (or, dry, would change) anything or has something to say:
-    /// appended events, target writes, failures, a tripped guard.
-    pub fn changed(&self) -> bool {
+    /// Whether the run did (or, dry, would do) anything: appended events, target writes,
+    /// new failures.
+    pub fn activity(&self) -> bool {
         self.scan
             .as_ref()
-            .is_some_and(|s| s.upserts + s.deletes + s.errors > 0 || s.result != "ok")
+            .is_some_and(|s| s.upserts + s.deletes > 0)
             || self
                 .counts
                 .iter()
                 .any(|(o, n)| *n > 0 && o != "unchanged" && o != "retained")
             || !self.failures.is_empty()
-            || self.delete_guard.decision == "tripped"
+    }
+
+    /// A condition that lasts until someone acts, described so that two runs meeting
+    /// the same one compare equal: a scan that did not end `ok` (with its error count)
+    /// or a tripped delete guard (with its numbers). `None` when the run met neither.
+    pub fn condition(&self) -> Option<String> {
+        let scan = self
+            .scan
+            .as_ref()
+            .filter(|s| s.result != "ok" || s.errors > 0)
+            .map(|s| format!("scan {} with {} errors", s.result, s.errors));
+        let g = &self.delete_guard;
+        let guard = (g.decision == "tripped").then(|| {
+            format!(
+                "delete guard tripped: {} deletes, {} allowed by {}",
+                g.deletes,
+                g.allowed.unwrap_or(0),
+                g.limit
+            )
+        });
+        match (scan, guard) {
+            (None, None) => None,
+            (a, b) => Some(a.into_iter().chain(b).collect::<Vec<_>>().join("; ")),
+        }
     }
 
     /// The human summary written beside `report.json`.
@@ -438,6 +461,11 @@ fn applies_of(pipeline: &str) -> BTreeMap<(String, String), u64> {
 /// projector catches up or the scan interval ends. Counts come from the same counters
 /// `/metrics` exports, taken between the end of one cycle and the end of the next, so
 /// no apply is counted twice or lost between cycles.
+///
+/// A cycle writes a report when it did something, or when a lasting condition (a failed
+/// or degraded scan, a tripped guard) begins, changes or ends; a guard that stays tripped
+/// for hours leaves one report, not one per cycle pushing older history out of
+/// `report_retention`.
 pub struct Cycle {
     pipeline: Arc<Pipeline>,
     reports_dir: PathBuf,
@@ -445,6 +473,10 @@ pub struct Cycle {
     since: DateTime<Utc>,
     applies: BTreeMap<(String, String), u64>,
     scan: Option<ScanRecord>,
+    /// The cycle's scan failed: its record is the one `status` shows.
+    scan_failed: bool,
+    /// The previous cycle's [`Report::condition`].
+    condition: Option<String>,
 }
 
 impl Cycle {
@@ -458,12 +490,20 @@ impl Cycle {
             since: Utc::now(),
             applies,
             scan: None,
+            scan_failed: false,
+            condition: None,
         }
     }
 
     /// Records the cycle's scan.
     pub fn scanned(&mut self, record: ScanRecord) {
         self.scan = Some(record);
+    }
+
+    /// Records that the cycle's scan failed; the report takes the failed scan's record
+    /// from the pipeline's status.
+    pub fn scan_failed(&mut self) {
+        self.scan_failed = true;
     }
 
     /// Waits out `interval`; as soon as the projector has caught up (or when the interval
@@ -492,7 +532,11 @@ impl Cycle {
         let name = self.pipeline.name().to_owned();
         let config = &self.pipeline.config;
         let mut report = Report::new(&name, "cycle", false, config.max_delete);
-        if let Some(scan) = self.scan.take() {
+        let status = self.pipeline.status().await.ok();
+        let failed_scan = std::mem::take(&mut self.scan_failed)
+            .then(|| status.as_ref().and_then(|s| s.last_scan.clone()))
+            .flatten();
+        if let Some(scan) = self.scan.take().or(failed_scan) {
             report = report.with_scan(&scan);
         }
         let now = applies_of(&name);
@@ -504,7 +548,7 @@ impl Cycle {
                 .unwrap_or(0);
             report.add(kind, outcome, n.saturating_sub(before));
         }
-        if let Ok(status) = self.pipeline.status().await {
+        if let Some(status) = status {
             report.failures = status
                 .failed
                 .into_iter()
@@ -528,7 +572,10 @@ impl Cycle {
             delete_guard = %report.delete_guard.decision,
             "cycle finished"
         );
-        if report.changed() {
+        let condition = report.condition();
+        let changed = condition != self.condition;
+        self.condition = condition;
+        if report.activity() || changed {
             if let Err(e) = report.write(&self.reports_dir, self.retention) {
                 warn!(pipeline = %name, "{e}");
             }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tidemark_proto::{content_version, item_identity, Event, Op, SCHEMA_VERSION};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::DeleteLimit;
@@ -20,6 +21,10 @@ use crate::progress::Progress;
 use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
 use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError};
 use digest::{Digest, PreviousVersion, Seen};
+
+/// Result of a scan stopped by shutdown before its listing ended (see
+/// [`Scanner::scan_until`]).
+pub const INTERRUPTED: &str = "interrupted";
 
 /// Events appended per durable batch.
 const APPEND_BATCH: usize = 1000;
@@ -89,6 +94,9 @@ pub struct Scanner {
     fetch_concurrency: usize,
     /// Longest a found change waits for its batch to fill ([`APPEND_INTERVAL`]).
     append_interval: std::time::Duration,
+    /// Keys already warned about as skipped: a FIFO or socket left in the tree is warned
+    /// about once per process, not at every scan (each scan still counts it).
+    warned_skipped: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// An entry being read: its indexed version (`None` if new), its fingerprint, and the read.
@@ -146,6 +154,7 @@ impl Scanner {
             max_delete,
             fetch_concurrency: (cores * 4).max(16),
             append_interval: APPEND_INTERVAL,
+            warned_skipped: Default::default(),
         }
     }
 
@@ -158,7 +167,19 @@ impl Scanner {
 
     /// Runs one scan and records its summary for `status`.
     pub async fn scan(&self, progress: &Progress) -> Result<ScanRecord, ScanError> {
-        self.scan_listing(progress, None).await
+        self.scan_inner(progress, None, None).await
+    }
+
+    /// Like [`Scanner::scan`], winding down early once `stop` is cancelled: the changes
+    /// found so far are appended (and recorded in the index), no deletes are emitted, and
+    /// the record's result is `interrupted`, so the daemon's last report counts every
+    /// event the scan appended.
+    pub async fn scan_until(
+        &self,
+        progress: &Progress,
+        stop: &CancellationToken,
+    ) -> Result<ScanRecord, ScanError> {
+        self.scan_inner(progress, None, Some(stop)).await
     }
 
     /// Like [`Scanner::scan`], over `early` when it is given: a listing of this scanner's
@@ -169,13 +190,22 @@ impl Scanner {
         progress: &Progress,
         early: Option<StartedListing>,
     ) -> Result<ScanRecord, ScanError> {
+        self.scan_inner(progress, early, None).await
+    }
+
+    async fn scan_inner(
+        &self,
+        progress: &Progress,
+        early: Option<StartedListing>,
+        stop: Option<&CancellationToken>,
+    ) -> Result<ScanRecord, ScanError> {
         let (listing, started_at, t0) = match early {
             Some(e) => (Some(e.listing), e.started_at, e.started),
             None => (None, Utc::now(), Instant::now()),
         };
         let mut record = new_record(started_at);
         let outcome = self
-            .scan_into(&mut record, progress, listing, &mut Sink::Log)
+            .scan_into(&mut record, progress, listing, &mut Sink::Log, stop)
             .await;
         record.duration_secs = t0.elapsed().as_secs_f64();
         let m = metrics();
@@ -186,6 +216,14 @@ impl Scanner {
         if let Err(e) = &outcome {
             record.result = "failed".into();
             record.message = Some(e.to_string());
+            if matches!(e, ScanError::List { .. }) {
+                // The source itself could not be listed (its root is gone or unreadable):
+                // that is a listing error too, and the errors panel must show it.
+                record.errors += 1;
+                m.scan_errors.with_label_values(&[p]).inc();
+            }
+        } else if record.result == INTERRUPTED {
+            // Neither a success nor degraded: the next scan lists the rest.
         } else if record.errors > 0 {
             record.result = "degraded".into();
         } else {
@@ -235,7 +273,7 @@ impl Scanner {
         let t0 = Instant::now();
         let mut record = new_record(Utc::now());
         let mut sink = Sink::Dry(Vec::new());
-        self.scan_into(&mut record, progress, None, &mut sink)
+        self.scan_into(&mut record, progress, None, &mut sink, None)
             .await?;
         record.duration_secs = t0.elapsed().as_secs_f64();
         if record.errors > 0 {
@@ -253,6 +291,7 @@ impl Scanner {
         progress: &Progress,
         listing: Option<ListStream>,
         sink: &mut Sink,
+        stop: Option<&CancellationToken>,
     ) -> Result<(), ScanError> {
         // The walk starts before the digest is read, and fills its channel meanwhile.
         let mut listing = listing.unwrap_or_else(|| self.source.list());
@@ -271,6 +310,14 @@ impl Scanner {
         let mut pending = Pending::default();
         let mut flush = tokio::time::interval(self.append_interval);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stopped = async {
+            match stop {
+                Some(stop) => stop.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stopped);
+        let mut interrupted = false;
         loop {
             // Once the listing is done and every read is back, what is pending is appended
             // right away below, not at the next tick: waiting for it kept every scan with
@@ -278,6 +325,10 @@ impl Scanner {
             let finished = listing_done && fetching.is_empty();
             tokio::select! {
                 biased;
+                _ = &mut stopped, if !finished => {
+                    interrupted = true;
+                    break;
+                }
                 _ = flush.tick(), if !pending.events.is_empty() && !finished => {
                     self.append(&mut pending, &mut known, sink).await?;
                 }
@@ -302,7 +353,11 @@ impl Scanner {
                         Some(Err(e)) => self.entry_error(record, e.to_string()),
                         Some(Ok(Listing::Skipped { key, reason })) => {
                             record.skipped += 1;
-                            warn!(pipeline = %self.pipeline, key = %key, "{reason}");
+                            if self.warned_skipped.lock().unwrap().insert(key.clone()) {
+                                warn!(pipeline = %self.pipeline, key = %key, "{reason} (warned once; every scan counts it as skipped)");
+                            } else {
+                                debug!(pipeline = %self.pipeline, key = %key, "{reason}");
+                            }
                         }
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
@@ -317,7 +372,14 @@ impl Scanner {
             }
         }
         self.append(&mut pending, &mut known, sink).await?;
-        if record.errors > 0 {
+        if interrupted {
+            info!(
+                pipeline = %self.pipeline,
+                upserts = record.upserts,
+                "scan interrupted: the changes found so far are appended, no deletes; the next scan goes on"
+            );
+            record.result = INTERRUPTED.into();
+        } else if record.errors > 0 {
             warn!(
                 pipeline = %self.pipeline,
                 errors = record.errors,

@@ -273,6 +273,12 @@ impl State {
         self.records("scans")
     }
 
+    /// When each pipeline's projector last made progress (applied and committed a batch),
+    /// keyed by pipeline name, so the gauge of it is right again after a restart.
+    pub fn last_applies(&self) -> Result<Records<DateTime<Utc>>, StateError> {
+        self.records("last-apply")
+    }
+
     fn records<T>(&self, tree: &str) -> Result<Records<T>, StateError> {
         Ok(Records {
             tree: self.db.open_tree(tree)?,

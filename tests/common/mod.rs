@@ -182,8 +182,13 @@ impl Daemon {
     }
 
     /// SIGTERM and wait for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
+    pub fn terminate(self) -> std::process::ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `sig` and waits for the exit status.
+    pub fn stop_with(mut self, sig: &str) -> std::process::ExitStatus {
+        self.signal(sig);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -191,7 +196,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "daemon did not exit after SIGTERM"
+                "daemon did not exit after SIG{sig}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
