@@ -1296,3 +1296,69 @@ fn the_daemon_warns_about_a_special_file_once_not_at_every_scan() {
     assert_eq!(warnings, 1, "{log}");
     assert!(env.dst().join("regular.txt").exists());
 }
+
+#[test]
+fn a_changed_target_path_is_refused_until_the_log_is_replayed_into_it() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("d/b.txt"), "b");
+    env.sync();
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("path = \"dst\"", "path = \"dst2\"");
+    env.write_config(&text);
+
+    // Applying on would skip every event already applied to `dst`, leave `dst2` empty
+    // and show lag 0: every command that projects or plans refuses, saying what to do.
+    for args in [&["sync"][..], &["project"], &["plan"], &["run"]] {
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert!(
+            stderr.contains("dst2")
+                && stderr.contains("replay --pipeline t --from 0")
+                && stderr.contains("put its setting back"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!env.path("dst2").exists());
+
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.path("dst2"));
+    env.ok(&["sync"]);
+}
+
+#[test]
+fn a_failed_item_is_applied_once_its_cause_is_fixed_and_its_event_replayed() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("x/in.txt"), "inside");
+    env.sync();
+    // A file takes the place of a directory; without prune the target's directory stays,
+    // so the file cannot be written.
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAILED file x"), "{stdout}");
+    let offset: String = stdout
+        .split("tidemark replay --pipeline t --from ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no replay hint: {stdout}"))
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    // A later sync does not try it again: the item is blocked until it changes.
+    env.sync();
+    assert!(env.dst().join("x").is_dir());
+
+    // The fix the message names, then the replay it names.
+    std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    env.ok(&["replay", "--from", &offset]);
+    let out = env.json(&["project"]);
+    assert_eq!(out[0]["project"]["outcomes"]["created"], 1, "{out}");
+    assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["failed"], serde_json::json!([]), "{status}");
+}

@@ -86,6 +86,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .iter()
         .map(|p| Pipeline::build(p, &state).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
+    for p in pipelines.iter().filter(|p| p.config.role.projects()) {
+        p.projector
+            .check_target(true)
+            .map_err(PipelineError::from)?;
+    }
 
     let listener = TcpListener::bind(config.listen)
         .await

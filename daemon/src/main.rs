@@ -523,6 +523,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                     f["reason"].as_str().unwrap_or("?")
                 );
             }
+            if let Some(first) = failed.iter().filter_map(|f| f["offset"].as_u64()).min() {
+                outln!(
+                    "  {}",
+                    retry_hint(s["pipeline"].as_str().unwrap_or("?"), first)
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -632,6 +638,9 @@ async fn scan_project(
                 for f in &report.failures {
                     outln!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
                 }
+                if let Some(first) = report.failures.iter().map(|f| f.offset).min() {
+                    outln!("{}", retry_hint(p.name(), first));
+                }
             }
             entry["project"] = serde_json::to_value(&report)?;
             run_report = run_report.with_project(&report);
@@ -674,6 +683,14 @@ fn checkpoint(session: Session) {
 
 /// Writes a run's report; a report that cannot be written is logged, not fatal: the run
 /// itself succeeded. Returns the report's directory.
+/// What to run once the cause of a permanent failure is fixed: a failed item is not tried
+/// again until it changes in the source or its event is replayed.
+fn retry_hint(pipeline: &str, first_offset: u64) -> String {
+    format!(
+        "failed items are not tried again until they change in the source; once the cause is fixed, `tidemark replay --pipeline {pipeline} --from {first_offset}` then `tidemark project` applies them (items already equal on the target are adopted, not rewritten)"
+    )
+}
+
 fn write_report(session: &Session, report: &Report) -> Option<String> {
     let config = &session.config;
     match report.write(&config.reports_dir, config.report_retention) {

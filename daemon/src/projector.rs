@@ -73,6 +73,16 @@ pub enum ProjectError {
         /// Why.
         source: StateError,
     },
+    /// The configured target is not the one the applied state was built on.
+    #[error("pipeline `{pipeline}`: the target is now {now}, but what was applied so far went to {was}; nothing is applied until this is settled. To build the new target from the log, run `tidemark replay --pipeline {pipeline} --from 0` and then `tidemark project` (files already equal are adopted, not rewritten); to keep the old target, put its setting back")]
+    TargetChanged {
+        /// The pipeline.
+        pipeline: String,
+        /// The target in the state.
+        was: String,
+        /// The configured target.
+        now: String,
+    },
     /// The target could not take writes; nothing from the failed event on was committed.
     #[error("pipeline `{pipeline}`: target unavailable: {source}")]
     Apply {
@@ -1128,7 +1138,9 @@ impl Projector {
                         kind = %event.kind,
                         key = %event.key,
                         offset = event.offset,
-                        "{e}; the key is blocked until it changes"
+                        "{e}; the key is blocked until it changes in the source, or until `tidemark replay --pipeline {} --from {}` after fixing the cause",
+                        self.pipeline,
+                        event.offset
                     );
                     result
                         .done
@@ -1236,8 +1248,27 @@ impl Projector {
         Ok(total)
     }
 
+    /// Checks that the configured target is the one the applied state was built on, and
+    /// with `record` notes it when no target is noted yet: after `path` or `base_url`
+    /// changes, skipping the events already applied would leave the new target empty
+    /// while lag reads 0.
+    pub fn check_target(&self, record: bool) -> Result<(), ProjectError> {
+        let now = self.target.identity();
+        let targets = self.state.targets().map_err(self.err_state())?;
+        match targets.get(&self.pipeline).map_err(self.err_state())? {
+            Some(was) if was != now => Err(ProjectError::TargetChanged {
+                pipeline: self.pipeline.clone(),
+                was,
+                now,
+            }),
+            None if record => targets.put(&self.pipeline, &now).map_err(self.err_state()),
+            _ => Ok(()),
+        }
+    }
+
     /// Settles what an interrupted run left on the target before new work starts.
     async fn recover(&self) -> Result<(), ProjectError> {
+        self.check_target(true)?;
         self.target
             .flush()
             .await
@@ -1392,6 +1423,7 @@ impl Projector {
         &self,
         unlogged: Vec<Event>,
     ) -> Result<Vec<PlannedAction>, ProjectError> {
+        self.check_target(false)?;
         let applied = self
             .state
             .applied(&self.pipeline)
@@ -1536,6 +1568,11 @@ impl Projector {
             .map_err(self.err_state())?;
         applied
             .remove_where(|_, a| a.offset >= from)
+            .map_err(self.err_state())?;
+        // Replaying is how a new target is built: the state is now about the configured one.
+        self.state
+            .targets()
+            .and_then(|t| t.put(&self.pipeline, &self.target.identity()))
             .map_err(self.err_state())?;
         self.state.flush().await.map_err(self.err_state())?;
         for p in 0..self.log.partitions() {

@@ -273,6 +273,12 @@ impl State {
         self.records("scans")
     }
 
+    /// The target each pipeline's applied state is true of (`Target::identity`), keyed by
+    /// pipeline name.
+    pub fn targets(&self) -> Result<Records<String>, StateError> {
+        self.records("targets")
+    }
+
     /// When each pipeline's projector last made progress (applied and committed a batch),
     /// keyed by pipeline name, so the gauge of it is right again after a restart.
     pub fn last_applies(&self) -> Result<Records<DateTime<Utc>>, StateError> {

@@ -623,6 +623,10 @@ impl Target for DirTarget {
             .unwrap_or(Probe::Unknown)
     }
 
+    fn identity(&self) -> String {
+        format!("dir {}", self.inner.root.display())
+    }
+
     async fn flush(&self) -> Result<(), ApplyError> {
         let inner = self.inner.clone();
         let root = inner.root.display().to_string();

@@ -449,6 +449,12 @@ impl Target for HttpTarget {
         }
     }
 
+    fn identity(&self) -> String {
+        // base_url is checked to carry no credentials; secret query parameters are added
+        // per request and are not part of it.
+        format!("http {}", self.cfg.endpoint.base_url)
+    }
+
     async fn flush(&self) -> Result<(), ApplyError> {
         self.listings
             .lock()

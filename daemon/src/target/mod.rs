@@ -133,6 +133,11 @@ pub trait Target: Send + Sync {
     /// before offsets are committed and once when a projector starts.
     async fn flush(&self) -> Result<(), ApplyError>;
 
+    /// What the target is (`dir /abs/path`, `http https://host/base`), with no secret in
+    /// it: the applied state is only true of this target, so a projector refuses to go on
+    /// when it changes (see `Projector::check_target`).
+    fn identity(&self) -> String;
+
     /// How long an event may wait for the items it references (see the projector's
     /// deferral) before it fails with a report naming the missing reference.
     fn reference_wait(&self) -> std::time::Duration {
