@@ -889,6 +889,14 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
         Some(4),
         "a.txt is missing: {verify:?}"
     );
+    let verify = env.run(&["verify", "--output", "json"]);
+    assert_eq!(verify.status.code(), Some(4), "{verify:?}");
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(
+        v[0]["report"]["missing"],
+        serde_json::json!([{"kind": "file", "key": "a.txt"}]),
+        "{v}"
+    );
     env.ok(&["log", "tail"]);
     assert!(
         !env.path("state").exists(),
@@ -1361,4 +1369,29 @@ fn a_failed_item_is_applied_once_its_cause_is_fixed_and_its_event_replayed() {
     assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
     let status = env.json(&["status"]);
     assert_eq!(status[0]["failed"], serde_json::json!([]), "{status}");
+}
+
+#[test]
+fn a_target_path_that_is_a_file_is_named_as_the_problem() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "a");
+    write(env.dst(), "not a directory");
+    let dst = env.dst().display().to_string();
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(&format!("cannot create the target directory {dst}"))
+            && stderr.contains("it is a file, not a directory"),
+        "{stderr}"
+    );
+    let out = env.run(&["verify"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("the target could not be listed")
+            && stderr.contains(&format!("{dst} is not a directory")),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(env.dst()).unwrap(), b"not a directory");
 }

@@ -264,3 +264,22 @@ fn status_of_a_misspelled_pipeline_is_an_error_while_the_daemon_runs() {
     assert_eq!(out[0]["pipeline"], "t");
     assert!(d.terminate().success());
 }
+
+#[test]
+fn a_listen_address_in_use_names_the_config_line() {
+    let env = Env::dirs("", "");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    env.write_config(&text);
+    let out = env.run(&["run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}"))
+            && stderr.contains(&format!("{}:2", env.config.display())),
+        "{stderr}"
+    );
+}

@@ -62,6 +62,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Address of the HTTP endpoints; loopback unless configured otherwise.
     pub listen: SocketAddr,
+    /// The line `listen` is set on; `None` when it is the default.
+    pub listen_line: Option<usize>,
     /// How long `run` waits for in-flight work after SIGINT/SIGTERM before it gives up.
     pub shutdown_timeout: Duration,
     /// Name of the environment variable holding the bearer token `/status` requires; the
@@ -320,6 +322,10 @@ impl<'de> Deserialize<'de> for DeleteLimit {
                 Ok(DeleteLimit::Count(v))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DeleteLimit, E> {
+                // A count written as a string ("50") means what 50 means.
+                if let Ok(n) = v.trim().parse::<u64>() {
+                    return Ok(DeleteLimit::Count(n));
+                }
                 let pct = v.trim().strip_suffix('%').ok_or_else(|| {
                     E::custom(format!("max_delete `{v}` must be a count or end in `%`"))
                 })?;
@@ -708,6 +714,8 @@ impl Config {
             report_retention: raw.report_retention.into_inner(),
             state_dir,
             listen,
+            listen_line: (raw.listen.span() != (0..0))
+                .then(|| line_col(text, raw.listen.span().start).0),
             shutdown_timeout: raw.shutdown_timeout,
             status_token_env: raw.status_token_env,
             pipelines,
@@ -1014,6 +1022,15 @@ path = "dst"
         let err = parse_err(&bad);
         assert!(err.contains("t.toml:7:"), "{err}");
         assert!(err.contains("max_delete `lots`"), "{err}");
+    }
+
+    #[test]
+    fn a_quoted_count_is_a_count() {
+        let quoted = GOOD.replace("\"10%\"", "\"50\"");
+        let config = Config::parse(Path::new("t.toml"), &quoted).unwrap();
+        assert_eq!(config.pipelines[0].max_delete, DeleteLimit::Count(50));
+        let negative = GOOD.replace("\"10%\"", "\"-1\"");
+        assert!(parse_err(&negative).contains("max_delete `-1`"));
     }
 
     #[test]

@@ -41,12 +41,14 @@ pub enum RunError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     /// The endpoints' address could not be bound.
-    #[error("cannot listen on {addr}: {source} (set `listen` in the config to a free address)")]
+    #[error("cannot listen on {addr}: {source} ({hint})")]
     Listen {
         /// The configured address.
         addr: std::net::SocketAddr,
         /// Why.
         source: std::io::Error,
+        /// Where to change it.
+        hint: String,
     },
     /// `status_token_env` names a variable that is not set.
     #[error("status_token_env = \"{var}\" but the environment variable {var} is not set; export the token or remove the setting")]
@@ -92,16 +94,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(PipelineError::from)?;
     }
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| RunError::Listen {
+    let listen_err = |source| RunError::Listen {
         addr: config.listen,
         source,
-    })?;
+        hint: match config.listen_line {
+            Some(line) => format!(
+                "`listen` is set at {}:{line}; give it a free address",
+                config.file.display()
+            ),
+            None => format!(
+                "that is the default; add `listen = \"127.0.0.1:PORT\"` with a free port to {}",
+                config.file.display()
+            ),
+        },
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(listen_err)?;
+    let addr = listener.local_addr().map_err(listen_err)?;
     let addr_file: PathBuf = config.state_dir.join(LISTEN_ADDR_FILE);
     if let Err(e) = std::fs::write(&addr_file, format!("{addr}\n")) {
         warn!("cannot write {}: {e}", addr_file.display());

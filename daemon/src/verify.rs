@@ -17,21 +17,38 @@ use crate::source::{DirSource, ListError, Listing, Source};
 use crate::state::{State, StateError};
 use crate::target::fs::TMP_DIR;
 
-/// Drift between source and target.
+/// Drift between source and target. Items are identities (`kind\0key`); JSON shows each
+/// as `{"kind": …, "key": …}`.
 #[derive(Debug, Default, Serialize)]
 pub struct VerifyReport {
     /// Items compared.
     pub compared: u64,
     /// In the source, not in the target.
+    #[serde(serialize_with = "items")]
     pub missing: Vec<String>,
     /// In the target, not in the source (drift only when the target prunes).
+    #[serde(serialize_with = "items")]
     pub extra: Vec<String>,
     /// In both, with different content or mode.
+    #[serde(serialize_with = "items")]
     pub different: Vec<String>,
     /// Entries that could not be read on either side.
     pub unreadable: Vec<String>,
     /// Whether extra items count as drift.
     pub prune: bool,
+}
+
+/// Serializes identities as `{"kind", "key"}` objects.
+fn items<S: serde::Serializer>(ids: &[String], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Item<'a> {
+        kind: &'a str,
+        key: &'a str,
+    }
+    s.collect_seq(ids.iter().map(|id| {
+        let (kind, key) = id.split_once('\0').unwrap_or(("", id));
+        Item { kind, key }
+    }))
 }
 
 impl VerifyReport {
@@ -192,6 +209,17 @@ pub async fn verify(
         .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     {
         BTreeMap::new()
+    } else if std::fs::metadata(&t.path).is_ok_and(|m| !m.is_dir()) {
+        return Err(VerifyError::Incomplete {
+            pipeline: pipeline.name.clone(),
+            side: "target",
+            source: ListError::Root {
+                message: format!(
+                    "{} is not a directory; target.dir.path must name one",
+                    t.path.display()
+                ),
+            },
+        });
     } else {
         collect(
             &DirSource::new(&target_view, 0),

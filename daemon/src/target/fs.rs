@@ -152,6 +152,25 @@ impl Inner {
     /// Creates the parents of `path` and checks none of them is a symbolic link. What was
     /// checked is remembered until the next flush, so each directory (the root too) is
     /// looked at once per batch, not once per new directory below it.
+    /// Why the target root could not be made, naming the root: "File exists" alone points
+    /// at the item being written.
+    fn root_error(&self, e: std::io::Error) -> Failure {
+        let what = match fs::symlink_metadata(&self.root) {
+            Ok(m) if m.file_type().is_symlink() => {
+                " (it is a symbolic link to no directory; target.dir.path must name a directory or a place to create one)"
+            }
+            Ok(m) if !m.is_dir() => {
+                " (it is a file, not a directory; target.dir.path must name a directory or a place to create one)"
+            }
+            _ => "",
+        };
+        Failure::Transient(format!(
+            "cannot create the target directory {}: {}{what}",
+            self.root.display(),
+            describe_io(&e)
+        ))
+    }
+
     fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
         let parent = path.parent().expect("resolved paths are below the root");
         let known = |dir: &Path| self.safe_dirs.lock().unwrap().contains(dir);
@@ -159,7 +178,7 @@ impl Inner {
             return Ok(());
         }
         if !known(&self.root) {
-            fs::create_dir_all(&self.root)?;
+            fs::create_dir_all(&self.root).map_err(|e| self.root_error(e))?;
             self.safe_dirs.lock().unwrap().insert(self.root.clone());
         }
         let mut dir = self.root.clone();
