@@ -388,11 +388,7 @@ fn the_daemon_removes_a_waiting_directory_once_it_is_empty() {
 fn special_files_are_skipped_with_a_warning() {
     let env = Env::dirs("", "");
     write(env.src().join("regular.txt"), "r");
-    let status = std::process::Command::new("mkfifo")
-        .arg(env.src().join("a-fifo"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    mkfifo(&env.src().join("a-fifo"));
     let out = env.run(&["sync", "--output", "json"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1285,11 +1281,7 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
 fn the_daemon_warns_about_a_special_file_once_not_at_every_scan() {
     let env = Env::dirs("", "");
     write(env.src().join("regular.txt"), "r");
-    let status = std::process::Command::new("mkfifo")
-        .arg(env.src().join("a-fifo"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    mkfifo(&env.src().join("a-fifo"));
     let d = env.spawn_daemon();
     wait_for(Duration::from_secs(30), || {
         (d.metric(r#"tidemark_scans_total{pipeline="t",result="ok"}"#) >= 4.0).then_some(())

@@ -261,18 +261,11 @@ fn issue_5_daemon_cycles_that_change_something_write_reports() {
     let d = env.spawn_daemon();
     // The apply is counted in the cycle of its scan or, if the projector committed it
     // just as that cycle ended, in the next one; never lost, never twice.
-    let cycles = || -> Vec<Value> {
-        report_dirs(&env)
-            .iter()
-            .map(|dir| read_report(dir).0)
-            .filter(|r| r["run"] == "cycle")
-            .collect()
-    };
     let total = |rs: &[Value], f: &dyn Fn(&Value) -> &Value| -> u64 {
         rs.iter().map(|r| f(r).as_u64().unwrap_or(0)).sum()
     };
     let rs = wait_for(Duration::from_secs(30), || {
-        let rs = cycles();
+        let rs = cycle_reports(&env);
         (env.dst().join("a.txt").exists() && total(&rs, &|r| &r["by_kind"]["file"]["created"]) >= 1)
             .then_some(rs)
     })

@@ -251,6 +251,12 @@ pub fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Writes a file, creating parents.
+/// Makes a named pipe, a special file a scan skips.
+pub fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
 pub fn write(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) {
     let path = path.as_ref();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
