@@ -294,6 +294,13 @@ impl Metrics {
         }
     }
 
+    /// Sets a Unix-time gauge (`tidemark_*_timestamp_seconds`) of `pipeline` to `at`.
+    pub fn set_time(gauge: &GaugeVec, pipeline: &str, at: chrono::DateTime<chrono::Utc>) {
+        gauge
+            .with_label_values(&[pipeline])
+            .set(at.timestamp_millis() as f64 / 1000.0);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::PipelineConfig;
 use crate::log::{self, EventLog};
-use crate::metrics::metrics;
+use crate::metrics::{metrics, Metrics};
 use crate::projector::{ProjectError, Projector};
 use crate::scanner::Scanner;
 use crate::state::{Failure, GuardTrip, ScanRecord, State, StateError};
@@ -153,10 +153,7 @@ impl Pipeline {
                 source,
             })?;
         if let Some(at) = last_apply {
-            metrics()
-                .last_apply
-                .with_label_values(&[&config.name])
-                .set(at.timestamp_millis() as f64 / 1000.0);
+            Metrics::set_time(&metrics().last_apply, &config.name, at);
         }
         Ok(Pipeline {
             config: config.clone(),

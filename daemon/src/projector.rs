@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError};
-use crate::metrics::metrics;
+use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::state::{Applied, Deferred, Failure, PendingDelete, Records, State, StateError};
 use crate::target::{ApplyError, Outcome, Probe, Target};
@@ -592,9 +592,7 @@ impl Projector {
             .observe(t0.elapsed().as_secs_f64());
         // Only progress counts as an apply: a projector stuck retrying must look stuck.
         if next > committed {
-            m.last_apply
-                .with_label_values(&[p])
-                .set(now.timestamp_millis() as f64 / 1000.0);
+            Metrics::set_time(&m.last_apply, p, now);
         }
         if let Some(source) = transient {
             m.apply_errors.with_label_values(&[p, "transient"]).inc();

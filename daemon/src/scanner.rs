@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::DeleteLimit;
 use crate::log::{AppendError, EventLog};
-use crate::metrics::metrics;
+use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
 use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError};
@@ -238,9 +238,7 @@ impl Scanner {
             record.last_success_at = previous.and_then(|r| r.last_success_at);
         }
         if let Some(at) = record.last_success_at {
-            m.last_scan_success
-                .with_label_values(&[p])
-                .set(at.timestamp_millis() as f64 / 1000.0);
+            Metrics::set_time(&m.last_scan_success, p, at);
         }
         m.scans.with_label_values(&[p, &record.result]).inc();
         m.delete_guard_active
