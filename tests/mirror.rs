@@ -188,6 +188,92 @@ fn without_prune_deletes_are_recorded_but_not_applied() {
     );
 }
 
+/// A mirror kept without deletes for a while, then switched to `prune = true`, ends up
+/// equal to the source, as `rsync --delete` would leave it: the deletes retained while
+/// prune was off are applied, except for items the source has again.
+#[test]
+fn turning_prune_on_later_applies_the_deletes_retained_while_it_was_off() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("keep.txt"), "keep\n");
+    write(env.src().join("gone.txt"), "soon deleted\n");
+    write(env.src().join("back.txt"), "deleted, then back\n");
+    write(env.src().join("old/x/y.txt"), "in a deleted directory\n");
+    env.sync();
+    std::fs::remove_file(env.src().join("gone.txt")).unwrap();
+    std::fs::remove_file(env.src().join("back.txt")).unwrap();
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "retained"), 5, "{project}");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["retained_deletes"], 5, "{status}");
+    assert!(
+        env.ok(&["status"])
+            .contains("5 deletes retained (prune is off)"),
+        "status says what the target keeps"
+    );
+    // The source has this one again: its retained delete no longer stands.
+    write(env.src().join("back.txt"), "deleted, then back\n");
+    env.sync();
+    assert_eq!(env.json(&["status"])[0]["retained_deletes"], 4);
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let plan = env.ok(&["plan"]);
+    for line in [
+        "delete file gone.txt",
+        "delete file old/x/y.txt",
+        "delete dir old/x",
+        "delete dir old",
+    ] {
+        assert!(plan.contains(line), "plan lacks `{line}`:\n{plan}");
+    }
+    assert!(!plan.contains("back.txt"), "{plan}");
+    assert!(env.dst().join("gone.txt").exists(), "plan wrote nothing");
+
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "deleted"), 4, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(env.json(&["status"])[0]["retained_deletes"], 0);
+    let (_, again) = env.sync();
+    assert_eq!(outcome(&again, "deleted"), 0, "applied once: {again}");
+    assert_eq!(outcome(&again, "created"), 0, "{again}");
+}
+
+/// The daemon applies retained deletes too, once it has caught up with the log.
+#[test]
+fn the_daemon_applies_deletes_retained_before_prune_was_turned_on() {
+    let env = Env::dirs("", "prune = false");
+    write(env.src().join("keep.txt"), "keep\n");
+    write(env.src().join("gone.txt"), "soon deleted\n");
+    env.sync();
+    std::fs::remove_file(env.src().join("gone.txt")).unwrap();
+    env.sync();
+    assert!(env.dst().join("gone.txt").exists());
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let daemon = env.spawn_daemon();
+    let gone = wait_for(Duration::from_secs(20), || {
+        (!env.dst().join("gone.txt").exists()).then_some(())
+    });
+    let metrics = daemon.metrics();
+    assert!(daemon.terminate().success());
+    assert!(
+        gone.is_some(),
+        "the retained delete was not applied:\n{}",
+        env.daemon_log()
+    );
+    assert_mirror(&env.src(), &env.dst());
+    let deleted = metrics
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("tidemark_applies_total{") && k.contains("outcome=\"deleted\"")
+        })
+        .map(|(_, v)| v)
+        .sum::<f64>();
+    assert_eq!(deleted, 1.0, "{metrics:?}");
+}
+
 #[test]
 fn deleting_a_directory_removes_it_and_its_contents() {
     let env = Env::dirs("", "prune = true");

@@ -499,6 +499,11 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 g["would_delete"], g["limit"].as_str().unwrap_or("?"), g["allowed"]
             );
         }
+        if let Some(n) = s["retained_deletes"].as_u64().filter(|n| *n > 0) {
+            outln!(
+                "  {n} deletes retained (prune is off): the target keeps those items; with prune = true they are applied"
+            );
+        }
         if let Some(deferred) = s["deferred"].as_array().filter(|d| !d.is_empty()) {
             outln!("  {} deferred items:", deferred.len());
             for d in deferred.iter().take(20) {

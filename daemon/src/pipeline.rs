@@ -84,6 +84,9 @@ pub struct PipelineStatus {
     /// Events waiting for the items they reference, and directory deletes waiting for the
     /// directory to be empty, with what they wait for.
     pub deferred: Vec<DeferredItem>,
+    /// Deletes not applied because `prune` is off: the target still holds those items.
+    /// With `prune = true` they are applied once the projector has caught up.
+    pub retained_deletes: usize,
 }
 
 /// An event waiting for the items it references (or a directory delete waiting for its
@@ -329,6 +332,11 @@ impl Pipeline {
             last_scan,
             failed,
             deferred,
+            retained_deletes: self
+                .state
+                .retained(&self.config.name)
+                .map_err(state_err)?
+                .len(),
         })
     }
 }

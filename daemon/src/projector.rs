@@ -196,6 +196,8 @@ struct Done {
     partial: bool,
     /// A directory delete that found the directory not empty; tried again later.
     waiting_delete: Option<Event>,
+    /// A delete not applied because `prune` is off; applied once it is on.
+    retained: Option<Event>,
     /// Content bytes the event carries (inline or blob), for progress.
     bytes: u64,
 }
@@ -554,12 +556,25 @@ impl Projector {
             });
         }
 
-        let dones = results
+        let dones: Vec<Done> = results
             .into_iter()
             .flat_map(|r| r.done)
             .chain(settled)
-            .chain(removed);
+            .chain(removed)
+            .collect();
+        let retained = self
+            .state
+            .retained(&self.pipeline)
+            .map_err(self.err_state())?;
+        let retained_changes = self.track_retained(&retained, &dones)?;
         self.record(dones, &mut report, Some(partition), &applied, &remap)?;
+        retained
+            .apply(
+                retained_changes
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_ref())),
+            )
+            .map_err(self.err_state())?;
         replace_all(&deferred, &pending).map_err(self.err_state())?;
         replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
         metrics()
@@ -800,6 +815,158 @@ impl Projector {
         Ok(report)
     }
 
+    /// How a batch changes the retained deletes: a delete retained because `prune` is off
+    /// is added; any other event for an item drops its entry (the source has the item
+    /// again, or the delete was applied). Each key's events finished in log order, so its
+    /// last one decides.
+    fn track_retained(
+        &self,
+        stored: &Records<PendingDelete>,
+        dones: &[Done],
+    ) -> Result<BTreeMap<String, Option<PendingDelete>>, ProjectError> {
+        let mut changes = BTreeMap::new();
+        let any_stored = !stored.is_empty();
+        let now = Utc::now();
+        for d in dones {
+            match &d.retained {
+                Some(event) => {
+                    changes.insert(
+                        d.identity.clone(),
+                        Some(PendingDelete {
+                            event: event.clone(),
+                            since: now,
+                        }),
+                    );
+                }
+                None if changes.contains_key(&d.identity)
+                    || (any_stored
+                        && stored.contains(&d.identity).map_err(self.err_state())?) =>
+                {
+                    changes.insert(d.identity.clone(), None);
+                }
+                None => {}
+            }
+        }
+        Ok(changes)
+    }
+
+    /// With `prune` on, applies the deletes retained while it was off: files and links
+    /// first, then directories, deepest first (one that still holds entries waits as any
+    /// directory delete does). Called once the log is caught up, so an item the source has
+    /// again has already dropped its entry. A transient failure stops the pass; what is
+    /// left is tried on the next one.
+    pub async fn apply_retained(&self) -> Result<ProjectReport, ProjectError> {
+        let mut report = ProjectReport::default();
+        if !self.prune {
+            return Ok(report);
+        }
+        let stored = self
+            .state
+            .retained(&self.pipeline)
+            .map_err(self.err_state())?;
+        if stored.is_empty() {
+            return Ok(report);
+        }
+        let (dirs, others): (Vec<String>, Vec<String>) = stored
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err_state())?
+            .into_iter()
+            .partition(|id| id.starts_with(&item_identity("dir", "")));
+        let total = dirs.len() + others.len();
+        info!(
+            pipeline = %self.pipeline,
+            deletes = total,
+            "prune is on: applying the deletes retained while it was off"
+        );
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?;
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
+        let dir_pending = self
+            .state
+            .dir_deletes(&self.pipeline)
+            .map_err(self.err_state())?;
+        // A child's identity extends its parent's, so reverse key order is deepest first.
+        let chunks = others
+            .chunks(self.batch_size)
+            .map(|c| (c.to_vec(), true))
+            .chain(
+                dirs.into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .chunks(self.batch_size)
+                    .map(|c| (c.to_vec(), false)),
+            )
+            .collect::<Vec<_>>();
+        for (ids, concurrent) in chunks {
+            let mut events = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(p) = stored.get(id).map_err(self.err_state())? {
+                    events.push(p.event);
+                }
+            }
+            let refs = Refs {
+                remap: &remap,
+                fresh: Default::default(),
+            };
+            let priors = Priors::direct(&applied);
+            let groups =
+                stream::iter(events).map(|e| self.apply_group(vec![e], &priors, &refs, false));
+            let mut results: Vec<GroupResult> = if concurrent {
+                groups.buffer_unordered(self.concurrency).collect().await
+            } else {
+                groups.buffered(1).collect().await
+            };
+            let mut stopped = None;
+            for r in &mut results {
+                if let Some((_, e)) = r.stopped.take() {
+                    stopped.get_or_insert(e);
+                }
+            }
+            let (waiting, removed) = self
+                .settle_dir_deletes(&HashMap::new(), &results, &dir_pending, &applied, &refs)
+                .await?;
+            self.target
+                .flush()
+                .await
+                .map_err(|source| ProjectError::Apply {
+                    pipeline: self.pipeline.clone(),
+                    source,
+                })?;
+            let dones: Vec<Done> = results
+                .into_iter()
+                .flat_map(|r| r.done)
+                .chain(removed)
+                .collect();
+            let finished: Vec<String> = dones.iter().map(|d| d.identity.clone()).collect();
+            self.record(dones, &mut report, None, &applied, &remap)?;
+            stored
+                .apply(finished.iter().map(|id| (id.as_str(), None)))
+                .map_err(self.err_state())?;
+            replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
+            self.state.flush().await.map_err(self.err_state())?;
+            if let Some(e) = stopped {
+                warn!(
+                    pipeline = %self.pipeline,
+                    "{e}; the deletes retained while prune was off are tried again later"
+                );
+                break;
+            }
+        }
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        metrics()
+            .deferred_events
+            .with_label_values(&[&self.pipeline])
+            .set((deferred.len() + dir_pending.len()) as i64);
+        self.count_applies(&report);
+        Ok(report)
+    }
+
     /// Applies deferred events whose references now resolve (this batch's and earlier
     /// ones), breaks cycles by writing one item without its unresolved fields, and fails
     /// events that waited longer than the target's reference wait. Returns what still
@@ -955,6 +1122,7 @@ impl Projector {
                 deferred: None,
                 partial: false,
                 waiting_delete: None,
+                retained: None,
                 bytes: 0,
             });
         }
@@ -998,10 +1166,15 @@ impl Projector {
                 deferred: None,
                 partial: false,
                 waiting_delete: None,
+                retained: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
-                result.done.push(done(outcome, Change::Keep, None));
+                let mut d = done(outcome, Change::Keep, None);
+                if outcome == Outcome::Retained {
+                    d.retained = Some(event.clone());
+                }
+                result.done.push(d);
                 continue;
             }
             let transient = |message: String| ApplyError::Transient {
@@ -1240,6 +1413,7 @@ impl Projector {
                 _ => total.merge(self.retry_dir_deletes().await?),
             }
         }
+        total.merge(self.apply_retained().await?);
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
@@ -1333,6 +1507,12 @@ impl Projector {
                 continue;
             }
             backoff.reset();
+            if read == 0 {
+                // Caught up: deletes retained while prune was off are applied now.
+                if let Err(e) = self.apply_retained().await {
+                    error!("{e}");
+                }
+            }
             if read == 0 && last_dir_retry.elapsed() >= Duration::from_secs(1) {
                 // Another daemon may have deleted what kept a pending directory delete waiting.
                 last_dir_retry = Instant::now();
@@ -1490,6 +1670,25 @@ impl Projector {
             key: event.key,
             waiting_since: Some(since),
         }));
+        // Last, once caught up: with prune on, the deletes retained while it was off.
+        if self.prune {
+            let retained = self
+                .state
+                .retained(&self.pipeline)
+                .map_err(self.err_state())?;
+            for entry in retained.iter() {
+                let (id, d) = entry.map_err(self.err_state())?;
+                if !seen.contains(&id) {
+                    actions.push(PlannedAction {
+                        offset: Some(d.event.offset),
+                        action: "delete",
+                        kind: d.event.kind,
+                        key: d.event.key,
+                        waiting_since: None,
+                    });
+                }
+            }
+        }
         Ok(actions)
     }
 
@@ -1562,6 +1761,10 @@ impl Projector {
             .map_err(self.err_state())?;
         self.state
             .dir_deletes(&self.pipeline)
+            .and_then(|t| t.remove_where(|_, d| d.event.offset >= from))
+            .map_err(self.err_state())?;
+        self.state
+            .retained(&self.pipeline)
             .and_then(|t| t.remove_where(|_, d| d.event.offset >= from))
             .map_err(self.err_state())?;
         applied

@@ -252,6 +252,13 @@ impl State {
         self.records(&format!("dir-deletes/{pipeline}"))
     }
 
+    /// Deletes not applied because `prune` was off, by item identity: the target still
+    /// holds those items. When `prune` is on they are applied once the projector has caught
+    /// up (a newer event for the item, the source re-creating it, drops its entry first).
+    pub fn retained(&self, pipeline: &str) -> Result<Records<PendingDelete>, StateError> {
+        self.records(&format!("retained/{pipeline}"))
+    }
+
     /// The stored snapshot of a pipeline's source index (see `scanner/digest.rs`): the
     /// digest a scan keeps in memory and the indexed keys' names, as of a position of
     /// [`State::index_journal`].
