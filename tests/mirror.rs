@@ -58,6 +58,70 @@ fn mirrors_a_tree_byte_for_byte_with_modes() {
     assert_mirror(&src, &env.dst());
 }
 
+/// Runs tidemark as a user who is not root: as `nobody` (the test's directory handed to
+/// it) when the tests run as root, which writes through any mode, else as the caller.
+fn ok_as_a_user(env: &Env, args: &[&str]) -> String {
+    let mut cmd = env.cmd(args);
+    if rustix::process::geteuid().is_root() {
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(env.dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "tidemark {args:?} as a user failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Read-only directories (mode 0555, as a checkout of a read-only tree has) are mirrored
+/// with their modes by a user who is not root, and files in them are written, replaced and
+/// deleted later, as `rsync -a` does: each directory is opened for the change and given
+/// its mode back when the batch ends.
+#[test]
+fn read_only_directories_are_mirrored_by_a_user_who_is_not_root() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    let src = env.src();
+    write(src.join("ro/a.txt"), "a\n");
+    write(src.join("ro/sub/b.txt"), "b\n");
+    write(src.join("ro/gone/deep/c.txt"), "c\n");
+    for d in ["ro/gone/deep", "ro/gone", "ro/sub", "ro"] {
+        set_mode(src.join(d), 0o555);
+    }
+    let out = ok_as_a_user(&env, &["sync"]);
+    assert!(out.contains("7 created"), "{out}");
+    assert_mirror(&src, &env.dst());
+
+    // Root writes through the modes; the source changes as its owner would change it.
+    write(src.join("ro/sub/b.txt"), "b, changed\n");
+    write(src.join("ro/sub/new.txt"), "new\n");
+    std::fs::remove_file(src.join("ro/a.txt")).unwrap();
+    set_mode(src.join("ro/gone"), 0o755);
+    set_mode(src.join("ro/gone/deep"), 0o755);
+    std::fs::remove_dir_all(src.join("ro/gone")).unwrap();
+    set_mode(src.join("ro/sub"), 0o500);
+    let out = ok_as_a_user(&env, &["sync"]);
+    assert!(out.contains("1 created, 2 updated, 4 deleted"), "{out}");
+    assert_mirror(&src, &env.dst());
+    let out = ok_as_a_user(&env, &["verify"]);
+    assert!(out.contains("target matches source"), "{out}");
+    // Let the temporary directory be removed whoever runs the tests.
+    for d in [
+        src.join("ro/sub"),
+        src.join("ro"),
+        env.dst().join("ro/sub"),
+        env.dst().join("ro"),
+    ] {
+        set_mode(d, 0o755);
+    }
+}
+
 #[test]
 fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
     let env = Env::dirs("", "prune = true");

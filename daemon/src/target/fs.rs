@@ -3,7 +3,7 @@
 //! one filesystem sync per commit batch, deletes only when pruning, and keys that can
 //! never escape the root.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, Permissions};
 use std::io::{ErrorKind, Read, Write};
@@ -82,6 +82,12 @@ struct Inner {
     no_tmpfile: AtomicBool,
     /// Set once `RENAME_EXCHANGE` was refused here; replacements are then renamed over.
     no_exchange: AtomicBool,
+    /// Directories of ours without owner write or search permission (a source's read-only
+    /// directories are mirrored with their modes) opened (`u+wx`) for a change to their
+    /// entries, with the mode each is given back at the next flush.
+    opened: Mutex<HashMap<PathBuf, u32>>,
+    /// The user the process writes as: only its own directories are opened.
+    uid: u32,
 }
 
 #[derive(Debug)]
@@ -122,6 +128,8 @@ impl DirTarget {
                 pid: std::process::id(),
                 no_tmpfile: AtomicBool::new(false),
                 no_exchange: AtomicBool::new(false),
+                opened: Mutex::new(HashMap::new()),
+                uid: rustix::process::geteuid().as_raw(),
             }),
         }
     }
@@ -147,6 +155,137 @@ impl Inner {
             )));
         }
         Ok(self.root.join(rel))
+    }
+
+    /// Runs `op`, a change to the entries of `dir`. When it is refused for want of
+    /// permission and `dir`, or a directory between the root and it, is ours but lacks
+    /// owner write or search permission (the mode of a read-only source directory, which
+    /// only root could write through), that directory is opened until the next flush,
+    /// which gives its mode back, and `op` runs again: as `rsync` does for a user who is
+    /// not root.
+    fn in_dir<T>(
+        &self,
+        dir: &Path,
+        mut op: impl FnMut() -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        match op() {
+            Err(e) if e.kind() == ErrorKind::PermissionDenied && self.open_up(dir) => op(),
+            r => r,
+        }
+    }
+
+    /// Opens (`u+wx`) each directory of ours from below the root down to `dir` that lacks
+    /// either, remembering its mode. `true` when one is open now (by this call or another
+    /// writer's), so the refused change is worth trying again.
+    fn open_up(&self, dir: &Path) -> bool {
+        let Ok(rel) = dir.strip_prefix(&self.root) else {
+            return false;
+        };
+        let mut opened = self.opened.lock().unwrap();
+        let mut any = false;
+        let mut d = self.root.clone();
+        for c in rel.components() {
+            d.push(c);
+            if opened.contains_key(&d) {
+                any = true;
+                continue;
+            }
+            let Ok(m) = fs::symlink_metadata(&d) else {
+                break;
+            };
+            let mode = m.mode() & 0o7777;
+            if !m.is_dir() || m.uid() != self.uid {
+                break;
+            }
+            if mode & 0o300 == 0o300 {
+                continue;
+            }
+            if fs::set_permissions(&d, Permissions::from_mode(mode | 0o300)).is_err() {
+                break;
+            }
+            self.note_opened(&d, mode);
+            opened.insert(d.clone(), mode);
+            any = true;
+        }
+        any
+    }
+
+    /// Where opened directories are noted, so that a process killed before its flush does
+    /// not leave them open: the next flush (the first thing a run does) gives them back.
+    fn opened_journal(&self) -> PathBuf {
+        self.root.join(TMP_DIR).join("opened")
+    }
+
+    fn note_opened(&self, dir: &Path, mode: u32) {
+        let Ok(rel) = dir.strip_prefix(&self.root) else {
+            return;
+        };
+        let line = serde_json::json!([mode, pathkey::encode(rel.as_os_str().as_bytes())]);
+        let _ = fs::create_dir_all(self.root.join(TMP_DIR));
+        let noted = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.opened_journal())
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = noted {
+            tracing::warn!(
+                "cannot note that {} was opened for writing ({e}); if tidemark is killed before the batch ends, it keeps owner write permission",
+                dir.display()
+            );
+        }
+    }
+
+    /// Sets a directory's mode, or the mode it gets back at the flush while it is open.
+    fn set_dir_mode(&self, path: &Path, mode: u32) -> std::io::Result<()> {
+        let mut opened = self.opened.lock().unwrap();
+        match opened.get_mut(path) {
+            Some(kept) => {
+                *kept = mode;
+                fs::set_permissions(path, Permissions::from_mode(mode | 0o300))
+            }
+            None => fs::set_permissions(path, Permissions::from_mode(mode)),
+        }
+    }
+
+    /// Gives the opened directories their modes back, deepest first (a parent without
+    /// search permission would keep its children's from being set).
+    fn close_opened(&self) -> Result<(), Failure> {
+        let mut opened = self.opened.lock().unwrap();
+        let mut dirs: Vec<(PathBuf, u32)> = opened.drain().collect();
+        // Those a killed process opened, unless changed since: still open as it left them.
+        for line in fs::read_to_string(self.opened_journal())
+            .unwrap_or_default()
+            .lines()
+        {
+            let Ok((mode, key)) = serde_json::from_str::<(u32, String)>(line) else {
+                continue;
+            };
+            let Some(rel) = pathkey::decode(&key) else {
+                continue;
+            };
+            let d = self.root.join(OsStr::from_bytes(&rel));
+            let still_open = fs::symlink_metadata(&d)
+                .is_ok_and(|m| m.is_dir() && m.mode() & 0o7777 == mode | 0o300);
+            if still_open && !dirs.iter().any(|(o, _)| *o == d) {
+                dirs.push((d, mode));
+            }
+        }
+        dirs.sort_by_key(|(d, _)| std::cmp::Reverse(d.components().count()));
+        let mut failed = None;
+        for (d, mode) in dirs {
+            match fs::set_permissions(&d, Permissions::from_mode(mode)) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    failed.get_or_insert(format!(
+                        "cannot give {} its mode {mode:o} back: {}",
+                        d.display(),
+                        describe_io(&e)
+                    ));
+                    opened.insert(d, mode);
+                }
+                _ => {}
+            }
+        }
+        failed.map_or(Ok(()), |m| Err(Failure::Transient(m)))
     }
 
     /// Creates the parents of `path` and checks none of them is a symbolic link. What was
@@ -188,7 +327,8 @@ impl Inner {
             if known(&dir) {
                 continue;
             }
-            match fs::symlink_metadata(&dir) {
+            let up = dir.parent().expect("below the root").to_owned();
+            match self.in_dir(&up, || fs::symlink_metadata(&dir)) {
                 Ok(m) if m.is_dir() => {}
                 // The source has a directory here now (the event's key is below it), so the
                 // file or link the target still holds is an older item's: it is replaced,
@@ -196,7 +336,7 @@ impl Inner {
                 Ok(_) => self.make_dir_in_place_of(&dir)?,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     let mut implicit = self.implicit_dirs.lock().unwrap();
-                    match fs::create_dir(&dir) {
+                    match self.in_dir(&up, || fs::create_dir(&dir)) {
                         Ok(()) if !self.remove_empty_parents => {
                             if implicit.len() >= IMPLICIT_DIRS_MAX {
                                 // Events that never came (a source that stopped listing
@@ -221,13 +361,14 @@ impl Inner {
     /// Removes the file or link at `path` and creates a directory there. Another writer
     /// may do the same at once: a directory already there is kept, never removed.
     fn make_dir_in_place_of(&self, path: &Path) -> Result<(), Failure> {
-        match fs::remove_file(path) {
+        let dir = path.parent().expect("resolved paths are below the root");
+        match self.in_dir(dir, || fs::remove_file(path)) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) if e.raw_os_error() == Some(21) => {}
             Err(e) => return Err(e.into()),
         }
-        match fs::create_dir(path) {
+        match self.in_dir(dir, || fs::create_dir(path)) {
             Err(e)
                 if e.kind() == ErrorKind::AlreadyExists
                     && fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) =>
@@ -258,8 +399,9 @@ impl Inner {
         self.prepare_parents(&path)?;
         // A directory's event decides `created` from the lstat and the implicit set
         // together, while no file below it can create it in between.
+        let parent = path.parent().expect("resolved paths are below the root");
         let mut implicit = (event.kind == "dir").then(|| self.implicit_dirs.lock().unwrap());
-        let existing = match fs::symlink_metadata(&path) {
+        let existing = match self.in_dir(parent, || fs::symlink_metadata(&path)) {
             Ok(m) => Some(m),
             Err(e) if e.kind() == ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
@@ -288,7 +430,7 @@ impl Inner {
                     Some(_) => self.make_dir_in_place_of(&path)?,
                     // A concurrent write below it may have created it since the lstat;
                     // anything else there now (a link) is replaced, never followed.
-                    None => match fs::create_dir(&path) {
+                    None => match self.in_dir(parent, || fs::create_dir(&path)) {
                         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                             self.make_dir_in_place_of(&path)?
                         }
@@ -297,7 +439,7 @@ impl Inner {
                 }
                 // Created a moment ago for a file inside it: this event is its creation.
                 let implicit = implicit.take().is_some_and(|mut set| set.remove(&path));
-                fs::set_permissions(&path, Permissions::from_mode(mode))?;
+                self.set_dir_mode(&path, mode)?;
                 Ok(if implicit { Outcome::Created } else { fresh })
             }
             "symlink" => {
@@ -346,7 +488,8 @@ impl Inner {
     /// one) remove; the projector tries the event again after each batch. Without prune
     /// those deletes never reach the target, so the event fails instead.
     fn remove_dir_in_the_way(&self, path: &Path) -> Result<bool, Failure> {
-        match fs::remove_dir(path) {
+        let dir = path.parent().expect("resolved paths are below the root");
+        match self.in_dir(dir, || fs::remove_dir(path)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
             Err(e) if e.raw_os_error() == Some(39) && self.prune => Ok(false),
@@ -410,15 +553,26 @@ impl Inner {
             return Ok(false);
         }
         let dir = path.parent().expect("resolved paths are below the root");
-        let fd = match rustix::fs::open(
-            dir,
-            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        ) {
+        let open = || {
+            rustix::fs::open(
+                dir,
+                OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(std::io::Error::from)
+        };
+        let fd = match self.in_dir(dir, open) {
             Ok(fd) => fd,
-            Err(
-                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
-            ) => {
+            Err(e)
+                if matches!(
+                    rustix::io::Errno::from_io_error(&e),
+                    Some(
+                        rustix::io::Errno::OPNOTSUPP
+                            | rustix::io::Errno::ISDIR
+                            | rustix::io::Errno::INVAL
+                    )
+                ) =>
+            {
                 self.no_tmpfile.store(true, Ordering::Relaxed);
                 return Ok(false);
             }
@@ -502,7 +656,8 @@ impl Inner {
         if existing.is_some() && self.exchange(tmp, path)? {
             return Ok(());
         }
-        fs::rename(tmp, path)?;
+        let dir = path.parent().expect("resolved paths are below the root");
+        self.in_dir(dir, || fs::rename(tmp, path))?;
         Ok(())
     }
 
@@ -520,9 +675,11 @@ impl Inner {
         if self.no_exchange.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        match renameat_with(CWD, tmp, CWD, path, RenameFlags::EXCHANGE) {
+        let dir = path.parent().expect("resolved paths are below the root");
+        let swap = || renameat_with(CWD, tmp, CWD, path, RenameFlags::EXCHANGE).map_err(Into::into);
+        match self.in_dir(dir, swap).map_err(|e| Errno::from_io_error(&e)) {
             Ok(()) => {}
-            Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            Err(Some(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)) => {
                 self.no_exchange.store(true, Ordering::Relaxed);
                 return Ok(false);
             }
@@ -555,8 +712,9 @@ impl Inner {
             return Ok(Outcome::Deleted);
         }
         let path = self.resolve(&event.key)?;
+        let dir = path.parent().expect("resolved paths are below the root");
         let removed = if event.kind == "dir" {
-            match fs::remove_dir(&path) {
+            match self.in_dir(dir, || fs::remove_dir(&path)) {
                 Err(e) if e.raw_os_error() == Some(39) => {
                     // Something remains: deletes not applied yet (another partition's), or
                     // entries the source never had. Never removed with its contents; the
@@ -566,7 +724,7 @@ impl Inner {
                 r => r,
             }
         } else {
-            fs::remove_file(&path)
+            self.in_dir(dir, || fs::remove_file(&path))
         };
         match removed {
             Ok(()) => {}
@@ -581,7 +739,11 @@ impl Inner {
         if self.remove_empty_parents {
             let mut dir = path.parent();
             while let Some(d) = dir {
-                if d == self.root || fs::remove_dir(d).is_err() {
+                if d == self.root
+                    || self
+                        .in_dir(d.parent().unwrap_or(d), || fs::remove_dir(d))
+                        .is_err()
+                {
                     break;
                 }
                 self.safe_dirs.lock().unwrap().remove(d);
@@ -596,6 +758,8 @@ impl Inner {
         if !self.root.exists() {
             return Ok(());
         }
+        // Before the sync, so the modes given back are as durable as the batch.
+        self.close_opened()?;
         let root = File::open(&self.root)?;
         rustix::fs::syncfs(&root).map_err(|e| Failure::Transient(format!("syncfs: {e}")))?;
         // No write is in flight during a flush, so anything left in the temporary directory
@@ -755,6 +919,30 @@ mod tests {
             .flat_map(|s| fs::read_dir(s.unwrap().path()).unwrap())
             .map(|e| e.unwrap().path())
             .collect()
+    }
+
+    /// A process killed between opening a read-only directory and its flush leaves the
+    /// directory open; the next process's first flush gives it its mode back, and leaves
+    /// alone one whose mode was changed since.
+    #[tokio::test]
+    async fn a_directory_a_killed_process_left_open_gets_its_mode_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ro, changed) = (dir.path().join("ro"), dir.path().join("changed"));
+        for d in [&ro, &changed] {
+            fs::create_dir(d).unwrap();
+            fs::set_permissions(d, Permissions::from_mode(0o755)).unwrap();
+        }
+        let killed = target(dir.path());
+        killed.inner.note_opened(&ro, 0o555);
+        killed.inner.note_opened(&changed, 0o555);
+        fs::set_permissions(&changed, Permissions::from_mode(0o700)).unwrap();
+        drop(killed);
+
+        target(dir.path()).flush().await.unwrap();
+        let mode = |d: &Path| fs::metadata(d).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&ro), 0o555);
+        assert_eq!(mode(&changed), 0o700);
+        assert!(!dir.path().join(TMP_DIR).exists());
     }
 
     #[tokio::test]
