@@ -1402,6 +1402,17 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     for field in ["head", "committed", "lag_events"] {
         assert_eq!(again[0][field], status[0][field], "{field}: {again}");
     }
+    // The log keeps each item's latest event: every file was rewritten once, so its first
+    // version is dropped; offsets do not move.
+    assert_eq!(status[0]["head"], 810, "{status}");
+    assert_eq!(done["log_events_dropped"], 400, "{done}");
+    let tail = env.ok(&["log", "tail", "--from", "0"]);
+    assert_eq!(tail.lines().count(), 410, "{tail}");
+    let of_f0 = tail
+        .lines()
+        .filter(|l| l.contains(r#""key":"d0/f0.txt""#))
+        .count();
+    assert_eq!(of_f0, 1, "one event of each file is left:\n{tail}");
     let (scan, project) = env.sync();
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),

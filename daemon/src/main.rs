@@ -380,8 +380,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             match output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&done)?),
                 Output::Text => outln!(
-                    "state {} compacted: {} records, {} -> {} on disk",
+                    "state {} compacted: {} superseded log events dropped, {} records, {} -> {} on disk",
                     config.state_dir.display(),
+                    done.log_events_dropped,
                     done.records,
                     indicatif::HumanBytes(done.before),
                     indicatif::HumanBytes(done.after)
@@ -861,7 +862,7 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
                 match records.into_iter().next().filter(|r| r.offset == offset) {
                     Some(r) => print(r),
                     None => anyhow::bail!(
-                        "pipeline `{}`: no event at offset {offset} (head is {})",
+                        "pipeline `{}`: no event at offset {offset} (head is {}; `compact` drops events a later event of the same item supersedes)",
                         p.name(),
                         p.log.head(0).await?
                     ),

@@ -336,6 +336,15 @@ impl State {
         };
         let old = State::open(dir)?;
         let before = old.size_on_disk()?;
+        // First the events of each sled log that a later event of their item supersedes.
+        let mut log_events_dropped = 0;
+        for name in old.db.tree_names() {
+            if let Some(pipeline) = name.strip_prefix(b"log/") {
+                let pipeline = String::from_utf8_lossy(pipeline);
+                log_events_dropped +=
+                    crate::log::sled::drop_superseded(&old.db, &pipeline)?.dropped;
+            }
+        }
         // Holding the old database's lock, no other compaction is writing this one.
         let fresh = dir.join(DB_COMPACTING);
         if fresh.exists() {
@@ -391,6 +400,7 @@ impl State {
         }
         Ok(Compacted {
             records,
+            log_events_dropped,
             before,
             after,
         })
@@ -445,6 +455,9 @@ const DB_RETIRED: &str = "db.old";
 pub struct Compacted {
     /// Records copied (every tree, the log included).
     pub records: u64,
+    /// Events dropped from the sled logs: every consumer had passed them, and a later
+    /// event of the same item supersedes each (`log::sled::drop_superseded`).
+    pub log_events_dropped: u64,
     /// Bytes on disk before.
     pub before: u64,
     /// Bytes on disk after.

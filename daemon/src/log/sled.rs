@@ -26,6 +26,9 @@
 //! records (one per offset the header claims, or one if the header itself is unreadable);
 //! reading goes on with the next chunk.
 //!
+//! A frame of length 0 is an event dropped by [`drop_superseded`] (`tidemark compact`): its
+//! offset stays taken, and readers skip it.
+//!
 //! Tree `offsets/<pipeline>`: key `<consumer>\0<partition>`, value the committed offset
 //! (the next offset to read), u64 big-endian.
 
@@ -271,6 +274,8 @@ impl EventLog for SledLog {
                     return Ok(out);
                 }
                 let event = match bytes {
+                    // Dropped by a compaction: a later event of the same item follows.
+                    Ok([]) => continue,
                     Ok(bytes) => Event::decode(bytes).map(|mut e| {
                         e.partition = 0;
                         e.offset = offset;
@@ -323,6 +328,150 @@ impl EventLog for SledLog {
     async fn seek(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError> {
         self.set_offset(consumer, partition, next, false).await
     }
+}
+
+/// What [`drop_superseded`] did to one pipeline's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogCompacted {
+    /// Events dropped: every consumer had passed them, and a later event of the same item
+    /// supersedes each.
+    pub dropped: u64,
+    /// Events kept.
+    pub kept: u64,
+}
+
+/// Old chunks rewritten per atomic batch.
+const COMPACT_GROUP: usize = 1000;
+
+/// Drops the events of `pipeline`'s log that every consumer has passed (below the least
+/// committed offset) and that a later event of the same item supersedes, as Kafka's
+/// `cleanup.policy=compact` does: the latest event of every item stays, deletes included,
+/// so `replay --from 0` still rebuilds the target, and the log stays proportional to the
+/// source instead of to its history. Offsets do not move: a dropped event's frame is left
+/// empty (4 bytes), and chunks of dropped events are merged. Each group of chunks is
+/// replaced in one atomic batch by chunks that cover the same offsets, so a reader at any
+/// moment sees the old or the new. Appends only write above the head, so this may run
+/// while the log is in use.
+pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sled::Error> {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        kind: String,
+        key: String,
+    }
+    let identity = |frame: &[u8]| {
+        serde_json::from_slice::<Item>(frame)
+            .ok()
+            .map(|i| tidemark_proto::item_identity(&i.kind, &i.key))
+    };
+    let events = db.open_tree(format!("log/{pipeline}"))?;
+    let offsets = db.open_tree(format!("offsets/{pipeline}"))?;
+    let mut below = None::<u64>;
+    for v in offsets.iter().values() {
+        let o = decode_offset(&v?);
+        below = Some(below.map_or(o, |b| b.min(o)));
+    }
+    let Some(below) = below else {
+        return Ok(LogCompacted::default());
+    };
+    // The offset of every item's latest event.
+    let mut latest: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut live = 0u64;
+    for item in events.iter() {
+        let (k, v) = item?;
+        let first = decode_offset(&k);
+        for (offset, frame) in (first..).zip(Chunk::parse(&v).records()) {
+            if let Some(id) = frame.ok().filter(|f| !f.is_empty()).and_then(identity) {
+                latest.insert(id, offset);
+                live += 1;
+            }
+        }
+    }
+
+    /// A group of old chunks and the chunks replacing them, covering the same offsets.
+    #[derive(Default)]
+    struct Group {
+        old: Vec<sled::IVec>,
+        new: Vec<(u64, Vec<u8>)>,
+        /// The chunk being built: first offset, event count, value.
+        building: Option<(u64, u32, Vec<u8>)>,
+        dropped: u64,
+    }
+    impl Group {
+        fn close(&mut self) {
+            if let Some((first, count, mut value)) = self.building.take() {
+                close_chunk(&mut value, count);
+                self.new.push((first, value));
+            }
+        }
+        fn push(&mut self, offset: u64, frame: &[u8]) {
+            let full = self
+                .building
+                .as_ref()
+                .is_some_and(|(_, _, v)| v.len() - CHUNK_HEADER + 4 + frame.len() > CHUNK_BYTES);
+            if full {
+                self.close();
+            }
+            let (_, count, value) = self
+                .building
+                .get_or_insert_with(|| (offset, 0, vec![CHUNK_FORMAT, 0, 0, 0, 0]));
+            let len = u32::try_from(frame.len()).expect("an event is under 4 GiB");
+            value.extend_from_slice(&len.to_le_bytes());
+            value.extend_from_slice(frame);
+            *count += 1;
+        }
+        /// Replaces the old chunks by the new ones, when that changes anything.
+        fn apply(&mut self, events: &sled::Tree) -> Result<u64, sled::Error> {
+            self.close();
+            let group = std::mem::take(self);
+            if group.dropped == 0 && group.new.len() == group.old.len() {
+                return Ok(0);
+            }
+            let mut batch = sled::Batch::default();
+            for k in group.old {
+                batch.remove(k);
+            }
+            for (first, value) in group.new {
+                batch.insert(&first.to_be_bytes(), value);
+            }
+            events.apply_batch(batch)?;
+            Ok(group.dropped)
+        }
+    }
+
+    let mut group = Group::default();
+    let mut dropped = 0;
+    for item in events.range(..below.to_be_bytes()) {
+        let (k, v) = item?;
+        let first = decode_offset(&k);
+        let chunk = Chunk::parse(&v);
+        let records: Result<Vec<&[u8]>, _> = chunk.frames.and_then(|_| chunk.records().collect());
+        let Ok(records) = records else {
+            // Damaged: left exactly as it is, for readers to report.
+            group.close();
+            continue;
+        };
+        group.old.push(k);
+        for (offset, frame) in (first..).zip(records) {
+            let superseded = !frame.is_empty()
+                && offset < below
+                && identity(frame).is_some_and(|id| latest.get(&id) != Some(&offset));
+            if superseded {
+                group.dropped += 1;
+                group.push(offset, &[]);
+            } else {
+                group.push(offset, frame);
+            }
+        }
+        if group.old.len() >= COMPACT_GROUP {
+            dropped += group.apply(&events)?;
+        }
+    }
+    dropped += group.apply(&events)?;
+    db.flush()?;
+    Ok(LogCompacted {
+        dropped,
+        kept: live - dropped,
+    })
 }
 
 #[cfg(test)]
@@ -390,6 +539,59 @@ mod tests {
             .map(|r| r.offset)
             .collect();
         assert_eq!(from_4, vec![4, 5]);
+    }
+
+    /// Only events every consumer passed and a later event of their item supersedes are
+    /// dropped; offsets, the head and reads around the gaps stay as they were.
+    #[tokio::test]
+    async fn compaction_drops_superseded_events_below_the_least_committed_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let log = SledLog::open(&db, "t").unwrap();
+        let keys = ["a", "b", "a", "c", "a", "b", "c"];
+        for k in keys {
+            log.append(vec![event(k)]).await.unwrap();
+        }
+        async fn offsets(log: &SledLog, from: u64) -> Vec<(u64, String)> {
+            log.read(0, from, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.offset, r.event.as_ref().unwrap().key.clone()))
+                .collect()
+        }
+        // Nothing committed: nothing is dropped.
+        assert_eq!(drop_superseded(&db, "t").unwrap().dropped, 0);
+        log.commit("t.projector", 0, 6).await.unwrap();
+        log.commit("other", 0, 5).await.unwrap();
+        let done = drop_superseded(&db, "t").unwrap();
+        // Below 5: a@0 and a@2 (a@4 is the latest), c@3 is superseded by c@6; b@1 by b@5.
+        assert_eq!(
+            done,
+            LogCompacted {
+                dropped: 4,
+                kept: 3
+            }
+        );
+        drop(log);
+        let log = SledLog::open(&db, "t").unwrap();
+        assert_eq!(log.head(0).await.unwrap(), 7);
+        let s = |o: u64, k: &str| (o, k.to_owned());
+        assert_eq!(
+            offsets(&log, 0).await,
+            vec![s(4, "a"), s(5, "b"), s(6, "c")]
+        );
+        assert_eq!(
+            offsets(&log, 1).await,
+            vec![s(4, "a"), s(5, "b"), s(6, "c")]
+        );
+        assert_eq!(log.read(0, 0, 1).await.unwrap()[0].offset, 4);
+        log.append(vec![event("d")]).await.unwrap();
+        assert_eq!(
+            offsets(&log, 5).await,
+            vec![s(5, "b"), s(6, "c"), s(7, "d")]
+        );
+        assert_eq!(drop_superseded(&db, "t").unwrap().dropped, 0, "idempotent");
     }
 
     #[test]
