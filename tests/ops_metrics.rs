@@ -283,3 +283,27 @@ fn a_listen_address_in_use_names_the_config_line() {
         "{stderr}"
     );
 }
+
+/// A daemon that cannot start leaves no address behind for `status` to ask, and says
+/// what is missing: here the variable `status_token_env` names.
+#[test]
+fn a_daemon_that_cannot_start_leaves_no_address_file() {
+    let env = Env::dirs("", "");
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nstatus_token_env = \"TM_UNSET_STATUS_TOKEN\"",
+    );
+    env.write_config(&text);
+    let out = env
+        .cmd(&["run"])
+        .env_remove("TM_UNSET_STATUS_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TM_UNSET_STATUS_TOKEN"), "{stderr}");
+    assert!(
+        !env.path("state/listen.addr").exists(),
+        "the address file is left behind: {stderr}"
+    );
+}

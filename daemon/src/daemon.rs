@@ -108,12 +108,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ),
         },
     };
+    let status_token = match &config.status_token_env {
+        None => None,
+        Some(var) => {
+            Some(std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?)
+        }
+    };
     let listener = TcpListener::bind(config.listen).await.map_err(listen_err)?;
     let addr = listener.local_addr().map_err(listen_err)?;
     let addr_file: PathBuf = config.state_dir.join(LISTEN_ADDR_FILE);
     if let Err(e) = std::fs::write(&addr_file, format!("{addr}\n")) {
         warn!("cannot write {}: {e}", addr_file.display());
     }
+    // Removed however the daemon ends from here on, so `status` never asks a dead address.
+    let _addr_file = RemovedOnDrop(addr_file);
     info!(%addr, "serving /metrics /healthz /readyz /status on http://{addr}");
 
     let tracker = TaskTracker::new();
@@ -121,12 +129,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let scanners = CancellationToken::new();
     let projectors = CancellationToken::new();
     let endpoints = CancellationToken::new();
-    let status_token = match &config.status_token_env {
-        None => None,
-        Some(var) => {
-            Some(std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?)
-        }
-    };
     let server_state = Arc::new(ServerState {
         pipelines: pipelines.clone(),
         ready: false.into(),
@@ -153,7 +155,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 _ = &mut shutdown => {
                     endpoints.cancel();
                     let _ = server.await;
-                    let _ = std::fs::remove_file(&addr_file);
                     info!("stopped before the event log was reachable");
                     return Ok(());
                 }
@@ -261,11 +262,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     endpoints.cancel();
     let _ = server.await;
     state.flush().await?;
-    let _ = std::fs::remove_file(&addr_file);
     if finished.is_err() {
         let names: Vec<String> = running.0.lock().unwrap().iter().cloned().collect();
         return Err(RunError::Deadline(names.join(", ")));
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// A file removed when this is dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
