@@ -1298,6 +1298,42 @@ fn a_sync_that_wrote_much_checkpoints_the_state_database_and_one_that_wrote_litt
     assert_eq!(status[0]["committed"], 5011);
 }
 
+/// The daemon checkpoints the state database as it stops, as a one-shot run does, once it
+/// has written 10k events or more; one that wrote little does not.
+#[test]
+fn a_daemon_that_wrote_much_checkpoints_the_state_database_when_it_stops() {
+    const DONE: &str = "state database checkpointed";
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    // 5000 files and 10 directories: 5010 events appended, then 5010 applied.
+    for i in 0..5000 {
+        write(src.join(format!("d{}/f{i}.txt", i % 10)), format!("{i}\n"));
+    }
+    let d = env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &env.dst()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not mirrored; log:\n{}", env.daemon_log()));
+    assert!(d.terminate().success());
+    let log = env.daemon_log();
+    assert!(log.contains(DONE), "{log}");
+    assert!(!log.contains("not checkpointed"), "{log}");
+
+    std::fs::write(env.path("daemon.log"), "").unwrap();
+    write(src.join("d3/f3.txt"), "changed\n");
+    let d = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        mirrors_now(&src, &env.dst()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not mirrored; log:\n{}", env.daemon_log()));
+    assert!(d.terminate().success());
+    let log = env.daemon_log();
+    assert!(
+        log.contains("stopped cleanly") && !log.contains(DONE),
+        "{log}"
+    );
+}
+
 /// The index is a snapshot and a journal of the changes after it, folded into a new
 /// snapshot once the journal holds more than 1024 changes. Across folds, with keys added,
 /// changed, removed and added back, each re-sync emits exactly the changes, deletes

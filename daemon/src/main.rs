@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
+use tidemark::metrics::metrics;
 use tidemark::pipeline::Pipeline;
 use tidemark::progress::{Progress, ProgressGroup};
 use tidemark::projector::PlannedAction;
@@ -288,7 +289,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let show_progress = !cli.quiet;
     match cli.command {
         Command::Run => {
+            let dir = config.state_dir.clone();
             daemon::run(config, shutdown_signal()).await?;
+            // As a one-shot run does: the next start need not read all it wrote back.
+            if metrics().events_written() >= CHECKPOINT_AFTER {
+                checkpoint(&dir);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(select) => status(config, &select).await,
@@ -658,7 +664,9 @@ async fn scan_project(
         outln!("{}", serde_json::to_string_pretty(&out)?);
     }
     if written >= CHECKPOINT_AFTER {
-        checkpoint(session);
+        let dir = session.state.path().to_owned();
+        drop(session);
+        checkpoint(&dir);
     }
     Ok(if degraded {
         ExitCode::from(EXIT_DEGRADED)
@@ -672,13 +680,12 @@ async fn scan_project(
 /// of a second at most, about what the checkpoint would cost.
 const CHECKPOINT_AFTER: u64 = 10_000;
 
-/// Closes the session's state database and checkpoints it. Best effort: a database still
-/// held (or one that fails to open now) is left as it is, and the next start reads more.
-fn checkpoint(session: Session) {
-    let dir = session.state.path().to_owned();
-    drop(session);
+/// Checkpoints the state database of `dir`, closed by the caller. Best effort: a database
+/// still held (or one that fails to open now) is left as it is, and the next start reads
+/// more.
+fn checkpoint(dir: &std::path::Path) {
     let started = std::time::Instant::now();
-    match State::checkpoint(&dir) {
+    match State::checkpoint(dir) {
         Ok(()) => tracing::debug!(
             seconds = started.elapsed().as_secs_f64(),
             "state database checkpointed"

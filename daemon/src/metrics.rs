@@ -301,6 +301,31 @@ impl Metrics {
             .set(at.timestamp_millis() as f64 / 1000.0);
     }
 
+    /// Events this process appended, plus those it applied other than `unchanged`: how
+    /// much it wrote to the state database since it started.
+    pub fn events_written(&self) -> u64 {
+        use prometheus::core::Collector;
+        let mut n = 0;
+        for (vec, skip) in [
+            (&self.events_appended, None),
+            (&self.applies, Some("unchanged")),
+        ] {
+            for family in vec.collect() {
+                for m in family.get_metric() {
+                    let skipped = skip.is_some_and(|skip| {
+                        m.get_label()
+                            .iter()
+                            .any(|l| l.name() == "outcome" && l.value() == skip)
+                    });
+                    if !skipped {
+                        n += m.get_counter().get_value() as u64;
+                    }
+                }
+            }
+        }
+        n
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
