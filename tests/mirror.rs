@@ -58,6 +58,36 @@ fn mirrors_a_tree_byte_for_byte_with_modes() {
     assert_mirror(&src, &env.dst());
 }
 
+/// The setuid, setgid and sticky bits are part of a mode, as `rsync -a` carries them: they
+/// are mirrored, a change of one alone reaches the target, and `verify` sees them.
+#[test]
+fn setuid_setgid_and_sticky_bits_are_mirrored() {
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    write(src.join("bin/tool"), "#!/bin/sh\n");
+    set_mode(src.join("bin/tool"), 0o4755);
+    std::fs::create_dir_all(src.join("shared/drop")).unwrap();
+    set_mode(src.join("shared"), 0o2775);
+    set_mode(src.join("shared/drop"), 0o1777);
+    env.sync();
+    assert_mirror(&src, &env.dst());
+    let mode = |p: &str| std::fs::metadata(env.dst().join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(
+        (mode("bin/tool"), mode("shared"), mode("shared/drop")),
+        (0o4755, 0o2775, 0o1777)
+    );
+
+    set_mode(src.join("shared/drop"), 0o777);
+    set_mode(src.join("bin/tool"), 0o755);
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4), "verify sees the bits: {out:?}");
+    let (scan, _) = env.sync();
+    assert_eq!(scan["upserts"], 2, "{scan}");
+    assert_mirror(&src, &env.dst());
+    assert_eq!((mode("bin/tool"), mode("shared/drop")), (0o755, 0o777));
+    env.ok(&["verify"]);
+}
+
 /// Runs tidemark as a user who is not root: as `nobody` (the test's directory handed to
 /// it) when the tests run as root, which writes through any mode, else as the caller.
 fn ok_as_a_user(env: &Env, args: &[&str]) -> String {

@@ -91,7 +91,8 @@ pub struct Event {
     /// `blake3:<hex>` of the canonical content; empty for deletes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub checksum: String,
-    /// Permission bits for files and directories (the executable bit is part of the mirror).
+    /// Permission bits for files and directories (the executable bit is part of the mirror),
+    /// with the setuid, setgid and sticky bits (`mode & 0o7777`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
     /// Natural key used to adopt an existing target item.

@@ -277,7 +277,7 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
             .as_bytes()
             .to_vec();
         let meta = entry.path().symlink_metadata().unwrap();
-        let mode = meta.permissions().mode() & 0o777;
+        let mode = meta.permissions().mode() & 0o7777;
         let value = if meta.is_dir() {
             ('d', mode, vec![])
         } else if meta.file_type().is_symlink() {

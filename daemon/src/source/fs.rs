@@ -323,7 +323,7 @@ impl Walker {
                 Listing::Entry(Entry {
                     kind: "dir".into(),
                     key,
-                    fingerprint: Some(format!("d:{:o}", meta.mode() & 0o777)),
+                    fingerprint: Some(format!("d:{:o}", meta.mode() & 0o7777)),
                     payload: None,
                 })
             } else if !included {
@@ -338,7 +338,7 @@ impl Walker {
                         meta.mtime(),
                         meta.mtime_nsec(),
                         meta.ino(),
-                        meta.mode() & 0o777
+                        meta.mode() & 0o7777
                     )),
                     payload: None,
                 })
@@ -424,7 +424,7 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
         "dir" => {
             let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
             item.checksum = checksum_bytes(b"");
-            item.mode = Some(meta.mode() & 0o777);
+            item.mode = Some(meta.mode() & 0o7777);
         }
         "symlink" => {
             let target = std::fs::read_link(&path).map_err(|e| err(e.to_string()))?;
@@ -438,7 +438,7 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
             let (checksum, size, bytes) = hash_reader(&mut file, meta.len() <= inline_limit)
                 .map_err(|e| err(e.to_string()))?;
             item.checksum = checksum;
-            item.mode = Some(meta.mode() & 0o777);
+            item.mode = Some(meta.mode() & 0o7777);
             match bytes {
                 Some(bytes) if size <= inline_limit => item.body = Some(Body::Base64(bytes)),
                 _ => {

@@ -462,7 +462,7 @@ impl Inner {
                 // Adopt an equal file that is already there instead of rewriting it.
                 if let (None, Some(m)) = (prior, &existing) {
                     if m.is_file() && self.same_content(&path, event)? {
-                        if m.mode() & 0o777 != mode {
+                        if m.mode() & 0o7777 != mode {
                             fs::set_permissions(&path, Permissions::from_mode(mode))?;
                         }
                         return Ok(Outcome::Adopted);
