@@ -88,6 +88,49 @@ fn setuid_setgid_and_sticky_bits_are_mirrored() {
     env.ok(&["verify"]);
 }
 
+/// A written file gets its source file's modification time, to the nanosecond, as
+/// `rsync -a` gives it, so a later `rsync` or `make` on the target sees it unchanged; an
+/// equal file adopted on the target is given it too.
+#[test]
+fn written_files_keep_their_source_modification_time() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    let set_mtime = |p: &std::path::Path, ns: u64| {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(UNIX_EPOCH + Duration::from_nanos(ns))
+            .unwrap();
+    };
+    let mtime = |p: std::path::PathBuf| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    write(src.join("old.txt"), "written in 2001\n");
+    set_mtime(&src.join("old.txt"), 1_000_000_000_123_456_789);
+    write(src.join("big/blob.bin"), noise(300_000, 3));
+    set_mtime(&src.join("big/blob.bin"), 1_100_000_000_000_000_001);
+    env.sync();
+    assert_eq!(
+        mtime(env.dst().join("old.txt")),
+        (1_000_000_000, 123_456_789)
+    );
+    assert_eq!(mtime(env.dst().join("big/blob.bin")), (1_100_000_000, 1));
+
+    // A change carries its new time; so does a file adopted after a replay.
+    write(src.join("old.txt"), "rewritten in 2004\n");
+    set_mtime(&src.join("old.txt"), 1_090_000_000_000_000_000);
+    env.sync();
+    assert_eq!(mtime(env.dst().join("old.txt")), (1_090_000_000, 0));
+    set_mtime(&env.dst().join("big/blob.bin"), 1_200_000_000_000_000_000);
+    env.ok(&["replay", "--from", "0"]);
+    let (_, project) = env.sync();
+    assert!(outcome(&project, "adopted") >= 2, "{project}");
+    assert_eq!(mtime(env.dst().join("big/blob.bin")), (1_100_000_000, 1));
+}
+
 /// Runs tidemark as a user who is not root: as `nobody` (the test's directory handed to
 /// it) when the tests run as root, which writes through any mode, else as the caller.
 fn ok_as_a_user(env: &Env, args: &[&str]) -> String {

@@ -458,6 +458,7 @@ impl Scanner {
             refs: item.refs,
             body: item.body,
             blob: item.blob,
+            mtime_ns: item.mtime_ns,
             observed_at: Utc::now(),
             scan: record.id.clone(),
         });
@@ -576,6 +577,7 @@ impl Scanner {
                         refs: vec![],
                         body: None,
                         blob: None,
+                        mtime_ns: None,
                         observed_at,
                         scan: record.id.clone(),
                     }

@@ -107,6 +107,11 @@ pub struct Event {
     /// Out-of-line content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<Blob>,
+    /// A file's modification time in the source, in nanoseconds since the Unix epoch; the
+    /// file written on the target is given it. Not part of the version: a change of the
+    /// time alone is no event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i64>,
     /// When the scanner saw the change (UTC); drives lag in seconds.
     pub observed_at: DateTime<Utc>,
     /// Id of the scan that produced the event.
@@ -365,6 +370,7 @@ mod tests {
             refs: vec![],
             body: Some(Body::Base64(b"hello".to_vec())),
             blob: None,
+            mtime_ns: None,
             observed_at: Utc::now(),
             scan: "s1".into(),
         }

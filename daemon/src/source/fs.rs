@@ -419,6 +419,7 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
         refs: vec![],
         body: None,
         blob: None,
+        mtime_ns: None,
     };
     match entry.kind.as_str() {
         "dir" => {
@@ -439,6 +440,10 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
                 .map_err(|e| err(e.to_string()))?;
             item.checksum = checksum;
             item.mode = Some(meta.mode() & 0o7777);
+            item.mtime_ns = meta
+                .mtime()
+                .checked_mul(1_000_000_000)
+                .and_then(|s| s.checked_add(meta.mtime_nsec()));
             match bytes {
                 Some(bytes) if size <= inline_limit => item.body = Some(Body::Base64(bytes)),
                 _ => {

@@ -380,6 +380,7 @@ impl Source for HttpSource {
             refs,
             body: Some(Body::Json(item)),
             blob: None,
+            mtime_ns: None,
         })
     }
 }

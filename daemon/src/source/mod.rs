@@ -48,6 +48,8 @@ pub struct Item {
     pub body: Option<Body>,
     /// Out-of-line content.
     pub blob: Option<Blob>,
+    /// A file's modification time, in nanoseconds since the Unix epoch.
+    pub mtime_ns: Option<i64>,
 }
 
 /// What a listing yields besides errors.

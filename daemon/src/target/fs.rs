@@ -47,6 +47,16 @@ fn tmp_name(tmp: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// A time in nanoseconds since the Unix epoch.
+fn system_time(ns: i64) -> std::time::SystemTime {
+    let since = std::time::Duration::from_nanos(ns.unsigned_abs());
+    if ns >= 0 {
+        std::time::UNIX_EPOCH + since
+    } else {
+        std::time::UNIX_EPOCH - since
+    }
+}
+
 /// A directory tree as a [`Target`].
 pub struct DirTarget {
     inner: Arc<Inner>,
@@ -465,6 +475,14 @@ impl Inner {
                         if m.mode() & 0o7777 != mode {
                             fs::set_permissions(&path, Permissions::from_mode(mode))?;
                         }
+                        let mtime = |m: &fs::Metadata| {
+                            m.mtime()
+                                .saturating_mul(1_000_000_000)
+                                .saturating_add(m.mtime_nsec())
+                        };
+                        if let Some(ns) = event.mtime_ns.filter(|ns| *ns != mtime(m)) {
+                            File::open(&path)?.set_modified(system_time(ns))?;
+                        }
                         return Ok(Outcome::Adopted);
                     }
                 }
@@ -644,6 +662,9 @@ impl Inner {
             }
         }
         out.set_permissions(Permissions::from_mode(mode))?;
+        if let Some(at) = event.mtime_ns.map(system_time) {
+            out.set_modified(at)?;
+        }
         Ok(())
     }
 
@@ -854,6 +875,7 @@ mod tests {
             refs: vec![],
             body: Some(Body::Base64(bytes)),
             blob: None,
+            mtime_ns: None,
             observed_at: Utc::now(),
             scan: "s".into(),
         }
