@@ -345,7 +345,7 @@ fn turning_prune_on_later_applies_the_deletes_retained_while_it_was_off() {
     assert_eq!(status[0]["retained_deletes"], 5, "{status}");
     assert!(
         env.ok(&["status"])
-            .contains("5 deletes retained (prune is off)"),
+            .contains("5 deletes retained (not applied while prune is off)"),
         "status says what the target keeps"
     );
     // The source has this one again: its retained delete no longer stands.

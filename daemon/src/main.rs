@@ -508,7 +508,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         }
         if let Some(n) = s["retained_deletes"].as_u64().filter(|n| *n > 0) {
             outln!(
-                "  {n} deletes retained (prune is off): the target keeps those items; with prune = true they are applied"
+                "  {n} deletes retained (not applied while prune is off): the target keeps those items until prune = true, then they are applied once the projector has caught up"
             );
         }
         if let Some(deferred) = s["deferred"].as_array().filter(|d| !d.is_empty()) {
