@@ -688,6 +688,31 @@ impl Projector {
         Ok(())
     }
 
+    /// Makes what was applied to the target durable.
+    async fn flush_target(&self) -> Result<(), ProjectError> {
+        self.target
+            .flush()
+            .await
+            .map_err(|source| ProjectError::Apply {
+                pipeline: self.pipeline.clone(),
+                source,
+            })
+    }
+
+    /// Sets the deferred-events gauge: the stored deferred events plus `dir_deletes`
+    /// waiting directory deletes.
+    fn count_deferred(&self, dir_deletes: usize) -> Result<(), ProjectError> {
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        metrics()
+            .deferred_events
+            .with_label_values(&[&self.pipeline])
+            .set((deferred.len() + dir_deletes) as i64);
+        Ok(())
+    }
+
     /// Adds a report's outcomes to the apply counters.
     fn count_applies(&self, report: &ProjectReport) {
         let m = metrics();
@@ -793,23 +818,10 @@ impl Projector {
         if done.is_empty() {
             return Ok(report);
         }
-        self.target
-            .flush()
-            .await
-            .map_err(|source| ProjectError::Apply {
-                pipeline: self.pipeline.clone(),
-                source,
-            })?;
+        self.flush_target().await?;
         self.record(done, &mut report, None, &applied, &remap)?;
         replace_all(&stored, &waiting).map_err(self.err_state())?;
-        let deferred = self
-            .state
-            .deferred(&self.pipeline)
-            .map_err(self.err_state())?;
-        metrics()
-            .deferred_events
-            .with_label_values(&[&self.pipeline])
-            .set((deferred.len() + waiting.len()) as i64);
+        self.count_deferred(waiting.len())?;
         self.state.flush().await.map_err(self.err_state())?;
         self.count_applies(&report);
         Ok(report)
@@ -928,13 +940,7 @@ impl Projector {
             let (waiting, removed) = self
                 .settle_dir_deletes(&HashMap::new(), &results, &dir_pending, &applied, &refs)
                 .await?;
-            self.target
-                .flush()
-                .await
-                .map_err(|source| ProjectError::Apply {
-                    pipeline: self.pipeline.clone(),
-                    source,
-                })?;
+            self.flush_target().await?;
             let dones: Vec<Done> = results
                 .into_iter()
                 .flat_map(|r| r.done)
@@ -955,14 +961,7 @@ impl Projector {
                 break;
             }
         }
-        let deferred = self
-            .state
-            .deferred(&self.pipeline)
-            .map_err(self.err_state())?;
-        metrics()
-            .deferred_events
-            .with_label_values(&[&self.pipeline])
-            .set((deferred.len() + dir_pending.len()) as i64);
+        self.count_deferred(dir_pending.len())?;
         self.count_applies(&report);
         Ok(report)
     }
@@ -1441,13 +1440,7 @@ impl Projector {
     /// Settles what an interrupted run left on the target before new work starts.
     async fn recover(&self) -> Result<(), ProjectError> {
         self.check_target(true)?;
-        self.target
-            .flush()
-            .await
-            .map_err(|source| ProjectError::Apply {
-                pipeline: self.pipeline.clone(),
-                source,
-            })
+        self.flush_target().await
     }
 
     /// Tails the log until `cancel` fires, retrying failures with exponential backoff. A
