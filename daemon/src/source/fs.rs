@@ -404,6 +404,13 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// A file's modification time in nanoseconds since the Unix epoch (none past year 2262).
+pub fn mtime_ns(meta: &std::fs::Metadata) -> Option<i64> {
+    meta.mtime()
+        .checked_mul(1_000_000_000)
+        .and_then(|s| s.checked_add(meta.mtime_nsec()))
+}
+
 fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, FetchError> {
     let err = |message: String| FetchError::Entry {
         key: entry.key.clone(),
@@ -440,10 +447,7 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
                 .map_err(|e| err(e.to_string()))?;
             item.checksum = checksum;
             item.mode = Some(meta.mode() & 0o7777);
-            item.mtime_ns = meta
-                .mtime()
-                .checked_mul(1_000_000_000)
-                .and_then(|s| s.checked_add(meta.mtime_nsec()));
+            item.mtime_ns = mtime_ns(&meta);
             match bytes {
                 Some(bytes) if size <= inline_limit => item.body = Some(Body::Base64(bytes)),
                 _ => {

@@ -18,7 +18,7 @@ use tidemark_proto::{checksum_bytes, pathkey, Body, ChecksumWriter, Event, Op};
 
 use super::{ApplyError, Effect, Outcome, Probe, Target};
 use crate::config::DirTargetConfig;
-use crate::source::fs::{hash_reader, with_read_buffer};
+use crate::source::fs::{hash_reader, mtime_ns, with_read_buffer};
 use crate::state::Applied;
 
 /// Most directories remembered as created ahead of their own events.
@@ -475,12 +475,7 @@ impl Inner {
                         if m.mode() & 0o7777 != mode {
                             fs::set_permissions(&path, Permissions::from_mode(mode))?;
                         }
-                        let mtime = |m: &fs::Metadata| {
-                            m.mtime()
-                                .saturating_mul(1_000_000_000)
-                                .saturating_add(m.mtime_nsec())
-                        };
-                        if let Some(ns) = event.mtime_ns.filter(|ns| *ns != mtime(m)) {
+                        if let Some(ns) = event.mtime_ns.filter(|ns| Some(*ns) != mtime_ns(m)) {
                             File::open(&path)?.set_modified(system_time(ns))?;
                         }
                         return Ok(Outcome::Adopted);
