@@ -14,6 +14,31 @@ fn set_mode(path: impl AsRef<std::path::Path>, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+fn set_mtime(path: &std::path::Path, at: std::time::SystemTime) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(at).unwrap();
+}
+
+/// A time `ns` nanoseconds after the Unix epoch.
+fn at_ns(ns: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// Puts a new file with the same bytes and modification time in the place of `path`, as
+/// `cp -p` would: its fingerprint (inode) changes, its version does not.
+fn replace_with_an_equal_copy(path: &std::path::Path) {
+    let copy = path.with_extension("copy");
+    std::fs::copy(path, &copy).unwrap();
+    set_mtime(&copy, std::fs::metadata(path).unwrap().modified().unwrap());
+    std::fs::rename(&copy, path).unwrap();
+}
+
+/// A file's modification time: seconds and nanoseconds.
+fn mtime(path: std::path::PathBuf) -> (i64, i64) {
+    let m = std::fs::metadata(path).unwrap();
+    (m.mtime(), m.mtime_nsec())
+}
+
 #[test]
 fn mirrors_a_tree_byte_for_byte_with_modes() {
     let env = Env::dirs("", "prune = true");
@@ -93,25 +118,12 @@ fn setuid_setgid_and_sticky_bits_are_mirrored() {
 /// equal file adopted on the target is given it too.
 #[test]
 fn written_files_keep_their_source_modification_time() {
-    use std::time::{Duration, UNIX_EPOCH};
     let env = Env::dirs("", "prune = true");
     let src = env.src();
-    let set_mtime = |p: &std::path::Path, ns: u64| {
-        std::fs::File::options()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_modified(UNIX_EPOCH + Duration::from_nanos(ns))
-            .unwrap();
-    };
-    let mtime = |p: std::path::PathBuf| {
-        let m = std::fs::metadata(p).unwrap();
-        (m.mtime(), m.mtime_nsec())
-    };
     write(src.join("old.txt"), "written in 2001\n");
-    set_mtime(&src.join("old.txt"), 1_000_000_000_123_456_789);
+    set_mtime(&src.join("old.txt"), at_ns(1_000_000_000_123_456_789));
     write(src.join("big/blob.bin"), noise(300_000, 3));
-    set_mtime(&src.join("big/blob.bin"), 1_100_000_000_000_000_001);
+    set_mtime(&src.join("big/blob.bin"), at_ns(1_100_000_000_000_000_001));
     env.sync();
     assert_eq!(
         mtime(env.dst().join("old.txt")),
@@ -121,14 +133,56 @@ fn written_files_keep_their_source_modification_time() {
 
     // A change carries its new time; so does a file adopted after a replay.
     write(src.join("old.txt"), "rewritten in 2004\n");
-    set_mtime(&src.join("old.txt"), 1_090_000_000_000_000_000);
+    set_mtime(&src.join("old.txt"), at_ns(1_090_000_000_000_000_000));
     env.sync();
     assert_eq!(mtime(env.dst().join("old.txt")), (1_090_000_000, 0));
-    set_mtime(&env.dst().join("big/blob.bin"), 1_200_000_000_000_000_000);
+    set_mtime(
+        &env.dst().join("big/blob.bin"),
+        at_ns(1_200_000_000_000_000_000),
+    );
     env.ok(&["replay", "--from", "0"]);
     let (_, project) = env.sync();
     assert!(outcome(&project, "adopted") >= 2, "{project}");
     assert_eq!(mtime(env.dst().join("big/blob.bin")), (1_100_000_000, 1));
+}
+
+/// A `touch` or a `chmod` alone reaches the target as just that, as `rclone sync` sets a
+/// time without copying: the file there keeps its bytes and its inode, and counts as
+/// `updated`. Before, a `touch` never reached the target and a `chmod` copied the file anew.
+#[test]
+fn a_touch_or_a_chmod_alone_changes_the_target_file_in_place() {
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    write(src.join("notes.txt"), "the same bytes\n");
+    write(src.join("big/blob.bin"), noise(300_000, 5));
+    env.sync();
+    let inode = |p: &str| std::fs::metadata(env.dst().join(p)).unwrap().ino();
+    let before = (inode("notes.txt"), inode("big/blob.bin"));
+
+    set_mtime(&src.join("notes.txt"), at_ns(1_234_567_890_000_000_042));
+    set_mode(src.join("big/blob.bin"), 0o600);
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 2, "{scan}");
+    assert_eq!(outcome(&project, "updated"), 2, "{project}");
+    assert_eq!(mtime(env.dst().join("notes.txt")), (1_234_567_890, 42));
+    let mode = std::fs::metadata(env.dst().join("big/blob.bin"))
+        .unwrap()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o600);
+    assert_eq!(
+        (inode("notes.txt"), inode("big/blob.bin")),
+        before,
+        "the files were rewritten, not changed in place"
+    );
+    assert_mirror(&src, &env.dst());
+    env.ok(&["verify"]);
+
+    // Applied once: a sync with nothing moved does nothing.
+    let (scan, project) = env.sync();
+    assert_eq!(
+        (scan["upserts"].as_u64(), project["events"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 /// Runs tidemark as a user who is not root: as `nobody` (the test's directory handed to
@@ -235,15 +289,10 @@ fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
         "an unchanged file was rewritten"
     );
 
-    // Touching a file without changing its content re-hashes it but appends nothing.
-    std::fs::write(src.join("files/f20.txt"), "file 20\n").unwrap();
+    // A copy with the same bytes and time in its place is read again but appends nothing.
+    replace_with_an_equal_copy(&src.join("files/f20.txt"));
     let (scan, _) = env.sync();
     assert_eq!(scan["upserts"], 0, "{scan}");
-}
-
-fn set_mtime(path: &std::path::Path, at: std::time::SystemTime) {
-    let file = std::fs::File::options().write(true).open(path).unwrap();
-    file.set_modified(at).unwrap();
 }
 
 /// Runs `sync` and returns its scan record and what the scanner said on stderr.
@@ -922,15 +971,9 @@ fn sync_dry_run_shows_what_sync_would_do_and_writes_nothing() {
     write(env.src().join("a.txt"), "a2");
     write(env.src().join("c.txt"), "c");
     std::fs::remove_file(env.src().join("b.txt")).unwrap();
-    // Touched, not changed: a dry run reads it as a scan does and shows nothing for it.
-    let d = env.src().join("sub/d.txt");
-    let later = std::fs::metadata(&d).unwrap().modified().unwrap() + Duration::from_secs(5);
-    std::fs::File::options()
-        .write(true)
-        .open(&d)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    // An equal copy put in its place: a dry run reads it as a scan does and shows nothing
+    // for it.
+    replace_with_an_equal_copy(&env.src().join("sub/d.txt"));
     let before = snapshot(&env.dst());
     let status_before = env.json(&["status"]);
 
@@ -949,7 +992,7 @@ fn sync_dry_run_shows_what_sync_would_do_and_writes_nothing() {
     );
     assert!(
         !text.contains("d.txt"),
-        "a touched file is not a change: {text}"
+        "an equal copy is not a change: {text}"
     );
     assert!(
         text.contains("t: dry run: 1 create, 1 delete, 1 update"),

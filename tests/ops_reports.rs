@@ -309,9 +309,18 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
     })
     .unwrap_or_else(|| panic!("no mirror; log:\n{}", env.daemon_log()));
 
-    // The source is emptied: the guard trips at every scan, and the reports say so once.
+    // The source is emptied (its files moved aside, to come back as they were): the guard
+    // trips at every scan, and the reports say so once.
+    std::fs::create_dir(env.path("aside")).unwrap();
+    let aside = |i: usize| {
+        (
+            env.src().join(format!("f{i}")),
+            env.path(&format!("aside/f{i}")),
+        )
+    };
     for i in 0..4 {
-        std::fs::remove_file(env.src().join(format!("f{i}"))).unwrap();
+        let (there, away) = aside(i);
+        std::fs::rename(there, away).unwrap();
     }
     wait_for(Duration::from_secs(30), || {
         (d.metric(&series("tidemark_delete_guard_trips_total")) >= 5.0).then_some(())
@@ -358,7 +367,8 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
     // write nothing.
     std::fs::rename(env.path("src.gone"), env.src()).unwrap();
     for i in 0..4 {
-        write(env.src().join(format!("f{i}")), format!("{i}"));
+        let (there, away) = aside(i);
+        std::fs::rename(away, there).unwrap();
     }
     let rs = wait_for(Duration::from_secs(30), || {
         let rs = cycle_reports(&env);

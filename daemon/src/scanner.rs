@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tidemark_proto::{content_version, item_identity, Event, Op, SCHEMA_VERSION};
+use tidemark_proto::{item_identity, item_version, Event, Op, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -430,7 +430,7 @@ impl Scanner {
     ) {
         let identity = item_identity(&item.kind, &item.key);
         let entry = IndexEntry {
-            version: content_version(&item.checksum, item.mode),
+            version: item_version(&item.checksum, item.mode, item.mtime_ns),
             fingerprint,
         };
         let changed = previous.is_none_or(|p| !p.is(&entry.version));

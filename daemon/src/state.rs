@@ -55,7 +55,8 @@ pub enum StateError {
 /// What the scanner last saw of a source item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexEntry {
-    /// Checksum and mode ([`tidemark_proto::content_version`]) of the last appended upsert.
+    /// Version ([`tidemark_proto::item_version`]: checksum, mode, modification time) of the
+    /// last appended upsert.
     pub version: String,
     /// The source's cheap change token (size, mtime, inode); an equal token skips hashing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,7 +66,8 @@ pub struct IndexEntry {
 /// What the projector last applied for an item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Applied {
-    /// Content version applied; an event with the same version is skipped.
+    /// Version applied ([`tidemark_proto::Event::version`]); an event with the same version
+    /// is skipped.
     pub version: String,
     /// Offset of the event that applied it.
     pub offset: u64,

@@ -108,8 +108,8 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<Blob>,
     /// A file's modification time in the source, in nanoseconds since the Unix epoch; the
-    /// file written on the target is given it. Not part of the version: a change of the
-    /// time alone is no event.
+    /// file written on the target is given it. Part of the version ([`item_version`]), so
+    /// a `touch` is an event, which the target applies by setting the time alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
     /// When the scanner saw the change (UTC); drives lag in seconds.
@@ -162,9 +162,10 @@ impl Event {
         item_identity(&self.kind, &self.key)
     }
 
-    /// What "already applied" compares: the checksum plus the mode, when there is one.
+    /// What "already applied" compares: the checksum, plus the mode and the modification
+    /// time when the event has them ([`item_version`]).
     pub fn version(&self) -> String {
-        content_version(&self.checksum, self.mode)
+        item_version(&self.checksum, self.mode, self.mtime_ns)
     }
 }
 
@@ -179,6 +180,23 @@ pub fn content_version(checksum: &str, mode: Option<u32>) -> String {
         Some(mode) => format!("{checksum}+{mode:o}"),
         None => checksum.to_owned(),
     }
+}
+
+/// An item's version: [`content_version`], then `@` and the modification time when there
+/// is one (files of a directory source). Versions written before files carried a time
+/// have no `@` part; they differ from the same file's version now, which applies the time.
+pub fn item_version(checksum: &str, mode: Option<u32>, mtime_ns: Option<i64>) -> String {
+    let content = content_version(checksum, mode);
+    match mtime_ns {
+        Some(ns) => format!("{content}@{ns}"),
+        None => content,
+    }
+}
+
+/// The checksum part of a version made by [`item_version`] (or [`content_version`]).
+/// Checksums are `algorithm:hex`, so neither `+` nor `@` occurs in one.
+pub fn version_checksum(version: &str) -> &str {
+    version.split(['+', '@']).next().unwrap_or(version)
 }
 
 /// Streaming checksum over bytes, for files too large to hold.
@@ -424,6 +442,21 @@ mod tests {
         let ignored = vec!["/id".to_string(), "/meta/updatedAt".to_string()];
         assert_eq!(checksum_json(&a, &ignored), checksum_json(&b, &ignored));
         assert_ne!(checksum_json(&a, &[]), checksum_json(&b, &[]));
+    }
+
+    #[test]
+    fn a_new_modification_time_is_a_new_version_with_the_same_checksum() {
+        let c = checksum_bytes(b"x");
+        let touched = item_version(&c, Some(0o644), Some(2_000_000_000_000_000_001));
+        assert_ne!(touched, item_version(&c, Some(0o644), Some(1_000_000_000)));
+        assert_ne!(touched, content_version(&c, Some(0o644)));
+        assert_eq!(
+            item_version(&c, Some(0o644), None),
+            content_version(&c, Some(0o644))
+        );
+        assert_eq!(version_checksum(&touched), c);
+        assert_eq!(version_checksum(&content_version(&c, None)), c);
+        assert_eq!(version_checksum(&item_version(&c, None, Some(-5))), c);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tidemark_proto::{checksum_bytes, pathkey, Body, ChecksumWriter, Event, Op};
+use tidemark_proto::{checksum_bytes, pathkey, version_checksum, Body, ChecksumWriter, Event, Op};
 
 use super::{ApplyError, Effect, Outcome, Probe, Target};
 use crate::config::DirTargetConfig;
@@ -45,6 +45,15 @@ fn tmp_name(tmp: &Path) -> String {
     tmp.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// The length of a file event's content, from its inline bytes or its blob.
+fn content_len(event: &Event) -> Option<u64> {
+    match (&event.body, &event.blob) {
+        (Some(Body::Base64(b)), _) => Some(b.len() as u64),
+        (_, Some(blob)) => Some(blob.size),
+        _ => None,
+    }
 }
 
 /// A time in nanoseconds since the Unix epoch.
@@ -469,15 +478,19 @@ impl Inner {
                 Ok(fresh)
             }
             _ => {
-                // Adopt an equal file that is already there instead of rewriting it.
-                if let (None, Some(m)) = (prior, &existing) {
-                    if m.is_file() && self.same_content(&path, event)? {
-                        if m.mode() & 0o7777 != mode {
-                            fs::set_permissions(&path, Permissions::from_mode(mode))?;
-                        }
-                        if let Some(ns) = event.mtime_ns.filter(|ns| Some(*ns) != mtime_ns(m)) {
-                            File::open(&path)?.set_modified(system_time(ns))?;
-                        }
+                if let Some(m) = existing.as_ref().filter(|m| m.is_file()) {
+                    // Only the mode or the time moved (a `chmod`, a `touch`): the applied
+                    // state says the file there holds these bytes, so they stay as they are.
+                    let applied = prior.map(|p| version_checksum(&p.version));
+                    if applied == Some(event.checksum.as_str())
+                        && content_len(event) == Some(m.len())
+                    {
+                        self.set_attributes(&path, m, event, mode)?;
+                        return Ok(Outcome::Updated);
+                    }
+                    // Adopt an equal file that is already there instead of rewriting it.
+                    if prior.is_none() && self.same_content(&path, event)? {
+                        self.set_attributes(&path, m, event, mode)?;
                         return Ok(Outcome::Adopted);
                     }
                 }
@@ -536,16 +549,46 @@ impl Inner {
     }
 
     fn same_content(&self, path: &Path, event: &Event) -> Result<bool, Failure> {
-        let expected = match (&event.body, &event.blob) {
-            (Some(Body::Base64(b)), _) => b.len() as u64,
-            (_, Some(blob)) => blob.size,
-            _ => return Ok(false),
-        };
-        if fs::metadata(path)?.len() != expected {
+        if content_len(event) != Some(fs::metadata(path)?.len()) {
             return Ok(false);
         }
         let (checksum, _, _) = hash_reader(&mut File::open(path)?, false)?;
         Ok(checksum == event.checksum)
+    }
+
+    /// Gives the file at `path` (found as `m`) the event's mode and modification time where
+    /// they differ, without opening it: a file whose mode grants its owner nothing is
+    /// changed as well.
+    fn set_attributes(
+        &self,
+        path: &Path,
+        m: &fs::Metadata,
+        event: &Event,
+        mode: u32,
+    ) -> Result<(), Failure> {
+        use rustix::fs::{utimensat, AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
+        let dir = path.parent().expect("resolved paths are below the root");
+        if m.mode() & 0o7777 != mode {
+            self.in_dir(dir, || {
+                fs::set_permissions(path, Permissions::from_mode(mode))
+            })?;
+        }
+        if let Some(ns) = event.mtime_ns.filter(|ns| Some(*ns) != mtime_ns(m)) {
+            let times = Timestamps {
+                last_access: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: UTIME_OMIT,
+                },
+                last_modification: Timespec {
+                    tv_sec: ns.div_euclid(1_000_000_000),
+                    tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+                },
+            };
+            let set =
+                || utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(Into::into);
+            self.in_dir(dir, set)?;
+        }
+        Ok(())
     }
 
     /// Writes the event's bytes to a new file at `tmp`.
