@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`blocking`]: blocking file-system work handed to pool threads in runs.
 //! - [`config`]: the TOML config: raw parsed types, validation, errors naming file, line and key.
 //! - [`state`]: the sled database of local state: source index, applied state, scan records.
 //! - [`log`]: the [`log::EventLog`] trait (append, read, tail, head, committed offsets) and its backends.
@@ -22,6 +23,7 @@
 //! The flow and its guarantees are described in `docs/ARCHITECTURE.md`.
 #![deny(missing_docs)]
 
+pub mod blocking;
 pub mod config;
 pub mod daemon;
 pub mod http;

@@ -23,6 +23,7 @@ use tidemark_proto::{checksum_bytes, pathkey, Blob, Body, ChecksumWriter};
 use tokio::sync::mpsc;
 
 use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
+use crate::blocking::Runner;
 use crate::config::DirSourceConfig;
 
 /// Size of the buffer files are read through; large files are streamed, never loaded.
@@ -32,6 +33,8 @@ const READ_BUF: usize = 256 * 1024;
 pub struct DirSource {
     inner: Arc<Walker>,
     inline_limit: u64,
+    /// Reads of changed files, in runs ([`Runner`]).
+    readers: Runner,
 }
 
 struct Walker {
@@ -72,6 +75,7 @@ impl DirSource {
                 follow_symlinks: cfg.follow_symlinks,
             }),
             inline_limit,
+            readers: Runner::for_files(),
         }
     }
 
@@ -387,7 +391,8 @@ impl Source for DirSource {
         let walker = self.inner.clone();
         let inline_limit = self.inline_limit;
         let key = entry.key.clone();
-        tokio::task::spawn_blocking(move || read_item(&walker.root, entry, inline_limit))
+        self.readers
+            .run(move || read_item(&walker.root, entry, inline_limit))
             .await
             .unwrap_or_else(|e| {
                 Err(FetchError::Entry {

@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use tidemark_proto::{checksum_bytes, pathkey, version_checksum, Body, ChecksumWriter, Event, Op};
 
 use super::{ApplyError, Effect, Outcome, Probe, Target};
+use crate::blocking::Runner;
 use crate::config::DirTargetConfig;
 use crate::source::fs::{hash_reader, mtime_ns, with_read_buffer};
 use crate::state::Applied;
@@ -69,6 +70,8 @@ fn system_time(ns: i64) -> std::time::SystemTime {
 /// A directory tree as a [`Target`].
 pub struct DirTarget {
     inner: Arc<Inner>,
+    /// Applies, in runs ([`Runner`]).
+    writers: Runner,
 }
 
 struct Inner {
@@ -150,6 +153,7 @@ impl DirTarget {
                 opened: Mutex::new(HashMap::new()),
                 uid: rustix::process::geteuid().as_raw(),
             }),
+            writers: Runner::for_files(),
         }
     }
 }
@@ -835,12 +839,14 @@ impl Target for DirTarget {
         let inner = self.inner.clone();
         let owned = event.clone();
         let prior = prior.cloned();
-        let result = tokio::task::spawn_blocking(move || match owned.op {
-            Op::Upsert => inner.upsert(&owned, prior.as_ref()),
-            Op::Delete => inner.delete(&owned),
-        })
-        .await
-        .unwrap_or_else(|e| Err(Failure::Transient(format!("writer task failed: {e}"))));
+        let result = self
+            .writers
+            .run(move || match owned.op {
+                Op::Upsert => inner.upsert(&owned, prior.as_ref()),
+                Op::Delete => inner.delete(&owned),
+            })
+            .await
+            .unwrap_or_else(|e| Err(Failure::Transient(format!("writer task failed: {e}"))));
         match result {
             Ok(outcome) => Ok(outcome.into()),
             Err(Failure::Stale) => Ok(Outcome::Stale.into()),
