@@ -57,13 +57,19 @@ fn content_len(event: &Event) -> Option<u64> {
     }
 }
 
-/// A time in nanoseconds since the Unix epoch.
-fn system_time(ns: i64) -> std::time::SystemTime {
-    let since = std::time::Duration::from_nanos(ns.unsigned_abs());
-    if ns >= 0 {
-        std::time::UNIX_EPOCH + since
-    } else {
-        std::time::UNIX_EPOCH - since
+/// Times that set the modification time to `ns` nanoseconds since the Unix epoch and
+/// leave the access time alone.
+fn modified_at(ns: i64) -> rustix::fs::Timestamps {
+    use rustix::fs::{Timespec, UTIME_OMIT};
+    rustix::fs::Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: ns.div_euclid(1_000_000_000),
+            tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+        },
     }
 }
 
@@ -574,7 +580,7 @@ impl Inner {
         event: &Event,
         mode: u32,
     ) -> Result<(), Failure> {
-        use rustix::fs::{utimensat, AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
+        use rustix::fs::{utimensat, AtFlags, CWD};
         let dir = path.parent().expect("resolved paths are below the root");
         if m.mode() & 0o7777 != mode {
             self.in_dir(dir, || {
@@ -582,16 +588,7 @@ impl Inner {
             })?;
         }
         if let Some(ns) = event.mtime_ns.filter(|ns| Some(*ns) != mtime_ns(m)) {
-            let times = Timestamps {
-                last_access: Timespec {
-                    tv_sec: 0,
-                    tv_nsec: UTIME_OMIT,
-                },
-                last_modification: Timespec {
-                    tv_sec: ns.div_euclid(1_000_000_000),
-                    tv_nsec: ns.rem_euclid(1_000_000_000) as _,
-                },
-            };
+            let times = modified_at(ns);
             let set =
                 || utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(Into::into);
             self.in_dir(dir, set)?;
@@ -721,8 +718,8 @@ impl Inner {
             }
         }
         out.set_permissions(Permissions::from_mode(mode))?;
-        if let Some(at) = event.mtime_ns.map(system_time) {
-            out.set_modified(at)?;
+        if let Some(ns) = event.mtime_ns {
+            rustix::fs::futimens(&*out, &modified_at(ns)).map_err(std::io::Error::from)?;
         }
         Ok(())
     }
