@@ -115,7 +115,8 @@ fn setuid_setgid_and_sticky_bits_are_mirrored() {
 
 /// A written file gets its source file's modification time, to the nanosecond, as
 /// `rsync -a` gives it, so a later `rsync` or `make` on the target sees it unchanged; an
-/// equal file adopted on the target is given it too.
+/// equal file adopted on the target is given it too. `verify` counts another time on the
+/// target as drift.
 #[test]
 fn written_files_keep_their_source_modification_time() {
     let env = Env::dirs("", "prune = true");
@@ -136,14 +137,24 @@ fn written_files_keep_their_source_modification_time() {
     set_mtime(&src.join("old.txt"), at_ns(1_090_000_000_000_000_000));
     env.sync();
     assert_eq!(mtime(env.dst().join("old.txt")), (1_090_000_000, 0));
+    env.ok(&["verify"]);
     set_mtime(
         &env.dst().join("big/blob.bin"),
         at_ns(1_200_000_000_000_000_000),
+    );
+    // The same bytes with another time are drift, and a replay puts the time back.
+    let out = env.run(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        stdout.contains("different file big/blob.bin") && stdout.contains("1 different"),
+        "{stdout}"
     );
     env.ok(&["replay", "--from", "0"]);
     let (_, project) = env.sync();
     assert!(outcome(&project, "adopted") >= 2, "{project}");
     assert_eq!(mtime(env.dst().join("big/blob.bin")), (1_100_000_000, 1));
+    env.ok(&["verify"]);
 }
 
 /// A `touch` or a `chmod` alone reaches the target as just that, as `rclone sync` sets a

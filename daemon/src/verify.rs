@@ -1,5 +1,6 @@
 //! `tidemark verify`: lists source and target, compares them item by item by checksum
-//! (and mode), and reports what is missing, extra or different. For REST targets, target
+//! (and mode, and a file's modification time), and reports what is missing, extra or
+//! different. For REST targets, target
 //! items are mapped back to source ids through the remap table and compared as canonical
 //! JSON without ignored and server-managed fields.
 
@@ -7,7 +8,7 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use serde::Serialize;
-use tidemark_proto::{content_version, item_identity};
+use tidemark_proto::{item_identity, item_version};
 
 use crate::config::{
     HttpSourceConfig, HttpTargetConfig, PipelineConfig, SourceConfig, TargetConfig,
@@ -29,7 +30,7 @@ pub struct VerifyReport {
     /// In the target, not in the source (drift only when the target prunes).
     #[serde(serialize_with = "items")]
     pub extra: Vec<String>,
-    /// In both, with different content or mode.
+    /// In both, with different content, mode or (files) modification time.
     #[serde(serialize_with = "items")]
     pub different: Vec<String>,
     /// Entries that could not be read on either side.
@@ -161,7 +162,9 @@ async fn collect(
             Ok(i) => {
                 out.insert(
                     item_identity(&i.kind, &i.key),
-                    content_version(&i.checksum, i.mode),
+                    // A file's time too: `sync` mirrors it, so a target file with other
+                    // bytes' time is drift (`replay --from 0`, then `project`, sets it).
+                    item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
             Err(e) => unreadable.push(e.to_string()),
