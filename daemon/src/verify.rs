@@ -1,8 +1,7 @@
 //! `tidemark verify`: lists source and target, compares them item by item by checksum
 //! (and mode, and a file's modification time), and reports what is missing, extra or
-//! different. For REST targets, target
-//! items are mapped back to source ids through the remap table and compared as canonical
-//! JSON without ignored and server-managed fields.
+//! different. For REST targets, target items are mapped back to source ids through the
+//! remap table and compared as canonical JSON without ignored and server-managed fields.
 
 use std::collections::BTreeMap;
 
@@ -162,8 +161,9 @@ async fn collect(
             Ok(i) => {
                 out.insert(
                     item_identity(&i.kind, &i.key),
-                    // A file's time too: `sync` mirrors it, so a target file with other
-                    // bytes' time is drift (`replay --from 0`, then `project`, sets it).
+                    // A file's time too: `sync` mirrors it, so a target file whose time
+                    // is not its source file's is drift (`replay --from 0`, then
+                    // `project`, sets it).
                     item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
