@@ -98,21 +98,11 @@ fi
 if [ -n "$FRESHFS" ]; then
   [ "$(id -u)" = 0 ] || { echo "--fresh-fs needs root (mkfs, losetup, mount)" >&2; exit 2; }
   img="${FRESH_IMAGE:-/var/tmp/tidemark-bench-fs.img}"
-  fresh_cleanup() {
-    umount "$SCRATCH" 2>/dev/null || true
-    losetup -j "$img" | cut -d: -f1 | xargs -r -n1 losetup -d
-    rm -f "$img"
-  }
-  fresh_cleanup
-  truncate -s "${FRESHFS}G" "$img"
-  # Inode tables and journal initialised now: left lazy, ext4lazyinit zeroes them in the
-  # background for minutes after the mount and slows whichever tool runs first.
-  mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img"
-  dev=$(losetup --find --show --direct-io=on "$img")
-  mkdir -p "$SCRATCH"
-  mount "$dev" "$SCRATCH"
-  trap fresh_cleanup EXIT
-  echo "fresh ext4 of ${FRESHFS} GiB on $dev (direct I/O) at $SCRATCH" >&2
+  # shellcheck source=ops/bench/lib.sh
+  . "$root/ops/bench/lib.sh"
+  fresh_fs_mount "$img" "$FRESHFS" "$SCRATCH"
+  trap 'fresh_fs_unmount "$img" "$SCRATCH"' EXIT
+  echo "fresh ext4 of ${FRESHFS} GiB on $(losetup -j "$img" | cut -d: -f1) (direct I/O) at $SCRATCH" >&2
 fi
 
 scale_name=full; [ "$SCALE" = 1 ] || scale_name=small

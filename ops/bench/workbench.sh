@@ -44,20 +44,14 @@ ms() {
 }
 median() { sort -n | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 
-teardown() {
-  umount "$M" 2>/dev/null || true
-  losetup -j "$IMG" | cut -d: -f1 | xargs -r -n1 losetup -d
-  rm -f "$IMG"
-}
+# shellcheck source=ops/bench/lib.sh
+. "$root/ops/bench/lib.sh"
 
 case "$cmd" in
   setup)
     [ -x "$BIN" ] || { echo "no tidemark binary at $BIN (build it, or pass --bin)" >&2; exit 1; }
-    teardown
-    mkdir -p "$DIR" "$M"
-    truncate -s 16G "$IMG"
-    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$IMG"
-    mount "$(losetup --find --show --direct-io=on "$IMG")" "$M"
+    mkdir -p "$DIR"
+    fresh_fs_mount "$IMG" 16 "$M"
     python3 "$helper" gen "$TREE" "$M/src"
     for v in a b; do
       mkdir -p "$M/dst-$v"
@@ -101,7 +95,7 @@ TOML
     echo "medians: A $(median < "$DIR.a") ms, B $(median < "$DIR.b") ms, rsync $(median < "$DIR.rsync") ms"
     ;;
   teardown)
-    teardown
+    fresh_fs_unmount "$IMG" "$M"
     rm -f "$DIR.a" "$DIR.b" "$DIR.rsync"
     ;;
   *)
