@@ -19,18 +19,26 @@ fn set_mtime(path: &std::path::Path, at: std::time::SystemTime) {
     file.set_modified(at).unwrap();
 }
 
+fn set_dir_mtime(path: &std::path::Path, at: std::time::SystemTime) {
+    std::fs::File::open(path).unwrap().set_modified(at).unwrap();
+}
+
 /// A time `ns` nanoseconds after the Unix epoch.
 fn at_ns(ns: u64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 /// Puts a new file with the same bytes and modification time in the place of `path`, as
-/// `cp -p` would: its fingerprint (inode) changes, its version does not.
+/// `cp -p` would, and gives its directory its time back: the file's fingerprint (inode)
+/// changes, no version does.
 fn replace_with_an_equal_copy(path: &std::path::Path) {
+    let dir = path.parent().unwrap();
+    let dir_time = std::fs::metadata(dir).unwrap().modified().unwrap();
     let copy = path.with_extension("copy");
     std::fs::copy(path, &copy).unwrap();
     set_mtime(&copy, std::fs::metadata(path).unwrap().modified().unwrap());
     std::fs::rename(&copy, path).unwrap();
+    set_dir_mtime(dir, dir_time);
 }
 
 /// A file's modification time: seconds and nanoseconds.
@@ -157,6 +165,69 @@ fn written_files_keep_their_source_modification_time() {
     env.ok(&["verify"]);
 }
 
+/// Directories get their source directory's modification time too, as `rsync -a` gives
+/// them: set once the batch's changes to their entries are made, so a file written into
+/// one does not leave it with the time of that write. `verify` counts another time as
+/// drift.
+#[test]
+fn directories_keep_their_source_modification_time() {
+    let env = Env::dirs("", "prune = true");
+    let src = env.src();
+    write(src.join("a/b/deep.txt"), "deep\n");
+    write(src.join("a/b/gone.txt"), "to be deleted\n");
+    write(src.join("a/top.txt"), "top\n");
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    let stamp = |d: &str, ns| set_dir_mtime(&src.join(d), at_ns(ns));
+    stamp("a/b", 1_000_000_000_000_000_001);
+    stamp("a", 1_000_000_000_000_000_002);
+    stamp("empty", 1_000_000_000_000_000_003);
+    let same = |d: &str| {
+        assert_eq!(
+            mtime(env.dst().join(d)),
+            mtime(src.join(d)),
+            "time of directory {d}"
+        )
+    };
+    env.sync();
+    assert_eq!(mtime(env.dst().join("a/b")), (1_000_000_000, 1));
+    same("a");
+    same("empty");
+    env.ok(&["verify"]);
+
+    // A file rewritten in place leaves its directory's time alone in the source, and the
+    // target's replacement of it must not move it either.
+    write(src.join("a/b/deep.txt"), "rewritten\n");
+    let (scan, _) = env.sync();
+    assert_eq!(scan["upserts"], 1, "the file alone: {scan}");
+    assert_eq!(mtime(env.dst().join("a/b")), (1_000_000_000, 1));
+
+    // Adding and deleting entries moves their directories' times: each is an event.
+    write(src.join("a/new.txt"), "new\n");
+    std::fs::remove_file(src.join("a/b/gone.txt")).unwrap();
+    let (scan, _) = env.sync();
+    assert_eq!(
+        (scan["upserts"].as_u64(), scan["deletes"].as_u64()),
+        (Some(3), Some(1)),
+        "{scan}"
+    );
+    same("a");
+    same("a/b");
+    assert_mirror(&src, &env.dst());
+    env.ok(&["verify"]);
+
+    // Another time on the target is drift, and a replay puts the time back.
+    set_dir_mtime(&env.dst().join("empty"), at_ns(1_200_000_000_000_000_000));
+    let out = env.run(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(stdout.contains("different dir empty"), "{stdout}");
+    env.ok(&["replay", "--from", "0"]);
+    env.sync();
+    same("empty");
+    same("a/b");
+    env.ok(&["verify"]);
+}
+
 /// A `touch` or a `chmod` alone reaches the target as just that, as `rclone sync` sets a
 /// time without copying: the file there keeps its bytes and its inode, and counts as
 /// `updated`. Before, a `touch` never reached the target and a `chmod` copied the file anew.
@@ -245,7 +316,8 @@ fn read_only_directories_are_mirrored_by_a_user_who_is_not_root() {
     std::fs::remove_dir_all(src.join("ro/gone")).unwrap();
     set_mode(src.join("ro/sub"), 0o500);
     let out = ok_as_a_user(&env, &["sync"]);
-    assert!(out.contains("1 created, 2 updated, 4 deleted"), "{out}");
+    // b.txt, and the times of ro and ro/sub (whose entries changed; ro/sub's mode too).
+    assert!(out.contains("1 created, 3 updated, 4 deleted"), "{out}");
     assert_mirror(&src, &env.dst());
     let out = ok_as_a_user(&env, &["verify"]);
     assert!(out.contains("target matches source"), "{out}");
@@ -282,16 +354,17 @@ fn changes_reach_the_target_and_unchanged_files_are_not_rewritten() {
     set_mode(src.join("files/f04.txt"), 0o755);
     let (scan, project) = env.sync();
     assert_eq!(
-        scan["upserts"], 4,
-        "modify + add + rename target + chmod: {scan}"
+        scan["upserts"], 5,
+        "modify + add + rename target + chmod + the directory, whose entries changed: {scan}"
     );
     assert_eq!(scan["deletes"], 2, "delete + rename source: {scan}");
     assert_eq!(kind_outcome(&project, "file", "updated"), 2, "{project}");
     assert_eq!(kind_outcome(&project, "file", "created"), 2, "{project}");
     assert_eq!(kind_outcome(&project, "file", "deleted"), 2, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "updated"), 1, "{project}");
     assert_eq!(
-        project["events"], 6,
-        "only changed files produce events: {project}"
+        project["events"], 7,
+        "only changed items produce events: {project}"
     );
     assert_mirror(&src, &env.dst());
     assert_eq!(
@@ -1368,11 +1441,12 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
             write(src.join("d3/f3.txt"), "changed\n");
             std::fs::remove_file(src.join("d0/f0.txt")).unwrap();
             let second = scan(&pipeline).await;
-            assert_eq!((second.upserts, second.deletes), (1, 1));
+            // d3/f3.txt, and d0, whose entries changed.
+            assert_eq!((second.upserts, second.deletes), (2, 1));
             tokio::time::sleep(Duration::from_millis(500)).await;
             assert_eq!(
                 lag().await,
-                9,
+                10,
                 "a partial batch was applied during the scan"
             );
             assert!(!mirrors_now(&src, &env.dst()));
@@ -1382,14 +1456,14 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
         let report = report.unwrap();
         assert!(mirrors_now(&src, &env.dst()));
         // Every event applied exactly once: 300 files and 7 directories created, one file
-        // updated, one deleted.
-        assert_eq!(report.events, 309);
+        // and one directory's time updated, one file deleted.
+        assert_eq!(report.events, 310);
         let outcomes: std::collections::BTreeMap<String, u64> = report
             .outcomes
             .iter()
             .map(|(o, n)| (o.as_str().to_owned(), *n))
             .collect();
-        let expected = [("created", 307), ("updated", 1), ("deleted", 1)]
+        let expected = [("created", 307), ("updated", 2), ("deleted", 1)]
             .map(|(o, n)| (o.to_owned(), n))
             .into();
         assert_eq!(outcomes, expected);
@@ -1498,9 +1572,10 @@ fn re_syncs_across_index_folds_emit_each_change_once() {
         write(file(i), format!("file {i} v1"));
     }
     let (scan, log) = sync_with_log(&env);
+    // The 7 directories too, whose entries changed.
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),
-        (&600.into(), &600.into()),
+        (&607.into(), &600.into()),
         "{scan}"
     );
     assert!(log.contains(FOLDED), "{log}");
@@ -1519,7 +1594,7 @@ fn re_syncs_across_index_folds_emit_each_change_once() {
     let (scan, log) = sync_with_log(&env);
     assert_eq!(
         (&scan["upserts"], &scan["deletes"]),
-        (&1.into(), &55.into()),
+        (&8.into(), &55.into()),
         "{scan}"
     );
     assert!(!log.contains(FOLDED), "{log}");

@@ -206,7 +206,8 @@ fn issue_5_reports_match_schema_and_what_the_target_received() {
         (Some("plan"), Some(true))
     );
     assert_eq!(r["counts"]["created"], 1);
-    assert_eq!(r["counts"]["updated"], 1);
+    // d1/f1.txt, and the time of d0, whose entries changed.
+    assert_eq!(r["counts"]["updated"], 2);
     assert_eq!(r["counts"]["deleted"], 1);
     assert!(summary.contains("dry run"), "{summary}");
     assert!(!env.dst().join("new.txt").exists());

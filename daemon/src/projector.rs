@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
-use tidemark_proto::{item_identity, Body, Event, Op, Ref};
+use tidemark_proto::{item_identity, version_mtime, Body, Event, Op, Ref};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -545,6 +545,7 @@ impl Projector {
                 }
             }
         }
+        self.keep_dir_times()?;
         if let Err(source) = self.target.flush().await {
             metrics()
                 .apply_errors
@@ -688,8 +689,31 @@ impl Projector {
         Ok(())
     }
 
+    /// Passes the target the applied times of the directories it changed, which it gives
+    /// them back at the flush ([`Target::changed_dirs`]).
+    fn keep_dir_times(&self) -> Result<(), ProjectError> {
+        let changed = self.target.changed_dirs();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut times = Vec::with_capacity(changed.len());
+        for key in changed {
+            let id = item_identity("dir", &key);
+            if let Some(a) = applied.get(&id).map_err(self.err_state())? {
+                times.extend(version_mtime(&a.version).map(|ns| (key, ns)));
+            }
+        }
+        self.target.keep_dir_times(times);
+        Ok(())
+    }
+
     /// Makes what was applied to the target durable.
     async fn flush_target(&self) -> Result<(), ProjectError> {
+        self.keep_dir_times()?;
         self.target
             .flush()
             .await

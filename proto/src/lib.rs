@@ -107,9 +107,10 @@ pub struct Event {
     /// Out-of-line content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<Blob>,
-    /// A file's modification time in the source, in nanoseconds since the Unix epoch; the
-    /// file written on the target is given it. Part of the version ([`item_version`]), so
-    /// a `touch` is an event, which the target applies by setting the time alone.
+    /// A file's or directory's modification time in the source, in nanoseconds since the
+    /// Unix epoch; the target gives it to what it writes (to a directory once the batch's
+    /// changes to its entries are made). Part of the version ([`item_version`]), so a
+    /// `touch` is an event, which the target applies by setting the time alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
     /// When the scanner saw the change (UTC); drives lag in seconds.
@@ -197,6 +198,11 @@ pub fn item_version(checksum: &str, mode: Option<u32>, mtime_ns: Option<i64>) ->
 /// Checksums are `algorithm:hex`, so neither `+` nor `@` occurs in one.
 pub fn version_checksum(version: &str) -> &str {
     version.split(['+', '@']).next().unwrap_or(version)
+}
+
+/// The modification time part of a version made by [`item_version`], if it has one.
+pub fn version_mtime(version: &str) -> Option<i64> {
+    version.rsplit_once('@').and_then(|(_, ns)| ns.parse().ok())
 }
 
 /// Streaming checksum over bytes, for files too large to hold.
@@ -457,6 +463,11 @@ mod tests {
         assert_eq!(version_checksum(&touched), c);
         assert_eq!(version_checksum(&content_version(&c, None)), c);
         assert_eq!(version_checksum(&item_version(&c, None, Some(-5))), c);
+        assert_eq!(
+            version_mtime(&item_version(&c, Some(0o755), Some(-5))),
+            Some(-5)
+        );
+        assert_eq!(version_mtime(&content_version(&c, Some(0o755))), None);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //!
 //! Keys are paths relative to the root, `/`-separated, encoded with
 //! [`tidemark_proto::pathkey`] so non-UTF-8 names survive. Directories are items of kind
-//! `dir` (so empty directories and their modes are mirrored), symbolic links are items of
-//! kind `symlink` carrying their target path unless `follow_symlinks` is on, and special
-//! files (FIFOs, sockets, devices) are skipped with a warning.
+//! `dir` (so empty directories, their modes and their modification times are mirrored),
+//! symbolic links are items of kind `symlink` carrying their target path unless
+//! `follow_symlinks` is on, and special files (FIFOs, sockets, devices) are skipped with a
+//! warning.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -327,7 +328,13 @@ impl Walker {
                 Listing::Entry(Entry {
                     kind: "dir".into(),
                     key,
-                    fingerprint: Some(format!("d:{:o}", meta.mode() & 0o7777)),
+                    // Its time moves when an entry is added, removed or renamed in it.
+                    fingerprint: Some(format!(
+                        "d:{:o}:{}.{}",
+                        meta.mode() & 0o7777,
+                        meta.mtime(),
+                        meta.mtime_nsec()
+                    )),
                     payload: None,
                 })
             } else if !included {
@@ -438,6 +445,7 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
             let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
             item.checksum = checksum_bytes(b"");
             item.mode = Some(meta.mode() & 0o7777);
+            item.mtime_ns = mtime_ns(&meta);
         }
         "symlink" => {
             let target = std::fs::read_link(&path).map_err(|e| err(e.to_string()))?;

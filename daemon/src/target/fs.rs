@@ -119,6 +119,12 @@ struct Inner {
     opened: Mutex<HashMap<PathBuf, u32>>,
     /// The user the process writes as: only its own directories are opened.
     uid: u32,
+    /// Directories whose entries were changed since the last flush (their time moved).
+    changed_dirs: Mutex<HashSet<PathBuf>>,
+    /// The modification time each directory gets at the next flush, after every change
+    /// to its entries: from its own event in the batch, or its applied version
+    /// ([`Target::keep_dir_times`]).
+    dir_times: Mutex<HashMap<PathBuf, i64>>,
 }
 
 #[derive(Debug)]
@@ -162,6 +168,8 @@ impl DirTarget {
                 no_empty_path_link: AtomicBool::new(false),
                 opened: Mutex::new(HashMap::new()),
                 uid: rustix::process::geteuid().as_raw(),
+                changed_dirs: Mutex::new(HashSet::new()),
+                dir_times: Mutex::new(HashMap::new()),
             }),
             writers: Runner::for_files(),
         }
@@ -188,6 +196,41 @@ impl Inner {
             )));
         }
         Ok(self.root.join(rel))
+    }
+
+    /// Notes that the entries of `dir` are about to change, which moves its modification
+    /// time: the flush gives it its source time back. The root is no item and keeps its own.
+    fn changing(&self, dir: &Path) {
+        if dir == self.root {
+            return;
+        }
+        let mut changed = self.changed_dirs.lock().unwrap();
+        if !changed.contains(dir) {
+            changed.insert(dir.to_owned());
+        }
+    }
+
+    /// Gives each directory with a time to get (see `dir_times`) that time, after every
+    /// change to its entries so that it stays. A directory that is gone or no longer a
+    /// directory is skipped; one whose time cannot be set is reported and left, as
+    /// `verify` then shows.
+    fn set_dir_times(&self) {
+        use rustix::fs::{utimensat, AtFlags, CWD};
+        self.changed_dirs.lock().unwrap().clear();
+        let times = std::mem::take(&mut *self.dir_times.lock().unwrap());
+        for (dir, ns) in times {
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.is_dir() && mtime_ns(&m) != Some(ns) => {}
+                _ => continue,
+            }
+            if let Err(e) = utimensat(CWD, &dir, &modified_at(ns), AtFlags::SYMLINK_NOFOLLOW) {
+                tracing::warn!(
+                    "cannot give directory {} its source modification time: {}",
+                    dir.display(),
+                    describe_io(&e.into())
+                );
+            }
+        }
     }
 
     /// Runs `op`, a change to the entries of `dir`. When it is refused for want of
@@ -369,6 +412,7 @@ impl Inner {
                 Ok(_) => self.make_dir_in_place_of(&dir)?,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     let mut implicit = self.implicit_dirs.lock().unwrap();
+                    self.changing(&up);
                     match self.in_dir(&up, || fs::create_dir(&dir)) {
                         Ok(()) if !self.remove_empty_parents => {
                             if implicit.len() >= IMPLICIT_DIRS_MAX {
@@ -395,6 +439,7 @@ impl Inner {
     /// may do the same at once: a directory already there is kept, never removed.
     fn make_dir_in_place_of(&self, path: &Path) -> Result<(), Failure> {
         let dir = path.parent().expect("resolved paths are below the root");
+        self.changing(dir);
         match self.in_dir(dir, || fs::remove_file(path)) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -463,7 +508,10 @@ impl Inner {
                     Some(_) => self.make_dir_in_place_of(&path)?,
                     // A concurrent write below it may have created it since the lstat;
                     // anything else there now (a link) is replaced, never followed.
-                    None => match self.in_dir(parent, || fs::create_dir(&path)) {
+                    None => match self.in_dir(parent, || {
+                        self.changing(parent);
+                        fs::create_dir(&path)
+                    }) {
                         Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                             self.make_dir_in_place_of(&path)?
                         }
@@ -473,6 +521,9 @@ impl Inner {
                 // Created a moment ago for a file inside it: this event is its creation.
                 let implicit = implicit.take().is_some_and(|mut set| set.remove(&path));
                 self.set_dir_mode(&path, mode)?;
+                if let Some(ns) = event.mtime_ns {
+                    self.dir_times.lock().unwrap().insert(path, ns);
+                }
                 Ok(if implicit { Outcome::Created } else { fresh })
             }
             "symlink" => {
@@ -504,6 +555,9 @@ impl Inner {
                     }
                     // Adopt an equal file that is already there instead of rewriting it.
                     if prior.is_none() && self.same_content(&path, event)? {
+                        // Written by a run that stopped before its flush, perhaps: that
+                        // run's change to the directory's entries is this one's too.
+                        self.changing(parent);
                         self.set_attributes(&path, m, event, mode)?;
                         return Ok(Outcome::Adopted);
                     }
@@ -529,6 +583,7 @@ impl Inner {
     /// those deletes never reach the target, so the event fails instead.
     fn remove_dir_in_the_way(&self, path: &Path) -> Result<bool, Failure> {
         let dir = path.parent().expect("resolved paths are below the root");
+        self.changing(dir);
         match self.in_dir(dir, || fs::remove_dir(path)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
@@ -641,6 +696,7 @@ impl Inner {
         };
         let mut out = File::from(fd);
         self.write_into(&mut out, event, mode)?;
+        self.changing(dir);
         // By descriptor when allowed: resolving `/proc/self/fd/N` for every new file cost
         // a third of the link's time in an initial sync of 100k files.
         if !self.no_empty_path_link.load(Ordering::Relaxed) {
@@ -730,10 +786,11 @@ impl Inner {
         path: &Path,
         existing: Option<&fs::Metadata>,
     ) -> Result<(), Failure> {
+        let dir = path.parent().expect("resolved paths are below the root");
+        self.changing(dir);
         if existing.is_some() && self.exchange(tmp, path)? {
             return Ok(());
         }
-        let dir = path.parent().expect("resolved paths are below the root");
         self.in_dir(dir, || fs::rename(tmp, path))?;
         Ok(())
     }
@@ -790,6 +847,7 @@ impl Inner {
         }
         let path = self.resolve(&event.key)?;
         let dir = path.parent().expect("resolved paths are below the root");
+        self.changing(dir);
         let removed = if event.kind == "dir" {
             match self.in_dir(dir, || fs::remove_dir(&path)) {
                 Err(e) if e.raw_os_error() == Some(39) => {
@@ -813,14 +871,16 @@ impl Inner {
             Err(e) => return Err(e.into()),
         }
         self.safe_dirs.lock().unwrap().remove(&path);
+        self.dir_times.lock().unwrap().remove(&path);
         if self.remove_empty_parents {
             let mut dir = path.parent();
             while let Some(d) = dir {
-                if d == self.root
-                    || self
-                        .in_dir(d.parent().unwrap_or(d), || fs::remove_dir(d))
-                        .is_err()
-                {
+                if d == self.root {
+                    break;
+                }
+                let up = d.parent().unwrap_or(d);
+                self.changing(up);
+                if self.in_dir(up, || fs::remove_dir(d)).is_err() {
                     break;
                 }
                 self.safe_dirs.lock().unwrap().remove(d);
@@ -835,7 +895,8 @@ impl Inner {
         if !self.root.exists() {
             return Ok(());
         }
-        // Before the sync, so the modes given back are as durable as the batch.
+        // Before the sync, so the times and modes given back are as durable as the batch.
+        self.set_dir_times();
         self.close_opened()?;
         let root = File::open(&self.root)?;
         rustix::fs::syncfs(&root).map_err(|e| Failure::Transient(format!("syncfs: {e}")))?;
@@ -887,6 +948,30 @@ impl Target for DirTarget {
 
     fn identity(&self) -> String {
         format!("dir {}", self.inner.root.display())
+    }
+
+    fn changed_dirs(&self) -> Vec<String> {
+        let inner = &self.inner;
+        let timed = inner.dir_times.lock().unwrap();
+        inner
+            .changed_dirs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| !timed.contains_key(*d))
+            .filter_map(|d| d.strip_prefix(&inner.root).ok())
+            .map(|rel| pathkey::encode(rel.as_os_str().as_bytes()))
+            .collect()
+    }
+
+    fn keep_dir_times(&self, times: Vec<(String, i64)>) {
+        let inner = &self.inner;
+        let mut timed = inner.dir_times.lock().unwrap();
+        for (key, ns) in times {
+            if let Ok(path) = inner.resolve(&key) {
+                timed.entry(path).or_insert(ns);
+            }
+        }
     }
 
     async fn flush(&self) -> Result<(), ApplyError> {
@@ -1023,6 +1108,45 @@ mod tests {
         assert_eq!(mode(&ro), 0o555);
         assert_eq!(mode(&changed), 0o700);
         assert!(!dir.path().join(TMP_DIR).exists());
+    }
+
+    /// A process killed after writing a file into a directory, before its flush, leaves
+    /// the directory with the time of that write. The next process adopts the file when
+    /// the event is replayed, and its flush gives the directory its applied time back.
+    #[tokio::test]
+    async fn a_directory_a_killed_write_moved_gets_its_time_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        let at = 1_000_000_000_000_000_007;
+        let dir_event = Event {
+            kind: "dir".into(),
+            checksum: checksum_bytes(b""),
+            body: None,
+            mode: Some(0o755),
+            mtime_ns: Some(at),
+            ..event("d")
+        };
+        let first = target(dir.path());
+        first.apply(&dir_event, None).await.unwrap();
+        first.flush().await.unwrap();
+        let time = || mtime_ns(&fs::metadata(&d).unwrap());
+        assert_eq!(time(), Some(at));
+        let file = with_bytes("d/f.txt", b"written, never flushed");
+        first.apply(&file, None).await.unwrap();
+        drop(first);
+        assert_ne!(time(), Some(at));
+
+        let next = target(dir.path());
+        let effect = next.apply(&file, None).await.unwrap();
+        assert_eq!(effect.outcome, Outcome::Adopted);
+        assert_eq!(next.changed_dirs(), vec!["d".to_string()]);
+        next.keep_dir_times(vec![("d".into(), at)]);
+        next.flush().await.unwrap();
+        assert_eq!(time(), Some(at));
+        assert!(
+            next.changed_dirs().is_empty(),
+            "a flush forgets what it set"
+        );
     }
 
     #[tokio::test]

@@ -133,6 +133,19 @@ pub trait Target: Send + Sync {
     /// before offsets are committed and once when a projector starts.
     async fn flush(&self) -> Result<(), ApplyError>;
 
+    /// The keys of the directories whose entries the applies since the last flush changed
+    /// and whose time no event of theirs set since: a target that mirrors directory times
+    /// gives each, at the flush, the time of its applied version, passed in
+    /// [`Target::keep_dir_times`]. A crash between a change and its flush is mended
+    /// too, as the replayed change notes its directory again.
+    fn changed_dirs(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The times (nanoseconds since the Unix epoch) of directories [`Target::changed_dirs`]
+    /// named, for the next flush.
+    fn keep_dir_times(&self, _times: Vec<(String, i64)>) {}
+
     /// What the target is (`dir /abs/path`, `http https://host/base`), with no secret in
     /// it: the applied state is only true of this target, so a projector refuses to go on
     /// when it changes (see `Projector::check_target`).
