@@ -23,6 +23,16 @@ fn set_dir_mtime(path: &std::path::Path, at: std::time::SystemTime) {
     std::fs::File::open(path).unwrap().set_modified(at).unwrap();
 }
 
+/// Runs `verify`, asserts it found drift (exit 4) and names `what` (`different file x`),
+/// and returns what it printed.
+fn verify_finds(env: &Env, what: &str) -> String {
+    let out = env.run(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(stdout.contains(what), "verify should name {what}: {stdout}");
+    stdout
+}
+
 /// A time `ns` nanoseconds after the Unix epoch.
 fn at_ns(ns: u64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + Duration::from_nanos(ns)
@@ -112,8 +122,7 @@ fn setuid_setgid_and_sticky_bits_are_mirrored() {
 
     set_mode(src.join("shared/drop"), 0o777);
     set_mode(src.join("bin/tool"), 0o755);
-    let out = env.run(&["verify"]);
-    assert_eq!(out.status.code(), Some(4), "verify sees the bits: {out:?}");
+    verify_finds(&env, "different file bin/tool");
     let (scan, _) = env.sync();
     assert_eq!(scan["upserts"], 2, "{scan}");
     assert_mirror(&src, &env.dst());
@@ -151,13 +160,8 @@ fn written_files_keep_their_source_modification_time() {
         at_ns(1_200_000_000_000_000_000),
     );
     // The same bytes with another time are drift, and a replay puts the time back.
-    let out = env.run(&["verify"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(4), "{out:?}");
-    assert!(
-        stdout.contains("different file big/blob.bin") && stdout.contains("1 different"),
-        "{stdout}"
-    );
+    let stdout = verify_finds(&env, "different file big/blob.bin");
+    assert!(stdout.contains("1 different"), "{stdout}");
     env.ok(&["replay", "--from", "0"]);
     let (_, project) = env.sync();
     assert!(outcome(&project, "adopted") >= 2, "{project}");
@@ -217,10 +221,7 @@ fn directories_keep_their_source_modification_time() {
 
     // Another time on the target is drift, and a replay puts the time back.
     set_dir_mtime(&env.dst().join("empty"), at_ns(1_200_000_000_000_000_000));
-    let out = env.run(&["verify"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(4), "{out:?}");
-    assert!(stdout.contains("different dir empty"), "{stdout}");
+    verify_finds(&env, "different dir empty");
     env.ok(&["replay", "--from", "0"]);
     env.sync();
     same("empty");
