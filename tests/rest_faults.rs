@@ -257,3 +257,65 @@ fn everything_reported(env: &Env, sync: &std::process::Output) -> Vec<(&'static 
     }
     everything
 }
+
+#[test]
+fn a_delete_behind_an_item_the_target_keeps_refusing_is_sent_and_counted_once() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("retry_budget = \"20s\"", "retry_budget = \"1s\"")
+        .replace(
+            "max_delete = \"100%\"",
+            "max_delete = \"100%\"\nretry_max_backoff = \"300ms\"",
+        );
+    env.write_config(&config);
+    let first = env.run(&["sync"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    // One scan: a new user prod answers 500 to, then a comment's delete behind it.
+    *proxy.faults.fail_body.lock().unwrap() = Some("user-refused".into());
+    dev.post(
+        "users",
+        json!({"id": 4242, "name": "user-refused", "active": true, "score": 0, "bio": ""}),
+    );
+    let gone = dev.all("comments")[0]["id"].clone();
+    dev.delete("comments", &gone);
+    let daemon = env.spawn_daemon();
+    let deletes = "tidemark_applies_total{kind=\"comments\",outcome=\"deleted\",pipeline=\"t\"}";
+    let retried = wait_for(Duration::from_secs(60), || {
+        (proxy.count("POST") >= 4 && daemon.metric(deletes) >= 1.0).then_some(())
+    });
+    assert!(
+        retried.is_some(),
+        "the refused create was not retried\n{}",
+        env.daemon_log()
+    );
+    assert!(daemon.metric("tidemark_lag_events{pipeline=\"t\"}") > 0.0);
+    assert_eq!(proxy.count("DELETE"), 1, "the delete was sent again");
+    assert_eq!(
+        daemon.metric(deletes),
+        1.0,
+        "one delete counted more than once"
+    );
+
+    *proxy.faults.fail_body.lock().unwrap() = None;
+    let converged = wait_for(Duration::from_secs(60), || {
+        (daemon.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0).then_some(())
+    });
+    assert!(
+        converged.is_some(),
+        "no convergence once prod accepts the item\n{}",
+        env.daemon_log()
+    );
+    assert_eq!(daemon.metric(deletes), 1.0);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_rest_mirror(&dev, &prod);
+}

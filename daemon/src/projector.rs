@@ -21,7 +21,7 @@
 //! until the directory is empty and removed; a newer event for the directory supersedes it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -370,6 +370,11 @@ pub struct Projector {
     batch_size: usize,
     /// Longest pause between retries when the target refuses a batch.
     retry_max_backoff: Duration,
+    /// Per partition, the offsets past the committed one that a batch stopped by a
+    /// transient failure applied and recorded anyway. The retry reads them again; they
+    /// are skipped, so a delete is not sent twice and no outcome is counted twice (a
+    /// projector stuck on one item must not look busy on a dashboard).
+    done_ahead: Mutex<HashMap<u32, BTreeSet<u64>>>,
 }
 
 impl Projector {
@@ -394,6 +399,7 @@ impl Projector {
             concurrency,
             batch_size,
             retry_max_backoff: Duration::from_secs(30),
+            done_ahead: Mutex::default(),
         }
     }
 
@@ -485,7 +491,18 @@ impl Projector {
             events: read as u64,
             ..Default::default()
         };
+        let ahead = self
+            .done_ahead
+            .lock()
+            .unwrap()
+            .get(&partition)
+            .cloned()
+            .unwrap_or_default();
         for record in records {
+            if ahead.contains(&record.offset) {
+                report.events -= 1;
+                continue;
+            }
             match record.event {
                 Ok(event) => {
                     let id = event.identity();
@@ -563,6 +580,12 @@ impl Projector {
             .chain(settled)
             .chain(removed)
             .collect();
+        let done_ahead: BTreeSet<u64> = dones
+            .iter()
+            .map(|d| d.offset)
+            .chain(ahead)
+            .filter(|o| (next..end).contains(o))
+            .collect();
         let retained = self
             .state
             .retained(&self.pipeline)
@@ -602,6 +625,13 @@ impl Projector {
                 source,
             })?;
         report.committed = next;
+        let mut ahead = self.done_ahead.lock().unwrap();
+        if done_ahead.is_empty() {
+            ahead.remove(&partition);
+        } else {
+            ahead.insert(partition, done_ahead);
+        }
+        drop(ahead);
 
         m.apply_duration
             .with_label_values(&[p])

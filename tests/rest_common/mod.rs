@@ -298,6 +298,9 @@ pub struct Faults {
     pub refused: AtomicU64,
     /// Answer 400 quoting the request's path and query to paths containing this.
     pub echo_path: Mutex<Option<String>>,
+    /// Answer 500 to writes (POST, PUT, PATCH) whose body contains this, as a server
+    /// with a bug that only one item triggers.
+    pub fail_body: Mutex<Option<String>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -460,6 +463,22 @@ fn serve(
                 return;
             }
             continue;
+        }
+        if let Some(needle) = f.fail_body.lock().unwrap().clone() {
+            if ["POST", "PUT", "PATCH"].contains(&method.as_str())
+                && String::from_utf8_lossy(&body).contains(&needle)
+            {
+                injected.fetch_add(1, Ordering::SeqCst);
+                if !reply(
+                    &mut out,
+                    "500 Internal Server Error",
+                    &[],
+                    b"{\"error\":\"boom\"}",
+                ) {
+                    return;
+                }
+                continue;
+            }
         }
         if let Some(p) = f.corrupt.lock().unwrap().clone() {
             if path.contains(&p) {
