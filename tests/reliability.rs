@@ -544,3 +544,77 @@ fn issue_6_memory_stays_bounded_while_the_target_is_down_and_the_log_grows() {
     assert!(daemon.terminate().success());
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A target subdirectory the daemon's user may not write (another user's) fails its own
+/// items, named with their path; the other items are applied and committed, as `rsync`
+/// goes on past what it cannot write (its exit 23). Fixing the ownership and replaying
+/// from the printed offset brings the failed items over.
+#[test]
+fn a_target_subdirectory_that_cannot_be_written_fails_only_its_own_items() {
+    let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    assert_eq!(
+        uid.trim(),
+        "0",
+        "this test hands the target to user nobody and keeps one directory root's: run it as root (.ci/run does)"
+    );
+    let env = Env::dirs("batch_size = 1", "");
+    for f in ["a.txt", "sub/b.txt", "zz1.txt", "zz2.txt", "zz3.txt"] {
+        write(env.src().join(f), f);
+    }
+    std::fs::create_dir_all(env.dst()).unwrap();
+    let chown = |who: &str, path: &Path| {
+        let status = Command::new("chown")
+            .args(["-R", who])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    chown("65534:65534", env.dir.path());
+    std::fs::create_dir(env.dst().join("sub")).unwrap();
+    let as_nobody = |args: &[&str]| {
+        use std::os::unix::process::CommandExt;
+        env.cmd(args).uid(65534).gid(65534).output().unwrap()
+    };
+
+    let out = as_nobody(&["sync"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    for f in ["a.txt", "zz1.txt", "zz2.txt", "zz3.txt"] {
+        assert_eq!(std::fs::read_to_string(env.dst().join(f)).unwrap(), f);
+    }
+    assert!(!env.dst().join("sub/b.txt").exists());
+    let sub = env.dst().join("sub");
+    assert!(
+        stdout.contains("FAILED") && stdout.contains(&*sub.to_string_lossy()),
+        "the failure names the target path:\n{stdout}"
+    );
+    assert_eq!(
+        committed(&env),
+        head(&env),
+        "the failures held up the offset"
+    );
+
+    chown("65534:65534", &sub);
+    let hint = stdout
+        .lines()
+        .find_map(|l| l.split("tidemark replay").nth(1))
+        .unwrap_or_else(|| panic!("no replay hint:\n{stdout}"));
+    let from: String = hint
+        .split("--from ")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    for args in [&["replay", "--from", &from][..], &["project"]] {
+        let out = as_nobody(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -131,12 +131,18 @@ struct Inner {
 enum Failure {
     Transient(String),
     Permanent(String),
+    /// Permission denied: this item's failure while the target root itself can be written
+    /// (a subdirectory owned by someone else), else the whole target's.
+    Denied(String),
     Stale,
 }
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Failure {
-        Failure::Transient(describe_io(&e))
+        match e.raw_os_error() {
+            Some(1 | 13) => Failure::Denied(describe_io(&e)),
+            _ => Failure::Transient(describe_io(&e)),
+        }
     }
 }
 
@@ -367,6 +373,12 @@ impl Inner {
     /// Creates the parents of `path` and checks none of them is a symbolic link. What was
     /// checked is remembered until the next flush, so each directory (the root too) is
     /// looked at once per batch, not once per new directory below it.
+    /// Whether this process may create and remove entries in the target root.
+    fn root_writable(&self) -> bool {
+        use rustix::fs::{access, Access};
+        access(&self.root, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+    }
+
     /// Why the target root could not be made, naming the root: "File exists" alone points
     /// at the item being written.
     fn root_error(&self, e: std::io::Error) -> Failure {
@@ -922,14 +934,27 @@ impl Target for DirTarget {
             })
             .await
             .unwrap_or_else(|e| Err(Failure::Transient(format!("writer task failed: {e}"))));
+        // Where it failed: the key alone does not say which target a message is about.
+        let at =
+            |message: String| format!("{}: {message}", self.inner.root.join(&event.key).display());
         match result {
             Ok(outcome) => Ok(outcome.into()),
             Err(Failure::Stale) => Ok(Outcome::Stale.into()),
-            Err(Failure::Transient(message)) => Err(ApplyError::Transient {
-                kind: event.kind.clone(),
-                key: event.key.clone(),
-                message,
-            }),
+            // One item below a root that can be written must not hold up the others.
+            Err(Failure::Denied(message)) if self.inner.root_writable() => {
+                Err(ApplyError::Permanent {
+                    kind: event.kind.clone(),
+                    key: event.key.clone(),
+                    message: at(message),
+                })
+            }
+            Err(Failure::Transient(message) | Failure::Denied(message)) => {
+                Err(ApplyError::Transient {
+                    kind: event.kind.clone(),
+                    key: event.key.clone(),
+                    message: at(message),
+                })
+            }
             Err(Failure::Permanent(message)) => Err(ApplyError::Permanent {
                 kind: event.kind.clone(),
                 key: event.key.clone(),
@@ -979,13 +1004,15 @@ impl Target for DirTarget {
         let root = inner.root.display().to_string();
         match tokio::task::spawn_blocking(move || inner.sync()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(Failure::Transient(message))) | Ok(Err(Failure::Permanent(message))) => {
-                Err(ApplyError::Transient {
-                    kind: "dir".into(),
-                    key: root,
-                    message,
-                })
-            }
+            Ok(Err(
+                Failure::Transient(message)
+                | Failure::Permanent(message)
+                | Failure::Denied(message),
+            )) => Err(ApplyError::Transient {
+                kind: "dir".into(),
+                key: root,
+                message,
+            }),
             Ok(Err(Failure::Stale)) => Ok(()),
             Err(e) => Err(ApplyError::Transient {
                 kind: "dir".into(),
