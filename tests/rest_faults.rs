@@ -305,6 +305,17 @@ fn a_delete_behind_an_item_the_target_keeps_refusing_is_sent_and_counted_once() 
         1.0,
         "one delete counted more than once"
     );
+    // The give-up counts the create's own lookups and posts, and does not ask whether a
+    // server that answers is up.
+    let log = env.daemon_log();
+    let gave_up = log
+        .lines()
+        .find(|l| l.contains("POST") && l.contains("gave up after"))
+        .unwrap_or_else(|| panic!("no give-up line:\n{log}"));
+    assert!(
+        gave_up.contains("keeps failing this request") && !gave_up.contains("after 1 attempts"),
+        "{gave_up}"
+    );
 
     *proxy.faults.fail_body.lock().unwrap() = None;
     let converged = wait_for(Duration::from_secs(60), || {

@@ -36,7 +36,10 @@ pub enum RequestError {
     },
     /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
     /// budget ran out.
-    #[error("{method} {url}: {message} (gave up after {attempts} attempts in {elapsed:.1?}; is the server up?)")]
+    #[error(
+        "{method} {url}: {message} (gave up after {attempts} attempts in {elapsed:.1?}; {})",
+        if *.answered { "the server answers, but keeps failing this request" } else { "is the server up?" }
+    )]
     Unavailable {
         /// Method.
         method: Method,
@@ -48,10 +51,25 @@ pub enum RequestError {
         attempts: u32,
         /// Time spent.
         elapsed: Duration,
+        /// The last failure was an answer (an HTTP status), not a missing one.
+        answered: bool,
     },
 }
 
 impl RequestError {
+    /// A give-up that counts the attempts and time of a caller's own retry loop (a create
+    /// looked up and posted again), not only those of its last request.
+    pub fn gave_up_after(mut self, tries: u32, spent: Duration) -> RequestError {
+        if let RequestError::Unavailable {
+            attempts, elapsed, ..
+        } = &mut self
+        {
+            *attempts = (*attempts).max(tries);
+            *elapsed = (*elapsed).max(spent);
+        }
+        self
+    }
+
     /// The HTTP status of a rejection.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -104,6 +122,8 @@ enum Attempt {
         /// The server may have acted on the request (its answer was lost, cut short or a
         /// 5xx other than 503): repeating a POST could do the work twice.
         ambiguous: bool,
+        /// The server answered (with an HTTP status).
+        answered: bool,
     },
     Rejected {
         status: u16,
@@ -239,6 +259,7 @@ impl HttpClient {
                     message: self.redact(&describe(&e)),
                     retry_after: None,
                     ambiguous: !e.is_connect(),
+                    answered: false,
                 });
             }
         };
@@ -252,6 +273,7 @@ impl HttpClient {
                     message: self.redact(&format!("reading the response: {}", describe(&e))),
                     retry_after: None,
                     ambiguous: true,
+                    answered: false,
                 });
             }
         };
@@ -285,6 +307,7 @@ impl HttpClient {
                 retry_after,
                 // 408, 429 and 503 say the request was not processed.
                 ambiguous: status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE,
+                answered: true,
             });
         }
         Err(Attempt::Rejected {
@@ -344,6 +367,7 @@ impl HttpClient {
                     message,
                     retry_after,
                     ambiguous,
+                    answered,
                 }) => {
                     let give_up = |message| RequestError::Unavailable {
                         method: method.clone(),
@@ -351,6 +375,7 @@ impl HttpClient {
                         message,
                         attempts,
                         elapsed: started.elapsed(),
+                        answered,
                     };
                     if ambiguous && method == Method::POST {
                         return Err(give_up(format!(

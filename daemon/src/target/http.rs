@@ -263,7 +263,9 @@ impl HttpTarget {
         // The first attempt may adopt from this batch's listing; a retry finds by name
         // live, since only the target knows what a lost POST created.
         let mut prefetched = true;
+        let mut tries = 0;
         loop {
+            tries += 1;
             let attempt = self.create_once(kind, event, desired, prefetched).await;
             prefetched = false;
             match attempt {
@@ -271,7 +273,7 @@ impl HttpTarget {
                     use backoff::backoff::Backoff;
                     let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
                     if started.elapsed() + delay > self.client.retry_budget() {
-                        return Err(self.error(event, e));
+                        return Err(self.error(event, e.gave_up_after(tries, started.elapsed())));
                     }
                     self.client.count_retry();
                     tokio::time::sleep(delay).await;
