@@ -492,3 +492,43 @@ fn plan_shows_events_kept_waiting_and_a_newer_event_replaces_them() {
     let plan = env.ok(&["plan"]);
     assert!(plan.contains("t: plan: nothing to do"), "{plan}");
 }
+
+/// An item without its kind's name field can still be mirrored, but the target cannot
+/// find it by name, so a lost create or a lost state could create it twice: the scan says
+/// so, naming the item. One without an id is left out, and the warning shows what it holds.
+#[test]
+fn items_without_a_name_or_an_id_are_named_in_a_warning() {
+    let env = rest_env();
+    let mut db = dev_db(1);
+    db["users"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": 4343, "active": true, "score": 0, "bio": "nameless"}));
+    db["users"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": {"x": 1}, "name": "object-id", "active": true, "score": 0, "bio": ""}));
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let nameless = stderr
+        .lines()
+        .find(|l| l.contains("has no name at `/name`"))
+        .unwrap_or_else(|| panic!("no warning for the nameless user:\n{stderr}"));
+    assert!(
+        nameless.contains("4343") && nameless.contains("twice"),
+        "{nameless}"
+    );
+    assert!(
+        stderr.contains("has an object at `/id`") && stderr.contains("object-id"),
+        "{stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a left-out item is a listing error"
+    );
+    assert!(prod.all("users").iter().any(|u| u["bio"] == "nameless"));
+}

@@ -11,6 +11,7 @@ use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::Value;
 use tidemark_proto::{checksum_json, strip_fields, Body, Ref};
+use tracing::warn;
 
 use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
 use crate::config::HttpSourceConfig;
@@ -297,6 +298,35 @@ pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Vec<Ref> {
     refs
 }
 
+/// Why a listed item has no usable id, with enough of the item to find it in the source.
+fn no_id(kind: &str, field: &str, item: &Value) -> String {
+    let what = match item.pointer(field) {
+        None => format!("has no id at `{field}`"),
+        Some(v) => format!("has {} at `{field}`, not a string or number", json_type(v)),
+    };
+    let mut shown = item.to_string();
+    if shown.len() > 120 {
+        let cut = (0..=117)
+            .rev()
+            .find(|&i| shown.is_char_boundary(i))
+            .unwrap_or(0);
+        shown = format!("{}...", &shown[..cut]);
+    }
+    format!("kind `{kind}`: an item {what}; it is left out: {shown}")
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(s) if s.is_empty() => "an empty string",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 #[async_trait]
 impl Source for HttpSource {
     fn list(&self) -> ListStream {
@@ -321,10 +351,7 @@ impl Source for HttpSource {
                             .and_then(id_string)
                             .ok_or_else(|| ListError::Entry {
                                 key: format!("{} item", kind.name),
-                                message: format!(
-                                    "kind `{}`: an item has no id at `{}`; it is left out",
-                                    kind.name, kind.id_field
-                                ),
+                                message: no_id(&kind.name, &kind.id_field, &item),
                             })?;
                         Ok(Listing::Entry(Entry {
                             kind: kind.name.clone(),
@@ -370,6 +397,13 @@ impl Source for HttpSource {
             .as_deref()
             .and_then(|p| item.pointer(p))
             .and_then(id_string);
+        if let (Some(field), None) = (&kind.name_field, &name) {
+            warn!(
+                kind = %kind.name,
+                key = %entry.key,
+                "item has no name at `{field}`: the target cannot find it by name, so a lost create or a lost state can create it twice"
+            );
+        }
         let refs = extract_refs(kind, &item);
         Ok(Item {
             kind: entry.kind.clone(),
@@ -388,6 +422,30 @@ impl Source for HttpSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_item_without_a_usable_id_is_described_with_what_it_holds() {
+        let missing = no_id("posts", "/id", &serde_json::json!({"name": "noid"}));
+        assert!(
+            missing.contains("has no id at `/id`") && missing.contains("noid"),
+            "{missing}"
+        );
+        let object = no_id(
+            "posts",
+            "/id",
+            &serde_json::json!({"id": {"x": 1}, "name": "objid"}),
+        );
+        assert!(
+            object.contains("has an object at `/id`") && object.contains("objid"),
+            "{object}"
+        );
+        let long = no_id(
+            "posts",
+            "/id",
+            &serde_json::json!({"body": "é".repeat(200)}),
+        );
+        assert!(long.ends_with("...") && long.len() < 200, "{long}");
+    }
 
     #[test]
     fn finds_the_next_link() {
