@@ -1725,6 +1725,37 @@ fn a_changed_target_path_is_refused_until_the_log_is_replayed_into_it() {
     env.ok(&["sync"]);
 }
 
+/// One target directory written two ways (`sub/../dst`, then its absolute path) is one
+/// target, not a changed one; messages show target paths resolved.
+#[test]
+fn the_same_target_written_another_way_is_the_same_target() {
+    let env = Env::dirs("", "prune = true");
+    std::fs::create_dir(env.path("sub")).unwrap();
+    write(env.src().join("a.txt"), "a");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let with_target = |path: &str| config.replace("path = \"dst\"", &format!("path = \"{path}\""));
+    env.write_config(&with_target("sub/../dst"));
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+
+    let absolute = env.dst().canonicalize().unwrap();
+    env.write_config(&with_target(&absolute.display().to_string()));
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(project["events"], 0, "{project}");
+
+    // A different directory is still refused, and named resolved.
+    env.write_config(&with_target("sub/../dst2"));
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the target is now dir "), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}2", absolute.display())) && !stderr.contains("sub/.."),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_failed_item_is_applied_once_its_cause_is_fixed_and_its_event_replayed() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = false");

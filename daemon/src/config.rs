@@ -595,7 +595,10 @@ impl Config {
                 RawTarget::Dir(d) => {
                     let span = d.span();
                     let mut d = d.into_inner();
-                    d.path = base.join(&d.path);
+                    // Resolved (`..`, symbolic links) where it exists: the applied state
+                    // records the target by this path, and messages show it, so one
+                    // directory written two ways is one target.
+                    d.path = resolved(&base.join(&d.path));
                     let path_span = key_span(text, span.clone(), "path");
                     let source_root = match &source {
                         SourceConfig::Dir(s) => Some(&s.path),
@@ -1186,6 +1189,17 @@ path = "{tb}"
         // Chained pipelines (one's target is the next one's source) and siblings are fine.
         Config::parse(&file, &two_pipelines("sb", "../dst_b")).unwrap();
         Config::parse(&file, &two_pipelines("../dst_same", "../dst_same2")).unwrap();
+    }
+
+    /// A target written with `..` is shown and recorded resolved.
+    #[test]
+    fn a_target_path_is_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+        let text = GOOD.replace("path = \"dst\"", "path = \"../d16\"");
+        let c = Config::parse(&dir.path().join("cfg/t.toml"), &text).unwrap();
+        let real = dir.path().canonicalize().unwrap().join("d16");
+        assert_eq!(c.pipelines[0].target_dir(), Some(real.as_path()));
     }
 
     #[test]

@@ -283,9 +283,15 @@ impl State {
     }
 
     /// The target each pipeline's applied state is true of (`Target::identity`), keyed by
-    /// pipeline name.
+    /// pipeline name. A directory target is read back with its path resolved as the config
+    /// resolves it now ([`crate::config::resolved`]), so that the identity it is compared
+    /// with names the same directory the same way: states written before the config
+    /// resolved target paths hold them as written (`/etc/tidemark/../d16`), and one
+    /// directory must not read as a changed target.
     pub fn targets(&self) -> Result<Records<String>, StateError> {
-        self.records("targets")
+        let mut targets = self.records("targets")?;
+        targets.read = resolved_identity;
+        Ok(targets)
     }
 
     /// When each pipeline's projector last made progress (applied and committed a batch),
@@ -297,7 +303,7 @@ impl State {
     fn records<T>(&self, tree: &str) -> Result<Records<T>, StateError> {
         Ok(Records {
             tree: self.db.open_tree(tree)?,
-            _t: std::marker::PhantomData,
+            read: std::convert::identity,
         })
     }
 
@@ -653,15 +659,26 @@ impl Journal {
 /// A sled tree of JSON records keyed by item identity (or pipeline name).
 pub struct Records<T> {
     tree: sled::Tree,
-    _t: std::marker::PhantomData<T>,
+    /// Applied to every record read: how an older form of a record is read as the current
+    /// one (see [`State::targets`]).
+    read: fn(T) -> T,
 }
 
 impl<T> Clone for Records<T> {
     fn clone(&self) -> Self {
         Records {
             tree: self.tree.clone(),
-            _t: std::marker::PhantomData,
+            read: self.read,
         }
+    }
+}
+
+/// A target identity (`dir /path`) with the path resolved as the config resolves a target
+/// path; other identities as they are.
+fn resolved_identity(identity: String) -> String {
+    match identity.strip_prefix("dir ") {
+        Some(path) => format!("dir {}", crate::config::resolved(Path::new(path)).display()),
+        None => identity,
     }
 }
 
@@ -670,14 +687,12 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     pub fn get(&self, key: &str) -> Result<Option<T>, StateError> {
         match self.tree.get(key)? {
             None => Ok(None),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|source| StateError::Corrupt {
-                        key: key.to_owned(),
-                        source,
-                    })
-            }
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(|v| Some((self.read)(v)))
+                .map_err(|source| StateError::Corrupt {
+                    key: key.to_owned(),
+                    source,
+                }),
         }
     }
 
@@ -748,7 +763,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
                 key: key.clone(),
                 source,
             })?;
-            Ok((key, value))
+            Ok((key, (self.read)(value)))
         })
     }
 
@@ -860,6 +875,31 @@ mod tests {
         // A database another handle holds is not checkpointed; the error says so.
         let err = State::checkpoint(dir.path()).unwrap_err();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
+    }
+
+    /// A state written before target paths were resolved holds one as written: it reads
+    /// as the same directory resolved; other targets read as they are.
+    #[test]
+    fn a_target_recorded_with_dot_dot_reads_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let targets = state.targets().unwrap();
+        let written = format!("dir {}/cfg/../d16", dir.path().display());
+        targets.put("t", &written).unwrap();
+        targets
+            .put("api", &"http https://example.com".to_owned())
+            .unwrap();
+        let real = dir.path().canonicalize().unwrap().join("d16");
+        let read = state.targets().unwrap();
+        assert_eq!(
+            read.get("t").unwrap(),
+            Some(format!("dir {}", real.display()))
+        );
+        assert_eq!(
+            read.get("api").unwrap().as_deref(),
+            Some("http https://example.com")
+        );
     }
 
     #[test]
