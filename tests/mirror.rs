@@ -756,6 +756,47 @@ fn special_files_are_skipped_with_a_warning() {
     assert!(!env.dst().join("a-fifo").exists());
 }
 
+/// With `follow_symlinks`, a link in the source that leads to the target (or into it, or
+/// to a directory holding it) is a listing error: followed, every sync would copy the
+/// target into itself one level deeper. Links elsewhere are followed as before.
+#[test]
+fn a_followed_link_to_the_target_is_a_listing_error_not_a_copy_of_the_target() {
+    let env = Env::dirs("", "prune = true");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("path = \"src\"", "path = \"src\"\nfollow_symlinks = true"));
+    write(env.src().join("f"), "1");
+    write(env.path("other/g"), "g");
+    std::fs::create_dir(env.dst()).unwrap();
+    std::os::unix::fs::symlink("../dst", env.src().join("tolink")).unwrap();
+    std::os::unix::fs::symlink("../other", env.src().join("otherlink")).unwrap();
+    std::fs::create_dir(env.dst().join("sub")).unwrap();
+    std::os::unix::fs::symlink("../dst/sub", env.src().join("intolink")).unwrap();
+    std::os::unix::fs::symlink("..", env.src().join("uplink")).unwrap();
+    for _ in 0..3 {
+        let out = env.run(&["sync", "--output", "json"]);
+        assert_eq!(out.status.code(), Some(3), "degraded: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let scan = &v[0]["scan"];
+        assert_eq!(scan["errors"], 3, "{scan}");
+        assert_eq!(scan["deletes"], 0, "{scan}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let dst = env.dst().canonicalize().unwrap();
+        for link in ["`tolink`", "`intolink`", "`uplink`"] {
+            assert!(
+                stderr.lines().any(|l| l.contains(link)
+                    && l.contains("symbolic link to")
+                    && l.contains(&*dst.to_string_lossy())),
+                "{link}: {stderr}"
+            );
+        }
+    }
+    for link in ["tolink", "intolink", "uplink"] {
+        assert!(!env.dst().join(link).exists(), "{link}");
+    }
+    assert_eq!(std::fs::read(env.dst().join("f")).unwrap(), b"1");
+    assert_eq!(std::fs::read(env.dst().join("otherlink/g")).unwrap(), b"g");
+}
+
 #[test]
 fn issue_2_kill_during_projection_resumes_without_reapplying_committed_events() {
     let env = Env::dirs(
