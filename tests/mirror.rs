@@ -756,6 +756,47 @@ fn special_files_are_skipped_with_a_warning() {
     assert!(!env.dst().join("a-fifo").exists());
 }
 
+/// With `follow_symlinks`, a link in the source that leads to the target (or into it, or
+/// to a directory holding it) is a listing error: followed, every sync would copy the
+/// target into itself one level deeper. Links elsewhere are followed as before.
+#[test]
+fn a_followed_link_to_the_target_is_a_listing_error_not_a_copy_of_the_target() {
+    let env = Env::dirs("", "prune = true");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("path = \"src\"", "path = \"src\"\nfollow_symlinks = true"));
+    write(env.src().join("f"), "1");
+    write(env.path("other/g"), "g");
+    std::fs::create_dir(env.dst()).unwrap();
+    std::os::unix::fs::symlink("../dst", env.src().join("tolink")).unwrap();
+    std::os::unix::fs::symlink("../other", env.src().join("otherlink")).unwrap();
+    std::fs::create_dir(env.dst().join("sub")).unwrap();
+    std::os::unix::fs::symlink("../dst/sub", env.src().join("intolink")).unwrap();
+    std::os::unix::fs::symlink("..", env.src().join("uplink")).unwrap();
+    for _ in 0..3 {
+        let out = env.run(&["sync", "--output", "json"]);
+        assert_eq!(out.status.code(), Some(3), "degraded: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let scan = &v[0]["scan"];
+        assert_eq!(scan["errors"], 3, "{scan}");
+        assert_eq!(scan["deletes"], 0, "{scan}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let dst = env.dst().canonicalize().unwrap();
+        for link in ["`tolink`", "`intolink`", "`uplink`"] {
+            assert!(
+                stderr.lines().any(|l| l.contains(link)
+                    && l.contains("symbolic link to")
+                    && l.contains(&*dst.to_string_lossy())),
+                "{link}: {stderr}"
+            );
+        }
+    }
+    for link in ["tolink", "intolink", "uplink"] {
+        assert!(!env.dst().join(link).exists(), "{link}");
+    }
+    assert_eq!(std::fs::read(env.dst().join("f")).unwrap(), b"1");
+    assert_eq!(std::fs::read(env.dst().join("otherlink/g")).unwrap(), b"g");
+}
+
 #[test]
 fn issue_2_kill_during_projection_resumes_without_reapplying_committed_events() {
     let env = Env::dirs(
@@ -1673,6 +1714,36 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     assert!(daemon.terminate().success());
 }
 
+/// A state synced once has nothing to reclaim, and its rewrite took more room (20,200
+/// files: 19 MiB, rewritten 25 MiB): `compact` keeps it as it is then, and says so.
+#[test]
+fn compact_never_leaves_a_bigger_state() {
+    let env = Env::dirs("", "");
+    for d in 0..202 {
+        for i in 0..100 {
+            write(
+                env.src().join(format!("d{d}/f{i}")),
+                format!("file {d} {i}"),
+            );
+        }
+    }
+    env.ok(&["--quiet", "sync"]);
+    let before = dir_size(&env.path("state/db"));
+    let text = env.ok(&["compact"]);
+    let after = dir_size(&env.path("state/db"));
+    assert!(
+        after <= before,
+        "{before} bytes before, {after} after: {text}"
+    );
+    assert!(
+        text.contains("nothing to reclaim") && text.contains("kept as it is"),
+        "{text}"
+    );
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(project["events"], 0, "{project}");
+}
+
 #[test]
 fn the_daemon_warns_about_a_special_file_once_not_at_every_scan() {
     let env = Env::dirs("", "");
@@ -1723,6 +1794,37 @@ fn a_changed_target_path_is_refused_until_the_log_is_replayed_into_it() {
     env.ok(&["project"]);
     assert_mirror(&env.src(), &env.path("dst2"));
     env.ok(&["sync"]);
+}
+
+/// One target directory written two ways (`sub/../dst`, then its absolute path) is one
+/// target, not a changed one; messages show target paths resolved.
+#[test]
+fn the_same_target_written_another_way_is_the_same_target() {
+    let env = Env::dirs("", "prune = true");
+    std::fs::create_dir(env.path("sub")).unwrap();
+    write(env.src().join("a.txt"), "a");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let with_target = |path: &str| config.replace("path = \"dst\"", &format!("path = \"{path}\""));
+    env.write_config(&with_target("sub/../dst"));
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+
+    let absolute = env.dst().canonicalize().unwrap();
+    env.write_config(&with_target(&absolute.display().to_string()));
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(project["events"], 0, "{project}");
+
+    // A different directory is still refused, and named resolved.
+    env.write_config(&with_target("sub/../dst2"));
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the target is now dir "), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}2", absolute.display())) && !stderr.contains("sub/.."),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -156,6 +156,16 @@ pub enum TargetConfig {
     Http(HttpTargetConfig),
 }
 
+impl PipelineConfig {
+    /// The target's directory, for a directory target.
+    pub fn target_dir(&self) -> Option<&Path> {
+        match &self.target {
+            TargetConfig::Dir(d) => Some(&d.path),
+            TargetConfig::Http(_) => None,
+        }
+    }
+}
+
 impl TargetConfig {
     /// Whether deletes are applied (`prune = true`) or only recorded.
     pub fn prune(&self) -> bool {
@@ -585,16 +595,19 @@ impl Config {
                 RawTarget::Dir(d) => {
                     let span = d.span();
                     let mut d = d.into_inner();
-                    d.path = base.join(&d.path);
+                    // Resolved (`..`, symbolic links) where it exists: the applied state
+                    // records the target by this path, and messages show it, so one
+                    // directory written two ways is one target.
+                    d.path = resolved(&base.join(&d.path));
+                    let path_span = key_span(text, span.clone(), "path");
                     let source_root = match &source {
                         SourceConfig::Dir(s) => Some(&s.path),
                         SourceConfig::Http(_) => None,
                     };
                     if let Some(root) = source_root {
-                        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-                        if overlap(&d.path, root) || overlap(&resolved(&d.path), &resolved(root)) {
+                        if overlap(&d.path, root) {
                             return Err(invalid(
-                                span,
+                                path_span.clone(),
                                 key("target.dir.path"),
                                 format!(
                                     "target {} and source {} overlap; a mirror must not be inside its source or contain it",
@@ -603,6 +616,21 @@ impl Config {
                                 ),
                             ));
                         }
+                    }
+                    if let Some(other) = pipelines.iter().find(|q| match &q.target {
+                        TargetConfig::Dir(t) => overlap(&d.path, &t.path),
+                        TargetConfig::Http(_) => false,
+                    }) {
+                        return Err(invalid(
+                            path_span,
+                            key("target.dir.path"),
+                            format!(
+                                "target {} overlaps the target of pipeline `{}` ({}); two pipelines writing one directory overwrite and delete each other's files, so give each its own",
+                                d.path.display(),
+                                other.name,
+                                other.target_dir().map_or(String::new(), |p| p.display().to_string())
+                            ),
+                        ));
                     }
                     TargetConfig::Dir(d)
                 }
@@ -798,9 +826,43 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Whether one of two directories is the other or inside it, as written or once resolved
+/// ([`resolved`]): a symbolic link in either path that leads there counts.
+pub(crate) fn overlap(a: &Path, b: &Path) -> bool {
+    let nested = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+    nested(a, b) || nested(&resolved(a), &resolved(b))
+}
+
+/// The span of the line that sets `key` in the table whose span (its header, or the
+/// braces of an inline table) is `table`, for an error on that line; `table` when the key
+/// is not written there (a default).
+fn key_span(text: &str, table: std::ops::Range<usize>, key: &str) -> std::ops::Range<usize> {
+    let inline = text.get(table.clone()).is_some_and(|t| t.starts_with('{'));
+    // A `[header]` table's keys follow it, up to the next header.
+    let (from, to) = if inline {
+        (table.start, table.end)
+    } else {
+        (table.end, text.len())
+    };
+    let mut at = from;
+    for line in text.get(from..to).unwrap_or("").split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if !inline && trimmed.starts_with('[') {
+            break;
+        }
+        let start = at + (line.len() - trimmed.len());
+        at += line.len();
+        let mut words = trimmed.trim_start_matches('{').split('=');
+        if words.next().map(str::trim) == Some(key) && words.next().is_some() {
+            return start..start + trimmed.trim_end().len();
+        }
+    }
+    table
+}
+
 /// `path` with its longest existing ancestor resolved (symbolic links, `..`) and the rest
 /// appended: where a directory that may not exist yet will be.
-fn resolved(path: &Path) -> PathBuf {
+pub(crate) fn resolved(path: &Path) -> PathBuf {
     let mut existing = path;
     let mut rest = Vec::new();
     loop {
@@ -1071,6 +1133,73 @@ path = "dst"
         let bad = GOOD.replace("path = \"dst\"", "path = \"src/mirror\"");
         let err = parse_err(&bad);
         assert!(err.contains("overlap"), "{err}");
+    }
+
+    /// Pipelines `a` (`sa` → `ta`) and `b` (`sb` → `tb`).
+    fn two_pipelines(ta: &str, tb: &str) -> String {
+        format!(
+            r#"state_dir = "state"
+[[pipeline]]
+name = "a"
+[pipeline.source.dir]
+path = "sa"
+[pipeline.target.dir]
+path = "{ta}"
+
+[[pipeline]]
+name = "b"
+[pipeline.source.dir]
+path = "sb"
+[pipeline.target.dir]
+prune = true
+path = "{tb}"
+"#
+        )
+    }
+
+    /// Two pipelines writing one directory overwrite and prune each other's files: refused
+    /// on the second one's `path` line, naming the first.
+    #[test]
+    fn two_pipelines_with_one_target_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cfg/t.toml");
+        std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+        let err = |text: &str| Config::parse(&file, text).unwrap_err().to_string();
+        let same = two_pipelines("../dst_same", "../dst_same");
+        let line = same
+            .lines()
+            .collect::<Vec<_>>()
+            .iter()
+            .rposition(|l| l.contains("dst_same"))
+            .unwrap()
+            + 1;
+        let e = err(&same);
+        assert!(e.contains(&format!("t.toml:{line}: ")), "{e}");
+        assert!(e.contains("`pipeline.b.target.dir.path`"), "{e}");
+        assert!(e.contains("pipeline `a`"), "{e}");
+        // The same directory written another way, one inside the other, or reached
+        // through a symbolic link.
+        let absolute = dir.path().join("dst_same").display().to_string();
+        assert!(err(&two_pipelines("../dst_same", &absolute)).contains("pipeline `a`"));
+        assert!(err(&two_pipelines("../dst_same/b", "../dst_same")).contains("pipeline `a`"));
+        assert!(err(&two_pipelines("../dst_same", "../dst_same/b")).contains("pipeline `a`"));
+        std::fs::create_dir(dir.path().join("dst_same")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("dst_same"), dir.path().join("link")).unwrap();
+        assert!(err(&two_pipelines("../dst_same", "../link/b")).contains("pipeline `a`"));
+        // Chained pipelines (one's target is the next one's source) and siblings are fine.
+        Config::parse(&file, &two_pipelines("sb", "../dst_b")).unwrap();
+        Config::parse(&file, &two_pipelines("../dst_same", "../dst_same2")).unwrap();
+    }
+
+    /// A target written with `..` is shown and recorded resolved.
+    #[test]
+    fn a_target_path_is_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+        let text = GOOD.replace("path = \"dst\"", "path = \"../d16\"");
+        let c = Config::parse(&dir.path().join("cfg/t.toml"), &text).unwrap();
+        let real = dir.path().canonicalize().unwrap().join("d16");
+        assert_eq!(c.pipelines[0].target_dir(), Some(real.as_path()));
     }
 
     #[test]

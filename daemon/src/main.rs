@@ -385,14 +385,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .context("the compaction task failed")??;
             match output {
                 Output::Json => outln!("{}", serde_json::to_string_pretty(&done)?),
-                Output::Text => outln!(
-                    "state {} compacted: {} superseded log events dropped, {} records, {} -> {} on disk",
-                    config.state_dir.display(),
-                    done.log_events_dropped,
-                    done.records,
-                    indicatif::HumanBytes(done.before),
-                    indicatif::HumanBytes(done.after)
-                ),
+                Output::Text => outln!("state {} {done}", config.state_dir.display()),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -283,9 +283,15 @@ impl State {
     }
 
     /// The target each pipeline's applied state is true of (`Target::identity`), keyed by
-    /// pipeline name.
+    /// pipeline name. A directory target is read back with its path resolved as the config
+    /// resolves it now ([`crate::config::resolved`]), so that the identity it is compared
+    /// with names the same directory the same way: states written before the config
+    /// resolved target paths hold them as written (`/etc/tidemark/../d16`), and one
+    /// directory must not read as a changed target.
     pub fn targets(&self) -> Result<Records<String>, StateError> {
-        self.records("targets")
+        let mut targets = self.records("targets")?;
+        targets.read = resolved_identity;
+        Ok(targets)
     }
 
     /// When each pipeline's projector last made progress (applied and committed a batch),
@@ -297,7 +303,7 @@ impl State {
     fn records<T>(&self, tree: &str) -> Result<Records<T>, StateError> {
         Ok(Records {
             tree: self.db.open_tree(tree)?,
-            _t: std::marker::PhantomData,
+            read: std::convert::identity,
         })
     }
 
@@ -329,15 +335,22 @@ impl State {
     /// and puts it in place of the old one. sled 0.34 reclaims the space of rewritten
     /// pages lazily, and with a log that only grows it hardly does: on 10k files, 80
     /// re-syncs of 100 changed files each left 78 MB on disk for about 10 MB of records
-    /// (and growing); the rewrite took 0.4 s and left 23 MB. Needs the database to itself
-    /// (no daemon running). `progress` counts the records copied.
+    /// (and growing); the rewrite took 0.4 s and left 23 MB. On a state with nothing to
+    /// reclaim the rewrite can take more room than the original (20k files synced once:
+    /// 19 MiB, rewritten 25 MiB): then the rewrite is discarded and the database is kept
+    /// as it is ([`Compacted::replaced`] is false), so a compaction never leaves a bigger
+    /// state. Needs the database to itself (no daemon running). `progress` counts the
+    /// records copied.
     pub fn compact(dir: &Path, progress: &Progress) -> Result<Compacted, StateError> {
         let io_err = |source| StateError::Open {
             path: dir.to_owned(),
             source,
         };
         let old = State::open(dir)?;
-        let before = old.size_on_disk()?;
+        let (current, retired) = (dir.join(DB), dir.join(DB_RETIRED));
+        // Measured as files, not as sled's `size_on_disk`: that leaves out the snapshot the
+        // new database gets below, which made a state with nothing to reclaim bigger.
+        let before = dir_bytes(&current).map_err(io_err)?;
         // First the events of each sled log that a later event of their item supersedes.
         let mut log_events_dropped = 0;
         for name in old.db.tree_names() {
@@ -375,7 +388,6 @@ impl State {
             records += pending;
         }
         new.flush()?;
-        let after = new.size_on_disk()?;
         drop(new);
         // Written since its only open, the new database has no snapshot yet: the first
         // start after the swap would read all of it back from disk (see `checkpoint`).
@@ -386,9 +398,25 @@ impl State {
                 .map(drop)
                 .map_err(|e| open_error(e, &fresh))
         })?;
+        // The old one measured after dropping the superseded events: that is what stays.
+        let (now, rewritten) = (
+            dir_bytes(&current).map_err(io_err)?,
+            dir_bytes(&fresh).map_err(io_err)?,
+        );
+        if rewritten >= now {
+            // Closed and released above; the old database is left as it is.
+            std::fs::remove_dir_all(&fresh).map_err(io_err)?;
+            return Ok(Compacted {
+                records,
+                log_events_dropped,
+                before,
+                after: now,
+                rewritten,
+                replaced: false,
+            });
+        }
         // Swapped while the old database is still open and locked, so no tidemark opens
         // it in between; a crash between the two renames is finished by the next open.
-        let (current, retired) = (dir.join(DB), dir.join(DB_RETIRED));
         std::fs::rename(&current, &retired).map_err(io_err)?;
         std::fs::rename(&fresh, &current).map_err(io_err)?;
         std::fs::File::open(dir)
@@ -404,7 +432,9 @@ impl State {
             records,
             log_events_dropped,
             before,
-            after,
+            after: rewritten,
+            rewritten,
+            replaced: true,
         })
     }
 }
@@ -445,6 +475,21 @@ fn once_unlocked(open: impl Fn() -> Result<(), StateError>) -> Result<(), StateE
     }
 }
 
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        bytes += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(bytes)
+}
+
 /// The sled database's directory in a state directory.
 const DB: &str = "db";
 /// A compaction's new database while it is written.
@@ -462,8 +507,39 @@ pub struct Compacted {
     pub log_events_dropped: u64,
     /// Bytes on disk before.
     pub before: u64,
-    /// Bytes on disk after.
+    /// Bytes on disk after: the rewritten database's when it replaced the old one, the old
+    /// one's otherwise.
     pub after: u64,
+    /// Bytes the rewritten database took.
+    pub rewritten: u64,
+    /// Whether the rewritten database replaced the old one: only when it is smaller.
+    pub replaced: bool,
+}
+
+impl std::fmt::Display for Compacted {
+    /// What `tidemark compact` prints after `state <dir> `.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use indicatif::HumanBytes;
+        if self.replaced {
+            write!(
+                f,
+                "compacted: {} superseded log events dropped, {} records, {} -> {} on disk",
+                self.log_events_dropped,
+                self.records,
+                HumanBytes(self.before),
+                HumanBytes(self.after)
+            )
+        } else {
+            write!(
+                f,
+                "not rewritten: {} superseded log events dropped, {} records; nothing to reclaim: the rewritten state would take {} against {} now; kept as it is",
+                self.log_events_dropped,
+                self.records,
+                HumanBytes(self.rewritten),
+                HumanBytes(self.after)
+            )
+        }
+    }
 }
 
 /// Finishes a compaction a crash interrupted while it swapped the databases: with the old
@@ -653,15 +729,26 @@ impl Journal {
 /// A sled tree of JSON records keyed by item identity (or pipeline name).
 pub struct Records<T> {
     tree: sled::Tree,
-    _t: std::marker::PhantomData<T>,
+    /// Applied to every record read: how an older form of a record is read as the current
+    /// one (see [`State::targets`]).
+    read: fn(T) -> T,
 }
 
 impl<T> Clone for Records<T> {
     fn clone(&self) -> Self {
         Records {
             tree: self.tree.clone(),
-            _t: std::marker::PhantomData,
+            read: self.read,
         }
+    }
+}
+
+/// A target identity (`dir /path`) with the path resolved as the config resolves a target
+/// path; other identities as they are.
+fn resolved_identity(identity: String) -> String {
+    match identity.strip_prefix("dir ") {
+        Some(path) => format!("dir {}", crate::config::resolved(Path::new(path)).display()),
+        None => identity,
     }
 }
 
@@ -670,14 +757,12 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
     pub fn get(&self, key: &str) -> Result<Option<T>, StateError> {
         match self.tree.get(key)? {
             None => Ok(None),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|source| StateError::Corrupt {
-                        key: key.to_owned(),
-                        source,
-                    })
-            }
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(|v| Some((self.read)(v)))
+                .map_err(|source| StateError::Corrupt {
+                    key: key.to_owned(),
+                    source,
+                }),
         }
     }
 
@@ -748,7 +833,7 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
                 key: key.clone(),
                 source,
             })?;
-            Ok((key, value))
+            Ok((key, (self.read)(value)))
         })
     }
 
@@ -860,6 +945,31 @@ mod tests {
         // A database another handle holds is not checkpointed; the error says so.
         let err = State::checkpoint(dir.path()).unwrap_err();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
+    }
+
+    /// A state written before target paths were resolved holds one as written: it reads
+    /// as the same directory resolved; other targets read as they are.
+    #[test]
+    fn a_target_recorded_with_dot_dot_reads_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let targets = state.targets().unwrap();
+        let written = format!("dir {}/cfg/../d16", dir.path().display());
+        targets.put("t", &written).unwrap();
+        targets
+            .put("api", &"http https://example.com".to_owned())
+            .unwrap();
+        let real = dir.path().canonicalize().unwrap().join("d16");
+        let read = state.targets().unwrap();
+        assert_eq!(
+            read.get("t").unwrap(),
+            Some(format!("dir {}", real.display()))
+        );
+        assert_eq!(
+            read.get("api").unwrap().as_deref(),
+            Some("http https://example.com")
+        );
     }
 
     #[test]

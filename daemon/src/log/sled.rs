@@ -419,11 +419,14 @@ pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sl
             value.extend_from_slice(frame);
             *count += 1;
         }
-        /// Replaces the old chunks by the new ones, when that changes anything.
+        /// Replaces the old chunks by the new ones, when events were dropped from them. A
+        /// group that only merges chunks is left as it is: sled appends what is rewritten,
+        /// so merging a log with nothing to drop made the database bigger (a state of 20k
+        /// files synced once went from 18 MB to 35 MB) for nothing `compact` keeps.
         fn apply(&mut self, events: &sled::Tree) -> Result<u64, sled::Error> {
             self.close();
             let group = std::mem::take(self);
-            if group.dropped == 0 && group.new.len() == group.old.len() {
+            if group.dropped == 0 {
                 return Ok(0);
             }
             let mut batch = sled::Batch::default();

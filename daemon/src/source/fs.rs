@@ -44,6 +44,9 @@ struct Walker {
     include: Option<GlobSet>,
     exclude: GlobSet,
     follow_symlinks: bool,
+    /// The pipeline's target directory, for a directory target. A followed link that leads
+    /// into it would mirror the target into itself, one level deeper at every sync.
+    target: Option<PathBuf>,
 }
 
 fn globset(globs: &[String]) -> GlobSet {
@@ -74,10 +77,20 @@ impl DirSource {
                 include: (!cfg.include.is_empty()).then(|| globset(&cfg.include)),
                 exclude: globset(&cfg.exclude),
                 follow_symlinks: cfg.follow_symlinks,
+                target: None,
             }),
             inline_limit,
             readers: Runner::for_files(),
         }
+    }
+
+    /// The same source, told its pipeline's target directory (`None` for other targets):
+    /// with `follow_symlinks`, a link that leads there is a listing error, not followed.
+    pub fn with_target(mut self, target: Option<&Path>) -> DirSource {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the source is shared")
+            .target = target.map(Path::to_owned);
+        self
     }
 
     /// Root of the tree.
@@ -172,9 +185,15 @@ impl Walker {
             stop: false,
         });
         let ready = std::sync::Condvar::new();
+        // Resolved at every walk: the target may have been created, or moved, since.
+        let target = self
+            .target
+            .as_deref()
+            .filter(|_| self.follow_symlinks)
+            .map(crate::config::resolved);
         std::thread::scope(|s| {
             for _ in 0..WALK_THREADS {
-                s.spawn(|| self.walk_thread(&queue, &ready, tx));
+                s.spawn(|| self.walk_thread(&queue, &ready, tx, target.as_deref()));
             }
         });
     }
@@ -184,6 +203,7 @@ impl Walker {
         queue: &std::sync::Mutex<WorkQueue>,
         ready: &std::sync::Condvar,
         tx: &ListSender,
+        target: Option<&Path>,
     ) {
         let mut batch = Batch {
             tx,
@@ -221,7 +241,7 @@ impl Walker {
                 }
             };
             let mut found = Vec::new();
-            let listening = self.read_dir(&work, &mut batch, &mut found);
+            let listening = self.read_dir(&work, &mut batch, &mut found, target);
             let mut q = queue.lock().expect("walk queue lock");
             q.busy -= 1;
             q.stop |= !listening;
@@ -240,8 +260,15 @@ impl Walker {
     }
 
     /// Lists one directory into `batch` and its subdirectories into `found`; `false` once
-    /// the scanner stopped listening.
-    fn read_dir(&self, work: &DirWork, batch: &mut Batch, found: &mut Vec<DirWork>) -> bool {
+    /// the scanner stopped listening. `target` is the resolved target directory when links
+    /// are followed and the target is a directory.
+    fn read_dir(
+        &self,
+        work: &DirWork,
+        batch: &mut Batch,
+        found: &mut Vec<DirWork>,
+        target: Option<&Path>,
+    ) -> bool {
         let entries = match std::fs::read_dir(&work.path) {
             Ok(entries) => entries,
             Err(e) => {
@@ -295,6 +322,12 @@ impl Walker {
                 }
             };
             let ft = meta.file_type();
+            if let Some(message) = target.and_then(|t| reaches_target(&entry, &meta, t)) {
+                if !batch.push(Err(ListError::Entry { key, message })) {
+                    return false;
+                }
+                continue;
+            }
             if ft.is_dir() {
                 let path = entry.path();
                 let ancestors = match &work.ancestors {
@@ -377,6 +410,33 @@ impl Walker {
         }
         true
     }
+}
+
+/// Why a followed symbolic link may not be listed: it leads to the target directory or
+/// into it, or to a directory that holds the target. `None` for anything else (an entry
+/// that is not a link, a link elsewhere). Links are compared by their resolved path, so
+/// only the links of a walk pay for it.
+fn reaches_target(
+    entry: &std::fs::DirEntry,
+    meta: &std::fs::Metadata,
+    target: &Path,
+) -> Option<String> {
+    if !entry.file_type().is_ok_and(|t| t.is_symlink()) {
+        return None;
+    }
+    let to = std::fs::canonicalize(entry.path()).ok()?;
+    let how = if to.starts_with(target) {
+        "leads to the target"
+    } else if meta.is_dir() && target.starts_with(&to) {
+        "leads to a directory holding the target"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "symbolic link to {} {how} {}; not followed, as it would mirror the target into itself (a source must not reach its own target)",
+        to.display(),
+        target.display()
+    ))
 }
 
 #[async_trait]

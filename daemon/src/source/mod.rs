@@ -130,10 +130,14 @@ pub trait Source: Send + Sync {
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError>;
 }
 
-/// Builds the source a pipeline is configured with.
+/// Builds the source a pipeline is configured with. A directory source is told the
+/// pipeline's target directory (if it has one), so that a followed link cannot lead it
+/// into its own target.
 pub fn build(pipeline: &PipelineConfig) -> Arc<dyn Source> {
     match &pipeline.source {
-        SourceConfig::Dir(cfg) => Arc::new(DirSource::new(cfg, pipeline.inline_limit)),
+        SourceConfig::Dir(cfg) => {
+            Arc::new(DirSource::new(cfg, pipeline.inline_limit).with_target(pipeline.target_dir()))
+        }
         SourceConfig::Http(cfg) => Arc::new(HttpSource::new(&pipeline.name, cfg)),
     }
 }
