@@ -13,7 +13,7 @@ use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::metrics::metrics;
 use tidemark::pipeline::Pipeline;
-use tidemark::progress::{Progress, ProgressGroup};
+use tidemark::progress::{LogWriter, Progress};
 use tidemark::projector::PlannedAction;
 use tidemark::report::Report;
 use tidemark::scanner::StartedListing;
@@ -180,7 +180,7 @@ fn init_logging(format: LogFormat, quiet: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
@@ -592,9 +592,9 @@ async fn scan_project(
         let mut entry = json!({"pipeline": p.name()});
         let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
         // `sync` projects while it scans, so the target fills as the source is read.
-        let bars = ProgressGroup::new(show_progress);
-        let scan_bar = scan.then(|| bars.bar("scan", None));
-        let project_bar = project.then(|| bars.bar("project", (!scan).then_some(0)));
+        let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
+        let project_bar =
+            project.then(|| Progress::new(show_progress, "project", (!scan).then_some(0)));
         let scanning = CancellationToken::new();
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
