@@ -123,6 +123,14 @@ fn bar_lines(screen: &[String]) -> Vec<&String> {
         .collect()
 }
 
+/// The rates a bar drew (`1,234/s`), as drawn.
+fn rates(drawn: &str) -> Vec<&str> {
+    drawn
+        .match_indices("/s")
+        .map(|(at, _)| drawn[..at].rsplit(' ').next().unwrap_or(""))
+        .collect()
+}
+
 fn tree(env: &Env) {
     for i in 0..1500 {
         write(
@@ -142,6 +150,12 @@ fn issue_5_progress_appears_on_a_terminal() {
         scan.contains("/s") && scan.contains("\u{1b}[2K"),
         "no progress drawn by scan: {scan:?}"
     );
+    for rate in rates(&scan) {
+        assert!(
+            !rate.is_empty() && rate.chars().all(|c| c.is_ascii_digit() || c == ','),
+            "a rate is not a whole number: {rate:?} in {scan:?}"
+        );
+    }
     let project = under_pty(&env, "project");
     assert!(
         project.contains("project") && project.contains("ETA") && project.contains("/1,530"),

@@ -89,10 +89,11 @@ impl Drop for Progress {
 }
 
 fn style(counted: bool) -> ProgressStyle {
+    // `per_sec`'s width is its precision: whole items a second.
     let template = if counted {
-        "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {msg} {per_sec} ETA {eta}"
+        "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {msg} {per_sec:0} ETA {eta}"
     } else {
-        "{prefix:>10} {spinner} {human_pos} {msg} {per_sec} {elapsed}"
+        "{prefix:>10} {spinner} {human_pos} {msg} {per_sec:0} {elapsed}"
     };
     ProgressStyle::with_template(template)
         .expect("progress templates are valid")
