@@ -131,6 +131,28 @@ fn rates(drawn: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The counts in every frame `drawn` of the bar named `what` (`1,234`, or `1,234/1,530`).
+fn counts(drawn: &str, what: &str) -> Vec<u64> {
+    drawn
+        .match_indices(&format!("{what:>10} "))
+        .flat_map(|(at, m)| {
+            let frame = &drawn[at + m.len()..];
+            // Up to the rate (`28,405/s`), which is no count.
+            let rate = frame.find("/s").unwrap_or(frame.len());
+            let frame = &frame[..frame[..rate].rfind(' ').unwrap_or(rate)];
+            frame
+                .split_whitespace()
+                .filter(|t| {
+                    t.chars()
+                        .all(|c| c.is_ascii_digit() || c == ',' || c == '/')
+                })
+                .flat_map(|t| t.split('/'))
+                .filter_map(|n| n.replace(',', "").parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
 fn tree(env: &Env) {
     for i in 0..1500 {
         write(
@@ -165,6 +187,24 @@ fn issue_5_progress_appears_on_a_terminal() {
     assert!(
         verify.contains("verify") && verify.contains("/s"),
         "no progress drawn by verify: {verify:?}"
+    );
+}
+
+/// `verify` counts each item compared once, not once per side: 8,040 items never show as
+/// more. (Enough items that a frame is drawn while the target is read.)
+#[test]
+fn verify_counts_items_compared() {
+    let env = Env::dirs("", "");
+    for i in 0..8000 {
+        write(env.src().join(format!("d{}/f{i}.txt", i % 40)), "x");
+    }
+    env.ok(&["sync"]);
+    let drawn = under_pty(&env, "verify");
+    let counts = counts(&drawn, "verify");
+    assert!(!counts.is_empty(), "no progress drawn by verify: {drawn:?}");
+    assert!(
+        counts.iter().all(|n| *n <= 8040),
+        "verify counted past the 8,040 items: {counts:?}"
     );
 }
 

@@ -71,6 +71,15 @@ impl Progress {
         self.bar.set_length(self.bar.position() + n);
     }
 
+    /// Starts counting again, from 0 towards `total`, as a bar (`verify` counts the source
+    /// as it lists it, then the items compared).
+    pub fn count_to(&self, total: u64) {
+        self.bar.set_style(style(true));
+        self.bar.set_length(total);
+        self.bar.set_position(0);
+        self.bar.reset_eta();
+    }
+
     /// Removes the bar from the terminal, leaving no line of it behind.
     pub fn finish(&self) {
         self.bar.finish_and_clear();

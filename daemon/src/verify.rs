@@ -136,9 +136,10 @@ pub enum VerifyError {
     },
 }
 
+/// Lists and reads every item of `source`; `fetched` is told each item's identity.
 async fn collect(
     source: &dyn Source,
-    progress: &Progress,
+    fetched: impl Fn(&str),
     unreadable: &mut Vec<String>,
 ) -> Result<BTreeMap<String, String>, ListError> {
     let mut entries = Vec::new();
@@ -152,15 +153,16 @@ async fn collect(
         }
     }
     let mut out = BTreeMap::new();
-    let mut fetched = futures::stream::iter(entries)
+    let mut items = futures::stream::iter(entries)
         .map(|e| source.fetch(e))
         .buffer_unordered(8);
-    while let Some(item) = fetched.next().await {
-        progress.inc(1);
+    while let Some(item) = items.next().await {
         match item {
             Ok(i) => {
+                let id = item_identity(&i.kind, &i.key);
+                fetched(&id);
                 out.insert(
-                    item_identity(&i.kind, &i.key),
+                    id,
                     // A file's time too: `sync` mirrors it, so a target file whose time
                     // is not its source file's is drift (`replay --from 0`, then
                     // `project`, sets it).
@@ -204,9 +206,15 @@ pub async fn verify(
         prune: t.prune,
         ..Default::default()
     };
-    let source = collect(&DirSource::new(s, 0), progress, &mut report.unreadable)
-        .await
-        .map_err(list_err)?;
+    let source = collect(
+        &DirSource::new(s, 0),
+        |_| progress.inc(1),
+        &mut report.unreadable,
+    )
+    .await
+    .map_err(list_err)?;
+    // Then the bar counts items compared: a source item once its target side is read.
+    progress.count_to(source.len() as u64);
     // A target nothing was written to yet holds nothing: every item is missing.
     let target = if std::fs::symlink_metadata(&t.path)
         .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
@@ -226,7 +234,11 @@ pub async fn verify(
     } else {
         collect(
             &DirSource::new(&target_view, 0),
-            progress,
+            |id| {
+                if source.contains_key(id) {
+                    progress.inc(1);
+                }
+            },
             &mut report.unreadable,
         )
         .await
@@ -235,7 +247,10 @@ pub async fn verify(
     for (id, version) in &source {
         report.compared += 1;
         match target.get(id) {
-            None => report.missing.push(id.clone()),
+            None => {
+                progress.inc(1);
+                report.missing.push(id.clone());
+            }
             Some(v) if v != version => report.different.push(id.clone()),
             Some(_) => {}
         }
@@ -314,6 +329,7 @@ async fn verify_http(
             Err(e) => report.unreadable.push(e.to_string()),
         }
     }
+    progress.count_to(src.len() as u64);
     // The remap table, both ways.
     let remap = state
         .remap(&pipeline.name)
@@ -356,7 +372,6 @@ async fn verify_http(
                     continue;
                 }
             };
-            progress.inc(1);
             let Some(tid) = item.pointer(&tk.id_field).and_then(id_string) else {
                 report.unreadable.push(format!(
                     "target: a `{}` item has no id at `{}`",
@@ -370,6 +385,9 @@ async fn verify_http(
                     .push(format!("{}\0(target id {tid})", kind.name));
                 continue;
             };
+            if src.contains_key(&item_identity(&kind.name, key)) {
+                progress.inc(1);
+            }
             // Reference fields back to source ids.
             for r in &kind.refs {
                 let back = |v: &mut serde_json::Value| {
@@ -397,11 +415,15 @@ async fn verify_http(
     for (id, sum) in &src {
         report.compared += 1;
         if !to_target.contains_key(id) {
+            progress.inc(1);
             report.missing.push(id.clone());
             continue;
         }
         match dst.get(id) {
-            None => report.missing.push(id.clone()),
+            None => {
+                progress.inc(1);
+                report.missing.push(id.clone());
+            }
             Some(d) if d != sum => report.different.push(id.clone()),
             Some(_) => {}
         }
