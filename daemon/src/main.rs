@@ -190,7 +190,8 @@ fn init_logging(format: LogFormat, quiet: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.quiet);
+    let log_format = cli.log_format;
+    init_logging(log_format, cli.quiet);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
@@ -206,9 +207,36 @@ fn main() -> ExitCode {
                     };
                 }
             }
-            eprintln!("error: {message}");
+            print_fatal(log_format, &message);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error that ends the command, on stderr in the log's format: under
+/// `--log-format json` a reader parsing each line as an event must not meet plain text.
+/// Written directly, not as a `tracing` event, so `RUST_LOG` cannot filter it out.
+fn print_fatal(format: LogFormat, message: &str) {
+    /// Fields in the order `tracing`'s JSON events have them.
+    #[derive(serde::Serialize)]
+    struct Event<'a> {
+        timestamp: String,
+        level: &'static str,
+        message: &'a str,
+        target: &'static str,
+    }
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::to_string(&Event {
+                timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                level: "ERROR",
+                message,
+                target: "tidemark",
+            })
+            .expect("an event serializes")
+        ),
     }
 }
 
