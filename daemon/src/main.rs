@@ -453,18 +453,24 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
             let url = format!("http://{}/status", addr.trim());
             let mut request = reqwest::Client::new().get(&url);
-            if let Some(token) = config
-                .status_token_env
-                .as_ref()
-                .and_then(|v| std::env::var(v).ok())
-            {
+            let token_var = config.status_token_env.as_deref();
+            let token = token_var.and_then(|v| std::env::var(v).ok());
+            if let Some(token) = &token {
                 request = request.bearer_auth(token);
             }
             let all: Vec<serde_json::Value> = request
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
-                .with_context(|| format!("asking the running daemon at {url}"))?
+                .map_err(|e| {
+                    let hint = status_token_hint(&e, token_var, token.is_some());
+                    let e = anyhow::Error::new(e.without_url())
+                        .context(format!("asking the running daemon at {url}"));
+                    match hint {
+                        Some(hint) => anyhow::anyhow!("{e:#}; {hint}"),
+                        None => e,
+                    }
+                })?
                 .json()
                 .await?;
             all.into_iter()
@@ -572,6 +578,21 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What to do when the daemon refused `status` for want of its token (401): which
+/// variable to export. Names the variable, never prints its value.
+fn status_token_hint(e: &reqwest::Error, var: Option<&str>, set: bool) -> Option<String> {
+    let refused = e.status() == Some(reqwest::StatusCode::UNAUTHORIZED);
+    refused.then(|| match (var, set) {
+        (Some(var), false) => format!(
+            "the daemon's /status needs its bearer token: export {var} (named by status_token_env) with the token the daemon was started with, then run `tidemark status` again"
+        ),
+        (Some(var), true) => format!(
+            "the daemon refused the token in {var}: export {var} with the token the daemon was started with"
+        ),
+        (None, _) => "the daemon's /status needs a bearer token: set status_token_env in this config to the variable the daemon reads it from, and export that variable".into(),
+    })
 }
 
 /// The walk of the first selected pipeline's source directory, started before the state
