@@ -1029,6 +1029,45 @@ impl Planned {
     }
 }
 
+/// The keys of the action lines (`create file a.txt (…)`) of a plan's text output.
+fn planned_keys(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() > 3 && ["create", "update", "delete"].contains(&w[0]))
+        .map(|w| w[2].to_owned())
+        .collect()
+}
+
+/// `sync --dry-run` and `plan` list actions sorted by key, as `rsync -n` does, whatever
+/// order the parallel listing found them in; the JSON too.
+#[test]
+fn dry_run_and_plan_list_actions_sorted_by_key() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..200 {
+        write(env.src().join(format!("d{}/f{i:03}.txt", i % 7)), "x");
+    }
+    let dry = env.ok(&["sync", "--dry-run"]);
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    let json = env.json(&["plan"]);
+    let json_keys: Vec<String> = json[0]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key"].as_str().unwrap().to_owned())
+        .collect();
+    for (what, keys) in [
+        ("sync --dry-run", planned_keys(&dry)),
+        ("plan", planned_keys(&plan)),
+        ("plan --output json", json_keys),
+    ] {
+        assert_eq!(keys.len(), 207, "{what}: {keys:?}");
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "{what} is not sorted by key");
+    }
+}
+
 /// `sync --dry-run` is `rsync -n`: it shows what the scan would find and what the target
 /// would get, and appends, indexes and writes nothing, so the real `sync` after it does
 /// exactly what it showed.
