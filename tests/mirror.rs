@@ -1029,6 +1029,26 @@ impl Planned {
     }
 }
 
+/// The dry runs write no target, log or index, but they keep a report: their help says
+/// so rather than "writing nothing".
+#[test]
+fn dry_run_help_says_a_report_is_kept() {
+    let env = Env::dirs("", "");
+    for args in [&["plan", "--help"][..], &["sync", "--help"]] {
+        let help = env
+            .ok(args)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(!help.contains("writing nothing"), "{args:?}: {help}");
+        assert!(
+            help.contains("Nothing is written to the target, the log or the")
+                && help.contains("a dry-run report is kept in `reports_dir`"),
+            "{args:?}: {help}"
+        );
+    }
+}
+
 /// The keys of the action lines (`create file a.txt (…)`) of a plan's text output.
 fn planned_keys(text: &str) -> Vec<String> {
     text.lines()

@@ -102,7 +102,9 @@ enum Command {
     /// Scan and project at once (the target fills while the source is read), until the
     /// target has caught up with the scan; for one-shot use.
     Sync(SyncArgs),
-    /// Show what `project` would do, writing nothing.
+    /// Show what `project` would do. Nothing is written to the target, the log or the
+    /// state database; a dry-run report is kept in `reports_dir` (default
+    /// `{state_dir}/reports`).
     Plan(Select),
     /// Offsets, lag, last scan, delete guard and failures per pipeline.
     Status(Select),
@@ -159,7 +161,9 @@ struct SyncArgs {
     #[command(flatten)]
     select: Select,
     /// Show what the sync would do (what the scan would find, then what projecting the
-    /// log and those changes would do to the target), writing nothing.
+    /// log and those changes would do to the target). Nothing is written to the target,
+    /// the log or the index; a dry-run report is kept in `reports_dir` (default
+    /// `{state_dir}/reports`).
     #[arg(short = 'n', long)]
     dry_run: bool,
 }
@@ -788,7 +792,7 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
 }
 
 /// `sync --dry-run`: what the scan would find, then what projecting the log and those
-/// changes would do, writing nothing (not the log, the index nor the target).
+/// changes would do, writing neither the log, the index nor the target; only its report.
 async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Result<ExitCode> {
     let mut out = Vec::new();
     let mut degraded = false;
