@@ -979,6 +979,56 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
     );
 }
 
+/// `verify` says on which side an entry is unreadable: with both sides locked, the two
+/// are told apart, in text and JSON.
+#[test]
+fn verify_names_the_side_of_an_unreadable_entry() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("locked/s.txt"), "s");
+    write(env.src().join("open.txt"), "o");
+    env.sync();
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    set_mode(env.src().join("locked"), 0o000);
+    set_mode(env.dst().join("locked"), 0o000);
+    // Root reads everything; run tidemark as an unprivileged user so permissions bite.
+    let verify = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        if is_root() {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    };
+    let text = verify(&["verify"]);
+    let json = verify(&["verify", "--output", "json"]);
+    set_mode(env.src().join("locked"), 0o755);
+    set_mode(env.dst().join("locked"), 0o755);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    for side in ["source", "target"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("unreadable {side}: ")) && l.contains("locked")),
+            "{text}"
+        );
+    }
+    assert_eq!(json.status.code(), Some(4), "{json:?}");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let unreadable = v[0]["report"]["unreadable"].as_array().unwrap();
+    assert_eq!(unreadable.len(), 2, "{v}");
+    assert!(
+        unreadable[0].as_str().unwrap().starts_with("source: "),
+        "{v}"
+    );
+    assert!(
+        unreadable[1].as_str().unwrap().starts_with("target: "),
+        "{v}"
+    );
+}
+
 #[test]
 fn plan_writes_nothing_and_shows_what_project_would_do() {
     let env = Env::dirs("", "prune = true");

@@ -32,7 +32,7 @@ pub struct VerifyReport {
     /// In both, with different content, mode or (files) modification time.
     #[serde(serialize_with = "items")]
     pub different: Vec<String>,
-    /// Entries that could not be read on either side.
+    /// Entries that could not be read, each after its side (`source: …`, `target: …`).
     pub unreadable: Vec<String>,
     /// Whether extra items count as drift.
     pub prune: bool,
@@ -136,8 +136,10 @@ pub enum VerifyError {
     },
 }
 
-/// Lists and reads every item of `source`; `fetched` is told each item's identity.
+/// Lists and reads every item of `source`, the `side` named in what is unreadable;
+/// `fetched` is told each item's identity.
 async fn collect(
+    side: &str,
     source: &dyn Source,
     fetched: impl Fn(&str),
     unreadable: &mut Vec<String>,
@@ -149,7 +151,7 @@ async fn collect(
             Ok(Listing::Entry(e)) => entries.push(e),
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => unreadable.push(e.to_string()),
+            Err(e) => unreadable.push(format!("{side}: {e}")),
         }
     }
     let mut out = BTreeMap::new();
@@ -169,7 +171,7 @@ async fn collect(
                     item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
-            Err(e) => unreadable.push(e.to_string()),
+            Err(e) => unreadable.push(format!("{side}: {e}")),
         }
     }
     Ok(out)
@@ -207,6 +209,7 @@ pub async fn verify(
         ..Default::default()
     };
     let source = collect(
+        "source",
         &DirSource::new(s, 0),
         |_| progress.inc(1),
         &mut report.unreadable,
@@ -233,6 +236,7 @@ pub async fn verify(
         });
     } else {
         collect(
+            "target",
             &DirSource::new(&target_view, 0),
             |id| {
                 if source.contains_key(id) {
@@ -307,7 +311,7 @@ async fn verify_http(
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(list_err(e)),
             Err(e @ ListError::Kind { .. }) => return Err(incomplete("source", e)),
-            Err(e) => report.unreadable.push(e.to_string()),
+            Err(e) => report.unreadable.push(format!("source: {e}")),
         }
     }
     let mut fetched = futures::stream::iter(entries)
@@ -326,7 +330,7 @@ async fn verify_http(
                     comparable(body, &[], &strip),
                 );
             }
-            Err(e) => report.unreadable.push(e.to_string()),
+            Err(e) => report.unreadable.push(format!("source: {e}")),
         }
     }
     progress.count_to(src.len() as u64);
