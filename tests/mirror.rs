@@ -979,6 +979,30 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
     );
 }
 
+/// With prune off, an item only the target has is kept on purpose: `verify` lists it as
+/// `retained`, not `extra`, in JSON as in text, and finds no drift.
+#[test]
+fn verify_lists_a_retained_item_as_retained_in_json_too() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    write(env.dst().join("kept.txt"), "k");
+    let text = env.ok(&["verify"]);
+    assert!(text.contains("retained file kept.txt"), "{text}");
+    assert!(
+        text.contains("1 retained (prune is off); target matches source"),
+        "{text}"
+    );
+    let v = env.json(&["verify"]);
+    let report = &v[0]["report"];
+    assert_eq!(
+        report["retained"],
+        serde_json::json!([{"kind": "file", "key": "kept.txt"}]),
+        "{v}"
+    );
+    assert_eq!(report["extra"], serde_json::json!([]), "{v}");
+}
+
 /// `verify` says on which side an entry is unreadable: with both sides locked, the two
 /// are told apart, in text and JSON.
 #[test]

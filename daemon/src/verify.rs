@@ -26,15 +26,18 @@ pub struct VerifyReport {
     /// In the source, not in the target.
     #[serde(serialize_with = "items")]
     pub missing: Vec<String>,
-    /// In the target, not in the source (drift only when the target prunes).
+    /// In the target, not in the source, with prune on: drift.
     #[serde(serialize_with = "items")]
     pub extra: Vec<String>,
+    /// In the target, not in the source, with prune off: kept on purpose, no drift.
+    #[serde(serialize_with = "items")]
+    pub retained: Vec<String>,
     /// In both, with different content, mode or (files) modification time.
     #[serde(serialize_with = "items")]
     pub different: Vec<String>,
     /// Entries that could not be read, each after its side (`source: …`, `target: …`).
     pub unreadable: Vec<String>,
-    /// Whether extra items count as drift.
+    /// Whether the target prunes: items only it has are `extra`, else `retained`.
     pub prune: bool,
 }
 
@@ -57,7 +60,16 @@ impl VerifyReport {
         self.missing.is_empty()
             && self.different.is_empty()
             && self.unreadable.is_empty()
-            && (!self.prune || self.extra.is_empty())
+            && self.extra.is_empty()
+    }
+
+    /// Counts items only the target has as `extra`, or with prune off as `retained`.
+    fn only_in_target(&mut self, ids: impl IntoIterator<Item = String>) {
+        if self.prune {
+            self.extra.extend(ids);
+        } else {
+            self.retained.extend(ids);
+        }
     }
 
     /// A human summary listing every drifted item.
@@ -67,7 +79,8 @@ impl VerifyReport {
             ("missing", &self.missing),
             ("different", &self.different),
             ("unreadable", &self.unreadable),
-            (if self.prune { "extra" } else { "retained" }, &self.extra),
+            ("extra", &self.extra),
+            ("retained", &self.retained),
         ] {
             for i in items {
                 out.push_str(&format!("{label:>10} {}\n", i.replace('\0', " ")));
@@ -79,7 +92,11 @@ impl VerifyReport {
             self.missing.len(),
             self.different.len(),
             self.unreadable.len(),
-            self.extra.len(),
+            if self.prune {
+                self.extra.len()
+            } else {
+                self.retained.len()
+            },
             if self.prune {
                 "extra"
             } else {
@@ -259,11 +276,7 @@ pub async fn verify(
             Some(_) => {}
         }
     }
-    report.extra = target
-        .keys()
-        .filter(|k| !source.contains_key(*k))
-        .cloned()
-        .collect();
+    report.only_in_target(target.keys().filter(|k| !source.contains_key(*k)).cloned());
     Ok(report)
 }
 
@@ -384,9 +397,7 @@ async fn verify_http(
                 continue;
             };
             let Some(key) = to_source.get(&(kind.name.clone(), tid.clone())) else {
-                report
-                    .extra
-                    .push(format!("{}\0(target id {tid})", kind.name));
+                report.only_in_target([format!("{}\0(target id {tid})", kind.name)]);
                 continue;
             };
             if src.contains_key(&item_identity(&kind.name, key)) {
@@ -432,8 +443,6 @@ async fn verify_http(
             Some(_) => {}
         }
     }
-    report
-        .extra
-        .extend(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
+    report.only_in_target(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
     Ok(report)
 }
