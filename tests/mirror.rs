@@ -1020,6 +1020,80 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
     );
 }
 
+/// With prune off, an item only the target has is kept on purpose: `verify` lists it as
+/// `retained`, not `extra`, in JSON as in text, and finds no drift.
+#[test]
+fn verify_lists_a_retained_item_as_retained_in_json_too() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    write(env.dst().join("kept.txt"), "k");
+    let text = env.ok(&["verify"]);
+    assert!(text.contains("retained file kept.txt"), "{text}");
+    assert!(
+        text.contains("1 retained (prune is off); target matches source"),
+        "{text}"
+    );
+    let v = env.json(&["verify"]);
+    let report = &v[0]["report"];
+    assert_eq!(
+        report["retained"],
+        serde_json::json!([{"kind": "file", "key": "kept.txt"}]),
+        "{v}"
+    );
+    assert_eq!(report["extra"], serde_json::json!([]), "{v}");
+}
+
+/// `verify` says on which side an entry is unreadable: with both sides locked, the two
+/// are told apart, in text and JSON.
+#[test]
+fn verify_names_the_side_of_an_unreadable_entry() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("locked/s.txt"), "s");
+    write(env.src().join("open.txt"), "o");
+    env.sync();
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    set_mode(env.src().join("locked"), 0o000);
+    set_mode(env.dst().join("locked"), 0o000);
+    // Root reads everything; run tidemark as an unprivileged user so permissions bite.
+    let verify = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        if is_root() {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    };
+    let text = verify(&["verify"]);
+    let json = verify(&["verify", "--output", "json"]);
+    set_mode(env.src().join("locked"), 0o755);
+    set_mode(env.dst().join("locked"), 0o755);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    for side in ["source", "target"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("unreadable {side}: ")) && l.contains("locked")),
+            "{text}"
+        );
+    }
+    assert_eq!(json.status.code(), Some(4), "{json:?}");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let unreadable = v[0]["report"]["unreadable"].as_array().unwrap();
+    assert_eq!(unreadable.len(), 2, "{v}");
+    assert!(
+        unreadable[0].as_str().unwrap().starts_with("source: "),
+        "{v}"
+    );
+    assert!(
+        unreadable[1].as_str().unwrap().starts_with("target: "),
+        "{v}"
+    );
+}
+
 #[test]
 fn plan_writes_nothing_and_shows_what_project_would_do() {
     let env = Env::dirs("", "prune = true");
@@ -1067,6 +1141,65 @@ impl Planned {
             .get(&(kind.to_owned(), action.to_owned()))
             .copied()
             .unwrap_or(0)
+    }
+}
+
+/// The dry runs write no target, log or index, but they keep a report: their help says
+/// so rather than "writing nothing".
+#[test]
+fn dry_run_help_says_a_report_is_kept() {
+    let env = Env::dirs("", "");
+    for args in [&["plan", "--help"][..], &["sync", "--help"]] {
+        let help = env
+            .ok(args)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(!help.contains("writing nothing"), "{args:?}: {help}");
+        assert!(
+            help.contains("Nothing is written to the target, the log or the")
+                && help.contains("a dry-run report is kept in `reports_dir`"),
+            "{args:?}: {help}"
+        );
+    }
+}
+
+/// The keys of the action lines (`create file a.txt (…)`) of a plan's text output.
+fn planned_keys(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() > 3 && ["create", "update", "delete"].contains(&w[0]))
+        .map(|w| w[2].to_owned())
+        .collect()
+}
+
+/// `sync --dry-run` and `plan` list actions sorted by key, as `rsync -n` does, whatever
+/// order the parallel listing found them in; the JSON too.
+#[test]
+fn dry_run_and_plan_list_actions_sorted_by_key() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..200 {
+        write(env.src().join(format!("d{}/f{i:03}.txt", i % 7)), "x");
+    }
+    let dry = env.ok(&["sync", "--dry-run"]);
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    let json = env.json(&["plan"]);
+    let json_keys: Vec<String> = json[0]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key"].as_str().unwrap().to_owned())
+        .collect();
+    for (what, keys) in [
+        ("sync --dry-run", planned_keys(&dry)),
+        ("plan", planned_keys(&plan)),
+        ("plan --output json", json_keys),
+    ] {
+        assert_eq!(keys.len(), 207, "{what}: {keys:?}");
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "{what} is not sorted by key");
     }
 }
 

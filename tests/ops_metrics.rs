@@ -307,3 +307,32 @@ fn a_daemon_that_cannot_start_leaves_no_address_file() {
         "the address file is left behind: {stderr}"
     );
 }
+
+/// Under `--log-format json` every line on stderr is a JSON event, the error that ends the
+/// command too; the text format keeps `error: …`.
+#[test]
+fn the_error_that_ends_a_command_follows_the_log_format() {
+    let env = Env::dirs("", "");
+    let out = env.run(&["--log-format", "json", "status", "--pipeline", "nope"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let last = events.last().expect("the error is printed");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(last["timestamp"].is_string(), "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("no pipeline named `nope`")),
+        "{last}"
+    );
+    let out = env.run(&["status", "--pipeline", "nope"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: no pipeline named `nope`"),
+        "{stderr}"
+    );
+}

@@ -8,18 +8,25 @@ use std::process::Command;
 
 use common::*;
 
+/// Columns of the pseudo-terminal: wide enough that no log line wraps.
+const COLS: usize = 250;
+
 /// Runs the binary with `args` under a pseudo-terminal; returns everything it drew.
 fn under_pty(env: &Env, args: &str) -> String {
+    under_pty_logging(env, args, "warn")
+}
+
+/// [`under_pty`] with `RUST_LOG` set to `log`.
+fn under_pty_logging(env: &Env, args: &str, log: &str) -> String {
     let cmd = format!(
-        "{} --config {} {args}",
+        "stty cols {COLS} rows 50; {} --config {} {args}",
         bin().display(),
         env.config.display()
     );
     let out = Command::new("script")
         .args(["-qfec", &cmd, "/dev/null"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .env("TERM", "xterm")
-        .env("COLUMNS", "120")
         .output()
         .unwrap_or_else(|e| {
             panic!("cannot run `script` ({e}); install util-linux: apt-get install -y util-linux")
@@ -37,6 +44,112 @@ fn progress_marks(text: &str) -> Vec<&'static str> {
     ["ETA", "/s", "\u{1b}[2K", "\r"]
         .into_iter()
         .filter(|m| text.contains(m))
+        .collect()
+}
+
+/// What a terminal [`COLS`] wide shows once `drawn` has been drawn on it: the control
+/// sequences progress bars use (cursor up and down, clear line, clear to the end) are
+/// played, colours dropped, and a line filled to the last column wraps on the next
+/// character, as xterm does.
+fn screen(drawn: &str) -> Vec<String> {
+    let mut lines: Vec<Vec<char>> = Vec::new();
+    let (mut row, mut col) = (0usize, 0usize);
+    let mut chars = drawn.chars().peekable();
+    while let Some(c) = chars.next() {
+        if lines.len() <= row {
+            lines.resize(row + 1, Vec::new());
+        }
+        match c {
+            '\u{1b}' if chars.peek() == Some(&'[') => {
+                chars.next();
+                let mut arg = String::new();
+                let cmd = loop {
+                    match chars.next() {
+                        Some(c) if c.is_ascii_alphabetic() => break c,
+                        Some(c) => arg.push(c),
+                        None => break ' ',
+                    }
+                };
+                let n = arg.parse::<usize>().unwrap_or(1);
+                match cmd {
+                    'A' => (row, col) = (row.saturating_sub(n), col.min(COLS - 1)),
+                    'B' => (row, col) = (row + n, col.min(COLS - 1)),
+                    'K' if arg == "2" => lines[row].clear(),
+                    'K' => lines[row].truncate(col),
+                    'J' => {
+                        lines[row].truncate(col);
+                        lines.truncate(row + 1);
+                    }
+                    _ => {}
+                }
+            }
+            '\r' => col = 0,
+            '\n' => row += 1,
+            c => {
+                if col == COLS {
+                    (row, col) = (row + 1, 0);
+                    if lines.len() <= row {
+                        lines.resize(row + 1, Vec::new());
+                    }
+                }
+                let line = &mut lines[row];
+                if line.len() <= col {
+                    line.resize(col + 1, ' ');
+                }
+                line[col] = c;
+                col += 1;
+            }
+        }
+    }
+    let mut shown: Vec<String> = lines
+        .iter()
+        .map(|l| l.iter().collect::<String>().trim_end().to_owned())
+        .collect();
+    while shown.last().is_some_and(String::is_empty) {
+        shown.pop();
+    }
+    shown
+}
+
+/// Lines of `screen` that are a bar's frame (its prefix, right-aligned).
+fn bar_lines(screen: &[String]) -> Vec<&String> {
+    screen
+        .iter()
+        .filter(|l| {
+            ["scan ", "project ", "verify "]
+                .iter()
+                .any(|p| l.trim_start().starts_with(p) && l.starts_with("   "))
+        })
+        .collect()
+}
+
+/// The rates a bar drew (`1,234/s`), as drawn.
+fn rates(drawn: &str) -> Vec<&str> {
+    drawn
+        .match_indices("/s")
+        .map(|(at, _)| drawn[..at].rsplit(' ').next().unwrap_or(""))
+        .collect()
+}
+
+/// The counts in every frame `drawn` of the bar named `what` (`1,234`, or `1,234/1,530`).
+fn counts(drawn: &str, what: &str) -> Vec<u64> {
+    drawn
+        .match_indices(&format!("{what:>10} "))
+        .flat_map(|(at, m)| {
+            let frame = &drawn[at + m.len()..];
+            // Up to the rate (`28,405/s`), which is no count.
+            let rate = frame.find("/s").unwrap_or(frame.len());
+            let frame = &frame[..frame[..rate].rfind(' ').unwrap_or(rate)];
+            frame
+                .split_whitespace()
+                .filter(|t| {
+                    t.chars()
+                        .all(|c| c.is_ascii_digit() || c == ',' || c == '/')
+                })
+                .flat_map(|t| t.split('/'))
+                .filter_map(|n| n.replace(',', "").parse().ok())
+                .collect::<Vec<u64>>()
+        })
         .collect()
 }
 
@@ -59,6 +172,12 @@ fn issue_5_progress_appears_on_a_terminal() {
         scan.contains("/s") && scan.contains("\u{1b}[2K"),
         "no progress drawn by scan: {scan:?}"
     );
+    for rate in rates(&scan) {
+        assert!(
+            !rate.is_empty() && rate.chars().all(|c| c.is_ascii_digit() || c == ','),
+            "a rate is not a whole number: {rate:?} in {scan:?}"
+        );
+    }
     let project = under_pty(&env, "project");
     assert!(
         project.contains("project") && project.contains("ETA") && project.contains("/1,530"),
@@ -69,11 +188,61 @@ fn issue_5_progress_appears_on_a_terminal() {
         verify.contains("verify") && verify.contains("/s"),
         "no progress drawn by verify: {verify:?}"
     );
-    // --quiet draws nothing even on a terminal.
-    let quiet = under_pty(&env, "--quiet verify");
+}
+
+/// `verify` counts each item compared once, not once per side: 8,040 items never show as
+/// more. (Enough items that a frame is drawn while the target is read.)
+#[test]
+fn verify_counts_items_compared() {
+    let env = Env::dirs("", "");
+    for i in 0..8000 {
+        write(env.src().join(format!("d{}/f{i}.txt", i % 40)), "x");
+    }
+    env.ok(&["sync"]);
+    let drawn = under_pty(&env, "verify");
+    let counts = counts(&drawn, "verify");
+    assert!(!counts.is_empty(), "no progress drawn by verify: {drawn:?}");
     assert!(
-        !quiet.contains("ETA") && !quiet.contains("\u{1b}[2K"),
-        "--quiet drew progress: {quiet:?}"
+        counts.iter().all(|n| *n <= 8040),
+        "verify counted past the 8,040 items: {counts:?}"
+    );
+}
+
+/// `-q` draws nothing on a terminal, not even a first frame of a bar that is then hidden.
+#[test]
+fn quiet_draws_no_frame_on_a_terminal() {
+    let env = Env::dirs("", "");
+    tree(&env);
+    for args in ["--quiet sync", "-q verify", "-q scan", "-q project"] {
+        let quiet = under_pty(&env, args);
+        assert!(
+            !quiet.contains("/s") && !quiet.contains("ETA") && !quiet.contains("\u{1b}[2K"),
+            "`{args}` drew progress: {quiet:?}"
+        );
+    }
+}
+
+/// A log line written while bars are drawn is printed whole above them, and finished bars
+/// leave no line behind: the terminal shows the log and the summary, nothing else.
+#[test]
+fn log_lines_go_above_the_bars_and_no_frame_is_left() {
+    let env = Env::dirs("", "");
+    tree(&env);
+    let drawn = under_pty_logging(&env, "sync", "info");
+    assert!(drawn.contains("/s"), "no progress drawn: {drawn:?}");
+    let shown = screen(&drawn);
+    assert_eq!(bar_lines(&shown), Vec::<&String>::new(), "{shown:#?}");
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.contains("INFO") && l.contains("scan finished") && l.contains("result=ok")),
+        "the scan's log line is not shown whole: {shown:#?}"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.starts_with("t: applied 1530 events")),
+        "{shown:#?}"
     );
 }
 

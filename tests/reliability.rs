@@ -483,12 +483,34 @@ fn issue_6_status_requires_the_bearer_token_which_never_leaks() {
     // The CLI asks the running daemon (sled admits one process) with the same token.
     let status = env.ok(&["status"]);
     assert!(status.contains("pipeline t"), "{status}");
+    // Without it, `status` says which variable to export.
+    let refused = env
+        .cmd(&["status"])
+        .env_remove("TM_RELIABILITY_TOKEN")
+        .output()
+        .unwrap();
+    let refused = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        refused.contains("401") && refused.contains("export TM_RELIABILITY_TOKEN"),
+        "{refused}"
+    );
+    let wrong = env
+        .cmd(&["status"])
+        .env("TM_RELIABILITY_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    let wrong = String::from_utf8_lossy(&wrong.stderr).into_owned();
+    assert!(
+        wrong.contains("refused the token in TM_RELIABILITY_TOKEN") && !wrong.contains("wrong"),
+        "{wrong}"
+    );
     let metrics = daemon.get("/metrics").text().unwrap();
     assert!(daemon.terminate().success());
     for (what, text) in [
         ("log", env.daemon_log()),
         ("metrics", metrics),
         ("status", status),
+        ("refused status", refused),
     ] {
         assert!(!text.contains(token), "the token leaked into the {what}");
     }

@@ -17,7 +17,7 @@
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - [`verify`]: `tidemark verify`: source and target compared item by item.
-//! - [`progress`]: progress bars on a terminal, silence when piped.
+//! - [`progress`]: progress bars on a terminal, silence when piped; log lines kept above the bars.
 //! - [`report`]: `report.json` and `summary.txt` of every run and changed daemon cycle.
 //!
 //! The flow and its guarantees are described in `docs/ARCHITECTURE.md`.

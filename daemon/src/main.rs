@@ -13,7 +13,7 @@ use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::metrics::metrics;
 use tidemark::pipeline::Pipeline;
-use tidemark::progress::{Progress, ProgressGroup};
+use tidemark::progress::{LogWriter, Progress};
 use tidemark::projector::PlannedAction;
 use tidemark::report::Report;
 use tidemark::scanner::StartedListing;
@@ -102,7 +102,9 @@ enum Command {
     /// Scan and project at once (the target fills while the source is read), until the
     /// target has caught up with the scan; for one-shot use.
     Sync(SyncArgs),
-    /// Show what `project` would do, writing nothing.
+    /// Show what `project` would do. Nothing is written to the target, the log or the
+    /// state database; a dry-run report is kept in `reports_dir` (default
+    /// `{state_dir}/reports`).
     Plan(Select),
     /// Offsets, lag, last scan, delete guard and failures per pipeline.
     Status(Select),
@@ -159,7 +161,9 @@ struct SyncArgs {
     #[command(flatten)]
     select: Select,
     /// Show what the sync would do (what the scan would find, then what projecting the
-    /// log and those changes would do to the target), writing nothing.
+    /// log and those changes would do to the target). Nothing is written to the target,
+    /// the log or the index; a dry-run report is kept in `reports_dir` (default
+    /// `{state_dir}/reports`).
     #[arg(short = 'n', long)]
     dry_run: bool,
 }
@@ -180,7 +184,7 @@ fn init_logging(format: LogFormat, quiet: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
@@ -190,7 +194,8 @@ fn init_logging(format: LogFormat, quiet: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.quiet);
+    let log_format = cli.log_format;
+    init_logging(log_format, cli.quiet);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
@@ -206,9 +211,36 @@ fn main() -> ExitCode {
                     };
                 }
             }
-            eprintln!("error: {message}");
+            print_fatal(log_format, &message);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error that ends the command, on stderr in the log's format: under
+/// `--log-format json` a reader parsing each line as an event must not meet plain text.
+/// Written directly, not as a `tracing` event, so `RUST_LOG` cannot filter it out.
+fn print_fatal(format: LogFormat, message: &str) {
+    /// Fields in the order `tracing`'s JSON events have them.
+    #[derive(serde::Serialize)]
+    struct Event<'a> {
+        timestamp: String,
+        level: &'static str,
+        message: &'a str,
+        target: &'static str,
+    }
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::to_string(&Event {
+                timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                level: "ERROR",
+                message,
+                target: "tidemark",
+            })
+            .expect("an event serializes")
+        ),
     }
 }
 
@@ -418,18 +450,24 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
             let url = format!("http://{}/status", addr.trim());
             let mut request = reqwest::Client::new().get(&url);
-            if let Some(token) = config
-                .status_token_env
-                .as_ref()
-                .and_then(|v| std::env::var(v).ok())
-            {
+            let token_var = config.status_token_env.as_deref();
+            let token = token_var.and_then(|v| std::env::var(v).ok());
+            if let Some(token) = &token {
                 request = request.bearer_auth(token);
             }
             let all: Vec<serde_json::Value> = request
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
-                .with_context(|| format!("asking the running daemon at {url}"))?
+                .map_err(|e| {
+                    let hint = status_token_hint(&e, token_var, token.is_some());
+                    let e = anyhow::Error::new(e.without_url())
+                        .context(format!("asking the running daemon at {url}"));
+                    match hint {
+                        Some(hint) => anyhow::anyhow!("{e:#}; {hint}"),
+                        None => e,
+                    }
+                })?
                 .json()
                 .await?;
             all.into_iter()
@@ -539,6 +577,21 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What to do when the daemon refused `status` for want of its token (401): which
+/// variable to export. Names the variable, never prints its value.
+fn status_token_hint(e: &reqwest::Error, var: Option<&str>, set: bool) -> Option<String> {
+    let refused = e.status() == Some(reqwest::StatusCode::UNAUTHORIZED);
+    refused.then(|| match (var, set) {
+        (Some(var), false) => format!(
+            "the daemon's /status needs its bearer token: export {var} (named by status_token_env) with the token the daemon was started with, then run `tidemark status` again"
+        ),
+        (Some(var), true) => format!(
+            "the daemon refused the token in {var}: export {var} with the token the daemon was started with"
+        ),
+        (None, _) => "the daemon's /status needs a bearer token: set status_token_env in this config to the variable the daemon reads it from, and export that variable".into(),
+    })
+}
+
 /// The walk of the first selected pipeline's source directory, started before the state
 /// database is opened. Opening sled reads a header from every segment of its file (50–90
 /// ms on a cold cache for the state of 100k files), and the walk needs nothing from the
@@ -585,9 +638,9 @@ async fn scan_project(
         let mut entry = json!({"pipeline": p.name()});
         let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
         // `sync` projects while it scans, so the target fills as the source is read.
-        let bars = ProgressGroup::new(show_progress);
-        let scan_bar = scan.then(|| bars.bar("scan", None));
-        let project_bar = project.then(|| bars.bar("project", (!scan).then_some(0)));
+        let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
+        let project_bar =
+            project.then(|| Progress::new(show_progress, "project", (!scan).then_some(0)));
         let scanning = CancellationToken::new();
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
@@ -732,7 +785,7 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
 }
 
 /// `sync --dry-run`: what the scan would find, then what projecting the log and those
-/// changes would do, writing nothing (not the log, the index nor the target).
+/// changes would do, writing neither the log, the index nor the target; only its report.
 async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Result<ExitCode> {
     let mut out = Vec::new();
     let mut degraded = false;

@@ -1,61 +1,56 @@
 //! Progress bars for long one-shot commands: drawn on a terminal, silent when stderr is
-//! piped or `--quiet` is given.
+//! piped or `--quiet` is given; and the log writer that keeps log lines above the bars.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
-
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A progress bar that may be hidden.
+/// Every visible bar of the process, one line each at the bottom of the terminal. One
+/// owner of those lines is what lets a log line be written above them ([`LogWriter`]):
+/// bars drawing on their own would each redraw over it and leave stale frames behind.
+static BARS: LazyLock<MultiProgress> = LazyLock::new(MultiProgress::new);
+
+/// Visible bars not finished yet: while there are none, log lines go straight to stderr.
+static ON_SCREEN: AtomicUsize = AtomicUsize::new(0);
+
+/// A progress bar that may be hidden; removed from the terminal when finished or dropped.
 pub struct Progress {
     bar: ProgressBar,
     /// Bytes read or written so far, shown beside the item count.
     bytes: AtomicU64,
+    /// Whether the bar is one of [`BARS`] (and counted in [`ON_SCREEN`]) until finished.
+    on_screen: AtomicBool,
 }
 
 impl Progress {
     /// A bar counting `what` towards `total` (a spinner when the total is unknown); hidden
-    /// unless `enabled` and stderr is a terminal.
+    /// unless `enabled` and stderr is a terminal. Visible bars stack, one line each, in
+    /// the order they were made (`sync` scans and projects at once).
     pub fn new(enabled: bool, what: &str, total: Option<u64>) -> Progress {
+        // Hidden from the start: styling a bar drawn on stderr would draw a frame of it
+        // there, outside the bars' lines, even for a bar that is then hidden.
+        let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::hidden())
+            .with_style(style(total.is_some()))
+            .with_prefix(what.to_owned());
         let visible = enabled && std::io::stderr().is_terminal();
-        let bar = Progress::styled(what, total);
-        if !visible {
-            bar.set_draw_target(ProgressDrawTarget::hidden());
+        if visible {
+            ON_SCREEN.fetch_add(1, Ordering::SeqCst);
+            BARS.add(bar.clone());
+            bar.enable_steady_tick(Duration::from_millis(200));
         }
-        bar.enable_steady_tick(Duration::from_millis(200));
         Progress {
             bar,
             bytes: AtomicU64::new(0),
+            on_screen: AtomicBool::new(visible),
         }
-    }
-
-    fn styled(what: &str, total: Option<u64>) -> ProgressBar {
-        let bar = match total {
-            Some(n) => ProgressBar::new(n),
-            None => ProgressBar::no_length(),
-        };
-        let template = if total.is_some() {
-            "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {msg} {per_sec} ETA {eta}"
-        } else {
-            "{prefix:>10} {spinner} {human_pos} {msg} {per_sec} {elapsed}"
-        };
-        bar.set_style(
-            ProgressStyle::with_template(template)
-                .expect("progress templates are valid")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(what.to_owned());
-        bar
     }
 
     /// A bar that never draws (daemon loops, tests).
     pub fn hidden() -> Progress {
-        Progress {
-            bar: ProgressBar::hidden(),
-            bytes: AtomicU64::new(0),
-        }
+        Progress::new(false, "", None)
     }
 
     /// Counts `n` more bytes.
@@ -76,35 +71,73 @@ impl Progress {
         self.bar.set_length(self.bar.position() + n);
     }
 
-    /// Removes the bar from the terminal.
+    /// Starts counting again, from 0 towards `total`, as a bar (`verify` counts the source
+    /// as it lists it, then the items compared).
+    pub fn count_to(&self, total: u64) {
+        self.bar.set_style(style(true));
+        self.bar.set_length(total);
+        self.bar.set_position(0);
+        self.bar.reset_eta();
+    }
+
+    /// Removes the bar from the terminal, leaving no line of it behind.
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+        if self.on_screen.swap(false, Ordering::SeqCst) {
+            BARS.remove(&self.bar);
+            ON_SCREEN.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
-/// Bars drawn together, one line each, for work that runs side by side (`sync` scans and
-/// projects at once); hidden unless enabled and stderr is a terminal.
-pub struct ProgressGroup {
-    multi: MultiProgress,
+impl Drop for Progress {
+    /// A command that fails midway leaves no bar drawn over its error.
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
-impl ProgressGroup {
-    /// A group drawn on stderr when `enabled` and stderr is a terminal.
-    pub fn new(enabled: bool) -> ProgressGroup {
-        let multi = MultiProgress::new();
-        if !(enabled && std::io::stderr().is_terminal()) {
-            multi.set_draw_target(ProgressDrawTarget::hidden());
-        }
-        ProgressGroup { multi }
+fn style(counted: bool) -> ProgressStyle {
+    // `per_sec`'s width is its precision: whole items a second.
+    let template = if counted {
+        "{prefix:>10} [{bar:40}] {human_pos}/{human_len} {msg} {per_sec:0} ETA {eta}"
+    } else {
+        "{prefix:>10} {spinner} {human_pos} {msg} {per_sec:0} {elapsed}"
+    };
+    ProgressStyle::with_template(template)
+        .expect("progress templates are valid")
+        .progress_chars("=> ")
+}
+
+/// The log's writer: stderr, with the bars taken off the terminal while a line is written
+/// and drawn again below it, so a log line is neither cut by a redraw nor left under a
+/// stale frame. The fmt layer writes each event with one `write_all`.
+pub struct LogWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
     }
 
-    /// A bar in this group, as [`Progress::new`] describes.
-    pub fn bar(&self, what: &str, total: Option<u64>) -> Progress {
-        let bar = self.multi.add(Progress::styled(what, total));
-        bar.enable_steady_tick(Duration::from_millis(200));
-        Progress {
-            bar,
-            bytes: AtomicU64::new(0),
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let write = || std::io::stderr().write_all(buf);
+        if ON_SCREEN.load(Ordering::SeqCst) > 0 {
+            BARS.suspend(write)
+        } else {
+            write()
         }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }

@@ -1637,7 +1637,8 @@ impl Projector {
         Ok(partitions)
     }
 
-    /// What `project` would do from the committed offsets on, without writing anything.
+    /// What `project` would do from the committed offsets on, without writing anything;
+    /// sorted by key.
     pub async fn plan(&self) -> Result<Vec<PlannedAction>, ProjectError> {
         self.plan_with(Vec::new()).await
     }
@@ -1736,6 +1737,10 @@ impl Projector {
                 }
             }
         }
+        // Listings run in parallel, so log order differs between runs; a person reads
+        // a plan sorted by key, as `rsync -n` lists. The sort is stable: a key's actions
+        // stay in the order `project` takes them.
+        actions.sort_by(|a, b| (&a.key, &a.kind).cmp(&(&b.key, &b.kind)));
         Ok(actions)
     }
 

@@ -26,15 +26,18 @@ pub struct VerifyReport {
     /// In the source, not in the target.
     #[serde(serialize_with = "items")]
     pub missing: Vec<String>,
-    /// In the target, not in the source (drift only when the target prunes).
+    /// In the target, not in the source, with prune on: drift.
     #[serde(serialize_with = "items")]
     pub extra: Vec<String>,
+    /// In the target, not in the source, with prune off: kept on purpose, no drift.
+    #[serde(serialize_with = "items")]
+    pub retained: Vec<String>,
     /// In both, with different content, mode or (files) modification time.
     #[serde(serialize_with = "items")]
     pub different: Vec<String>,
-    /// Entries that could not be read on either side.
+    /// Entries that could not be read, each after its side (`source: …`, `target: …`).
     pub unreadable: Vec<String>,
-    /// Whether extra items count as drift.
+    /// Whether the target prunes: items only it has are `extra`, else `retained`.
     pub prune: bool,
 }
 
@@ -57,7 +60,16 @@ impl VerifyReport {
         self.missing.is_empty()
             && self.different.is_empty()
             && self.unreadable.is_empty()
-            && (!self.prune || self.extra.is_empty())
+            && self.extra.is_empty()
+    }
+
+    /// Counts items only the target has as `extra`, or with prune off as `retained`.
+    fn only_in_target(&mut self, ids: impl IntoIterator<Item = String>) {
+        if self.prune {
+            self.extra.extend(ids);
+        } else {
+            self.retained.extend(ids);
+        }
     }
 
     /// A human summary listing every drifted item.
@@ -67,7 +79,8 @@ impl VerifyReport {
             ("missing", &self.missing),
             ("different", &self.different),
             ("unreadable", &self.unreadable),
-            (if self.prune { "extra" } else { "retained" }, &self.extra),
+            ("extra", &self.extra),
+            ("retained", &self.retained),
         ] {
             for i in items {
                 out.push_str(&format!("{label:>10} {}\n", i.replace('\0', " ")));
@@ -79,7 +92,11 @@ impl VerifyReport {
             self.missing.len(),
             self.different.len(),
             self.unreadable.len(),
-            self.extra.len(),
+            if self.prune {
+                self.extra.len()
+            } else {
+                self.retained.len()
+            },
             if self.prune {
                 "extra"
             } else {
@@ -136,9 +153,12 @@ pub enum VerifyError {
     },
 }
 
+/// Lists and reads every item of `source`, the `side` named in what is unreadable;
+/// `fetched` is told each item's identity.
 async fn collect(
+    side: &str,
     source: &dyn Source,
-    progress: &Progress,
+    fetched: impl Fn(&str),
     unreadable: &mut Vec<String>,
 ) -> Result<BTreeMap<String, String>, ListError> {
     let mut entries = Vec::new();
@@ -148,26 +168,27 @@ async fn collect(
             Ok(Listing::Entry(e)) => entries.push(e),
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => unreadable.push(e.to_string()),
+            Err(e) => unreadable.push(format!("{side}: {e}")),
         }
     }
     let mut out = BTreeMap::new();
-    let mut fetched = futures::stream::iter(entries)
+    let mut items = futures::stream::iter(entries)
         .map(|e| source.fetch(e))
         .buffer_unordered(8);
-    while let Some(item) = fetched.next().await {
-        progress.inc(1);
+    while let Some(item) = items.next().await {
         match item {
             Ok(i) => {
+                let id = item_identity(&i.kind, &i.key);
+                fetched(&id);
                 out.insert(
-                    item_identity(&i.kind, &i.key),
+                    id,
                     // A file's time too: `sync` mirrors it, so a target file whose time
                     // is not its source file's is drift (`replay --from 0`, then
                     // `project`, sets it).
                     item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
-            Err(e) => unreadable.push(e.to_string()),
+            Err(e) => unreadable.push(format!("{side}: {e}")),
         }
     }
     Ok(out)
@@ -204,9 +225,16 @@ pub async fn verify(
         prune: t.prune,
         ..Default::default()
     };
-    let source = collect(&DirSource::new(s, 0), progress, &mut report.unreadable)
-        .await
-        .map_err(list_err)?;
+    let source = collect(
+        "source",
+        &DirSource::new(s, 0),
+        |_| progress.inc(1),
+        &mut report.unreadable,
+    )
+    .await
+    .map_err(list_err)?;
+    // Then the bar counts items compared: a source item once its target side is read.
+    progress.count_to(source.len() as u64);
     // A target nothing was written to yet holds nothing: every item is missing.
     let target = if std::fs::symlink_metadata(&t.path)
         .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
@@ -225,8 +253,13 @@ pub async fn verify(
         });
     } else {
         collect(
+            "target",
             &DirSource::new(&target_view, 0),
-            progress,
+            |id| {
+                if source.contains_key(id) {
+                    progress.inc(1);
+                }
+            },
             &mut report.unreadable,
         )
         .await
@@ -235,16 +268,15 @@ pub async fn verify(
     for (id, version) in &source {
         report.compared += 1;
         match target.get(id) {
-            None => report.missing.push(id.clone()),
+            None => {
+                progress.inc(1);
+                report.missing.push(id.clone());
+            }
             Some(v) if v != version => report.different.push(id.clone()),
             Some(_) => {}
         }
     }
-    report.extra = target
-        .keys()
-        .filter(|k| !source.contains_key(*k))
-        .cloned()
-        .collect();
+    report.only_in_target(target.keys().filter(|k| !source.contains_key(*k)).cloned());
     Ok(report)
 }
 
@@ -292,7 +324,7 @@ async fn verify_http(
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(list_err(e)),
             Err(e @ ListError::Kind { .. }) => return Err(incomplete("source", e)),
-            Err(e) => report.unreadable.push(e.to_string()),
+            Err(e) => report.unreadable.push(format!("source: {e}")),
         }
     }
     let mut fetched = futures::stream::iter(entries)
@@ -311,9 +343,10 @@ async fn verify_http(
                     comparable(body, &[], &strip),
                 );
             }
-            Err(e) => report.unreadable.push(e.to_string()),
+            Err(e) => report.unreadable.push(format!("source: {e}")),
         }
     }
+    progress.count_to(src.len() as u64);
     // The remap table, both ways.
     let remap = state
         .remap(&pipeline.name)
@@ -356,7 +389,6 @@ async fn verify_http(
                     continue;
                 }
             };
-            progress.inc(1);
             let Some(tid) = item.pointer(&tk.id_field).and_then(id_string) else {
                 report.unreadable.push(format!(
                     "target: a `{}` item has no id at `{}`",
@@ -365,11 +397,12 @@ async fn verify_http(
                 continue;
             };
             let Some(key) = to_source.get(&(kind.name.clone(), tid.clone())) else {
-                report
-                    .extra
-                    .push(format!("{}\0(target id {tid})", kind.name));
+                report.only_in_target([format!("{}\0(target id {tid})", kind.name)]);
                 continue;
             };
+            if src.contains_key(&item_identity(&kind.name, key)) {
+                progress.inc(1);
+            }
             // Reference fields back to source ids.
             for r in &kind.refs {
                 let back = |v: &mut serde_json::Value| {
@@ -397,17 +430,19 @@ async fn verify_http(
     for (id, sum) in &src {
         report.compared += 1;
         if !to_target.contains_key(id) {
+            progress.inc(1);
             report.missing.push(id.clone());
             continue;
         }
         match dst.get(id) {
-            None => report.missing.push(id.clone()),
+            None => {
+                progress.inc(1);
+                report.missing.push(id.clone());
+            }
             Some(d) if d != sum => report.different.push(id.clone()),
             Some(_) => {}
         }
     }
-    report
-        .extra
-        .extend(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
+    report.only_in_target(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
     Ok(report)
 }
