@@ -1525,6 +1525,19 @@ fn a_missing_source_directory_is_a_clear_error() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !env.path("state").exists(),
+        "a run that cannot start made a state"
+    );
+    // A source that is a file, the same.
+    write(env.src(), "not a directory");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+    assert!(
+        !env.path("state").exists(),
+        "a run that cannot start made a state"
+    );
 }
 
 #[test]

@@ -623,6 +623,19 @@ async fn scan_project(
     project: bool,
     show_progress: bool,
 ) -> Result<ExitCode> {
+    // A first run whose source cannot be walked fails before it creates a state directory.
+    if scan && !config.state_dir.exists() {
+        for p in config
+            .select(select.pipeline.as_deref())
+            .unwrap_or_default()
+        {
+            if let tidemark::config::SourceConfig::Dir(d) = &p.source {
+                if let Err(message) = tidemark::source::fs::root_dir(&d.path) {
+                    anyhow::bail!("pipeline `{}`: {message}", p.name);
+                }
+            }
+        }
+    }
     let mut early = scan.then(|| EarlyListing::start(&config, select)).flatten();
     let session = Session::open(config)?;
     let mut degraded = false;

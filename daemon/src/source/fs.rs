@@ -68,6 +68,18 @@ pub fn path_of(root: &Path, key: &str) -> Option<PathBuf> {
     Some(root.join(OsStr::from_bytes(&pathkey::decode(key)?)))
 }
 
+/// The metadata of a source root that is a directory, or why it cannot be walked.
+pub fn root_dir(root: &Path) -> Result<std::fs::Metadata, String> {
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(m),
+        Ok(_) => Err(format!("source {} is not a directory", root.display())),
+        Err(e) => Err(format!(
+            "source directory {} cannot be read: {e}; check source.dir.path in the config and that the directory is mounted",
+            root.display()
+        )),
+    }
+}
+
 impl DirSource {
     /// A source over `cfg.path`; files up to `inline_limit` bytes are carried inline.
     pub fn new(cfg: &DirSourceConfig, inline_limit: u64) -> DirSource {
@@ -156,21 +168,10 @@ impl Walker {
     /// of entries is not defined; only the directory list waiting to be read is held.
     fn walk(&self, tx: &ListSender) {
         let send = |item| tx.blocking_send(vec![item]).is_ok();
-        let root_meta = match std::fs::metadata(&self.root) {
-            Ok(m) if m.is_dir() => m,
-            Ok(_) => {
-                send(Err(ListError::Root {
-                    message: format!("source {} is not a directory", self.root.display()),
-                }));
-                return;
-            }
-            Err(e) => {
-                send(Err(ListError::Root {
-                    message: format!(
-                        "source directory {} cannot be read: {e}; check source.dir.path in the config and that the directory is mounted",
-                        self.root.display()
-                    ),
-                }));
+        let root_meta = match root_dir(&self.root) {
+            Ok(m) => m,
+            Err(message) => {
+                send(Err(ListError::Root { message }));
                 return;
             }
         };
