@@ -2031,3 +2031,33 @@ fn a_target_path_that_is_a_file_is_named_as_the_problem() {
     );
     assert_eq!(std::fs::read(env.dst()).unwrap(), b"not a directory");
 }
+
+/// A file that changes between its scan and its copy is skipped as stale, never half
+/// applied; the run then says the mirror is not finished and exits 3, as rsync exits 24
+/// when files vanish under it. The next sync brings it.
+#[test]
+fn a_file_that_changed_since_its_scan_makes_the_run_degraded() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "first");
+    write(env.src().join("b.txt"), "b");
+    env.ok(&["scan"]);
+    write(env.src().join("a.txt"), "second, longer");
+    let out = env.run(&["project"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("1 items changed in the source while they were copied"),
+        "{stdout}"
+    );
+    assert!(
+        !env.dst().join("a.txt").exists(),
+        "a stale file was written"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.dst().join("b.txt")).unwrap(),
+        "b"
+    );
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_mirror(&env.src(), &env.dst());
+}

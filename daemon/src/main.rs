@@ -688,7 +688,10 @@ async fn scan_project(
         }
         if let Some(report) = projected {
             let report = report?;
-            degraded |= !report.failures.is_empty();
+            // A file that changed while it was copied is not on the target as the source
+            // has it now: the run did not finish the mirror (rsync says so with its 24).
+            let stale = report.get(tidemark::target::Outcome::Stale);
+            degraded |= !report.failures.is_empty() || stale > 0;
             written += report.events;
             if select.output == Output::Text {
                 let counts: Vec<String> = report
@@ -711,6 +714,12 @@ async fn scan_project(
                 }
                 if let Some(first) = report.failures.iter().map(|f| f.offset).min() {
                     outln!("{}", retry_hint(p.name(), first));
+                }
+                if stale > 0 {
+                    outln!(
+                        "{}: {stale} items changed in the source while they were copied and were left as they were; the next scan brings them",
+                        p.name()
+                    );
                 }
             }
             entry["project"] = serde_json::to_value(&report)?;
