@@ -1480,7 +1480,8 @@ impl Projector {
     pub fn check_target(&self, record: bool) -> Result<(), ProjectError> {
         let now = self.target.identity();
         let targets = self.state.targets().map_err(self.err_state())?;
-        match targets.get(&self.pipeline).map_err(self.err_state())? {
+        let was = targets.get(&self.pipeline).map_err(self.err_state())?;
+        match was.map(crate::state::resolved_identity) {
             Some(was) if was != now => Err(ProjectError::TargetChanged {
                 pipeline: self.pipeline.clone(),
                 was,
