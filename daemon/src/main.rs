@@ -690,7 +690,7 @@ async fn scan_project(
             let report = report?;
             // A file that changed while it was copied is not on the target as the source
             // has it now: the run did not finish the mirror (rsync says so with its 24).
-            let stale = report.get(tidemark::target::Outcome::Stale);
+            let stale = report.stale_left;
             degraded |= !report.failures.is_empty() || stale > 0;
             written += report.events;
             if select.output == Output::Text {

@@ -108,6 +108,10 @@ pub struct ProjectReport {
     pub committed: u64,
     /// Content bytes of the events that wrote to the target.
     pub bytes_written: u64,
+    /// Items whose last event in this run was stale (the source changed while it was
+    /// copied) and that no later event brought: the target lacks their source content.
+    #[serde(skip)]
+    pub stale_left: u64,
 }
 
 impl ProjectReport {
@@ -123,6 +127,7 @@ impl ProjectReport {
 
     fn merge(&mut self, other: ProjectReport) {
         self.events += other.events;
+        self.stale_left += other.stale_left;
         self.bytes_written += other.bytes_written;
         for (kind, outcomes) in other.by_kind {
             for (outcome, n) in outcomes {
@@ -375,6 +380,9 @@ pub struct Projector {
     /// are skipped, so a delete is not sent twice and no outcome is counted twice (a
     /// projector stuck on one item must not look busy on a dashboard).
     done_ahead: Mutex<HashMap<u32, BTreeSet<u64>>>,
+    /// Since the run began, items whose last event was stale, with its offset; a later
+    /// event of the item applied takes it off ([`ProjectReport::stale_left`]).
+    stale: Mutex<HashMap<String, u64>>,
 }
 
 impl Projector {
@@ -400,6 +408,7 @@ impl Projector {
             batch_size,
             retry_max_backoff: Duration::from_secs(30),
             done_ahead: Mutex::default(),
+            stale: Mutex::default(),
         }
     }
 
@@ -667,11 +676,17 @@ impl Projector {
         let mut puts: Vec<(String, Option<Applied>)> = Vec::new();
         let mut failed: Vec<(String, Option<Failure>)> = Vec::new();
         let mut remapped: Vec<(String, Option<String>)> = Vec::new();
+        let mut stale = self.stale.lock().unwrap();
         for d in dones {
             if let Some(id) = d.remap.clone() {
                 remapped.push((d.identity.clone(), id));
             }
             report.count(&d.kind, d.outcome);
+            if d.outcome == Outcome::Stale {
+                stale.insert(d.identity.clone(), d.offset);
+            } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
+                stale.remove(&d.identity);
+            }
             if d.outcome.wrote() {
                 report.bytes_written += d.bytes;
             }
@@ -1470,6 +1485,7 @@ impl Projector {
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
+        total.stale_left = self.stale.lock().unwrap().len() as u64;
         Ok(total)
     }
 
@@ -1494,6 +1510,7 @@ impl Projector {
 
     /// Settles what an interrupted run left on the target before new work starts.
     async fn recover(&self) -> Result<(), ProjectError> {
+        self.stale.lock().unwrap().clear();
         self.check_target(true)?;
         self.flush_target().await
     }
