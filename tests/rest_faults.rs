@@ -185,6 +185,53 @@ fn issue_3_a_secret_query_parameter_is_sent_and_never_appears() {
     }
 }
 
+/// One side's secret in the other side's error: dev hands its key out in every comment's
+/// link (as APIs that echo the key into `self` links do), and prod rejects comments with
+/// a body quoting what it was sent. The key dev was read with shows as `***` in prod's
+/// rejection too, wherever it is reported.
+#[test]
+fn issue_3_a_source_key_quoted_by_the_target_never_appears() {
+    const KEY: &str = "sk-3a6e0c0ffee91d";
+    let env = rest_env();
+    let mut db = dev_db(2);
+    for c in db["comments"].as_array_mut().unwrap() {
+        let link = format!("http://dev.example/comments/{}?api_key={KEY}", c["id"]);
+        c["self"] = json!(link);
+    }
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    *dev_proxy.faults.require_query.lock().unwrap() = Some(format!("api_key={KEY}"));
+    let prod_proxy = FaultProxy::start(&prod.url());
+    *prod_proxy.faults.echo_body.lock().unwrap() = Some("/comments".into());
+    write_rest_config(&env, &dev_proxy.url(), &prod_proxy.url(), "");
+    std::fs::write(env.path("key.txt"), KEY).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[pipeline.target.http]",
+        "[[pipeline.source.http.query]]\nname = \"api_key\"\nfile = \"key.txt\"\n\n[pipeline.target.http]",
+    );
+    env.write_config(&config);
+    let sync = env.run(&["sync", "--output", "json"]);
+    assert!(
+        prod_proxy.injected.load(Ordering::SeqCst) >= 1,
+        "prod rejected no comment"
+    );
+    assert_eq!(prod.all("users").len(), 2, "the other kinds went on");
+    let everything = everything_reported(&env, &sync);
+    let stderr = &everything[1].1;
+    assert!(
+        stderr.contains("HTTP 422") && stderr.contains("api_key=***"),
+        "the rejection is reported with the body it quotes, key redacted: {stderr}"
+    );
+    for (what, text) in &everything {
+        assert!(!text.contains(KEY), "dev's key leaked into {what}");
+        assert!(
+            !text.contains(&KEY[3..12]),
+            "part of dev's key leaked into {what}"
+        );
+    }
+}
+
 /// `verify` against an API that does not answer cannot say anything about drift: it
 /// exits 1 naming the side and the kind, not 4 with every item "unreadable".
 #[test]
@@ -215,7 +262,7 @@ fn issue_3_verify_against_an_api_that_does_not_answer_is_an_error_not_drift() {
 /// What a sync, a daemon (log, `/metrics`, `/status`), `status`, `verify` and the files
 /// under the test directory (reports, state JSON) show, labelled; `sync`'s stdout and
 /// stderr first.
-fn everything_reported(env: &Env, sync: &std::process::Output) -> Vec<(&'static str, String)> {
+fn everything_reported(env: &Env, sync: &std::process::Output) -> Vec<(String, String)> {
     let daemon = env.spawn_daemon();
     let metrics = daemon.get("/metrics").text().unwrap();
     let status = daemon.get("/status").text().unwrap();
@@ -224,22 +271,22 @@ fn everything_reported(env: &Env, sync: &std::process::Output) -> Vec<(&'static 
     let verify = env.run(&["verify"]);
     let mut everything = vec![
         (
-            "sync stdout",
+            "sync stdout".into(),
             String::from_utf8_lossy(&sync.stdout).into_owned(),
         ),
         (
-            "sync stderr",
+            "sync stderr".into(),
             String::from_utf8_lossy(&sync.stderr).into_owned(),
         ),
-        ("daemon log", env.daemon_log()),
-        ("metrics", metrics),
-        ("status", status),
+        ("daemon log".into(), env.daemon_log()),
+        ("metrics".into(), metrics),
+        ("status".into(), status),
         (
-            "status cli",
+            "status cli".into(),
             String::from_utf8_lossy(&status_cli.stdout).into_owned(),
         ),
         (
-            "verify",
+            "verify".into(),
             String::from_utf8_lossy(&verify.stdout).into_owned()
                 + &String::from_utf8_lossy(&verify.stderr),
         ),
@@ -249,10 +296,13 @@ fn everything_reported(env: &Env, sync: &std::process::Output) -> Vec<(&'static 
         let name = p.file_name().unwrap().to_string_lossy();
         if entry.file_type().is_file()
             && (name.ends_with(".json") || name.ends_with(".txt"))
-            && name != "token.txt"
-            && name != "key.txt"
+            // Not the secret files or the json-servers' databases (the peers' data).
+            && p.parent() != Some(env.dir.path())
         {
-            everything.push(("file", std::fs::read_to_string(p).unwrap_or_default()));
+            everything.push((
+                p.display().to_string(),
+                std::fs::read_to_string(p).unwrap_or_default(),
+            ));
         }
     }
     everything

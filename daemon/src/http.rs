@@ -3,7 +3,6 @@
 //! requests-per-second limit, a limit on requests in flight, redaction of secrets from
 //! every message, and the request and retry metrics.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
@@ -138,8 +137,6 @@ pub struct HttpClient {
     headers: HeaderMap,
     /// Secret query parameters, encoded (`name=value`), added to every URL.
     query: Vec<(String, String)>,
-    /// Secret values, longest first, replaced by `***` in every message.
-    secrets: Arc<Vec<String>>,
     pipeline: String,
     side: &'static str,
     retry_budget: Duration,
@@ -153,9 +150,6 @@ impl HttpClient {
     pub fn new(pipeline: &str, side: &'static str, cfg: &HttpEndpointConfig) -> HttpClient {
         let mut headers = HeaderMap::new();
         for (name, value) in &cfg.resolved_headers {
-            if name.is_empty() {
-                continue;
-            }
             let (Ok(n), Ok(mut v)) = (
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_str(value.expose()),
@@ -181,7 +175,6 @@ impl HttpClient {
                 .iter()
                 .map(|(n, v)| (encode_query_value(n), encode_query_value(v.expose())))
                 .collect(),
-            secrets: Arc::new(cfg.secrets()),
             pipeline: pipeline.to_owned(),
             side,
             retry_budget: cfg.retry_budget,
@@ -193,9 +186,9 @@ impl HttpClient {
         }
     }
 
-    /// `text` with every secret replaced by `***`.
+    /// `text` with every secret this process knows replaced by `***` (see [`redact_known`]).
     pub fn redact(&self, text: &str) -> String {
-        redact(&self.secrets, text)
+        redact_known(text).into_owned()
     }
 
     /// The absolute URL of a path (absolute URLs, from `Link` headers, pass through), with
@@ -450,6 +443,25 @@ impl HttpClient {
     }
 }
 
+/// Every secret this process has read (tokens, header values, query keys, Kafka
+/// passwords), as written and as sent in a URL, longest first so a token inside
+/// `Bearer <token>` goes as a whole. Redaction covers all of them whatever a text comes
+/// from: one connector's error can quote another's secret, as when a target rejects an
+/// item whose links carry the key the source was read with.
+static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a secret to those every message, log line, report and output is redacted of.
+/// Values shorter than 4 bytes are not: they would blank out ordinary words.
+pub fn remember_secret(secret: &str) {
+    let mut known = KNOWN.write().unwrap_or_else(|e| e.into_inner());
+    for form in [secret.to_owned(), encode_query_value(secret)] {
+        if form.len() >= 4 && !known.contains(&form) {
+            known.push(form);
+        }
+    }
+    known.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+}
+
 /// `text` with every secret in `secrets` replaced by `***`.
 pub fn redact(secrets: &[String], text: &str) -> String {
     let mut out = text.to_owned();
@@ -459,6 +471,17 @@ pub fn redact(secrets: &[String], text: &str) -> String {
         }
     }
     out
+}
+
+/// `text` with every secret the process knows ([`remember_secret`]) replaced by `***`;
+/// borrowed when there is none in it.
+pub fn redact_known(text: &str) -> std::borrow::Cow<'_, str> {
+    let known = KNOWN.read().unwrap_or_else(|e| e.into_inner());
+    if known.iter().any(|s| text.contains(s.as_str())) {
+        std::borrow::Cow::Owned(redact(&known, text))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 /// A transport error with its causes, which reqwest's `Display` leaves out.

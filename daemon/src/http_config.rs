@@ -81,8 +81,9 @@ impl<'de> Deserialize<'de> for SecretSource {
 
 impl SecretSource {
     /// Reads the secret; the error names the variable or file, never the value.
+    /// Every value read is remembered for redaction ([`crate::http::remember_secret`]).
     pub fn resolve(&self, base: &Path, what: &str) -> Result<Secret, String> {
-        match (&self.env, &self.file) {
+        let secret = match (&self.env, &self.file) {
             (Some(var), None) => std::env::var(var).map(Secret).map_err(|_| {
                 format!("{what}: environment variable `{var}` is not set (export it before starting tidemark)")
             }),
@@ -95,7 +96,9 @@ impl SecretSource {
             _ => Err(format!(
                 "{what}: set exactly one of `env` (a variable name) or `file` (a path); secrets are never written in the config"
             )),
-        }
+        }?;
+        crate::http::remember_secret(&secret.0);
+        Ok(secret)
     }
 }
 
@@ -257,8 +260,6 @@ impl HttpEndpointConfig {
                 "authorization".into(),
                 Secret(format!("Bearer {}", token.0)),
             ));
-            // Keep the bare token too, so redaction catches it on its own.
-            self.resolved_headers.push((String::new(), token));
         }
         for h in &self.headers {
             let v = h.value.resolve(base, &format!("header `{}`", h.name))?;
@@ -275,25 +276,6 @@ impl HttpEndpointConfig {
             self.resolved_queries.push((q.name.clone(), v));
         }
         Ok(())
-    }
-
-    /// Every secret value, for redaction.
-    pub fn secrets(&self) -> Vec<String> {
-        let mut s: Vec<String> = self
-            .resolved_headers
-            .iter()
-            .map(|(_, v)| v.0.clone())
-            .chain(self.resolved_queries.iter().flat_map(|(_, v)| {
-                // As sent in a URL, too.
-                [v.0.clone(), crate::http::encode_query_value(&v.0)]
-            }))
-            .filter(|v| v.len() >= 4)
-            .collect();
-
-        // Longest first, so a token inside "Bearer <token>" is redacted as a whole.
-        s.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-        s.dedup();
-        s
     }
 }
 

@@ -36,8 +36,10 @@ fn write_out(args: std::fmt::Arguments) {
     if STDOUT_GONE.load(Ordering::Relaxed) {
         return;
     }
+    let text = args.to_string();
+    let text = tidemark::http::redact_known(&text);
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         STDOUT_GONE.store(true, Ordering::Relaxed);
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             tracing::warn!("cannot write to stdout, the rest of the output is dropped: {e}");
@@ -221,6 +223,7 @@ fn main() -> ExitCode {
 /// `--log-format json` a reader parsing each line as an event must not meet plain text.
 /// Written directly, not as a `tracing` event, so `RUST_LOG` cannot filter it out.
 fn print_fatal(format: LogFormat, message: &str) {
+    let message = &*tidemark::http::redact_known(message);
     /// Fields in the order `tracing`'s JSON events have them.
     #[derive(serde::Serialize)]
     struct Event<'a> {

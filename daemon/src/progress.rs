@@ -129,6 +129,12 @@ impl Write for LogWriter {
     }
 
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        // No secret reaches the log, whichever connector's message quotes it.
+        let text = std::str::from_utf8(buf).map(crate::http::redact_known);
+        let buf = match &text {
+            Ok(text) => text.as_bytes(),
+            Err(_) => buf,
+        };
         let write = || std::io::stderr().write_all(buf);
         if ON_SCREEN.load(Ordering::SeqCst) > 0 {
             BARS.suspend(write)

@@ -371,11 +371,9 @@ impl Report {
         let tmp = base.join(format!(".{stamp}.{}.tmp", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(write_err(&tmp))?;
-        let json = serde_json::to_vec_pretty(self).expect("reports serialize");
-        for (name, bytes) in [
-            ("summary.txt", self.summary().into_bytes()),
-            ("report.json", json),
-        ] {
+        let json = serde_json::to_string_pretty(self).expect("reports serialize");
+        for (name, text) in [("summary.txt", self.summary()), ("report.json", json)] {
+            let bytes = crate::http::redact_known(&text).into_owned();
             let path = tmp.join(name);
             std::fs::write(&path, bytes).map_err(write_err(&path))?;
         }

@@ -298,6 +298,9 @@ pub struct Faults {
     pub refused: AtomicU64,
     /// Answer 400 quoting the request's path and query to paths containing this.
     pub echo_path: Mutex<Option<String>>,
+    /// Answer 422 quoting the request's body to writes (POST, PUT, PATCH) whose path
+    /// contains this, as a server whose validation error shows what it was sent.
+    pub echo_body: Mutex<Option<String>>,
     /// Answer 500 to writes (POST, PUT, PATCH) whose body contains this, as a server
     /// with a bug that only one item triggers.
     pub fail_body: Mutex<Option<String>>,
@@ -452,6 +455,24 @@ fn serve(
             path.contains(&p)
                 .then(|| format!("{{\"error\":\"bad request\",\"{field}\":\"{value}\"}}"))
         });
+        let echo_body = f.echo_body.lock().unwrap().clone().and_then(|p| {
+            (["POST", "PUT", "PATCH"].contains(&method.as_str()) && path.contains(&p)).then(|| {
+                let sent = serde_json::to_string(&String::from_utf8_lossy(&body)).unwrap();
+                format!("{{\"error\":\"unprocessable\",\"sent\":{sent}}}")
+            })
+        });
+        if let Some(b) = echo_body {
+            injected.fetch_add(1, Ordering::SeqCst);
+            if !reply(
+                &mut out,
+                "422 Unprocessable Entity",
+                &[("content-type".into(), "application/json".into())],
+                b.as_bytes(),
+            ) {
+                return;
+            }
+            continue;
+        }
         if let Some(b) = echo {
             injected.fetch_add(1, Ordering::SeqCst);
             if !reply(
