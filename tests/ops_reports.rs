@@ -3,6 +3,7 @@
 //! the target received, and old reports are pruned to `report_retention`.
 
 mod common;
+mod rest_common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,23 +53,30 @@ fn type_ok(v: &Value, ty: &str) -> bool {
         "object" => v.is_object(),
         "array" => v.is_array(),
         "null" => v.is_null(),
+        // A field left out of some reports: when present, it has one of the other types.
+        "absent" => false,
         other => panic!("docs/reports.md uses unknown type `{other}`"),
     })
 }
 
-/// Asserts `v` has exactly the documented fields of `table`, with their types.
+/// Asserts `v` has exactly the documented fields of `table` (less those documented as
+/// `… or absent` that it leaves out), with their types.
 fn conforms(v: &Value, table: &str, schema: &BTreeMap<String, BTreeMap<String, String>>) {
     let fields = &schema[table];
     let obj = v
         .as_object()
         .unwrap_or_else(|| panic!("{table} is not an object: {v}"));
     let keys: Vec<&String> = obj.keys().collect();
-    let documented: Vec<&String> = fields.keys().collect();
+    let documented: Vec<&String> = fields
+        .iter()
+        .filter(|(f, ty)| obj.contains_key(*f) || !ty.ends_with(" or absent"))
+        .map(|(f, _)| f)
+        .collect();
     assert_eq!(
         keys, documented,
         "{table} fields differ from docs/reports.md"
     );
-    for (field, ty) in fields {
+    for (field, ty) in fields.iter().filter(|(f, _)| obj.contains_key(*f)) {
         assert!(
             type_ok(&obj[field], ty),
             "{table}.{field} should be {ty}: {}",
@@ -234,6 +242,89 @@ fn issue_5_reports_match_schema_and_what_the_target_received() {
     assert_eq!(r["delete_guard"]["deletes"], 10);
     assert!(summary.contains("TRIPPED"), "{summary}");
     assert_eq!(count_files(&env.dst()), (7, 3), "nothing was deleted");
+}
+
+/// A sync that an error stops (prod keeps failing one item past its `retry_budget`,
+/// after earlier batches went through) still writes its report: the counts are what
+/// reached prod, the error is the one on stderr, and the output names the report.
+#[test]
+fn a_sync_stopped_by_an_error_reports_what_reached_the_target_and_the_error() {
+    use rest_common::*;
+    let env = rest_env();
+    // 3 users, 6 posts, 12 comments: 21 events in batches of 4.
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(3));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("retry_budget = \"20s\"", "retry_budget = \"1s\"")
+        .replace(
+            "max_delete = \"100%\"",
+            "max_delete = \"100%\"\nbatch_size = 4",
+        );
+    env.write_config(&config);
+    // A late comment that prod answers 500 to: a target that stopped taking writes.
+    *proxy.faults.fail_body.lock().unwrap() = Some("comment-2-0-1".into());
+
+    let run = env.run(&["sync", "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let fatal = stderr
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("error: "))
+        .unwrap_or_else(|| panic!("no fatal line last: {stderr}"));
+    let dirs = report_dirs(&env);
+    assert_eq!(dirs.len(), 1, "the failed run left no report: {stderr}");
+    let (r, summary) = read_report(&dirs[0]);
+    check(&r);
+    assert_eq!(r["run"], "sync");
+    assert_eq!(r["error"], fatal, "the report names the error on stderr");
+    assert!(fatal.contains("target unavailable"), "{fatal}");
+
+    let reached: u64 = ["users", "posts", "comments"]
+        .iter()
+        .map(|k| prod.all(k).len() as u64)
+        .sum();
+    assert!(
+        reached > 4 && reached < 21,
+        "the run should stop after some batches: {reached} items on prod"
+    );
+    assert_eq!(
+        r["counts"]["created"], reached,
+        "the report counts what reached prod: {r}"
+    );
+    assert_eq!(
+        r["by_kind"]["comments"]["created"],
+        prod.all("comments").len() as u64
+    );
+    assert_eq!(r["scan"]["upserts"], 21);
+    assert!(
+        summary.contains(&format!("error: the run stopped, exit 1: {fatal}"))
+            && summary.contains(&format!("applied before the error: {reached} created")),
+        "{summary}"
+    );
+    for text in [&summary, &r.to_string(), &stderr.to_string()] {
+        assert!(!text.contains(TOKEN), "the bearer token leaked: {text}");
+    }
+    // The output names the report, as a finished run's does.
+    let out: Value = serde_json::from_slice(&run.stdout).expect("stdout is JSON");
+    let dir = dirs[0].display().to_string();
+    assert_eq!(out[0]["report_dir"], dir, "{out}");
+    assert_eq!(out[0]["error"], fatal, "{out}");
+    assert!(
+        stderr.contains(&format!("report written to {dir}")),
+        "{stderr}"
+    );
+
+    // Once prod takes the item, the next sync brings the rest, and its report has no error.
+    *proxy.faults.fail_body.lock().unwrap() = None;
+    let (r, _) = sync_report(&env, &["sync"]);
+    check(&r);
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!(r["counts"]["created"], 21 - reached);
+    assert_rest_mirror(&dev, &prod);
 }
 
 #[test]

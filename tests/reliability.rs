@@ -229,6 +229,82 @@ fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A `project` that a full target disk stops after some batches still writes its report:
+/// it counts the files that reached the target and names the error, and under
+/// `--log-format json` every stderr line, the fatal one last, is a JSON event.
+#[test]
+fn a_project_stopped_by_a_full_disk_reports_what_reached_the_target() {
+    let env = Env::dirs("batch_size = 4\nconcurrency = 2", "prune = true");
+    let disk = Tmpfs::mount(&env.dst(), "1m");
+    for i in 0..12 {
+        write(
+            env.src().join(format!("big{i:02}.bin")),
+            vec![b'a' + i as u8; 200 * 1024],
+        );
+    }
+    env.ok(&["scan"]);
+    let run = env.run(&["project", "--log-format", "json"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let fatal = events.last().unwrap();
+    assert_eq!(fatal["level"], "ERROR", "{fatal}");
+    let error = fatal["message"].as_str().unwrap();
+    assert!(error.contains("disk is full"), "{error}");
+
+    let reports = env.path("state/reports/t");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&reports)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    dirs.sort();
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+    };
+    let dir = dirs
+        .iter()
+        .find(|d| report(d)["run"] == "project")
+        .unwrap_or_else(|| panic!("the failed project left no report in {dirs:?}: {stderr}"));
+    let r = report(dir);
+    let reached: Vec<_> = std::fs::read_dir(env.dst())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .collect();
+    for e in &reached {
+        assert_eq!(
+            std::fs::read(e.path()).unwrap(),
+            std::fs::read(env.src().join(e.file_name())).unwrap(),
+            "{:?} is torn",
+            e.file_name()
+        );
+    }
+    let first = reached.len() as u64;
+    assert!((4..12).contains(&first), "{first} files reached the target");
+    assert_eq!(r["counts"]["created"], first, "{r}");
+    assert_eq!(r["error"], error, "{r}");
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    assert!(
+        summary.contains(&format!("applied before the error: {first} created")),
+        "{summary}"
+    );
+    let written = format!("report written to {}", dir.display());
+    assert!(
+        events.iter().any(|e| e["message"] == written.as_str()),
+        "no `{written}` event: {stderr}"
+    );
+
+    // With room again, the next run applies the rest: nothing twice, nothing lost.
+    disk.remount("size=16m");
+    let out = env.json(&["project"]);
+    assert_eq!(out[0]["project"]["outcomes"]["created"], 12 - first);
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn issue_6_a_read_only_target_is_a_clear_error_and_recovers() {
     let env = Env::dirs("", "prune = true");

@@ -202,21 +202,26 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // Library errors already quote their cause; print each cause only once.
-            let mut message = String::new();
-            for cause in e.chain().map(ToString::to_string) {
-                if !message.contains(&cause) {
-                    message = if message.is_empty() {
-                        cause
-                    } else {
-                        format!("{message}: {cause}")
-                    };
-                }
-            }
-            print_fatal(log_format, &message);
+            print_fatal(log_format, &fatal_message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error that ends a command as one line: library errors already quote their cause,
+/// so each cause is printed only once. Secrets are redacted where the errors are made.
+fn fatal_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !message.contains(&cause) {
+            message = if message.is_empty() {
+                cause
+            } else {
+                format!("{message}: {cause}")
+            };
+        }
+    }
+    message
 }
 
 /// The error that ends the command, on stderr in the log's format: under
@@ -639,6 +644,7 @@ async fn scan_project(
             }
         }
     }
+    let run_started = chrono::Utc::now();
     let mut early = scan.then(|| EarlyListing::start(&config, select)).flatten();
     let session = Session::open(config)?;
     let mut degraded = false;
@@ -677,8 +683,25 @@ async fn scan_project(
             Some(report)
         };
         let (scanned, projected) = tokio::join!(scanned, projected);
+        // An error still leaves the run's report, with what was applied before it (the
+        // target did change), then ends the run; the scan's error first, as before.
+        let mut stopped: Option<anyhow::Error> = None;
+        let scanned = scanned.and_then(|record| match record {
+            Ok(record) => Some(record),
+            Err(e) => {
+                stopped = Some(e.into());
+                // The failed scan's record (what it appended before), as `status` shows
+                // it; none when the error kept it from being stored.
+                session
+                    .state
+                    .scans()
+                    .and_then(|s| s.get(p.name()))
+                    .ok()
+                    .flatten()
+                    .filter(|r| r.result == "failed" && r.started_at >= run_started)
+            }
+        });
         if let Some(record) = scanned {
-            let record = record?;
             // Withheld deletes leave the target holding what the source no longer has; a
             // cron job must be able to see that (rsync's `--max-delete` exits 25).
             degraded |= record.errors > 0 || record.guard.is_some();
@@ -689,8 +712,13 @@ async fn scan_project(
             entry["scan"] = serde_json::to_value(&record)?;
             run_report = run_report.with_scan(&record);
         }
+        let projected = projected.map(|report| {
+            report.unwrap_or_else(|e| {
+                stopped.get_or_insert(e.source.into());
+                *e.done
+            })
+        });
         if let Some(report) = projected {
-            let report = report?;
             // A file that changed while it was copied is not on the target as the source
             // has it now: the run did not finish the mirror (rsync says so with its 24).
             let stale = report.stale_left;
@@ -703,9 +731,14 @@ async fn scan_project(
                     .map(|(o, n)| format!("{n} {}", o.as_str()))
                     .collect();
                 outln!(
-                    "{}: applied {} events: {}",
+                    "{}: applied {} events{}: {}",
                     p.name(),
                     report.events,
+                    if stopped.is_some() {
+                        " before the error"
+                    } else {
+                        ""
+                    },
                     if counts.is_empty() {
                         "nothing to do".into()
                     } else {
@@ -727,6 +760,16 @@ async fn scan_project(
             }
             entry["project"] = serde_json::to_value(&report)?;
             run_report = run_report.with_project(&report);
+        }
+        if let Some(e) = stopped {
+            let message = fatal_message(&e);
+            entry["error"] = message.clone().into();
+            entry["report_dir"] = write_report(&session, &run_report.with_error(&message)).into();
+            out.push(entry);
+            if select.output == Output::Json {
+                outln!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            return Err(e);
         }
         entry["report_dir"] = write_report(&session, &run_report).into();
         out.push(entry);

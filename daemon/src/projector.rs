@@ -93,6 +93,31 @@ pub enum ProjectError {
     },
 }
 
+/// A projection (a [`Projector::step`], [`Projector::catch_up`], [`Projector::follow`])
+/// that an error stopped, with what it had done before: the batches it committed, and of
+/// the batch that met the error what was applied and recorded (the finished prefix and
+/// what the batch did past the failed event, which a retry skips). A one-shot run reports
+/// it, since the target did change.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct Stopped {
+    /// What was applied before the error; boxed so a `Result` stays small.
+    pub done: Box<ProjectReport>,
+    /// The error that stopped the projection.
+    #[source]
+    pub source: ProjectError,
+}
+
+impl From<ProjectError> for Stopped {
+    /// An error met before anything was applied.
+    fn from(source: ProjectError) -> Stopped {
+        Stopped {
+            done: Box::default(),
+            source,
+        }
+    }
+}
+
 /// What a projection run did, for `project`/`sync` output and reports.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ProjectReport {
@@ -462,8 +487,8 @@ impl Projector {
 
     /// Applies one batch of one partition and commits what finished. Returns the report and
     /// the number of records read (0 when caught up). A transient failure is returned as
-    /// an error after the finished prefix is committed.
-    pub async fn step(&self, partition: u32) -> Result<(ProjectReport, usize), ProjectError> {
+    /// an error after the finished prefix is committed, with what the batch applied.
+    pub async fn step(&self, partition: u32) -> Result<(ProjectReport, usize), Stopped> {
         let committed = self.committed(partition).await?;
         let records = self
             .log
@@ -580,7 +605,8 @@ impl Projector {
             return Err(ProjectError::Apply {
                 pipeline: self.pipeline.clone(),
                 source,
-            });
+            }
+            .into());
         }
 
         let dones: Vec<Done> = results
@@ -626,13 +652,18 @@ impl Projector {
         self.count_applies(&report);
         let m = metrics();
         let p = self.pipeline.as_str();
-        self.log
-            .commit(&self.consumer, partition, next)
-            .await
-            .map_err(|source| ProjectError::Commit {
-                pipeline: self.pipeline.clone(),
-                source,
-            })?;
+        if let Err(source) = self.log.commit(&self.consumer, partition, next).await {
+            // The batch's writes are on the target and its applied state is durable (a
+            // retry finds them applied): the error carries them.
+            report.committed = committed;
+            return Err(Stopped {
+                done: Box::new(report),
+                source: ProjectError::Commit {
+                    pipeline: self.pipeline.clone(),
+                    source,
+                },
+            });
+        }
         report.committed = next;
         let mut ahead = self.done_ahead.lock().unwrap();
         if done_ahead.is_empty() {
@@ -651,9 +682,12 @@ impl Projector {
         }
         if let Some(source) = transient {
             m.apply_errors.with_label_values(&[p, "transient"]).inc();
-            return Err(ProjectError::Apply {
-                pipeline: self.pipeline.clone(),
-                source,
+            return Err(Stopped {
+                done: Box::new(report),
+                source: ProjectError::Apply {
+                    pipeline: self.pipeline.clone(),
+                    source,
+                },
             });
         }
         Ok((report, read))
@@ -1391,16 +1425,24 @@ impl Projector {
     }
 
     /// Projects until every partition is caught up with the head as it was at the start.
-    pub async fn catch_up(&self, progress: &Progress) -> Result<ProjectReport, ProjectError> {
-        self.recover().await?;
-        self.catch_up_to_heads(progress).await
+    /// An error returns what was applied before it.
+    pub async fn catch_up(&self, progress: &Progress) -> Result<ProjectReport, Stopped> {
+        let mut total = ProjectReport::default();
+        let run = async {
+            self.recover().await?;
+            self.catch_up_to_heads(progress, &mut total).await
+        };
+        match run.await {
+            Ok(()) => Ok(total),
+            Err(source) => Err(self.stopped(total, source).await),
+        }
     }
 
     /// Projects while a scan appends (`sync`): applies each whole batch (`batch_size`
     /// events) as soon as the log holds it, until `scanning` fires, then catches up with the
     /// head as it is then. A large sync fills the target while the source is still being
     /// read, instead of after it; per-key order, idempotence and the commit rule are those
-    /// of every other step.
+    /// of every other step. An error returns what was applied before it.
     ///
     /// Only whole batches: every step ends with a filesystem sync and two database
     /// flushes, and a target may list itself once per batch (`prefetch_names`). Applying
@@ -1410,9 +1452,22 @@ impl Projector {
         &self,
         progress: &Progress,
         scanning: &CancellationToken,
-    ) -> Result<ProjectReport, ProjectError> {
-        self.recover().await?;
+    ) -> Result<ProjectReport, Stopped> {
         let mut total = ProjectReport::default();
+        match self.follow_into(progress, scanning, &mut total).await {
+            Ok(()) => Ok(total),
+            Err(source) => Err(self.stopped(total, source).await),
+        }
+    }
+
+    /// [`Projector::follow`], adding what it applies to `total` as it goes.
+    async fn follow_into(
+        &self,
+        progress: &Progress,
+        scanning: &CancellationToken,
+        total: &mut ProjectReport,
+    ) -> Result<(), ProjectError> {
+        self.recover().await?;
         let least = self.batch_size as u64;
         while !scanning.is_cancelled() {
             let mut read = 0;
@@ -1420,11 +1475,7 @@ impl Projector {
                 if self.head(p).await? < self.committed(p).await? + least {
                     continue;
                 }
-                let (report, n) = self.step(p).await?;
-                progress.inc(n as u64);
-                progress.add_bytes(report.bytes_written);
-                total.merge(report);
-                read += n;
+                read += self.step_into(p, Some(progress), total).await?;
             }
             if read == 0 {
                 // Nothing new: wait for the scanner's next append (or its end).
@@ -1436,16 +1487,62 @@ impl Projector {
                 }
             }
         }
-        let rest = self.catch_up_to_heads(progress).await?;
-        let committed = rest.committed;
-        total.merge(rest);
-        total.committed = committed;
-        Ok(total)
+        self.catch_up_to_heads(progress, total).await
     }
 
-    /// Projects every partition up to its head as it is now.
-    async fn catch_up_to_heads(&self, progress: &Progress) -> Result<ProjectReport, ProjectError> {
-        let mut total = ProjectReport::default();
+    /// One [`Projector::step`], adding what it applied to `total`, also when it fails, and
+    /// moving `progress`. Returns the records read.
+    async fn step_into(
+        &self,
+        partition: u32,
+        progress: Option<&Progress>,
+        total: &mut ProjectReport,
+    ) -> Result<usize, ProjectError> {
+        match self.step(partition).await {
+            Ok((report, read)) => {
+                if let Some(progress) = progress {
+                    progress.inc(read as u64);
+                    progress.add_bytes(report.bytes_written);
+                }
+                total.merge(report);
+                Ok(read)
+            }
+            Err(Stopped { done, source }) => {
+                total.merge(*done);
+                Err(source)
+            }
+        }
+    }
+
+    /// The error that stopped a projection, with what it applied before: `done`, with the
+    /// committed offsets as they are now (left as counted when they cannot be read) and
+    /// the items left stale.
+    async fn stopped(&self, mut done: ProjectReport, source: ProjectError) -> Stopped {
+        let mut committed = 0;
+        let mut read_all = true;
+        for p in 0..self.log.partitions() {
+            match self.committed(p).await {
+                Ok(c) => committed += c,
+                Err(_) => read_all = false,
+            }
+        }
+        if read_all {
+            done.committed = committed;
+        }
+        done.stale_left = self.stale.lock().unwrap().len() as u64;
+        Stopped {
+            done: Box::new(done),
+            source,
+        }
+    }
+
+    /// Projects every partition up to its head as it is now, adding what it applies to
+    /// `total`, whose committed offset it sets.
+    async fn catch_up_to_heads(
+        &self,
+        progress: &Progress,
+        total: &mut ProjectReport,
+    ) -> Result<(), ProjectError> {
         let mut targets = Vec::new();
         let mut remaining = 0;
         for p in 0..self.log.partitions() {
@@ -1457,11 +1554,8 @@ impl Projector {
         let mut stepped = false;
         for &(p, head) in &targets {
             while self.committed(p).await? < head {
-                let (report, read) = self.step(p).await?;
+                let read = self.step_into(p, Some(progress), total).await?;
                 stepped = true;
-                progress.inc(read as u64);
-                progress.add_bytes(report.bytes_written);
-                total.merge(report);
                 if read == 0 {
                     break;
                 }
@@ -1477,16 +1571,19 @@ impl Projector {
                 .deferred(&self.pipeline)
                 .map_err(self.err_state())?;
             match targets.first() {
-                Some(&(p, _)) if !deferred.is_empty() => total.merge(self.step(p).await?.0),
+                Some(&(p, _)) if !deferred.is_empty() => {
+                    self.step_into(p, None, total).await?;
+                }
                 _ => total.merge(self.retry_dir_deletes().await?),
             }
         }
         total.merge(self.apply_retained().await?);
+        total.committed = 0;
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
         total.stale_left = self.stale.lock().unwrap().len() as u64;
-        Ok(total)
+        Ok(())
     }
 
     /// Checks that the configured target is the one the applied state was built on, and

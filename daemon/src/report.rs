@@ -109,6 +109,10 @@ pub struct Report {
     pub failures: Vec<Failure>,
     /// The delete guard's decision.
     pub delete_guard: GuardDecision,
+    /// The error that stopped the run (exit 1), as printed on stderr: the counts are what
+    /// it applied before. Absent from the report of a run that finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Report {
@@ -130,7 +134,14 @@ impl Report {
                 allowed: None,
                 limit: max_delete.to_string(),
             },
+            error: None,
         }
+    }
+
+    /// Records the error that stopped the run.
+    pub fn with_error(mut self, message: &str) -> Report {
+        self.error = Some(message.to_owned());
+        self
     }
 
     /// Adds a scan and the guard's decision on it.
@@ -262,6 +273,9 @@ impl Report {
             self.generated_at_utc
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         );
+        if let Some(error) = &self.error {
+            let _ = writeln!(s, "error: the run stopped, exit 1: {error}");
+        }
         match &self.scan {
             Some(scan) => {
                 let _ = writeln!(
@@ -303,6 +317,8 @@ impl Report {
         };
         let verb = if self.dry_run {
             "would apply"
+        } else if self.error.is_some() {
+            "applied before the error"
         } else {
             "applied"
         };
