@@ -2024,6 +2024,8 @@ fn a_failed_item_is_applied_by_the_next_sync_once_prune_is_set() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("set prune = true"), "{stderr}");
+    // `plan` shows what the next run does with it.
+    assert_plan_retries(&env, "file x");
 
     // The advice, then the same command again.
     let config = std::fs::read_to_string(&env.config).unwrap();
