@@ -1993,8 +1993,9 @@ fn a_failed_item_is_applied_once_its_cause_is_fixed_and_its_event_replayed() {
         .chars()
         .take_while(char::is_ascii_digit)
         .collect();
-    // A later sync does not try it again: the item is blocked until it changes.
-    env.sync();
+    // A later sync tries it again, and it fails again while the cause stays.
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(env.dst().join("x").is_dir());
 
     // The fix the message names, then the replay it names.
@@ -2005,6 +2006,110 @@ fn a_failed_item_is_applied_once_its_cause_is_fixed_and_its_event_replayed() {
     assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
     let status = env.json(&["status"]);
     assert_eq!(status[0]["failed"], serde_json::json!([]), "{status}");
+}
+
+/// A file in the place of a directory that `prune = false` keeps fails, saying to remove
+/// the directory or set `prune = true`. Doing either and running `sync` again is enough:
+/// the item is tried again although it did not change in the source, created once, and
+/// leaves the failed list (issue: it waited for a change in the source or a replay).
+#[test]
+fn a_failed_item_is_applied_by_the_next_sync_once_prune_is_set() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("x/in.txt"), "inside");
+    write(env.src().join("other.txt"), "other");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("set prune = true"), "{stderr}");
+    // `plan` shows what the next run does with it.
+    assert_plan_retries(&env, "file x");
+
+    // The advice, then the same command again.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "deleted"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "deleted"), 1, "{project}");
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
+    assert_mirror(&env.src(), &env.dst());
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["failed"], serde_json::json!([]), "{status}");
+
+    // Done once: the next sync has nothing to write.
+    let (_, project) = env.sync();
+    assert_eq!(project["events"], 0, "{project}");
+    assert_eq!(project["outcomes"], serde_json::json!({}), "{project}");
+}
+
+/// The other advice, removing the directory by hand with `prune = false` kept, also
+/// needs nothing but the next run; a daemon started after the fix applies it too. A
+/// retry that still fails counts once and keeps the item failed with its reason.
+#[test]
+fn a_failed_item_is_applied_by_the_next_run_once_the_directory_in_its_way_is_gone() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("x/in.txt"), "inside");
+    write(env.src().join("y/in.txt"), "inside");
+    env.sync();
+    for d in ["x", "y"] {
+        std::fs::remove_dir_all(env.src().join(d)).unwrap();
+        write(env.src().join(d), "now a file");
+    }
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    // Only `x` is fixed: `y` fails again, once, without holding `x` up.
+    std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let project = &v[0]["project"];
+    assert_eq!(kind_outcome(project, "file", "created"), 1, "{project}");
+    assert_eq!(outcome(project, "failed"), 1, "{project}");
+    assert_eq!(
+        project["failures"].as_array().unwrap().len(),
+        1,
+        "{project}"
+    );
+    assert_eq!(project["failures"][0]["key"], "y", "{project}");
+    assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
+    assert!(env.dst().join("y/in.txt").is_file());
+    let status = env.json(&["status"]);
+    let failed: Vec<_> = status[0]["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(failed, ["y"], "{status}");
+    assert!(
+        status[0]["failed"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("set prune = true"),
+        "{status}"
+    );
+
+    // `y` fixed while no one runs; the daemon's start brings it.
+    std::fs::remove_dir_all(env.dst().join("y")).unwrap();
+    let daemon = env.spawn_daemon();
+    let arrived = wait_for(Duration::from_secs(30), || {
+        let status = env.json(&["status"]);
+        (env.dst().join("y").is_file() && status[0]["failed"] == serde_json::json!([]))
+            .then_some(())
+    });
+    assert!(arrived.is_some(), "{}", env.daemon_log());
+    assert_eq!(
+        daemon.metric("tidemark_applies_total{kind=\"file\",outcome=\"created\",pipeline=\"t\"}"),
+        1.0
+    );
+    assert!(daemon.terminate().success());
+    assert_eq!(std::fs::read(env.dst().join("y")).unwrap(), b"now a file");
 }
 
 #[test]

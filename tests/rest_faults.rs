@@ -380,3 +380,50 @@ fn a_delete_behind_an_item_the_target_keeps_refusing_is_sent_and_counted_once() 
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_rest_mirror(&dev, &prod);
 }
+
+/// An item prod refuses for good (a 4xx: its validation rejects it) fails on its own; once
+/// prod accepts it, the next `sync` tries it again and creates it, once, although the
+/// item did not change in dev (issue: failed items waited for a change or a replay).
+#[test]
+fn an_item_prod_refused_is_created_by_the_next_sync_once_prod_accepts_it() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    dev.post(
+        "users",
+        json!({"id": 4242, "name": "user-refused", "active": true, "score": 0, "bio": ""}),
+    );
+    *proxy.faults.reject_body.lock().unwrap() = Some("user-refused".into());
+    let out = env.run(&["sync"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("FAILED users 4242"), "{stdout}");
+    assert!(!prod
+        .all("users")
+        .iter()
+        .any(|u| u["name"] == "user-refused"));
+
+    // prod's validation is fixed; nothing changed in dev.
+    *proxy.faults.reject_body.lock().unwrap() = None;
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(kind_outcome(&project, "users", "created"), 1, "{project}");
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    let refused: Vec<_> = prod
+        .all("users")
+        .into_iter()
+        .filter(|u| u["name"] == "user-refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["failed"], json!([]), "{status}");
+    assert_rest_mirror(&dev, &prod);
+
+    // Nothing is tried or written again.
+    let writes = proxy.writes();
+    let (_, project) = env.sync();
+    assert_eq!(project["events"], 0, "{project}");
+    assert_eq!(proxy.writes(), writes, "a write was sent again");
+}

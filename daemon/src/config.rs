@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::http_config::Refused;
 pub use crate::http_config::{HttpSourceConfig, HttpTargetConfig};
 
 /// A config that could not be loaded. Every variant names the file; parse and validation
@@ -528,9 +529,28 @@ impl Config {
         }
 
         let mut pipelines: Vec<PipelineConfig> = Vec::new();
-        for p in raw.pipelines {
+        for (index, p) in raw.pipelines.into_iter().enumerate() {
             let name = p.name.get_ref().clone();
             let key = |k: &str| format!("pipeline.{name}.{k}");
+            // What the HTTP validation refuses, on the line of the key it is about: a
+            // kind's key (`path`, …) when it is one, else the side's table.
+            let refused =
+                |r: Refused, side: &str, table: std::ops::Range<usize>, kinds: &[&str]| {
+                    let Some((kind, k)) = r.in_kind else {
+                        return invalid(table, key(&format!("{side}.http")), r.message);
+                    };
+                    let at = ["pipeline", &index.to_string(), side, "http", "kind"];
+                    let kind_at = kind.to_string();
+                    let span = value_span(text, &[&at[..], &[&kind_at, k]].concat())
+                        .or_else(|| value_span(text, &[&at[..], &[&kind_at]].concat()))
+                        .unwrap_or(table);
+                    let kind_name = kinds.get(kind).copied().unwrap_or_default();
+                    invalid(
+                        span,
+                        key(&format!("{side}.http.kind.{kind_name}.{k}")),
+                        r.message,
+                    )
+                };
             if name.is_empty()
                 || !name
                     .chars()
@@ -586,8 +606,10 @@ impl Config {
                 RawSource::Http(h) => {
                     let span = h.span();
                     let mut h = h.into_inner();
-                    h.validate(base)
-                        .map_err(|m| invalid(span, key("source.http"), m))?;
+                    if let Err(r) = h.validate(base) {
+                        let kinds: Vec<&str> = h.kinds.iter().map(|k| k.name.as_str()).collect();
+                        return Err(refused(r, "source", span, &kinds));
+                    }
                     SourceConfig::Http(h)
                 }
             };
@@ -637,8 +659,10 @@ impl Config {
                 RawTarget::Http(h) => {
                     let span = h.span();
                     let mut h = h.into_inner();
-                    h.validate(base)
-                        .map_err(|m| invalid(span.clone(), key("target.http"), m))?;
+                    if let Err(r) = h.validate(base) {
+                        let kinds: Vec<&str> = h.kinds.iter().map(|k| k.name.as_str()).collect();
+                        return Err(refused(r, "target", span, &kinds));
+                    }
                     if let SourceConfig::Http(s) = &source {
                         if let Some(k) = s.kinds.iter().find(|k| h.kind(&k.name).is_none()) {
                             return Err(invalid(
@@ -817,6 +841,27 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         .iter()
         .any(|(k, v)| under(k.get_ref().to_string(), v, offset, &mut path))
         .then(|| path.join("."))
+}
+
+/// The span of the value at `path` in the TOML `text`: table keys, and array elements by
+/// their index (`["pipeline", "0", "source", "http", "kind", "1", "path"]`). `None` when
+/// the text is not valid TOML or nothing is written there (a default).
+fn value_span(text: &str, path: &[&str]) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let (first, rest) = path.split_first()?;
+    let mut value = doc
+        .get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref() == first)
+        .map(|(_, v)| v)?;
+    for step in rest {
+        value = match value.get_ref() {
+            toml::de::DeValue::Table(t) => t.iter().find(|(k, _)| k.get_ref() == step)?.1,
+            toml::de::DeValue::Array(items) => items.get(step.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(value.span())
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -1029,6 +1074,37 @@ path = "dst"
             "/users?author=ann&sort_key=id",
         );
         Config::parse(Path::new("t.toml"), &ordinary).unwrap();
+    }
+
+    /// A credential in a kind's `path` is refused on the `path` line, naming the kind's key,
+    /// not on its table's header: the error says where to edit.
+    #[test]
+    fn a_credential_in_a_kind_path_is_refused_on_the_path_line() {
+        let text = api_config("https://api.example.com", "", "/users?access_token=T-77");
+        let err = parse_err(&text);
+        let line = text.lines().position(|l| l.contains("T-77")).unwrap() + 1;
+        assert!(err.contains(&format!("t.toml:{line}:")), "{err}");
+        assert!(
+            err.contains("`pipeline.api.source.http.kind.users.path`"),
+            "{err}"
+        );
+        assert!(!err.contains("T-77"), "{err}");
+
+        let target = format!(
+            "{}[pipeline.target.http]\nbase_url = \"https://prod.example.com\"\n\
+             [[pipeline.target.http.kind]]\nname = \"users\"\nfind = \"/users?name={{name}}\"\n\
+             path = \"/users?api_key=K-1\"\n",
+            api_config("https://api.example.com", "", "/users")
+                .replace("[pipeline.target.dir]\npath = \"dst\"\n", "")
+        );
+        let err = parse_err(&target);
+        let line = target.lines().position(|l| l.contains("K-1")).unwrap() + 1;
+        assert!(err.contains(&format!("t.toml:{line}:")), "{err}");
+        assert!(
+            err.contains("`pipeline.api.target.http.kind.users.path`"),
+            "{err}"
+        );
+        assert!(!err.contains("K-1"), "{err}");
     }
 
     #[test]

@@ -527,6 +527,34 @@ fn default_reference_wait() -> Duration {
     Duration::from_secs(300)
 }
 
+/// What the validation of an HTTP source or target refuses, and where: a config error
+/// names the line and key to edit.
+#[derive(Debug)]
+pub struct Refused {
+    /// What is wrong and what to do.
+    pub message: String,
+    /// The key the message is about inside one `[[…kind]]`, with that kind's index, so
+    /// the error points at that key's line; `None` for the endpoint's own keys.
+    pub in_kind: Option<(usize, &'static str)>,
+}
+
+impl From<String> for Refused {
+    fn from(message: String) -> Refused {
+        Refused {
+            message,
+            in_kind: None,
+        }
+    }
+}
+
+/// Turns a message about `key` of the kind at `index` into a [`Refused`] that says so.
+fn in_kind(index: usize, key: &'static str) -> impl Fn(String) -> Refused {
+    move |message| Refused {
+        message,
+        in_kind: Some((index, key)),
+    }
+}
+
 fn check_pointer(p: &str, what: &str) -> Result<(), String> {
     if p.is_empty() || p.starts_with('/') {
         Ok(())
@@ -539,39 +567,41 @@ fn check_pointer(p: &str, what: &str) -> Result<(), String> {
 
 impl HttpSourceConfig {
     /// Validates the kinds and resolves secrets.
-    pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+    pub fn validate(&mut self, base: &Path) -> Result<(), Refused> {
         self.endpoint.validate(base)?;
         if self.kinds.is_empty() {
-            return Err("no [[…source.http.kind]] is configured".into());
+            return Err(String::from("no [[…source.http.kind]] is configured").into());
         }
-        for k in &self.kinds {
-            check_no_credentials(&k.path, &format!("kind `{}`: path", k.name))?;
+        for (i, k) in self.kinds.iter().enumerate() {
+            check_no_credentials(&k.path, &format!("kind `{}`: path", k.name))
+                .map_err(in_kind(i, "path"))?;
             if let Some(d) = &k.detail_path {
-                check_no_credentials(d, &format!("kind `{}`: detail_path", k.name))?;
+                check_no_credentials(d, &format!("kind `{}`: detail_path", k.name))
+                    .map_err(in_kind(i, "detail_path"))?;
             }
-            check_pointer(&k.items, "items")?;
-            check_pointer(&k.id_field, "id_field")?;
+            check_pointer(&k.items, "items").map_err(in_kind(i, "items"))?;
+            check_pointer(&k.id_field, "id_field").map_err(in_kind(i, "id_field"))?;
             if let Some(n) = &k.name_field {
-                check_pointer(n, "name_field")?;
+                check_pointer(n, "name_field").map_err(in_kind(i, "name_field"))?;
             }
-            for i in &k.ignore {
-                check_pointer(i, "ignore")?;
+            for p in &k.ignore {
+                check_pointer(p, "ignore").map_err(in_kind(i, "ignore"))?;
             }
             for r in &k.refs {
-                check_pointer(&r.field, "ref field")?;
+                check_pointer(&r.field, "ref field").map_err(in_kind(i, "ref"))?;
                 if !self.kinds.iter().any(|o| o.name == r.kind) {
-                    return Err(format!(
+                    return Err(in_kind(i, "ref")(format!(
                         "kind `{}`: ref `{}` points to kind `{}`, which is not configured",
                         k.name, r.field, r.kind
-                    ));
+                    )));
                 }
             }
             if let Some(d) = &k.detail_path {
                 if !d.contains("{id}") {
-                    return Err(format!(
+                    return Err(in_kind(i, "detail_path")(format!(
                         "kind `{}`: detail_path must contain `{{id}}`",
                         k.name
-                    ));
+                    )));
                 }
             }
         }
@@ -581,22 +611,23 @@ impl HttpSourceConfig {
 
 impl HttpTargetConfig {
     /// Validates the kinds and resolves secrets.
-    pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+    pub fn validate(&mut self, base: &Path) -> Result<(), Refused> {
         self.endpoint.validate(base)?;
-        for k in &self.kinds {
+        for (i, k) in self.kinds.iter().enumerate() {
             for (url, what) in [
                 (Some(&k.path), "path"),
                 (k.item_path.as_ref(), "item_path"),
                 (k.find.as_ref(), "find"),
             ] {
                 if let Some(u) = url {
-                    check_no_credentials(u, &format!("kind `{}`: {what}", k.name))?;
+                    check_no_credentials(u, &format!("kind `{}`: {what}", k.name))
+                        .map_err(in_kind(i, what))?;
                 }
             }
-            check_pointer(&k.id_field, "id_field")?;
-            check_pointer(&k.name_field, "name_field")?;
+            check_pointer(&k.id_field, "id_field").map_err(in_kind(i, "id_field"))?;
+            check_pointer(&k.name_field, "name_field").map_err(in_kind(i, "name_field"))?;
             for s in &k.strip {
-                check_pointer(s, "strip")?;
+                check_pointer(s, "strip").map_err(in_kind(i, "strip"))?;
             }
         }
         Ok(())

@@ -814,7 +814,7 @@ fn checkpoint(dir: &std::path::Path) {
 /// again until it changes in the source or its event is replayed.
 fn retry_hint(pipeline: &str, first_offset: u64) -> String {
     format!(
-        "failed items are not tried again until they change in the source; once the cause is fixed, `tidemark replay --pipeline {pipeline} --from {first_offset}` then `tidemark project` applies them (items already equal on the target are adopted, not rewritten)"
+        "failed items are tried again once by the next `tidemark sync` or `tidemark project` (or daemon start), and whenever they change in the source: fix the cause (the message says what to do), then run one; `tidemark replay --pipeline {pipeline} --from {first_offset}` then `tidemark project` applies everything from there again (items already equal on the target are adopted, not rewritten)"
     )
 }
 

@@ -4,8 +4,9 @@
 //!
 //! The committed offset is the *next offset to read*: the contiguous prefix of events that
 //! finished. A transient failure (disk full, target down) stops the prefix there, and the
-//! batch is retried with backoff; a permanent failure is recorded against its key and the
-//! offset moves on.
+//! batch is retried with backoff; a permanent failure is recorded against its key, with a
+//! copy of its event, and the offset moves on. Each later run tries the recorded failures
+//! once more (`retry_failed`), as their cause may have been fixed by hand meanwhile.
 //!
 //! For targets that assign ids, a remap table keeps (kind, source key) → target id apart
 //! from applied state (so a `replay` adopts instead of duplicating). Reference fields are
@@ -20,7 +21,8 @@
 //! kept in state and tried again (deepest first, `rmdir` only) after every later batch
 //! until the directory is empty and removed; a newer event for the directory supersedes it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,9 @@ use tracing::{debug, error, info, warn};
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
-use crate::state::{Applied, Deferred, Failure, PendingDelete, Records, State, StateError};
+use crate::state::{
+    Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure,
+};
 use crate::target::{ApplyError, Outcome, Probe, Target};
 
 /// Projection stopped short of the batch.
@@ -182,7 +186,8 @@ pub struct PlannedAction {
     pub offset: Option<u64>,
     /// `create`, `update`, `delete`, `retain` (delete not applied: prune is off), `skip`,
     /// or `retry`: an event a previous projection kept waiting (for the items it
-    /// references, or a directory delete for the directory to empty), tried again.
+    /// references, or a directory delete for the directory to empty), or one that failed
+    /// in an earlier run, tried again.
     pub action: &'static str,
     /// Kind of the item.
     pub kind: String,
@@ -230,6 +235,9 @@ struct Done {
     retained: Option<Event>,
     /// Content bytes the event carries (inline or blob), for progress.
     bytes: u64,
+    /// The event a failure keeps for the next run's retry: the failed one, or a stale one
+    /// (a newer version of an item that may have failed before).
+    retry: Option<Event>,
 }
 
 /// Target ids of referenced items: the remap table plus what this batch applied so far.
@@ -408,6 +416,11 @@ pub struct Projector {
     /// Since the run began, items whose last event was stale, with its offset; a later
     /// event of the item applied takes it off ([`ProjectReport::stale_left`]).
     stale: Mutex<HashMap<String, u64>>,
+    /// Whether this run has tried the failed items again ([`Projector::retry_failed`]):
+    /// once per run, so an item failing again costs one attempt, counted once.
+    retried: AtomicBool,
+    /// Items that failed in this run before the retry: just tried, so not tried again.
+    failed_now: Mutex<HashSet<String>>,
 }
 
 impl Projector {
@@ -434,6 +447,8 @@ impl Projector {
             retry_max_backoff: Duration::from_secs(30),
             done_ahead: Mutex::default(),
             stale: Mutex::default(),
+            retried: AtomicBool::new(false),
+            failed_now: Mutex::default(),
         }
     }
 
@@ -705,10 +720,10 @@ impl Projector {
     ) -> Result<(), ProjectError> {
         let failures = self
             .state
-            .failures(&self.pipeline)
+            .stored_failures(&self.pipeline)
             .map_err(self.err_state())?;
         let mut puts: Vec<(String, Option<Applied>)> = Vec::new();
-        let mut failed: Vec<(String, Option<Failure>)> = Vec::new();
+        let mut failed: Vec<(String, Option<StoredFailure>)> = Vec::new();
         let mut remapped: Vec<(String, Option<String>)> = Vec::new();
         let mut stale = self.stale.lock().unwrap();
         for d in dones {
@@ -745,10 +760,31 @@ impl Projector {
                         at: Utc::now(),
                     };
                     report.failures.push(f.clone());
-                    failed.push((d.identity.clone(), Some(f)));
+                    if !self.retried.load(Ordering::SeqCst) {
+                        self.failed_now.lock().unwrap().insert(d.identity.clone());
+                    }
+                    let stored = StoredFailure {
+                        failure: f,
+                        event: d.retry.clone(),
+                    };
+                    failed.push((d.identity.clone(), Some(stored)));
                 }
                 None if d.outcome != Outcome::Stale => failed.push((d.identity.clone(), None)),
-                None => {}
+                None => {
+                    // A stale event of a failed item is the item's newest version: the
+                    // retry tries that one, never the older failed one (a failed delete
+                    // must not be applied once the source has the item again).
+                    if let Some(event) = d.retry.clone() {
+                        let earlier = match failed.iter().rev().find(|(k, _)| *k == d.identity) {
+                            Some((_, f)) => f.clone(),
+                            None => failures.get(&d.identity).map_err(self.err_state())?,
+                        };
+                        if let Some(mut f) = earlier.filter(|f| f.failure.offset <= event.offset) {
+                            f.event = Some(event);
+                            failed.push((d.identity.clone(), Some(f)));
+                        }
+                    }
+                }
             }
             match d.change {
                 Change::Keep => {}
@@ -1069,6 +1105,188 @@ impl Projector {
         Ok(report)
     }
 
+    /// Tries the items that failed permanently in an earlier run once more, once per run:
+    /// at the end of a one-shot `project` or `sync` and when the daemon's projector first
+    /// catches up, after the retained deletes (so a failure that `prune = true` fixes, a
+    /// directory in a file's place, finds its place empty). The user may have fixed the
+    /// cause (set `prune`, removed what was in the way, fixed a permission or the API's
+    /// validation), and nothing else would bring the item before it changes in the source.
+    ///
+    /// Each item's stored event is applied as the log's would be: a success leaves the
+    /// failed list and counts its outcome, a failure replaces the old one (counted once:
+    /// items that failed earlier in this run are not tried again), and an item whose
+    /// references still do not resolve stays as it was. Only a key's newest event is kept
+    /// for it (a later event either clears the failure or, when stale, replaces the stored
+    /// one), so a retry deletes nothing the log would not, and a delete meets `prune` as
+    /// any other does: retained while it is off. On a shared log, only the items of
+    /// `partitions` (held by this daemon) are tried. A transient failure stops the pass.
+    pub async fn retry_failed(&self, partitions: &[u32]) -> Result<ProjectReport, ProjectError> {
+        let mut report = ProjectReport::default();
+        if self.retried.swap(true, Ordering::SeqCst) {
+            return Ok(report);
+        }
+        let failed_now = std::mem::take(&mut *self.failed_now.lock().unwrap());
+        let stored = self
+            .state
+            .stored_failures(&self.pipeline)
+            .map_err(self.err_state())?;
+        if stored.is_empty() {
+            return Ok(report);
+        }
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
+        let refs = Refs {
+            remap: &remap,
+            fresh: Default::default(),
+        };
+        let mut events = Vec::new();
+        let entries: Vec<(String, StoredFailure)> = stored
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        for (id, f) in entries {
+            if failed_now.contains(&id)
+                || (self.log.shared() && !partitions.contains(&self.log.partition_of(&id)))
+            {
+                continue;
+            }
+            let event = match f.event {
+                Some(event) => event,
+                None => match self.failed_event_in_log(&id, &f.failure).await {
+                    Some(event) => event,
+                    None => continue,
+                },
+            };
+            if event.op == Op::Upsert && !event.refs.is_empty() {
+                let (_, missing) = refs.resolve(&event).map_err(self.err_state())?;
+                if !missing.is_empty() {
+                    continue;
+                }
+            }
+            events.push(event);
+        }
+        if events.is_empty() {
+            return Ok(report);
+        }
+        info!(
+            pipeline = %self.pipeline,
+            items = events.len(),
+            "trying the items that failed in an earlier run again"
+        );
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?;
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let dir_pending = self
+            .state
+            .dir_deletes(&self.pipeline)
+            .map_err(self.err_state())?;
+        let retained = self
+            .state
+            .retained(&self.pipeline)
+            .map_err(self.err_state())?;
+        // Directory deletes last and deepest first, after the contents they may hold.
+        let (mut dir_deletes, others): (Vec<Event>, Vec<Event>) = events
+            .into_iter()
+            .partition(|e| e.op == Op::Delete && e.kind == "dir");
+        dir_deletes.sort_by(|a, b| b.key.cmp(&a.key));
+        let priors = Priors::direct(&applied);
+        let mut results: Vec<GroupResult> = stream::iter(others)
+            .map(|e| self.apply_group(vec![e], &priors, &refs, false))
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        for e in dir_deletes {
+            results.push(self.apply_group(vec![e], &priors, &refs, false).await);
+        }
+        let mut stopped = None;
+        for r in &mut results {
+            if let Some((_, e)) = r.stopped.take() {
+                stopped.get_or_insert(e);
+            }
+        }
+        let (waiting, removed) = self
+            .settle_dir_deletes(&HashMap::new(), &results, &dir_pending, &applied, &refs)
+            .await?;
+        self.flush_target().await?;
+        let dones: Vec<Done> = results
+            .into_iter()
+            .flat_map(|r| r.done)
+            .chain(removed)
+            .collect();
+        // What the target deferred (a directory still in a file's place, with prune on)
+        // waits as any deferred event does.
+        let now = Utc::now();
+        let newly_deferred: Vec<(String, Deferred)> = dones
+            .iter()
+            .filter_map(|d| {
+                let event = d.deferred.clone()?;
+                Some((
+                    d.identity.clone(),
+                    Deferred {
+                        event,
+                        since: now,
+                        partial: d.partial,
+                    },
+                ))
+            })
+            .collect();
+        let retained_changes = self.track_retained(&retained, &dones)?;
+        self.record(dones, &mut report, None, &applied, &remap)?;
+        retained
+            .apply(
+                retained_changes
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_ref())),
+            )
+            .map_err(self.err_state())?;
+        deferred
+            .apply(newly_deferred.iter().map(|(k, v)| (k.as_str(), Some(v))))
+            .map_err(self.err_state())?;
+        replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
+        self.count_deferred(waiting.len())?;
+        self.state.flush().await.map_err(self.err_state())?;
+        self.count_applies(&report);
+        if let Some(e) = stopped {
+            warn!(
+                pipeline = %self.pipeline,
+                "{e}; the items that failed earlier are tried again at the next run"
+            );
+        }
+        Ok(report)
+    }
+
+    /// The failed event of a failure recorded before failures kept a copy of it: the log's
+    /// event at its offset, if the log still holds it (`compact` may have dropped it).
+    async fn failed_event_in_log(&self, identity: &str, f: &Failure) -> Option<Event> {
+        let partition = self.log.partition_of(identity);
+        let found = match self.log.read(partition, f.offset, 1).await {
+            Ok(records) => records
+                .into_iter()
+                .find(|r| r.offset == f.offset)
+                .and_then(|r| r.event.ok())
+                .filter(|e| e.identity() == identity),
+            Err(e) => {
+                warn!(pipeline = %self.pipeline, "{e}");
+                None
+            }
+        };
+        if found.is_none() {
+            warn!(
+                pipeline = %self.pipeline,
+                kind = %f.kind,
+                key = %f.key,
+                "the failed event at offset {} is no longer in the log, so it cannot be tried again; it is applied when the item changes in the source, or after `tidemark replay --pipeline {} --from 0` and `tidemark project`",
+                f.offset,
+                self.pipeline
+            );
+        }
+        found
+    }
+
     /// Applies deferred events whose references now resolve (this batch's and earlier
     /// ones), breaks cycles by writing one item without its unresolved fields, and fails
     /// events that waited longer than the target's reference wait. Returns what still
@@ -1203,7 +1421,7 @@ impl Projector {
                 .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
                 .collect();
             let reason = format!(
-                "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is applied again when it changes or on replay)",
+                "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
                 named.join(", "),
                 humantime::format_duration(wait)
             );
@@ -1226,6 +1444,7 @@ impl Projector {
                 waiting_delete: None,
                 retained: None,
                 bytes: 0,
+                retry: Some(d.event.clone()),
             });
         }
         Ok((pending, settled))
@@ -1270,6 +1489,7 @@ impl Projector {
                 waiting_delete: None,
                 retained: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
+                retry: None,
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
                 let mut d = done(outcome, Change::Keep, None);
@@ -1374,6 +1594,9 @@ impl Projector {
                     };
                     let mut d = done(effect.outcome, change, None);
                     d.remap = remap;
+                    if effect.outcome == Outcome::Stale {
+                        d.retry = Some(event.clone());
+                    }
                     if effect.outcome == Outcome::Deferred {
                         match event.op {
                             Op::Delete => d.waiting_delete = Some(event.clone()),
@@ -1411,13 +1634,13 @@ impl Projector {
                         kind = %event.kind,
                         key = %event.key,
                         offset = event.offset,
-                        "{e}; the key is blocked until it changes in the source, or until `tidemark replay --pipeline {} --from {}` after fixing the cause",
+                        "{e}; once the cause is fixed, the next `sync`, `project` or daemon start tries it again (or `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
                         self.pipeline,
                         event.offset
                     );
-                    result
-                        .done
-                        .push(done(Outcome::Failed, Change::Keep, Some(e.to_string())));
+                    let mut d = done(Outcome::Failed, Change::Keep, Some(e.to_string()));
+                    d.retry = Some(event.clone());
+                    result.done.push(d);
                 }
             }
         }
@@ -1578,6 +1801,8 @@ impl Projector {
             }
         }
         total.merge(self.apply_retained().await?);
+        let partitions: Vec<u32> = targets.iter().map(|&(p, _)| p).collect();
+        total.merge(self.retry_failed(&partitions).await?);
         total.committed = 0;
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
@@ -1670,8 +1895,13 @@ impl Projector {
             }
             backoff.reset();
             if read == 0 {
-                // Caught up: deletes retained while prune was off are applied now.
+                // Caught up: deletes retained while prune was off are applied now, then
+                // (once, at the daemon's start) the items that failed in an earlier run
+                // are tried again.
                 if let Err(e) = self.apply_retained().await {
+                    error!("{e}");
+                }
+                if let Err(e) = self.retry_failed(&partitions).await {
                     error!("{e}");
                 }
             }
@@ -1823,6 +2053,17 @@ impl Projector {
             let (id, event, since) = entry.map_err(self.err_state())?;
             if !seen.contains(&id) {
                 waiting.push((event, since));
+            }
+        }
+        // And, once per run, what failed in an earlier one (`retry_failed`).
+        let failed = self
+            .state
+            .stored_failures(&self.pipeline)
+            .map_err(self.err_state())?;
+        for entry in failed.iter() {
+            let (id, f) = entry.map_err(self.err_state())?;
+            if let (false, Some(event)) = (seen.contains(&id), f.event) {
+                waiting.push((event, f.failure.at));
             }
         }
         waiting.sort_by_key(|(event, _)| event.offset);

@@ -100,7 +100,8 @@ pub struct PendingDelete {
     pub since: DateTime<Utc>,
 }
 
-/// A failed event kept for `status` until the key changes again.
+/// A failed event kept for `status` until the key's next event is applied, or the next
+/// run's retry of it succeeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     /// Kind of the item.
@@ -113,6 +114,21 @@ pub struct Failure {
     pub reason: String,
     /// When it failed.
     pub at: DateTime<Utc>,
+}
+
+/// A failure as the state keeps it: what `status` shows, and the event the next run tries
+/// again (`Projector::retry_failed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredFailure {
+    /// What `status` and the reports show.
+    #[serde(flatten)]
+    pub failure: Failure,
+    /// A copy of the event to try again: the log may no longer hold it (`compact` drops an
+    /// event a later one of the item supersedes, and a later stale event does). The failed
+    /// event, or a stale event of the item read after it. `None` in records written before
+    /// retries existed; the retry then looks for the event in the log at `offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<tidemark_proto::Event>,
 }
 
 /// The delete guard's decision on one scan.
@@ -230,8 +246,16 @@ impl State {
         self.records(&format!("applied/{pipeline}"))
     }
 
-    /// Events that failed permanently and block their key until it changes.
+    /// Events that failed permanently, as `status` shows them. Each is tried again once by
+    /// the next run (`Projector::retry_failed`) and stays until its key's next event is
+    /// applied or a retry succeeds.
     pub fn failures(&self, pipeline: &str) -> Result<Records<Failure>, StateError> {
+        self.records(&format!("failed/{pipeline}"))
+    }
+
+    /// The same records as [`State::failures`], with the copy of each failed event the
+    /// retry applies.
+    pub fn stored_failures(&self, pipeline: &str) -> Result<Records<StoredFailure>, StateError> {
         self.records(&format!("failed/{pipeline}"))
     }
 
@@ -1139,5 +1163,48 @@ mod tests {
         assert_eq!(legacy.get("k").unwrap(), Some(entry("v")));
         state.drop_legacy_index("p").unwrap();
         assert!(state.legacy_index("p").unwrap().is_none());
+    }
+
+    /// A failure written before failures kept their event reads back without one (the retry
+    /// then looks in the log), and `status`'s view of a new one leaves the event out.
+    #[test]
+    fn failures_read_back_with_and_without_their_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let failure = Failure {
+            kind: "file".into(),
+            key: "x".into(),
+            offset: 7,
+            reason: "in the way".into(),
+            at: Utc::now(),
+        };
+        state
+            .failures("p")
+            .unwrap()
+            .put("file\0old", &failure)
+            .unwrap();
+        let old = state
+            .stored_failures("p")
+            .unwrap()
+            .get("file\0old")
+            .unwrap();
+        assert_eq!(old.as_ref().map(|f| &f.failure), Some(&failure));
+        assert_eq!(old.and_then(|f| f.event), None);
+
+        let event = tidemark_proto::Event::decode(
+            br#"{"v":1,"pipeline":"p","partition":0,"offset":7,"kind":"file","key":"x","op":"upsert","checksum":"blake3:00","observed_at":"2024-01-01T00:00:00Z","scan":"s"}"#,
+        );
+        let Ok(event) = event else {
+            panic!("{event:?}");
+        };
+        let stored = StoredFailure {
+            failure: failure.clone(),
+            event: Some(event.clone()),
+        };
+        let tree = state.stored_failures("p").unwrap();
+        tree.put("file\0new", &stored).unwrap();
+        assert_eq!(tree.get("file\0new").unwrap(), Some(stored));
+        let shown = state.failures("p").unwrap().get("file\0new").unwrap();
+        assert_eq!(shown, Some(failure));
     }
 }

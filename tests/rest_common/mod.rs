@@ -304,6 +304,9 @@ pub struct Faults {
     /// Answer 500 to writes (POST, PUT, PATCH) whose body contains this, as a server
     /// with a bug that only one item triggers.
     pub fail_body: Mutex<Option<String>>,
+    /// Answer 422 to writes (POST, PUT, PATCH) whose body contains this, as a server whose
+    /// validation refuses one item until someone changes it.
+    pub reject_body: Mutex<Option<String>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -495,6 +498,22 @@ fn serve(
                     "500 Internal Server Error",
                     &[],
                     b"{\"error\":\"boom\"}",
+                ) {
+                    return;
+                }
+                continue;
+            }
+        }
+        if let Some(needle) = f.reject_body.lock().unwrap().clone() {
+            if ["POST", "PUT", "PATCH"].contains(&method.as_str())
+                && String::from_utf8_lossy(&body).contains(&needle)
+            {
+                injected.fetch_add(1, Ordering::SeqCst);
+                if !reply(
+                    &mut out,
+                    "422 Unprocessable Entity",
+                    &[("content-type".into(), "application/json".into())],
+                    b"{\"error\":\"name is not allowed\"}",
                 ) {
                     return;
                 }

@@ -35,7 +35,8 @@ pub enum Outcome {
     /// Waiting: an upsert for items it references, a directory delete for the directory to
     /// be empty. Kept in state and applied later.
     Deferred,
-    /// The event failed permanently; its key is blocked until it changes.
+    /// The event failed permanently; kept in state and tried again once by each later run,
+    /// or applied when its key changes.
     Failed,
     /// A delete that was not applied because the target does not prune.
     Retained,
@@ -110,7 +111,8 @@ pub enum ApplyError {
         message: String,
     },
     /// This event can never be applied as it is (unsafe path, rejected by the target):
-    /// counted, reported, and its key blocked until it changes.
+    /// counted, reported, kept in state and tried again by the next run (the cause may be
+    /// fixed by then), or when its key changes.
     #[error("{kind} `{key}`: {message}")]
     Permanent {
         /// Kind of the item.
