@@ -111,7 +111,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let status_token = match &config.status_token_env {
         None => None,
         Some(var) => {
-            Some(std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?)
+            let token =
+                std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?;
+            crate::http::remember_secret(&token);
+            Some(token)
         }
     };
     let listener = TcpListener::bind(config.listen).await.map_err(listen_err)?;

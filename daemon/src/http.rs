@@ -444,7 +444,7 @@ impl HttpClient {
 }
 
 /// Every secret this process has read (tokens, header values, query keys, Kafka
-/// passwords), as written and as sent in a URL, longest first so a token inside
+/// passwords, the `/status` token), as written and as sent in a URL, longest first so a token inside
 /// `Bearer <token>` goes as a whole. Redaction covers all of them whatever a text comes
 /// from: one connector's error can quote another's secret, as when a target rejects an
 /// item whose links carry the key the source was read with.

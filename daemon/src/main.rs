@@ -461,6 +461,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             let token_var = config.status_token_env.as_deref();
             let token = token_var.and_then(|v| std::env::var(v).ok());
             if let Some(token) = &token {
+                tidemark::http::remember_secret(token);
                 request = request.bearer_auth(token);
             }
             let all: Vec<serde_json::Value> = request
