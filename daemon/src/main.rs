@@ -375,12 +375,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Replay { select, from } => {
             let session = Session::open(config)?;
-            let mut out = Vec::new();
-            for p in session.pipelines(&select)? {
+            let pipelines = session.pipelines(&select)?;
+            // Every selected pipeline is checked before any is moved: offsets are per
+            // pipeline, and a refusal half-way would leave the ones before it replayed
+            // while the error reads as if nothing happened.
+            let mut heads = Vec::with_capacity(pipelines.len());
+            for p in &pipelines {
                 let head = p.log.head(0).await?;
+                let nothing_moved = if pipelines.len() > 1 {
+                    "; no pipeline was replayed (offsets are per pipeline: choose one with --pipeline)"
+                } else {
+                    ""
+                };
                 anyhow::ensure!(
                     from <= head,
-                    "pipeline `{}`: --from {from} is past the log head {head}",
+                    "pipeline `{}`: --from {from} is past the log head {head}{nothing_moved}",
                     p.name()
                 );
                 // Forward would mark events never applied as done: the target would miss
@@ -389,11 +398,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     let committed = p.projector.committed(partition).await?;
                     anyhow::ensure!(
                         from <= committed,
-                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them)",
+                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them){nothing_moved}",
                         p.name(),
                         if p.log.partitions() > 1 { format!(" of partition {partition}") } else { String::new() }
                     );
                 }
+                heads.push(head);
+            }
+            let mut out = Vec::new();
+            for (p, head) in pipelines.iter().zip(heads) {
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
                     outln!(
