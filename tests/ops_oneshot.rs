@@ -75,3 +75,74 @@ fn replay_refused_for_one_pipeline_moves_none() {
     env.ok(&["replay", "--pipeline", "pa", "--from", "4"]);
     assert_eq!(committed(&env), vec![("pa".into(), 4), ("pb".into(), 1)]);
 }
+
+/// Ctrl-C of a long one-shot `sync`: it used to die at once (exit 130 from the default
+/// handler), printing nothing and leaving no report. Now it finishes and commits the batch
+/// in flight, says so, leaves a report that counts what reached the target, exits 130,
+/// and the next `sync` finishes the mirror.
+#[test]
+fn ctrl_c_of_a_one_shot_sync_commits_reports_and_exits_130() {
+    let env = Env::dirs("batch_size = 64", "prune = true");
+    for d in 0..40 {
+        for f in 0..200 {
+            write(
+                env.src().join(format!("d{d}/f{f}")),
+                noise(2048, (d * 1000 + f) as u64),
+            );
+        }
+    }
+    // Through `env --default-signal`: a harness started in the background may have SIGINT
+    // ignored, while a terminal's Ctrl-C reaches a process with the default disposition.
+    let mut cmd = std::process::Command::new("env");
+    cmd.arg("--default-signal=INT")
+        .arg(bin())
+        .arg("--config")
+        .arg(&env.config)
+        .args(["sync", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Interrupt once the target has started to fill.
+    let _ = wait_for(std::time::Duration::from_secs(60), || {
+        std::fs::read_dir(env.dst().join("d0"))
+            .ok()
+            .and_then(|mut d| d.next())
+    })
+    .expect("the sync starts writing");
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let interrupted = v[0]["interrupted"]
+        .as_str()
+        .expect("says it was interrupted");
+    assert!(interrupted.contains("SIGINT"), "{interrupted}");
+    // The report counts exactly what reached the target and was committed.
+    let report_dir = v[0]["report_dir"].as_str().expect("a report was written");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{report_dir}/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["interrupted"].as_str(), Some(interrupted));
+    let files_on_target = walkdir::WalkDir::new(env.dst())
+        .into_iter()
+        .filter(|e| e.as_ref().unwrap().file_type().is_file())
+        .count() as u64;
+    assert!(files_on_target < 8000, "interrupted before the end");
+    assert_eq!(
+        kind_outcome(&report, "file", "created"),
+        files_on_target,
+        "{report}"
+    );
+    let status = &env.json(&["status"])[0];
+    assert_eq!(
+        status["committed"].as_u64(),
+        report["counts"]["created"].as_u64(),
+        "what the report counts is committed: {status}"
+    );
+    // The next sync goes on and finishes the mirror.
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -1,7 +1,8 @@
 //! The `tidemark` command line: parses arguments, sets up logging, and calls the library.
 //!
 //! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed, a
-//! scan had errors, or the delete guard withheld a scan's deletes); 4 `verify` found drift.
+//! scan had errors, or the delete guard withheld a scan's deletes); 4 `verify` found drift;
+//! 128 + the signal's number when a signal stopped a one-shot `scan`, `project` or `sync`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -252,20 +253,30 @@ fn print_fatal(format: LogFormat, message: &str) {
     }
 }
 
-async fn shutdown_signal() {
+/// A stop signal: its name and the exit code a command it stopped ends with (128 + its
+/// number, as shells report a process a signal killed).
+#[derive(Clone, Copy)]
+struct Signal {
+    name: &'static str,
+    exit: u8,
+}
+
+/// Waits for the first SIGTERM, SIGINT or SIGHUP and returns it. A second one exits at once.
+async fn shutdown_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let first = tokio::select! {
+        _ = term.recv() => Signal { name: "SIGTERM", exit: 143 },
+        _ = int.recv() => Signal { name: "SIGINT", exit: 130 },
         _ = hup.recv() => {
             tracing::warn!(
                 "SIGHUP: stopping cleanly; tidemark does not reload its config, start it again to apply a changed one"
             );
+            Signal { name: "SIGHUP", exit: 129 }
         }
-    }
+    };
     // A second signal means "now": committed work is durable, so exiting loses nothing.
     tokio::spawn(async move {
         tokio::select! {
@@ -278,6 +289,29 @@ async fn shutdown_signal() {
         );
         std::process::exit(130);
     });
+    first
+}
+
+/// For a one-shot `scan`, `project` or `sync`: a token the first stop signal cancels, and
+/// the signal, once one came. The run then finishes and commits the batch in flight,
+/// starts no other, writes its report and exits 128 + the signal's number.
+fn one_shot_stop() -> (
+    CancellationToken,
+    std::sync::Arc<std::sync::OnceLock<Signal>>,
+) {
+    let stop = CancellationToken::new();
+    let got = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (token, slot) = (stop.clone(), got.clone());
+    tokio::spawn(async move {
+        let signal = shutdown_signal().await;
+        tracing::warn!(
+            "{}: stopping: the batch in flight is finished and committed, no other is started; the next run goes on from there (a second signal exits at once)",
+            signal.name
+        );
+        let _ = slot.set(signal);
+        token.cancel();
+    });
+    (stop, got)
 }
 
 struct Session {
@@ -330,7 +364,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run => {
             let dir = config.state_dir.clone();
-            daemon::run(config, shutdown_signal()).await?;
+            daemon::run(config, async {
+                shutdown_signal().await;
+            })
+            .await?;
             // As a one-shot run does: the next start need not read all it wrote back.
             if metrics().events_written() >= CHECKPOINT_AFTER {
                 checkpoint(&dir);
@@ -660,6 +697,8 @@ async fn scan_project(
     let run_started = chrono::Utc::now();
     let mut early = scan.then(|| EarlyListing::start(&config, select)).flatten();
     let session = Session::open(config)?;
+    // Installed once the state is open: Ctrl-C before that has nothing to commit.
+    let (stop, signalled) = one_shot_stop();
     let mut degraded = false;
     // Events appended and applied: what this run wrote to the state database.
     let mut written = 0;
@@ -680,7 +719,7 @@ async fn scan_project(
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
             let listing = early.take_if(|e| e.pipeline == p.name()).map(|e| e.listing);
-            let record = p.scanner.scan_listing(scan_bar, listing).await;
+            let record = p.scanner.scan_listing(scan_bar, listing, &stop).await;
             scan_bar.finish();
             scanning.cancel();
             Some(record)
@@ -688,9 +727,9 @@ async fn scan_project(
         let projected = async {
             let project_bar = project_bar.as_ref()?;
             let report = if scan {
-                p.projector.follow(project_bar, &scanning).await
+                p.projector.follow(project_bar, &scanning, &stop).await
             } else {
-                p.projector.catch_up(project_bar).await
+                p.projector.catch_up(project_bar, &stop).await
             };
             project_bar.finish();
             Some(report)
@@ -773,6 +812,28 @@ async fn scan_project(
             }
             entry["project"] = serde_json::to_value(&report)?;
             run_report = run_report.with_project(&report);
+        }
+        if let (None, Some(signal)) = (&stopped, signalled.get()) {
+            let lag = p.projector.lag().await.ok();
+            let message = format!(
+                "interrupted by {}: what was applied before it is committed{}; run `tidemark {run}` again to go on from there",
+                signal.name,
+                match lag {
+                    Some(n) if n > 0 => format!(", {n} events in the log are not applied yet"),
+                    _ => String::new(),
+                }
+            );
+            if select.output == Output::Text {
+                outln!("{}: {message}", p.name());
+            }
+            entry["interrupted"] = message.clone().into();
+            entry["report_dir"] =
+                write_report(&session, &run_report.with_interruption(&message)).into();
+            out.push(entry);
+            if select.output == Output::Json {
+                outln!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            return Ok(ExitCode::from(signal.exit));
         }
         if let Some(e) = stopped {
             let message = fatal_message(&e);
