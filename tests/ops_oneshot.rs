@@ -146,3 +146,47 @@ fn ctrl_c_of_a_one_shot_sync_commits_reports_and_exits_130() {
     env.ok(&["sync"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A file whose place a non-empty directory holds (prune off) fails. `plan` and
+/// `sync --dry-run` used to list it as `retry … (waiting since …)`, and the dry-run report
+/// said `1 deferred`, `failures: none`: read at 3 a.m., the next sync looked like it would
+/// settle it, while it fails again as long as the directory stays. Now both show the
+/// failure and its reason, and the dry-run report lists it under `failures`.
+#[test]
+fn plan_and_dry_run_show_a_failed_item_with_its_reason() {
+    let env = Env::dirs("max_delete = \"100%\"", "");
+    write(env.src().join("x/a"), "a");
+    env.ok(&["sync"]);
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let reason = "a directory that is not empty is in its place";
+    for args in [&["plan"][..], &["sync", "--dry-run"]] {
+        let out = env.run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("retry file x"))
+            .unwrap_or_else(|| panic!("{args:?}: {stdout}"));
+        assert!(
+            line.contains("failed ") && line.contains(reason) && !line.contains("waiting"),
+            "{args:?}: {line}"
+        );
+        let v = env.json(args);
+        let dir = v[0]["report_dir"].as_str().unwrap();
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(format!("{dir}/report.json")).unwrap()).unwrap();
+        let failures = report["failures"].as_array().unwrap();
+        assert_eq!(failures.len(), 1, "{args:?}: {report}");
+        assert_eq!(failures[0]["key"], "x");
+        assert!(
+            failures[0]["reason"].as_str().unwrap().contains(reason),
+            "{report}"
+        );
+        let summary = std::fs::read_to_string(format!("{dir}/summary.txt")).unwrap();
+        assert!(summary.contains("failures: 1"), "{summary}");
+    }
+    // And the sync it previewed does fail again, the directory being still there.
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3));
+}

@@ -1005,15 +1005,23 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
             Some(offset) => format!("offset {offset}"),
             None => "found by this scan".into(),
         };
-        match a.waiting_since {
-            Some(since) => outln!(
+        match (a.waiting_since, &a.failed) {
+            (_, Some(failed)) => outln!(
+                "{:>6} {} {} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
+                a.action,
+                a.kind,
+                a.key,
+                failed.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                failed.reason
+            ),
+            (Some(since), None) => outln!(
                 "{:>6} {} {} ({at}, waiting since {})",
                 a.action,
                 a.kind,
                 a.key,
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
-            None => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
+            (None, None) => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
         }
     }
     let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();

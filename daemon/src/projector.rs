@@ -196,6 +196,11 @@ pub struct PlannedAction {
     /// For `retry`: when the event started waiting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTimeUtc>,
+    /// For the `retry` of an item that failed in an earlier run: that failure, with its
+    /// reason. A plan cannot tell whether its cause is gone; shown so that a retry is not
+    /// read as an item that merely waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<Failure>,
 }
 
 /// A plan being made ([`Projector::plan_with`]).
@@ -2069,11 +2074,11 @@ impl Projector {
         let deletes = dir_deletes
             .iter()
             .map(|r| r.map(|(id, d)| (id, d.event, d.since)));
-        let mut waiting: Vec<(Event, DateTimeUtc)> = Vec::new();
+        let mut waiting: Vec<(Event, DateTimeUtc, Option<Failure>)> = Vec::new();
         for entry in upserts.chain(deletes) {
             let (id, event, since) = entry.map_err(self.err_state())?;
             if !seen.contains(&id) {
-                waiting.push((event, since));
+                waiting.push((event, since, None));
             }
         }
         // And, once per run, what failed in an earlier one (`retry_failed`).
@@ -2084,17 +2089,22 @@ impl Projector {
         for entry in failed.iter() {
             let (id, f) = entry.map_err(self.err_state())?;
             if let (false, Some(event)) = (seen.contains(&id), f.event) {
-                waiting.push((event, f.failure.at));
+                waiting.push((event, f.failure.at, Some(f.failure)));
             }
         }
-        waiting.sort_by_key(|(event, _)| event.offset);
-        actions.extend(waiting.into_iter().map(|(event, since)| PlannedAction {
-            offset: Some(event.offset),
-            action: "retry",
-            kind: event.kind,
-            key: event.key,
-            waiting_since: Some(since),
-        }));
+        waiting.sort_by_key(|(event, _, _)| event.offset);
+        actions.extend(
+            waiting
+                .into_iter()
+                .map(|(event, since, failed)| PlannedAction {
+                    offset: Some(event.offset),
+                    action: "retry",
+                    kind: event.kind,
+                    key: event.key,
+                    waiting_since: Some(since),
+                    failed,
+                }),
+        );
         // Last, once caught up: with prune on, the deletes retained while it was off.
         if self.prune {
             let retained = self
@@ -2110,6 +2120,7 @@ impl Projector {
                         kind: d.event.kind,
                         key: d.event.key,
                         waiting_since: None,
+                        failed: None,
                     });
                 }
             }
@@ -2169,6 +2180,7 @@ impl Projector {
             kind: event.kind,
             key: event.key,
             waiting_since: None,
+            failed: None,
         });
         Ok(())
     }

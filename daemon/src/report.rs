@@ -197,9 +197,13 @@ impl Report {
         self
     }
 
-    /// Adds what a plan would do, as the outcomes `project` would report.
+    /// Adds what a plan would do, as the outcomes `project` would report, and the failed
+    /// items it would try again, with the reason each failed, as `failures`.
     pub fn with_plan(mut self, actions: &[PlannedAction]) -> Report {
         for a in actions {
+            if let Some(failed) = &a.failed {
+                self.failures.push(failed.clone());
+            }
             let outcome = match a.action {
                 "create" => "created",
                 "update" => "updated",
