@@ -190,3 +190,50 @@ fn plan_and_dry_run_show_a_failed_item_with_its_reason() {
     // And the sync it previewed does fail again, the directory being still there.
     assert_eq!(env.run(&["sync"]).status.code(), Some(3));
 }
+
+/// A target changed by hand (a file altered, one removed, one added). `verify` said
+/// `DRIFT` and nothing more, and README promised that `replay --from 0` then `project`
+/// "repairs all of it"; it puts back the missing and different files, but the added one,
+/// in no event, stays, and `verify` went on saying DRIFT. Now `verify` says what repairs
+/// which, and following it leaves a clean target.
+#[test]
+fn verify_says_how_to_repair_a_hand_changed_target_and_that_works() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..4 {
+        write(env.src().join(format!("{i}.txt")), format!("{i}"));
+    }
+    env.ok(&["sync"]);
+    write(env.dst().join("1.txt"), "changed by hand");
+    std::fs::remove_file(env.dst().join("2.txt")).unwrap();
+    write(env.dst().join("stray.txt"), "added by hand");
+
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("`tidemark replay --pipeline t --from 0` then `tidemark project`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("remove them from the target by hand"),
+        "{text}"
+    );
+
+    // The advice, followed.
+    env.ok(&["replay", "--pipeline", "t", "--from", "0"]);
+    env.ok(&["project"]);
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4), "the stray file stays: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("--from 0"),
+        "nothing left that a replay repairs: {text}"
+    );
+    assert!(
+        text.contains("remove them from the target by hand"),
+        "{text}"
+    );
+    std::fs::remove_file(env.dst().join("stray.txt")).unwrap();
+    env.ok(&["verify"]);
+    assert_mirror(&env.src(), &env.dst());
+}
