@@ -1607,7 +1607,8 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
     rt.block_on(async {
         let scanning = CancellationToken::new();
         let progress = Progress::hidden();
-        let follow = pipeline.projector.follow(&progress, &scanning);
+        let never = CancellationToken::new();
+        let follow = pipeline.projector.follow(&progress, &scanning, &never);
         let checks = async {
             let lag = || async { pipeline.projector.lag().await.unwrap() };
             assert_eq!(scan(&pipeline).await.upserts, 307);

@@ -1,7 +1,8 @@
 //! The `tidemark` command line: parses arguments, sets up logging, and calls the library.
 //!
 //! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed, a
-//! scan had errors, or the delete guard withheld a scan's deletes); 4 `verify` found drift.
+//! scan had errors, or the delete guard withheld a scan's deletes); 4 `verify` found drift;
+//! 128 + the signal's number when a signal stopped a one-shot `scan`, `project` or `sync`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -252,20 +253,30 @@ fn print_fatal(format: LogFormat, message: &str) {
     }
 }
 
-async fn shutdown_signal() {
+/// A stop signal: its name and the exit code a command it stopped ends with (128 + its
+/// number, as shells report a process a signal killed).
+#[derive(Clone, Copy)]
+struct Signal {
+    name: &'static str,
+    exit: u8,
+}
+
+/// Waits for the first SIGTERM, SIGINT or SIGHUP and returns it. A second one exits at once.
+async fn shutdown_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let first = tokio::select! {
+        _ = term.recv() => Signal { name: "SIGTERM", exit: 143 },
+        _ = int.recv() => Signal { name: "SIGINT", exit: 130 },
         _ = hup.recv() => {
             tracing::warn!(
                 "SIGHUP: stopping cleanly; tidemark does not reload its config, start it again to apply a changed one"
             );
+            Signal { name: "SIGHUP", exit: 129 }
         }
-    }
+    };
     // A second signal means "now": committed work is durable, so exiting loses nothing.
     tokio::spawn(async move {
         tokio::select! {
@@ -278,6 +289,29 @@ async fn shutdown_signal() {
         );
         std::process::exit(130);
     });
+    first
+}
+
+/// For a one-shot `scan`, `project` or `sync`: a token the first stop signal cancels, and
+/// the signal, once one came. The run then finishes and commits the batch in flight,
+/// starts no other, writes its report and exits 128 + the signal's number.
+fn one_shot_stop() -> (
+    CancellationToken,
+    std::sync::Arc<std::sync::OnceLock<Signal>>,
+) {
+    let stop = CancellationToken::new();
+    let got = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (token, slot) = (stop.clone(), got.clone());
+    tokio::spawn(async move {
+        let signal = shutdown_signal().await;
+        tracing::warn!(
+            "{}: stopping: the batch in flight is finished and committed, no other is started; the next run goes on from there (a second signal exits at once)",
+            signal.name
+        );
+        let _ = slot.set(signal);
+        token.cancel();
+    });
+    (stop, got)
 }
 
 struct Session {
@@ -330,7 +364,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run => {
             let dir = config.state_dir.clone();
-            daemon::run(config, shutdown_signal()).await?;
+            daemon::run(config, async {
+                shutdown_signal().await;
+            })
+            .await?;
             // As a one-shot run does: the next start need not read all it wrote back.
             if metrics().events_written() >= CHECKPOINT_AFTER {
                 checkpoint(&dir);
@@ -375,12 +412,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Replay { select, from } => {
             let session = Session::open(config)?;
-            let mut out = Vec::new();
-            for p in session.pipelines(&select)? {
+            let pipelines = session.pipelines(&select)?;
+            // Every selected pipeline is checked before any is moved: offsets are per
+            // pipeline, and a refusal half-way would leave the ones before it replayed
+            // while the error reads as if nothing happened.
+            let mut heads = Vec::with_capacity(pipelines.len());
+            for p in &pipelines {
                 let head = p.log.head(0).await?;
+                let nothing_moved = if pipelines.len() > 1 {
+                    "; no pipeline was replayed (offsets are per pipeline: choose one with --pipeline)"
+                } else {
+                    ""
+                };
                 anyhow::ensure!(
                     from <= head,
-                    "pipeline `{}`: --from {from} is past the log head {head}",
+                    "pipeline `{}`: --from {from} is past the log head {head}{nothing_moved}",
                     p.name()
                 );
                 // Forward would mark events never applied as done: the target would miss
@@ -389,11 +435,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     let committed = p.projector.committed(partition).await?;
                     anyhow::ensure!(
                         from <= committed,
-                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them)",
+                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them){nothing_moved}",
                         p.name(),
                         if p.log.partitions() > 1 { format!(" of partition {partition}") } else { String::new() }
                     );
                 }
+                heads.push(head);
+            }
+            let mut out = Vec::new();
+            for (p, head) in pipelines.iter().zip(heads) {
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
                     outln!(
@@ -648,6 +698,8 @@ async fn scan_project(
     let run_started = chrono::Utc::now();
     let mut early = scan.then(|| EarlyListing::start(&config, select)).flatten();
     let session = Session::open(config)?;
+    // Installed once the state is open: Ctrl-C before that has nothing to commit.
+    let (stop, signalled) = one_shot_stop();
     let mut degraded = false;
     // Events appended and applied: what this run wrote to the state database.
     let mut written = 0;
@@ -668,7 +720,7 @@ async fn scan_project(
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
             let listing = early.take_if(|e| e.pipeline == p.name()).map(|e| e.listing);
-            let record = p.scanner.scan_listing(scan_bar, listing).await;
+            let record = p.scanner.scan_listing(scan_bar, listing, &stop).await;
             scan_bar.finish();
             scanning.cancel();
             Some(record)
@@ -676,9 +728,9 @@ async fn scan_project(
         let projected = async {
             let project_bar = project_bar.as_ref()?;
             let report = if scan {
-                p.projector.follow(project_bar, &scanning).await
+                p.projector.follow(project_bar, &scanning, &stop).await
             } else {
-                p.projector.catch_up(project_bar).await
+                p.projector.catch_up(project_bar, &stop).await
             };
             project_bar.finish();
             Some(report)
@@ -761,6 +813,28 @@ async fn scan_project(
             }
             entry["project"] = serde_json::to_value(&report)?;
             run_report = run_report.with_project(&report);
+        }
+        if let (None, Some(signal)) = (&stopped, signalled.get()) {
+            let lag = p.projector.lag().await.ok();
+            let message = format!(
+                "interrupted by {}: what was applied before it is committed{}; run `tidemark {run}` again to go on from there",
+                signal.name,
+                match lag {
+                    Some(n) if n > 0 => format!(", {n} events in the log are not applied yet"),
+                    _ => String::new(),
+                }
+            );
+            if select.output == Output::Text {
+                outln!("{}: {message}", p.name());
+            }
+            entry["interrupted"] = message.clone().into();
+            entry["report_dir"] =
+                write_report(&session, &run_report.with_interruption(&message)).into();
+            out.push(entry);
+            if select.output == Output::Json {
+                outln!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            return Ok(ExitCode::from(signal.exit));
         }
         if let Some(e) = stopped {
             let message = fatal_message(&e);
@@ -932,15 +1006,23 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
             Some(offset) => format!("offset {offset}"),
             None => "found by this scan".into(),
         };
-        match a.waiting_since {
-            Some(since) => outln!(
+        match (a.waiting_since, &a.failed) {
+            (_, Some(failed)) => outln!(
+                "{:>6} {} {} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
+                a.action,
+                a.kind,
+                a.key,
+                failed.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                failed.reason
+            ),
+            (Some(since), None) => outln!(
                 "{:>6} {} {} ({at}, waiting since {})",
                 a.action,
                 a.kind,
                 a.key,
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
-            None => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
+            (None, None) => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
         }
     }
     let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();

@@ -74,7 +74,8 @@ pub struct ScanSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuardDecision {
     /// `passed` (deletes within the limit were emitted), `tripped` (all withheld),
-    /// `skipped` (the listing had errors, so no deletes were considered) or
+    /// `skipped` (the listing had errors or the scan was interrupted, so no deletes were
+    /// considered) or
     /// `not_evaluated` (no scan in this run).
     pub decision: String,
     /// Deletes the scan emitted (`passed`) or would have emitted (`tripped`).
@@ -113,6 +114,10 @@ pub struct Report {
     /// it applied before. Absent from the report of a run that finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a one-shot run stopped early on a signal (Ctrl-C), as printed on stdout: the
+    /// counts are what it applied and committed before. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
 }
 
 impl Report {
@@ -135,12 +140,19 @@ impl Report {
                 limit: max_delete.to_string(),
             },
             error: None,
+            interrupted: None,
         }
     }
 
     /// Records the error that stopped the run.
     pub fn with_error(mut self, message: &str) -> Report {
         self.error = Some(message.to_owned());
+        self
+    }
+
+    /// Records the signal that stopped the run before it finished.
+    pub fn with_interruption(mut self, message: &str) -> Report {
+        self.interrupted = Some(message.to_owned());
         self
     }
 
@@ -185,9 +197,13 @@ impl Report {
         self
     }
 
-    /// Adds what a plan would do, as the outcomes `project` would report.
+    /// Adds what a plan would do, as the outcomes `project` would report, and the failed
+    /// items it would try again, with the reason each failed, as `failures`.
     pub fn with_plan(mut self, actions: &[PlannedAction]) -> Report {
         for a in actions {
+            if let Some(failed) = &a.failed {
+                self.failures.push(failed.clone());
+            }
             let outcome = match a.action {
                 "create" => "created",
                 "update" => "updated",
@@ -276,6 +292,9 @@ impl Report {
         if let Some(error) = &self.error {
             let _ = writeln!(s, "error: the run stopped, exit 1: {error}");
         }
+        if let Some(interrupted) = &self.interrupted {
+            let _ = writeln!(s, "{interrupted}");
+        }
         match &self.scan {
             Some(scan) => {
                 let _ = writeln!(
@@ -311,7 +330,12 @@ impl Report {
             ),
             "skipped" => writeln!(
                 s,
-                "delete guard: no deletes considered, the listing had errors"
+                "delete guard: no deletes considered, {}",
+                match &self.scan {
+                    Some(scan) if scan.result == crate::scanner::INTERRUPTED =>
+                        "the scan was interrupted",
+                    _ => "the listing had errors",
+                }
             ),
             _ => writeln!(s, "delete guard: not evaluated (no scan)"),
         };
@@ -319,6 +343,8 @@ impl Report {
             "would apply"
         } else if self.error.is_some() {
             "applied before the error"
+        } else if self.interrupted.is_some() {
+            "applied before the interruption"
         } else {
             "applied"
         };

@@ -182,15 +182,17 @@ impl Scanner {
         self.scan_inner(progress, None, Some(stop)).await
     }
 
-    /// Like [`Scanner::scan`], over `early` when it is given: a listing of this scanner's
-    /// source started before the scan (see `EarlyListing` in `main.rs`). The scan's record
-    /// then starts, and its duration counts, from when the listing started.
+    /// Like [`Scanner::scan_until`], over `early` when it is given: a listing of this
+    /// scanner's source started before the scan (see `EarlyListing` in `main.rs`). The
+    /// scan's record then starts, and its duration counts, from when the listing started.
+    /// A one-shot run passes the token its first signal cancels (Ctrl-C).
     pub async fn scan_listing(
         &self,
         progress: &Progress,
         early: Option<StartedListing>,
+        stop: &CancellationToken,
     ) -> Result<ScanRecord, ScanError> {
-        self.scan_inner(progress, early, None).await
+        self.scan_inner(progress, early, Some(stop)).await
     }
 
     async fn scan_inner(

@@ -108,6 +108,18 @@ impl VerifyReport {
                 "; DRIFT"
             },
         ));
+        // What to do about it: a change made on the target by hand stays until its item
+        // changes in the source, and an item only the target has is in no event at all.
+        if !self.missing.is_empty() || !self.different.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: `tidemark replay --pipeline {pipeline} --from 0` then `tidemark project` puts the missing and different items back (equal ones are adopted, not rewritten)\n"
+            ));
+        }
+        if !self.extra.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the extra items were never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n"
+            ));
+        }
         out
     }
 }

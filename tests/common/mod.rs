@@ -327,7 +327,8 @@ pub fn assert_mirror(src: &Path, dst: &Path) {
 }
 
 /// Runs `plan` for pipeline `t` and asserts it shows exactly one event kept waiting:
-/// `retry <kind> <key>` with the time it started waiting. Returns the plan.
+/// `retry <kind> <key>` with the time it started waiting, or, for an item that failed
+/// in an earlier run, the time and reason of its failure. Returns the plan.
 pub fn assert_plan_retries(env: &Env, kind_key: &str) -> String {
     let plan = env.ok(&["plan"]);
     let wanted = format!("retry {kind_key} ");
@@ -335,7 +336,10 @@ pub fn assert_plan_retries(env: &Env, kind_key: &str) -> String {
         .lines()
         .find(|l| l.trim_start().starts_with(&wanted))
         .unwrap_or_else(|| panic!("plan does not show `{kind_key}` waiting:\n{plan}"));
-    assert!(line.contains("waiting since"), "{plan}");
+    assert!(
+        line.contains("waiting since") || line.contains(", failed "),
+        "{plan}"
+    );
     assert!(plan.contains("t: plan: 1 retry"), "{plan}");
     plan
 }
