@@ -1850,12 +1850,15 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     env.ok(&["project"]);
     assert_mirror(&src, &env.dst());
 
+    // Refused while the daemon holds the state, naming the daemon's process.
     let daemon = env.spawn_daemon();
     let out = env.run(&["compact"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("is in use by another tidemark process"),
+        stderr.contains("is in use by another tidemark process")
+            && stderr.contains(&format!("pid {} (`", daemon.child.id()))
+            && stderr.contains(" run`, since "),
         "{stderr}"
     );
     assert!(daemon.terminate().success());

@@ -26,10 +26,12 @@ pub enum StateError {
         source: std::io::Error,
     },
     /// Another process holds the database.
-    #[error("state directory {} is in use by another tidemark process (is the daemon running? `tidemark status` asks it over HTTP)", path.display())]
+    #[error("state directory {} is in use by another tidemark process{} (is the daemon running? `tidemark status` asks it over HTTP)", path.display(), holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default())]
     Locked {
         /// The state directory.
         path: PathBuf,
+        /// Which process holds it, when it said so ([`HOLDER`]).
+        holder: Option<String>,
     },
     /// A read or write failed.
     #[error("state database: {0}")]
@@ -199,6 +201,7 @@ impl State {
             .path(dir.join(DB))
             .open()
             .map_err(|e| open_error(e, dir))?;
+        note_holder(dir);
         Ok(State {
             db,
             path: dir.to_owned(),
@@ -463,6 +466,7 @@ fn open_error(e: sled::Error, path: &Path) -> StateError {
     match e {
         e if is_locked(&e) => StateError::Locked {
             path: path.to_owned(),
+            holder: holder(path),
         },
         sled::Error::Io(source) => StateError::Open {
             path: path.to_owned(),
@@ -510,6 +514,42 @@ fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
 
 /// The sled database's directory in a state directory.
 const DB: &str = "db";
+/// Which process holds the database, written by each process that opens it, so the one
+/// refused can say who holds it (an operator's second `sync`, or the daemon).
+pub const HOLDER: &str = "holder";
+
+/// Notes in `dir` that this process holds its database: its pid, command line and start.
+/// Best effort: a state directory that cannot take it only loses the hint.
+fn note_holder(dir: &Path) {
+    let args: Vec<String> = std::env::args().collect();
+    let text = format!(
+        "{}\n{}\n{}\n",
+        std::process::id(),
+        args.join(" "),
+        Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let tmp = dir.join(format!(".{HOLDER}.{}", std::process::id()));
+    if std::fs::write(&tmp, text).is_err() || std::fs::rename(&tmp, dir.join(HOLDER)).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Who holds the database of `dir`, as the holder noted it ([`note_holder`]): `pid N
+/// (`COMMAND`, since TIME)`. `None` when it did not, or when that process is gone (the
+/// note of an earlier holder).
+fn holder(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(HOLDER)).ok()?;
+    let mut lines = text.lines();
+    let pid: u32 = lines.next()?.parse().ok()?;
+    let (command, since) = (lines.next()?, lines.next()?);
+    if pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists() {
+        return None;
+    }
+    // A command line holds no secret (they come from the environment or files), but it
+    // is shown redacted all the same.
+    let command = crate::http::redact_known(command);
+    Some(format!("pid {pid} (`{command}`, since {since})"))
+}
 /// A compaction's new database while it is written.
 const DB_COMPACTING: &str = "db.compacting";
 /// The database a compaction replaced, until it is removed.
