@@ -297,6 +297,14 @@ fn a_project_stopped_by_a_full_disk_reports_what_reached_the_target() {
         events.iter().any(|e| e["message"] == written.as_str()),
         "no `{written}` event: {stderr}"
     );
+    // The line on stdout counts what was applied, not the failing batch's events read.
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "t: applied {first} events before the error: {first} created"
+        )),
+        "{stdout}"
+    );
 
     // With room again, the next run applies the rest: nothing twice, nothing lost.
     disk.remount("size=16m");

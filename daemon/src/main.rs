@@ -446,10 +446,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             for (p, head) in pipelines.iter().zip(heads) {
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
+                    // The log's events from `from` to its head, not `head - from` of them:
+                    // `compact` drops superseded ones.
                     outln!(
-                        "pipeline {}: committed offset set to {from}; {} events will be applied again by `project` or `run`",
+                        "pipeline {}: committed offset set to {from}; the log's events from offset {from} up to its head ({head}) will be applied again by `project` or `run`",
                         p.name(),
-                        head - from
                     );
                 }
                 out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": head - from}));
@@ -783,15 +784,15 @@ async fn scan_project(
                     .iter()
                     .map(|(o, n)| format!("{n} {}", o.as_str()))
                     .collect();
+                // Stopped by an error, the failing batch's events were read but not all
+                // applied: what the outcomes count is what was.
+                let (events, before) = match stopped {
+                    Some(_) => (report.outcomes.values().sum(), " before the error"),
+                    None => (report.events, ""),
+                };
                 outln!(
-                    "{}: applied {} events{}: {}",
+                    "{}: applied {events} events{before}: {}",
                     p.name(),
-                    report.events,
-                    if stopped.is_some() {
-                        " before the error"
-                    } else {
-                        ""
-                    },
                     if counts.is_empty() {
                         "nothing to do".into()
                     } else {

@@ -164,7 +164,7 @@ impl From<std::io::Error> for Failure {
 
 fn describe_io(e: &std::io::Error) -> String {
     let hint = match e.raw_os_error() {
-        Some(28) => " (target disk is full; free space and tidemark resumes)",
+        Some(28) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
         Some(30) => " (target filesystem is read-only)",
         Some(13) | Some(1) => " (permission denied on the target; check ownership)",
         _ => "",
