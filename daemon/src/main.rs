@@ -134,20 +134,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LogCommand {
-    /// Print events from an offset on, one JSON object a line.
+    /// Print events from an offset on, one JSON object a line. A Kafka log is read
+    /// partition by partition (offsets count per partition).
     Tail {
         #[command(flatten)]
         select: Select,
-        /// First offset to print (default: the last 10 events).
+        /// First offset to print, in every partition (default: the last 10 events of each).
         #[arg(long)]
         from: Option<u64>,
+        /// Only this partition of a Kafka log (default: every partition).
+        #[arg(long)]
+        partition: Option<u32>,
     },
-    /// Print one event.
+    /// Print one event. On a Kafka log an offset exists once per partition: every
+    /// partition's event at that offset is printed, unless `--partition` picks one.
     Show {
         #[command(flatten)]
         select: Select,
         /// Its offset.
         offset: u64,
+        /// Only this partition of a Kafka log (default: every partition).
+        #[arg(long)]
+        partition: Option<u32>,
     },
     /// Copy a pipeline's sled log (in `state_dir`) into the Kafka topic its config now
     /// names, keeping order, and move the projector's committed position to match, so
@@ -977,33 +985,78 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
                 migrate(&session, &p).await?;
             }
         }
-        LogCommand::Show { select, offset } => {
+        LogCommand::Show {
+            select,
+            offset,
+            partition,
+        } => {
             for p in session.pipelines(&select)? {
-                let records = p.log.read(0, offset, 1).await?;
-                match records.into_iter().next().filter(|r| r.offset == offset) {
-                    Some(r) => print(r),
-                    None => anyhow::bail!(
-                        "pipeline `{}`: no event at offset {offset} (head is {}; `compact` drops events a later event of the same item supersedes)",
+                let mut found = false;
+                let mut heads = Vec::new();
+                for part in partitions_to_read(&p, partition).await? {
+                    let records = p.log.read(part, offset, 1).await?;
+                    match records.into_iter().next().filter(|r| r.offset == offset) {
+                        Some(r) => {
+                            found = true;
+                            print(r);
+                        }
+                        None => heads.push((part, p.log.head(part).await?)),
+                    }
+                }
+                if !found {
+                    let heads = match heads.as_slice() {
+                        [(_, head)] if p.log.partitions() == 1 => format!("head is {head}"),
+                        _ => heads
+                            .iter()
+                            .map(|(part, head)| format!("partition {part} head {head}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    };
+                    anyhow::bail!(
+                        "pipeline `{}`: no event at offset {offset} ({heads}; `compact` drops events a later event of the same item supersedes)",
                         p.name(),
-                        p.log.head(0).await?
-                    ),
+                    );
                 }
             }
         }
-        LogCommand::Tail { select, from } => {
+        LogCommand::Tail {
+            select,
+            from,
+            partition,
+        } => {
             for p in session.pipelines(&select)? {
-                let head = p.log.head(0).await?;
-                let mut next = from.unwrap_or(head.saturating_sub(10));
-                while next < head {
-                    let records = p.log.read(0, next, 1000).await?;
-                    let Some(last) = records.last() else { break };
-                    next = last.offset + 1;
-                    records.into_iter().for_each(print);
+                for part in partitions_to_read(&p, partition).await? {
+                    let head = p.log.head(part).await?;
+                    let mut next = from.unwrap_or(head.saturating_sub(10));
+                    while next < head {
+                        let records = p.log.read(part, next, 1000).await?;
+                        let Some(last) = records.last() else { break };
+                        next = last.offset + 1;
+                        records.into_iter().for_each(print);
+                    }
                 }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The partitions `log tail|show` read: `only`, checked against the log, or all of them.
+async fn partitions_to_read(p: &Pipeline, only: Option<u32>) -> Result<Vec<u32>> {
+    // A Kafka log knows the topic's partition count once it has reached the brokers.
+    p.log.connect().await?;
+    let count = p.log.partitions();
+    match only {
+        Some(part) if part >= count => anyhow::bail!(
+            "pipeline `{}`: --partition {part} does not exist; its {} log has {count} partition{} (0 to {})",
+            p.name(),
+            p.log.backend(),
+            if count == 1 { "" } else { "s" },
+            count - 1
+        ),
+        Some(part) => Ok(vec![part]),
+        None => Ok((0..count).collect()),
+    }
 }
 
 /// `log migrate` for one pipeline: sled records in offset order → Kafka, then the
