@@ -321,3 +321,44 @@ fn log_tail_and_show_read_every_partition_of_a_kafka_log() {
         "{err}"
     );
 }
+
+/// `replay --from N` on a topic with several partitions moves every partition to N and
+/// says how many events will be applied again: all of them, summed over the partitions,
+/// and `project` then applies exactly that many.
+#[test]
+fn replay_on_a_kafka_log_counts_the_events_of_every_partition() {
+    let (env, _topic) = kafka_env(3);
+    for i in 0..12 {
+        write(env.src().join(format!("f{i:02}.txt")), format!("{i}\n"));
+    }
+    env.sync();
+    let replay = env.json(&["replay", "--from", "0"]);
+    assert_eq!(replay[0]["to_apply"], 12, "{replay}");
+    let text = env.ok(&["replay", "--from", "0"]);
+    assert!(text.contains("12 events will be applied again"), "{text}");
+    let project = env.json(&["project"]);
+    assert_eq!(project[0]["project"]["events"], 12, "{project}");
+    assert_eq!(
+        kind_outcome(&project[0]["project"], "file", "adopted"),
+        12,
+        "{project}"
+    );
+
+    // Past the end of a partition whose events are all applied: said so, nothing moved.
+    let status = env.json(&["status"]);
+    let smallest = status[0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["head"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    let past = (smallest + 1).to_string();
+    let out = env.run(&["replay", "--from", &past]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("all applied") && err.contains("counts per partition"),
+        "{err}"
+    );
+}

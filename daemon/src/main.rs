@@ -385,32 +385,55 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let session = Session::open(config)?;
             let mut out = Vec::new();
             for p in session.pipelines(&select)? {
-                let head = p.log.head(0).await?;
+                // Offsets count per partition (one partition for sled): `from` applies to
+                // each, and the events to apply again are summed over them.
+                p.log.connect().await?;
+                let partitions = p.log.partitions();
+                let mut heads = Vec::new();
+                for partition in 0..partitions {
+                    heads.push(p.log.head(partition).await?);
+                }
+                let (head, top): (u64, u64) =
+                    (heads.iter().sum(), heads.iter().copied().max().unwrap_or(0));
                 anyhow::ensure!(
-                    from <= head,
-                    "pipeline `{}`: --from {from} is past the log head {head}",
-                    p.name()
+                    from <= top,
+                    "pipeline `{}`: --from {from} is past the log head {top}{}",
+                    p.name(),
+                    if partitions > 1 {
+                        " of its largest partition"
+                    } else {
+                        ""
+                    }
                 );
                 // Forward would mark events never applied as done: the target would miss
                 // them for good.
-                for partition in 0..p.log.partitions() {
-                    let committed = p.projector.committed(partition).await?;
-                    anyhow::ensure!(
-                        from <= committed,
-                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them)",
+                for (partition, part_head) in heads.iter().enumerate() {
+                    let committed = p.projector.committed(partition as u32).await?;
+                    if from <= committed {
+                        continue;
+                    }
+                    if committed < *part_head {
+                        anyhow::bail!(
+                            "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them)",
+                            p.name(),
+                            if partitions > 1 { format!(" of partition {partition}") } else { String::new() }
+                        );
+                    }
+                    anyhow::bail!(
+                        "pipeline `{}`: --from {from} is past the end of partition {partition}, which holds {part_head} events, all applied; on a Kafka log --from counts per partition and moves every partition to it, so give at most {committed}",
                         p.name(),
-                        if p.log.partitions() > 1 { format!(" of partition {partition}") } else { String::new() }
                     );
                 }
+                let to_apply: u64 = heads.iter().map(|h| h.saturating_sub(from)).sum();
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
                     outln!(
-                        "pipeline {}: committed offset set to {from}; {} events will be applied again by `project` or `run`",
+                        "pipeline {}: committed offset set to {from}{}; {to_apply} events will be applied again by `project` or `run`",
                         p.name(),
-                        head - from
+                        if partitions > 1 { " in each partition" } else { "" }
                     );
                 }
-                out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": head - from}));
+                out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": to_apply}));
             }
             if select.output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&out)?);
