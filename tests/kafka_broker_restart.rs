@@ -150,3 +150,65 @@ fn issue_4_unreachable_broker_at_start_is_not_ready_then_recovers() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// While the broker is down, `/metrics` still answers within Prometheus's default 10 s
+/// scrape timeout (a failed scrape blanks the dashboard and reads as the daemon down), and
+/// `tidemark_source_freshness_seconds` keeps growing while scans cannot append; once the
+/// broker is back the change arrives and freshness falls back.
+#[test]
+fn metrics_answer_and_freshness_grows_while_the_broker_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, d) = ("19195", dir.path().to_str().unwrap().to_owned());
+    let brokers = ops("ops/peers/kafka.sh", &["start", port, &d]);
+    let topic = unique("down");
+    let env = Env::dirs(&kafka_log_section(brokers.trim(), &topic, &topic, 1), "");
+    write(env.src().join("before.txt"), "before\n");
+    let daemon = env.spawn_daemon();
+    let result = std::panic::catch_unwind(|| {
+        let mirrored = wait_for(Duration::from_secs(60), || {
+            mirrors_now(&env.src(), &env.dst()).then_some(())
+        });
+        assert!(mirrored.is_some(), "no mirror; log:\n{}", env.daemon_log());
+
+        ops("ops/peers/kafka.sh", &["stop", port, &d]);
+        // A change the scanner cannot append: no scan succeeds from now on.
+        write(env.src().join("during.txt"), "during\n");
+        std::thread::sleep(Duration::from_secs(15));
+        let started = std::time::Instant::now();
+        let metrics = daemon.metrics();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "/metrics took {took:?} while the broker is down; log:\n{}",
+            env.daemon_log()
+        );
+        let freshness = metrics["tidemark_source_freshness_seconds{pipeline=\"t\"}"];
+        assert!(
+            freshness > 10.0,
+            "freshness {freshness} s, though no scan succeeded for 15 s: {metrics:?}"
+        );
+
+        ops("ops/peers/kafka.sh", &["start", port, &d]);
+        let mirrored = wait_for(Duration::from_secs(90), || {
+            mirrors_now(&env.src(), &env.dst()).then_some(())
+        });
+        assert!(
+            mirrored.is_some(),
+            "no mirror after the broker came back; log:\n{}",
+            env.daemon_log()
+        );
+        let fresh = wait_for(Duration::from_secs(30), || {
+            (daemon.metric("tidemark_source_freshness_seconds{pipeline=\"t\"}") < 5.0).then_some(())
+        });
+        assert!(
+            fresh.is_some(),
+            "freshness stays high: {:?}",
+            daemon.metrics()
+        );
+    });
+    drop(daemon);
+    ops("ops/peers/kafka.sh", &["stop", port, &d]);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -265,3 +265,103 @@ fn deleting_directory_trees_across_partitions_leaves_no_empty_directories() {
     assert_eq!(status[0]["deferred"], serde_json::json!([]), "{status}");
     assert!(env.dst().join("kept/stays.txt").is_file());
 }
+
+/// `log tail` and `log show` on a topic with several partitions: every event of every
+/// partition is shown (offsets count per partition), not only partition 0's.
+#[test]
+fn log_tail_and_show_read_every_partition_of_a_kafka_log() {
+    let (env, _topic) = kafka_env(3);
+    let keys: std::collections::BTreeSet<String> =
+        (0..12).map(|i| format!("f{i:02}.txt")).collect();
+    for key in &keys {
+        write(env.src().join(key), format!("{key}\n"));
+    }
+    env.sync();
+    let events = |out: String| -> Vec<serde_json::Value> {
+        out.lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON event a line"))
+            .collect()
+    };
+
+    let all = events(env.ok(&["log", "tail", "--from", "0"]));
+    let tailed: std::collections::BTreeSet<String> = all
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tailed, keys, "log tail --from 0 misses events: {all:?}");
+    let used: std::collections::BTreeSet<u64> = all
+        .iter()
+        .map(|e| e["partition"].as_u64().unwrap())
+        .collect();
+    assert!(
+        used.len() > 1,
+        "the events should spread over partitions: {all:?}"
+    );
+    // Without --from: the last 10 of each partition, here all 12.
+    assert_eq!(events(env.ok(&["log", "tail"])).len(), 12);
+
+    // Offset 0 exists in every partition that holds an event.
+    let shown = events(env.ok(&["log", "show", "0"]));
+    assert_eq!(shown.len(), used.len(), "{shown:?}");
+    let last = used.iter().max().unwrap().to_string();
+    let one = events(env.ok(&["log", "show", "0", "--partition", &last]));
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert_eq!(one[0]["partition"].as_u64().unwrap().to_string(), last);
+    let only = events(env.ok(&["log", "tail", "--from", "0", "--partition", &last]));
+    assert!(
+        only.iter().all(|e| e["partition"] == one[0]["partition"]),
+        "{only:?}"
+    );
+
+    let wrong = env.run(&["log", "tail", "--partition", "3"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        err.contains("--partition 3 does not exist") && err.contains("3 partitions"),
+        "{err}"
+    );
+}
+
+/// `replay --from N` on a topic with several partitions moves every partition to N and
+/// says how many events will be applied again: all of them, summed over the partitions,
+/// and `project` then applies exactly that many.
+#[test]
+fn replay_on_a_kafka_log_counts_the_events_of_every_partition() {
+    let (env, _topic) = kafka_env(3);
+    for i in 0..12 {
+        write(env.src().join(format!("f{i:02}.txt")), format!("{i}\n"));
+    }
+    env.sync();
+    let replay = env.json(&["replay", "--from", "0"]);
+    assert_eq!(replay[0]["to_apply"], 12, "{replay}");
+    let text = env.ok(&["replay", "--from", "0"]);
+    assert!(
+        text.contains("up to 12 events (summed over the partitions) will be applied again"),
+        "{text}"
+    );
+    let project = env.json(&["project"]);
+    assert_eq!(project[0]["project"]["events"], 12, "{project}");
+    assert_eq!(
+        kind_outcome(&project[0]["project"], "file", "adopted"),
+        12,
+        "{project}"
+    );
+
+    // Past the end of a partition whose events are all applied: said so, nothing moved.
+    let status = env.json(&["status"]);
+    let smallest = status[0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["head"].as_u64().unwrap())
+        .min()
+        .unwrap();
+    let past = (smallest + 1).to_string();
+    let out = env.run(&["replay", "--from", &past]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("all applied") && err.contains("counts per partition"),
+        "{err}"
+    );
+}

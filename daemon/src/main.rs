@@ -135,20 +135,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum LogCommand {
-    /// Print events from an offset on, one JSON object a line.
+    /// Print events from an offset on, one JSON object a line. A Kafka log is read
+    /// partition by partition (offsets count per partition).
     Tail {
         #[command(flatten)]
         select: Select,
-        /// First offset to print (default: the last 10 events).
+        /// First offset to print, in every partition (default: the last 10 events of each).
         #[arg(long)]
         from: Option<u64>,
+        /// Only this partition of a Kafka log (default: every partition).
+        #[arg(long)]
+        partition: Option<u32>,
     },
-    /// Print one event.
+    /// Print one event. On a Kafka log an offset exists once per partition: every
+    /// partition's event at that offset is printed, unless `--partition` picks one.
     Show {
         #[command(flatten)]
         select: Select,
         /// Its offset.
         offset: u64,
+        /// Only this partition of a Kafka log (default: every partition).
+        #[arg(long)]
+        partition: Option<u32>,
     },
     /// Copy a pipeline's sled log (in `state_dir`) into the Kafka topic its config now
     /// names, keeping order, and move the projector's committed position to match, so
@@ -413,47 +421,70 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Replay { select, from } => {
             let session = Session::open(config)?;
             let pipelines = session.pipelines(&select)?;
+            let nothing_moved = if pipelines.len() > 1 {
+                "; no pipeline was replayed (offsets are per pipeline: choose one with --pipeline)"
+            } else {
+                ""
+            };
             // Every selected pipeline is checked before any is moved: offsets are per
             // pipeline, and a refusal half-way would leave the ones before it replayed
-            // while the error reads as if nothing happened.
-            let mut heads = Vec::with_capacity(pipelines.len());
+            // while the error reads as if nothing happened. Offsets count per partition
+            // (one partition for sled): `from` applies to each, and the events to apply
+            // again are summed over them.
+            let mut checked = Vec::with_capacity(pipelines.len());
             for p in &pipelines {
-                let head = p.log.head(0).await?;
-                let nothing_moved = if pipelines.len() > 1 {
-                    "; no pipeline was replayed (offsets are per pipeline: choose one with --pipeline)"
-                } else {
-                    ""
-                };
+                p.log.connect().await?;
+                let partitions = p.log.partitions();
+                let mut heads = Vec::new();
+                for partition in 0..partitions {
+                    heads.push(p.log.head(partition).await?);
+                }
+                let top = heads.iter().copied().max().unwrap_or(0);
                 anyhow::ensure!(
-                    from <= head,
-                    "pipeline `{}`: --from {from} is past the log head {head}{nothing_moved}",
-                    p.name()
+                    from <= top,
+                    "pipeline `{}`: --from {from} is past the log head {top}{}{nothing_moved}",
+                    p.name(),
+                    if partitions > 1 {
+                        " of its largest partition"
+                    } else {
+                        ""
+                    }
                 );
                 // Forward would mark events never applied as done: the target would miss
                 // them for good.
-                for partition in 0..p.log.partitions() {
-                    let committed = p.projector.committed(partition).await?;
-                    anyhow::ensure!(
-                        from <= committed,
-                        "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them){nothing_moved}",
+                for (partition, part_head) in heads.iter().enumerate() {
+                    let committed = p.projector.committed(partition as u32).await?;
+                    if from <= committed {
+                        continue;
+                    }
+                    if committed < *part_head {
+                        anyhow::bail!(
+                            "pipeline `{}`: --from {from} is past the committed offset {committed}{}; replay only moves it back (the events from {committed} on are not applied yet, and `project` applies them){nothing_moved}",
+                            p.name(),
+                            if partitions > 1 { format!(" of partition {partition}") } else { String::new() }
+                        );
+                    }
+                    anyhow::bail!(
+                        "pipeline `{}`: --from {from} is past the end of partition {partition}, which holds {part_head} events, all applied; on a Kafka log --from counts per partition and moves every partition to it, so give at most {committed}{nothing_moved}",
                         p.name(),
-                        if p.log.partitions() > 1 { format!(" of partition {partition}") } else { String::new() }
                     );
                 }
-                heads.push(head);
+                checked.push((heads.iter().sum::<u64>(), partitions, heads));
             }
             let mut out = Vec::new();
-            for (p, head) in pipelines.iter().zip(heads) {
+            for (p, (head, partitions, heads)) in pipelines.iter().zip(checked) {
+                // At most: `compact` drops superseded events, which offsets still count.
+                let to_apply: u64 = heads.iter().map(|h| h.saturating_sub(from)).sum();
                 p.projector.replay(from).await?;
                 if select.output == Output::Text {
-                    // The log's events from `from` to its head, not `head - from` of them:
-                    // `compact` drops superseded ones.
                     outln!(
-                        "pipeline {}: committed offset set to {from}; the log's events from offset {from} up to its head ({head}) will be applied again by `project` or `run`",
+                        "pipeline {}: committed offset set to {from}{}; up to {to_apply} events{} will be applied again by `project` or `run`",
                         p.name(),
+                        if partitions > 1 { " in each partition" } else { "" },
+                        if partitions > 1 { " (summed over the partitions)" } else { "" },
                     );
                 }
-                out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": head - from}));
+                out.push(json!({"pipeline": p.name(), "committed": from, "head": head, "to_apply": to_apply}));
             }
             if select.output == Output::Json {
                 outln!("{}", serde_json::to_string_pretty(&out)?);
@@ -1061,33 +1092,78 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
                 migrate(&session, &p).await?;
             }
         }
-        LogCommand::Show { select, offset } => {
+        LogCommand::Show {
+            select,
+            offset,
+            partition,
+        } => {
             for p in session.pipelines(&select)? {
-                let records = p.log.read(0, offset, 1).await?;
-                match records.into_iter().next().filter(|r| r.offset == offset) {
-                    Some(r) => print(r),
-                    None => anyhow::bail!(
-                        "pipeline `{}`: no event at offset {offset} (head is {}; `compact` drops events a later event of the same item supersedes)",
+                let mut found = false;
+                let mut heads = Vec::new();
+                for part in partitions_to_read(&p, partition).await? {
+                    let records = p.log.read(part, offset, 1).await?;
+                    match records.into_iter().next().filter(|r| r.offset == offset) {
+                        Some(r) => {
+                            found = true;
+                            print(r);
+                        }
+                        None => heads.push((part, p.log.head(part).await?)),
+                    }
+                }
+                if !found {
+                    let heads = match heads.as_slice() {
+                        [(_, head)] if p.log.partitions() == 1 => format!("head is {head}"),
+                        _ => heads
+                            .iter()
+                            .map(|(part, head)| format!("partition {part} head {head}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    };
+                    anyhow::bail!(
+                        "pipeline `{}`: no event at offset {offset} ({heads}; `compact` drops events a later event of the same item supersedes)",
                         p.name(),
-                        p.log.head(0).await?
-                    ),
+                    );
                 }
             }
         }
-        LogCommand::Tail { select, from } => {
+        LogCommand::Tail {
+            select,
+            from,
+            partition,
+        } => {
             for p in session.pipelines(&select)? {
-                let head = p.log.head(0).await?;
-                let mut next = from.unwrap_or(head.saturating_sub(10));
-                while next < head {
-                    let records = p.log.read(0, next, 1000).await?;
-                    let Some(last) = records.last() else { break };
-                    next = last.offset + 1;
-                    records.into_iter().for_each(print);
+                for part in partitions_to_read(&p, partition).await? {
+                    let head = p.log.head(part).await?;
+                    let mut next = from.unwrap_or(head.saturating_sub(10));
+                    while next < head {
+                        let records = p.log.read(part, next, 1000).await?;
+                        let Some(last) = records.last() else { break };
+                        next = last.offset + 1;
+                        records.into_iter().for_each(print);
+                    }
                 }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The partitions `log tail|show` read: `only`, checked against the log, or all of them.
+async fn partitions_to_read(p: &Pipeline, only: Option<u32>) -> Result<Vec<u32>> {
+    // A Kafka log knows the topic's partition count once it has reached the brokers.
+    p.log.connect().await?;
+    let count = p.log.partitions();
+    match only {
+        Some(part) if part >= count => anyhow::bail!(
+            "pipeline `{}`: --partition {part} does not exist; its {} log has {count} partition{} (0 to {})",
+            p.name(),
+            p.log.backend(),
+            if count == 1 { "" } else { "s" },
+            count - 1
+        ),
+        Some(part) => Ok(vec![part]),
+        None => Ok((0..count).collect()),
+    }
 }
 
 /// `log migrate` for one pipeline: sled records in offset order → Kafka, then the

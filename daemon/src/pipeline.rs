@@ -121,6 +121,38 @@ pub struct Pipeline {
     /// refresh that read the offsets earlier could set its older figures over a newer
     /// one's (a scrape once showed 1 event waiting after a scan that appended 44).
     refreshing: tokio::sync::Mutex<()>,
+    /// What the last refresh that reached the log saw unapplied, so the lag in seconds
+    /// keeps growing while the log cannot be read (a Kafka broker down).
+    unapplied: std::sync::Mutex<Unapplied>,
+}
+
+/// Seconds from `at` to `now`; 0 without `at`.
+fn age_at(now: chrono::DateTime<Utc>, at: Option<chrono::DateTime<Utc>>) -> f64 {
+    at.map_or(0.0, |o| {
+        ((now - o).num_milliseconds().max(0)) as f64 / 1000.0
+    })
+}
+
+/// What [`Pipeline::status`] reads from the log.
+struct LogOffsets {
+    /// Next offset the log assigns, summed over partitions.
+    head: u64,
+    /// Next offset the projector reads, summed over partitions.
+    committed: u64,
+    /// When the oldest unapplied event of any partition was observed.
+    oldest: Option<chrono::DateTime<Utc>>,
+    /// Each partition's figures, and when its oldest unapplied event was observed.
+    partitions: Vec<(PartitionStatus, Option<chrono::DateTime<Utc>>)>,
+}
+
+/// When the oldest unapplied events were observed, as the last refresh that read the log
+/// found them: for the pipeline, and per partition.
+#[derive(Default)]
+struct Unapplied {
+    oldest: Option<chrono::DateTime<Utc>>,
+    partitions: Vec<Option<chrono::DateTime<Utc>>>,
+    /// Set when the last refresh could not read the log: the lag gauges then age.
+    log_unreadable: bool,
 }
 
 impl Pipeline {
@@ -165,6 +197,7 @@ impl Pipeline {
             projector,
             state: state.clone(),
             refreshing: tokio::sync::Mutex::new(()),
+            unapplied: std::sync::Mutex::new(Unapplied::default()),
         })
     }
 
@@ -173,23 +206,55 @@ impl Pipeline {
         &self.config.name
     }
 
-    /// Reads offsets, lag and the last scan, and updates the lag metrics with them.
-    pub async fn status(&self) -> Result<PipelineStatus, PipelineError> {
-        let _refreshing = self.refreshing.lock().await;
-        let state_err = |source| PipelineError::State {
-            pipeline: self.config.name.clone(),
-            source,
-        };
+    /// Updates the gauges that do not need the log: the scanner's freshness and, while
+    /// the log cannot be read, the lag in seconds aged from the last figures read (nothing
+    /// unapplied then can have been committed since). Returns the last scan.
+    ///
+    /// `/metrics` calls it when a full refresh takes too long, so a scrape answers in
+    /// time while a Kafka broker is down and still shows the scanner and lag growing.
+    pub fn refresh_local_gauges(
+        &self,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Option<ScanRecord>, PipelineError> {
+        let last_scan = self
+            .state
+            .scans()
+            .and_then(|s| s.get(&self.config.name))
+            .map_err(|source| PipelineError::State {
+                pipeline: self.config.name.clone(),
+                source,
+            })?;
+        let m = metrics();
+        let p = [self.config.name.as_str()];
+        if let Some(at) = last_scan.as_ref().and_then(|s| s.last_success_at) {
+            m.source_freshness_seconds
+                .with_label_values(&p)
+                .set(age_at(now, Some(at)));
+        }
+        let known = self.unapplied.lock().unwrap();
+        if known.log_unreadable {
+            m.lag_seconds
+                .with_label_values(&p)
+                .set(age_at(now, known.oldest));
+            for (part, at) in known.partitions.iter().enumerate() {
+                m.partition_lag_seconds
+                    .with_label_values(&[p[0], &part.to_string()])
+                    .set(age_at(now, *at));
+            }
+        }
+        Ok(last_scan)
+    }
+
+    /// The log's offsets, summed and per partition, and when the unapplied events were
+    /// observed.
+    async fn offsets(
+        &self,
+        age: impl Fn(Option<chrono::DateTime<Utc>>) -> f64,
+    ) -> Result<LogOffsets, PipelineError> {
         let mut head = 0;
         let mut committed = 0;
         let mut oldest: Option<chrono::DateTime<Utc>> = None;
         let mut partitions = Vec::new();
-        let now = Utc::now();
-        let age = |at: Option<chrono::DateTime<Utc>>| {
-            at.map_or(0.0, |o| {
-                ((now - o).num_milliseconds().max(0)) as f64 / 1000.0
-            })
-        };
         for p in 0..self.log.partitions() {
             let read_err = |source| ProjectError::Read {
                 pipeline: self.config.name.clone(),
@@ -214,24 +279,61 @@ impl Pipeline {
                     oldest = Some(oldest.map_or(e.observed_at, |o| o.min(e.observed_at)));
                 }
             }
-            partitions.push(PartitionStatus {
-                partition: p,
-                head: h,
-                committed: c.min(h),
-                lag_events: h - c.min(h),
-                lag_seconds: age(first_unapplied),
-            });
+            partitions.push((
+                PartitionStatus {
+                    partition: p,
+                    head: h,
+                    committed: c.min(h),
+                    lag_events: h - c.min(h),
+                    lag_seconds: age(first_unapplied),
+                },
+                first_unapplied,
+            ));
         }
-        let lag_seconds = age(oldest);
-        let last_scan = self
-            .state
-            .scans()
-            .and_then(|s| s.get(&self.config.name))
-            .map_err(state_err)?;
+        Ok(LogOffsets {
+            head,
+            committed,
+            oldest,
+            partitions,
+        })
+    }
+
+    /// Reads offsets, lag and the last scan, and updates the lag metrics with them.
+    pub async fn status(&self) -> Result<PipelineStatus, PipelineError> {
+        let _refreshing = self.refreshing.lock().await;
+        let state_err = |source| PipelineError::State {
+            pipeline: self.config.name.clone(),
+            source,
+        };
+        let now = Utc::now();
+        let age = |at: Option<chrono::DateTime<Utc>>| age_at(now, at);
+        let last_scan = self.refresh_local_gauges(now)?;
         let freshness = last_scan
             .as_ref()
             .and_then(|s| s.last_success_at)
-            .map(|at| ((now - at).num_milliseconds().max(0)) as f64 / 1000.0);
+            .map(|at| age(Some(at)));
+        let LogOffsets {
+            head,
+            committed,
+            oldest,
+            partitions,
+        } = match self.offsets(age).await {
+            Ok(read) => read,
+            Err(e) => {
+                self.unapplied.lock().unwrap().log_unreadable = true;
+                self.refresh_local_gauges(Utc::now())?;
+                return Err(e);
+            }
+        };
+        *self.unapplied.lock().unwrap() = Unapplied {
+            oldest,
+            partitions: partitions.iter().map(|(_, at)| *at).collect(),
+            log_unreadable: false,
+        };
+        let partitions: Vec<PartitionStatus> = partitions.into_iter().map(|(s, _)| s).collect();
+        let m = metrics();
+        let p = [self.config.name.as_str()];
+        let lag_seconds = age(oldest);
         let failed = self
             .state
             .failures(&self.config.name)
@@ -289,8 +391,6 @@ impl Pipeline {
             });
         }
 
-        let m = metrics();
-        let p = [self.config.name.as_str()];
         m.log_head_offset.with_label_values(&p).set(head as i64);
         m.committed_offset
             .with_label_values(&p)
@@ -311,9 +411,6 @@ impl Pipeline {
         m.deferred_events
             .with_label_values(&p)
             .set(deferred.len() as i64);
-        if let Some(f) = freshness {
-            m.source_freshness_seconds.with_label_values(&p).set(f);
-        }
         // A gauge, not a reason to fail the status: a real state error shows elsewhere.
         if let Ok(bytes) = self.state.size_on_disk() {
             m.state_size_bytes.set(bytes as i64);

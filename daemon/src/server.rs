@@ -54,8 +54,24 @@ async fn refresh(state: &ServerState) -> Vec<serde_json::Value> {
     out
 }
 
+/// How long a scrape of `/metrics` waits for the offsets to be read afresh. Past it (a
+/// Kafka broker down makes each read wait for its 10 s deadline) the scrape answers with
+/// the gauges as the daemon's refresh last set them, the local ones brought up to date,
+/// well within Prometheus's default 10 s scrape timeout: a scrape that timed out would
+/// blank the dashboard and read as the daemon being down.
+const SCRAPE_REFRESH_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 async fn metrics_handler(State(state): State<Arc<ServerState>>) -> Response {
-    refresh(&state).await;
+    if tokio::time::timeout(SCRAPE_REFRESH_LIMIT, refresh(&state))
+        .await
+        .is_err()
+    {
+        let now = chrono::Utc::now();
+        for p in &state.pipelines {
+            // A state that cannot be read shows in the daemon's own log and refresh.
+            let _ = p.refresh_local_gauges(now);
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics().render(),
