@@ -706,15 +706,53 @@ impl Config {
                             format!("`{policy}` must be `compact`, `delete` or `compact,delete`"),
                         ));
                     }
+                    // A property's own line, else its table's.
+                    let property_span = |k2: &str| {
+                        let at = [
+                            "pipeline",
+                            &index.to_string(),
+                            "log",
+                            "kafka",
+                            "properties",
+                            k2,
+                        ];
+                        value_span(text, &at).unwrap_or(k.properties.span())
+                    };
                     if let Some(k2) = k.properties.get_ref().keys().find(|k2| {
                         let k2 = k2.to_ascii_lowercase();
                         k2.contains("password") || k2.contains("secret")
                     }) {
                         return Err(invalid(
-                            k.properties.span(),
+                            property_span(k2),
                             key(&format!("log.kafka.properties.{k2}")),
                             format!("`{k2}` is a secret and secrets are never written in the config; set it under [pipeline.log.kafka.secret_properties] as \"{k2}\" = {{ env = \"VAR\" }} or {{ file = \"PATH\" }}"),
                         ));
+                    }
+                    // librdkafka's own check of each property, at load time so the error
+                    // has the file and line; its message quotes a refused value, which
+                    // may be a credential written where it does not belong: not shown.
+                    for (k2, v) in k.properties.get_ref() {
+                        if let Err(e) = rdkafka::ClientConfig::new()
+                            .set(k2, v)
+                            .create_native_config()
+                        {
+                            let why = match e {
+                                rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) => desc,
+                                e => e.to_string(),
+                            }
+                            .replace(&format!("\"{v}\""), "(value not shown)");
+                            // Unquoted too, unless so short it would blank out other words.
+                            let why = if v.len() >= 4 {
+                                why.replace(v.as_str(), "(value not shown)")
+                            } else {
+                                why
+                            };
+                            return Err(invalid(
+                                property_span(k2),
+                                key(&format!("log.kafka.properties.{k2}")),
+                                format!("librdkafka refuses it: {why}"),
+                            ));
+                        }
                     }
                     let mut secret_properties = Vec::new();
                     for (prop, source) in k.secret_properties.get_ref() {
@@ -1312,6 +1350,37 @@ path = "{tb}"
         assert_eq!(DeleteLimit::Percent(100.0).allowed(3), 3);
         assert_eq!(DeleteLimit::Percent(10.0).allowed(1000), 100);
         assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
+    }
+
+    /// A Kafka property librdkafka refuses (an unknown name, a bad value) is a config
+    /// error on that property's line, and the refused value is not repeated: it may be a
+    /// credential written where it does not belong.
+    #[test]
+    fn a_kafka_property_librdkafka_refuses_is_named_on_its_line_without_its_value() {
+        for (line, what) in [
+            (
+                "\"security.protocol\" = \"user:hunter2\"",
+                "security.protocol",
+            ),
+            (
+                "\"sasl.jaas.config\" = \"x password=hunter2\"",
+                "sasl.jaas.config",
+            ),
+        ] {
+            let text = GOOD.replace(
+                "[pipeline.source.dir]",
+                &format!("[pipeline.log.kafka]\nbrokers = \"b:9092\"\n[pipeline.log.kafka.properties]\n\"client.rack\" = \"r1\"\n{line}\n\n[pipeline.source.dir]"),
+            );
+            let err = parse_err(&text);
+            let at = text.lines().position(|l| l == line).unwrap() + 1;
+            assert!(err.contains(&format!("t.toml:{at}:")), "{err}");
+            assert!(
+                err.contains(&format!("log.kafka.properties.{what}"))
+                    && err.contains("librdkafka refuses it"),
+                "{err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl<'de> Deserialize<'de> for SecretSource {
             }
             fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<SecretSource, E> {
                 Err(E::custom(
-                    "a secret (`bearer` or a header's value) is never written in the config: use `{ env = \"VARIABLE\" }` or `{ file = \"path\" }`",
+                    "a secret (`bearer`, a header's or query parameter's value, a Kafka secret property) is never written in the config: use `{ env = \"VARIABLE\" }` or `{ file = \"path\" }`",
                 ))
             }
         }
