@@ -239,10 +239,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracker.spawn(async move {
             let _guard = guard;
             loop {
-                for p in &pipelines {
-                    if let Err(e) = p.status().await {
-                        warn!("cannot refresh the lag gauges: {e}");
+                // A refresh waiting on a broker that does not answer ends with the run.
+                let refresh = async {
+                    for p in &pipelines {
+                        if let Err(e) = p.status().await {
+                            warn!("cannot refresh the lag gauges: {e}");
+                        }
                     }
+                };
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = refresh => {}
                 }
                 tokio::select! {
                     biased;
