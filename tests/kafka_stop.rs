@@ -1,5 +1,6 @@
 //! Stopping a daemon on a Kafka log: SIGTERM ends it within `shutdown_timeout` even while
-//! the broker is down. The test starts its own broker (own port, own data) since it stops it.
+//! the broker is down, and a clean stop hands its partitions back at once. The first test
+//! starts its own broker (own port, own data) since it stops it.
 
 mod common;
 
@@ -76,4 +77,37 @@ fn sigterm_with_the_broker_down_exits_within_shutdown_timeout_keeping_committed_
         "only the late file: {project}"
     );
     assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn a_clean_restart_takes_its_partitions_back_at_once() {
+    let brokers = kafka_brokers();
+    let topic = unique("restart-at-once");
+    // Leases expire 1.5 × 6 s after their holder stopped renewing them.
+    let env = Env::dirs(&kafka_log_section(&brokers, &topic, &topic, 2), "");
+    let daemon = env.spawn_daemon();
+    mirror_first(&env, &daemon, 5);
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
+
+    for i in 0..5 {
+        write(env.src().join(format!("b/{i:03}.txt")), format!("{i}\n"));
+    }
+    let started = Instant::now();
+    let daemon = env.spawn_daemon();
+    let mirrored = wait_for(Duration::from_secs(30), || {
+        mirrors_now(&env.src(), &env.dst()).then_some(())
+    });
+    let took = started.elapsed();
+    assert!(mirrored.is_some(), "log:\n{}", env.daemon_log());
+    assert!(
+        took < Duration::from_secs(5),
+        "the restarted daemon caught up after {took:?}, not at once; log:\n{}",
+        env.daemon_log()
+    );
+    assert!(
+        env.daemon_log().contains("released the partition leases"),
+        "the first daemon says it released its partitions; log:\n{}",
+        env.daemon_log()
+    );
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
 }
