@@ -30,6 +30,9 @@ const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a scan asked to stop may take to append what it found before it is dropped.
 const SCAN_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a clean stop waits for the event log to take back this daemon's partitions.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The daemon could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -239,10 +242,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracker.spawn(async move {
             let _guard = guard;
             loop {
-                for p in &pipelines {
-                    if let Err(e) = p.status().await {
-                        warn!("cannot refresh the lag gauges: {e}");
+                // A refresh waiting on a broker that does not answer ends with the run.
+                let refresh = async {
+                    for p in &pipelines {
+                        if let Err(e) = p.status().await {
+                            warn!("cannot refresh the lag gauges: {e}");
+                        }
                     }
+                };
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    _ = refresh => {}
                 }
                 tokio::select! {
                     biased;
@@ -262,6 +273,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     projectors.cancel();
     tracker.close();
     let finished = tokio::time::timeout(config.shutdown_timeout, tracker.wait()).await;
+    if finished.is_ok() {
+        // Every projector has stopped and committed: hand the partitions back now rather
+        // than let another daemon (or the next start) wait for the leases to expire. Past
+        // the deadline a projector may still commit, so its leases are left to expire.
+        for p in pipelines.iter().filter(|p| p.config.role.projects()) {
+            match tokio::time::timeout(RELEASE_WAIT, p.log.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(pipeline = %p.name(), "{e}; gave up releasing them: they expire after 1.5 × session_timeout")
+                }
+                Err(_) => {
+                    warn!(pipeline = %p.name(), "the event log did not answer within {RELEASE_WAIT:?}; gave up releasing the partition leases: they expire after 1.5 × session_timeout")
+                }
+            }
+        }
+    }
     endpoints.cancel();
     let _ = server.await;
     state.flush().await?;

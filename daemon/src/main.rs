@@ -203,12 +203,20 @@ fn init_logging(format: LogFormat, quiet: bool) {
     }
 }
 
+/// How long the process waits, once a command is done, for blocking calls still running.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
     init_logging(log_format, cli.quiet);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // Calls into librdkafka still waiting on an unreachable broker (each bounded by its own
+    // request timeout, up to a minute for a commit) hold nothing that is not durable or
+    // given up by now: the process does not wait for them.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match result {
         Ok(code) => code,
         Err(e) => {
             print_fatal(log_format, &fatal_message(&e));

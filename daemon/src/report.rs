@@ -25,6 +25,9 @@ pub const REPORT_VERSION: u32 = 1;
 /// Name of a report directory: the UTC time it was written.
 const STAMP: &str = "%Y%m%dT%H%M%SZ";
 
+/// How long a cycle's end waits for the pipeline's status (which reads the log's offsets).
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
 /// A report could not be written or old ones pruned.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -572,7 +575,15 @@ impl Cycle {
         let name = self.pipeline.name().to_owned();
         let config = &self.pipeline.config;
         let mut report = Report::new(&name, "cycle", false, config.max_delete);
-        let status = self.pipeline.status().await.ok();
+        // The status reads the event log's offsets; a broker that does not answer must not
+        // hold up the cycle (or the daemon's shutdown) for its request timeouts.
+        let status = match tokio::time::timeout(STATUS_WAIT, self.pipeline.status()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                warn!(pipeline = %name, "the event log did not answer within {STATUS_WAIT:?}; the cycle's report leaves out its failures and the failed scan");
+                None
+            }
+        };
         let failed_scan = std::mem::take(&mut self.scan_failed)
             .then(|| status.as_ref().and_then(|s| s.last_scan.clone()))
             .flatten();

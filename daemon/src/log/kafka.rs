@@ -17,7 +17,7 @@
 //! uses the configured `group`; any other name `c` uses `<group>.<c>`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,9 @@ use tidemark_proto::Event;
 use tokio::sync::{watch, Mutex, OnceCell};
 use tracing::{info, warn};
 
-use super::{AppendError, BoxError, CommitError, EventLog, ReadError, ReadOffsetError, Record};
+use super::{
+    AppendError, BoxError, CommitError, EventLog, ReadError, ReadOffsetError, Record, ReleaseError,
+};
 use crate::config::KafkaLogConfig;
 
 const BACKEND: &str = "kafka";
@@ -463,6 +465,8 @@ struct Leases {
     /// Commits and reads the want slots.
     wants: BaseConsumer,
     state: SyncMutex<LeaseState>,
+    /// Set by [`Leases::release`]: this process neither renews nor claims any more.
+    closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -501,6 +505,7 @@ impl Leases {
             slots: plain_client(config, &format!("{group}.tidemark-lease"))?,
             wants: plain_client(config, &format!("{group}.tidemark-want"))?,
             state: SyncMutex::new(LeaseState::default()),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -563,10 +568,30 @@ impl Leases {
         state.held.keys().copied().collect()
     }
 
-    /// Keeps the leases until the log is dropped.
+    /// Gives up every partition held, for good: their slots are rewritten with owner 0,
+    /// which every process reads as free, so another daemon (or the next start) takes them
+    /// at its next round instead of waiting for them to expire. Called once the projector
+    /// stopped and committed; from here on this process commits nothing for the group.
+    fn release(&self) -> Result<Vec<u32>, KafkaError> {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut state = self.state.lock().unwrap();
+        state.handover.clear();
+        let held: Vec<u32> = std::mem::take(&mut state.held).into_keys().collect();
+        let values: Vec<(u32, i64)> = held
+            .iter()
+            .map(|&p| (p, self.value(0, &mut state)))
+            .collect();
+        self.write(&self.slots, &values)?;
+        Ok(held)
+    }
+
+    /// Keeps the leases until the log is dropped or they are released.
     fn maintain(leases: std::sync::Weak<Leases>) {
         let mut seen = Seen::new();
         while let Some(this) = leases.upgrade() {
+            if this.closed.load(Ordering::SeqCst) {
+                break;
+            }
             let round = this.lease / 3;
             if let Err(e) = this.round(&mut seen, round) {
                 warn!(group = %this.group, "cannot renew partition leases: {e}");
@@ -617,6 +642,9 @@ impl Leases {
         };
 
         let mut state = self.state.lock().unwrap();
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         // Partitions whose slot names someone else were taken over (or reset): let go.
         let lost: Vec<u32> = state
             .held
@@ -668,6 +696,9 @@ impl Leases {
             std::thread::sleep((round / 2).min(Duration::from_secs(1)));
             let after = self.read(&self.slots)?;
             let mut state = self.state.lock().unwrap();
+            if self.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let won: Vec<u32> = claims
                 .iter()
                 .filter(|(p, v)| after[*p as usize] == Some(*v))
@@ -875,6 +906,26 @@ impl EventLog for KafkaLog {
         tokio::task::spawn_blocking(move || leases.hand_over())
             .await
             .map_err(read_err)
+    }
+
+    async fn release(&self) -> Result<(), ReleaseError> {
+        let all: Vec<Arc<Leases>> = self.leases.lock().unwrap().values().cloned().collect();
+        for leases in all {
+            let group = leases.group.clone();
+            let err = |source: BoxError| ReleaseError::Backend {
+                backend: BACKEND,
+                group: group.clone(),
+                source,
+            };
+            let held = tokio::task::spawn_blocking(move || leases.release())
+                .await
+                .map_err(|e| err(boxed(e)))?
+                .map_err(|e| err(boxed(e)))?;
+            if !held.is_empty() {
+                info!(group = %group, partitions = ?held, "released the partition leases; another daemon may take them at once");
+            }
+        }
+        Ok(())
     }
 
     fn shared(&self) -> bool {

@@ -94,6 +94,24 @@ pub enum CommitError {
     },
 }
 
+/// Releasing this process's share of the partitions failed; it expires instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReleaseError {
+    /// The backend failed the write.
+    #[error(
+        "releasing the partition leases of group `{group}` on the {backend} log failed: {source}"
+    )]
+    Backend {
+        /// `kafka`.
+        backend: &'static str,
+        /// The consumer group whose leases stay until they expire.
+        group: String,
+        /// Why.
+        source: BoxError,
+    },
+}
+
 /// An append-only, ordered, durable event log.
 #[async_trait]
 pub trait EventLog: Send + Sync {
@@ -143,6 +161,14 @@ pub trait EventLog: Send + Sync {
     /// default is every partition.
     async fn assigned(&self, _consumer: &str) -> Result<Vec<u32>, ReadError> {
         Ok((0..self.partitions()).collect())
+    }
+
+    /// Gives up the partitions [`EventLog::assigned`] handed this process, once its
+    /// projector has stopped and committed, so another process (or the next start) takes
+    /// them at once; nothing is committed through this log afterwards. A process that
+    /// dies without it loses its partitions only when their leases expire.
+    async fn release(&self) -> Result<(), ReleaseError> {
+        Ok(())
     }
 
     /// Whether several processes may work on this log's partitions in turn, so a
