@@ -1067,29 +1067,14 @@ impl Projector {
                 remap: &remap,
                 fresh: Default::default(),
             };
-            let priors = Priors::direct(&applied);
-            let groups =
-                stream::iter(events).map(|e| self.apply_group(vec![e], &priors, &refs, false));
-            let mut results: Vec<GroupResult> = if concurrent {
-                groups.buffer_unordered(self.concurrency).collect().await
+            let (concurrent, in_order) = if concurrent {
+                (events, Vec::new())
             } else {
-                groups.buffered(1).collect().await
+                (Vec::new(), events)
             };
-            let mut stopped = None;
-            for r in &mut results {
-                if let Some((_, e)) = r.stopped.take() {
-                    stopped.get_or_insert(e);
-                }
-            }
-            let (waiting, removed) = self
-                .settle_dir_deletes(&HashMap::new(), &results, &dir_pending, &applied, &refs)
+            let (dones, waiting, stopped) = self
+                .apply_aside(concurrent, in_order, &applied, &refs, &dir_pending)
                 .await?;
-            self.flush_target().await?;
-            let dones: Vec<Done> = results
-                .into_iter()
-                .flat_map(|r| r.done)
-                .chain(removed)
-                .collect();
             let finished: Vec<String> = dones.iter().map(|d| d.identity.clone()).collect();
             self.record(dones, &mut report, None, &applied, &remap)?;
             stored
@@ -1108,6 +1093,54 @@ impl Projector {
         self.count_deferred(dir_pending.len())?;
         self.count_applies(&report);
         Ok(report)
+    }
+
+    /// Applies events outside the log's order, each on its own (deletes retained while
+    /// prune was off, failed items tried again): `concurrent` ones `concurrency` at a time,
+    /// then `in_order` ones one after the other (directory deletes, deepest first); then
+    /// settles the pending directory deletes and makes the target durable. Returns what
+    /// finished (settled directory deletes included), the directory deletes still waiting,
+    /// and the first transient error that stopped an event.
+    async fn apply_aside(
+        &self,
+        concurrent: Vec<Event>,
+        in_order: Vec<Event>,
+        applied: &Records<Applied>,
+        refs: &Refs<'_>,
+        dir_pending: &Records<PendingDelete>,
+    ) -> Result<
+        (
+            Vec<Done>,
+            BTreeMap<String, PendingDelete>,
+            Option<ApplyError>,
+        ),
+        ProjectError,
+    > {
+        let priors = Priors::direct(applied);
+        let mut results: Vec<GroupResult> = stream::iter(concurrent)
+            .map(|e| self.apply_group(vec![e], &priors, refs, false))
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        for e in in_order {
+            results.push(self.apply_group(vec![e], &priors, refs, false).await);
+        }
+        let mut stopped = None;
+        for r in &mut results {
+            if let Some((_, e)) = r.stopped.take() {
+                stopped.get_or_insert(e);
+            }
+        }
+        let (waiting, removed) = self
+            .settle_dir_deletes(&HashMap::new(), &results, dir_pending, applied, refs)
+            .await?;
+        self.flush_target().await?;
+        let dones = results
+            .into_iter()
+            .flat_map(|r| r.done)
+            .chain(removed)
+            .collect();
+        Ok((dones, waiting, stopped))
     }
 
     /// Tries the items that failed permanently in an earlier run once more, once per run:
@@ -1198,30 +1231,9 @@ impl Projector {
             .into_iter()
             .partition(|e| e.op == Op::Delete && e.kind == "dir");
         dir_deletes.sort_by(|a, b| b.key.cmp(&a.key));
-        let priors = Priors::direct(&applied);
-        let mut results: Vec<GroupResult> = stream::iter(others)
-            .map(|e| self.apply_group(vec![e], &priors, &refs, false))
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
-        for e in dir_deletes {
-            results.push(self.apply_group(vec![e], &priors, &refs, false).await);
-        }
-        let mut stopped = None;
-        for r in &mut results {
-            if let Some((_, e)) = r.stopped.take() {
-                stopped.get_or_insert(e);
-            }
-        }
-        let (waiting, removed) = self
-            .settle_dir_deletes(&HashMap::new(), &results, &dir_pending, &applied, &refs)
+        let (dones, waiting, stopped) = self
+            .apply_aside(others, dir_deletes, &applied, &refs, &dir_pending)
             .await?;
-        self.flush_target().await?;
-        let dones: Vec<Done> = results
-            .into_iter()
-            .flat_map(|r| r.done)
-            .chain(removed)
-            .collect();
         // What the target deferred (a directory still in a file's place, with prune on)
         // waits as any deferred event does.
         let now = Utc::now();
