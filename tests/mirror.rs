@@ -2124,7 +2124,13 @@ fn a_target_path_that_is_a_file_is_named_as_the_problem() {
     let dst = env.dst().display().to_string();
     let out = env.run(&["sync"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // The summary does not claim there was nothing to do.
+    assert!(
+        stdout.contains("t: applied 0 events before the error\n") && !stdout.contains("nothing"),
+        "{stdout}"
+    );
     assert!(
         stderr.contains(&format!("cannot create the target directory {dst}"))
             && stderr.contains("it is a file, not a directory"),

@@ -829,15 +829,13 @@ async fn scan_project(
                     Some(_) => (report.outcomes.values().sum(), " before the error"),
                     None => (report.events, ""),
                 };
-                outln!(
-                    "{}: applied {events} events{before}: {}",
-                    p.name(),
-                    if counts.is_empty() {
-                        "nothing to do".into()
-                    } else {
-                        counts.join(", ")
-                    }
-                );
+                // "nothing to do" would contradict the error that follows.
+                let what = match (counts.is_empty(), stopped.is_some()) {
+                    (true, true) => String::new(),
+                    (true, false) => ": nothing to do".into(),
+                    (false, _) => format!(": {}", counts.join(", ")),
+                };
+                outln!("{}: applied {events} events{before}{what}", p.name());
                 for f in &report.failures {
                     outln!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
                 }
