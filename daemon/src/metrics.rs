@@ -32,7 +32,7 @@ pub struct Metrics {
     pub events_appended: IntCounterVec,
     /// Events projected, by kind and outcome.
     pub applies: IntCounterVec,
-    /// Apply errors, by class (`transient` are retried, `permanent` block their key).
+    /// Apply errors, by class (`transient` are retried, `permanent` fail their item).
     pub apply_errors: IntCounterVec,
     /// Log records that are not valid events.
     pub decode_errors: IntCounterVec,
@@ -148,7 +148,7 @@ impl Metrics {
             apply_errors: reg!(IntCounterVec::new(
                 Opts::new(
                     "tidemark_apply_errors_total",
-                    "Apply errors: transient ones are retried, permanent ones block their key."
+                    "Apply errors: transient ones are retried, permanent ones fail their item."
                 ),
                 &["pipeline", "class"]
             )),

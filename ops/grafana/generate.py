@@ -67,7 +67,7 @@ ts("Errors", [
     (f'sum by (pipeline) (rate(tidemark_applies_total{{{P}, outcome="failed"}}[$__rate_interval]))', "{{pipeline}} failed events"),
     (f'sum by (pipeline) (rate(tidemark_scan_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} scan errors"),
     (f'sum by (pipeline) (rate(tidemark_log_decode_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} undecodable records"),
-], "ops", 0, 31, desc="Transient apply errors are retried; failed events block their key until it changes (see `tidemark status`).")
+], "ops", 0, 31, desc="Transient apply errors are retried; a failed item is tried again by the next run and when it changes (see `tidemark status`).")
 ts("Retries and requests", [
     (f'sum by (pipeline, side) (rate(tidemark_retries_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} retries"),
     (f'sum by (pipeline, side, status_class) (rate(tidemark_requests_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} {{status_class}}"),
