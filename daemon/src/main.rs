@@ -96,7 +96,8 @@ enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: every pipeline's scanner and projector, plus /metrics, /healthz,
-    /// /readyz and /status. SIGINT/SIGTERM/SIGHUP finish in-flight work, commit and exit 0.
+    /// /readyz and /status. SIGINT/SIGTERM/SIGHUP finish in-flight work, commit and exit 0
+    /// (1 when `shutdown_timeout` passes first, naming the tasks still running).
     Run,
     /// List the source once and append its changes to the log.
     Scan(Select),
@@ -111,9 +112,11 @@ enum Command {
     Plan(Select),
     /// Offsets, lag, last scan, delete guard and failures per pipeline.
     Status(Select),
-    /// Compare source and target item by item by checksum; exit 4 on drift.
+    /// Compare source and target item by item by checksum, mode and modification time;
+    /// exit 4 on drift.
     Verify(Select),
-    /// Move a projector's committed offset: the events from there on are applied again.
+    /// Move a projector's committed offset back (never forward): the events from there on
+    /// are applied again.
     Replay {
         #[command(flatten)]
         select: Select,
