@@ -237,3 +237,40 @@ fn verify_says_how_to_repair_a_hand_changed_target_and_that_works() {
     env.ok(&["verify"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// Files removed from the source, with more deletes than `max_delete` allows: the guard
+/// withholds them, so they stay on the target and `verify` lists them as extra. It said
+/// they "were never listed in the source" and must be removed by hand, when raising
+/// `max_delete` (as the guard's own message says) deletes them. Now it says the last scan
+/// withheld its deletes, and why.
+#[test]
+fn verify_says_extra_items_may_be_deletes_the_guard_withheld() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..4 {
+        write(env.src().join(format!("{i}.txt")), format!("{i}"));
+    }
+    env.ok(&["sync"]);
+    for i in 0..3 {
+        std::fs::remove_file(env.src().join(format!("{i}.txt"))).unwrap();
+    }
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3), "the guard trips");
+
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the last scan emitted no deletes (the delete guard withheld 3: max_delete = 50% allows 2)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("the extra items were never listed in the source"),
+        "{text}"
+    );
+
+    // What it says, followed: a scan the guard lets through deletes them.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("name = \"t\"", "name = \"t\"\nmax_delete = \"100%\""));
+    env.ok(&["sync"]);
+    env.ok(&["verify"]);
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -39,6 +39,11 @@ pub struct VerifyReport {
     pub unreadable: Vec<String>,
     /// Whether the target prunes: items only it has are `extra`, else `retained`.
     pub prune: bool,
+    /// Why the pipeline's last scan emitted no deletes (its delete guard tripped, or its
+    /// listing had errors), if it did not: items the source no longer has then stay on
+    /// the target until a later scan emits their deletes, and show as `extra` meanwhile.
+    #[serde(skip)]
+    pub deletes_withheld: Option<String>,
 }
 
 /// Serializes identities as `{"kind", "key"}` objects.
@@ -115,10 +120,16 @@ impl VerifyReport {
                 "{pipeline}: `tidemark replay --pipeline {pipeline} --from 0` then `tidemark project` puts the missing and different items back (equal ones are adopted, not rewritten)\n"
             ));
         }
-        if !self.extra.is_empty() {
-            out.push_str(&format!(
+        match (&self.deletes_withheld, self.extra.is_empty()) {
+            (_, true) => {}
+            (None, false) => out.push_str(&format!(
                 "{pipeline}: the extra items were never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n"
-            ));
+            )),
+            // Not every extra item is one put there by hand: the source may have had it
+            // and the scan that found it gone have withheld its delete.
+            (Some(why), false) => out.push_str(&format!(
+                "{pipeline}: the last scan emitted no deletes ({why}), so extra items the source had until then stay until a scan emits their deletes (`tidemark status` says more); the others were never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n"
+            )),
         }
         out
     }
@@ -207,8 +218,37 @@ async fn collect(
 }
 
 /// Compares a pipeline's source and target; `state` holds the remap table REST targets
-/// are compared through.
+/// are compared through, and the last scan, which says whether deletes were withheld.
 pub async fn verify(
+    pipeline: &PipelineConfig,
+    state: &State,
+    progress: &Progress,
+) -> Result<VerifyReport, VerifyError> {
+    let mut report = verify_items(pipeline, state, progress).await?;
+    let last_scan = state
+        .scans()
+        .and_then(|s| s.get(&pipeline.name))
+        .map_err(|source| VerifyError::State {
+            pipeline: pipeline.name.clone(),
+            source,
+        })?;
+    report.deletes_withheld = last_scan.and_then(|scan| match (&scan.guard, scan.errors) {
+        (Some(g), _) => Some(format!(
+            "the delete guard withheld {}: max_delete = {} allows {}",
+            g.would_delete, g.limit, g.allowed
+        )),
+        (None, 1) => Some("its listing had an error".into()),
+        (None, 0) if scan.result == crate::scanner::INTERRUPTED => {
+            Some("it was interrupted".into())
+        }
+        (None, 0) => None,
+        (None, errors) => Some(format!("its listing had {errors} errors")),
+    });
+    Ok(report)
+}
+
+/// [`verify`]'s comparison, item by item.
+async fn verify_items(
     pipeline: &PipelineConfig,
     state: &State,
     progress: &Progress,
