@@ -5,14 +5,14 @@ DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 P = 'pipeline=~"$pipeline"'
 panels = []
 pid = 0
-def ts(title, targets, unit="short", x=0, y=0, w=12, h=8, desc="", stack=False):
+def ts(title, targets, unit="short", x=0, y=0, w=12, h=8, desc="", stack=False, min0=True):
     global pid
     pid += 1
     panels.append({
         "id": pid, "type": "timeseries", "title": title, "description": desc,
         "datasource": DS,
         "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "fieldConfig": {"defaults": {"unit": unit, "min": 0,
+        "fieldConfig": {"defaults": {"unit": unit, **({"min": 0} if min0 else {}),
             "custom": {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10,
                        "stacking": {"mode": "normal" if stack else "none", "group": "A"}}},
             "overrides": []},
@@ -21,13 +21,13 @@ def ts(title, targets, unit="short", x=0, y=0, w=12, h=8, desc="", stack=False):
         "targets": [{"datasource": DS, "refId": chr(65 + i), "expr": e, "legendFormat": l}
                     for i, (e, l) in enumerate(targets)],
     })
-def stat(title, expr, unit, x, y, w=6, h=4, desc="", thresholds=None, legend="{{pipeline}}"):
+def stat(title, expr, unit, x, y, w=6, h=4, desc="", thresholds=None, legend="{{pipeline}}", mappings=None):
     global pid
     pid += 1
     panels.append({
         "id": pid, "type": "stat", "title": title, "description": desc, "datasource": DS,
         "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "fieldConfig": {"defaults": {"unit": unit, "thresholds": thresholds or {"mode": "absolute", "steps": [{"color": "green", "value": None}]}}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, **({"mappings": mappings} if mappings else {}), "thresholds": thresholds or {"mode": "absolute", "steps": [{"color": "green", "value": None}]}}, "overrides": []},
         "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
                     "colorMode": "background", "graphMode": "area", "textMode": "value_and_name"},
         "targets": [{"datasource": DS, "refId": "A", "expr": expr, "legendFormat": legend}],
@@ -42,7 +42,10 @@ red_at = lambda v: {"mode": "absolute", "steps": [{"color": "green", "value": No
 row("Is the target behind?", 0)
 stat("Lag (events)", f'tidemark_lag_events{{{P}}}', "short", 0, 1, desc="Events appended but not yet applied.", thresholds=red_at(1000))
 stat("Lag (seconds)", f'tidemark_lag_seconds{{{P}}}', "s", 6, 1, desc="Age of the oldest unapplied change; 0 when caught up.", thresholds=red_at(600))
-stat("Source freshness", f'tidemark_source_freshness_seconds{{{P}}}', "s", 12, 1, desc="Seconds since the last complete, error-free scan.", thresholds=red_at(900))
+# From the timestamp, which is 0 before the first complete scan: "never" then.
+stat("Source freshness", f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "s", 12, 1,
+     desc='Seconds since the last complete, error-free scan; "never" (red) when a pipeline has not had one since its state was created.',
+     thresholds=red_at(900), mappings=[{"type": "range", "options": {"from": 1000000000, "to": None, "result": {"text": "never", "color": "red"}}}])
 stat("Delete guard", f'tidemark_delete_guard_active{{{P}}}', "short", 18, 1, desc="1 while the last scan's deletes are withheld by max_delete.", thresholds=red_at(1))
 ts("Lag in events per pipeline", [(f'tidemark_lag_events{{{P}}}', "{{pipeline}}"), (f'tidemark_deferred_events{{{P}}}', "{{pipeline}} deferred")], "short", 0, 5,
    desc="Events appended to the log but not yet applied to the target.")
@@ -83,14 +86,19 @@ ts("Scan duration", [
 ], "s", 0, 48, desc="How long one listing and diff of the source takes.")
 ts("Source freshness", [
     (f'tidemark_source_freshness_seconds{{{P}}}', "{{pipeline}}"),
-    (f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "{{pipeline}} (from timestamp)"),
-    (f'time() - tidemark_last_apply_timestamp_seconds{{{P}}}', "{{pipeline}} since last apply"),
+    (f'time() - (tidemark_last_scan_success_timestamp_seconds{{{P}}} > 0)', "{{pipeline}} (from timestamp)"),
+    (f'time() - (tidemark_last_apply_timestamp_seconds{{{P}}} > 0)', "{{pipeline}} since last apply"),
 ], "s", 12, 48, desc="Seconds since the last complete, error-free scan; a saw-tooth of scan_interval is healthy, a rising line is a stalled scanner.")
 row("Partitions (Kafka log)", 56)
 ts("Lag in events per partition", [(f'tidemark_partition_lag_events{{{P}}}', "{{pipeline}} p{{partition}}")], "short", 0, 57,
    desc="One line per partition of the log; a partition that keeps rising while the others stay at 0 is one no projector applies (a sled log has partition 0 only).")
 ts("Lag in seconds per partition", [(f'tidemark_partition_lag_seconds{{{P}}}', "{{pipeline}} p{{partition}}")], "s", 12, 57,
    desc="Age of the oldest unapplied event of each partition.")
+row("State (sled)", 65)
+ts("State on disk", [("tidemark_state_size_bytes", "{{instance}}")], "bytes", 0, 66, min0=False,
+   desc="Bytes the sled state in state_dir occupies (log, index, applied state of every pipeline). It grows with every change; `tidemark compact` with the daemon stopped gives back what sled has not reclaimed (docs/operations.md, \"Disk used by the state\").")
+ts("State growth per day", [("deriv(tidemark_state_size_bytes[6h]) * 86400", "{{instance}}")], "bytes", 12, 66, min0=False,
+   desc="How fast the state grows, over the last 6 hours, as bytes per day: divide the free space of the state disk by this to know when to compact.")
 
 dash = {
     "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "description": "The Prometheus that scrapes tidemark",
@@ -123,4 +131,4 @@ dash = {
     "panels": panels,
 }
 import pathlib
-json.dump(dash, open(pathlib.Path(__file__).with_name("tidemark.json"), "w"), indent=2)
+pathlib.Path(__file__).with_name("tidemark.json").write_text(json.dumps(dash, indent=2) + "\n")
