@@ -79,7 +79,8 @@ pub struct PipelineStatus {
     pub delete_guard: Option<GuardTrip>,
     /// The configured delete limit (`max_delete`), shown whether or not it tripped.
     pub max_delete: String,
-    /// Events that failed permanently; their keys wait for the next change.
+    /// Events that failed permanently; each is tried again by the next run and when it
+    /// changes in the source.
     pub failed: Vec<Failure>,
     /// Events waiting for the items they reference, and directory deletes waiting for the
     /// directory to be empty, with what they wait for.
