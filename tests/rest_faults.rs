@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use rest_common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[test]
 fn issue_3_converges_through_a_faulty_prod_and_counts_retries() {
@@ -426,4 +426,48 @@ fn an_item_prod_refused_is_created_by_the_next_sync_once_prod_accepts_it() {
     let (_, project) = env.sync();
     assert_eq!(project["events"], 0, "{project}");
     assert_eq!(proxy.writes(), writes, "a write was sent again");
+}
+
+/// Comments waiting for a post prod refused are written by the same `sync` that finally
+/// creates the post (issue: they waited for one more run, which exited 0 meanwhile and
+/// left `verify` reporting them missing).
+#[test]
+fn items_waiting_for_a_refused_item_follow_it_in_the_sync_that_creates_it() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    *proxy.faults.reject_body.lock().unwrap() = Some("\"post-0-0\"".into());
+    let out = env.run(&["sync"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("FAILED posts 5000"), "{stdout}");
+    assert_eq!(
+        prod.all("comments").len(),
+        6,
+        "the post's two comments wait"
+    );
+
+    *proxy.faults.reject_body.lock().unwrap() = None;
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let project = &v[0]["project"];
+    assert_eq!(kind_outcome(project, "posts", "created"), 1, "{project}");
+    assert_eq!(kind_outcome(project, "comments", "created"), 2, "{project}");
+    assert_rest_mirror(&dev, &prod);
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["deferred"], json!([]), "{status}");
+    let out = env.run(&["verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -1985,7 +1985,22 @@ impl Projector {
         }
         total.merge(self.apply_retained().await?);
         let partitions: Vec<u32> = targets.iter().map(|&(p, _)| p).collect();
-        total.merge(self.retry_failed(&partitions).await?);
+        let retried = self.retry_failed(&partitions).await?;
+        let made_it = [Outcome::Created, Outcome::Updated, Outcome::Adopted]
+            .iter()
+            .any(|o| retried.get(*o) > 0);
+        total.merge(retried);
+        // Items waiting for one that failed earlier and has just made it go now, not at
+        // the next run: one more step settles them (the log holds nothing new).
+        if made_it {
+            let deferred = self
+                .state
+                .deferred(&self.pipeline)
+                .map_err(self.err_state())?;
+            if let Some(&(p, _)) = targets.first().filter(|_| !deferred.is_empty()) {
+                self.step_into(p, None, total).await?;
+            }
+        }
         total.committed = 0;
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
