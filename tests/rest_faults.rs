@@ -471,3 +471,51 @@ fn items_waiting_for_a_refused_item_follow_it_in_the_sync_that_creates_it() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A dev item whose reference field holds something that is not an id (here an object) is
+/// left out with a listing error naming the kind, the item and the field; it never reaches
+/// prod carrying dev's value unmapped (issue: it was written as it was), and the others go on.
+#[test]
+fn an_item_whose_reference_is_not_an_id_is_left_out_naming_the_field() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    dev.post(
+        "posts",
+        json!({"id": 6000, "name": "post-odd", "userId": {"id": 1000}, "title": "odd"}),
+    );
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a scan with an error is degraded"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = &v[0]["scan"];
+    assert_eq!(scan["errors"], 1, "{scan}");
+    let message = scan["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("posts")
+            && message.contains("`6000`")
+            && message.contains("`/userId`")
+            && message.contains("an object"),
+        "{message}"
+    );
+    assert!(
+        !prod.all("posts").iter().any(|p| p["name"] == "post-odd"),
+        "the item reached prod with dev's value in its reference"
+    );
+    assert_eq!(prod.all("posts").len(), 4, "the other posts go on");
+    assert_eq!(prod.all("comments").len(), 8);
+
+    // Fixed in dev: the next sync mirrors it, its reference mapped to prod's id.
+    dev.put(
+        "posts",
+        &json!(6000),
+        json!({"name": "post-odd", "userId": 1000, "title": "odd"}),
+    );
+    let (scan, _) = env.sync();
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_rest_mirror(&dev, &prod);
+}
