@@ -519,3 +519,45 @@ fn an_item_whose_reference_is_not_an_id_is_left_out_naming_the_field() {
     assert_eq!(scan["errors"], 0, "{scan}");
     assert_rest_mirror(&dev, &prod);
 }
+
+/// Every item a scan left out is named where a user looks after a degraded run: `status`
+/// and the run's report (issue: both showed only a count of errors; `status` showed none
+/// of them, the report none).
+#[test]
+fn status_and_the_report_name_every_item_a_scan_left_out() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    dev.post(
+        "posts",
+        json!({"id": 6000, "name": "post-odd", "userId": {"id": 1000}, "title": "odd"}),
+    );
+    dev.post(
+        "posts",
+        json!({"id": 6001, "name": "post-odder", "userId": [true], "title": "odder"}),
+    );
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir = std::path::PathBuf::from(v[0]["report_dir"].as_str().unwrap());
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let listed = report["scan"]["error_messages"].to_string();
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    let status = String::from_utf8_lossy(&env.run(&["status"]).stdout).into_owned();
+    for (what, text) in [
+        ("report.json", &listed),
+        ("summary.txt", &summary),
+        ("status", &status),
+    ] {
+        assert!(
+            text.contains("`6000`") && text.contains("`/userId`"),
+            "{what} does not name posts 6000:\n{text}"
+        );
+        assert!(
+            text.contains("`6001`") && text.contains("`/userId/0`"),
+            "{what} does not name posts 6001:\n{text}"
+        );
+    }
+}
