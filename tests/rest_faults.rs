@@ -561,3 +561,30 @@ fn status_and_the_report_name_every_item_a_scan_left_out() {
         );
     }
 }
+
+/// A token the API refuses (401) says what to check, on the side it belongs to, and the
+/// token itself never shows (issue: the error quoted the answer and nothing else).
+#[test]
+fn a_refused_token_says_what_to_check_and_never_shows() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    *dev_proxy.faults.require_query.lock().unwrap() = Some("never=sent".into());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    let sync = env.run(&["sync", "--output", "json"]);
+    assert_eq!(sync.status.code(), Some(3));
+    let v: Value = serde_json::from_slice(&sync.stdout).unwrap();
+    let message = v[0]["scan"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("kind `users`")
+            && message.contains("HTTP 401")
+            && message.contains("source API refused the credentials")
+            && message.contains("`bearer`"),
+        "{message}"
+    );
+    assert!(prod.all("users").is_empty());
+    for (what, text) in everything_reported(&env, &sync) {
+        assert!(!text.contains(TOKEN), "the bearer token leaked into {what}");
+    }
+}

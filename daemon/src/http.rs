@@ -349,12 +349,23 @@ impl HttpClient {
             match self.attempt(&method, &url, body).await {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Rejected { status, excerpt }) => {
+                    let excerpt = match status {
+                        401 => format!(
+                            "{excerpt} (the {} API refused the credentials: check the {} token (`bearer`) and secret headers or query parameters in the config, and that the variable or file they name holds a valid one)",
+                            self.side, self.side
+                        ),
+                        403 => format!(
+                            "{excerpt} (the {} API refused this request: check that its token may {method} there)",
+                            self.side
+                        ),
+                        _ => excerpt,
+                    };
                     return Err(RequestError::Rejected {
                         method,
                         url: shown,
                         status,
                         excerpt,
-                    })
+                    });
                 }
                 Err(Attempt::Transient {
                     message,
