@@ -425,7 +425,7 @@ fn dangling_comment(reference_wait: &str) -> (Env, JsonServer, JsonServer) {
 
 #[test]
 fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
-    let (env, _dev, prod) = dangling_comment("1s");
+    let (env, dev, prod) = dangling_comment("1s");
 
     let (_, project) = env.sync();
     assert_eq!(project["by_kind"]["comments"]["deferred"], 1, "{project}");
@@ -451,6 +451,26 @@ fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
     assert!(!status.contains("deferred items"), "{status}");
     assert!(prod.all("comments").is_empty());
     assert_eq!(prod.all("posts").len(), 1, "nothing else was written again");
+
+    // Its post is still missing, so the next `project` leaves it alone, and `plan` does
+    // not announce a retry (issue: it listed `retry comments 701`).
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+
+    // Once dev has the post, the plan creates it and then retries the comment, as
+    // `project` does.
+    dev.post(
+        "posts",
+        json!({"id": 424242, "name": "post-late", "userId": 500, "title": "late"}),
+    );
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(
+        plan.contains("create posts 424242") && plan.contains("retry comments 701"),
+        "{plan}"
+    );
+    env.ok(&["project"]);
+    assert_eq!(prod.all("comments").len(), 1);
 }
 
 /// `plan` lists what a projection kept waiting, not only what the log still holds: an

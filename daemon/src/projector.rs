@@ -2228,7 +2228,10 @@ impl Projector {
             self.plan_event(&mut plan, event, None).await?;
         }
         let Plan {
-            seen, mut actions, ..
+            seen,
+            mut actions,
+            overlay,
+            ..
         } = plan;
         // Then, as `project` does after a batch, the events kept waiting (below the
         // committed offset, so no log read finds them).
@@ -2258,9 +2261,25 @@ impl Projector {
             .state
             .stored_failures(&self.pipeline)
             .map_err(self.err_state())?;
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
         for entry in failed.iter() {
             let (id, f) = entry.map_err(self.err_state())?;
-            if let (false, Some(event)) = (seen.contains(&id), f.event) {
+            let Some(event) = f.event.filter(|_| !seen.contains(&id)) else {
+                continue;
+            };
+            // `project` leaves a failed item alone while what it references is missing
+            // (neither on the target nor made by this plan's events).
+            let mut missing = false;
+            if event.op == Op::Upsert {
+                for r in &event.refs {
+                    let rid = item_identity(&r.kind, &r.key);
+                    let planned = overlay.get(&rid).is_some_and(Option::is_some);
+                    if !planned && remap.get(&rid).map_err(self.err_state())?.is_none() {
+                        missing = true;
+                    }
+                }
+            }
+            if !missing {
                 waiting.push((event, f.failure.at, Some(f.failure)));
             }
         }
