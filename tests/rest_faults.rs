@@ -588,3 +588,34 @@ fn a_refused_token_says_what_to_check_and_never_shows() {
         assert!(!text.contains(TOKEN), "the bearer token leaked into {what}");
     }
 }
+
+/// A 429 whose Retry-After is longer than the retry budget ends the run at once; the error
+/// says what the server asked for and which setting lets tidemark wait for it (issue: it
+/// read "gave up after 1 attempts in 0.0s" with nothing else). The next run converges.
+#[test]
+fn a_retry_after_past_the_retry_budget_says_so() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.throttle.lock().unwrap() = Some(("/users".into(), 120));
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(
+        error.contains("HTTP 429")
+            && error.contains("2m (Retry-After)")
+            && error.contains("20s retry_budget"),
+        "{error}"
+    );
+    assert!(prod.all("users").is_empty());
+
+    *proxy.faults.throttle.lock().unwrap() = None;
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+}

@@ -393,7 +393,14 @@ impl HttpClient {
                         delay = delay.max(ra);
                     }
                     if started.elapsed() + delay > self.retry_budget {
-                        return Err(give_up(message));
+                        return Err(give_up(match retry_after {
+                            Some(ra) if ra == delay => format!(
+                                "{message}; it asked to be retried in {} (Retry-After), past the {} retry_budget: a retry_budget above that lets tidemark wait for it",
+                                humantime::format_duration(ra),
+                                humantime::format_duration(self.retry_budget)
+                            ),
+                            _ => message,
+                        }));
                     }
                     metrics()
                         .retries
