@@ -349,12 +349,23 @@ impl HttpClient {
             match self.attempt(&method, &url, body).await {
                 Ok(r) => return Ok(r),
                 Err(Attempt::Rejected { status, excerpt }) => {
+                    let excerpt = match status {
+                        401 => format!(
+                            "{excerpt} (the {} API refused the credentials: check the {} token (`bearer`) and secret headers or query parameters in the config, and that the variable or file they name holds a valid one)",
+                            self.side, self.side
+                        ),
+                        403 => format!(
+                            "{excerpt} (the {} API refused this request: check that its token may {method} there)",
+                            self.side
+                        ),
+                        _ => excerpt,
+                    };
                     return Err(RequestError::Rejected {
                         method,
                         url: shown,
                         status,
                         excerpt,
-                    })
+                    });
                 }
                 Err(Attempt::Transient {
                     message,
@@ -382,7 +393,14 @@ impl HttpClient {
                         delay = delay.max(ra);
                     }
                     if started.elapsed() + delay > self.retry_budget {
-                        return Err(give_up(message));
+                        return Err(give_up(match retry_after {
+                            Some(ra) if ra == delay => format!(
+                                "{message}; it asked to be retried in {} (Retry-After), past the {} retry_budget: a retry_budget above that lets tidemark wait for it",
+                                humantime::format_duration(ra),
+                                humantime::format_duration(self.retry_budget)
+                            ),
+                            _ => message,
+                        }));
                     }
                     metrics()
                         .retries

@@ -632,6 +632,23 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             ),
             None => outln!("  no scan yet"),
         }
+        if let Some(scan) = s.get("last_scan").filter(|v| !v.is_null()) {
+            let shown: Vec<&str> = match scan["error_messages"].as_array() {
+                Some(all) => all.iter().filter_map(|m| m.as_str()).collect(),
+                // A scan recorded before the errors were kept: its first one.
+                None => scan["message"].as_str().into_iter().collect(),
+            };
+            for m in &shown {
+                outln!("    error: {m}");
+            }
+            let more = scan["errors"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(shown.len() as u64);
+            if more > 0 && !shown.is_empty() {
+                outln!("    and {more} more errors (the log names each)");
+            }
+        }
         outln!("  max_delete {}", s["max_delete"].as_str().unwrap_or("?"));
         if let Some(g) = s.get("delete_guard").filter(|v| !v.is_null()) {
             outln!(

@@ -39,7 +39,7 @@ use crate::progress::Progress;
 use crate::state::{
     Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure,
 };
-use crate::target::{ApplyError, Outcome, Probe, Target};
+use crate::target::{ApplyError, Claims, Outcome, Probe, Target};
 
 /// Projection stopped short of the batch.
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +290,128 @@ impl Refs<'_> {
     }
 }
 
+/// Which source item each target id mirrors: the remap table read backwards, built at the
+/// first question and kept current as remaps are recorded. A target that adopts by name
+/// asks it before taking over an item, so two source items with one name never end up
+/// mirrored to one target item (the second would overwrite the first's mirror, and its
+/// delete would delete it).
+struct ClaimTable {
+    state: State,
+    pipeline: String,
+    index: Mutex<Option<ClaimIndex>>,
+}
+
+#[derive(Default)]
+struct ClaimIndex {
+    /// `kind\0target id` → the identities mirrored to it (several only in a state written
+    /// before claims were checked).
+    owners: HashMap<String, BTreeSet<String>>,
+    /// Identity → its `kind\0target id`.
+    of: HashMap<String, String>,
+}
+
+impl ClaimIndex {
+    fn set(&mut self, identity: &str, slot: Option<String>) {
+        if let Some(old) = self.of.remove(identity) {
+            if let Some(owners) = self.owners.get_mut(&old) {
+                owners.remove(identity);
+                if owners.is_empty() {
+                    self.owners.remove(&old);
+                }
+            }
+        }
+        if let Some(slot) = slot {
+            self.owners
+                .entry(slot.clone())
+                .or_default()
+                .insert(identity.to_owned());
+            self.of.insert(identity.to_owned(), slot);
+        }
+    }
+
+    fn other(&self, slot: &str, identity: &str) -> Option<String> {
+        let other = self.owners.get(slot)?.iter().find(|o| *o != identity)?;
+        Some(
+            other
+                .split_once('\0')
+                .map_or(other.as_str(), |(_, key)| key)
+                .to_owned(),
+        )
+    }
+}
+
+/// The slot of a target id in the claims: the target id under its kind.
+fn slot_of(identity: &str, target_id: &str) -> String {
+    let kind = identity.split_once('\0').map_or(identity, |(kind, _)| kind);
+    item_identity(kind, target_id)
+}
+
+impl ClaimTable {
+    fn with<R>(&self, f: impl FnOnce(&mut ClaimIndex) -> R) -> R {
+        let mut index = self
+            .index
+            .lock()
+            .expect("the claims lock is never poisoned");
+        let index = index.get_or_insert_with(|| {
+            let mut built = ClaimIndex::default();
+            let read = self.state.remap(&self.pipeline).and_then(|remap| {
+                for entry in remap.iter() {
+                    let (identity, target_id) = entry?;
+                    let slot = slot_of(&identity, &target_id);
+                    built.set(&identity, Some(slot));
+                }
+                Ok(())
+            });
+            if let Err(e) = read {
+                warn!(pipeline = %self.pipeline, "cannot read the remap table to tell which target items are mirrored already: {e}");
+            }
+            built
+        });
+        f(index)
+    }
+
+    /// Notes remaps as they are recorded, once the table is built (until then the remap
+    /// table it is built from holds them).
+    fn recorded(&self, remapped: &[(String, Option<String>)]) {
+        let mut index = self
+            .index
+            .lock()
+            .expect("the claims lock is never poisoned");
+        if let Some(index) = index.as_mut() {
+            for (identity, target_id) in remapped {
+                index.set(identity, target_id.as_ref().map(|t| slot_of(identity, t)));
+            }
+        }
+    }
+}
+
+impl Claims for ClaimTable {
+    fn claim(&self, kind: &str, target_id: &str, identity: &str) -> Result<(), String> {
+        let slot = item_identity(kind, target_id);
+        self.with(|index| match index.other(&slot, identity) {
+            Some(other) => Err(other),
+            None => {
+                index.set(identity, Some(slot));
+                Ok(())
+            }
+        })
+    }
+
+    fn release(&self, kind: &str, target_id: &str, identity: &str) {
+        let slot = item_identity(kind, target_id);
+        self.with(|index| {
+            if index.of.get(identity) == Some(&slot) {
+                index.set(identity, None);
+            }
+        })
+    }
+
+    fn other_owner(&self, kind: &str, target_id: &str, identity: &str) -> Option<String> {
+        let slot = item_identity(kind, target_id);
+        self.with(|index| index.other(&slot, identity))
+    }
+}
+
 /// Removes the fields at `refs`' paths, array elements last-first so indices stay valid.
 fn strip_refs(event: &mut Event, refs: &[Ref]) {
     let Some(Body::Json(body)) = &mut event.body else {
@@ -426,6 +548,8 @@ pub struct Projector {
     retried: AtomicBool,
     /// Items that failed in this run before the retry: just tried, so not tried again.
     failed_now: Mutex<HashSet<String>>,
+    /// Which source item each target id mirrors, for a target that adopts by name.
+    claims: Arc<ClaimTable>,
 }
 
 impl Projector {
@@ -440,6 +564,12 @@ impl Projector {
         concurrency: usize,
         batch_size: usize,
     ) -> Projector {
+        let claims = Arc::new(ClaimTable {
+            state: state.clone(),
+            pipeline: pipeline.to_owned(),
+            index: Mutex::default(),
+        });
+        target.set_claims(claims.clone());
         Projector {
             pipeline: pipeline.to_owned(),
             consumer: format!("{pipeline}.projector"),
@@ -454,6 +584,7 @@ impl Projector {
             stale: Mutex::default(),
             retried: AtomicBool::new(false),
             failed_now: Mutex::default(),
+            claims,
         }
     }
 
@@ -590,11 +721,24 @@ impl Projector {
             fresh: Default::default(),
         };
         let priors = Priors::read_ahead(&applied, group_of.keys().cloned().collect()).await;
-        let mut results: Vec<GroupResult> = stream::iter(others)
-            .map(|g| self.apply_group(g, &priors, &refs, false))
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
+        // A target that adopts by name takes the deletes first: an item deleted in the
+        // source and made again under a new id with its name must not find (and adopt)
+        // the mirror its old id's delete is about to remove.
+        let (first, then): (Vec<_>, Vec<_>) = if self.target.deletes_first() {
+            others.into_iter().partition(|g| g[0].op == Op::Delete)
+        } else {
+            (Vec::new(), others)
+        };
+        let mut results: Vec<GroupResult> = Vec::new();
+        for phase in [first, then] {
+            results.extend(
+                stream::iter(phase)
+                    .map(|g| self.apply_group(g, &priors, &refs, false))
+                    .buffer_unordered(self.concurrency)
+                    .collect::<Vec<_>>()
+                    .await,
+            );
+        }
         for g in dir_deletes {
             results.push(self.apply_group(g, &priors, &refs, false).await);
         }
@@ -806,6 +950,7 @@ impl Projector {
         remap
             .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
+        self.claims.recorded(&remapped);
         Ok(())
     }
 
@@ -1840,7 +1985,22 @@ impl Projector {
         }
         total.merge(self.apply_retained().await?);
         let partitions: Vec<u32> = targets.iter().map(|&(p, _)| p).collect();
-        total.merge(self.retry_failed(&partitions).await?);
+        let retried = self.retry_failed(&partitions).await?;
+        let made_it = [Outcome::Created, Outcome::Updated, Outcome::Adopted]
+            .iter()
+            .any(|o| retried.get(*o) > 0);
+        total.merge(retried);
+        // Items waiting for one that failed earlier and has just made it go now, not at
+        // the next run: one more step settles them (the log holds nothing new).
+        if made_it {
+            let deferred = self
+                .state
+                .deferred(&self.pipeline)
+                .map_err(self.err_state())?;
+            if let Some(&(p, _)) = targets.first().filter(|_| !deferred.is_empty()) {
+                self.step_into(p, None, total).await?;
+            }
+        }
         total.committed = 0;
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
@@ -2068,7 +2228,10 @@ impl Projector {
             self.plan_event(&mut plan, event, None).await?;
         }
         let Plan {
-            seen, mut actions, ..
+            seen,
+            mut actions,
+            overlay,
+            ..
         } = plan;
         // Then, as `project` does after a batch, the events kept waiting (below the
         // committed offset, so no log read finds them).
@@ -2098,9 +2261,25 @@ impl Projector {
             .state
             .stored_failures(&self.pipeline)
             .map_err(self.err_state())?;
+        let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
         for entry in failed.iter() {
             let (id, f) = entry.map_err(self.err_state())?;
-            if let (false, Some(event)) = (seen.contains(&id), f.event) {
+            let Some(event) = f.event.filter(|_| !seen.contains(&id)) else {
+                continue;
+            };
+            // `project` leaves a failed item alone while what it references is missing
+            // (neither on the target nor made by this plan's events).
+            let mut missing = false;
+            if event.op == Op::Upsert {
+                for r in &event.refs {
+                    let rid = item_identity(&r.kind, &r.key);
+                    let planned = overlay.get(&rid).is_some_and(Option::is_some);
+                    if !planned && remap.get(&rid).map_err(self.err_state())?.is_none() {
+                        missing = true;
+                    }
+                }
+            }
+            if !missing {
                 waiting.push((event, f.failure.at, Some(f.failure)));
             }
         }

@@ -71,6 +71,10 @@ pub struct ScanSummary {
     pub errors: u64,
     /// Entries skipped on purpose.
     pub skipped: u64,
+    /// What the errors were (the first 20; the log has every one): the items left out
+    /// and why, secrets redacted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_messages: Vec<String>,
 }
 
 /// What the delete guard decided, so a reader sees why deletes did or did not happen.
@@ -171,6 +175,7 @@ impl Report {
             deletes: record.deletes,
             errors: record.errors,
             skipped: record.skipped,
+            error_messages: record.error_messages.clone(),
         });
         let g = &mut self.delete_guard;
         match &record.guard {
@@ -312,6 +317,13 @@ impl Report {
                     scan.errors,
                     scan.skipped
                 );
+                for e in &scan.error_messages {
+                    let _ = writeln!(s, "  error: {e}");
+                }
+                let more = scan.errors.saturating_sub(scan.error_messages.len() as u64);
+                if more > 0 && !scan.error_messages.is_empty() {
+                    let _ = writeln!(s, "  and {more} more errors (the log names each)");
+                }
             }
             None => {
                 let _ = writeln!(s, "scan: none in this run");

@@ -19,7 +19,7 @@ use crate::log::{AppendError, EventLog};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
-use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError};
+use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError, ERRORS_KEPT};
 use digest::{Digest, PreviousVersion, Seen};
 
 /// Result of a scan stopped by shutdown before its listing ended (see
@@ -218,6 +218,9 @@ impl Scanner {
         if let Err(e) = &outcome {
             record.result = "failed".into();
             record.message = Some(e.to_string());
+            if record.error_messages.len() < ERRORS_KEPT {
+                record.error_messages.push(e.to_string());
+            }
             if matches!(e, ScanError::List { .. }) {
                 // The source itself could not be listed (its root is gone or unreadable):
                 // that is a listing error too, and the errors panel must show it.
@@ -419,6 +422,9 @@ impl Scanner {
             .with_label_values(&[&self.pipeline])
             .inc();
         warn!(pipeline = %self.pipeline, "{message}");
+        if record.error_messages.len() < ERRORS_KEPT {
+            record.error_messages.push(message.clone());
+        }
         record.message.get_or_insert(message);
     }
 
@@ -614,6 +620,7 @@ fn new_record(started_at: chrono::DateTime<Utc>) -> ScanRecord {
         guard: None,
         last_success_at: None,
         message: None,
+        error_messages: Vec::new(),
     }
 }
 

@@ -174,7 +174,14 @@ pub struct ScanRecord {
     /// First error met, for people reading `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The errors met, the first [`ERRORS_KEPT`] of them, so that `status` and the report
+    /// name every item a scan left out, not only the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_messages: Vec<String>,
 }
+
+/// Error messages a scan record keeps ([`ScanRecord::error_messages`]); the log has all.
+pub const ERRORS_KEPT: usize = 20;
 
 /// The local state database.
 #[derive(Clone)]

@@ -307,6 +307,8 @@ pub struct Faults {
     /// Answer 422 to writes (POST, PUT, PATCH) whose body contains this, as a server whose
     /// validation refuses one item until someone changes it.
     pub reject_body: Mutex<Option<String>>,
+    /// Answer 429 with `Retry-After: N` (seconds) to requests whose path contains this.
+    pub throttle: Mutex<Option<(String, u64)>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -514,6 +516,20 @@ fn serve(
                     "422 Unprocessable Entity",
                     &[("content-type".into(), "application/json".into())],
                     b"{\"error\":\"name is not allowed\"}",
+                ) {
+                    return;
+                }
+                continue;
+            }
+        }
+        if let Some((p, secs)) = f.throttle.lock().unwrap().clone() {
+            if path.contains(&p) {
+                injected.fetch_add(1, Ordering::SeqCst);
+                if !reply(
+                    &mut out,
+                    "429 Too Many Requests",
+                    &[("retry-after".into(), secs.to_string())],
+                    b"slow down",
                 ) {
                     return;
                 }

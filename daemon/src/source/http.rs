@@ -267,35 +267,55 @@ fn next_link(header: &str) -> Option<String> {
     })
 }
 
-/// The references an item holds, per configured reference field.
-pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Vec<Ref> {
+/// The references an item holds, per configured reference field. A field that holds
+/// neither an id (a string or number), nor an array of them, nor nothing (absent, null or
+/// an empty string: no reference) is an error naming it: written as it is, it would carry
+/// the source's value to the target unmapped.
+pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Result<Vec<Ref>, String> {
     let mut refs = Vec::new();
+    let unusable = |field: &str, v: &Value| {
+        let mut shown = v.to_string();
+        if shown.len() > 60 {
+            let cut = (0..=57)
+                .rev()
+                .find(|&i| shown.is_char_boundary(i))
+                .unwrap_or(0);
+            shown = format!("{}...", &shown[..cut]);
+        }
+        format!(
+            "reference field `{field}` holds {} ({shown}), not an id (a string or number) or an array of ids, so it cannot be mapped to the target's id; the item is left out until it is fixed in the source (or the kind's `ref` points at the id itself)",
+            json_type(v)
+        )
+    };
+    let nothing = |v: &Value| v.is_null() || v.as_str().is_some_and(str::is_empty);
     for r in &kind.refs {
         match item.pointer(&r.field) {
             Some(Value::Array(ids)) => {
                 for (i, v) in ids.iter().enumerate() {
-                    if let Some(key) = id_string(v) {
-                        refs.push(Ref {
+                    match id_string(v) {
+                        Some(key) => refs.push(Ref {
                             kind: r.kind.clone(),
                             key,
                             path: format!("{}/{i}", r.field),
-                        });
+                        }),
+                        None if nothing(v) => {}
+                        None => return Err(unusable(&format!("{}/{i}", r.field), v)),
                     }
                 }
             }
-            Some(v) => {
-                if let Some(key) = id_string(v) {
-                    refs.push(Ref {
-                        kind: r.kind.clone(),
-                        key,
-                        path: r.field.clone(),
-                    });
-                }
-            }
+            Some(v) => match id_string(v) {
+                Some(key) => refs.push(Ref {
+                    kind: r.kind.clone(),
+                    key,
+                    path: r.field.clone(),
+                }),
+                None if nothing(v) => {}
+                None => return Err(unusable(&r.field, v)),
+            },
             None => {}
         }
     }
-    refs
+    Ok(refs)
 }
 
 /// Why a listed item has no usable id, with enough of the item to find it in the source.
@@ -404,7 +424,8 @@ impl Source for HttpSource {
                 "item has no name at `{field}`: the target cannot find it by name, so a lost create or a lost state can create it twice"
             );
         }
-        let refs = extract_refs(kind, &item);
+        let refs = extract_refs(kind, &item)
+            .map_err(|e| fail(format!("kind `{}` item `{}`: {e}", kind.name, entry.key)))?;
         Ok(Item {
             kind: entry.kind.clone(),
             key: entry.key.clone(),

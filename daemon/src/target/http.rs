@@ -21,7 +21,7 @@ use tidemark_proto::{canonical_json, strip_fields, Body, Event, Op};
 use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
 
-use super::{ApplyError, Effect, Outcome, Target};
+use super::{ApplyError, Claims, Effect, Outcome, Target};
 use crate::config::HttpTargetConfig;
 use crate::http::{encode_query_value, id_string, HttpClient, RequestError};
 use crate::http_config::{OnConflict, TargetKindConfig, UpdateMethod};
@@ -45,6 +45,9 @@ pub struct HttpTarget {
     /// drops them, so each batch adopts from a fresh listing and never from one that
     /// misses what others wrote to the target since.
     listings: Mutex<HashMap<String, Listing>>,
+    /// Which source item each target id mirrors (the projector's remap table): an item
+    /// found by name that another source item owns is not adopted, and not deleted.
+    claims: Mutex<Option<Arc<dyn Claims>>>,
 }
 
 impl HttpTarget {
@@ -55,7 +58,15 @@ impl HttpTarget {
             cfg: cfg.clone(),
             page_concurrency: cfg.endpoint.in_flight.clamp(1, 8),
             listings: Mutex::new(HashMap::new()),
+            claims: Mutex::new(None),
         }
+    }
+
+    fn claims(&self) -> Option<Arc<dyn Claims>> {
+        self.claims
+            .lock()
+            .expect("the claims lock is never poisoned")
+            .clone()
     }
 
     /// The client, for `verify`.
@@ -307,6 +318,25 @@ impl HttpTarget {
                 None => self.find(kind, event, name).await?,
             };
             if let Some((id, existing)) = found {
+                let identity = event.identity();
+                let claims = self.claims();
+                if let Some(claims) = &claims {
+                    if let Err(owner) = claims.claim(&kind.name, &id, &identity) {
+                        return Err(Self::permanent(
+                            event,
+                            format!(
+                                "the target's `{}` item named `{name}` (id {id}) already mirrors the source's `{}` item `{owner}`, so it is not adopted for this one, nor written: two source items with one name cannot be told apart on the target. Rename one of them in the source",
+                                kind.name, event.kind
+                            ),
+                        )
+                        .into());
+                    }
+                }
+                let release = || {
+                    if let Some(claims) = &claims {
+                        claims.release(&kind.name, &id, &identity);
+                    }
+                };
                 if Self::same(kind, &existing, desired) {
                     return Ok(Effect {
                         outcome: Outcome::Adopted,
@@ -314,6 +344,7 @@ impl HttpTarget {
                     });
                 }
                 if self.cfg.on_conflict == OnConflict::Abort {
+                    release();
                     return Err(Self::permanent(
                         event,
                         format!(
@@ -323,12 +354,19 @@ impl HttpTarget {
                     )
                     .into());
                 }
-                if self.update(kind, event, &id, desired).await? {
-                    info!(kind = %event.kind, key = %event.key, target_id = %id, "adopted an existing target item by name and updated it");
-                    return Ok(Effect {
-                        outcome: Outcome::Adopted,
-                        target_id: Some(id),
-                    });
+                match self.update(kind, event, &id, desired).await {
+                    Ok(true) => {
+                        info!(kind = %event.kind, key = %event.key, target_id = %id, "adopted an existing target item by name and updated it");
+                        return Ok(Effect {
+                            outcome: Outcome::Adopted,
+                            target_id: Some(id),
+                        });
+                    }
+                    Ok(false) => release(),
+                    Err(e) => {
+                        release();
+                        return Err(e.into());
+                    }
                 }
             }
         }
@@ -353,6 +391,11 @@ impl HttpTarget {
                     ),
                 )
             })?;
+        if let Some(claims) = self.claims() {
+            // A new id is nobody's yet; the claim keeps a later item of the same name from
+            // adopting it before this batch's remap is recorded.
+            let _ = claims.claim(&kind.name, &id, &event.identity());
+        }
         if let Some(name) = &event.name {
             Self::remember(names.as_deref(), name, body);
         }
@@ -392,6 +435,20 @@ impl Target for HttpTarget {
                 let Some(id) = known else {
                     return Ok(Outcome::Deleted.into());
                 };
+                let identity = event.identity();
+                let claims = self.claims();
+                if let Some(owner) = claims
+                    .as_ref()
+                    .and_then(|c| c.other_owner(&kind.name, &id, &identity))
+                {
+                    // Only a state written before adoption checked claims holds two items
+                    // mirrored to one: the other one is still in the source.
+                    warn!(kind = %event.kind, key = %event.key, target_id = %id, "not deleting the target's item: it mirrors the source's `{}` item `{owner}` too; only this item's mapping is forgotten", event.kind);
+                    return Ok(Effect {
+                        outcome: Outcome::Unchanged,
+                        target_id: Some(id),
+                    });
+                }
                 match self
                     .client
                     .send(
@@ -404,6 +461,9 @@ impl Target for HttpTarget {
                     Ok(_) => {}
                     Err(e) if e.status() == Some(404) => {}
                     Err(e) => return Err(self.error(event, e)),
+                }
+                if let Some(claims) = &claims {
+                    claims.release(&kind.name, &id, &identity);
                 }
                 Ok(Effect {
                     outcome: Outcome::Deleted,
@@ -467,5 +527,16 @@ impl Target for HttpTarget {
 
     fn reference_wait(&self) -> Duration {
         self.cfg.reference_wait
+    }
+
+    fn set_claims(&self, claims: Arc<dyn Claims>) {
+        *self
+            .claims
+            .lock()
+            .expect("the claims lock is never poisoned") = Some(claims);
+    }
+
+    fn deletes_first(&self) -> bool {
+        true
     }
 }

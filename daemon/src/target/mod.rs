@@ -164,6 +164,32 @@ pub trait Target: Send + Sync {
     async fn probe(&self, _event: &Event) -> Probe {
         Probe::Unknown
     }
+
+    /// Hands a target that adopts existing items by name the table of which source item
+    /// each target id mirrors (the projector's remap table), so that it never adopts, nor
+    /// deletes, an item another source item owns. Called once by the projector.
+    fn set_claims(&self, _claims: Arc<dyn Claims>) {}
+
+    /// Whether a batch's deletes are applied before its upserts. A target that adopts by
+    /// name wants them first: a source item deleted and made again under a new id with the
+    /// same name must have its old mirror deleted before the new one looks for its name.
+    fn deletes_first(&self) -> bool {
+        false
+    }
+}
+
+/// Which source item (identity) each target id of a kind mirrors, for targets that assign
+/// their own ids and adopt by name: one target item mirrors at most one source item.
+pub trait Claims: Send + Sync {
+    /// Claims `target_id` of `kind` for `identity`, unless another source item holds it:
+    /// then `Err` with that item's key.
+    fn claim(&self, kind: &str, target_id: &str, identity: &str) -> Result<(), String>;
+
+    /// Gives up a claim made for an adoption that was not carried out.
+    fn release(&self, kind: &str, target_id: &str, identity: &str);
+
+    /// The key of a source item other than `identity` that `target_id` of `kind` mirrors.
+    fn other_owner(&self, kind: &str, target_id: &str, identity: &str) -> Option<String>;
 }
 
 /// What a target holds where an upsert would go, for `plan`.
