@@ -653,3 +653,36 @@ fn an_item_made_again_under_a_new_id_replaces_its_mirror_in_one_sync() {
     }
     assert_rest_mirror(&dev, &prod);
 }
+
+/// Moving items away from a parent and deleting the parent in one scan: the parent's
+/// delete waits for the moves, because prod (json-server here, a database's `ON DELETE
+/// CASCADE` elsewhere) deletes what still references a deleted item with it.
+#[test]
+fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    // user-0 (1000) hands its two posts to user-1 (1007), then goes.
+    for (pid, j) in [(5000, 0), (5011, 1)] {
+        dev.put(
+            "posts",
+            &json!(pid),
+            json!({"id": pid, "name": format!("post-0-{j}"), "userId": 1007, "title": format!("Post {j} by 0")}),
+        );
+    }
+    dev.delete("users", &json!(1000));
+    assert_eq!(dev.all("comments").len(), 8, "dev kept every comment");
+    let (scan, project) = env.sync();
+    assert_eq!(
+        (scan["upserts"].clone(), scan["deletes"].clone()),
+        (json!(2), json!(1))
+    );
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(prod.all("users").len(), 1);
+    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
+    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
+    assert_rest_mirror(&dev, &prod);
+}

@@ -721,16 +721,29 @@ impl Projector {
             fresh: Default::default(),
         };
         let priors = Priors::read_ahead(&applied, group_of.keys().cloned().collect()).await;
-        // A target that adopts by name takes the deletes first: an item deleted in the
-        // source and made again under a new id with its name must not find (and adopt)
-        // the mirror its old id's delete is about to remove.
+        // Deletes of a kind the batch's upserts reference go after them: those upserts
+        // may move items away from the one deleted, and a target that deletes what
+        // references an item along with it (json-server's dependents, `ON DELETE
+        // CASCADE`) would take them too. A target that adopts by name takes the other
+        // deletes first: an item deleted in the source and made again under a new id with
+        // its name must not find (and adopt) the mirror its old id's delete is about to
+        // remove.
+        let referenced: HashSet<String> = others
+            .iter()
+            .flatten()
+            .filter(|e| e.op == Op::Upsert)
+            .flat_map(|e| e.refs.iter().map(|r| r.kind.clone()))
+            .collect();
+        let (last, others): (Vec<_>, Vec<_>) = others
+            .into_iter()
+            .partition(|g| g[0].op == Op::Delete && referenced.contains(&g[0].kind));
         let (first, then): (Vec<_>, Vec<_>) = if self.target.deletes_first() {
             others.into_iter().partition(|g| g[0].op == Op::Delete)
         } else {
             (Vec::new(), others)
         };
         let mut results: Vec<GroupResult> = Vec::new();
-        for phase in [first, then] {
+        for phase in [first, then, last] {
             results.extend(
                 stream::iter(phase)
                     .map(|g| self.apply_group(g, &priors, &refs, false))
