@@ -2116,6 +2116,48 @@ fn a_failed_item_is_applied_by_the_next_run_once_the_directory_in_its_way_is_gon
     assert_eq!(std::fs::read(env.dst().join("y")).unwrap(), b"now a file");
 }
 
+/// A daemon runs for weeks: while it runs, an item that failed is tried again now and
+/// then (`failed_retry_interval`, the pause doubling while it keeps failing), so a cause
+/// fixed meanwhile needs no restart.
+#[test]
+fn a_running_daemon_applies_a_failed_item_once_its_cause_is_fixed() {
+    let env = Env::dirs(
+        "max_delete = \"100%\"\nfailed_retry_interval = \"1s\"",
+        "prune = false",
+    );
+    write(env.src().join("x/in.txt"), "inside");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let daemon = env.spawn_daemon();
+    let failed = wait_for(Duration::from_secs(30), || {
+        let status = env.json(&["status"]);
+        (status[0]["failed"][0]["key"] == "x").then_some(())
+    });
+    assert!(failed.is_some(), "{}", env.daemon_log());
+    // Tried again while it still fails, without a restart.
+    let again = wait_for(Duration::from_secs(30), || {
+        (daemon.metric("tidemark_applies_total{kind=\"file\",outcome=\"failed\",pipeline=\"t\"}")
+            >= 2.0)
+            .then_some(())
+    });
+    assert!(again.is_some(), "{}", env.daemon_log());
+
+    std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    let arrived = wait_for(Duration::from_secs(30), || {
+        let status = env.json(&["status"]);
+        (env.dst().join("x").is_file() && status[0]["failed"] == serde_json::json!([]))
+            .then_some(())
+    });
+    assert!(arrived.is_some(), "{}", env.daemon_log());
+    assert_eq!(
+        daemon.metric("tidemark_applies_total{kind=\"file\",outcome=\"created\",pipeline=\"t\"}"),
+        1.0
+    );
+    assert!(daemon.terminate().success());
+    assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
+}
+
 #[test]
 fn a_target_path_that_is_a_file_is_named_as_the_problem() {
     let env = Env::dirs("", "");

@@ -105,6 +105,10 @@ pub struct PipelineConfig {
     /// Longest pause between retries of a batch the target could not take (backoff grows
     /// exponentially up to this); also bounds how long recovery waits once the target is back.
     pub retry_max_backoff: Duration,
+    /// How long the daemon waits before it tries items that failed permanently again
+    /// (after the pass at its start); the pause doubles after each pass that leaves
+    /// failures, up to an hour or this, whichever is longer.
+    pub failed_retry_interval: Duration,
     /// What `run` does for this pipeline: scan, project or both.
     pub role: Role,
 }
@@ -391,6 +395,8 @@ struct RawPipeline {
     batch_size: Spanned<usize>,
     #[serde(default = "default_retry_max_backoff", with = "humantime_serde")]
     retry_max_backoff: Duration,
+    #[serde(default = "default_failed_retry_interval", with = "humantime_serde")]
+    failed_retry_interval: Duration,
     #[serde(default)]
     role: Role,
 }
@@ -444,6 +450,9 @@ fn default_concurrency() -> Spanned<usize> {
 }
 fn default_retry_max_backoff() -> Duration {
     Duration::from_secs(30)
+}
+fn default_failed_retry_interval() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 fn default_batch_size() -> Spanned<usize> {
     Spanned::new(0..0, 1024)
@@ -792,6 +801,7 @@ impl Config {
                 concurrency: p.concurrency.into_inner(),
                 batch_size: p.batch_size.into_inner(),
                 retry_max_backoff: p.retry_max_backoff,
+                failed_retry_interval: p.failed_retry_interval,
             });
         }
 

@@ -179,7 +179,8 @@ impl Pipeline {
             config.concurrency,
             config.batch_size,
         )
-        .with_retry_max_backoff(config.retry_max_backoff);
+        .with_retry_max_backoff(config.retry_max_backoff)
+        .with_failed_retry_interval(config.failed_retry_interval);
         metrics().init_pipeline(&config.name, log.partitions());
         let last_apply = state
             .last_applies()

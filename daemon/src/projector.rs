@@ -548,6 +548,9 @@ pub struct Projector {
     retried: AtomicBool,
     /// Items that failed in this run before the retry: just tried, so not tried again.
     failed_now: Mutex<HashSet<String>>,
+    /// When the daemon's next pass over the failed items is due
+    /// ([`Projector::retry_failed_when_due`]).
+    retry_due: Mutex<RetryDue>,
     /// Which source item each target id mirrors, for a target that adopts by name.
     claims: Arc<ClaimTable>,
 }
@@ -584,8 +587,16 @@ impl Projector {
             stale: Mutex::default(),
             retried: AtomicBool::new(false),
             failed_now: Mutex::default(),
+            retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
         }
+    }
+
+    /// Sets the pause before the daemon's first pass over the failed items after the one
+    /// at its start (`failed_retry_interval`).
+    pub fn with_failed_retry_interval(self, first: Duration) -> Projector {
+        *self.retry_due.lock().unwrap() = RetryDue::new(first);
+        self
     }
 
     /// Caps the pause between retries of a batch the target refused.
@@ -1317,11 +1328,48 @@ impl Projector {
     /// any other does: retained while it is off. On a shared log, only the items of
     /// `partitions` (held by this daemon) are tried. A transient failure stops the pass.
     pub async fn retry_failed(&self, partitions: &[u32]) -> Result<ProjectReport, ProjectError> {
-        let mut report = ProjectReport::default();
         if self.retried.swap(true, Ordering::SeqCst) {
-            return Ok(report);
+            return Ok(ProjectReport::default());
         }
         let failed_now = std::mem::take(&mut *self.failed_now.lock().unwrap());
+        self.retry_stored(partitions, &failed_now, "in an earlier run")
+            .await
+    }
+
+    /// The daemon's later passes over the failed items, as [`Projector::retry_failed`]'s
+    /// but every item: the first `failed_retry_interval` after the first call, then after
+    /// a pause that doubles while a pass leaves failures (up to an hour, or the interval if
+    /// longer) and starts again from the interval once none are left. A daemon runs for
+    /// weeks; a cause fixed meanwhile (prod's validation, a permission) needs no restart.
+    pub async fn retry_failed_when_due(
+        &self,
+        partitions: &[u32],
+    ) -> Result<ProjectReport, ProjectError> {
+        if !self.retry_due.lock().unwrap().due(Instant::now()) {
+            return Ok(ProjectReport::default());
+        }
+        let report = self
+            .retry_stored(partitions, &HashSet::new(), "before")
+            .await;
+        let left = self
+            .state
+            .stored_failures(&self.pipeline)
+            .map_or(true, |s| !s.is_empty());
+        self.retry_due
+            .lock()
+            .unwrap()
+            .passed(Instant::now(), report.is_err() || left);
+        report
+    }
+
+    /// Tries the stored failures again but those in `skip`; `when` says when they failed.
+    async fn retry_stored(
+        &self,
+        partitions: &[u32],
+        skip: &HashSet<String>,
+        when: &str,
+    ) -> Result<ProjectReport, ProjectError> {
+        let mut report = ProjectReport::default();
         let stored = self
             .state
             .stored_failures(&self.pipeline)
@@ -1340,7 +1388,7 @@ impl Projector {
             .collect::<Result<_, _>>()
             .map_err(self.err_state())?;
         for (id, f) in entries {
-            if failed_now.contains(&id)
+            if skip.contains(&id)
                 || (self.log.shared() && !partitions.contains(&self.log.partition_of(&id)))
             {
                 continue;
@@ -1366,7 +1414,7 @@ impl Projector {
         info!(
             pipeline = %self.pipeline,
             items = events.len(),
-            "trying the items that failed in an earlier run again"
+            "trying the items that failed {when} again"
         );
         let applied = self
             .state
@@ -2115,6 +2163,10 @@ impl Projector {
                 if let Err(e) = self.retry_failed(&partitions).await {
                     error!("{e}");
                 }
+                // And again, now and then, while any are left.
+                if let Err(e) = self.retry_failed_when_due(&partitions).await {
+                    error!("{e}");
+                }
             }
             if read == 0 && last_dir_retry.elapsed() >= Duration::from_secs(1) {
                 // Another daemon may have deleted what kept a pending directory delete waiting.
@@ -2431,5 +2483,51 @@ impl Projector {
                 })?;
         }
         Ok(())
+    }
+}
+
+/// The schedule of the daemon's later passes over the failed items.
+#[derive(Debug)]
+struct RetryDue {
+    /// The pause after a pass that left nothing failed (`failed_retry_interval`).
+    first: Duration,
+    /// The pause before the next pass.
+    pause: Duration,
+    /// When the next pass is due; unset until the first call.
+    at: Option<Instant>,
+}
+
+impl RetryDue {
+    /// Longest pause between two passes that keep meeting failures (unless `first` is
+    /// longer).
+    const MAX: Duration = Duration::from_secs(60 * 60);
+
+    fn new(first: Duration) -> RetryDue {
+        RetryDue {
+            first,
+            pause: first,
+            at: None,
+        }
+    }
+
+    /// Whether a pass is due at `now`; the first call only starts the clock.
+    fn due(&mut self, now: Instant) -> bool {
+        match self.at {
+            Some(at) => now >= at,
+            None => {
+                self.at = Some(now + self.pause);
+                false
+            }
+        }
+    }
+
+    /// After a pass at `now`: the pause doubles while failures are `left`.
+    fn passed(&mut self, now: Instant, left: bool) {
+        self.pause = if left {
+            (self.pause * 2).min(Self::MAX.max(self.first))
+        } else {
+            self.first
+        };
+        self.at = Some(now + self.pause);
     }
 }
