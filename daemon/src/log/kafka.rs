@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -38,6 +37,10 @@ use super::{
     AppendError, BoxError, CommitError, EventLog, ReadError, ReadOffsetError, Record, ReleaseError,
 };
 use crate::config::KafkaLogConfig;
+
+mod context;
+
+use context::LogContext;
 
 const BACKEND: &str = "kafka";
 
@@ -55,9 +58,11 @@ pub struct KafkaLog {
     config: KafkaLogConfig,
     /// Consumer name of the pipeline's projector; it keeps its offsets in `config.group`.
     projector: String,
-    producer: FutureProducer,
+    producer: FutureProducer<LogContext>,
     /// Answers watermark queries; never subscribes, never commits.
-    meta: Arc<BaseConsumer>,
+    meta: Arc<BaseConsumer<LogContext>>,
+    /// Every client's context: librdkafka's own lines, once per kind.
+    context: LogContext,
     /// Partition count: the configured one until [`KafkaLog::connect`] reads the topic's.
     partitions: AtomicU32,
     /// Set once the brokers answered and the topic exists.
@@ -72,14 +77,14 @@ pub struct KafkaLog {
 
 /// A positional reader of one partition.
 struct Reader {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LogContext>,
     /// Offset the next record received will have, when the consumer is positioned.
     next: Option<u64>,
 }
 
 /// The client that keeps one consumer group's committed offsets.
 struct Group {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<BaseConsumer<LogContext>>,
 }
 
 fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
@@ -106,23 +111,25 @@ impl KafkaLog {
     /// A log on the configured topic. Creates the clients only; the brokers are first
     /// contacted by [`EventLog::connect`] or the first operation.
     pub fn new(config: &KafkaLogConfig, pipeline: &str) -> Result<KafkaLog, ReadError> {
-        let producer: FutureProducer = client_config(config)
+        let context = LogContext::new(&config.brokers);
+        let producer: FutureProducer<LogContext> = client_config(config)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "300000")
-            .create()
+            .create_with_context(context.clone())
             .map_err(read_err)?;
-        let meta: BaseConsumer = client_config(config)
+        let meta: BaseConsumer<LogContext> = client_config(config)
             .set("group.id", format!("{}.meta", config.group))
             .set("enable.auto.commit", "false")
-            .create()
+            .create_with_context(context.clone())
             .map_err(read_err)?;
         Ok(KafkaLog {
             config: config.clone(),
             projector: format!("{pipeline}.projector"),
             producer,
             meta: Arc::new(meta),
+            context,
             partitions: AtomicU32::new(config.partitions),
             connected: OnceCell::new(),
             readers: SyncMutex::new(HashMap::new()),
@@ -167,8 +174,9 @@ impl KafkaLog {
             .await
             .map_err(read_err)?
             .map_err(unreachable)?;
-        let admin: AdminClient<DefaultClientContext> =
-            client_config(&self.config).create().map_err(read_err)?;
+        let admin: AdminClient<LogContext> = client_config(&self.config)
+            .create_with_context(self.context.clone())
+            .map_err(read_err)?;
         let partitions = i32::try_from(self.config.partitions).unwrap_or(i32::MAX);
         let replication = i32::try_from(self.config.replication).unwrap_or(1);
         let topic = NewTopic::new(
@@ -291,13 +299,13 @@ impl KafkaLog {
         if let Some(r) = readers.get(&partition) {
             return Ok(r.clone());
         }
-        let consumer: StreamConsumer = client_config(&self.config)
+        let consumer: StreamConsumer<LogContext> = client_config(&self.config)
             .set("group.id", format!("{}.reader", self.config.group))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "50")
-            .create()
+            .create_with_context(self.context.clone())
             .map_err(read_err)?;
         let r = Arc::new(Mutex::new(Reader {
             consumer,
@@ -314,7 +322,7 @@ impl KafkaLog {
             return Ok(g.clone());
         }
         let g = Arc::new(Group {
-            consumer: Arc::new(plain_client(&self.config, &id)?),
+            consumer: Arc::new(plain_client(&self.config, &id, &self.context)?),
         });
         groups.insert(id, g.clone());
         Ok(g)
@@ -327,7 +335,12 @@ impl KafkaLog {
         if let Some(l) = all.get(&id) {
             return Ok(l.clone());
         }
-        let leases = Arc::new(Leases::new(&self.config, &id, self.partitions())?);
+        let leases = Arc::new(Leases::new(
+            &self.config,
+            &id,
+            self.partitions(),
+            &self.context,
+        )?);
         // The thread holds a weak reference: it ends once the log (and its leases) is dropped.
         let worker = Arc::downgrade(&leases);
         std::thread::Builder::new()
@@ -413,12 +426,16 @@ fn client_config(config: &KafkaLogConfig) -> ClientConfig {
 }
 
 /// A client that commits and reads offsets of group `id` without ever joining it.
-fn plain_client(config: &KafkaLogConfig, id: &str) -> Result<BaseConsumer, KafkaError> {
+fn plain_client(
+    config: &KafkaLogConfig,
+    id: &str,
+    context: &LogContext,
+) -> Result<BaseConsumer<LogContext>, KafkaError> {
     client_config(config)
         .set("group.id", id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .create()
+        .create_with_context(context.clone())
 }
 
 /// Which partitions of the topic this process projects, for one consumer group.
@@ -461,9 +478,9 @@ struct Leases {
     /// How long a holder may go without rewriting its slots (`session_timeout`).
     lease: Duration,
     /// Commits and reads the lease slots.
-    slots: BaseConsumer,
+    slots: BaseConsumer<LogContext>,
     /// Commits and reads the want slots.
-    wants: BaseConsumer,
+    wants: BaseConsumer<LogContext>,
     state: SyncMutex<LeaseState>,
     /// Set by [`Leases::release`]: this process neither renews nor claims any more.
     closed: AtomicBool,
@@ -487,7 +504,12 @@ fn owner_of(slot: Option<i64>) -> u32 {
 }
 
 impl Leases {
-    fn new(config: &KafkaLogConfig, group: &str, partitions: u32) -> Result<Leases, KafkaError> {
+    fn new(
+        config: &KafkaLogConfig,
+        group: &str,
+        partitions: u32,
+        context: &LogContext,
+    ) -> Result<Leases, KafkaError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -502,8 +524,8 @@ impl Leases {
             topic: config.topic.clone(),
             partitions,
             lease: config.session_timeout.max(Duration::from_secs(1)),
-            slots: plain_client(config, &format!("{group}.tidemark-lease"))?,
-            wants: plain_client(config, &format!("{group}.tidemark-want"))?,
+            slots: plain_client(config, &format!("{group}.tidemark-lease"), context)?,
+            wants: plain_client(config, &format!("{group}.tidemark-want"), context)?,
             state: SyncMutex::new(LeaseState::default()),
             closed: AtomicBool::new(false),
         })
@@ -519,7 +541,7 @@ impl Leases {
     }
 
     /// Every slot of `client`'s group: the committed value, `None` if never written.
-    fn read(&self, client: &BaseConsumer) -> Result<Vec<Option<i64>>, KafkaError> {
+    fn read(&self, client: &BaseConsumer<LogContext>) -> Result<Vec<Option<i64>>, KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             tpl.add_partition_offset(&self.topic, p as i32, Offset::Invalid)?;
@@ -538,7 +560,11 @@ impl Leases {
             .collect())
     }
 
-    fn write(&self, client: &BaseConsumer, values: &[(u32, i64)]) -> Result<(), KafkaError> {
+    fn write(
+        &self,
+        client: &BaseConsumer<LogContext>,
+        values: &[(u32, i64)],
+    ) -> Result<(), KafkaError> {
         if values.is_empty() {
             return Ok(());
         }
