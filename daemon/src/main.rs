@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
+use tidemark::log::Patience;
 use tidemark::metrics::metrics;
 use tidemark::pipeline::Pipeline;
 use tidemark::progress::{LogWriter, Progress};
@@ -369,7 +370,7 @@ impl Session {
             .select(select.pipeline.as_deref())
             .map_err(anyhow::Error::msg)?
             .into_iter()
-            .map(|p| Pipeline::build(p, &self.state).map_err(Into::into))
+            .map(|p| Pipeline::build(p, &self.state, Patience::OneShot).map_err(Into::into))
             .collect()
     }
 }
@@ -752,6 +753,21 @@ async fn scan_project(
     for p in session.pipelines(select)? {
         let mut entry = json!({"pipeline": p.name()});
         let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
+        // A log that cannot be reached ends the run before it starts, in seconds (a Kafka
+        // broker that is down), instead of a scan whose appends all fail.
+        if let Err(e) = p.log.connect().await {
+            let message = format!(
+                "pipeline `{}`: {e} (nothing was scanned, appended or applied)",
+                p.name()
+            );
+            entry["error"] = message.clone().into();
+            entry["report_dir"] = write_report(&session, &run_report.with_error(&message)).into();
+            out.push(entry);
+            if select.output == Output::Json {
+                outln!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            anyhow::bail!(message);
+        }
         // `sync` projects while it scans, so the target fills as the source is read.
         let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
         let project_bar =
@@ -1186,7 +1202,7 @@ async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
         );
     };
     let sled = SledLog::open(session.state.db(), p.name())?;
-    let to = KafkaLog::new(kafka, p.name())?;
+    let to = KafkaLog::new(kafka, p.name(), Patience::OneShot)?;
     to.connect().await?;
     let consumer = p.projector.consumer();
     let mut heads = Vec::new();

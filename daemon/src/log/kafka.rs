@@ -34,7 +34,8 @@ use tokio::sync::{watch, Mutex, OnceCell};
 use tracing::{info, warn};
 
 use super::{
-    AppendError, BoxError, CommitError, EventLog, ReadError, ReadOffsetError, Record, ReleaseError,
+    AppendError, BoxError, CommitError, ConnectError, EventLog, Patience, ReadError,
+    ReadOffsetError, Record, ReleaseError,
 };
 use crate::config::KafkaLogConfig;
 
@@ -49,6 +50,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a read waits for records it knows exist (below the high watermark).
 const READ_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a one-shot command's append waits for the brokers to acknowledge it (the
+/// daemon's producer waits 5 minutes, through a broker restart).
+const ONE_SHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often tailing readers look at the high watermark when no local append woke them.
 const TAIL_POLL: Duration = Duration::from_millis(100);
@@ -67,6 +72,11 @@ pub struct KafkaLog {
     partitions: AtomicU32,
     /// Set once the brokers answered and the topic exists.
     connected: OnceCell<()>,
+    /// How long to wait for unreachable brokers.
+    patience: Patience,
+    /// A one-shot command's failure to connect, returned at once by every later call: each
+    /// call waiting for the brokers again made a `sync` take 40 s to fail.
+    gave_up: std::sync::OnceLock<ConnectError>,
     readers: SyncMutex<HashMap<u32, Arc<Mutex<Reader>>>>,
     groups: SyncMutex<HashMap<String, Arc<Group>>>,
     /// Partition ownership of each consumer whose owner asked [`EventLog::assigned`].
@@ -110,13 +120,21 @@ pub fn partition_for(identity: &str, partitions: u32) -> u32 {
 impl KafkaLog {
     /// A log on the configured topic. Creates the clients only; the brokers are first
     /// contacted by [`EventLog::connect`] or the first operation.
-    pub fn new(config: &KafkaLogConfig, pipeline: &str) -> Result<KafkaLog, ReadError> {
-        let context = LogContext::new(&config.brokers);
+    pub fn new(
+        config: &KafkaLogConfig,
+        pipeline: &str,
+        patience: Patience,
+    ) -> Result<KafkaLog, ReadError> {
+        let context = LogContext::new(&config.brokers, patience);
+        let ack_timeout = match patience {
+            Patience::Daemon => Duration::from_secs(300),
+            Patience::OneShot => ONE_SHOT_ACK_TIMEOUT,
+        };
         let producer: FutureProducer<LogContext> = client_config(config)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "300000")
+            .set("message.timeout.ms", ack_timeout.as_millis().to_string())
             .create_with_context(context.clone())
             .map_err(read_err)?;
         let meta: BaseConsumer<LogContext> = client_config(config)
@@ -132,6 +150,8 @@ impl KafkaLog {
             context,
             partitions: AtomicU32::new(config.partitions),
             connected: OnceCell::new(),
+            patience,
+            gave_up: std::sync::OnceLock::new(),
             readers: SyncMutex::new(HashMap::new()),
             groups: SyncMutex::new(HashMap::new()),
             leases: SyncMutex::new(HashMap::new()),
@@ -153,30 +173,65 @@ impl KafkaLog {
         }
     }
 
-    async fn ensure_connected(&self) -> Result<(), ReadError> {
+    async fn ensure_connected(&self) -> Result<(), ConnectError> {
+        if let Some(e) = self.gave_up.get() {
+            return Err(e.clone());
+        }
         self.connected
-            .get_or_try_init(|| self.create_topic())
+            .get_or_try_init(|| async {
+                // A caller that waited for another's failed attempt fails with it.
+                if let Some(e) = self.gave_up.get() {
+                    return Err(e.clone());
+                }
+                let connected = self.create_topic().await;
+                if let (Err(e), Patience::OneShot) = (&connected, self.patience) {
+                    let _ = self.gave_up.set(e.clone());
+                }
+                connected
+            })
             .await
             .map(|_| ())
     }
 
-    /// Creates the topic unless it exists, then reads its partition count.
-    async fn create_topic(&self) -> Result<(), ReadError> {
-        let unreachable = |e: KafkaError| {
-            read_err(format!(
-                "cannot reach the Kafka brokers {} ({e}); check `brokers` in [pipeline.log.kafka] and that the broker runs",
-                self.config.brokers
-            ))
+    /// The brokers could not be reached: why, as the clients last said.
+    fn unreachable(&self, e: Option<KafkaError>) -> ConnectError {
+        let reason = match (self.context.last_failure(), e) {
+            (Some(failure), _) => failure,
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "every broker is down".into(),
+        };
+        ConnectError::Unreachable {
+            brokers: self.config.brokers.clone(),
+            reason,
+        }
+    }
+
+    /// Creates the topic unless it exists, then reads its partition count. A one-shot
+    /// command gives up as soon as a client reports every broker down.
+    async fn create_topic(&self) -> Result<(), ConnectError> {
+        let not_ready = |message: String| ConnectError::NotReady {
+            backend: BACKEND,
+            message,
         };
         // Metadata first: it fails fast and clearly when no broker answers.
         let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || meta.fetch_metadata(None, REQUEST_TIMEOUT))
-            .await
-            .map_err(read_err)?
-            .map_err(unreachable)?;
+        let fetch = tokio::task::spawn_blocking(move || meta.fetch_metadata(None, REQUEST_TIMEOUT));
+        let fetched = match self.patience {
+            Patience::Daemon => fetch.await,
+            Patience::OneShot => {
+                let mut all_down = self.context.all_down();
+                tokio::select! {
+                    fetched = fetch => fetched,
+                    _ = all_down.wait_for(|n| *n > 0) => return Err(self.unreachable(None)),
+                }
+            }
+        };
+        fetched
+            .map_err(|e| not_ready(e.to_string()))?
+            .map_err(|e| self.unreachable(Some(e)))?;
         let admin: AdminClient<LogContext> = client_config(&self.config)
             .create_with_context(self.context.clone())
-            .map_err(read_err)?;
+            .map_err(|e| not_ready(e.to_string()))?;
         let partitions = i32::try_from(self.config.partitions).unwrap_or(i32::MAX);
         let replication = i32::try_from(self.config.replication).unwrap_or(1);
         let topic = NewTopic::new(
@@ -191,19 +246,22 @@ impl KafkaLog {
                 &AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT)),
             )
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| self.unreachable(Some(e)))?;
         for result in results {
             match result {
                 Ok(name) => info!(topic = %name, partitions, "created the Kafka topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
-                    return Err(read_err(format!(
+                    return Err(not_ready(format!(
                         "cannot create the Kafka topic `{name}`: {code}; create it by hand or fix the broker's permissions"
                     )))
                 }
             }
         }
-        let count = self.topic_partitions().await?;
+        let count = self
+            .topic_partitions()
+            .await
+            .map_err(|e| not_ready(e.to_string()))?;
         if count != self.config.partitions {
             info!(
                 topic = %self.config.topic,
@@ -286,6 +344,19 @@ impl KafkaLog {
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(d)) => landed.push((d.partition as u32, d.offset as u64)),
+                Ok(Err((e, _)))
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) =>
+                {
+                    let why = self
+                        .context
+                        .last_failure()
+                        .map_or_else(String::new, |f| format!(" ({f})"));
+                    return Err(err(format!(
+                        "the Kafka brokers {} did not acknowledge the events in time{why}; what they did not acknowledge is not in the log, and the next scan finds it again",
+                        self.config.brokers
+                    )
+                    .into()));
+                }
                 Ok(Err((e, _))) => return Err(err(boxed(e))),
                 Err(_) => return Err(err("the Kafka producer was shut down".into())),
             }
@@ -852,7 +923,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn head(&self, partition: u32) -> Result<u64, ReadError> {
-        self.ensure_connected().await?;
+        self.ensure_connected().await.map_err(read_err)?;
         let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
         let (_, high) = tokio::task::spawn_blocking(move || {
             meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
@@ -920,12 +991,12 @@ impl EventLog for KafkaLog {
         self.write_offset(consumer, partition, next, false).await
     }
 
-    async fn connect(&self) -> Result<(), ReadError> {
+    async fn connect(&self) -> Result<(), ConnectError> {
         self.ensure_connected().await
     }
 
     async fn assigned(&self, consumer: &str) -> Result<Vec<u32>, ReadError> {
-        self.ensure_connected().await?;
+        self.ensure_connected().await.map_err(read_err)?;
         let leases = self.leases(consumer).map_err(read_err)?;
         // Between two calls the projector has finished (and committed) its batches, so this
         // is where partitions promised to another daemon are let go.

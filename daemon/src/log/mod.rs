@@ -94,6 +94,44 @@ pub enum CommitError {
     },
 }
 
+/// Reaching the log's backend, or making the log ready there, failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// No broker answered: the message names them, why the last attempt failed, and what
+    /// to do.
+    #[error(
+        "cannot reach the Kafka brokers {brokers} ({reason}); start the broker, or fix `brokers` in [pipeline.log.kafka]"
+    )]
+    Unreachable {
+        /// The configured bootstrap brokers.
+        brokers: String,
+        /// Why, as the client last said (`… Connection refused`), or how long it waited.
+        reason: String,
+    },
+    /// The backend answered but the log cannot be used (its topic cannot be created or
+    /// has no partitions).
+    #[error("the {backend} log is not ready: {message}")]
+    NotReady {
+        /// `kafka`.
+        backend: &'static str,
+        /// Why, and what to do.
+        message: String,
+    },
+}
+
+/// How long a log waits for an unreachable backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// `tidemark run`: appends wait out a broker restart (the Kafka producer retries for
+    /// 5 minutes) and `run` retries connecting with backoff.
+    Daemon,
+    /// One-shot commands: connecting gives up as soon as every broker was found down (10 s
+    /// at most), and for good for the rest of the command; an append gives up after 10 s
+    /// without acknowledgement.
+    OneShot,
+}
+
 /// Releasing this process's share of the partitions failed; it expires instead.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -151,7 +189,7 @@ pub trait EventLog: Send + Sync {
     /// Reaches the backend and makes sure the log exists (Kafka: contacts the brokers and
     /// creates the topic). `run` retries it with backoff and reports not-ready until it
     /// succeeds; every other operation connects on first use.
-    async fn connect(&self) -> Result<(), ReadError> {
+    async fn connect(&self) -> Result<(), ConnectError> {
         Ok(())
     }
 
@@ -184,10 +222,14 @@ pub trait EventLog: Send + Sync {
     }
 }
 
-/// Opens the log a pipeline is configured with.
-pub fn open(pipeline: &PipelineConfig, state: &State) -> Result<Arc<dyn EventLog>, ReadError> {
+/// Opens the log a pipeline is configured with, waiting for its backend as `patience` says.
+pub fn open(
+    pipeline: &PipelineConfig,
+    state: &State,
+    patience: Patience,
+) -> Result<Arc<dyn EventLog>, ReadError> {
     match &pipeline.log {
         LogConfig::Sled => Ok(Arc::new(SledLog::open(state.db(), &pipeline.name)?)),
-        LogConfig::Kafka(kafka) => Ok(Arc::new(KafkaLog::new(kafka, &pipeline.name)?)),
+        LogConfig::Kafka(kafka) => Ok(Arc::new(KafkaLog::new(kafka, &pipeline.name, patience)?)),
     }
 }
