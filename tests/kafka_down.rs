@@ -109,3 +109,49 @@ fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mi
     assert_eq!(kind_outcome(&project, "file", "created"), 20, "{project}");
     assert_mirror(&env.src(), &env.dst());
 }
+
+#[test]
+fn a_sync_whose_events_the_log_refuses_counts_none_as_appended() {
+    let brokers = kafka_brokers();
+    let topic = unique("refused");
+    // librdkafka refuses, before sending, a record larger than `message.max.bytes`: these
+    // files travel inside their events (`inline_limit`), base64, about 4 KB each.
+    let section = kafka_log_section(&brokers, &topic, &topic, 2);
+    let refusing = format!(
+        "inline_limit = 8192\n{section}properties = {{ \"message.max.bytes\" = \"1000\" }}\n"
+    );
+    let env = Env::dirs(&refusing, "");
+    for i in 0..5 {
+        write(env.src().join(format!("{i}.bin")), noise(3000, i + 1));
+    }
+
+    let (out, _) = run_quiet(&env, &["sync"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let shown = format!("{:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        stdout.contains(": 0 upserts, 0 deletes"),
+        "the summary counts only what the log took; {shown}"
+    );
+    assert!(
+        stdout.contains("changes found were not appended"),
+        "and says what it found but could not append; {shown}"
+    );
+    let status = env.json(&["status"]);
+    let last = &status[0]["last_scan"];
+    assert_eq!(last["result"], "failed", "{status}");
+    assert_eq!(last["upserts"], 0, "{status}");
+    assert!(last["not_appended"].as_u64().unwrap_or(0) >= 1, "{status}");
+    assert!(!env.dst().exists() || snapshot(&env.dst()).is_empty());
+
+    // Without the limit, the next sync finds and mirrors everything.
+    env.write_config(
+        &std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("properties = { \"message.max.bytes\" = \"1000\" }\n", ""),
+    );
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 5, "{scan}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 5, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}

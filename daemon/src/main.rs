@@ -1035,6 +1035,12 @@ fn print_scan(pipeline: &str, record: &tidemark::state::ScanRecord, dry: bool) {
             ""
         }
     );
+    if record.not_appended > 0 {
+        outln!(
+            "{pipeline}: {} changes found were not appended (the log did not acknowledge them); the next scan finds them again",
+            record.not_appended
+        );
+    }
     if let Some(g) = &record.guard {
         outln!(
             "{pipeline}: {} {} deletes withheld (max_delete = {} allows {})",

@@ -67,10 +67,18 @@ pub struct ScanSummary {
     pub upserts: u64,
     /// Deletes appended.
     pub deletes: u64,
+    /// Changes found that the log did not take (its append failed); the next scan finds
+    /// them again. Left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_appended: u64,
     /// Entries that could not be listed or read.
     pub errors: u64,
     /// Entries skipped on purpose.
     pub skipped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What the delete guard decided, so a reader sees why deletes did or did not happen.
@@ -169,6 +177,7 @@ impl Report {
             listed: record.listed,
             upserts: record.upserts,
             deletes: record.deletes,
+            not_appended: record.not_appended,
             errors: record.errors,
             skipped: record.skipped,
         });
@@ -312,6 +321,13 @@ impl Report {
                     scan.errors,
                     scan.skipped
                 );
+                if scan.not_appended > 0 {
+                    let _ = writeln!(
+                        s,
+                        "scan: {} changes found were not appended (the log did not acknowledge them); the next scan finds them again",
+                        scan.not_appended
+                    );
+                }
             }
             None => {
                 let _ = writeln!(s, "scan: none in this run");
