@@ -754,12 +754,16 @@ async fn scan_project(
         let mut entry = json!({"pipeline": p.name()});
         let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
         // A log that cannot be reached ends the run before it starts, in seconds (a Kafka
-        // broker that is down), instead of a scan whose appends all fail.
-        if let Err(e) = p.log.connect().await {
-            let message = format!(
-                "pipeline `{}`: {e} (nothing was scanned, appended or applied)",
-                p.name()
-            );
+        // broker that is down), instead of a scan whose appends all fail. On a log daemons
+        // share, a projecting run takes every partition first (and gives them back at the
+        // end), or refuses while a daemon holds some.
+        let ready = match p.log.connect().await {
+            Err(e) => Err(format!("pipeline `{}`: {e}", p.name())),
+            Ok(()) if project => p.projector.take_all().await.map_err(|e| e.to_string()),
+            Ok(()) => Ok(()),
+        };
+        if let Err(e) = ready {
+            let message = format!("{e} (nothing was scanned, appended or applied)");
             entry["error"] = message.clone().into();
             entry["report_dir"] = write_report(&session, &run_report.with_error(&message)).into();
             out.push(entry);
@@ -792,6 +796,21 @@ async fn scan_project(
             Some(report)
         };
         let (scanned, projected) = tokio::join!(scanned, projected);
+        if project {
+            // Projected and committed: hand the partitions back, so a daemon takes them at
+            // once (else they expire after 1.5 × session_timeout).
+            match tokio::time::timeout(RELEASE_WAIT, p.log.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    pipeline = %p.name(),
+                    "{e}; they expire after 1.5 × session_timeout"
+                ),
+                Err(_) => tracing::warn!(
+                    pipeline = %p.name(),
+                    "the event log did not answer within {RELEASE_WAIT:?}; the partition leases expire after 1.5 × session_timeout"
+                ),
+            }
+        }
         // An error still leaves the run's report, with what was applied before it (the
         // target did change), then ends the run; the scan's error first, as before.
         let mut stopped: Option<anyhow::Error> = None;
@@ -919,6 +938,9 @@ async fn scan_project(
         ExitCode::SUCCESS
     })
 }
+
+/// How long a one-shot run waits for its log to take back its partitions.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Events a run appends or applies before it leaves the state database a fresh snapshot
 /// ([`State::checkpoint`]): below this, what the next start reads back is a few hundredths

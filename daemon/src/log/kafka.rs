@@ -11,12 +11,13 @@
 //!   a group member);
 //! - once a consumer's owner calls [`EventLog::assigned`], a [`Leases`] thread decides
 //!   which partitions this process projects; from then on the consumer commits only
-//!   partitions it holds.
+//!   partitions it holds. A one-shot `project` or `sync` calls [`EventLog::take_all`]
+//!   instead: it holds every partition for its run, or refuses while a daemon holds some.
 //!
 //! A consumer name maps to a Kafka group: the pipeline's projector (`<pipeline>.projector`)
 //! uses the configured `group`; any other name `c` uses `<group>.<c>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use tracing::{info, warn};
 
 use super::{
     AppendError, BoxError, CommitError, ConnectError, EventLog, Patience, ReadError,
-    ReadOffsetError, Record, ReleaseError,
+    ReadOffsetError, Record, ReleaseError, TakeError,
 };
 use crate::config::KafkaLogConfig;
 
@@ -411,12 +412,9 @@ impl KafkaLog {
             &id,
             self.partitions(),
             &self.context,
+            false,
         )?);
-        // The thread holds a weak reference: it ends once the log (and its leases) is dropped.
-        let worker = Arc::downgrade(&leases);
-        std::thread::Builder::new()
-            .name(format!("kafka-leases-{id}"))
-            .spawn(move || Leases::maintain(worker))?;
+        Leases::start(&leases)?;
         all.insert(id, leases.clone());
         Ok(leases)
     }
@@ -555,6 +553,9 @@ struct Leases {
     state: SyncMutex<LeaseState>,
     /// Set by [`Leases::release`]: this process neither renews nor claims any more.
     closed: AtomicBool,
+    /// A one-shot run's leases ([`EventLog::take_all`]): it holds every partition for its
+    /// run and neither hands one over nor asks for one.
+    exclusive: bool,
 }
 
 #[derive(Default)]
@@ -566,6 +567,20 @@ struct LeaseState {
     /// Partitions promised to another owner, given over at the next `hand_over`.
     handover: BTreeMap<u32, u32>,
 }
+
+/// What [`Leases::take_all`] found.
+enum Taken {
+    /// Every partition, held now.
+    All(Vec<u32>),
+    /// Partitions live holders renew, and how many holders there are; nothing was taken.
+    Held {
+        partitions: Vec<u32>,
+        holders: usize,
+    },
+}
+
+/// Slot writes: partition and value.
+type Claims = Vec<(u32, i64)>;
 
 /// A slot value and when this process first saw it.
 type Seen = HashMap<(&'static str, u32), (Option<i64>, Instant)>;
@@ -580,6 +595,7 @@ impl Leases {
         group: &str,
         partitions: u32,
         context: &LogContext,
+        exclusive: bool,
     ) -> Result<Leases, KafkaError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -599,7 +615,101 @@ impl Leases {
             wants: plain_client(config, &format!("{group}.tidemark-want"), context)?,
             state: SyncMutex::new(LeaseState::default()),
             closed: AtomicBool::new(false),
+            exclusive,
         })
+    }
+
+    /// Starts the thread that keeps the leases. It holds a weak reference: it ends once
+    /// the log (and its leases) is dropped, or the leases are released.
+    fn start(leases: &Arc<Leases>) -> std::io::Result<()> {
+        let worker = Arc::downgrade(leases);
+        std::thread::Builder::new()
+            .name(format!("kafka-leases-{}", leases.group))
+            .spawn(move || Leases::maintain(worker))
+            .map(|_| ())
+    }
+
+    /// Takes every partition for a one-shot run, or says which are held by live holders. Slots nobody holds (never written, or
+    /// released: owner 0) are free at once; a slot naming an owner is watched for up to
+    /// 1.5 × `lease`, as a daemon does before it takes a dead holder's partition: a
+    /// holder that rewrites it is alive (a daemon renews every `lease / 3`), one that does
+    /// not has expired. Then every slot is claimed, and held only if every claim still
+    /// stands after the settle delay; otherwise the claims that stand are given back.
+    fn take_all(&self) -> Result<Taken, KafkaError> {
+        let first = self.read(&self.slots)?;
+        let mut named: Vec<u32> = (0..self.partitions)
+            .filter(|&p| owner_of(first[p as usize]) != 0)
+            .collect();
+        if !named.is_empty() {
+            let expiry = self.lease * 3 / 2;
+            info!(
+                group = %self.group,
+                partitions = ?named,
+                "partition leases of the group name a holder; watching them for up to {expiry:?} to tell a live one from one that stopped without releasing them"
+            );
+            let since = Instant::now();
+            while !named.is_empty() && since.elapsed() < expiry {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = self.read(&self.slots)?;
+                let renewed: Vec<u32> = named
+                    .iter()
+                    .copied()
+                    .filter(|&p| {
+                        now[p as usize] != first[p as usize] && owner_of(now[p as usize]) != 0
+                    })
+                    .collect();
+                if !renewed.is_empty() {
+                    let holders: BTreeSet<u32> =
+                        renewed.iter().map(|&p| owner_of(now[p as usize])).collect();
+                    let held: Vec<u32> = (0..self.partitions)
+                        .filter(|&p| holders.contains(&owner_of(now[p as usize])))
+                        .collect();
+                    return Ok(Taken::Held {
+                        partitions: held,
+                        holders: holders.len(),
+                    });
+                }
+                // Released meanwhile (a daemon stopped cleanly): free.
+                named.retain(|&p| owner_of(now[p as usize]) != 0);
+            }
+        }
+        let mut state = self.state.lock().unwrap();
+        let claims: Claims = (0..self.partitions)
+            .map(|p| (p, self.value(self.me, &mut state)))
+            .collect();
+        drop(state);
+        let claimed_at = Instant::now();
+        self.write(&self.slots, &claims)?;
+        std::thread::sleep((self.lease / 6).min(Duration::from_secs(1)));
+        let after = self.read(&self.slots)?;
+        let (won, lost): (Claims, Claims) = claims
+            .iter()
+            .partition(|(p, v)| after[*p as usize] == Some(*v));
+        if !lost.is_empty() {
+            // Another process claimed at the same time: give back what this one won.
+            let mut state = self.state.lock().unwrap();
+            let back: Claims = won
+                .iter()
+                .map(|&(p, _)| (p, self.value(0, &mut state)))
+                .collect();
+            drop(state);
+            self.write(&self.slots, &back)?;
+            let partitions: Vec<u32> = lost.iter().map(|&(p, _)| p).collect();
+            let holders: BTreeSet<u32> = partitions
+                .iter()
+                .map(|&p| owner_of(after[p as usize]))
+                .collect();
+            return Ok(Taken::Held {
+                partitions,
+                holders: holders.len(),
+            });
+        }
+        let mut state = self.state.lock().unwrap();
+        for &(p, _) in &won {
+            state.held.insert(p, claimed_at);
+        }
+        info!(group = %self.group, partitions = ?state.held.keys().collect::<Vec<_>>(), "leased every partition for this run");
+        Ok(Taken::All((0..self.partitions).collect()))
     }
 
     fn holds(&self, partition: u32) -> bool {
@@ -810,6 +920,9 @@ impl Leases {
         }
 
         // Balance: hand one partition to a wanter that holds two fewer, or want one.
+        if self.exclusive {
+            return Ok(());
+        }
         let mut state = self.state.lock().unwrap();
         let mine = state.held.len() - state.handover.len();
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
@@ -1003,6 +1116,50 @@ impl EventLog for KafkaLog {
         tokio::task::spawn_blocking(move || leases.hand_over())
             .await
             .map_err(read_err)
+    }
+
+    async fn take_all(&self, consumer: &str) -> Result<Vec<u32>, TakeError> {
+        let group = self.group_id(consumer);
+        let err = |source: BoxError| TakeError::Backend {
+            backend: BACKEND,
+            group: group.clone(),
+            source,
+        };
+        self.ensure_connected()
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        if let Some(held) = self.leases.lock().unwrap().get(&group) {
+            return Err(err(format!(
+                "this process already takes part in the group (holding {:?})",
+                held.state.lock().unwrap().held.keys().collect::<Vec<_>>()
+            )
+            .into()));
+        }
+        let leases = Arc::new(
+            Leases::new(&self.config, &group, self.partitions(), &self.context, true)
+                .map_err(|e| err(boxed(e)))?,
+        );
+        let taking = leases.clone();
+        let taken = tokio::task::spawn_blocking(move || taking.take_all())
+            .await
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?;
+        match taken {
+            Taken::All(all) => {
+                Leases::start(&leases).map_err(|e| err(boxed(e)))?;
+                self.leases.lock().unwrap().insert(group, leases);
+                Ok(all)
+            }
+            Taken::Held {
+                partitions,
+                holders,
+            } => Err(TakeError::Held {
+                group,
+                topic: self.config.topic.clone(),
+                partitions,
+                holders,
+            }),
+        }
     }
 
     async fn release(&self) -> Result<(), ReleaseError> {

@@ -120,6 +120,43 @@ pub enum ConnectError {
     },
 }
 
+/// Taking every partition for a one-shot projection failed; nothing was taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TakeError {
+    /// Another process renews leases of the group: a running daemon, or another one-shot
+    /// `project` or `sync`.
+    #[error(
+        "{holders} other process{} (a running `tidemark run`, or another `project` or `sync`) {} partition{} {} of topic `{topic}` for consumer group `{group}`; a one-shot run would project them as well and could move the group's committed offsets back. Stop {}, or let {} project (`tidemark status` shows the lag), then run again",
+        if *holders == 1 { "" } else { "es" },
+        if *holders == 1 { "holds" } else { "hold" },
+        if partitions.len() == 1 { "" } else { "s" },
+        partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        if *holders == 1 { "it" } else { "them" },
+        if *holders == 1 { "it" } else { "them" },
+    )]
+    Held {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// Partitions whose lease another process renewed while this one looked.
+        partitions: Vec<u32>,
+        /// How many processes hold them.
+        holders: usize,
+    },
+    /// The backend failed.
+    #[error("taking the partitions of group `{group}` on the {backend} log failed: {source}")]
+    Backend {
+        /// `kafka`.
+        backend: &'static str,
+        /// The consumer group.
+        group: String,
+        /// Why.
+        source: BoxError,
+    },
+}
+
 /// How long a log waits for an unreachable backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Patience {
@@ -201,7 +238,15 @@ pub trait EventLog: Send + Sync {
         Ok((0..self.partitions()).collect())
     }
 
-    /// Gives up the partitions [`EventLog::assigned`] handed this process, once its
+    /// Takes every partition for a one-shot `project` or `sync` and holds them until
+    /// [`EventLog::release`], so that no daemon projects or commits them meanwhile; refuses
+    /// ([`TakeError::Held`]) while another process holds any. The default (a log no other
+    /// process shares) is every partition at once.
+    async fn take_all(&self, _consumer: &str) -> Result<Vec<u32>, TakeError> {
+        Ok((0..self.partitions()).collect())
+    }
+
+    /// Gives up the partitions [`EventLog::assigned`] or [`EventLog::take_all`] handed this process, once its
     /// projector has stopped and committed, so another process (or the next start) takes
     /// them at once; nothing is committed through this log afterwards. A process that
     /// dies without it loses its partitions only when their leases expire.
