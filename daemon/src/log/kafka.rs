@@ -127,10 +127,7 @@ impl KafkaLog {
         patience: Patience,
     ) -> Result<KafkaLog, ReadError> {
         let context = LogContext::new(&config.brokers, patience);
-        let ack_timeout = match patience {
-            Patience::Daemon => Duration::from_secs(300),
-            Patience::OneShot => ONE_SHOT_ACK_TIMEOUT,
-        };
+        let ack_timeout = ack_timeout(patience);
         let producer: FutureProducer<LogContext> = client_config(config)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -158,6 +155,10 @@ impl KafkaLog {
             leases: SyncMutex::new(HashMap::new()),
             appended: watch::channel(0).0,
         })
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        ack_timeout(self.patience)
     }
 
     /// The topic.
@@ -345,20 +346,26 @@ impl KafkaLog {
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(d)) => landed.push((d.partition as u32, d.offset as u64)),
-                Ok(Err((e, _)))
-                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) =>
-                {
+                Ok(Err((e, _))) => {
+                    let what = if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
+                    {
+                        format!(
+                            "did not acknowledge the events within {:?}",
+                            self.ack_timeout()
+                        )
+                    } else {
+                        format!("did not take the events ({e})")
+                    };
                     let why = self
                         .context
                         .last_failure()
-                        .map_or_else(String::new, |f| format!(" ({f})"));
+                        .map_or_else(String::new, |f| format!("; the last client error: {f}"));
                     return Err(err(format!(
-                        "the Kafka brokers {} did not acknowledge the events in time{why}; what they did not acknowledge is not in the log, and the next scan finds it again",
+                        "the Kafka brokers {} {what}{why}; what they did not acknowledge is not in the log, and the next scan finds it again",
                         self.config.brokers
                     )
                     .into()));
                 }
-                Ok(Err((e, _))) => return Err(err(boxed(e))),
                 Err(_) => return Err(err("the Kafka producer was shut down".into())),
             }
         }
@@ -476,6 +483,14 @@ impl KafkaLog {
             .await
             .map_err(|e| err(boxed(e)))?
             .map_err(|e| err(boxed(e)))
+    }
+}
+
+/// How long the producer waits for the brokers to acknowledge a record.
+fn ack_timeout(patience: Patience) -> Duration {
+    match patience {
+        Patience::Daemon => Duration::from_secs(300),
+        Patience::OneShot => ONE_SHOT_ACK_TIMEOUT,
     }
 }
 
