@@ -176,3 +176,143 @@ fn issue_4_sigkill_one_of_two_daemons_the_other_takes_over() {
     );
     assert!(survivor.terminate().success());
 }
+
+/// Committed offset of each partition of pipeline `t`, as `tidemark status` reads them
+/// from the group.
+fn committed(env: &Env) -> Vec<u64> {
+    let status = env.json(&["status"]);
+    status[0]["partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no partitions in {status}"))
+        .iter()
+        .map(|p| p["committed"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_one_shot_sync_refuses_while_a_daemon_holds_the_group_and_never_moves_offsets_back() {
+    let brokers = kafka_brokers();
+    let topic = unique("oneshot");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 2);
+    let daemon_env = Env::dirs("", "");
+    let oneshot = Env::dirs("", "");
+    let (src, dst) = (daemon_env.src(), daemon_env.dst());
+    daemon_env.write_config(&config(&src, &dst, "both", &kafka));
+    oneshot.write_config(&config(&src, &dst, "both", &kafka));
+    for i in 0..20 {
+        write(src.join(format!("f/{i:02}.txt")), format!("{i}\n"));
+    }
+    let daemon = daemon_env.spawn_daemon();
+    let caught_up = wait_for(Duration::from_secs(60), || {
+        (mirrors_now(&src, &dst) && daemon.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0)
+            .then_some(())
+    });
+    assert!(caught_up.is_some(), "log:\n{}", daemon_env.daemon_log());
+
+    // A one-shot sync on the group the daemon projects refuses, naming the group and
+    // what to do, before it scans or applies anything; the offsets stay where they are.
+    let before = committed(&oneshot);
+    let started = std::time::Instant::now();
+    let out = oneshot.run(&["sync"]);
+    let took = started.elapsed();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let shown = format!(
+        "after {took:?}, {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        stderr.contains(&format!("consumer group `{topic}`"))
+            && stderr.contains("holds partitions 0, 1")
+            && stderr.contains("tidemark run")
+            && stderr.contains("nothing was scanned, appended or applied"),
+        "{shown}"
+    );
+    assert!(!stdout.contains("scanned"), "{shown}");
+    assert!(took < Duration::from_secs(20), "{shown}");
+    let after = committed(&oneshot);
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a >= b),
+        "committed offsets went back: {before:?} → {after:?}"
+    );
+
+    // The daemon goes on; once it stopped cleanly (releasing its partitions) the same
+    // sync runs at once, and its commits only move the offsets forward.
+    write(src.join("g/late.txt"), "late\n");
+    let mirrored = wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &dst).then_some(())
+    });
+    assert!(mirrored.is_some(), "log:\n{}", daemon_env.daemon_log());
+    assert!(daemon.terminate().success());
+    let before = committed(&oneshot);
+    write(src.join("h/after.txt"), "after\n");
+    let started = std::time::Instant::now();
+    let (_, project) = oneshot.sync();
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "released partitions are taken at once, not after their leases expire"
+    );
+    assert_eq!(kind_outcome(&project, "file", "created"), 1, "{project}");
+    assert_mirror(&src, &dst);
+    let after = committed(&oneshot);
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a >= b)
+            && after.iter().sum::<u64>() > before.iter().sum::<u64>(),
+        "committed offsets must only move forward: {before:?} → {after:?}"
+    );
+
+    // The one-shot sync gave its partitions back: a daemon started now projects at once.
+    let daemon = daemon_env.spawn_daemon();
+    write(src.join("i/next.txt"), "next\n");
+    let started = std::time::Instant::now();
+    let mirrored = wait_for(Duration::from_secs(30), || {
+        mirrors_now(&src, &dst).then_some(())
+    });
+    assert!(mirrored.is_some(), "log:\n{}", daemon_env.daemon_log());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the daemon waited for the one-shot run's leases to expire; log:\n{}",
+        daemon_env.daemon_log()
+    );
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn a_one_shot_sync_takes_the_partitions_of_a_killed_daemon_once_their_leases_expire() {
+    let brokers = kafka_brokers();
+    let topic = unique("oneshot-killed");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 2);
+    let daemon_env = Env::dirs("", "");
+    let oneshot = Env::dirs("", "");
+    let (src, dst) = (daemon_env.src(), daemon_env.dst());
+    daemon_env.write_config(&config(&src, &dst, "both", &kafka));
+    oneshot.write_config(&config(&src, &dst, "both", &kafka));
+    write(src.join("a.txt"), "a\n");
+    let daemon = daemon_env.spawn_daemon();
+    let mirrored = wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &dst).then_some(())
+    });
+    assert!(mirrored.is_some(), "log:\n{}", daemon_env.daemon_log());
+    // Killed: its leases are never released nor renewed again.
+    daemon.kill9();
+    let before = committed(&oneshot);
+    write(src.join("b.txt"), "b\n");
+    let started = std::time::Instant::now();
+    let (_, project) = oneshot.sync();
+    let took = started.elapsed();
+    // session_timeout = 6s: the leases expire 9 s after their last renewal.
+    assert!(
+        took < Duration::from_secs(30),
+        "the sync waited {took:?} for the dead daemon's leases"
+    );
+    assert_eq!(kind_outcome(&project, "file", "created"), 1, "{project}");
+    assert_mirror(&src, &dst);
+    let after = committed(&oneshot);
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a >= b),
+        "committed offsets went back: {before:?} → {after:?}"
+    );
+}

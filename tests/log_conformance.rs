@@ -67,7 +67,7 @@ impl Kafka {
 
 impl Backend for Kafka {
     fn open(&self) -> Arc<dyn EventLog> {
-        Arc::new(KafkaLog::new(&self.config, "t").unwrap())
+        Arc::new(KafkaLog::new(&self.config, "t", tidemark::log::Patience::Daemon).unwrap())
     }
 }
 

@@ -1599,7 +1599,12 @@ fn sync_applies_whole_batches_while_the_scan_is_still_running() {
     }
     let config = Config::load(&env.config).unwrap();
     let state = State::open(&config.state_dir).unwrap();
-    let pipeline = Pipeline::build(&config.pipelines[0], &state).unwrap();
+    let pipeline = Pipeline::build(
+        &config.pipelines[0],
+        &state,
+        tidemark::log::Patience::OneShot,
+    )
+    .unwrap();
     async fn scan(p: &Pipeline) -> tidemark::state::ScanRecord {
         p.scanner.scan(&Progress::hidden()).await.unwrap()
     }

@@ -110,7 +110,12 @@ async fn bench_plain_kafka(brokers: &str, payloads: &[Vec<u8>], batch: usize) ->
         .create()
         .unwrap();
     // Same topic settings as KafkaLog creates.
-    let log = KafkaLog::new(&kafka_config(brokers, &topic), "bench").unwrap();
+    let log = KafkaLog::new(
+        &kafka_config(brokers, &topic),
+        "bench",
+        tidemark::log::Patience::Daemon,
+    )
+    .unwrap();
     log.connect().await.unwrap();
     let t0 = Instant::now();
     for chunk in payloads.chunks(batch) {
@@ -180,7 +185,14 @@ async fn main() {
     let plain = bench_plain_kafka(&brokers, &payloads, batch).await;
     let topic = format!("bench-log-{}", std::process::id());
     let kafka = bench_log(
-        Arc::new(KafkaLog::new(&kafka_config(&brokers, &topic), "bench").unwrap()),
+        Arc::new(
+            KafkaLog::new(
+                &kafka_config(&brokers, &topic),
+                "bench",
+                tidemark::log::Patience::Daemon,
+            )
+            .unwrap(),
+        ),
         &events,
         batch,
     )

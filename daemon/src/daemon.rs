@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::log::Patience;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::progress::Progress;
 use crate::report::Cycle;
@@ -89,7 +90,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let pipelines = config
         .pipelines
         .iter()
-        .map(|p| Pipeline::build(p, &state).map(Arc::new))
+        .map(|p| Pipeline::build(p, &state, Patience::Daemon).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     for p in pipelines.iter().filter(|p| p.config.role.projects()) {
         p.projector

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tidemark::config::Config;
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
+use tidemark::log::Patience;
 use tidemark::metrics::metrics;
 use tidemark::pipeline::Pipeline;
 use tidemark::progress::{LogWriter, Progress};
@@ -372,7 +373,7 @@ impl Session {
             .select(select.pipeline.as_deref())
             .map_err(anyhow::Error::msg)?
             .into_iter()
-            .map(|p| Pipeline::build(p, &self.state).map_err(Into::into))
+            .map(|p| Pipeline::build(p, &self.state, Patience::OneShot).map_err(Into::into))
             .collect()
     }
 }
@@ -772,6 +773,25 @@ async fn scan_project(
     for p in session.pipelines(select)? {
         let mut entry = json!({"pipeline": p.name()});
         let mut run_report = Report::new(p.name(), run, false, p.config.max_delete);
+        // A log that cannot be reached ends the run before it starts, in seconds (a Kafka
+        // broker that is down), instead of a scan whose appends all fail. On a log daemons
+        // share, a projecting run takes every partition first (and gives them back at the
+        // end), or refuses while a daemon holds some.
+        let ready = match p.log.connect().await {
+            Err(e) => Err(format!("pipeline `{}`: {e}", p.name())),
+            Ok(()) if project => p.projector.take_all().await.map_err(|e| e.to_string()),
+            Ok(()) => Ok(()),
+        };
+        if let Err(e) = ready {
+            let message = format!("{e} (nothing was scanned, appended or applied)");
+            entry["error"] = message.clone().into();
+            entry["report_dir"] = write_report(&session, &run_report.with_error(&message)).into();
+            out.push(entry);
+            if select.output == Output::Json {
+                outln!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            anyhow::bail!(message);
+        }
         // `sync` projects while it scans, so the target fills as the source is read.
         let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
         let project_bar =
@@ -796,6 +816,21 @@ async fn scan_project(
             Some(report)
         };
         let (scanned, projected) = tokio::join!(scanned, projected);
+        if project {
+            // Projected and committed: hand the partitions back, so a daemon takes them at
+            // once (else they expire after 1.5 × session_timeout).
+            match tokio::time::timeout(RELEASE_WAIT, p.log.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    pipeline = %p.name(),
+                    "{e}; they expire after 1.5 × session_timeout"
+                ),
+                Err(_) => tracing::warn!(
+                    pipeline = %p.name(),
+                    "the event log did not answer within {RELEASE_WAIT:?}; the partition leases expire after 1.5 × session_timeout"
+                ),
+            }
+        }
         // An error still leaves the run's report, with what was applied before it (the
         // target did change), then ends the run; the scan's error first, as before.
         let mut stopped: Option<anyhow::Error> = None;
@@ -922,6 +957,9 @@ async fn scan_project(
     })
 }
 
+/// How long a one-shot run waits for its log to take back its partitions.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Events a run appends or applies before it leaves the state database a fresh snapshot
 /// ([`State::checkpoint`]): below this, what the next start reads back is a few hundredths
 /// of a second at most, about what the checkpoint would cost.
@@ -1037,6 +1075,12 @@ fn print_scan(pipeline: &str, record: &tidemark::state::ScanRecord, dry: bool) {
             ""
         }
     );
+    if record.not_appended > 0 {
+        outln!(
+            "{pipeline}: {} changes found were not appended (the log did not acknowledge them); the next scan finds them again",
+            record.not_appended
+        );
+    }
     if let Some(g) = &record.guard {
         outln!(
             "{pipeline}: {} {} deletes withheld (max_delete = {} allows {})",
@@ -1204,7 +1248,7 @@ async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
         );
     };
     let sled = SledLog::open(session.state.db(), p.name())?;
-    let to = KafkaLog::new(kafka, p.name())?;
+    let to = KafkaLog::new(kafka, p.name(), Patience::OneShot)?;
     to.connect().await?;
     let consumer = p.projector.consumer();
     let mut heads = Vec::new();

@@ -157,9 +157,14 @@ struct Unapplied {
 }
 
 impl Pipeline {
-    /// Builds the pipeline's components on the shared state.
-    pub fn build(config: &PipelineConfig, state: &State) -> Result<Pipeline, PipelineError> {
-        let log = log::open(config, state).map_err(|source| PipelineError::OpenLog {
+    /// Builds the pipeline's components on the shared state; its log waits for an
+    /// unreachable backend as `patience` says.
+    pub fn build(
+        config: &PipelineConfig,
+        state: &State,
+        patience: log::Patience,
+    ) -> Result<Pipeline, PipelineError> {
+        let log = log::open(config, state, patience).map_err(|source| PipelineError::OpenLog {
             pipeline: config.name.clone(),
             source,
         })?;

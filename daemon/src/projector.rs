@@ -33,7 +33,7 @@ use tidemark_proto::{item_identity, version_mtime, Body, Event, Op, Ref};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError};
+use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::state::{
@@ -76,6 +76,14 @@ pub enum ProjectError {
         pipeline: String,
         /// Why.
         source: StateError,
+    },
+    /// The partitions could not be taken for a one-shot run (another process holds some).
+    #[error("pipeline `{pipeline}`: {source}")]
+    Take {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        source: TakeError,
     },
     /// The configured target is not the one the applied state was built on.
     #[error("pipeline `{pipeline}`: the target is now {now}, but what was applied so far went to {was}; nothing is applied until this is settled. To build the new target from the log, run `tidemark replay --pipeline {pipeline} --from 0` and then `tidemark project` (files already equal are adopted, not rewritten); to keep the old target, put its setting back")]
@@ -2225,24 +2233,52 @@ impl Projector {
             .filter(|p| owned.as_ref().is_none_or(|o| !o.contains(p)))
             .copied()
             .collect();
-        if !gained.is_empty() {
-            let applied = self
-                .state
-                .applied(&self.pipeline)
-                .map_err(self.err_state())?;
-            let forgotten = applied
-                .remove_where(|k, _| gained.contains(&self.log.partition_of(k)))
-                .map_err(self.err_state())?;
-            self.state.flush().await.map_err(self.err_state())?;
-            info!(
-                pipeline = %self.pipeline,
-                partitions = ?gained,
-                forgotten,
-                "took over partitions; their items are checked against the target"
-            );
-        }
+        self.forget_applied(&gained).await?;
         *owned = Some(partitions.iter().copied().collect());
         Ok(partitions)
+    }
+
+    /// Forgets the local applied state of the items of `gained`, partitions this process
+    /// did not hold until now: another process may have applied newer events of them.
+    async fn forget_applied(&self, gained: &BTreeSet<u32>) -> Result<(), ProjectError> {
+        if gained.is_empty() {
+            return Ok(());
+        }
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?;
+        let forgotten = applied
+            .remove_where(|k, _| gained.contains(&self.log.partition_of(k)))
+            .map_err(self.err_state())?;
+        self.state.flush().await.map_err(self.err_state())?;
+        info!(
+            pipeline = %self.pipeline,
+            partitions = ?gained,
+            forgotten,
+            "took over partitions; their items are checked against the target"
+        );
+        Ok(())
+    }
+
+    /// For a one-shot `project` or `sync`: takes every partition of the log for this run
+    /// ([`EventLog::take_all`]; [`EventLog::release`] gives them back), or refuses while
+    /// another process (a daemon) holds any. On a log other processes share, the local
+    /// applied state of every item is then forgotten, as a daemon forgets that of the
+    /// partitions it gains: they may have applied newer events meanwhile.
+    pub async fn take_all(&self) -> Result<(), ProjectError> {
+        let taken =
+            self.log
+                .take_all(&self.consumer)
+                .await
+                .map_err(|source| ProjectError::Take {
+                    pipeline: self.pipeline.clone(),
+                    source,
+                })?;
+        if self.log.shared() {
+            self.forget_applied(&taken.into_iter().collect()).await?;
+        }
+        Ok(())
     }
 
     /// What `project` would do from the committed offsets on, without writing anything;

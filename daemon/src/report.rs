@@ -67,6 +67,10 @@ pub struct ScanSummary {
     pub upserts: u64,
     /// Deletes appended.
     pub deletes: u64,
+    /// Changes found that the log did not take (its append failed); the next scan finds
+    /// them again. Left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_appended: u64,
     /// Entries that could not be listed or read.
     pub errors: u64,
     /// Entries skipped on purpose.
@@ -75,6 +79,10 @@ pub struct ScanSummary {
     /// and why, secrets redacted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub error_messages: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What the delete guard decided, so a reader sees why deletes did or did not happen.
@@ -173,6 +181,7 @@ impl Report {
             listed: record.listed,
             upserts: record.upserts,
             deletes: record.deletes,
+            not_appended: record.not_appended,
             errors: record.errors,
             skipped: record.skipped,
             error_messages: record.error_messages.clone(),
@@ -323,6 +332,13 @@ impl Report {
                 let more = scan.errors.saturating_sub(scan.error_messages.len() as u64);
                 if more > 0 && !scan.error_messages.is_empty() {
                     let _ = writeln!(s, "  and {more} more errors (the log names each)");
+                }
+                if scan.not_appended > 0 {
+                    let _ = writeln!(
+                        s,
+                        "scan: {} changes found were not appended (the log did not acknowledge them); the next scan finds them again",
+                        scan.not_appended
+                    );
                 }
             }
             None => {

@@ -333,7 +333,7 @@ impl Scanner {
                     break;
                 }
                 _ = flush.tick(), if !pending.events.is_empty() && !finished => {
-                    self.append(&mut pending, &mut known, sink).await?;
+                    self.append(&mut pending, &mut known, sink, record).await?;
                 }
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
@@ -341,7 +341,7 @@ impl Scanner {
                             progress.add_bytes(tidemark_proto::content_len(item.body.as_ref(), item.blob.as_ref()));
                             self.stage(item, previous, fingerprint, &mut pending, record);
                             if pending.events.len() >= APPEND_BATCH || pending.bytes >= APPEND_BYTES {
-                                self.append(&mut pending, &mut known, sink).await?;
+                                self.append(&mut pending, &mut known, sink, record).await?;
                             }
                         }
                         Err(e) => self.entry_error(record, e.to_string()),
@@ -374,7 +374,7 @@ impl Scanner {
                 else => break,
             }
         }
-        self.append(&mut pending, &mut known, sink).await?;
+        self.append(&mut pending, &mut known, sink, record).await?;
         if interrupted {
             info!(
                 pipeline = %self.pipeline,
@@ -446,7 +446,6 @@ impl Scanner {
         if !changed {
             return;
         }
-        record.upserts += 1;
         pending.bytes += match &item.body {
             Some(tidemark_proto::Body::Base64(b)) => b.len() as u64,
             Some(tidemark_proto::Body::Json(_)) => 1024,
@@ -472,21 +471,31 @@ impl Scanner {
         });
     }
 
-    /// Appends the pending events, then (only then) records them in the index.
+    /// Appends the pending events, then (only then) records them in the index and counts
+    /// them in `record`: a record counts only what the log took (`not_appended` the rest).
     async fn append(
         &self,
         pending: &mut Pending,
         known: &mut Digest,
         sink: &mut Sink,
+        record: &mut ScanRecord,
     ) -> Result<(), ScanError> {
+        let upserts = pending.events.len() as u64;
         if let Sink::Dry(events) = sink {
             events.append(&mut pending.events);
             pending.index.clear();
             pending.bytes = 0;
+            record.upserts += upserts;
             return Ok(());
         }
-        self.append_events(std::mem::take(&mut pending.events))
-            .await?;
+        if let Err(e) = self
+            .append_events(std::mem::take(&mut pending.events))
+            .await
+        {
+            record.not_appended += upserts;
+            return Err(e);
+        }
+        record.upserts += upserts;
         let changes: Vec<_> = pending
             .index
             .iter()
@@ -596,7 +605,10 @@ impl Scanner {
                 record.deletes += chunk.len() as u64;
                 continue;
             }
-            self.append_events(events).await?;
+            if let Err(e) = self.append_events(events).await {
+                record.not_appended += chunk.len() as u64;
+                return Err(e);
+            }
             let changes: Vec<_> = chunk.iter().map(|k| (k.as_str(), None)).collect();
             known.apply(&changes).map_err(self.state_err())?;
             record.deletes += chunk.len() as u64;
@@ -614,6 +626,7 @@ fn new_record(started_at: chrono::DateTime<Utc>) -> ScanRecord {
         listed: 0,
         upserts: 0,
         deletes: 0,
+        not_appended: 0,
         errors: 0,
         skipped: 0,
         result: "ok".into(),

@@ -159,6 +159,10 @@ pub struct ScanRecord {
     pub upserts: u64,
     /// Deletes appended.
     pub deletes: u64,
+    /// Changes found that the log did not take (its append failed, as with a Kafka broker
+    /// down): not in the log nor in the index, so the next scan finds them again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_appended: u64,
     /// Entries that could not be listed or read.
     pub errors: u64,
     /// Entries skipped on purpose (special files).
@@ -182,6 +186,10 @@ pub struct ScanRecord {
 
 /// Error messages a scan record keeps ([`ScanRecord::error_messages`]); the log has all.
 pub const ERRORS_KEPT: usize = 20;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// The local state database.
 #[derive(Clone)]

@@ -11,19 +11,19 @@
 //!   a group member);
 //! - once a consumer's owner calls [`EventLog::assigned`], a [`Leases`] thread decides
 //!   which partitions this process projects; from then on the consumer commits only
-//!   partitions it holds.
+//!   partitions it holds. A one-shot `project` or `sync` calls [`EventLog::take_all`]
+//!   instead: it holds every partition for its run, or refuses while a daemon holds some.
 //!
 //! A consumer name maps to a Kafka group: the pipeline's projector (`<pipeline>.projector`)
 //! uses the configured `group`; any other name `c` uses `<group>.<c>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -35,9 +35,14 @@ use tokio::sync::{watch, Mutex, OnceCell};
 use tracing::{info, warn};
 
 use super::{
-    AppendError, BoxError, CommitError, EventLog, ReadError, ReadOffsetError, Record, ReleaseError,
+    AppendError, BoxError, CommitError, ConnectError, EventLog, Patience, ReadError,
+    ReadOffsetError, Record, ReleaseError, TakeError,
 };
 use crate::config::KafkaLogConfig;
+
+mod context;
+
+use context::LogContext;
 
 const BACKEND: &str = "kafka";
 
@@ -47,6 +52,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a read waits for records it knows exist (below the high watermark).
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a one-shot command's append waits for the brokers to acknowledge it (the
+/// daemon's producer waits 5 minutes, through a broker restart).
+const ONE_SHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often tailing readers look at the high watermark when no local append woke them.
 const TAIL_POLL: Duration = Duration::from_millis(100);
 
@@ -55,13 +64,20 @@ pub struct KafkaLog {
     config: KafkaLogConfig,
     /// Consumer name of the pipeline's projector; it keeps its offsets in `config.group`.
     projector: String,
-    producer: FutureProducer,
+    producer: FutureProducer<LogContext>,
     /// Answers watermark queries; never subscribes, never commits.
-    meta: Arc<BaseConsumer>,
+    meta: Arc<BaseConsumer<LogContext>>,
+    /// Every client's context: librdkafka's own lines, once per kind.
+    context: LogContext,
     /// Partition count: the configured one until [`KafkaLog::connect`] reads the topic's.
     partitions: AtomicU32,
     /// Set once the brokers answered and the topic exists.
     connected: OnceCell<()>,
+    /// How long to wait for unreachable brokers.
+    patience: Patience,
+    /// A one-shot command's failure to connect, returned at once by every later call: each
+    /// call waiting for the brokers again made a `sync` take 40 s to fail.
+    gave_up: std::sync::OnceLock<ConnectError>,
     readers: SyncMutex<HashMap<u32, Arc<Mutex<Reader>>>>,
     groups: SyncMutex<HashMap<String, Arc<Group>>>,
     /// Partition ownership of each consumer whose owner asked [`EventLog::assigned`].
@@ -72,14 +88,14 @@ pub struct KafkaLog {
 
 /// A positional reader of one partition.
 struct Reader {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LogContext>,
     /// Offset the next record received will have, when the consumer is positioned.
     next: Option<u64>,
 }
 
 /// The client that keeps one consumer group's committed offsets.
 struct Group {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<BaseConsumer<LogContext>>,
 }
 
 fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> BoxError {
@@ -105,31 +121,44 @@ pub fn partition_for(identity: &str, partitions: u32) -> u32 {
 impl KafkaLog {
     /// A log on the configured topic. Creates the clients only; the brokers are first
     /// contacted by [`EventLog::connect`] or the first operation.
-    pub fn new(config: &KafkaLogConfig, pipeline: &str) -> Result<KafkaLog, ReadError> {
-        let producer: FutureProducer = client_config(config)
+    pub fn new(
+        config: &KafkaLogConfig,
+        pipeline: &str,
+        patience: Patience,
+    ) -> Result<KafkaLog, ReadError> {
+        let context = LogContext::new(&config.brokers, patience);
+        let ack_timeout = ack_timeout(patience);
+        let producer: FutureProducer<LogContext> = client_config(config)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "300000")
-            .create()
+            .set("message.timeout.ms", ack_timeout.as_millis().to_string())
+            .create_with_context(context.clone())
             .map_err(read_err)?;
-        let meta: BaseConsumer = client_config(config)
+        let meta: BaseConsumer<LogContext> = client_config(config)
             .set("group.id", format!("{}.meta", config.group))
             .set("enable.auto.commit", "false")
-            .create()
+            .create_with_context(context.clone())
             .map_err(read_err)?;
         Ok(KafkaLog {
             config: config.clone(),
             projector: format!("{pipeline}.projector"),
             producer,
             meta: Arc::new(meta),
+            context,
             partitions: AtomicU32::new(config.partitions),
             connected: OnceCell::new(),
+            patience,
+            gave_up: std::sync::OnceLock::new(),
             readers: SyncMutex::new(HashMap::new()),
             groups: SyncMutex::new(HashMap::new()),
             leases: SyncMutex::new(HashMap::new()),
             appended: watch::channel(0).0,
         })
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        ack_timeout(self.patience)
     }
 
     /// The topic.
@@ -146,29 +175,65 @@ impl KafkaLog {
         }
     }
 
-    async fn ensure_connected(&self) -> Result<(), ReadError> {
+    async fn ensure_connected(&self) -> Result<(), ConnectError> {
+        if let Some(e) = self.gave_up.get() {
+            return Err(e.clone());
+        }
         self.connected
-            .get_or_try_init(|| self.create_topic())
+            .get_or_try_init(|| async {
+                // A caller that waited for another's failed attempt fails with it.
+                if let Some(e) = self.gave_up.get() {
+                    return Err(e.clone());
+                }
+                let connected = self.create_topic().await;
+                if let (Err(e), Patience::OneShot) = (&connected, self.patience) {
+                    let _ = self.gave_up.set(e.clone());
+                }
+                connected
+            })
             .await
             .map(|_| ())
     }
 
-    /// Creates the topic unless it exists, then reads its partition count.
-    async fn create_topic(&self) -> Result<(), ReadError> {
-        let unreachable = |e: KafkaError| {
-            read_err(format!(
-                "cannot reach the Kafka brokers {} ({e}); check `brokers` in [pipeline.log.kafka] and that the broker runs",
-                self.config.brokers
-            ))
+    /// The brokers could not be reached: why, as the clients last said.
+    fn unreachable(&self, e: Option<KafkaError>) -> ConnectError {
+        let reason = match (self.context.last_failure(), e) {
+            (Some(failure), _) => failure,
+            (None, Some(e)) => e.to_string(),
+            (None, None) => "every broker is down".into(),
+        };
+        ConnectError::Unreachable {
+            brokers: self.config.brokers.clone(),
+            reason,
+        }
+    }
+
+    /// Creates the topic unless it exists, then reads its partition count. A one-shot
+    /// command gives up as soon as a client reports every broker down.
+    async fn create_topic(&self) -> Result<(), ConnectError> {
+        let not_ready = |message: String| ConnectError::NotReady {
+            backend: BACKEND,
+            message,
         };
         // Metadata first: it fails fast and clearly when no broker answers.
         let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || meta.fetch_metadata(None, REQUEST_TIMEOUT))
-            .await
-            .map_err(read_err)?
-            .map_err(unreachable)?;
-        let admin: AdminClient<DefaultClientContext> =
-            client_config(&self.config).create().map_err(read_err)?;
+        let fetch = tokio::task::spawn_blocking(move || meta.fetch_metadata(None, REQUEST_TIMEOUT));
+        let fetched = match self.patience {
+            Patience::Daemon => fetch.await,
+            Patience::OneShot => {
+                let mut all_down = self.context.all_down();
+                tokio::select! {
+                    fetched = fetch => fetched,
+                    _ = all_down.wait_for(|n| *n > 0) => return Err(self.unreachable(None)),
+                }
+            }
+        };
+        fetched
+            .map_err(|e| not_ready(e.to_string()))?
+            .map_err(|e| self.unreachable(Some(e)))?;
+        let admin: AdminClient<LogContext> = client_config(&self.config)
+            .create_with_context(self.context.clone())
+            .map_err(|e| not_ready(e.to_string()))?;
         let partitions = i32::try_from(self.config.partitions).unwrap_or(i32::MAX);
         let replication = i32::try_from(self.config.replication).unwrap_or(1);
         let topic = NewTopic::new(
@@ -183,19 +248,22 @@ impl KafkaLog {
                 &AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT)),
             )
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| self.unreachable(Some(e)))?;
         for result in results {
             match result {
                 Ok(name) => info!(topic = %name, partitions, "created the Kafka topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
-                    return Err(read_err(format!(
+                    return Err(not_ready(format!(
                         "cannot create the Kafka topic `{name}`: {code}; create it by hand or fix the broker's permissions"
                     )))
                 }
             }
         }
-        let count = self.topic_partitions().await?;
+        let count = self
+            .topic_partitions()
+            .await
+            .map_err(|e| not_ready(e.to_string()))?;
         if count != self.config.partitions {
             info!(
                 topic = %self.config.topic,
@@ -278,7 +346,26 @@ impl KafkaLog {
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(d)) => landed.push((d.partition as u32, d.offset as u64)),
-                Ok(Err((e, _))) => return Err(err(boxed(e))),
+                Ok(Err((e, _))) => {
+                    let what = if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
+                    {
+                        format!(
+                            "did not acknowledge the events within {:?}",
+                            self.ack_timeout()
+                        )
+                    } else {
+                        format!("did not take the events ({e})")
+                    };
+                    let why = self
+                        .context
+                        .last_failure()
+                        .map_or_else(String::new, |f| format!("; the last client error: {f}"));
+                    return Err(err(format!(
+                        "the Kafka brokers {} {what}{why}; what they did not acknowledge is not in the log, and the next scan finds it again",
+                        self.config.brokers
+                    )
+                    .into()));
+                }
                 Err(_) => return Err(err("the Kafka producer was shut down".into())),
             }
         }
@@ -291,13 +378,13 @@ impl KafkaLog {
         if let Some(r) = readers.get(&partition) {
             return Ok(r.clone());
         }
-        let consumer: StreamConsumer = client_config(&self.config)
+        let consumer: StreamConsumer<LogContext> = client_config(&self.config)
             .set("group.id", format!("{}.reader", self.config.group))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "50")
-            .create()
+            .create_with_context(self.context.clone())
             .map_err(read_err)?;
         let r = Arc::new(Mutex::new(Reader {
             consumer,
@@ -314,7 +401,7 @@ impl KafkaLog {
             return Ok(g.clone());
         }
         let g = Arc::new(Group {
-            consumer: Arc::new(plain_client(&self.config, &id)?),
+            consumer: Arc::new(plain_client(&self.config, &id, &self.context)?),
         });
         groups.insert(id, g.clone());
         Ok(g)
@@ -327,12 +414,14 @@ impl KafkaLog {
         if let Some(l) = all.get(&id) {
             return Ok(l.clone());
         }
-        let leases = Arc::new(Leases::new(&self.config, &id, self.partitions())?);
-        // The thread holds a weak reference: it ends once the log (and its leases) is dropped.
-        let worker = Arc::downgrade(&leases);
-        std::thread::Builder::new()
-            .name(format!("kafka-leases-{id}"))
-            .spawn(move || Leases::maintain(worker))?;
+        let leases = Arc::new(Leases::new(
+            &self.config,
+            &id,
+            self.partitions(),
+            &self.context,
+            false,
+        )?);
+        Leases::start(&leases)?;
         all.insert(id, leases.clone());
         Ok(leases)
     }
@@ -397,6 +486,14 @@ impl KafkaLog {
     }
 }
 
+/// How long the producer waits for the brokers to acknowledge a record.
+fn ack_timeout(patience: Patience) -> Duration {
+    match patience {
+        Patience::Daemon => Duration::from_secs(300),
+        Patience::OneShot => ONE_SHOT_ACK_TIMEOUT,
+    }
+}
+
 /// The settings every client of a log shares: brokers plus the user's extra properties.
 fn client_config(config: &KafkaLogConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -413,12 +510,16 @@ fn client_config(config: &KafkaLogConfig) -> ClientConfig {
 }
 
 /// A client that commits and reads offsets of group `id` without ever joining it.
-fn plain_client(config: &KafkaLogConfig, id: &str) -> Result<BaseConsumer, KafkaError> {
+fn plain_client(
+    config: &KafkaLogConfig,
+    id: &str,
+    context: &LogContext,
+) -> Result<BaseConsumer<LogContext>, KafkaError> {
     client_config(config)
         .set("group.id", id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .create()
+        .create_with_context(context.clone())
 }
 
 /// Which partitions of the topic this process projects, for one consumer group.
@@ -461,12 +562,15 @@ struct Leases {
     /// How long a holder may go without rewriting its slots (`session_timeout`).
     lease: Duration,
     /// Commits and reads the lease slots.
-    slots: BaseConsumer,
+    slots: BaseConsumer<LogContext>,
     /// Commits and reads the want slots.
-    wants: BaseConsumer,
+    wants: BaseConsumer<LogContext>,
     state: SyncMutex<LeaseState>,
     /// Set by [`Leases::release`]: this process neither renews nor claims any more.
     closed: AtomicBool,
+    /// A one-shot run's leases ([`EventLog::take_all`]): it holds every partition for its
+    /// run and neither hands one over nor asks for one.
+    exclusive: bool,
 }
 
 #[derive(Default)]
@@ -479,6 +583,20 @@ struct LeaseState {
     handover: BTreeMap<u32, u32>,
 }
 
+/// What [`Leases::take_all`] found.
+enum Taken {
+    /// Every partition, held now.
+    All(Vec<u32>),
+    /// Partitions live holders renew, and how many holders there are; nothing was taken.
+    Held {
+        partitions: Vec<u32>,
+        holders: usize,
+    },
+}
+
+/// Slot writes: partition and value.
+type Claims = Vec<(u32, i64)>;
+
 /// A slot value and when this process first saw it.
 type Seen = HashMap<(&'static str, u32), (Option<i64>, Instant)>;
 
@@ -487,7 +605,13 @@ fn owner_of(slot: Option<i64>) -> u32 {
 }
 
 impl Leases {
-    fn new(config: &KafkaLogConfig, group: &str, partitions: u32) -> Result<Leases, KafkaError> {
+    fn new(
+        config: &KafkaLogConfig,
+        group: &str,
+        partitions: u32,
+        context: &LogContext,
+        exclusive: bool,
+    ) -> Result<Leases, KafkaError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -502,11 +626,105 @@ impl Leases {
             topic: config.topic.clone(),
             partitions,
             lease: config.session_timeout.max(Duration::from_secs(1)),
-            slots: plain_client(config, &format!("{group}.tidemark-lease"))?,
-            wants: plain_client(config, &format!("{group}.tidemark-want"))?,
+            slots: plain_client(config, &format!("{group}.tidemark-lease"), context)?,
+            wants: plain_client(config, &format!("{group}.tidemark-want"), context)?,
             state: SyncMutex::new(LeaseState::default()),
             closed: AtomicBool::new(false),
+            exclusive,
         })
+    }
+
+    /// Starts the thread that keeps the leases. It holds a weak reference: it ends once
+    /// the log (and its leases) is dropped, or the leases are released.
+    fn start(leases: &Arc<Leases>) -> std::io::Result<()> {
+        let worker = Arc::downgrade(leases);
+        std::thread::Builder::new()
+            .name(format!("kafka-leases-{}", leases.group))
+            .spawn(move || Leases::maintain(worker))
+            .map(|_| ())
+    }
+
+    /// Takes every partition for a one-shot run, or says which are held by live holders. Slots nobody holds (never written, or
+    /// released: owner 0) are free at once; a slot naming an owner is watched for up to
+    /// 1.5 × `lease`, as a daemon does before it takes a dead holder's partition: a
+    /// holder that rewrites it is alive (a daemon renews every `lease / 3`), one that does
+    /// not has expired. Then every slot is claimed, and held only if every claim still
+    /// stands after the settle delay; otherwise the claims that stand are given back.
+    fn take_all(&self) -> Result<Taken, KafkaError> {
+        let first = self.read(&self.slots)?;
+        let mut named: Vec<u32> = (0..self.partitions)
+            .filter(|&p| owner_of(first[p as usize]) != 0)
+            .collect();
+        if !named.is_empty() {
+            let expiry = self.lease * 3 / 2;
+            info!(
+                group = %self.group,
+                partitions = ?named,
+                "partition leases of the group name a holder; watching them for up to {expiry:?} to tell a live one from one that stopped without releasing them"
+            );
+            let since = Instant::now();
+            while !named.is_empty() && since.elapsed() < expiry {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = self.read(&self.slots)?;
+                let renewed: Vec<u32> = named
+                    .iter()
+                    .copied()
+                    .filter(|&p| {
+                        now[p as usize] != first[p as usize] && owner_of(now[p as usize]) != 0
+                    })
+                    .collect();
+                if !renewed.is_empty() {
+                    let holders: BTreeSet<u32> =
+                        renewed.iter().map(|&p| owner_of(now[p as usize])).collect();
+                    let held: Vec<u32> = (0..self.partitions)
+                        .filter(|&p| holders.contains(&owner_of(now[p as usize])))
+                        .collect();
+                    return Ok(Taken::Held {
+                        partitions: held,
+                        holders: holders.len(),
+                    });
+                }
+                // Released meanwhile (a daemon stopped cleanly): free.
+                named.retain(|&p| owner_of(now[p as usize]) != 0);
+            }
+        }
+        let mut state = self.state.lock().unwrap();
+        let claims: Claims = (0..self.partitions)
+            .map(|p| (p, self.value(self.me, &mut state)))
+            .collect();
+        drop(state);
+        let claimed_at = Instant::now();
+        self.write(&self.slots, &claims)?;
+        std::thread::sleep((self.lease / 6).min(Duration::from_secs(1)));
+        let after = self.read(&self.slots)?;
+        let (won, lost): (Claims, Claims) = claims
+            .iter()
+            .partition(|(p, v)| after[*p as usize] == Some(*v));
+        if !lost.is_empty() {
+            // Another process claimed at the same time: give back what this one won.
+            let mut state = self.state.lock().unwrap();
+            let back: Claims = won
+                .iter()
+                .map(|&(p, _)| (p, self.value(0, &mut state)))
+                .collect();
+            drop(state);
+            self.write(&self.slots, &back)?;
+            let partitions: Vec<u32> = lost.iter().map(|&(p, _)| p).collect();
+            let holders: BTreeSet<u32> = partitions
+                .iter()
+                .map(|&p| owner_of(after[p as usize]))
+                .collect();
+            return Ok(Taken::Held {
+                partitions,
+                holders: holders.len(),
+            });
+        }
+        let mut state = self.state.lock().unwrap();
+        for &(p, _) in &won {
+            state.held.insert(p, claimed_at);
+        }
+        info!(group = %self.group, partitions = ?state.held.keys().collect::<Vec<_>>(), "leased every partition for this run");
+        Ok(Taken::All((0..self.partitions).collect()))
     }
 
     fn holds(&self, partition: u32) -> bool {
@@ -519,7 +737,7 @@ impl Leases {
     }
 
     /// Every slot of `client`'s group: the committed value, `None` if never written.
-    fn read(&self, client: &BaseConsumer) -> Result<Vec<Option<i64>>, KafkaError> {
+    fn read(&self, client: &BaseConsumer<LogContext>) -> Result<Vec<Option<i64>>, KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             tpl.add_partition_offset(&self.topic, p as i32, Offset::Invalid)?;
@@ -538,7 +756,11 @@ impl Leases {
             .collect())
     }
 
-    fn write(&self, client: &BaseConsumer, values: &[(u32, i64)]) -> Result<(), KafkaError> {
+    fn write(
+        &self,
+        client: &BaseConsumer<LogContext>,
+        values: &[(u32, i64)],
+    ) -> Result<(), KafkaError> {
         if values.is_empty() {
             return Ok(());
         }
@@ -713,6 +935,9 @@ impl Leases {
         }
 
         // Balance: hand one partition to a wanter that holds two fewer, or want one.
+        if self.exclusive {
+            return Ok(());
+        }
         let mut state = self.state.lock().unwrap();
         let mine = state.held.len() - state.handover.len();
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
@@ -826,7 +1051,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn head(&self, partition: u32) -> Result<u64, ReadError> {
-        self.ensure_connected().await?;
+        self.ensure_connected().await.map_err(read_err)?;
         let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
         let (_, high) = tokio::task::spawn_blocking(move || {
             meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
@@ -894,18 +1119,62 @@ impl EventLog for KafkaLog {
         self.write_offset(consumer, partition, next, false).await
     }
 
-    async fn connect(&self) -> Result<(), ReadError> {
+    async fn connect(&self) -> Result<(), ConnectError> {
         self.ensure_connected().await
     }
 
     async fn assigned(&self, consumer: &str) -> Result<Vec<u32>, ReadError> {
-        self.ensure_connected().await?;
+        self.ensure_connected().await.map_err(read_err)?;
         let leases = self.leases(consumer).map_err(read_err)?;
         // Between two calls the projector has finished (and committed) its batches, so this
         // is where partitions promised to another daemon are let go.
         tokio::task::spawn_blocking(move || leases.hand_over())
             .await
             .map_err(read_err)
+    }
+
+    async fn take_all(&self, consumer: &str) -> Result<Vec<u32>, TakeError> {
+        let group = self.group_id(consumer);
+        let err = |source: BoxError| TakeError::Backend {
+            backend: BACKEND,
+            group: group.clone(),
+            source,
+        };
+        self.ensure_connected()
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        if let Some(held) = self.leases.lock().unwrap().get(&group) {
+            return Err(err(format!(
+                "this process already takes part in the group (holding {:?})",
+                held.state.lock().unwrap().held.keys().collect::<Vec<_>>()
+            )
+            .into()));
+        }
+        let leases = Arc::new(
+            Leases::new(&self.config, &group, self.partitions(), &self.context, true)
+                .map_err(|e| err(boxed(e)))?,
+        );
+        let taking = leases.clone();
+        let taken = tokio::task::spawn_blocking(move || taking.take_all())
+            .await
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?;
+        match taken {
+            Taken::All(all) => {
+                Leases::start(&leases).map_err(|e| err(boxed(e)))?;
+                self.leases.lock().unwrap().insert(group, leases);
+                Ok(all)
+            }
+            Taken::Held {
+                partitions,
+                holders,
+            } => Err(TakeError::Held {
+                group,
+                topic: self.config.topic.clone(),
+                partitions,
+                holders,
+            }),
+        }
     }
 
     async fn release(&self) -> Result<(), ReleaseError> {

@@ -94,6 +94,81 @@ pub enum CommitError {
     },
 }
 
+/// Reaching the log's backend, or making the log ready there, failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// No broker answered: the message names them, why the last attempt failed, and what
+    /// to do.
+    #[error(
+        "cannot reach the Kafka brokers {brokers} ({reason}); start the broker, or fix `brokers` in [pipeline.log.kafka]"
+    )]
+    Unreachable {
+        /// The configured bootstrap brokers.
+        brokers: String,
+        /// Why, as the client last said (`… Connection refused`), or how long it waited.
+        reason: String,
+    },
+    /// The backend answered but the log cannot be used (its topic cannot be created or
+    /// has no partitions).
+    #[error("the {backend} log is not ready: {message}")]
+    NotReady {
+        /// `kafka`.
+        backend: &'static str,
+        /// Why, and what to do.
+        message: String,
+    },
+}
+
+/// Taking every partition for a one-shot projection failed; nothing was taken.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TakeError {
+    /// Another process renews leases of the group: a running daemon, or another one-shot
+    /// `project` or `sync`.
+    #[error(
+        "{holders} other process{} (a running `tidemark run`, or another `project` or `sync`) {} partition{} {} of topic `{topic}` for consumer group `{group}`; a one-shot run would project them as well and could move the group's committed offsets back. Stop {}, or let {} project (`tidemark status` shows the lag), then run again",
+        if *holders == 1 { "" } else { "es" },
+        if *holders == 1 { "holds" } else { "hold" },
+        if partitions.len() == 1 { "" } else { "s" },
+        partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        if *holders == 1 { "it" } else { "them" },
+        if *holders == 1 { "it" } else { "them" },
+    )]
+    Held {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// Partitions whose lease another process renewed while this one looked.
+        partitions: Vec<u32>,
+        /// How many processes hold them.
+        holders: usize,
+    },
+    /// The backend failed.
+    #[error("taking the partitions of group `{group}` on the {backend} log failed: {source}")]
+    Backend {
+        /// `kafka`.
+        backend: &'static str,
+        /// The consumer group.
+        group: String,
+        /// Why.
+        source: BoxError,
+    },
+}
+
+/// How long a log waits for an unreachable backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// `tidemark run`: appends wait out a broker restart (the Kafka producer retries for
+    /// 5 minutes) and `run` retries connecting with backoff.
+    Daemon,
+    /// One-shot commands: connecting gives up as soon as every broker was found down (10 s
+    /// at most), and for good for the rest of the command; an append gives up after 10 s
+    /// without acknowledgement.
+    OneShot,
+}
+
 /// Releasing this process's share of the partitions failed; it expires instead.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -151,7 +226,7 @@ pub trait EventLog: Send + Sync {
     /// Reaches the backend and makes sure the log exists (Kafka: contacts the brokers and
     /// creates the topic). `run` retries it with backoff and reports not-ready until it
     /// succeeds; every other operation connects on first use.
-    async fn connect(&self) -> Result<(), ReadError> {
+    async fn connect(&self) -> Result<(), ConnectError> {
         Ok(())
     }
 
@@ -163,7 +238,15 @@ pub trait EventLog: Send + Sync {
         Ok((0..self.partitions()).collect())
     }
 
-    /// Gives up the partitions [`EventLog::assigned`] handed this process, once its
+    /// Takes every partition for a one-shot `project` or `sync` and holds them until
+    /// [`EventLog::release`], so that no daemon projects or commits them meanwhile; refuses
+    /// ([`TakeError::Held`]) while another process holds any. The default (a log no other
+    /// process shares) is every partition at once.
+    async fn take_all(&self, _consumer: &str) -> Result<Vec<u32>, TakeError> {
+        Ok((0..self.partitions()).collect())
+    }
+
+    /// Gives up the partitions [`EventLog::assigned`] or [`EventLog::take_all`] handed this process, once its
     /// projector has stopped and committed, so another process (or the next start) takes
     /// them at once; nothing is committed through this log afterwards. A process that
     /// dies without it loses its partitions only when their leases expire.
@@ -184,10 +267,14 @@ pub trait EventLog: Send + Sync {
     }
 }
 
-/// Opens the log a pipeline is configured with.
-pub fn open(pipeline: &PipelineConfig, state: &State) -> Result<Arc<dyn EventLog>, ReadError> {
+/// Opens the log a pipeline is configured with, waiting for its backend as `patience` says.
+pub fn open(
+    pipeline: &PipelineConfig,
+    state: &State,
+    patience: Patience,
+) -> Result<Arc<dyn EventLog>, ReadError> {
     match &pipeline.log {
         LogConfig::Sled => Ok(Arc::new(SledLog::open(state.db(), &pipeline.name)?)),
-        LogConfig::Kafka(kafka) => Ok(Arc::new(KafkaLog::new(kafka, &pipeline.name)?)),
+        LogConfig::Kafka(kafka) => Ok(Arc::new(KafkaLog::new(kafka, &pipeline.name, patience)?)),
     }
 }

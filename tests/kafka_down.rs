@@ -1,0 +1,157 @@
+//! One-shot commands on a Kafka log whose brokers are down or refuse the events: they fail
+//! within seconds with one error naming the brokers, count nothing as appended that the
+//! log did not take, leave the target alone, and the next sync mirrors everything. The
+//! first test starts its own broker (own port, own data) on a port nothing listens on
+//! before.
+
+mod common;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PORT: &str = "19410";
+
+/// Runs the binary as a user would: the default log level (the harness asks for debug).
+fn run_quiet(env: &Env, args: &[&str]) -> (Output, Duration) {
+    let started = Instant::now();
+    let out = env
+        .cmd(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("tidemark runs");
+    (out, started.elapsed())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mirrors() {
+    let addr = format!("127.0.0.1:{PORT}");
+    assert!(
+        !tcp_answers(&addr),
+        "something listens on {addr}; this test needs the port free"
+    );
+    let topic = unique("down");
+    let env = Env::dirs(&kafka_log_section(&addr, &topic, &topic, 2), "prune = true");
+    for i in 0..20 {
+        write(env.src().join(format!("a/{i:02}.txt")), format!("{i}\n"));
+    }
+
+    let (out, took) = run_quiet(&env, &["sync", "--output", "json"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let shown = format!(
+        "after {took:?}, {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        took < Duration::from_secs(30),
+        "a one-shot sync must not wait for the producer's 5 minutes; {shown}"
+    );
+    assert!(
+        stderr.contains(&format!("cannot reach the Kafka brokers {addr}"))
+            && stderr.contains("Connection refused")
+            && stderr.contains("start the broker"),
+        "one error names the broker, why, and what to do; {shown}"
+    );
+    assert!(
+        stderr.lines().count() < 10,
+        "librdkafka's retries must not flood stderr; {shown}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let scan = &v[0]["scan"];
+    assert!(
+        scan.is_null() || (scan["upserts"] == 0 && scan["deletes"] == 0),
+        "nothing was appended, so nothing is counted as appended; {shown}"
+    );
+    let report_dir = v[0]["report_dir"]
+        .as_str()
+        .expect("the run wrote its report");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(report_dir).join("report.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        report["scan"].is_null() || report["scan"]["upserts"] == 0,
+        "{report}"
+    );
+    assert!(
+        report["error"].as_str().unwrap().contains(&addr),
+        "{report}"
+    );
+    let summary =
+        std::fs::read_to_string(std::path::Path::new(report_dir).join("summary.txt")).unwrap();
+    assert!(!summary.contains(" 20 upserts"), "{summary}");
+    assert!(
+        !env.dst().exists() || snapshot(&env.dst()).is_empty(),
+        "the target is untouched"
+    );
+
+    // The broker is up now: the next sync mirrors everything (the index recorded nothing).
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    struct Stop(String);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(repo_root().join("ops/peers/kafka.sh"))
+                .args(["stop", PORT, &self.0])
+                .output();
+        }
+    }
+    let _stop = Stop(data_dir.clone());
+    ops("ops/peers/kafka.sh", &["start", PORT, &data_dir]);
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 21, "20 files and their directory: {scan}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 20, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+#[test]
+fn a_sync_whose_events_the_log_refuses_counts_none_as_appended() {
+    let brokers = kafka_brokers();
+    let topic = unique("refused");
+    // librdkafka refuses, before sending, a record larger than `message.max.bytes`: these
+    // files travel inside their events (`inline_limit`), base64, about 4 KB each.
+    let section = kafka_log_section(&brokers, &topic, &topic, 2);
+    let refusing = format!(
+        "inline_limit = 8192\n{section}properties = {{ \"message.max.bytes\" = \"1000\" }}\n"
+    );
+    let env = Env::dirs(&refusing, "");
+    for i in 0..5 {
+        write(env.src().join(format!("{i}.bin")), noise(3000, i + 1));
+    }
+
+    let (out, _) = run_quiet(&env, &["sync"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let shown = format!("{:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        stdout.contains(": 0 upserts, 0 deletes"),
+        "the summary counts only what the log took; {shown}"
+    );
+    assert!(
+        stdout.contains("changes found were not appended"),
+        "and says what it found but could not append; {shown}"
+    );
+    let status = env.json(&["status"]);
+    let last = &status[0]["last_scan"];
+    assert_eq!(last["result"], "failed", "{status}");
+    assert_eq!(last["upserts"], 0, "{status}");
+    assert!(last["not_appended"].as_u64().unwrap_or(0) >= 1, "{status}");
+    assert!(!env.dst().exists() || snapshot(&env.dst()).is_empty());
+
+    // Without the limit, the next sync finds and mirrors everything.
+    env.write_config(
+        &std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("properties = { \"message.max.bytes\" = \"1000\" }\n", ""),
+    );
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 5, "{scan}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 5, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
