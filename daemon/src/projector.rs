@@ -1357,7 +1357,7 @@ impl Projector {
             return Ok(ProjectReport::default());
         }
         let report = self
-            .retry_stored(partitions, &HashSet::new(), "before")
+            .retry_stored(partitions, &HashSet::new(), "earlier")
             .await;
         let left = self
             .state
