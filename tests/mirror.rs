@@ -2107,18 +2107,7 @@ fn a_failed_item_is_applied_by_the_next_run_once_the_directory_in_its_way_is_gon
     // `y` fixed while no one runs; the daemon's start brings it.
     std::fs::remove_dir_all(env.dst().join("y")).unwrap();
     let daemon = env.spawn_daemon();
-    let arrived = wait_for(Duration::from_secs(30), || {
-        let status = env.json(&["status"]);
-        (env.dst().join("y").is_file() && status[0]["failed"] == serde_json::json!([]))
-            .then_some(())
-    });
-    assert!(arrived.is_some(), "{}", env.daemon_log());
-    assert_eq!(
-        daemon.metric("tidemark_applies_total{kind=\"file\",outcome=\"created\",pipeline=\"t\"}"),
-        1.0
-    );
-    assert!(daemon.terminate().success());
-    assert_eq!(std::fs::read(env.dst().join("y")).unwrap(), b"now a file");
+    assert_daemon_brings_the_fixed_file(&env, daemon, "y");
 }
 
 /// A daemon runs for weeks: while it runs, an item that failed is tried again now and
@@ -2149,9 +2138,15 @@ fn a_running_daemon_applies_a_failed_item_once_its_cause_is_fixed() {
     assert!(again.is_some(), "{}", env.daemon_log());
 
     std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    assert_daemon_brings_the_fixed_file(&env, daemon, "x");
+}
+
+/// The running `daemon` writes `name` (a file `now a file` that failed before), leaves
+/// no failed item and counts one created file; then it stops cleanly.
+fn assert_daemon_brings_the_fixed_file(env: &Env, daemon: Daemon, name: &str) {
     let arrived = wait_for(Duration::from_secs(30), || {
         let status = env.json(&["status"]);
-        (env.dst().join("x").is_file() && status[0]["failed"] == serde_json::json!([]))
+        (env.dst().join(name).is_file() && status[0]["failed"] == serde_json::json!([]))
             .then_some(())
     });
     assert!(arrived.is_some(), "{}", env.daemon_log());
@@ -2160,7 +2155,7 @@ fn a_running_daemon_applies_a_failed_item_once_its_cause_is_fixed() {
         1.0
     );
     assert!(daemon.terminate().success());
-    assert_eq!(std::fs::read(env.dst().join("x")).unwrap(), b"now a file");
+    assert_eq!(std::fs::read(env.dst().join(name)).unwrap(), b"now a file");
 }
 
 #[test]

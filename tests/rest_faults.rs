@@ -464,12 +464,7 @@ fn items_waiting_for_a_refused_item_follow_it_in_the_sync_that_creates_it() {
     assert_rest_mirror(&dev, &prod);
     let status = env.json(&["status"]);
     assert_eq!(status[0]["deferred"], json!([]), "{status}");
-    let out = env.run(&["verify"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verified(&env);
 }
 
 /// A dev item whose reference field holds something that is not an id (here an object) is

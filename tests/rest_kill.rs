@@ -52,10 +52,5 @@ fn issue_3_sigkill_during_projection_creates_no_duplicates() {
     let n = prod.all("users").len() + prod.all("posts").len() + prod.all("comments").len();
     assert_eq!(n, total, "prod must hold exactly one item per dev item");
     assert_rest_mirror(&dev, &prod);
-    let out = env.run(&["verify"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verified(&env);
 }

@@ -30,12 +30,7 @@ fn issue_3_references_remap_changes_and_verify() {
         .all("users")
         .iter()
         .all(|u| !dev_ids.contains(&u["id"])));
-    let out = env.run(&["verify"]);
-    assert!(
-        out.status.success(),
-        "verify found drift after a sync:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verified(&env);
 
     // Change, add, delete in dev: exactly three writes reach prod.
     let u0 = dev
@@ -396,12 +391,7 @@ fn prefetch_names_lists_each_kind_once_per_batch_and_still_adopts() {
         seen()
     );
     assert_rest_mirror(&dev, &prod);
-    let out = env.run(&["verify"]);
-    assert!(
-        out.status.success(),
-        "verify found drift:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verified(&env);
 }
 
 /// Dev with a user, a post and a comment whose post (424242) dev does not have; an empty
@@ -591,12 +581,7 @@ fn a_second_dev_item_with_a_taken_name_never_overwrites_or_deletes_the_first_one
     assert_eq!(prod.all("users"), before, "prod's user-0 was deleted");
     assert_eq!(prod.all("posts").len(), 4);
     assert_rest_mirror(&dev, &prod);
-    let out = env.run(&["verify"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verified(&env);
 }
 
 /// An item deleted in dev and made again under a new id with the same name (a common way

@@ -220,6 +220,16 @@ pub fn rest_env() -> Env {
     Env { dir, config }
 }
 
+/// `tidemark verify` finds no drift.
+pub fn assert_verified(env: &Env) {
+    let out = env.run(&["verify"]);
+    assert!(
+        out.status.success(),
+        "verify found drift:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// Asserts prod mirrors dev: same items by name, and every reference points at the prod
 /// item whose name is the dev item's name. Returns the number of items checked.
 pub fn assert_rest_mirror(dev: &JsonServer, prod: &JsonServer) -> usize {
