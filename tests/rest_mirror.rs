@@ -671,3 +671,75 @@ fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
     assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
     assert_rest_mirror(&dev, &prod);
 }
+
+/// As above, but the posts move to a user made in the same sync: they wait for it (its
+/// prod id is not known until it is created), and the old parent's delete must wait for
+/// them in turn, or json-server's cascade takes the posts and their comments along.
+#[test]
+fn a_parent_deleted_after_its_children_moved_to_a_new_parent_takes_none_of_them_with_it() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    dev.post(
+        "users",
+        json!({"id": 1014, "name": "user-2", "active": true, "score": 0, "bio": ""}),
+    );
+    for (pid, j) in [(5000, 0), (5011, 1)] {
+        dev.put(
+            "posts",
+            &json!(pid),
+            json!({"id": pid, "name": format!("post-0-{j}"), "userId": 1014, "title": format!("Post {j} by 0")}),
+        );
+    }
+    dev.delete("users", &json!(1000));
+    assert_eq!(dev.all("comments").len(), 8, "dev kept every comment");
+    let (scan, project) = env.sync();
+    assert_eq!(
+        (scan["upserts"].clone(), scan["deletes"].clone()),
+        (json!(3), json!(1))
+    );
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(prod.all("users").len(), 2);
+    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
+    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
+    assert_rest_mirror(&dev, &prod);
+}
+
+/// As above, with the posts' move seen by an earlier sync, before their new parent
+/// existed: they wait in state, and the sync that creates the new parent and deletes the
+/// old one moves them before the delete, although none of its own events references users.
+#[test]
+fn a_parent_deleted_after_its_waiting_children_moved_to_a_new_parent_takes_none_of_them_with_it() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    for (pid, j) in [(5000, 0), (5011, 1)] {
+        dev.put(
+            "posts",
+            &json!(pid),
+            json!({"id": pid, "name": format!("post-0-{j}"), "userId": 1014, "title": format!("Post {j} by 0")}),
+        );
+    }
+    let (_, project) = env.sync();
+    assert_eq!(project["by_kind"]["posts"]["deferred"], 2, "{project}");
+    dev.post(
+        "users",
+        json!({"id": 1014, "name": "user-2", "active": true, "score": 0, "bio": ""}),
+    );
+    dev.delete("users", &json!(1000));
+    let (scan, project) = env.sync();
+    assert_eq!(
+        (scan["upserts"].clone(), scan["deletes"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(prod.all("users").len(), 2);
+    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
+    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
+    assert_rest_mirror(&dev, &prod);
+}

@@ -445,6 +445,34 @@ struct GroupResult {
     stopped: Option<(u64, ApplyError)>,
 }
 
+/// Brings the stored deferred events up to date with a batch's results: an event deferred
+/// again is kept (since its first deferral), any other finished event of a key supersedes
+/// that key's deferred one. Keys whose events stopped on a transient failure stay as they are.
+fn merge_deferred(
+    pending: &mut BTreeMap<String, Deferred>,
+    results: &[GroupResult],
+    now: DateTimeUtc,
+) {
+    for d in results.iter().flat_map(|r| &r.done) {
+        match &d.deferred {
+            Some(event) => {
+                let since = pending.get(&d.identity).map_or(now, |p| p.since);
+                pending.insert(
+                    d.identity.clone(),
+                    Deferred {
+                        event: event.clone(),
+                        since,
+                        partial: d.partial,
+                    },
+                );
+            }
+            None => {
+                pending.remove(&d.identity);
+            }
+        }
+    }
+}
+
 /// Decides from applied state alone what an event needs: `Some(outcome)` when the target
 /// need not be touched, `None` when it must be applied.
 pub fn decide(event: &Event, prior: Option<&Applied>, prune: bool) -> Option<Outcome> {
@@ -747,12 +775,21 @@ impl Projector {
         // deletes first: an item deleted in the source and made again under a new id with
         // its name must not find (and adopt) the mirror its old id's delete is about to
         // remove.
+        // Deferred upserts count too: they are applied after this batch's own, below,
+        // and may be moving items away from the one deleted as well.
+        let waiting: Vec<Event> = deferred
+            .iter()
+            .map(|r| r.map(|(_, d)| d.event))
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
         let referenced: HashSet<String> = others
             .iter()
             .flatten()
+            .chain(&waiting)
             .filter(|e| e.op == Op::Upsert)
             .flat_map(|e| e.refs.iter().map(|r| r.kind.clone()))
             .collect();
+        drop(waiting);
         let (last, others): (Vec<_>, Vec<_>) = others
             .into_iter()
             .partition(|g| g[0].op == Op::Delete && referenced.contains(&g[0].kind));
@@ -762,7 +799,7 @@ impl Projector {
             (Vec::new(), others)
         };
         let mut results: Vec<GroupResult> = Vec::new();
-        for phase in [first, then, last] {
+        for phase in [first, then] {
             results.extend(
                 stream::iter(phase)
                     .map(|g| self.apply_group(g, &priors, &refs, false))
@@ -774,10 +811,21 @@ impl Projector {
         for g in dir_deletes {
             results.push(self.apply_group(g, &priors, &refs, false).await);
         }
-        drop(priors);
-        let (pending, settled) = self
-            .settle_deferred(&results, &deferred, &applied, &refs)
+        // The deferred upserts that can go now (those waiting for an item this batch
+        // created) go before those deletes too; the deleted keys' own deferred events wait
+        // for their deletes, which supersede them.
+        let held: HashSet<String> = last.iter().map(|g| g[0].identity()).collect();
+        let (mut pending, settled) = self
+            .settle_deferred(&results, &deferred, &applied, &refs, &held)
             .await?;
+        let tail: Vec<GroupResult> = stream::iter(last)
+            .map(|g| self.apply_group(g, &priors, &refs, false))
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        drop(priors);
+        merge_deferred(&mut pending, &tail, Utc::now());
+        results.extend(tail);
         let (waiting, removed) = self
             .settle_dir_deletes(&group_of, &results, &dir_pending, &applied, &refs)
             .await?;
@@ -1528,31 +1576,14 @@ impl Projector {
         deferred: &Records<Deferred>,
         applied: &Records<Applied>,
         refs: &Refs<'_>,
+        held: &HashSet<String>,
     ) -> Result<(BTreeMap<String, Deferred>, Vec<Done>), ProjectError> {
         let now = Utc::now();
         let mut pending: BTreeMap<String, Deferred> = deferred
             .iter()
             .collect::<Result<_, _>>()
             .map_err(self.err_state())?;
-        for d in results.iter().flat_map(|r| &r.done) {
-            match &d.deferred {
-                Some(event) => {
-                    let since = pending.get(&d.identity).map_or(now, |p| p.since);
-                    pending.insert(
-                        d.identity.clone(),
-                        Deferred {
-                            event: event.clone(),
-                            since,
-                            partial: d.partial,
-                        },
-                    );
-                }
-                None => {
-                    pending.remove(&d.identity);
-                }
-            }
-        }
-        // Keys whose events in this batch stopped on a transient failure stay as they are.
+        merge_deferred(&mut pending, results, now);
         let mut settled = Vec::new();
         // Events the target deferred again although nothing they reference is missing (a
         // directory still in a file's place): tried once per call, as only a later batch
@@ -1564,7 +1595,7 @@ impl Projector {
             }
             let mut ready = Vec::new();
             let mut cyclic: Option<(u64, String)> = None;
-            for (id, d) in &pending {
+            for (id, d) in pending.iter().filter(|(id, _)| !held.contains(*id)) {
                 let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
                 if missing.is_empty() {
                     if !blocked.contains(id) {
@@ -1635,7 +1666,7 @@ impl Projector {
         let wait = self.target.reference_wait();
         let mut expired = Vec::new();
         for (id, d) in &pending {
-            if (now - d.since).to_std().unwrap_or_default() < wait {
+            if held.contains(id) || (now - d.since).to_std().unwrap_or_default() < wait {
                 continue;
             }
             let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
