@@ -1602,9 +1602,10 @@ impl Projector {
                         ready.push(id.clone());
                     }
                 } else if refs.target_id(id).map_err(self.err_state())?.is_none()
-                    && missing
-                        .iter()
-                        .all(|r| pending.contains_key(&item_identity(&r.kind, &r.key)))
+                    && missing.iter().all(|r| {
+                        let waits = item_identity(&r.kind, &r.key);
+                        pending.contains_key(&waits) && !held.contains(&waits)
+                    })
                     && cyclic.as_ref().is_none_or(|(o, _)| d.event.offset < *o)
                 {
                     cyclic = Some((d.event.offset, id.clone()));
