@@ -229,6 +229,55 @@ fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A full disk under the state directory. sled keeps a failed write's error and fails
+/// every later write with it, room or not, so the daemon stops with an error that names
+/// the directory and the fix instead of failing every second while /healthz says it is
+/// alive; once there is room, the next run finishes the mirror from where it was.
+#[test]
+fn a_full_state_disk_stops_the_daemon_with_a_clear_error_and_loses_nothing() {
+    let env = Env::dirs("", "");
+    let disk = Tmpfs::mount(&env.path("state"), "3m");
+    for i in 0..6000 {
+        write(
+            env.src().join(format!("d{:02}/f{i:04}.txt", i % 50)),
+            format!("file {i}\n"),
+        );
+    }
+    let mut daemon = env.spawn_daemon();
+    let status = wait_for(Duration::from_secs(60), || daemon.child.try_wait().unwrap())
+        .unwrap_or_else(|| {
+            panic!(
+                "the daemon kept running on a broken state database; log:\n{}",
+                env.daemon_log()
+            )
+        });
+    assert_eq!(status.code(), Some(1), "{}", env.daemon_log());
+    let log = env.daemon_log();
+    let fatal = log.lines().last().unwrap_or_default();
+    let state_dir = env.path("state").canonicalize().unwrap();
+    assert!(
+        fatal.starts_with("error: the state database failed: no space left on device")
+            && fatal.contains(&format!(
+                "the disk of the state directory ({}",
+                state_dir.display()
+            ))
+            && fatal.contains("free space there")
+            && fatal.contains("start it again"),
+        "{fatal}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| (l.contains(" tidemark") || l.starts_with("error:")) && l.contains("Os {")),
+        "an error in debug form:\n{log}"
+    );
+
+    disk.remount("size=64m");
+    let (scan, project) = env.sync();
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// A `project` that a full target disk stops after some batches still writes its report:
 /// it counts the files that reached the target and names the error, and under
 /// `--log-format json` every stderr line, the fatal one last, is a JSON event.

@@ -63,6 +63,9 @@ pub enum RunError {
     /// Tasks still running when the shutdown deadline passed.
     #[error("shutdown deadline passed with tasks still running: {0}")]
     Deadline(String),
+    /// The state database met an I/O error, which this process cannot get past.
+    #[error("the state database failed: {0}. The daemon stopped, as it cannot use the database again until it is opened anew: start it again (a supervisor such as systemd does) and it goes on from the last committed offset")]
+    StateBroken(String),
 }
 
 /// Names of running tasks, so a missed shutdown deadline can say which ones hang.
@@ -267,8 +270,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     server_state.ready.store(true, Ordering::SeqCst);
     info!(pipelines = pipelines.len(), "tidemark is running");
 
-    shutdown.await;
-    info!("shutting down: stopping scanners, letting projectors finish their batch");
+    let broken = tokio::select! {
+        _ = shutdown => None,
+        _ = crate::state::broken().cancelled() => crate::state::broken_by(),
+    };
+    match broken {
+        None => info!("shutting down: stopping scanners, letting projectors finish their batch"),
+        Some(e) => error!("the state database failed: {e}; stopping the daemon, as this process cannot use the database again"),
+    }
     server_state.ready.store(false, Ordering::SeqCst);
     scanners.cancel();
     projectors.cancel();
@@ -292,6 +301,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     endpoints.cancel();
     let _ = server.await;
+    if let Some(e) = broken {
+        return Err(RunError::StateBroken(e.to_owned()));
+    }
     state.flush().await?;
     if finished.is_err() {
         let names: Vec<String> = running.0.lock().unwrap().iter().cloned().collect();

@@ -34,8 +34,8 @@ pub enum StateError {
         holder: Option<String>,
     },
     /// A read or write failed.
-    #[error("state database: {0}")]
-    Db(#[from] sled::Error),
+    #[error("state database: {}", DbError(.0))]
+    Db(sled::Error),
     /// A stored value is damaged: not in the format its reader knows.
     #[error("state value `{key}` is unreadable: {reason}")]
     Unreadable {
@@ -216,6 +216,7 @@ impl State {
             .path(dir.join(DB))
             .open()
             .map_err(|e| open_error(e, dir))?;
+        let _ = OPENED.set(dir.to_owned());
         note_holder(dir);
         Ok(State {
             db,
@@ -472,6 +473,104 @@ impl State {
             rewritten,
             replaced: true,
         })
+    }
+}
+
+// Not `#[from]`: that would make sled's error the cause, which a chain of causes would
+// show a second time in its debug form.
+impl From<sled::Error> for StateError {
+    fn from(e: sled::Error) -> StateError {
+        note_failure(&e);
+        StateError::Db(e)
+    }
+}
+
+/// The first I/O error the state database met in this process, and a token cancelled
+/// then. sled 0.34 keeps a failed write's error and fails every later write with it, even
+/// once the disk has room again: only opening the database again gets past it, so the
+/// daemon watches [`broken`] and stops (for its supervisor to start it again).
+static BROKEN: std::sync::LazyLock<(
+    std::sync::OnceLock<String>,
+    tokio_util::sync::CancellationToken,
+)> = std::sync::LazyLock::new(Default::default);
+
+/// Cancelled once the state database has met an I/O error; [`broken_by`] says which.
+pub fn broken() -> &'static tokio_util::sync::CancellationToken {
+    &BROKEN.1
+}
+
+/// The I/O error that broke the state database, as [`DbError`] shows it.
+pub fn broken_by() -> Option<&'static str> {
+    BROKEN.0.get().map(String::as_str)
+}
+
+fn note_failure(e: &sled::Error) {
+    if matches!(e, sled::Error::Io(_)) {
+        let _ = BROKEN.0.set(DbError(e).to_string());
+        BROKEN.1.cancel();
+    }
+}
+
+/// The state directory this process opened (one per process), for errors that only
+/// have sled's to go on.
+static OPENED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A sled error as a reader needs it: an I/O error by its own words (sled shows its debug
+/// form) and, when the disk is full, which directory's disk and what to do.
+pub struct DbError<'a>(pub &'a sled::Error);
+
+impl std::fmt::Display for DbError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sled::Error::Io(e) = self.0 else {
+            return self.0.fmt(f);
+        };
+        // sled hands most I/O errors on as a custom error holding the original's debug
+        // form (`Os { code: 28, … }`): its kind reads better.
+        match e.kind() {
+            std::io::ErrorKind::StorageFull => write!(f, "no space left on device")?,
+            kind if e.raw_os_error().is_none() && e.to_string().starts_with("Os {") => {
+                write!(f, "{kind}")?
+            }
+            _ => write!(f, "{e}")?,
+        }
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            let dir = OPENED
+                .get()
+                .map(|d| format!(" ({})", d.display()))
+                .unwrap_or_default();
+            write!(
+                f,
+                "; the disk of the state directory{dir} is full: free space there (or move `state_dir`) and run again. Nothing is lost: what was made durable stays, and the rest is done again"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A sled error of the log, shown as [`DbError`] shows it, its cause kept.
+#[derive(Debug)]
+pub struct LogDbError(sled::Error);
+
+impl LogDbError {
+    /// Wraps `e`, noting an I/O error for [`broken`].
+    pub fn new(e: sled::Error) -> LogDbError {
+        note_failure(&e);
+        LogDbError(e)
+    }
+}
+
+impl std::fmt::Display for LogDbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        DbError(&self.0).fmt(f)
+    }
+}
+
+impl std::error::Error for LogDbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            sled::Error::Io(e) => Some(e),
+            _ => None,
+        }
     }
 }
 

@@ -68,7 +68,7 @@ pub struct SledLog {
 fn read_err(e: sled::Error) -> ReadError {
     ReadError::Backend {
         backend: BACKEND,
-        source: Box::new(e),
+        source: Box::new(crate::state::LogDbError::new(e)),
     }
 }
 
@@ -108,7 +108,7 @@ impl SledLog {
         let err = |e: sled::Error| CommitError::Backend {
             backend: BACKEND,
             consumer: consumer.to_owned(),
-            source: Box::new(e),
+            source: Box::new(crate::state::LogDbError::new(e)),
         };
         self.offsets
             .fetch_and_update(&key, |old| {
@@ -236,7 +236,7 @@ impl EventLog for SledLog {
         let chunks = encode_chunks(&mut events);
         let err = |e: sled::Error| AppendError::Backend {
             backend: BACKEND,
-            source: Box::new(e),
+            source: Box::new(crate::state::LogDbError::new(e)),
         };
         let _guard = self.append_lock.lock().await;
         let first = *self.head.borrow();
@@ -316,7 +316,7 @@ impl EventLog for SledLog {
             .map_err(|e| ReadOffsetError::Backend {
                 backend: BACKEND,
                 consumer: consumer.to_owned(),
-                source: Box::new(e),
+                source: Box::new(crate::state::LogDbError::new(e)),
             })?;
         Ok(value.map_or(0, |v| decode_offset(&v)))
     }
