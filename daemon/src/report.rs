@@ -28,12 +28,22 @@ const STAMP: &str = "%Y%m%dT%H%M%SZ";
 /// How long a cycle's end waits for the pipeline's status (which reads the log's offsets).
 const STATUS_WAIT: Duration = Duration::from_secs(2);
 
+/// What to check when a report cannot be written.
+fn write_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            "the disk of `reports_dir` is full: free space there or point `reports_dir` elsewhere"
+        }
+        _ => "check `reports_dir` in the config and its permissions",
+    }
+}
+
 /// A report could not be written or old ones pruned.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReportError {
     /// A report file or directory could not be written.
-    #[error("cannot write report {}: {source} (check `reports_dir` in the config and its permissions)", path.display())]
+    #[error("cannot write report {}: {source} ({})", path.display(), write_hint(source))]
     Write {
         /// The file or directory.
         path: PathBuf,
@@ -659,5 +669,31 @@ impl Cycle {
                 warn!(pipeline = %name, "{e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report lost to a full disk says so, rather than sending the reader to check
+    /// permissions.
+    #[test]
+    fn a_report_lost_to_a_full_disk_names_the_full_disk() {
+        let full = ReportError::Write {
+            path: "/var/lib/tidemark/reports/p/x/summary.txt".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        let message = full.to_string();
+        assert!(
+            message.contains("the disk of `reports_dir` is full")
+                && !message.contains("permissions"),
+            "{message}"
+        );
+        let denied = ReportError::Write {
+            path: "/r".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(denied.to_string().contains("its permissions"), "{denied}");
     }
 }
