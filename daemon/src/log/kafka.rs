@@ -56,6 +56,12 @@ const READ_DEADLINE: Duration = Duration::from_secs(10);
 /// daemon's producer waits 5 minutes, through a broker restart).
 const ONE_SHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a one-shot command's request still waits once a client reported every broker
+/// down while it waited: librdkafka reconnects to a broker that answers within a few
+/// hundred milliseconds, and one that does not would hold each request for its whole
+/// timeout (a `sync` whose broker died took 24–30 s to fail, a request after another).
+const ONE_SHOT_DOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// How often tailing readers look at the high watermark when no local append woke them.
 const TAIL_POLL: Duration = Duration::from_millis(100);
 
@@ -193,6 +199,44 @@ impl KafkaLog {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Awaits `request` to the brokers. A one-shot command gives up on it when a client
+    /// reports every broker down while it waits and it does not finish within
+    /// [`ONE_SHOT_DOWN_GRACE`] after that: the brokers went away during the run. That
+    /// failure is kept, so every later call fails with it at once instead of waiting out
+    /// its own timeout. The daemon waits (it rides out broker restarts).
+    async fn request<T>(
+        &self,
+        request: impl std::future::Future<Output = T>,
+    ) -> Result<T, ConnectError> {
+        if let Some(e) = self.gave_up.get() {
+            return Err(e.clone());
+        }
+        if self.patience == Patience::Daemon {
+            return Ok(request.await);
+        }
+        let mut down = self.context.all_down();
+        down.borrow_and_update();
+        tokio::pin!(request);
+        tokio::select! {
+            biased;
+            out = &mut request => return Ok(out),
+            _ = down.changed() => {}
+        }
+        match tokio::time::timeout(ONE_SHOT_DOWN_GRACE, &mut request).await {
+            Ok(out) => Ok(out),
+            Err(_) => {
+                let e = ConnectError::Lost {
+                    brokers: self.config.brokers.clone(),
+                    reason: self
+                        .context
+                        .last_failure()
+                        .unwrap_or_else(|| "every broker is down".into()),
+                };
+                Err(self.gave_up.get_or_init(|| e).clone())
+            }
+        }
     }
 
     /// The brokers could not be reached: why, as the clients last said.
@@ -344,7 +388,8 @@ impl KafkaLog {
         }
         let mut landed = Vec::with_capacity(pending.len());
         for delivery in pending {
-            match delivery.await {
+            let delivered = self.request(delivery).await.map_err(|e| err(Box::new(e)))?;
+            match delivered {
                 Ok(Ok(d)) => landed.push((d.partition as u32, d.offset as u64)),
                 Ok(Err((e, _))) => {
                     let what = if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
@@ -479,10 +524,13 @@ impl KafkaLog {
             .tpl(partition, Offset::Offset(next as i64))
             .map_err(|e| err(boxed(e)))?;
         let client = group.consumer.clone();
-        tokio::task::spawn_blocking(move || client.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| err(boxed(e)))?
-            .map_err(|e| err(boxed(e)))
+        self.request(tokio::task::spawn_blocking(move || {
+            client.commit(&tpl, CommitMode::Sync)
+        }))
+        .await
+        .map_err(|e| err(boxed(e)))?
+        .map_err(|e| err(boxed(e)))?
+        .map_err(|e| err(boxed(e)))
     }
 }
 
@@ -1011,7 +1059,16 @@ impl EventLog for KafkaLog {
         let mut out = Vec::with_capacity(want);
         let deadline = tokio::time::Instant::now() + READ_DEADLINE;
         while out.len() < want {
-            let received = tokio::time::timeout_at(deadline, reader.consumer.recv()).await;
+            let received = self
+                .request(tokio::time::timeout_at(deadline, reader.consumer.recv()))
+                .await;
+            let received = match received {
+                Ok(received) => received,
+                Err(e) => {
+                    reader.next = None;
+                    return Err(read_err(e));
+                }
+            };
             let message = match received {
                 Err(_) => break,
                 Ok(Err(e)) => {
@@ -1053,12 +1110,14 @@ impl EventLog for KafkaLog {
     async fn head(&self, partition: u32) -> Result<u64, ReadError> {
         self.ensure_connected().await.map_err(read_err)?;
         let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
-        let (_, high) = tokio::task::spawn_blocking(move || {
-            meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
-        })
-        .await
-        .map_err(read_err)?
-        .map_err(read_err)?;
+        let (_, high) = self
+            .request(tokio::task::spawn_blocking(move || {
+                meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
+            }))
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)?
+            .map_err(read_err)?;
         Ok(high.max(0) as u64)
     }
 
@@ -1097,11 +1156,14 @@ impl EventLog for KafkaLog {
             .tpl(partition, Offset::Invalid)
             .map_err(|e| err(boxed(e)))?;
         let client = group.consumer.clone();
-        let offsets =
-            tokio::task::spawn_blocking(move || client.committed_offsets(tpl, REQUEST_TIMEOUT))
-                .await
-                .map_err(|e| err(boxed(e)))?
-                .map_err(|e| err(boxed(e)))?;
+        let offsets = self
+            .request(tokio::task::spawn_blocking(move || {
+                client.committed_offsets(tpl, REQUEST_TIMEOUT)
+            }))
+            .await
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?;
         let offset = offsets
             .find_partition(&self.config.topic, partition as i32)
             .map(|e| e.offset());
@@ -1186,6 +1248,15 @@ impl EventLog for KafkaLog {
                 group: group.clone(),
                 source,
             };
+            if self.gave_up.get().is_some() {
+                // The run's error already says why; no waiting for the brokers again.
+                leases.closed.store(true, Ordering::SeqCst);
+                return Err(err(format!(
+                    "the Kafka brokers {} are gone",
+                    self.config.brokers
+                )
+                .into()));
+            }
             let held = tokio::task::spawn_blocking(move || leases.release())
                 .await
                 .map_err(|e| err(boxed(e)))?
