@@ -614,7 +614,9 @@ struct Leases {
     /// Commits and reads the want slots.
     wants: BaseConsumer<LogContext>,
     state: SyncMutex<LeaseState>,
-    /// Set by [`Leases::release`]: this process neither renews nor claims any more.
+    /// Set by [`Leases::release`], or when the one-shot run waiting in
+    /// [`Leases::take_all`] stopped waiting (Ctrl-C): this process neither renews nor
+    /// claims any more.
     closed: AtomicBool,
     /// A one-shot run's leases ([`EventLog::take_all`]): it holds every partition for its
     /// run and neither hands one over nor asks for one.
@@ -640,6 +642,28 @@ enum Taken {
         partitions: Vec<u32>,
         holders: usize,
     },
+    /// The run stopped waiting ([`Leases::closed`]); nothing was taken.
+    Abandoned,
+}
+
+/// Sets [`Leases::closed`] when dropped: a one-shot run that stops waiting for
+/// [`Leases::take_all`] (its future dropped on Ctrl-C) ends the watch, and no slot is
+/// claimed after it.
+struct CloseOnDrop(Option<Arc<Leases>>);
+
+impl CloseOnDrop {
+    /// The wait is over: the leases stay as [`Leases::take_all`] left them.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(leases) = &self.0 {
+            leases.closed.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Slot writes: partition and value.
@@ -713,6 +737,9 @@ impl Leases {
             let since = Instant::now();
             while !named.is_empty() && since.elapsed() < expiry {
                 std::thread::sleep(Duration::from_millis(250));
+                if self.closed.load(Ordering::SeqCst) {
+                    return Ok(Taken::Abandoned);
+                }
                 let now = self.read(&self.slots)?;
                 let renewed: Vec<u32> = named
                     .iter()
@@ -736,6 +763,9 @@ impl Leases {
                 named.retain(|&p| owner_of(now[p as usize]) != 0);
             }
         }
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(Taken::Abandoned);
+        }
         let mut state = self.state.lock().unwrap();
         let claims: Claims = (0..self.partitions)
             .map(|p| (p, self.value(self.me, &mut state)))
@@ -748,7 +778,8 @@ impl Leases {
         let (won, lost): (Claims, Claims) = claims
             .iter()
             .partition(|(p, v)| after[*p as usize] == Some(*v));
-        if !lost.is_empty() {
+        let abandoned = self.closed.load(Ordering::SeqCst);
+        if !lost.is_empty() || abandoned {
             // Another process claimed at the same time: give back what this one won.
             let mut state = self.state.lock().unwrap();
             let back: Claims = won
@@ -757,6 +788,9 @@ impl Leases {
                 .collect();
             drop(state);
             self.write(&self.slots, &back)?;
+            if abandoned {
+                return Ok(Taken::Abandoned);
+            }
             let partitions: Vec<u32> = lost.iter().map(|&(p, _)| p).collect();
             let holders: BTreeSet<u32> = partitions
                 .iter()
@@ -1217,10 +1251,12 @@ impl EventLog for KafkaLog {
                 .map_err(|e| err(boxed(e)))?,
         );
         let taking = leases.clone();
+        let watching = CloseOnDrop(Some(leases.clone()));
         let taken = tokio::task::spawn_blocking(move || taking.take_all())
             .await
             .map_err(|e| err(boxed(e)))?
             .map_err(|e| err(boxed(e)))?;
+        watching.disarm();
         match taken {
             Taken::All(all) => {
                 Leases::start(&leases).map_err(|e| err(boxed(e)))?;
@@ -1236,6 +1272,7 @@ impl EventLog for KafkaLog {
                 partitions,
                 holders,
             }),
+            Taken::Abandoned => Err(err("stopped waiting for the partition leases".into())),
         }
     }
 
