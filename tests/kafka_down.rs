@@ -1,8 +1,8 @@
 //! One-shot commands on a Kafka log whose brokers are down or refuse the events: they fail
 //! within seconds with one error naming the brokers, count nothing as appended that the
 //! log did not take, leave the target alone, and the next sync mirrors everything. The
-//! first test starts its own broker (own port, own data) on a port nothing listens on
-//! before.
+//! tests that start their own broker (own port, own data, on a port nothing listens on
+//! before) take turns with the port.
 
 mod common;
 
@@ -12,6 +12,20 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const PORT: &str = "19410";
+
+/// Held by each test that uses [`PORT`]: they run one after the other.
+static PORT_TAKEN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Stops the broker on [`PORT`] with data in the directory.
+struct Stop(String);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_root().join("ops/peers/kafka.sh"))
+            .args(["stop", PORT, &self.0])
+            .output();
+    }
+}
 
 /// Runs the binary as a user would: the default log level (the harness asks for debug).
 fn run_quiet(env: &Env, args: &[&str]) -> (Output, Duration) {
@@ -30,6 +44,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mirrors() {
+    let _port = PORT_TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     let addr = format!("127.0.0.1:{PORT}");
     assert!(
         !tcp_answers(&addr),
@@ -94,14 +109,6 @@ fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mi
     // The broker is up now: the next sync mirrors everything (the index recorded nothing).
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
-    struct Stop(String);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new(repo_root().join("ops/peers/kafka.sh"))
-                .args(["stop", PORT, &self.0])
-                .output();
-        }
-    }
     let _stop = Stop(data_dir.clone());
     ops("ops/peers/kafka.sh", &["start", PORT, &data_dir]);
     let (scan, project) = env.sync();
@@ -153,5 +160,104 @@ fn a_sync_whose_events_the_log_refuses_counts_none_as_appended() {
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], 5, "{scan}");
     assert_eq!(kind_outcome(&project, "file", "created"), 5, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A broker that dies while a one-shot `sync` projects: the run fails within seconds, not
+/// after librdkafka's request timeouts one after another (24–30 s), with one error naming
+/// the brokers and what to do, and writes its report. Nothing is lost: no offset was
+/// committed past what the target has, so once the broker is back the next sync mirrors
+/// everything, each file created exactly once over both runs.
+#[test]
+fn a_sync_whose_broker_dies_mid_run_fails_within_seconds_and_the_next_sync_finishes() {
+    let _port = PORT_TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    let addr = format!("127.0.0.1:{PORT}");
+    assert!(
+        !tcp_answers(&addr),
+        "something listens on {addr}; this test needs the port free"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let _stop = Stop(data_dir.clone());
+    ops("ops/peers/kafka.sh", &["start", PORT, &data_dir]);
+    let topic = unique("dies");
+    // Small batches, so the projection is still going when the broker dies.
+    let section = format!(
+        "batch_size = 5\n{}",
+        kafka_log_section(&addr, &topic, &topic, 2)
+    );
+    let env = Env::dirs(&section, "prune = true");
+    let files = 2000;
+    for i in 0..files {
+        write(env.src().join(format!("{i:04}.txt")), format!("{i}\n"));
+    }
+
+    let child = env
+        .cmd(&["sync", "--output", "json"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tidemark runs");
+    let applying = wait_for(Duration::from_secs(60), || {
+        let n = std::fs::read_dir(env.dst()).map_or(0, |d| d.count());
+        (n >= 50).then_some(())
+    });
+    assert!(applying.is_some(), "the sync applied nothing");
+    let pid = std::fs::read_to_string(data.path().join("broker.pid")).unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let died = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = died.elapsed();
+    eprintln!("the sync ended {took:?} after the broker died");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let shown = format!(
+        "{took:?} after the broker died, {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        took < Duration::from_secs(8),
+        "a one-shot run whose broker died must not wait out every request's timeout; {shown}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{shown}");
+    assert!(
+        errors[0].contains(&format!("lost the Kafka brokers {addr} during the run"))
+            && errors[0].contains("start the broker")
+            && errors[0].contains("run again"),
+        "the error names the brokers and what to do; {shown}"
+    );
+    assert!(
+        stderr.lines().count() < 10,
+        "librdkafka's retries must not flood stderr; {shown}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let first = kind_outcome(&v[0]["project"], "file", "created");
+    assert!(first >= 50, "the report counts what was applied; {shown}");
+    let report_dir = v[0]["report_dir"]
+        .as_str()
+        .expect("the run wrote its report");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(report_dir).join("report.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        report["error"].as_str().unwrap().contains(&addr),
+        "{report}"
+    );
+
+    // The broker is back: the next sync goes on from the committed offsets.
+    ops("ops/peers/kafka.sh", &["start", PORT, &data_dir]);
+    let (_, project) = env.sync();
+    assert_eq!(
+        first + kind_outcome(&project, "file", "created"),
+        files,
+        "every file created exactly once; the rest adopted or already applied: {project}"
+    );
     assert_mirror(&env.src(), &env.dst());
 }

@@ -316,3 +316,83 @@ fn a_one_shot_sync_takes_the_partitions_of_a_killed_daemon_once_their_leases_exp
         "committed offsets went back: {before:?} → {after:?}"
     );
 }
+
+/// Ctrl-C while a one-shot sync watches a killed daemon's leases (for up to 1.5 ×
+/// `session_timeout`) ends the watch at once, with the usual stop message and exit 130,
+/// instead of once the watch is over: nothing scanned, taken or applied, the report says
+/// so, and the next sync mirrors.
+#[test]
+fn ctrl_c_while_a_one_shot_sync_watches_the_leases_stops_it_at_once() {
+    let brokers = kafka_brokers();
+    let topic = unique("oneshot-sigint");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 2);
+    let daemon_env = Env::dirs("", "");
+    let oneshot = Env::dirs("", "");
+    let (src, dst) = (daemon_env.src(), daemon_env.dst());
+    daemon_env.write_config(&config(&src, &dst, "both", &kafka));
+    oneshot.write_config(&config(&src, &dst, "both", &kafka));
+    write(src.join("a.txt"), "a\n");
+    let daemon = daemon_env.spawn_daemon();
+    let mirrored = wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &dst).then_some(())
+    });
+    assert!(mirrored.is_some(), "log:\n{}", daemon_env.daemon_log());
+    daemon.kill9();
+    write(src.join("b.txt"), "b\n");
+
+    let log = oneshot.path("oneshot.log");
+    let child = oneshot
+        .cmd(&["sync", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("tidemark runs");
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+    let watching = wait_for(Duration::from_secs(30), || {
+        stderr().contains("watching them").then_some(())
+    });
+    assert!(watching.is_some(), "no lease watch:\n{}", stderr());
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let signalled = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    eprintln!("the sync ended {took:?} after SIGINT");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let shown = format!(
+        "{took:?} after SIGINT, {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        stderr()
+    );
+    assert_eq!(out.status.code(), Some(130), "{shown}");
+    // The watch alone lasts up to 9 s here (session_timeout = 6s).
+    assert!(took < Duration::from_secs(3), "{shown}");
+    assert!(
+        stderr().contains("SIGINT: stopping"),
+        "the usual stop message; {shown}"
+    );
+    assert!(!stderr().contains("leased every partition"), "{shown}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert!(
+        v[0]["interrupted"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("while waiting for the partition leases"),
+        "{shown}"
+    );
+    let report_dir = v[0]["report_dir"]
+        .as_str()
+        .expect("the run wrote its report");
+    assert!(std::path::Path::new(report_dir)
+        .join("report.json")
+        .is_file());
+    assert!(!dst.join("b.txt").exists(), "nothing was applied; {shown}");
+
+    // Once the dead daemon's leases have expired, the next sync mirrors.
+    let (_, project) = oneshot.sync();
+    assert_eq!(kind_outcome(&project, "file", "created"), 1, "{project}");
+    assert_mirror(&src, &dst);
+}

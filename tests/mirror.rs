@@ -2131,14 +2131,66 @@ fn a_running_daemon_applies_a_failed_item_once_its_cause_is_fixed() {
     assert!(failed.is_some(), "{}", env.daemon_log());
     // Tried again while it still fails, without a restart.
     let again = wait_for(Duration::from_secs(30), || {
-        (daemon.metric("tidemark_applies_total{kind=\"file\",outcome=\"failed\",pipeline=\"t\"}")
-            >= 2.0)
+        (daemon.metric(
+            "tidemark_applies_total{kind=\"file\",outcome=\"failed_again\",pipeline=\"t\"}",
+        ) >= 1.0)
             .then_some(())
     });
     assert!(again.is_some(), "{}", env.daemon_log());
 
     std::fs::remove_dir_all(env.dst().join("x")).unwrap();
     assert_daemon_brings_the_fixed_file(&env, daemon, "x");
+}
+
+/// An item that keeps failing pages once: its first failure counts `failed` (what
+/// `TidemarkApplyFailuresRising` watches), while the daemon's retry passes, and the one at
+/// its next start, count `failed_again`; `tidemark_failed_items` holds the item as long as
+/// it is on the failed list (issue: the alert fired again after every retry pass).
+#[test]
+fn a_failing_item_counts_failed_once_and_its_retries_failed_again() {
+    let env = Env::dirs(
+        "max_delete = \"100%\"\nfailed_retry_interval = \"1s\"",
+        "prune = false",
+    );
+    write(env.src().join("x/in.txt"), "inside");
+    write(env.src().join("ok.txt"), "ok");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let failed = "tidemark_applies_total{kind=\"file\",outcome=\"failed\",pipeline=\"t\"}";
+    let again = "tidemark_applies_total{kind=\"file\",outcome=\"failed_again\",pipeline=\"t\"}";
+    let items = "tidemark_failed_items{pipeline=\"t\"}";
+
+    // Two retry passes (1 s, then 2 s after the first catch-up) fail again.
+    let daemon = env.spawn_daemon();
+    let retried = wait_for(Duration::from_secs(30), || {
+        (daemon.metric(again) >= 2.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", env.daemon_log());
+    assert_eq!(daemon.metric(failed), 1.0, "{}", env.daemon_log());
+    assert_eq!(daemon.metric(items), 1.0);
+    assert!(daemon.terminate().success());
+
+    // A restart tries it at once: not a new failure either. The series that the alert
+    // watches is there at 0, so a first failure after the start moves it.
+    let daemon = env.spawn_daemon();
+    let retried = wait_for(Duration::from_secs(30), || {
+        (daemon.metric(again) >= 1.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", env.daemon_log());
+    assert_eq!(daemon.metric(failed), 0.0, "{}", env.daemon_log());
+    assert_eq!(daemon.metric(items), 1.0);
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["failed"][0]["key"], "x", "{status}");
+
+    // Fixed: the next pass applies it and the gauge falls back to 0.
+    std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    let cleared = wait_for(Duration::from_secs(30), || {
+        (env.dst().join("x").is_file() && daemon.metric(items) == 0.0).then_some(())
+    });
+    assert!(cleared.is_some(), "{}", env.daemon_log());
+    assert_eq!(daemon.metric(failed), 0.0);
+    assert!(daemon.terminate().success());
 }
 
 /// The running `daemon` writes `name` (a file `now a file` that failed before), leaves

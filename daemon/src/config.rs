@@ -171,6 +171,16 @@ impl PipelineConfig {
     }
 }
 
+impl SourceConfig {
+    /// The kinds of item the source lists (`kind` of its events and metrics).
+    pub fn kinds(&self) -> Vec<String> {
+        match self {
+            SourceConfig::Dir(_) => ["file", "dir", "symlink"].map(String::from).to_vec(),
+            SourceConfig::Http(h) => h.kinds.iter().map(|k| k.name.clone()).collect(),
+        }
+    }
+}
+
 impl TargetConfig {
     /// Whether deletes are applied (`prune = true`) or only recorded.
     pub fn prune(&self) -> bool {

@@ -777,11 +777,34 @@ async fn scan_project(
         // broker that is down), instead of a scan whose appends all fail. On a log daemons
         // share, a projecting run takes every partition first (and gives them back at the
         // end), or refuses while a daemon holds some.
+        // Taking them may watch the leases for up to 1.5 × session_timeout: a signal
+        // ends the watch at once (nothing is taken then).
         let ready = match p.log.connect().await {
             Err(e) => Err(format!("pipeline `{}`: {e}", p.name())),
-            Ok(()) if project => p.projector.take_all().await.map_err(|e| e.to_string()),
+            Ok(()) if project => tokio::select! {
+                biased;
+                _ = stop.cancelled() => Ok(()),
+                taken = p.projector.take_all() => taken.map_err(|e| e.to_string()),
+            },
             Ok(()) => Ok(()),
         };
+        if let (Ok(()), Some(signal)) = (&ready, signalled.get().filter(|_| project)) {
+            let message = format!(
+                "interrupted by {} while waiting for the partition leases: nothing was scanned, appended or applied; run `tidemark {run}` again",
+                signal.name
+            );
+            if select.output == Output::Text {
+                outln!("{}: {message}", p.name());
+            }
+            entry["interrupted"] = message.clone().into();
+            entry["report_dir"] =
+                write_report(&session, &run_report.with_interruption(&message)).into();
+            out.push(entry);
+            if select.output == Output::Json {
+                outln!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            return Ok(ExitCode::from(signal.exit));
+        }
         if let Err(e) = ready {
             let message = format!("{e} (nothing was scanned, appended or applied)");
             entry["error"] = message.clone().into();

@@ -59,9 +59,17 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Events waiting for the items they reference, and pending directory deletes.
     pub deferred_events: IntGaugeVec,
+    /// Items on the failed list (`tidemark status`): what on-call has to fix, which the
+    /// counters cannot show since a failing item is tried again and again.
+    pub failed_items: IntGaugeVec,
     /// Bytes the sled state database occupies on disk (all pipelines share it).
     pub state_size_bytes: IntGauge,
 }
+
+/// The `outcome` of `tidemark_applies_total` for an item that failed again while already
+/// on the failed list (a retry, or a later event of it), apart from `failed`, its first
+/// failure: the alert pages on first failures only, not on every retry.
+pub const FAILED_AGAIN: &str = "failed_again";
 
 /// Sides of a pipeline that make requests (`side` label).
 pub const SIDES: [&str; 2] = ["source", "target"];
@@ -141,7 +149,7 @@ impl Metrics {
             applies: reg!(IntCounterVec::new(
                 Opts::new(
                     "tidemark_applies_total",
-                    "Events projected onto the target, by outcome."
+                    "Events projected onto the target, by outcome; failed is an item's first failure, failed_again a failure of an item already failed (a retry)."
                 ),
                 &["pipeline", "kind", "outcome"]
             )),
@@ -238,6 +246,13 @@ impl Metrics {
                 ),
                 p
             )),
+            failed_items: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_failed_items",
+                    "Items whose last try failed permanently (the failed list of tidemark status); tried again by each run and while the daemon runs."
+                ),
+                p
+            )),
             state_size_bytes: reg!(IntGauge::new(
                 "tidemark_state_size_bytes",
                 "Bytes the sled state database (log, index, applied state) occupies on disk."
@@ -247,8 +262,16 @@ impl Metrics {
     }
 
     /// Creates every series of a pipeline at zero, so dashboards and alerts see them
-    /// before the first event; `partitions` is the number of partitions of its log.
-    pub fn init_pipeline(&self, pipeline: &str, partitions: u32) {
+    /// before the first event; `partitions` is the number of partitions of its log, and
+    /// `kinds` the kinds its source lists, whose `failed` and `failed_again` applies start
+    /// at 0 too: Prometheus's `increase` cannot see a series that appears at 1, so the
+    /// first failure of a kind would not raise the failure alert.
+    pub fn init_pipeline(&self, pipeline: &str, partitions: u32, kinds: &[String]) {
+        for kind in kinds {
+            for outcome in [crate::target::Outcome::Failed.as_str(), FAILED_AGAIN] {
+                self.applies.with_label_values(&[pipeline, kind, outcome]);
+            }
+        }
         for partition in 0..partitions {
             let labels = [pipeline, &partition.to_string()];
             self.partition_lag_events.with_label_values(&labels);
@@ -260,6 +283,7 @@ impl Metrics {
             &self.lag_events,
             &self.delete_guard_active,
             &self.deferred_events,
+            &self.failed_items,
         ] {
             g.with_label_values(&[pipeline]);
         }

@@ -186,7 +186,7 @@ impl Pipeline {
         )
         .with_retry_max_backoff(config.retry_max_backoff)
         .with_failed_retry_interval(config.failed_retry_interval);
-        metrics().init_pipeline(&config.name, log.partitions());
+        metrics().init_pipeline(&config.name, log.partitions(), &config.source.kinds());
         let last_apply = state
             .last_applies()
             .and_then(|r| r.get(&config.name))
@@ -213,7 +213,8 @@ impl Pipeline {
         &self.config.name
     }
 
-    /// Updates the gauges that do not need the log: the scanner's freshness and, while
+    /// Updates the gauges that do not need the log: the failed items, the scanner's
+    /// freshness and, while
     /// the log cannot be read, the lag in seconds aged from the last figures read (nothing
     /// unapplied then can have been committed since). Returns the last scan.
     ///
@@ -231,8 +232,17 @@ impl Pipeline {
                 pipeline: self.config.name.clone(),
                 source,
             })?;
+        let failed = self
+            .state
+            .failures(&self.config.name)
+            .map_err(|source| PipelineError::State {
+                pipeline: self.config.name.clone(),
+                source,
+            })?
+            .len();
         let m = metrics();
         let p = [self.config.name.as_str()];
+        m.failed_items.with_label_values(&p).set(failed as i64);
         if let Some(at) = last_scan.as_ref().and_then(|s| s.last_success_at) {
             m.source_freshness_seconds
                 .with_label_values(&p)

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
-use crate::metrics::{metrics, Metrics};
+use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
     Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure,
@@ -149,6 +149,11 @@ pub struct ProjectReport {
     /// copied) and that no later event brought: the target lacks their source content.
     #[serde(skip)]
     pub stale_left: u64,
+    /// Of the `failed` by kind, those of items already failed before (a retry, or a later
+    /// event of the item): counted `failed_again` in the metrics, so that only an item's
+    /// first failure raises the failure alert. The report counts every failure.
+    #[serde(skip)]
+    pub failed_again: BTreeMap<String, u64>,
 }
 
 impl ProjectReport {
@@ -178,6 +183,9 @@ impl ProjectReport {
             }
         }
         self.failures.extend(other.failures);
+        for (kind, n) in other.failed_again {
+            *self.failed_again.entry(kind).or_insert(0) += n;
+        }
     }
 
     /// The count of one outcome.
@@ -989,6 +997,13 @@ impl Projector {
                         at: Utc::now(),
                     };
                     report.failures.push(f.clone());
+                    let already = match failed.iter().rev().find(|(k, _)| *k == d.identity) {
+                        Some((_, earlier)) => earlier.is_some(),
+                        None => failures.contains(&d.identity).map_err(self.err_state())?,
+                    };
+                    if already {
+                        *report.failed_again.entry(d.kind.clone()).or_insert(0) += 1;
+                    }
                     if !self.retried.load(Ordering::SeqCst) {
                         self.failed_now.lock().unwrap().insert(d.identity.clone());
                     }
@@ -1082,14 +1097,27 @@ impl Projector {
         Ok(())
     }
 
-    /// Adds a report's outcomes to the apply counters.
+    /// Adds a report's outcomes to the apply counters; the failures of items that were
+    /// failed already count as `failed_again`, not `failed`.
     fn count_applies(&self, report: &ProjectReport) {
         let m = metrics();
         for (kind, outcomes) in &report.by_kind {
             for (outcome, n) in outcomes {
-                m.applies
-                    .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
-                    .inc_by(*n);
+                let mut n = *n;
+                if *outcome == Outcome::Failed {
+                    let again = report.failed_again.get(kind).copied().unwrap_or(0).min(n);
+                    if again > 0 {
+                        m.applies
+                            .with_label_values(&[&self.pipeline, kind, FAILED_AGAIN])
+                            .inc_by(again);
+                    }
+                    n -= again;
+                }
+                if n > 0 {
+                    m.applies
+                        .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
+                        .inc_by(n);
+                }
             }
         }
     }

@@ -40,13 +40,15 @@ def row(title, y):
 
 red_at = lambda v: {"mode": "absolute", "steps": [{"color": "green", "value": None}, {"color": "red", "value": v}]}
 row("Is the target behind?", 0)
-stat("Lag (events)", f'tidemark_lag_events{{{P}}}', "short", 0, 1, desc="Events appended but not yet applied.", thresholds=red_at(1000))
-stat("Lag (seconds)", f'tidemark_lag_seconds{{{P}}}', "s", 6, 1, desc="Age of the oldest unapplied change; 0 when caught up.", thresholds=red_at(600))
+stat("Lag (events)", f'tidemark_lag_events{{{P}}}', "short", 0, 1, w=5, desc="Events appended but not yet applied.", thresholds=red_at(1000))
+stat("Lag (seconds)", f'tidemark_lag_seconds{{{P}}}', "s", 5, 1, w=5, desc="Age of the oldest unapplied change; 0 when caught up.", thresholds=red_at(600))
 # From the timestamp, which is 0 before the first complete scan: "never" then.
-stat("Source freshness", f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "s", 12, 1,
+stat("Source freshness", f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "s", 10, 1, w=5,
      desc='Seconds since the last complete, error-free scan; "never" (red) when a pipeline has not had one since its state was created.',
      thresholds=red_at(900), mappings=[{"type": "range", "options": {"from": 1000000000, "to": None, "result": {"text": "never", "color": "red"}}}])
-stat("Delete guard", f'tidemark_delete_guard_active{{{P}}}', "short", 18, 1, desc="1 while the last scan's deletes are withheld by max_delete.", thresholds=red_at(1))
+stat("Delete guard", f'tidemark_delete_guard_active{{{P}}}', "short", 15, 1, w=4, desc="1 while the last scan's deletes are withheld by max_delete.", thresholds=red_at(1))
+stat("Failed items", f'tidemark_failed_items{{{P}}}', "short", 19, 1, w=5,
+     desc="Items on the failed list (`tidemark status` lists them with their reasons). They are tried again by every run and while the daemon runs; the number falls when their cause is fixed.", thresholds=red_at(1))
 ts("Lag in events per pipeline", [(f'tidemark_lag_events{{{P}}}', "{{pipeline}}"), (f'tidemark_deferred_events{{{P}}}', "{{pipeline}} deferred")], "short", 0, 5,
    desc="Events appended to the log but not yet applied to the target.")
 ts("Lag in seconds per pipeline", [(f'tidemark_lag_seconds{{{P}}}', "{{pipeline}}")], "s", 12, 5,
@@ -58,7 +60,7 @@ ts("Events appended by op", [(f'sum by (pipeline, op) (rate(tidemark_events_appe
    "ops", 12, 13, desc="Changes the scanner found, per second.")
 row("What is it doing?", 21)
 ts("Apply rate by outcome", [(f'sum by (pipeline, outcome) (rate(tidemark_applies_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{outcome}}")],
-   "ops", 0, 22, stack=True, desc="Events projected per second: created, updated, adopted, deleted, unchanged, stale, deferred, failed, retained.")
+   "ops", 0, 22, stack=True, desc="Events projected per second: created, updated, adopted, deleted, unchanged, stale, deferred, failed (an item's first failure), failed_again (a retry of a failed item that failed again), retained.")
 ts("Apply batch duration", [
     (f'histogram_quantile(0.5, sum by (pipeline, le) (rate(tidemark_apply_batch_duration_seconds_bucket{{{P}}}[$__rate_interval])))', "{{pipeline}} p50"),
     (f'histogram_quantile(0.95, sum by (pipeline, le) (rate(tidemark_apply_batch_duration_seconds_bucket{{{P}}}[$__rate_interval])))', "{{pipeline}} p95"),
@@ -67,10 +69,11 @@ ts("Apply batch duration", [
 row("Errors and retries", 30)
 ts("Errors", [
     (f'sum by (pipeline, class) (rate(tidemark_apply_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} apply {{class}}"),
-    (f'sum by (pipeline) (rate(tidemark_applies_total{{{P}, outcome="failed"}}[$__rate_interval]))', "{{pipeline}} failed events"),
+    (f'sum by (pipeline) (rate(tidemark_applies_total{{{P}, outcome="failed"}}[$__rate_interval]))', "{{pipeline}} newly failed items"),
+    (f'sum by (pipeline) (rate(tidemark_applies_total{{{P}, outcome="failed_again"}}[$__rate_interval]))', "{{pipeline}} failed again (retries)"),
     (f'sum by (pipeline) (rate(tidemark_scan_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} scan errors"),
     (f'sum by (pipeline) (rate(tidemark_log_decode_errors_total{{{P}}}[$__rate_interval]))', "{{pipeline}} undecodable records"),
-], "ops", 0, 31, desc="Transient apply errors are retried; a failed item is tried again by the next run and when it changes (see `tidemark status`).")
+], "ops", 0, 31, desc="Transient apply errors are retried; a failed item is tried again by the next run, while the daemon runs (failed_retry_interval, the pause doubling up to an hour) and when it changes: its first failure counts as newly failed, retries that fail again as failed again (see `tidemark status`).")
 ts("Retries and requests", [
     (f'sum by (pipeline, side) (rate(tidemark_retries_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} retries"),
     (f'sum by (pipeline, side, status_class) (rate(tidemark_requests_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} {{status_class}}"),

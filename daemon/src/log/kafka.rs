@@ -56,6 +56,12 @@ const READ_DEADLINE: Duration = Duration::from_secs(10);
 /// daemon's producer waits 5 minutes, through a broker restart).
 const ONE_SHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a one-shot command's request still waits once a client reported every broker
+/// down while it waited: librdkafka reconnects to a broker that answers within a few
+/// hundred milliseconds, and one that does not would hold each request for its whole
+/// timeout (a `sync` whose broker died took 24–30 s to fail, a request after another).
+const ONE_SHOT_DOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// How often tailing readers look at the high watermark when no local append woke them.
 const TAIL_POLL: Duration = Duration::from_millis(100);
 
@@ -193,6 +199,44 @@ impl KafkaLog {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Awaits `request` to the brokers. A one-shot command gives up on it when a client
+    /// reports every broker down while it waits and it does not finish within
+    /// [`ONE_SHOT_DOWN_GRACE`] after that: the brokers went away during the run. That
+    /// failure is kept, so every later call fails with it at once instead of waiting out
+    /// its own timeout. The daemon waits (it rides out broker restarts).
+    async fn request<T>(
+        &self,
+        request: impl std::future::Future<Output = T>,
+    ) -> Result<T, ConnectError> {
+        if let Some(e) = self.gave_up.get() {
+            return Err(e.clone());
+        }
+        if self.patience == Patience::Daemon {
+            return Ok(request.await);
+        }
+        let mut down = self.context.all_down();
+        down.borrow_and_update();
+        tokio::pin!(request);
+        tokio::select! {
+            biased;
+            out = &mut request => return Ok(out),
+            _ = down.changed() => {}
+        }
+        match tokio::time::timeout(ONE_SHOT_DOWN_GRACE, &mut request).await {
+            Ok(out) => Ok(out),
+            Err(_) => {
+                let e = ConnectError::Lost {
+                    brokers: self.config.brokers.clone(),
+                    reason: self
+                        .context
+                        .last_failure()
+                        .unwrap_or_else(|| "every broker is down".into()),
+                };
+                Err(self.gave_up.get_or_init(|| e).clone())
+            }
+        }
     }
 
     /// The brokers could not be reached: why, as the clients last said.
@@ -344,7 +388,8 @@ impl KafkaLog {
         }
         let mut landed = Vec::with_capacity(pending.len());
         for delivery in pending {
-            match delivery.await {
+            let delivered = self.request(delivery).await.map_err(|e| err(Box::new(e)))?;
+            match delivered {
                 Ok(Ok(d)) => landed.push((d.partition as u32, d.offset as u64)),
                 Ok(Err((e, _))) => {
                     let what = if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
@@ -479,10 +524,13 @@ impl KafkaLog {
             .tpl(partition, Offset::Offset(next as i64))
             .map_err(|e| err(boxed(e)))?;
         let client = group.consumer.clone();
-        tokio::task::spawn_blocking(move || client.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| err(boxed(e)))?
-            .map_err(|e| err(boxed(e)))
+        self.request(tokio::task::spawn_blocking(move || {
+            client.commit(&tpl, CommitMode::Sync)
+        }))
+        .await
+        .map_err(|e| err(boxed(e)))?
+        .map_err(|e| err(boxed(e)))?
+        .map_err(|e| err(boxed(e)))
     }
 }
 
@@ -566,7 +614,9 @@ struct Leases {
     /// Commits and reads the want slots.
     wants: BaseConsumer<LogContext>,
     state: SyncMutex<LeaseState>,
-    /// Set by [`Leases::release`]: this process neither renews nor claims any more.
+    /// Set by [`Leases::release`], or when the one-shot run waiting in
+    /// [`Leases::take_all`] stopped waiting (Ctrl-C): this process neither renews nor
+    /// claims any more.
     closed: AtomicBool,
     /// A one-shot run's leases ([`EventLog::take_all`]): it holds every partition for its
     /// run and neither hands one over nor asks for one.
@@ -592,6 +642,28 @@ enum Taken {
         partitions: Vec<u32>,
         holders: usize,
     },
+    /// The run stopped waiting ([`Leases::closed`]); nothing was taken.
+    Abandoned,
+}
+
+/// Sets [`Leases::closed`] when dropped: a one-shot run that stops waiting for
+/// [`Leases::take_all`] (its future dropped on Ctrl-C) ends the watch, and no slot is
+/// claimed after it.
+struct CloseOnDrop(Option<Arc<Leases>>);
+
+impl CloseOnDrop {
+    /// The wait is over: the leases stay as [`Leases::take_all`] left them.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(leases) = &self.0 {
+            leases.closed.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Slot writes: partition and value.
@@ -665,6 +737,9 @@ impl Leases {
             let since = Instant::now();
             while !named.is_empty() && since.elapsed() < expiry {
                 std::thread::sleep(Duration::from_millis(250));
+                if self.closed.load(Ordering::SeqCst) {
+                    return Ok(Taken::Abandoned);
+                }
                 let now = self.read(&self.slots)?;
                 let renewed: Vec<u32> = named
                     .iter()
@@ -688,6 +763,9 @@ impl Leases {
                 named.retain(|&p| owner_of(now[p as usize]) != 0);
             }
         }
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(Taken::Abandoned);
+        }
         let mut state = self.state.lock().unwrap();
         let claims: Claims = (0..self.partitions)
             .map(|p| (p, self.value(self.me, &mut state)))
@@ -700,7 +778,8 @@ impl Leases {
         let (won, lost): (Claims, Claims) = claims
             .iter()
             .partition(|(p, v)| after[*p as usize] == Some(*v));
-        if !lost.is_empty() {
+        let abandoned = self.closed.load(Ordering::SeqCst);
+        if !lost.is_empty() || abandoned {
             // Another process claimed at the same time: give back what this one won.
             let mut state = self.state.lock().unwrap();
             let back: Claims = won
@@ -709,6 +788,9 @@ impl Leases {
                 .collect();
             drop(state);
             self.write(&self.slots, &back)?;
+            if abandoned {
+                return Ok(Taken::Abandoned);
+            }
             let partitions: Vec<u32> = lost.iter().map(|&(p, _)| p).collect();
             let holders: BTreeSet<u32> = partitions
                 .iter()
@@ -1011,7 +1093,16 @@ impl EventLog for KafkaLog {
         let mut out = Vec::with_capacity(want);
         let deadline = tokio::time::Instant::now() + READ_DEADLINE;
         while out.len() < want {
-            let received = tokio::time::timeout_at(deadline, reader.consumer.recv()).await;
+            let received = self
+                .request(tokio::time::timeout_at(deadline, reader.consumer.recv()))
+                .await;
+            let received = match received {
+                Ok(received) => received,
+                Err(e) => {
+                    reader.next = None;
+                    return Err(read_err(e));
+                }
+            };
             let message = match received {
                 Err(_) => break,
                 Ok(Err(e)) => {
@@ -1053,12 +1144,14 @@ impl EventLog for KafkaLog {
     async fn head(&self, partition: u32) -> Result<u64, ReadError> {
         self.ensure_connected().await.map_err(read_err)?;
         let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
-        let (_, high) = tokio::task::spawn_blocking(move || {
-            meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
-        })
-        .await
-        .map_err(read_err)?
-        .map_err(read_err)?;
+        let (_, high) = self
+            .request(tokio::task::spawn_blocking(move || {
+                meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
+            }))
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)?
+            .map_err(read_err)?;
         Ok(high.max(0) as u64)
     }
 
@@ -1097,11 +1190,14 @@ impl EventLog for KafkaLog {
             .tpl(partition, Offset::Invalid)
             .map_err(|e| err(boxed(e)))?;
         let client = group.consumer.clone();
-        let offsets =
-            tokio::task::spawn_blocking(move || client.committed_offsets(tpl, REQUEST_TIMEOUT))
-                .await
-                .map_err(|e| err(boxed(e)))?
-                .map_err(|e| err(boxed(e)))?;
+        let offsets = self
+            .request(tokio::task::spawn_blocking(move || {
+                client.committed_offsets(tpl, REQUEST_TIMEOUT)
+            }))
+            .await
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?;
         let offset = offsets
             .find_partition(&self.config.topic, partition as i32)
             .map(|e| e.offset());
@@ -1155,10 +1251,12 @@ impl EventLog for KafkaLog {
                 .map_err(|e| err(boxed(e)))?,
         );
         let taking = leases.clone();
+        let watching = CloseOnDrop(Some(leases.clone()));
         let taken = tokio::task::spawn_blocking(move || taking.take_all())
             .await
             .map_err(|e| err(boxed(e)))?
             .map_err(|e| err(boxed(e)))?;
+        watching.disarm();
         match taken {
             Taken::All(all) => {
                 Leases::start(&leases).map_err(|e| err(boxed(e)))?;
@@ -1174,6 +1272,7 @@ impl EventLog for KafkaLog {
                 partitions,
                 holders,
             }),
+            Taken::Abandoned => Err(err("stopped waiting for the partition leases".into())),
         }
     }
 
@@ -1186,6 +1285,15 @@ impl EventLog for KafkaLog {
                 group: group.clone(),
                 source,
             };
+            if self.gave_up.get().is_some() {
+                // The run's error already says why; no waiting for the brokers again.
+                leases.closed.store(true, Ordering::SeqCst);
+                return Err(err(format!(
+                    "the Kafka brokers {} are gone",
+                    self.config.brokers
+                )
+                .into()));
+            }
             let held = tokio::task::spawn_blocking(move || leases.release())
                 .await
                 .map_err(|e| err(boxed(e)))?

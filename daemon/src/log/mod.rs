@@ -109,6 +109,17 @@ pub enum ConnectError {
         /// Why, as the client last said (`… Connection refused`), or how long it waited.
         reason: String,
     },
+    /// Every broker went away during a one-shot command and none came back within a
+    /// few seconds: the run stops there, with what it committed before.
+    #[error(
+        "lost the Kafka brokers {brokers} during the run ({reason}); what was committed before stays, and the next run goes on from there: start the broker, or fix `brokers` in [pipeline.log.kafka], then run again"
+    )]
+    Lost {
+        /// The configured bootstrap brokers.
+        brokers: String,
+        /// Why, as the client last said (`… Connection refused`).
+        reason: String,
+    },
     /// The backend answered but the log cannot be used (its topic cannot be created or
     /// has no partitions).
     #[error("the {backend} log is not ready: {message}")]

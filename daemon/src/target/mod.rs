@@ -35,8 +35,9 @@ pub enum Outcome {
     /// Waiting: an upsert for items it references, a directory delete for the directory to
     /// be empty. Kept in state and applied later.
     Deferred,
-    /// The event failed permanently; kept in state and tried again once by each later run,
-    /// or applied when its key changes.
+    /// The event failed permanently; kept in state and tried again once by each later run
+    /// and now and then while the daemon runs, or applied when its key changes. The
+    /// metrics count an item's first failure as `failed`, later ones as `failed_again`.
     Failed,
     /// A delete that was not applied because the target does not prune.
     Retained,
