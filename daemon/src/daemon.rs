@@ -249,7 +249,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 // A refresh waiting on a broker that does not answer ends with the run.
                 let refresh = async {
                     for p in &pipelines {
-                        if let Err(e) = p.status().await {
+                        if let Err(e) = p.refresh_gauges().await {
                             warn!("cannot refresh the lag gauges: {e}");
                         }
                     }

@@ -317,6 +317,19 @@ impl Pipeline {
 
     /// Reads offsets, lag and the last scan, and updates the lag metrics with them.
     pub async fn status(&self) -> Result<PipelineStatus, PipelineError> {
+        self.read_status(true).await
+    }
+
+    /// Updates the lag metrics as [`Pipeline::status`] does, without counting the retained
+    /// deletes: that walks every one (sled counts a tree by iterating it), which with
+    /// `prune` off grows with every delete the source ever had; the daemon refreshes its
+    /// gauges every second.
+    pub async fn refresh_gauges(&self) -> Result<(), PipelineError> {
+        self.read_status(false).await.map(drop)
+    }
+
+    /// The status; `retained_deletes` counted only with `retained`, 0 otherwise.
+    async fn read_status(&self, retained: bool) -> Result<PipelineStatus, PipelineError> {
         let _refreshing = self.refreshing.lock().await;
         let state_err = |source| PipelineError::State {
             pipeline: self.config.name.clone(),
@@ -446,11 +459,14 @@ impl Pipeline {
             last_scan,
             failed,
             deferred,
-            retained_deletes: self
-                .state
-                .retained(&self.config.name)
-                .map_err(state_err)?
-                .len(),
+            retained_deletes: if retained {
+                self.state
+                    .retained(&self.config.name)
+                    .map_err(state_err)?
+                    .len()
+            } else {
+                0
+            },
         })
     }
 }
