@@ -671,3 +671,34 @@ fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
     assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
     assert_rest_mirror(&dev, &prod);
 }
+
+/// A delete that finds nothing on prod deletes nothing, and the run says so: `unchanged`,
+/// as the directory target counts a file already gone (issue: both counted `deleted`).
+/// Here one item's mirror was removed on prod by hand (prod answers the DELETE with 404)
+/// and another never reached prod (it waited for a post dev never had).
+#[test]
+fn a_delete_of_an_item_prod_does_not_have_counts_unchanged_not_deleted() {
+    let (env, dev, prod) = dangling_comment("1h");
+    let (_, project) = env.sync();
+    assert_eq!(
+        kind_outcome(&project, "comments", "deferred"),
+        1,
+        "{project}"
+    );
+    let post = prod.all("posts").pop().unwrap();
+    prod.delete("posts", &post["id"]);
+    dev.delete("comments", &json!(701));
+    dev.delete("posts", &json!(600));
+
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("t: applied 2 events: 2 unchanged"),
+        "the deletes claim to have deleted something:\n{stdout}"
+    );
+    let report = last_report(&env);
+    assert_eq!(report["counts"], json!({"unchanged": 2}), "{report}");
+    assert_eq!(prod.all("users").len(), 1, "user-a stays");
+    assert!(prod.all("posts").is_empty() && prod.all("comments").is_empty());
+    assert_verified(&env);
+}

@@ -646,3 +646,24 @@ fn serve(
         }
     }
 }
+
+/// The `report.json` of pipeline `t`'s last run.
+pub fn last_report(env: &Env) -> Value {
+    let dir = env.path("state/reports/t");
+    let last = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("no reports in {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("report.json").is_file())
+        .max()
+        .unwrap_or_else(|| panic!("no report.json under {}", dir.display()));
+    serde_json::from_slice(&std::fs::read(last.join("report.json")).unwrap()).unwrap()
+}
+
+/// Runs `sync` (text output) and returns its exit code and stdout.
+pub fn sync_text(env: &Env) -> (Option<i32>, String) {
+    let out = env.run(&["sync"]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

@@ -432,8 +432,10 @@ impl Target for HttpTarget {
         let known = prior.and_then(|p| p.target_id.clone());
         match event.op {
             Op::Delete => {
+                // Never mirrored (it failed, or waited, until the source deleted it): the
+                // target has nothing to delete.
                 let Some(id) = known else {
-                    return Ok(Outcome::Deleted.into());
+                    return Ok(Outcome::Unchanged.into());
                 };
                 let identity = event.identity();
                 let claims = self.claims();
@@ -449,7 +451,10 @@ impl Target for HttpTarget {
                         target_id: Some(id),
                     });
                 }
-                match self
+                // A 404: gone from the target already (removed by hand, or by a cascade of
+                // its parent's delete), so this delete deleted nothing: `unchanged`, as
+                // the directory target counts a file already absent.
+                let outcome = match self
                     .client
                     .send(
                         Method::DELETE,
@@ -458,15 +463,15 @@ impl Target for HttpTarget {
                     )
                     .await
                 {
-                    Ok(_) => {}
-                    Err(e) if e.status() == Some(404) => {}
+                    Ok(_) => Outcome::Deleted,
+                    Err(e) if e.status() == Some(404) => Outcome::Unchanged,
                     Err(e) => return Err(self.error(event, e)),
-                }
+                };
                 if let Some(claims) = &claims {
                     claims.release(&kind.name, &id, &identity);
                 }
                 Ok(Effect {
-                    outcome: Outcome::Deleted,
+                    outcome,
                     target_id: Some(id),
                 })
             }

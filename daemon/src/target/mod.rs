@@ -26,9 +26,11 @@ pub enum Outcome {
     Updated,
     /// An equal item already existed on the target and was taken over without a write.
     Adopted,
-    /// The item was removed (or was already absent).
+    /// The item was removed from the target.
     Deleted,
-    /// The applied state already had this content: nothing touched.
+    /// Nothing to do on the target: the applied state already had this content, or a
+    /// delete found the item already absent (never mirrored, or removed behind tidemark's
+    /// back).
     Unchanged,
     /// The source no longer holds the content the event describes; a newer event follows.
     Stale,
