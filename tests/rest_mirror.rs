@@ -702,3 +702,69 @@ fn a_delete_of_an_item_prod_does_not_have_counts_unchanged_not_deleted() {
     assert!(prod.all("posts").is_empty() && prod.all("comments").is_empty());
     assert_verified(&env);
 }
+
+/// A dev id alone does not tell an operator which item a line is about: `plan`, the
+/// failure lines of `sync`, `status` and the report name the item too (issue: they showed
+/// `posts 5011` only).
+#[test]
+fn plan_and_failure_lines_name_the_item_besides_its_dev_id() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.reject_body.lock().unwrap() = Some("\"post-0-1\"".into());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(3), "{stdout}");
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with("t: FAILED"))
+        .unwrap_or_else(|| panic!("no failure line:\n{stdout}"));
+    assert!(
+        failed.starts_with("t: FAILED posts 5011 (\"post-0-1\"): ") && failed.contains("422"),
+        "{failed}"
+    );
+    let report = last_report(&env);
+    assert_eq!(report["failures"][0]["name"], "post-0-1", "{report}");
+    let summary = std::fs::read_to_string(
+        std::fs::read_dir(env.path("state/reports/t"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap()
+            .join("summary.txt"),
+    )
+    .unwrap();
+    assert!(
+        summary.contains("  posts 5011 (\"post-0-1\") (offset "),
+        "{summary}"
+    );
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("    posts 5011 (\"post-0-1\") (offset "),
+        "{status}"
+    );
+    assert!(
+        status.contains("    comments 90026 (\"comment-0-1-0\") (offset "),
+        "the comments waiting for it are named too:\n{status}"
+    );
+
+    dev.post(
+        "users",
+        json!({"id": 1500, "name": "user-new", "active": true, "score": 1, "bio": ""}),
+    );
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(
+        plan.contains("create users 1500 (\"user-new\") (offset "),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("retry posts 5011 (\"post-0-1\") (offset "),
+        "{plan}"
+    );
+    for out in [&stdout, &status, &plan, &summary] {
+        assert!(!out.contains(TOKEN));
+    }
+}

@@ -19,7 +19,7 @@ use tidemark::progress::{LogWriter, Progress};
 use tidemark::projector::PlannedAction;
 use tidemark::report::Report;
 use tidemark::scanner::StartedListing;
-use tidemark::state::{State, StateError};
+use tidemark::state::{item_label, State, StateError};
 use tidemark::verify;
 use tokio_util::sync::CancellationToken;
 
@@ -666,9 +666,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             outln!("  {} deferred items:", deferred.len());
             for d in deferred.iter().take(20) {
                 outln!(
-                    "    {} {} (offset {}, since {}): {}",
-                    d["kind"].as_str().unwrap_or("?"),
-                    d["key"].as_str().unwrap_or("?"),
+                    "    {} (offset {}, since {}): {}",
+                    item_label(
+                        d["kind"].as_str().unwrap_or("?"),
+                        d["key"].as_str().unwrap_or("?"),
+                        d["name"].as_str()
+                    ),
                     d["offset"],
                     d["since"].as_str().unwrap_or("?"),
                     d["reason"].as_str().unwrap_or("?")
@@ -679,9 +682,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             outln!("  {} failed items:", failed.len());
             for f in failed.iter().take(20) {
                 outln!(
-                    "    {} {} (offset {}): {}",
-                    f["kind"].as_str().unwrap_or("?"),
-                    f["key"].as_str().unwrap_or("?"),
+                    "    {} (offset {}): {}",
+                    item_label(
+                        f["kind"].as_str().unwrap_or("?"),
+                        f["key"].as_str().unwrap_or("?"),
+                        f["name"].as_str()
+                    ),
                     f["offset"],
                     f["reason"].as_str().unwrap_or("?")
                 );
@@ -892,7 +898,7 @@ async fn scan_project(
                 };
                 outln!("{}: applied {events} events{before}{what}", p.name());
                 for f in &report.failures {
-                    outln!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
+                    outln!("{}: FAILED {}: {}", p.name(), f.item(), f.reason);
                 }
                 if let Some(first) = report.failures.iter().map(|f| f.offset).min() {
                     outln!("{}", retry_hint(p.name(), first));
@@ -1108,23 +1114,20 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
             Some(offset) => format!("offset {offset}"),
             None => "found by this scan".into(),
         };
+        let item = item_label(&a.kind, &a.key, a.name.as_deref());
         match (a.waiting_since, &a.failed) {
             (_, Some(failed)) => outln!(
-                "{:>6} {} {} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
+                "{:>6} {item} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
                 a.action,
-                a.kind,
-                a.key,
                 failed.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 failed.reason
             ),
             (Some(since), None) => outln!(
-                "{:>6} {} {} ({at}, waiting since {})",
+                "{:>6} {item} ({at}, waiting since {})",
                 a.action,
-                a.kind,
-                a.key,
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
-            (None, None) => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
+            (None, None) => outln!("{:>6} {item} ({at})", a.action),
         }
     }
     let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();

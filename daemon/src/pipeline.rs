@@ -98,6 +98,9 @@ pub struct DeferredItem {
     pub kind: String,
     /// Key of the item.
     pub key: String,
+    /// The item's name, when its event carries one (a REST kind's `name_field`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Offset of the waiting event.
     pub offset: u64,
     /// When it was first deferred.
@@ -375,6 +378,7 @@ impl Pipeline {
                         },
                         kind: d.event.kind,
                         key: d.event.key,
+                        name: d.event.name,
                         offset: d.event.offset,
                         since: d.since,
                     }
@@ -393,6 +397,7 @@ impl Pipeline {
                 reason: "directory delete waiting for the directory to be empty (the deletes of its contents are not all applied yet, or the target holds entries the source does not have); tried again after every batch".into(),
                 kind: d.event.kind,
                 key: d.event.key,
+                name: d.event.name,
                 offset: d.event.offset,
                 since: d.since,
             });

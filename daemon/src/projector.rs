@@ -201,6 +201,10 @@ pub struct PlannedAction {
     pub kind: String,
     /// Key of the item.
     pub key: String,
+    /// The item's name, when the event carries one (a REST kind's `name_field`): a
+    /// source id alone does not tell a person which item it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// For `retry`: when the event started waiting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTimeUtc>,
@@ -936,6 +940,7 @@ impl Projector {
                     let f = Failure {
                         kind: d.kind.clone(),
                         key: d.key.clone(),
+                        name: d.retry.as_ref().and_then(|e| e.name.clone()),
                         offset: d.offset,
                         reason,
                         at: Utc::now(),
@@ -1656,7 +1661,7 @@ impl Projector {
                 named.join(", "),
                 humantime::format_duration(wait)
             );
-            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, "{reason}");
+            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, name = d.event.name.as_deref(), "{reason}");
             metrics()
                 .apply_errors
                 .with_label_values(&[&self.pipeline, "permanent"])
@@ -1864,6 +1869,7 @@ impl Projector {
                         pipeline = %self.pipeline,
                         kind = %event.kind,
                         key = %event.key,
+                        name = event.name.as_deref(),
                         offset = event.offset,
                         "{e}; once the cause is fixed, the next `sync`, `project` or daemon start tries it again (or `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
                         self.pipeline,
@@ -2393,6 +2399,7 @@ impl Projector {
                     action: "retry",
                     kind: event.kind,
                     key: event.key,
+                    name: event.name,
                     waiting_since: Some(since),
                     failed,
                 }),
@@ -2411,6 +2418,7 @@ impl Projector {
                         action: "delete",
                         kind: d.event.kind,
                         key: d.event.key,
+                        name: d.event.name,
                         waiting_since: None,
                         failed: None,
                     });
@@ -2471,6 +2479,7 @@ impl Projector {
             action,
             kind: event.kind,
             key: event.key,
+            name: event.name,
             waiting_since: None,
             failed: None,
         });

@@ -399,11 +399,7 @@ impl Report {
         } else {
             let _ = writeln!(s, "failures: {}", self.failures.len());
             for f in &self.failures {
-                let _ = writeln!(
-                    s,
-                    "  {} {} (offset {}): {}",
-                    f.kind, f.key, f.offset, f.reason
-                );
+                let _ = writeln!(s, "  {} (offset {}): {}", f.item(), f.offset, f.reason);
             }
         }
         s
