@@ -768,3 +768,32 @@ fn plan_and_failure_lines_name_the_item_besides_its_dev_id() {
         assert!(!out.contains(TOKEN));
     }
 }
+
+/// `sync` onto a REST target shows on a terminal how many items it has projected as it
+/// goes, and no byte count, since API items have no bytes (issue: the bar read
+/// `project 0 (0 B)` until the whole batch was done).
+#[test]
+fn the_progress_bar_counts_rest_items_as_they_are_projected() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(4));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    // A slow prod, one item at a time: the 28 items take about 3 s to project.
+    *proxy.faults.delay.lock().unwrap() = Some(Duration::from_millis(50));
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "max_delete = \"100%\"\n",
+        "max_delete = \"100%\"\nconcurrency = 1\n",
+    );
+    std::fs::write(&env.config, config).unwrap();
+
+    let drawn = under_pty(&env, "sync");
+    let counts = counts(&drawn, "project");
+    assert!(
+        counts.iter().any(|n| (1..28).contains(n)),
+        "the bar did not count items while they were projected: {counts:?}\n{drawn:?}"
+    );
+    assert!(counts.iter().all(|n| *n <= 28), "{counts:?}");
+    assert!(!drawn.contains(" B)"), "a byte count was drawn: {drawn:?}");
+    assert_rest_mirror(&dev, &prod);
+}

@@ -663,6 +663,17 @@ impl Projector {
     /// the number of records read (0 when caught up). A transient failure is returned as
     /// an error after the finished prefix is committed, with what the batch applied.
     pub async fn step(&self, partition: u32) -> Result<(ProjectReport, usize), Stopped> {
+        self.step_showing(partition, None).await
+    }
+
+    /// [`Projector::step`], moving `progress` by each key's events as they are applied (a
+    /// batch of REST items takes seconds: counting it only once done left the bar at 0),
+    /// and by the records it skips at once; a whole batch moves it by the records read.
+    async fn step_showing(
+        &self,
+        partition: u32,
+        progress: Option<&Progress>,
+    ) -> Result<(ProjectReport, usize), Stopped> {
         let committed = self.committed(partition).await?;
         let records = self
             .log
@@ -735,6 +746,11 @@ impl Projector {
                 }
             }
         }
+        let grouped: usize = groups.iter().map(Vec::len).sum();
+        if let Some(progress) = progress {
+            // Skipped (applied ahead, or not an event): nothing to wait for.
+            progress.inc((read - grouped) as u64);
+        }
         // Directory deletes go last and in order, after the contents they may hold.
         let (dir_deletes, others): (Vec<_>, Vec<_>) = groups
             .into_iter()
@@ -744,6 +760,17 @@ impl Projector {
             fresh: Default::default(),
         };
         let priors = Priors::read_ahead(&applied, group_of.keys().cloned().collect()).await;
+        let applying = |g: Vec<Event>| {
+            let events = g.len() as u64;
+            let apply = self.apply_group(g, &priors, &refs, false);
+            async move {
+                let r = apply.await;
+                if let Some(progress) = progress {
+                    progress.inc(events);
+                }
+                r
+            }
+        };
         // Deletes of a kind the batch's upserts reference go after them: those upserts
         // may move items away from the one deleted, and a target that deletes what
         // references an item along with it (json-server's dependents, `ON DELETE
@@ -769,14 +796,14 @@ impl Projector {
         for phase in [first, then, last] {
             results.extend(
                 stream::iter(phase)
-                    .map(|g| self.apply_group(g, &priors, &refs, false))
+                    .map(applying)
                     .buffer_unordered(self.concurrency)
                     .collect::<Vec<_>>()
                     .await,
             );
         }
         for g in dir_deletes {
-            results.push(self.apply_group(g, &priors, &refs, false).await);
+            results.push(applying(g).await);
         }
         drop(priors);
         let (pending, settled) = self
@@ -1969,10 +1996,9 @@ impl Projector {
         progress: Option<&Progress>,
         total: &mut ProjectReport,
     ) -> Result<usize, ProjectError> {
-        match self.step(partition).await {
+        match self.step_showing(partition, progress).await {
             Ok((report, read)) => {
                 if let Some(progress) = progress {
-                    progress.inc(read as u64);
                     progress.add_bytes(report.bytes_written);
                 }
                 total.merge(report);

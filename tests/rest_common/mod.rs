@@ -319,6 +319,8 @@ pub struct Faults {
     pub reject_body: Mutex<Option<String>>,
     /// Answer 429 with `Retry-After: N` (seconds) to requests whose path contains this.
     pub throttle: Mutex<Option<(String, u64)>>,
+    /// Answer every request this much later, as a slow server does.
+    pub delay: Mutex<Option<Duration>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -560,6 +562,9 @@ fn serve(
                 }
                 continue;
             }
+        }
+        if let Some(delay) = *f.delay.lock().unwrap() {
+            std::thread::sleep(delay);
         }
         // A fault that strikes after the server has handled the request.
         let mut after = None;
