@@ -366,7 +366,12 @@ impl Pipeline {
                         .map(|r| format!("{} {} (at {})", r.kind, r.key, r.path))
                         .collect();
                     DeferredItem {
-                        reason: if d.event.refs.is_empty() {
+                        reason: if let Some(t) = &d.taken {
+                            format!(
+                                "waiting for the source item that holds the target item it would adopt by name (id {}) to let it go, as its delete may still come; fails if it does not: {}",
+                                t.target_id, t.reason
+                            )
+                        } else if d.event.refs.is_empty() {
                             "waiting for the directory in its place on the target to be empty (the deletes of what it holds are not all applied yet, or the target holds entries the source does not have); tried again after every batch".into()
                         } else if d.partial {
                             format!(

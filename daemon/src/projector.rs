@@ -37,7 +37,7 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure,
+    Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Outcome, Probe, Target};
 
@@ -255,6 +255,8 @@ struct Done {
     /// The event a failure keeps for the next run's retry: the failed one, or a stale one
     /// (a newer version of an item that may have failed before).
     retry: Option<Event>,
+    /// Deferred because the target item it would adopt mirrors another source item.
+    taken: Option<Taken>,
 }
 
 /// Target ids of referenced items: the remap table plus what this batch applied so far.
@@ -565,6 +567,10 @@ pub struct Projector {
     retry_due: Mutex<RetryDue>,
     /// Which source item each target id mirrors, for a target that adopts by name.
     claims: Arc<ClaimTable>,
+    /// Set for the last settling of a one-shot run ([`Projector::fail_taken`]): events
+    /// waiting for a target item another source item holds fail then, not after the
+    /// reference wait.
+    last_call: AtomicBool,
 }
 
 impl Projector {
@@ -601,6 +607,7 @@ impl Projector {
             failed_now: Mutex::default(),
             retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
+            last_call: AtomicBool::new(false),
         }
     }
 
@@ -1493,6 +1500,7 @@ impl Projector {
                         event,
                         since: now,
                         partial: d.partial,
+                        taken: d.taken.clone(),
                     },
                 ))
             })
@@ -1576,6 +1584,7 @@ impl Projector {
                             event: event.clone(),
                             since,
                             partial: d.partial,
+                            taken: d.taken.clone(),
                         },
                     );
                 }
@@ -1599,7 +1608,14 @@ impl Projector {
             for (id, d) in &pending {
                 let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
                 if missing.is_empty() {
-                    if !blocked.contains(id) {
+                    // One waiting for a target item another source item holds goes once
+                    // that item let it go (deleted, or mirrored elsewhere).
+                    let held = d.taken.as_ref().is_some_and(|t| {
+                        self.claims
+                            .other_owner(&d.event.kind, &t.target_id, id)
+                            .is_some()
+                    });
+                    if !blocked.contains(id) && !held {
                         ready.push(id.clone());
                     }
                 } else if refs.target_id(id).map_err(self.err_state())?.is_none()
@@ -1646,6 +1662,7 @@ impl Projector {
                                 event: event.clone(),
                                 since: at,
                                 partial: d.partial || was_partial,
+                                taken: d.taken.clone(),
                             },
                         );
                     }
@@ -1664,15 +1681,18 @@ impl Projector {
         }
         // Only a wait for references expires; what waits for the target (a directory in the
         // way) waits as long as that directory's delete does.
+        // So does a wait for a target item another source item holds; at the end of a
+        // one-shot run ([`Projector::fail_taken`]) that item's delete would have come.
         let wait = self.target.reference_wait();
+        let last_call = self.last_call.load(Ordering::SeqCst);
         let mut expired = Vec::new();
         for (id, d) in &pending {
-            if (now - d.since).to_std().unwrap_or_default() < wait {
-                continue;
-            }
             let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
-            if !missing.is_empty() {
+            let waited = (now - d.since).to_std().unwrap_or_default() >= wait;
+            if !missing.is_empty() && waited {
                 expired.push((id.clone(), missing));
+            } else if missing.is_empty() && d.taken.is_some() && (waited || last_call) {
+                expired.push((id.clone(), Vec::new()));
             }
         }
         for (id, missing) in expired {
@@ -1683,11 +1703,14 @@ impl Projector {
                 .iter()
                 .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
                 .collect();
-            let reason = format!(
-                "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
-                named.join(", "),
-                humantime::format_duration(wait)
-            );
+            let reason = match &d.taken {
+                Some(t) if missing.is_empty() => t.reason.clone(),
+                _ => format!(
+                    "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
+                    named.join(", "),
+                    humantime::format_duration(wait)
+                ),
+            };
             error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, name = d.event.name.as_deref(), "{reason}");
             metrics()
                 .apply_errors
@@ -1708,6 +1731,7 @@ impl Projector {
                 retained: None,
                 bytes: 0,
                 retry: Some(d.event.clone()),
+                taken: None,
             });
         }
         Ok((pending, settled))
@@ -1753,6 +1777,7 @@ impl Projector {
                 retained: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
                 retry: None,
+                taken: None,
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
                 let mut d = done(outcome, Change::Keep, None);
@@ -1886,6 +1911,28 @@ impl Projector {
                     );
                     result.stopped = Some((event.offset, e));
                     break;
+                }
+                Err(ApplyError::Taken {
+                    kind,
+                    key,
+                    target_id,
+                    message,
+                }) => {
+                    // The other item's delete may be in a later batch: wait for it.
+                    debug!(
+                        pipeline = %self.pipeline,
+                        kind = %event.kind,
+                        key = %event.key,
+                        offset = event.offset,
+                        "waiting for another source item to let go of the target item it would adopt: {message}"
+                    );
+                    let mut d = done(Outcome::Deferred, Change::Keep, None);
+                    d.deferred = Some(event.clone());
+                    d.taken = Some(Taken {
+                        target_id,
+                        reason: format!("{kind} `{key}`: {message}"),
+                    });
+                    result.done.push(d);
                 }
                 Err(e @ ApplyError::Permanent { .. }) => {
                     metrics()
@@ -2102,12 +2149,44 @@ impl Projector {
                 self.step_into(p, None, total).await?;
             }
         }
+        if let Some(&(p, _)) = targets.first() {
+            self.fail_taken(p, total).await?;
+        }
         total.committed = 0;
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
         total.stale_left = self.stale.lock().unwrap().len() as u64;
         Ok(())
+    }
+
+    /// The end of a one-shot run: an event still waiting for a target item another source
+    /// item holds fails now, with the target's reason (two source items with one name).
+    /// The run has applied the whole log, the retained deletes and the retries, so the
+    /// other item's delete, had the source deleted it, would have let the target item go
+    /// already. One more settling (on `partition`, with nothing new to read) applies
+    /// those it did let go and fails the others.
+    async fn fail_taken(
+        &self,
+        partition: u32,
+        total: &mut ProjectReport,
+    ) -> Result<(), ProjectError> {
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut taken = false;
+        for entry in deferred.iter() {
+            let (_, d) = entry.map_err(self.err_state())?;
+            taken |= d.taken.is_some();
+        }
+        if !taken {
+            return Ok(());
+        }
+        self.last_call.store(true, Ordering::SeqCst);
+        let settled = self.step_into(partition, None, total).await;
+        self.last_call.store(false, Ordering::SeqCst);
+        settled.map(|_| ())
     }
 
     /// Checks that the configured target is the one the applied state was built on, and

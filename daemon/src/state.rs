@@ -89,6 +89,20 @@ pub struct Deferred {
     /// they resolve.
     #[serde(default)]
     pub partial: bool,
+    /// Waiting for another source item to let go of the target item this one would adopt
+    /// by name (its delete may follow in a later batch), rather than for references.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken: Option<Taken>,
+}
+
+/// The target item a waiting event would adopt by name, which another source item holds
+/// (`ApplyError::Taken`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Taken {
+    /// The target id the other source item holds.
+    pub target_id: String,
+    /// The failure, should the other item keep it.
+    pub reason: String,
 }
 
 /// A directory delete not applied yet because the directory was not empty (the deletes of

@@ -322,13 +322,17 @@ impl HttpTarget {
                 let claims = self.claims();
                 if let Some(claims) = &claims {
                     if let Err(owner) = claims.claim(&kind.name, &id, &identity) {
-                        return Err(Self::permanent(
-                            event,
-                            format!(
+                        // The projector waits for that item's delete, which may come in a
+                        // later batch, before it fails this one.
+                        return Err(ApplyError::Taken {
+                            kind: event.kind.clone(),
+                            key: event.key.clone(),
+                            message: format!(
                                 "the target's `{}` item named `{name}` (id {id}) already mirrors the source's `{}` item `{owner}`, so it is not adopted for this one, nor written: two source items with one name cannot be told apart on the target. Rename one of them in the source",
                                 kind.name, event.kind
                             ),
-                        )
+                            target_id: id,
+                        }
                         .into());
                     }
                 }
