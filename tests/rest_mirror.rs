@@ -838,8 +838,11 @@ fn an_item_made_again_under_a_new_id_replaces_its_mirror_in_one_sync_across_batc
     assert!(!stdout.contains("FAILED"), "{stdout}");
     let report = last_report(&env);
     assert_eq!(report["failures"], json!([]), "{report}");
-    assert_eq!(report["counts"]["created"], 1, "{report}");
-    assert_eq!(report["counts"]["deleted"], 1, "{report}");
+    assert_eq!(
+        report["counts"],
+        json!({"created": 1, "deleted": 1}),
+        "{report}"
+    );
     let seen = proxy.seen.lock().unwrap().clone();
     assert_eq!(
         proxy.count("PUT"),
@@ -889,5 +892,60 @@ fn an_item_made_again_under_a_new_id_replaces_its_mirror_in_one_sync_across_batc
     assert!(
         status.contains("1 failed items") && !status.contains("deferred items"),
         "{status}"
+    );
+}
+
+/// A first sync of users ← posts ← comments: posts and comments wait for the items they
+/// reference, and are created by the same sync once those are. The counts a user reads
+/// say how each item ended, `deferred` only for items still waiting, and note how many
+/// waited (issue: they read `21 created, 18 deferred` for a complete mirror).
+#[test]
+fn sync_counts_items_by_how_they_ended_and_notes_those_that_waited() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(3));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(0), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("t: applied"))
+        .unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
+    let waited: u64 = line
+        .strip_prefix("t: applied 21 events: 21 created (")
+        .and_then(|rest| rest.strip_suffix(" waited for other items first)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!((1..=18).contains(&waited), "{line}");
+    let report = last_report(&env);
+    assert_eq!(report["counts"], json!({"created": 21}), "{report}");
+    assert_eq!(report["waited"], waited, "{report}");
+    let summary = std::fs::read_to_string(
+        std::fs::read_dir(env.path("state/reports/t"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap()
+            .join("summary.txt"),
+    )
+    .unwrap();
+    assert!(
+        summary.contains(&format!(
+            "applied: 21 created ({waited} waited for other items first)\n"
+        )),
+        "{summary}"
+    );
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+
+    // An item still waiting at the end is what `deferred` counts.
+    let (env, _dev, _prod) = dangling_comment("1h");
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(
+        last_report(&env)["counts"],
+        json!({"created": 2, "deferred": 1}),
+        "{stdout}"
     );
 }

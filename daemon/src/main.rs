@@ -894,7 +894,7 @@ async fn scan_project(
                 let what = match (counts.is_empty(), stopped.is_some()) {
                     (true, true) => String::new(),
                     (true, false) => ": nothing to do".into(),
-                    (false, _) => format!(": {}", counts.join(", ")),
+                    (false, _) => format!(": {}{}", counts.join(", "), waited_note(report.waited)),
                 };
                 outln!("{}: applied {events} events{before}{what}", p.name());
                 for f in &report.failures {
@@ -987,6 +987,16 @@ fn checkpoint(dir: &std::path::Path) {
 
 /// Writes a run's report; a report that cannot be written is logged, not fatal: the run
 /// itself succeeded. Returns the report's directory.
+/// After a run's counts: how many of the items counted waited for other items first
+/// (the items they reference, a directory in their place) and were applied in the same
+/// run. `deferred` counts only those still waiting.
+fn waited_note(waited: u64) -> String {
+    match waited {
+        0 => String::new(),
+        n => format!(" ({n} waited for other items first)"),
+    }
+}
+
 /// What to run once the cause of a permanent failure is fixed: a failed item is not tried
 /// again until it changes in the source or its event is replayed.
 fn retry_hint(pipeline: &str, first_offset: u64) -> String {

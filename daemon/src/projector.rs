@@ -131,14 +131,35 @@ impl From<ProjectError> for Stopped {
 }
 
 /// What a projection run did, for `project`/`sync` output and reports.
+///
+/// The outcomes are those the run ended with: an item deferred (waiting for the items it
+/// references) and applied later in the run counts once, by the outcome of that apply,
+/// and in [`ProjectReport::waited`]; `deferred` counts the items still waiting at the end.
+/// The apply metric counts every attempt instead ([`ProjectReport::applies`]).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ProjectReport {
     /// Events read.
     pub events: u64,
-    /// Events by outcome.
+    /// Items by the outcome this run left them with.
     pub outcomes: BTreeMap<Outcome, u64>,
-    /// Events by kind and outcome.
+    /// The same by kind.
     pub by_kind: BTreeMap<String, BTreeMap<Outcome, u64>>,
+    /// Items this run kept waiting (deferred) and then applied: counted in `outcomes` by
+    /// that apply's outcome, not as `deferred`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub waited: u64,
+    /// Every apply by kind and outcome, as `tidemark_applies_total` counts them: an item
+    /// deferred, then created, counts in both.
+    #[serde(skip)]
+    applies: BTreeMap<(String, Outcome), u64>,
+    /// Items counted `deferred` that are still waiting, with their kind: a later outcome
+    /// of the item replaces that count.
+    #[serde(skip)]
+    waiting: BTreeMap<String, String>,
+    /// Items of this report counted by another outcome that were not waiting in it: when
+    /// it is merged into a run's total, the ones the run had counted `deferred` leave it.
+    #[serde(skip)]
+    ended: BTreeMap<String, Outcome>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions.
@@ -151,8 +172,36 @@ pub struct ProjectReport {
     pub stale_left: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl ProjectReport {
+    /// Counts an outcome that is no item's (a record that is not an event).
     fn count(&mut self, kind: &str, outcome: Outcome) {
+        *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
+        self.add(kind, outcome);
+    }
+
+    /// Counts the outcome of an apply of item `identity`: a deferral once while the item
+    /// waits, and a later outcome in place of it.
+    fn count_item(&mut self, identity: &str, kind: &str, outcome: Outcome) {
+        *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
+        if outcome == Outcome::Deferred {
+            if self.waiting.contains_key(identity) {
+                return;
+            }
+            self.ended.remove(identity);
+            self.waiting.insert(identity.to_owned(), kind.to_owned());
+        } else if let Some(was) = self.waiting.remove(identity) {
+            self.end_wait(&was, outcome);
+        } else {
+            self.ended.insert(identity.to_owned(), outcome);
+        }
+        self.add(kind, outcome);
+    }
+
+    fn add(&mut self, kind: &str, outcome: Outcome) {
         *self.outcomes.entry(outcome).or_insert(0) += 1;
         *self
             .by_kind
@@ -162,10 +211,53 @@ impl ProjectReport {
             .or_insert(0) += 1;
     }
 
-    fn merge(&mut self, other: ProjectReport) {
+    /// An item of `kind` counted `deferred` got `outcome`.
+    fn end_wait(&mut self, kind: &str, outcome: Outcome) {
+        fn less(counts: &mut BTreeMap<Outcome, u64>, outcome: Outcome) {
+            if let Some(n) = counts.get_mut(&outcome) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&outcome);
+                }
+            }
+        }
+        less(&mut self.outcomes, Outcome::Deferred);
+        if let Some(counts) = self.by_kind.get_mut(kind) {
+            less(counts, Outcome::Deferred);
+            if counts.is_empty() {
+                self.by_kind.remove(kind);
+            }
+        }
+        if !matches!(
+            outcome,
+            Outcome::Failed | Outcome::Stale | Outcome::Retained | Outcome::Deferred
+        ) {
+            self.waited += 1;
+        }
+    }
+
+    /// Adds what `other`, a later part of the run, did.
+    fn merge(&mut self, mut other: ProjectReport) {
         self.events += other.events;
         self.stale_left += other.stale_left;
         self.bytes_written += other.bytes_written;
+        self.waited += other.waited;
+        for (identity, outcome) in &other.ended {
+            if let Some(kind) = self.waiting.remove(identity) {
+                self.end_wait(&kind, *outcome);
+            }
+        }
+        for (identity, kind) in std::mem::take(&mut other.waiting) {
+            match self.waiting.entry(identity) {
+                // Still waiting: counted once, when it started.
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    other.end_wait(&kind, Outcome::Deferred)
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(kind);
+                }
+            }
+        }
         for (kind, outcomes) in other.by_kind {
             for (outcome, n) in outcomes {
                 *self.outcomes.entry(outcome).or_insert(0) += n;
@@ -176,6 +268,9 @@ impl ProjectReport {
                     .entry(outcome)
                     .or_insert(0) += n;
             }
+        }
+        for (key, n) in other.applies {
+            *self.applies.entry(key).or_insert(0) += n;
         }
         self.failures.extend(other.failures);
     }
@@ -949,7 +1044,7 @@ impl Projector {
             if let Some(id) = d.remap.clone() {
                 remapped.push((d.identity.clone(), id));
             }
-            report.count(&d.kind, d.outcome);
+            report.count_item(&d.identity, &d.kind, d.outcome);
             if d.outcome == Outcome::Stale {
                 stale.insert(d.identity.clone(), d.offset);
             } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
@@ -1073,15 +1168,13 @@ impl Projector {
         Ok(())
     }
 
-    /// Adds a report's outcomes to the apply counters.
+    /// Adds a report's applies to the apply counters.
     fn count_applies(&self, report: &ProjectReport) {
         let m = metrics();
-        for (kind, outcomes) in &report.by_kind {
-            for (outcome, n) in outcomes {
-                m.applies
-                    .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
-                    .inc_by(*n);
-            }
+        for ((kind, outcome), n) in &report.applies {
+            m.applies
+                .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
+                .inc_by(*n);
         }
     }
 
