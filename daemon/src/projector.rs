@@ -1772,20 +1772,26 @@ impl Projector {
                 break;
             }
         }
-        // Only a wait for references expires; what waits for the target (a directory in the
-        // way) waits as long as that directory's delete does.
-        // So does a wait for a target item another source item holds; at the end of a
-        // one-shot run ([`Projector::fail_taken`]) that item's delete would have come.
+        // Only a wait for references, or for a target item another source item holds,
+        // expires; what waits for the target (a directory in the way) waits as long as
+        // that directory's delete does. A target item still held at the end of a one-shot
+        // run ([`Projector::fail_taken`]) fails then: its holder's delete would have come.
         let wait = self.target.reference_wait();
         let last_call = self.last_call.load(Ordering::SeqCst);
         let mut expired = Vec::new();
         for (id, d) in &pending {
-            let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
             let waited = (now - d.since).to_std().unwrap_or_default() >= wait;
-            if !missing.is_empty() && waited {
+            let due = waited || (last_call && d.taken.is_some());
+            if !due {
+                continue;
+            }
+            let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
+            if !missing.is_empty() {
+                if waited {
+                    expired.push((id.clone(), missing));
+                }
+            } else if d.taken.is_some() {
                 expired.push((id.clone(), missing));
-            } else if missing.is_empty() && d.taken.is_some() && (waited || last_call) {
-                expired.push((id.clone(), Vec::new()));
             }
         }
         for (id, missing) in expired {
