@@ -4,40 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-/// Columns of the pseudo-terminal: wide enough that no log line wraps.
-const COLS: usize = 250;
-
-/// Runs the binary with `args` under a pseudo-terminal; returns everything it drew.
-fn under_pty(env: &Env, args: &str) -> String {
-    under_pty_logging(env, args, "warn")
-}
-
-/// [`under_pty`] with `RUST_LOG` set to `log`.
-fn under_pty_logging(env: &Env, args: &str, log: &str) -> String {
-    let cmd = format!(
-        "stty cols {COLS} rows 50; {} --config {} {args}",
-        bin().display(),
-        env.config.display()
-    );
-    let out = Command::new("script")
-        .args(["-qfec", &cmd, "/dev/null"])
-        .env("RUST_LOG", log)
-        .env("TERM", "xterm")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `script` ({e}); install util-linux: apt-get install -y util-linux")
-        });
-    assert!(
-        out.status.success(),
-        "tidemark {args} under a pty failed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Marks only a progress bar leaves: the templates' words and terminal control sequences.
 fn progress_marks(text: &str) -> Vec<&'static str> {
@@ -128,28 +95,6 @@ fn rates(drawn: &str) -> Vec<&str> {
     drawn
         .match_indices("/s")
         .map(|(at, _)| drawn[..at].rsplit(' ').next().unwrap_or(""))
-        .collect()
-}
-
-/// The counts in every frame `drawn` of the bar named `what` (`1,234`, or `1,234/1,530`).
-fn counts(drawn: &str, what: &str) -> Vec<u64> {
-    drawn
-        .match_indices(&format!("{what:>10} "))
-        .flat_map(|(at, m)| {
-            let frame = &drawn[at + m.len()..];
-            // Up to the rate (`28,405/s`), which is no count.
-            let rate = frame.find("/s").unwrap_or(frame.len());
-            let frame = &frame[..frame[..rate].rfind(' ').unwrap_or(rate)];
-            frame
-                .split_whitespace()
-                .filter(|t| {
-                    t.chars()
-                        .all(|c| c.is_ascii_digit() || c == ',' || c == '/')
-                })
-                .flat_map(|t| t.split('/'))
-                .filter_map(|n| n.replace(',', "").parse().ok())
-                .collect::<Vec<u64>>()
-        })
         .collect()
 }
 

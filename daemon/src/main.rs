@@ -19,7 +19,7 @@ use tidemark::progress::{LogWriter, Progress};
 use tidemark::projector::PlannedAction;
 use tidemark::report::Report;
 use tidemark::scanner::StartedListing;
-use tidemark::state::{State, StateError};
+use tidemark::state::{item_label, State, StateError};
 use tidemark::verify;
 use tokio_util::sync::CancellationToken;
 
@@ -666,9 +666,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             outln!("  {} deferred items:", deferred.len());
             for d in deferred.iter().take(20) {
                 outln!(
-                    "    {} {} (offset {}, since {}): {}",
-                    d["kind"].as_str().unwrap_or("?"),
-                    d["key"].as_str().unwrap_or("?"),
+                    "    {} (offset {}, since {}): {}",
+                    item_label(
+                        d["kind"].as_str().unwrap_or("?"),
+                        d["key"].as_str().unwrap_or("?"),
+                        d["name"].as_str()
+                    ),
                     d["offset"],
                     d["since"].as_str().unwrap_or("?"),
                     d["reason"].as_str().unwrap_or("?")
@@ -679,9 +682,12 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             outln!("  {} failed items:", failed.len());
             for f in failed.iter().take(20) {
                 outln!(
-                    "    {} {} (offset {}): {}",
-                    f["kind"].as_str().unwrap_or("?"),
-                    f["key"].as_str().unwrap_or("?"),
+                    "    {} (offset {}): {}",
+                    item_label(
+                        f["kind"].as_str().unwrap_or("?"),
+                        f["key"].as_str().unwrap_or("?"),
+                        f["name"].as_str()
+                    ),
                     f["offset"],
                     f["reason"].as_str().unwrap_or("?")
                 );
@@ -911,11 +917,11 @@ async fn scan_project(
                 let what = match (counts.is_empty(), stopped.is_some()) {
                     (true, true) => String::new(),
                     (true, false) => ": nothing to do".into(),
-                    (false, _) => format!(": {}", counts.join(", ")),
+                    (false, _) => format!(": {}{}", counts.join(", "), waited_note(report.waited)),
                 };
                 outln!("{}: applied {events} events{before}{what}", p.name());
                 for f in &report.failures {
-                    outln!("{}: FAILED {} {}: {}", p.name(), f.kind, f.key, f.reason);
+                    outln!("{}: FAILED {}: {}", p.name(), f.item(), f.reason);
                 }
                 if let Some(first) = report.failures.iter().map(|f| f.offset).min() {
                     outln!("{}", retry_hint(p.name(), first));
@@ -1004,6 +1010,16 @@ fn checkpoint(dir: &std::path::Path) {
 
 /// Writes a run's report; a report that cannot be written is logged, not fatal: the run
 /// itself succeeded. Returns the report's directory.
+/// After a run's counts: how many of the items counted waited for other items first
+/// (the items they reference, a directory in their place) and were applied in the same
+/// run. `deferred` counts only those still waiting.
+fn waited_note(waited: u64) -> String {
+    match waited {
+        0 => String::new(),
+        n => format!(" ({n} waited for other items first)"),
+    }
+}
+
 /// What to run once the cause of a permanent failure is fixed: a failed item is not tried
 /// again until it changes in the source or its event is replayed.
 fn retry_hint(pipeline: &str, first_offset: u64) -> String {
@@ -1131,23 +1147,20 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
             Some(offset) => format!("offset {offset}"),
             None => "found by this scan".into(),
         };
+        let item = item_label(&a.kind, &a.key, a.name.as_deref());
         match (a.waiting_since, &a.failed) {
             (_, Some(failed)) => outln!(
-                "{:>6} {} {} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
+                "{:>6} {item} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
                 a.action,
-                a.kind,
-                a.key,
                 failed.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 failed.reason
             ),
             (Some(since), None) => outln!(
-                "{:>6} {} {} ({at}, waiting since {})",
+                "{:>6} {item} ({at}, waiting since {})",
                 a.action,
-                a.kind,
-                a.key,
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
-            (None, None) => outln!("{:>6} {} {} ({at})", a.action, a.kind, a.key),
+            (None, None) => outln!("{:>6} {item} ({at})", a.action),
         }
     }
     let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();

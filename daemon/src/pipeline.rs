@@ -98,6 +98,9 @@ pub struct DeferredItem {
     pub kind: String,
     /// Key of the item.
     pub key: String,
+    /// The item's name, when its event carries one (a REST kind's `name_field`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Offset of the waiting event.
     pub offset: u64,
     /// When it was first deferred.
@@ -386,7 +389,12 @@ impl Pipeline {
                         .map(|r| format!("{} {} (at {})", r.kind, r.key, r.path))
                         .collect();
                     DeferredItem {
-                        reason: if d.event.refs.is_empty() {
+                        reason: if let Some(t) = &d.taken {
+                            format!(
+                                "waiting for the source item that holds the target item it would adopt by name (id {}) to let it go, as its delete may still come; fails if it does not: {}",
+                                t.target_id, t.reason
+                            )
+                        } else if d.event.refs.is_empty() {
                             "waiting for the directory in its place on the target to be empty (the deletes of what it holds are not all applied yet, or the target holds entries the source does not have); tried again after every batch".into()
                         } else if d.partial {
                             format!(
@@ -398,6 +406,7 @@ impl Pipeline {
                         },
                         kind: d.event.kind,
                         key: d.event.key,
+                        name: d.event.name,
                         offset: d.event.offset,
                         since: d.since,
                     }
@@ -416,6 +425,7 @@ impl Pipeline {
                 reason: "directory delete waiting for the directory to be empty (the deletes of its contents are not all applied yet, or the target holds entries the source does not have); tried again after every batch".into(),
                 kind: d.event.kind,
                 key: d.event.key,
+                name: d.event.name,
                 offset: d.event.offset,
                 since: d.since,
             });

@@ -53,10 +53,11 @@ impl Progress {
         Progress::new(false, "", None)
     }
 
-    /// Counts `n` more bytes.
+    /// Counts `n` more bytes. None counted, none shown: items without bytes (REST
+    /// resources) would read `(0 B)`.
     pub fn add_bytes(&self, n: u64) {
         let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
-        if !self.bar.is_hidden() {
+        if total > 0 && !self.bar.is_hidden() {
             self.bar.set_message(format!("({})", HumanBytes(total)));
         }
     }

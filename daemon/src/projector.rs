@@ -37,7 +37,7 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure,
+    Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Outcome, Probe, Target};
 
@@ -131,14 +131,35 @@ impl From<ProjectError> for Stopped {
 }
 
 /// What a projection run did, for `project`/`sync` output and reports.
+///
+/// The outcomes are those the run ended with: an item deferred (waiting for the items it
+/// references) and applied later in the run counts once, by the outcome of that apply,
+/// and in [`ProjectReport::waited`]; `deferred` counts the items still waiting at the end.
+/// The apply metric counts every attempt instead ([`ProjectReport::applies`]).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ProjectReport {
     /// Events read.
     pub events: u64,
-    /// Events by outcome.
+    /// Items by the outcome this run left them with.
     pub outcomes: BTreeMap<Outcome, u64>,
-    /// Events by kind and outcome.
+    /// The same by kind.
     pub by_kind: BTreeMap<String, BTreeMap<Outcome, u64>>,
+    /// Items this run kept waiting (deferred) and then applied: counted in `outcomes` by
+    /// that apply's outcome, not as `deferred`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub waited: u64,
+    /// Every apply by kind and outcome, as `tidemark_applies_total` counts them: an item
+    /// deferred, then created, counts in both.
+    #[serde(skip)]
+    applies: BTreeMap<(String, Outcome), u64>,
+    /// Items counted `deferred` that are still waiting, with their kind: a later outcome
+    /// of the item replaces that count.
+    #[serde(skip)]
+    waiting: BTreeMap<String, String>,
+    /// Items of this report counted by another outcome that were not waiting in it: when
+    /// it is merged into a run's total, the ones the run had counted `deferred` leave it.
+    #[serde(skip)]
+    ended: BTreeMap<String, Outcome>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions.
@@ -156,8 +177,36 @@ pub struct ProjectReport {
     pub failed_again: BTreeMap<String, u64>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl ProjectReport {
+    /// Counts an outcome that is no item's (a record that is not an event).
     fn count(&mut self, kind: &str, outcome: Outcome) {
+        *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
+        self.add(kind, outcome);
+    }
+
+    /// Counts the outcome of an apply of item `identity`: a deferral once while the item
+    /// waits, and a later outcome in place of it.
+    fn count_item(&mut self, identity: &str, kind: &str, outcome: Outcome) {
+        *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
+        if outcome == Outcome::Deferred {
+            if self.waiting.contains_key(identity) {
+                return;
+            }
+            self.ended.remove(identity);
+            self.waiting.insert(identity.to_owned(), kind.to_owned());
+        } else if let Some(was) = self.waiting.remove(identity) {
+            self.end_wait(&was, outcome);
+        } else {
+            self.ended.insert(identity.to_owned(), outcome);
+        }
+        self.add(kind, outcome);
+    }
+
+    fn add(&mut self, kind: &str, outcome: Outcome) {
         *self.outcomes.entry(outcome).or_insert(0) += 1;
         *self
             .by_kind
@@ -167,10 +216,53 @@ impl ProjectReport {
             .or_insert(0) += 1;
     }
 
-    fn merge(&mut self, other: ProjectReport) {
+    /// An item of `kind` counted `deferred` got `outcome`.
+    fn end_wait(&mut self, kind: &str, outcome: Outcome) {
+        fn less(counts: &mut BTreeMap<Outcome, u64>, outcome: Outcome) {
+            if let Some(n) = counts.get_mut(&outcome) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&outcome);
+                }
+            }
+        }
+        less(&mut self.outcomes, Outcome::Deferred);
+        if let Some(counts) = self.by_kind.get_mut(kind) {
+            less(counts, Outcome::Deferred);
+            if counts.is_empty() {
+                self.by_kind.remove(kind);
+            }
+        }
+        if !matches!(
+            outcome,
+            Outcome::Failed | Outcome::Stale | Outcome::Retained | Outcome::Deferred
+        ) {
+            self.waited += 1;
+        }
+    }
+
+    /// Adds what `other`, a later part of the run, did.
+    fn merge(&mut self, mut other: ProjectReport) {
         self.events += other.events;
         self.stale_left += other.stale_left;
         self.bytes_written += other.bytes_written;
+        self.waited += other.waited;
+        for (identity, outcome) in &other.ended {
+            if let Some(kind) = self.waiting.remove(identity) {
+                self.end_wait(&kind, *outcome);
+            }
+        }
+        for (identity, kind) in std::mem::take(&mut other.waiting) {
+            match self.waiting.entry(identity) {
+                // Still waiting: counted once, when it started.
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    other.end_wait(&kind, Outcome::Deferred)
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(kind);
+                }
+            }
+        }
         for (kind, outcomes) in other.by_kind {
             for (outcome, n) in outcomes {
                 *self.outcomes.entry(outcome).or_insert(0) += n;
@@ -181,6 +273,9 @@ impl ProjectReport {
                     .entry(outcome)
                     .or_insert(0) += n;
             }
+        }
+        for (key, n) in other.applies {
+            *self.applies.entry(key).or_insert(0) += n;
         }
         self.failures.extend(other.failures);
         for (kind, n) in other.failed_again {
@@ -209,6 +304,10 @@ pub struct PlannedAction {
     pub kind: String,
     /// Key of the item.
     pub key: String,
+    /// The item's name, when the event carries one (a REST kind's `name_field`): a
+    /// source id alone does not tell a person which item it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// For `retry`: when the event started waiting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_since: Option<DateTimeUtc>,
@@ -259,6 +358,8 @@ struct Done {
     /// The event a failure keeps for the next run's retry: the failed one, or a stale one
     /// (a newer version of an item that may have failed before).
     retry: Option<Event>,
+    /// Deferred because the target item it would adopt mirrors another source item.
+    taken: Option<Taken>,
 }
 
 /// Target ids of referenced items: the remap table plus what this batch applied so far.
@@ -471,6 +572,7 @@ fn merge_deferred(
                         event: event.clone(),
                         since,
                         partial: d.partial,
+                        taken: d.taken.clone(),
                     },
                 );
             }
@@ -597,6 +699,10 @@ pub struct Projector {
     retry_due: Mutex<RetryDue>,
     /// Which source item each target id mirrors, for a target that adopts by name.
     claims: Arc<ClaimTable>,
+    /// Set for the last settling of a one-shot run ([`Projector::fail_taken`]): events
+    /// waiting for a target item another source item holds fail then, not after the
+    /// reference wait.
+    last_call: AtomicBool,
 }
 
 impl Projector {
@@ -633,6 +739,7 @@ impl Projector {
             failed_now: Mutex::default(),
             retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
+            last_call: AtomicBool::new(false),
         }
     }
 
@@ -695,6 +802,17 @@ impl Projector {
     /// the number of records read (0 when caught up). A transient failure is returned as
     /// an error after the finished prefix is committed, with what the batch applied.
     pub async fn step(&self, partition: u32) -> Result<(ProjectReport, usize), Stopped> {
+        self.step_showing(partition, None).await
+    }
+
+    /// [`Projector::step`], moving `progress` by each key's events as they are applied (a
+    /// batch of REST items takes seconds: counting it only once done left the bar at 0),
+    /// and by the records it skips at once; a whole batch moves it by the records read.
+    async fn step_showing(
+        &self,
+        partition: u32,
+        progress: Option<&Progress>,
+    ) -> Result<(ProjectReport, usize), Stopped> {
         let committed = self.committed(partition).await?;
         let records = self
             .log
@@ -767,6 +885,11 @@ impl Projector {
                 }
             }
         }
+        let grouped: usize = groups.iter().map(Vec::len).sum();
+        if let Some(progress) = progress {
+            // Skipped (applied ahead, or not an event): nothing to wait for.
+            progress.inc((read - grouped) as u64);
+        }
         // Directory deletes go last and in order, after the contents they may hold.
         let (dir_deletes, others): (Vec<_>, Vec<_>) = groups
             .into_iter()
@@ -776,6 +899,17 @@ impl Projector {
             fresh: Default::default(),
         };
         let priors = Priors::read_ahead(&applied, group_of.keys().cloned().collect()).await;
+        let applying = |g: Vec<Event>| {
+            let events = g.len() as u64;
+            let apply = self.apply_group(g, &priors, &refs, false);
+            async move {
+                let r = apply.await;
+                if let Some(progress) = progress {
+                    progress.inc(events);
+                }
+                r
+            }
+        };
         // Deletes of a kind the batch's upserts reference go after them: those upserts
         // may move items away from the one deleted, and a target that deletes what
         // references an item along with it (json-server's dependents, `ON DELETE
@@ -810,14 +944,14 @@ impl Projector {
         for phase in [first, then] {
             results.extend(
                 stream::iter(phase)
-                    .map(|g| self.apply_group(g, &priors, &refs, false))
+                    .map(applying)
                     .buffer_unordered(self.concurrency)
                     .collect::<Vec<_>>()
                     .await,
             );
         }
         for g in dir_deletes {
-            results.push(self.apply_group(g, &priors, &refs, false).await);
+            results.push(applying(g).await);
         }
         // The deferred upserts that can go now (those waiting for an item this batch
         // created) go before those deletes too; the deleted keys' own deferred events wait
@@ -967,7 +1101,7 @@ impl Projector {
             if let Some(id) = d.remap.clone() {
                 remapped.push((d.identity.clone(), id));
             }
-            report.count(&d.kind, d.outcome);
+            report.count_item(&d.identity, &d.kind, d.outcome);
             if d.outcome == Outcome::Stale {
                 stale.insert(d.identity.clone(), d.offset);
             } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
@@ -992,6 +1126,7 @@ impl Projector {
                     let f = Failure {
                         kind: d.kind.clone(),
                         key: d.key.clone(),
+                        name: d.retry.as_ref().and_then(|e| e.name.clone()),
                         offset: d.offset,
                         reason,
                         at: Utc::now(),
@@ -1097,27 +1232,25 @@ impl Projector {
         Ok(())
     }
 
-    /// Adds a report's outcomes to the apply counters; the failures of items that were
-    /// failed already count as `failed_again`, not `failed`.
+    /// Adds a report's applies to the apply counters (every attempt); the failures of
+    /// items that were failed already count as `failed_again`, not `failed`.
     fn count_applies(&self, report: &ProjectReport) {
         let m = metrics();
-        for (kind, outcomes) in &report.by_kind {
-            for (outcome, n) in outcomes {
-                let mut n = *n;
-                if *outcome == Outcome::Failed {
-                    let again = report.failed_again.get(kind).copied().unwrap_or(0).min(n);
-                    if again > 0 {
-                        m.applies
-                            .with_label_values(&[&self.pipeline, kind, FAILED_AGAIN])
-                            .inc_by(again);
-                    }
-                    n -= again;
-                }
-                if n > 0 {
+        for ((kind, outcome), n) in &report.applies {
+            let mut n = *n;
+            if *outcome == Outcome::Failed {
+                let again = report.failed_again.get(kind).copied().unwrap_or(0).min(n);
+                if again > 0 {
                     m.applies
-                        .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
-                        .inc_by(n);
+                        .with_label_values(&[&self.pipeline, kind, FAILED_AGAIN])
+                        .inc_by(again);
                 }
+                n -= again;
+            }
+            if n > 0 {
+                m.applies
+                    .with_label_values(&[&self.pipeline, kind, outcome.as_str()])
+                    .inc_by(n);
             }
         }
     }
@@ -1537,6 +1670,7 @@ impl Projector {
                         event,
                         since: now,
                         partial: d.partial,
+                        taken: d.taken.clone(),
                     },
                 ))
             })
@@ -1626,7 +1760,14 @@ impl Projector {
             for (id, d) in pending.iter().filter(|(id, _)| !held.contains(*id)) {
                 let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
                 if missing.is_empty() {
-                    if !blocked.contains(id) {
+                    // One waiting for a target item another source item holds goes once
+                    // that item let it go (deleted, or mirrored elsewhere).
+                    let still_claimed = d.taken.as_ref().is_some_and(|t| {
+                        self.claims
+                            .other_owner(&d.event.kind, &t.target_id, id)
+                            .is_some()
+                    });
+                    if !blocked.contains(id) && !still_claimed {
                         ready.push(id.clone());
                     }
                 } else if refs.target_id(id).map_err(self.err_state())?.is_none()
@@ -1674,6 +1815,7 @@ impl Projector {
                                 event: event.clone(),
                                 since: at,
                                 partial: d.partial || was_partial,
+                                taken: d.taken.clone(),
                             },
                         );
                     }
@@ -1690,16 +1832,25 @@ impl Projector {
                 break;
             }
         }
-        // Only a wait for references expires; what waits for the target (a directory in the
-        // way) waits as long as that directory's delete does.
+        // Only a wait for references, or for a target item another source item holds,
+        // expires; what waits for the target (a directory in the way) waits as long as
+        // that directory's delete does. A target item still held at the end of a one-shot
+        // run ([`Projector::fail_taken`]) fails then: its holder's delete would have come.
         let wait = self.target.reference_wait();
+        let last_call = self.last_call.load(Ordering::SeqCst);
         let mut expired = Vec::new();
         for (id, d) in &pending {
-            if held.contains(id) || (now - d.since).to_std().unwrap_or_default() < wait {
+            let waited = (now - d.since).to_std().unwrap_or_default() >= wait;
+            let due = waited || (last_call && d.taken.is_some());
+            if held.contains(id) || !due {
                 continue;
             }
             let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
             if !missing.is_empty() {
+                if waited {
+                    expired.push((id.clone(), missing));
+                }
+            } else if d.taken.is_some() {
                 expired.push((id.clone(), missing));
             }
         }
@@ -1711,12 +1862,15 @@ impl Projector {
                 .iter()
                 .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
                 .collect();
-            let reason = format!(
-                "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
-                named.join(", "),
-                humantime::format_duration(wait)
-            );
-            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, "{reason}");
+            let reason = match &d.taken {
+                Some(t) if missing.is_empty() => t.reason.clone(),
+                _ => format!(
+                    "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
+                    named.join(", "),
+                    humantime::format_duration(wait)
+                ),
+            };
+            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, name = d.event.name.as_deref(), "{reason}");
             metrics()
                 .apply_errors
                 .with_label_values(&[&self.pipeline, "permanent"])
@@ -1736,6 +1890,7 @@ impl Projector {
                 retained: None,
                 bytes: 0,
                 retry: Some(d.event.clone()),
+                taken: None,
             });
         }
         Ok((pending, settled))
@@ -1781,6 +1936,7 @@ impl Projector {
                 retained: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
                 retry: None,
+                taken: None,
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
                 let mut d = done(outcome, Change::Keep, None);
@@ -1915,6 +2071,28 @@ impl Projector {
                     result.stopped = Some((event.offset, e));
                     break;
                 }
+                Err(ApplyError::Taken {
+                    kind,
+                    key,
+                    target_id,
+                    message,
+                }) => {
+                    // The other item's delete may be in a later batch: wait for it.
+                    debug!(
+                        pipeline = %self.pipeline,
+                        kind = %event.kind,
+                        key = %event.key,
+                        offset = event.offset,
+                        "waiting for another source item to let go of the target item it would adopt: {message}"
+                    );
+                    let mut d = done(Outcome::Deferred, Change::Keep, None);
+                    d.deferred = Some(event.clone());
+                    d.taken = Some(Taken {
+                        target_id,
+                        reason: format!("{kind} `{key}`: {message}"),
+                    });
+                    result.done.push(d);
+                }
                 Err(e @ ApplyError::Permanent { .. }) => {
                     metrics()
                         .apply_errors
@@ -1924,6 +2102,7 @@ impl Projector {
                         pipeline = %self.pipeline,
                         kind = %event.kind,
                         key = %event.key,
+                        name = event.name.as_deref(),
                         offset = event.offset,
                         "{e}; once the cause is fixed, the next `sync`, `project` or daemon start tries it again (or `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
                         self.pipeline,
@@ -2023,10 +2202,9 @@ impl Projector {
         progress: Option<&Progress>,
         total: &mut ProjectReport,
     ) -> Result<usize, ProjectError> {
-        match self.step(partition).await {
+        match self.step_showing(partition, progress).await {
             Ok((report, read)) => {
                 if let Some(progress) = progress {
-                    progress.inc(read as u64);
                     progress.add_bytes(report.bytes_written);
                 }
                 total.merge(report);
@@ -2130,12 +2308,44 @@ impl Projector {
                 self.step_into(p, None, total).await?;
             }
         }
+        if let Some(&(p, _)) = targets.first() {
+            self.fail_taken(p, total).await?;
+        }
         total.committed = 0;
         for &(p, _) in &targets {
             total.committed += self.committed(p).await?;
         }
         total.stale_left = self.stale.lock().unwrap().len() as u64;
         Ok(())
+    }
+
+    /// The end of a one-shot run: an event still waiting for a target item another source
+    /// item holds fails now, with the target's reason (two source items with one name).
+    /// The run has applied the whole log, the retained deletes and the retries, so the
+    /// other item's delete, had the source deleted it, would have let the target item go
+    /// already. One more settling (on `partition`, with nothing new to read) applies
+    /// those it did let go and fails the others.
+    async fn fail_taken(
+        &self,
+        partition: u32,
+        total: &mut ProjectReport,
+    ) -> Result<(), ProjectError> {
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut taken = false;
+        for entry in deferred.iter() {
+            let (_, d) = entry.map_err(self.err_state())?;
+            taken |= d.taken.is_some();
+        }
+        if !taken {
+            return Ok(());
+        }
+        self.last_call.store(true, Ordering::SeqCst);
+        let settled = self.step_into(partition, None, total).await;
+        self.last_call.store(false, Ordering::SeqCst);
+        settled.map(|_| ())
     }
 
     /// Checks that the configured target is the one the applied state was built on, and
@@ -2453,6 +2663,7 @@ impl Projector {
                     action: "retry",
                     kind: event.kind,
                     key: event.key,
+                    name: event.name,
                     waiting_since: Some(since),
                     failed,
                 }),
@@ -2471,6 +2682,7 @@ impl Projector {
                         action: "delete",
                         kind: d.event.kind,
                         key: d.event.key,
+                        name: d.event.name,
                         waiting_since: None,
                         failed: None,
                     });
@@ -2531,6 +2743,7 @@ impl Projector {
             action,
             kind: event.kind,
             key: event.key,
+            name: event.name,
             waiting_since: None,
             failed: None,
         });

@@ -131,6 +131,10 @@ pub struct Report {
     pub counts: BTreeMap<String, u64>,
     /// The same counts per kind.
     pub by_kind: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Items the run kept waiting (for the items they reference) and then applied: in
+    /// `counts` by the outcome of that apply, not as `deferred`. Left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub waited: u64,
     /// Events that failed, with their reasons.
     pub failures: Vec<Failure>,
     /// The delete guard's decision.
@@ -157,6 +161,7 @@ impl Report {
             scan: None,
             counts: BTreeMap::new(),
             by_kind: BTreeMap::new(),
+            waited: 0,
             failures: Vec::new(),
             delete_guard: GuardDecision {
                 decision: "not_evaluated".into(),
@@ -220,6 +225,7 @@ impl Report {
                 self.add(kind, outcome.as_str(), *n);
             }
         }
+        self.waited += report.waited;
         self.failures.extend(report.failures.iter().cloned());
         self
     }
@@ -399,7 +405,11 @@ impl Report {
         if self.counts.is_empty() {
             let _ = writeln!(s, "{verb}: nothing");
         } else {
-            let _ = writeln!(s, "{verb}: {}", line(&self.counts));
+            let waited = match self.waited {
+                0 => String::new(),
+                n => format!(" ({n} waited for other items first)"),
+            };
+            let _ = writeln!(s, "{verb}: {}{waited}", line(&self.counts));
             for (kind, counts) in &self.by_kind {
                 let _ = writeln!(s, "  {kind}: {}", line(counts));
             }
@@ -409,11 +419,7 @@ impl Report {
         } else {
             let _ = writeln!(s, "failures: {}", self.failures.len());
             for f in &self.failures {
-                let _ = writeln!(
-                    s,
-                    "  {} {} (offset {}): {}",
-                    f.kind, f.key, f.offset, f.reason
-                );
+                let _ = writeln!(s, "  {} (offset {}): {}", f.item(), f.offset, f.reason);
             }
         }
         s

@@ -89,6 +89,20 @@ pub struct Deferred {
     /// they resolve.
     #[serde(default)]
     pub partial: bool,
+    /// Waiting for another source item to let go of the target item this one would adopt
+    /// by name (its delete may follow in a later batch), rather than for references.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken: Option<Taken>,
+}
+
+/// The target item a waiting event would adopt by name, which another source item holds
+/// (`ApplyError::Taken`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Taken {
+    /// The target id the other source item holds.
+    pub target_id: String,
+    /// The failure, should the other item keep it.
+    pub reason: String,
 }
 
 /// A directory delete not applied yet because the directory was not empty (the deletes of
@@ -102,6 +116,22 @@ pub struct PendingDelete {
     pub since: DateTime<Utc>,
 }
 
+/// How a person reads an item's identity: `kind key`, and its name quoted when it has one
+/// (`users 17 ("alice")`), since a REST source's key is an id that says nothing.
+pub fn item_label(kind: &str, key: &str, name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("{kind} {key} ({name:?})"),
+        None => format!("{kind} {key}"),
+    }
+}
+
+impl Failure {
+    /// The failed item, as [`item_label`] writes it.
+    pub fn item(&self) -> String {
+        item_label(&self.kind, &self.key, self.name.as_deref())
+    }
+}
+
 /// A failed event kept for `status` until the key's next event is applied, or the next
 /// run's retry of it succeeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +140,10 @@ pub struct Failure {
     pub kind: String,
     /// Key of the item.
     pub key: String,
+    /// The item's name (a REST kind's `name_field`, which adoption uses), so that a person
+    /// can tell which item a source id is; none for files and for deletes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Offset of the failed event.
     pub offset: u64,
     /// What went wrong (secrets redacted).
@@ -1328,6 +1362,7 @@ mod tests {
         let failure = Failure {
             kind: "file".into(),
             key: "x".into(),
+            name: None,
             offset: 7,
             reason: "in the way".into(),
             at: Utc::now(),

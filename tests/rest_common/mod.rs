@@ -319,6 +319,8 @@ pub struct Faults {
     pub reject_body: Mutex<Option<String>>,
     /// Answer 429 with `Retry-After: N` (seconds) to requests whose path contains this.
     pub throttle: Mutex<Option<(String, u64)>>,
+    /// Answer every request this much later, as a slow server does.
+    pub delay: Mutex<Option<Duration>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -561,6 +563,9 @@ fn serve(
                 continue;
             }
         }
+        if let Some(delay) = *f.delay.lock().unwrap() {
+            std::thread::sleep(delay);
+        }
         // A fault that strikes after the server has handled the request.
         let mut after = None;
         if f.chaos.load(Ordering::SeqCst) {
@@ -645,4 +650,25 @@ fn serve(
             return;
         }
     }
+}
+
+/// The `report.json` of pipeline `t`'s last run.
+pub fn last_report(env: &Env) -> Value {
+    let dir = env.path("state/reports/t");
+    let last = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("no reports in {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("report.json").is_file())
+        .max()
+        .unwrap_or_else(|| panic!("no report.json under {}", dir.display()));
+    serde_json::from_slice(&std::fs::read(last.join("report.json")).unwrap()).unwrap()
+}
+
+/// Runs `sync` (text output) and returns its exit code and stdout.
+pub fn sync_text(env: &Env) -> (Option<i32>, String) {
+    let out = env.run(&["sync"]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }

@@ -872,7 +872,7 @@ impl Inner {
         if is_scratch(&event.key) {
             // Never mirrored (see `resolve`), so already absent; the scratch directory
             // itself is not the source's to remove.
-            return Ok(Outcome::Deleted);
+            return Ok(Outcome::Unchanged);
         }
         let path = self.resolve(&event.key)?;
         let dir = path.parent().expect("resolved paths are below the root");
@@ -890,15 +890,16 @@ impl Inner {
         } else {
             self.in_dir(dir, || fs::remove_file(&path))
         };
-        match removed {
-            Ok(()) => {}
-            // Gone already, or another kind of item took its place (a file where the
-            // directory was, a directory where the file was, or a file in place of a parent):
-            // that item has its own events, and this delete must not remove it.
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) if matches!(e.raw_os_error(), Some(20 | 21)) => return Ok(Outcome::Deleted),
+        // Gone already, or another kind of item took its place (a file where the directory
+        // was, a directory where the file was, or a file in place of a parent): that item
+        // has its own events, and this delete must not remove it. Nothing was deleted, so
+        // the outcome is `unchanged`, not `deleted`.
+        let outcome = match removed {
+            Ok(()) => Outcome::Deleted,
+            Err(e) if e.kind() == ErrorKind::NotFound => Outcome::Unchanged,
+            Err(e) if matches!(e.raw_os_error(), Some(20 | 21)) => return Ok(Outcome::Unchanged),
             Err(e) => return Err(e.into()),
-        }
+        };
         self.safe_dirs.lock().unwrap().remove(&path);
         self.dir_times.lock().unwrap().remove(&path);
         if self.remove_empty_parents {
@@ -916,7 +917,7 @@ impl Inner {
                 dir = d.parent();
             }
         }
-        Ok(Outcome::Deleted)
+        Ok(outcome)
     }
 
     fn sync(&self) -> Result<(), Failure> {
@@ -1217,7 +1218,8 @@ mod tests {
 
     /// The source turned directory `x` into a file and file `y` into a directory: the old
     /// items' deletes, applied after the new items were written, leave the new ones alone
-    /// and count as done, instead of failing (and being retried) forever.
+    /// and count as done (`unchanged`: nothing was deleted), instead of failing (and being
+    /// retried) forever.
     #[tokio::test]
     async fn a_delete_that_finds_another_kind_of_item_in_its_place_leaves_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -1232,7 +1234,7 @@ mod tests {
                 ..event(key)
             };
             let effect = target.apply(&delete, None).await.unwrap();
-            assert_eq!(effect.outcome, Outcome::Deleted, "{kind} {key}");
+            assert_eq!(effect.outcome, Outcome::Unchanged, "{kind} {key}");
         }
         assert_eq!(fs::read(dir.path().join("x")).unwrap(), b"now a file");
         assert!(dir.path().join("y/inner").is_dir());

@@ -322,13 +322,17 @@ impl HttpTarget {
                 let claims = self.claims();
                 if let Some(claims) = &claims {
                     if let Err(owner) = claims.claim(&kind.name, &id, &identity) {
-                        return Err(Self::permanent(
-                            event,
-                            format!(
+                        // The projector waits for that item's delete, which may come in a
+                        // later batch, before it fails this one.
+                        return Err(ApplyError::Taken {
+                            kind: event.kind.clone(),
+                            key: event.key.clone(),
+                            message: format!(
                                 "the target's `{}` item named `{name}` (id {id}) already mirrors the source's `{}` item `{owner}`, so it is not adopted for this one, nor written: two source items with one name cannot be told apart on the target. Rename one of them in the source",
                                 kind.name, event.kind
                             ),
-                        )
+                            target_id: id,
+                        }
                         .into());
                     }
                 }
@@ -432,8 +436,10 @@ impl Target for HttpTarget {
         let known = prior.and_then(|p| p.target_id.clone());
         match event.op {
             Op::Delete => {
+                // Never mirrored (it failed, or waited, until the source deleted it): the
+                // target has nothing to delete.
                 let Some(id) = known else {
-                    return Ok(Outcome::Deleted.into());
+                    return Ok(Outcome::Unchanged.into());
                 };
                 let identity = event.identity();
                 let claims = self.claims();
@@ -449,7 +455,10 @@ impl Target for HttpTarget {
                         target_id: Some(id),
                     });
                 }
-                match self
+                // A 404: gone from the target already (removed by hand, or by a cascade of
+                // its parent's delete), so this delete deleted nothing: `unchanged`, as
+                // the directory target counts a file already absent.
+                let outcome = match self
                     .client
                     .send(
                         Method::DELETE,
@@ -458,15 +467,15 @@ impl Target for HttpTarget {
                     )
                     .await
                 {
-                    Ok(_) => {}
-                    Err(e) if e.status() == Some(404) => {}
+                    Ok(_) => Outcome::Deleted,
+                    Err(e) if e.status() == Some(404) => Outcome::Unchanged,
                     Err(e) => return Err(self.error(event, e)),
-                }
+                };
                 if let Some(claims) = &claims {
                     claims.release(&kind.name, &id, &identity);
                 }
                 Ok(Effect {
-                    outcome: Outcome::Deleted,
+                    outcome,
                     target_id: Some(id),
                 })
             }

@@ -26,14 +26,17 @@ pub enum Outcome {
     Updated,
     /// An equal item already existed on the target and was taken over without a write.
     Adopted,
-    /// The item was removed (or was already absent).
+    /// The item was removed from the target.
     Deleted,
-    /// The applied state already had this content: nothing touched.
+    /// Nothing to do on the target: the applied state already had this content, or a
+    /// delete found the item already absent (never mirrored, or removed behind tidemark's
+    /// back).
     Unchanged,
     /// The source no longer holds the content the event describes; a newer event follows.
     Stale,
-    /// Waiting: an upsert for items it references, a directory delete for the directory to
-    /// be empty. Kept in state and applied later.
+    /// Waiting: an upsert for items it references (or for another source item to let go of
+    /// the target item it would adopt by name), a directory delete for the directory to be
+    /// empty. Kept in state and applied later.
     Deferred,
     /// The event failed permanently; kept in state and tried again once by each later run
     /// and now and then while the daemon runs, or applied when its key changes. The
@@ -109,6 +112,22 @@ pub enum ApplyError {
         /// Key of the item.
         key: String,
         /// What failed and what to do.
+        message: String,
+    },
+    /// The target item this one would adopt by name mirrors another source item. That
+    /// item's delete may still come, in a later batch (the source deleted it and made this
+    /// one under a new id with its name): the projector keeps the event waiting until the
+    /// other item lets the target item go, and fails it with this error if it never does
+    /// (at the end of a one-shot run, or after the target's reference wait).
+    #[error("{kind} `{key}`: {message}")]
+    Taken {
+        /// Kind of the item.
+        kind: String,
+        /// Key of the item.
+        key: String,
+        /// The target id the other source item holds.
+        target_id: String,
+        /// What failed and what to do, should the other item keep it.
         message: String,
     },
     /// This event can never be applied as it is (unsafe path, rejected by the target):
