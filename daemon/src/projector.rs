@@ -961,7 +961,7 @@ impl Projector {
             .settle_deferred(&results, &deferred, &applied, &refs, &held)
             .await?;
         let tail: Vec<GroupResult> = stream::iter(last)
-            .map(|g| self.apply_group(g, &priors, &refs, false))
+            .map(applying)
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
