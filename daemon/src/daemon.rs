@@ -184,15 +184,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             scanners.clone(),
             running.enter(format!("scanner {}", p.name())),
         );
-        let (reports_dir, retention) = (config.reports_dir.clone(), config.report_retention);
+        // Started before the projector, so the first cycle counts its first batch.
+        let cycle = p.config.role.scans().then(|| {
+            Cycle::new(
+                p.clone(),
+                config.reports_dir.clone(),
+                config.report_retention,
+            )
+        });
         let last_batch = projected.clone();
         tracker.spawn(async move {
             let _guard = guard;
-            if !pipeline.config.role.scans() {
+            let Some(mut cycle) = cycle else {
                 return;
-            }
+            };
             let progress = Progress::hidden();
-            let mut cycle = Cycle::new(pipeline.clone(), reports_dir, retention);
             loop {
                 // A scan asked to stop appends what it has found and returns; one stuck
                 // on its peer is dropped after SCAN_WIND_DOWN.

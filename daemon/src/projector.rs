@@ -703,6 +703,12 @@ pub struct Projector {
     /// waiting for a target item another source item holds fail then, not after the
     /// reference wait.
     last_call: AtomicBool,
+    /// What this projector did since a daemon cycle last took it ([`Projector::tally`]):
+    /// each report merged where the apply metric counts it, before the batch is
+    /// committed, so a cycle that ends at lag 0 holds every apply of the cycle and no
+    /// apply lands in two cycles. `None` until the first take: a one-shot run, or a daemon
+    /// that only projects, writes no cycle reports and keeps nothing here.
+    tally: Mutex<Option<ProjectReport>>,
 }
 
 impl Projector {
@@ -740,6 +746,7 @@ impl Projector {
             retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
             last_call: AtomicBool::new(false),
+            tally: Mutex::new(None),
         }
     }
 
@@ -754,6 +761,18 @@ impl Projector {
     pub fn with_retry_max_backoff(mut self, max: Duration) -> Projector {
         self.retry_max_backoff = max;
         self
+    }
+
+    /// What this projector applied since the last call, for a daemon cycle's report:
+    /// items by the outcome they ended with, as a one-shot run's report counts them (an
+    /// item deferred and then applied counts by that apply and in `waited`; `deferred`
+    /// counts those still waiting). The first call starts the tally and returns nothing.
+    pub fn tally(&self) -> ProjectReport {
+        self.tally
+            .lock()
+            .unwrap()
+            .replace(ProjectReport::default())
+            .unwrap_or_default()
     }
 
     /// Consumer name of this projector's committed offsets.
@@ -1233,8 +1252,13 @@ impl Projector {
     }
 
     /// Adds a report's applies to the apply counters (every attempt); the failures of
-    /// items that were failed already count as `failed_again`, not `failed`.
+    /// items that were failed already count as `failed_again`, not `failed`. And adds the
+    /// report to the daemon cycle's [`Projector::tally`], which counts each item once, by
+    /// how it ended.
     fn count_applies(&self, report: &ProjectReport) {
+        if let Some(tally) = self.tally.lock().unwrap().as_mut() {
+            tally.merge(report.clone());
+        }
         let m = metrics();
         for ((kind, outcome), n) in &report.applies {
             let mut n = *n;

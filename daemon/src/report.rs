@@ -9,12 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use prometheus::core::Collector;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::DeleteLimit;
-use crate::metrics::metrics;
 use crate::pipeline::Pipeline;
 use crate::projector::{PlannedAction, ProjectReport};
 use crate::state::{Failure, ScanRecord};
@@ -126,8 +124,9 @@ pub struct Report {
     pub dry_run: bool,
     /// The scan of this run, if it scanned.
     pub scan: Option<ScanSummary>,
-    /// Events by outcome (`created`, `updated`, … as in `tidemark_applies_total`); for a
-    /// dry run, the outcomes the events would have.
+    /// Items by the outcome the run (or daemon cycle) left them with (`created`,
+    /// `updated`, … as in `tidemark_applies_total`, which counts every attempt instead);
+    /// for a dry run, the outcomes the events would have.
     pub counts: BTreeMap<String, u64>,
     /// The same counts per kind.
     pub by_kind: BTreeMap<String, BTreeMap<String, u64>>,
@@ -220,14 +219,19 @@ impl Report {
 
     /// Adds what a projection did.
     pub fn with_project(mut self, report: &ProjectReport) -> Report {
+        self.add_counts(report);
+        self.failures.extend(report.failures.iter().cloned());
+        self
+    }
+
+    /// Adds a projection's counts and `waited`, not its failures.
+    fn add_counts(&mut self, report: &ProjectReport) {
         for (kind, outcomes) in &report.by_kind {
             for (outcome, n) in outcomes {
                 self.add(kind, outcome.as_str(), *n);
             }
         }
         self.waited += report.waited;
-        self.failures.extend(report.failures.iter().cloned());
-        self
     }
 
     /// Adds what a plan would do, as the outcomes `project` would report, and the failed
@@ -521,33 +525,12 @@ pub fn prune(pipeline_dir: &Path, retention: usize) -> Result<(), ReportError> {
     Ok(())
 }
 
-/// Counts of `tidemark_applies_total` for one pipeline, by (kind, outcome).
-fn applies_of(pipeline: &str) -> BTreeMap<(String, String), u64> {
-    let mut out = BTreeMap::new();
-    for family in metrics().applies.collect() {
-        for m in family.get_metric() {
-            let label = |name: &str| {
-                m.get_label()
-                    .iter()
-                    .find(|l| l.name() == name)
-                    .map(|l| l.value().to_owned())
-                    .unwrap_or_default()
-            };
-            if label("pipeline") == pipeline {
-                out.insert(
-                    (label("kind"), label("outcome")),
-                    m.get_counter().get_value() as u64,
-                );
-            }
-        }
-    }
-    out
-}
-
 /// A daemon cycle of one pipeline: a scan and the projection that follows it until the
-/// projector catches up or the scan interval ends. Counts come from the same counters
-/// `/metrics` exports, taken between the end of one cycle and the end of the next, so
-/// no apply is counted twice or lost between cycles.
+/// projector catches up or the scan interval ends. Its counts are the projector's
+/// [`Projector::tally`](crate::projector::Projector::tally) between the end of one cycle
+/// and the end of the next: items by the outcome they ended with in the cycle, as a
+/// one-shot run counts them, tallied where `tidemark_applies_total` counts, so no apply is
+/// counted twice or lost between cycles.
 ///
 /// A cycle writes a report when it did something, or when a lasting condition (a failed
 /// or degraded scan, a tripped guard) begins, changes or ends; a guard that stays tripped
@@ -558,7 +541,6 @@ pub struct Cycle {
     reports_dir: PathBuf,
     retention: usize,
     since: DateTime<Utc>,
-    applies: BTreeMap<(String, String), u64>,
     scan: Option<ScanRecord>,
     /// The cycle's scan failed: its record is the one `status` shows.
     scan_failed: bool,
@@ -569,13 +551,12 @@ pub struct Cycle {
 impl Cycle {
     /// Starts counting the first cycle of `pipeline`.
     pub fn new(pipeline: Arc<Pipeline>, reports_dir: PathBuf, retention: usize) -> Cycle {
-        let applies = applies_of(pipeline.name());
+        pipeline.projector.tally();
         Cycle {
             pipeline,
             reports_dir,
             retention,
             since: Utc::now(),
-            applies,
             scan: None,
             scan_failed: false,
             condition: None,
@@ -602,8 +583,8 @@ impl Cycle {
             if now >= deadline {
                 break;
             }
-            // The projector counts a batch's applies before committing it, so at lag 0
-            // every apply of this cycle is in the counters.
+            // The projector tallies a batch's applies before committing it, so at lag 0
+            // every apply of this cycle is in the tally.
             if matches!(self.pipeline.projector.lag().await, Ok(0)) {
                 break;
             }
@@ -634,15 +615,7 @@ impl Cycle {
         if let Some(scan) = self.scan.take().or(failed_scan) {
             report = report.with_scan(&scan);
         }
-        let now = applies_of(&name);
-        for ((kind, outcome), n) in &now {
-            let before = self
-                .applies
-                .get(&(kind.clone(), outcome.clone()))
-                .copied()
-                .unwrap_or(0);
-            report.add(kind, outcome, n.saturating_sub(before));
-        }
+        report.add_counts(&self.pipeline.projector.tally());
         if let Some(status) = status {
             report.failures = status
                 .failed
@@ -650,7 +623,6 @@ impl Cycle {
                 .filter(|f| f.at >= self.since)
                 .collect();
         }
-        self.applies = now;
         self.since = report.generated_at_utc;
         let counts: Vec<String> = report
             .counts
