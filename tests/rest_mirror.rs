@@ -639,37 +639,59 @@ fn an_item_made_again_under_a_new_id_replaces_its_mirror_in_one_sync() {
     assert_rest_mirror(&dev, &prod);
 }
 
-/// Moving items away from a parent and deleting the parent in one scan: the parent's
-/// delete waits for the moves, because prod (json-server here, a database's `ON DELETE
-/// CASCADE` elsewhere) deletes what still references a deleted item with it.
-#[test]
-fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
+/// Two users, each with two posts of two comments, mirrored onto an empty prod.
+fn two_users_mirrored() -> (Env, JsonServer, JsonServer) {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
     let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     write_rest_config(&env, &dev.url(), &prod.url(), "");
     env.sync();
     assert_rest_mirror(&dev, &prod);
-    // user-0 (1000) hands its two posts to user-1 (1007), then goes.
+    (env, dev, prod)
+}
+
+/// user-0's two posts (5000, 5011) now belong to user `to` in dev.
+fn move_user_0s_posts(dev: &JsonServer, to: u64) {
     for (pid, j) in [(5000, 0), (5011, 1)] {
         dev.put(
             "posts",
             &json!(pid),
-            json!({"id": pid, "name": format!("post-0-{j}"), "userId": 1007, "title": format!("Post {j} by 0")}),
+            json!({"id": pid, "name": format!("post-0-{j}"), "userId": to, "title": format!("Post {j} by 0")}),
         );
     }
-    dev.delete("users", &json!(1000));
+}
+
+/// The sync that deleted user-0 failed nothing and left prod a mirror of dev with every
+/// post and comment, none of them taken by the cascade of user-0's delete.
+fn assert_no_child_went_with_the_parent(
+    project: &Value,
+    dev: &JsonServer,
+    prod: &JsonServer,
+    users: usize,
+) {
+    assert_eq!(outcome(project, "failed"), 0, "{project}");
     assert_eq!(dev.all("comments").len(), 8, "dev kept every comment");
+    assert_eq!(prod.all("users").len(), users);
+    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
+    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
+    assert_rest_mirror(dev, prod);
+}
+
+/// Moving items away from a parent and deleting the parent in one scan: the parent's
+/// delete waits for the moves, because prod (json-server here, a database's `ON DELETE
+/// CASCADE` elsewhere) deletes what still references a deleted item with it.
+#[test]
+fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
+    let (env, dev, prod) = two_users_mirrored();
+    // user-0 (1000) hands its two posts to user-1 (1007), then goes.
+    move_user_0s_posts(&dev, 1007);
+    dev.delete("users", &json!(1000));
     let (scan, project) = env.sync();
     assert_eq!(
         (scan["upserts"].clone(), scan["deletes"].clone()),
         (json!(2), json!(1))
     );
-    assert_eq!(outcome(&project, "failed"), 0, "{project}");
-    assert_eq!(prod.all("users").len(), 1);
-    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
-    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
-    assert_rest_mirror(&dev, &prod);
+    assert_no_child_went_with_the_parent(&project, &dev, &prod, 1);
 }
 
 /// As above, but the posts move to a user made in the same sync: they wait for it (its
@@ -677,35 +699,19 @@ fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
 /// them in turn, or json-server's cascade takes the posts and their comments along.
 #[test]
 fn a_parent_deleted_after_its_children_moved_to_a_new_parent_takes_none_of_them_with_it() {
-    let env = rest_env();
-    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
-    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
-    write_rest_config(&env, &dev.url(), &prod.url(), "");
-    env.sync();
-    assert_rest_mirror(&dev, &prod);
+    let (env, dev, prod) = two_users_mirrored();
     dev.post(
         "users",
         json!({"id": 1014, "name": "user-2", "active": true, "score": 0, "bio": ""}),
     );
-    for (pid, j) in [(5000, 0), (5011, 1)] {
-        dev.put(
-            "posts",
-            &json!(pid),
-            json!({"id": pid, "name": format!("post-0-{j}"), "userId": 1014, "title": format!("Post {j} by 0")}),
-        );
-    }
+    move_user_0s_posts(&dev, 1014);
     dev.delete("users", &json!(1000));
-    assert_eq!(dev.all("comments").len(), 8, "dev kept every comment");
     let (scan, project) = env.sync();
     assert_eq!(
         (scan["upserts"].clone(), scan["deletes"].clone()),
         (json!(3), json!(1))
     );
-    assert_eq!(outcome(&project, "failed"), 0, "{project}");
-    assert_eq!(prod.all("users").len(), 2);
-    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
-    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
-    assert_rest_mirror(&dev, &prod);
+    assert_no_child_went_with_the_parent(&project, &dev, &prod, 2);
 }
 
 /// As above, with the posts' move seen by an earlier sync, before their new parent
@@ -713,18 +719,8 @@ fn a_parent_deleted_after_its_children_moved_to_a_new_parent_takes_none_of_them_
 /// old one moves them before the delete, although none of its own events references users.
 #[test]
 fn a_parent_deleted_after_its_waiting_children_moved_to_a_new_parent_takes_none_of_them_with_it() {
-    let env = rest_env();
-    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
-    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
-    write_rest_config(&env, &dev.url(), &prod.url(), "");
-    env.sync();
-    for (pid, j) in [(5000, 0), (5011, 1)] {
-        dev.put(
-            "posts",
-            &json!(pid),
-            json!({"id": pid, "name": format!("post-0-{j}"), "userId": 1014, "title": format!("Post {j} by 0")}),
-        );
-    }
+    let (env, dev, prod) = two_users_mirrored();
+    move_user_0s_posts(&dev, 1014);
     let (_, project) = env.sync();
     assert_eq!(project["by_kind"]["posts"]["deferred"], 2, "{project}");
     dev.post(
@@ -737,11 +733,7 @@ fn a_parent_deleted_after_its_waiting_children_moved_to_a_new_parent_takes_none_
         (scan["upserts"].clone(), scan["deletes"].clone()),
         (json!(1), json!(1))
     );
-    assert_eq!(outcome(&project, "failed"), 0, "{project}");
-    assert_eq!(prod.all("users").len(), 2);
-    assert_eq!(prod.all("posts").len(), 4, "{:?}", prod.all("posts"));
-    assert_eq!(prod.all("comments").len(), 8, "{:?}", prod.all("comments"));
-    assert_rest_mirror(&dev, &prod);
+    assert_no_child_went_with_the_parent(&project, &dev, &prod, 2);
 }
 
 /// A delete that finds nothing on prod deletes nothing, and the run says so: `unchanged`,
