@@ -617,26 +617,32 @@ fn an_item_made_again_under_a_new_id_replaces_its_mirror_in_one_sync() {
             (json!(1), json!(1))
         );
         assert_eq!(outcome(&project, "failed"), 0, "{project}");
-        let seen = proxy.seen.lock().unwrap().clone();
-        assert_eq!(
-            proxy.count("PUT"),
-            0,
-            "a write to the mirror being deleted: {seen:?}"
-        );
-        assert_eq!(
-            (proxy.count("DELETE"), proxy.count("POST")),
-            (1, 1),
-            "{seen:?}"
-        );
-        let solo: Vec<Value> = prod
-            .all("users")
-            .into_iter()
-            .filter(|u| u["name"] == "user-solo")
-            .collect();
-        assert_eq!(solo.len(), 1, "{solo:?}");
-        assert_eq!(solo[0]["score"], round);
+        assert_replaced_by_a_delete_and_a_create(&proxy, &prod, round);
     }
     assert_rest_mirror(&dev, &prod);
+}
+
+/// user-solo's old mirror was deleted and a new one created (no write to the one being
+/// deleted), and prod holds one user-solo, with `score`.
+fn assert_replaced_by_a_delete_and_a_create(proxy: &FaultProxy, prod: &JsonServer, score: u64) {
+    let seen = proxy.seen.lock().unwrap().clone();
+    assert_eq!(
+        proxy.count("PUT"),
+        0,
+        "a write to the mirror being deleted: {seen:?}"
+    );
+    assert_eq!(
+        (proxy.count("DELETE"), proxy.count("POST")),
+        (1, 1),
+        "{seen:?}"
+    );
+    let solo: Vec<Value> = prod
+        .all("users")
+        .into_iter()
+        .filter(|u| u["name"] == "user-solo")
+        .collect();
+    assert_eq!(solo.len(), 1, "{solo:?}");
+    assert_eq!(solo[0]["score"], score);
 }
 
 /// Two users, each with two posts of two comments, mirrored onto an empty prod.
@@ -907,24 +913,7 @@ fn an_item_made_again_under_a_new_id_replaces_its_mirror_in_one_sync_across_batc
         json!({"created": 1, "deleted": 1}),
         "{report}"
     );
-    let seen = proxy.seen.lock().unwrap().clone();
-    assert_eq!(
-        proxy.count("PUT"),
-        0,
-        "a write to the mirror being deleted: {seen:?}"
-    );
-    assert_eq!(
-        (proxy.count("DELETE"), proxy.count("POST")),
-        (1, 1),
-        "{seen:?}"
-    );
-    let solo: Vec<Value> = prod
-        .all("users")
-        .into_iter()
-        .filter(|u| u["name"] == "user-solo")
-        .collect();
-    assert_eq!(solo.len(), 1, "{solo:?}");
-    assert_eq!(solo[0]["score"], 7);
+    assert_replaced_by_a_delete_and_a_create(&proxy, &prod, 7);
     assert_rest_mirror(&dev, &prod);
     assert_verified(&env);
     assert!(!env.ok(&["status"]).contains("deferred items"));
