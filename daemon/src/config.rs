@@ -12,7 +12,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::http_config::Refused;
+use crate::http_config::{At, Refused};
 pub use crate::http_config::{HttpSourceConfig, HttpTargetConfig};
 
 /// A config that could not be loaded. Every variant names the file; parse and validation
@@ -481,15 +481,23 @@ impl Config {
     /// Parses and validates config text; `file` is used for messages and relative paths.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             let mut message = e.message().trim().to_owned();
+            // The endpoint's keys are flattened into `[…http]`, so a secret written into
+            // one (`bearer = "…"`, a header's `value`) is reported at the table: point at
+            // the value itself.
+            let span = match e.span() {
+                Some(s) if message.contains("never written in the config") => {
+                    Some(written_secret_at(text, s.start).unwrap_or(s))
+                }
+                s => s,
+            };
+            let (line, column) = span.clone().map_or((1, 1), |s| line_col(text, s.start));
             // A value of the wrong type or form ("invalid value: string \"soon\", expected
             // a duration") and a table missing a key come without the key they belong to:
             // name it, as every other config error does.
-            let key = e.span().and_then(|s| key_at(text, s.start));
+            let key = span.clone().and_then(|s| key_at(text, s.start));
             // Other messages ("duplicate key") do not say which key; quote what the span covers.
-            let at = e
-                .span()
+            let at = span
                 .and_then(|s| text.get(s))
                 .and_then(|t| t.lines().next());
             if let Some(key) = key {
@@ -551,24 +559,37 @@ impl Config {
         for (index, p) in raw.pipelines.into_iter().enumerate() {
             let name = p.name.get_ref().clone();
             let key = |k: &str| format!("pipeline.{name}.{k}");
-            // What the HTTP validation refuses, on the line of the key it is about: a
-            // kind's key (`path`, …) when it is one, else the side's table.
+            // What the HTTP validation refuses, on the line of the key it is about (or the
+            // nearest table holding it), named as the user wrote it.
             let refused =
                 |r: Refused, side: &str, table: std::ops::Range<usize>, kinds: &[&str]| {
-                    let Some((kind, k)) = r.in_kind else {
-                        return invalid(table, key(&format!("{side}.http")), r.message);
+                    let (mut path, shown) = match r.at {
+                        At::Table => (vec![], String::new()),
+                        At::Key(k) => (vec![k.to_string()], format!(".{k}")),
+                        At::Entry(array, i) => {
+                            (vec![array.to_string(), i.to_string()], format!(".{array}"))
+                        }
+                        At::Kind(i, k) => (
+                            vec!["kind".into(), i.to_string(), k.into()],
+                            format!(".kind.{}.{k}", kinds.get(i).copied().unwrap_or_default()),
+                        ),
                     };
-                    let at = ["pipeline", &index.to_string(), side, "http", "kind"];
-                    let kind_at = kind.to_string();
-                    let span = value_span(text, &[&at[..], &[&kind_at, k]].concat())
-                        .or_else(|| value_span(text, &[&at[..], &[&kind_at]].concat()))
-                        .unwrap_or(table);
-                    let kind_name = kinds.get(kind).copied().unwrap_or_default();
-                    invalid(
-                        span,
-                        key(&format!("{side}.http.kind.{kind_name}.{k}")),
-                        r.message,
-                    )
+                    let prefix = [
+                        "pipeline".to_string(),
+                        index.to_string(),
+                        side.into(),
+                        "http".into(),
+                    ];
+                    let span = loop {
+                        if path.is_empty() {
+                            break table;
+                        }
+                        if let Some(span) = value_span(text, &[&prefix[..], &path].concat()) {
+                            break span;
+                        }
+                        path.pop();
+                    };
+                    invalid(span, key(&format!("{side}.http{shown}")), r.message)
                 };
             if name.is_empty()
                 || !name
@@ -857,6 +878,48 @@ impl Config {
 /// one, such as `pipeline.demo.scan_interval`: a pipeline is named by its `name`, other
 /// array elements by their index. `None` when the text is not valid TOML or no value
 /// covers `offset`.
+/// Where the first secret written as a plain value (`bearer = "…"`, a `[[…header]]` or
+/// `[[…query]]` entry's `value`) at or after `from` is: the span of that value.
+fn written_secret_at(text: &str, from: usize) -> Option<std::ops::Range<usize>> {
+    fn find(
+        key: &str,
+        v: &toml::Spanned<toml::de::DeValue>,
+        in_entry: bool,
+        found: &mut Vec<std::ops::Range<usize>>,
+    ) {
+        match v.get_ref() {
+            toml::de::DeValue::String(_) if key == "bearer" || (in_entry && key == "value") => {
+                found.push(v.span())
+            }
+            toml::de::DeValue::Table(t) => {
+                for (k, v) in t.iter() {
+                    find(k.get_ref(), v, false, found);
+                }
+            }
+            toml::de::DeValue::Array(items) => {
+                let entries = matches!(key, "header" | "query");
+                for item in items {
+                    if let toml::de::DeValue::Table(t) = item.get_ref() {
+                        for (k, v) in t.iter() {
+                            find(k.get_ref(), v, entries, found);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut found = Vec::new();
+    for (k, v) in doc.get_ref().iter() {
+        find(k.get_ref(), v, false, &mut found);
+    }
+    found
+        .into_iter()
+        .filter(|s| s.start >= from)
+        .min_by_key(|s| s.start)
+}
+
 fn key_at(text: &str, offset: usize) -> Option<String> {
     /// Whether `offset` lies in `v`, found under `label`: `path` ends with the key then.
     fn under(
@@ -904,18 +967,18 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 /// The span of the value at `path` in the TOML `text`: table keys, and array elements by
 /// their index (`["pipeline", "0", "source", "http", "kind", "1", "path"]`). `None` when
 /// the text is not valid TOML or nothing is written there (a default).
-fn value_span(text: &str, path: &[&str]) -> Option<std::ops::Range<usize>> {
+fn value_span(text: &str, path: &[impl AsRef<str>]) -> Option<std::ops::Range<usize>> {
     let doc = toml::de::DeTable::parse(text).ok()?;
     let (first, rest) = path.split_first()?;
     let mut value = doc
         .get_ref()
         .iter()
-        .find(|(k, _)| k.get_ref() == first)
+        .find(|(k, _)| k.get_ref() == first.as_ref())
         .map(|(_, v)| v)?;
     for step in rest {
         value = match value.get_ref() {
-            toml::de::DeValue::Table(t) => t.iter().find(|(k, _)| k.get_ref() == step)?.1,
-            toml::de::DeValue::Array(items) => items.get(step.parse::<usize>().ok()?)?,
+            toml::de::DeValue::Table(t) => t.iter().find(|(k, _)| k.get_ref() == step.as_ref())?.1,
+            toml::de::DeValue::Array(items) => items.get(step.as_ref().parse::<usize>().ok()?)?,
             _ => return None,
         };
     }
@@ -1083,6 +1146,9 @@ path = "dst"
         assert!(!err.contains("LITERAL-TOKEN-4f2a"), "{err}");
         assert!(err.contains("never written in the config"), "{err}");
         assert!(err.contains("{ env = "), "{err}");
+        // On the line that holds it, not on `[pipeline.source.http]`'s.
+        assert!(err.contains("t.toml:6:"), "{err}");
+        assert!(err.contains("`pipeline.api.source.http.bearer`"), "{err}");
         let header = api_config(
             "http://127.0.0.1:9",
             "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nvalue = \"LITERAL-TOKEN-4f2a\"",
@@ -1094,6 +1160,7 @@ path = "dst"
             err.contains("`X-Api-Key` is a secret and is never written in the config"),
             "{err}"
         );
+        assert!(err.contains("t.toml:8:"), "{err}");
     }
 
     /// Credentials in a URL (`user:pass@`, `?api_key=`) would stay in the file and show
@@ -1107,7 +1174,7 @@ path = "dst"
         ));
         assert!(!err.contains("Hunter2-pw"), "{err}");
         assert!(err.contains("user name or password"), "{err}");
-        assert!(err.contains("t.toml:4:"), "{err}");
+        assert!(err.contains("t.toml:5:"), "on the base_url line: {err}");
         let err = parse_err(&config(
             "https://api.example.com/v1?api_key=K-9931",
             "/users",
@@ -1163,6 +1230,46 @@ path = "dst"
             "{err}"
         );
         assert!(!err.contains("K-1"), "{err}");
+    }
+
+    /// An endpoint's secret that cannot be read, or a bad `base_url`, is refused on the
+    /// line of its own key (or `[[…header]]` entry), naming that key, not on the line of
+    /// `[pipeline.source.http]`, which may be far above it.
+    #[test]
+    fn an_unreadable_secret_is_refused_on_its_own_line() {
+        let var = "TIDEMARK_TEST_UNSET_BEARER_9F3";
+        std::env::remove_var(var);
+        let cases = [
+            (
+                api_config(
+                    "https://api.example.com",
+                    &format!("timeout = \"5s\"\nbearer = {{ env = \"{var}\" }}"),
+                    "/users",
+                ),
+                var,
+                "`pipeline.api.source.http.bearer`",
+            ),
+            (
+                api_config(
+                    "https://api.example.com",
+                    "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"missing-key.txt\"",
+                    "/users",
+                ),
+                "[[pipeline.source.http.header]]",
+                "`pipeline.api.source.http.header`",
+            ),
+            (
+                api_config("ftp://api.example.com", "", "/users"),
+                "ftp://",
+                "`pipeline.api.source.http.base_url`",
+            ),
+        ];
+        for (text, on_line, key) in cases {
+            let err = parse_err(&text);
+            let line = text.lines().position(|l| l.contains(on_line)).unwrap() + 1;
+            assert!(err.contains(&format!("t.toml:{line}:")), "{err}\n{text}");
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -230,49 +230,64 @@ pub fn check_no_credentials(url: &str, what: &str) -> Result<(), String> {
 
 impl HttpEndpointConfig {
     /// Checks the URL and resolves every secret. The error says what to fix.
-    pub fn validate(&mut self, base: &Path) -> Result<(), String> {
+    pub fn validate(&mut self, base: &Path) -> Result<(), Refused> {
         // A user name or password in the URL is never repeated, not even in this error.
         if let Some((_, rest)) = self.base_url.split_once("://") {
             let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
             if authority.contains('@') {
-                return Err("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into());
+                return Err(At::Key("base_url").refuse()("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into()));
             }
         }
         let url = reqwest::Url::parse(&self.base_url)
-            .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))?;
+            .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))
+            .map_err(At::Key("base_url").refuse())?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
+            return Err(At::Key("base_url").refuse()(format!(
                 "base_url `{}` must be http or https",
                 self.base_url
+            )));
+        }
+        check_no_credentials(&self.base_url, "base_url").map_err(At::Key("base_url").refuse())?;
+        if self.in_flight == 0 {
+            return Err(At::Key("in_flight").refuse()(
+                "in_flight must be at least 1".into(),
             ));
         }
-        check_no_credentials(&self.base_url, "base_url")?;
-        if self.in_flight == 0 {
-            return Err("in_flight must be at least 1".into());
-        }
         if self.rate_limit < 0.0 {
-            return Err("rate_limit cannot be negative".into());
+            return Err(At::Key("rate_limit").refuse()(
+                "rate_limit cannot be negative".into(),
+            ));
         }
         self.resolved_headers.clear();
         if let Some(b) = &self.bearer {
-            let token = b.resolve(base, "bearer")?;
+            let token = b
+                .resolve(base, "bearer")
+                .map_err(At::Key("bearer").refuse())?;
             self.resolved_headers.push((
                 "authorization".into(),
                 Secret(format!("Bearer {}", token.0)),
             ));
         }
-        for h in &self.headers {
-            let v = h.value.resolve(base, &format!("header `{}`", h.name))?;
+        for (i, h) in self.headers.iter().enumerate() {
+            let v = h
+                .value
+                .resolve(base, &format!("header `{}`", h.name))
+                .map_err(At::Entry("header", i).refuse())?;
             self.resolved_headers.push((h.name.clone(), v));
         }
         self.resolved_queries.clear();
-        for q in &self.queries {
+        for (i, q) in self.queries.iter().enumerate() {
+            let at = At::Entry("query", i);
             if q.name.is_empty() || q.name.contains(['&', '=', '?', '#']) {
-                return Err(format!("query parameter name `{}` is not valid", q.name));
+                return Err(at.refuse()(format!(
+                    "query parameter name `{}` is not valid",
+                    q.name
+                )));
             }
             let v = q
                 .value
-                .resolve(base, &format!("query parameter `{}`", q.name))?;
+                .resolve(base, &format!("query parameter `{}`", q.name))
+                .map_err(at.refuse())?;
             self.resolved_queries.push((q.name.clone(), v));
         }
         Ok(())
@@ -533,26 +548,42 @@ fn default_reference_wait() -> Duration {
 pub struct Refused {
     /// What is wrong and what to do.
     pub message: String,
-    /// The key the message is about inside one `[[…kind]]`, with that kind's index, so
-    /// the error points at that key's line; `None` for the endpoint's own keys.
-    pub in_kind: Option<(usize, &'static str)>,
+    /// The key in the side's `http` table the message is about.
+    pub at: At,
+}
+
+/// Where in a side's `http` table a [`Refused`] points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// The table as a whole.
+    Table,
+    /// One of the endpoint's own keys (`base_url`, `bearer`, `in_flight`, …).
+    Key(&'static str),
+    /// One `[[…header]]` or `[[…query]]` entry, by its array and index.
+    Entry(&'static str, usize),
+    /// A key inside one `[[…kind]]`, with that kind's index.
+    Kind(usize, &'static str),
 }
 
 impl From<String> for Refused {
     fn from(message: String) -> Refused {
         Refused {
             message,
-            in_kind: None,
+            at: At::Table,
         }
+    }
+}
+
+impl At {
+    /// Turns a message about this key into a [`Refused`] that says so.
+    fn refuse(self) -> impl Fn(String) -> Refused {
+        move |message| Refused { message, at: self }
     }
 }
 
 /// Turns a message about `key` of the kind at `index` into a [`Refused`] that says so.
 fn in_kind(index: usize, key: &'static str) -> impl Fn(String) -> Refused {
-    move |message| Refused {
-        message,
-        in_kind: Some((index, key)),
-    }
+    At::Kind(index, key).refuse()
 }
 
 fn check_pointer(p: &str, what: &str) -> Result<(), String> {
