@@ -191,6 +191,35 @@ fn issue_4_invalid_records_are_reported_and_skipped() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// The daemon's failure alert (`increase(tidemark_applies_total{outcome="failed"}[15m])`)
+/// sees the first invalid record of a process: the `invalid` kind's `failed` series is
+/// there at 0 from start-up, not created at 1 by the record (which `increase` ignores).
+#[test]
+fn a_daemons_first_invalid_record_moves_a_series_that_was_at_zero() {
+    let (env, topic) = kafka_env(1);
+    write(env.src().join("good.txt"), "ok\n");
+    env.sync();
+    let daemon = env.spawn_daemon();
+    let invalid = "tidemark_applies_total{kind=\"invalid\",outcome=\"failed\",pipeline=\"t\"}";
+    assert_eq!(daemon.metric(invalid), 0.0, "{:?}", daemon.metrics());
+
+    produce_raw(&topic, &[b"not json at all".to_vec()]);
+    let counted = wait_for(Duration::from_secs(30), || {
+        (daemon.metric(invalid) == 1.0).then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "{:?}\n{}",
+        daemon.metrics(),
+        env.daemon_log()
+    );
+    assert_eq!(
+        daemon.metric("tidemark_log_decode_errors_total{pipeline=\"t\"}"),
+        1.0
+    );
+    assert!(daemon.terminate().success(), "{}", env.daemon_log());
+}
+
 /// Appends raw bytes to partition 0 of `topic` with a plain rdkafka producer.
 fn produce_raw(topic: &str, payloads: &[Vec<u8>]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};

@@ -71,6 +71,10 @@ pub struct Metrics {
 /// failure: the alert pages on first failures only, not on every retry.
 pub const FAILED_AGAIN: &str = "failed_again";
 
+/// The `kind` a log record that is not a valid event (undecodable, or of a schema version
+/// this build does not know) counts under, as outcome `failed`.
+pub const INVALID_KIND: &str = "invalid";
+
 /// Sides of a pipeline that make requests (`side` label).
 pub const SIDES: [&str; 2] = ["source", "target"];
 /// Status classes of requests (`status_class` label).
@@ -264,14 +268,18 @@ impl Metrics {
     /// Creates every series of a pipeline at zero, so dashboards and alerts see them
     /// before the first event; `partitions` is the number of partitions of its log, and
     /// `kinds` the kinds its source lists, whose `failed` and `failed_again` applies start
-    /// at 0 too: Prometheus's `increase` cannot see a series that appears at 1, so the
-    /// first failure of a kind would not raise the failure alert.
+    /// at 0 too, as do the `failed` applies of [`INVALID_KIND`]: Prometheus's `increase`
+    /// cannot see a series that appears at 1, so the first failure of a kind would not
+    /// raise the failure alert.
     pub fn init_pipeline(&self, pipeline: &str, partitions: u32, kinds: &[String]) {
+        let failed = crate::target::Outcome::Failed.as_str();
         for kind in kinds {
-            for outcome in [crate::target::Outcome::Failed.as_str(), FAILED_AGAIN] {
+            for outcome in [failed, FAILED_AGAIN] {
                 self.applies.with_label_values(&[pipeline, kind, outcome]);
             }
         }
+        self.applies
+            .with_label_values(&[pipeline, INVALID_KIND, failed]);
         for partition in 0..partitions {
             let labels = [pipeline, &partition.to_string()];
             self.partition_lag_events.with_label_values(&labels);

@@ -900,7 +900,7 @@ impl Projector {
                         offset = record.offset,
                         "skipping a log record that is not a valid event: {e}"
                     );
-                    report.count("invalid", Outcome::Failed);
+                    report.count(crate::metrics::INVALID_KIND, Outcome::Failed);
                 }
             }
         }
