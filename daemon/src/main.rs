@@ -770,7 +770,10 @@ async fn scan_project(
     let mut degraded = false;
     // Events appended and applied: what this run wrote to the state database.
     let mut written = 0;
-    let mut out = Vec::new();
+    let mut out = Entries {
+        output: select.output,
+        entries: Vec::new(),
+    };
     let run = match (scan, project) {
         (true, false) => "scan",
         (false, true) => "project",
@@ -799,26 +802,14 @@ async fn scan_project(
                 "interrupted by {} while waiting for the partition leases: nothing was scanned, appended or applied; run `tidemark {run}` again",
                 signal.name
             );
-            if select.output == Output::Text {
-                outln!("{}: {message}", p.name());
-            }
-            entry["interrupted"] = message.clone().into();
-            entry["report_dir"] =
-                write_report(&session, &run_report.with_interruption(&message)).into();
-            out.push(entry);
-            if select.output == Output::Json {
-                outln!("{}", serde_json::to_string_pretty(&out)?);
-            }
+            let report_dir = write_report(&session, &run_report.with_interruption(&message));
+            out.end(entry, "interrupted", &message, report_dir)?;
             return Ok(ExitCode::from(signal.exit));
         }
         if let Err(e) = ready {
             let message = format!("{e} (nothing was scanned, appended or applied)");
-            entry["error"] = message.clone().into();
-            entry["report_dir"] = write_report(&session, &run_report.with_error(&message)).into();
-            out.push(entry);
-            if select.output == Output::Json {
-                outln!("{}", serde_json::to_string_pretty(&out)?);
-            }
+            let report_dir = write_report(&session, &run_report.with_error(&message));
+            out.end(entry, "error", &message, report_dir)?;
             anyhow::bail!(message);
         }
         // `sync` projects while it scans, so the target fills as the source is read.
@@ -946,34 +937,20 @@ async fn scan_project(
                     _ => String::new(),
                 }
             );
-            if select.output == Output::Text {
-                outln!("{}: {message}", p.name());
-            }
-            entry["interrupted"] = message.clone().into();
-            entry["report_dir"] =
-                write_report(&session, &run_report.with_interruption(&message)).into();
-            out.push(entry);
-            if select.output == Output::Json {
-                outln!("{}", serde_json::to_string_pretty(&out)?);
-            }
+            let report_dir = write_report(&session, &run_report.with_interruption(&message));
+            out.end(entry, "interrupted", &message, report_dir)?;
             return Ok(ExitCode::from(signal.exit));
         }
         if let Some(e) = stopped {
             let message = fatal_message(&e);
-            entry["error"] = message.clone().into();
-            entry["report_dir"] = write_report(&session, &run_report.with_error(&message)).into();
-            out.push(entry);
-            if select.output == Output::Json {
-                outln!("{}", serde_json::to_string_pretty(&out)?);
-            }
+            let report_dir = write_report(&session, &run_report.with_error(&message));
+            out.end(entry, "error", &message, report_dir)?;
             return Err(e);
         }
         entry["report_dir"] = write_report(&session, &run_report).into();
-        out.push(entry);
+        out.entries.push(entry);
     }
-    if select.output == Output::Json {
-        outln!("{}", serde_json::to_string_pretty(&out)?);
-    }
+    out.print()?;
     if written >= CHECKPOINT_AFTER {
         let dir = session.state.path().to_owned();
         drop(session);
@@ -1132,6 +1109,43 @@ fn print_scan(pipeline: &str, record: &tidemark::state::ScanRecord, dry: bool) {
             g.limit,
             g.allowed
         );
+    }
+}
+
+/// What a one-shot `scan`, `project` or `sync` prints per pipeline: with `--output json`,
+/// every entry at the end, as one array.
+struct Entries {
+    output: Output,
+    entries: Vec<serde_json::Value>,
+}
+
+impl Entries {
+    /// Ends the run at a pipeline that stopped it: its `entry` gets `key` (`error` or
+    /// `interrupted`) = `message` and the report's directory, and the entries so far are
+    /// printed for JSON; as text, an interruption is printed (`main` prints an error).
+    fn end(
+        &mut self,
+        mut entry: serde_json::Value,
+        key: &str,
+        message: &str,
+        report_dir: Option<String>,
+    ) -> anyhow::Result<()> {
+        if self.output == Output::Text && key == "interrupted" {
+            let pipeline = entry["pipeline"].as_str().unwrap_or_default();
+            outln!("{pipeline}: {message}");
+        }
+        entry[key] = message.into();
+        entry["report_dir"] = report_dir.into();
+        self.entries.push(entry);
+        self.print()
+    }
+
+    /// Prints the entries as a JSON array, for `--output json`.
+    fn print(&self) -> anyhow::Result<()> {
+        if self.output == Output::Json {
+            outln!("{}", serde_json::to_string_pretty(&self.entries)?);
+        }
+        Ok(())
     }
 }
 
