@@ -742,6 +742,46 @@ fn a_parent_deleted_after_its_waiting_children_moved_to_a_new_parent_takes_none_
     assert_no_child_went_with_the_parent(&project, &dev, &prod, 2);
 }
 
+/// A parent deleted in one scan and made again under the same dev id in the next (an API
+/// that hands out the highest id plus one, as json-server does, gives a deleted last id
+/// out again), both projected in one batch with a new child: the child waits for the new
+/// parent instead of going under the old one's mirror, which the delete (and prod's
+/// cascade) would take with it.
+#[test]
+fn a_parent_deleted_and_made_again_under_its_id_in_one_batch_keeps_its_new_children() {
+    let (env, dev, prod) = two_users_mirrored();
+    let user =
+        |name: &str| json!({"id": 1014, "name": name, "active": true, "score": 3, "bio": ""});
+    dev.post("users", user("user-2"));
+    env.sync();
+    dev.delete("users", &json!(1014));
+    let scan = env.json(&["scan"]);
+    assert_eq!(scan[0]["scan"]["deletes"], 1, "{scan}");
+    dev.post("users", user("user-2-again"));
+    dev.post(
+        "posts",
+        json!({"id": 5030, "name": "post-new", "userId": 1014, "title": "under the new user"}),
+    );
+    let scan = env.json(&["scan"]);
+    assert_eq!(scan[0]["scan"]["upserts"], 2, "{scan}");
+    // One batch: the user's delete and its re-creation, and the new post.
+    let project = &env.json(&["project"])[0]["project"];
+    assert_eq!(outcome(project, "failed"), 0, "{project}");
+    let new_user = prod
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-2-again")
+        .expect("the new user is on prod");
+    let posts: Vec<Value> = prod
+        .all("posts")
+        .into_iter()
+        .filter(|p| p["name"] == "post-new")
+        .collect();
+    assert_eq!(posts.len(), 1, "the new post is on prod once: {posts:?}");
+    assert_eq!(posts[0]["userId"], new_user["id"], "{posts:?}");
+    assert_rest_mirror(&dev, &prod);
+}
+
 /// A delete that finds nothing on prod deletes nothing, and the run says so: `unchanged`,
 /// as the directory target counts a file already gone (issue: both counted `deleted`).
 /// Here one item's mirror was removed on prod by hand (prod answers the DELETE with 404)

@@ -366,9 +366,21 @@ struct Done {
 struct Refs<'a> {
     remap: &'a Records<String>,
     fresh: std::sync::Mutex<HashMap<String, Option<String>>>,
+    /// Items the batch deletes (and may make again) once the upserts are done: nothing is
+    /// put under their old mirrors meanwhile, which the delete (and a cascading target)
+    /// would take along; what references them waits until they are through.
+    withheld: std::sync::Mutex<HashSet<String>>,
 }
 
-impl Refs<'_> {
+impl<'a> Refs<'a> {
+    fn new(remap: &'a Records<String>) -> Refs<'a> {
+        Refs {
+            remap,
+            fresh: Default::default(),
+            withheld: Default::default(),
+        }
+    }
+
     fn target_id(&self, identity: &str) -> Result<Option<String>, StateError> {
         if let Some(id) = self.fresh.lock().expect("not poisoned").get(identity) {
             return Ok(id.clone());
@@ -388,8 +400,14 @@ impl Refs<'_> {
     fn resolve(&self, event: &Event) -> Result<(Event, Vec<Ref>), StateError> {
         let mut out = event.clone();
         let mut missing = Vec::new();
+        let withheld = self.withheld.lock().expect("not poisoned");
         for r in &event.refs {
-            match self.target_id(&item_identity(&r.kind, &r.key))? {
+            let identity = item_identity(&r.kind, &r.key);
+            if withheld.contains(&identity) {
+                missing.push(r.clone());
+                continue;
+            }
+            match self.target_id(&identity)? {
                 Some(id) => {
                     if let Some(Body::Json(body)) = &mut out.body {
                         if let Some(slot) = body.pointer_mut(&r.path) {
@@ -913,10 +931,7 @@ impl Projector {
         let (dir_deletes, others): (Vec<_>, Vec<_>) = groups
             .into_iter()
             .partition(|g| g[0].op == Op::Delete && g[0].kind == "dir");
-        let refs = Refs {
-            remap: &remap,
-            fresh: Default::default(),
-        };
+        let refs = Refs::new(&remap);
         let priors = Priors::read_ahead(&applied, group_of.keys().cloned().collect()).await;
         let applying = |g: Vec<Event>| {
             let events = g.len() as u64;
@@ -954,6 +969,14 @@ impl Projector {
         let (last, others): (Vec<_>, Vec<_>) = others
             .into_iter()
             .partition(|g| g[0].op == Op::Delete && referenced.contains(&g[0].kind));
+        // Nothing goes under those items' old mirrors meanwhile: an item made again under
+        // its deleted id (APIs that hand out the highest id plus one do) gets a new mirror
+        // after its delete, and what references it waits for that one.
+        let held: HashSet<String> = last.iter().map(|g| g[0].identity()).collect();
+        refs.withheld
+            .lock()
+            .expect("not poisoned")
+            .clone_from(&held);
         let (first, then): (Vec<_>, Vec<_>) = if self.target.deletes_first() {
             others.into_iter().partition(|g| g[0].op == Op::Delete)
         } else {
@@ -975,9 +998,13 @@ impl Projector {
         // The deferred upserts that can go now (those waiting for an item this batch
         // created) go before those deletes too; the deleted keys' own deferred events wait
         // for their deletes, which supersede them.
-        let held: HashSet<String> = last.iter().map(|g| g[0].identity()).collect();
-        let (mut pending, settled) = self
-            .settle_deferred(&results, &deferred, &applied, &refs, &held)
+        let mut pending: BTreeMap<String, Deferred> = deferred
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(self.err_state())?;
+        merge_deferred(&mut pending, &results, Utc::now());
+        let (mut pending, mut settled) = self
+            .settle_deferred(pending, &applied, &refs, &held)
             .await?;
         let tail: Vec<GroupResult> = stream::iter(last)
             .map(applying)
@@ -987,6 +1014,16 @@ impl Projector {
         drop(priors);
         merge_deferred(&mut pending, &tail, Utc::now());
         results.extend(tail);
+        // What waited for a deleted item goes now if the batch made it again (under its
+        // new mirror); else it keeps waiting.
+        if !held.is_empty() {
+            refs.withheld.lock().expect("not poisoned").clear();
+            let (still, more) = self
+                .settle_deferred(pending, &applied, &refs, &HashSet::new())
+                .await?;
+            pending = still;
+            settled.extend(more);
+        }
         let (waiting, removed) = self
             .settle_dir_deletes(&group_of, &results, &dir_pending, &applied, &refs)
             .await?;
@@ -1361,10 +1398,7 @@ impl Projector {
             .state
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
-        let refs = Refs {
-            remap: &remap,
-            fresh: Default::default(),
-        };
+        let refs = Refs::new(&remap);
         let (waiting, done) = self
             .settle_dir_deletes(&HashMap::new(), &[], &stored, &applied, &refs)
             .await?;
@@ -1473,10 +1507,7 @@ impl Projector {
                     events.push(p.event);
                 }
             }
-            let refs = Refs {
-                remap: &remap,
-                fresh: Default::default(),
-            };
+            let refs = Refs::new(&remap);
             let (concurrent, in_order) = if concurrent {
                 (events, Vec::new())
             } else {
@@ -1619,10 +1650,7 @@ impl Projector {
             return Ok(report);
         }
         let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
-        let refs = Refs {
-            remap: &remap,
-            fresh: Default::default(),
-        };
+        let refs = Refs::new(&remap);
         let mut events = Vec::new();
         let entries: Vec<(String, StoredFailure)> = stored
             .iter()
@@ -1752,24 +1780,18 @@ impl Projector {
         found
     }
 
-    /// Applies deferred events whose references now resolve (this batch's and earlier
-    /// ones), breaks cycles by writing one item without its unresolved fields, and fails
+    /// Applies the deferred events in `pending` (earlier batches' and this one's) whose
+    /// references now resolve, breaks cycles by writing one item without its unresolved fields, and fails
     /// events that waited longer than the target's reference wait. Returns what still
     /// waits and what was done.
     async fn settle_deferred(
         &self,
-        results: &[GroupResult],
-        deferred: &Records<Deferred>,
+        mut pending: BTreeMap<String, Deferred>,
         applied: &Records<Applied>,
         refs: &Refs<'_>,
         held: &HashSet<String>,
     ) -> Result<(BTreeMap<String, Deferred>, Vec<Done>), ProjectError> {
         let now = Utc::now();
-        let mut pending: BTreeMap<String, Deferred> = deferred
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(self.err_state())?;
-        merge_deferred(&mut pending, results, now);
         let mut settled = Vec::new();
         // Events the target deferred again although nothing they reference is missing (a
         // directory still in a file's place): tried once per call, as only a later batch
