@@ -614,6 +614,59 @@ fn a_link_or_file_replaced_by_a_directory_is_mirrored() {
     assert_eq!(again["events"], 0, "{again}");
 }
 
+/// Files the source replaced by links, and links replaced by files: each path's delete
+/// (of the old kind) and upsert (of the new) are items of their own, applied at once, and
+/// the delete must never remove the new item (issue: every one of 40 links was gone).
+#[test]
+fn files_and_links_that_swapped_kinds_are_mirrored_and_none_is_deleted() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    for i in 0..40 {
+        write(env.src().join(format!("f{i}")), format!("file {i}\n"));
+        std::os::unix::fs::symlink("f0", env.src().join(format!("l{i}"))).unwrap();
+    }
+    env.sync();
+    for i in 0..40 {
+        let (f, l) = (
+            env.src().join(format!("f{i}")),
+            env.src().join(format!("l{i}")),
+        );
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink("l0", &f).unwrap();
+        std::fs::remove_file(&l).unwrap();
+        write(&l, format!("now a file {i}\n"));
+    }
+    let (scan, project) = env.sync();
+    assert_eq!(scan["deletes"], 80, "{scan}");
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(
+        outcome(&project, "deleted") + outcome(&project, "unchanged"),
+        80,
+        "{project}"
+    );
+    let (_, again) = env.sync();
+    assert_eq!(again["events"], 0, "{again}");
+}
+
+/// The same with prune off, turned on later: the delete retained for the file is applied
+/// then, and finds the link that took the file's place, which it leaves.
+#[test]
+fn a_retained_delete_leaves_the_link_that_took_its_files_place() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("f5"), "five\n");
+    write(env.src().join("f6"), "six\n");
+    env.sync();
+    std::fs::remove_file(env.src().join("f6")).unwrap();
+    std::os::unix::fs::symlink("f5", env.src().join("f6")).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "retained"), 1, "{project}");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "deleted"), 0, "{project}");
+    assert!(env.dst().join("f6").is_symlink(), "the link is still there");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// A directory the source replaced by a file or a link of the same name: the file takes
 /// its place on the target even when the deletes of what the directory held come in later
 /// batches than the file, and a later run has nothing left to do.

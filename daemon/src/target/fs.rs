@@ -141,7 +141,15 @@ struct Inner {
     /// to its entries: from its own event in the batch, or its applied version
     /// ([`Target::keep_dir_times`]).
     dir_times: Mutex<HashMap<PathBuf, i64>>,
+    /// Held (by a hash of the path) while a file or link is put in place and while a
+    /// delete checks what is at its path and removes it: a file the source replaced by a
+    /// link (or the reverse) has a delete and an upsert of two identities, applied
+    /// concurrently, and the delete must never remove the new item.
+    places: Box<[Mutex<()>]>,
 }
+
+/// Stripes of [`Inner::places`].
+const PLACE_LOCKS: usize = 64;
 
 #[derive(Debug)]
 enum Failure {
@@ -192,6 +200,7 @@ impl DirTarget {
                 uid: rustix::process::geteuid().as_raw(),
                 changed_dirs: Mutex::new(HashSet::new()),
                 dir_times: Mutex::new(HashMap::new()),
+                places: (0..PLACE_LOCKS).map(|_| Mutex::new(())).collect(),
             }),
             writers: Runner::for_files(),
         }
@@ -200,6 +209,17 @@ impl DirTarget {
 
 impl Inner {
     /// The path of a key, refusing keys that would leave the root.
+    /// The lock of `path`'s place ([`Inner::places`]).
+    fn place(&self, path: &Path) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut h);
+        let stripe = (h.finish() % self.places.len() as u64) as usize;
+        self.places[stripe]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn resolve(&self, key: &str) -> Result<PathBuf, Failure> {
         let bytes = pathkey::decode(key)
             .ok_or_else(|| Failure::Permanent("key is not a valid path encoding".into()))?;
@@ -725,6 +745,7 @@ impl Inner {
         let mut out = File::from(fd);
         self.write_into(&mut out, event, mode)?;
         self.changing(dir);
+        let _place = self.place(path);
         // By descriptor when allowed: resolving `/proc/self/fd/N` for every new file cost
         // a third of the link's time in an initial sync of 100k files.
         if !self.no_empty_path_link.load(Ordering::Relaxed) {
@@ -817,6 +838,7 @@ impl Inner {
     ) -> Result<(), Failure> {
         let dir = path.parent().expect("resolved paths are below the root");
         self.changing(dir);
+        let _place = self.place(path);
         if existing.is_some() && self.exchange(tmp, path)? {
             return Ok(());
         }
@@ -885,17 +907,26 @@ impl Inner {
                     // projector tries again after later batches.
                     return Ok(Outcome::Deferred);
                 }
-                r => r,
+                r => r.map(|()| true),
             }
         } else {
-            self.in_dir(dir, || fs::remove_file(&path))
+            let _place = self.place(&path);
+            self.in_dir(dir, || {
+                let is_link = fs::symlink_metadata(&path)?.file_type().is_symlink();
+                if is_link != (event.kind == "symlink") {
+                    return Ok(false);
+                }
+                fs::remove_file(&path).map(|()| true)
+            })
         };
         // Gone already, or another kind of item took its place (a file where the directory
-        // was, a directory where the file was, or a file in place of a parent): that item
-        // has its own events, and this delete must not remove it. Nothing was deleted, so
-        // the outcome is `unchanged`, not `deleted`.
+        // was, a directory where the file was, a link where the file was or the reverse,
+        // or a file in place of a parent): that item has its own events, and this delete
+        // must not remove it. Nothing was deleted, so the outcome is `unchanged`, not
+        // `deleted`.
         let outcome = match removed {
-            Ok(()) => Outcome::Deleted,
+            Ok(true) => Outcome::Deleted,
+            Ok(false) => return Ok(Outcome::Unchanged),
             Err(e) if e.kind() == ErrorKind::NotFound => Outcome::Unchanged,
             Err(e) if matches!(e.raw_os_error(), Some(20 | 21)) => return Ok(Outcome::Unchanged),
             Err(e) => return Err(e.into()),
