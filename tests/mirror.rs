@@ -938,6 +938,36 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// A replay into a target that already mirrors the source writes nothing: files,
+/// directories and links alike are taken over (`adopted`), none is `updated`, and the
+/// links are the same links (issue: every directory and link counted `updated`, and each
+/// link was made again).
+#[test]
+fn a_replay_onto_an_equal_target_adopts_every_item_and_rewrites_no_link() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a/b/f.txt"), "f");
+    write(env.src().join("g.txt"), "g");
+    std::fs::create_dir_all(env.src().join("empty")).unwrap();
+    std::os::unix::fs::symlink("g.txt", env.src().join("a/link")).unwrap();
+    std::os::unix::fs::symlink("missing", env.src().join("dangling")).unwrap();
+    env.sync();
+    let inode = |p: &str| std::fs::symlink_metadata(env.dst().join(p)).unwrap().ino();
+    let links = (inode("a/link"), inode("dangling"));
+
+    env.ok(&["replay", "--from", "0"]);
+    let project = &env.json(&["project"])[0]["project"];
+    // Three directories, two files, two links.
+    assert_eq!(project["events"], 7, "{project}");
+    assert_eq!(outcome(project, "adopted"), 7, "{project}");
+    assert_eq!(
+        (inode("a/link"), inode("dangling")),
+        links,
+        "links made again"
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// A percentage is rounded down: emptying a source of one item trips the default guard
 /// (50% of 1 allowed that one delete before).
 #[test]

@@ -568,11 +568,22 @@ impl Inner {
                 }
                 // Created a moment ago for a file inside it: this event is its creation.
                 let implicit = implicit.take().is_some_and(|mut set| set.remove(&path));
+                // One with this mode already, never applied here (a replay, a new state):
+                // taken over, as an equal file is.
+                let equal = prior.is_none()
+                    && !implicit
+                    && existing
+                        .as_ref()
+                        .is_some_and(|m| m.is_dir() && m.permissions().mode() & 0o7777 == mode);
                 self.set_dir_mode(&path, mode)?;
                 if let Some(ns) = event.mtime_ns {
                     self.dir_times.lock().unwrap().insert(path, ns);
                 }
-                Ok(if implicit { Outcome::Created } else { fresh })
+                Ok(match (implicit, equal) {
+                    (true, _) => Outcome::Created,
+                    (false, true) => Outcome::Adopted,
+                    (false, false) => fresh,
+                })
             }
             "symlink" => {
                 let Some(Body::Base64(target)) = &event.body else {
@@ -584,6 +595,14 @@ impl Inner {
                     return Err(Failure::Permanent(
                         "link target does not match its checksum".into(),
                     ));
+                }
+                // An equal link is already there: taken over without a write.
+                if existing
+                    .as_ref()
+                    .is_some_and(|m| m.file_type().is_symlink())
+                    && fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == &target[..])
+                {
+                    return Ok(Outcome::Adopted);
                 }
                 let tmp = self.tmp_path()?;
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)?;
