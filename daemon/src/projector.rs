@@ -162,8 +162,11 @@ pub struct ProjectReport {
     ended: BTreeMap<String, Outcome>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
-    /// Committed offset (next to read) when the run ended, summed over partitions.
-    pub committed: u64,
+    /// Committed offset (next to read) when the run ended, summed over partitions. When
+    /// the log cannot say (its brokers went away or stopped answering), what this run
+    /// last read or committed itself; `None` when it had not for every partition, never
+    /// a guess.
+    pub committed: Option<u64>,
     /// Content bytes of the events that wrote to the target.
     pub bytes_written: u64,
     /// Items whose last event in this run was stale (the source changed while it was
@@ -704,6 +707,10 @@ pub struct Projector {
     /// are skipped, so a delete is not sent twice and no outcome is counted twice (a
     /// projector stuck on one item must not look busy on a dashboard).
     done_ahead: Mutex<HashMap<u32, BTreeSet<u64>>>,
+    /// Per partition, the committed offset as this projector last read it from the log or
+    /// committed it: what a run's report says it committed when the log stops answering
+    /// at its end ([`ProjectReport::committed`]), instead of nothing.
+    known_committed: Mutex<HashMap<u32, u64>>,
     /// Since the run began, items whose last event was stale, with its offset; a later
     /// event of the item applied takes it off ([`ProjectReport::stale_left`]).
     stale: Mutex<HashMap<String, u64>>,
@@ -758,6 +765,7 @@ impl Projector {
             batch_size,
             retry_max_backoff: Duration::from_secs(30),
             done_ahead: Mutex::default(),
+            known_committed: Mutex::default(),
             stale: Mutex::default(),
             retried: AtomicBool::new(false),
             failed_now: Mutex::default(),
@@ -807,13 +815,19 @@ impl Projector {
 
     /// The committed offset of `partition`: the events below it are applied.
     pub async fn committed(&self, partition: u32) -> Result<u64, ProjectError> {
-        self.log
+        let committed = self
+            .log
             .committed(&self.consumer, partition)
             .await
             .map_err(|source| ProjectError::ReadOffset {
                 pipeline: self.pipeline.clone(),
                 source,
-            })
+            })?;
+        self.known_committed
+            .lock()
+            .unwrap()
+            .insert(partition, committed);
+        Ok(committed)
     }
 
     async fn head(&self, partition: u32) -> Result<u64, ProjectError> {
@@ -1097,7 +1111,7 @@ impl Projector {
         if let Err(source) = self.log.commit(&self.consumer, partition, next).await {
             // The batch's writes are on the target and its applied state is durable (a
             // retry finds them applied): the error carries them.
-            report.committed = committed;
+            report.committed = Some(committed);
             return Err(Stopped {
                 done: Box::new(report),
                 source: ProjectError::Commit {
@@ -1106,7 +1120,13 @@ impl Projector {
                 },
             });
         }
-        report.committed = next;
+        report.committed = Some(next);
+        self.known_committed
+            .lock()
+            .unwrap()
+            .entry(partition)
+            .and_modify(|c| *c = (*c).max(next))
+            .or_insert(next);
         let mut ahead = self.done_ahead.lock().unwrap();
         if done_ahead.is_empty() {
             ahead.remove(&partition);
@@ -2264,20 +2284,18 @@ impl Projector {
     }
 
     /// The error that stopped a projection, with what it applied before: `done`, with the
-    /// committed offsets as they are now (left as counted when they cannot be read) and
-    /// the items left stale.
+    /// committed offsets as they are now (those the log cannot say, as this run last read
+    /// or committed them) and the items left stale.
     async fn stopped(&self, mut done: ProjectReport, source: ProjectError) -> Stopped {
-        let mut committed = 0;
-        let mut read_all = true;
+        let mut committed = Some(0);
         for p in 0..self.log.partitions() {
-            match self.committed(p).await {
-                Ok(c) => committed += c,
-                Err(_) => read_all = false,
-            }
+            let c = match self.committed(p).await {
+                Ok(c) => Some(c),
+                Err(_) => self.known_committed.lock().unwrap().get(&p).copied(),
+            };
+            committed = committed.zip(c).map(|(sum, c)| sum + c);
         }
-        if read_all {
-            done.committed = committed;
-        }
+        done.committed = committed;
         done.stale_left = self.stale.lock().unwrap().len() as u64;
         Stopped {
             done: Box::new(done),
@@ -2313,10 +2331,7 @@ impl Projector {
             }
         }
         if stop.is_cancelled() {
-            total.committed = 0;
-            for &(p, _) in &targets {
-                total.committed += self.committed(p).await?;
-            }
+            total.committed = Some(self.committed_sum(&targets).await?);
             total.stale_left = self.stale.lock().unwrap().len() as u64;
             return Ok(());
         }
@@ -2357,12 +2372,18 @@ impl Projector {
         if let Some(&(p, _)) = targets.first() {
             self.fail_taken(p, total).await?;
         }
-        total.committed = 0;
-        for &(p, _) in &targets {
-            total.committed += self.committed(p).await?;
-        }
+        total.committed = Some(self.committed_sum(&targets).await?);
         total.stale_left = self.stale.lock().unwrap().len() as u64;
         Ok(())
+    }
+
+    /// The committed offsets of the partitions of `targets` (partition, head), summed.
+    async fn committed_sum(&self, targets: &[(u32, u64)]) -> Result<u64, ProjectError> {
+        let mut sum = 0;
+        for &(p, _) in targets {
+            sum += self.committed(p).await?;
+        }
+        Ok(sum)
     }
 
     /// The end of a one-shot run: an event still waiting for a target item another source
@@ -2455,7 +2476,7 @@ impl Projector {
                             debug!(
                                 pipeline = %self.pipeline,
                                 events = report.events,
-                                committed = report.committed,
+                                committed = ?report.committed,
                                 outcomes = ?report.outcomes,
                                 "applied a batch"
                             );

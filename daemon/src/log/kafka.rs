@@ -46,7 +46,8 @@ use context::LogContext;
 
 const BACKEND: &str = "kafka";
 
-/// Deadline of one request to the brokers (metadata, watermarks, offsets).
+/// Deadline of one request to the brokers (metadata, watermarks, offsets); a one-shot
+/// command whose request got no answer within it takes the brokers for silent.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a read waits for records it knows exist (below the high watermark).
@@ -81,8 +82,9 @@ pub struct KafkaLog {
     connected: OnceCell<()>,
     /// How long to wait for unreachable brokers.
     patience: Patience,
-    /// A one-shot command's failure to connect, returned at once by every later call: each
-    /// call waiting for the brokers again made a `sync` take 40 s to fail.
+    /// A one-shot command's failure to connect, or brokers it lost or that stopped
+    /// answering, returned at once by every later call: each call waiting for the brokers
+    /// again made a `sync` take 40 s to fail.
     gave_up: std::sync::OnceLock<ConnectError>,
     readers: SyncMutex<HashMap<u32, Arc<Mutex<Reader>>>>,
     groups: SyncMutex<HashMap<String, Arc<Group>>>,
@@ -201,14 +203,22 @@ impl KafkaLog {
             .map(|_| ())
     }
 
-    /// Awaits `request` to the brokers. A one-shot command gives up on it when a client
-    /// reports every broker down while it waits and it does not finish within
-    /// [`ONE_SHOT_DOWN_GRACE`] after that: the brokers went away during the run. That
-    /// failure is kept, so every later call fails with it at once instead of waiting out
-    /// its own timeout. The daemon waits (it rides out broker restarts).
+    /// Awaits `request` to the brokers (`what`, for the error), which `unanswered` tells
+    /// apart from an answer: its client gave up waiting. A one-shot command gives up on the
+    /// brokers when, while it waits,
+    /// - a client reports every broker down and the request does not finish within
+    ///   [`ONE_SHOT_DOWN_GRACE`] after that: they went away ([`ConnectError::Lost`]);
+    /// - it gets no answer within [`REQUEST_TIMEOUT`] (its client's own timeout, or this
+    ///   one for a request without one, such as a commit): they keep their connections
+    ///   but stopped answering ([`ConnectError::Silent`]).
+    ///
+    /// That failure is kept, so every later call fails with it at once instead of waiting
+    /// out its own timeout. The daemon waits (it rides out broker restarts).
     async fn request<T>(
         &self,
+        what: &'static str,
         request: impl std::future::Future<Output = T>,
+        unanswered: impl Fn(&T) -> bool,
     ) -> Result<T, ConnectError> {
         if let Some(e) = self.gave_up.get() {
             return Err(e.clone());
@@ -221,21 +231,40 @@ impl KafkaLog {
         tokio::pin!(request);
         tokio::select! {
             biased;
-            out = &mut request => return Ok(out),
+            out = &mut request => {
+                return match unanswered(&out) {
+                    true => Err(self.give_up(self.silent(what))),
+                    false => Ok(out),
+                };
+            }
+            _ = tokio::time::sleep(REQUEST_TIMEOUT) => {
+                return Err(self.give_up(self.silent(what)));
+            }
             _ = down.changed() => {}
         }
         match tokio::time::timeout(ONE_SHOT_DOWN_GRACE, &mut request).await {
-            Ok(out) => Ok(out),
-            Err(_) => {
-                let e = ConnectError::Lost {
-                    brokers: self.config.brokers.clone(),
-                    reason: self
-                        .context
-                        .last_failure()
-                        .unwrap_or_else(|| "every broker is down".into()),
-                };
-                Err(self.gave_up.get_or_init(|| e).clone())
-            }
+            Ok(out) if !unanswered(&out) => Ok(out),
+            _ => Err(self.give_up(ConnectError::Lost {
+                brokers: self.config.brokers.clone(),
+                reason: self
+                    .context
+                    .last_failure()
+                    .unwrap_or_else(|| "every broker is down".into()),
+            })),
+        }
+    }
+
+    /// Keeps a one-shot command's failure for every later call; the first one kept stays.
+    fn give_up(&self, e: ConnectError) -> ConnectError {
+        self.gave_up.get_or_init(|| e).clone()
+    }
+
+    /// The brokers left `what` unanswered for [`REQUEST_TIMEOUT`].
+    fn silent(&self, what: &'static str) -> ConnectError {
+        ConnectError::Silent {
+            brokers: self.config.brokers.clone(),
+            request: what,
+            waited: REQUEST_TIMEOUT,
         }
     }
 
@@ -388,7 +417,14 @@ impl KafkaLog {
         }
         let mut landed = Vec::with_capacity(pending.len());
         for delivery in pending {
-            let delivered = self.request(delivery).await.map_err(|e| err(Box::new(e)))?;
+            let delivered = self
+                .request(
+                    "the acknowledgement of appended events",
+                    delivery,
+                    |d| matches!(d, Ok(Err((e, _))) if timed_out(e)),
+                )
+                .await
+                .map_err(|e| err(Box::new(e)))?;
             match delivered {
                 Ok(Ok(d)) => landed.push((d.partition as u32, d.offset as u64)),
                 Ok(Err((e, _))) => {
@@ -524,14 +560,29 @@ impl KafkaLog {
             .tpl(partition, Offset::Offset(next as i64))
             .map_err(|e| err(boxed(e)))?;
         let client = group.consumer.clone();
-        self.request(tokio::task::spawn_blocking(move || {
-            client.commit(&tpl, CommitMode::Sync)
-        }))
+        self.request(
+            "a commit",
+            tokio::task::spawn_blocking(move || client.commit(&tpl, CommitMode::Sync)),
+            blocking_timed_out,
+        )
         .await
         .map_err(|e| err(boxed(e)))?
         .map_err(|e| err(boxed(e)))?
         .map_err(|e| err(boxed(e)))
     }
+}
+
+/// Whether a client gave up waiting for the brokers' answer to a request.
+fn timed_out(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::MessageTimedOut)
+    )
+}
+
+/// [`timed_out`], for a call run on a blocking thread.
+fn blocking_timed_out<T>(out: &Result<Result<T, KafkaError>, tokio::task::JoinError>) -> bool {
+    matches!(out, Ok(Err(e)) if timed_out(e))
 }
 
 /// How long the producer waits for the brokers to acknowledge a record.
@@ -1093,8 +1144,14 @@ impl EventLog for KafkaLog {
         let mut out = Vec::with_capacity(want);
         let deadline = tokio::time::Instant::now() + READ_DEADLINE;
         while out.len() < want {
+            // The deadline is the whole read's: only a read that got nothing is unanswered.
+            let nothing_yet = out.is_empty();
             let received = self
-                .request(tokio::time::timeout_at(deadline, reader.consumer.recv()))
+                .request(
+                    "a read",
+                    tokio::time::timeout_at(deadline, reader.consumer.recv()),
+                    |r| nothing_yet && r.is_err(),
+                )
                 .await;
             let received = match received {
                 Ok(received) => received,
@@ -1145,9 +1202,13 @@ impl EventLog for KafkaLog {
         self.ensure_connected().await.map_err(read_err)?;
         let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
         let (_, high) = self
-            .request(tokio::task::spawn_blocking(move || {
-                meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
-            }))
+            .request(
+                "a request for a partition's head",
+                tokio::task::spawn_blocking(move || {
+                    meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
+                }),
+                blocking_timed_out,
+            )
             .await
             .map_err(read_err)?
             .map_err(read_err)?
@@ -1191,9 +1252,11 @@ impl EventLog for KafkaLog {
             .map_err(|e| err(boxed(e)))?;
         let client = group.consumer.clone();
         let offsets = self
-            .request(tokio::task::spawn_blocking(move || {
-                client.committed_offsets(tpl, REQUEST_TIMEOUT)
-            }))
+            .request(
+                "a request for a committed offset",
+                tokio::task::spawn_blocking(move || client.committed_offsets(tpl, REQUEST_TIMEOUT)),
+                blocking_timed_out,
+            )
             .await
             .map_err(|e| err(boxed(e)))?
             .map_err(|e| err(boxed(e)))?
@@ -1289,7 +1352,7 @@ impl EventLog for KafkaLog {
                 // The run's error already says why; no waiting for the brokers again.
                 leases.closed.store(true, Ordering::SeqCst);
                 return Err(err(format!(
-                    "the Kafka brokers {} are gone",
+                    "the Kafka brokers {} are gone or stopped answering",
                     self.config.brokers
                 )
                 .into()));

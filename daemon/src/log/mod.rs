@@ -120,6 +120,20 @@ pub enum ConnectError {
         /// Why, as the client last said (`… Connection refused`).
         reason: String,
     },
+    /// The brokers kept their connections open but stopped answering during a one-shot
+    /// command (a paused, hung or overloaded broker): a request got no answer within its
+    /// timeout, and the run stops there, with what it committed before.
+    #[error(
+        "the Kafka brokers {brokers} stopped answering during the run: {request} got no answer within {waited:?} while the connections stayed open (a paused, hung or overloaded broker); what was committed before stays, and the next run goes on from there: restart the broker, or find what holds it up, then run again"
+    )]
+    Silent {
+        /// The configured bootstrap brokers.
+        brokers: String,
+        /// The request left unanswered (`a read`, `a commit`, …).
+        request: &'static str,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// The backend answered but the log cannot be used (its topic cannot be created or
     /// has no partitions).
     #[error("the {backend} log is not ready: {message}")]
@@ -175,8 +189,9 @@ pub enum Patience {
     /// 5 minutes) and `run` retries connecting with backoff.
     Daemon,
     /// One-shot commands: connecting gives up as soon as every broker was found down (10 s
-    /// at most), and for good for the rest of the command; an append gives up after 10 s
-    /// without acknowledgement.
+    /// at most), and for good for the rest of the command; so does any later request
+    /// once the brokers are down, or left it unanswered for 10 s; an append gives up after
+    /// 10 s without acknowledgement.
     OneShot,
 }
 
