@@ -900,9 +900,16 @@ async fn scan_project(
                     .collect();
                 // Stopped by an error, the failing batch's events were read but not all
                 // applied: what the outcomes count is what was.
+                let items: u64 = report.outcomes.values().sum();
                 let (events, before) = match stopped {
-                    Some(_) => (report.outcomes.values().sum(), " before the error"),
-                    None => (report.events, ""),
+                    Some(_) => (items, " before the error".into()),
+                    // Retained deletes, waiting and failed items of earlier runs are
+                    // applied without an event of this run's.
+                    None if items > report.events => (
+                        report.events,
+                        format!(" and {} from earlier runs", items - report.events),
+                    ),
+                    None => (report.events, String::new()),
                 };
                 // "nothing to do" would contradict the error that follows.
                 let what = match (counts.is_empty(), stopped.is_some()) {
