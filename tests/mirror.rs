@@ -265,8 +265,9 @@ fn a_touch_or_a_chmod_alone_changes_the_target_file_in_place() {
 }
 
 /// Runs tidemark as a user who is not root: as `nobody` (the test's directory handed to
-/// it) when the tests run as root, which writes through any mode, else as the caller.
-fn ok_as_a_user(env: &Env, args: &[&str]) -> String {
+/// it) when the tests run as root, which reads and writes through any mode, else as the
+/// caller.
+fn as_a_user(env: &Env, args: &[&str]) -> std::process::Output {
     let mut cmd = env.cmd(args);
     if rustix::process::geteuid().is_root() {
         let chown = std::process::Command::new("chown")
@@ -277,7 +278,12 @@ fn ok_as_a_user(env: &Env, args: &[&str]) -> String {
         assert!(chown.success());
         cmd.uid(65534).gid(65534);
     }
-    let out = cmd.output().unwrap();
+    cmd.output().unwrap()
+}
+
+/// [`as_a_user`], asserting success; returns stdout.
+fn ok_as_a_user(env: &Env, args: &[&str]) -> String {
+    let out = as_a_user(env, args);
     assert!(
         out.status.success(),
         "tidemark {args:?} as a user failed:\n{}",
@@ -1095,6 +1101,52 @@ fn verify_lists_a_retained_item_as_retained_in_json_too() {
         "{v}"
     );
     assert_eq!(report["extra"], serde_json::json!([]), "{v}");
+}
+
+/// A source file that cannot be read, or one in a directory that cannot be read, is
+/// `unreadable`, and only that: not `extra` as well (issue: `verify` listed it as extra,
+/// with the hint to remove it from the target by hand, though the source has it), in
+/// text and JSON.
+#[test]
+fn verify_counts_an_unreadable_source_file_as_unreadable_not_extra() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("f1"), "one");
+    write(env.src().join("f2"), "two");
+    write(env.src().join("d/g"), "in d");
+    ok_as_a_user(&env, &["sync"]);
+    set_mode(env.src().join("f2"), 0o000);
+    let sync = as_a_user(&env, &["sync"]);
+    assert_eq!(sync.status.code(), Some(3), "{sync:?}");
+    // Locked after the sync, which would mirror its mode: the target's `d` stays readable.
+    set_mode(env.src().join("d"), 0o000);
+    let text = as_a_user(&env, &["verify"]);
+    let json = as_a_user(&env, &["verify", "--output", "json"]);
+    set_mode(env.src().join("f2"), 0o644);
+    set_mode(env.src().join("d"), 0o755);
+    assert_eq!(text.status.code(), Some(4), "{text:?}");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    for key in ["f2", "d"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("unreadable source: ") && l.contains(key)),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("extra file"), "{text}");
+    assert!(!text.contains("by hand"), "{text}");
+    // `d` itself is compared: its mode is the source's no more.
+    assert!(text.contains("different dir d\n"), "{text}");
+    assert!(!text.contains("d/g"), "{text}");
+    assert!(
+        text.contains("0 missing, 1 different, 2 unreadable, 0 extra"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let report = &v[0]["report"];
+    for list in ["extra", "missing"] {
+        assert_eq!(report[list], serde_json::json!([]), "{list}: {v}");
+    }
+    assert_eq!(report["unreadable"].as_array().unwrap().len(), 2, "{v}");
 }
 
 /// `verify` says on which side an entry is unreadable: with both sides locked, the two

@@ -3,7 +3,7 @@
 //! different. For REST targets, target items are mapped back to source ids through the
 //! remap table and compared as canonical JSON without ignored and server-managed fields.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -120,6 +120,11 @@ impl VerifyReport {
                 "{pipeline}: `tidemark replay --pipeline {pipeline} --from 0` then `tidemark project` puts the missing and different items back (equal ones are adopted, not rewritten)\n"
             ));
         }
+        if !self.unreadable.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: what could not be read is left out of the comparison (neither missing, different nor extra): make it readable to the user tidemark runs as, then verify again\n"
+            ));
+        }
         match (&self.deletes_withheld, self.extra.is_empty()) {
             (_, true) => {}
             (None, false) => out.push_str(&format!(
@@ -176,6 +181,38 @@ pub enum VerifyError {
     },
 }
 
+/// What one side could not read. Such an item may be there all the same, and as anything:
+/// it is only `unreadable`, never `missing`, `different` or `extra` (calling an item the
+/// source could not read `extra` invited deleting it from the target by hand).
+#[derive(Debug, Default)]
+struct Unread {
+    /// Items listed but not read (identities).
+    items: HashSet<String>,
+    /// Keys that could not be listed: an entry, or a directory whose entries are then
+    /// unknown (the directory itself is listed, and compared, when its own entry was read).
+    keys: Vec<String>,
+}
+
+impl Unread {
+    /// Whether `id` may be on this side as something other than what was `read` there.
+    fn hides(&self, id: &str, read: &BTreeMap<String, String>) -> bool {
+        if self.items.contains(id) {
+            return true;
+        }
+        let key = id.split_once('\0').map_or(id, |(_, key)| key);
+        self.keys.iter().any(|k| {
+            k.is_empty()
+                || key
+                    .strip_prefix(k.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+                || (key == k
+                    && !read
+                        .keys()
+                        .any(|r| r.split_once('\0').is_some_and(|(_, rk)| rk == k)))
+        })
+    }
+}
+
 /// Lists and reads every item of `source`, the `side` named in what is unreadable;
 /// `fetched` is told each item's identity.
 async fn collect(
@@ -183,25 +220,33 @@ async fn collect(
     source: &dyn Source,
     fetched: impl Fn(&str),
     unreadable: &mut Vec<String>,
-) -> Result<BTreeMap<String, String>, ListError> {
+) -> Result<(BTreeMap<String, String>, Unread), ListError> {
     let mut entries = Vec::new();
+    let mut unread = Unread::default();
     let mut listing = source.list();
     while let Some(next) = listing.next().await {
         match next {
             Ok(Listing::Entry(e)) => entries.push(e),
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => unreadable.push(format!("{side}: {e}")),
+            Err(e) => {
+                if let ListError::Entry { key, .. } = &e {
+                    unread.keys.push(key.clone());
+                }
+                unreadable.push(format!("{side}: {e}"));
+            }
         }
     }
     let mut out = BTreeMap::new();
     let mut items = futures::stream::iter(entries)
-        .map(|e| source.fetch(e))
+        .map(|e| async {
+            let id = item_identity(&e.kind, &e.key);
+            (id, source.fetch(e).await)
+        })
         .buffer_unordered(8);
-    while let Some(item) = items.next().await {
+    while let Some((id, item)) = items.next().await {
         match item {
             Ok(i) => {
-                let id = item_identity(&i.kind, &i.key);
                 fetched(&id);
                 out.insert(
                     id,
@@ -211,10 +256,13 @@ async fn collect(
                     item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
-            Err(e) => unreadable.push(format!("{side}: {e}")),
+            Err(e) => {
+                unread.items.insert(id);
+                unreadable.push(format!("{side}: {e}"));
+            }
         }
     }
-    Ok(out)
+    Ok((out, unread))
 }
 
 /// Compares a pipeline's source and target; `state` holds the remap table REST targets
@@ -277,7 +325,7 @@ async fn verify_items(
         prune: t.prune,
         ..Default::default()
     };
-    let source = collect(
+    let (source, source_unread) = collect(
         "source",
         &DirSource::new(s, 0),
         |_| progress.inc(1),
@@ -288,10 +336,10 @@ async fn verify_items(
     // Then the bar counts items compared: a source item once its target side is read.
     progress.count_to(source.len() as u64);
     // A target nothing was written to yet holds nothing: every item is missing.
-    let target = if std::fs::symlink_metadata(&t.path)
+    let (target, target_unread) = if std::fs::symlink_metadata(&t.path)
         .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     {
-        BTreeMap::new()
+        (BTreeMap::new(), Unread::default())
     } else if std::fs::metadata(&t.path).is_ok_and(|m| !m.is_dir()) {
         return Err(VerifyError::Incomplete {
             pipeline: pipeline.name.clone(),
@@ -322,13 +370,20 @@ async fn verify_items(
         match target.get(id) {
             None => {
                 progress.inc(1);
-                report.missing.push(id.clone());
+                if !target_unread.hides(id, &target) {
+                    report.missing.push(id.clone());
+                }
             }
             Some(v) if v != version => report.different.push(id.clone()),
             Some(_) => {}
         }
     }
-    report.only_in_target(target.keys().filter(|k| !source.contains_key(*k)).cloned());
+    report.only_in_target(
+        target
+            .keys()
+            .filter(|k| !source.contains_key(*k) && !source_unread.hides(k, &source))
+            .cloned(),
+    );
     Ok(report)
 }
 
@@ -379,10 +434,14 @@ async fn verify_http(
             Err(e) => report.unreadable.push(format!("source: {e}")),
         }
     }
+    let mut unread = Unread::default();
     let mut fetched = futures::stream::iter(entries)
-        .map(|e| source.fetch(e))
+        .map(|e| async {
+            let id = item_identity(&e.kind, &e.key);
+            (id, source.fetch(e).await)
+        })
         .buffer_unordered(8);
-    while let Some(item) = fetched.next().await {
+    while let Some((id, item)) = fetched.next().await {
         progress.inc(1);
         match item {
             Ok(i) => {
@@ -395,7 +454,10 @@ async fn verify_http(
                     comparable(body, &[], &strip),
                 );
             }
-            Err(e) => report.unreadable.push(format!("source: {e}")),
+            Err(e) => {
+                unread.items.insert(id);
+                report.unreadable.push(format!("source: {e}"));
+            }
         }
     }
     progress.count_to(src.len() as u64);
@@ -495,6 +557,10 @@ async fn verify_http(
             Some(_) => {}
         }
     }
-    report.only_in_target(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
+    report.only_in_target(
+        dst.keys()
+            .filter(|k| !src.contains_key(*k) && !unread.hides(k, &src))
+            .cloned(),
+    );
     Ok(report)
 }
