@@ -1149,6 +1149,64 @@ fn verify_counts_an_unreadable_source_file_as_unreadable_not_extra() {
     assert_eq!(report["unreadable"].as_array().unwrap().len(), 2, "{v}");
 }
 
+/// The line of `verify`'s text that holds `phrase` (a hint), with the items it names.
+fn hint_line<'a>(text: &'a str, phrase: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.contains(phrase))
+        .unwrap_or_else(|| panic!("no line says {phrase:?}:\n{text}"))
+}
+
+/// What `verify` advises for each drifted item is what mends it: a change of the source
+/// since its last scan, a delete included, is the next sync's (issue: `verify` called the
+/// deleted file "never listed in the source", to be removed by hand, and advised a replay
+/// for the changed ones); a change of the target by hand is a replay's; an item only the
+/// target ever had is to be removed by hand. The log holding changes not applied yet is a
+/// sync's too.
+#[test]
+fn verify_advises_a_sync_for_what_the_source_changed_since_its_last_scan() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    for name in ["a.txt", "b.txt", "gone.txt"] {
+        write(env.src().join(name), name);
+    }
+    env.sync();
+    write(env.src().join("a.txt"), "a, changed");
+    write(env.src().join("new.txt"), "new");
+    std::fs::remove_file(env.src().join("gone.txt")).unwrap();
+    write(env.dst().join("b.txt"), "changed by hand");
+    write(env.dst().join("stray.txt"), "added by hand");
+    let assert_advice = |text: &str| {
+        let sync = hint_line(text, "`tidemark sync` brings");
+        for item in ["file a.txt", "file new.txt", "file gone.txt"] {
+            assert!(sync.contains(item), "{item}: {text}");
+        }
+        assert!(!sync.contains("b.txt") && !sync.contains("stray"), "{text}");
+        let replay = hint_line(text, "--from 0");
+        assert!(
+            replay.contains("file b.txt") && !replay.contains("a.txt"),
+            "{text}"
+        );
+        let by_hand = hint_line(text, "by hand if they should go");
+        assert!(
+            by_hand.contains("file stray.txt") && !by_hand.contains("gone"),
+            "{text}"
+        );
+    };
+    assert_advice(&verify_finds(&env, "extra file gone.txt"));
+    // Scanned, not projected: the log holds the changes, the target lacks them.
+    env.ok(&["scan"]);
+    assert_advice(&verify_finds(&env, "extra file gone.txt"));
+
+    // The advice, followed: the sync leaves only what it cannot mend.
+    env.ok(&["sync"]);
+    let text = verify_finds(&env, "extra file stray.txt");
+    assert!(!text.contains("`tidemark sync` brings"), "{text}");
+    assert!(
+        text.contains("0 missing, 1 different, 0 unreadable, 1 extra"),
+        "{text}"
+    );
+    hint_line(&text, "--from 0");
+}
+
 /// `verify` says on which side an entry is unreadable: with both sides locked, the two
 /// are told apart, in text and JSON.
 #[test]
