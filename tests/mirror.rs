@@ -1207,6 +1207,42 @@ fn verify_advises_a_sync_for_what_the_source_changed_since_its_last_scan() {
     hint_line(&text, "--from 0");
 }
 
+/// A directory the source deleted, whose delete waits because the target directory holds
+/// an entry put there by hand: `verify` says the delete waits and for what (issue: it
+/// called the directory "never listed in the source", to be removed by hand).
+#[test]
+fn verify_says_a_directory_delete_waits_for_the_directory_to_be_empty() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("a/f7.txt/x"), "x");
+    write(env.src().join("a/keep"), "k");
+    env.sync();
+    write(
+        env.dst().join("a/f7.txt/handmade.txt"),
+        "not from the source",
+    );
+    std::fs::remove_dir_all(env.src().join("a/f7.txt")).unwrap();
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("1 deleted, 1 deferred"), "{out}");
+
+    let text = verify_finds(&env, "extra dir a/f7.txt");
+    let waiting = hint_line(&text, "waits for its directory to be empty");
+    assert!(
+        waiting.contains("dir a/f7.txt") && !waiting.contains("handmade"),
+        "{text}"
+    );
+    let by_hand = hint_line(&text, "by hand if they should go");
+    assert!(
+        by_hand.contains("file a/f7.txt/handmade.txt") && !by_hand.contains("dir a/f7.txt"),
+        "{text}"
+    );
+
+    // The advice, followed.
+    std::fs::remove_file(env.dst().join("a/f7.txt/handmade.txt")).unwrap();
+    env.ok(&["sync"]);
+    env.ok(&["verify"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// `verify` says on which side an entry is unreadable: with both sides locked, the two
 /// are told apart, in text and JSON.
 #[test]

@@ -94,8 +94,8 @@ impl Drifted {
     }
 }
 
-/// What brings a drifted item in line with the source, as the source index and the
-/// applied state tell.
+/// What brings a drifted item in line with the source, as the source index, the applied
+/// state and the waiting directory deletes tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fix {
@@ -108,6 +108,8 @@ pub enum Fix {
     /// The source no longer has it, but the last scan withheld its delete (see
     /// [`VerifyReport::deletes_withheld`]).
     Withheld,
+    /// A directory the source deleted, whose delete waits for it to be empty.
+    Waiting,
     /// Never listed in the source (put on the target by hand): no event deletes it.
     ByHand,
 }
@@ -221,6 +223,13 @@ impl VerifyReport {
                 "{pipeline}: the source no longer has {}, but the last scan emitted no deletes ({}): they stay until a scan emits their deletes (`tidemark status` says more)\n",
                 some(&items),
                 self.deletes_withheld.as_deref().unwrap_or("see `tidemark status`"),
+            ));
+        }
+        let items = with(&Fix::Waiting);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the source deleted {}, and each such delete waits for its directory to be empty on the target, which holds entries the source does not have: once they are gone (remove them by hand if the source never had them), the next `tidemark sync` or the running daemon removes the directory (`tidemark status` lists the waiting delete)\n",
+                some(&items)
             ));
         }
         let items = with(&Fix::ByHand);
@@ -366,7 +375,8 @@ async fn collect(
 
 /// Compares a pipeline's source and target; `state` holds the remap table REST targets
 /// are compared through, and what tells each drifted item's [`Fix`]: the source index,
-/// the applied state and the last scan, which says whether deletes were withheld.
+/// the applied state, the waiting directory deletes and the last scan, which says whether
+/// deletes were withheld.
 pub async fn verify(
     pipeline: &PipelineConfig,
     state: &State,
@@ -398,6 +408,7 @@ pub async fn verify(
     }
     let index = IndexView::read(state, &pipeline.name).map_err(state_err)?;
     let applied = state.applied(&pipeline.name).map_err(state_err)?;
+    let dir_deletes = state.dir_deletes(&pipeline.name).map_err(state_err)?;
     let withheld = report.deletes_withheld.is_some();
     for d in report.missing.iter_mut().chain(&mut report.different) {
         let id = d.identity();
@@ -416,7 +427,9 @@ pub async fn verify(
         // The next scan emits the delete of an indexed item, if the last one's reason to
         // withhold it is gone; the log holds the delete of one applied and no longer
         // indexed.
-        d.fix = Some(if index.holds(&id) && withheld {
+        d.fix = Some(if dir_deletes.contains(&id).map_err(state_err)? {
+            Fix::Waiting
+        } else if index.holds(&id) && withheld {
             Fix::Withheld
         } else if index.holds(&id) || applied.contains(&id).map_err(state_err)? {
             Fix::Sync
