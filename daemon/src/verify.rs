@@ -95,7 +95,7 @@ impl Drifted {
 }
 
 /// What brings a drifted item in line with the source, as the source index, the applied
-/// state and the waiting directory deletes tell.
+/// state, the failures and the waiting directory deletes tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fix {
@@ -110,6 +110,8 @@ pub enum Fix {
     Withheld,
     /// A directory the source deleted, whose delete waits for it to be empty.
     Waiting,
+    /// Its last event failed, for this reason; the next run tries it again.
+    Failed(String),
     /// Never listed in the source (put on the target by hand): no event deletes it.
     ByHand,
 }
@@ -230,6 +232,21 @@ impl VerifyReport {
             out.push_str(&format!(
                 "{pipeline}: the source deleted {}, and each such delete waits for its directory to be empty on the target, which holds entries the source does not have: once they are gone (remove them by hand if the source never had them), the next `tidemark sync` or the running daemon removes the directory (`tidemark status` lists the waiting delete)\n",
                 some(&items)
+            ));
+        }
+        let failed: Vec<(&Drifted, &str)> = drifted
+            .iter()
+            .filter_map(|d| match &d.fix {
+                Some(Fix::Failed(why)) => Some((*d, why.as_str())),
+                _ => None,
+            })
+            .collect();
+        for (d, why) in &failed {
+            out.push_str(&format!("{pipeline}: {} failed: {why}\n", d.label()));
+        }
+        if !failed.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: a replay does not mend a failed item: once what its failure says is fixed, the next `tidemark sync` tries it again (`tidemark status` lists failures)\n"
             ));
         }
         let items = with(&Fix::ByHand);
@@ -375,8 +392,8 @@ async fn collect(
 
 /// Compares a pipeline's source and target; `state` holds the remap table REST targets
 /// are compared through, and what tells each drifted item's [`Fix`]: the source index,
-/// the applied state, the waiting directory deletes and the last scan, which says whether
-/// deletes were withheld.
+/// the applied state, the failures, the waiting directory deletes and the last scan, which
+/// says whether deletes were withheld.
 pub async fn verify(
     pipeline: &PipelineConfig,
     state: &State,
@@ -409,9 +426,16 @@ pub async fn verify(
     let index = IndexView::read(state, &pipeline.name).map_err(state_err)?;
     let applied = state.applied(&pipeline.name).map_err(state_err)?;
     let dir_deletes = state.dir_deletes(&pipeline.name).map_err(state_err)?;
+    let failures = state.failures(&pipeline.name).map_err(state_err)?;
     let withheld = report.deletes_withheld.is_some();
     for d in report.missing.iter_mut().chain(&mut report.different) {
         let id = d.identity();
+        // A failed item's cause is on the target's side (a name another item holds, a
+        // rejected body): a replay fails the same way.
+        if let Some(f) = failures.get(&id).map_err(state_err)? {
+            d.fix = Some(Fix::Failed(f.reason));
+            continue;
+        }
         let now = d.version.as_deref().unwrap_or_default();
         let applied = applied.get(&id).map_err(state_err)?;
         d.fix = Some(
@@ -427,7 +451,9 @@ pub async fn verify(
         // The next scan emits the delete of an indexed item, if the last one's reason to
         // withhold it is gone; the log holds the delete of one applied and no longer
         // indexed.
-        d.fix = Some(if dir_deletes.contains(&id).map_err(state_err)? {
+        d.fix = Some(if let Some(f) = failures.get(&id).map_err(state_err)? {
+            Fix::Failed(f.reason)
+        } else if dir_deletes.contains(&id).map_err(state_err)? {
             Fix::Waiting
         } else if index.holds(&id) && withheld {
             Fix::Withheld
@@ -567,8 +593,8 @@ async fn verify_http(
     // Source: identity → comparable checksum.
     let source = HttpSource::new(&pipeline.name, s);
     let mut src: BTreeMap<String, String> = BTreeMap::new();
-    // Identity → the source's version, as its scans index it.
-    let mut about: HashMap<String, String> = HashMap::new();
+    // Identity → the source's version (as its scans index it) and name.
+    let mut about: HashMap<String, (String, Option<String>)> = HashMap::new();
     let mut entries = Vec::new();
     let incomplete = |side, source| VerifyError::Incomplete {
         pipeline: pipeline.name.clone(),
@@ -600,7 +626,10 @@ async fn verify_http(
                     continue;
                 };
                 let strip = t.kind(&i.kind).map(|k| k.strip.clone()).unwrap_or_default();
-                about.insert(id.clone(), item_version(&i.checksum, i.mode, i.mtime_ns));
+                about.insert(
+                    id.clone(),
+                    (item_version(&i.checksum, i.mode, i.mtime_ns), i.name),
+                );
                 src.insert(id, comparable(body, &[], &strip));
             }
             Err(e) => {
@@ -693,8 +722,8 @@ async fn verify_http(
     for (id, sum) in &src {
         report.compared += 1;
         let drifted = || {
-            let version = &about[id];
-            Drifted::new(id).in_source(version, None)
+            let (version, name) = &about[id];
+            Drifted::new(id).in_source(version, name.as_deref())
         };
         match dst.get(id).filter(|_| to_target.contains_key(id)) {
             None => {
