@@ -977,6 +977,38 @@ fn replay_past_the_committed_offset_is_refused() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// `log show` of an offset with no event says why: from the head on the log ends, below
+/// it `compact` dropped a superseded event (issue: the compact hint came past the head too).
+#[test]
+fn log_show_of_a_missing_event_says_why_it_is_missing() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "one");
+    env.sync();
+    write(env.src().join("a.txt"), "two");
+    env.sync();
+    env.ok(&["compact"]);
+    let head = env.json(&["status"])[0]["head"].as_u64().unwrap();
+    let show = |offset: &str| {
+        let out = env.run(&["log", "show", offset]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let past = show("999");
+    assert!(
+        past.contains(&format!(
+            "no event at offset 999 (head is {head}: the log ends before it)"
+        )),
+        "{past}"
+    );
+    assert!(!past.contains("compact"), "{past}");
+    let dropped = show("0");
+    assert!(
+        dropped.contains("no event at offset 0 (head is")
+            && dropped.contains("`compact` drops events"),
+        "{dropped}"
+    );
+}
+
 #[test]
 fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
     let env = Env::dirs("max_delete = \"20%\"", "prune = true");
