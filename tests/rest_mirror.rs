@@ -584,6 +584,64 @@ fn a_second_dev_item_with_a_taken_name_never_overwrites_or_deletes_the_first_one
     assert_verified(&env);
 }
 
+/// `verify` names a REST item besides its dev id, as `plan` and the failure lines do
+/// (issue: it showed `missing users 4242` only), and for a failed item it says why it
+/// failed and that fixing that is what mends it, not `replay --from 0`, which fails the
+/// same way (issue: it advised the replay for every missing item).
+#[test]
+fn verify_names_a_missing_item_and_says_why_a_failed_one_is_missing() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    dev.post(
+        "users",
+        json!({"id": 4242, "name": "user-0", "active": false, "score": 9, "bio": "impostor"}),
+    );
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3));
+    // Not synced yet: the next sync brings it.
+    dev.post(
+        "users",
+        json!({"id": 4343, "name": "user-new", "active": true, "score": 1, "bio": ""}),
+    );
+
+    let out = env.run(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    for line in [
+        "   missing users 4242 (\"user-0\")\n",
+        "   missing users 4343 (\"user-new\")\n",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("t: users 4242 (\"user-0\") failed: "))
+        .unwrap_or_else(|| panic!("no failure line:\n{text}"));
+    assert!(failed.contains("named `user-0`"), "{failed}");
+    assert!(text.contains("`tidemark status` lists failures"), "{text}");
+    assert!(!text.contains("--from 0"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("t: `tidemark sync` brings")
+                && l.contains("users 4343 (\"user-new\")")
+                && !l.contains("4242")),
+        "{text}"
+    );
+    let out = env.run(&["verify", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let missing = &v[0]["report"]["missing"];
+    assert!(
+        missing
+            .as_array()
+            .unwrap()
+            .contains(&json!({"kind": "users", "key": "4242", "name": "user-0"})),
+        "{v}"
+    );
+}
+
 /// An item deleted in dev and made again under a new id with the same name (a common way
 /// to "reset" a resource): one sync deletes the old mirror first and creates the new one,
 /// without writing to the item being deleted in between.

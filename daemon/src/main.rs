@@ -1238,6 +1238,13 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
                     }
                 }
                 if !found {
+                    // Below a head, `compact` may have dropped the event; from the head on
+                    // none was ever written.
+                    let why = if heads.iter().any(|(_, head)| offset < *head) {
+                        "; `compact` drops events a later event of the same item supersedes"
+                    } else {
+                        ": the log ends before it"
+                    };
                     let heads = match heads.as_slice() {
                         [(_, head)] if p.log.partitions() == 1 => format!("head is {head}"),
                         _ => heads
@@ -1247,7 +1254,7 @@ async fn log_command(session: Session, cmd: LogCommand) -> Result<ExitCode> {
                             .join(", "),
                     };
                     anyhow::bail!(
-                        "pipeline `{}`: no event at offset {offset} ({heads}; `compact` drops events a later event of the same item supersedes)",
+                        "pipeline `{}`: no event at offset {offset} ({heads}{why})",
                         p.name(),
                     );
                 }

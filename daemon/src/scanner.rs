@@ -83,6 +83,29 @@ impl StartedListing {
     }
 }
 
+/// A pipeline's source index as its last scans left it, read without writing anything:
+/// which items the source had when it was last listed, and at which version (`verify`
+/// tells by it what the next scan changes from what the log already holds).
+pub struct IndexView(Digest);
+
+impl IndexView {
+    /// Reads `pipeline`'s index.
+    pub fn read(state: &State, pipeline: &str) -> Result<IndexView, StateError> {
+        Digest::peek(state, pipeline).map(IndexView)
+    }
+
+    /// Whether the index holds `identity`: the last scan listed it (or a scan before,
+    /// whose delete of it was withheld), and no delete of it is in the log since.
+    pub fn holds(&self, identity: &str) -> bool {
+        self.0.version_of(identity).is_some()
+    }
+
+    /// Whether the index holds `identity` at `version`: the log holds that version's event.
+    pub fn holds_at(&self, identity: &str, version: &str) -> bool {
+        self.0.version_of(identity).is_some_and(|v| v.is(version))
+    }
+}
+
 /// Turns listings of one pipeline's source into events.
 pub struct Scanner {
     pipeline: String,

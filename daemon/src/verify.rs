@@ -3,7 +3,7 @@
 //! different. For REST targets, target items are mapped back to source ids through the
 //! remap table and compared as canonical JSON without ignored and server-managed fields.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -13,28 +13,24 @@ use crate::config::{
     HttpSourceConfig, HttpTargetConfig, PipelineConfig, SourceConfig, TargetConfig,
 };
 use crate::progress::Progress;
+use crate::scanner::IndexView;
 use crate::source::{DirSource, ListError, Listing, Source};
-use crate::state::{State, StateError};
+use crate::state::{item_label, State, StateError};
 use crate::target::fs::TMP_DIR;
 
-/// Drift between source and target. Items are identities (`kind\0key`); JSON shows each
-/// as `{"kind": …, "key": …}`.
+/// Drift between source and target.
 #[derive(Debug, Default, Serialize)]
 pub struct VerifyReport {
     /// Items compared.
     pub compared: u64,
     /// In the source, not in the target.
-    #[serde(serialize_with = "items")]
-    pub missing: Vec<String>,
+    pub missing: Vec<Drifted>,
     /// In the target, not in the source, with prune on: drift.
-    #[serde(serialize_with = "items")]
-    pub extra: Vec<String>,
+    pub extra: Vec<Drifted>,
     /// In the target, not in the source, with prune off: kept on purpose, no drift.
-    #[serde(serialize_with = "items")]
-    pub retained: Vec<String>,
+    pub retained: Vec<Drifted>,
     /// In both, with different content, mode or (files) modification time.
-    #[serde(serialize_with = "items")]
-    pub different: Vec<String>,
+    pub different: Vec<Drifted>,
     /// Entries that could not be read, each after its side (`source: …`, `target: …`).
     pub unreadable: Vec<String>,
     /// Whether the target prunes: items only it has are `extra`, else `retained`.
@@ -46,17 +42,93 @@ pub struct VerifyReport {
     pub deletes_withheld: Option<String>,
 }
 
-/// Serializes identities as `{"kind", "key"}` objects.
-fn items<S: serde::Serializer>(ids: &[String], s: S) -> Result<S::Ok, S::Error> {
-    #[derive(Serialize)]
-    struct Item<'a> {
-        kind: &'a str,
-        key: &'a str,
-    }
-    s.collect_seq(ids.iter().map(|id| {
+/// An item that is not on the target as it is in the source. JSON shows it as
+/// `{"kind", "key"}`, with `"name"` when the source names it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drifted {
+    /// Kind of the item.
+    pub kind: String,
+    /// Key of the item: its source key (for a REST target item that no source id maps
+    /// to, `(target id …)`).
+    pub key: String,
+    /// The item's name in the source (a REST kind's `name_field`), since a REST key is an
+    /// id that says nothing to a person.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The source's version of a missing or different item: whether the log holds it
+    /// tells a sync from a replay as what brings the item back.
+    #[serde(skip)]
+    version: Option<String>,
+    /// What brings it in line with the source, as the state tells ([`verify`] sets it).
+    #[serde(skip)]
+    pub fix: Option<Fix>,
+}
+
+impl Drifted {
+    /// The item of identity `id` (`kind\0key`).
+    fn new(id: &str) -> Drifted {
         let (kind, key) = id.split_once('\0').unwrap_or(("", id));
-        Item { kind, key }
-    }))
+        Drifted {
+            kind: kind.to_owned(),
+            key: key.to_owned(),
+            name: None,
+            version: None,
+            fix: None,
+        }
+    }
+
+    /// With the source's `version` of it and its `name` there.
+    fn in_source(mut self, version: &str, name: Option<&str>) -> Drifted {
+        self.version = Some(version.to_owned());
+        self.name = name.map(str::to_owned);
+        self
+    }
+
+    fn identity(&self) -> String {
+        item_identity(&self.kind, &self.key)
+    }
+
+    /// How a person reads it: `kind key`, and its name when it has one.
+    pub fn label(&self) -> String {
+        item_label(&self.kind, &self.key, self.name.as_deref())
+    }
+}
+
+/// What brings a drifted item in line with the source, as the source index, the applied
+/// state, the failures and the waiting directory deletes tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fix {
+    /// The source changed (or deleted) it since its last scan, or the log holds its
+    /// change and the target does not have it yet: `sync`.
+    Sync,
+    /// The log holds the source's version, the projector applied it and the target
+    /// differs all the same (changed there by hand): only a replay writes it again.
+    Replay,
+    /// The source no longer has it, but the last scan withheld its delete (see
+    /// [`VerifyReport::deletes_withheld`]).
+    Withheld,
+    /// A directory the source deleted, whose delete waits for it to be empty.
+    Waiting,
+    /// Its last event failed, for this reason; the next run tries it again.
+    Failed(String),
+    /// Never listed in the source (put on the target by hand): no event deletes it.
+    ByHand,
+}
+
+/// The labels of up to five items, and how many more there are.
+fn some(items: &[&Drifted]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = items
+        .iter()
+        .take(SHOWN)
+        .map(|d| d.label())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        text.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    text
 }
 
 impl VerifyReport {
@@ -70,25 +142,28 @@ impl VerifyReport {
 
     /// Counts items only the target has as `extra`, or with prune off as `retained`.
     fn only_in_target(&mut self, ids: impl IntoIterator<Item = String>) {
+        let items = ids.into_iter().map(|id| Drifted::new(&id));
         if self.prune {
-            self.extra.extend(ids);
+            self.extra.extend(items);
         } else {
-            self.retained.extend(ids);
+            self.retained.extend(items);
         }
     }
 
-    /// A human summary listing every drifted item.
+    /// A human summary listing every drifted item, and what brings each in line.
     pub fn to_text(&self, pipeline: &str) -> String {
         let mut out = String::new();
-        for (label, items) in [
-            ("missing", &self.missing),
-            ("different", &self.different),
-            ("unreadable", &self.unreadable),
-            ("extra", &self.extra),
-            ("retained", &self.retained),
-        ] {
+        for (label, items) in [("missing", &self.missing), ("different", &self.different)] {
             for i in items {
-                out.push_str(&format!("{label:>10} {}\n", i.replace('\0', " ")));
+                out.push_str(&format!("{label:>10} {}\n", i.label()));
+            }
+        }
+        for i in &self.unreadable {
+            out.push_str(&format!("{:>10} {i}\n", "unreadable"));
+        }
+        for (label, items) in [("extra", &self.extra), ("retained", &self.retained)] {
+            for i in items {
+                out.push_str(&format!("{label:>10} {}\n", i.label()));
             }
         }
         out.push_str(&format!(
@@ -113,23 +188,78 @@ impl VerifyReport {
                 "; DRIFT"
             },
         ));
-        // What to do about it: a change made on the target by hand stays until its item
-        // changes in the source, and an item only the target has is in no event at all.
-        if !self.missing.is_empty() || !self.different.is_empty() {
+        // What to do about it, by what the state says of each item: most drift is a
+        // change the next sync brings; a change made on the target by hand stays until
+        // its item changes in the source; an item only the target has, never listed in
+        // the source, is in no event at all.
+        let drifted: Vec<&Drifted> = self
+            .missing
+            .iter()
+            .chain(&self.different)
+            .chain(&self.extra)
+            .collect();
+        let with = |fix: &Fix| -> Vec<&Drifted> {
+            drifted
+                .iter()
+                .filter(|d| d.fix.as_ref() == Some(fix))
+                .copied()
+                .collect()
+        };
+        let items = with(&Fix::Sync);
+        if !items.is_empty() {
             out.push_str(&format!(
-                "{pipeline}: `tidemark replay --pipeline {pipeline} --from 0` then `tidemark project` puts the missing and different items back (equal ones are adopted, not rewritten)\n"
+                "{pipeline}: `tidemark sync` brings {} in line: the source changed them since its last scan, or the log holds changes of them the target does not have yet\n",
+                some(&items)
             ));
         }
-        match (&self.deletes_withheld, self.extra.is_empty()) {
-            (_, true) => {}
-            (None, false) => out.push_str(&format!(
-                "{pipeline}: the extra items were never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n"
-            )),
-            // Not every extra item is one put there by hand: the source may have had it
-            // and the scan that found it gone have withheld its delete.
-            (Some(why), false) => out.push_str(&format!(
-                "{pipeline}: the last scan emitted no deletes ({why}), so extra items the source had until then stay until a scan emits their deletes (`tidemark status` says more); the others were never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n"
-            )),
+        let items = with(&Fix::Replay);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the log's last change of {} was applied and the target differs all the same (changed there by hand?): `tidemark replay --pipeline {pipeline} --from 0` then `tidemark project` puts them back (equal ones are adopted, not rewritten)\n",
+                some(&items)
+            ));
+        }
+        let items = with(&Fix::Withheld);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the source no longer has {}, but the last scan emitted no deletes ({}): they stay until a scan emits their deletes (`tidemark status` says more)\n",
+                some(&items),
+                self.deletes_withheld.as_deref().unwrap_or("see `tidemark status`"),
+            ));
+        }
+        let items = with(&Fix::Waiting);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the source deleted {}, and each such delete waits for its directory to be empty on the target, which holds entries the source does not have: once they are gone (remove them by hand if the source never had them), the next `tidemark sync` or the running daemon removes the directory (`tidemark status` lists the waiting delete)\n",
+                some(&items)
+            ));
+        }
+        let failed: Vec<(&Drifted, &str)> = drifted
+            .iter()
+            .filter_map(|d| match &d.fix {
+                Some(Fix::Failed(why)) => Some((*d, why.as_str())),
+                _ => None,
+            })
+            .collect();
+        for (d, why) in &failed {
+            out.push_str(&format!("{pipeline}: {} failed: {why}\n", d.label()));
+        }
+        if !failed.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: a replay does not mend a failed item: once what its failure says is fixed, the next `tidemark sync` tries it again (`tidemark status` lists failures)\n"
+            ));
+        }
+        let items = with(&Fix::ByHand);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: {}: never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n",
+                some(&items)
+            ));
+        }
+        if !self.unreadable.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: what could not be read is left out of the comparison (neither missing, different nor extra): make it readable to the user tidemark runs as, then verify again\n"
+            ));
         }
         out
     }
@@ -176,6 +306,38 @@ pub enum VerifyError {
     },
 }
 
+/// What one side could not read. Such an item may be there all the same, and as anything:
+/// it is only `unreadable`, never `missing`, `different` or `extra` (calling an item the
+/// source could not read `extra` invited deleting it from the target by hand).
+#[derive(Debug, Default)]
+struct Unread {
+    /// Items listed but not read (identities).
+    items: HashSet<String>,
+    /// Keys that could not be listed: an entry, or a directory whose entries are then
+    /// unknown (the directory itself is listed, and compared, when its own entry was read).
+    keys: Vec<String>,
+}
+
+impl Unread {
+    /// Whether `id` may be on this side as something other than what was `read` there.
+    fn hides(&self, id: &str, read: &BTreeMap<String, String>) -> bool {
+        if self.items.contains(id) {
+            return true;
+        }
+        let key = id.split_once('\0').map_or(id, |(_, key)| key);
+        self.keys.iter().any(|k| {
+            k.is_empty()
+                || key
+                    .strip_prefix(k.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+                || (key == k
+                    && !read
+                        .keys()
+                        .any(|r| r.split_once('\0').is_some_and(|(_, rk)| rk == k)))
+        })
+    }
+}
+
 /// Lists and reads every item of `source`, the `side` named in what is unreadable;
 /// `fetched` is told each item's identity.
 async fn collect(
@@ -183,25 +345,33 @@ async fn collect(
     source: &dyn Source,
     fetched: impl Fn(&str),
     unreadable: &mut Vec<String>,
-) -> Result<BTreeMap<String, String>, ListError> {
+) -> Result<(BTreeMap<String, String>, Unread), ListError> {
     let mut entries = Vec::new();
+    let mut unread = Unread::default();
     let mut listing = source.list();
     while let Some(next) = listing.next().await {
         match next {
             Ok(Listing::Entry(e)) => entries.push(e),
             Ok(Listing::Skipped { .. }) => {}
             Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => unreadable.push(format!("{side}: {e}")),
+            Err(e) => {
+                if let ListError::Entry { key, .. } = &e {
+                    unread.keys.push(key.clone());
+                }
+                unreadable.push(format!("{side}: {e}"));
+            }
         }
     }
     let mut out = BTreeMap::new();
     let mut items = futures::stream::iter(entries)
-        .map(|e| source.fetch(e))
+        .map(|e| async {
+            let id = item_identity(&e.kind, &e.key);
+            (id, source.fetch(e).await)
+        })
         .buffer_unordered(8);
-    while let Some(item) = items.next().await {
+    while let Some((id, item)) = items.next().await {
         match item {
             Ok(i) => {
-                let id = item_identity(&i.kind, &i.key);
                 fetched(&id);
                 out.insert(
                     id,
@@ -211,27 +381,33 @@ async fn collect(
                     item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
-            Err(e) => unreadable.push(format!("{side}: {e}")),
+            Err(e) => {
+                unread.items.insert(id);
+                unreadable.push(format!("{side}: {e}"));
+            }
         }
     }
-    Ok(out)
+    Ok((out, unread))
 }
 
 /// Compares a pipeline's source and target; `state` holds the remap table REST targets
-/// are compared through, and the last scan, which says whether deletes were withheld.
+/// are compared through, and what tells each drifted item's [`Fix`]: the source index,
+/// the applied state, the failures, the waiting directory deletes and the last scan, which
+/// says whether deletes were withheld.
 pub async fn verify(
     pipeline: &PipelineConfig,
     state: &State,
     progress: &Progress,
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = verify_items(pipeline, state, progress).await?;
+    let state_err = |source| VerifyError::State {
+        pipeline: pipeline.name.clone(),
+        source,
+    };
     let last_scan = state
         .scans()
         .and_then(|s| s.get(&pipeline.name))
-        .map_err(|source| VerifyError::State {
-            pipeline: pipeline.name.clone(),
-            source,
-        })?;
+        .map_err(state_err)?;
     report.deletes_withheld = last_scan.and_then(|scan| match (&scan.guard, scan.errors) {
         (Some(g), _) => Some(format!(
             "the delete guard withheld {}: max_delete = {} allows {}",
@@ -244,6 +420,49 @@ pub async fn verify(
         (None, 0) => None,
         (None, errors) => Some(format!("its listing had {errors} errors")),
     });
+    if report.is_clean() {
+        return Ok(report);
+    }
+    let index = IndexView::read(state, &pipeline.name).map_err(state_err)?;
+    let applied = state.applied(&pipeline.name).map_err(state_err)?;
+    let dir_deletes = state.dir_deletes(&pipeline.name).map_err(state_err)?;
+    let failures = state.failures(&pipeline.name).map_err(state_err)?;
+    let withheld = report.deletes_withheld.is_some();
+    for d in report.missing.iter_mut().chain(&mut report.different) {
+        let id = d.identity();
+        // A failed item's cause is on the target's side (a name another item holds, a
+        // rejected body): a replay fails the same way.
+        if let Some(f) = failures.get(&id).map_err(state_err)? {
+            d.fix = Some(Fix::Failed(f.reason));
+            continue;
+        }
+        let now = d.version.as_deref().unwrap_or_default();
+        let applied = applied.get(&id).map_err(state_err)?;
+        d.fix = Some(
+            if index.holds_at(&id, now) && applied.is_some_and(|a| a.version == now) {
+                Fix::Replay
+            } else {
+                Fix::Sync
+            },
+        );
+    }
+    for d in &mut report.extra {
+        let id = d.identity();
+        // The next scan emits the delete of an indexed item, if the last one's reason to
+        // withhold it is gone; the log holds the delete of one applied and no longer
+        // indexed.
+        d.fix = Some(if let Some(f) = failures.get(&id).map_err(state_err)? {
+            Fix::Failed(f.reason)
+        } else if dir_deletes.contains(&id).map_err(state_err)? {
+            Fix::Waiting
+        } else if index.holds(&id) && withheld {
+            Fix::Withheld
+        } else if index.holds(&id) || applied.contains(&id).map_err(state_err)? {
+            Fix::Sync
+        } else {
+            Fix::ByHand
+        });
+    }
     Ok(report)
 }
 
@@ -277,7 +496,7 @@ async fn verify_items(
         prune: t.prune,
         ..Default::default()
     };
-    let source = collect(
+    let (source, source_unread) = collect(
         "source",
         &DirSource::new(s, 0),
         |_| progress.inc(1),
@@ -288,10 +507,10 @@ async fn verify_items(
     // Then the bar counts items compared: a source item once its target side is read.
     progress.count_to(source.len() as u64);
     // A target nothing was written to yet holds nothing: every item is missing.
-    let target = if std::fs::symlink_metadata(&t.path)
+    let (target, target_unread) = if std::fs::symlink_metadata(&t.path)
         .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
     {
-        BTreeMap::new()
+        (BTreeMap::new(), Unread::default())
     } else if std::fs::metadata(&t.path).is_ok_and(|m| !m.is_dir()) {
         return Err(VerifyError::Incomplete {
             pipeline: pipeline.name.clone(),
@@ -322,13 +541,24 @@ async fn verify_items(
         match target.get(id) {
             None => {
                 progress.inc(1);
-                report.missing.push(id.clone());
+                if !target_unread.hides(id, &target) {
+                    report
+                        .missing
+                        .push(Drifted::new(id).in_source(version, None));
+                }
             }
-            Some(v) if v != version => report.different.push(id.clone()),
+            Some(v) if v != version => report
+                .different
+                .push(Drifted::new(id).in_source(version, None)),
             Some(_) => {}
         }
     }
-    report.only_in_target(target.keys().filter(|k| !source.contains_key(*k)).cloned());
+    report.only_in_target(
+        target
+            .keys()
+            .filter(|k| !source.contains_key(*k) && !source_unread.hides(k, &source))
+            .cloned(),
+    );
     Ok(report)
 }
 
@@ -363,6 +593,8 @@ async fn verify_http(
     // Source: identity → comparable checksum.
     let source = HttpSource::new(&pipeline.name, s);
     let mut src: BTreeMap<String, String> = BTreeMap::new();
+    // Identity → the source's version (as its scans index it) and name.
+    let mut about: HashMap<String, (String, Option<String>)> = HashMap::new();
     let mut entries = Vec::new();
     let incomplete = |side, source| VerifyError::Incomplete {
         pipeline: pipeline.name.clone(),
@@ -379,10 +611,14 @@ async fn verify_http(
             Err(e) => report.unreadable.push(format!("source: {e}")),
         }
     }
+    let mut unread = Unread::default();
     let mut fetched = futures::stream::iter(entries)
-        .map(|e| source.fetch(e))
+        .map(|e| async {
+            let id = item_identity(&e.kind, &e.key);
+            (id, source.fetch(e).await)
+        })
         .buffer_unordered(8);
-    while let Some(item) = fetched.next().await {
+    while let Some((id, item)) = fetched.next().await {
         progress.inc(1);
         match item {
             Ok(i) => {
@@ -390,12 +626,16 @@ async fn verify_http(
                     continue;
                 };
                 let strip = t.kind(&i.kind).map(|k| k.strip.clone()).unwrap_or_default();
-                src.insert(
-                    item_identity(&i.kind, &i.key),
-                    comparable(body, &[], &strip),
+                about.insert(
+                    id.clone(),
+                    (item_version(&i.checksum, i.mode, i.mtime_ns), i.name),
                 );
+                src.insert(id, comparable(body, &[], &strip));
             }
-            Err(e) => report.unreadable.push(format!("source: {e}")),
+            Err(e) => {
+                unread.items.insert(id);
+                report.unreadable.push(format!("source: {e}"));
+            }
         }
     }
     progress.count_to(src.len() as u64);
@@ -481,20 +721,23 @@ async fn verify_http(
     }
     for (id, sum) in &src {
         report.compared += 1;
-        if !to_target.contains_key(id) {
-            progress.inc(1);
-            report.missing.push(id.clone());
-            continue;
-        }
-        match dst.get(id) {
+        let drifted = || {
+            let (version, name) = &about[id];
+            Drifted::new(id).in_source(version, name.as_deref())
+        };
+        match dst.get(id).filter(|_| to_target.contains_key(id)) {
             None => {
                 progress.inc(1);
-                report.missing.push(id.clone());
+                report.missing.push(drifted());
             }
-            Some(d) if d != sum => report.different.push(id.clone()),
+            Some(d) if d != sum => report.different.push(drifted()),
             Some(_) => {}
         }
     }
-    report.only_in_target(dst.keys().filter(|k| !src.contains_key(*k)).cloned());
+    report.only_in_target(
+        dst.keys()
+            .filter(|k| !src.contains_key(*k) && !unread.hides(k, &src))
+            .cloned(),
+    );
     Ok(report)
 }

@@ -160,6 +160,16 @@ impl Digest {
     /// Reads the index of `pipeline`: the stored snapshot and the journal after it. An
     /// older state directory's per-key index is moved into a snapshot first.
     pub(super) fn load(state: &State, pipeline: &str) -> Result<(Digest, Origin), StateError> {
+        Digest::open(state, pipeline, true)
+    }
+
+    /// Reads the index of `pipeline` as [`Digest::load`] does, writing nothing: an older
+    /// state directory's per-key index is read, not moved (for `verify`, which only reads).
+    pub(super) fn peek(state: &State, pipeline: &str) -> Result<Digest, StateError> {
+        Digest::open(state, pipeline, false).map(|(digest, _)| digest)
+    }
+
+    fn open(state: &State, pipeline: &str, write: bool) -> Result<(Digest, Origin), StateError> {
         let mut digest = Digest {
             entries: HashMap::new(),
             names: HashMap::new(),
@@ -177,15 +187,19 @@ impl Digest {
                 digest.entries = decode(&part).ok_or_else(|| {
                     digest.unreadable("index-digest", "its digest does not decode")
                 })?;
-                if legacy.is_some() {
+                if legacy.is_some() && write {
                     // A crash came between storing the snapshot and dropping the records.
                     state.drop_legacy_index(pipeline)?;
                 }
                 Origin::Snapshot
             }
-            (None, Some(legacy)) => {
+            (None, Some(legacy)) if write => {
                 digest.migrate(&legacy)?;
                 state.drop_legacy_index(pipeline)?;
+                Origin::LegacyIndex
+            }
+            (None, Some(legacy)) => {
+                digest.read_legacy(&legacy)?;
                 Origin::LegacyIndex
             }
             (None, None) => Origin::Empty,
@@ -213,6 +227,21 @@ impl Digest {
     /// Reads every record of an older state directory's per-key index and stores them as
     /// the snapshot.
     fn migrate(&mut self, legacy: &crate::state::Records<IndexEntry>) -> Result<(), StateError> {
+        let names = self.read_legacy(legacy)?;
+        self.last = self.journal.last()?;
+        self.header = Some(
+            self.snapshot
+                .put(self.last, [&encode(&self.entries), &names.finish()])?,
+        );
+        Ok(())
+    }
+
+    /// Reads every record of an older state directory's per-key index into the digest;
+    /// returns their names.
+    fn read_legacy(
+        &mut self,
+        legacy: &crate::state::Records<IndexEntry>,
+    ) -> Result<NamesPart, StateError> {
         let mut names = NamesPart::default();
         legacy.for_each_raw(|identity, value| {
             let entry: Hashed =
@@ -231,17 +260,19 @@ impl Digest {
             names.push(name);
             Ok(())
         })?;
-        self.last = self.journal.last()?;
-        self.header = Some(
-            self.snapshot
-                .put(self.last, [&encode(&self.entries), &names.finish()])?,
-        );
-        Ok(())
+        Ok(names)
     }
 
     /// Indexed keys.
     pub(super) fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The indexed version of `identity`, if it is indexed.
+    pub(super) fn version_of(&self, identity: &str) -> Option<PreviousVersion> {
+        self.entries
+            .get(&hash128(identity.as_bytes()))
+            .map(|known| PreviousVersion(known.version))
     }
 
     /// Marks `identity` seen and compares its `fingerprint` with the indexed one.
@@ -690,6 +721,30 @@ mod tests {
         assert_eq!(unseen_names(&digest), Vec::<String>::new());
         let (digest, _) = load(&state);
         assert_eq!(unseen_names(&digest), ["a", "b"]);
+    }
+
+    /// `verify` reads the index through `peek`: an older per-key index is read, and left
+    /// where it is for the next scan to move.
+    #[test]
+    fn a_peek_reads_a_legacy_index_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        state
+            .legacy_index_for_tests("p")
+            .apply([("a", Some(&entry("v1", Some("1:2:3"))))])
+            .unwrap();
+        let digest = Digest::peek(&state, "p").unwrap();
+        assert!(digest.version_of("a").is_some_and(|v| v.is("v1")));
+        assert!(digest.version_of("b").is_none());
+        assert!(state.legacy_index("p").unwrap().is_some());
+        assert!(state
+            .index_snapshot("p")
+            .unwrap()
+            .header()
+            .unwrap()
+            .is_none());
+        let (_, origin) = load(&state);
+        assert_eq!(origin, Origin::LegacyIndex);
     }
 
     #[test]
