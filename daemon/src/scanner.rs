@@ -322,8 +322,10 @@ impl Scanner {
         // The walk starts before the digest is read, and fills its channel meanwhile.
         let mut listing = listing.unwrap_or_else(|| self.source.list());
         let loading = Instant::now();
+        // A dry run writes nothing, not even an older state's index moved into a snapshot.
+        let write = !matches!(sink, Sink::Dry(_));
         let (mut known, origin) =
-            Digest::load(&self.state, &self.pipeline).map_err(self.state_err())?;
+            Digest::open(&self.state, &self.pipeline, write).map_err(self.state_err())?;
         debug!(
             pipeline = %self.pipeline,
             keys = known.len(),
@@ -706,5 +708,54 @@ mod tests {
                 .unwrap();
         assert_eq!(record.upserts, 50);
         assert_eq!(log.head(0).await.unwrap(), 50);
+    }
+
+    /// A dry run (`sync --dry-run`) reads an older state directory's per-key index where it
+    /// is: moving it into a snapshot would be a write (issue: the preview moved it).
+    #[tokio::test]
+    async fn a_preview_leaves_an_older_per_key_index_where_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("new.txt"), "new").unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let entry = crate::state::IndexEntry {
+            version: "blake3:old".into(),
+            fingerprint: None,
+        };
+        state
+            .legacy_index_for_tests("p")
+            .apply([("file\0gone.txt", Some(&entry))])
+            .unwrap();
+        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
+        let source = DirSource::new(
+            &DirSourceConfig {
+                path: src,
+                include: vec![],
+                exclude: vec![],
+                follow_symlinks: false,
+            },
+            0,
+        );
+        let scanner = Scanner::new(
+            "p",
+            Arc::new(source),
+            log.clone(),
+            state.clone(),
+            DeleteLimit::Percent(100.0),
+        );
+        let preview = scanner.preview(&Progress::hidden()).await.unwrap();
+        assert_eq!((preview.record.upserts, preview.record.deletes), (1, 1));
+        assert!(
+            state.legacy_index("p").unwrap().is_some(),
+            "moved by a dry run"
+        );
+        assert!(state
+            .index_snapshot("p")
+            .unwrap()
+            .header()
+            .unwrap()
+            .is_none());
+        assert_eq!(log.head(0).await.unwrap(), 0);
     }
 }

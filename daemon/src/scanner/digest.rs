@@ -157,19 +157,21 @@ impl KnownEntry {
 }
 
 impl Digest {
-    /// Reads the index of `pipeline`: the stored snapshot and the journal after it. An
-    /// older state directory's per-key index is moved into a snapshot first.
-    pub(super) fn load(state: &State, pipeline: &str) -> Result<(Digest, Origin), StateError> {
-        Digest::open(state, pipeline, true)
-    }
-
-    /// Reads the index of `pipeline` as [`Digest::load`] does, writing nothing: an older
-    /// state directory's per-key index is read, not moved (for `verify`, which only reads).
+    /// Reads the index of `pipeline` as [`Digest::open`] does, writing nothing: an older
+    /// state directory's per-key index is read, not moved (for `verify` and dry runs,
+    /// which only read).
     pub(super) fn peek(state: &State, pipeline: &str) -> Result<Digest, StateError> {
         Digest::open(state, pipeline, false).map(|(digest, _)| digest)
     }
 
-    fn open(state: &State, pipeline: &str, write: bool) -> Result<(Digest, Origin), StateError> {
+    /// Reads the index of `pipeline`: the stored snapshot and the journal after it, and
+    /// says where it came from. With `write`, an older state directory's per-key index is
+    /// moved into a snapshot first; without (a dry run), it is read where it is.
+    pub(super) fn open(
+        state: &State,
+        pipeline: &str,
+        write: bool,
+    ) -> Result<(Digest, Origin), StateError> {
         let mut digest = Digest {
             entries: HashMap::new(),
             names: HashMap::new(),
@@ -199,7 +201,13 @@ impl Digest {
                 Origin::LegacyIndex
             }
             (None, Some(legacy)) => {
-                digest.read_legacy(&legacy)?;
+                // Read where it is; its names kept beside the digest, for the deletes a
+                // dry run finds.
+                let names = digest.read_legacy(&legacy)?.finish();
+                for name in decode_names(&names).into_iter().flatten() {
+                    let key = hash128(name.as_bytes());
+                    digest.names.insert(key, Some(name.into()));
+                }
                 Origin::LegacyIndex
             }
             (None, None) => Origin::Empty,
@@ -569,7 +577,7 @@ mod tests {
     }
 
     fn load(state: &State) -> (Digest, Origin) {
-        Digest::load(state, "p").unwrap()
+        Digest::open(state, "p", true).unwrap()
     }
 
     fn changed_from(seen: Seen, version: &str) -> bool {
@@ -753,7 +761,7 @@ mod tests {
         let state = State::open(dir.path()).unwrap();
         let journal = state.index_journal("p").unwrap();
         journal.append(1, &[b"tmjrnl-1\x07".to_vec()]).unwrap();
-        let err = Digest::load(&state, "p").err().unwrap().to_string();
+        let err = Digest::open(&state, "p", true).err().unwrap().to_string();
         assert!(err.contains("index-journal/p"), "{err}");
     }
 
