@@ -2004,6 +2004,46 @@ fn a_changed_target_path_is_refused_until_the_log_is_replayed_into_it() {
     env.ok(&["sync"]);
 }
 
+/// A first sync that the target refused (its path is a file, as with a read-only mount)
+/// applied nothing: pointing the pipeline at another path is no changed target, and the
+/// next sync fills it. Once something was applied there, a change is refused again.
+#[test]
+fn a_target_that_never_received_anything_is_not_remembered() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("d/b.txt"), "b");
+    write(env.dst(), "a file where the target directory should be");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("target unavailable"), "{stderr}");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["committed"], 0, "{status}");
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("path = \"dst\"", "path = \"dst2\""));
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("t: plan: 3 create"), "{plan}");
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("nothing was ever applied to dir "),
+        "{stderr}"
+    );
+    assert_mirror(&env.src(), &env.path("dst2"));
+
+    // Now dst2 holds what was applied: another path is refused, as any changed target.
+    env.write_config(&config.replace("path = \"dst\"", "path = \"dst3\""));
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the target is now dir ") && stderr.contains("dst2"),
+        "{stderr}"
+    );
+}
+
 /// One target directory written two ways (`sub/../dst`, then its absolute path) is one
 /// target, not a changed one; messages show target paths resolved.
 #[test]

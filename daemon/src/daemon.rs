@@ -98,6 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for p in pipelines.iter().filter(|p| p.config.role.projects()) {
         p.projector
             .check_target(true)
+            .await
             .map_err(PipelineError::from)?;
     }
 
