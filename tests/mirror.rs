@@ -1914,8 +1914,9 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("is in use by another tidemark process")
+        stderr.contains("is in use by the tidemark daemon")
             && stderr.contains(&format!("pid {} (`", daemon.child.id()))
+            && stderr.contains("stop it first")
             && stderr.contains(" run`, since "),
         "{stderr}"
     );

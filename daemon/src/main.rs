@@ -137,6 +137,24 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The subcommand's name, as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run => "run",
+            Command::Scan(_) => "scan",
+            Command::Project(_) => "project",
+            Command::Sync(_) => "sync",
+            Command::Plan(_) => "plan",
+            Command::Status(_) => "status",
+            Command::Verify(_) => "verify",
+            Command::Replay { .. } => "replay",
+            Command::Log(_) => "log",
+            Command::Compact { .. } => "compact",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum LogCommand {
     /// Print events from an offset on, one JSON object a line. A Kafka log is read
@@ -212,6 +230,7 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tidemark::state::set_command(cli.command.name());
     let log_format = cli.log_format;
     init_logging(log_format, cli.quiet);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
@@ -540,16 +559,36 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             }
             out
         }
-        Err(e)
-            if matches!(
-                e.downcast_ref::<StateError>(),
-                Some(StateError::Locked { .. })
-            ) =>
-        {
-            // The daemon holds the database: ask it.
+        Err(e) => {
+            let Some(StateError::Locked { path, holder }) = e.downcast_ref::<StateError>() else {
+                return Err(e);
+            };
+            // A one-shot run serves no status: its error says whose it is and what to do.
+            let daemon = holder.as_ref().and_then(|h| h.is_daemon());
+            if daemon == Some(false) {
+                return Err(e);
+            }
+            // The daemon holds the database: ask it. One just started writes its address
+            // once it listens.
             let addr_file = config.state_dir.join(LISTEN_ADDR_FILE);
-            let addr = std::fs::read_to_string(&addr_file)
-                .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
+            let wait = if daemon == Some(true) {
+                tidemark::state::HOLDER_WAIT
+            } else {
+                std::time::Duration::ZERO
+            };
+            let addr = read_when_there(&addr_file, wait).await.map_err(|read| {
+                match daemon {
+                    Some(_) => anyhow::anyhow!("{e}; and {} cannot be read: {read}", addr_file.display()),
+                    // Not known to be the daemon, and no daemon's address: a one-shot
+                    // run, or a tidemark that has not said which it is.
+                    None => anyhow::anyhow!(
+                        "state directory {} is in use by another tidemark process{}, and no daemon serves its status there ({} does not exist): probably a one-shot run; try again once it has ended",
+                        path.display(),
+                        holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default(),
+                        addr_file.display()
+                    ),
+                }
+            })?;
             let url = format!("http://{}/status", addr.trim());
             let mut request = reqwest::Client::new().get(&url);
             let token_var = config.status_token_env.as_deref();
@@ -582,7 +621,6 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 })
                 .collect()
         }
-        Err(e) => return Err(e),
     };
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&statuses)?);
@@ -701,6 +739,25 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The contents of `file`, waiting up to `wait` for it to be there.
+async fn read_when_there(
+    file: &std::path::Path,
+    wait: std::time::Duration,
+) -> std::io::Result<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match std::fs::read_to_string(file) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            read => return read,
+        }
+    }
 }
 
 /// What to do when the daemon refused `status` for want of its token (401): which
