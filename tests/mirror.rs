@@ -1438,7 +1438,10 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     );
     assert_mirror(&env.src(), &env.dst());
     let plan = env.ok(&["plan"]);
-    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows"),
+        "{plan}"
+    );
 }
 
 /// Commands that only read leave a fresh config's directory as it was: no state
@@ -1453,6 +1456,14 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
     let plan = env.json(&["plan"]);
     assert_eq!(plan[0]["actions"], serde_json::json!([]), "{plan}");
     assert!(plan[0]["report_dir"].is_null(), "{plan}");
+    assert!(plan[0]["last_scan_at"].is_null(), "{plan}");
+    // The log is empty, not the source: plan does not read as "in sync" (it said
+    // `nothing to do` while the next sync created every item).
+    let plan = env.ok(&["plan"]);
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply, and no scan has run yet; `tidemark sync --dry-run` shows what a scan of the source would find"),
+        "{plan}"
+    );
     let verify = env.run(&["verify"]);
     assert_eq!(
         verify.status.code(),
@@ -1476,6 +1487,14 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
     // The first real run starts from nothing.
     env.sync();
     assert_mirror(&env.src(), &env.dst());
+    // Once a scan has run, plan still says it looks at the log, not at the source.
+    write(env.src().join("b.txt"), "b");
+    let plan = env.ok(&["plan"]);
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows what a scan of the source would find"),
+        "{plan}"
+    );
+    assert!(env.json(&["plan"])[0]["last_scan_at"].is_string());
 }
 
 /// The target keeps its temporary files in `.tidemark-tmp/` at its top and empties it

@@ -1080,13 +1080,21 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
     let mut out = Vec::new();
     for p in session.pipelines(select)? {
         let actions = p.projector.plan().await?;
+        // The plan is about the log: what the source holds now is the scan's to find,
+        // and "nothing to do" read as "in sync" before the first scan.
+        let last_scan = session.state.scans()?.get(p.name())?;
         if select.output == Output::Text {
-            print_plan(p.name(), "plan", &actions);
+            let nothing = match last_scan {
+                Some(_) => "nothing in the log to apply; `tidemark sync --dry-run` also shows what a scan of the source would find",
+                None => "nothing in the log to apply, and no scan has run yet; `tidemark sync --dry-run` shows what a scan of the source would find",
+            };
+            print_plan(p.name(), "plan", &actions, nothing);
         }
         let report = Report::new(p.name(), "plan", true, p.config.max_delete).with_plan(&actions);
         out.push(json!({
             "pipeline": p.name(),
             "actions": actions,
+            "last_scan_at": last_scan.map(|s| s.started_at),
             "report_dir": write_dry_report(&session, &report),
         }));
     }
@@ -1110,7 +1118,7 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         degraded |= record.errors > 0 || record.guard.is_some();
         if select.output == Output::Text {
             print_scan(p.name(), &record, true);
-            print_plan(p.name(), "dry run", &actions);
+            print_plan(p.name(), "dry run", &actions, "nothing to do");
         }
         let report = Report::new(p.name(), "sync", true, p.config.max_delete)
             .with_scan(&record)
@@ -1206,8 +1214,9 @@ impl Entries {
     }
 }
 
-/// Prints planned actions, one a line (unchanged items left out), then their counts.
-fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
+/// Prints planned actions, one a line (unchanged items left out), then their counts, or
+/// `nothing` when there are none.
+fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction], nothing: &str) {
     let mut counts = std::collections::BTreeMap::new();
     for a in actions {
         *counts.entry(a.action).or_insert(0) += 1;
@@ -1238,7 +1247,7 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
     outln!(
         "{pipeline}: {what}: {}",
         if summary.is_empty() {
-            "nothing to do".into()
+            nothing.into()
         } else {
             summary.join(", ")
         }
