@@ -1601,6 +1601,17 @@ fn a_missing_source_directory_is_a_clear_error() {
         !env.path("state").exists(),
         "a run that cannot start made a state"
     );
+    // It recorded no scan (it made no state), yet `status` says what it met, not only
+    // `no scan yet`.
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("no scan recorded; a scan now fails: source directory")
+            && status.contains("cannot be read: No such file or directory"),
+        "{status}"
+    );
+    let status = env.json(&["status"]);
+    let error = status[0]["source_error"].as_str().unwrap_or_default();
+    assert!(error.contains("check source.dir.path"), "{status}");
     // A source that is a file, the same.
     write(env.src(), "not a directory");
     let out = env.run(&["sync"]);

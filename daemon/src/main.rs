@@ -551,7 +551,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
     config
         .select(select.pipeline.as_deref())
         .map_err(anyhow::Error::msg)?;
-    let statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
+    let mut statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
         Ok(session) => {
             let mut out = Vec::new();
             for p in session.pipelines(select)? {
@@ -622,6 +622,14 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 .collect()
         }
     };
+    // A first run whose source cannot be read stops before it creates the state, so it
+    // records no scan: what it met is shown as the source is now.
+    for s in statuses.iter_mut().filter(|s| s["last_scan"].is_null()) {
+        let pipeline = s["pipeline"].as_str().unwrap_or_default();
+        if let Some(message) = source_unreadable(&config, pipeline) {
+            s["source_error"] = message.into();
+        }
+    }
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&statuses)?);
         return Ok(ExitCode::SUCCESS);
@@ -669,7 +677,10 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 scan["errors"],
                 scan["duration_secs"].as_f64().unwrap_or(0.0)
             ),
-            None => outln!("  no scan yet"),
+            None => match s["source_error"].as_str() {
+                Some(message) => outln!("  no scan recorded; a scan now fails: {message}"),
+                None => outln!("  no scan yet"),
+            },
         }
         if let Some(scan) = s.get("last_scan").filter(|v| !v.is_null()) {
             let shown: Vec<&str> = match scan["error_messages"].as_array() {
@@ -739,6 +750,16 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why `pipeline`'s directory source cannot be walked now, if it cannot (see
+/// `tidemark::source::fs::root_dir`).
+fn source_unreadable(config: &Config, pipeline: &str) -> Option<String> {
+    let p = config.pipelines.iter().find(|p| p.name == pipeline)?;
+    let tidemark::config::SourceConfig::Dir(d) = &p.source else {
+        return None;
+    };
+    tidemark::source::fs::root_dir(&d.path).err()
 }
 
 /// The contents of `file`, waiting up to `wait` for it to be there.
