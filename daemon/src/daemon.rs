@@ -212,10 +212,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     result = pipeline.scanner.scan_until(&progress, &cancel) => {
                         match result {
                             Ok(record) => cycle.scanned(record),
-                            Err(e) => {
-                                error!("{e}");
-                                cycle.scan_failed();
-                            }
+                            Err(e) => cycle.scan_failed(&e),
                         }
                     }
                     _ = wind_down => {
