@@ -892,8 +892,12 @@ async fn scan_project(
         }
         // `sync` projects while it scans, so the target fills as the source is read.
         let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
-        let project_bar =
-            project.then(|| Progress::new(show_progress, "project", (!scan).then_some(0)));
+        // `project` counts towards the log's head once it has read it; `sync` cannot know
+        // the total while the scan appends.
+        let project_bar = project.then(|| match scan {
+            true => Progress::new(show_progress, "project", None),
+            false => Progress::counting(show_progress, "project"),
+        });
         let scanning = CancellationToken::new();
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
