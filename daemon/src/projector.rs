@@ -2437,29 +2437,17 @@ impl Projector {
     /// committed offset 0. A log that cannot tell its committed offsets within
     /// [`Projector::OFFSETS_WAIT`] (a Kafka broker down) counts as having applied some.
     async fn nothing_applied(&self) -> Result<bool, ProjectError> {
-        let s = &self.state;
-        let p = self.pipeline.as_str();
-        let empty = s
-            .applied(p)
-            .map(|t| t.is_empty())
-            .map_err(self.err_state())?
-            && s.remap(p).map(|t| t.is_empty()).map_err(self.err_state())?
-            && s.deferred(p)
-                .map(|t| t.is_empty())
-                .map_err(self.err_state())?
-            && s.dir_deletes(p)
-                .map(|t| t.is_empty())
-                .map_err(self.err_state())?
-            && s.retained(p)
-                .map(|t| t.is_empty())
-                .map_err(self.err_state())?
-            && s.failures(p)
-                .map(|t| t.is_empty())
-                .map_err(self.err_state())?
-            && !s
-                .last_applies()
-                .and_then(|t| t.contains(p))
-                .map_err(self.err_state())?;
+        let (s, p) = (&self.state, self.pipeline.as_str());
+        let empty = || -> Result<bool, StateError> {
+            Ok(s.applied(p)?.is_empty()
+                && s.remap(p)?.is_empty()
+                && s.deferred(p)?.is_empty()
+                && s.dir_deletes(p)?.is_empty()
+                && s.retained(p)?.is_empty()
+                && s.failures(p)?.is_empty()
+                && !s.last_applies()?.contains(p)?)
+        };
+        let empty = empty().map_err(self.err_state())?;
         if !empty {
             return Ok(false);
         }

@@ -241,7 +241,7 @@ impl State {
     pub fn open(dir: &Path) -> Result<State, StateError> {
         match State::open_once(dir) {
             Err(StateError::Locked { path, holder: None }) => Err(StateError::Locked {
-                holder: noted_holder(dir).map(Box::new),
+                holder: holder(dir, HOLDER_WAIT).map(Box::new),
                 path,
             }),
             opened => opened,
@@ -629,7 +629,7 @@ fn open_error(e: sled::Error, path: &Path) -> StateError {
     match e {
         e if is_locked(&e) => StateError::Locked {
             path: path.to_owned(),
-            holder: holder(path).map(Box::new),
+            holder: holder(path, std::time::Duration::ZERO).map(Box::new),
         },
         sled::Error::Io(source) => StateError::Open {
             path: path.to_owned(),
@@ -779,12 +779,6 @@ fn holder_note(dir: &Path) -> Option<Holder> {
     })
 }
 
-/// Who holds the database of `dir`, as the holder noted it ([`note_holder`]). `None` when
-/// it did not, or when that process is gone (the note of an earlier holder).
-fn holder(dir: &Path) -> Option<Holder> {
-    holder_note(dir).filter(|h| h.pid != std::process::id() && process_lives(h.pid))
-}
-
 fn process_lives(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -793,12 +787,13 @@ fn process_lives(pid: u32) -> bool {
 /// the database (a few tenths of a second for a large state), then notes itself.
 pub const HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// [`holder`], waiting up to [`HOLDER_WAIT`] for a note from a live process other than
-/// this one: a second `sync` started right after a first one meets the first's lock
-/// before its note. A note of this very process (a second handle in one process) is not
-/// waited for.
-fn noted_holder(dir: &Path) -> Option<Holder> {
-    let deadline = std::time::Instant::now() + HOLDER_WAIT;
+/// Who holds the database of `dir`, as the holder noted it ([`note_holder`]), waiting up
+/// to `wait` for a note from a live process other than this one: a second `sync` started
+/// right after a first one meets the first's lock before its note. `None` when no such
+/// note came (an earlier holder's note, of a process now gone, does not count); at once
+/// for a note of this very process (a second handle in one process).
+fn holder(dir: &Path, wait: std::time::Duration) -> Option<Holder> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         let note = holder_note(dir);
         if note.as_ref().is_some_and(|h| h.pid == std::process::id()) {
@@ -813,6 +808,7 @@ fn noted_holder(dir: &Path) -> Option<Holder> {
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
 }
+
 /// A compaction's new database while it is written.
 const DB_COMPACTING: &str = "db.compacting";
 /// The database a compaction replaced, until it is removed.
