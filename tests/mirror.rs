@@ -1650,7 +1650,10 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     );
     assert_mirror(&env.src(), &env.dst());
     let plan = env.ok(&["plan"]);
-    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows"),
+        "{plan}"
+    );
 }
 
 /// Commands that only read leave a fresh config's directory as it was: no state
@@ -1665,6 +1668,14 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
     let plan = env.json(&["plan"]);
     assert_eq!(plan[0]["actions"], serde_json::json!([]), "{plan}");
     assert!(plan[0]["report_dir"].is_null(), "{plan}");
+    assert!(plan[0]["last_scan_at"].is_null(), "{plan}");
+    // The log is empty, not the source: plan does not read as "in sync" (it said
+    // `nothing to do` while the next sync created every item).
+    let plan = env.ok(&["plan"]);
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply, and no scan has run yet; `tidemark sync --dry-run` shows what a scan of the source would find"),
+        "{plan}"
+    );
     let verify = env.run(&["verify"]);
     assert_eq!(
         verify.status.code(),
@@ -1688,6 +1699,14 @@ fn read_only_commands_on_a_fresh_config_create_no_state() {
     // The first real run starts from nothing.
     env.sync();
     assert_mirror(&env.src(), &env.dst());
+    // Once a scan has run, plan still says it looks at the log, not at the source.
+    write(env.src().join("b.txt"), "b");
+    let plan = env.ok(&["plan"]);
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows what a scan of the source would find"),
+        "{plan}"
+    );
+    assert!(env.json(&["plan"])[0]["last_scan_at"].is_string());
 }
 
 /// The target keeps its temporary files in `.tidemark-tmp/` at its top and empties it
@@ -1794,6 +1813,17 @@ fn a_missing_source_directory_is_a_clear_error() {
         !env.path("state").exists(),
         "a run that cannot start made a state"
     );
+    // It recorded no scan (it made no state), yet `status` says what it met, not only
+    // `no scan yet`.
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("no scan recorded; a scan now fails: source directory")
+            && status.contains("cannot be read: No such file or directory"),
+        "{status}"
+    );
+    let status = env.json(&["status"]);
+    let error = status[0]["source_error"].as_str().unwrap_or_default();
+    assert!(error.contains("check source.dir.path"), "{status}");
     // A source that is a file, the same.
     write(env.src(), "not a directory");
     let out = env.run(&["sync"]);
@@ -2126,8 +2156,9 @@ fn compact_rewrites_the_state_and_keeps_its_log_index_and_applied_state() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("is in use by another tidemark process")
+        stderr.contains("is in use by the tidemark daemon")
             && stderr.contains(&format!("pid {} (`", daemon.child.id()))
+            && stderr.contains("stop it first")
             && stderr.contains(" run`, since "),
         "{stderr}"
     );
@@ -2214,6 +2245,46 @@ fn a_changed_target_path_is_refused_until_the_log_is_replayed_into_it() {
     env.ok(&["project"]);
     assert_mirror(&env.src(), &env.path("dst2"));
     env.ok(&["sync"]);
+}
+
+/// A first sync that the target refused (its path is a file, as with a read-only mount)
+/// applied nothing: pointing the pipeline at another path is no changed target, and the
+/// next sync fills it. Once something was applied there, a change is refused again.
+#[test]
+fn a_target_that_never_received_anything_is_not_remembered() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("d/b.txt"), "b");
+    write(env.dst(), "a file where the target directory should be");
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("target unavailable"), "{stderr}");
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["committed"], 0, "{status}");
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("path = \"dst\"", "path = \"dst2\""));
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("t: plan: 3 create"), "{plan}");
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("nothing was ever applied to dir "),
+        "{stderr}"
+    );
+    assert_mirror(&env.src(), &env.path("dst2"));
+
+    // Now dst2 holds what was applied: another path is refused, as any changed target.
+    env.write_config(&config.replace("path = \"dst\"", "path = \"dst3\""));
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the target is now dir ") && stderr.contains("dst2"),
+        "{stderr}"
+    );
 }
 
 /// One target directory written two ways (`sub/../dst`, then its absolute path) is one

@@ -274,3 +274,66 @@ fn verify_says_extra_items_may_be_deletes_the_guard_withheld() {
     env.ok(&["verify"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// `status` while a one-shot `sync` holds the state cannot read it, and no daemon serves
+/// it. It used to say "is the daemon running? `tidemark status` asks it over HTTP" and
+/// that `listen.addr` cannot be read: now it names the sync (pid, command line, since
+/// when) and says to try again once it has ended. A second `sync` is told the same.
+#[test]
+fn status_during_a_one_shot_sync_names_it_and_says_to_wait() {
+    let env = Env::dirs("", "prune = true");
+    for d in 0..40 {
+        for f in 0..100 {
+            write(env.src().join(format!("d{d}/f{f}")), format!("{d} {f}"));
+        }
+    }
+    /// The sync, stopped (SIGSTOP) so it holds the state while the test looks; killed
+    /// if the test fails.
+    struct Held(std::process::Child);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let signal = |pid: u32, signal| {
+        let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    };
+    let mut held = Held(
+        env.cmd(&["--quiet", "sync"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = held.0.id();
+    wait_for(std::time::Duration::from_secs(30), || {
+        let note = std::fs::read_to_string(env.path("state/holder")).ok()?;
+        (note.lines().next()? == pid.to_string()).then_some(())
+    })
+    .expect("the sync notes that it holds the state");
+    signal(pid, rustix::process::Signal::STOP);
+
+    for args in [&["status"][..], &["sync"]] {
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "is in use by a one-shot `tidemark sync`, pid {pid} (`"
+            )) && stderr.contains("sync`, since ")
+                && stderr.contains("try again once it has ended"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("listen.addr") && !stderr.contains("daemon"),
+            "{args:?}: {stderr}"
+        );
+    }
+
+    signal(pid, rustix::process::Signal::CONT);
+    assert!(held.0.wait().unwrap().success());
+    assert_eq!(env.json(&["status"])[0]["lag_events"], 0);
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -135,6 +135,37 @@ fn issue_5_progress_appears_on_a_terminal() {
     );
 }
 
+/// `project` draws a spinner until it has read how many events it will apply, then a bar
+/// towards that: its first frame was a full bar at `0/0`.
+#[test]
+fn the_project_bar_is_not_full_before_it_knows_its_total() {
+    let env = Env::dirs("", "");
+    tree(&env);
+    env.ok(&["scan"]);
+    let drawn = under_pty(&env, "project");
+    let frames: Vec<&str> = drawn
+        .split("   project ")
+        .skip(1)
+        .map(|f| f.split(['\r', '\n', '\u{1b}']).next().unwrap_or(""))
+        .collect();
+    assert!(!frames.is_empty(), "no progress drawn: {drawn:?}");
+    let full = format!("[{}]", "=".repeat(40));
+    assert!(
+        !frames[0].starts_with(&full),
+        "the first frame is a full bar: {frames:#?}"
+    );
+    for frame in &frames {
+        assert!(
+            !frame.contains("/0 "),
+            "a bar towards 0: {frame:?} in {frames:#?}"
+        );
+    }
+    assert!(
+        frames.iter().any(|f| f.contains("/1,530")),
+        "no bar towards the 1,530 events: {frames:#?}"
+    );
+}
+
 /// `verify` counts each item compared once, not once per side: 8,040 items never show as
 /// more. (Enough items that a frame is drawn while the target is read.)
 #[test]

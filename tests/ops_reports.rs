@@ -454,6 +454,19 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
     );
     check(failed_reports[0]);
     assert_eq!(failed_reports[0]["scan"]["errors"], 1);
+    // The log says so once too (it repeated the ERROR at every scan), though every
+    // failed scan counts above.
+    let log = env.daemon_log();
+    let errors = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("src cannot be read"))
+            .count()
+    };
+    assert_eq!(
+        errors(&log),
+        1,
+        "one ERROR while the source is gone:\n{log}"
+    );
 
     // The files come back: the condition ends, and that is reported too; then idle cycles
     // write nothing.
@@ -469,6 +482,16 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
     .unwrap_or_else(|| panic!("no report of the recovery; log:\n{}", env.daemon_log()));
     let last = rs.last().unwrap();
     check(last);
+    let log = env.daemon_log();
+    assert_eq!(errors(&log), 1, "{log}");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("INFO")
+                && l.contains("the source is back: the scan succeeded after"))
+            .count(),
+        1,
+        "its end is logged once:\n{log}"
+    );
     assert_eq!(last["delete_guard"]["decision"], "passed");
     assert_eq!(last["scan"]["upserts"], 0, "the files came back unchanged");
     std::thread::sleep(Duration::from_millis(1500));

@@ -445,7 +445,10 @@ fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
     // Its post is still missing, so the next `project` leaves it alone, and `plan` does
     // not announce a retry (issue: it listed `retry comments 701`).
     let plan = env.ok(&["plan"]);
-    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows"),
+        "{plan}"
+    );
 
     // Once dev has the post, the plan creates it and then retries the comment, as
     // `project` does.
@@ -500,7 +503,10 @@ fn plan_shows_events_kept_waiting_and_a_newer_event_replaces_them() {
     assert_eq!(comments.len(), 1, "{comments:?}");
     assert_eq!(comments[0]["body"], "fixed");
     let plan = env.ok(&["plan"]);
-    assert!(plan.contains("t: plan: nothing to do"), "{plan}");
+    assert!(
+        plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows"),
+        "{plan}"
+    );
 }
 
 /// An item without its kind's name field can still be mirrored, but the target cannot

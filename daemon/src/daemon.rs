@@ -98,6 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for p in pipelines.iter().filter(|p| p.config.role.projects()) {
         p.projector
             .check_target(true)
+            .await
             .map_err(PipelineError::from)?;
     }
 
@@ -211,10 +212,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     result = pipeline.scanner.scan_until(&progress, &cancel) => {
                         match result {
                             Ok(record) => cycle.scanned(record),
-                            Err(e) => {
-                                error!("{e}");
-                                cycle.scan_failed();
-                            }
+                            Err(e) => cycle.scan_failed(&e),
                         }
                     }
                     _ = wind_down => {

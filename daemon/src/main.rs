@@ -137,6 +137,24 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The subcommand's name, as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run => "run",
+            Command::Scan(_) => "scan",
+            Command::Project(_) => "project",
+            Command::Sync(_) => "sync",
+            Command::Plan(_) => "plan",
+            Command::Status(_) => "status",
+            Command::Verify(_) => "verify",
+            Command::Replay { .. } => "replay",
+            Command::Log(_) => "log",
+            Command::Compact { .. } => "compact",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum LogCommand {
     /// Print events from an offset on, one JSON object a line. A Kafka log is read
@@ -212,6 +230,7 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tidemark::state::set_command(cli.command.name());
     let log_format = cli.log_format;
     init_logging(log_format, cli.quiet);
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
@@ -532,7 +551,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
     config
         .select(select.pipeline.as_deref())
         .map_err(anyhow::Error::msg)?;
-    let statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
+    let mut statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
         Ok(session) => {
             let mut out = Vec::new();
             for p in session.pipelines(select)? {
@@ -540,16 +559,36 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             }
             out
         }
-        Err(e)
-            if matches!(
-                e.downcast_ref::<StateError>(),
-                Some(StateError::Locked { .. })
-            ) =>
-        {
-            // The daemon holds the database: ask it.
+        Err(e) => {
+            let Some(StateError::Locked { path, holder }) = e.downcast_ref::<StateError>() else {
+                return Err(e);
+            };
+            // A one-shot run serves no status: its error says whose it is and what to do.
+            let daemon = holder.as_ref().and_then(|h| h.is_daemon());
+            if daemon == Some(false) {
+                return Err(e);
+            }
+            // The daemon holds the database: ask it. One just started writes its address
+            // once it listens.
             let addr_file = config.state_dir.join(LISTEN_ADDR_FILE);
-            let addr = std::fs::read_to_string(&addr_file)
-                .with_context(|| format!("{e}; and {} cannot be read", addr_file.display()))?;
+            let wait = if daemon == Some(true) {
+                tidemark::state::HOLDER_WAIT
+            } else {
+                std::time::Duration::ZERO
+            };
+            let addr = read_when_there(&addr_file, wait).await.map_err(|read| {
+                match daemon {
+                    Some(_) => anyhow::anyhow!("{e}; and {} cannot be read: {read}", addr_file.display()),
+                    // Not known to be the daemon, and no daemon's address: a one-shot
+                    // run, or a tidemark that has not said which it is.
+                    None => anyhow::anyhow!(
+                        "state directory {} is in use by another tidemark process{}, and no daemon serves its status there ({} does not exist): probably a one-shot run; try again once it has ended",
+                        path.display(),
+                        holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default(),
+                        addr_file.display()
+                    ),
+                }
+            })?;
             let url = format!("http://{}/status", addr.trim());
             let mut request = reqwest::Client::new().get(&url);
             let token_var = config.status_token_env.as_deref();
@@ -582,8 +621,15 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 })
                 .collect()
         }
-        Err(e) => return Err(e),
     };
+    // A first run whose source cannot be read stops before it creates the state, so it
+    // records no scan: what it met is shown as the source is now.
+    for s in statuses.iter_mut().filter(|s| s["last_scan"].is_null()) {
+        let pipeline = s["pipeline"].as_str().unwrap_or_default();
+        if let Some(message) = source_unreadable(&config, pipeline) {
+            s["source_error"] = message.into();
+        }
+    }
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&statuses)?);
         return Ok(ExitCode::SUCCESS);
@@ -631,7 +677,10 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 scan["errors"],
                 scan["duration_secs"].as_f64().unwrap_or(0.0)
             ),
-            None => outln!("  no scan yet"),
+            None => match s["source_error"].as_str() {
+                Some(message) => outln!("  no scan recorded; a scan now fails: {message}"),
+                None => outln!("  no scan yet"),
+            },
         }
         if let Some(scan) = s.get("last_scan").filter(|v| !v.is_null()) {
             let shown: Vec<&str> = match scan["error_messages"].as_array() {
@@ -701,6 +750,35 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why `pipeline`'s directory source cannot be walked now, if it cannot (see
+/// `tidemark::source::fs::root_dir`).
+fn source_unreadable(config: &Config, pipeline: &str) -> Option<String> {
+    let p = config.pipelines.iter().find(|p| p.name == pipeline)?;
+    let tidemark::config::SourceConfig::Dir(d) = &p.source else {
+        return None;
+    };
+    tidemark::source::fs::root_dir(&d.path).err()
+}
+
+/// The contents of `file`, waiting up to `wait` for it to be there.
+async fn read_when_there(
+    file: &std::path::Path,
+    wait: std::time::Duration,
+) -> std::io::Result<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match std::fs::read_to_string(file) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            read => return read,
+        }
+    }
 }
 
 /// What to do when the daemon refused `status` for want of its token (401): which
@@ -814,8 +892,12 @@ async fn scan_project(
         }
         // `sync` projects while it scans, so the target fills as the source is read.
         let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
-        let project_bar =
-            project.then(|| Progress::new(show_progress, "project", (!scan).then_some(0)));
+        // `project` counts towards the log's head once it has read it; `sync` cannot know
+        // the total while the scan appends.
+        let project_bar = project.then(|| match scan {
+            true => Progress::new(show_progress, "project", None),
+            false => Progress::counting(show_progress, "project"),
+        });
         let scanning = CancellationToken::new();
         let scanned = async {
             let scan_bar = scan_bar.as_ref()?;
@@ -1030,13 +1112,21 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
     let mut out = Vec::new();
     for p in session.pipelines(select)? {
         let actions = p.projector.plan().await?;
+        // The plan is about the log: what the source holds now is the scan's to find,
+        // and "nothing to do" read as "in sync" before the first scan.
+        let last_scan = session.state.scans()?.get(p.name())?;
         if select.output == Output::Text {
-            print_plan(p.name(), "plan", &actions);
+            let nothing = match last_scan {
+                Some(_) => "nothing in the log to apply; `tidemark sync --dry-run` also shows what a scan of the source would find",
+                None => "nothing in the log to apply, and no scan has run yet; `tidemark sync --dry-run` shows what a scan of the source would find",
+            };
+            print_plan(p.name(), "plan", &actions, nothing);
         }
         let report = Report::new(p.name(), "plan", true, p.config.max_delete).with_plan(&actions);
         out.push(json!({
             "pipeline": p.name(),
             "actions": actions,
+            "last_scan_at": last_scan.map(|s| s.started_at),
             "report_dir": write_dry_report(&session, &report),
         }));
     }
@@ -1060,7 +1150,7 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         degraded |= record.errors > 0 || record.guard.is_some();
         if select.output == Output::Text {
             print_scan(p.name(), &record, true);
-            print_plan(p.name(), "dry run", &actions);
+            print_plan(p.name(), "dry run", &actions, "nothing to do");
         }
         let report = Report::new(p.name(), "sync", true, p.config.max_delete)
             .with_scan(&record)
@@ -1156,8 +1246,9 @@ impl Entries {
     }
 }
 
-/// Prints planned actions, one a line (unchanged items left out), then their counts.
-fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
+/// Prints planned actions, one a line (unchanged items left out), then their counts, or
+/// `nothing` when there are none.
+fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction], nothing: &str) {
     let mut counts = std::collections::BTreeMap::new();
     for a in actions {
         *counts.entry(a.action).or_insert(0) += 1;
@@ -1188,7 +1279,7 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction]) {
     outln!(
         "{pipeline}: {what}: {}",
         if summary.is_empty() {
-            "nothing to do".into()
+            nothing.into()
         } else {
             summary.join(", ")
         }

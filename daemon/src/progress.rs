@@ -23,6 +23,9 @@ pub struct Progress {
     bytes: AtomicU64,
     /// Whether the bar is one of [`BARS`] (and counted in [`ON_SCREEN`]) until finished.
     on_screen: AtomicBool,
+    /// Set for a bar whose total comes later ([`Progress::counting`]): a spinner until
+    /// [`Progress::set_remaining`] gives one.
+    awaits_total: AtomicBool,
 }
 
 impl Progress {
@@ -45,7 +48,17 @@ impl Progress {
             bar,
             bytes: AtomicU64::new(0),
             on_screen: AtomicBool::new(visible),
+            awaits_total: AtomicBool::new(false),
         }
+    }
+
+    /// A bar counting `what` towards a total not known yet: a spinner until
+    /// [`Progress::set_remaining`] gives the total (a bar of length 0 drew as full, `0/0`,
+    /// before `project` had read the log's offsets).
+    pub fn counting(enabled: bool, what: &str) -> Progress {
+        let progress = Progress::new(enabled, what, None);
+        progress.awaits_total.store(true, Ordering::Relaxed);
+        progress
     }
 
     /// A bar that never draws (daemon loops, tests).
@@ -67,9 +80,14 @@ impl Progress {
         self.bar.inc(n);
     }
 
-    /// Sets the total to what is counted so far plus `n` still to come.
+    /// Sets the total to what is counted so far plus `n` still to come; a bar made by
+    /// [`Progress::counting`] turns from a spinner into a bar then, unless the total is 0.
     pub fn set_remaining(&self, n: u64) {
-        self.bar.set_length(self.bar.position() + n);
+        let total = self.bar.position() + n;
+        if total > 0 && self.awaits_total.swap(false, Ordering::Relaxed) {
+            self.bar.set_style(style(true));
+        }
+        self.bar.set_length(total);
     }
 
     /// Starts counting again, from 0 towards `total`, as a bar (`verify` counts the source

@@ -2418,26 +2418,80 @@ impl Projector {
     /// Checks that the configured target is the one the applied state was built on, and
     /// with `record` notes it when no target is noted yet: after `path` or `base_url`
     /// changes, skipping the events already applied would leave the new target empty
-    /// while lag reads 0.
-    pub fn check_target(&self, record: bool) -> Result<(), ProjectError> {
+    /// while lag reads 0. A noted target that never got anything (a first run that the
+    /// target refused: a read-only mount, a path that is a file) is no such target: the
+    /// configured one takes its place, and with `record` is noted instead.
+    pub async fn check_target(&self, record: bool) -> Result<(), ProjectError> {
         let now = self.target.identity();
         let targets = self.state.targets().map_err(self.err_state())?;
         let was = targets.get(&self.pipeline).map_err(self.err_state())?;
         match was.map(crate::state::resolved_identity) {
-            Some(was) if was != now => Err(ProjectError::TargetChanged {
-                pipeline: self.pipeline.clone(),
-                was,
-                now,
-            }),
+            Some(was) if was != now => {
+                if !self.nothing_applied().await? {
+                    return Err(ProjectError::TargetChanged {
+                        pipeline: self.pipeline.clone(),
+                        was,
+                        now,
+                    });
+                }
+                if record {
+                    info!(
+                        pipeline = %self.pipeline,
+                        "the target is now {now}; nothing was ever applied to {was}, so the new one is simply used"
+                    );
+                    targets
+                        .put(&self.pipeline, &now)
+                        .map_err(self.err_state())?;
+                }
+                Ok(())
+            }
             None if record => targets.put(&self.pipeline, &now).map_err(self.err_state()),
             _ => Ok(()),
         }
     }
 
+    /// How long [`Projector::nothing_applied`] waits for the log's committed offsets.
+    const OFFSETS_WAIT: Duration = Duration::from_secs(10);
+
+    /// Whether this pipeline never applied anything to a target: no applied state, no id
+    /// remapped, nothing waiting, retained or failed, no batch ever committed, and every
+    /// committed offset 0. A log that cannot tell its committed offsets within
+    /// [`Projector::OFFSETS_WAIT`] (a Kafka broker down) counts as having applied some.
+    async fn nothing_applied(&self) -> Result<bool, ProjectError> {
+        let (s, p) = (&self.state, self.pipeline.as_str());
+        let empty = || -> Result<bool, StateError> {
+            Ok(s.applied(p)?.is_empty()
+                && s.remap(p)?.is_empty()
+                && s.deferred(p)?.is_empty()
+                && s.dir_deletes(p)?.is_empty()
+                && s.retained(p)?.is_empty()
+                && s.failures(p)?.is_empty()
+                && !s.last_applies()?.contains(p)?)
+        };
+        let empty = empty().map_err(self.err_state())?;
+        if !empty {
+            return Ok(false);
+        }
+        let offsets = async {
+            self.log.connect().await.ok()?;
+            for partition in 0..self.log.partitions() {
+                if self.committed(partition).await.ok()? > 0 {
+                    return Some(false);
+                }
+            }
+            Some(true)
+        };
+        Ok(tokio::time::timeout(Self::OFFSETS_WAIT, offsets)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false))
+    }
+
     /// Settles what an interrupted run left on the target before new work starts.
     async fn recover(&self) -> Result<(), ProjectError> {
         self.stale.lock().unwrap().clear();
-        self.check_target(true)?;
+        self.check_target(true).await?;
         self.flush_target().await
     }
 
@@ -2630,7 +2684,7 @@ impl Projector {
         &self,
         unlogged: Vec<Event>,
     ) -> Result<Vec<PlannedAction>, ProjectError> {
-        self.check_target(false)?;
+        self.check_target(false).await?;
         let applied = self
             .state
             .applied(&self.pipeline)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::DeleteLimit;
 use crate::pipeline::Pipeline;
@@ -546,6 +546,8 @@ pub struct Cycle {
     scan_failed: bool,
     /// The previous cycle's [`Report::condition`].
     condition: Option<String>,
+    /// The failure the scans keep meeting, for the log.
+    failing: Lasting,
 }
 
 impl Cycle {
@@ -560,18 +562,44 @@ impl Cycle {
             scan: None,
             scan_failed: false,
             condition: None,
+            failing: Lasting::default(),
         }
     }
 
-    /// Records the cycle's scan.
+    /// Records the cycle's scan; logs that the scans work again when they failed before.
     pub fn scanned(&mut self, record: ScanRecord) {
+        if let Some(ended) = self.failing.ended() {
+            info!(
+                pipeline = %self.pipeline.name(),
+                "{}: the scan succeeded after {} failed scans since {}",
+                if ended.source { "the source is back" } else { "scans work again" },
+                ended.failures,
+                ended.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+        }
         self.scan = Some(record);
     }
 
-    /// Records that the cycle's scan failed; the report takes the failed scan's record
-    /// from the pipeline's status.
-    pub fn scan_failed(&mut self) {
+    /// Records that the cycle's scan failed with `e`; the report takes the failed scan's
+    /// record from the pipeline's status. The error is logged as a lasting condition
+    /// ([`Lasting`]): when it begins, as a reminder at growing intervals, and (by
+    /// [`Cycle::scanned`]) when it ends, not at every cycle.
+    pub fn scan_failed(&mut self, e: &crate::scanner::ScanError) {
         self.scan_failed = true;
+        let source = matches!(e, crate::scanner::ScanError::List { .. });
+        match self
+            .failing
+            .failed(e.to_string(), source, std::time::Instant::now())
+        {
+            Note::Began => error!(
+                "{e} (while it lasts, it is logged again at growing intervals, up to hourly; each failed scan still counts in tidemark_scans_total and `status`)"
+            ),
+            Note::Reminder { failures, since } => error!(
+                "{e} (still: {failures} failed scans since {})",
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            Note::Repeat => debug!("{e}"),
+        }
     }
 
     /// Waits out `interval`; as soon as the projector has caught up (or when the interval
@@ -650,9 +678,122 @@ impl Cycle {
     }
 }
 
+/// First pause before a lasting failure is logged again ([`Lasting`]).
+const REMIND_FIRST: Duration = Duration::from_secs(60);
+/// Longest pause between two reminders of a lasting failure.
+const REMIND_MAX: Duration = Duration::from_secs(60 * 60);
+
+/// A failure the daemon's scans keep meeting (the source directory gone): logged when it
+/// begins (or its message changes), again [`REMIND_FIRST`] later and at doubling
+/// intervals up to [`REMIND_MAX`] while it lasts, and when it ends. The reports treat a
+/// lasting condition the same way ([`Cycle`]); the metrics and `status` count every
+/// failed scan.
+#[derive(Debug, Default)]
+struct Lasting {
+    ongoing: Option<Ongoing>,
+}
+
+/// A [`Lasting`] failure while it lasts.
+#[derive(Debug)]
+struct Ongoing {
+    message: String,
+    /// Whether the source itself could not be listed.
+    source: bool,
+    since: DateTime<Utc>,
+    /// Failed scans with this message.
+    failures: u64,
+    /// The pause before the next reminder, once it is due.
+    pause: Duration,
+    remind_at: std::time::Instant,
+}
+
+/// What to log of one failure ([`Lasting::failed`]).
+#[derive(Debug, PartialEq)]
+enum Note {
+    /// It begins: at error level.
+    Began,
+    /// A reminder is due: at error level, with the count since it began.
+    Reminder { failures: u64, since: DateTime<Utc> },
+    /// A repeat in between: at debug level.
+    Repeat,
+}
+
+impl Lasting {
+    /// One more failure with `message` at `now`.
+    fn failed(&mut self, message: String, source: bool, now: std::time::Instant) -> Note {
+        match &mut self.ongoing {
+            Some(o) if o.message == message => {
+                o.failures += 1;
+                if now < o.remind_at {
+                    return Note::Repeat;
+                }
+                o.remind_at = now + o.pause;
+                o.pause = (o.pause * 2).min(REMIND_MAX);
+                Note::Reminder {
+                    failures: o.failures,
+                    since: o.since,
+                }
+            }
+            _ => {
+                self.ongoing = Some(Ongoing {
+                    message,
+                    source,
+                    since: Utc::now(),
+                    failures: 1,
+                    pause: (REMIND_FIRST * 2).min(REMIND_MAX),
+                    remind_at: now + REMIND_FIRST,
+                });
+                Note::Began
+            }
+        }
+    }
+
+    /// The failure that has ended, if one was ongoing.
+    fn ended(&mut self) -> Option<Ongoing> {
+        self.ongoing.take()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure met at every scan is logged when it begins, then 1, 3, 7, … minutes
+    /// later (the pause doubling up to an hour), and again at once when its message
+    /// changes; its end returns what it was.
+    #[test]
+    fn a_lasting_failure_is_logged_when_it_begins_then_at_doubling_intervals() {
+        let t0 = std::time::Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut lasting = Lasting::default();
+        let gone = || "source directory /src cannot be read".to_owned();
+        assert_eq!(lasting.failed(gone(), true, at(0)), Note::Began);
+        let mut logged = Vec::new();
+        for second in 1..=(3 * 3600) {
+            if lasting.failed(gone(), true, at(second)) != Note::Repeat {
+                logged.push(second);
+            }
+        }
+        let minutes: Vec<u64> = logged.iter().map(|s| s / 60).collect();
+        assert_eq!(
+            minutes,
+            [1, 3, 7, 15, 31, 63, 123],
+            "reminders after 1, 2, 4, … minutes, then hourly"
+        );
+        assert!(matches!(
+            lasting.failed(gone(), true, at(3 * 3600 + 1)),
+            Note::Repeat
+        ));
+        // Another error is another condition: logged at once.
+        assert_eq!(
+            lasting.failed("the log refused the append".into(), false, at(3 * 3600 + 2)),
+            Note::Began
+        );
+        let ended = lasting.ended().expect("it was ongoing");
+        assert_eq!((ended.failures, ended.source), (1, false));
+        assert!(lasting.ended().is_none());
+        assert_eq!(lasting.failed(gone(), true, at(3 * 3600 + 3)), Note::Began);
+    }
 
     /// A report lost to a full disk says so, rather than sending the reader to check
     /// permissions.

@@ -26,12 +26,13 @@ pub enum StateError {
         source: std::io::Error,
     },
     /// Another process holds the database.
-    #[error("state directory {} is in use by another tidemark process{} (is the daemon running? `tidemark status` asks it over HTTP)", path.display(), holder.as_ref().map(|h| format!(", {h}")).unwrap_or_default())]
+    #[error("state directory {} is in use by {}", path.display(), in_use_by(holder.as_deref()))]
     Locked {
         /// The state directory.
         path: PathBuf,
-        /// Which process holds it, when it said so ([`HOLDER`]).
-        holder: Option<String>,
+        /// Which process holds it, when it said so ([`HOLDER`]); boxed so a `Result`
+        /// stays small.
+        holder: Option<Box<Holder>>,
     },
     /// A read or write failed.
     #[error("state database: {}", DbError(.0))]
@@ -233,8 +234,22 @@ pub struct State {
 }
 
 impl State {
-    /// Opens (creating with owner-only permissions) the state directory.
+    /// Opens (creating with owner-only permissions) the state directory. When another
+    /// process holds it and has not noted itself yet ([`HOLDER`]: it opens the database
+    /// first, then notes itself), the note is waited for up to [`HOLDER_WAIT`], so that
+    /// the error names it.
     pub fn open(dir: &Path) -> Result<State, StateError> {
+        match State::open_once(dir) {
+            Err(StateError::Locked { path, holder: None }) => Err(StateError::Locked {
+                holder: holder(dir, HOLDER_WAIT).map(Box::new),
+                path,
+            }),
+            opened => opened,
+        }
+    }
+
+    /// [`State::open`] without waiting for the holder's note.
+    fn open_once(dir: &Path) -> Result<State, StateError> {
         let open_err = |source| StateError::Open {
             path: dir.to_owned(),
             source,
@@ -399,7 +414,7 @@ impl State {
     /// threads let go of the lock shortly after the last handle is dropped, so a locked
     /// database is tried again for up to two seconds before the error is returned.
     pub fn checkpoint(dir: &Path) -> Result<(), StateError> {
-        once_unlocked(|| State::open(dir).map(drop))
+        once_unlocked(|| State::open_once(dir).map(drop))
     }
 
     /// Rewrites the database of `dir` into a new one holding exactly the same records,
@@ -614,7 +629,7 @@ fn open_error(e: sled::Error, path: &Path) -> StateError {
     match e {
         e if is_locked(&e) => StateError::Locked {
             path: path.to_owned(),
-            holder: holder(path),
+            holder: holder(path, std::time::Duration::ZERO).map(Box::new),
         },
         sled::Error::Io(source) => StateError::Open {
             path: path.to_owned(),
@@ -666,15 +681,81 @@ const DB: &str = "db";
 /// refused can say who holds it (an operator's second `sync`, or the daemon).
 pub const HOLDER: &str = "holder";
 
-/// Notes in `dir` that this process holds its database: its pid, command line and start.
-/// Best effort: a state directory that cannot take it only loses the hint.
+/// The tidemark command this process runs (`run`, `sync`, …), for its [`HOLDER`] note.
+static COMMAND: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Names the tidemark command this process runs (`run`, `sync`, `status`, …), which its
+/// [`HOLDER`] note then gives: a process refused by it can tell the daemon, which answers
+/// `status` over HTTP, from a one-shot run, which ends by itself. Call before opening.
+pub fn set_command(name: &'static str) {
+    let _ = COMMAND.set(name);
+}
+
+/// A process holding a state database, as it noted itself in [`HOLDER`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// Its process id.
+    pub pid: u32,
+    /// Its command line (redacted).
+    pub command_line: String,
+    /// When it opened the database (RFC 3339).
+    pub since: String,
+    /// The tidemark command it runs ([`set_command`]); none in a note that does not say.
+    pub command: Option<String>,
+}
+
+impl Holder {
+    /// Whether it is the daemon (`tidemark run`); `None` when its note does not say.
+    pub fn is_daemon(&self) -> Option<bool> {
+        self.command.as_deref().map(|c| c == "run")
+    }
+}
+
+impl std::fmt::Display for Holder {
+    /// `pid N (`COMMAND LINE`, since TIME)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} (`{}`, since {})",
+            self.pid, self.command_line, self.since
+        )
+    }
+}
+
+/// Who [`StateError::Locked`] says holds the database, and what to do about it.
+fn in_use_by(holder: Option<&Holder>) -> String {
+    match holder {
+        Some(h) if h.is_daemon() == Some(true) => format!(
+            "the tidemark daemon, {h}: stop it first, or leave the work to it (`tidemark status` asks it over HTTP)"
+        ),
+        Some(h) => match h.command.as_deref() {
+            Some(command) => format!(
+                "a one-shot `tidemark {command}`, {h}; try again once it has ended{}",
+                if matches!(command, "scan" | "project" | "sync" | "verify" | "compact") {
+                    " (its progress shows on the terminal it runs in)"
+                } else {
+                    ""
+                }
+            ),
+            None => format!(
+                "another tidemark process, {h} (is the daemon running? `tidemark status` asks it over HTTP)"
+            ),
+        },
+        None => "another tidemark process, which has not noted which one it is (is the daemon running? `tidemark status` asks it over HTTP)".into(),
+    }
+}
+
+/// Notes in `dir` that this process holds its database: its pid, command line, start and
+/// tidemark command. Best effort: a state directory that cannot take it only loses the
+/// hint.
 fn note_holder(dir: &Path) {
     let args: Vec<String> = std::env::args().collect();
     let text = format!(
-        "{}\n{}\n{}\n",
+        "{}\n{}\n{}\n{}\n",
         std::process::id(),
         args.join(" "),
-        Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        COMMAND.get().copied().unwrap_or_default()
     );
     let tmp = dir.join(format!(".{HOLDER}.{}", std::process::id()));
     if std::fs::write(&tmp, text).is_err() || std::fs::rename(&tmp, dir.join(HOLDER)).is_err() {
@@ -682,22 +763,52 @@ fn note_holder(dir: &Path) {
     }
 }
 
-/// Who holds the database of `dir`, as the holder noted it ([`note_holder`]): `pid N
-/// (`COMMAND`, since TIME)`. `None` when it did not, or when that process is gone (the
-/// note of an earlier holder).
-fn holder(dir: &Path) -> Option<String> {
+/// What the note in `dir` says ([`note_holder`]), whether or not its process still lives.
+fn holder_note(dir: &Path) -> Option<Holder> {
     let text = std::fs::read_to_string(dir.join(HOLDER)).ok()?;
     let mut lines = text.lines();
     let pid: u32 = lines.next()?.parse().ok()?;
-    let (command, since) = (lines.next()?, lines.next()?);
-    if pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists() {
-        return None;
-    }
+    let (command_line, since) = (lines.next()?, lines.next()?);
     // A command line holds no secret (they come from the environment or files), but it
     // is shown redacted all the same.
-    let command = crate::http::redact_known(command);
-    Some(format!("pid {pid} (`{command}`, since {since})"))
+    Some(Holder {
+        pid,
+        command_line: crate::http::redact_known(command_line).into_owned(),
+        since: since.to_owned(),
+        command: lines.next().filter(|c| !c.is_empty()).map(str::to_owned),
+    })
 }
+
+fn process_lives(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// How long a process refused the database waits for its holder's note: the holder opens
+/// the database (a few tenths of a second for a large state), then notes itself.
+pub const HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Who holds the database of `dir`, as the holder noted it ([`note_holder`]), waiting up
+/// to `wait` for a note from a live process other than this one: a second `sync` started
+/// right after a first one meets the first's lock before its note. `None` when no such
+/// note came (an earlier holder's note, of a process now gone, does not count); at once
+/// for a note of this very process (a second handle in one process).
+fn holder(dir: &Path, wait: std::time::Duration) -> Option<Holder> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let note = holder_note(dir);
+        if note.as_ref().is_some_and(|h| h.pid == std::process::id()) {
+            return None;
+        }
+        if let Some(h) = note.filter(|h| process_lives(h.pid)) {
+            return Some(h);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
 /// A compaction's new database while it is written.
 const DB_COMPACTING: &str = "db.compacting";
 /// The database a compaction replaced, until it is removed.
@@ -1153,6 +1264,48 @@ mod tests {
         // A database another handle holds is not checkpointed; the error says so.
         let err = State::checkpoint(dir.path()).unwrap_err();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
+    }
+
+    /// A second process started right after a first one meets its lock before the first
+    /// has noted itself (it opens the database, then notes itself): the refusal waits for
+    /// the note and names the holder, instead of nobody (or an earlier, gone process).
+    #[test]
+    fn a_refusal_waits_for_the_holders_note_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = State::open(dir.path()).unwrap();
+        // The note an earlier process left, now gone: a pid no process has.
+        let gone = (2..u32::MAX)
+            .rev()
+            .find(|pid| !process_lives(*pid))
+            .unwrap();
+        let note = |pid: u32, command: &str| {
+            std::fs::write(
+                dir.path().join(HOLDER),
+                format!("{pid}\ntidemark {command}\n2024-01-01T00:00:00Z\n{command}\n"),
+            )
+            .unwrap()
+        };
+        note(gone, "plan");
+        let noting = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                // pid 1 lives: the holder that has just noted itself.
+                note(1, "sync");
+            });
+            State::open(dir.path()).err()
+        });
+        let Some(StateError::Locked { holder, .. }) = &noting else {
+            panic!("{noting:?}");
+        };
+        let holder = holder.as_ref().expect("the refusal names the holder");
+        assert_eq!(holder.pid, 1);
+        assert_eq!(holder.is_daemon(), Some(false));
+        let message = noting.unwrap().to_string();
+        assert!(
+            message.contains("in use by a one-shot `tidemark sync`, pid 1 (`tidemark sync`")
+                && message.contains("try again once it has ended"),
+            "{message}"
+        );
     }
 
     /// A state written before target paths were resolved holds one as written: it reads
