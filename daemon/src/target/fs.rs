@@ -75,6 +75,17 @@ fn start_writeback(out: &File, event: &Event) {
 
 /// Times that set the modification time to `ns` nanoseconds since the Unix epoch and
 /// leave the access time alone.
+/// Whether `m` is a directory with permission bits `mode`.
+fn is_dir_with(m: &fs::Metadata, mode: u32) -> bool {
+    m.is_dir() && m.permissions().mode() & 0o7777 == mode
+}
+
+/// Whether `path` (whose metadata is `m`) is a symbolic link to `target`.
+fn links_to(path: &Path, m: &fs::Metadata, target: &[u8]) -> bool {
+    m.file_type().is_symlink()
+        && fs::read_link(path).is_ok_and(|t| t.as_os_str().as_bytes() == target)
+}
+
 fn modified_at(ns: i64) -> rustix::fs::Timestamps {
     use rustix::fs::{Timespec, UTIME_OMIT};
     rustix::fs::Timestamps {
@@ -572,9 +583,7 @@ impl Inner {
                 // taken over, as an equal file is.
                 let equal = prior.is_none()
                     && !implicit
-                    && existing
-                        .as_ref()
-                        .is_some_and(|m| m.is_dir() && m.permissions().mode() & 0o7777 == mode);
+                    && existing.as_ref().is_some_and(|m| is_dir_with(m, mode));
                 self.set_dir_mode(&path, mode)?;
                 if let Some(ns) = event.mtime_ns {
                     self.dir_times.lock().unwrap().insert(path, ns);
@@ -599,8 +608,7 @@ impl Inner {
                 // An equal link is already there: taken over without a write.
                 if existing
                     .as_ref()
-                    .is_some_and(|m| m.file_type().is_symlink())
-                    && fs::read_link(&path).is_ok_and(|t| t.as_os_str().as_bytes() == &target[..])
+                    .is_some_and(|m| links_to(&path, m, target))
                 {
                     return Ok(Outcome::Adopted);
                 }
@@ -674,9 +682,13 @@ impl Inner {
             Err(e) if e.kind() == ErrorKind::NotFound => return Probe::Absent,
             Err(_) => return Probe::Unknown,
         };
-        let equal = !matches!(event.kind.as_str(), "dir" | "symlink")
-            && m.is_file()
-            && self.same_content(&path, event).unwrap_or(false);
+        // As the upsert decides with no applied state: what it adopts without a write.
+        let equal = match (event.kind.as_str(), &event.body) {
+            ("dir", _) => is_dir_with(&m, event.mode.unwrap_or(0o644)),
+            ("symlink", Some(Body::Base64(target))) => links_to(&path, &m, target),
+            ("symlink", _) => false,
+            _ => m.is_file() && self.same_content(&path, event).unwrap_or(false),
+        };
         if equal {
             Probe::Equal
         } else {
