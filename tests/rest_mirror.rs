@@ -846,6 +846,46 @@ fn a_parent_deleted_and_made_again_under_its_id_in_one_batch_keeps_its_new_child
     assert_rest_mirror(&dev, &prod);
 }
 
+/// `replay --from 0` then `project` onto an intact prod, with an id dev gave out twice:
+/// each item gets its last state only, not its history (issue: the replay renamed the
+/// second user to the first one's name, deleted it, and prod's cascade took its post along;
+/// exit 0, and each further replay lost something else).
+#[test]
+fn a_replay_onto_prod_applies_each_items_last_state_not_its_history() {
+    let (env, dev, prod) = two_users_mirrored();
+    let user =
+        |name: &str| json!({"id": 1014, "name": name, "active": true, "score": 3, "bio": ""});
+    dev.post("users", user("reuse-A"));
+    env.sync();
+    dev.delete("users", &json!(1014));
+    env.sync();
+    dev.post("users", user("reuse-B"));
+    dev.post(
+        "posts",
+        json!({"id": 5030, "name": "p-B", "userId": 1014, "title": "under reuse-B"}),
+    );
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+
+    // Twice, then twice more with one event a batch: the history then spans batches.
+    for round in 0..4 {
+        if round == 2 {
+            let config = std::fs::read_to_string(&env.config).unwrap().replace(
+                "max_delete = \"100%\"\n",
+                "max_delete = \"100%\"\nbatch_size = 1\n",
+            );
+            std::fs::write(&env.config, config).unwrap();
+        }
+        env.ok(&["replay", "--from", "0"]);
+        let project = &env.json(&["project"])[0]["project"];
+        assert_eq!(outcome(project, "failed"), 0, "{project}");
+        assert_eq!(outcome(project, "deleted"), 0, "{project}");
+        assert_eq!(outcome(project, "updated"), 0, "{project}");
+        assert_eq!(project["superseded"], 2, "reuse-A and its delete: {project}");
+        assert_rest_mirror(&dev, &prod);
+    }
+}
+
 /// A delete that finds nothing on prod deletes nothing, and the run says so: `unchanged`,
 /// as the directory target counts a file already gone (issue: both counted `deleted`).
 /// Here one item's mirror was removed on prod by hand (prod answers the DELETE with 404)

@@ -975,11 +975,17 @@ async fn scan_project(
             degraded |= !report.failures.is_empty() || stale > 0;
             written += report.events;
             if select.output == Output::Text {
-                let counts: Vec<String> = report
+                let mut counts: Vec<String> = report
                     .outcomes
                     .iter()
                     .map(|(o, n)| format!("{n} {}", o.as_str()))
                     .collect();
+                if report.superseded > 0 {
+                    counts.push(format!(
+                        "{} skipped (a later event of the item follows)",
+                        report.superseded
+                    ));
+                }
                 // Stopped by an error, the failing batch's events were read but not all
                 // applied: what the outcomes count is what was.
                 let items: u64 = report.outcomes.values().sum();

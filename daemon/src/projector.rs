@@ -148,6 +148,11 @@ pub struct ProjectReport {
     /// that apply's outcome, not as `deferred`.
     #[serde(skip_serializing_if = "is_zero")]
     pub waited: u64,
+    /// Events skipped because a later event of the same item was in the log already (a
+    /// target that [skips superseded events](crate::target::Target::skips_superseded)):
+    /// in `events`, not in `outcomes`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub superseded: u64,
     /// Every apply by kind and outcome, as `tidemark_applies_total` counts them: an item
     /// deferred, then created, counts in both.
     #[serde(skip)]
@@ -247,6 +252,7 @@ impl ProjectReport {
     /// Adds what `other`, a later part of the run, did.
     fn merge(&mut self, mut other: ProjectReport) {
         self.events += other.events;
+        self.superseded += other.superseded;
         self.stale_left += other.stale_left;
         self.bytes_written += other.bytes_written;
         self.waited += other.waited;
@@ -363,6 +369,18 @@ struct Done {
     retry: Option<Event>,
     /// Deferred because the target item it would adopt mirrors another source item.
     taken: Option<Taken>,
+}
+
+/// The offset of each item's last event in a partition's backlog ([`Projector::backlog`]).
+#[derive(Default)]
+struct Backlog {
+    last: HashMap<String, u64>,
+}
+
+/// A partition's [`Backlog`] and the offset it ends before.
+struct BacklogEntry {
+    end: u64,
+    shared: Arc<Backlog>,
 }
 
 /// Target ids of referenced items: the remap table plus what this batch applied so far.
@@ -711,6 +729,12 @@ pub struct Projector {
     /// committed it: what a run's report says it committed when the log stops answering
     /// at its end ([`ProjectReport::committed`]), instead of nothing.
     known_committed: Mutex<HashMap<u32, u64>>,
+    /// Per partition, for a target that skips superseded events, the offset of each
+    /// item's last event in what the log held past the committed offset when the
+    /// projector first read that partition (a backlog, as after a `replay`); dropped once
+    /// the committed offset has passed all of it. Events appended later are compared
+    /// within their batch.
+    backlog_last: Mutex<HashMap<u32, BacklogEntry>>,
     /// Since the run began, items whose last event was stale, with its offset; a later
     /// event of the item applied takes it off ([`ProjectReport::stale_left`]).
     stale: Mutex<HashMap<String, u64>>,
@@ -766,6 +790,7 @@ impl Projector {
             retry_max_backoff: Duration::from_secs(30),
             done_ahead: Mutex::default(),
             known_committed: Mutex::default(),
+            backlog_last: Mutex::default(),
             stale: Mutex::default(),
             retried: AtomicBool::new(false),
             failed_now: Mutex::default(),
@@ -849,6 +874,56 @@ impl Projector {
         Ok(lag)
     }
 
+    /// The last offset of each item in `partition`'s backlog: read once, from
+    /// `committed` to the head, the first time the partition is projected; `None` once
+    /// the committed offset has passed it (or there was none).
+    async fn backlog(
+        &self,
+        partition: u32,
+        committed: u64,
+    ) -> Result<Option<Arc<Backlog>>, ProjectError> {
+        if let Some(b) = self.backlog_last.lock().unwrap().get_mut(&partition) {
+            if committed >= b.end {
+                // All of it applied: its memory goes.
+                b.shared = Arc::default();
+                return Ok(None);
+            }
+            return Ok(Some(Arc::clone(&b.shared)));
+        }
+        let read_err = |source| ProjectError::Read {
+            pipeline: self.pipeline.clone(),
+            source,
+        };
+        let head = self.log.head(partition).await.map_err(read_err)?;
+        let mut last = HashMap::new();
+        let mut from = committed;
+        while from < head {
+            let records = self
+                .log
+                .read(partition, from, self.batch_size.max(1000))
+                .await
+                .map_err(read_err)?;
+            let Some(end) = records.last().map(|r| r.offset + 1) else {
+                break;
+            };
+            for r in records.into_iter().filter(|r| r.offset < head) {
+                if let Ok(event) = r.event {
+                    last.insert(event.identity(), r.offset);
+                }
+            }
+            from = end;
+        }
+        let shared = Arc::new(Backlog { last });
+        self.backlog_last.lock().unwrap().insert(
+            partition,
+            BacklogEntry {
+                end: head,
+                shared: Arc::clone(&shared),
+            },
+        );
+        Ok((committed < head).then_some(shared))
+    }
+
     /// Applies one batch of one partition and commits what finished. Returns the report and
     /// the number of records read (0 when caught up). A transient failure is returned as
     /// an error after the finished prefix is committed, with what the batch applied.
@@ -893,6 +968,23 @@ impl Projector {
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
 
+        // Each item's last event, in the backlog and in this batch, for a target that
+        // gets only that one.
+        let skip = self.target.skips_superseded();
+        let backlog = if skip {
+            self.backlog(partition, committed).await?
+        } else {
+            None
+        };
+        let mut last: HashMap<String, u64> = HashMap::new();
+        if skip {
+            for record in &records {
+                if let Ok(event) = &record.event {
+                    last.insert(event.identity(), record.offset);
+                }
+            }
+        }
+
         // Group by key, keeping each key's events in log order.
         let mut groups: Vec<Vec<Event>> = Vec::new();
         let mut group_of: HashMap<String, usize> = HashMap::new();
@@ -915,6 +1007,14 @@ impl Projector {
             match record.event {
                 Ok(event) => {
                     let id = event.identity();
+                    let later = |o: Option<&u64>| o.is_some_and(|&o| o > record.offset);
+                    if skip
+                        && (later(last.get(&id))
+                            || later(backlog.as_ref().and_then(|b| b.last.get(&id))))
+                    {
+                        report.superseded += 1;
+                        continue;
+                    }
                     let g = *group_of.entry(id).or_insert_with(|| {
                         groups.push(Vec::new());
                         groups.len() - 1

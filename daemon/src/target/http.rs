@@ -548,4 +548,8 @@ impl Target for HttpTarget {
     fn deletes_first(&self) -> bool {
         true
     }
+
+    fn skips_superseded(&self) -> bool {
+        true
+    }
 }

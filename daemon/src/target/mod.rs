@@ -196,6 +196,16 @@ pub trait Target: Send + Sync {
     fn deletes_first(&self) -> bool {
         false
     }
+
+    /// Whether an event that a later event of the same item supersedes is skipped rather
+    /// than applied. A target whose writes reach beyond the item (a REST API that deletes
+    /// what references a deleted item with it) must get each item's last state only: a
+    /// `replay` that wrote an item's history again could delete, through an id the source
+    /// gave out twice, a live item's children. A directory target reads the source's
+    /// current bytes and counts an older event `stale` instead.
+    fn skips_superseded(&self) -> bool {
+        false
+    }
 }
 
 /// Which source item (identity) each target id of a kind mirrors, for targets that assign
