@@ -881,7 +881,10 @@ fn a_replay_onto_prod_applies_each_items_last_state_not_its_history() {
         assert_eq!(outcome(project, "failed"), 0, "{project}");
         assert_eq!(outcome(project, "deleted"), 0, "{project}");
         assert_eq!(outcome(project, "updated"), 0, "{project}");
-        assert_eq!(project["superseded"], 2, "reuse-A and its delete: {project}");
+        assert_eq!(
+            project["superseded"], 2,
+            "reuse-A and its delete: {project}"
+        );
         assert_rest_mirror(&dev, &prod);
     }
 }
