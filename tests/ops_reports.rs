@@ -408,9 +408,9 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
     std::fs::create_dir(env.path("aside")).unwrap();
     rustix::fs::renameat_with(
         rustix::fs::CWD,
-        &env.src(),
+        env.src(),
         rustix::fs::CWD,
-        &env.path("aside"),
+        env.path("aside"),
         rustix::fs::RenameFlags::EXCHANGE,
     )
     .unwrap();
