@@ -120,6 +120,13 @@ pub struct PendingDelete {
 /// How a person reads an item's identity: `kind key`, and its name quoted when it has one
 /// (`users 17 ("alice")`), since a REST source's key is an id that says nothing.
 pub fn item_label(kind: &str, key: &str, name: Option<&str>) -> String {
+    // A directory source's key escapes `%` (and bytes that are not UTF-8): a name that is
+    // UTF-8 is shown as the file is named, `100%.txt`, not `100%25.txt`.
+    let shown = matches!(kind, "file" | "dir" | "symlink")
+        .then(|| tidemark_proto::pathkey::decode(key))
+        .flatten()
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    let key = shown.as_deref().unwrap_or(key);
     match name {
         Some(name) => format!("{kind} {key} ({name:?})"),
         None => format!("{kind} {key}"),
@@ -1195,6 +1202,18 @@ impl<T: Serialize + DeserializeOwned> Records<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory item is shown as its file is named (`100%.txt`); a name that is not
+    /// UTF-8 keeps its escapes, and a REST id is shown as it is.
+    #[test]
+    fn an_item_label_shows_a_file_as_it_is_named() {
+        assert_eq!(item_label("file", "d/100%25.txt", None), "file d/100%.txt");
+        assert_eq!(item_label("dir", "bad%FFname", None), "dir bad%FFname");
+        assert_eq!(
+            item_label("users", "a%25b", Some("ann")),
+            "users a%25b (\"ann\")"
+        );
+    }
 
     /// Runs `f` once the previous handle's sled threads have let go of the lock on `dir`
     /// (they finish shortly after the handle is dropped).
