@@ -549,6 +549,53 @@ fn items_without_a_name_or_an_id_are_named_in_a_warning() {
     assert!(prod.all("users").iter().any(|u| u["bio"] == "nameless"));
 }
 
+/// A daemon warns of an item without a name once, not at every scan (issue: 10 warnings in
+/// 5 scans with 2 such items); later scans count them at debug.
+#[test]
+fn a_daemon_warns_of_an_item_without_a_name_once() {
+    let env = rest_env();
+    let mut db = dev_db(1);
+    for id in [4343, 4344] {
+        db["users"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": id, "active": true, "score": 0, "bio": "nameless"}));
+    }
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let daemon = env.spawn_daemon();
+    let scans = wait_for(Duration::from_secs(60), || {
+        let n = daemon.metric("tidemark_scans_total{pipeline=\"t\",result=\"ok\"}");
+        (n >= 5.0).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("fewer than 5 scans:\n{}", env.daemon_log()));
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let log = env.daemon_log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("has no name at `/name`"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        2,
+        "one warning per nameless item in {scans} scans:\n{}",
+        warnings.join("\n")
+    );
+    assert!(
+        warnings.iter().all(|l| l.contains(" WARN "))
+            && warnings.iter().any(|l| l.contains("4343"))
+            && warnings.iter().any(|l| l.contains("4344")),
+        "{warnings:?}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains(" DEBUG ")
+            && l.contains("2 items still have what an earlier scan warned of")),
+        "later scans count them at debug:\n{log}"
+    );
+    assert!(prod.all("users").iter().any(|u| u["bio"] == "nameless"));
+}
+
 /// Two dev items with one name: the second must not take over the prod item that mirrors
 /// the first (issue: it was adopted by name and overwritten, and deleting the second in dev
 /// then deleted the first's mirror, and with it, on json-server, the posts under it). It

@@ -120,6 +120,17 @@ pub struct Scanner {
     /// Keys already warned about as skipped: a FIFO or socket left in the tree is warned
     /// about once per process, not at every scan (each scan still counts it).
     warned_skipped: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Items already warned of ([`Item::warning`], an identity and its warning): a REST
+    /// item without a name is warned of once per process, not at every scan; later scans
+    /// count such items at debug.
+    warned_items: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+/// What one scan noticed about the items it read, besides their changes.
+#[derive(Default)]
+struct Noticed {
+    /// Items whose warning an earlier scan of this process gave already.
+    repeated_warnings: u64,
 }
 
 /// An entry being read: its indexed version (`None` if new), its fingerprint, and the read.
@@ -178,6 +189,7 @@ impl Scanner {
             fetch_concurrency: (cores * 4).max(16),
             append_interval: APPEND_INTERVAL,
             warned_skipped: Default::default(),
+            warned_items: Default::default(),
         }
     }
 
@@ -346,6 +358,7 @@ impl Scanner {
         };
         tokio::pin!(stopped);
         let mut interrupted = false;
+        let mut noticed = Noticed::default();
         loop {
             // Once the listing is done and every read is back, what is pending is appended
             // right away below, not at the next tick: waiting for it kept every scan with
@@ -363,6 +376,7 @@ impl Scanner {
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
                         Ok(item) => {
+                            self.notice(&item, &mut noticed);
                             progress.add_bytes(tidemark_proto::content_len(item.body.as_ref(), item.blob.as_ref()));
                             self.stage(item, previous, fingerprint, &mut pending, record);
                             if pending.events.len() >= APPEND_BATCH || pending.bytes >= APPEND_BYTES {
@@ -400,6 +414,14 @@ impl Scanner {
             }
         }
         self.append(&mut pending, &mut known, sink, record).await?;
+        if noticed.repeated_warnings > 0 {
+            debug!(
+                pipeline = %self.pipeline,
+                items = noticed.repeated_warnings,
+                "{} items still have what an earlier scan warned of (once per item per process)",
+                noticed.repeated_warnings
+            );
+        }
         if interrupted {
             info!(
                 pipeline = %self.pipeline,
@@ -437,6 +459,28 @@ impl Scanner {
         Some(Box::pin(async move {
             (previous, fingerprint, source.fetch(entry).await)
         }))
+    }
+
+    /// Warns of what the source found wrong with `item`, once per item per process.
+    fn notice(&self, item: &Item, noticed: &mut Noticed) {
+        let Some(warning) = &item.warning else {
+            return;
+        };
+        let first = self
+            .warned_items
+            .lock()
+            .unwrap()
+            .insert((item_identity(&item.kind, &item.key), warning.clone()));
+        if first {
+            warn!(
+                pipeline = %self.pipeline,
+                kind = %item.kind,
+                key = %item.key,
+                "{warning} (warned once per item; later scans count such items at debug)"
+            );
+        } else {
+            noticed.repeated_warnings += 1;
+        }
     }
 
     fn entry_error(&self, record: &mut ScanRecord, message: String) {

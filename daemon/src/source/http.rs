@@ -11,7 +11,6 @@ use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::Value;
 use tidemark_proto::{checksum_json, strip_fields, Body, Ref};
-use tracing::warn;
 
 use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
 use crate::config::HttpSourceConfig;
@@ -417,13 +416,12 @@ impl Source for HttpSource {
             .as_deref()
             .and_then(|p| item.pointer(p))
             .and_then(id_string);
-        if let (Some(field), None) = (&kind.name_field, &name) {
-            warn!(
-                kind = %kind.name,
-                key = %entry.key,
+        let warning = match (&kind.name_field, &name) {
+            (Some(field), None) => Some(format!(
                 "item has no name at `{field}`: the target cannot find it by name, so a lost create or a lost state can create it twice"
-            );
-        }
+            )),
+            _ => None,
+        };
         let refs = extract_refs(kind, &item)
             .map_err(|e| fail(format!("kind `{}` item `{}`: {e}", kind.name, entry.key)))?;
         Ok(Item {
@@ -436,6 +434,7 @@ impl Source for HttpSource {
             body: Some(Body::Json(item)),
             blob: None,
             mtime_ns: None,
+            warning,
         })
     }
 }

@@ -50,6 +50,10 @@ pub struct Item {
     pub blob: Option<Blob>,
     /// A file's modification time, in nanoseconds since the Unix epoch.
     pub mtime_ns: Option<i64>,
+    /// What the source found wrong with the item that does not keep it out of the scan
+    /// (a REST item without a name). The scanner warns of it once per item per process,
+    /// as of a skipped special file, not at every scan of a daemon.
+    pub warning: Option<String>,
 }
 
 /// What a listing yields besides errors.
