@@ -596,6 +596,110 @@ fn a_daemon_warns_of_an_item_without_a_name_once() {
     assert!(prod.all("users").iter().any(|u| u["bio"] == "nameless"));
 }
 
+/// A mistyped reference pointer (`/userid` for `/userId`) matched no post, so every post
+/// reached prod with dev's user id unmapped, exit 0, no warning (issue). A reference field
+/// that none of its kind's items has now degrades the scan (exit 3, no deletes, as every
+/// scan with a listing error), with a warning naming the kind, the pointer and the field
+/// the items do have; a daemon warns of it once, not at every scan. A field that only some
+/// items lack is an optional reference, and `optional = true` accepts one that all lack.
+#[test]
+fn a_reference_field_no_item_has_degrades_the_scan_and_names_the_near_one() {
+    let env = rest_env();
+    let mut db = dev_db(2);
+    db["comments"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": 99999, "name": "comment-orphan", "body": "under no post"}));
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    assert!(good.contains("field = \"/userId\""), "{good}");
+    env.write_config(&good.replace("field = \"/userId\"", "field = \"/userid\""));
+
+    let absent = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("has the reference field"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let out = env.run(&["sync", "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let warned = absent(&stderr);
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert!(
+        warned[0].contains(" WARN ")
+            && warned[0].contains("kind `posts`")
+            && warned[0].contains("`/userid`")
+            && warned[0].contains("Did you mean `/userId`?")
+            && warned[0].contains("none of the 4 items read"),
+        "{}",
+        warned[0]
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["scan"]["result"], "degraded", "{v}");
+    let status = env.ok(&["status"]);
+    assert!(status.contains("Did you mean `/userId`?"), "{status}");
+
+    // Degraded as every scan with a listing error: it emits no deletes.
+    let doomed = dev
+        .all("comments")
+        .into_iter()
+        .find(|c| c["name"] == "comment-1-1-1")
+        .unwrap();
+    dev.delete("comments", &doomed["id"]);
+    let (code, _) = sync_text(&env);
+    assert_eq!(code, Some(3));
+    assert!(prod
+        .all("comments")
+        .iter()
+        .any(|c| c["name"] == "comment-1-1-1"));
+
+    // A daemon warns of it when it begins, not at every scan.
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        let n = daemon.metric("tidemark_scans_total{pipeline=\"t\",result=\"degraded\"}");
+        (n >= 4.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("fewer than 4 degraded scans:\n{}", env.daemon_log()));
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let log = env.daemon_log();
+    let lines = absent(&log);
+    let warns = lines.iter().filter(|l| l.contains(" WARN ")).count();
+    assert_eq!(warns, 1, "{}", lines.join("\n"));
+    assert!(
+        lines.len() >= 4 && lines.iter().skip(1).all(|l| l.contains(" DEBUG ")),
+        "later scans say it at debug: {}",
+        lines.join("\n")
+    );
+    let no_deletes = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("the listing had errors"))
+        .count();
+    assert_eq!(no_deletes, 1, "{log}");
+
+    // Fixed, with an optional reference no post has: a clean sync, and the delete held
+    // back meanwhile is emitted.
+    env.write_config(&good.replace(
+        "field = \"/userId\"\nkind = \"users\"\n",
+        "field = \"/userId\"\nkind = \"users\"\n\n[[pipeline.source.http.kind.ref]]\nfield = \"/editorId\"\nkind = \"users\"\noptional = true\n",
+    ));
+    assert!(std::fs::read_to_string(&env.config)
+        .unwrap()
+        .contains("/editorId"));
+    let out = env.run(&["sync", "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(absent(&stderr).is_empty(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["scan"]["deletes"], 1, "{v}");
+    assert!(!prod
+        .all("comments")
+        .iter()
+        .any(|c| c["name"] == "comment-1-1-1"));
+}
+
 /// Two dev items with one name: the second must not take over the prod item that mirrors
 /// the first (issue: it was adopted by name and overwritten, and deleting the second in dev
 /// then deleted the first's mirror, and with it, on json-server, the posts under it). It

@@ -430,6 +430,11 @@ pub struct RefConfig {
     pub field: String,
     /// Kind of the items it references.
     pub kind: String,
+    /// Whether every item of the kind may lack the field. Off by default: a scan in which
+    /// no item of the kind has it is degraded, as a mistyped pointer (`/userid` for
+    /// `/userId`) would otherwise send the source's ids to the target unmapped.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// `[[pipeline.source.http.kind]]`: how to list one resource kind.
