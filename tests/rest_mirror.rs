@@ -602,6 +602,7 @@ fn a_daemon_warns_of_an_item_without_a_name_once() {
 /// scan with a listing error), with a warning naming the kind, the pointer and the field
 /// the items do have; a daemon warns of it once, not at every scan. A field that only some
 /// items lack is an optional reference, and `optional = true` accepts one that all lack.
+/// Once the pointer is fixed, the next sync writes the posts again with prod's user ids.
 #[test]
 fn a_reference_field_no_item_has_degrades_the_scan_and_names_the_near_one() {
     let env = rest_env();
@@ -639,6 +640,12 @@ fn a_reference_field_no_item_has_degrades_the_scan_and_names_the_near_one() {
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["scan"]["result"], "degraded", "{v}");
+    // The posts went to prod all the same, with dev's user ids.
+    let dev_user_ids: Vec<Value> = dev.all("users").iter().map(|u| u["id"].clone()).collect();
+    assert!(prod
+        .all("posts")
+        .iter()
+        .all(|p| dev_user_ids.contains(&p["userId"])));
     let status = env.ok(&["status"]);
     assert!(status.contains("Did you mean `/userId`?"), "{status}");
 
@@ -679,25 +686,28 @@ fn a_reference_field_no_item_has_degrades_the_scan_and_names_the_near_one() {
         .count();
     assert_eq!(no_deletes, 1, "{log}");
 
-    // Fixed, with an optional reference no post has: a clean sync, and the delete held
-    // back meanwhile is emitted.
-    env.write_config(&good.replace(
+    // Fixed, with an optional reference no post has: a clean sync that emits the delete
+    // held back meanwhile and writes the posts again, now with prod's user ids (their
+    // version covers which fields are references). Prune is off for it: json-server
+    // deletes every item whose reference dangles whenever it deletes anything, so the
+    // delete would first take with it prod's posts, which still carry dev's user ids.
+    let fixed = good.replace(
         "field = \"/userId\"\nkind = \"users\"\n",
         "field = \"/userId\"\nkind = \"users\"\n\n[[pipeline.source.http.kind.ref]]\nfield = \"/editorId\"\nkind = \"users\"\noptional = true\n",
-    ));
-    assert!(std::fs::read_to_string(&env.config)
-        .unwrap()
-        .contains("/editorId"));
+    );
+    assert!(fixed.contains("/editorId") && fixed.contains("prune = true"));
+    env.write_config(&fixed.replace("prune = true", "prune = false"));
     let out = env.run(&["sync", "--output", "json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(absent(&stderr).is_empty(), "{stderr}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["scan"]["deletes"], 1, "{v}");
-    assert!(!prod
-        .all("comments")
-        .iter()
-        .any(|c| c["name"] == "comment-1-1-1"));
+    assert_eq!(kind_outcome(&v[0]["project"], "posts", "updated"), 4, "{v}");
+    env.write_config(&fixed);
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
 }
 
 /// Two dev items with one name: the second must not take over the prod item that mirrors

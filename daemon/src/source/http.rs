@@ -317,6 +317,23 @@ pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Result<Vec<Ref>, S
     Ok(refs)
 }
 
+/// An item's checksum: of its body and, when it holds references, of which fields hold
+/// them and which kind each names. What the target gets depends on both (the ids at those
+/// fields are mapped to the target's), so a `[[…kind.ref]]` added, fixed or removed in the
+/// config changes the version of the items it concerns, and the next scan emits them
+/// again; before, items mirrored under a mistyped pointer kept the source's ids on the
+/// target once it was fixed. An item without references keeps its body's checksum.
+fn item_checksum(item: &Value, refs: &[Ref]) -> String {
+    if refs.is_empty() {
+        return checksum_json(item, &[]);
+    }
+    let refs: Vec<Value> = refs
+        .iter()
+        .map(|r| serde_json::json!([r.path, r.kind]))
+        .collect();
+    checksum_json(&serde_json::json!({"body": item, "refs": refs}), &[])
+}
+
 /// Whether `item` has each reference field of its kind (but the optional ones), with a
 /// near field where it has not.
 fn ref_fields(kind: &SourceKindConfig, item: &Value) -> Vec<RefField> {
@@ -511,7 +528,7 @@ impl Source for HttpSource {
         Ok(Item {
             kind: entry.kind.clone(),
             key: entry.key.clone(),
-            checksum: checksum_json(&item, &[]),
+            checksum: item_checksum(&item, &refs),
             mode: None,
             name,
             refs,
