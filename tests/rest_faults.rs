@@ -614,3 +614,101 @@ fn a_retry_after_past_the_retry_budget_says_so() {
     env.sync();
     assert_rest_mirror(&dev, &prod);
 }
+
+/// An on-call person reading the lag needs neither API's token (issue: `tidemark status`
+/// failed with `DEV_API_TOKEN is not set`): the commands that never talk to an API
+/// (`status`, `plan`, `log`, `replay`, `compact`) load the config without the secrets
+/// they cannot read, while those that do talk to one still refuse a missing secret at
+/// start, naming it.
+#[test]
+fn commands_that_talk_to_no_api_need_no_api_token() {
+    const DEV_VAR: &str = "TIDEMARK_TEST_DEV_API_TOKEN";
+    const PROD_VAR: &str = "TIDEMARK_TEST_PROD_API_TOKEN";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replacen(
+            "bearer = { file = \"token.txt\" }",
+            &format!("bearer = {{ env = \"{DEV_VAR}\" }}"),
+            1,
+        )
+        .replacen(
+            "bearer = { file = \"token.txt\" }",
+            &format!("bearer = {{ env = \"{PROD_VAR}\" }}"),
+            1,
+        );
+    env.write_config(&config);
+    let run = |args: &[&str], vars: &[&str]| {
+        let mut cmd = env.cmd(args);
+        cmd.env_remove(DEV_VAR).env_remove(PROD_VAR);
+        for var in vars {
+            cmd.env(var, TOKEN);
+        }
+        cmd.output().unwrap()
+    };
+    let sync = run(&["sync"], &[DEV_VAR, PROD_VAR]);
+    assert!(sync.status.success(), "{sync:?}");
+    assert_rest_mirror(&dev, &prod);
+
+    for args in [
+        &["status"][..],
+        &["status", "--output", "json"],
+        &["plan"],
+        &["log", "tail"],
+        &["log", "show", "0"],
+        &["replay", "--from", "3"],
+        &["compact"],
+    ] {
+        let out = run(args, &[]);
+        assert!(
+            out.status.success(),
+            "tidemark {args:?} without the API tokens: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = String::from_utf8_lossy(&run(&["status"], &[]).stdout).into_owned();
+    assert!(status.contains("lag 4 events"), "{status}");
+
+    // Those that talk to an API refuse at start, naming the missing secret.
+    for (args, vars, missing, key) in [
+        (
+            &["sync"][..],
+            &[][..],
+            DEV_VAR,
+            "pipeline.t.source.http.bearer",
+        ),
+        (
+            &["scan"],
+            &[PROD_VAR],
+            DEV_VAR,
+            "pipeline.t.source.http.bearer",
+        ),
+        (
+            &["project"],
+            &[DEV_VAR],
+            PROD_VAR,
+            "pipeline.t.target.http.bearer",
+        ),
+        (
+            &["verify"],
+            &[DEV_VAR],
+            PROD_VAR,
+            "pipeline.t.target.http.bearer",
+        ),
+    ] {
+        let out = run(args, vars);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "tidemark {args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("environment variable `{missing}` is not set"))
+                && stderr.contains(key),
+            "tidemark {args:?}: {stderr}"
+        );
+    }
+    // Nothing was applied meanwhile: the replayed events are still waiting.
+    let status = String::from_utf8_lossy(&run(&["status"], &[]).stdout).into_owned();
+    assert!(status.contains("lag 4 events"), "{status}");
+}

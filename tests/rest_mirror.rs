@@ -549,6 +549,167 @@ fn items_without_a_name_or_an_id_are_named_in_a_warning() {
     assert!(prod.all("users").iter().any(|u| u["bio"] == "nameless"));
 }
 
+/// A daemon warns of an item without a name once, not at every scan (issue: 10 warnings in
+/// 5 scans with 2 such items); later scans count them at debug.
+#[test]
+fn a_daemon_warns_of_an_item_without_a_name_once() {
+    let env = rest_env();
+    let mut db = dev_db(1);
+    for id in [4343, 4344] {
+        db["users"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": id, "active": true, "score": 0, "bio": "nameless"}));
+    }
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let daemon = env.spawn_daemon();
+    let scans = wait_for(Duration::from_secs(60), || {
+        let n = daemon.metric("tidemark_scans_total{pipeline=\"t\",result=\"ok\"}");
+        (n >= 5.0).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("fewer than 5 scans:\n{}", env.daemon_log()));
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let log = env.daemon_log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("has no name at `/name`"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        2,
+        "one warning per nameless item in {scans} scans:\n{}",
+        warnings.join("\n")
+    );
+    assert!(
+        warnings.iter().all(|l| l.contains(" WARN "))
+            && warnings.iter().any(|l| l.contains("4343"))
+            && warnings.iter().any(|l| l.contains("4344")),
+        "{warnings:?}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains(" DEBUG ")
+            && l.contains("2 items still have what an earlier scan warned of")),
+        "later scans count them at debug:\n{log}"
+    );
+    assert!(prod.all("users").iter().any(|u| u["bio"] == "nameless"));
+}
+
+/// A mistyped reference pointer (`/userid` for `/userId`) matched no post, so every post
+/// reached prod with dev's user id unmapped, exit 0, no warning (issue). A reference field
+/// that none of its kind's items has now degrades the scan (exit 3, no deletes, as every
+/// scan with a listing error), with a warning naming the kind, the pointer and the field
+/// the items do have; a daemon warns of it once, not at every scan. A field that only some
+/// items lack is an optional reference, and `optional = true` accepts one that all lack.
+/// Once the pointer is fixed, the next sync writes the posts again with prod's user ids.
+#[test]
+fn a_reference_field_no_item_has_degrades_the_scan_and_names_the_near_one() {
+    let env = rest_env();
+    let mut db = dev_db(2);
+    db["comments"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": 99999, "name": "comment-orphan", "body": "under no post"}));
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let good = std::fs::read_to_string(&env.config).unwrap();
+    assert!(good.contains("field = \"/userId\""), "{good}");
+    env.write_config(&good.replace("field = \"/userId\"", "field = \"/userid\""));
+
+    let absent = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("has the reference field"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let out = env.run(&["sync", "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let warned = absent(&stderr);
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert!(
+        warned[0].contains(" WARN ")
+            && warned[0].contains("kind `posts`")
+            && warned[0].contains("`/userid`")
+            && warned[0].contains("Did you mean `/userId`?")
+            && warned[0].contains("none of the 4 items read"),
+        "{}",
+        warned[0]
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["scan"]["result"], "degraded", "{v}");
+    // The posts went to prod all the same, with dev's user ids.
+    let dev_user_ids: Vec<Value> = dev.all("users").iter().map(|u| u["id"].clone()).collect();
+    assert!(prod
+        .all("posts")
+        .iter()
+        .all(|p| dev_user_ids.contains(&p["userId"])));
+    let status = env.ok(&["status"]);
+    assert!(status.contains("Did you mean `/userId`?"), "{status}");
+
+    // Degraded as every scan with a listing error: it emits no deletes.
+    let doomed = dev
+        .all("comments")
+        .into_iter()
+        .find(|c| c["name"] == "comment-1-1-1")
+        .unwrap();
+    dev.delete("comments", &doomed["id"]);
+    let (code, _) = sync_text(&env);
+    assert_eq!(code, Some(3));
+    assert!(prod
+        .all("comments")
+        .iter()
+        .any(|c| c["name"] == "comment-1-1-1"));
+
+    // A daemon warns of it when it begins, not at every scan.
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        let n = daemon.metric("tidemark_scans_total{pipeline=\"t\",result=\"degraded\"}");
+        (n >= 4.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("fewer than 4 degraded scans:\n{}", env.daemon_log()));
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let log = env.daemon_log();
+    let lines = absent(&log);
+    let warns = lines.iter().filter(|l| l.contains(" WARN ")).count();
+    assert_eq!(warns, 1, "{}", lines.join("\n"));
+    assert!(
+        lines.len() >= 4 && lines.iter().skip(1).all(|l| l.contains(" DEBUG ")),
+        "later scans say it at debug: {}",
+        lines.join("\n")
+    );
+    let no_deletes = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("the listing had errors"))
+        .count();
+    assert_eq!(no_deletes, 1, "{log}");
+
+    // Fixed, with an optional reference no post has: a clean sync that emits the delete
+    // held back meanwhile and writes the posts again, now with prod's user ids (their
+    // version covers which fields are references). Prune is off for it: json-server
+    // deletes every item whose reference dangles whenever it deletes anything, so the
+    // delete would first take with it prod's posts, which still carry dev's user ids.
+    let fixed = good.replace(
+        "field = \"/userId\"\nkind = \"users\"\n",
+        "field = \"/userId\"\nkind = \"users\"\n\n[[pipeline.source.http.kind.ref]]\nfield = \"/editorId\"\nkind = \"users\"\noptional = true\n",
+    );
+    assert!(fixed.contains("/editorId") && fixed.contains("prune = true"));
+    env.write_config(&fixed.replace("prune = true", "prune = false"));
+    let out = env.run(&["sync", "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(absent(&stderr).is_empty(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["scan"]["deletes"], 1, "{v}");
+    assert_eq!(kind_outcome(&v[0]["project"], "posts", "updated"), 4, "{v}");
+    env.write_config(&fixed);
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
 /// Two dev items with one name: the second must not take over the prod item that mirrors
 /// the first (issue: it was adopted by name and overwritten, and deleting the second in dev
 /// then deleted the first's mirror, and with it, on json-server, the posts under it). It

@@ -12,8 +12,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::http_config::{ApiSecrets, HttpSourceConfig, HttpTargetConfig};
 use crate::http_config::{At, Refused};
-pub use crate::http_config::{HttpSourceConfig, HttpTargetConfig};
 
 /// A config that could not be loaded. Every variant names the file; parse and validation
 /// errors name the line and the key too.
@@ -469,17 +469,29 @@ fn default_batch_size() -> Spanned<usize> {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file, reading every secret.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(file, ApiSecrets::Required)
+    }
+
+    /// Reads, parses and validates a config file, reading the REST APIs' secrets as
+    /// `secrets` says (everything else is validated either way).
+    pub fn load_with(file: &Path, secrets: ApiSecrets) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_owned(),
             source,
         })?;
-        Config::parse(file, &text)
+        Config::parse_with(file, &text, secrets)
     }
 
-    /// Parses and validates config text; `file` is used for messages and relative paths.
+    /// Parses and validates config text, reading every secret; `file` is used for
+    /// messages and relative paths.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(file, text, ApiSecrets::Required)
+    }
+
+    /// As [`Config::parse`], reading the REST APIs' secrets as `secrets` says.
+    pub fn parse_with(file: &Path, text: &str, secrets: ApiSecrets) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let mut message = e.message().trim().to_owned();
             // The endpoint's keys are flattened into `[…http]`, so a secret written into
@@ -646,7 +658,7 @@ impl Config {
                 RawSource::Http(h) => {
                     let span = h.span();
                     let mut h = h.into_inner();
-                    if let Err(r) = h.validate(base) {
+                    if let Err(r) = h.validate(base, secrets) {
                         let kinds: Vec<&str> = h.kinds.iter().map(|k| k.name.as_str()).collect();
                         return Err(refused(r, "source", span, &kinds));
                     }
@@ -699,7 +711,7 @@ impl Config {
                 RawTarget::Http(h) => {
                     let span = h.span();
                     let mut h = h.into_inner();
-                    if let Err(r) = h.validate(base) {
+                    if let Err(r) = h.validate(base, secrets) {
                         let kinds: Vec<&str> = h.kinds.iter().map(|k| k.name.as_str()).collect();
                         return Err(refused(r, "target", span, &kinds));
                     }
@@ -1269,6 +1281,66 @@ path = "dst"
             let line = text.lines().position(|l| l.contains(on_line)).unwrap() + 1;
             assert!(err.contains(&format!("t.toml:{line}:")), "{err}\n{text}");
             assert!(err.contains(key), "{err}");
+        }
+    }
+
+    /// The commands that talk to no API load the config without its API secrets (issue:
+    /// `tidemark status` needed both tokens); everything else is validated as it is for
+    /// the others, a secret source's form included, and a secret that can be read is
+    /// still read (for redaction).
+    #[test]
+    fn api_secrets_that_cannot_be_read_are_left_out_only_when_not_required() {
+        let var = "TIDEMARK_TEST_UNSET_BEARER_4C1";
+        std::env::remove_var(var);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key.txt"), "readable-key-77\n").unwrap();
+        let file = dir.path().join("t.toml");
+        let text = api_config(
+            "https://api.example.com",
+            &format!(
+                "bearer = {{ env = \"{var}\" }}\n[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"key.txt\""
+            ),
+            "/users",
+        );
+        let err = Config::parse(&file, &text).unwrap_err().to_string();
+        assert!(
+            err.contains(var) && err.contains("`pipeline.api.source.http.bearer`"),
+            "{err}"
+        );
+        let config = Config::parse_with(&file, &text, ApiSecrets::IfAvailable).unwrap();
+        let SourceConfig::Http(h) = &config.pipelines[0].source else {
+            panic!("an HTTP source")
+        };
+        let headers: Vec<_> = h
+            .endpoint
+            .resolved_headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.expose()))
+            .collect();
+        assert_eq!(headers, [("X-Api-Key", "readable-key-77")]);
+        // Not a way around the rest of the validation.
+        for (bad, why) in [
+            (
+                text.replace(&format!("{{ env = \"{var}\" }}"), "{ }"),
+                "set exactly one of `env`",
+            ),
+            (
+                text.replace(
+                    &format!("{{ env = \"{var}\" }}"),
+                    &format!("{{ env = \"{var}\", file = \"key.txt\" }}"),
+                ),
+                "set exactly one of `env`",
+            ),
+            (text.replace("https://", "ftp://"), "must be http or https"),
+            (
+                text.replace("path = \"/users\"", "path = \"/users?api_key=K-3\""),
+                "looks like a credential",
+            ),
+        ] {
+            let err = Config::parse_with(&file, &bad, ApiSecrets::IfAvailable)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{err}\n{bad}");
         }
     }
 

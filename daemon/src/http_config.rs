@@ -79,10 +79,52 @@ impl<'de> Deserialize<'de> for SecretSource {
     }
 }
 
+/// Whether validating a config reads the REST APIs' secrets (`bearer`, `[[…header]]`,
+/// `[[…query]]`). Kafka's `secret_properties` are read either way: every command but
+/// `compact` reaches the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiSecrets {
+    /// Read every one; one that cannot be read (its variable unset, its file missing)
+    /// refuses the config. For every command that talks to a source or target API.
+    Required,
+    /// Read those that can be read, so that what the command prints is still redacted of
+    /// them, and leave the others out without an error. For commands that never talk to
+    /// an API (`status`, `plan`, `log`, `replay`, `compact`): an on-call person reading
+    /// the lag needs neither side's token. Every secret source must still be well-formed.
+    IfAvailable,
+}
+
 impl SecretSource {
+    /// Checks that exactly one of `env` and `file` is set, without reading anything.
+    pub fn check(&self, what: &str) -> Result<(), String> {
+        match (&self.env, &self.file) {
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err(format!(
+                "{what}: set exactly one of `env` (a variable name) or `file` (a path); secrets are never written in the config"
+            )),
+        }
+    }
+
+    /// Reads the secret as `mode` says: `None` when it is not required and cannot be read.
+    pub fn resolve_as(
+        &self,
+        base: &Path,
+        what: &str,
+        mode: ApiSecrets,
+    ) -> Result<Option<Secret>, String> {
+        match mode {
+            ApiSecrets::Required => self.resolve(base, what).map(Some),
+            ApiSecrets::IfAvailable => {
+                self.check(what)?;
+                Ok(self.resolve(base, what).ok())
+            }
+        }
+    }
+
     /// Reads the secret; the error names the variable or file, never the value.
     /// Every value read is remembered for redaction ([`crate::http::remember_secret`]).
     pub fn resolve(&self, base: &Path, what: &str) -> Result<Secret, String> {
+        self.check(what)?;
         let secret = match (&self.env, &self.file) {
             (Some(var), None) => std::env::var(var).map(Secret).map_err(|_| {
                 format!("{what}: environment variable `{var}` is not set (export it before starting tidemark)")
@@ -93,9 +135,7 @@ impl SecretSource {
                     .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_owned()))
                     .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
             }
-            _ => Err(format!(
-                "{what}: set exactly one of `env` (a variable name) or `file` (a path); secrets are never written in the config"
-            )),
+            _ => unreachable!("checked above"),
         }?;
         crate::http::remember_secret(&secret.0);
         Ok(secret)
@@ -176,10 +216,12 @@ pub struct HttpEndpointConfig {
     /// Requests started per second; 0 means no limit.
     #[serde(default)]
     pub rate_limit: f64,
-    /// Secret headers resolved at validation (name, value); empty until then.
+    /// Secret headers resolved at validation (name, value); empty until then, and
+    /// without those that could not be read when they were not required
+    /// ([`ApiSecrets::IfAvailable`]).
     #[serde(skip)]
     pub resolved_headers: Vec<(String, Secret)>,
-    /// Secret query parameters resolved at validation (name, value).
+    /// Secret query parameters resolved at validation (name, value), as the headers.
     #[serde(skip)]
     pub resolved_queries: Vec<(String, Secret)>,
 }
@@ -229,8 +271,9 @@ pub fn check_no_credentials(url: &str, what: &str) -> Result<(), String> {
 }
 
 impl HttpEndpointConfig {
-    /// Checks the URL and resolves every secret. The error says what to fix.
-    pub fn validate(&mut self, base: &Path) -> Result<(), Refused> {
+    /// Checks the URL and resolves the secrets as `secrets` says. The error says what to
+    /// fix.
+    pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
         // A user name or password in the URL is never repeated, not even in this error.
         if let Some((_, rest)) = self.base_url.split_once("://") {
             let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -261,19 +304,21 @@ impl HttpEndpointConfig {
         self.resolved_headers.clear();
         if let Some(b) = &self.bearer {
             let token = b
-                .resolve(base, "bearer")
+                .resolve_as(base, "bearer", secrets)
                 .map_err(At::Key("bearer").refuse())?;
-            self.resolved_headers.push((
-                "authorization".into(),
-                Secret(format!("Bearer {}", token.0)),
-            ));
+            if let Some(token) = token {
+                self.resolved_headers.push((
+                    "authorization".into(),
+                    Secret(format!("Bearer {}", token.0)),
+                ));
+            }
         }
         for (i, h) in self.headers.iter().enumerate() {
             let v = h
                 .value
-                .resolve(base, &format!("header `{}`", h.name))
+                .resolve_as(base, &format!("header `{}`", h.name), secrets)
                 .map_err(At::Entry("header", i).refuse())?;
-            self.resolved_headers.push((h.name.clone(), v));
+            self.resolved_headers.extend(v.map(|v| (h.name.clone(), v)));
         }
         self.resolved_queries.clear();
         for (i, q) in self.queries.iter().enumerate() {
@@ -286,9 +331,9 @@ impl HttpEndpointConfig {
             }
             let v = q
                 .value
-                .resolve(base, &format!("query parameter `{}`", q.name))
+                .resolve_as(base, &format!("query parameter `{}`", q.name), secrets)
                 .map_err(at.refuse())?;
-            self.resolved_queries.push((q.name.clone(), v));
+            self.resolved_queries.extend(v.map(|v| (q.name.clone(), v)));
         }
         Ok(())
     }
@@ -385,6 +430,11 @@ pub struct RefConfig {
     pub field: String,
     /// Kind of the items it references.
     pub kind: String,
+    /// Whether every item of the kind may lack the field. Off by default: a scan in which
+    /// no item of the kind has it is degraded, as a mistyped pointer (`/userid` for
+    /// `/userId`) would otherwise send the source's ids to the target unmapped.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// `[[pipeline.source.http.kind]]`: how to list one resource kind.
@@ -597,9 +647,9 @@ fn check_pointer(p: &str, what: &str) -> Result<(), String> {
 }
 
 impl HttpSourceConfig {
-    /// Validates the kinds and resolves secrets.
-    pub fn validate(&mut self, base: &Path) -> Result<(), Refused> {
-        self.endpoint.validate(base)?;
+    /// Validates the kinds and resolves the secrets as `secrets` says.
+    pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
+        self.endpoint.validate(base, secrets)?;
         if self.kinds.is_empty() {
             return Err(String::from("no [[…source.http.kind]] is configured").into());
         }
@@ -641,9 +691,9 @@ impl HttpSourceConfig {
 }
 
 impl HttpTargetConfig {
-    /// Validates the kinds and resolves secrets.
-    pub fn validate(&mut self, base: &Path) -> Result<(), Refused> {
-        self.endpoint.validate(base)?;
+    /// Validates the kinds and resolves the secrets as `secrets` says.
+    pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
+        self.endpoint.validate(base, secrets)?;
         for (i, k) in self.kinds.iter().enumerate() {
             for (url, what) in [
                 (Some(&k.path), "path"),

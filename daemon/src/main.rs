@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use tidemark::config::Config;
+use tidemark::config::{ApiSecrets, Config};
 use tidemark::daemon::{self, LISTEN_ADDR_FILE};
 use tidemark::log::Patience;
 use tidemark::metrics::metrics;
@@ -151,6 +151,24 @@ impl Command {
             Command::Replay { .. } => "replay",
             Command::Log(_) => "log",
             Command::Compact { .. } => "compact",
+        }
+    }
+
+    /// Whether the command needs the REST APIs' secrets: only those that talk to a source
+    /// or target API do. The others read the state and the log, or ask the daemon (`plan`
+    /// asks an API target nothing), so an on-call person needs no API token to run them.
+    fn api_secrets(&self) -> ApiSecrets {
+        match self {
+            Command::Run
+            | Command::Scan(_)
+            | Command::Project(_)
+            | Command::Sync(_)
+            | Command::Verify(_) => ApiSecrets::Required,
+            Command::Plan(_)
+            | Command::Status(_)
+            | Command::Replay { .. }
+            | Command::Log(_)
+            | Command::Compact { .. } => ApiSecrets::IfAvailable,
         }
     }
 }
@@ -398,7 +416,7 @@ impl Session {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let config = Config::load(&cli.config)?;
+    let config = Config::load_with(&cli.config, cli.command.api_secrets())?;
     let show_progress = !cli.quiet;
     match cli.command {
         Command::Run => {

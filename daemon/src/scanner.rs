@@ -120,6 +120,35 @@ pub struct Scanner {
     /// Keys already warned about as skipped: a FIFO or socket left in the tree is warned
     /// about once per process, not at every scan (each scan still counts it).
     warned_skipped: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Items already warned of ([`Item::warning`], an identity and its warning): a REST
+    /// item without a name is warned of once per process, not at every scan; later scans
+    /// count such items at debug.
+    warned_items: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    /// Reference fields (kind, pointer) that no item of their kind had at the last scan
+    /// that read any: a lasting condition, warned of when it begins, at debug while it
+    /// lasts (every such scan is still degraded, and `status` shows why), and noted when
+    /// it ends.
+    absent_refs: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+}
+
+/// What one scan noticed about the items it read, besides their changes.
+#[derive(Default)]
+struct Noticed {
+    /// Items whose warning an earlier scan of this process gave already.
+    repeated_warnings: u64,
+    /// Per kind and reference field, how the items read hold it.
+    refs: std::collections::BTreeMap<(String, String), RefTally>,
+}
+
+/// How the items of one kind read by a scan hold one reference field.
+#[derive(Default)]
+struct RefTally {
+    /// Some item has it.
+    present: bool,
+    /// Items without it.
+    absent: u64,
+    /// A near field one of those has (see [`crate::source::RefField::near`]).
+    near: Option<String>,
 }
 
 /// An entry being read: its indexed version (`None` if new), its fingerprint, and the read.
@@ -178,6 +207,8 @@ impl Scanner {
             fetch_concurrency: (cores * 4).max(16),
             append_interval: APPEND_INTERVAL,
             warned_skipped: Default::default(),
+            warned_items: Default::default(),
+            absent_refs: Default::default(),
         }
     }
 
@@ -346,6 +377,7 @@ impl Scanner {
         };
         tokio::pin!(stopped);
         let mut interrupted = false;
+        let mut noticed = Noticed::default();
         loop {
             // Once the listing is done and every read is back, what is pending is appended
             // right away below, not at the next tick: waiting for it kept every scan with
@@ -363,6 +395,7 @@ impl Scanner {
                 Some((previous, fingerprint, fetched)) = fetching.next(), if !fetching.is_empty() => {
                     match fetched {
                         Ok(item) => {
+                            self.notice(&item, &mut noticed);
                             progress.add_bytes(tidemark_proto::content_len(item.body.as_ref(), item.blob.as_ref()));
                             self.stage(item, previous, fingerprint, &mut pending, record);
                             if pending.events.len() >= APPEND_BATCH || pending.bytes >= APPEND_BYTES {
@@ -400,6 +433,20 @@ impl Scanner {
             }
         }
         self.append(&mut pending, &mut known, sink, record).await?;
+        if noticed.repeated_warnings > 0 {
+            debug!(
+                pipeline = %self.pipeline,
+                items = noticed.repeated_warnings,
+                "{} items still have what an earlier scan warned of (once per item per process)",
+                noticed.repeated_warnings
+            );
+        }
+        // Errors already warned of as lasting conditions by an earlier scan.
+        let repeated = if interrupted {
+            0
+        } else {
+            self.absent_refs(&noticed, record)
+        };
         if interrupted {
             info!(
                 pipeline = %self.pipeline,
@@ -407,8 +454,14 @@ impl Scanner {
                 "scan interrupted: the changes found so far are appended, no deletes; the next scan goes on"
             );
             record.result = INTERRUPTED.into();
-        } else if record.errors > 0 {
+        } else if record.errors > repeated {
             warn!(
+                pipeline = %self.pipeline,
+                errors = record.errors,
+                "the listing had errors, so this scan emits no deletes"
+            );
+        } else if record.errors > 0 {
+            debug!(
                 pipeline = %self.pipeline,
                 errors = record.errors,
                 "the listing had errors, so this scan emits no deletes"
@@ -439,14 +492,95 @@ impl Scanner {
         }))
     }
 
+    /// Warns of what the source found wrong with `item`, once per item per process, and
+    /// tallies how it holds its kind's reference fields.
+    fn notice(&self, item: &Item, noticed: &mut Noticed) {
+        for r in &item.ref_fields {
+            let tally = noticed
+                .refs
+                .entry((item.kind.clone(), r.field.clone()))
+                .or_default();
+            if r.present {
+                tally.present = true;
+            } else {
+                tally.absent += 1;
+                if tally.near.is_none() {
+                    tally.near.clone_from(&r.near);
+                }
+            }
+        }
+        let Some(warning) = &item.warning else {
+            return;
+        };
+        let first = self
+            .warned_items
+            .lock()
+            .unwrap()
+            .insert((item_identity(&item.kind, &item.key), warning.clone()));
+        if first {
+            warn!(
+                pipeline = %self.pipeline,
+                kind = %item.kind,
+                key = %item.key,
+                "{warning} (warned once per item; later scans count such items at debug)"
+            );
+        } else {
+            noticed.repeated_warnings += 1;
+        }
+    }
+
+    /// Counts a reference field that none of the items of its kind the scan read has as
+    /// a listing error: most likely its pointer is mistyped (`/userid` for `/userId`), and
+    /// the items go to the target with the source's ids there, unmapped. A field that
+    /// some items lack is an optional reference and fine. Warned of when it begins, at
+    /// debug while it lasts; returns how many of those errors an earlier scan warned of.
+    fn absent_refs(&self, noticed: &Noticed, record: &mut ScanRecord) -> u64 {
+        let mut lasting = self.absent_refs.lock().unwrap();
+        let mut repeated = 0;
+        for ((kind, field), tally) in &noticed.refs {
+            let key = (kind.clone(), field.clone());
+            if tally.present {
+                if lasting.remove(&key) {
+                    info!(pipeline = %self.pipeline, kind = %kind, "kind `{kind}`: items have the reference field `{field}` again");
+                }
+                continue;
+            }
+            let n = tally.absent;
+            let message = format!(
+                "kind `{kind}`: none of the {n} items read has the reference field `{field}`, so no reference is mapped there; items that hold it under another name reach the target with the source's ids in it.{} Fix the `field` of that [[…kind.ref]], or set `optional = true` on it if every item may lack the field",
+                tally
+                    .near
+                    .as_ref()
+                    .map(|near| format!(" Did you mean `{near}`?"))
+                    .unwrap_or_default()
+            );
+            let first = lasting.insert(key);
+            if !first {
+                repeated += 1;
+            }
+            self.listing_error(record, message, first);
+        }
+        repeated
+    }
+
     fn entry_error(&self, record: &mut ScanRecord, message: String) {
+        self.listing_error(record, message, true);
+    }
+
+    /// Counts a listing error (so the scan emits no deletes) and logs it: as a warning,
+    /// unless `warn` is false (a lasting condition an earlier scan warned of), at debug.
+    fn listing_error(&self, record: &mut ScanRecord, message: String, warn: bool) {
         let message = format!("{message}; this scan emits no deletes");
         record.errors += 1;
         metrics()
             .scan_errors
             .with_label_values(&[&self.pipeline])
             .inc();
-        warn!(pipeline = %self.pipeline, "{message}");
+        if warn {
+            warn!(pipeline = %self.pipeline, "{message}");
+        } else {
+            debug!(pipeline = %self.pipeline, "{message} (still; warned when it began)");
+        }
         if record.error_messages.len() < ERRORS_KEPT {
             record.error_messages.push(message.clone());
         }

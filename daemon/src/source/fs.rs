@@ -500,6 +500,8 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
         body: None,
         blob: None,
         mtime_ns: None,
+        warning: None,
+        ref_fields: vec![],
     };
     match entry.kind.as_str() {
         "dir" => {

@@ -11,9 +11,8 @@ use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::Value;
 use tidemark_proto::{checksum_json, strip_fields, Body, Ref};
-use tracing::warn;
 
-use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
+use super::{Entry, FetchError, Item, ListError, ListStream, Listing, RefField, Source};
 use crate::config::HttpSourceConfig;
 use crate::http::{encode_query_value, id_string, HttpClient, RequestError};
 use crate::http_config::{Pagination, SourceKindConfig};
@@ -318,6 +317,104 @@ pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Result<Vec<Ref>, S
     Ok(refs)
 }
 
+/// An item's checksum: of its body and, when it holds references, of which fields hold
+/// them and which kind each names. What the target gets depends on both (the ids at those
+/// fields are mapped to the target's), so a `[[…kind.ref]]` added, fixed or removed in the
+/// config changes the version of the items it concerns, and the next scan emits them
+/// again; before, items mirrored under a mistyped pointer kept the source's ids on the
+/// target once it was fixed. An item without references keeps its body's checksum.
+fn item_checksum(item: &Value, refs: &[Ref]) -> String {
+    if refs.is_empty() {
+        return checksum_json(item, &[]);
+    }
+    let refs: Vec<Value> = refs
+        .iter()
+        .map(|r| serde_json::json!([r.path, r.kind]))
+        .collect();
+    checksum_json(&serde_json::json!({"body": item, "refs": refs}), &[])
+}
+
+/// Whether `item` has each reference field of its kind (but the optional ones), with a
+/// near field where it has not.
+fn ref_fields(kind: &SourceKindConfig, item: &Value) -> Vec<RefField> {
+    kind.refs
+        .iter()
+        .filter(|r| !r.optional)
+        .map(|r| {
+            let present = item.pointer(&r.field).is_some();
+            RefField {
+                field: r.field.clone(),
+                present,
+                near: (!present).then(|| near_field(item, &r.field)).flatten(),
+            }
+        })
+        .collect()
+}
+
+/// Where `item` lacks `pointer`: the pointer with its first missing step replaced by the
+/// nearest key the item has there that differs only in case or by a letter or two (see
+/// [`near_name`]), when that leads to a field of the item.
+fn near_field(item: &Value, pointer: &str) -> Option<String> {
+    let steps: Vec<String> = pointer
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    let mut at = item;
+    for (i, step) in steps.iter().enumerate() {
+        let next = match at {
+            Value::Object(fields) => fields.get(step),
+            Value::Array(items) => step.parse::<usize>().ok().and_then(|n| items.get(n)),
+            _ => None,
+        };
+        if let Some(next) = next {
+            at = next;
+            continue;
+        }
+        let Value::Object(fields) = at else {
+            return None;
+        };
+        let mut near: Vec<(usize, &String)> = fields
+            .keys()
+            .filter_map(|k| near_name(k, step).map(|d| (d, k)))
+            .collect();
+        near.sort();
+        return near.into_iter().find_map(|(_, key)| {
+            let mut fixed = steps.clone();
+            fixed[i] = key.clone();
+            let fixed: String = fixed
+                .iter()
+                .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+                .collect();
+            item.pointer(&fixed).is_some().then_some(fixed)
+        });
+    }
+    None
+}
+
+/// How far `key` is from `wanted`, ignoring case: the letters to change, add or remove
+/// (0 when only the case differs), if at most 2 and at most a third of `wanted`'s length,
+/// so that `id` is not offered for `ix`.
+fn near_name(key: &str, wanted: &str) -> Option<usize> {
+    let a: Vec<char> = key.to_lowercase().chars().collect();
+    let b: Vec<char> = wanted.to_lowercase().chars().collect();
+    // Levenshtein distance, one row at a time.
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    let d = row[b.len()];
+    (d <= 2 && d * 3 <= b.len()).then_some(d)
+}
+
 /// Why a listed item has no usable id, with enough of the item to find it in the source.
 fn no_id(kind: &str, field: &str, item: &Value) -> String {
     let what = match item.pointer(field) {
@@ -411,31 +508,35 @@ impl Source for HttpSource {
             (None, Some(p)) => p,
             (None, None) => return Err(fail("the listing carried no content".into())),
         };
+        // Before `ignore` is stripped: a reference field left out of the body on purpose
+        // is not a mistyped one.
+        let ref_fields = ref_fields(kind, &item);
         strip_fields(&mut item, &kind.ignore);
         let name = kind
             .name_field
             .as_deref()
             .and_then(|p| item.pointer(p))
             .and_then(id_string);
-        if let (Some(field), None) = (&kind.name_field, &name) {
-            warn!(
-                kind = %kind.name,
-                key = %entry.key,
+        let warning = match (&kind.name_field, &name) {
+            (Some(field), None) => Some(format!(
                 "item has no name at `{field}`: the target cannot find it by name, so a lost create or a lost state can create it twice"
-            );
-        }
+            )),
+            _ => None,
+        };
         let refs = extract_refs(kind, &item)
             .map_err(|e| fail(format!("kind `{}` item `{}`: {e}", kind.name, entry.key)))?;
         Ok(Item {
             kind: entry.kind.clone(),
             key: entry.key.clone(),
-            checksum: checksum_json(&item, &[]),
+            checksum: item_checksum(&item, &refs),
             mode: None,
             name,
             refs,
             body: Some(Body::Json(item)),
             blob: None,
             mtime_ns: None,
+            warning,
+            ref_fields,
         })
     }
 }
@@ -466,6 +567,34 @@ mod tests {
             &serde_json::json!({"body": "é".repeat(200)}),
         );
         assert!(long.ends_with("...") && long.len() < 200, "{long}");
+    }
+
+    /// A reference field no item has is reported with the field the items do have, when
+    /// its name is the configured one but for case or a letter or two.
+    #[test]
+    fn a_missing_reference_field_is_matched_to_a_near_one() {
+        let item = serde_json::json!({
+            "id": 1, "userId": 7, "user_id": 8, "author": {"id": 3}, "ix": 1, "tags": [{"ref": 2}]
+        });
+        assert_eq!(near_field(&item, "/userid").as_deref(), Some("/userId"));
+        assert_eq!(near_field(&item, "/userID").as_deref(), Some("/userId"));
+        assert_eq!(near_field(&item, "/usrId").as_deref(), Some("/userId"));
+        assert_eq!(
+            near_field(&item, "/Author/id").as_deref(),
+            Some("/author/id")
+        );
+        assert_eq!(
+            near_field(&item, "/author/Id").as_deref(),
+            Some("/author/id")
+        );
+        assert_eq!(
+            near_field(&item, "/tags/0/Ref").as_deref(),
+            Some("/tags/0/ref")
+        );
+        // Nothing near: no advice rather than a wrong one.
+        assert_eq!(near_field(&item, "/ownerId"), None);
+        assert_eq!(near_field(&item, "/ab"), None);
+        assert_eq!(near_field(&item, "/autor/name"), None);
     }
 
     #[test]

@@ -50,6 +50,26 @@ pub struct Item {
     pub blob: Option<Blob>,
     /// A file's modification time, in nanoseconds since the Unix epoch.
     pub mtime_ns: Option<i64>,
+    /// What the source found wrong with the item that does not keep it out of the scan
+    /// (a REST item without a name). The scanner warns of it once per item per process,
+    /// as of a skipped special file, not at every scan of a daemon.
+    pub warning: Option<String>,
+    /// Whether the item has each reference field its kind configures (REST sources, but
+    /// for the `optional` ones): a field that no item of its kind has is most likely a
+    /// mistyped pointer, which the scanner reports (see [`RefField`]).
+    pub ref_fields: Vec<RefField>,
+}
+
+/// A configured reference field as one item holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefField {
+    /// Its JSON pointer, as configured.
+    pub field: String,
+    /// Whether the item has it (with any value, null included).
+    pub present: bool,
+    /// When it does not: the pointer of a field the item has whose name differs only in
+    /// case or by a letter or two (`/userId` for `/userid`), for the scanner's advice.
+    pub near: Option<String>,
 }
 
 /// What a listing yields besides errors.
