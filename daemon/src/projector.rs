@@ -6,7 +6,8 @@
 //! finished. A transient failure (disk full, target down) stops the prefix there, and the
 //! batch is retried with backoff; a permanent failure is recorded against its key, with a
 //! copy of its event, and the offset moves on. Each later run tries the recorded failures
-//! once more (`retry_failed`), as their cause may have been fixed by hand meanwhile.
+//! once more (`retry_failed`), as their cause may have been fixed by hand meanwhile; one
+//! that failed waiting for a referenced item is tried as soon as that item is applied.
 //!
 //! For targets that assign ids, a remap table keeps (kind, source key) → target id apart
 //! from applied state (so a `replay` adopts instead of duplicating). Reference fields are
@@ -160,6 +161,11 @@ pub struct ProjectReport {
     /// it is merged into a run's total, the ones the run had counted `deferred` leave it.
     #[serde(skip)]
     ended: BTreeMap<String, Outcome>,
+    /// Items counted `failed`, with their kind: a later outcome of the item in the same
+    /// run (tried again once an item it waited for appeared) replaces that count and its
+    /// entry in `failures`; a stale one does not, as the failure stays.
+    #[serde(skip)]
+    failed_items: BTreeMap<String, String>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions. When
@@ -195,6 +201,13 @@ impl ProjectReport {
     /// waits, and a later outcome in place of it.
     fn count_item(&mut self, identity: &str, kind: &str, outcome: Outcome) {
         *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
+        if outcome != Outcome::Stale {
+            self.unfail(identity);
+        }
+        if outcome == Outcome::Failed {
+            self.failed_items
+                .insert(identity.to_owned(), kind.to_owned());
+        }
         if outcome == Outcome::Deferred {
             if self.waiting.contains_key(identity) {
                 return;
@@ -217,6 +230,35 @@ impl ProjectReport {
             .or_default()
             .entry(outcome)
             .or_insert(0) += 1;
+    }
+
+    /// Takes back the `failed` count of item `identity`, and its failure, if it has one.
+    fn unfail(&mut self, identity: &str) {
+        let Some(kind) = self.failed_items.remove(identity) else {
+            return;
+        };
+        if let Some(i) = self
+            .failures
+            .iter()
+            .rposition(|f| item_identity(&f.kind, &f.key) == identity)
+        {
+            self.failures.remove(i);
+        }
+        let less = |counts: &mut BTreeMap<Outcome, u64>| {
+            if let Some(n) = counts.get_mut(&Outcome::Failed) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&Outcome::Failed);
+                }
+            }
+        };
+        less(&mut self.outcomes);
+        if let Some(counts) = self.by_kind.get_mut(&kind) {
+            less(counts);
+            if counts.is_empty() {
+                self.by_kind.remove(&kind);
+            }
+        }
     }
 
     /// An item of `kind` counted `deferred` got `outcome`.
@@ -254,7 +296,14 @@ impl ProjectReport {
             if let Some(kind) = self.waiting.remove(identity) {
                 self.end_wait(&kind, *outcome);
             }
+            if *outcome != Outcome::Stale {
+                self.unfail(identity);
+            }
         }
+        for identity in other.waiting.keys() {
+            self.unfail(identity);
+        }
+        self.failed_items.append(&mut other.failed_items);
         for (identity, kind) in std::mem::take(&mut other.waiting) {
             match self.waiting.entry(identity) {
                 // Still waiting: counted once, when it started.
@@ -550,6 +599,65 @@ impl Claims for ClaimTable {
     }
 }
 
+/// Which failed items wait for which missing items: for each failed upsert, the items it
+/// references that had no target id when its failure was recorded (typically a reference
+/// that did not resolve within the reference wait). A batch that applies one of those
+/// items tries its failed dependents at once ([`Projector::settle_deferred`]), as it
+/// settles the items still waiting, without reading the whole failed list after every
+/// batch. Built from the failed list at the first question, kept current as failures are
+/// recorded.
+#[derive(Default)]
+struct FailedWaits {
+    /// Missing item → the failed items waiting for it.
+    dependents: HashMap<String, BTreeSet<String>>,
+    /// Failed item → the items it waits for.
+    waits_for: HashMap<String, Vec<String>>,
+}
+
+impl FailedWaits {
+    /// Notes that failed item `identity` waits for `missing` (nothing: it left the failed
+    /// list, or waits for no item).
+    fn set(&mut self, identity: &str, missing: Vec<String>) {
+        for m in self.waits_for.remove(identity).unwrap_or_default() {
+            if let Some(d) = self.dependents.get_mut(&m) {
+                d.remove(identity);
+                if d.is_empty() {
+                    self.dependents.remove(&m);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        for m in &missing {
+            self.dependents
+                .entry(m.clone())
+                .or_default()
+                .insert(identity.to_owned());
+        }
+        self.waits_for.insert(identity.to_owned(), missing);
+    }
+}
+
+/// The items `event` references that `target_id` knows no target id of (an upsert's
+/// references; nothing for a delete).
+fn missing_refs(
+    event: &Event,
+    target_id: impl Fn(&str) -> Result<Option<String>, StateError>,
+) -> Result<Vec<String>, StateError> {
+    let mut missing = Vec::new();
+    if event.op != Op::Upsert {
+        return Ok(missing);
+    }
+    for r in &event.refs {
+        let identity = item_identity(&r.kind, &r.key);
+        if !missing.contains(&identity) && target_id(&identity)?.is_none() {
+            missing.push(identity);
+        }
+    }
+    Ok(missing)
+}
+
 /// Removes the fields at `refs`' paths, array elements last-first so indices stay valid.
 fn strip_refs(event: &mut Event, refs: &[Ref]) {
     let Some(Body::Json(body)) = &mut event.body else {
@@ -734,6 +842,13 @@ pub struct Projector {
     /// apply lands in two cycles. `None` until the first take: a one-shot run, or a daemon
     /// that only projects, writes no cycle reports and keeps nothing here.
     tally: Mutex<Option<ProjectReport>>,
+    /// Which failed items wait for which missing items, so that applying one tries them.
+    /// `None` until the first question.
+    failed_waits: Mutex<Option<FailedWaits>>,
+    /// On a log other processes share, the partitions this process holds since its last
+    /// look (`None`: not known yet): a failed item of another partition is not tried here,
+    /// as another process may have applied newer events of it.
+    holding: Mutex<Option<BTreeSet<u32>>>,
 }
 
 impl Projector {
@@ -773,6 +888,8 @@ impl Projector {
             claims,
             last_call: AtomicBool::new(false),
             tally: Mutex::new(None),
+            failed_waits: Mutex::new(None),
+            holding: Mutex::new(None),
         }
     }
 
@@ -1257,7 +1374,96 @@ impl Projector {
             .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
         self.claims.recorded(&remapped);
+        if let Some(waits) = self.failed_waits.lock().unwrap().as_mut() {
+            for (identity, f) in &failed {
+                let missing = match f.as_ref().and_then(|f| f.event.as_ref()) {
+                    Some(event) => {
+                        missing_refs(event, |id| remap.get(id)).map_err(self.err_state())?
+                    }
+                    None => Vec::new(),
+                };
+                waits.set(identity, missing);
+            }
+        }
         Ok(())
+    }
+
+    /// Runs `f` on the index of the items failed items wait for ([`FailedWaits`]), built
+    /// from the failed list and the remap table at the first call.
+    fn with_failed_waits<R>(
+        &self,
+        f: impl FnOnce(&mut FailedWaits) -> R,
+    ) -> Result<R, ProjectError> {
+        let mut waits = self.failed_waits.lock().unwrap();
+        if waits.is_none() {
+            let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
+            let stored = self
+                .state
+                .stored_failures(&self.pipeline)
+                .map_err(self.err_state())?;
+            let mut built = FailedWaits::default();
+            for entry in stored.iter() {
+                let (identity, failure) = entry.map_err(self.err_state())?;
+                if let Some(event) = &failure.event {
+                    let missing =
+                        missing_refs(event, |id| remap.get(id)).map_err(self.err_state())?;
+                    built.set(&identity, missing);
+                }
+            }
+            *waits = Some(built);
+        }
+        Ok(f(waits.as_mut().expect("built above")))
+    }
+
+    /// Failed items that waited for an item `refs` now has a target id for and that this
+    /// process may try (on a shared log, those of the partitions it holds), except those
+    /// in `skip`, with their failed events: each of the items in `appeared` (identities)
+    /// is looked up once.
+    fn revivable(
+        &self,
+        appeared: &[String],
+        refs: &Refs<'_>,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Event>, ProjectError> {
+        let waiting: BTreeSet<String> = self.with_failed_waits(|w| {
+            appeared
+                .iter()
+                .filter_map(|a| w.dependents.get(a))
+                .flatten()
+                .cloned()
+                .collect()
+        })?;
+        if waiting.is_empty() {
+            return Ok(Vec::new());
+        }
+        let holding = self.holding.lock().unwrap().clone();
+        let stored = self
+            .state
+            .stored_failures(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut events = Vec::new();
+        for identity in waiting {
+            if skip(&identity)
+                || (self.log.shared()
+                    && !holding
+                        .as_ref()
+                        .is_some_and(|h| h.contains(&self.log.partition_of(&identity))))
+            {
+                continue;
+            }
+            let Some(event) = stored
+                .get(&identity)
+                .map_err(self.err_state())?
+                .and_then(|f| f.event)
+            else {
+                continue;
+            };
+            let (_, missing) = refs.resolve(&event).map_err(self.err_state())?;
+            if event.op == Op::Upsert && missing.is_empty() {
+                events.push(event);
+            }
+        }
+        Ok(events)
     }
 
     /// Passes the target the applied times of the directories it changed, which it gives
@@ -1817,7 +2023,46 @@ impl Projector {
         // directory still in a file's place): tried once per call, as only a later batch
         // can change that.
         let mut blocked: BTreeSet<String> = BTreeSet::new();
+        // Failed items that waited for an item the target now has are tried as the
+        // waiting ones are: the items given a target id (`refs`' fresh ones, this batch's
+        // and each round's) are looked up once each in the index of what failed items
+        // wait for.
+        let mut looked: HashSet<String> = HashSet::new();
+        let mut revived: HashSet<String> = HashSet::new();
         for _round in 0..10_000 {
+            let appeared: Vec<String> = refs
+                .fresh
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .filter(|(id, target_id)| target_id.is_some() && !looked.contains(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !appeared.is_empty() {
+                looked.extend(appeared.iter().cloned());
+                let events = self.revivable(&appeared, refs, |id| {
+                    pending.contains_key(id) || held.contains(id) || revived.contains(id)
+                })?;
+                for event in events {
+                    debug!(
+                        pipeline = %self.pipeline,
+                        kind = %event.kind,
+                        key = %event.key,
+                        "trying a failed item again: an item it references reached the target"
+                    );
+                    let id = event.identity();
+                    revived.insert(id.clone());
+                    pending.insert(
+                        id,
+                        Deferred {
+                            event,
+                            since: now,
+                            partial: false,
+                            taken: None,
+                        },
+                    );
+                }
+            }
             if pending.is_empty() {
                 break;
             }
@@ -1898,6 +2143,12 @@ impl Projector {
                 break;
             }
         }
+        // A failed item tried again stays failed, not waiting, unless it was applied (or
+        // the target deferred it): one the target kept failing, or left for another round.
+        if !revived.is_empty() {
+            let done: HashSet<&str> = settled.iter().map(|d| d.identity.as_str()).collect();
+            pending.retain(|id, _| !revived.contains(id) || done.contains(id.as_str()));
+        }
         // Only a wait for references, or for a target item another source item holds,
         // expires; what waits for the target (a directory in the way) waits as long as
         // that directory's delete does. A target item still held at the end of a one-shot
@@ -1931,7 +2182,7 @@ impl Projector {
             let reason = match &d.taken {
                 Some(t) if missing.is_empty() => t.reason.clone(),
                 _ => format!(
-                    "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
+                    "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again as soon as the referenced item reaches the target, at the next run, or when it changes)",
                     named.join(", "),
                     humantime::format_duration(wait)
                 ),
@@ -2626,6 +2877,7 @@ impl Projector {
             .collect();
         self.forget_applied(&gained).await?;
         *owned = Some(partitions.iter().copied().collect());
+        self.holding.lock().unwrap().clone_from(owned);
         Ok(partitions)
     }
 
@@ -2667,7 +2919,9 @@ impl Projector {
                     source,
                 })?;
         if self.log.shared() {
-            self.forget_applied(&taken.into_iter().collect()).await?;
+            let taken: BTreeSet<u32> = taken.into_iter().collect();
+            self.forget_applied(&taken).await?;
+            *self.holding.lock().unwrap() = Some(taken);
         }
         Ok(())
     }
