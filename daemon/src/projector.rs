@@ -15,7 +15,9 @@
 //! applied yet is *deferred*: kept in state (so the offset may pass it) and applied as soon
 //! as they are. Two items that reference each other are written in two passes: the first
 //! without the unresolved fields, then patched. A reference that stays unresolved past
-//! the target's reference wait fails its event with a report naming it.
+//! the target's reference wait fails its event with a report naming it. A deferred event
+//! the target fails transiently keeps waiting, with that error as its reason, and rests a
+//! while (a one-shot run ends with its error), while the others go on.
 //!
 //! A directory delete that finds its directory not empty is *pending*: on a log of several
 //! partitions the deletes of its contents are not ordered with it and may come later. It is
@@ -702,6 +704,7 @@ fn merge_deferred(
                         since,
                         partial: d.partial,
                         taken: d.taken.clone(),
+                        error: None,
                     },
                 );
             }
@@ -849,6 +852,12 @@ pub struct Projector {
     /// look (`None`: not known yet): a failed item of another partition is not tried here,
     /// as another process may have applied newer events of it.
     holding: Mutex<Option<BTreeSet<u32>>>,
+    /// Deferred items whose last try the target failed transiently, by identity: they
+    /// rest, so the batches after them do not each wait out a retry budget for them.
+    resting: Mutex<HashMap<String, Resting>>,
+    /// Set by [`Projector::run`], the daemon: a resting item is tried again after a pause;
+    /// a one-shot run tries it once.
+    tailing: AtomicBool,
 }
 
 impl Projector {
@@ -890,6 +899,8 @@ impl Projector {
             tally: Mutex::new(None),
             failed_waits: Mutex::new(None),
             holding: Mutex::new(None),
+            resting: Mutex::default(),
+            tailing: AtomicBool::new(false),
         }
     }
 
@@ -1949,6 +1960,7 @@ impl Projector {
                         since: now,
                         partial: d.partial,
                         taken: d.taken.clone(),
+                        error: None,
                     },
                 ))
             })
@@ -2006,10 +2018,109 @@ impl Projector {
         found
     }
 
+    /// The items of `pending` that rest ([`Resting`]): their event failed transiently and
+    /// their pause is not over.
+    fn resting_now(&self, pending: &BTreeMap<String, Deferred>) -> BTreeSet<String> {
+        let now = Instant::now();
+        self.resting
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, r)| {
+                r.until.is_none_or(|until| now < until)
+                    && pending.get(*id).is_some_and(|d| d.event.offset == r.offset)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Lets deferred item `identity`, whose `event` the target just failed transiently
+    /// with `e`, rest: in the daemon until a pause that doubles while it keeps failing
+    /// (from 1 s up to the longest pause between a batch's retries), in a one-shot run
+    /// until the run ends, which ends with the error ([`Projector::still_failing`]).
+    /// Counts and logs the error; returns its message, the item's reason to wait.
+    fn rest(&self, identity: &str, event: &Event, e: &ApplyError) -> String {
+        metrics()
+            .apply_errors
+            .with_label_values(&[&self.pipeline, "transient"])
+            .inc();
+        let message = match e {
+            ApplyError::Transient { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        let mut resting = self.resting.lock().unwrap();
+        let first = Duration::from_secs(1).min(self.retry_max_backoff);
+        let pause = match resting.get(identity) {
+            Some(r) if r.offset == event.offset => {
+                (r.pause * 2).min(self.retry_max_backoff.max(first))
+            }
+            _ => first,
+        };
+        let tailing = self.tailing.load(Ordering::SeqCst);
+        let when = if tailing {
+            format!("tried again in {}", humantime::format_duration(pause))
+        } else {
+            "tried again by the next run".into()
+        };
+        error!(
+            pipeline = %self.pipeline,
+            kind = %event.kind,
+            key = %event.key,
+            name = event.name.as_deref(),
+            offset = event.offset,
+            "{e}; the item waits and is {when}; the items that do not depend on it go on"
+        );
+        resting.insert(
+            identity.to_owned(),
+            Resting {
+                offset: event.offset,
+                until: tailing.then(|| Instant::now() + pause),
+                pause,
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message: message.clone(),
+            },
+        );
+        message
+    }
+
+    /// The error of an item the target failed transiently in this run that still waits
+    /// (the first by identity), for a one-shot run to end with once it has applied all
+    /// else: a transient failure ends a one-shot run (exit 1), as the log's do.
+    fn still_failing(&self) -> Result<Option<ApplyError>, ProjectError> {
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let resting = self.resting.lock().unwrap();
+        let mut ids: Vec<&String> = resting.keys().collect();
+        ids.sort();
+        for id in ids {
+            let r = &resting[id];
+            let waits = deferred
+                .get(id)
+                .map_err(self.err_state())?
+                .is_some_and(|d| d.event.offset == r.offset);
+            if waits {
+                return Ok(Some(ApplyError::Transient {
+                    kind: r.kind.clone(),
+                    key: r.key.clone(),
+                    message: format!(
+                        "{}; the item waits (what does not depend on it was applied) and the next `sync` or `project` tries it again",
+                        r.message
+                    ),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Applies the deferred events in `pending` (earlier batches' and this one's) whose
-    /// references now resolve, breaks cycles by writing one item without its unresolved fields, and fails
-    /// events that waited longer than the target's reference wait. Returns what still
-    /// waits and what was done.
+    /// references now resolve, and the failed items that waited for an item applied since
+    /// ([`FailedWaits`]), breaks cycles by writing one item without its unresolved
+    /// fields, and fails events that waited longer than the target's reference wait. One
+    /// the target fails transiently keeps waiting, with the error, and rests
+    /// ([`Resting`]); the others go on. Returns what still waits and what was done.
     async fn settle_deferred(
         &self,
         mut pending: BTreeMap<String, Deferred>,
@@ -2021,8 +2132,9 @@ impl Projector {
         let mut settled = Vec::new();
         // Events the target deferred again although nothing they reference is missing (a
         // directory still in a file's place): tried once per call, as only a later batch
-        // can change that.
-        let mut blocked: BTreeSet<String> = BTreeSet::new();
+        // can change that. And those the target failed transiently a moment ago: they
+        // rest (`Resting`) while the others go on.
+        let mut blocked: BTreeSet<String> = self.resting_now(&pending);
         // Failed items that waited for an item the target now has are tried as the
         // waiting ones are: the items given a target id (`refs`' fresh ones, this batch's
         // and each round's) are looked up once each in the index of what failed items
@@ -2059,6 +2171,7 @@ impl Projector {
                             since: now,
                             partial: false,
                             taken: None,
+                            error: None,
                         },
                     );
                 }
@@ -2081,10 +2194,15 @@ impl Projector {
                     if !blocked.contains(id) && !still_claimed {
                         ready.push(id.clone());
                     }
-                } else if refs.target_id(id).map_err(self.err_state())?.is_none()
+                } else if !blocked.contains(id)
+                    && refs.target_id(id).map_err(self.err_state())?.is_none()
                     && missing.iter().all(|r| {
+                        // Not a cycle if what it waits for is not tried in this call (it
+                        // rests, or the target deferred it again).
                         let waits = item_identity(&r.kind, &r.key);
-                        pending.contains_key(&waits) && !held.contains(&waits)
+                        pending.contains_key(&waits)
+                            && !held.contains(&waits)
+                            && !blocked.contains(&waits)
                     })
                     && cyclic.as_ref().is_none_or(|(o, _)| d.event.offset < *o)
                 {
@@ -2102,18 +2220,29 @@ impl Projector {
                 .map(|d| (d.event.identity(), (d.since, d.partial)))
                 .collect();
             let priors = Priors::direct(applied);
-            let out: Vec<GroupResult> = stream::iter(taken.clone())
-                .map(|d| self.apply_group(vec![d.event], &priors, refs, partial))
+            let out: Vec<(String, GroupResult)> = stream::iter(taken.clone())
+                .map(|d| {
+                    let id = d.event.identity();
+                    let apply = self.apply_group(vec![d.event], &priors, refs, partial);
+                    async move { (id, apply.await) }
+                })
                 .buffer_unordered(self.concurrency)
                 .collect()
                 .await;
-            let mut stuck = false;
-            for r in out {
+            for (id, r) in out {
                 if let Some((_, e)) = r.stopped {
-                    warn!(pipeline = %self.pipeline, "{e}; the deferred event is retried later");
-                    stuck = true;
+                    // The target failed this one for now: it waits, with that error as
+                    // its reason, and rests; the others go on, the next rounds too (what
+                    // this round created may be what they wait for).
+                    if let Some(d) = taken.iter().find(|d| d.event.identity() == id) {
+                        let mut d = d.clone();
+                        d.error = Some(self.rest(&id, &d.event, &e));
+                        blocked.insert(id.clone());
+                        pending.insert(id, d);
+                    }
                 }
                 for d in r.done {
+                    self.resting.lock().unwrap().remove(&d.identity);
                     if d.outcome == Outcome::Deferred {
                         blocked.insert(d.identity.clone());
                     }
@@ -2127,20 +2256,12 @@ impl Projector {
                                 since: at,
                                 partial: d.partial || was_partial,
                                 taken: d.taken.clone(),
+                                error: None,
                             },
                         );
                     }
                     settled.push(d);
                 }
-            }
-            if stuck {
-                for d in taken {
-                    let id = d.event.identity();
-                    if !settled.iter().any(|s| s.identity == id) {
-                        pending.insert(id, d);
-                    }
-                }
-                break;
             }
         }
         // A failed item tried again stays failed, not waiting, unless it was applied (or
@@ -2179,10 +2300,29 @@ impl Projector {
                 .iter()
                 .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
                 .collect();
+            // Referenced items that wait themselves because the target fails them: the
+            // source has them, so that is what to look at.
+            let failing: Vec<String> = missing
+                .iter()
+                .filter(|r| {
+                    pending
+                        .get(&item_identity(&r.kind, &r.key))
+                        .is_some_and(|p| p.error.is_some())
+                })
+                .map(|r| format!("{} `{}`", r.kind, r.key))
+                .collect();
+            let advice = if !failing.is_empty() && failing.len() == missing.len() {
+                format!(
+                    "the target keeps failing {} (`status` says how)",
+                    failing.join(", ")
+                )
+            } else {
+                "add the referenced item to the source or fix the reference".into()
+            };
             let reason = match &d.taken {
                 Some(t) if missing.is_empty() => t.reason.clone(),
                 _ => format!(
-                    "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again as soon as the referenced item reaches the target, at the next run, or when it changes)",
+                    "references {}, which did not appear on the target within {}; {advice} (the item is tried again as soon as the referenced item reaches the target, at the next run, or when it changes)",
                     named.join(", "),
                     humantime::format_duration(wait)
                 ),
@@ -2623,6 +2763,14 @@ impl Projector {
         if let Some(&(p, _)) = targets.first() {
             self.fail_taken(p, total).await?;
         }
+        // An item the target failed transiently waited while the run went on; the run
+        // ends with its error now, as with a transient failure of an event in the log.
+        if let Some(source) = self.still_failing()? {
+            return Err(ProjectError::Apply {
+                pipeline: self.pipeline.clone(),
+                source,
+            });
+        }
         total.committed = Some(self.committed_sum(&targets).await?);
         total.stale_left = self.stale.lock().unwrap().len() as u64;
         Ok(())
@@ -2758,6 +2906,7 @@ impl Projector {
         // Partitions held since the last look, for logs whose partitions move between daemons.
         let mut owned: Option<BTreeSet<u32>> = None;
         let mut last_dir_retry = Instant::now();
+        self.tailing.store(true, Ordering::SeqCst);
         if let Err(e) = self.recover().await {
             error!("{e}");
         }
@@ -3168,6 +3317,26 @@ impl Projector {
         }
         Ok(())
     }
+}
+
+/// A deferred item whose last try the target failed transiently (a 5xx past the retry
+/// budget, a timeout: it cannot tell a server that fails one item from one that fails),
+/// while nothing it references is missing. It keeps waiting, with that error as its
+/// reason, but is not tried again before `until`.
+#[derive(Debug)]
+struct Resting {
+    /// Offset of the event that failed: a newer event of the item is tried at once.
+    offset: u64,
+    /// When it may be tried again; `None` (a one-shot run): not in this run.
+    until: Option<Instant>,
+    /// The pause before `until`, doubled at each failure in a row.
+    pause: Duration,
+    /// Kind of the item.
+    kind: String,
+    /// Key of the item.
+    key: String,
+    /// The error, secrets redacted.
+    message: String,
 }
 
 /// The schedule of the daemon's later passes over the failed items.
