@@ -712,3 +712,116 @@ fn commands_that_talk_to_no_api_need_no_api_token() {
     let status = String::from_utf8_lossy(&run(&["status"], &[]).stdout).into_owned();
     assert!(status.contains("lag 4 events"), "{status}");
 }
+
+/// prod answers 500 to one post, past the retry budget. The comments under the other posts
+/// are written in the same `sync` all the same, and the post waits with the server's
+/// answer as its reason, which the run ends with (issue: the 500 stopped the settling of
+/// every waiting item, so comments whose posts were on prod waited for the next run;
+/// `status` gave the post's reason as "waiting for referenced items: users 1", prod having
+/// that user; and the runs exited as if nothing was wrong, the 500 only in a WARN line).
+#[test]
+fn a_500_on_one_waiting_item_holds_back_nothing_else_and_is_its_reason() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [{"id": 1, "name": "u1"}],
+            "posts": [
+                {"id": 10, "name": "p-ok", "userId": 1},
+                {"id": 11, "name": "p-ok2", "userId": 1},
+                {"id": 12, "name": "p-fail500", "userId": 1}
+            ],
+            "comments": [
+                {"id": 20, "name": "c1", "postId": 10},
+                {"id": 21, "name": "c2", "postId": 11},
+                {"id": 22, "name": "c3", "postId": 12}
+            ]
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.fail_body.lock().unwrap() = Some("p-fail500".into());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("retry_budget = \"20s\"", "retry_budget = \"2s\"");
+    env.write_config(&config);
+    let names = |kind: &str| -> Vec<String> {
+        let mut n: Vec<String> = prod
+            .all(kind)
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+
+    for run in ["first", "second"] {
+        let out = env.run(&["sync"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The comments under posts on prod are there after the first run.
+        assert_eq!(names("posts"), ["p-ok", "p-ok2"], "{run}: {stdout}");
+        assert_eq!(names("comments"), ["c1", "c2"], "{run}: {stdout}\n{stderr}");
+        // The run says what the 500 kept from prod.
+        assert_eq!(out.status.code(), Some(1), "{run}: {stdout}\n{stderr}");
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("{run}: no error line:\n{stderr}"));
+        assert!(
+            error.contains("posts `12`")
+                && error.contains("HTTP 500")
+                && error.contains("keeps failing this request")
+                && error.contains("the next `sync` or `project` tries it again"),
+            "{run}: {error}"
+        );
+        if run == "first" {
+            assert!(stdout.contains("5 created, 2 deferred"), "{run}: {stdout}");
+        }
+        // `status` gives the 500 as the post's reason, and c3 waits for that post.
+        let status = env.json(&["status"]);
+        let deferred = status[0]["deferred"].as_array().unwrap();
+        let reason = |key: &str| {
+            deferred
+                .iter()
+                .find(|d| d["key"] == key)
+                .unwrap_or_else(|| panic!("{run}: {key} does not wait: {status}"))["reason"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(deferred.len(), 2, "{run}: {status}");
+        let post = reason("12");
+        assert!(
+            post.contains("HTTP 500") && !post.contains("waiting for referenced items"),
+            "{run}: {post}"
+        );
+        assert!(reason("22").contains("posts 12"), "{run}: {status}");
+        assert!(!status.to_string().contains(TOKEN));
+    }
+
+    // The daemon tries the post again after a pause; once prod takes it, the daemon
+    // writes it, then its comment, with no change in dev.
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "max_delete = \"100%\"",
+        "max_delete = \"100%\"\nretry_max_backoff = \"1s\"",
+    );
+    env.write_config(&config);
+    let daemon = env.spawn_daemon();
+    let transient = "tidemark_apply_errors_total{class=\"transient\",pipeline=\"t\"}";
+    let retried = wait_for(Duration::from_secs(60), || {
+        (daemon.metric(transient) >= 2.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", env.daemon_log());
+    *proxy.faults.fail_body.lock().unwrap() = None;
+    let written = wait_for(Duration::from_secs(30), || {
+        (names("comments").len() == 3).then_some(())
+    });
+    assert!(written.is_some(), "{}", env.daemon_log());
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_rest_mirror(&dev, &prod);
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["deferred"], json!([]), "{status}");
+}

@@ -389,7 +389,11 @@ impl Pipeline {
                         .map(|r| format!("{} {} (at {})", r.kind, r.key, r.path))
                         .collect();
                     DeferredItem {
-                        reason: if let Some(t) = &d.taken {
+                        reason: if let Some(error) = &d.error {
+                            format!(
+                                "the target failed it: {error}; it is tried again by the daemon after a pause, or by the next `sync` or `project`"
+                            )
+                        } else if let Some(t) = &d.taken {
                             format!(
                                 "waiting for the source item that holds the target item it would adopt by name (id {}) to let it go, as its delete may still come; fails if it does not: {}",
                                 t.target_id, t.reason

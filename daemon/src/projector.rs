@@ -6,7 +6,8 @@
 //! finished. A transient failure (disk full, target down) stops the prefix there, and the
 //! batch is retried with backoff; a permanent failure is recorded against its key, with a
 //! copy of its event, and the offset moves on. Each later run tries the recorded failures
-//! once more (`retry_failed`), as their cause may have been fixed by hand meanwhile.
+//! once more (`retry_failed`), as their cause may have been fixed by hand meanwhile; one
+//! that failed waiting for a referenced item is tried as soon as that item is applied.
 //!
 //! For targets that assign ids, a remap table keeps (kind, source key) → target id apart
 //! from applied state (so a `replay` adopts instead of duplicating). Reference fields are
@@ -14,7 +15,9 @@
 //! applied yet is *deferred*: kept in state (so the offset may pass it) and applied as soon
 //! as they are. Two items that reference each other are written in two passes: the first
 //! without the unresolved fields, then patched. A reference that stays unresolved past
-//! the target's reference wait fails its event with a report naming it.
+//! the target's reference wait fails its event with a report naming it. A deferred event
+//! the target fails transiently keeps waiting, with that error as its reason, and rests a
+//! while (a one-shot run ends with its error), while the others go on.
 //!
 //! A directory delete that finds its directory not empty is *pending*: on a log of several
 //! partitions the deletes of its contents are not ordered with it and may come later. It is
@@ -165,6 +168,11 @@ pub struct ProjectReport {
     /// it is merged into a run's total, the ones the run had counted `deferred` leave it.
     #[serde(skip)]
     ended: BTreeMap<String, Outcome>,
+    /// Items counted `failed`, with their kind: a later outcome of the item in the same
+    /// run (tried again once an item it waited for appeared) replaces that count and its
+    /// entry in `failures`; a stale one does not, as the failure stays.
+    #[serde(skip)]
+    failed_items: BTreeMap<String, String>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions. When
@@ -200,6 +208,13 @@ impl ProjectReport {
     /// waits, and a later outcome in place of it.
     fn count_item(&mut self, identity: &str, kind: &str, outcome: Outcome) {
         *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
+        if outcome != Outcome::Stale {
+            self.unfail(identity);
+        }
+        if outcome == Outcome::Failed {
+            self.failed_items
+                .insert(identity.to_owned(), kind.to_owned());
+        }
         if outcome == Outcome::Deferred {
             if self.waiting.contains_key(identity) {
                 return;
@@ -222,6 +237,35 @@ impl ProjectReport {
             .or_default()
             .entry(outcome)
             .or_insert(0) += 1;
+    }
+
+    /// Takes back the `failed` count of item `identity`, and its failure, if it has one.
+    fn unfail(&mut self, identity: &str) {
+        let Some(kind) = self.failed_items.remove(identity) else {
+            return;
+        };
+        if let Some(i) = self
+            .failures
+            .iter()
+            .rposition(|f| item_identity(&f.kind, &f.key) == identity)
+        {
+            self.failures.remove(i);
+        }
+        let less = |counts: &mut BTreeMap<Outcome, u64>| {
+            if let Some(n) = counts.get_mut(&Outcome::Failed) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&Outcome::Failed);
+                }
+            }
+        };
+        less(&mut self.outcomes);
+        if let Some(counts) = self.by_kind.get_mut(&kind) {
+            less(counts);
+            if counts.is_empty() {
+                self.by_kind.remove(&kind);
+            }
+        }
     }
 
     /// An item of `kind` counted `deferred` got `outcome`.
@@ -260,7 +304,14 @@ impl ProjectReport {
             if let Some(kind) = self.waiting.remove(identity) {
                 self.end_wait(&kind, *outcome);
             }
+            if *outcome != Outcome::Stale {
+                self.unfail(identity);
+            }
         }
+        for identity in other.waiting.keys() {
+            self.unfail(identity);
+        }
+        self.failed_items.append(&mut other.failed_items);
         for (identity, kind) in std::mem::take(&mut other.waiting) {
             match self.waiting.entry(identity) {
                 // Still waiting: counted once, when it started.
@@ -568,6 +619,65 @@ impl Claims for ClaimTable {
     }
 }
 
+/// Which failed items wait for which missing items: for each failed upsert, the items it
+/// references that had no target id when its failure was recorded (typically a reference
+/// that did not resolve within the reference wait). A batch that applies one of those
+/// items tries its failed dependents at once ([`Projector::settle_deferred`]), as it
+/// settles the items still waiting, without reading the whole failed list after every
+/// batch. Built from the failed list at the first question, kept current as failures are
+/// recorded.
+#[derive(Default)]
+struct FailedWaits {
+    /// Missing item → the failed items waiting for it.
+    dependents: HashMap<String, BTreeSet<String>>,
+    /// Failed item → the items it waits for.
+    waits_for: HashMap<String, Vec<String>>,
+}
+
+impl FailedWaits {
+    /// Notes that failed item `identity` waits for `missing` (nothing: it left the failed
+    /// list, or waits for no item).
+    fn set(&mut self, identity: &str, missing: Vec<String>) {
+        for m in self.waits_for.remove(identity).unwrap_or_default() {
+            if let Some(d) = self.dependents.get_mut(&m) {
+                d.remove(identity);
+                if d.is_empty() {
+                    self.dependents.remove(&m);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return;
+        }
+        for m in &missing {
+            self.dependents
+                .entry(m.clone())
+                .or_default()
+                .insert(identity.to_owned());
+        }
+        self.waits_for.insert(identity.to_owned(), missing);
+    }
+}
+
+/// The items `event` references that `target_id` knows no target id of (an upsert's
+/// references; nothing for a delete).
+fn missing_refs(
+    event: &Event,
+    target_id: impl Fn(&str) -> Result<Option<String>, StateError>,
+) -> Result<Vec<String>, StateError> {
+    let mut missing = Vec::new();
+    if event.op != Op::Upsert {
+        return Ok(missing);
+    }
+    for r in &event.refs {
+        let identity = item_identity(&r.kind, &r.key);
+        if !missing.contains(&identity) && target_id(&identity)?.is_none() {
+            missing.push(identity);
+        }
+    }
+    Ok(missing)
+}
+
 /// Removes the fields at `refs`' paths, array elements last-first so indices stay valid.
 fn strip_refs(event: &mut Event, refs: &[Ref]) {
     let Some(Body::Json(body)) = &mut event.body else {
@@ -612,6 +722,7 @@ fn merge_deferred(
                         since,
                         partial: d.partial,
                         taken: d.taken.clone(),
+                        error: None,
                     },
                 );
             }
@@ -758,6 +869,19 @@ pub struct Projector {
     /// apply lands in two cycles. `None` until the first take: a one-shot run, or a daemon
     /// that only projects, writes no cycle reports and keeps nothing here.
     tally: Mutex<Option<ProjectReport>>,
+    /// Which failed items wait for which missing items, so that applying one tries them.
+    /// `None` until the first question.
+    failed_waits: Mutex<Option<FailedWaits>>,
+    /// On a log other processes share, the partitions this process holds since its last
+    /// look (`None`: not known yet): a failed item of another partition is not tried here,
+    /// as another process may have applied newer events of it.
+    holding: Mutex<Option<BTreeSet<u32>>>,
+    /// Deferred items whose last try the target failed transiently, by identity: they
+    /// rest, so the batches after them do not each wait out a retry budget for them.
+    resting: Mutex<HashMap<String, Resting>>,
+    /// Set by [`Projector::run`], the daemon: a resting item is tried again after a pause;
+    /// a one-shot run tries it once.
+    tailing: AtomicBool,
 }
 
 impl Projector {
@@ -798,6 +922,10 @@ impl Projector {
             claims,
             last_call: AtomicBool::new(false),
             tally: Mutex::new(None),
+            failed_waits: Mutex::new(None),
+            holding: Mutex::new(None),
+            resting: Mutex::default(),
+            tailing: AtomicBool::new(false),
         }
     }
 
@@ -1357,7 +1485,96 @@ impl Projector {
             .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
         self.claims.recorded(&remapped);
+        if let Some(waits) = self.failed_waits.lock().unwrap().as_mut() {
+            for (identity, f) in &failed {
+                let missing = match f.as_ref().and_then(|f| f.event.as_ref()) {
+                    Some(event) => {
+                        missing_refs(event, |id| remap.get(id)).map_err(self.err_state())?
+                    }
+                    None => Vec::new(),
+                };
+                waits.set(identity, missing);
+            }
+        }
         Ok(())
+    }
+
+    /// Runs `f` on the index of the items failed items wait for ([`FailedWaits`]), built
+    /// from the failed list and the remap table at the first call.
+    fn with_failed_waits<R>(
+        &self,
+        f: impl FnOnce(&mut FailedWaits) -> R,
+    ) -> Result<R, ProjectError> {
+        let mut waits = self.failed_waits.lock().unwrap();
+        if waits.is_none() {
+            let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
+            let stored = self
+                .state
+                .stored_failures(&self.pipeline)
+                .map_err(self.err_state())?;
+            let mut built = FailedWaits::default();
+            for entry in stored.iter() {
+                let (identity, failure) = entry.map_err(self.err_state())?;
+                if let Some(event) = &failure.event {
+                    let missing =
+                        missing_refs(event, |id| remap.get(id)).map_err(self.err_state())?;
+                    built.set(&identity, missing);
+                }
+            }
+            *waits = Some(built);
+        }
+        Ok(f(waits.as_mut().expect("built above")))
+    }
+
+    /// Failed items that waited for an item `refs` now has a target id for and that this
+    /// process may try (on a shared log, those of the partitions it holds), except those
+    /// in `skip`, with their failed events: each of the items in `appeared` (identities)
+    /// is looked up once.
+    fn revivable(
+        &self,
+        appeared: &[String],
+        refs: &Refs<'_>,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Event>, ProjectError> {
+        let waiting: BTreeSet<String> = self.with_failed_waits(|w| {
+            appeared
+                .iter()
+                .filter_map(|a| w.dependents.get(a))
+                .flatten()
+                .cloned()
+                .collect()
+        })?;
+        if waiting.is_empty() {
+            return Ok(Vec::new());
+        }
+        let holding = self.holding.lock().unwrap().clone();
+        let stored = self
+            .state
+            .stored_failures(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut events = Vec::new();
+        for identity in waiting {
+            if skip(&identity)
+                || (self.log.shared()
+                    && !holding
+                        .as_ref()
+                        .is_some_and(|h| h.contains(&self.log.partition_of(&identity))))
+            {
+                continue;
+            }
+            let Some(event) = stored
+                .get(&identity)
+                .map_err(self.err_state())?
+                .and_then(|f| f.event)
+            else {
+                continue;
+            };
+            let (_, missing) = refs.resolve(&event).map_err(self.err_state())?;
+            if event.op == Op::Upsert && missing.is_empty() {
+                events.push(event);
+            }
+        }
+        Ok(events)
     }
 
     /// Passes the target the applied times of the directories it changed, which it gives
@@ -1843,6 +2060,7 @@ impl Projector {
                         since: now,
                         partial: d.partial,
                         taken: d.taken.clone(),
+                        error: None,
                     },
                 ))
             })
@@ -1900,10 +2118,109 @@ impl Projector {
         found
     }
 
+    /// The items of `pending` that rest ([`Resting`]): their event failed transiently and
+    /// their pause is not over.
+    fn resting_now(&self, pending: &BTreeMap<String, Deferred>) -> BTreeSet<String> {
+        let now = Instant::now();
+        self.resting
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(id, r)| {
+                r.until.is_none_or(|until| now < until)
+                    && pending.get(*id).is_some_and(|d| d.event.offset == r.offset)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Lets deferred item `identity`, whose `event` the target just failed transiently
+    /// with `e`, rest: in the daemon until a pause that doubles while it keeps failing
+    /// (from 1 s up to the longest pause between a batch's retries), in a one-shot run
+    /// until the run ends, which ends with the error ([`Projector::still_failing`]).
+    /// Counts and logs the error; returns its message, the item's reason to wait.
+    fn rest(&self, identity: &str, event: &Event, e: &ApplyError) -> String {
+        metrics()
+            .apply_errors
+            .with_label_values(&[&self.pipeline, "transient"])
+            .inc();
+        let message = match e {
+            ApplyError::Transient { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        let mut resting = self.resting.lock().unwrap();
+        let first = Duration::from_secs(1).min(self.retry_max_backoff);
+        let pause = match resting.get(identity) {
+            Some(r) if r.offset == event.offset => {
+                (r.pause * 2).min(self.retry_max_backoff.max(first))
+            }
+            _ => first,
+        };
+        let tailing = self.tailing.load(Ordering::SeqCst);
+        let when = if tailing {
+            format!("tried again in {}", humantime::format_duration(pause))
+        } else {
+            "tried again by the next run".into()
+        };
+        error!(
+            pipeline = %self.pipeline,
+            kind = %event.kind,
+            key = %event.key,
+            name = event.name.as_deref(),
+            offset = event.offset,
+            "{e}; the item waits and is {when}; the items that do not depend on it go on"
+        );
+        resting.insert(
+            identity.to_owned(),
+            Resting {
+                offset: event.offset,
+                until: tailing.then(|| Instant::now() + pause),
+                pause,
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message: message.clone(),
+            },
+        );
+        message
+    }
+
+    /// The error of an item the target failed transiently in this run that still waits
+    /// (the first by identity), for a one-shot run to end with once it has applied all
+    /// else: a transient failure ends a one-shot run (exit 1), as the log's do.
+    fn still_failing(&self) -> Result<Option<ApplyError>, ProjectError> {
+        let deferred = self
+            .state
+            .deferred(&self.pipeline)
+            .map_err(self.err_state())?;
+        let resting = self.resting.lock().unwrap();
+        let mut ids: Vec<&String> = resting.keys().collect();
+        ids.sort();
+        for id in ids {
+            let r = &resting[id];
+            let waits = deferred
+                .get(id)
+                .map_err(self.err_state())?
+                .is_some_and(|d| d.event.offset == r.offset);
+            if waits {
+                return Ok(Some(ApplyError::Transient {
+                    kind: r.kind.clone(),
+                    key: r.key.clone(),
+                    message: format!(
+                        "{}; the item waits (what does not depend on it was applied) and the next `sync` or `project` tries it again",
+                        r.message
+                    ),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Applies the deferred events in `pending` (earlier batches' and this one's) whose
-    /// references now resolve, breaks cycles by writing one item without its unresolved fields, and fails
-    /// events that waited longer than the target's reference wait. Returns what still
-    /// waits and what was done.
+    /// references now resolve, and the failed items that waited for an item applied since
+    /// ([`FailedWaits`]), breaks cycles by writing one item without its unresolved
+    /// fields, and fails events that waited longer than the target's reference wait. One
+    /// the target fails transiently keeps waiting, with the error, and rests
+    /// ([`Resting`]); the others go on. Returns what still waits and what was done.
     async fn settle_deferred(
         &self,
         mut pending: BTreeMap<String, Deferred>,
@@ -1915,9 +2232,50 @@ impl Projector {
         let mut settled = Vec::new();
         // Events the target deferred again although nothing they reference is missing (a
         // directory still in a file's place): tried once per call, as only a later batch
-        // can change that.
-        let mut blocked: BTreeSet<String> = BTreeSet::new();
+        // can change that. And those the target failed transiently a moment ago: they
+        // rest (`Resting`) while the others go on.
+        let mut blocked: BTreeSet<String> = self.resting_now(&pending);
+        // Failed items that waited for an item the target now has are tried as the
+        // waiting ones are: the items given a target id (`refs`' fresh ones, this batch's
+        // and each round's) are looked up once each in the index of what failed items
+        // wait for.
+        let mut looked: HashSet<String> = HashSet::new();
+        let mut revived: HashSet<String> = HashSet::new();
         for _round in 0..10_000 {
+            let appeared: Vec<String> = refs
+                .fresh
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .filter(|(id, target_id)| target_id.is_some() && !looked.contains(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !appeared.is_empty() {
+                looked.extend(appeared.iter().cloned());
+                let events = self.revivable(&appeared, refs, |id| {
+                    pending.contains_key(id) || held.contains(id) || revived.contains(id)
+                })?;
+                for event in events {
+                    debug!(
+                        pipeline = %self.pipeline,
+                        kind = %event.kind,
+                        key = %event.key,
+                        "trying a failed item again: an item it references reached the target"
+                    );
+                    let id = event.identity();
+                    revived.insert(id.clone());
+                    pending.insert(
+                        id,
+                        Deferred {
+                            event,
+                            since: now,
+                            partial: false,
+                            taken: None,
+                            error: None,
+                        },
+                    );
+                }
+            }
             if pending.is_empty() {
                 break;
             }
@@ -1936,10 +2294,15 @@ impl Projector {
                     if !blocked.contains(id) && !still_claimed {
                         ready.push(id.clone());
                     }
-                } else if refs.target_id(id).map_err(self.err_state())?.is_none()
+                } else if !blocked.contains(id)
+                    && refs.target_id(id).map_err(self.err_state())?.is_none()
                     && missing.iter().all(|r| {
+                        // Not a cycle if what it waits for is not tried in this call (it
+                        // rests, or the target deferred it again).
                         let waits = item_identity(&r.kind, &r.key);
-                        pending.contains_key(&waits) && !held.contains(&waits)
+                        pending.contains_key(&waits)
+                            && !held.contains(&waits)
+                            && !blocked.contains(&waits)
                     })
                     && cyclic.as_ref().is_none_or(|(o, _)| d.event.offset < *o)
                 {
@@ -1957,18 +2320,29 @@ impl Projector {
                 .map(|d| (d.event.identity(), (d.since, d.partial)))
                 .collect();
             let priors = Priors::direct(applied);
-            let out: Vec<GroupResult> = stream::iter(taken.clone())
-                .map(|d| self.apply_group(vec![d.event], &priors, refs, partial))
+            let out: Vec<(String, GroupResult)> = stream::iter(taken.clone())
+                .map(|d| {
+                    let id = d.event.identity();
+                    let apply = self.apply_group(vec![d.event], &priors, refs, partial);
+                    async move { (id, apply.await) }
+                })
                 .buffer_unordered(self.concurrency)
                 .collect()
                 .await;
-            let mut stuck = false;
-            for r in out {
+            for (id, r) in out {
                 if let Some((_, e)) = r.stopped {
-                    warn!(pipeline = %self.pipeline, "{e}; the deferred event is retried later");
-                    stuck = true;
+                    // The target failed this one for now: it waits, with that error as
+                    // its reason, and rests; the others go on, the next rounds too (what
+                    // this round created may be what they wait for).
+                    if let Some(d) = taken.iter().find(|d| d.event.identity() == id) {
+                        let mut d = d.clone();
+                        d.error = Some(self.rest(&id, &d.event, &e));
+                        blocked.insert(id.clone());
+                        pending.insert(id, d);
+                    }
                 }
                 for d in r.done {
+                    self.resting.lock().unwrap().remove(&d.identity);
                     if d.outcome == Outcome::Deferred {
                         blocked.insert(d.identity.clone());
                     }
@@ -1982,21 +2356,19 @@ impl Projector {
                                 since: at,
                                 partial: d.partial || was_partial,
                                 taken: d.taken.clone(),
+                                error: None,
                             },
                         );
                     }
                     settled.push(d);
                 }
             }
-            if stuck {
-                for d in taken {
-                    let id = d.event.identity();
-                    if !settled.iter().any(|s| s.identity == id) {
-                        pending.insert(id, d);
-                    }
-                }
-                break;
-            }
+        }
+        // A failed item tried again stays failed, not waiting, unless it was applied (or
+        // the target deferred it): one the target kept failing, or left for another round.
+        if !revived.is_empty() {
+            let done: HashSet<&str> = settled.iter().map(|d| d.identity.as_str()).collect();
+            pending.retain(|id, _| !revived.contains(id) || done.contains(id.as_str()));
         }
         // Only a wait for references, or for a target item another source item holds,
         // expires; what waits for the target (a directory in the way) waits as long as
@@ -2028,10 +2400,29 @@ impl Projector {
                 .iter()
                 .map(|r| format!("{} `{}` (at {})", r.kind, r.key, r.path))
                 .collect();
+            // Referenced items that wait themselves because the target fails them: the
+            // source has them, so that is what to look at.
+            let failing: Vec<String> = missing
+                .iter()
+                .filter(|r| {
+                    pending
+                        .get(&item_identity(&r.kind, &r.key))
+                        .is_some_and(|p| p.error.is_some())
+                })
+                .map(|r| format!("{} `{}`", r.kind, r.key))
+                .collect();
+            let advice = if !failing.is_empty() && failing.len() == missing.len() {
+                format!(
+                    "the target keeps failing {} (`status` says how)",
+                    failing.join(", ")
+                )
+            } else {
+                "add the referenced item to the source or fix the reference".into()
+            };
             let reason = match &d.taken {
                 Some(t) if missing.is_empty() => t.reason.clone(),
                 _ => format!(
-                    "references {}, which did not appear on the target within {}; add the referenced item to the source or fix the reference (the item is tried again at the next run, or when it changes)",
+                    "references {}, which did not appear on the target within {}; {advice} (the item is tried again as soon as the referenced item reaches the target, at the next run, or when it changes)",
                     named.join(", "),
                     humantime::format_duration(wait)
                 ),
@@ -2472,6 +2863,14 @@ impl Projector {
         if let Some(&(p, _)) = targets.first() {
             self.fail_taken(p, total).await?;
         }
+        // An item the target failed transiently waited while the run went on; the run
+        // ends with its error now, as with a transient failure of an event in the log.
+        if let Some(source) = self.still_failing()? {
+            return Err(ProjectError::Apply {
+                pipeline: self.pipeline.clone(),
+                source,
+            });
+        }
         total.committed = Some(self.committed_sum(&targets).await?);
         total.stale_left = self.stale.lock().unwrap().len() as u64;
         Ok(())
@@ -2607,6 +3006,7 @@ impl Projector {
         // Partitions held since the last look, for logs whose partitions move between daemons.
         let mut owned: Option<BTreeSet<u32>> = None;
         let mut last_dir_retry = Instant::now();
+        self.tailing.store(true, Ordering::SeqCst);
         if let Err(e) = self.recover().await {
             error!("{e}");
         }
@@ -2726,6 +3126,7 @@ impl Projector {
             .collect();
         self.forget_applied(&gained).await?;
         *owned = Some(partitions.iter().copied().collect());
+        self.holding.lock().unwrap().clone_from(owned);
         Ok(partitions)
     }
 
@@ -2767,7 +3168,9 @@ impl Projector {
                     source,
                 })?;
         if self.log.shared() {
-            self.forget_applied(&taken.into_iter().collect()).await?;
+            let taken: BTreeSet<u32> = taken.into_iter().collect();
+            self.forget_applied(&taken).await?;
+            *self.holding.lock().unwrap() = Some(taken);
         }
         Ok(())
     }
@@ -3014,6 +3417,26 @@ impl Projector {
         }
         Ok(())
     }
+}
+
+/// A deferred item whose last try the target failed transiently (a 5xx past the retry
+/// budget, a timeout: it cannot tell a server that fails one item from one that fails),
+/// while nothing it references is missing. It keeps waiting, with that error as its
+/// reason, but is not tried again before `until`.
+#[derive(Debug)]
+struct Resting {
+    /// Offset of the event that failed: a newer event of the item is tried at once.
+    offset: u64,
+    /// When it may be tried again; `None` (a one-shot run): not in this run.
+    until: Option<Instant>,
+    /// The pause before `until`, doubled at each failure in a row.
+    pause: Duration,
+    /// Kind of the item.
+    kind: String,
+    /// Key of the item.
+    key: String,
+    /// The error, secrets redacted.
+    message: String,
 }
 
 /// The schedule of the daemon's later passes over the failed items.

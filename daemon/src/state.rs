@@ -94,6 +94,11 @@ pub struct Deferred {
     /// by name (its delete may follow in a later batch), rather than for references.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub taken: Option<Taken>,
+    /// Why its last try did not apply it although nothing it references is missing: the
+    /// target failed it transiently (a 5xx past the retry budget, a timeout), secrets
+    /// redacted. `status` shows it as the reason it waits; the next try replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The target item a waiting event would adopt by name, which another source item holds
