@@ -413,6 +413,34 @@ fn dangling_comment(reference_wait: &str) -> (Env, JsonServer, JsonServer) {
     (env, dev, prod)
 }
 
+/// A comment whose post waits for a user dev never had is no cycle: both wait, and
+/// nothing is written without its references (issue: the comment was taken for one side
+/// of a cycle and created on prod without its `postId`).
+#[test]
+fn a_chain_ending_at_a_missing_item_is_not_broken_like_a_cycle() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [{"id": 500, "name": "user-a"}],
+            "posts": [{"id": 600, "name": "post-x", "userId": 424242, "title": "t"}],
+            "comments": [{"id": 701, "name": "comment-x", "postId": 600, "body": "b"}]
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1h\"");
+    let (_, project) = env.sync();
+    assert_eq!(project["outcomes"]["deferred"], 2, "{project}");
+    assert!(prod.all("posts").is_empty(), "{:?}", prod.all("posts"));
+    assert!(
+        prod.all("comments").is_empty(),
+        "{:?}",
+        prod.all("comments")
+    );
+    assert_eq!(prod.all("users").len(), 1);
+}
+
 #[test]
 fn a_one_shot_project_fails_an_item_whose_reference_wait_ran_out() {
     let (env, dev, prod) = dangling_comment("1s");

@@ -2280,7 +2280,8 @@ impl Projector {
                 break;
             }
             let mut ready = Vec::new();
-            let mut cyclic: Option<(u64, String)> = None;
+            // What each item that may be one side of a cycle waits for, and its offset.
+            let mut waits_of: HashMap<&String, (u64, Vec<String>)> = HashMap::new();
             for (id, d) in pending.iter().filter(|(id, _)| !held.contains(*id)) {
                 let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
                 if missing.is_empty() {
@@ -2304,11 +2305,33 @@ impl Projector {
                             && !held.contains(&waits)
                             && !blocked.contains(&waits)
                     })
-                    && cyclic.as_ref().is_none_or(|(o, _)| d.event.offset < *o)
                 {
-                    cyclic = Some((d.event.offset, id.clone()));
+                    let waits = missing.iter().map(|r| item_identity(&r.kind, &r.key));
+                    waits_of.insert(id, (d.event.offset, waits.collect()));
                 }
             }
+            // Only items that wait, directly or through other such items, for nothing but
+            // one another: a chain that ends at an item that is missing (or not tried now)
+            // is no cycle, and writing one of its items without its references would
+            // leave it so (a comment whose post waits for a user dev never had).
+            let mut alive: HashSet<&String> = waits_of.keys().copied().collect();
+            loop {
+                let dead: Vec<&String> = alive
+                    .iter()
+                    .filter(|id| waits_of[*id].1.iter().any(|w| !alive.contains(w)))
+                    .copied()
+                    .collect();
+                if dead.is_empty() {
+                    break;
+                }
+                for id in dead {
+                    alive.remove(id);
+                }
+            }
+            let cyclic = alive
+                .iter()
+                .min_by_key(|id| waits_of[*id].0)
+                .map(|id| (waits_of[*id].0, (*id).clone()));
             let (batch, partial) = match (ready.is_empty(), cyclic) {
                 (false, _) => (ready, false),
                 (true, Some((_, id))) => (vec![id], true),
