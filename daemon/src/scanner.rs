@@ -804,6 +804,29 @@ mod tests {
     use crate::source::fs::DirSource;
     use std::time::Duration;
 
+    /// A scanner of pipeline `p` from the directory `src` into a sled log in `state`, with
+    /// no delete guard.
+    fn scanner_of(src: std::path::PathBuf, state: &State) -> (Scanner, Arc<SledLog>) {
+        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
+        let source = DirSource::new(
+            &DirSourceConfig {
+                path: src,
+                include: vec![],
+                exclude: vec![],
+                follow_symlinks: false,
+            },
+            0,
+        );
+        let scanner = Scanner::new(
+            "p",
+            Arc::new(source),
+            log.clone(),
+            state.clone(),
+            DeleteLimit::Percent(100.0),
+        );
+        (scanner, log)
+    }
+
     /// Once the listing is done and every read is back, the scan appends what it found and
     /// ends; it does not wait for the next tick of its append interval (an hour here).
     #[tokio::test]
@@ -815,23 +838,7 @@ mod tests {
             std::fs::write(src.join(format!("f{i}")), i.to_string()).unwrap();
         }
         let state = State::open(&dir.path().join("state")).unwrap();
-        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
-        let source = DirSource::new(
-            &DirSourceConfig {
-                path: src,
-                include: vec![],
-                exclude: vec![],
-                follow_symlinks: false,
-            },
-            0,
-        );
-        let mut scanner = Scanner::new(
-            "p",
-            Arc::new(source),
-            log.clone(),
-            state,
-            DeleteLimit::Percent(100.0),
-        );
+        let (mut scanner, log) = scanner_of(src, &state);
         // The first tick comes at once and takes the first change found; the other 49
         // would wait an hour for the second.
         scanner.append_interval = Duration::from_secs(3600);
@@ -861,23 +868,7 @@ mod tests {
             .legacy_index_for_tests("p")
             .apply([("file\0gone.txt", Some(&entry))])
             .unwrap();
-        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
-        let source = DirSource::new(
-            &DirSourceConfig {
-                path: src,
-                include: vec![],
-                exclude: vec![],
-                follow_symlinks: false,
-            },
-            0,
-        );
-        let scanner = Scanner::new(
-            "p",
-            Arc::new(source),
-            log.clone(),
-            state.clone(),
-            DeleteLimit::Percent(100.0),
-        );
+        let (scanner, log) = scanner_of(src, &state);
         let preview = scanner.preview(&Progress::hidden()).await.unwrap();
         assert_eq!((preview.record.upserts, preview.record.deletes), (1, 1));
         assert!(
