@@ -420,6 +420,9 @@ struct Done {
     retry: Option<Event>,
     /// Deferred because the target item it would adopt mirrors another source item.
     taken: Option<Taken>,
+    /// The scan that found the event: a put of a path ends a retained delete of another
+    /// kind of item there from the same scan or an earlier one ([`Projector::track_retained`]).
+    scan: Option<String>,
 }
 
 /// The offset of each item's last event in a partition's backlog ([`Projector::backlog`]).
@@ -1784,6 +1787,29 @@ impl Projector {
                 None => {}
             }
         }
+        // A path the source has again as another kind of item (a file it replaced by a
+        // link or a directory, in the same scan or a later one): the delete retained for
+        // the old one no longer stands, as the target holds the new one there. (Its delete
+        // would find that and leave it, but `status` and `plan` would count it.)
+        if self.target.one_item_per_path() {
+            for d in dones.iter().filter(|d| matches!(d.change, Change::Put(_))) {
+                let Some(scan) = &d.scan else { continue };
+                for kind in ["file", "dir", "symlink"].iter().filter(|k| **k != d.kind) {
+                    let other = item_identity(kind, &d.key);
+                    let retained_by = match changes.get(&other) {
+                        Some(p) => p.as_ref().map(|p| p.event.scan.clone()),
+                        None if any_stored => stored
+                            .get(&other)
+                            .map_err(self.err_state())?
+                            .map(|p| p.event.scan),
+                        None => None,
+                    };
+                    if retained_by.is_some_and(|by| by <= *scan) {
+                        changes.insert(other, None);
+                    }
+                }
+            }
+        }
         Ok(changes)
     }
 
@@ -2471,6 +2497,7 @@ impl Projector {
                 bytes: 0,
                 retry: Some(d.event.clone()),
                 taken: None,
+                scan: None,
             });
         }
         Ok((pending, settled))
@@ -2517,6 +2544,7 @@ impl Projector {
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
                 retry: None,
                 taken: None,
+                scan: Some(event.scan.clone()),
             };
             if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
                 let mut d = done(outcome, Change::Keep, None);

@@ -1055,6 +1055,10 @@ impl Target for DirTarget {
         format!("dir {}", self.inner.root.display())
     }
 
+    fn one_item_per_path(&self) -> bool {
+        true
+    }
+
     fn changed_dirs(&self) -> Vec<String> {
         let inner = &self.inner;
         let timed = inner.dir_times.lock().unwrap();

@@ -206,6 +206,13 @@ pub trait Target: Send + Sync {
     fn skips_superseded(&self) -> bool {
         false
     }
+
+    /// Whether an item's key is a place that holds one item of any kind (a directory
+    /// target's path: a file, a directory or a link), so that putting one there ends a
+    /// retained delete of another kind of item at the same key.
+    fn one_item_per_path(&self) -> bool {
+        false
+    }
 }
 
 /// Which source item (identity) each target id of a kind mirrors, for targets that assign
