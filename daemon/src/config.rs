@@ -886,10 +886,6 @@ impl Config {
     }
 }
 
-/// The dotted path of the key whose value covers byte `offset` of `text`, the innermost
-/// one, such as `pipeline.demo.scan_interval`: a pipeline is named by its `name`, other
-/// array elements by their index. `None` when the text is not valid TOML or no value
-/// covers `offset`.
 /// Where the first secret written as a plain value (`bearer = "…"`, a `[[…header]]` or
 /// `[[…query]]` entry's `value`) at or after `from` is: the span of that value.
 fn written_secret_at(text: &str, from: usize) -> Option<std::ops::Range<usize>> {
@@ -932,6 +928,10 @@ fn written_secret_at(text: &str, from: usize) -> Option<std::ops::Range<usize>> 
         .min_by_key(|s| s.start)
 }
 
+/// The dotted path of the key whose value covers byte `offset` of `text`, the innermost
+/// one, such as `pipeline.demo.scan_interval`: a pipeline is named by its `name`, other
+/// array elements by their index. `None` when the text is not valid TOML or no value
+/// covers `offset`.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     /// Whether `offset` lies in `v`, found under `label`: `path` ends with the key then.
     fn under(

@@ -73,8 +73,6 @@ fn start_writeback(out: &File, event: &Event) {
     }
 }
 
-/// Times that set the modification time to `ns` nanoseconds since the Unix epoch and
-/// leave the access time alone.
 /// Whether `m` is a directory with permission bits `mode`.
 fn is_dir_with(m: &fs::Metadata, mode: u32) -> bool {
     m.is_dir() && m.permissions().mode() & 0o7777 == mode
@@ -86,6 +84,8 @@ fn links_to(path: &Path, m: &fs::Metadata, target: &[u8]) -> bool {
         && fs::read_link(path).is_ok_and(|t| t.as_os_str().as_bytes() == target)
 }
 
+/// Times that set the modification time to `ns` nanoseconds since the Unix epoch and
+/// leave the access time alone.
 fn modified_at(ns: i64) -> rustix::fs::Timestamps {
     use rustix::fs::{Timespec, UTIME_OMIT};
     rustix::fs::Timestamps {
@@ -219,7 +219,6 @@ impl DirTarget {
 }
 
 impl Inner {
-    /// The path of a key, refusing keys that would leave the root.
     /// The lock of `path`'s place ([`Inner::places`]).
     fn place(&self, path: &Path) -> std::sync::MutexGuard<'_, ()> {
         use std::hash::{Hash, Hasher};
@@ -231,6 +230,7 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The path of a key, refusing keys that would leave the root.
     fn resolve(&self, key: &str) -> Result<PathBuf, Failure> {
         let bytes = pathkey::decode(key)
             .ok_or_else(|| Failure::Permanent("key is not a valid path encoding".into()))?;
