@@ -83,13 +83,7 @@ fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mi
         scan.is_null() || (scan["upserts"] == 0 && scan["deletes"] == 0),
         "nothing was appended, so nothing is counted as appended; {shown}"
     );
-    let report_dir = v[0]["report_dir"]
-        .as_str()
-        .expect("the run wrote its report");
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(std::path::Path::new(report_dir).join("report.json")).unwrap(),
-    )
-    .unwrap();
+    let report = run_report(&v[0]);
     assert!(
         report["scan"].is_null() || report["scan"]["upserts"] == 0,
         "{report}"
@@ -98,6 +92,7 @@ fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mi
         report["error"].as_str().unwrap().contains(&addr),
         "{report}"
     );
+    let report_dir = v[0]["report_dir"].as_str().unwrap();
     let summary =
         std::fs::read_to_string(std::path::Path::new(report_dir).join("summary.txt")).unwrap();
     assert!(!summary.contains(" 20 upserts"), "{summary}");
@@ -279,13 +274,7 @@ fn a_sync_losing_its_broker_mid_run(loss: Loss, within: Duration, says: &[&str])
         committed > 0 && committed <= first && first - committed <= 10,
         "the report says what the run committed, {committed} of {first} created; {shown}"
     );
-    let report_dir = v[0]["report_dir"]
-        .as_str()
-        .expect("the run wrote its report");
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(std::path::Path::new(report_dir).join("report.json")).unwrap(),
-    )
-    .unwrap();
+    let report = run_report(&v[0]);
     assert!(
         report["error"].as_str().unwrap().contains(&addr),
         "{report}"
@@ -336,4 +325,13 @@ fn a_sync_whose_broker_goes_silent_mid_run_fails_within_one_timeout_and_the_next
             "run again",
         ],
     );
+}
+
+/// The `report.json` of the run whose output entry (`--output json`) is `entry`.
+fn run_report(entry: &serde_json::Value) -> serde_json::Value {
+    let dir = entry["report_dir"]
+        .as_str()
+        .expect("the run wrote its report");
+    let text = std::fs::read_to_string(std::path::Path::new(dir).join("report.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
 }

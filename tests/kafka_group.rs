@@ -280,10 +280,13 @@ fn a_one_shot_sync_refuses_while_a_daemon_holds_the_group_and_never_moves_offset
     assert!(daemon.terminate().success());
 }
 
-#[test]
-fn a_one_shot_sync_takes_the_partitions_of_a_killed_daemon_once_their_leases_expire() {
+/// A daemon of a two-partition group on a topic named after `topic` that mirrored a file
+/// and was then killed (its leases are never released nor renewed again), and a one-shot
+/// setup of the same group, source and target: the daemon's env (which holds the source
+/// and the target) and the one-shot's.
+fn killed_daemon_and_a_one_shot(topic: &str) -> (Env, Env) {
     let brokers = kafka_brokers();
-    let topic = unique("oneshot-killed");
+    let topic = unique(topic);
     let kafka = kafka_log_section(&brokers, &topic, &topic, 2);
     let daemon_env = Env::dirs("", "");
     let oneshot = Env::dirs("", "");
@@ -296,8 +299,14 @@ fn a_one_shot_sync_takes_the_partitions_of_a_killed_daemon_once_their_leases_exp
         mirrors_now(&src, &dst).then_some(())
     });
     assert!(mirrored.is_some(), "log:\n{}", daemon_env.daemon_log());
-    // Killed: its leases are never released nor renewed again.
     daemon.kill9();
+    (daemon_env, oneshot)
+}
+
+#[test]
+fn a_one_shot_sync_takes_the_partitions_of_a_killed_daemon_once_their_leases_expire() {
+    let (daemon_env, oneshot) = killed_daemon_and_a_one_shot("oneshot-killed");
+    let (src, dst) = (daemon_env.src(), daemon_env.dst());
     let before = committed(&oneshot);
     write(src.join("b.txt"), "b\n");
     let started = std::time::Instant::now();
@@ -323,21 +332,8 @@ fn a_one_shot_sync_takes_the_partitions_of_a_killed_daemon_once_their_leases_exp
 /// so, and the next sync mirrors.
 #[test]
 fn ctrl_c_while_a_one_shot_sync_watches_the_leases_stops_it_at_once() {
-    let brokers = kafka_brokers();
-    let topic = unique("oneshot-sigint");
-    let kafka = kafka_log_section(&brokers, &topic, &topic, 2);
-    let daemon_env = Env::dirs("", "");
-    let oneshot = Env::dirs("", "");
+    let (daemon_env, oneshot) = killed_daemon_and_a_one_shot("oneshot-sigint");
     let (src, dst) = (daemon_env.src(), daemon_env.dst());
-    daemon_env.write_config(&config(&src, &dst, "both", &kafka));
-    oneshot.write_config(&config(&src, &dst, "both", &kafka));
-    write(src.join("a.txt"), "a\n");
-    let daemon = daemon_env.spawn_daemon();
-    let mirrored = wait_for(Duration::from_secs(60), || {
-        mirrors_now(&src, &dst).then_some(())
-    });
-    assert!(mirrored.is_some(), "log:\n{}", daemon_env.daemon_log());
-    daemon.kill9();
     write(src.join("b.txt"), "b\n");
 
     let log = oneshot.path("oneshot.log");

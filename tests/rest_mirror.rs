@@ -1019,6 +1019,11 @@ fn two_users_mirrored() -> (Env, JsonServer, JsonServer) {
     (env, dev, prod)
 }
 
+/// A user of dev with id 1014, the next id after `two_users_mirrored`'s.
+fn user_1014(name: &str) -> Value {
+    json!({"id": 1014, "name": name, "active": true, "score": 0, "bio": ""})
+}
+
 /// user-0's two posts (5000, 5011) now belong to user `to` in dev.
 fn move_user_0s_posts(dev: &JsonServer, to: u64) {
     for (pid, j) in [(5000, 0), (5011, 1)] {
@@ -1069,10 +1074,7 @@ fn a_parent_deleted_after_its_children_moved_away_takes_none_of_them_with_it() {
 #[test]
 fn a_parent_deleted_after_its_children_moved_to_a_new_parent_takes_none_of_them_with_it() {
     let (env, dev, prod) = two_users_mirrored();
-    dev.post(
-        "users",
-        json!({"id": 1014, "name": "user-2", "active": true, "score": 0, "bio": ""}),
-    );
+    dev.post("users", user_1014("user-2"));
     move_user_0s_posts(&dev, 1014);
     dev.delete("users", &json!(1000));
     let (scan, project) = env.sync();
@@ -1092,10 +1094,7 @@ fn a_parent_deleted_after_its_waiting_children_moved_to_a_new_parent_takes_none_
     move_user_0s_posts(&dev, 1014);
     let (_, project) = env.sync();
     assert_eq!(project["by_kind"]["posts"]["deferred"], 2, "{project}");
-    dev.post(
-        "users",
-        json!({"id": 1014, "name": "user-2", "active": true, "score": 0, "bio": ""}),
-    );
+    dev.post("users", user_1014("user-2"));
     dev.delete("users", &json!(1000));
     let (scan, project) = env.sync();
     assert_eq!(
@@ -1113,14 +1112,12 @@ fn a_parent_deleted_after_its_waiting_children_moved_to_a_new_parent_takes_none_
 #[test]
 fn a_parent_deleted_and_made_again_under_its_id_in_one_batch_keeps_its_new_children() {
     let (env, dev, prod) = two_users_mirrored();
-    let user =
-        |name: &str| json!({"id": 1014, "name": name, "active": true, "score": 3, "bio": ""});
-    dev.post("users", user("user-2"));
+    dev.post("users", user_1014("user-2"));
     env.sync();
     dev.delete("users", &json!(1014));
     let scan = env.json(&["scan"]);
     assert_eq!(scan[0]["scan"]["deletes"], 1, "{scan}");
-    dev.post("users", user("user-2-again"));
+    dev.post("users", user_1014("user-2-again"));
     dev.post(
         "posts",
         json!({"id": 5030, "name": "post-new", "userId": 1014, "title": "under the new user"}),
@@ -1152,13 +1149,11 @@ fn a_parent_deleted_and_made_again_under_its_id_in_one_batch_keeps_its_new_child
 #[test]
 fn a_replay_onto_prod_applies_each_items_last_state_not_its_history() {
     let (env, dev, prod) = two_users_mirrored();
-    let user =
-        |name: &str| json!({"id": 1014, "name": name, "active": true, "score": 3, "bio": ""});
-    dev.post("users", user("reuse-A"));
+    dev.post("users", user_1014("reuse-A"));
     env.sync();
     dev.delete("users", &json!(1014));
     env.sync();
-    dev.post("users", user("reuse-B"));
+    dev.post("users", user_1014("reuse-B"));
     dev.post(
         "posts",
         json!({"id": 5030, "name": "p-B", "userId": 1014, "title": "under reuse-B"}),

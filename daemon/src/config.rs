@@ -1096,6 +1096,23 @@ prune = true
         assert!(err.contains("overlap"), "{err}");
     }
 
+    /// The first pipeline's HTTP source.
+    fn http_source(config: &Config) -> &HttpSourceConfig {
+        let SourceConfig::Http(h) = &config.pipelines[0].source else {
+            panic!("an HTTP source")
+        };
+        h
+    }
+
+    /// The secret headers `h` resolved, by name, with their values.
+    fn resolved_headers(h: &HttpSourceConfig) -> Vec<(&str, &str)> {
+        h.endpoint
+            .resolved_headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.expose()))
+            .collect()
+    }
+
     /// The message `Config::parse` fails with on `text`, as the file `t.toml`.
     fn parse_err(text: &str) -> String {
         Config::parse(Path::new("t.toml"), text)
@@ -1308,15 +1325,8 @@ path = "dst"
             "{err}"
         );
         let config = Config::parse_with(&file, &text, ApiSecrets::IfAvailable).unwrap();
-        let SourceConfig::Http(h) = &config.pipelines[0].source else {
-            panic!("an HTTP source")
-        };
-        let headers: Vec<_> = h
-            .endpoint
-            .resolved_headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.expose()))
-            .collect();
+        let h = http_source(&config);
+        let headers = resolved_headers(h);
         assert_eq!(headers, [("X-Api-Key", "readable-key-77")]);
         // Not a way around the rest of the validation.
         for (bad, why) in [
@@ -1357,15 +1367,8 @@ path = "dst"
         )
         .unwrap();
         let config = Config::load(&path).unwrap();
-        let SourceConfig::Http(h) = &config.pipelines[0].source else {
-            panic!("an HTTP source")
-        };
-        let headers: Vec<_> = h
-            .endpoint
-            .resolved_headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.expose()))
-            .collect();
+        let h = http_source(&config);
+        let headers = resolved_headers(h);
         assert_eq!(headers, [("X-Api-Key", "k/ey+42")]);
         let client = crate::http::HttpClient::new("api", "source", &h.endpoint);
         let url = client.url("/users?_page=2");
