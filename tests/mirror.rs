@@ -811,6 +811,65 @@ fn the_daemon_removes_a_waiting_directory_once_it_is_empty() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// Temporary files that come and go in the source all the time (an editor's swap files,
+/// a build's outputs) vanish between the walk's listing and its read. They are absent, not
+/// errors: the daemon still deletes what the source removed, and does not warn of each
+/// one. Counted as errors, they withheld the deletes of every scan that met one.
+#[test]
+fn the_daemon_deletes_while_temporary_files_come_and_go() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::dirs(
+        "max_delete = \"100%\"\nscan_interval = \"100ms\"",
+        "prune = true",
+    );
+    for i in 0..200 {
+        write(env.src().join(format!("d{}/f{i}", i % 10)), i.to_string());
+    }
+    write(env.src().join("old.txt"), "old");
+    env.sync();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (stop, src) = (stop.clone(), env.src());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for j in 0..20 {
+                    let tmp = src.join(format!("d{}/.tmp{j}", j % 10));
+                    std::fs::write(&tmp, "temporary").unwrap();
+                    std::thread::sleep(Duration::from_millis(1));
+                    std::fs::remove_file(&tmp).unwrap();
+                }
+            }
+        })
+    };
+    let daemon = env.spawn_daemon();
+    std::fs::remove_file(env.src().join("old.txt")).unwrap();
+    // Until the delete is through and some scan met a vanished file (so the race this
+    // test is about did happen).
+    let raced = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("scan finished"))
+            .any(|l| {
+                l.split("vanished=")
+                    .nth(1)
+                    .is_some_and(|n| !n.starts_with('0'))
+            })
+    };
+    let done = wait_for(Duration::from_secs(30), || {
+        (!env.dst().join("old.txt").exists() && raced(&env.daemon_log())).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    let log = env.daemon_log();
+    assert!(done.is_some(), "log:\n{log}");
+    assert!(daemon.terminate().success(), "log:\n{log}");
+    assert!(
+        !log.contains("No such file") && !log.contains("emits no deletes"),
+        "a vanished file was an error:\n{log}"
+    );
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn special_files_are_skipped_with_a_warning() {
     let env = Env::dirs("", "");

@@ -1522,7 +1522,7 @@ fn daemon_cycle_reports_count_items_by_how_they_ended_and_note_those_that_waited
         "the metric still counts every attempt"
     );
     assert!(
-        env.daemon_log().contains("applied=21 created"),
+        env.daemon_log().contains("outcomes=21 created"),
         "{}",
         env.daemon_log()
     );

@@ -1199,12 +1199,13 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
 /// Prints a scan's summary line, and the delete guard's when it tripped (or, `dry`, would).
 fn print_scan(pipeline: &str, record: &tidemark::state::ScanRecord, dry: bool) {
     outln!(
-        "{pipeline}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped in {:.2} s{}",
+        "{pipeline}: scanned {} items: {} upserts, {} deletes, {} errors, {} skipped{} in {:.2} s{}",
         record.listed,
         record.upserts,
         record.deletes,
         record.errors,
         record.skipped,
+        tidemark::report::vanished_note(record.vanished),
         record.duration_secs,
         if dry {
             " (dry run: nothing appended)"

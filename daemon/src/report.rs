@@ -83,6 +83,10 @@ pub struct ScanSummary {
     pub errors: u64,
     /// Entries skipped on purpose.
     pub skipped: u64,
+    /// Entries gone by the time the scan read them (removed or renamed mid-scan): absent,
+    /// not errors. Left out when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vanished: u64,
     /// What the errors were (the first 20; the log has every one): the items left out
     /// and why, secrets redacted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -91,6 +95,16 @@ pub struct ScanSummary {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// `, N vanished mid-scan` for a scan that met entries gone before it read them; empty
+/// otherwise.
+pub fn vanished_note(vanished: u64) -> String {
+    if vanished == 0 {
+        String::new()
+    } else {
+        format!(", {vanished} vanished mid-scan (absent, not errors)")
+    }
 }
 
 /// What the delete guard decided, so a reader sees why deletes did or did not happen.
@@ -198,6 +212,7 @@ impl Report {
             not_appended: record.not_appended,
             errors: record.errors,
             skipped: record.skipped,
+            vanished: record.vanished,
             error_messages: record.error_messages.clone(),
         });
         let g = &mut self.delete_guard;
@@ -336,7 +351,7 @@ impl Report {
             Some(scan) => {
                 let _ = writeln!(
                     s,
-                    "scan {} {} in {:.2} s: {} listed, {} upserts, {} deletes, {} errors, {} skipped",
+                    "scan {} {} in {:.2} s: {} listed, {} upserts, {} deletes, {} errors, {} skipped{}",
                     scan.id,
                     scan.result,
                     scan.duration_secs,
@@ -344,7 +359,8 @@ impl Report {
                     scan.upserts,
                     scan.deletes,
                     scan.errors,
-                    scan.skipped
+                    scan.skipped,
+                    vanished_note(scan.vanished)
                 );
                 for e in &scan.error_messages {
                     let _ = writeln!(s, "  error: {e}");
@@ -652,25 +668,38 @@ impl Cycle {
                 .collect();
         }
         self.since = report.generated_at_utc;
-        let counts: Vec<String> = report
+        let outcomes: Vec<String> = report
             .counts
             .iter()
             .map(|(o, n)| format!("{n} {o}"))
             .collect();
-        let scan = report.scan.as_ref();
-        info!(
-            pipeline = %name,
-            upserts = scan.map_or(0, |s| s.upserts),
-            deletes = scan.map_or(0, |s| s.deletes),
-            applied = %if counts.is_empty() { "nothing".to_owned() } else { counts.join(", ") },
-            failures = report.failures.len(),
-            delete_guard = %report.delete_guard.decision,
-            "cycle finished"
-        );
+        let events: u64 = report.counts.values().sum();
         let condition = report.condition();
         let changed = condition != self.condition;
         self.condition = condition;
-        if report.activity() || changed {
+        // A cycle that changed nothing and met nothing new (an idle daemon, or one whose
+        // lasting failure was logged when it began) is logged at debug, not every interval.
+        let notable = report.activity() || changed;
+        macro_rules! cycle_finished {
+            ($level:ident) => {
+                $level!(
+                    pipeline = %name,
+                    upserts = report.scan.as_ref().map_or(0, |s| s.upserts),
+                    deletes = report.scan.as_ref().map_or(0, |s| s.deletes),
+                    events,
+                    outcomes = %if outcomes.is_empty() { "none".to_owned() } else { outcomes.join(", ") },
+                    failures = report.failures.len(),
+                    delete_guard = %report.delete_guard.decision,
+                    "cycle finished"
+                )
+            };
+        }
+        if notable {
+            cycle_finished!(info);
+        } else {
+            cycle_finished!(debug);
+        }
+        if notable {
             if let Err(e) = report.write(&self.reports_dir, self.retention) {
                 warn!(pipeline = %name, "{e}");
             }

@@ -138,6 +138,8 @@ struct Noticed {
     repeated_warnings: u64,
     /// Per kind and reference field, how the items read hold it.
     refs: std::collections::BTreeMap<(String, String), RefTally>,
+    /// Keys of the entries that vanished before the scan read them.
+    vanished: std::collections::HashSet<String>,
 }
 
 /// How the items of one kind read by a scan hold one reference field.
@@ -309,13 +311,14 @@ impl Scanner {
             .map_err(self.state_err())?;
         outcome?;
         info!(
-            pipeline = p,
+            pipeline = %p,
             scan = %record.id,
             listed = record.listed,
             upserts = record.upserts,
             deletes = record.deletes,
             errors = record.errors,
             skipped = record.skipped,
+            vanished = record.vanished,
             result = %record.result,
             seconds = record.duration_secs,
             "scan finished"
@@ -402,6 +405,10 @@ impl Scanner {
                                 self.append(&mut pending, &mut known, sink, record).await?;
                             }
                         }
+                        Err(FetchError::Vanished { kind, key }) => {
+                            known.unsee(&item_identity(&kind, &key));
+                            self.vanished(record, &mut noticed, key);
+                        }
                         Err(e) => self.entry_error(record, e.to_string()),
                     }
                 }
@@ -419,6 +426,12 @@ impl Scanner {
                             } else {
                                 debug!(pipeline = %self.pipeline, key = %key, "{reason}");
                             }
+                        }
+                        Some(Ok(Listing::Vanished { kind, key })) => {
+                            if let Some(kind) = kind {
+                                known.unsee(&item_identity(&kind, &key));
+                            }
+                            self.vanished(record, &mut noticed, key);
                         }
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
@@ -467,7 +480,8 @@ impl Scanner {
                 "the listing had errors, so this scan emits no deletes"
             );
         } else {
-            self.deletes(record, &mut known, sink).await?;
+            self.deletes(record, &mut known, sink, &noticed.vanished)
+                .await?;
         }
         match sink {
             Sink::Log => known.store().map_err(self.state_err()),
@@ -561,6 +575,14 @@ impl Scanner {
             self.listing_error(record, message, first);
         }
         repeated
+    }
+
+    /// Counts an entry that vanished before the scan read it; logged at debug, as temporary
+    /// files come and go all the time (the scan's summary line counts them).
+    fn vanished(&self, record: &mut ScanRecord, noticed: &mut Noticed, key: String) {
+        record.vanished += 1;
+        debug!(pipeline = %self.pipeline, key = %key, "vanished before the scan read it; absent from this scan");
+        noticed.vanished.insert(key);
     }
 
     fn entry_error(&self, record: &mut ScanRecord, message: String) {
@@ -697,9 +719,27 @@ impl Scanner {
         record: &mut ScanRecord,
         known: &mut Digest,
         sink: &mut Sink,
+        vanished: &std::collections::HashSet<String>,
     ) -> Result<(), ScanError> {
         let unseen = known.unseen();
-        let would_delete = unseen.len() as u64;
+        if unseen.is_empty() {
+            return Ok(());
+        }
+        // What vanished during the scan, or was under a directory that did, is deleted
+        // only if it is still absent now: a file removed and made again while the scan
+        // ran (as some programs save) keeps its place until the next scan reads it.
+        let mut doomed = None;
+        if !vanished.is_empty() {
+            let names = known.names_of(&unseen).map_err(self.state_err())?;
+            match self.still_absent(names, vanished).await {
+                Ok(names) => doomed = Some(names),
+                Err(message) => {
+                    self.entry_error(record, message);
+                    return Ok(());
+                }
+            }
+        }
+        let would_delete = doomed.as_ref().map_or(unseen.len(), Vec::len) as u64;
         if would_delete == 0 {
             return Ok(());
         }
@@ -730,7 +770,10 @@ impl Scanner {
             record.guard = Some(trip);
             return Ok(());
         }
-        let mut doomed = known.names_of(&unseen).map_err(self.state_err())?;
+        let mut doomed = match doomed {
+            Some(doomed) => doomed,
+            None => known.names_of(&unseen).map_err(self.state_err())?,
+        };
         // Deepest first, so a directory's contents are deleted before the directory.
         doomed.sort_by_key(|id| std::cmp::Reverse(id.matches('/').count()));
         let observed_at = Utc::now();
@@ -776,6 +819,40 @@ impl Scanner {
     }
 }
 
+impl Scanner {
+    /// The identities among `doomed` to delete: all of them but those that vanished during
+    /// the scan, or were under a directory that did, and are back at their path now.
+    async fn still_absent(
+        &self,
+        doomed: Vec<String>,
+        vanished: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, String> {
+        let key = |id: &str| id.split_once('\0').map_or(id, |(_, key)| key).to_owned();
+        let (check, sure): (Vec<String>, Vec<String>) = doomed.into_iter().partition(|id| {
+            let key = key(id);
+            std::iter::successors(Some(key.as_str()), |k| k.rsplit_once('/').map(|(up, _)| up))
+                .any(|k| vanished.contains(k))
+        });
+        if check.is_empty() {
+            return Ok(sure);
+        }
+        let absent = self
+            .source
+            .absent(check.iter().map(|id| key(id)).collect())
+            .await?;
+        let (gone, back): (Vec<String>, Vec<String>) =
+            check.into_iter().partition(|id| absent.contains(&key(id)));
+        if !back.is_empty() {
+            debug!(
+                pipeline = %self.pipeline,
+                entries = back.len(),
+                "entries that vanished during the scan are back; their deletes are left to the next scan"
+            );
+        }
+        Ok(sure.into_iter().chain(gone).collect())
+    }
+}
+
 /// The summary of a scan started at `started_at`, before it has found anything.
 fn new_record(started_at: chrono::DateTime<Utc>) -> ScanRecord {
     ScanRecord {
@@ -788,6 +865,7 @@ fn new_record(started_at: chrono::DateTime<Utc>) -> ScanRecord {
         not_appended: 0,
         errors: 0,
         skipped: 0,
+        vanished: 0,
         result: "ok".into(),
         guard: None,
         last_success_at: None,
@@ -807,8 +885,11 @@ mod tests {
     /// A scanner of pipeline `p` from the directory `src` into a sled log in `state`, with
     /// no delete guard.
     fn scanner_of(src: std::path::PathBuf, state: &State) -> (Scanner, Arc<SledLog>) {
-        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
-        let source = DirSource::new(
+        scanner_over(Arc::new(dir_source(src)), state)
+    }
+
+    fn dir_source(src: std::path::PathBuf) -> DirSource {
+        DirSource::new(
             &DirSourceConfig {
                 path: src,
                 include: vec![],
@@ -816,15 +897,181 @@ mod tests {
                 follow_symlinks: false,
             },
             0,
-        );
+        )
+    }
+
+    fn scanner_over(source: Arc<dyn Source>, state: &State) -> (Scanner, Arc<SledLog>) {
+        let log = Arc::new(SledLog::open(state.db(), "p").unwrap());
         let scanner = Scanner::new(
             "p",
-            Arc::new(source),
+            source,
             log.clone(),
             state.clone(),
             DeleteLimit::Percent(100.0),
         );
         (scanner, log)
+    }
+
+    /// A directory source that another program changes while it is scanned: `on_read` runs
+    /// just before the scan reads `key`, `before_deletes` when the scan asks which of the
+    /// entries that vanished are still absent (at the scan's end).
+    struct Meddled {
+        dir: DirSource,
+        key: &'static str,
+        on_read: Box<dyn Fn() + Send + Sync>,
+        before_deletes: Box<dyn Fn() + Send + Sync>,
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Meddled {
+        fn list(&self) -> ListStream {
+            self.dir.list()
+        }
+
+        async fn fetch(&self, entry: Entry) -> Result<Item, FetchError> {
+            if entry.key == self.key {
+                (self.on_read)();
+            }
+            self.dir.fetch(entry).await
+        }
+
+        async fn absent(
+            &self,
+            keys: Vec<String>,
+        ) -> Result<std::collections::HashSet<String>, String> {
+            (self.before_deletes)();
+            self.dir.absent(keys).await
+        }
+    }
+
+    /// Keys of the deletes in `log`.
+    async fn deleted(log: &SledLog) -> Vec<String> {
+        let mut keys: Vec<String> = log
+            .read(0, 0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| r.event.ok())
+            .filter(|e| e.op == Op::Delete)
+            .map(|e| e.key)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// A file removed between the listing and its read (a temporary file, a file some
+    /// program deletes) is absent, not an error: the scan still emits the deletes of what
+    /// the source removed, and the vanished file's own delete. With constant churn of
+    /// temporary files, counting them as errors withheld every scan's deletes.
+    #[tokio::test]
+    async fn a_file_that_vanishes_mid_scan_is_absent_and_does_not_withhold_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        for name in ["a.txt", "b.txt", "old.txt"] {
+            std::fs::write(src.join(name), name).unwrap();
+        }
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let a = src.join("a.txt");
+        let source = Meddled {
+            dir: dir_source(src.clone()),
+            key: "a.txt",
+            on_read: Box::new(move || std::fs::remove_file(&a).unwrap()),
+            before_deletes: Box::new(|| {}),
+        };
+        let (scanner, _) = scanner_of(src.clone(), &state);
+        scanner.scan(&Progress::hidden()).await.unwrap();
+        // The source removes old.txt, and a.txt changes: the next scan reads it, and it
+        // is gone by then.
+        std::fs::remove_file(src.join("old.txt")).unwrap();
+        std::fs::write(src.join("a.txt"), "changed, then removed").unwrap();
+        drop(scanner);
+        let (scanner, log) = scanner_over(Arc::new(source), &state);
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!(
+            (record.errors, record.vanished, record.result.as_str()),
+            (0, 1, "ok"),
+            "{:?}",
+            record.error_messages
+        );
+        assert_eq!(deleted(&log).await, ["a.txt", "old.txt"]);
+    }
+
+    /// A source directory moved away mid-scan (and an empty one made in its place) makes
+    /// what the scan had yet to read vanish; none of it is deleted, and the scan says why.
+    #[tokio::test]
+    async fn a_source_moved_away_mid_scan_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        for name in ["a.txt", "sub/b.txt", "sub/c.txt"] {
+            let path = src.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, name).unwrap();
+        }
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let (scanner, _) = scanner_of(src.clone(), &state);
+        scanner.scan(&Progress::hidden()).await.unwrap();
+        drop(scanner);
+        std::fs::write(src.join("a.txt"), "changed").unwrap();
+        let (from, to) = (src.clone(), dir.path().join("moved"));
+        let source = Meddled {
+            dir: dir_source(src.clone()),
+            key: "a.txt",
+            on_read: Box::new(move || {
+                std::fs::rename(&from, &to).unwrap();
+                std::fs::create_dir(&from).unwrap();
+            }),
+            before_deletes: Box::new(|| {}),
+        };
+        let (scanner, log) = scanner_over(Arc::new(source), &state);
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.deletes, record.result.as_str()), (0, "degraded"));
+        assert!(
+            record
+                .error_messages
+                .iter()
+                .any(|m| m.contains("was moved, removed or unmounted during the scan")),
+            "{:?}",
+            record.error_messages
+        );
+        assert!(deleted(&log).await.is_empty());
+    }
+
+    /// An entry that vanished during the scan but is back at its path by the scan's end
+    /// (removed and written again, as some programs save) is not deleted; the next scan
+    /// reads it.
+    #[tokio::test]
+    async fn a_file_removed_and_made_again_during_the_scan_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a.txt"), "a").unwrap();
+        std::fs::write(src.join("old.txt"), "old").unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let (scanner, _) = scanner_of(src.clone(), &state);
+        scanner.scan(&Progress::hidden()).await.unwrap();
+        drop(scanner);
+        std::fs::remove_file(src.join("old.txt")).unwrap();
+        std::fs::write(src.join("a.txt"), "changed").unwrap();
+        let (a, again) = (src.join("a.txt"), src.join("a.txt"));
+        let source = Meddled {
+            dir: dir_source(src.clone()),
+            key: "a.txt",
+            on_read: Box::new(move || std::fs::remove_file(&a).unwrap()),
+            before_deletes: Box::new(move || {
+                if !again.exists() {
+                    std::fs::write(&again, "saved again").unwrap();
+                }
+            }),
+        };
+        let (scanner, log) = scanner_over(Arc::new(source), &state);
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.vanished, record.deletes), (1, 1));
+        assert_eq!(deleted(&log).await, ["old.txt"]);
+        drop(scanner);
+        let (scanner, _) = scanner_of(src, &state);
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.upserts, record.deletes), (1, 0));
     }
 
     /// Once the listing is done and every read is back, the scan appends what it found and

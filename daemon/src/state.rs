@@ -214,6 +214,10 @@ pub struct ScanRecord {
     pub errors: u64,
     /// Entries skipped on purpose (special files).
     pub skipped: u64,
+    /// Entries that were gone by the time the scan read them (removed or renamed after
+    /// their directory was listed): absent, not errors.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vanished: u64,
     /// `ok`, `degraded` (some entries failed; no deletes) or `failed`.
     pub result: String,
     /// Set when the delete guard withheld this scan's deletes.

@@ -14,7 +14,7 @@ use crate::config::{
 };
 use crate::progress::Progress;
 use crate::scanner::IndexView;
-use crate::source::{DirSource, ListError, Listing, Source};
+use crate::source::{DirSource, FetchError, ListError, Listing, Source};
 use crate::state::{item_label, State, StateError};
 use crate::target::fs::TMP_DIR;
 
@@ -352,7 +352,8 @@ async fn collect(
     while let Some(next) = listing.next().await {
         match next {
             Ok(Listing::Entry(e)) => entries.push(e),
-            Ok(Listing::Skipped { .. }) => {}
+            // Gone while listed: absent, as if never listed.
+            Ok(Listing::Skipped { .. } | Listing::Vanished { .. }) => {}
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 if let ListError::Entry { key, .. } = &e {
@@ -381,6 +382,7 @@ async fn collect(
                     item_version(&i.checksum, i.mode, i.mtime_ns),
                 );
             }
+            Err(FetchError::Vanished { .. }) => {}
             Err(e) => {
                 unread.items.insert(id);
                 unreadable.push(format!("{side}: {e}"));
@@ -605,7 +607,8 @@ async fn verify_http(
     while let Some(next) = listing.next().await {
         match next {
             Ok(Listing::Entry(e)) => entries.push(e),
-            Ok(Listing::Skipped { .. }) => {}
+            // Gone while listed: absent, as if never listed.
+            Ok(Listing::Skipped { .. } | Listing::Vanished { .. }) => {}
             Err(e) if e.is_fatal() => return Err(list_err(e)),
             Err(e @ ListError::Kind { .. }) => return Err(incomplete("source", e)),
             Err(e) => report.unreadable.push(format!("source: {e}")),

@@ -295,6 +295,14 @@ impl Digest {
         }
     }
 
+    /// Takes back [`Digest::see`] for `identity`: the entry vanished before it was read,
+    /// so it is absent from this scan after all.
+    pub(super) fn unsee(&mut self, identity: &str) {
+        if let Some(known) = self.entries.get_mut(&hash128(identity.as_bytes())) {
+            known.seen = false;
+        }
+    }
+
     /// Records index changes (puts and removes) in the journal, atomically, and in the
     /// digest.
     pub(super) fn apply(

@@ -47,6 +47,9 @@ struct Walker {
     /// The pipeline's target directory, for a directory target. A followed link that leads
     /// into it would mirror the target into itself, one level deeper at every sync.
     target: Option<PathBuf>,
+    /// (device, inode) of the root when the last walk started: a root moved or unmounted
+    /// mid-walk makes whole directories vanish, which must not become deletes.
+    root_id: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 fn globset(globs: &[String]) -> GlobSet {
@@ -90,6 +93,7 @@ impl DirSource {
                 exclude: globset(&cfg.exclude),
                 follow_symlinks: cfg.follow_symlinks,
                 target: None,
+                root_id: Default::default(),
             }),
             inline_limit,
             readers: Runner::for_files(),
@@ -175,6 +179,7 @@ impl Walker {
                 return;
             }
         };
+        *self.root_id.lock().expect("root id lock") = Some((root_meta.dev(), root_meta.ino()));
         let queue = std::sync::Mutex::new(WorkQueue {
             dirs: vec![DirWork {
                 path: self.root.clone(),
@@ -272,6 +277,14 @@ impl Walker {
     ) -> bool {
         let entries = match std::fs::read_dir(&work.path) {
             Ok(entries) => entries,
+            // Removed or renamed since its parent was read. The root is never taken for
+            // gone here: a scan that lost its whole source must not delete everything.
+            Err(e) if work.path != self.root && vanished(&work.path, &e) => {
+                return batch.push(Ok(Listing::Vanished {
+                    kind: Some("dir".into()),
+                    key: key_of(&self.root, &work.path),
+                }))
+            }
             Err(e) => {
                 return batch.push(Err(ListError::Entry {
                     key: key_of(&self.root, &work.path),
@@ -312,6 +325,12 @@ impl Walker {
             };
             let meta = match meta {
                 Ok(m) => m,
+                Err(e) if vanished(&entry.path(), &e) => {
+                    if !batch.push(Ok(Listing::Vanished { kind: None, key })) {
+                        return false;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if !batch.push(Err(ListError::Entry {
                         key,
@@ -469,6 +488,41 @@ impl Source for DirSource {
                 })
             })
     }
+
+    async fn absent(&self, keys: Vec<String>) -> Result<std::collections::HashSet<String>, String> {
+        let walker = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let root = &walker.root;
+            let walked = *walker.root_id.lock().expect("root id lock");
+            let now = std::fs::metadata(root).ok().map(|m| (m.dev(), m.ino()));
+            if walked.is_none() || now != walked {
+                return Err(format!(
+                    "the source directory {} was moved, removed or unmounted during the scan, so what vanished from it is not deleted",
+                    root.display()
+                ));
+            }
+            // Only a path that is not found is absent; any other answer (a permission
+            // error) keeps the entry's delete back.
+            Ok(keys
+                .into_iter()
+                .filter(|key| {
+                    path_of(root, key).is_some_and(|path| {
+                        std::fs::symlink_metadata(path)
+                            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    })
+                })
+                .collect())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("checking what vanished failed: {e}")))
+    }
+}
+
+/// Whether `e`, met at `path`, means the entry is gone: the path is not found, and no
+/// link is there either (a link whose target is missing is an error, not a vanished entry).
+fn vanished(path: &Path, e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        && std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 fn tokio_stream_from<T: Send + 'static>(
@@ -485,11 +539,23 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> Option<i64> {
 }
 
 fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, FetchError> {
-    let err = |message: String| FetchError::Entry {
+    let path = path_of(root, &entry.key).ok_or_else(|| FetchError::Entry {
         key: entry.key.clone(),
-        message,
+        message: "not a valid path key".into(),
+    })?;
+    let err = |e: std::io::Error| {
+        if vanished(&path, &e) {
+            FetchError::Vanished {
+                kind: entry.kind.clone(),
+                key: entry.key.clone(),
+            }
+        } else {
+            FetchError::Entry {
+                key: entry.key.clone(),
+                message: e.to_string(),
+            }
+        }
     };
-    let path = path_of(root, &entry.key).ok_or_else(|| err("not a valid path key".into()))?;
     let mut item = Item {
         kind: entry.kind.clone(),
         key: entry.key.clone(),
@@ -505,22 +571,22 @@ fn read_item(root: &Path, entry: Entry, inline_limit: u64) -> Result<Item, Fetch
     };
     match entry.kind.as_str() {
         "dir" => {
-            let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
+            let meta = std::fs::metadata(&path).map_err(err)?;
             item.checksum = checksum_bytes(b"");
             item.mode = Some(meta.mode() & 0o7777);
             item.mtime_ns = mtime_ns(&meta);
         }
         "symlink" => {
-            let target = std::fs::read_link(&path).map_err(|e| err(e.to_string()))?;
+            let target = std::fs::read_link(&path).map_err(err)?;
             let bytes = target.as_os_str().as_bytes().to_vec();
             item.checksum = checksum_bytes(&bytes);
             item.body = Some(Body::Base64(bytes));
         }
         _ => {
-            let mut file = File::open(&path).map_err(|e| err(e.to_string()))?;
-            let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-            let (checksum, size, bytes) = hash_reader(&mut file, meta.len() <= inline_limit)
-                .map_err(|e| err(e.to_string()))?;
+            let mut file = File::open(&path).map_err(err)?;
+            let meta = file.metadata().map_err(err)?;
+            let (checksum, size, bytes) =
+                hash_reader(&mut file, meta.len() <= inline_limit).map_err(err)?;
             item.checksum = checksum;
             item.mode = Some(meta.mode() & 0o7777);
             item.mtime_ns = mtime_ns(&meta);
@@ -573,4 +639,94 @@ pub fn hash_reader(
         }
         Ok((hasher.finish(), size, kept))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the walk lists for the directory `path` of the tree at `root`.
+    fn read(root: &Path, path: &Path) -> Vec<Result<Listing, ListError>> {
+        let source = DirSource::new(
+            &DirSourceConfig {
+                path: root.to_owned(),
+                include: vec![],
+                exclude: vec![],
+                follow_symlinks: false,
+            },
+            0,
+        );
+        let (tx, _rx) = mpsc::channel(4);
+        let mut batch = Batch {
+            tx: &tx,
+            items: vec![],
+        };
+        let work = DirWork {
+            path: path.to_owned(),
+            ancestors: None,
+        };
+        assert!(source.inner.read_dir(&work, &mut batch, &mut vec![], None));
+        batch.items
+    }
+
+    /// A directory removed between its parent's listing and its own read is absent (its
+    /// indexed contents are deleted); the root gone is an error, never a reason to delete
+    /// everything; a directory that exists but cannot be read is an error.
+    #[test]
+    fn a_directory_gone_before_its_read_is_vanished_but_a_gone_root_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("src");
+        std::fs::create_dir(&root).unwrap();
+        let listed = read(&root, &root.join("gone"));
+        assert!(
+            matches!(&listed[..], [Ok(Listing::Vanished { kind: Some(k), key })] if k == "dir" && key == "gone"),
+            "{listed:?}"
+        );
+        std::fs::remove_dir(&root).unwrap();
+        let listed = read(&root, &root);
+        assert!(
+            matches!(&listed[..], [Err(ListError::Entry { .. })]),
+            "{listed:?}"
+        );
+        // Not a directory: an error, not vanished.
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let listed = read(dir.path(), &dir.path().join("file"));
+        assert!(
+            matches!(&listed[..], [Err(ListError::Entry { .. })]),
+            "{listed:?}"
+        );
+    }
+
+    /// A link whose target is missing is an error when links are followed (the link is
+    /// there), and a file gone when it is read is vanished.
+    #[test]
+    fn a_dangling_link_is_an_error_and_a_gone_file_vanished() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join("link")).unwrap();
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!vanished(&dir.path().join("link"), &gone));
+        assert!(vanished(&dir.path().join("file"), &gone));
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(!vanished(&dir.path().join("file"), &denied));
+        let read = |kind: &str, key: &str| {
+            read_item(
+                dir.path(),
+                Entry {
+                    kind: kind.into(),
+                    key: key.into(),
+                    fingerprint: None,
+                    payload: None,
+                },
+                0,
+            )
+        };
+        assert!(matches!(
+            read("file", "file"),
+            Err(FetchError::Vanished { .. })
+        ));
+        assert!(matches!(
+            read("file", "link"),
+            Err(FetchError::Entry { .. })
+        ));
+    }
 }

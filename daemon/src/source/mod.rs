@@ -84,6 +84,16 @@ pub enum Listing {
         /// Why it was left out.
         reason: String,
     },
+    /// An entry that was gone by the time the walk looked at it: nothing is at its path
+    /// any more (removed or renamed after its directory was read, as temporary files
+    /// are). Not an error: it is absent, like an entry that was never listed, so an
+    /// indexed one is deleted (see [`Source::absent`]).
+    Vanished {
+        /// Its kind, when the listing knows it (a directory that could not be opened).
+        kind: Option<String>,
+        /// Its key.
+        key: String,
+    },
 }
 
 /// A listing error. [`ListError::Root`] ends the scan; the others cost one entry or one
@@ -135,6 +145,15 @@ pub enum FetchError {
         /// Why.
         message: String,
     },
+    /// The entry was gone when its content was read: nothing is at its path any more.
+    /// Not an error, as for [`Listing::Vanished`].
+    #[error("`{key}` vanished before it could be read")]
+    Vanished {
+        /// Its kind.
+        kind: String,
+        /// Its key.
+        key: String,
+    },
 }
 
 /// A streaming listing.
@@ -148,6 +167,16 @@ pub trait Source: Send + Sync {
 
     /// Reads one entry's content and computes its checksum.
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError>;
+
+    /// Which of `keys` are absent from the source now. A scan asks before it deletes
+    /// what vanished while it ran (and what was under it), so an entry removed and made
+    /// again during the scan is not deleted. An error (the source itself moved during the
+    /// scan) counts as a listing error: the scan emits no deletes. Sources that never
+    /// report a vanished entry confirm nothing absent.
+    async fn absent(&self, keys: Vec<String>) -> Result<std::collections::HashSet<String>, String> {
+        let _ = keys;
+        Ok(Default::default())
+    }
 }
 
 /// Builds the source a pipeline is configured with. A directory source is told the
