@@ -428,6 +428,52 @@ fn an_item_prod_refused_is_created_by_the_next_sync_once_prod_accepts_it() {
     assert_eq!(proxy.writes(), writes, "a write was sent again");
 }
 
+/// An item prod refused (422) that meets a 500 when the next run tries it again stays on
+/// the failed list with the 500 as its reason: `status` kept showing the old refusal, which
+/// would send the on-call person after a cause that is gone.
+#[test]
+fn a_failed_item_that_meets_a_500_when_tried_again_shows_the_500() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("retry_budget = \"20s\"", "retry_budget = \"2s\"");
+    env.write_config(&config);
+    dev.post(
+        "users",
+        json!({"id": 4242, "name": "user-refused", "active": true, "score": 0, "bio": ""}),
+    );
+    let reason = || {
+        let status = env.json(&["status"]);
+        let failed = status[0]["failed"].as_array().unwrap().clone();
+        assert_eq!(failed.len(), 1, "{status}");
+        failed[0]["reason"].as_str().unwrap().to_owned()
+    };
+    *proxy.faults.reject_body.lock().unwrap() = Some("user-refused".into());
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3));
+    let refused = reason();
+    assert!(refused.contains("HTTP 422"), "{refused}");
+
+    *proxy.faults.reject_body.lock().unwrap() = None;
+    *proxy.faults.fail_body.lock().unwrap() = Some("user-refused".into());
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let now = reason();
+    assert!(
+        now.contains("HTTP 500") && now.contains("transient") && !now.contains("HTTP 422"),
+        "{now}"
+    );
+
+    *proxy.faults.fail_body.lock().unwrap() = None;
+    let (_, project) = env.sync();
+    assert_eq!(kind_outcome(&project, "users", "created"), 1, "{project}");
+    assert_eq!(env.json(&["status"])[0]["failed"], json!([]));
+    assert_rest_mirror(&dev, &prod);
+}
+
 /// Comments waiting for a post prod refused are written by the same `sync` that finally
 /// creates the post (issue: they waited for one more run, which exited 0 meanwhile and
 /// left `verify` reporting them missing).

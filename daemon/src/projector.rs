@@ -857,6 +857,9 @@ pub struct Projector {
     retried: AtomicBool,
     /// Items that failed in this run before the retry: just tried, so not tried again.
     failed_now: Mutex<HashSet<String>>,
+    /// The transient failure that stopped the last pass over the failed items, which a
+    /// one-shot run ends with (as with a transient failure of an event in the log).
+    retry_stopped: Mutex<Option<ApplyError>>,
     /// When the daemon's next pass over the failed items is due
     /// ([`Projector::retry_failed_when_due`]).
     retry_due: Mutex<RetryDue>,
@@ -921,6 +924,7 @@ impl Projector {
             stale: Mutex::default(),
             retried: AtomicBool::new(false),
             failed_now: Mutex::default(),
+            retry_stopped: Mutex::default(),
             retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
             last_call: AtomicBool::new(false),
@@ -1886,7 +1890,7 @@ impl Projector {
                 .map_err(self.err_state())?;
             replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
             self.state.flush().await.map_err(self.err_state())?;
-            if let Some(e) = stopped {
+            if let Some((_, e)) = stopped.into_iter().next() {
                 warn!(
                     pipeline = %self.pipeline,
                     "{e}; the deletes retained while prune was off are tried again later"
@@ -1916,23 +1920,28 @@ impl Projector {
         (
             Vec<Done>,
             BTreeMap<String, PendingDelete>,
-            Option<ApplyError>,
+            Vec<(String, ApplyError)>,
         ),
         ProjectError,
     > {
         let priors = Priors::direct(applied);
-        let mut results: Vec<GroupResult> = stream::iter(concurrent)
-            .map(|e| self.apply_group(vec![e], &priors, refs, false))
+        let (mut ids, mut results): (Vec<String>, Vec<GroupResult>) = stream::iter(concurrent)
+            .map(|e| {
+                let id = e.identity();
+                let priors = &priors;
+                async move { (id, self.apply_group(vec![e], priors, refs, false).await) }
+            })
             .buffer_unordered(self.concurrency)
-            .collect()
+            .unzip()
             .await;
         for e in in_order {
+            ids.push(e.identity());
             results.push(self.apply_group(vec![e], &priors, refs, false).await);
         }
-        let mut stopped = None;
-        for r in &mut results {
+        let mut stopped = Vec::new();
+        for (id, r) in ids.into_iter().zip(&mut results) {
             if let Some((_, e)) = r.stopped.take() {
-                stopped.get_or_insert(e);
+                stopped.push((id, e));
             }
         }
         let (waiting, removed) = self
@@ -2107,11 +2116,30 @@ impl Projector {
         self.count_deferred(waiting.len())?;
         self.state.flush().await.map_err(self.err_state())?;
         self.count_applies(&report);
-        if let Some(e) = stopped {
+        // An item that stopped on a transient failure stays on the failed list, with what
+        // went wrong this time: `status` showing the reason it failed with days ago, while
+        // it now meets a 500, would send the on-call person after the wrong cause.
+        let mut changes = Vec::new();
+        for (id, e) in &stopped {
+            if let Some(mut f) = stored.get(id).map_err(self.err_state())? {
+                f.failure.reason = format!(
+                    "{} (a transient failure when tried again)",
+                    crate::http::redact_known(&e.to_string())
+                );
+                f.failure.at = now;
+                changes.push((id.as_str(), f));
+            }
+        }
+        stored
+            .apply(changes.iter().map(|(id, f)| (*id, Some(f))))
+            .map_err(self.err_state())?;
+        if let Some((_, e)) = stopped.into_iter().next() {
+            self.state.flush().await.map_err(self.err_state())?;
             warn!(
                 pipeline = %self.pipeline,
                 "{e}; the items that failed earlier are tried again at the next run"
             );
+            *self.retry_stopped.lock().unwrap() = Some(e);
         }
         Ok(report)
     }
@@ -2916,7 +2944,9 @@ impl Projector {
         }
         // An item the target failed transiently waited while the run went on; the run
         // ends with its error now, as with a transient failure of an event in the log.
-        if let Some(source) = self.still_failing()? {
+        // So does a failed item tried again that met a transient failure.
+        let retry_stopped = self.retry_stopped.lock().unwrap().take();
+        if let Some(source) = self.still_failing()?.or(retry_stopped) {
             return Err(ProjectError::Apply {
                 pipeline: self.pipeline.clone(),
                 source,
