@@ -474,6 +474,59 @@ fn a_failed_item_that_meets_a_500_when_tried_again_shows_the_500() {
     assert_rest_mirror(&dev, &prod);
 }
 
+/// An `id_field` that points at a field many items share (`/userId` for posts) lists
+/// several items under one id. They used to merge silently: `4 created, 17 skipped`, exit
+/// 0, and `verify` found nothing wrong. The second item listed under an id is now a
+/// listing error naming both items, so the scan is degraded and deletes nothing.
+#[test]
+fn an_id_listed_twice_is_a_listing_error_naming_both_items() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let typo = config.replacen(
+        "name = \"posts\"\npath = \"/posts\"\n",
+        "name = \"posts\"\npath = \"/posts\"\nid_field = \"/userId\"\n",
+        1,
+    );
+    assert_ne!(typo, config);
+    env.write_config(&typo);
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a scan with an error is degraded"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = &v[0]["scan"];
+    assert_eq!(
+        (scan["errors"].as_u64(), scan["deletes"].as_u64()),
+        (Some(2), Some(0)),
+        "{scan}"
+    );
+    let messages = scan["error_messages"].to_string();
+    assert!(
+        messages.contains("kind `posts`: the id `1000` at `/userId` is listed twice (first as `post-0-0`, again as `post-0-1`)")
+            && messages.contains("check `id_field`"),
+        "{messages}"
+    );
+
+    // The typo fixed, the next sync makes prod the mirror: the posts first written under
+    // the wrong ids are adopted or replaced, none is left twice.
+    env.write_config(&config);
+    let out = env.run(&["sync"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
 /// Comments waiting for a post prod refused are written by the same `sync` that finally
 /// creates the post (issue: they waited for one more run, which exited 0 meanwhile and
 /// left `verify` reporting them missing).

@@ -3,6 +3,7 @@
 //! the scanner, and turns each into an item: source id as key, the name field, the
 //! references, and the JSON body minus ignored fields.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -432,6 +433,23 @@ fn no_id(kind: &str, field: &str, item: &Value) -> String {
     format!("kind `{kind}`: an item {what}; it is left out: {shown}")
 }
 
+/// Why the second item listed with the id `key` is left out.
+fn listed_twice(
+    kind: &SourceKindConfig,
+    key: &str,
+    first: Option<&str>,
+    again: Option<&str>,
+) -> String {
+    let names = match (first, again) {
+        (Some(a), Some(b)) => format!(" (first as `{a}`, again as `{b}`)"),
+        _ => String::new(),
+    };
+    format!(
+        "kind `{}`: the id `{key}` at `{}` is listed twice{names}; the second is left out. Every item needs an id of its own there: check `id_field` (a field many items share, such as a reference, makes them one item), or the API's pages shifted while they were read",
+        kind.name, kind.id_field
+    )
+}
+
 fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -461,6 +479,11 @@ impl Source for HttpSource {
                     kind.items.clone(),
                     page_concurrency,
                 );
+                // The ids listed so far, with the item's name: an id listed twice (a
+                // mistyped `id_field` that points at a shared field, or pages that shifted
+                // while they were read) would merge two items into one, and a shifted page
+                // may have hidden another item from the listing, so it is a listing error.
+                let mut listed: HashMap<String, Option<String>> = HashMap::new();
                 while let Some(next) = items.next().await {
                     let listing = next.and_then(|item| {
                         let key = item
@@ -470,6 +493,23 @@ impl Source for HttpSource {
                                 key: format!("{} item", kind.name),
                                 message: no_id(&kind.name, &kind.id_field, &item),
                             })?;
+                        let name = kind
+                            .name_field
+                            .as_deref()
+                            .and_then(|p| item.pointer(p))
+                            .and_then(id_string);
+                        if let Some(first) = listed.get(&key) {
+                            return Err(ListError::Entry {
+                                key: format!("{} {key}", kind.name),
+                                message: listed_twice(
+                                    kind,
+                                    &key,
+                                    first.as_deref(),
+                                    name.as_deref(),
+                                ),
+                            });
+                        }
+                        listed.insert(key.clone(), name);
                         Ok(Listing::Entry(Entry {
                             kind: kind.name.clone(),
                             key,
