@@ -2346,14 +2346,24 @@ fn a_target_that_never_received_anything_is_not_remembered() {
     );
     assert_mirror(&env.src(), &env.path("dst2"));
 
-    // Now dst2 holds what was applied: another path is refused, as any changed target.
+    // Now dst2 holds what was applied: another path is refused, as any changed target,
+    // before the scan appends anything (it used to scan and append, then refuse).
+    write(env.src().join("new.txt"), "new");
+    let head = env.json(&["status"])[0]["head"].clone();
     env.write_config(&config.replace("path = \"dst\"", "path = \"dst3\""));
     let out = env.run(&["sync"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("the target is now dir ") && stderr.contains("dst2"),
+        stderr.contains("the target is now dir ")
+            && stderr.contains("dst2")
+            && stderr.contains("nothing was scanned, appended or applied"),
         "{stderr}"
+    );
+    assert_eq!(
+        env.json(&["status"])[0]["head"],
+        head,
+        "the refused sync appended"
     );
 }
 

@@ -884,12 +884,17 @@ async fn scan_project(
         // end), or refuses while a daemon holds some.
         // Taking them may watch the leases for up to 1.5 × session_timeout: a signal
         // ends the watch at once (nothing is taken then).
+        // A target changed under applied state refuses the run before its scan appends
+        // anything, as `plan` does, not after.
         let ready = match p.log.connect().await {
             Err(e) => Err(format!("pipeline `{}`: {e}", p.name())),
-            Ok(()) if project => tokio::select! {
-                biased;
-                _ = stop.cancelled() => Ok(()),
-                taken = p.projector.take_all() => taken.map_err(|e| e.to_string()),
+            Ok(()) if project => match p.projector.check_target(false).await {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => Ok(()),
+                    taken = p.projector.take_all() => taken.map_err(|e| e.to_string()),
+                },
             },
             Ok(()) => Ok(()),
         };
