@@ -1456,6 +1456,51 @@ fn plan_writes_nothing_and_shows_what_project_would_do() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// Several scans between projections leave several events of one item in the log; `plan`
+/// shows what `project` then does, the item's last state, not its history. It used to
+/// plan `update a.txt` twice, and a create and a delete for a file that came and went,
+/// where `project` updated once and skipped the rest.
+#[test]
+fn plan_shows_each_items_last_state_not_its_history() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    write(env.src().join("a.txt"), "a, changed");
+    env.ok(&["scan"]);
+    write(env.src().join("a.txt"), "a, changed again");
+    write(env.src().join("c.txt"), "c");
+    env.ok(&["scan"]);
+    std::fs::remove_file(env.src().join("c.txt")).unwrap();
+    env.ok(&["scan"]);
+
+    let plan = env.ok(&["plan"]);
+    assert_eq!(planned_keys(&plan), ["a.txt"], "{plan}");
+    assert!(plan.contains("update file a.txt"), "{plan}");
+    assert!(
+        plan.contains("t: plan: 1 skip, 2 superseded, 1 update"),
+        "{plan}"
+    );
+    let planned = Planned::of(&env.json(&["plan"])[0]["actions"]);
+    assert_eq!(planned.count("file", "update"), 1);
+    assert_eq!(
+        planned.count("file", "create") + planned.count("file", "delete"),
+        0
+    );
+
+    let (_, project) = env
+        .json(&["project"])
+        .as_array()
+        .map(|v| ((), v[0]["project"].clone()))
+        .unwrap();
+    let outcomes = &project["outcomes"];
+    assert_eq!(outcomes["updated"], 1, "{project}");
+    assert!(
+        outcomes["created"].is_null() && outcomes["deleted"].is_null(),
+        "{project}"
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// Planned actions (`plan`'s or a dry run's JSON) counted by (kind, action).
 struct Planned(std::collections::BTreeMap<(String, String), u64>);
 

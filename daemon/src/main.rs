@@ -1282,7 +1282,7 @@ fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction], nothing: &s
     let mut counts = std::collections::BTreeMap::new();
     for a in actions {
         *counts.entry(a.action).or_insert(0) += 1;
-        if a.action == "skip" {
+        if a.action == "skip" || a.action == "superseded" {
             continue;
         }
         let at = match a.offset {

@@ -356,7 +356,8 @@ pub struct PlannedAction {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
     /// `create`, `update`, `delete`, `retain` (delete not applied: prune is off), `skip`,
-    /// or `retry`: an event a previous projection kept waiting (for the items it
+    /// `superseded` (a later event of the item follows, so this one changes nothing), or
+    /// `retry`: an event a previous projection kept waiting (for the items it
     /// references, or a directory delete for the directory to empty), or one that failed
     /// in an earlier run, tried again.
     pub action: &'static str,
@@ -386,6 +387,22 @@ struct Plan<'a> {
     /// Every key the log still has an event for: that event replaces a waiting one.
     seen: BTreeSet<String>,
     actions: Vec<PlannedAction>,
+}
+
+impl Plan<'_> {
+    /// Notes `event`, which a later event of its item follows: `project` skips it.
+    fn superseded(&mut self, event: Event, offset: Option<u64>) {
+        self.seen.insert(event.identity());
+        self.actions.push(PlannedAction {
+            offset,
+            action: "superseded",
+            kind: event.kind,
+            key: event.key,
+            name: event.name,
+            waiting_since: None,
+            failed: None,
+        });
+    }
 }
 
 /// What applying one event did to the applied state.
@@ -3279,29 +3296,46 @@ impl Projector {
             seen: BTreeSet::new(),
             actions: Vec::new(),
         };
+        // An event that a later one of its item follows changes nothing in the end: the
+        // target gets the item's last state (a REST target skips it, a directory target
+        // finds the source moved on and skips it as stale). A first pass finds each item's
+        // last event, keeping only identities and offsets, not the events.
+        let mut last: HashMap<String, (Option<u32>, u64)> = HashMap::new();
+        for p in 0..self.log.partitions() {
+            self.plan_pass(p, |identity, offset| {
+                last.insert(identity, (Some(p), offset));
+            })
+            .await?;
+        }
+        for (i, event) in unlogged.iter().enumerate() {
+            last.insert(event.identity(), (None, i as u64));
+        }
+        let superseded = |event: &Event, at: (Option<u32>, u64)| {
+            last.get(&event.identity()).is_some_and(|l| *l != at)
+        };
         for p in 0..self.log.partitions() {
             let mut from = self.committed(p).await?;
             loop {
-                let records = self
-                    .log
-                    .read(p, from, self.batch_size)
-                    .await
-                    .map_err(|source| ProjectError::Read {
-                        pipeline: self.pipeline.clone(),
-                        source,
-                    })?;
-                let Some(last) = records.last() else { break };
-                from = last.offset + 1;
+                let records = self.plan_read(p, from).await?;
+                let Some(end) = records.last() else { break };
+                from = end.offset + 1;
                 for record in records {
-                    if let Ok(event) = record.event {
+                    let Ok(event) = record.event else { continue };
+                    if superseded(&event, (Some(p), record.offset)) {
+                        plan.superseded(event, Some(record.offset));
+                    } else {
                         self.plan_event(&mut plan, event, Some(record.offset))
                             .await?;
                     }
                 }
             }
         }
-        for event in unlogged {
-            self.plan_event(&mut plan, event, None).await?;
+        for (i, event) in unlogged.into_iter().enumerate() {
+            if superseded(&event, (None, i as u64)) {
+                plan.superseded(event, None);
+            } else {
+                self.plan_event(&mut plan, event, None).await?;
+            }
         }
         let Plan {
             seen,
@@ -3401,6 +3435,38 @@ impl Projector {
         Ok(actions)
     }
 
+    /// Reads partition `p` of the log from `from` for a plan.
+    async fn plan_read(&self, p: u32, from: u64) -> Result<Vec<crate::log::Record>, ProjectError> {
+        self.log
+            .read(p, from, self.batch_size)
+            .await
+            .map_err(|source| ProjectError::Read {
+                pipeline: self.pipeline.clone(),
+                source,
+            })
+    }
+
+    /// Calls `each` with the identity and offset of every event of partition `p` from its
+    /// committed offset on.
+    async fn plan_pass(
+        &self,
+        p: u32,
+        mut each: impl FnMut(String, u64),
+    ) -> Result<(), ProjectError> {
+        let mut from = self.committed(p).await?;
+        loop {
+            let records = self.plan_read(p, from).await?;
+            let Some(end) = records.last() else { break };
+            from = end.offset + 1;
+            for record in records {
+                if let Ok(event) = record.event {
+                    each(event.identity(), record.offset);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Adds what `project` would do with `event` to `plan`.
     async fn plan_event(
         &self,
@@ -3419,7 +3485,12 @@ impl Projector {
             (Some(_), _) => "skip",
             (None, Op::Delete) => {
                 plan.overlay.insert(id, None);
-                "delete"
+                // Never applied (an item that came and went between two projections, a
+                // replay): a delete of what the target does not hold changes nothing.
+                match prior {
+                    None if self.target.probe(&event).await == Probe::Absent => "skip",
+                    _ => "delete",
+                }
             }
             (None, Op::Upsert) => {
                 plan.overlay.insert(
