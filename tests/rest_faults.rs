@@ -527,6 +527,63 @@ fn an_id_listed_twice_is_a_listing_error_naming_both_items() {
     assert_verified(&env);
 }
 
+/// Posts that failed because their user never reached prod (refused, past
+/// `reference_wait`), and their comments, are written by the same `sync` whose retry
+/// finally creates the user: each level used to wait for one more run (the daemon:
+/// `failed_retry_interval`).
+#[test]
+fn failed_items_follow_the_failed_item_they_reference_in_the_same_retry() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "reference_wait = \"1s\"");
+    *proxy.faults.reject_body.lock().unwrap() = Some("\"user-0\"".into());
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3));
+    let failed = |env: &Env| -> Vec<String> {
+        let mut keys: Vec<String> = env.json(&["status"])[0]["failed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}",
+                    f["kind"].as_str().unwrap(),
+                    f["key"].as_str().unwrap()
+                )
+            })
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(
+        failed(&env),
+        [
+            "comments 90000",
+            "comments 90013",
+            "comments 90026",
+            "comments 90039",
+            "posts 5000",
+            "posts 5011",
+            "users 1000"
+        ]
+    );
+
+    *proxy.faults.reject_body.lock().unwrap() = None;
+    let (_, project) = env.sync();
+    assert_eq!(kind_outcome(&project, "users", "created"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "posts", "created"), 2, "{project}");
+    assert_eq!(
+        kind_outcome(&project, "comments", "created"),
+        4,
+        "{project}"
+    );
+    assert!(failed(&env).is_empty());
+    assert_rest_mirror(&dev, &prod);
+}
+
 /// Comments waiting for a post prod refused are written by the same `sync` that finally
 /// creates the post (issue: they waited for one more run, which exited 0 meanwhile and
 /// left `verify` reporting them missing).

@@ -2039,8 +2039,7 @@ impl Projector {
             return Ok(report);
         }
         let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
-        let refs = Refs::new(&remap);
-        let mut events = Vec::new();
+        let mut candidates = Vec::new();
         let entries: Vec<(String, StoredFailure)> = stored
             .iter()
             .collect::<Result<_, _>>()
@@ -2051,24 +2050,57 @@ impl Projector {
             {
                 continue;
             }
-            let event = match f.event {
-                Some(event) => event,
-                None => match self.failed_event_in_log(&id, &f.failure).await {
-                    Some(event) => event,
-                    None => continue,
-                },
-            };
-            if event.op == Op::Upsert && !event.refs.is_empty() {
-                let (_, missing) = refs.resolve(&event).map_err(self.err_state())?;
-                if !missing.is_empty() {
-                    continue;
+            match f.event {
+                Some(event) => candidates.push(event),
+                None => {
+                    if let Some(event) = self.failed_event_in_log(&id, &f.failure).await {
+                        candidates.push(event);
+                    }
                 }
             }
-            events.push(event);
         }
-        if events.is_empty() {
-            return Ok(report);
+        // An item whose references do not resolve yet stays as it was; one that a pass
+        // brings to the target may be what it references, so the items left are looked
+        // at again after every pass that made something, in the same run.
+        loop {
+            let refs = Refs::new(&remap);
+            let (mut events, mut waiting) = (Vec::new(), Vec::new());
+            for event in candidates {
+                if event.op == Op::Upsert && !event.refs.is_empty() {
+                    let (_, missing) = refs.resolve(&event).map_err(self.err_state())?;
+                    if !missing.is_empty() {
+                        waiting.push(event);
+                        continue;
+                    }
+                }
+                events.push(event);
+            }
+            if events.is_empty() {
+                return Ok(report);
+            }
+            let (pass, stopped) = self.retry_pass(events, &stored, &remap, when).await?;
+            let made_it = [Outcome::Created, Outcome::Updated, Outcome::Adopted]
+                .iter()
+                .any(|o| pass.get(*o) > 0);
+            report.merge(pass);
+            if stopped || !made_it || waiting.is_empty() {
+                return Ok(report);
+            }
+            candidates = waiting;
         }
+    }
+
+    /// One pass of [`Projector::retry_stored`] over `events`, whose references resolve;
+    /// also says whether a transient failure stopped it.
+    async fn retry_pass(
+        &self,
+        events: Vec<Event>,
+        stored: &Records<StoredFailure>,
+        remap: &Records<String>,
+        when: &str,
+    ) -> Result<(ProjectReport, bool), ProjectError> {
+        let mut report = ProjectReport::default();
+        let refs = Refs::new(remap);
         info!(
             pipeline = %self.pipeline,
             items = events.len(),
@@ -2118,7 +2150,7 @@ impl Projector {
             })
             .collect();
         let retained_changes = self.track_retained(&retained, &dones)?;
-        self.record(dones, &mut report, None, &applied, &remap)?;
+        self.record(dones, &mut report, None, &applied, remap)?;
         retained
             .apply(
                 retained_changes
@@ -2150,15 +2182,16 @@ impl Projector {
         stored
             .apply(changes.iter().map(|(id, f)| (*id, Some(f))))
             .map_err(self.err_state())?;
-        if let Some((_, e)) = stopped.into_iter().next() {
-            self.state.flush().await.map_err(self.err_state())?;
-            warn!(
-                pipeline = %self.pipeline,
-                "{e}; the items that failed earlier are tried again at the next run"
-            );
-            *self.retry_stopped.lock().unwrap() = Some(e);
-        }
-        Ok(report)
+        let Some((_, e)) = stopped.into_iter().next() else {
+            return Ok((report, false));
+        };
+        self.state.flush().await.map_err(self.err_state())?;
+        warn!(
+            pipeline = %self.pipeline,
+            "{e}; the items that failed earlier are tried again at the next run"
+        );
+        *self.retry_stopped.lock().unwrap() = Some(e);
+        Ok((report, true))
     }
 
     /// The failed event of a failure recorded before failures kept a copy of it: the log's
