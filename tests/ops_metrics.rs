@@ -223,6 +223,33 @@ fn a_restart_keeps_the_last_apply_time() {
     assert!(d.terminate().success());
 }
 
+/// A daemon that only projects (`role = "project"`) exports none of the scanner's series:
+/// a last scan time of 0 fired `TidemarkScannerStale` forever on such a healthy daemon.
+#[test]
+fn a_daemon_that_does_not_scan_exports_no_scanner_series() {
+    let env = Env::dirs("role = \"project\"", "");
+    write(env.src().join("a.txt"), "a");
+    env.ok(&["scan"]);
+    let d = env.spawn_daemon();
+    let lagless = wait_for(Duration::from_secs(30), || {
+        (d.metric(r#"tidemark_lag_events{pipeline="t"}"#) == 0.0).then_some(())
+    });
+    assert!(lagless.is_some(), "log:\n{}", env.daemon_log());
+    let text = d.get("/metrics").text().unwrap();
+    for series in [
+        "tidemark_last_scan_success_timestamp_seconds",
+        "tidemark_source_freshness_seconds",
+        "tidemark_delete_guard_active",
+        "tidemark_scans_total",
+    ] {
+        assert!(
+            !text.lines().any(|l| l.starts_with(series)),
+            "{series} exported:\n{text}"
+        );
+    }
+    assert!(d.terminate().success());
+}
+
 #[test]
 fn sighup_stops_the_daemon_cleanly_and_says_why() {
     let env = Env::dirs("", "");

@@ -187,3 +187,29 @@ fn issue_5_dashboard_and_rules_reference_only_exported_metrics() {
     );
     assert!(d.terminate().success());
 }
+
+/// Grafana skips a range mapping whose `to` is null (its check is `value > to`, true for
+/// null), so the freshness stat showed "56 years" instead of "never": every range bound
+/// of the dashboard is a number.
+#[test]
+fn every_range_mapping_of_the_dashboard_has_numeric_bounds() {
+    let dash: serde_json::Value = serde_json::from_str(&ops("grafana/tidemark.json")).unwrap();
+    let mut ranges = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        let mappings = panel["fieldConfig"]["defaults"]["mappings"].as_array();
+        for m in mappings
+            .into_iter()
+            .flatten()
+            .filter(|m| m["type"] == "range")
+        {
+            ranges += 1;
+            let options = &m["options"];
+            assert!(
+                options["from"].is_number() && options["to"].is_number(),
+                "panel {}: {m}",
+                panel["title"]
+            );
+        }
+    }
+    assert!(ranges > 0, "the freshness stat's \"never\" mapping is gone");
+}

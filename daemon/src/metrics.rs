@@ -271,7 +271,11 @@ impl Metrics {
     /// at 0 too, as do the `failed` applies of [`INVALID_KIND`]: Prometheus's `increase`
     /// cannot see a series that appears at 1, so the first failure of a kind would not
     /// raise the failure alert.
-    pub fn init_pipeline(&self, pipeline: &str, partitions: u32, kinds: &[String]) {
+    ///
+    /// A pipeline this process does not scan (`role = "project"`) gets none of the
+    /// scanner's series: a last-scan time of 0 there would fire `TidemarkScannerStale`
+    /// forever on a healthy projecting daemon; the scanning daemon exports them.
+    pub fn init_pipeline(&self, pipeline: &str, partitions: u32, kinds: &[String], scans: bool) {
         let failed = crate::target::Outcome::Failed.as_str();
         for kind in kinds {
             for outcome in [failed, FAILED_AGAIN] {
@@ -289,35 +293,34 @@ impl Metrics {
             &self.log_head_offset,
             &self.committed_offset,
             &self.lag_events,
-            &self.delete_guard_active,
             &self.deferred_events,
             &self.failed_items,
         ] {
             g.with_label_values(&[pipeline]);
         }
-        for g in [
-            &self.lag_seconds,
-            &self.source_freshness_seconds,
-            &self.last_scan_success,
-            &self.last_apply,
-        ] {
+        for g in [&self.lag_seconds, &self.last_apply] {
             g.with_label_values(&[pipeline]);
         }
-        for c in [
-            &self.scan_errors,
-            &self.delete_guard_trips,
-            &self.decode_errors,
-        ] {
-            c.with_label_values(&[pipeline]);
+        self.decode_errors.with_label_values(&[pipeline]);
+        if scans {
+            self.delete_guard_active.with_label_values(&[pipeline]);
+            for g in [&self.source_freshness_seconds, &self.last_scan_success] {
+                g.with_label_values(&[pipeline]);
+            }
+            for c in [&self.scan_errors, &self.delete_guard_trips] {
+                c.with_label_values(&[pipeline]);
+            }
         }
         for class in ["transient", "permanent"] {
             self.apply_errors.with_label_values(&[pipeline, class]);
         }
-        for result in ["ok", "degraded", "failed", crate::scanner::INTERRUPTED] {
-            self.scans.with_label_values(&[pipeline, result]);
+        if scans {
+            for result in ["ok", "degraded", "failed", crate::scanner::INTERRUPTED] {
+                self.scans.with_label_values(&[pipeline, result]);
+            }
+            self.scan_duration.with_label_values(&[pipeline]);
         }
         self.apply_duration.with_label_values(&[pipeline]);
-        self.scan_duration.with_label_values(&[pipeline]);
         for side in SIDES {
             self.retries.with_label_values(&[pipeline, side]);
             for class in STATUS_CLASSES {

@@ -189,7 +189,31 @@ impl Pipeline {
         )
         .with_retry_max_backoff(config.retry_max_backoff)
         .with_failed_retry_interval(config.failed_retry_interval);
-        metrics().init_pipeline(&config.name, log.partitions(), &config.source.kinds());
+        let scans = config.role.scans();
+        metrics().init_pipeline(
+            &config.name,
+            log.partitions(),
+            &config.source.kinds(),
+            scans,
+        );
+        // The scanner's gauges as the last scan left them, so a restart neither resolves a
+        // tripped delete guard's alert nor shows "never scanned" until its first scan ends.
+        let last_scan = state
+            .scans()
+            .and_then(|s| s.get(&config.name))
+            .map_err(|source| PipelineError::State {
+                pipeline: config.name.clone(),
+                source,
+            })?;
+        if let Some(scan) = last_scan.filter(|_| scans) {
+            if let Some(at) = scan.last_success_at {
+                Metrics::set_time(&metrics().last_scan_success, &config.name, at);
+            }
+            metrics()
+                .delete_guard_active
+                .with_label_values(&[&config.name])
+                .set(i64::from(scan.guard.is_some()));
+        }
         let last_apply = state
             .last_applies()
             .and_then(|r| r.get(&config.name))
@@ -246,7 +270,8 @@ impl Pipeline {
         let m = metrics();
         let p = [self.config.name.as_str()];
         m.failed_items.with_label_values(&p).set(failed as i64);
-        if let Some(at) = last_scan.as_ref().and_then(|s| s.last_success_at) {
+        let scanned = last_scan.as_ref().filter(|_| self.config.role.scans());
+        if let Some(at) = scanned.and_then(|s| s.last_success_at) {
             m.source_freshness_seconds
                 .with_label_values(&p)
                 .set(age_at(now, Some(at)));
@@ -482,5 +507,45 @@ impl Pipeline {
                 0
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon's pipeline starts with the scanner's gauges as its last scan left them: a
+    /// restart must not resolve a tripped delete guard's alert, nor read "never scanned"
+    /// (0), while its first scan runs. (A test of the real daemon cannot tell the gauges
+    /// restored from the first scan's: that scan ends before the first scrape.)
+    #[tokio::test]
+    async fn a_pipeline_starts_with_its_last_scans_guard_and_success_time() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        let text = "state_dir = \"state\"\n[[pipeline]]\nname = \"restored\"\n[pipeline.source.dir]\npath = \"src\"\n[pipeline.target.dir]\npath = \"dst\"\n";
+        let config = crate::config::Config::parse(&dir.path().join("t.toml"), text).unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let record: ScanRecord = serde_json::from_value(serde_json::json!({
+            "id": "20261122T000000.000Z",
+            "started_at": "2026-11-22T00:00:00Z",
+            "duration_secs": 1.0,
+            "listed": 20, "upserts": 0, "deletes": 0, "errors": 0, "skipped": 0,
+            "result": "ok",
+            "guard": {"would_delete": 20, "allowed": 10, "limit": "10"},
+            "last_success_at": "2026-11-21T12:00:00Z",
+        }))
+        .unwrap();
+        state.scans().unwrap().put("restored", &record).unwrap();
+        Pipeline::build(&config.pipelines[0], &state, crate::log::Patience::Daemon).unwrap();
+        let m = metrics();
+        assert_eq!(
+            m.delete_guard_active.with_label_values(&["restored"]).get(),
+            1
+        );
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-21T12:00:00Z").unwrap();
+        assert_eq!(
+            m.last_scan_success.with_label_values(&["restored"]).get(),
+            at.timestamp() as f64
+        );
     }
 }
