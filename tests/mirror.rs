@@ -2598,6 +2598,20 @@ fn a_running_daemon_applies_a_failed_item_once_its_cause_is_fixed() {
             .then_some(())
     });
     assert!(again.is_some(), "{}", env.daemon_log());
+    // What `status` and the daemon's log advise works while the daemon runs: no
+    // `sync`, `project` or `replay` (which refuse then) without stopping it first.
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("by a running daemon every `failed_retry_interval`")
+            && status.contains("with the daemon stopped, `tidemark replay"),
+        "{status}"
+    );
+    assert!(
+        env.daemon_log()
+            .contains("by a running daemon every failed_retry_interval"),
+        "{}",
+        env.daemon_log()
+    );
 
     std::fs::remove_dir_all(env.dst().join("x")).unwrap();
     assert_daemon_brings_the_fixed_file(&env, daemon, "x");

@@ -1119,7 +1119,7 @@ fn waited_note(waited: u64) -> String {
 /// again until it changes in the source or its event is replayed.
 fn retry_hint(pipeline: &str, first_offset: u64) -> String {
     format!(
-        "failed items are tried again once by the next `tidemark sync` or `tidemark project` (or daemon start), and whenever they change in the source: fix the cause (the message says what to do), then run one; `tidemark replay --pipeline {pipeline} --from {first_offset}` then `tidemark project` applies everything from there again (items already equal on the target are adopted, not rewritten)"
+        "failed items are tried again whenever they change in the source, by a running daemon every `failed_retry_interval` (and at its start), and otherwise by the next `tidemark sync` or `tidemark project`: fix the cause (the message says what to do) and wait for the daemon, or run one; with the daemon stopped, `tidemark replay --pipeline {pipeline} --from {first_offset}` then `tidemark project` applies everything from there again (items already equal on the target are adopted, not rewritten)"
     )
 }
 

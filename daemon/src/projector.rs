@@ -2790,7 +2790,7 @@ impl Projector {
                         key = %event.key,
                         name = event.name.as_deref(),
                         offset = event.offset,
-                        "{e}; once the cause is fixed, the next `sync`, `project` or daemon start tries it again (or `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
+                        "{e}; once the cause is fixed it is tried again: by a running daemon every failed_retry_interval, otherwise by the next `sync` or `project` (or, with the daemon stopped, `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
                         self.pipeline,
                         event.offset
                     );

@@ -385,7 +385,7 @@ impl Report {
         let _ = match g.decision.as_str() {
             "tripped" => writeln!(
                 s,
-                "delete guard: TRIPPED: {} deletes withheld, max_delete = {} allows {}; raise max_delete and scan again if they are intended",
+                "delete guard: TRIPPED: {} deletes withheld, max_delete = {} allows {}; if they are intended, raise max_delete, then restart the daemon or run `tidemark sync`",
                 g.deletes,
                 g.limit,
                 g.allowed.unwrap_or(0)

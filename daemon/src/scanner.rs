@@ -764,7 +764,7 @@ impl Scanner {
                 would_delete,
                 allowed,
                 limit = %trip.limit,
-                "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete and scan again",
+                "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete in the config, then restart the daemon (or, with no daemon running, run `tidemark sync`)",
                 trip.limit
             );
             record.guard = Some(trip);
