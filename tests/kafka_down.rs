@@ -335,3 +335,39 @@ fn run_report(entry: &serde_json::Value) -> serde_json::Value {
     let text = std::fs::read_to_string(std::path::Path::new(dir).join("report.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// A daemon stopped while it is still trying to reach its brokers stops at once: the
+/// attempt in flight is given up, not waited out (one against a broker that accepts the
+/// connection and never answers took about 10 s, past a short `shutdown_timeout`).
+#[test]
+fn a_daemon_stopped_while_it_reaches_for_a_silent_broker_stops_at_once() {
+    // A "broker" that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let topic = unique("silent");
+    let env = Env::dirs(&kafka_log_section(&addr, &topic, &topic, 1), "");
+    let daemon = env.spawn_daemon();
+    // Well into its first attempt.
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let status = daemon.terminate();
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}\n{}", env.daemon_log());
+    assert!(
+        took < Duration::from_secs(4),
+        "the daemon took {took:?} to stop:\n{}",
+        env.daemon_log()
+    );
+    assert!(
+        env.daemon_log()
+            .contains("stopped before the event log was reachable"),
+        "{}",
+        env.daemon_log()
+    );
+}

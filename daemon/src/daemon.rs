@@ -159,17 +159,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::pin!(shutdown);
     for p in &pipelines {
         let mut delay = std::time::Duration::from_millis(500);
-        while let Err(e) = p.log.connect().await {
-            error!(pipeline = %p.name(), "{e}; retrying in {delay:?} (/readyz answers not ready until then)");
-            tokio::select! {
+        loop {
+            // A stop ends an attempt too, not only the pause between two: an attempt
+            // may wait up to the brokers' timeout.
+            let attempt = tokio::select! {
                 biased;
-                _ = &mut shutdown => {
-                    endpoints.cancel();
-                    let _ = server.await;
-                    info!("stopped before the event log was reachable");
-                    return Ok(());
+                _ = &mut shutdown => None,
+                connected = p.log.connect() => Some(connected),
+            };
+            let stopped = match attempt {
+                Some(Ok(())) => break,
+                Some(Err(e)) => {
+                    error!(pipeline = %p.name(), "{e}; retrying in {delay:?} (/readyz answers not ready until then)");
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => true,
+                        _ = tokio::time::sleep(delay) => false,
+                    }
                 }
-                _ = tokio::time::sleep(delay) => {}
+                None => true,
+            };
+            if stopped {
+                endpoints.cancel();
+                let _ = server.await;
+                info!("stopped before the event log was reachable");
+                return Ok(());
             }
             delay = (delay * 2).min(std::time::Duration::from_secs(30));
         }
