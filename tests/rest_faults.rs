@@ -871,3 +871,87 @@ fn a_500_on_one_waiting_item_holds_back_nothing_else_and_is_its_reason() {
     let status = env.json(&["status"]);
     assert_eq!(status[0]["deferred"], json!([]), "{status}");
 }
+
+/// Adds a secret `X-Api-Key` header and `api_key` query parameter, both `key`, to the
+/// source (read from `key.txt`), and makes its `users` kind page by `Link` headers, two
+/// users a page (json-server writes them).
+fn link_paged_source_with_keys(env: &Env, key: &str) {
+    std::fs::write(env.path("key.txt"), key).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let paged =
+        "path = \"/users\"\nname_field = \"/name\"\npagination = { style = \"page\", size = 50 }";
+    assert!(config.contains(paged), "{config}");
+    let config = config
+        .replace(
+            paged,
+            "path = \"/users?_page=1&_limit=2\"\nname_field = \"/name\"\npagination = { style = \"link\" }",
+        )
+        .replace(
+            "[pipeline.target.http]",
+            "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"key.txt\"\n\n\
+             [[pipeline.source.http.query]]\nname = \"api_key\"\nfile = \"key.txt\"\n\n\
+             [pipeline.target.http]",
+        );
+    env.write_config(&config);
+}
+
+/// A next-page link to another origin is not followed: the credentials (bearer token,
+/// secret headers and query parameters) go to base_url's origin only. The kind's listing
+/// ends with an error naming the link's origin, so the scan is degraded and deletes
+/// nothing (issue: tidemark sent the token, `X-Api-Key` and `api_key` there). Links to
+/// base_url's origin are followed as before.
+#[test]
+fn a_next_page_link_to_another_origin_is_not_followed() {
+    const KEY: &str = "hk-4c2d0ffee81a9b";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(3));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    *dev_proxy.faults.require_query.lock().unwrap() = Some(format!("api_key={KEY}"));
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    link_paged_source_with_keys(&env, KEY);
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    assert!(
+        dev_proxy
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, p)| p.starts_with("/users?_page=2")),
+        "the second page was not listed through its link"
+    );
+
+    // Page 1 of users now links to another origin, and a comment is deleted in dev.
+    let elsewhere = Recorder::start();
+    let gone = dev.all("comments")[0]["id"].clone();
+    dev.delete("comments", &gone);
+    *dev_proxy.faults.link_next.lock().unwrap() = Some((
+        "/users?_page=1".into(),
+        format!("{}/users?_page=2&_limit=2", elsewhere.url()),
+    ));
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(
+        elsewhere.requests(),
+        Vec::<String>::new(),
+        "a request went elsewhere"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = &v[0]["scan"];
+    assert_eq!(scan["deletes"], 0, "{scan}");
+    let message = scan["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("kind `users`")
+            && message.contains(&format!("leads to {}", elsewhere.url()))
+            && message.contains("not followed")
+            && message.contains(&format!("base_url's origin {}", dev_proxy.url())),
+        "{message}"
+    );
+    assert_eq!(prod.all("comments").len(), 12, "no delete may reach prod");
+}

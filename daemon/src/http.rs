@@ -1,7 +1,8 @@
 //! The HTTP client the REST source and target share: secret headers, retries with
 //! exponential backoff and jitter (honouring `Retry-After`) within a bounded budget, a
-//! requests-per-second limit, a limit on requests in flight, redaction of secrets from
-//! every message, and the request and retry metrics.
+//! requests-per-second limit, a limit on requests in flight, requests only to `base_url`'s
+//! origin (the credentials go nowhere else), redaction of secrets from every message, and
+//! the request and retry metrics.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,21 @@ pub enum RequestError {
         status: u16,
         /// Start of the response body, secrets redacted.
         excerpt: String,
+    },
+    /// The URL is on another origin than `base_url`'s (a next-page link, a path that is a
+    /// URL): it is not requested, since the request would carry the credentials there.
+    #[error(
+        "{method} {url}: not requested: it is on {origin}, not on base_url's origin {base}, and tidemark sends the credentials (bearer token, secret headers and query parameters) to base_url's origin only"
+    )]
+    OtherOrigin {
+        /// Method.
+        method: Method,
+        /// URL, secrets shown as `***`.
+        url: String,
+        /// The URL's origin (`scheme://host[:port]`).
+        origin: String,
+        /// `base_url`'s origin.
+        base: String,
     },
     /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
     /// budget ran out.
@@ -73,7 +89,7 @@ impl RequestError {
     pub fn status(&self) -> Option<u16> {
         match self {
             RequestError::Rejected { status, .. } => Some(*status),
-            RequestError::Unavailable { .. } => None,
+            RequestError::OtherOrigin { .. } | RequestError::Unavailable { .. } => None,
         }
     }
 
@@ -134,6 +150,9 @@ enum Attempt {
 pub struct HttpClient {
     client: reqwest::Client,
     base: String,
+    /// `base_url`'s origin (`scheme://host[:port]`): the only one requests, and so the
+    /// credentials, go to.
+    origin: String,
     headers: HeaderMap,
     /// Secret query parameters, encoded (`name=value`), added to every URL.
     query: Vec<(String, String)>,
@@ -169,6 +188,7 @@ impl HttpClient {
         HttpClient {
             client,
             base: cfg.base_url.trim_end_matches('/').to_owned(),
+            origin: origin_of(&cfg.base_url),
             headers,
             query: cfg
                 .resolved_queries
@@ -191,17 +211,27 @@ impl HttpClient {
         redact_known(text).into_owned()
     }
 
-    /// The absolute URL of a path (absolute URLs, from `Link` headers, pass through), with
-    /// the secret query parameters it does not carry yet. It may hold secrets: what is
-    /// reported is [`HttpClient::shown`].
-    pub fn url(&self, path: &str) -> String {
-        let mut url = if path.starts_with("http://") || path.starts_with("https://") {
+    /// The absolute URL of a path (an absolute URL, such as a resolved next-page link,
+    /// passes through), with the secret query parameters it does not carry yet. It may hold
+    /// secrets: what is reported is [`HttpClient::shown`]. A URL on another origin than
+    /// `base_url`'s is refused (the error holds its origin): requests carry the
+    /// credentials, which go to `base_url`'s origin only.
+    pub fn url(&self, path: &str) -> Result<String, String> {
+        let absolute = ["http://", "https://"].iter().any(|scheme| {
+            path.get(..scheme.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+        });
+        let mut url = if absolute {
             path.to_owned()
         } else if path.starts_with('/') {
             format!("{}{path}", self.base)
         } else {
             format!("{}/{path}", self.base)
         };
+        let origin = origin_of(&url);
+        if origin != self.origin {
+            return Err(origin);
+        }
         for (name, value) in &self.query {
             let query = url.split_once('?').map_or("", |(_, q)| q);
             if query.split('&').any(|p| p.split('=').next() == Some(name)) {
@@ -212,7 +242,38 @@ impl HttpClient {
             url.push('=');
             url.push_str(value);
         }
-        url
+        Ok(url)
+    }
+
+    /// `base_url`'s origin (`scheme://host[:port]`).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The URL a `Link: <link>; rel="next"` on the page at `page` (a path or URL as given to
+    /// [`HttpClient::send`]) leads to: resolved against that page's URL, as RFC 8288 says.
+    /// A link to another origin than `base_url`'s is an error saying it is not followed,
+    /// naming that origin: the request would carry the credentials there.
+    pub fn next_page(&self, page: &str, link: &str) -> Result<String, String> {
+        let from = self.url(page).unwrap_or_else(|_| page.to_owned());
+        let shown_page = self.shown(&from);
+        let next = reqwest::Url::parse(&from)
+            .and_then(|u| u.join(link))
+            .map_err(|e| {
+                format!(
+                    "GET {shown_page}: the next page's link `{}` is not a URL ({e})",
+                    self.shown(link)
+                )
+            })?;
+        let origin = origin_of(next.as_str());
+        if origin != self.origin {
+            return Err(format!(
+                "GET {shown_page}: the next page's link (`Link: <{}>; rel=\"next\"`) leads to {origin}, not to base_url's origin {}: it is not followed, since tidemark sends the credentials (bearer token, secret headers and query parameters) to base_url's origin only, so this kind's listing is incomplete. Have the API link to its own origin, or set base_url to {origin} if that is where it answers",
+                self.shown(link),
+                self.origin
+            ));
+        }
+        Ok(next.into())
     }
 
     /// A URL as reports, logs and errors show it: secrets replaced by `***`.
@@ -333,7 +394,17 @@ impl HttpClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response, RequestError> {
-        let url = self.url(path);
+        let url = match self.url(path) {
+            Ok(url) => url,
+            Err(origin) => {
+                return Err(RequestError::OtherOrigin {
+                    method,
+                    url: self.shown(path),
+                    origin,
+                    base: self.origin.clone(),
+                })
+            }
+        };
         let shown = self.shown(&url);
         let started = Instant::now();
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
@@ -502,6 +573,16 @@ pub fn redact_known(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A URL's origin as `scheme://host[:port]` (the port left out when it is the scheme's
+/// default); for what is not an http or https URL, a description that matches no origin.
+pub fn origin_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => u.origin().ascii_serialization(),
+        Ok(u) => format!("a `{}:` URL", u.scheme()),
+        Err(_) => "no origin (not a URL)".to_owned(),
+    }
+}
+
 /// A transport error with its causes, which reqwest's `Display` leaves out.
 fn describe(e: &reqwest::Error) -> String {
     let mut out = if e.is_timeout() {
@@ -554,6 +635,89 @@ mod tests {
             redact(&secrets, "auth: Bearer s3cret-token, again s3cret-token"),
             "auth: ***, again ***"
         );
+    }
+
+    fn client(base_url: &str) -> HttpClient {
+        let cfg: HttpEndpointConfig =
+            toml::from_str(&format!("base_url = \"{base_url}\"")).unwrap();
+        HttpClient::new("p", "source", &cfg)
+    }
+
+    #[test]
+    fn requests_go_to_base_urls_origin_only() {
+        let c = client("https://api.example.com/v1");
+        assert_eq!(c.origin(), "https://api.example.com");
+        assert_eq!(
+            c.url("/users").as_deref(),
+            Ok("https://api.example.com/v1/users")
+        );
+        for same in [
+            "https://api.example.com/other",
+            "https://API.example.com:443/v1/users?page=2",
+            "HTTPS://api.example.com/v1/users",
+        ] {
+            assert!(c.url(same).is_ok(), "{same}");
+        }
+        for (other, origin) in [
+            ("http://api.example.com/v1/users", "http://api.example.com"),
+            (
+                "https://api.example.com:8443/v1",
+                "https://api.example.com:8443",
+            ),
+            ("https://evil.example.com/v1", "https://evil.example.com"),
+            (
+                "https://api.example.com.evil.net/",
+                "https://api.example.com.evil.net",
+            ),
+        ] {
+            assert_eq!(c.url(other), Err(origin.to_owned()), "{other}");
+        }
+        // A path is always joined to base_url, whatever it holds.
+        for path in ["@evil.example.com/x", "//evil.example.com/x", ":8080/x"] {
+            assert!(c
+                .url(path)
+                .unwrap()
+                .starts_with("https://api.example.com/v1/"));
+        }
+    }
+
+    #[test]
+    fn a_next_page_link_is_resolved_and_kept_on_base_urls_origin() {
+        let c = client("https://api.example.com/v1");
+        // Resolved against the page's URL (RFC 8288), not joined to base_url again.
+        assert_eq!(
+            c.next_page("/users", "/v1/users?page=2").as_deref(),
+            Ok("https://api.example.com/v1/users?page=2")
+        );
+        assert_eq!(
+            c.next_page("/users?page=2", "?page=3").as_deref(),
+            Ok("https://api.example.com/v1/users?page=3")
+        );
+        assert_eq!(
+            c.next_page("/users", "https://api.example.com/v1/users?page=2")
+                .as_deref(),
+            Ok("https://api.example.com/v1/users?page=2")
+        );
+        // https → http is another origin: the credentials would travel in clear text.
+        for (link, origin) in [
+            (
+                "http://api.example.com/v1/users?page=2",
+                "http://api.example.com",
+            ),
+            (
+                "https://cdn.example.com/users?page=2",
+                "https://cdn.example.com",
+            ),
+            ("//cdn.example.com/users?page=2", "https://cdn.example.com"),
+        ] {
+            let e = c.next_page("/users", link).unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "leads to {origin}, not to base_url's origin https://api.example.com"
+                )) && e.contains("not followed"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -321,6 +321,9 @@ pub struct Faults {
     pub throttle: Mutex<Option<(String, u64)>>,
     /// Answer every request this much later, as a slow server does.
     pub delay: Mutex<Option<Duration>>,
+    /// To requests whose path contains `.0`, answer (from the server) with
+    /// `Link: <.1>; rel="next"` instead of the server's own `Link`.
+    pub link_next: Mutex<Option<(String, String)>>,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -341,18 +344,20 @@ impl FaultProxy {
         let injected = Arc::new(AtomicU64::new(0));
         let counter = Arc::new(AtomicU64::new(0));
         let upstream = upstream.to_owned();
+        let own = format!("http://127.0.0.1:{port}");
         let (f, s, i) = (faults.clone(), seen.clone(), injected.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (f, s, i, c, u) = (
+                let (f, s, i, c, u, o) = (
                     f.clone(),
                     s.clone(),
                     i.clone(),
                     counter.clone(),
                     upstream.clone(),
+                    own.clone(),
                 );
-                std::thread::spawn(move || serve(conn, &u, &f, &s, &i, &c));
+                std::thread::spawn(move || serve(conn, &u, &o, &f, &s, &i, &c));
             }
         });
         FaultProxy {
@@ -382,9 +387,12 @@ impl FaultProxy {
     }
 }
 
+/// Serves one connection: `upstream` is the server's URL, `own` the proxy's (put in place
+/// of the server's in its `Link` headers, as a reverse proxy in front of an API does).
 fn serve(
     conn: TcpStream,
     upstream: &str,
+    own: &str,
     f: &Faults,
     seen: &Mutex<Vec<(String, String)>>,
     injected: &AtomicU64,
@@ -614,10 +622,21 @@ fn serve(
         };
         let status = resp.status();
         let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
-        for h in ["x-total-count", "link"] {
-            if let Some(v) = resp.headers().get(h) {
-                headers.push((h.to_owned(), v.to_str().unwrap_or("").to_owned()));
-            }
+        if let Some(v) = resp.headers().get("x-total-count") {
+            headers.push(("x-total-count".into(), v.to_str().unwrap_or("").to_owned()));
+        }
+        let link_next = f
+            .link_next
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|(p, _)| path.contains(p.as_str()));
+        if let Some((_, to)) = link_next {
+            injected.fetch_add(1, Ordering::SeqCst);
+            headers.push(("link".into(), format!("<{to}>; rel=\"next\"")));
+        } else if let Some(v) = resp.headers().get("link") {
+            let v = v.to_str().unwrap_or("").replace(upstream, own);
+            headers.push(("link".into(), v));
         }
         let b = resp.bytes().unwrap_or_default();
         match after {
@@ -649,6 +668,71 @@ fn serve(
         if !reply(&mut out, &st, &headers, &b) {
             return;
         }
+    }
+}
+
+/// An HTTP server that records the head (request line and headers) of every request it
+/// gets and answers `200 []`: another origin, where a leaked credential would arrive.
+pub struct Recorder {
+    pub port: u16,
+    /// The head of every request received, as sent.
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    pub fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut out = conn;
+                    loop {
+                        let mut head = String::new();
+                        let mut len = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line.trim_end().is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = line.split_once(':') {
+                                if k.trim().eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                            head.push_str(&line);
+                        }
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        s.lock().unwrap().push(head);
+                        let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]";
+                        if out.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Recorder { port, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The heads of the requests received so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
     }
 }
 

@@ -218,7 +218,7 @@ impl Pager<'_> {
                 let mut next = Some(self.path.to_owned());
                 while let Some(u) = next.take() {
                     let (items, resp, _) = self.page(&u).await?;
-                    next = resp
+                    let link = resp
                         .headers
                         .get_all(reqwest::header::LINK)
                         .iter()
@@ -226,6 +226,11 @@ impl Pager<'_> {
                         .find_map(next_link);
                     if !self.send_all(tx, items).await {
                         break;
+                    }
+                    // A link to another origin ends the listing with an error: the
+                    // request would carry the credentials there.
+                    if let Some(link) = link {
+                        next = Some(self.client.next_page(&u, &link)?);
                     }
                 }
             }
