@@ -873,26 +873,30 @@ fn a_500_on_one_waiting_item_holds_back_nothing_else_and_is_its_reason() {
 }
 
 /// Adds a secret `X-Api-Key` header and `api_key` query parameter, both `key`, to the
-/// source (read from `key.txt`), and makes its `users` kind page by `Link` headers, two
-/// users a page (json-server writes them).
-fn link_paged_source_with_keys(env: &Env, key: &str) {
+/// source (read from `key.txt`).
+fn source_with_keys(env: &Env, key: &str) {
     std::fs::write(env.path("key.txt"), key).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[pipeline.target.http]",
+        "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"key.txt\"\n\n\
+         [[pipeline.source.http.query]]\nname = \"api_key\"\nfile = \"key.txt\"\n\n\
+         [pipeline.target.http]",
+    );
+    env.write_config(&config);
+}
+
+/// [`source_with_keys`], and the source's `users` kind pages by `Link` headers, two users a
+/// page (json-server writes them).
+fn link_paged_source_with_keys(env: &Env, key: &str) {
+    source_with_keys(env, key);
     let config = std::fs::read_to_string(&env.config).unwrap();
     let paged =
         "path = \"/users\"\nname_field = \"/name\"\npagination = { style = \"page\", size = 50 }";
     assert!(config.contains(paged), "{config}");
-    let config = config
-        .replace(
-            paged,
-            "path = \"/users?_page=1&_limit=2\"\nname_field = \"/name\"\npagination = { style = \"link\" }",
-        )
-        .replace(
-            "[pipeline.target.http]",
-            "[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"key.txt\"\n\n\
-             [[pipeline.source.http.query]]\nname = \"api_key\"\nfile = \"key.txt\"\n\n\
-             [pipeline.target.http]",
-        );
-    env.write_config(&config);
+    env.write_config(&config.replace(
+        paged,
+        "path = \"/users?_page=1&_limit=2\"\nname_field = \"/name\"\npagination = { style = \"link\" }",
+    ));
 }
 
 /// A next-page link to another origin is not followed: the credentials (bearer token,
@@ -954,4 +958,92 @@ fn a_next_page_link_to_another_origin_is_not_followed() {
         "{message}"
     );
     assert_eq!(prod.all("comments").len(), 12, "no delete may reach prod");
+}
+
+/// A redirect to another origin is not followed: it would carry the secret headers and
+/// query parameters there (issue: reqwest dropped `Authorization` but sent `X-Api-Key`
+/// and the `api_key` the Location kept). The listing error names the status and the
+/// Location, its key shown as `***`, and says to set base_url.
+#[test]
+fn a_redirect_to_another_origin_is_not_followed_and_named() {
+    const KEY: &str = "rk-9b17c0ffee3d42";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    *dev_proxy.faults.require_query.lock().unwrap() = Some(format!("api_key={KEY}"));
+    let elsewhere = Recorder::start();
+    *dev_proxy.faults.redirect.lock().unwrap() = Some(Redirect {
+        method: None,
+        path: "/users".into(),
+        status: 302,
+        location: format!("{}{{path}}", elsewhere.url()),
+    });
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    source_with_keys(&env, KEY);
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(
+        elsewhere.requests(),
+        Vec::<String>::new(),
+        "a request went elsewhere"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = v[0]["scan"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("kind `users`")
+            && message.contains(&format!(
+                "HTTP 302 (a redirect to {}/users?_page=1&_limit=50&api_key=***)",
+                elsewhere.url()
+            ))
+            && message.contains("set base_url"),
+        "{message}"
+    );
+    for (what, text) in everything_reported(&env, &out) {
+        assert!(!text.contains(KEY), "the key leaked into {what}");
+    }
+}
+
+/// A load balancer that redirects writes (`301` from `/posts` to `/posts/`): the POST is not
+/// turned into a GET; each create fails with the redirect named and what to set (issue:
+/// every create failed with "the response has no id at `/id`; set id_field").
+#[test]
+fn a_redirected_write_fails_naming_the_redirect() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.redirect.lock().unwrap() = Some(Redirect {
+        method: Some("POST"),
+        path: "/posts".into(),
+        status: 301,
+        location: "/posts/".into(),
+    });
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(3), "{stdout}");
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("FAILED posts"))
+        .collect();
+    assert_eq!(failed.len(), 4, "{stdout}");
+    for line in failed {
+        assert!(
+            line.contains(&format!(
+                "POST {}/posts: HTTP 301 (a redirect to {}/posts/)",
+                proxy.url(),
+                proxy.url()
+            )) && line.contains("set base_url to the address the API answers at")
+                && !line.contains("id_field"),
+            "{line}"
+        );
+    }
+    assert!(prod.all("posts").is_empty());
+    assert_eq!(prod.all("users").len(), 2, "the other kinds went on");
+    assert_eq!(proxy.count("POST"), 2 + 4, "a redirected POST was repeated");
 }

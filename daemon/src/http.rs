@@ -49,6 +49,23 @@ pub enum RequestError {
         /// `base_url`'s origin.
         base: String,
     },
+    /// The server answered with a redirect (3xx), which is not followed: it could carry
+    /// the credentials to another origin, and would turn a write into a GET.
+    #[error(
+        "{method} {url}: HTTP {status} ({}): not followed, as tidemark follows no redirects (one could carry the credentials to another origin, and would turn a write into a GET); set base_url to the address the API answers at",
+        match location { Some(l) => format!("a redirect to {l}"), None => "a redirect without a Location".to_owned() }
+    )]
+    Redirected {
+        /// Method.
+        method: Method,
+        /// URL, secrets shown as `***`.
+        url: String,
+        /// Status code.
+        status: u16,
+        /// Where it redirects to (`Location`, resolved against the URL), secrets shown
+        /// as `***`.
+        location: Option<String>,
+    },
     /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
     /// budget ran out.
     #[error(
@@ -88,7 +105,9 @@ impl RequestError {
     /// The HTTP status of a rejection.
     pub fn status(&self) -> Option<u16> {
         match self {
-            RequestError::Rejected { status, .. } => Some(*status),
+            RequestError::Rejected { status, .. } | RequestError::Redirected { status, .. } => {
+                Some(*status)
+            }
             RequestError::OtherOrigin { .. } | RequestError::Unavailable { .. } => None,
         }
     }
@@ -102,7 +121,7 @@ impl RequestError {
 /// A successful response, read in full.
 #[derive(Debug)]
 pub struct Response {
-    /// Status code (2xx or 3xx).
+    /// Status code (2xx: redirects are errors).
     pub status: u16,
     /// Headers.
     pub headers: HeaderMap,
@@ -144,6 +163,11 @@ enum Attempt {
         status: u16,
         excerpt: String,
     },
+    Redirected {
+        status: u16,
+        /// `Location`, resolved and redacted.
+        location: Option<String>,
+    },
 }
 
 /// One side's (source or target) HTTP client.
@@ -180,6 +204,10 @@ impl HttpClient {
             headers.insert(n, v);
         }
         let client = reqwest::Client::builder()
+            // A redirect is an error naming its Location: followed, it could carry the
+            // secret headers and query parameters to another origin (reqwest drops only
+            // `Authorization` there), and a 301 or 302 turns a POST into a GET.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(cfg.in_flight.max(4))
@@ -337,7 +365,20 @@ impl HttpClient {
             400..=499 => "4xx",
             _ => "5xx",
         });
-        if status.is_success() || status.is_redirection() {
+        if status.is_redirection() {
+            let location = headers
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(|l| {
+                    let resolved = reqwest::Url::parse(url).and_then(|u| u.join(l));
+                    self.shown(resolved.as_ref().map_or(l, |u| u.as_str()))
+                });
+            return Err(Attempt::Redirected {
+                status: status.as_u16(),
+                location,
+            });
+        }
+        if status.is_success() {
             return Ok(Response {
                 status: status.as_u16(),
                 headers,
@@ -436,6 +477,14 @@ impl HttpClient {
                         url: shown,
                         status,
                         excerpt,
+                    });
+                }
+                Err(Attempt::Redirected { status, location }) => {
+                    return Err(RequestError::Redirected {
+                        method,
+                        url: shown,
+                        status,
+                        location,
                     });
                 }
                 Err(Attempt::Transient {

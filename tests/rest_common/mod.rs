@@ -324,6 +324,21 @@ pub struct Faults {
     /// To requests whose path contains `.0`, answer (from the server) with
     /// `Link: <.1>; rel="next"` instead of the server's own `Link`.
     pub link_next: Mutex<Option<(String, String)>>,
+    /// Answer with a redirect instead of the server, as a load balancer does.
+    pub redirect: Mutex<Option<Redirect>>,
+}
+
+/// A redirect the proxy answers with.
+#[derive(Clone)]
+pub struct Redirect {
+    /// Only requests with this method; any when `None`.
+    pub method: Option<&'static str>,
+    /// Only requests to this path (without the query).
+    pub path: String,
+    /// `301`, `302`, `307`, …
+    pub status: u16,
+    /// The `Location`, with `{path}` replaced by the request's path and query as asked.
+    pub location: String,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -468,6 +483,22 @@ fn serve(
             } else {
                 format!("{route}?{}", rest.join("&"))
             };
+        }
+        let redirect = f.redirect.lock().unwrap().clone().filter(|r| {
+            r.method.is_none_or(|m| m == method) && path.split('?').next() == Some(r.path.as_str())
+        });
+        if let Some(r) = redirect {
+            injected.fetch_add(1, Ordering::SeqCst);
+            let location = r.location.replace("{path}", &asked);
+            if !reply(
+                &mut out,
+                &format!("{} Redirect", r.status),
+                &[("location".into(), location)],
+                b"",
+            ) {
+                return;
+            }
+            continue;
         }
         // A 400 that quotes what the request carried.
         let echo = [
