@@ -1047,3 +1047,48 @@ fn a_redirected_write_fails_naming_the_redirect() {
     assert_eq!(prod.all("users").len(), 2, "the other kinds went on");
     assert_eq!(proxy.count("POST"), 2 + 4, "a redirected POST was repeated");
 }
+
+/// A rejection's body quotes the token right where its excerpt is cut (200 characters):
+/// the excerpt is redacted before it is cut, so no start of the token shows anywhere
+/// (issue: `Bearer tm-secre…` reached stderr, `status`, the reports and the state).
+#[test]
+fn a_token_across_the_excerpts_cut_never_shows() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.echo_auth.lock().unwrap() = Some("/comments".into());
+    // `Bearer ` from character 185: the cut at 200 falls 8 characters into the token.
+    proxy.faults.echo_auth_at.store(185, Ordering::SeqCst);
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let sync = env.run(&["sync"]);
+    assert_eq!(sync.status.code(), Some(3));
+    for (what, text) in everything_reported(&env, &sync) {
+        assert!(
+            !text.contains(&TOKEN[..8]),
+            "the start of the token leaked into {what}: {}",
+            text.lines()
+                .find(|l| l.contains(&TOKEN[..8]))
+                .unwrap_or_default()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&sync.stdout);
+    assert!(
+        stdout.contains("HTTP 400") && stdout.contains("\"authorization\":\"Bearer ***\"}"),
+        "{stdout}"
+    );
+    // Nor into the state database, which holds the failures.
+    for entry in walkdir::WalkDir::new(env.path("state"))
+        .into_iter()
+        .flatten()
+    {
+        if entry.file_type().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            assert!(
+                !bytes.windows(8).any(|w| w == &TOKEN.as_bytes()[..8]),
+                "the start of the token leaked into {}",
+                entry.path().display()
+            );
+        }
+    }
+}

@@ -411,17 +411,13 @@ impl HttpClient {
         })
     }
 
+    /// The start of a response body for a message: see [`excerpt`].
     fn excerpt(&self, body: &[u8]) -> String {
-        let text = String::from_utf8_lossy(body);
-        let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        let mut cut: String = flat.chars().take(EXCERPT).collect();
-        if flat.chars().count() > EXCERPT {
-            cut.push('…');
-        }
+        let cut = excerpt(&String::from_utf8_lossy(body), EXCERPT, "…");
         if cut.is_empty() {
-            cut.push_str("(empty body)");
+            return "(empty body)".to_owned();
         }
-        self.redact(&cut)
+        cut
     }
 
     /// Sends one request, retrying transient failures with exponential backoff and jitter
@@ -622,6 +618,28 @@ pub fn redact_known(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// At most `max` characters of `text` for a message, its runs of whitespace folded to one
+/// space, `ellipsis` appended where it was cut. Every known secret is replaced by `***`
+/// before it is cut (cut first, a secret across the cut would leave its start, which no
+/// redaction recognises any more), and the cut never splits a `***` or a character.
+pub fn excerpt(text: &str, max: usize, ellipsis: &str) -> String {
+    let flat = redact_known(text)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let flat = redact_known(&flat).into_owned();
+    let Some((mut cut, _)) = flat.char_indices().nth(max) else {
+        return flat;
+    };
+    let bytes = flat.as_bytes();
+    if bytes[cut] == b'*' {
+        while cut > 0 && bytes[cut - 1] == b'*' {
+            cut -= 1;
+        }
+    }
+    format!("{}{ellipsis}", &flat[..cut])
+}
+
 /// A URL's origin as `scheme://host[:port]` (the port left out when it is the scheme's
 /// default); for what is not an http or https URL, a description that matches no origin.
 pub fn origin_of(url: &str) -> String {
@@ -684,6 +702,40 @@ mod tests {
             redact(&secrets, "auth: Bearer s3cret-token, again s3cret-token"),
             "auth: ***, again ***"
         );
+    }
+
+    /// A secret across the cut is redacted whole, and the cut keeps `***` whole.
+    #[test]
+    fn an_excerpt_is_redacted_before_it_is_cut() {
+        remember_secret("xc-S3cr3t/Tok3n");
+        let body = format!("{}Bearer xc-S3cr3t/Tok3n and more", "a".repeat(190));
+        assert_eq!(
+            excerpt(&body, 200, "…"),
+            format!("{}Bearer ***…", "a".repeat(190))
+        );
+        assert_eq!(
+            excerpt(&body, 199, "…"),
+            format!("{}Bearer …", "a".repeat(190))
+        );
+        assert_eq!(
+            excerpt(&body, 300, "…"),
+            format!("{}Bearer *** and more", "a".repeat(190))
+        );
+        for max in 197..=199 {
+            let body = format!("{}xc-S3cr3t/Tok3n{}", "a".repeat(197), "b".repeat(10));
+            assert_eq!(
+                excerpt(&body, max, "…"),
+                format!("{}…", "a".repeat(197)),
+                "{max}"
+            );
+        }
+        // Characters, not bytes; whitespace folded.
+        let body = format!("{}\n\n  ü{}", "é".repeat(10), "ü".repeat(10));
+        assert_eq!(
+            excerpt(&body, 12, "..."),
+            format!("{} ü...", "é".repeat(10))
+        );
+        assert_eq!(excerpt("short", 200, "…"), "short");
     }
 
     fn client(base_url: &str) -> HttpClient {

@@ -301,6 +301,9 @@ pub struct Faults {
     pub corrupt: Mutex<Option<String>>,
     /// Answer 400 echoing the request's Authorization header to paths containing this.
     pub echo_auth: Mutex<Option<String>>,
+    /// Where in that answer's body the echoed header starts (in characters), when more
+    /// than right after its error: it is padded to put it there.
+    pub echo_auth_at: AtomicU64,
     /// Answer 401 to requests whose query lacks this `name=value`; strip it from the
     /// others before they go on (json-server would read it as a filter).
     pub require_query: Mutex<Option<String>>,
@@ -501,8 +504,19 @@ fn serve(
             continue;
         }
         // A 400 that quotes what the request carried.
+        let pad = (f.echo_auth_at.load(Ordering::SeqCst) as usize).saturating_sub(49);
+        let auth = if pad > 0 {
+            // `{"error":"bad request","pad":"` is 30 characters, `","authorization":"` 19.
+            format!("{}\",\"authorization\":\"{auth}", "x".repeat(pad))
+        } else {
+            auth
+        };
         let echo = [
-            (&f.echo_auth, "authorization", &auth),
+            (
+                &f.echo_auth,
+                if pad > 0 { "pad" } else { "authorization" },
+                &auth,
+            ),
             (&f.echo_path, "url", &asked),
         ]
         .into_iter()
