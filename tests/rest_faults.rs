@@ -1092,3 +1092,45 @@ fn a_token_across_the_excerpts_cut_never_shows() {
         }
     }
 }
+
+/// A 401 whose body quotes the token and the key as a PHP API writes them
+/// (`"got":"Bearer Wr0ng\/T0ken+x9q"`, `api_key=Wr0ng%2fT0ken%2bx9q`): both are redacted in
+/// every output, text and JSON logs included (issue: the `\/` and the lower-case escapes
+/// hid them from redaction).
+#[test]
+fn a_secret_quoted_escaped_or_encoded_never_shows() {
+    const SECRET: &str = "Wr0ng/T0ken+x9q";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    *dev_proxy.faults.refuse_token.lock().unwrap() = Some("/users".into());
+    *dev_proxy.faults.require_query.lock().unwrap() = Some("api_key=Wr0ng%2FT0ken%2Bx9q".into());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    std::fs::write(env.path("token.txt"), SECRET).unwrap();
+    source_with_keys(&env, SECRET);
+    let sync = env.run(&["sync", "--output", "json"]);
+    assert_eq!(sync.status.code(), Some(3));
+    let v: Value = serde_json::from_slice(&sync.stdout).unwrap();
+    let message = v[0]["scan"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(r#""got":"Bearer ***""#) && message.contains("api_key=***"),
+        "{message}"
+    );
+    let json_logs = env.run(&["sync", "--log-format", "json"]);
+    let mut everything = everything_reported(&env, &sync);
+    everything.push((
+        "sync --log-format json".into(),
+        String::from_utf8_lossy(&json_logs.stdout).into_owned()
+            + &String::from_utf8_lossy(&json_logs.stderr),
+    ));
+    for (what, text) in everything {
+        assert!(
+            !text.contains("Wr0ng") && !text.contains("T0ken"),
+            "the secret leaked into {what}: {}",
+            text.lines()
+                .find(|l| l.contains("Wr0ng") || l.contains("T0ken"))
+                .unwrap_or_default()
+        );
+    }
+}

@@ -578,22 +578,90 @@ impl HttpClient {
 }
 
 /// Every secret this process has read (tokens, header values, query keys, Kafka
-/// passwords, the `/status` token), as written and as sent in a URL, longest first so a token inside
-/// `Bearer <token>` goes as a whole. Redaction covers all of them whatever a text comes
-/// from: one connector's error can quote another's secret, as when a target rejects an
-/// item whose links carry the key the source was read with.
+/// passwords, the `/status` token), in every form [`secret_forms`] gives, longest first so
+/// a token inside `Bearer <token>` goes as a whole. Redaction covers all of them whatever a
+/// text comes from: one connector's error can quote another's secret, as when a target
+/// rejects an item whose links carry the key the source was read with.
 static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
 
-/// Adds a secret to those every message, log line, report and output is redacted of.
-/// Values shorter than 4 bytes are not: they would blank out ordinary words.
+/// Adds a secret, in every form an API may quote it in ([`secret_forms`]), to those every
+/// message, log line, report and output is redacted of. Forms shorter than 4 bytes are
+/// not: they would blank out ordinary words.
 pub fn remember_secret(secret: &str) {
     let mut known = KNOWN.write().unwrap_or_else(|e| e.into_inner());
-    for form in [secret.to_owned(), encode_query_value(secret)] {
+    for form in secret_forms(secret) {
         if form.len() >= 4 && !known.contains(&form) {
             known.push(form);
         }
     }
     known.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+}
+
+/// The forms a secret takes in what a server answers or tidemark writes: as written;
+/// percent-encoded as tidemark sends it in a query, with lower-case hex digits, as a form
+/// field (`+` for a space) and as JavaScript's `encodeURIComponent` leaves it; and each of
+/// those inside a JSON string: escaped as most encoders do (`\\`, `\"`), with `/` as `\/`
+/// too (PHP's `json_encode`), with non-ASCII characters as `\uXXXX` (PHP, Python), and
+/// escaped twice (an answer quoting a JSON body, a JSON log line or report quoting such an
+/// answer).
+fn secret_forms(secret: &str) -> Vec<String> {
+    let percent = |keep: &dyn Fn(u8) -> bool, space: &str, hex_lower: bool| {
+        let mut out = String::with_capacity(secret.len());
+        for b in secret.bytes() {
+            if b.is_ascii_alphanumeric() || keep(b) {
+                out.push(b as char);
+            } else if b == b' ' && !space.is_empty() {
+                out.push_str(space);
+            } else if hex_lower {
+                out.push_str(&format!("%{b:02x}"));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    };
+    let unreserved = |b: u8| b"-_.~".contains(&b);
+    let mut forms = vec![
+        secret.to_owned(),
+        percent(&unreserved, "", false),
+        percent(&unreserved, "", true),
+        percent(&|b| b"*-._".contains(&b), "+", false),
+        percent(&|b| b"-_.!~*'()".contains(&b), "", false),
+    ];
+    let json = |s: &str| {
+        let quoted = serde_json::to_string(s).expect("a string serializes");
+        quoted[1..quoted.len() - 1].to_owned()
+    };
+    let ascii = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+        out
+    };
+    for form in forms.clone() {
+        let escaped = json(&form);
+        let slashes = escaped.replace('/', "\\/");
+        forms.extend([
+            json(&escaped),
+            json(&slashes),
+            json(&slashes).replace('/', "\\/"),
+            ascii(&escaped),
+            ascii(&slashes),
+            escaped,
+            slashes,
+        ]);
+    }
+    forms.sort();
+    forms.dedup();
+    forms
 }
 
 /// `text` with every secret in `secrets` replaced by `***`.
@@ -817,6 +885,28 @@ mod tests {
                     "leads to {origin}, not to base_url's origin https://api.example.com"
                 )) && e.contains("not followed"),
                 "{e}"
+            );
+        }
+    }
+
+    /// A secret is redacted in the forms APIs quote it in, not only as written.
+    #[test]
+    fn redacts_the_escaped_and_encoded_forms_of_a_secret() {
+        remember_secret("Ek/3y+\"q\\ü z");
+        for quoted in [
+            r#"raw Ek/3y+"q\ü z."#,
+            r#"json {"got":"Ek/3y+\"q\\ü z"}"#,
+            r#"php {"got":"Ek\/3y+\"q\\\u00fc z"}"#,
+            r#"twice {"body":"{\"got\":\"Ek\\\/3y+\\\"q\\\\ü z\"}"}"#,
+            r#"log {"message":"{\"got\":\"Ek\\/3y+\\\"q\\\\ü z\"}"}"#,
+            "url ?k=Ek%2F3y%2B%22q%5C%C3%BC%20z&x",
+            "lower ?k=Ek%2f3y%2b%22q%5c%c3%bc%20z&x",
+            "form ?k=Ek%2F3y%2B%22q%5C%C3%BC+z&x",
+        ] {
+            let shown = redact_known(quoted);
+            assert!(
+                shown.contains("***") && !shown.contains("Ek") && !shown.contains("3y"),
+                "{quoted} -> {shown}"
             );
         }
     }

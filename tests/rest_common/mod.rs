@@ -309,6 +309,9 @@ pub struct Faults {
     pub require_query: Mutex<Option<String>>,
     /// Requests answered 401 for lacking [`Faults::require_query`].
     pub refused: AtomicU64,
+    /// Answer 401 to paths containing this, quoting the Authorization header and the query
+    /// as a PHP API does: `/` escaped as `\/` (`json_encode`), percent-escapes in lower case.
+    pub refuse_token: Mutex<Option<String>>,
     /// Answer 400 quoting the request's path and query to paths containing this.
     pub echo_path: Mutex<Option<String>>,
     /// Answer 422 quoting the request's body to writes (POST, PUT, PATCH) whose path
@@ -498,6 +501,41 @@ fn serve(
                 &format!("{} Redirect", r.status),
                 &[("location".into(), location)],
                 b"",
+            ) {
+                return;
+            }
+            continue;
+        }
+        let refuse = f
+            .refuse_token
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|p| asked.contains(p.as_str()));
+        if refuse.is_some() {
+            injected.fetch_add(1, Ordering::SeqCst);
+            let php = |s: &str| serde_json::to_string(s).unwrap().replace('/', "\\/");
+            let query = asked.split_once('?').map_or("", |(_, q)| q);
+            let mut lower = String::new();
+            let mut rest = query;
+            while let Some(at) = rest.find('%') {
+                let (before, escape) = rest.split_at(at);
+                lower.push_str(before);
+                let n = escape.len().min(3);
+                lower.push_str(&escape[..n].to_ascii_lowercase());
+                rest = &escape[n..];
+            }
+            lower.push_str(rest);
+            let body = format!(
+                "{{\"error\":\"invalid token\",\"got\":{},\"query\":{}}}",
+                php(&auth),
+                php(&lower)
+            );
+            if !reply(
+                &mut out,
+                "401 Unauthorized",
+                &[("content-type".into(), "application/json".into())],
+                body.as_bytes(),
             ) {
                 return;
             }
