@@ -1134,3 +1134,41 @@ fn a_secret_quoted_escaped_or_encoded_never_shows() {
         );
     }
 }
+
+/// A certificate tidemark refuses (here a self-signed one) is a permanent error that says
+/// the certificate was refused and why, after one attempt (issue: it was retried for the
+/// whole retry budget and ended with "is the server up?").
+#[test]
+fn a_refused_tls_certificate_is_not_retried_and_says_why() {
+    let env = rest_env();
+    let dev = TlsPeer::start(env.dir.path());
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replacen("retry_budget = \"20s\"", "retry_budget = \"5s\"", 1));
+    let started = std::time::Instant::now();
+    let out = env.run(&["sync", "--output", "json"]);
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = v[0]["scan"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("GET {}/users", dev.url()))
+            && message.contains("the server's TLS certificate was refused")
+            && message.contains("UnknownIssuer")
+            && message.contains("not signed by a certificate authority this machine trusts")
+            && !message.contains("is the server up"),
+        "{message}"
+    );
+    assert_eq!(
+        dev.connections.load(Ordering::SeqCst),
+        3,
+        "one attempt per kind"
+    );
+    assert!(took < Duration::from_secs(5), "it took {took:?}");
+}

@@ -66,6 +66,20 @@ pub enum RequestError {
         /// as `***`.
         location: Option<String>,
     },
+    /// The server's TLS certificate was refused (an unknown CA, another host name, expired):
+    /// it will be refused again until the certificate or the config changes, so it is not
+    /// retried.
+    #[error(
+        "{method} {url}: the server's TLS certificate was refused (not retried: it would be refused again): {reason}"
+    )]
+    Certificate {
+        /// Method.
+        method: Method,
+        /// URL, secrets shown as `***`.
+        url: String,
+        /// What rustls found wrong with it, and what to do.
+        reason: String,
+    },
     /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
     /// budget ran out.
     #[error(
@@ -108,7 +122,9 @@ impl RequestError {
             RequestError::Rejected { status, .. } | RequestError::Redirected { status, .. } => {
                 Some(*status)
             }
-            RequestError::OtherOrigin { .. } | RequestError::Unavailable { .. } => None,
+            RequestError::OtherOrigin { .. }
+            | RequestError::Certificate { .. }
+            | RequestError::Unavailable { .. } => None,
         }
     }
 
@@ -167,6 +183,10 @@ enum Attempt {
         status: u16,
         /// `Location`, resolved and redacted.
         location: Option<String>,
+    },
+    /// The server's certificate was refused: why, and what to do.
+    Certificate {
+        reason: String,
     },
 }
 
@@ -337,6 +357,11 @@ impl HttpClient {
             Ok(r) => r,
             Err(e) => {
                 self.count("error");
+                if let Some(reason) = certificate_refused(&e) {
+                    return Err(Attempt::Certificate {
+                        reason: self.redact(&reason),
+                    });
+                }
                 return Err(Attempt::Transient {
                     message: self.redact(&describe(&e)),
                     retry_after: None,
@@ -481,6 +506,13 @@ impl HttpClient {
                         url: shown,
                         status,
                         location,
+                    });
+                }
+                Err(Attempt::Certificate { reason }) => {
+                    return Err(RequestError::Certificate {
+                        method,
+                        url: shown,
+                        reason,
                     });
                 }
                 Err(Attempt::Transient {
@@ -718,6 +750,49 @@ pub fn origin_of(url: &str) -> String {
     }
 }
 
+/// Why the server's TLS certificate was refused, with what to do, when that is what failed:
+/// rustls's verdict, found among the error's causes. hyper carries it inside `io::Error`s,
+/// whose `source` skips what they wrap, so those are opened with `get_ref`.
+fn certificate_refused(e: &reqwest::Error) -> Option<String> {
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return certificate_verdict(tls);
+        }
+        next = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    None
+}
+
+/// What a rustls error says about the server's certificate, and what to do; `None` when it
+/// is about something else (a handshake cut short, a protocol error).
+fn certificate_verdict(e: &rustls::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let hint = match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => Some("it is not signed by a certificate authority this machine trusts (self-signed, or a private CA): add that CA to the system's trust store, or have the server use a certificate from a trusted one"),
+            C::NotValidForName | C::NotValidForNameContext { .. } => Some("it does not name the host in base_url: set base_url to a host name the certificate is for"),
+            C::Expired | C::ExpiredContext { .. } => Some("it has expired: the server needs a new one"),
+            C::NotValidYet | C::NotValidYetContext { .. } => Some("it is not valid yet: check this machine's clock, and the server's certificate"),
+            C::Revoked => Some("it was revoked: the server needs a new one"),
+            _ => None,
+        },
+        rustls::Error::NoCertificatesPresented
+        | rustls::Error::InvalidCertRevocationList(_)
+        | rustls::Error::UnsupportedNameType => None,
+        _ => return None,
+    };
+    Some(match hint {
+        Some(hint) => format!("{e}; {hint}"),
+        None => e.to_string(),
+    })
+}
+
 /// A transport error with its causes, which reqwest's `Display` leaves out.
 fn describe(e: &reqwest::Error) -> String {
     let mut out = if e.is_timeout() {
@@ -804,6 +879,27 @@ mod tests {
             format!("{} ü...", "é".repeat(10))
         );
         assert_eq!(excerpt("short", 200, "…"), "short");
+    }
+
+    #[test]
+    fn a_refused_certificate_says_why_and_other_tls_errors_are_not_one() {
+        let verdict = |e| certificate_verdict(&e);
+        let name = verdict(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName,
+        ))
+        .unwrap();
+        assert!(
+            name.contains("NotValidForName") && name.contains("base_url"),
+            "{name}"
+        );
+        let ca = verdict(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
+        .unwrap();
+        assert!(ca.contains("trust store"), "{ca}");
+        assert!(verdict(rustls::Error::NoCertificatesPresented).is_some());
+        assert_eq!(verdict(rustls::Error::HandshakeNotComplete), None);
+        assert_eq!(verdict(rustls::Error::General("x".into())), None);
     }
 
     fn client(base_url: &str) -> HttpClient {

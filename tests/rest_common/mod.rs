@@ -819,6 +819,86 @@ impl Recorder {
     }
 }
 
+/// An HTTPS server with a self-signed certificate (made by `openssl` for 127.0.0.1), which a
+/// client refuses as signed by no CA it trusts. It counts the connections it gets, and
+/// answers `200 []` to what reaches it over a completed handshake.
+pub struct TlsPeer {
+    pub port: u16,
+    /// Connections accepted, each one a handshake attempted.
+    pub connections: Arc<AtomicU64>,
+}
+
+impl TlsPeer {
+    /// Starts it, its certificate and key written to `dir`.
+    pub fn start(dir: &Path) -> TlsPeer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert, key) = (dir.join("tls-cert.pem"), dir.join("tls-key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=tidemark-test", "-addext"])
+            .args(["subjectAltName=IP:127.0.0.1,DNS:localhost", "-addext"])
+            .args(["basicConstraints=critical,CA:FALSE", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl makes the test certificate");
+        assert!(made.status.success(), "{made:?}");
+        let certs = CertificateDer::pem_file_iter(&cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let tls = rustls::ServerConnection::new(config).unwrap();
+                    let mut stream = rustls::StreamOwned::new(tls, conn);
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut buf) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            got.clear();
+                            let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]";
+                            if stream.write_all(reply.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        TlsPeer { port, connections }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
 /// The `report.json` of pipeline `t`'s last run.
 pub fn last_report(env: &Env) -> Value {
     let dir = env.path("state/reports/t");
