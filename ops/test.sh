@@ -15,6 +15,11 @@ log "installing test peers (skipped when already installed)"
 ops/peers/json-server.sh install
 ops/peers/prometheus.sh install
 ops/peers/kafka.sh install
+# rest_faults makes a self-signed certificate for its TLS peer with the openssl CLI.
+if ! command -v openssl >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >&2
+fi
 
 # TIDEMARK_KAFKA_PORT picks the broker's port (default 19092); a broker already running
 # there from an earlier `ops/peers/kafka.sh start` is used as it is and left running.

@@ -1,7 +1,8 @@
 //! The HTTP client the REST source and target share: secret headers, retries with
 //! exponential backoff and jitter (honouring `Retry-After`) within a bounded budget, a
-//! requests-per-second limit, a limit on requests in flight, redaction of secrets from
-//! every message, and the request and retry metrics.
+//! requests-per-second limit, a limit on requests in flight, requests only to `base_url`'s
+//! origin (the credentials go nowhere else), redaction of secrets from every message, and
+//! the request and retry metrics.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,52 @@ pub enum RequestError {
         status: u16,
         /// Start of the response body, secrets redacted.
         excerpt: String,
+    },
+    /// The URL is on another origin than `base_url`'s (a next-page link, a path that is a
+    /// URL): it is not requested, since the request would carry the credentials there.
+    #[error(
+        "{method} {url}: not requested: it is on {origin}, not on base_url's origin {base}, and tidemark sends the credentials (bearer token, secret headers and query parameters) to base_url's origin only"
+    )]
+    OtherOrigin {
+        /// Method.
+        method: Method,
+        /// URL, secrets shown as `***`.
+        url: String,
+        /// The URL's origin (`scheme://host[:port]`).
+        origin: String,
+        /// `base_url`'s origin.
+        base: String,
+    },
+    /// The server answered with a redirect (3xx), which is not followed: it could carry
+    /// the credentials to another origin, and would turn a write into a GET.
+    #[error(
+        "{method} {url}: HTTP {status} ({}): not followed, as tidemark follows no redirects (one could carry the credentials to another origin, and would turn a write into a GET); set base_url to the address the API answers at",
+        match location { Some(l) => format!("a redirect to {l}"), None => "a redirect without a Location".to_owned() }
+    )]
+    Redirected {
+        /// Method.
+        method: Method,
+        /// URL, secrets shown as `***`.
+        url: String,
+        /// Status code.
+        status: u16,
+        /// Where it redirects to (`Location`, resolved against the URL), secrets shown
+        /// as `***`.
+        location: Option<String>,
+    },
+    /// The server's TLS certificate was refused (an unknown CA, another host name, expired):
+    /// it will be refused again until the certificate or the config changes, so it is not
+    /// retried.
+    #[error(
+        "{method} {url}: the server's TLS certificate was refused (not retried: it would be refused again): {reason}"
+    )]
+    Certificate {
+        /// Method.
+        method: Method,
+        /// URL, secrets shown as `***`.
+        url: String,
+        /// What rustls found wrong with it, and what to do.
+        reason: String,
     },
     /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
     /// budget ran out.
@@ -72,8 +119,12 @@ impl RequestError {
     /// The HTTP status of a rejection.
     pub fn status(&self) -> Option<u16> {
         match self {
-            RequestError::Rejected { status, .. } => Some(*status),
-            RequestError::Unavailable { .. } => None,
+            RequestError::Rejected { status, .. } | RequestError::Redirected { status, .. } => {
+                Some(*status)
+            }
+            RequestError::OtherOrigin { .. }
+            | RequestError::Certificate { .. }
+            | RequestError::Unavailable { .. } => None,
         }
     }
 
@@ -86,7 +137,7 @@ impl RequestError {
 /// A successful response, read in full.
 #[derive(Debug)]
 pub struct Response {
-    /// Status code (2xx or 3xx).
+    /// Status code (2xx: redirects are errors).
     pub status: u16,
     /// Headers.
     pub headers: HeaderMap,
@@ -128,12 +179,24 @@ enum Attempt {
         status: u16,
         excerpt: String,
     },
+    Redirected {
+        status: u16,
+        /// `Location`, resolved and redacted.
+        location: Option<String>,
+    },
+    /// The server's certificate was refused: why, and what to do.
+    Certificate {
+        reason: String,
+    },
 }
 
 /// One side's (source or target) HTTP client.
 pub struct HttpClient {
     client: reqwest::Client,
     base: String,
+    /// `base_url`'s origin (`scheme://host[:port]`): the only one requests, and so the
+    /// credentials, go to.
+    origin: String,
     headers: HeaderMap,
     /// Secret query parameters, encoded (`name=value`), added to every URL.
     query: Vec<(String, String)>,
@@ -161,6 +224,10 @@ impl HttpClient {
             headers.insert(n, v);
         }
         let client = reqwest::Client::builder()
+            // A redirect is an error naming its Location: followed, it could carry the
+            // secret headers and query parameters to another origin (reqwest drops only
+            // `Authorization` there), and a 301 or 302 turns a POST into a GET.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(cfg.in_flight.max(4))
@@ -169,6 +236,7 @@ impl HttpClient {
         HttpClient {
             client,
             base: cfg.base_url.trim_end_matches('/').to_owned(),
+            origin: origin_of(&cfg.base_url),
             headers,
             query: cfg
                 .resolved_queries
@@ -191,17 +259,27 @@ impl HttpClient {
         redact_known(text).into_owned()
     }
 
-    /// The absolute URL of a path (absolute URLs, from `Link` headers, pass through), with
-    /// the secret query parameters it does not carry yet. It may hold secrets: what is
-    /// reported is [`HttpClient::shown`].
-    pub fn url(&self, path: &str) -> String {
-        let mut url = if path.starts_with("http://") || path.starts_with("https://") {
+    /// The absolute URL of a path (an absolute URL, such as a resolved next-page link,
+    /// passes through), with the secret query parameters it does not carry yet. It may hold
+    /// secrets: what is reported is [`HttpClient::shown`]. A URL on another origin than
+    /// `base_url`'s is refused (the error holds its origin): requests carry the
+    /// credentials, which go to `base_url`'s origin only.
+    pub fn url(&self, path: &str) -> Result<String, String> {
+        let absolute = ["http://", "https://"].iter().any(|scheme| {
+            path.get(..scheme.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(scheme))
+        });
+        let mut url = if absolute {
             path.to_owned()
         } else if path.starts_with('/') {
             format!("{}{path}", self.base)
         } else {
             format!("{}/{path}", self.base)
         };
+        let origin = origin_of(&url);
+        if origin != self.origin {
+            return Err(origin);
+        }
         for (name, value) in &self.query {
             let query = url.split_once('?').map_or("", |(_, q)| q);
             if query.split('&').any(|p| p.split('=').next() == Some(name)) {
@@ -212,7 +290,38 @@ impl HttpClient {
             url.push('=');
             url.push_str(value);
         }
-        url
+        Ok(url)
+    }
+
+    /// `base_url`'s origin (`scheme://host[:port]`).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The URL a `Link: <link>; rel="next"` on the page at `page` (a path or URL as given to
+    /// [`HttpClient::send`]) leads to: resolved against that page's URL, as RFC 8288 says.
+    /// A link to another origin than `base_url`'s is an error saying it is not followed,
+    /// naming that origin: the request would carry the credentials there.
+    pub fn next_page(&self, page: &str, link: &str) -> Result<String, String> {
+        let from = self.url(page).unwrap_or_else(|_| page.to_owned());
+        let shown_page = self.shown(&from);
+        let next = reqwest::Url::parse(&from)
+            .and_then(|u| u.join(link))
+            .map_err(|e| {
+                format!(
+                    "GET {shown_page}: the next page's link `{}` is not a URL ({e})",
+                    self.shown(link)
+                )
+            })?;
+        let origin = origin_of(next.as_str());
+        if origin != self.origin {
+            return Err(format!(
+                "GET {shown_page}: the next page's link (`Link: <{}>; rel=\"next\"`) leads to {origin}, not to base_url's origin {}: it is not followed, since tidemark sends the credentials (bearer token, secret headers and query parameters) to base_url's origin only, so this kind's listing is incomplete. Have the API link to its own origin, or set base_url to {origin} if that is where it answers",
+                self.shown(link),
+                self.origin
+            ));
+        }
+        Ok(next.into())
     }
 
     /// A URL as reports, logs and errors show it: secrets replaced by `***`.
@@ -248,6 +357,11 @@ impl HttpClient {
             Ok(r) => r,
             Err(e) => {
                 self.count("error");
+                if let Some(reason) = certificate_refused(&e) {
+                    return Err(Attempt::Certificate {
+                        reason: self.redact(&reason),
+                    });
+                }
                 return Err(Attempt::Transient {
                     message: self.redact(&describe(&e)),
                     retry_after: None,
@@ -276,7 +390,20 @@ impl HttpClient {
             400..=499 => "4xx",
             _ => "5xx",
         });
-        if status.is_success() || status.is_redirection() {
+        if status.is_redirection() {
+            let location = headers
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(|l| {
+                    let resolved = reqwest::Url::parse(url).and_then(|u| u.join(l));
+                    self.shown(resolved.as_ref().map_or(l, |u| u.as_str()))
+                });
+            return Err(Attempt::Redirected {
+                status: status.as_u16(),
+                location,
+            });
+        }
+        if status.is_success() {
             return Ok(Response {
                 status: status.as_u16(),
                 headers,
@@ -309,17 +436,13 @@ impl HttpClient {
         })
     }
 
+    /// The start of a response body for a message: see [`excerpt`].
     fn excerpt(&self, body: &[u8]) -> String {
-        let text = String::from_utf8_lossy(body);
-        let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        let mut cut: String = flat.chars().take(EXCERPT).collect();
-        if flat.chars().count() > EXCERPT {
-            cut.push('…');
-        }
+        let cut = excerpt(&String::from_utf8_lossy(body), EXCERPT, "…");
         if cut.is_empty() {
-            cut.push_str("(empty body)");
+            return "(empty body)".to_owned();
         }
-        self.redact(&cut)
+        cut
     }
 
     /// Sends one request, retrying transient failures with exponential backoff and jitter
@@ -333,7 +456,17 @@ impl HttpClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response, RequestError> {
-        let url = self.url(path);
+        let url = match self.url(path) {
+            Ok(url) => url,
+            Err(origin) => {
+                return Err(RequestError::OtherOrigin {
+                    method,
+                    url: self.shown(path),
+                    origin,
+                    base: self.origin.clone(),
+                })
+            }
+        };
         let shown = self.shown(&url);
         let started = Instant::now();
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
@@ -365,6 +498,21 @@ impl HttpClient {
                         url: shown,
                         status,
                         excerpt,
+                    });
+                }
+                Err(Attempt::Redirected { status, location }) => {
+                    return Err(RequestError::Redirected {
+                        method,
+                        url: shown,
+                        status,
+                        location,
+                    });
+                }
+                Err(Attempt::Certificate { reason }) => {
+                    return Err(RequestError::Certificate {
+                        method,
+                        url: shown,
+                        reason,
                     });
                 }
                 Err(Attempt::Transient {
@@ -462,22 +610,90 @@ impl HttpClient {
 }
 
 /// Every secret this process has read (tokens, header values, query keys, Kafka
-/// passwords, the `/status` token), as written and as sent in a URL, longest first so a token inside
-/// `Bearer <token>` goes as a whole. Redaction covers all of them whatever a text comes
-/// from: one connector's error can quote another's secret, as when a target rejects an
-/// item whose links carry the key the source was read with.
+/// passwords, the `/status` token), in every form [`secret_forms`] gives, longest first so
+/// a token inside `Bearer <token>` goes as a whole. Redaction covers all of them whatever a
+/// text comes from: one connector's error can quote another's secret, as when a target
+/// rejects an item whose links carry the key the source was read with.
 static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
 
-/// Adds a secret to those every message, log line, report and output is redacted of.
-/// Values shorter than 4 bytes are not: they would blank out ordinary words.
+/// Adds a secret, in every form an API may quote it in ([`secret_forms`]), to those every
+/// message, log line, report and output is redacted of. Forms shorter than 4 bytes are
+/// not: they would blank out ordinary words.
 pub fn remember_secret(secret: &str) {
     let mut known = KNOWN.write().unwrap_or_else(|e| e.into_inner());
-    for form in [secret.to_owned(), encode_query_value(secret)] {
+    for form in secret_forms(secret) {
         if form.len() >= 4 && !known.contains(&form) {
             known.push(form);
         }
     }
     known.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+}
+
+/// The forms a secret takes in what a server answers or tidemark writes: as written;
+/// percent-encoded as tidemark sends it in a query, with lower-case hex digits, as a form
+/// field (`+` for a space) and as JavaScript's `encodeURIComponent` leaves it; and each of
+/// those inside a JSON string: escaped as most encoders do (`\\`, `\"`), with `/` as `\/`
+/// too (PHP's `json_encode`), with non-ASCII characters as `\uXXXX` (PHP, Python), and
+/// escaped twice (an answer quoting a JSON body, a JSON log line or report quoting such an
+/// answer).
+fn secret_forms(secret: &str) -> Vec<String> {
+    let percent = |keep: &dyn Fn(u8) -> bool, space: &str, hex_lower: bool| {
+        let mut out = String::with_capacity(secret.len());
+        for b in secret.bytes() {
+            if b.is_ascii_alphanumeric() || keep(b) {
+                out.push(b as char);
+            } else if b == b' ' && !space.is_empty() {
+                out.push_str(space);
+            } else if hex_lower {
+                out.push_str(&format!("%{b:02x}"));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    };
+    let unreserved = |b: u8| b"-_.~".contains(&b);
+    let mut forms = vec![
+        secret.to_owned(),
+        percent(&unreserved, "", false),
+        percent(&unreserved, "", true),
+        percent(&|b| b"*-._".contains(&b), "+", false),
+        percent(&|b| b"-_.!~*'()".contains(&b), "", false),
+    ];
+    let json = |s: &str| {
+        let quoted = serde_json::to_string(s).expect("a string serializes");
+        quoted[1..quoted.len() - 1].to_owned()
+    };
+    let ascii = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+        out
+    };
+    for form in forms.clone() {
+        let escaped = json(&form);
+        let slashes = escaped.replace('/', "\\/");
+        forms.extend([
+            json(&escaped),
+            json(&slashes),
+            json(&slashes).replace('/', "\\/"),
+            ascii(&escaped),
+            ascii(&slashes),
+            escaped,
+            slashes,
+        ]);
+    }
+    forms.sort();
+    forms.dedup();
+    forms
 }
 
 /// `text` with every secret in `secrets` replaced by `***`.
@@ -500,6 +716,81 @@ pub fn redact_known(text: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(text)
     }
+}
+
+/// At most `max` characters of `text` for a message, its runs of whitespace folded to one
+/// space, `ellipsis` appended where it was cut. Every known secret is replaced by `***`
+/// before it is cut (cut first, a secret across the cut would leave its start, which no
+/// redaction recognises any more), and the cut never splits a `***` or a character.
+pub fn excerpt(text: &str, max: usize, ellipsis: &str) -> String {
+    let flat = redact_known(text)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let flat = redact_known(&flat).into_owned();
+    let Some((mut cut, _)) = flat.char_indices().nth(max) else {
+        return flat;
+    };
+    let bytes = flat.as_bytes();
+    if bytes[cut] == b'*' {
+        while cut > 0 && bytes[cut - 1] == b'*' {
+            cut -= 1;
+        }
+    }
+    format!("{}{ellipsis}", &flat[..cut])
+}
+
+/// A URL's origin as `scheme://host[:port]` (the port left out when it is the scheme's
+/// default); for what is not an http or https URL, a description that matches no origin.
+pub fn origin_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => u.origin().ascii_serialization(),
+        Ok(u) => format!("a `{}:` URL", u.scheme()),
+        Err(_) => "no origin (not a URL)".to_owned(),
+    }
+}
+
+/// Why the server's TLS certificate was refused, with what to do, when that is what failed:
+/// rustls's verdict, found among the error's causes. hyper carries it inside `io::Error`s,
+/// whose `source` skips what they wrap, so those are opened with `get_ref`.
+fn certificate_refused(e: &reqwest::Error) -> Option<String> {
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return certificate_verdict(tls);
+        }
+        next = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => cause.source(),
+        };
+    }
+    None
+}
+
+/// What a rustls error says about the server's certificate, and what to do; `None` when it
+/// is about something else (a handshake cut short, a protocol error).
+fn certificate_verdict(e: &rustls::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let hint = match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => Some("it is not signed by a certificate authority this machine trusts (self-signed, or a private CA): add that CA to the system's trust store, or have the server use a certificate from a trusted one"),
+            C::NotValidForName | C::NotValidForNameContext { .. } => Some("it does not name the host in base_url: set base_url to a host name the certificate is for"),
+            C::Expired | C::ExpiredContext { .. } => Some("it has expired: the server needs a new one"),
+            C::NotValidYet | C::NotValidYetContext { .. } => Some("it is not valid yet: check this machine's clock, and the server's certificate"),
+            C::Revoked => Some("it was revoked: the server needs a new one"),
+            _ => None,
+        },
+        rustls::Error::NoCertificatesPresented
+        | rustls::Error::InvalidCertRevocationList(_)
+        | rustls::Error::UnsupportedNameType => None,
+        _ => return None,
+    };
+    Some(match hint {
+        Some(hint) => format!("{e}; {hint}"),
+        None => e.to_string(),
+    })
 }
 
 /// A transport error with its causes, which reqwest's `Display` leaves out.
@@ -554,6 +845,166 @@ mod tests {
             redact(&secrets, "auth: Bearer s3cret-token, again s3cret-token"),
             "auth: ***, again ***"
         );
+    }
+
+    /// A secret across the cut is redacted whole, and the cut keeps `***` whole.
+    #[test]
+    fn an_excerpt_is_redacted_before_it_is_cut() {
+        remember_secret("xc-S3cr3t/Tok3n");
+        let body = format!("{}Bearer xc-S3cr3t/Tok3n and more", "a".repeat(190));
+        assert_eq!(
+            excerpt(&body, 200, "…"),
+            format!("{}Bearer ***…", "a".repeat(190))
+        );
+        assert_eq!(
+            excerpt(&body, 199, "…"),
+            format!("{}Bearer …", "a".repeat(190))
+        );
+        assert_eq!(
+            excerpt(&body, 300, "…"),
+            format!("{}Bearer *** and more", "a".repeat(190))
+        );
+        for max in 197..=199 {
+            let body = format!("{}xc-S3cr3t/Tok3n{}", "a".repeat(197), "b".repeat(10));
+            assert_eq!(
+                excerpt(&body, max, "…"),
+                format!("{}…", "a".repeat(197)),
+                "{max}"
+            );
+        }
+        // Characters, not bytes; whitespace folded.
+        let body = format!("{}\n\n  ü{}", "é".repeat(10), "ü".repeat(10));
+        assert_eq!(
+            excerpt(&body, 12, "..."),
+            format!("{} ü...", "é".repeat(10))
+        );
+        assert_eq!(excerpt("short", 200, "…"), "short");
+    }
+
+    #[test]
+    fn a_refused_certificate_says_why_and_other_tls_errors_are_not_one() {
+        let verdict = |e| certificate_verdict(&e);
+        let name = verdict(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName,
+        ))
+        .unwrap();
+        assert!(
+            name.contains("NotValidForName") && name.contains("base_url"),
+            "{name}"
+        );
+        let ca = verdict(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
+        .unwrap();
+        assert!(ca.contains("trust store"), "{ca}");
+        assert!(verdict(rustls::Error::NoCertificatesPresented).is_some());
+        assert_eq!(verdict(rustls::Error::HandshakeNotComplete), None);
+        assert_eq!(verdict(rustls::Error::General("x".into())), None);
+    }
+
+    fn client(base_url: &str) -> HttpClient {
+        let cfg: HttpEndpointConfig =
+            toml::from_str(&format!("base_url = \"{base_url}\"")).unwrap();
+        HttpClient::new("p", "source", &cfg)
+    }
+
+    #[test]
+    fn requests_go_to_base_urls_origin_only() {
+        let c = client("https://api.example.com/v1");
+        assert_eq!(c.origin(), "https://api.example.com");
+        assert_eq!(
+            c.url("/users").as_deref(),
+            Ok("https://api.example.com/v1/users")
+        );
+        for same in [
+            "https://api.example.com/other",
+            "https://API.example.com:443/v1/users?page=2",
+            "HTTPS://api.example.com/v1/users",
+        ] {
+            assert!(c.url(same).is_ok(), "{same}");
+        }
+        for (other, origin) in [
+            ("http://api.example.com/v1/users", "http://api.example.com"),
+            (
+                "https://api.example.com:8443/v1",
+                "https://api.example.com:8443",
+            ),
+            ("https://evil.example.com/v1", "https://evil.example.com"),
+            (
+                "https://api.example.com.evil.net/",
+                "https://api.example.com.evil.net",
+            ),
+        ] {
+            assert_eq!(c.url(other), Err(origin.to_owned()), "{other}");
+        }
+        // A path is always joined to base_url, whatever it holds.
+        for path in ["@evil.example.com/x", "//evil.example.com/x", ":8080/x"] {
+            assert!(c
+                .url(path)
+                .unwrap()
+                .starts_with("https://api.example.com/v1/"));
+        }
+    }
+
+    #[test]
+    fn a_next_page_link_is_resolved_and_kept_on_base_urls_origin() {
+        let c = client("https://api.example.com/v1");
+        // Resolved against the page's URL (RFC 8288), not joined to base_url again.
+        assert_eq!(
+            c.next_page("/users", "/v1/users?page=2").as_deref(),
+            Ok("https://api.example.com/v1/users?page=2")
+        );
+        assert_eq!(
+            c.next_page("/users?page=2", "?page=3").as_deref(),
+            Ok("https://api.example.com/v1/users?page=3")
+        );
+        assert_eq!(
+            c.next_page("/users", "https://api.example.com/v1/users?page=2")
+                .as_deref(),
+            Ok("https://api.example.com/v1/users?page=2")
+        );
+        // https → http is another origin: the credentials would travel in clear text.
+        for (link, origin) in [
+            (
+                "http://api.example.com/v1/users?page=2",
+                "http://api.example.com",
+            ),
+            (
+                "https://cdn.example.com/users?page=2",
+                "https://cdn.example.com",
+            ),
+            ("//cdn.example.com/users?page=2", "https://cdn.example.com"),
+        ] {
+            let e = c.next_page("/users", link).unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "leads to {origin}, not to base_url's origin https://api.example.com"
+                )) && e.contains("not followed"),
+                "{e}"
+            );
+        }
+    }
+
+    /// A secret is redacted in the forms APIs quote it in, not only as written.
+    #[test]
+    fn redacts_the_escaped_and_encoded_forms_of_a_secret() {
+        remember_secret("Ek/3y+\"q\\ü z");
+        for quoted in [
+            r#"raw Ek/3y+"q\ü z."#,
+            r#"json {"got":"Ek/3y+\"q\\ü z"}"#,
+            r#"php {"got":"Ek\/3y+\"q\\\u00fc z"}"#,
+            r#"twice {"body":"{\"got\":\"Ek\\\/3y+\\\"q\\\\ü z\"}"}"#,
+            r#"log {"message":"{\"got\":\"Ek\\/3y+\\\"q\\\\ü z\"}"}"#,
+            "url ?k=Ek%2F3y%2B%22q%5C%C3%BC%20z&x",
+            "lower ?k=Ek%2f3y%2b%22q%5c%c3%bc%20z&x",
+            "form ?k=Ek%2F3y%2B%22q%5C%C3%BC+z&x",
+        ] {
+            let shown = redact_known(quoted);
+            assert!(
+                shown.contains("***") && !shown.contains("Ek") && !shown.contains("3y"),
+                "{quoted} -> {shown}"
+            );
+        }
     }
 
     #[test]

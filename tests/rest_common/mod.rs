@@ -301,11 +301,17 @@ pub struct Faults {
     pub corrupt: Mutex<Option<String>>,
     /// Answer 400 echoing the request's Authorization header to paths containing this.
     pub echo_auth: Mutex<Option<String>>,
+    /// Where in that answer's body the echoed header starts (in characters), when more
+    /// than right after its error: it is padded to put it there.
+    pub echo_auth_at: AtomicU64,
     /// Answer 401 to requests whose query lacks this `name=value`; strip it from the
     /// others before they go on (json-server would read it as a filter).
     pub require_query: Mutex<Option<String>>,
     /// Requests answered 401 for lacking [`Faults::require_query`].
     pub refused: AtomicU64,
+    /// Answer 401 to paths containing this, quoting the Authorization header and the query
+    /// as a PHP API does: `/` escaped as `\/` (`json_encode`), percent-escapes in lower case.
+    pub refuse_token: Mutex<Option<String>>,
     /// Answer 400 quoting the request's path and query to paths containing this.
     pub echo_path: Mutex<Option<String>>,
     /// Answer 422 quoting the request's body to writes (POST, PUT, PATCH) whose path
@@ -321,6 +327,24 @@ pub struct Faults {
     pub throttle: Mutex<Option<(String, u64)>>,
     /// Answer every request this much later, as a slow server does.
     pub delay: Mutex<Option<Duration>>,
+    /// To requests whose path contains `.0`, answer (from the server) with
+    /// `Link: <.1>; rel="next"` instead of the server's own `Link`.
+    pub link_next: Mutex<Option<(String, String)>>,
+    /// Answer with a redirect instead of the server, as a load balancer does.
+    pub redirect: Mutex<Option<Redirect>>,
+}
+
+/// A redirect the proxy answers with.
+#[derive(Clone)]
+pub struct Redirect {
+    /// Only requests with this method; any when `None`.
+    pub method: Option<&'static str>,
+    /// Only requests to this path (without the query).
+    pub path: String,
+    /// `301`, `302`, `307`, …
+    pub status: u16,
+    /// The `Location`, with `{path}` replaced by the request's path and query as asked.
+    pub location: String,
 }
 
 /// An HTTP/1.1 proxy in front of a real server that injects faults and counts requests.
@@ -341,18 +365,20 @@ impl FaultProxy {
         let injected = Arc::new(AtomicU64::new(0));
         let counter = Arc::new(AtomicU64::new(0));
         let upstream = upstream.to_owned();
+        let own = format!("http://127.0.0.1:{port}");
         let (f, s, i) = (faults.clone(), seen.clone(), injected.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (f, s, i, c, u) = (
+                let (f, s, i, c, u, o) = (
                     f.clone(),
                     s.clone(),
                     i.clone(),
                     counter.clone(),
                     upstream.clone(),
+                    own.clone(),
                 );
-                std::thread::spawn(move || serve(conn, &u, &f, &s, &i, &c));
+                std::thread::spawn(move || serve(conn, &u, &o, &f, &s, &i, &c));
             }
         });
         FaultProxy {
@@ -382,9 +408,12 @@ impl FaultProxy {
     }
 }
 
+/// Serves one connection: `upstream` is the server's URL, `own` the proxy's (put in place
+/// of the server's in its `Link` headers, as a reverse proxy in front of an API does).
 fn serve(
     conn: TcpStream,
     upstream: &str,
+    own: &str,
     f: &Faults,
     seen: &Mutex<Vec<(String, String)>>,
     injected: &AtomicU64,
@@ -461,9 +490,71 @@ fn serve(
                 format!("{route}?{}", rest.join("&"))
             };
         }
+        let redirect = f.redirect.lock().unwrap().clone().filter(|r| {
+            r.method.is_none_or(|m| m == method) && path.split('?').next() == Some(r.path.as_str())
+        });
+        if let Some(r) = redirect {
+            injected.fetch_add(1, Ordering::SeqCst);
+            let location = r.location.replace("{path}", &asked);
+            if !reply(
+                &mut out,
+                &format!("{} Redirect", r.status),
+                &[("location".into(), location)],
+                b"",
+            ) {
+                return;
+            }
+            continue;
+        }
+        let refuse = f
+            .refuse_token
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|p| asked.contains(p.as_str()));
+        if refuse.is_some() {
+            injected.fetch_add(1, Ordering::SeqCst);
+            let php = |s: &str| serde_json::to_string(s).unwrap().replace('/', "\\/");
+            let query = asked.split_once('?').map_or("", |(_, q)| q);
+            let mut lower = String::new();
+            let mut rest = query;
+            while let Some(at) = rest.find('%') {
+                let (before, escape) = rest.split_at(at);
+                lower.push_str(before);
+                let n = escape.len().min(3);
+                lower.push_str(&escape[..n].to_ascii_lowercase());
+                rest = &escape[n..];
+            }
+            lower.push_str(rest);
+            let body = format!(
+                "{{\"error\":\"invalid token\",\"got\":{},\"query\":{}}}",
+                php(&auth),
+                php(&lower)
+            );
+            if !reply(
+                &mut out,
+                "401 Unauthorized",
+                &[("content-type".into(), "application/json".into())],
+                body.as_bytes(),
+            ) {
+                return;
+            }
+            continue;
+        }
         // A 400 that quotes what the request carried.
+        let pad = (f.echo_auth_at.load(Ordering::SeqCst) as usize).saturating_sub(49);
+        let auth = if pad > 0 {
+            // `{"error":"bad request","pad":"` is 30 characters, `","authorization":"` 19.
+            format!("{}\",\"authorization\":\"{auth}", "x".repeat(pad))
+        } else {
+            auth
+        };
         let echo = [
-            (&f.echo_auth, "authorization", &auth),
+            (
+                &f.echo_auth,
+                if pad > 0 { "pad" } else { "authorization" },
+                &auth,
+            ),
             (&f.echo_path, "url", &asked),
         ]
         .into_iter()
@@ -614,10 +705,21 @@ fn serve(
         };
         let status = resp.status();
         let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
-        for h in ["x-total-count", "link"] {
-            if let Some(v) = resp.headers().get(h) {
-                headers.push((h.to_owned(), v.to_str().unwrap_or("").to_owned()));
-            }
+        if let Some(v) = resp.headers().get("x-total-count") {
+            headers.push(("x-total-count".into(), v.to_str().unwrap_or("").to_owned()));
+        }
+        let link_next = f
+            .link_next
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|(p, _)| path.contains(p.as_str()));
+        if let Some((_, to)) = link_next {
+            injected.fetch_add(1, Ordering::SeqCst);
+            headers.push(("link".into(), format!("<{to}>; rel=\"next\"")));
+        } else if let Some(v) = resp.headers().get("link") {
+            let v = v.to_str().unwrap_or("").replace(upstream, own);
+            headers.push(("link".into(), v));
         }
         let b = resp.bytes().unwrap_or_default();
         match after {
@@ -649,6 +751,151 @@ fn serve(
         if !reply(&mut out, &st, &headers, &b) {
             return;
         }
+    }
+}
+
+/// An HTTP server that records the head (request line and headers) of every request it
+/// gets and answers `200 []`: another origin, where a leaked credential would arrive.
+pub struct Recorder {
+    pub port: u16,
+    /// The head of every request received, as sent.
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    pub fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut out = conn;
+                    loop {
+                        let mut head = String::new();
+                        let mut len = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line.trim_end().is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = line.split_once(':') {
+                                if k.trim().eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                            head.push_str(&line);
+                        }
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        s.lock().unwrap().push(head);
+                        let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]";
+                        if out.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Recorder { port, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The heads of the requests received so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// An HTTPS server with a self-signed certificate (made by `openssl` for 127.0.0.1), which a
+/// client refuses as signed by no CA it trusts. It counts the connections it gets, and
+/// answers `200 []` to what reaches it over a completed handshake.
+pub struct TlsPeer {
+    pub port: u16,
+    /// Connections accepted, each one a handshake attempted.
+    pub connections: Arc<AtomicU64>,
+}
+
+impl TlsPeer {
+    /// Starts it, its certificate and key written to `dir`.
+    pub fn start(dir: &Path) -> TlsPeer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let (cert, key) = (dir.join("tls-cert.pem"), dir.join("tls-key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=tidemark-test", "-addext"])
+            .args(["subjectAltName=IP:127.0.0.1,DNS:localhost", "-addext"])
+            .args(["basicConstraints=critical,CA:FALSE", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl makes the test certificate");
+        assert!(made.status.success(), "{made:?}");
+        let certs = CertificateDer::pem_file_iter(&cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let tls = rustls::ServerConnection::new(config).unwrap();
+                    let mut stream = rustls::StreamOwned::new(tls, conn);
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut buf) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            got.clear();
+                            let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]";
+                            if stream.write_all(reply.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        TlsPeer { port, connections }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
     }
 }
 

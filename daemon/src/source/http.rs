@@ -15,7 +15,7 @@ use tidemark_proto::{checksum_json, strip_fields, Body, Ref};
 
 use super::{Entry, FetchError, Item, ListError, ListStream, Listing, RefField, Source};
 use crate::config::HttpSourceConfig;
-use crate::http::{encode_query_value, id_string, HttpClient, RequestError};
+use crate::http::{encode_query_value, excerpt, id_string, HttpClient, RequestError};
 use crate::http_config::{Pagination, SourceKindConfig};
 
 /// Listing entries buffered between the page fetchers and the scanner.
@@ -219,7 +219,7 @@ impl Pager<'_> {
                 let mut next = Some(self.path.to_owned());
                 while let Some(u) = next.take() {
                     let (items, resp, _) = self.page(&u).await?;
-                    next = resp
+                    let link = resp
                         .headers
                         .get_all(reqwest::header::LINK)
                         .iter()
@@ -227,6 +227,11 @@ impl Pager<'_> {
                         .find_map(next_link);
                     if !self.send_all(tx, items).await {
                         break;
+                    }
+                    // A link to another origin ends the listing with an error: the
+                    // request would carry the credentials there.
+                    if let Some(link) = link {
+                        next = Some(self.client.next_page(&u, &link)?);
                     }
                 }
             }
@@ -274,14 +279,7 @@ fn next_link(header: &str) -> Option<String> {
 pub fn extract_refs(kind: &SourceKindConfig, item: &Value) -> Result<Vec<Ref>, String> {
     let mut refs = Vec::new();
     let unusable = |field: &str, v: &Value| {
-        let mut shown = v.to_string();
-        if shown.len() > 60 {
-            let cut = (0..=57)
-                .rev()
-                .find(|&i| shown.is_char_boundary(i))
-                .unwrap_or(0);
-            shown = format!("{}...", &shown[..cut]);
-        }
+        let shown = excerpt(&v.to_string(), 57, "...");
         format!(
             "reference field `{field}` holds {} ({shown}), not an id (a string or number) or an array of ids, so it cannot be mapped to the target's id; the item is left out until it is fixed in the source (or the kind's `ref` points at the id itself)",
             json_type(v)
@@ -422,14 +420,7 @@ fn no_id(kind: &str, field: &str, item: &Value) -> String {
         None => format!("has no id at `{field}`"),
         Some(v) => format!("has {} at `{field}`, not a string or number", json_type(v)),
     };
-    let mut shown = item.to_string();
-    if shown.len() > 120 {
-        let cut = (0..=117)
-            .rev()
-            .find(|&i| shown.is_char_boundary(i))
-            .unwrap_or(0);
-        shown = format!("{}...", &shown[..cut]);
-    }
+    let shown = excerpt(&item.to_string(), 117, "...");
     format!("kind `{kind}`: an item {what}; it is left out: {shown}")
 }
 
@@ -606,7 +597,10 @@ mod tests {
             "/id",
             &serde_json::json!({"body": "é".repeat(200)}),
         );
-        assert!(long.ends_with("...") && long.len() < 200, "{long}");
+        assert!(
+            long.ends_with("...") && long.chars().count() < 200,
+            "{long}"
+        );
     }
 
     /// A reference field no item has is reported with the field the items do have, when
