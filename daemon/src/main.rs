@@ -648,9 +648,23 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["source_error"] = message.into();
         }
     }
+    // A pipeline whose status is partly unknown (its log cannot be read, as with a Kafka
+    // broker down) fails the command, as it does without a daemon, after what is known.
+    let errors: Vec<&str> = statuses
+        .iter()
+        .filter_map(|s| s["error"].as_str())
+        .collect();
+    let code = if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&statuses)?);
-        return Ok(ExitCode::SUCCESS);
+        if !errors.is_empty() {
+            anyhow::bail!("{}", errors.join("; "));
+        }
+        return Ok(code);
     }
     for s in &statuses {
         outln!(
@@ -658,13 +672,24 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["pipeline"].as_str().unwrap_or("?"),
             s["log"].as_str().unwrap_or("?")
         );
-        outln!(
-            "  head {}  committed {}  lag {} events, {:.1} s",
-            s["head"],
-            s["committed"],
-            s["lag_events"],
-            s["lag_seconds"].as_f64().unwrap_or(0.0)
-        );
+        if let Some(error) = s["error"].as_str() {
+            outln!("  ERROR: {error}");
+            if s.get("max_delete").is_none() {
+                // The daemon could not read even the local state: nothing else is known.
+                continue;
+            }
+        }
+        if s["head"].is_null() {
+            outln!("  head ?  committed ?  lag ? (unknown while the log cannot be read)");
+        } else {
+            outln!(
+                "  head {}  committed {}  lag {} events, {:.1} s",
+                s["head"],
+                s["committed"],
+                s["lag_events"],
+                s["lag_seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
         if let Some(parts) = s["partitions"].as_array().filter(|p| p.len() > 1) {
             for part in parts {
                 outln!(
@@ -767,7 +792,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// Why `pipeline`'s directory source cannot be walked now, if it cannot (see
