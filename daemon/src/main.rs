@@ -702,6 +702,26 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 );
             }
         }
+        if let Some(r) = s.get("projector_retrying").filter(|r| !r.is_null()) {
+            let at = |field: &str| {
+                r[field]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+            };
+            let next = at("next_attempt_at").map_or(String::new(), |t| {
+                let secs = (t - chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
+                format!(", the next in {secs:.1} s")
+            });
+            outln!(
+                "  projector: retrying since {} ({} failed attempts{next}): {}",
+                at("since").map_or("?".into(), |t| t
+                    .format("%Y-%m-%d %H:%M:%S UTC")
+                    .to_string()),
+                r["attempts"],
+                r["error"].as_str().unwrap_or("?")
+            );
+        }
         match s["source_freshness_seconds"].as_f64() {
             Some(f) => {
                 outln!("  source freshness {f:.1} s (since the last complete, error-free scan)")

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::config::PipelineConfig;
 use crate::log::{self, EventLog};
 use crate::metrics::{metrics, Metrics};
-use crate::projector::{ProjectError, Projector};
+use crate::projector::{ProjectError, Projector, Retrying};
 use crate::scanner::Scanner;
 use crate::state::{Failure, GuardTrip, ScanRecord, State, StateError};
 use crate::{source, target};
@@ -92,6 +92,10 @@ pub struct PipelineStatus {
     /// Deletes not applied because `prune` is off: the target still holds those items.
     /// With `prune = true` they are applied once the projector has caught up.
     pub retained_deletes: usize,
+    /// Set while the daemon's projector retries with backoff (the target refuses writes:
+    /// a full disk, a server down; or the log cannot be read): the lag grows, and this
+    /// says why. Only the daemon knows it; `null` otherwise.
+    pub projector_retrying: Option<Retrying>,
 }
 
 /// An event waiting for the items it references (or a directory delete waiting for its
@@ -520,6 +524,7 @@ impl Pipeline {
             } else {
                 0
             },
+            projector_retrying: self.projector.retrying(),
         };
         Ok((status, unreadable))
     }
