@@ -741,6 +741,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 scan["duration_secs"].as_f64().unwrap_or(0.0)
             ),
             None => match s["source_error"].as_str() {
+                _ if !s["scan_in_progress"].is_null() => outln!("  no scan finished yet"),
                 Some(message) => outln!("  no scan recorded; a scan now fails: {message}"),
                 None => outln!("  no scan yet"),
             },
@@ -761,6 +762,25 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             if more > 0 && !shown.is_empty() {
                 outln!("    and {more} more errors (the log names each)");
             }
+        }
+        if let Some(scan) = s.get("scan_in_progress").filter(|v| !v.is_null()) {
+            let started = scan["started_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            let running = started.map_or(String::new(), |t| {
+                let secs = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+                format!(" ({secs:.1} s)")
+            });
+            outln!(
+                "  scan {} in progress since {}{running}: {} listed, {} upserts and {} deletes appended, {} errors so far",
+                scan["id"].as_str().unwrap_or("?"),
+                started.map_or("?".into(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+                scan["listed"],
+                scan["upserts"],
+                scan["deletes"],
+                scan["errors"]
+            );
         }
         outln!("  max_delete {}", s["max_delete"].as_str().unwrap_or("?"));
         if let Some(g) = s.get("delete_guard").filter(|v| !v.is_null()) {

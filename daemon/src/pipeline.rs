@@ -10,7 +10,7 @@ use crate::config::PipelineConfig;
 use crate::log::{self, EventLog};
 use crate::metrics::{metrics, Metrics};
 use crate::projector::{ProjectError, Projector, Retrying};
-use crate::scanner::Scanner;
+use crate::scanner::{ScanProgress, Scanner};
 use crate::state::{Failure, GuardTrip, ScanRecord, State, StateError};
 use crate::{source, target};
 
@@ -77,8 +77,12 @@ pub struct PipelineStatus {
     pub partitions: Vec<PartitionStatus>,
     /// Seconds since the last complete, error-free scan (`null` before the first one).
     pub source_freshness_seconds: Option<f64>,
-    /// The last scan.
+    /// The last scan that ended.
     pub last_scan: Option<ScanRecord>,
+    /// The daemon's scan running now, with its counts so far (a first scan of a large
+    /// source appends thousands of events before it ends and records itself). Only the
+    /// daemon knows it; `null` otherwise.
+    pub scan_in_progress: Option<ScanProgress>,
     /// Set while the last scan's deletes are withheld by `max_delete`.
     pub delete_guard: Option<GuardTrip>,
     /// The configured delete limit (`max_delete`), shown whether or not it tripped.
@@ -514,6 +518,7 @@ impl Pipeline {
             delete_guard: last_scan.as_ref().and_then(|s| s.guard.clone()),
             max_delete: self.config.max_delete.to_string(),
             last_scan,
+            scan_in_progress: self.scanner.in_progress(),
             failed,
             deferred,
             retained_deletes: if retained {
