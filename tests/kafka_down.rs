@@ -16,13 +16,17 @@ const PORT: &str = "19410";
 /// Held by each test that uses [`PORT`]: they run one after the other.
 static PORT_TAKEN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Stops the broker on [`PORT`] with data in the directory.
-struct Stop(String);
+/// The port of the broker the `status` test starts and stops: its own, so it needs no
+/// turn with the others.
+const STATUS_PORT: &str = "19530";
+
+/// Stops the broker on a port with data in the directory.
+struct Stop(&'static str, String);
 
 impl Drop for Stop {
     fn drop(&mut self) {
         let _ = std::process::Command::new(repo_root().join("ops/peers/kafka.sh"))
-            .args(["stop", PORT, &self.0])
+            .args(["stop", self.0, &self.1])
             .output();
     }
 }
@@ -104,7 +108,7 @@ fn sync_with_the_broker_down_fails_within_seconds_naming_it_and_the_next_sync_mi
     // The broker is up now: the next sync mirrors everything (the index recorded nothing).
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
-    let _stop = Stop(data_dir.clone());
+    let _stop = Stop(PORT, data_dir.clone());
     ops("ops/peers/kafka.sh", &["start", PORT, &data_dir]);
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], 21, "20 files and their directory: {scan}");
@@ -202,7 +206,7 @@ fn a_sync_losing_its_broker_mid_run(loss: Loss, within: Duration, says: &[&str])
     );
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
-    let _stop = Stop(data_dir.clone());
+    let _stop = Stop(PORT, data_dir.clone());
     ops("ops/peers/kafka.sh", &["start", PORT, &data_dir]);
     let topic = unique("lost");
     // Small batches, so the projection is still going when the broker goes.
@@ -370,4 +374,84 @@ fn a_daemon_stopped_while_it_reaches_for_a_silent_broker_stops_at_once() {
         "{}",
         env.daemon_log()
     );
+}
+
+/// `tidemark status` while the daemon's broker is down: the daemon cannot read the log's
+/// offsets, and `status` says so (the pipeline, the brokers, why, what to do) and exits 1,
+/// as it does without a daemon, instead of printing `head null` with exit 0; what the local
+/// state holds (the last scan, the delete guard) is still shown.
+#[test]
+fn status_while_the_daemons_broker_is_down_names_the_error_exits_1_and_shows_the_local_state() {
+    let addr = format!("127.0.0.1:{STATUS_PORT}");
+    assert!(
+        !tcp_answers(&addr),
+        "something listens on {addr}; this test needs the port free"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let stop = Stop(STATUS_PORT, data_dir.clone());
+    ops("ops/peers/kafka.sh", &["start", STATUS_PORT, &data_dir]);
+    let topic = unique("status-down");
+    let env = Env::dirs(&kafka_log_section(&addr, &topic, &topic, 2), "prune = true");
+    for i in 0..4 {
+        write(env.src().join(format!("{i}.txt")), format!("{i}\n"));
+    }
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        mirrors_now(&env.src(), &env.dst()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no first mirror; log:\n{}", env.daemon_log()));
+    // Three of four files gone: more than max_delete (50%) allows, so the guard trips.
+    for i in 1..4 {
+        std::fs::remove_file(env.src().join(format!("{i}.txt"))).unwrap();
+    }
+    wait_for(Duration::from_secs(30), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        v[0]["delete_guard"].is_object().then_some(())
+    })
+    .unwrap_or_else(|| panic!("the delete guard did not trip; log:\n{}", env.daemon_log()));
+
+    ops("ops/peers/kafka.sh", &["stop", STATUS_PORT, &data_dir]);
+    let out = env.run(&["status"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let shown = format!("{:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        stdout.lines().any(|l| l.contains("pipeline `t`")
+            && l.contains(&format!("cannot reach the Kafka brokers {addr}"))
+            && l.contains("Connection refused")
+            && l.contains("start the broker")),
+        "one line names the pipeline, the brokers, why and what to do; {shown}"
+    );
+    assert!(
+        stdout.contains("  last scan ")
+            && stdout.contains("DELETE GUARD TRIPPED: the last scan would delete 3 items")
+            && stdout.contains("max_delete 50%"),
+        "the local state is shown all the same; {shown}"
+    );
+    assert!(
+        !stdout.contains("null") && !stdout.contains("no scan yet"),
+        "{shown}"
+    );
+
+    let out = env.run(&["status", "--output", "json"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let shown = format!("{:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        stderr.contains("error: pipeline `t`: ") && stderr.contains("start the broker"),
+        "{shown}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let s = &v[0];
+    assert!(
+        s["error"].as_str().is_some_and(|e| e.contains(&addr)),
+        "{shown}"
+    );
+    assert!(s["head"].is_null() && s["lag_events"].is_null(), "{shown}");
+    assert_eq!(s["delete_guard"]["would_delete"], 3, "{shown}");
+    assert!(s["last_scan"]["id"].is_string(), "{shown}");
+    assert_eq!(s["max_delete"], "50%", "{shown}");
+    daemon.terminate();
+    drop(stop);
 }

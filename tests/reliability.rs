@@ -773,3 +773,67 @@ fn a_target_subdirectory_that_cannot_be_written_fails_only_its_own_items() {
     }
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A full target disk stalls the daemon's projector, which retries the batch with backoff:
+/// `status` (text, JSON and `/status`) says that it retries, since when, how many times and
+/// on what error, where it showed only the lag growing; and stops saying it once a batch
+/// goes through.
+#[test]
+fn a_projector_retrying_on_a_full_target_disk_says_so_in_status_until_a_batch_succeeds() {
+    let env = Env::dirs("retry_max_backoff = \"1s\"", "");
+    let disk = Tmpfs::mount(&env.dst(), "2m");
+    write(env.src().join("big.bin"), noise(3 * 1024 * 1024, 7));
+    let before = chrono::Utc::now();
+    let daemon = env.spawn_daemon();
+    let retrying = |v: &serde_json::Value| v[0]["projector_retrying"].clone();
+    let status = wait_for(Duration::from_secs(60), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (retrying(&v)["attempts"].as_u64()? >= 2).then_some(v)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "/status never said the projector retries; log:\n{}",
+            env.daemon_log()
+        )
+    });
+    let r = retrying(&status);
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.contains("big.bin") && error.contains("No space left on device"),
+        "{status}"
+    );
+    assert!(
+        !error.starts_with("pipeline `t`"),
+        "the status names the pipeline: {status}"
+    );
+    let since: chrono::DateTime<chrono::Utc> = r["since"].as_str().unwrap().parse().unwrap();
+    assert!(since >= before && since <= chrono::Utc::now(), "{status}");
+    assert!(r["next_attempt_at"].is_string(), "{status}");
+    assert!(status[0]["lag_events"].as_u64().unwrap() >= 1, "{status}");
+
+    let text = env.ok(&["status"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("  projector: retrying since "))
+        .unwrap_or_else(|| panic!("status does not say the projector retries:\n{text}"));
+    assert!(
+        line.contains(" failed attempts") && line.contains("No space left on device"),
+        "{text}"
+    );
+    let v = env.json(&["status"]);
+    assert!(retrying(&v)["attempts"].as_u64().unwrap() >= 2, "{v}");
+
+    disk.remount("size=16m");
+    wait_for(Duration::from_secs(60), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["lag_events"] == 0 && retrying(&v).is_null()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the retrying did not end; log:\n{}", env.daemon_log()));
+    let text = env.ok(&["status"]);
+    assert!(!text.contains("projector: retrying"), "{text}");
+    assert!(env
+        .daemon_log()
+        .contains("the projector goes on: a batch succeeded after"));
+    assert!(daemon.terminate().success());
+    assert_mirror(&env.src(), &env.dst());
+}

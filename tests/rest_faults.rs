@@ -1282,3 +1282,73 @@ fn a_refused_tls_certificate_is_not_retried_and_says_why() {
     );
     assert!(took < Duration::from_secs(5), "it took {took:?}");
 }
+
+/// The daemon's first scan of a slow source appends events long before it ends and
+/// records itself: meanwhile `status` (text, JSON, `/status`) shows the scan in progress,
+/// since when and what it listed and appended so far, not "no scan yet".
+#[test]
+fn status_during_a_slow_first_scan_shows_it_in_progress_with_its_counts() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(100));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let slow = FaultProxy::start(&dev.url());
+    *slow.faults.delay.lock().unwrap() = Some(Duration::from_millis(700));
+    write_rest_config(&env, &slow.url(), &prod.url(), "");
+    let before = chrono::Utc::now();
+    let daemon = env.spawn_daemon();
+    let status = wait_for(Duration::from_secs(60), || {
+        let v: Value = daemon.get("/status").json().ok()?;
+        let appended = v[0]["scan_in_progress"]["upserts"].as_u64()?;
+        (appended > 0 && v[0]["head"].as_u64()? >= appended).then_some(v)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "/status never showed the scan in progress; log:\n{}",
+            env.daemon_log()
+        )
+    });
+    let s = &status[0];
+    assert!(
+        s["last_scan"].is_null(),
+        "the first scan is still going: {status}"
+    );
+    let running = &s["scan_in_progress"];
+    assert!(running["listed"].as_u64().unwrap() >= running["upserts"].as_u64().unwrap());
+    let started: chrono::DateTime<chrono::Utc> =
+        running["started_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        started >= before && started <= chrono::Utc::now(),
+        "{status}"
+    );
+    let first = running["id"].as_str().unwrap().to_owned();
+
+    let text = env.ok(&["status"]);
+    assert!(
+        !text.contains("no scan yet") && text.contains("  no scan finished yet\n"),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("  scan {first} in progress since ")))
+        .unwrap_or_else(|| panic!("status does not show the scan in progress:\n{text}"));
+    assert!(
+        line.contains(" listed, ") && line.contains(" upserts and "),
+        "{text}"
+    );
+    let v = env.json(&["status"]);
+    assert_eq!(v[0]["scan_in_progress"]["id"], first.as_str(), "{v}");
+
+    // Once it has ended, it is the last scan, and no longer in progress.
+    *slow.faults.delay.lock().unwrap() = None;
+    let status = wait_for(Duration::from_secs(120), || {
+        let v: Value = daemon.get("/status").json().ok()?;
+        v[0]["last_scan"].is_object().then_some(v)
+    })
+    .unwrap_or_else(|| panic!("the first scan did not end; log:\n{}", env.daemon_log()));
+    assert_ne!(
+        status[0]["scan_in_progress"]["id"],
+        first.as_str(),
+        "{status}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -187,7 +187,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
             delay = (delay * 2).min(std::time::Duration::from_secs(30));
         }
-        p.status().await?;
+        p.refresh_gauges().await?;
     }
 
     for p in &pipelines {

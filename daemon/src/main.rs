@@ -648,9 +648,23 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["source_error"] = message.into();
         }
     }
+    // A pipeline whose status is partly unknown (its log cannot be read, as with a Kafka
+    // broker down) fails the command, as it does without a daemon, after what is known.
+    let errors: Vec<&str> = statuses
+        .iter()
+        .filter_map(|s| s["error"].as_str())
+        .collect();
+    let code = if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&statuses)?);
-        return Ok(ExitCode::SUCCESS);
+        if !errors.is_empty() {
+            anyhow::bail!("{}", errors.join("; "));
+        }
+        return Ok(code);
     }
     for s in &statuses {
         outln!(
@@ -658,13 +672,24 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["pipeline"].as_str().unwrap_or("?"),
             s["log"].as_str().unwrap_or("?")
         );
-        outln!(
-            "  head {}  committed {}  lag {} events, {:.1} s",
-            s["head"],
-            s["committed"],
-            s["lag_events"],
-            s["lag_seconds"].as_f64().unwrap_or(0.0)
-        );
+        if let Some(error) = s["error"].as_str() {
+            outln!("  ERROR: {error}");
+            if s.get("max_delete").is_none() {
+                // The daemon could not read even the local state: nothing else is known.
+                continue;
+            }
+        }
+        if s["head"].is_null() {
+            outln!("  head ?  committed ?  lag ? (unknown while the log cannot be read)");
+        } else {
+            outln!(
+                "  head {}  committed {}  lag {} events, {:.1} s",
+                s["head"],
+                s["committed"],
+                s["lag_events"],
+                s["lag_seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
         if let Some(parts) = s["partitions"].as_array().filter(|p| p.len() > 1) {
             for part in parts {
                 outln!(
@@ -676,6 +701,26 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                     part["lag_seconds"].as_f64().unwrap_or(0.0)
                 );
             }
+        }
+        if let Some(r) = s.get("projector_retrying").filter(|r| !r.is_null()) {
+            let at = |field: &str| {
+                r[field]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+            };
+            let next = at("next_attempt_at").map_or(String::new(), |t| {
+                let secs = (t - chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
+                format!(", the next in {secs:.1} s")
+            });
+            outln!(
+                "  projector: retrying since {} ({} failed attempts{next}): {}",
+                at("since").map_or("?".into(), |t| t
+                    .format("%Y-%m-%d %H:%M:%S UTC")
+                    .to_string()),
+                r["attempts"],
+                r["error"].as_str().unwrap_or("?")
+            );
         }
         match s["source_freshness_seconds"].as_f64() {
             Some(f) => {
@@ -696,6 +741,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 scan["duration_secs"].as_f64().unwrap_or(0.0)
             ),
             None => match s["source_error"].as_str() {
+                _ if !s["scan_in_progress"].is_null() => outln!("  no scan finished yet"),
                 Some(message) => outln!("  no scan recorded; a scan now fails: {message}"),
                 None => outln!("  no scan yet"),
             },
@@ -716,6 +762,25 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             if more > 0 && !shown.is_empty() {
                 outln!("    and {more} more errors (the log names each)");
             }
+        }
+        if let Some(scan) = s.get("scan_in_progress").filter(|v| !v.is_null()) {
+            let started = scan["started_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            let running = started.map_or(String::new(), |t| {
+                let secs = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+                format!(" ({secs:.1} s)")
+            });
+            outln!(
+                "  scan {} in progress since {}{running}: {} listed, {} upserts and {} deletes appended, {} errors so far",
+                scan["id"].as_str().unwrap_or("?"),
+                started.map_or("?".into(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+                scan["listed"],
+                scan["upserts"],
+                scan["deletes"],
+                scan["errors"]
+            );
         }
         outln!("  max_delete {}", s["max_delete"].as_str().unwrap_or("?"));
         if let Some(g) = s.get("delete_guard").filter(|v| !v.is_null()) {
@@ -767,7 +832,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// Why `pipeline`'s directory source cannot be walked now, if it cannot (see

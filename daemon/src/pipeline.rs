@@ -9,8 +9,8 @@ use serde::Serialize;
 use crate::config::PipelineConfig;
 use crate::log::{self, EventLog};
 use crate::metrics::{metrics, Metrics};
-use crate::projector::{ProjectError, Projector};
-use crate::scanner::Scanner;
+use crate::projector::{ProjectError, Projector, Retrying};
+use crate::scanner::{ScanProgress, Scanner};
 use crate::state::{Failure, GuardTrip, ScanRecord, State, StateError};
 use crate::{source, target};
 
@@ -61,20 +61,28 @@ pub struct PipelineStatus {
     pub pipeline: String,
     /// Log backend.
     pub log: &'static str,
+    /// Why the log cannot be read now (a Kafka broker that is down), and what to do. The
+    /// offsets and the lag are `None` then, and `partitions` is empty; the rest comes from
+    /// the local state and is shown all the same.
+    pub error: Option<String>,
     /// Next offset the log assigns (summed over partitions).
-    pub head: u64,
+    pub head: Option<u64>,
     /// Next offset the projector reads (summed over partitions).
-    pub committed: u64,
+    pub committed: Option<u64>,
     /// Events not yet applied.
-    pub lag_events: u64,
+    pub lag_events: Option<u64>,
     /// Age of the oldest unapplied event, 0 when caught up.
-    pub lag_seconds: f64,
+    pub lag_seconds: Option<f64>,
     /// The same, per partition of the log (one entry for the sled log).
     pub partitions: Vec<PartitionStatus>,
     /// Seconds since the last complete, error-free scan (`null` before the first one).
     pub source_freshness_seconds: Option<f64>,
-    /// The last scan.
+    /// The last scan that ended.
     pub last_scan: Option<ScanRecord>,
+    /// The daemon's scan running now, with its counts so far (a first scan of a large
+    /// source appends thousands of events before it ends and records itself). Only the
+    /// daemon knows it; `null` otherwise.
+    pub scan_in_progress: Option<ScanProgress>,
     /// Set while the last scan's deletes are withheld by `max_delete`.
     pub delete_guard: Option<GuardTrip>,
     /// The configured delete limit (`max_delete`), shown whether or not it tripped.
@@ -88,6 +96,10 @@ pub struct PipelineStatus {
     /// Deletes not applied because `prune` is off: the target still holds those items.
     /// With `prune = true` they are applied once the projector has caught up.
     pub retained_deletes: usize,
+    /// Set while the daemon's projector retries with backoff (the target refuses writes:
+    /// a full disk, a server down; or the log cannot be read): the lag grows, and this
+    /// says why. Only the daemon knows it; `null` otherwise.
+    pub projector_retrying: Option<Retrying>,
 }
 
 /// An event waiting for the items it references (or a directory delete waiting for its
@@ -157,6 +169,10 @@ struct Unapplied {
     partitions: Vec<Option<chrono::DateTime<Utc>>>,
     /// Set when the last refresh could not read the log: the lag gauges then age.
     log_unreadable: bool,
+    /// When the last refresh that could not read the log gave up, and why: a status that
+    /// waited for that refresh to end shows its error instead of asking the log again
+    /// (with a Kafka broker down, each ask waits for the client to find it down).
+    unreadable_at: Option<(std::time::Instant, String)>,
 }
 
 impl Pipeline {
@@ -305,10 +321,10 @@ impl Pipeline {
                 pipeline: self.config.name.clone(),
                 source,
             };
-            let h = self.log.head(p).await.map_err(read_err)?;
+            let h = self.log.head_for_status(p).await.map_err(read_err)?;
             let c = self
                 .log
-                .committed(self.projector.consumer(), p)
+                .committed_for_status(self.projector.consumer(), p)
                 .await
                 .map_err(|source| ProjectError::ReadOffset {
                     pipeline: self.config.name.clone(),
@@ -343,21 +359,33 @@ impl Pipeline {
         })
     }
 
-    /// Reads offsets, lag and the last scan, and updates the lag metrics with them.
+    /// Reads offsets, lag and the last scan, and updates the lag metrics with them. A log
+    /// that cannot be read is no error here: the status says why in
+    /// [`PipelineStatus::error`], and still shows what the local state holds (the last
+    /// scan, the delete guard, the failed and waiting items), which on-call people need
+    /// most while the log is down.
     pub async fn status(&self) -> Result<PipelineStatus, PipelineError> {
-        self.read_status(true).await
+        self.read_status(true).await.map(|(status, _)| status)
     }
 
     /// Updates the lag metrics as [`Pipeline::status`] does, without counting the retained
     /// deletes: that walks every one (sled counts a tree by iterating it), which with
     /// `prune` off grows with every delete the source ever had; the daemon refreshes its
-    /// gauges every second.
+    /// gauges every second. Fails when the log cannot be read.
     pub async fn refresh_gauges(&self) -> Result<(), PipelineError> {
-        self.read_status(false).await.map(drop)
+        match self.read_status(false).await? {
+            (_, Some(unreadable)) => Err(unreadable),
+            (_, None) => Ok(()),
+        }
     }
 
-    /// The status; `retained_deletes` counted only with `retained`, 0 otherwise.
-    async fn read_status(&self, retained: bool) -> Result<PipelineStatus, PipelineError> {
+    /// The status, and the error of a log that could not be read (also in the status's
+    /// `error`); `retained_deletes` counted only with `retained`, 0 otherwise.
+    async fn read_status(
+        &self,
+        retained: bool,
+    ) -> Result<(PipelineStatus, Option<PipelineError>), PipelineError> {
+        let asked = std::time::Instant::now();
         let _refreshing = self.refreshing.lock().await;
         let state_err = |source| PipelineError::State {
             pipeline: self.config.name.clone(),
@@ -370,28 +398,36 @@ impl Pipeline {
             .as_ref()
             .and_then(|s| s.last_success_at)
             .map(|at| age(Some(at)));
-        let LogOffsets {
-            head,
-            committed,
-            oldest,
-            partitions,
-        } = match self.offsets(age).await {
-            Ok(read) => read,
-            Err(e) => {
-                self.unapplied.lock().unwrap().log_unreadable = true;
-                self.refresh_local_gauges(Utc::now())?;
-                return Err(e);
-            }
+        // A status asked while a refresh was reading the log, which it could not: that
+        // refresh's answer, given since the status was asked, is this one's too.
+        let failed_meanwhile = match &self.unapplied.lock().unwrap().unreadable_at {
+            Some((at, e)) if retained && *at >= asked => Some(e.clone()),
+            _ => None,
         };
-        *self.unapplied.lock().unwrap() = Unapplied {
-            oldest,
-            partitions: partitions.iter().map(|(_, at)| *at).collect(),
-            log_unreadable: false,
+        let (offsets, error, unreadable) = match failed_meanwhile {
+            Some(message) => (None, Some(message), None),
+            None => match self.offsets(age).await {
+                Ok(read) => {
+                    *self.unapplied.lock().unwrap() = Unapplied {
+                        oldest: read.oldest,
+                        partitions: read.partitions.iter().map(|(_, at)| *at).collect(),
+                        log_unreadable: false,
+                        unreadable_at: None,
+                    };
+                    (Some(read), None, None)
+                }
+                Err(e) => {
+                    let mut known = self.unapplied.lock().unwrap();
+                    known.log_unreadable = true;
+                    known.unreadable_at = Some((std::time::Instant::now(), e.to_string()));
+                    drop(known);
+                    self.refresh_local_gauges(Utc::now())?;
+                    (None, Some(e.to_string()), Some(e))
+                }
+            },
         };
-        let partitions: Vec<PartitionStatus> = partitions.into_iter().map(|(s, _)| s).collect();
         let m = metrics();
         let p = [self.config.name.as_str()];
-        let lag_seconds = age(oldest);
         let failed = self
             .state
             .failures(&self.config.name)
@@ -460,22 +496,32 @@ impl Pipeline {
             });
         }
 
-        m.log_head_offset.with_label_values(&p).set(head as i64);
-        m.committed_offset
-            .with_label_values(&p)
-            .set(committed as i64);
-        m.lag_events
-            .with_label_values(&p)
-            .set((head - committed) as i64);
-        m.lag_seconds.with_label_values(&p).set(lag_seconds);
-        for part in &partitions {
-            let labels = [p[0], &part.partition.to_string()];
-            m.partition_lag_events
-                .with_label_values(&labels)
-                .set(part.lag_events as i64);
-            m.partition_lag_seconds
-                .with_label_values(&labels)
-                .set(part.lag_seconds);
+        let mut partitions = Vec::new();
+        if let Some(LogOffsets {
+            head,
+            committed,
+            oldest,
+            partitions: read,
+        }) = &offsets
+        {
+            m.log_head_offset.with_label_values(&p).set(*head as i64);
+            m.committed_offset
+                .with_label_values(&p)
+                .set(*committed as i64);
+            m.lag_events
+                .with_label_values(&p)
+                .set((head - committed) as i64);
+            m.lag_seconds.with_label_values(&p).set(age(*oldest));
+            for (part, _) in read {
+                let labels = [p[0], &part.partition.to_string()];
+                m.partition_lag_events
+                    .with_label_values(&labels)
+                    .set(part.lag_events as i64);
+                m.partition_lag_seconds
+                    .with_label_values(&labels)
+                    .set(part.lag_seconds);
+                partitions.push(part.clone());
+            }
         }
         m.deferred_events
             .with_label_values(&p)
@@ -484,18 +530,20 @@ impl Pipeline {
         if let Ok(bytes) = self.state.size_on_disk() {
             m.state_size_bytes.set(bytes as i64);
         }
-        Ok(PipelineStatus {
+        let status = PipelineStatus {
             pipeline: self.config.name.clone(),
             log: self.log.backend(),
-            head,
-            committed,
-            lag_events: head - committed,
-            lag_seconds,
+            error,
+            head: offsets.as_ref().map(|o| o.head),
+            committed: offsets.as_ref().map(|o| o.committed),
+            lag_events: offsets.as_ref().map(|o| o.head - o.committed),
+            lag_seconds: offsets.as_ref().map(|o| age(o.oldest)),
             partitions,
             source_freshness_seconds: freshness,
             delete_guard: last_scan.as_ref().and_then(|s| s.guard.clone()),
             max_delete: self.config.max_delete.to_string(),
             last_scan,
+            scan_in_progress: self.scanner.in_progress(),
             failed,
             deferred,
             retained_deletes: if retained {
@@ -506,7 +554,9 @@ impl Pipeline {
             } else {
                 0
             },
-        })
+            projector_retrying: self.projector.retrying(),
+        };
+        Ok((status, unreadable))
     }
 }
 

@@ -905,6 +905,24 @@ pub struct Projector {
     /// Set by [`Projector::run`], the daemon: a resting item is tried again after a pause;
     /// a one-shot run tries it once.
     tailing: AtomicBool,
+    /// While the daemon retries with backoff (a target that refuses the batch, a log that
+    /// cannot be read), what `status` shows of it: the metrics count the errors, but only
+    /// this says that the projector is stuck, since when and on what. `None` once a pass
+    /// over the partitions succeeds.
+    retrying: Mutex<Option<Retrying>>,
+}
+
+/// The daemon's projector retrying with backoff, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Retrying {
+    /// When the first attempt of this run of failures failed.
+    pub since: chrono::DateTime<Utc>,
+    /// Attempts that failed since then, in a row.
+    pub attempts: u64,
+    /// The last attempt's error, secrets redacted.
+    pub error: String,
+    /// When the next attempt starts.
+    pub next_attempt_at: chrono::DateTime<Utc>,
 }
 
 impl Projector {
@@ -950,6 +968,47 @@ impl Projector {
             holding: Mutex::new(None),
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
+            retrying: Mutex::new(None),
+        }
+    }
+
+    /// Whether the daemon's projector is retrying with backoff now, since when and why.
+    pub fn retrying(&self) -> Option<Retrying> {
+        self.retrying.lock().unwrap().clone()
+    }
+
+    /// Notes an attempt of [`Projector::run`] that failed with `error`, the next one
+    /// starting after `delay`.
+    fn retry_after(&self, error: &ProjectError, delay: Duration) {
+        let now = Utc::now();
+        // The status names the pipeline already.
+        let message = error.to_string();
+        let prefix = format!("pipeline `{}`: ", self.pipeline);
+        let message = message.strip_prefix(&prefix).unwrap_or(&message);
+        let message = crate::http::redact_known(message).into_owned();
+        let mut retrying = self.retrying.lock().unwrap();
+        let r = retrying.get_or_insert_with(|| Retrying {
+            since: now,
+            attempts: 0,
+            error: String::new(),
+            next_attempt_at: now,
+        });
+        r.attempts += 1;
+        r.error = message;
+        r.next_attempt_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+    }
+
+    /// Ends the retrying [`Projector::retry_after`] noted, once an attempt succeeded.
+    fn retried(&self) {
+        if let Some(r) = self.retrying.lock().unwrap().take() {
+            info!(
+                pipeline = %self.pipeline,
+                attempts = r.attempts,
+                since = %r.since,
+                "the projector goes on: a batch succeeded after {} failed attempts since {}",
+                r.attempts,
+                r.since
+            );
         }
     }
 
@@ -3143,13 +3202,14 @@ impl Projector {
         }
         while !cancel.is_cancelled() {
             let mut read = 0;
-            let mut failed = false;
+            // The last error of this pass, if any failed.
+            let mut failed = None;
             // The log (its consumer group, for Kafka) decides which partitions are ours.
             let partitions = match self.take_assignment(&mut owned).await {
                 Ok(p) => p,
                 Err(e) => {
                     error!("{e}");
-                    failed = true;
+                    failed = Some(e);
                     Vec::new()
                 }
             };
@@ -3169,12 +3229,13 @@ impl Projector {
                     }
                     Err(e) => {
                         error!("{e}");
-                        failed = true;
+                        failed = Some(e.source);
                     }
                 }
             }
-            if failed {
+            if let Some(e) = failed {
                 let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
+                self.retry_after(&e, delay);
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
@@ -3183,6 +3244,7 @@ impl Projector {
                 continue;
             }
             backoff.reset();
+            self.retried();
             if read == 0 {
                 // Caught up: deletes retained while prune was off are applied now, then
                 // (once, at the daemon's start) the items that failed in an earlier run

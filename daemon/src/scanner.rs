@@ -129,6 +129,37 @@ pub struct Scanner {
     /// lasts (every such scan is still degraded, and `status` shows why), and noted when
     /// it ends.
     absent_refs: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// The scan running now, as far as it went, for `status`: a first scan of a large
+    /// source takes minutes, and the log fills with its events meanwhile, while its record
+    /// is written only at its end.
+    running: std::sync::Mutex<Option<ScanProgress>>,
+}
+
+/// A scan still running, as `status` shows it: its counts so far.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScanProgress {
+    /// Scan id (also in every event it appended).
+    pub id: String,
+    /// When it started.
+    pub started_at: chrono::DateTime<Utc>,
+    /// Entries listed so far.
+    pub listed: u64,
+    /// Upserts appended to the log so far.
+    pub upserts: u64,
+    /// Deletes appended so far (only once the listing is complete).
+    pub deletes: u64,
+    /// Entries that could not be listed or read so far.
+    pub errors: u64,
+}
+
+/// Forgets the running scan ([`Scanner::in_progress`]) when dropped: when the scan ends,
+/// and also when the daemon drops a scan that did not stop in time.
+struct Running<'a>(&'a std::sync::Mutex<Option<ScanProgress>>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap() = None;
+    }
 }
 
 /// What one scan noticed about the items it read, besides their changes.
@@ -211,6 +242,22 @@ impl Scanner {
             warned_skipped: Default::default(),
             warned_items: Default::default(),
             absent_refs: Default::default(),
+            running: Default::default(),
+        }
+    }
+
+    /// The scan running now, with its counts so far; `None` between scans.
+    pub fn in_progress(&self) -> Option<ScanProgress> {
+        self.running.lock().unwrap().clone()
+    }
+
+    /// Brings the running scan's counts up to `record`'s.
+    fn publish(&self, record: &ScanRecord) {
+        if let Some(running) = self.running.lock().unwrap().as_mut() {
+            running.listed = record.listed;
+            running.upserts = record.upserts;
+            running.deletes = record.deletes;
+            running.errors = record.errors;
         }
     }
 
@@ -262,6 +309,15 @@ impl Scanner {
             None => (None, Utc::now(), Instant::now()),
         };
         let mut record = new_record(started_at);
+        *self.running.lock().unwrap() = Some(ScanProgress {
+            id: record.id.clone(),
+            started_at,
+            listed: 0,
+            upserts: 0,
+            deletes: 0,
+            errors: 0,
+        });
+        let running = Running(&self.running);
         let outcome = self
             .scan_into(&mut record, progress, listing, &mut Sink::Log, stop)
             .await;
@@ -309,6 +365,8 @@ impl Scanner {
             .scans()
             .and_then(|s| s.put(p, &record))
             .map_err(self.state_err())?;
+        // Recorded: `status` shows it as the last scan from here on.
+        drop(running);
         outcome?;
         info!(
             pipeline = %p,
@@ -382,6 +440,9 @@ impl Scanner {
         let mut interrupted = false;
         let mut noticed = Noticed::default();
         loop {
+            if write {
+                self.publish(record);
+            }
             // Once the listing is done and every read is back, what is pending is appended
             // right away below, not at the next tick: waiting for it kept every scan with
             // changes up to 50 ms longer than its work (25 ms on average).
@@ -814,6 +875,7 @@ impl Scanner {
             let changes: Vec<_> = chunk.iter().map(|k| (k.as_str(), None)).collect();
             known.apply(&changes).map_err(self.state_err())?;
             record.deletes += chunk.len() as u64;
+            self.publish(record);
         }
         Ok(())
     }

@@ -57,11 +57,12 @@ const READ_DEADLINE: Duration = Duration::from_secs(10);
 /// daemon's producer waits 5 minutes, through a broker restart).
 const ONE_SHOT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a one-shot command's request still waits once a client reported every broker
-/// down while it waited: librdkafka reconnects to a broker that answers within a few
-/// hundred milliseconds, and one that does not would hold each request for its whole
-/// timeout (a `sync` whose broker died took 24–30 s to fail, a request after another).
-const ONE_SHOT_DOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long a one-shot command's request (and the daemon's questions about offsets for
+/// `status`, see [`KafkaLog::query`]) still waits once a client reported every broker
+/// down while it waited: librdkafka reconnects to a broker that answers within a few hundred
+/// milliseconds, and one that does not would hold each request for its whole timeout (a
+/// `sync` whose broker died took 24–30 s to fail, a request after another).
+const DOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How often tailing readers look at the high watermark when no local append woke them.
 const TAIL_POLL: Duration = Duration::from_millis(100);
@@ -207,7 +208,7 @@ impl KafkaLog {
     /// apart from an answer: its client gave up waiting. A one-shot command gives up on the
     /// brokers when, while it waits,
     /// - a client reports every broker down and the request does not finish within
-    ///   [`ONE_SHOT_DOWN_GRACE`] after that: they went away ([`ConnectError::Lost`]);
+    ///   [`DOWN_GRACE`] after that: they went away ([`ConnectError::Lost`]);
     /// - it gets no answer within [`REQUEST_TIMEOUT`] (its client's own timeout, or this
     ///   one for a request without one, such as a commit): they keep their connections
     ///   but stopped answering ([`ConnectError::Silent`]).
@@ -242,7 +243,7 @@ impl KafkaLog {
             }
             _ = down.changed() => {}
         }
-        match tokio::time::timeout(ONE_SHOT_DOWN_GRACE, &mut request).await {
+        match tokio::time::timeout(DOWN_GRACE, &mut request).await {
             Ok(out) if !unanswered(&out) => Ok(out),
             _ => Err(self.give_up(ConnectError::Lost {
                 brokers: self.config.brokers.clone(),
@@ -252,6 +253,100 @@ impl KafkaLog {
                     .unwrap_or_else(|| "every broker is down".into()),
             })),
         }
+    }
+
+    /// A question to the brokers about offsets (`what`, for the error), as
+    /// [`KafkaLog::request`] asks it; with `soon` (for `status`), the daemon, which
+    /// otherwise waits out the brokers, gives up on a question still unanswered
+    /// [`DOWN_GRACE`] after a client reported every broker down while it waited, with the
+    /// error a one-shot command gives ([`ConnectError::Unreachable`]: the brokers, why,
+    /// and what to do) instead of librdkafka's `OperationTimedOut` after the whole
+    /// [`REQUEST_TIMEOUT`]: `status` says within seconds why the offsets cannot be read.
+    /// Nothing is given up for good; the next question tries the brokers again. The
+    /// projector's own questions wait as before: giving up sooner would only send it
+    /// round its loop (out of the waits a stop cuts short) more often.
+    async fn query<T>(
+        &self,
+        what: &'static str,
+        request: impl std::future::Future<Output = T>,
+        unanswered: impl Fn(&T) -> bool,
+        soon: bool,
+    ) -> Result<T, ConnectError> {
+        if !soon || self.patience != Patience::Daemon {
+            return self.request(what, request, unanswered).await;
+        }
+        let mut down = self.context.all_down();
+        down.borrow_and_update();
+        tokio::pin!(request);
+        tokio::select! {
+            biased;
+            out = &mut request => return Ok(out),
+            _ = down.changed() => {}
+        }
+        match tokio::time::timeout(DOWN_GRACE, &mut request).await {
+            Ok(out) if !unanswered(&out) => Ok(out),
+            _ => Err(self.unreachable(None)),
+        }
+    }
+
+    /// The head of `partition`; `soon`: see [`KafkaLog::query`].
+    async fn read_head(&self, partition: u32, soon: bool) -> Result<u64, ReadError> {
+        self.ensure_connected().await.map_err(read_err)?;
+        let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
+        let (_, high) = self
+            .query(
+                "a request for a partition's head",
+                tokio::task::spawn_blocking(move || {
+                    meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
+                }),
+                blocking_timed_out,
+                soon,
+            )
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)?
+            .map_err(read_err)?;
+        Ok(high.max(0) as u64)
+    }
+
+    /// `consumer`'s committed offset of `partition`; `soon`: see [`KafkaLog::query`].
+    async fn read_committed(
+        &self,
+        consumer: &str,
+        partition: u32,
+        soon: bool,
+    ) -> Result<u64, ReadOffsetError> {
+        let err = |source: BoxError| ReadOffsetError::Backend {
+            backend: BACKEND,
+            consumer: consumer.to_owned(),
+            source,
+        };
+        self.ensure_connected()
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        let group = self.group(consumer).map_err(err)?;
+        let tpl = self
+            .tpl(partition, Offset::Invalid)
+            .map_err(|e| err(boxed(e)))?;
+        let client = group.consumer.clone();
+        let offsets = self
+            .query(
+                "a request for a committed offset",
+                tokio::task::spawn_blocking(move || client.committed_offsets(tpl, REQUEST_TIMEOUT)),
+                blocking_timed_out,
+                soon,
+            )
+            .await
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?
+            .map_err(|e| err(boxed(e)))?;
+        let offset = offsets
+            .find_partition(&self.config.topic, partition as i32)
+            .map(|e| e.offset());
+        Ok(match offset {
+            Some(Offset::Offset(o)) if o > 0 => o as u64,
+            _ => 0,
+        })
     }
 
     /// Keeps a one-shot command's failure for every later call; the first one kept stays.
@@ -1199,21 +1294,11 @@ impl EventLog for KafkaLog {
     }
 
     async fn head(&self, partition: u32) -> Result<u64, ReadError> {
-        self.ensure_connected().await.map_err(read_err)?;
-        let (meta, topic) = (self.meta.clone(), self.config.topic.clone());
-        let (_, high) = self
-            .request(
-                "a request for a partition's head",
-                tokio::task::spawn_blocking(move || {
-                    meta.fetch_watermarks(&topic, partition as i32, REQUEST_TIMEOUT)
-                }),
-                blocking_timed_out,
-            )
-            .await
-            .map_err(read_err)?
-            .map_err(read_err)?
-            .map_err(read_err)?;
-        Ok(high.max(0) as u64)
+        self.read_head(partition, false).await
+    }
+
+    async fn head_for_status(&self, partition: u32) -> Result<u64, ReadError> {
+        self.read_head(partition, true).await
     }
 
     async fn wait_beyond(
@@ -1238,36 +1323,15 @@ impl EventLog for KafkaLog {
     }
 
     async fn committed(&self, consumer: &str, partition: u32) -> Result<u64, ReadOffsetError> {
-        let err = |source: BoxError| ReadOffsetError::Backend {
-            backend: BACKEND,
-            consumer: consumer.to_owned(),
-            source,
-        };
-        self.ensure_connected()
-            .await
-            .map_err(|e| err(Box::new(e)))?;
-        let group = self.group(consumer).map_err(err)?;
-        let tpl = self
-            .tpl(partition, Offset::Invalid)
-            .map_err(|e| err(boxed(e)))?;
-        let client = group.consumer.clone();
-        let offsets = self
-            .request(
-                "a request for a committed offset",
-                tokio::task::spawn_blocking(move || client.committed_offsets(tpl, REQUEST_TIMEOUT)),
-                blocking_timed_out,
-            )
-            .await
-            .map_err(|e| err(boxed(e)))?
-            .map_err(|e| err(boxed(e)))?
-            .map_err(|e| err(boxed(e)))?;
-        let offset = offsets
-            .find_partition(&self.config.topic, partition as i32)
-            .map(|e| e.offset());
-        Ok(match offset {
-            Some(Offset::Offset(o)) if o > 0 => o as u64,
-            _ => 0,
-        })
+        self.read_committed(consumer, partition, false).await
+    }
+
+    async fn committed_for_status(
+        &self,
+        consumer: &str,
+        partition: u32,
+    ) -> Result<u64, ReadOffsetError> {
+        self.read_committed(consumer, partition, true).await
     }
 
     async fn commit(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError> {

@@ -243,6 +243,23 @@ pub trait EventLog: Send + Sync {
     /// The consumer's committed offset (next offset to read); 0 if it never committed.
     async fn committed(&self, consumer: &str, partition: u32) -> Result<u64, ReadOffsetError>;
 
+    /// [`EventLog::head`] for `status`, which must answer soon: a backend that otherwise
+    /// waits out an unreachable peer (the daemon's Kafka log rides out broker restarts)
+    /// gives up within seconds once it finds the peer down, with an error that says so
+    /// and what to do.
+    async fn head_for_status(&self, partition: u32) -> Result<u64, ReadError> {
+        self.head(partition).await
+    }
+
+    /// [`EventLog::committed`] for `status`, as [`EventLog::head_for_status`].
+    async fn committed_for_status(
+        &self,
+        consumer: &str,
+        partition: u32,
+    ) -> Result<u64, ReadOffsetError> {
+        self.committed(consumer, partition).await
+    }
+
     /// Moves the committed offset forward to `next`; a lower value is ignored.
     async fn commit(&self, consumer: &str, partition: u32, next: u64) -> Result<(), CommitError>;
 
