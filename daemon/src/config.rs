@@ -1230,6 +1230,70 @@ path = "dst"
         Config::parse(Path::new("t.toml"), &ordinary).unwrap();
     }
 
+    /// A pipeline from the API at `source_url` to the one at `target_url`, both with the
+    /// kind `users`; `target_extra` goes into `[pipeline.target.http]` after `base_url`.
+    fn api_to_api(source_url: &str, target_url: &str, target_extra: &str) -> String {
+        format!(
+            "{}[pipeline.target.http]\nbase_url = \"{target_url}\"\n{target_extra}\n\
+             [[pipeline.target.http.kind]]\nname = \"users\"\npath = \"/users\"\n",
+            api_config(source_url, "", "/users")
+                .replace("[pipeline.target.dir]\npath = \"dst\"\n", "")
+        )
+    }
+
+    /// The 1-based line of the last line of `text` that contains `part`.
+    fn last_line_with(text: &str, part: &str) -> usize {
+        text.lines()
+            .collect::<Vec<_>>()
+            .iter()
+            .rposition(|l| l.contains(part))
+            .unwrap()
+            + 1
+    }
+
+    /// Two kinds of one name would be one kind listed or written twice: refused on the
+    /// second one's `name` line, on either side (issue: both were accepted).
+    #[test]
+    fn two_rest_kinds_of_one_name_are_refused_on_the_second_ones_line() {
+        let second = "[[pipeline.source.http.kind]]\nname = \"users\"\npath = \"/people\"\n";
+        let source = api_to_api("https://dev.example.com", "https://prod.example.com", "").replace(
+            "[pipeline.target.http]",
+            &format!("{second}[pipeline.target.http]"),
+        );
+        let err = parse_err(&source);
+        let line = last_line_with(
+            source.split("[pipeline.target.http]").next().unwrap(),
+            "name = \"users\"",
+        );
+        assert!(err.contains(&format!("t.toml:{line}: ")), "{err}\n{source}");
+        assert!(
+            err.contains("`pipeline.api.source.http.kind.users.name`")
+                && err.contains("kind `users` is configured twice (the 1st and the 2nd"),
+            "{err}"
+        );
+        let target = format!(
+            "{}[[pipeline.target.http.kind]]\nname = \"users\"\npath = \"/people\"\n",
+            api_to_api("https://dev.example.com", "https://prod.example.com", "")
+        );
+        let err = parse_err(&target);
+        let line = last_line_with(&target, "name = \"users\"");
+        assert!(err.contains(&format!("t.toml:{line}: ")), "{err}\n{target}");
+        assert!(
+            err.contains("`pipeline.api.target.http.kind.users.name`")
+                && err.contains("configured twice"),
+            "{err}"
+        );
+        // Different names are fine.
+        Config::parse(
+            Path::new("t.toml"),
+            &target.replace(
+                "name = \"users\"\npath = \"/people\"",
+                "name = \"people\"\npath = \"/people\"",
+            ),
+        )
+        .unwrap();
+    }
+
     /// A credential in a kind's `path` is refused on the `path` line, naming the kind's key,
     /// not on its table's header: the error says where to edit.
     #[test]

@@ -636,6 +636,39 @@ fn in_kind(index: usize, key: &'static str) -> impl Fn(String) -> Refused {
     At::Kind(index, key).refuse()
 }
 
+/// Refuses a kind named like an earlier one, on the later one's `name`: events, the
+/// remap table and references know a kind by its name alone, so two `users` would be
+/// one kind listed or written twice. `side` is `source` or `target`, for the message.
+fn check_unique_names<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    side: &str,
+) -> Result<(), Refused> {
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, name) in names.into_iter().enumerate() {
+        if let Some(first) = seen.iter().position(|n| *n == name) {
+            return Err(in_kind(i, "name")(format!(
+                "kind `{name}` is configured twice (the {} and the {} [[…{side}.http.kind]]): events, references and the remap of ids know a kind by its name alone, so keep one of them",
+                ordinal(first + 1),
+                ordinal(i + 1)
+            )));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, … `11th`, `21st`.
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 fn check_pointer(p: &str, what: &str) -> Result<(), String> {
     if p.is_empty() || p.starts_with('/') {
         Ok(())
@@ -653,6 +686,7 @@ impl HttpSourceConfig {
         if self.kinds.is_empty() {
             return Err(String::from("no [[…source.http.kind]] is configured").into());
         }
+        check_unique_names(self.kinds.iter().map(|k| k.name.as_str()), "source")?;
         for (i, k) in self.kinds.iter().enumerate() {
             check_no_credentials(&k.path, &format!("kind `{}`: path", k.name))
                 .map_err(in_kind(i, "path"))?;
@@ -694,6 +728,7 @@ impl HttpTargetConfig {
     /// Validates the kinds and resolves the secrets as `secrets` says.
     pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
         self.endpoint.validate(base, secrets)?;
+        check_unique_names(self.kinds.iter().map(|k| k.name.as_str()), "target")?;
         for (i, k) in self.kinds.iter().enumerate() {
             for (url, what) in [
                 (Some(&k.path), "path"),

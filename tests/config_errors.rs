@@ -1,0 +1,104 @@
+//! Configs the real binary refuses when it loads them: exit 1, one error naming the file,
+//! the line and the key, and nothing written (no state directory, no target, no report).
+//! Nothing here needs a peer: a refused config never reaches one.
+
+mod common;
+
+use common::*;
+
+/// Writes `text` as the config of a fresh env, runs `sync` and asserts it is refused on
+/// the line of `text` that `on_line` picks (its last line containing that), naming `key`,
+/// before anything was written. Returns the error.
+fn refused(text: &str, on_line: &str, key: &str) -> String {
+    refused_with(text, on_line, key, &[])
+}
+
+/// [`refused`] with environment variables set for the run.
+fn refused_with(text: &str, on_line: &str, key: &str, vars: &[(&str, &str)]) -> String {
+    let env = Env::dirs("", "");
+    env.write_config(text);
+    let mut cmd = env.cmd(&["sync"]);
+    for (var, value) in vars {
+        cmd.env(var, value);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{text}");
+    let line = text
+        .lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains(on_line))
+        .unwrap_or_else(|| panic!("no line with {on_line:?} in\n{text}"))
+        + 1;
+    assert!(
+        stderr.contains(&format!("tidemark.toml:{line}:")),
+        "not on line {line}: {stderr}\n{text}"
+    );
+    assert!(stderr.contains(&format!("`{key}`")), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for written in ["state", "dst", "src/state", "src/.tidemark"] {
+        assert!(
+            !env.path(written).exists(),
+            "a refused config wrote {written}: {stderr}"
+        );
+    }
+    stderr
+}
+
+/// A pipeline `t` from the API at `source_url` to the one at `target_url`, both with the
+/// kind `users`; `source_extra` and `target_extra` go into the sides' tables.
+fn api_to_api(
+    source_url: &str,
+    source_extra: &str,
+    target_url: &str,
+    target_extra: &str,
+) -> String {
+    format!(
+        r#"state_dir = "state"
+listen = "127.0.0.1:0"
+
+[[pipeline]]
+name = "t"
+
+[pipeline.source.http]
+base_url = "{source_url}"
+{source_extra}
+
+[[pipeline.source.http.kind]]
+name = "users"
+path = "/users"
+
+[pipeline.target.http]
+base_url = "{target_url}"
+{target_extra}
+
+[[pipeline.target.http.kind]]
+name = "users"
+path = "/users"
+find = "/users?name={{name}}"
+"#
+    )
+}
+
+/// Two `[[…kind]]` named `users` were accepted (issue): refused on the second one's
+/// `name`, on either side.
+#[test]
+fn two_rest_kinds_of_one_name_are_refused() {
+    let twice = "[[pipeline.source.http.kind]]\nname = \"users\"  # again\npath = \"/people\"\n";
+    let text = api_to_api("http://127.0.0.1:19951", "", "http://127.0.0.1:19952", "").replace(
+        "[pipeline.target.http]",
+        &format!("{twice}\n[pipeline.target.http]"),
+    );
+    let err = refused(&text, "# again", "pipeline.t.source.http.kind.users.name");
+    assert!(err.contains("kind `users` is configured twice"), "{err}");
+    let text = format!(
+        "{}\n[[pipeline.target.http.kind]]\nname = \"users\"\npath = \"/people\"\n",
+        api_to_api("http://127.0.0.1:19951", "", "http://127.0.0.1:19952", "")
+    );
+    refused(
+        &text,
+        "name = \"users\"",
+        "pipeline.t.target.http.kind.users.name",
+    );
+}
