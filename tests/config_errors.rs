@@ -102,3 +102,17 @@ fn two_rest_kinds_of_one_name_are_refused() {
         "pipeline.t.target.http.kind.users.name",
     );
 }
+
+/// A REST target that is the source's API was accepted, and every sync made one more copy
+/// of each item (issue): refused on the target's `base_url`, however it is written.
+#[test]
+fn a_rest_target_that_is_its_sources_api_is_refused() {
+    let text = api_to_api(
+        "http://127.0.0.1:19953/api",
+        "",
+        "HTTP://127.0.0.1:19953/api/",
+        "",
+    );
+    let err = refused(&text, "base_url", "pipeline.t.target.http.base_url");
+    assert!(err.contains("is the source's API"), "{err}");
+}

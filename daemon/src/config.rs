@@ -716,6 +716,20 @@ impl Config {
                         return Err(refused(r, "target", span, &kinds));
                     }
                     if let SourceConfig::Http(s) = &source {
+                        if s.endpoint.api().is_some() && s.endpoint.api() == h.endpoint.api() {
+                            return Err(refused(
+                                Refused {
+                                    message: format!(
+                                        "target `{}` is the source's API (`{}`, the same once a trailing slash, a default port and the case of scheme and host are set aside): every sync would write each item back where it was listed, one more copy each time; point the target at another deployment",
+                                        h.endpoint.base_url, s.endpoint.base_url
+                                    ),
+                                    at: At::Key("base_url"),
+                                },
+                                "target",
+                                span,
+                                &[],
+                            ));
+                        }
                         if let Some(k) = s.kinds.iter().find(|k| h.kind(&k.name).is_none()) {
                             return Err(invalid(
                                 span,
@@ -1292,6 +1306,43 @@ path = "dst"
             ),
         )
         .unwrap();
+    }
+
+    /// A REST target that is the source's API gets one more copy of every item at every
+    /// sync (issue: accepted): refused on the target's `base_url`, however the URL is
+    /// written. Another host, port, path or query is another API.
+    #[test]
+    fn a_rest_target_that_is_its_sources_api_is_refused() {
+        for (source, target) in [
+            ("https://api.example.com/v1", "https://api.example.com/v1"),
+            (
+                "https://api.example.com/v1",
+                "HTTPS://API.Example.com:443/v1/",
+            ),
+            ("http://127.0.0.1:80", "http://127.0.0.1/"),
+            ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+        ] {
+            let text = api_to_api(source, target, "");
+            let err = parse_err(&text);
+            let line = last_line_with(&text, "base_url");
+            assert!(err.contains(&format!("t.toml:{line}: ")), "{err}\n{text}");
+            assert!(
+                err.contains("`pipeline.api.target.http.base_url`")
+                    && err.contains("is the source's API"),
+                "{err}"
+            );
+        }
+        for (source, target) in [
+            ("https://api.example.com/v1", "https://api.example.com/v2"),
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8081"),
+            ("http://dev.example.com", "https://dev.example.com"),
+            (
+                "https://api.example.com/?env=dev",
+                "https://api.example.com/?env=prod",
+            ),
+        ] {
+            Config::parse(Path::new("t.toml"), &api_to_api(source, target, "")).unwrap();
+        }
     }
 
     /// A credential in a kind's `path` is refused on the `path` line, naming the kind's key,

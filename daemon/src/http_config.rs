@@ -339,6 +339,24 @@ impl HttpEndpointConfig {
     }
 }
 
+impl HttpEndpointConfig {
+    /// The API `base_url` names, written one way: scheme and host in lower case, without
+    /// a default port or a trailing slash; the query, if any, as written. Two sides with
+    /// the same one are the same API. `None` for a URL that does not parse (refused by
+    /// [`HttpEndpointConfig::validate`]).
+    pub fn api(&self) -> Option<String> {
+        let url = reqwest::Url::parse(&self.base_url).ok()?;
+        let port = url.port().map_or(String::new(), |p| format!(":{p}"));
+        let query = url.query().map_or(String::new(), |q| format!("?{q}"));
+        Some(format!(
+            "{}://{}{port}{}{query}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.path().trim_end_matches('/'),
+        ))
+    }
+}
+
 fn default_timeout() -> Duration {
     Duration::from_secs(30)
 }
