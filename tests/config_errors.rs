@@ -116,3 +116,36 @@ fn a_rest_target_that_is_its_sources_api_is_refused() {
     let err = refused(&text, "base_url", "pipeline.t.target.http.base_url");
     assert!(err.contains("is the source's API"), "{err}");
 }
+
+/// A directory pipeline `t` from `src` to `dst`, as `Env::dirs` writes it, with
+/// `state_dir = "state"` replaced by `top` (keys of the top level).
+fn dirs_with(top: &str) -> String {
+    let env = Env::dirs("", "");
+    std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("state_dir = \"state\"", top)
+}
+
+/// `state_dir = "src/.tidemark"` mirrored the sled database and the reports to the target,
+/// and the daemon never went quiet; in the target, `verify` reported them as drift
+/// (issue). Refused on the key's line, before anything is created there.
+#[test]
+fn a_state_or_reports_directory_inside_the_source_or_target_is_refused() {
+    let err = refused(
+        &dirs_with("state_dir = \"src/.tidemark\""),
+        "state_dir",
+        "state_dir",
+    );
+    assert!(err.contains("inside the source directory"), "{err}");
+    let err = refused(
+        &dirs_with("state_dir = \"state\"\nreports_dir = \"dst/reports\""),
+        "reports_dir",
+        "reports_dir",
+    );
+    assert!(err.contains("inside the target directory"), "{err}");
+    // By default the state is `state` beside the config file.
+    let text = dirs_with("").replace("path = \"dst\"", "path = \".\"");
+    let text = text.replace("path = \"src\"", "path = \"/nonexistent-tidemark-src\"");
+    let err = refused(&text, "path = \".\"", "pipeline.t.target.dir.path");
+    assert!(err.contains("`state_dir` is not set"), "{err}");
+}

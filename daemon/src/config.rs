@@ -567,6 +567,29 @@ impl Config {
             ));
         }
 
+        let state_dir = base.join(&raw.state_dir);
+        let reports_dir = raw
+            .reports_dir
+            .as_ref()
+            .map_or_else(|| state_dir.join("reports"), |d| base.join(d));
+        // What tidemark writes itself, every run, with the line it is set on (`None`: a
+        // default) and what it defaults to.
+        let own_dirs = [
+            (
+                &state_dir,
+                "state_dir",
+                "state directory",
+                "`state` beside the config file",
+            ),
+            (
+                &reports_dir,
+                "reports_dir",
+                "reports directory",
+                "`reports` in the state directory",
+            ),
+        ]
+        .map(|(dir, k, what, default)| (dir, k, what, default, value_span(text, &[k])));
+
         let mut pipelines: Vec<PipelineConfig> = Vec::new();
         for (index, p) in raw.pipelines.into_iter().enumerate() {
             let name = p.name.get_ref().clone();
@@ -846,6 +869,59 @@ impl Config {
                     })
                 }
             };
+            // The state and the reports change at every run: inside a directory source
+            // they would be mirrored, and as mirroring writes them anew the daemon would
+            // never go quiet; inside a directory target `verify` would count them as drift.
+            let source_dir = match &source {
+                SourceConfig::Dir(d) => Some(&d.path),
+                SourceConfig::Http(_) => None,
+            };
+            let target_dir = match &target {
+                TargetConfig::Dir(d) => Some(&d.path),
+                TargetConfig::Http(_) => None,
+            };
+            for (root, side, why) in [
+                (
+                    source_dir,
+                    "source",
+                    "every scan would mirror what tidemark writes there to the target, and the daemon would never go quiet",
+                ),
+                (
+                    target_dir,
+                    "target",
+                    "`verify` would count what tidemark writes there as drift",
+                ),
+            ] {
+                let Some(root) = root else { continue };
+                for (dir, k, what, default, written) in &own_dirs {
+                    if !inside(dir, root) {
+                        continue;
+                    }
+                    return Err(match written {
+                        Some(span) => invalid(
+                            span.clone(),
+                            k.to_string(),
+                            format!(
+                                "the {what} {} is inside the {side} directory {} of pipeline `{name}`: {why}; put it outside",
+                                dir.display(),
+                                root.display()
+                            ),
+                        ),
+                        None => {
+                            let at = ["pipeline", &index.to_string(), side, "dir", "path"];
+                            invalid(
+                                value_span(text, &at).unwrap_or(0..0),
+                                key(&format!("{side}.dir.path")),
+                                format!(
+                                    "the {side} directory {} holds the {what} {} (`{k}` is not set and defaults to {default}): {why}; set `{k}` to a directory outside it",
+                                    root.display(),
+                                    dir.display()
+                                ),
+                            )
+                        }
+                    });
+                }
+            }
             pipelines.push(PipelineConfig {
                 name,
                 scan_interval: p.scan_interval.into_inner().into_inner(),
@@ -862,12 +938,9 @@ impl Config {
             });
         }
 
-        let state_dir = base.join(raw.state_dir);
         Ok(Config {
             file: file.to_owned(),
-            reports_dir: raw
-                .reports_dir
-                .map_or_else(|| state_dir.join("reports"), |d| base.join(d)),
+            reports_dir,
             report_retention: raw.report_retention.into_inner(),
             state_dir,
             listen,
@@ -1021,8 +1094,32 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// Whether one of two directories is the other or inside it, as written or once resolved
 /// ([`resolved`]): a symbolic link in either path that leads there counts.
 pub(crate) fn overlap(a: &Path, b: &Path) -> bool {
-    let nested = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-    nested(a, b) || nested(&resolved(a), &resolved(b))
+    inside(a, b) || inside(b, a)
+}
+
+/// Whether `dir` is `root` or inside it, as written (its `..` taken lexically: `cfg/../src`
+/// is not inside `cfg`) or once resolved ([`resolved`]): a symbolic link in either path
+/// that leads there counts.
+fn inside(dir: &Path, root: &Path) -> bool {
+    let lexical = |p: &Path| resolve_rest(PathBuf::new(), p.components());
+    lexical(dir).starts_with(lexical(root)) || resolved(dir).starts_with(resolved(root))
+}
+
+/// `base` with `components` appended, `..` taking the last one off and `.` nothing.
+fn resolve_rest<'a>(
+    base: PathBuf,
+    components: impl IntoIterator<Item = std::path::Component<'a>>,
+) -> PathBuf {
+    components.into_iter().fold(base, |mut p, c| {
+        match c {
+            std::path::Component::ParentDir => {
+                p.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => p.push(c),
+        }
+        p
+    })
 }
 
 /// The span of the line that sets `key` in the table whose span (its header, or the
@@ -1053,17 +1150,18 @@ fn key_span(text: &str, table: std::ops::Range<usize>, key: &str) -> std::ops::R
 }
 
 /// `path` with its longest existing ancestor resolved (symbolic links, `..`) and the rest
-/// appended: where a directory that may not exist yet will be.
+/// appended, its `..` taken lexically (what does not exist is no link): where a directory
+/// that may not exist yet will be.
 pub(crate) fn resolved(path: &Path) -> PathBuf {
     let mut existing = path;
     let mut rest = Vec::new();
     loop {
         if let Ok(real) = existing.canonicalize() {
-            return rest.iter().rev().fold(real, |p, c| p.join(c));
+            return resolve_rest(real, rest.into_iter().rev());
         }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name);
+        match (existing.parent(), existing.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
                 existing = parent;
             }
             _ => return path.to_owned(),
@@ -1620,6 +1718,75 @@ path = "{tb}"
         // Chained pipelines (one's target is the next one's source) and siblings are fine.
         Config::parse(&file, &two_pipelines("sb", "../dst_b")).unwrap();
         Config::parse(&file, &two_pipelines("../dst_same", "../dst_same2")).unwrap();
+    }
+
+    /// The state and reports directories inside a directory source were mirrored, and
+    /// the daemon never went quiet; inside a directory target, `verify` reported them as
+    /// drift (issue). Refused on the line of the key that puts them there: written any
+    /// way (`..`, a symbolic link), and by default too.
+    #[test]
+    fn a_state_or_reports_directory_inside_a_source_or_target_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cfg/src")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("cfg/src"), dir.path().join("cfg/link"))
+            .unwrap();
+        let file = dir.path().join("cfg/t.toml");
+        let err = |text: &str| Config::parse(&file, text).unwrap_err().to_string();
+        for (set, key, side) in [
+            ("state_dir = \"src/.tidemark\"", "state_dir", "source"),
+            ("state_dir = \"src\"", "state_dir", "source"),
+            ("state_dir = \"x/../src/state\"", "state_dir", "source"),
+            ("state_dir = \"link/state\"", "state_dir", "source"),
+            ("state_dir = \"dst/state\"", "state_dir", "target"),
+            ("reports_dir = \"src/reports\"", "reports_dir", "source"),
+            ("reports_dir = \"dst\"", "reports_dir", "target"),
+        ] {
+            let text = GOOD.replace("state_dir = \"state\"", set);
+            let e = err(&text);
+            assert!(e.contains("t.toml:2: "), "{set}: {e}");
+            assert!(e.contains(&format!("`{key}`: the ")), "{set}: {e}");
+            assert!(
+                e.contains(&format!("inside the {side} directory")),
+                "{set}: {e}"
+            );
+        }
+        // Not set, they default to `state` beside the config file: the key that puts
+        // the source or target around it is named, and what to set.
+        let text = GOOD
+            .replace("state_dir = \"state\"\n", "")
+            .replace("path = \"src\"", "path = \".\"")
+            .replace("path = \"dst\"", "path = \"../dst\"");
+        let e = err(&text);
+        let line = last_line_with(&text, "path = \".\"");
+        assert!(e.contains(&format!("t.toml:{line}: ")), "{e}");
+        assert!(
+            e.contains("`pipeline.demo.source.dir.path`")
+                && e.contains("`state_dir` is not set and defaults to")
+                && e.contains("set `state_dir` to a directory outside it"),
+            "{e}"
+        );
+        let text = GOOD
+            .replace("state_dir = \"state\"\n", "")
+            .replace("path = \"src\"", "path = \"../src\"")
+            .replace("path = \"dst\"", "path = \".\"");
+        let e = err(&text);
+        assert!(
+            e.contains("`pipeline.demo.target.dir.path`")
+                && e.contains("holds the state directory"),
+            "{e}"
+        );
+        // Beside them, or holding them, is fine.
+        Config::parse(&file, GOOD).unwrap();
+        Config::parse(
+            &file,
+            &GOOD.replace("state_dir = \"state\"", "state_dir = \".\""),
+        )
+        .unwrap();
+        Config::parse(
+            &file,
+            &GOOD.replace("state_dir = \"state\"", "state_dir = \"srcs/state\""),
+        )
+        .unwrap();
     }
 
     /// A target written with `..` is shown and recorded resolved.
