@@ -149,3 +149,32 @@ fn a_state_or_reports_directory_inside_the_source_or_target_is_refused() {
     let err = refused(&text, "path = \".\"", "pipeline.t.target.dir.path");
     assert!(err.contains("`state_dir` is not set"), "{err}");
 }
+
+/// The example `"security.protocol" = "SASL_SSL"` was refused only by librdkafka, and a
+/// SCRAM mechanism only once a command made its Kafka client (issue): this build has no
+/// TLS, so both are refused at load on their line, saying what it supports. No broker
+/// is needed: a refused config reaches none.
+#[test]
+fn kafka_security_this_build_cannot_do_is_refused_at_load() {
+    for (property, key) in [
+        ("\"security.protocol\" = \"SASL_SSL\"", "security.protocol"),
+        ("\"sasl.mechanism\" = \"SCRAM-SHA-512\"", "sasl.mechanism"),
+    ] {
+        let text = dirs_with("state_dir = \"state\"").replace(
+            "[pipeline.source.dir]",
+            &format!(
+                "[pipeline.log.kafka]\nbrokers = \"127.0.0.1:19959\"\n[pipeline.log.kafka.properties]\n\"sasl.username\" = \"tidemark\"\n{property}\n\n[pipeline.source.dir]"
+            ),
+        );
+        let err = refused(
+            &text,
+            property,
+            &format!("pipeline.t.log.kafka.properties.{key}"),
+        );
+        assert!(
+            err.contains("this build supports `security.protocol` `PLAINTEXT` or `SASL_PLAINTEXT` and `sasl.mechanism` `PLAIN`")
+                && err.contains("SASL_PLAINTEXT sends the password unencrypted"),
+            "{err}"
+        );
+    }
+}
