@@ -178,3 +178,27 @@ fn kafka_security_this_build_cannot_do_is_refused_at_load() {
         );
     }
 }
+
+/// `timeout = "0s"` was accepted, and every request then timed out (issue); other
+/// durations of 0 make no more sense. Refused on their line.
+#[test]
+fn durations_of_zero_are_refused() {
+    let text = api_to_api(
+        "http://127.0.0.1:19954",
+        "timeout = \"0s\"",
+        "http://127.0.0.1:19955",
+        "",
+    );
+    let err = refused(&text, "timeout", "pipeline.t.source.http.timeout");
+    assert!(err.contains("every request would time out"), "{err}");
+    let text = api_to_api(
+        "http://127.0.0.1:19954",
+        "",
+        "http://127.0.0.1:19955",
+        "retry_budget = \"0s\"",
+    );
+    refused(&text, "retry_budget", "pipeline.t.target.http.retry_budget");
+    let text = dirs_with("state_dir = \"state\"\nshutdown_timeout = \"0s\"")
+        .replace("shutdown_timeout = \"20s\"\n", "");
+    refused(&text, "shutdown_timeout", "shutdown_timeout");
+}

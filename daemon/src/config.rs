@@ -268,6 +268,8 @@ fn default_kafka_replication() -> Spanned<u32> {
 fn default_cleanup_policy() -> Spanned<String> {
     Spanned::new(0..0, "compact".to_owned())
 }
+/// Shortest `session_timeout` accepted (the leases' own floor, `log/kafka.rs`).
+const MIN_SESSION_TIMEOUT: Duration = Duration::from_secs(1);
 fn default_session_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -551,6 +553,14 @@ impl Config {
             )
         })?;
 
+        if raw.shutdown_timeout.is_zero() {
+            return Err(invalid(
+                value_span(text, &["shutdown_timeout"]).unwrap_or(0..0),
+                "shutdown_timeout".into(),
+                "must be more than 0s: it is how long `tidemark run` waits for the work in flight when it is stopped, and at 0 every stop would give up at once and exit 1".into(),
+            ));
+        }
+
         if *raw.report_retention.get_ref() == 0 {
             return Err(invalid(
                 raw.report_retention.span(),
@@ -661,6 +671,27 @@ impl Config {
                         humantime::format_duration(MIN_SCAN_INTERVAL)
                     ),
                 ));
+            }
+            for (value, k, why) in [
+                (
+                    p.retry_max_backoff,
+                    "retry_max_backoff",
+                    "it is the longest pause between retries of a batch the target refused, and at 0 they would follow each other without a pause",
+                ),
+                (
+                    p.failed_retry_interval,
+                    "failed_retry_interval",
+                    "it is the pause before the daemon tries failed items again, and at 0 it would try them again and again without a pause",
+                ),
+            ] {
+                if value.is_zero() {
+                    let at = ["pipeline", &index.to_string(), k];
+                    return Err(invalid(
+                        value_span(text, &at).unwrap_or(0..0),
+                        key(k),
+                        format!("must be more than 0s: {why}"),
+                    ));
+                }
             }
             let source = match p.source {
                 RawSource::Dir(d) => {
@@ -786,6 +817,23 @@ impl Config {
                                 "must be at least 1".into(),
                             ));
                         }
+                    }
+                    if k.session_timeout < MIN_SESSION_TIMEOUT {
+                        let at = [
+                            "pipeline",
+                            &index.to_string(),
+                            "log",
+                            "kafka",
+                            "session_timeout",
+                        ];
+                        return Err(invalid(
+                            value_span(text, &at).unwrap_or(0..0),
+                            key("log.kafka.session_timeout"),
+                            format!(
+                                "must be at least {}: a daemon renews its partition leases every third of it",
+                                humantime::format_duration(MIN_SESSION_TIMEOUT)
+                            ),
+                        ));
                     }
                     let policy = k.cleanup_policy.get_ref();
                     if !matches!(policy.as_str(), "compact" | "delete" | "compact,delete") {
@@ -1464,6 +1512,87 @@ path = "dst"
             "/users?author=ann&sort_key=id",
         );
         Config::parse(Path::new("t.toml"), &ordinary).unwrap();
+    }
+
+    /// A request timeout of 0 made every request time out (issue), and other durations
+    /// of 0 make no more sense: refused on their line, naming the key. `reference_wait`
+    /// may be 0 (fail an item with a missing reference at once), and `scan_interval` has
+    /// its own floor.
+    #[test]
+    fn durations_of_zero_are_refused_on_their_line() {
+        let http = |extra: &str| api_config("https://api.example.com", extra, "/users");
+        let kafka = |extra: &str| {
+            GOOD.replace(
+                "[pipeline.source.dir]",
+                &format!(
+                    "[pipeline.log.kafka]\nbrokers = \"b:9092\"\n{extra}\n[pipeline.source.dir]"
+                ),
+            )
+        };
+        for (text, set, key) in [
+            (
+                format!("shutdown_timeout = \"0s\"\n{GOOD}"),
+                "shutdown_timeout",
+                "shutdown_timeout",
+            ),
+            (
+                GOOD.replace("max_delete", "retry_max_backoff = \"0s\"\nmax_delete"),
+                "retry_max_backoff",
+                "pipeline.demo.retry_max_backoff",
+            ),
+            (
+                GOOD.replace("max_delete", "failed_retry_interval = \"0ms\"\nmax_delete"),
+                "failed_retry_interval",
+                "pipeline.demo.failed_retry_interval",
+            ),
+            (
+                kafka("session_timeout = \"0s\""),
+                "session_timeout",
+                "pipeline.demo.log.kafka.session_timeout",
+            ),
+            (
+                kafka("session_timeout = \"500ms\""),
+                "session_timeout",
+                "pipeline.demo.log.kafka.session_timeout",
+            ),
+            (
+                http("timeout = \"0s\""),
+                "timeout",
+                "pipeline.api.source.http.timeout",
+            ),
+            (
+                http("retry_budget = \"0s\""),
+                "retry_budget",
+                "pipeline.api.source.http.retry_budget",
+            ),
+            (
+                api_to_api(
+                    "https://dev.example.com",
+                    "https://prod.example.com",
+                    "timeout = \"0s\"",
+                ),
+                "timeout",
+                "pipeline.api.target.http.timeout",
+            ),
+        ] {
+            let err = parse_err(&text);
+            let line = last_line_with(&text, set);
+            assert!(err.contains(&format!("t.toml:{line}: ")), "{err}\n{text}");
+            assert!(err.contains(&format!("`{key}`: ")), "{err}");
+            assert!(
+                err.contains("must be more than 0s") || err.contains("must be at least 1s"),
+                "{err}"
+            );
+        }
+        Config::parse(
+            Path::new("t.toml"),
+            &api_to_api(
+                "https://dev.example.com",
+                "https://prod.example.com",
+                "reference_wait = \"0s\"",
+            ),
+        )
+        .unwrap();
     }
 
     /// A pipeline from the API at `source_url` to the one at `target_url`, both with the

@@ -291,6 +291,24 @@ impl HttpEndpointConfig {
             )));
         }
         check_no_credentials(&self.base_url, "base_url").map_err(At::Key("base_url").refuse())?;
+        for (value, key, why) in [
+            (
+                self.timeout,
+                "timeout",
+                "it is the time limit of one request, and at 0 every request would time out",
+            ),
+            (
+                self.retry_budget,
+                "retry_budget",
+                "it is how long a request that meets a timeout, a 429 or a 5xx is retried, and at 0 the first such answer would end the run",
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(At::Key(key).refuse()(format!(
+                    "{key} must be more than 0s: {why}"
+                )));
+            }
+        }
         if self.in_flight == 0 {
             return Err(At::Key("in_flight").refuse()(
                 "in_flight must be at least 1".into(),
