@@ -202,3 +202,34 @@ fn durations_of_zero_are_refused() {
         .replace("shutdown_timeout = \"20s\"\n", "");
     refused(&text, "shutdown_timeout", "shutdown_timeout");
 }
+
+/// `DEV_API_TOKEN=` was accepted and sent `Authorization: Bearer ` (issue): an empty (or
+/// blank) variable is refused by the commands that talk to the API, on the line of its
+/// key, naming the variable; those that talk to none start without it, as without an
+/// unset one.
+#[test]
+fn an_empty_api_token_variable_is_refused_where_it_is_needed() {
+    const VAR: &str = "TIDEMARK_TEST_EMPTY_DEV_TOKEN";
+    let text = api_to_api(
+        "http://127.0.0.1:19956",
+        &format!("bearer = {{ env = \"{VAR}\" }}"),
+        "http://127.0.0.1:19957",
+        "",
+    );
+    for value in ["", "  \n"] {
+        let err = refused_with(
+            &text,
+            "bearer",
+            "pipeline.t.source.http.bearer",
+            &[(VAR, value)],
+        );
+        assert!(
+            err.contains(&format!("environment variable `{VAR}` is empty")),
+            "{err}"
+        );
+    }
+    let env = Env::dirs("", "");
+    env.write_config(&text);
+    let out = env.cmd(&["status"]).env(VAR, "").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}

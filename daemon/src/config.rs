@@ -1820,6 +1820,82 @@ path = "dst"
         }
     }
 
+    /// A token from an environment variable with a trailing newline was sent as an
+    /// invalid header, so the client left the Authorization header out with a warning;
+    /// an empty one sent `Bearer ` (issue). Variables lose the whitespace around the
+    /// secret, as files do, and one that is empty then is refused on the line of its key,
+    /// naming the variable, never the value; a value no header can carry is refused too.
+    #[test]
+    fn a_secret_from_a_variable_is_trimmed_and_an_empty_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(dir.path().join("key.txt"), "  file-key-5 \r\n").unwrap();
+        let var = "TIDEMARK_TEST_BEARER_TRIM_6D2";
+        let text = api_config(
+            "https://api.example.com",
+            &format!(
+                "timeout = \"5s\"\nbearer = {{ env = \"{var}\" }}\n[[pipeline.source.http.header]]\nname = \"X-Api-Key\"\nfile = \"key.txt\""
+            ),
+            "/users",
+        );
+        std::env::set_var(var, "tok-6d2\n");
+        let config = Config::parse(&file, &text).unwrap();
+        let headers = resolved_headers(http_source(&config));
+        assert_eq!(
+            headers,
+            [
+                ("authorization", "Bearer tok-6d2"),
+                ("X-Api-Key", "file-key-5")
+            ]
+        );
+        let line = last_line_with(&text, "bearer");
+        for (value, says) in [
+            ("", "is empty; put"),
+            (" \n\t", "is empty but for whitespace"),
+        ] {
+            std::env::set_var(var, value);
+            let err = Config::parse(&file, &text).unwrap_err().to_string();
+            assert!(err.contains(&format!("t.toml:{line}: ")), "{err}");
+            assert!(
+                err.contains("`pipeline.api.source.http.bearer`")
+                    && err.contains(&format!("environment variable `{var}` {says}")),
+                "{err}"
+            );
+            // A command that needs no API secret leaves it out, as an unset one.
+            let config = Config::parse_with(&file, &text, ApiSecrets::IfAvailable).unwrap();
+            assert_eq!(
+                resolved_headers(http_source(&config)),
+                [("X-Api-Key", "file-key-5")]
+            );
+        }
+        std::env::set_var(var, "tok-6d2\nX-Injected: 1");
+        let err = Config::parse(&file, &text).unwrap_err().to_string();
+        assert!(err.contains(&format!("t.toml:{line}: ")), "{err}");
+        assert!(err.contains("cannot be sent in an HTTP header"), "{err}");
+        assert!(
+            !err.contains("tok-6d2") && !err.contains("Injected"),
+            "{err}"
+        );
+        std::env::remove_var(var);
+        let bad_name = text.replace("\"X-Api-Key\"", "\"X Api Key\"");
+        let err = Config::parse_with(&file, &bad_name, ApiSecrets::IfAvailable)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a valid HTTP header name"), "{err}");
+        // A Kafka secret property the same.
+        std::env::set_var("TIDEMARK_TEST_EMPTY_SASL_6D2", "");
+        let kafka = GOOD.replace(
+            "[pipeline.source.dir]",
+            "[pipeline.log.kafka]\nbrokers = \"b:9092\"\n[pipeline.log.kafka.secret_properties]\n\"sasl.password\" = { env = \"TIDEMARK_TEST_EMPTY_SASL_6D2\" }\n\n[pipeline.source.dir]",
+        );
+        let err = parse_err(&kafka);
+        assert!(
+            err.contains("`TIDEMARK_TEST_EMPTY_SASL_6D2` is empty")
+                && err.contains("`pipeline.demo.log.kafka.secret_properties.sasl.password`"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_secret_query_parameter_is_resolved_and_redacted() {
         let dir = tempfile::tempdir().unwrap();
