@@ -233,3 +233,23 @@ fn an_empty_api_token_variable_is_refused_where_it_is_needed() {
     let out = env.cmd(&["status"]).env(VAR, "").output().unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A bad glob was reported on the line of `[pipeline.source.dir]`, a misspelled key in
+/// `bearer = { … }` on the line of `[pipeline.source.http]` (issue): each on its own.
+#[test]
+fn a_bad_glob_or_a_misspelled_inline_key_is_named_on_its_own_line() {
+    let text = dirs_with("state_dir = \"state\"").replace(
+        "path = \"src\"",
+        "path = \"src\"\nfollow_symlinks = false\nexclude = [\n  \"*.swp\",\n  \"cache/[0-9\",\n]",
+    );
+    let err = refused(&text, "cache/[0-9", "pipeline.t.source.dir.exclude");
+    assert!(err.contains("bad glob `cache/[0-9`"), "{err}");
+    let text = api_to_api(
+        "http://127.0.0.1:19958",
+        "timeout = \"5s\"\nbearer = { evn = \"DEV_API_TOKEN\" }",
+        "http://127.0.0.1:19959",
+        "",
+    );
+    let err = refused(&text, "evn", "pipeline.t.source.http.bearer");
+    assert!(err.contains("unknown field `evn`"), "{err}");
+}

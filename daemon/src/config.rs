@@ -499,17 +499,32 @@ impl Config {
             // The endpoint's keys are flattened into `[…http]`, so a secret written into
             // one (`bearer = "…"`, a header's `value`) is reported at the table: point at
             // the value itself.
+            // So is a misspelled key in an inline table there (`bearer = { evn = "X" }`):
+            // point at that key.
+            let unknown = message
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split_once('`'))
+                .map(|(name, _)| name.to_owned());
+            let unknown_at = e
+                .span()
+                .zip(unknown.as_deref())
+                .and_then(|(s, name)| key_in_table(text, s, name));
             let span = match e.span() {
                 Some(s) if message.contains("never written in the config") => {
                     Some(written_secret_at(text, s.start).unwrap_or(s))
                 }
+                Some(_) if unknown_at.is_some() => unknown_at.as_ref().map(|(key, _)| key.clone()),
                 s => s,
             };
             let (line, column) = span.clone().map_or((1, 1), |s| line_col(text, s.start));
             // A value of the wrong type or form ("invalid value: string \"soon\", expected
             // a duration") and a table missing a key come without the key they belong to:
-            // name it, as every other config error does.
-            let key = span.clone().and_then(|s| key_at(text, s.start));
+            // name it, as every other config error does (a misspelled key by the table
+            // that holds it).
+            let key = match &unknown_at {
+                Some((_, table)) => key_at(text, table.start),
+                None => span.clone().and_then(|s| key_at(text, s.start)),
+            };
             // Other messages ("duplicate key") do not say which key; quote what the span covers.
             let at = span
                 .and_then(|s| text.get(s))
@@ -698,13 +713,24 @@ impl Config {
                     let span = d.span();
                     let mut d = d.into_inner();
                     d.path = base.join(&d.path);
-                    for glob in d.include.iter().chain(&d.exclude) {
-                        if let Err(e) = globset::Glob::new(glob) {
-                            return Err(invalid(
-                                span.clone(),
-                                key("source.dir"),
-                                format!("bad glob `{glob}`: {e}"),
-                            ));
+                    for (list, globs) in [("include", &d.include), ("exclude", &d.exclude)] {
+                        for (j, glob) in globs.iter().enumerate() {
+                            if let Err(e) = globset::Glob::new(glob) {
+                                // The glob's own line (a list may span several).
+                                let at = [
+                                    "pipeline",
+                                    &index.to_string(),
+                                    "source",
+                                    "dir",
+                                    list,
+                                    &j.to_string(),
+                                ];
+                                return Err(invalid(
+                                    value_span(text, &at).unwrap_or(span.clone()),
+                                    key(&format!("source.dir.{list}")),
+                                    format!("bad glob `{glob}`: {e}"),
+                                ));
+                            }
                         }
                     }
                     SourceConfig::Dir(d)
@@ -1185,6 +1211,55 @@ fn written_secret_at(text: &str, from: usize) -> Option<std::ops::Range<usize>> 
         .into_iter()
         .filter(|s| s.start >= from)
         .min_by_key(|s| s.start)
+}
+
+/// Where the key `name` is in the table whose span is `table` (its `[header]`, or the
+/// braces of an inline table), for an error serde reports at the table: the table's own
+/// key if it has one, else the first one in a table, inline table or array of tables
+/// inside it. The span of the key, and that of the table holding it (which names it).
+/// `None` when there is no such table or key.
+fn key_in_table(
+    text: &str,
+    table: std::ops::Range<usize>,
+    name: &str,
+) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    use toml::de::{DeTable, DeValue};
+    type Value<'d> = toml::Spanned<DeValue<'d>>;
+    /// The tables below `v` (`v` first), with their spans.
+    fn tables<'a, 'd>(v: &'a Value<'d>, out: &mut Vec<(&'a DeTable<'d>, std::ops::Range<usize>)>) {
+        match v.get_ref() {
+            DeValue::Table(t) => {
+                out.push((t, v.span()));
+                for (_, v) in t.iter() {
+                    tables(v, out);
+                }
+            }
+            DeValue::Array(items) => items.iter().for_each(|i| tables(i, out)),
+            _ => {}
+        }
+    }
+    fn find<'a, 'd>(v: &'a Value<'d>, span: &std::ops::Range<usize>) -> Option<&'a Value<'d>> {
+        if v.span() == *span && matches!(v.get_ref(), DeValue::Table(_)) {
+            return Some(v);
+        }
+        match v.get_ref() {
+            DeValue::Table(t) => t.iter().find_map(|(_, v)| find(v, span)),
+            DeValue::Array(items) => items.iter().find_map(|i| find(i, span)),
+            _ => None,
+        }
+    }
+    let doc = DeTable::parse(text).ok()?;
+    let root = toml::Spanned::new(0..text.len(), DeValue::Table(doc.into_inner()));
+    let found = find(&root, &table)?;
+    let mut all = Vec::new();
+    tables(found, &mut all);
+    let (own, nested) = all.split_first()?;
+    let named = |(t, holder): &(&DeTable, std::ops::Range<usize>)| {
+        t.iter()
+            .find(|(k, _)| k.get_ref() == name)
+            .map(|(k, _)| (k.span(), holder.clone()))
+    };
+    named(own).or_else(|| nested.iter().filter_map(named).min_by_key(|(s, _)| s.start))
 }
 
 /// The dotted path of the key whose value covers byte `offset` of `text`, the innermost
@@ -1926,6 +2001,79 @@ path = "dst"
         let link = "https://api.example.com/users?api_key=k%2Fey%2B42&_page=3";
         assert_eq!(client.url(link), link);
         assert_eq!(client.redact("raw k/ey+42"), "raw ***");
+    }
+
+    /// A bad glob was reported on the line of `[pipeline.source.dir]`, and a misspelled
+    /// key inside an inline table of an HTTP side (`bearer = { evn = "X" }`) on the line
+    /// of `[pipeline.source.http]` (issue): each is reported on its own line, naming its
+    /// key.
+    #[test]
+    fn a_bad_glob_or_a_misspelled_inline_key_is_named_on_its_own_line() {
+        for (text, on, key, says) in [
+            (
+                GOOD.replace(
+                    "exclude = [\"*.tmp\"]",
+                    "exclude = [\n  \"*.tmp\",\n  \"a[\",\n]",
+                ),
+                "\"a[\"",
+                "`pipeline.demo.source.dir.exclude`",
+                "bad glob `a[`",
+            ),
+            (
+                GOOD.replace(
+                    "exclude = [\"*.tmp\"]",
+                    "follow_symlinks = false\ninclude = [\"*.txt\", \"b{\"]",
+                ),
+                "include",
+                "`pipeline.demo.source.dir.include`",
+                "bad glob `b{`",
+            ),
+            (
+                api_config(
+                    "https://api.example.com",
+                    "timeout = \"5s\"\nbearer = { evn = \"X\" }",
+                    "/users",
+                ),
+                "evn",
+                "`pipeline.api.source.http.bearer`",
+                "unknown field `evn`, expected `env` or `file`",
+            ),
+            (
+                api_config(
+                    "https://api.example.com",
+                    "timeout = \"5s\"\nretries = 3",
+                    "/users",
+                ),
+                "retries",
+                "`pipeline.api.source.http`",
+                "unknown field `retries`",
+            ),
+            (
+                api_config(
+                    "https://api.example.com",
+                    "[[pipeline.source.http.header]]\nname = \"X-Key\"\nevn = \"K\"",
+                    "/users",
+                ),
+                "evn",
+                "`pipeline.api.source.http.header",
+                "unknown field `evn`",
+            ),
+            (
+                api_to_api(
+                    "https://dev.example.com",
+                    "https://prod.example.com",
+                    "timeout = \"5s\"\nbearer = { file = \"t\", evn = \"X\" }",
+                ),
+                "evn",
+                "`pipeline.api.target.http.bearer`",
+                "unknown field `evn`",
+            ),
+        ] {
+            let err = parse_err(&text);
+            let line = last_line_with(&text, on);
+            assert!(err.contains(&format!("t.toml:{line}:")), "{err}\n{text}");
+            assert!(err.contains(key) && err.contains(says), "{err}");
+        }
     }
 
     #[test]
