@@ -253,3 +253,18 @@ fn a_bad_glob_or_a_misspelled_inline_key_is_named_on_its_own_line() {
     let err = refused(&text, "evn", "pipeline.t.source.http.bearer");
     assert!(err.contains("unknown field `evn`"), "{err}");
 }
+
+/// Two `[pipeline.target.*]` got serde's "wanted exactly 1 element, more than 1 element"
+/// (issue): the error says a pipeline has one, on the second one's line.
+#[test]
+fn a_pipeline_with_two_targets_is_told_it_has_one() {
+    let text = format!(
+        "{}\n[pipeline.target.http]\nbase_url = \"http://127.0.0.1:19960\"\n",
+        dirs_with("state_dir = \"state\"")
+    );
+    let err = refused(&text, "[pipeline.target.http]", "pipeline.t.target.http");
+    assert!(
+        err.contains("a pipeline has exactly one target; found `dir` and `http`: keep one"),
+        "{err}"
+    );
+}

@@ -413,20 +413,65 @@ struct RawPipeline {
     role: Role,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+/// `[pipeline.source.*]`: exactly one of its tables.
 enum RawSource {
     Dir(Spanned<DirSourceConfig>),
     Http(Spanned<HttpSourceConfig>),
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+/// `[pipeline.target.*]`: exactly one of its tables.
 #[allow(clippy::large_enum_variant)]
 enum RawTarget {
     Dir(Spanned<DirTargetConfig>),
     Http(Spanned<HttpTargetConfig>),
 }
+
+/// What a pipeline's `source` or `target` table holding two connectors is refused with;
+/// [`Config::parse_with`] moves the error to the second one's line.
+const EXACTLY_ONE: &str = "a pipeline has exactly one";
+
+/// `Deserialize` for an enum written as a table that holds exactly one of its variants'
+/// tables (`[pipeline.source.dir]` or `[pipeline.source.http]`). Serde's own enums say
+/// only "wanted exactly 1 element, more than 1 element" when it holds two.
+macro_rules! one_table_of {
+    ($ty:ident, $what:literal, $($variant:ident = $key:literal),+) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> de::Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str(concat!("a table with one of ", $("`", $key, "` "),+))
+                    }
+                    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
+                        const KEYS: &[&str] = &[$($key),+];
+                        let Some(first) = map.next_key::<String>()? else {
+                            return Err(de::Error::custom(format!(
+                                "{EXACTLY_ONE} {}; found none: add one of {}",
+                                $what,
+                                KEYS.iter().map(|k| format!("[pipeline.{}.{k}]", $what)).collect::<Vec<_>>().join(" or ")
+                            )));
+                        };
+                        let value = match first.as_str() {
+                            $($key => $ty::$variant(map.next_value()?),)+
+                            other => return Err(de::Error::unknown_variant(other, KEYS)),
+                        };
+                        if let Some(second) = map.next_key::<String>()? {
+                            return Err(de::Error::custom(format!(
+                                "{EXACTLY_ONE} {}; found `{first}` and `{second}`: keep one",
+                                $what
+                            )));
+                        }
+                        Ok(value)
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+    };
+}
+one_table_of!(RawSource, "source", Dir = "dir", Http = "http");
+one_table_of!(RawTarget, "target", Dir = "dir", Http = "http");
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
@@ -514,6 +559,10 @@ impl Config {
                     Some(written_secret_at(text, s.start).unwrap_or(s))
                 }
                 Some(_) if unknown_at.is_some() => unknown_at.as_ref().map(|(key, _)| key.clone()),
+                // Two `[pipeline.source.*]`: the second one's line.
+                Some(s) if message.starts_with(EXACTLY_ONE) => {
+                    Some(second_key(text, s.clone()).unwrap_or(s))
+                }
                 s => s,
             };
             let (line, column) = span.clone().map_or((1, 1), |s| line_col(text, s.start));
@@ -1238,19 +1287,9 @@ fn key_in_table(
             _ => {}
         }
     }
-    fn find<'a, 'd>(v: &'a Value<'d>, span: &std::ops::Range<usize>) -> Option<&'a Value<'d>> {
-        if v.span() == *span && matches!(v.get_ref(), DeValue::Table(_)) {
-            return Some(v);
-        }
-        match v.get_ref() {
-            DeValue::Table(t) => t.iter().find_map(|(_, v)| find(v, span)),
-            DeValue::Array(items) => items.iter().find_map(|i| find(i, span)),
-            _ => None,
-        }
-    }
     let doc = DeTable::parse(text).ok()?;
     let root = toml::Spanned::new(0..text.len(), DeValue::Table(doc.into_inner()));
-    let found = find(&root, &table)?;
+    let found = table_with_span(&root, &table)?;
     let mut all = Vec::new();
     tables(found, &mut all);
     let (own, nested) = all.split_first()?;
@@ -1260,6 +1299,35 @@ fn key_in_table(
             .map(|(k, _)| (k.span(), holder.clone()))
     };
     named(own).or_else(|| nested.iter().filter_map(named).min_by_key(|(s, _)| s.start))
+}
+
+/// The table below `v` (or `v`) whose span is `span`.
+fn table_with_span<'a, 'd>(
+    v: &'a toml::Spanned<toml::de::DeValue<'d>>,
+    span: &std::ops::Range<usize>,
+) -> Option<&'a toml::Spanned<toml::de::DeValue<'d>>> {
+    use toml::de::DeValue;
+    if v.span() == *span && matches!(v.get_ref(), DeValue::Table(_)) {
+        return Some(v);
+    }
+    match v.get_ref() {
+        DeValue::Table(t) => t.iter().find_map(|(_, v)| table_with_span(v, span)),
+        DeValue::Array(items) => items.iter().find_map(|i| table_with_span(i, span)),
+        _ => None,
+    }
+}
+
+/// The span of the second key, in file order, of the table whose span is `table`: where
+/// a table that holds one thing holds a second one.
+fn second_key(text: &str, table: std::ops::Range<usize>) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let root = toml::Spanned::new(0..text.len(), toml::de::DeValue::Table(doc.into_inner()));
+    let toml::de::DeValue::Table(t) = table_with_span(&root, &table)?.get_ref() else {
+        return None;
+    };
+    let mut keys: Vec<_> = t.iter().map(|(k, _)| k.span()).collect();
+    keys.sort_by_key(|s| s.start);
+    keys.into_iter().nth(1)
 }
 
 /// The dotted path of the key whose value covers byte `offset` of `text`, the innermost
@@ -2074,6 +2142,76 @@ path = "dst"
             assert!(err.contains(&format!("t.toml:{line}:")), "{err}\n{text}");
             assert!(err.contains(key) && err.contains(says), "{err}");
         }
+    }
+
+    /// Two `[pipeline.source.*]` (or `target.*`) tables got serde's "wanted exactly 1
+    /// element, more than 1 element" (issue): the error says what is wrong, on the line
+    /// of the second table.
+    #[test]
+    fn a_pipeline_with_two_sources_or_targets_is_told_it_has_one() {
+        let two_sources = api_config("https://api.example.com", "", "/users").replace(
+            "[pipeline.target.dir]",
+            "[pipeline.source.dir]\npath = \"src\"\n[pipeline.target.dir]",
+        );
+        let two_targets = GOOD.replace(
+            "prune = true\n",
+            "prune = true\n\n[pipeline.target.http]\nbase_url = \"https://api.example.com\"\n",
+        );
+        let inline = GOOD.replace(
+            "[pipeline.source.dir]\npath = \"src\"\nexclude = [\"*.tmp\"]",
+            "source = { http = { base_url = \"https://a.example.com\" }, dir = { path = \"src\" } }",
+        );
+        for (text, on, says) in [
+            (
+                &two_sources,
+                "[pipeline.source.dir]",
+                "a pipeline has exactly one source; found `dir` and `http`: keep one",
+            ),
+            (
+                &two_targets,
+                "[pipeline.target.http]",
+                "a pipeline has exactly one target; found `dir` and `http`",
+            ),
+            (
+                &inline,
+                "source = {",
+                "a pipeline has exactly one source; found `dir` and `http`",
+            ),
+        ] {
+            let err = parse_err(text);
+            let line = last_line_with(text, on);
+            assert!(err.contains(&format!("t.toml:{line}:")), "{err}\n{text}");
+            assert!(
+                err.contains(says) && !err.contains("wanted exactly"),
+                "{err}"
+            );
+        }
+        // The column too: the second table's name in the inline table.
+        let err = parse_err(&inline);
+        let column = inline
+            .lines()
+            .find(|l| l.starts_with("source = {"))
+            .unwrap()
+            .find("dir =")
+            .unwrap()
+            + 1;
+        assert!(err.contains(&format!(":{column}: ")), "{err}");
+        // None, and one of an unknown kind.
+        let none = GOOD.replace(
+            "[pipeline.source.dir]\npath = \"src\"\nexclude = [\"*.tmp\"]",
+            "source = {}",
+        );
+        let err = parse_err(&none);
+        assert!(
+            err.contains("a pipeline has exactly one source; found none: add one of [pipeline.source.dir] or [pipeline.source.http]"),
+            "{err}"
+        );
+        let ftp = GOOD.replace("[pipeline.target.dir]", "[pipeline.target.ftp]");
+        let err = parse_err(&ftp);
+        assert!(
+            err.contains("unknown variant `ftp`, expected `dir` or `http`"),
+            "{err}"
+        );
     }
 
     #[test]
