@@ -363,3 +363,59 @@ fn the_error_that_ends_a_command_follows_the_log_format() {
         "{stderr}"
     );
 }
+
+/// `status_token_env` naming an empty variable made the token `""`, which a request
+/// without any token matches: `/status` was open while its config said it was not. An
+/// empty variable stops the daemon at start, naming it; the whitespace around a token
+/// is dropped, as around every secret, by the daemon and by `tidemark status` alike.
+#[test]
+fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
+    const VAR: &str = "TM_OPS_STATUS_TOKEN_TRIM";
+    let env = Env::dirs("", "");
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{VAR}\""),
+    );
+    env.write_config(&text);
+    let mut run = env
+        .cmd(&["run"])
+        .env(VAR, " \n")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_for(Duration::from_secs(30), || run.try_wait().unwrap());
+    if exited.is_none() {
+        run.kill().unwrap();
+    }
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        exited.is_some(),
+        "the daemon started with an empty token: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("environment variable `{VAR}` is empty"))
+            && stderr.contains("or remove status_token_env"),
+        "{stderr}"
+    );
+    // SAFETY of the test: the variable name is unique to this test.
+    std::env::set_var(VAR, "tok-status-91\n");
+    let daemon = env.spawn_daemon();
+    assert_eq!(daemon.get("/status").status(), 401);
+    let url = format!("http://{}/status", daemon.addr);
+    let client = reqwest::blocking::Client::new();
+    assert_eq!(
+        client
+            .get(&url)
+            .bearer_auth("tok-status-91")
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    let status = env.ok(&["status"]);
+    assert!(status.contains("pipeline t"), "{status}");
+    assert!(daemon.terminate().success());
+}

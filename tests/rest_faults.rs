@@ -869,6 +869,42 @@ fn commands_that_talk_to_no_api_need_no_api_token() {
     assert!(status.contains("lag 4 events"), "{status}");
 }
 
+/// A token exported with its trailing newline (`export TOKEN=$(cat file)` keeps none, a
+/// secrets manager or `printf '%s\n'` may) made an invalid header, which the client left
+/// out of every request with only a warning (issue): the variable loses the whitespace
+/// around the token, as a token file does, and the API gets `Bearer <token>`.
+#[test]
+fn a_token_variable_with_a_trailing_newline_is_sent_without_it() {
+    const VAR: &str = "TIDEMARK_TEST_DEV_TOKEN_NEWLINE";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    // dev answers a listing of users with the Authorization header it got.
+    *dev_proxy.faults.echo_auth.lock().unwrap() = Some("/users".into());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    let config = std::fs::read_to_string(&env.config).unwrap().replacen(
+        "bearer = { file = \"token.txt\" }",
+        &format!("bearer = {{ env = \"{VAR}\" }}"),
+        1,
+    );
+    env.write_config(&config);
+    let out = env
+        .cmd(&["sync", "--output", "json"])
+        .env(VAR, format!("{TOKEN}\n"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let message = v[0]["scan"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(r#""authorization":"Bearer ***""#),
+        "the token was not sent: {message}\n{stderr}"
+    );
+    assert!(!stderr.contains("is not sent"), "{stderr}");
+    assert!(!message.contains(TOKEN) && !stderr.contains(TOKEN));
+}
+
 /// prod answers 500 to one post, past the retry budget. The comments under the other posts
 /// are written in the same `sync` all the same, and the post waits with the server's
 /// answer as its reason, which the run ends with (issue: the 500 stopped the settling of

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -54,11 +54,14 @@ pub enum RunError {
         /// Where to change it.
         hint: String,
     },
-    /// `status_token_env` names a variable that is not set.
-    #[error("status_token_env = \"{var}\" but the environment variable {var} is not set; export the token or remove the setting")]
+    /// `status_token_env` names a variable that is not set, or empty: an empty token would
+    /// leave `/status` open to any request without one.
+    #[error("{why}, or remove status_token_env")]
     StatusToken {
         /// The variable's name.
         var: String,
+        /// What is wrong with it, naming it (never its value).
+        why: String,
     },
     /// Tasks still running when the shutdown deadline passed.
     #[error("shutdown deadline passed with tasks still running: {0}")]
@@ -119,10 +122,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let status_token = match &config.status_token_env {
         None => None,
         Some(var) => {
-            let token =
-                std::env::var(var).map_err(|_| RunError::StatusToken { var: var.clone() })?;
-            crate::http::remember_secret(&token);
-            Some(token)
+            // Trimmed, and refused when empty, as every secret (`SecretSource::resolve`,
+            // which also remembers it for redaction).
+            let source = crate::http_config::SecretSource {
+                env: Some(var.clone()),
+                file: None,
+            };
+            let token = source
+                .resolve(Path::new(""), "status_token_env")
+                .map_err(|why| RunError::StatusToken {
+                    var: var.clone(),
+                    why,
+                })?;
+            Some(token.expose().to_owned())
         }
     };
     let listener = TcpListener::bind(config.listen).await.map_err(listen_err)?;

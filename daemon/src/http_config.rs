@@ -34,7 +34,8 @@ impl std::fmt::Debug for Secret {
 pub struct SecretSource {
     /// Name of the environment variable holding the value.
     pub env: Option<String>,
-    /// File holding the value (trailing newline removed); relative to the config file.
+    /// File holding the value (surrounding whitespace removed, as for `env`); relative to
+    /// the config file.
     pub file: Option<PathBuf>,
 }
 
@@ -121,24 +122,50 @@ impl SecretSource {
         }
     }
 
-    /// Reads the secret; the error names the variable or file, never the value.
-    /// Every value read is remembered for redaction ([`crate::http::remember_secret`]).
+    /// Reads the secret, without the whitespace around it (the newline that ends a file,
+    /// or that `export VAR=$(cat file)` or a secrets manager leaves in a variable): a
+    /// token never starts or ends with a space, and a line break would make an invalid
+    /// header. One that is empty then is refused. The error names the variable or file,
+    /// never the value. Every value read is remembered for redaction
+    /// ([`crate::http::remember_secret`]).
     pub fn resolve(&self, base: &Path, what: &str) -> Result<Secret, String> {
         self.check(what)?;
-        let secret = match (&self.env, &self.file) {
-            (Some(var), None) => std::env::var(var).map(Secret).map_err(|_| {
-                format!("{what}: environment variable `{var}` is not set (export it before starting tidemark)")
-            }),
+        let (raw, from) = match (&self.env, &self.file) {
+            (Some(var), None) => {
+                let from = format!("environment variable `{var}`");
+                match std::env::var(var) {
+                    Ok(v) => (v, from),
+                    Err(std::env::VarError::NotPresent) => {
+                        return Err(format!(
+                            "{what}: {from} is not set (export it before starting tidemark)"
+                        ))
+                    }
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        return Err(format!("{what}: {from} is not valid UTF-8"))
+                    }
+                }
+            }
             (None, Some(file)) => {
                 let path = base.join(file);
-                std::fs::read_to_string(&path)
-                    .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_owned()))
-                    .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))
+                let raw = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{what}: cannot read {}: {e}", path.display()))?;
+                (raw, path.display().to_string())
             }
             _ => unreachable!("checked above"),
-        }?;
-        crate::http::remember_secret(&secret.0);
-        Ok(secret)
+        };
+        let value = raw.trim();
+        if value.is_empty() {
+            return Err(format!(
+                "{what}: {from} is empty{}; put the secret in it",
+                if raw.is_empty() {
+                    ""
+                } else {
+                    " but for whitespace"
+                }
+            ));
+        }
+        crate::http::remember_secret(value);
+        Ok(Secret(value.to_owned()))
     }
 }
 
@@ -291,6 +318,24 @@ impl HttpEndpointConfig {
             )));
         }
         check_no_credentials(&self.base_url, "base_url").map_err(At::Key("base_url").refuse())?;
+        for (value, key, why) in [
+            (
+                self.timeout,
+                "timeout",
+                "it is the time limit of one request, and at 0 every request would time out",
+            ),
+            (
+                self.retry_budget,
+                "retry_budget",
+                "it is how long a request that meets a timeout, a 429 or a 5xx is retried, and at 0 the first such answer would end the run",
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(At::Key(key).refuse()(format!(
+                    "{key} must be more than 0s: {why}"
+                )));
+            }
+        }
         if self.in_flight == 0 {
             return Err(At::Key("in_flight").refuse()(
                 "in_flight must be at least 1".into(),
@@ -307,18 +352,28 @@ impl HttpEndpointConfig {
                 .resolve_as(base, "bearer", secrets)
                 .map_err(At::Key("bearer").refuse())?;
             if let Some(token) = token {
-                self.resolved_headers.push((
-                    "authorization".into(),
-                    Secret(format!("Bearer {}", token.0)),
-                ));
+                let value = Secret(format!("Bearer {}", token.0));
+                check_header_value(&value, "bearer", b, secrets)
+                    .map_err(At::Key("bearer").refuse())?;
+                self.resolved_headers.push(("authorization".into(), value));
             }
         }
         for (i, h) in self.headers.iter().enumerate() {
+            let what = format!("header `{}`", h.name);
+            if reqwest::header::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                return Err(At::Entry("header", i).refuse()(format!(
+                    "{what}: that is not a valid HTTP header name"
+                )));
+            }
             let v = h
                 .value
-                .resolve_as(base, &format!("header `{}`", h.name), secrets)
+                .resolve_as(base, &what, secrets)
                 .map_err(At::Entry("header", i).refuse())?;
-            self.resolved_headers.extend(v.map(|v| (h.name.clone(), v)));
+            if let Some(v) = v {
+                check_header_value(&v, &what, &h.value, secrets)
+                    .map_err(At::Entry("header", i).refuse())?;
+                self.resolved_headers.push((h.name.clone(), v));
+            }
         }
         self.resolved_queries.clear();
         for (i, q) in self.queries.iter().enumerate() {
@@ -337,6 +392,49 @@ impl HttpEndpointConfig {
         }
         Ok(())
     }
+}
+
+impl HttpEndpointConfig {
+    /// The API `base_url` names, written one way: scheme and host in lower case, without
+    /// a default port or a trailing slash; the query, if any, as written. Two sides with
+    /// the same one are the same API. `None` for a URL that does not parse (refused by
+    /// [`HttpEndpointConfig::validate`]).
+    pub fn api(&self) -> Option<String> {
+        let url = reqwest::Url::parse(&self.base_url).ok()?;
+        let port = url.port().map_or(String::new(), |p| format!(":{p}"));
+        let query = url.query().map_or(String::new(), |q| format!("?{q}"));
+        Some(format!(
+            "{}://{}{port}{}{query}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.path().trim_end_matches('/'),
+        ))
+    }
+}
+
+/// Refuses a header value the HTTP client could not send (it would leave the header out
+/// of every request, with a warning): one with a line break or another control
+/// character in it. Names where the value came from, never the value. Only a secret the
+/// command needs is checked ([`ApiSecrets::Required`]).
+fn check_header_value(
+    value: &Secret,
+    what: &str,
+    from: &SecretSource,
+    secrets: ApiSecrets,
+) -> Result<(), String> {
+    if secrets == ApiSecrets::Required
+        && reqwest::header::HeaderValue::from_str(value.expose()).is_err()
+    {
+        let from = match (&from.env, &from.file) {
+            (Some(var), _) => format!("environment variable `{var}`"),
+            (_, Some(file)) => format!("file {}", file.display()),
+            _ => "its source".into(),
+        };
+        return Err(format!(
+            "{what}: the value in {from} cannot be sent in an HTTP header: it holds a line break, another control character or a character outside ASCII"
+        ));
+    }
+    Ok(())
 }
 
 fn default_timeout() -> Duration {
@@ -636,6 +734,39 @@ fn in_kind(index: usize, key: &'static str) -> impl Fn(String) -> Refused {
     At::Kind(index, key).refuse()
 }
 
+/// Refuses a kind named like an earlier one, on the later one's `name`: events, the
+/// remap table and references know a kind by its name alone, so two `users` would be
+/// one kind listed or written twice. `side` is `source` or `target`, for the message.
+fn check_unique_names<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    side: &str,
+) -> Result<(), Refused> {
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, name) in names.into_iter().enumerate() {
+        if let Some(first) = seen.iter().position(|n| *n == name) {
+            return Err(in_kind(i, "name")(format!(
+                "kind `{name}` is configured twice (the {} and the {} [[…{side}.http.kind]]): events, references and the remap of ids know a kind by its name alone, so keep one of them",
+                ordinal(first + 1),
+                ordinal(i + 1)
+            )));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, … `11th`, `21st`.
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 fn check_pointer(p: &str, what: &str) -> Result<(), String> {
     if p.is_empty() || p.starts_with('/') {
         Ok(())
@@ -653,6 +784,7 @@ impl HttpSourceConfig {
         if self.kinds.is_empty() {
             return Err(String::from("no [[…source.http.kind]] is configured").into());
         }
+        check_unique_names(self.kinds.iter().map(|k| k.name.as_str()), "source")?;
         for (i, k) in self.kinds.iter().enumerate() {
             check_no_credentials(&k.path, &format!("kind `{}`: path", k.name))
                 .map_err(in_kind(i, "path"))?;
@@ -694,6 +826,7 @@ impl HttpTargetConfig {
     /// Validates the kinds and resolves the secrets as `secrets` says.
     pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
         self.endpoint.validate(base, secrets)?;
+        check_unique_names(self.kinds.iter().map(|k| k.name.as_str()), "target")?;
         for (i, k) in self.kinds.iter().enumerate() {
             for (url, what) in [
                 (Some(&k.path), "path"),

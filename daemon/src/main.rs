@@ -610,7 +610,11 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             let url = format!("http://{}/status", addr.trim());
             let mut request = reqwest::Client::new().get(&url);
             let token_var = config.status_token_env.as_deref();
-            let token = token_var.and_then(|v| std::env::var(v).ok());
+            // As the daemon reads it: without the whitespace around it.
+            let token = token_var
+                .and_then(|v| std::env::var(v).ok())
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty());
             if let Some(token) = &token {
                 tidemark::http::remember_secret(token);
                 request = request.bearer_auth(token);
