@@ -879,9 +879,7 @@ impl Scanner {
         }
         Ok(())
     }
-}
 
-impl Scanner {
     /// The identities among `doomed` to delete: all of them but those that vanished during
     /// the scan, or were under a directory that did, and are back at their path now.
     async fn still_absent(
