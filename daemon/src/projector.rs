@@ -3397,8 +3397,9 @@ impl Projector {
         // last event, keeping only identities and offsets, not the events.
         let mut last: HashMap<String, (Option<u32>, u64)> = HashMap::new();
         for p in 0..self.log.partitions() {
-            self.plan_pass(p, |identity, offset| {
-                last.insert(identity, (Some(p), offset));
+            self.plan_pass(p, async |event, offset| {
+                last.insert(event.identity(), (Some(p), offset));
+                Ok(())
             })
             .await?;
         }
@@ -3409,21 +3410,15 @@ impl Projector {
             last.get(&event.identity()).is_some_and(|l| *l != at)
         };
         for p in 0..self.log.partitions() {
-            let mut from = self.committed(p).await?;
-            loop {
-                let records = self.plan_read(p, from).await?;
-                let Some(end) = records.last() else { break };
-                from = end.offset + 1;
-                for record in records {
-                    let Ok(event) = record.event else { continue };
-                    if superseded(&event, (Some(p), record.offset)) {
-                        plan.superseded(event, Some(record.offset));
-                    } else {
-                        self.plan_event(&mut plan, event, Some(record.offset))
-                            .await?;
-                    }
+            self.plan_pass(p, async |event, offset| {
+                if superseded(&event, (Some(p), offset)) {
+                    plan.superseded(event, Some(offset));
+                    Ok(())
+                } else {
+                    self.plan_event(&mut plan, event, Some(offset)).await
                 }
-            }
+            })
+            .await?;
         }
         for (i, event) in unlogged.into_iter().enumerate() {
             if superseded(&event, (None, i as u64)) {
@@ -3541,12 +3536,12 @@ impl Projector {
             })
     }
 
-    /// Calls `each` with the identity and offset of every event of partition `p` from its
-    /// committed offset on.
+    /// Calls `each` with every event of partition `p` from its committed offset on, and
+    /// its offset.
     async fn plan_pass(
         &self,
         p: u32,
-        mut each: impl FnMut(String, u64),
+        mut each: impl AsyncFnMut(Event, u64) -> Result<(), ProjectError>,
     ) -> Result<(), ProjectError> {
         let mut from = self.committed(p).await?;
         loop {
@@ -3555,7 +3550,7 @@ impl Projector {
             from = end.offset + 1;
             for record in records {
                 if let Ok(event) = record.event {
-                    each(event.identity(), record.offset);
+                    each(event, record.offset).await?;
                 }
             }
         }
