@@ -251,7 +251,7 @@ fn a_daemon_that_does_not_scan_exports_no_scanner_series() {
 }
 
 #[test]
-fn sighup_stops_the_daemon_cleanly_and_says_why() {
+fn sighup_stops_the_daemon_cleanly_and_exits_129_for_its_supervisor_to_restart_it() {
     let env = Env::dirs("", "");
     write(env.src().join("a.txt"), "a");
     let d = env.spawn_daemon();
@@ -261,7 +261,8 @@ fn sighup_stops_the_daemon_cleanly_and_says_why() {
     .unwrap_or_else(|| panic!("nothing applied; log:\n{}", env.daemon_log()));
     let status = d.stop_with("HUP");
     let log = env.daemon_log();
-    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    // Non-zero, so systemd's Restart=on-failure (ops/systemd) starts it again.
+    assert_eq!(status.code(), Some(129), "log:\n{log}");
     assert!(
         log.contains("SIGHUP") && log.contains("does not reload"),
         "{log}"

@@ -98,7 +98,8 @@ enum Output {
 enum Command {
     /// Run the daemon: every pipeline's scanner and projector, plus /metrics, /healthz,
     /// /readyz and /status. SIGINT/SIGTERM/SIGHUP finish in-flight work, commit and exit 0
-    /// (1 when `shutdown_timeout` passes first, naming the tasks still running).
+    /// (129 for SIGHUP, so a supervisor restarting on failure starts it again on the config
+    /// as it is now; 1 when `shutdown_timeout` passes first, naming the tasks still running).
     Run,
     /// List the source once and append its changes to the log.
     Scan(Select),
@@ -329,7 +330,7 @@ async fn shutdown_signal() -> Signal {
         _ = int.recv() => Signal { name: "SIGINT", exit: 130 },
         _ = hup.recv() => {
             tracing::warn!(
-                "SIGHUP: stopping cleanly; tidemark does not reload its config, start it again to apply a changed one"
+                "SIGHUP: stopping cleanly; tidemark does not reload its config in place; it exits 129, so a supervisor that restarts on failure (systemd's Restart=on-failure) starts it again on the config as it is now"
             );
             Signal { name: "SIGHUP", exit: 129 }
         }
@@ -421,15 +422,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run => {
             let dir = config.state_dir.clone();
-            daemon::run(config, async {
-                shutdown_signal().await;
+            let got = std::sync::Arc::new(std::sync::OnceLock::new());
+            let seen = got.clone();
+            daemon::run(config, async move {
+                let _ = seen.set(shutdown_signal().await);
             })
             .await?;
             // As a one-shot run does: the next start need not read all it wrote back.
             if metrics().events_written() >= CHECKPOINT_AFTER {
                 checkpoint(&dir);
             }
-            Ok(ExitCode::SUCCESS)
+            // SIGHUP is how operators ask a daemon to reload; exiting non-zero makes a
+            // supervisor that restarts on failure start it again on the config as it is now.
+            Ok(match got.get() {
+                Some(signal) if signal.name == "SIGHUP" => ExitCode::from(signal.exit),
+                _ => ExitCode::SUCCESS,
+            })
         }
         Command::Status(select) => status(config, &select).await,
         Command::Scan(select) => scan_project(config, &select, true, false, show_progress).await,
