@@ -1018,6 +1018,34 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// After a replay, the events the target had before count as waiting since the replay
+/// began, not since they were observed: `lag_seconds` was the age of event 0, so
+/// TidemarkLagHigh fired on any rebuild of a log older than ten minutes. A change the
+/// target never had still counts from when it was observed.
+#[test]
+fn a_replay_lags_from_when_it_began_and_new_changes_from_when_they_were_seen() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    std::thread::sleep(Duration::from_millis(2500));
+    env.ok(&["replay", "--from", "0"]);
+    let status = env.json(&["status"]);
+    let lag = status[0]["lag_seconds"].as_f64().unwrap();
+    assert_eq!(status[0]["lag_events"], 1, "{status}");
+    assert!(lag < 2.0, "a replay made now lags {lag} s: {status}");
+
+    env.ok(&["project"]);
+    write(env.src().join("b.txt"), "b");
+    env.ok(&["scan"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = env.json(&["status"]);
+    let lag = status[0]["lag_seconds"].as_f64().unwrap();
+    assert!(
+        lag >= 2.5,
+        "a change scanned 2.5 s ago lags {lag} s: {status}"
+    );
+}
+
 /// A replay into a target that already mirrors the source writes nothing: files,
 /// directories and links alike are taken over (`adopted`), none is `updated`, and the
 /// links are the same links (issue: every directory and link counted `updated`, and each

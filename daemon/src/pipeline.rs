@@ -11,7 +11,7 @@ use crate::log::{self, EventLog};
 use crate::metrics::{metrics, Metrics};
 use crate::projector::{ProjectError, Projector, Retrying};
 use crate::scanner::{ScanProgress, Scanner};
-use crate::state::{Failure, GuardTrip, ScanRecord, State, StateError};
+use crate::state::{Failure, GuardTrip, ReplayMark, ScanRecord, State, StateError};
 use crate::{source, target};
 
 /// A pipeline could not be built or inspected.
@@ -316,7 +316,23 @@ impl Pipeline {
         let mut committed = 0;
         let mut oldest: Option<chrono::DateTime<Utc>> = None;
         let mut partitions = Vec::new();
+        let replays = self
+            .state
+            .replays_if_any()
+            .map_err(|source| PipelineError::State {
+                pipeline: self.config.name.clone(),
+                source,
+            })?;
         for p in 0..self.log.partitions() {
+            let replay = match &replays {
+                Some(r) => r
+                    .get(&format!("{}/{p}", self.config.name))
+                    .map_err(|source| PipelineError::State {
+                        pipeline: self.config.name.clone(),
+                        source,
+                    })?,
+                None => None,
+            };
             let read_err = |source| ProjectError::Read {
                 pipeline: self.config.name.clone(),
                 source,
@@ -335,9 +351,16 @@ impl Pipeline {
             let mut first_unapplied = None;
             if c < h {
                 let first = self.log.read(p, c, 1).await.map_err(read_err)?;
-                if let Some(Ok(e)) = first.into_iter().next().map(|r| r.event) {
-                    first_unapplied = Some(e.observed_at);
-                    oldest = Some(oldest.map_or(e.observed_at, |o| o.min(e.observed_at)));
+                if let Some(record) = first.into_iter().next() {
+                    if let Ok(e) = record.event {
+                        let since = ReplayMark::waiting_since(
+                            replay.as_ref(),
+                            record.offset,
+                            e.observed_at,
+                        );
+                        first_unapplied = Some(since);
+                        oldest = Some(oldest.map_or(since, |o| o.min(since)));
+                    }
                 }
             }
             partitions.push((

@@ -40,7 +40,8 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Deferred, Failure, PendingDelete, Records, State, StateError, StoredFailure, Taken,
+    Applied, Deferred, Failure, PendingDelete, Records, ReplayMark, State, StateError,
+    StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Outcome, Probe, Target};
 
@@ -3647,6 +3648,19 @@ impl Projector {
             .targets()
             .and_then(|t| t.put(&self.pipeline, &self.target.identity()))
             .map_err(self.err_state())?;
+        // The events the target had before are re-applied: their lag counts from now.
+        let replays = self.state.replays().map_err(self.err_state())?;
+        let at = chrono::Utc::now();
+        for p in 0..self.log.partitions() {
+            let until = self.committed(p).await?;
+            let key = format!("{}/{p}", self.pipeline);
+            if from < until {
+                replays.put(&key, &ReplayMark { until, at })
+            } else {
+                replays.remove(&key)
+            }
+            .map_err(self.err_state())?;
+        }
         self.state.flush().await.map_err(self.err_state())?;
         for p in 0..self.log.partitions() {
             self.log

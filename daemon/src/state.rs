@@ -191,6 +191,31 @@ pub struct GuardTrip {
     pub limit: String,
 }
 
+/// A `replay` of one partition: the events below `until` had been applied before it, so
+/// their lag counts from `at` (when the replay began), not from when they were observed:
+/// a rebuild is as far behind as it has been running, not as old as the log.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReplayMark {
+    /// The committed offset before the replay.
+    pub until: u64,
+    /// When the replay was made.
+    pub at: DateTime<Utc>,
+}
+
+impl ReplayMark {
+    /// When the event at `offset`, observed at `observed`, counts as waiting since.
+    pub fn waiting_since(
+        mark: Option<&ReplayMark>,
+        offset: u64,
+        observed: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        match mark {
+            Some(m) if offset < m.until => observed.max(m.at),
+            _ => observed,
+        }
+    }
+}
+
 /// Summary of one scan, kept for `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScanRecord {
@@ -400,6 +425,22 @@ impl State {
     /// keyed by pipeline name, so the gauge of it is right again after a restart.
     pub fn last_applies(&self) -> Result<Records<DateTime<Utc>>, StateError> {
         self.records("last-apply")
+    }
+
+    /// The last `replay` of each partition, keyed `<pipeline>/<partition>`.
+    pub fn replays(&self) -> Result<Records<ReplayMark>, StateError> {
+        self.records("replays")
+    }
+
+    /// [`State::replays`], or `None` when no replay was ever made: read-only commands
+    /// (`status`) look without creating the tree.
+    pub fn replays_if_any(&self) -> Result<Option<Records<ReplayMark>>, StateError> {
+        let made = self
+            .db
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == b"replays");
+        made.then(|| self.replays()).transpose()
     }
 
     fn records<T>(&self, tree: &str) -> Result<Records<T>, StateError> {
