@@ -1770,6 +1770,29 @@ fn plan_after_a_replay_shows_what_project_does_with_what_the_target_holds() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A file the source changed and someone removed from the target by hand is created
+/// again by `project`: `plan` says `create`, where it said `update`.
+#[test]
+fn plan_says_create_for_a_changed_file_removed_from_the_target_by_hand() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("b.txt"), "b");
+    env.sync();
+    write(env.src().join("a.txt"), "a, changed");
+    write(env.src().join("b.txt"), "b, changed");
+    std::fs::remove_file(env.dst().join("a.txt")).unwrap();
+    env.ok(&["scan"]);
+
+    let plan = env.json(&["plan"]);
+    let planned = Planned::of(&plan[0]["actions"]);
+    assert_eq!(planned.count("file", "create"), 1, "{plan}");
+    assert_eq!(planned.count("file", "update"), 1, "{plan}");
+    let project = &env.json(&["project"])[0]["project"];
+    assert_eq!(kind_outcome(project, "file", "created"), 1, "{project}");
+    assert_eq!(kind_outcome(project, "file", "updated"), 1, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 #[test]
 fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     // Two deletes of three items.

@@ -3593,7 +3593,11 @@ impl Projector {
                     }),
                 );
                 if prior.is_some() {
-                    "update"
+                    // Removed from the target by hand since: `project` creates it again.
+                    match self.target.present(&event).await {
+                        Some(false) => "create",
+                        _ => "update",
+                    }
                 } else {
                     // No applied state (a replay, a pre-filled target): what `project`
                     // does depends on what the target holds.

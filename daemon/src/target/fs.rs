@@ -1051,6 +1051,18 @@ impl Target for DirTarget {
             .unwrap_or(Probe::Unknown)
     }
 
+    async fn present(&self, event: &Event) -> Option<bool> {
+        let path = self.inner.resolve(&event.key).ok()?;
+        tokio::task::spawn_blocking(move || match fs::symlink_metadata(&path) {
+            Ok(_) => Some(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Some(false),
+            Err(_) => None,
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     fn identity(&self) -> String {
         format!("dir {}", self.inner.root.display())
     }

@@ -185,6 +185,14 @@ pub trait Target: Send + Sync {
         Probe::Unknown
     }
 
+    /// Whether the target holds anything where an upsert of an item it applied before
+    /// would go, looked at without writing and without reading content (`None`: not
+    /// looked at): an item removed from the target by hand is created again, and `plan`
+    /// says `create`, not `update`.
+    async fn present(&self, _event: &Event) -> Option<bool> {
+        None
+    }
+
     /// Hands a target that adopts existing items by name the table of which source item
     /// each target id mirrors (the projector's remap table), so that it never adopts, nor
     /// deletes, an item another source item owns. Called once by the projector.
