@@ -353,6 +353,29 @@ const COMPACT_GROUP: usize = 1000;
 /// moment sees the old or the new. Appends only write above the head, so this may run
 /// while the log is in use.
 pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sled::Error> {
+    let done = compact_log(db, pipeline, None)?;
+    db.flush()?;
+    Ok(done)
+}
+
+/// [`drop_superseded`] into `to`, an empty tree of another database: every chunk of
+/// `pipeline`'s log is copied there, those with superseded events replaced as
+/// [`drop_superseded`] replaces them, and `db` is left as it is (sled appends what it
+/// rewrites, so dropping in place before a copy made the old database grow).
+pub fn copy_without_superseded(
+    db: &sled::Db,
+    pipeline: &str,
+    to: &sled::Tree,
+) -> Result<LogCompacted, sled::Error> {
+    compact_log(db, pipeline, Some(to))
+}
+
+/// [`drop_superseded`] in place (`to` is `None`), or into `to`.
+fn compact_log(
+    db: &sled::Db,
+    pipeline: &str,
+    to: Option<&sled::Tree>,
+) -> Result<LogCompacted, sled::Error> {
     #[derive(serde::Deserialize)]
     struct Item {
         kind: String,
@@ -370,7 +393,17 @@ pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sl
         let o = decode_offset(&v?);
         below = Some(below.map_or(o, |b| b.min(o)));
     }
+    let copy_from = |from: std::ops::RangeFrom<[u8; 8]>| -> Result<(), sled::Error> {
+        if let Some(to) = to {
+            for item in events.range(from) {
+                let (k, v) = item?;
+                to.insert(k, v)?;
+            }
+        }
+        Ok(())
+    };
     let Some(below) = below else {
+        copy_from(0u64.to_be_bytes()..)?;
         return Ok(LogCompacted::default());
     };
     // The offset of every item's latest event.
@@ -390,7 +423,7 @@ pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sl
     /// A group of old chunks and the chunks replacing them, covering the same offsets.
     #[derive(Default)]
     struct Group {
-        old: Vec<sled::IVec>,
+        old: Vec<(sled::IVec, sled::IVec)>,
         new: Vec<(u64, Vec<u8>)>,
         /// The chunk being built: first offset, event count, value.
         building: Option<(u64, u32, Vec<u8>)>,
@@ -423,20 +456,35 @@ pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sl
         /// group that only merges chunks is left as it is: sled appends what is rewritten,
         /// so merging a log with nothing to drop made the database bigger (a state of 20k
         /// files synced once went from 18 MB to 35 MB) for nothing `compact` keeps.
-        fn apply(&mut self, events: &sled::Tree) -> Result<u64, sled::Error> {
+        /// Into `to`, the group goes as it was when nothing was dropped from it.
+        fn apply(
+            &mut self,
+            events: &sled::Tree,
+            to: Option<&sled::Tree>,
+        ) -> Result<u64, sled::Error> {
             self.close();
             let group = std::mem::take(self);
-            if group.dropped == 0 {
-                return Ok(0);
-            }
             let mut batch = sled::Batch::default();
-            for k in group.old {
-                batch.remove(k);
+            match to {
+                None if group.dropped == 0 => return Ok(0),
+                None => {
+                    for (k, _) in group.old {
+                        batch.remove(k);
+                    }
+                }
+                Some(_) if group.dropped == 0 => {
+                    for (k, v) in group.old {
+                        batch.insert(k, v);
+                    }
+                }
+                Some(_) => {}
             }
-            for (first, value) in group.new {
-                batch.insert(&first.to_be_bytes(), value);
+            if group.dropped > 0 {
+                for (first, value) in group.new {
+                    batch.insert(&first.to_be_bytes(), value);
+                }
             }
-            events.apply_batch(batch)?;
+            to.unwrap_or(events).apply_batch(batch)?;
             Ok(group.dropped)
         }
     }
@@ -451,9 +499,12 @@ pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sl
         let Ok(records) = records else {
             // Damaged: left exactly as it is, for readers to report.
             group.close();
+            if let Some(to) = to {
+                to.insert(k, v)?;
+            }
             continue;
         };
-        group.old.push(k);
+        group.old.push((k, v.clone()));
         for (offset, frame) in (first..).zip(records) {
             let superseded = !frame.is_empty()
                 && offset < below
@@ -466,11 +517,11 @@ pub fn drop_superseded(db: &sled::Db, pipeline: &str) -> Result<LogCompacted, sl
             }
         }
         if group.old.len() >= COMPACT_GROUP {
-            dropped += group.apply(&events)?;
+            dropped += group.apply(&events, to)?;
         }
     }
-    dropped += group.apply(&events)?;
-    db.flush()?;
+    dropped += group.apply(&events, to)?;
+    copy_from(below.to_be_bytes()..)?;
     Ok(LogCompacted {
         dropped,
         kept: live - dropped,
