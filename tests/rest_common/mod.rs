@@ -314,6 +314,11 @@ pub struct Faults {
     pub refuse_token: Mutex<Option<String>>,
     /// Answer 400 quoting the request's path and query to paths containing this.
     pub echo_path: Mutex<Option<String>>,
+    /// Answer 400 with an HTML error page quoting the request's Authorization header
+    /// HTML-escaped, as frameworks' error pages do, to writes (POST, PUT, PATCH) whose path
+    /// contains this: once as Python's `html.escape` writes it (`&amp;`, `&lt;`, `&gt;`,
+    /// `&quot;`, `&#x27;`), once as Go's `html.EscapeString` does (`&#34;`, `&#39;`).
+    pub echo_auth_html: Mutex<Option<String>>,
     /// Answer 422 quoting the request's body to writes (POST, PUT, PATCH) whose path
     /// contains this, as a server whose validation error shows what it was sent.
     pub echo_body: Mutex<Option<String>>,
@@ -563,6 +568,34 @@ fn serve(
             path.contains(&p)
                 .then(|| format!("{{\"error\":\"bad request\",\"{field}\":\"{value}\"}}"))
         });
+        let echo_html = f.echo_auth_html.lock().unwrap().clone().and_then(|p| {
+            (["POST", "PUT", "PATCH"].contains(&method.as_str()) && path.contains(&p)).then(|| {
+                let escape = |quot: &str, apos: &str| {
+                    auth.replace('&', "&amp;")
+                        .replace('<', "&lt;")
+                        .replace('>', "&gt;")
+                        .replace('"', quot)
+                        .replace('\'', apos)
+                };
+                format!(
+                    "<html><body><h1>400 Bad Request</h1><p>Unexpected header: {}</p><!-- {} --></body></html>",
+                    escape("&quot;", "&#x27;"),
+                    escape("&#34;", "&#39;")
+                )
+            })
+        });
+        if let Some(b) = echo_html {
+            injected.fetch_add(1, Ordering::SeqCst);
+            if !reply(
+                &mut out,
+                "400 Bad Request",
+                &[("content-type".into(), "text/html".into())],
+                b.as_bytes(),
+            ) {
+                return;
+            }
+            continue;
+        }
         let echo_body = f.echo_body.lock().unwrap().clone().and_then(|p| {
             (["POST", "PUT", "PATCH"].contains(&method.as_str()) && path.contains(&p)).then(|| {
                 let sent = serde_json::to_string(&String::from_utf8_lossy(&body)).unwrap();
