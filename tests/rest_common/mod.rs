@@ -328,6 +328,9 @@ pub struct Faults {
     /// Answer 422 to writes (POST, PUT, PATCH) whose body contains this, as a server whose
     /// validation refuses one item until someone changes it.
     pub reject_body: Mutex<Option<String>>,
+    /// Answer GETs whose query has this parameter as if it had none of it, with the
+    /// server's first page of 3 items, as an API that does not know the parameter does.
+    pub ignore_query: Mutex<Option<String>>,
     /// Answer 429 with `Retry-After: N` (seconds) to requests whose path contains this.
     pub throttle: Mutex<Option<(String, u64)>>,
     /// Answer every request this much later, as a slow server does.
@@ -494,6 +497,19 @@ fn serve(
             } else {
                 format!("{route}?{}", rest.join("&"))
             };
+        }
+        if let Some(param) = f.ignore_query.lock().unwrap().clone() {
+            let (route, query) = path.split_once('?').unwrap_or((&path, ""));
+            let prefix = format!("{param}=");
+            if method == "GET" && query.split('&').any(|p| p.starts_with(&prefix)) {
+                injected.fetch_add(1, Ordering::SeqCst);
+                let mut rest: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.starts_with(&prefix))
+                    .collect();
+                rest.push("_page=1&_limit=3");
+                path = format!("{route}?{}", rest.join("&"));
+            }
         }
         let redirect = f.redirect.lock().unwrap().clone().filter(|r| {
             r.method.is_none_or(|m| m == method) && path.split('?').next() == Some(r.path.as_str())
