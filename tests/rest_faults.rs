@@ -1281,6 +1281,59 @@ fn a_secret_quoted_escaped_or_encoded_never_shows() {
     }
 }
 
+/// prod refuses comments with an HTML error page that quotes the Authorization header
+/// HTML-escaped, and the token holds `&`, `<`, `>`, `"` and `'`, as generated passwords do
+/// (`Pr0d&amp;T0k&quot;en&lt;9&gt;&#x27;q`): it is redacted in every output and in the
+/// state (issue: the escaped form reached stderr, the `FAILED` line, the reports and the
+/// failure reason `status` prints).
+#[test]
+fn a_secret_quoted_html_escaped_never_shows() {
+    const SECRET: &str = "Pr0d&T0k\"en<9>'q";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.echo_auth_html.lock().unwrap() = Some("/comments".into());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    std::fs::write(env.path("token.txt"), SECRET).unwrap();
+    let sync = env.run(&["sync"]);
+    assert_eq!(sync.status.code(), Some(3), "{sync:?}");
+    assert!(
+        proxy.injected.load(Ordering::SeqCst) >= 1,
+        "prod refused nothing"
+    );
+    let stdout = String::from_utf8_lossy(&sync.stdout);
+    assert!(
+        stdout.contains("FAILED comments")
+            && stdout.contains("HTTP 400")
+            && stdout.contains("Unexpected header: Bearer ***</p><!-- Bearer *** -->"),
+        "the rejection is reported with its excerpt, the token redacted: {stdout}"
+    );
+    for (what, text) in everything_reported(&env, &sync) {
+        assert!(
+            !text.contains("Pr0d") && !text.contains("T0k"),
+            "the secret leaked into {what}: {}",
+            text.lines()
+                .find(|l| l.contains("Pr0d") || l.contains("T0k"))
+                .unwrap_or_default()
+        );
+    }
+    // Nor into the state database, which holds the failures' reasons.
+    for entry in walkdir::WalkDir::new(env.path("state"))
+        .into_iter()
+        .flatten()
+    {
+        if entry.file_type().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            assert!(
+                !bytes.windows(4).any(|w| w == b"Pr0d") && !bytes.windows(3).any(|w| w == b"T0k"),
+                "the secret leaked into {}",
+                entry.path().display()
+            );
+        }
+    }
+}
+
 /// A certificate tidemark refuses (here a self-signed one) is a permanent error that says
 /// the certificate was refused and why, after one attempt (issue: it was retried for the
 /// whole retry budget and ended with "is the server up?").

@@ -394,6 +394,90 @@ fn prefetch_names_lists_each_kind_once_per_batch_and_still_adopts() {
     assert_verified(&env);
 }
 
+/// prod's API ignores `?name=` (as many APIs ignore a query parameter they do not know)
+/// and answers every find with its first page. Each user's find answer holds users of
+/// other names, so the user fails, naming the kind, the query and what to do, and nothing
+/// is created (issue: the users past the first page were created again, "7 created, 3
+/// adopted", without a word). `prefetch_names`, as the failure says, then adopts them all.
+#[test]
+fn a_find_the_api_does_not_filter_creates_nothing_and_says_what_to_do() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(5));
+    // prod already holds dev's 5 users, under its own ids.
+    let users: Vec<Value> = dev
+        .all("users")
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut u)| {
+            u["id"] = json!(i + 1);
+            u
+        })
+        .collect();
+    let prod = JsonServer::start(
+        env.dir.path(),
+        "prod",
+        &json!({"users": users, "posts": [], "comments": []}),
+    );
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.ignore_query.lock().unwrap() = Some("name".into());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let out = env.run(&["sync"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "failed items: {stdout}");
+    assert!(
+        proxy.injected.load(std::sync::atomic::Ordering::SeqCst) >= 5,
+        "the finds were answered unfiltered"
+    );
+    assert_eq!(
+        requests(&proxy, "POST", "/users", ""),
+        0,
+        "no user created: {:?}",
+        proxy.seen.lock().unwrap()
+    );
+    assert_eq!(
+        prod.all("users").len(),
+        5,
+        "no duplicate: {:?}",
+        prod.all("users")
+    );
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("FAILED users"))
+        .collect();
+    assert_eq!(failed.len(), 5, "{stdout}");
+    for line in failed {
+        assert!(
+            line.contains("the answer to `find` of kind `users` (GET /users?name=user-")
+                && line.contains("holds an item named `user-")
+                && line.contains("does not filter")
+                && line.contains("creates nothing")
+                && line.contains("`find`")
+                && line.contains("prefetch_names = true"),
+            "{line}"
+        );
+        assert!(!line.contains(TOKEN), "{line}");
+    }
+    let status = env.json(&["status"]);
+    assert!(
+        status[0]["failed"].to_string().contains("does not filter"),
+        "{status}"
+    );
+
+    // As the failure says: prefetch_names adopts from a listing of each collection.
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "pagination = { style = \"page\", size = 100 }\n",
+        "pagination = { style = \"page\", size = 100 }\nprefetch_names = true\n",
+    );
+    env.write_config(&config);
+    proxy.seen.lock().unwrap().clear();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(kind_outcome(&project, "users", "adopted"), 5, "{project}");
+    assert_eq!(requests(&proxy, "POST", "/users", ""), 0, "{project}");
+    assert_rest_mirror(&dev, &prod);
+    assert_eq!(prod.all("users").len(), 5);
+}
+
 /// Dev with a user, a post and a comment whose post (424242) dev does not have; an empty
 /// prod; a pipeline between them with `reference_wait`.
 fn dangling_comment(reference_wait: &str) -> (Env, JsonServer, JsonServer) {

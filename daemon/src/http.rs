@@ -633,9 +633,10 @@ pub fn remember_secret(secret: &str) {
 /// percent-encoded as tidemark sends it in a query, with lower-case hex digits, as a form
 /// field (`+` for a space) and as JavaScript's `encodeURIComponent` leaves it; and each of
 /// those inside a JSON string: escaped as most encoders do (`\\`, `\"`), with `/` as `\/`
-/// too (PHP's `json_encode`), with non-ASCII characters as `\uXXXX` (PHP, Python), and
+/// too (PHP's `json_encode`), with non-ASCII characters as `\uXXXX` (PHP, Python), with
+/// `&`, `<` and `>` as `\u0026`, `\u003c` and `\u003e` (Go's `encoding/json`, Rails), and
 /// escaped twice (an answer quoting a JSON body, a JSON log line or report quoting such an
-/// answer).
+/// answer). HTML and XML character references are not forms: [`redact`] reads them.
 fn secret_forms(secret: &str) -> Vec<String> {
     let percent = |keep: &dyn Fn(u8) -> bool, space: &str, hex_lower: bool| {
         let mut out = String::with_capacity(secret.len());
@@ -678,10 +679,16 @@ fn secret_forms(secret: &str) -> Vec<String> {
         }
         out
     };
+    let html_safe = |s: &str| {
+        s.replace('&', "\\u0026")
+            .replace('<', "\\u003c")
+            .replace('>', "\\u003e")
+    };
     for form in forms.clone() {
         let escaped = json(&form);
         let slashes = escaped.replace('/', "\\/");
         forms.extend([
+            html_safe(&escaped),
             json(&escaped),
             json(&slashes),
             json(&slashes).replace('/', "\\/"),
@@ -696,7 +703,8 @@ fn secret_forms(secret: &str) -> Vec<String> {
     forms
 }
 
-/// `text` with every secret in `secrets` replaced by `***`.
+/// `text` with every secret in `secrets` replaced by `***`, also where the text writes
+/// some of its characters as HTML or XML character references ([`Unescaped`]).
 pub fn redact(secrets: &[String], text: &str) -> String {
     let mut out = text.to_owned();
     for s in secrets {
@@ -704,17 +712,126 @@ pub fn redact(secrets: &[String], text: &str) -> String {
             out = out.replace(s.as_str(), "***");
         }
     }
-    out
+    match Unescaped::of(&out) {
+        Some(unescaped) => unescaped.redact(secrets, &out),
+        None => out,
+    }
 }
 
 /// `text` with every secret the process knows ([`remember_secret`]) replaced by `***`;
 /// borrowed when there is none in it.
 pub fn redact_known(text: &str) -> std::borrow::Cow<'_, str> {
     let known = KNOWN.read().unwrap_or_else(|e| e.into_inner());
-    if known.iter().any(|s| text.contains(s.as_str())) {
+    let holds = |text: &str| known.iter().any(|s| text.contains(s.as_str()));
+    if holds(text) || Unescaped::of(text).is_some_and(|u| holds(&u.text)) {
         std::borrow::Cow::Owned(redact(&known, text))
     } else {
         std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// A text with its HTML and XML character references read as the characters they stand
+/// for: the five named ones XML has (`&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`) and every
+/// numeric one (`&#39;`, `&#039;`, `&#x27;`, `&#X27;`). An error page or an XML answer
+/// quotes a secret escaped so, each escaper its own way (Python's `html.escape` writes `'`
+/// as `&#x27;`, Go's `&#39;`, PHP's `&#039;`, XML's `&apos;`), so rather than each way as
+/// a form of the secret, the text is read as a browser would read it, and a secret found
+/// there is redacted over the stretch of the original text it came from.
+struct Unescaped {
+    /// The text, its references replaced by their characters.
+    text: String,
+    /// For each byte of `text` (and one past its end), where the character it belongs to
+    /// starts in the original text.
+    from: Vec<usize>,
+}
+
+impl Unescaped {
+    /// `text` unescaped; `None` when it holds no character reference.
+    fn of(text: &str) -> Option<Unescaped> {
+        // Most texts (log lines, URLs with `&` between their parameters) hold none: no copy.
+        if !text
+            .match_indices('&')
+            .any(|(i, _)| Self::reference(&text[i..]).is_some())
+        {
+            return None;
+        }
+        let mut rest = text;
+        let mut at = 0;
+        let mut out = Unescaped {
+            text: String::with_capacity(text.len()),
+            from: Vec::with_capacity(text.len() + 1),
+        };
+        while let Some(amp) = rest.find('&') {
+            out.push(&rest[..amp], at);
+            at += amp;
+            rest = &rest[amp..];
+            let (c, len) = Self::reference(rest).unwrap_or(('&', 1));
+            out.push(c.encode_utf8(&mut [0; 4]), at);
+            at += len;
+            rest = &rest[len..];
+        }
+        out.push(rest, at);
+        out.from.push(text.len());
+        Some(out)
+    }
+
+    /// Appends `part`, which starts at `at` in the original text.
+    fn push(&mut self, part: &str, at: usize) {
+        for (i, c) in part.char_indices() {
+            for _ in 0..c.len_utf8() {
+                self.from.push(at + i);
+            }
+        }
+        self.text.push_str(part);
+    }
+
+    /// The character the reference at the start of `text` stands for, and its length.
+    fn reference(text: &str) -> Option<(char, usize)> {
+        let end = text.bytes().take(12).position(|b| b == b';')?;
+        let name = &text[1..end];
+        let c = match name {
+            "amp" => '&',
+            "lt" => '<',
+            "gt" => '>',
+            "quot" => '"',
+            "apos" => '\'',
+            _ => {
+                let number = name.strip_prefix('#')?;
+                let (digits, radix) = match number.strip_prefix(['x', 'X']) {
+                    Some(hex) => (hex, 16),
+                    None => (number, 10),
+                };
+                if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+                    return None;
+                }
+                char::from_u32(u32::from_str_radix(digits, radix).ok()?)?
+            }
+        };
+        Some((c, end + 1))
+    }
+
+    /// `original` (the text this was made of) with each stretch that reads as one of
+    /// `secrets` replaced by `***`, longest secrets first.
+    fn redact(&self, secrets: &[String], original: &str) -> String {
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        for s in secrets {
+            for (i, _) in self.text.match_indices(s.as_str()) {
+                let (start, end) = (self.from[i], self.from[i + s.len()]);
+                if found.iter().all(|&(a, b)| end <= a || b <= start) {
+                    found.push((start, end));
+                }
+            }
+        }
+        found.sort_unstable();
+        let mut out = String::with_capacity(original.len());
+        let mut at = 0;
+        for (start, end) in found {
+            out.push_str(&original[at..start]);
+            out.push_str("***");
+            at = end;
+        }
+        out.push_str(&original[at..]);
+        out
     }
 }
 
@@ -1005,6 +1122,39 @@ mod tests {
                 "{quoted} -> {shown}"
             );
         }
+    }
+
+    /// A secret holding `&`, `<`, `>`, `"` or `'` is redacted where an error page or an XML
+    /// answer quotes it with character references, whichever an escaper chose, and where
+    /// a JSON encoder that keeps its output safe in HTML escaped it (Go, Rails).
+    #[test]
+    fn redacts_a_secret_quoted_with_html_or_xml_references() {
+        remember_secret("Hx&T0k\"n<9>'z");
+        for quoted in [
+            "python <p>Hx&amp;T0k&quot;n&lt;9&gt;&#x27;z</p>",
+            "go <p>Hx&amp;T0k&#34;n&lt;9&gt;&#39;z</p>",
+            "php <p>Hx&amp;T0k&quot;n&lt;9&gt;&#039;z</p>",
+            "xml <detail>Hx&amp;T0k&quot;n&lt;9&gt;&apos;z</detail>",
+            "numeric &#72;&#x78;&#X26;T0k&#34;n&#60;9&#62;&#39;z.",
+            "partly <!-- Hx&amp;T0k\"n&lt;9>'z -->",
+            r#"html of json {&quot;got&quot;:&quot;Hx&amp;T0k\&quot;n&lt;9&gt;'z&quot;}"#,
+            r#"go json {"got":"Hx\u0026T0k\"n\u003c9\u003e'z"}"#,
+        ] {
+            let shown = redact_known(quoted);
+            assert!(
+                shown.contains("***") && !shown.contains("Hx") && !shown.contains("T0k"),
+                "{quoted} -> {shown}"
+            );
+        }
+        assert_eq!(
+            redact_known("<p>Hx&amp;T0k&quot;n&lt;9&gt;&#x27;z</p> &amp; &#128512; &bogus; &#;"),
+            "<p>***</p> &amp; &#128512; &bogus; &#;",
+            "only the secret's stretch changes"
+        );
+        assert!(matches!(
+            redact_known("Tom &amp; Jerry &lt;3 &#x27;s"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

@@ -617,7 +617,9 @@ pub struct TargetKindConfig {
     #[serde(default)]
     pub item_path: Option<String>,
     /// Find-by-name query with `{name}`, e.g. `/users?name={name}`; results are matched
-    /// by exact name. Without it nothing is adopted.
+    /// by exact name. The API must filter by it: an answer holding an item whose name does
+    /// not contain the one asked for (an API that ignores the query) fails the item
+    /// instead of creating it. Without it nothing is adopted.
     #[serde(default)]
     pub find: Option<String>,
     /// JSON pointer of the name in target items.

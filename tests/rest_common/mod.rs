@@ -314,6 +314,11 @@ pub struct Faults {
     pub refuse_token: Mutex<Option<String>>,
     /// Answer 400 quoting the request's path and query to paths containing this.
     pub echo_path: Mutex<Option<String>>,
+    /// Answer 400 with an HTML error page quoting the request's Authorization header
+    /// HTML-escaped, as frameworks' error pages do, to writes (POST, PUT, PATCH) whose path
+    /// contains this: once as Python's `html.escape` writes it (`&amp;`, `&lt;`, `&gt;`,
+    /// `&quot;`, `&#x27;`), once as Go's `html.EscapeString` does (`&#34;`, `&#39;`).
+    pub echo_auth_html: Mutex<Option<String>>,
     /// Answer 422 quoting the request's body to writes (POST, PUT, PATCH) whose path
     /// contains this, as a server whose validation error shows what it was sent.
     pub echo_body: Mutex<Option<String>>,
@@ -323,6 +328,9 @@ pub struct Faults {
     /// Answer 422 to writes (POST, PUT, PATCH) whose body contains this, as a server whose
     /// validation refuses one item until someone changes it.
     pub reject_body: Mutex<Option<String>>,
+    /// Answer GETs whose query has this parameter as if it had none of it, with the
+    /// server's first page of 3 items, as an API that does not know the parameter does.
+    pub ignore_query: Mutex<Option<String>>,
     /// Answer 429 with `Retry-After: N` (seconds) to requests whose path contains this.
     pub throttle: Mutex<Option<(String, u64)>>,
     /// Answer every request this much later, as a slow server does.
@@ -490,6 +498,19 @@ fn serve(
                 format!("{route}?{}", rest.join("&"))
             };
         }
+        if let Some(param) = f.ignore_query.lock().unwrap().clone() {
+            let (route, query) = path.split_once('?').unwrap_or((&path, ""));
+            let prefix = format!("{param}=");
+            if method == "GET" && query.split('&').any(|p| p.starts_with(&prefix)) {
+                injected.fetch_add(1, Ordering::SeqCst);
+                let mut rest: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.starts_with(&prefix))
+                    .collect();
+                rest.push("_page=1&_limit=3");
+                path = format!("{route}?{}", rest.join("&"));
+            }
+        }
         let redirect = f.redirect.lock().unwrap().clone().filter(|r| {
             r.method.is_none_or(|m| m == method) && path.split('?').next() == Some(r.path.as_str())
         });
@@ -563,6 +584,34 @@ fn serve(
             path.contains(&p)
                 .then(|| format!("{{\"error\":\"bad request\",\"{field}\":\"{value}\"}}"))
         });
+        let echo_html = f.echo_auth_html.lock().unwrap().clone().and_then(|p| {
+            (["POST", "PUT", "PATCH"].contains(&method.as_str()) && path.contains(&p)).then(|| {
+                let escape = |quot: &str, apos: &str| {
+                    auth.replace('&', "&amp;")
+                        .replace('<', "&lt;")
+                        .replace('>', "&gt;")
+                        .replace('"', quot)
+                        .replace('\'', apos)
+                };
+                format!(
+                    "<html><body><h1>400 Bad Request</h1><p>Unexpected header: {}</p><!-- {} --></body></html>",
+                    escape("&quot;", "&#x27;"),
+                    escape("&#34;", "&#39;")
+                )
+            })
+        });
+        if let Some(b) = echo_html {
+            injected.fetch_add(1, Ordering::SeqCst);
+            if !reply(
+                &mut out,
+                "400 Bad Request",
+                &[("content-type".into(), "text/html".into())],
+                b.as_bytes(),
+            ) {
+                return;
+            }
+            continue;
+        }
         let echo_body = f.echo_body.lock().unwrap().clone().and_then(|p| {
             (["POST", "PUT", "PATCH"].contains(&method.as_str()) && path.contains(&p)).then(|| {
                 let sent = serde_json::to_string(&String::from_utf8_lossy(&body)).unwrap();

@@ -1,6 +1,7 @@
 //! The declarative REST target: creates (POST), updates (PUT or PATCH) and deletes
 //! (DELETE) items, adopts an existing item with the same name instead of creating a
-//! duplicate, strips server-managed fields before every write, and maps HTTP failures to
+//! duplicate (and creates nothing when `find`'s answer shows the API ignored the name),
+//! strips server-managed fields before every write, and maps HTTP failures to
 //! transient (retried later, offset not committed) or permanent (the key is blocked).
 //!
 //! The projector hands it events whose reference fields already hold target ids, and the
@@ -126,10 +127,43 @@ impl HttpTarget {
                 format!("GET {path}: the find-by-name response has no array of items"),
             ));
         };
+        if let Some(stray) = Self::stray(kind, name, items) {
+            return Err(Self::permanent(
+                event,
+                self.client.redact(&format!(
+                    "the answer to `find` of kind `{}` (GET {path}) holds {stray}: the target's API does not filter by the query `find` sends, so tidemark cannot tell whether the target has the item and creates nothing (it could be a duplicate). Set the kind's `find` to a query the API filters by name (its documentation names the parameter), or set `prefetch_names = true` to adopt from a listing of the whole collection (the kind's `path` and `pagination`)",
+                    kind.name,
+                )),
+            ));
+        }
         let matches = items
             .iter()
             .filter(|i| i.pointer(&kind.name_field).and_then(id_string).as_deref() == Some(name));
         Self::pick(kind, event, name, matches)
+    }
+
+    /// An item of a find answer that a filter by `name` would not have given, described:
+    /// one whose name does not even contain `name`, in any case, or that has no name. An
+    /// API that searches instead of matching (case-insensitive, by prefix or substring)
+    /// answers only items whose name contains the one asked for, of which tidemark takes
+    /// the exact one; one that ignores the query answers its first page, which holds
+    /// others (issue: those were taken as "not on the target", and every item past the
+    /// first page was created again).
+    fn stray(kind: &TargetKindConfig, name: &str, items: &[Value]) -> Option<String> {
+        let wanted = name.to_lowercase();
+        items.iter().find_map(|item| {
+            match item.pointer(&kind.name_field).and_then(id_string) {
+                Some(other) if other.to_lowercase().contains(&wanted) => None,
+                Some(other) => Some(format!(
+                    "an item named `{}`",
+                    crate::http::excerpt(&other, 80, "…")
+                )),
+                None => Some(format!(
+                    "an item with no name at `{}` (if the target's items keep their name elsewhere, set the kind's `name_field`)",
+                    kind.name_field
+                )),
+            }
+        })
     }
 
     /// The one item of `matches` (the target's items named `name`), if any: (target id,
@@ -551,5 +585,46 @@ impl Target for HttpTarget {
 
     fn skips_superseded(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A find answer may hold items whose name contains the one asked for (an API that
+    /// searches: case-insensitive, by prefix or substring); any other item, or one without
+    /// a name, shows the API did not filter.
+    #[test]
+    fn a_find_answer_with_items_a_name_filter_would_not_give_is_told_apart() {
+        let kind: TargetKindConfig = toml::from_str("name = \"users\"\npath = \"/users\"").unwrap();
+        let names = |names: &[&str]| -> Vec<Value> {
+            names.iter().map(|n| json!({"id": 1, "name": n})).collect()
+        };
+        for searched in [
+            &[][..],
+            &["alice"],
+            &["Alice", "alice"],
+            &["alice", "alice2", "Malice"],
+        ] {
+            assert_eq!(
+                HttpTarget::stray(&kind, "alice", &names(searched)),
+                None,
+                "{searched:?}"
+            );
+        }
+        assert_eq!(
+            HttpTarget::stray(&kind, "alice", &names(&["alice", "bob"])).as_deref(),
+            Some("an item named `bob`")
+        );
+        let nameless = HttpTarget::stray(&kind, "alice", &[json!({"id": 1, "title": "alice"})]);
+        assert!(
+            nameless
+                .as_deref()
+                .is_some_and(|s| s.contains("no name at `/name`") && s.contains("name_field")),
+            "{nameless:?}"
+        );
     }
 }
