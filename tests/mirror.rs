@@ -1018,6 +1018,31 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// A source directory made a file between a scan and its projection: the queued upsert
+/// of a file inside it meets `ENOTDIR` when it opens its source, which is stale (the
+/// scan after it brings the delete), not the target unavailable: the projector retried
+/// that event forever, nothing after it was applied, and every run put the directory back
+/// over the file the run before had written.
+#[test]
+fn a_source_directory_made_a_file_before_its_projection_does_not_stop_the_pipeline() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    std::fs::create_dir_all(env.src().join("d")).unwrap();
+    write(env.src().join("d/inner"), "x");
+    write(env.src().join("other"), "keep");
+    env.ok(&["scan"]);
+    std::fs::remove_dir_all(env.src().join("d")).unwrap();
+    write(env.src().join("d"), "now a file");
+    write(env.src().join("later"), "after it");
+
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "stale"), 1, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 0, "{scan}");
+    assert_eq!(project["events"], 0, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// After a replay, the events the target had before count as waiting since the replay
 /// began, not since they were observed: `lag_seconds` was the age of event 0, so
 /// TidemarkLagHigh fired on any rebuild of a log older than ten minutes. A change the

@@ -181,6 +181,25 @@ impl From<std::io::Error> for Failure {
     }
 }
 
+/// What an upsert makes of a source file it cannot open to copy. Nothing there, or no
+/// longer a file there (a parent the source made a file: `ENOTDIR`; a link loop: `ELOOP`;
+/// a directory: `EISDIR`): the item moved on since its scan, and a newer event follows,
+/// so the event is stale. The source refusing to be read (`EACCES`, `EPERM`) is that
+/// item's failure, tried again later. Both used to fail the whole target as unavailable,
+/// so the projector retried one event forever and nothing after it was applied. Other
+/// errors (`EIO`, out of descriptors) may pass: the target is retried.
+fn source_open_failure(e: &std::io::Error, locator: &str) -> Failure {
+    use rustix::io::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+    match errno {
+        Some(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::ISDIR) => Failure::Stale,
+        Some(Errno::ACCESS | Errno::PERM) => Failure::Permanent(format!(
+            "cannot read source {locator}: {e} (permission denied on the source; the item is tried again once it can be read)"
+        )),
+        _ => Failure::Transient(format!("cannot read source {locator}: {e}")),
+    }
+}
+
 fn describe_io(e: &std::io::Error) -> String {
     let hint = match e.raw_os_error() {
         Some(28) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
@@ -820,13 +839,7 @@ impl Inner {
                 };
                 let mut src = match File::open(OsStr::from_bytes(&src)) {
                     Ok(f) => f,
-                    Err(e) if e.kind() == ErrorKind::NotFound => return Err(Failure::Stale),
-                    Err(e) => {
-                        return Err(Failure::Transient(format!(
-                            "cannot read source {}: {e}",
-                            blob.locator
-                        )))
-                    }
+                    Err(e) => return Err(source_open_failure(&e, &blob.locator)),
                 };
                 let copied = with_read_buffer(|buf| {
                     let mut hasher = ChecksumWriter::new();
@@ -1145,6 +1158,25 @@ mod tests {
             observed_at: Utc::now(),
             scan: "s".into(),
         }
+    }
+
+    #[test]
+    fn a_source_that_is_no_longer_a_file_is_stale_and_one_that_refuses_is_the_items_failure() {
+        let failure =
+            |errno: i32| source_open_failure(&std::io::Error::from_raw_os_error(errno), "d/inner");
+        for errno in [2, 20, 40, 21] {
+            assert!(matches!(failure(errno), Failure::Stale), "{errno}");
+        }
+        for errno in [13, 1] {
+            let Failure::Permanent(message) = failure(errno) else {
+                panic!("{errno}: not the item's failure");
+            };
+            assert!(
+                message.contains("d/inner") && message.contains("source"),
+                "{message}"
+            );
+        }
+        assert!(matches!(failure(5), Failure::Transient(_)));
     }
 
     #[tokio::test]
