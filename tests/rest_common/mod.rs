@@ -332,6 +332,9 @@ pub struct Faults {
     pub link_next: Mutex<Option<(String, String)>>,
     /// Answer with a redirect instead of the server, as a load balancer does.
     pub redirect: Mutex<Option<Redirect>>,
+    /// Cap the page size a GET asks for (`_limit`) at this, as APIs with a maximum page
+    /// size do: the server answers with fewer items than asked, and its full total.
+    pub cap_limit: Mutex<Option<usize>>,
 }
 
 /// A redirect the proxy answers with.
@@ -694,6 +697,11 @@ fn serve(
                 _ => {}
             }
         }
+        if let Some(cap) = *f.cap_limit.lock().unwrap() {
+            if method == "GET" {
+                path = cap_limit(&path, cap);
+            }
+        }
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = client.request(m, format!("{upstream}{path}"));
         if len > 0 {
@@ -752,6 +760,23 @@ fn serve(
             return;
         }
     }
+}
+
+/// `path` with its `_limit` parameter lowered to `cap` where it asks for more.
+fn cap_limit(path: &str, cap: usize) -> String {
+    let Some((route, query)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(
+            |p| match p.strip_prefix("_limit=").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > cap => format!("_limit={cap}"),
+                _ => p.to_owned(),
+            },
+        )
+        .collect();
+    format!("{route}?{}", query.join("&"))
 }
 
 /// An HTTP server that records the head (request line and headers) of every request it

@@ -157,19 +157,31 @@ impl Pager<'_> {
                     self.with_params(&[(page_param, n.to_string()), (size_param, size.to_string())])
                 };
                 let (items, resp, _) = self.page(&url(*first)).await?;
-                let total = resp
-                    .headers
-                    .get(total_header.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                let short = items.len() < *size;
-                if !self.send_all(tx, items).await || short {
+                let total = total_of(&resp, total_header);
+                let got = items.len();
+                if let Some(total) = total.filter(|&t| got < *size && got < t) {
+                    // Page numbers count pages of `size` items: past a page the API cut
+                    // short, they would skip what it left out.
+                    return Err(if got == 0 {
+                        format!(
+                            "GET {}: the first page holds no items, but the API says it has {total} (`{total_header}`): check the kind's `first` (the number of its first page) and `page_param`",
+                            resp.url
+                        )
+                    } else {
+                        format!(
+                            "GET {}: the first page holds {got} items where `size = {size}` asked for {size}, and the API says it has {total} (`{total_header}`): it caps its page size below `size`, so the pages after it would skip items. Set the kind's `size` to {got} or less",
+                            resp.url
+                        )
+                    });
+                }
+                if !self.send_all(tx, items).await || got < *size {
                     return Ok(());
                 }
                 match total {
                     Some(total) => {
                         // The count is known: fetch the other pages concurrently, in order.
                         let pages = total.div_ceil(*size);
+                        let mut listed = got;
                         let mut rest = futures::stream::iter(first + 1..first + pages)
                             .map(|n| {
                                 let u = url(n);
@@ -178,10 +190,12 @@ impl Pager<'_> {
                             .buffered(self.page_concurrency);
                         while let Some(page) = rest.next().await {
                             let (items, _, _) = page?;
+                            listed += items.len();
                             if !self.send_all(tx, items).await {
                                 return Ok(());
                             }
                         }
+                        short_of_total(listed, total, total_header, *size)?;
                     }
                     None => {
                         let mut n = first + 1;
@@ -200,19 +214,37 @@ impl Pager<'_> {
                 offset_param,
                 limit_param,
                 size,
+                total_header,
             } => {
+                // The offset moves by the items received, so a page the API cut short
+                // (a cap below `size`) skips nothing; with a total, only reaching it (or
+                // an empty page) ends the listing, not a short page.
                 let mut offset = 0;
+                let mut total = None;
                 loop {
                     let u = self.with_params(&[
                         (offset_param, offset.to_string()),
                         (limit_param, size.to_string()),
                     ]);
-                    let (items, _, _) = self.page(&u).await?;
+                    let (items, resp, _) = self.page(&u).await?;
+                    if offset == 0 {
+                        total = total_of(&resp, total_header);
+                    }
                     let n = items.len();
-                    if !self.send_all(tx, items).await || n < *size {
-                        break;
+                    if !self.send_all(tx, items).await {
+                        return Ok(());
                     }
                     offset += n;
+                    let done = match total {
+                        Some(total) => n == 0 || offset >= total,
+                        None => n < *size,
+                    };
+                    if done {
+                        break;
+                    }
+                }
+                if let Some(total) = total {
+                    short_of_total(offset, total, total_header, *size)?;
                 }
             }
             Pagination::Link => {
@@ -258,6 +290,25 @@ impl Pager<'_> {
         }
         Ok(())
     }
+}
+
+/// The total number of items a list response announces in `header`, if it does.
+fn total_of(resp: &crate::http::Response, header: &str) -> Option<usize> {
+    resp.headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+}
+
+/// A listing that ended with fewer items than the API's total is incomplete: an item it
+/// missed would be deleted, copied to the target never, or created there twice.
+fn short_of_total(listed: usize, total: usize, header: &str, size: usize) -> Result<(), String> {
+    if listed >= total {
+        return Ok(());
+    }
+    Err(format!(
+        "the API said it has {total} items (`{header}`), {listed} were listed: it may cap its page size below `size = {size}` (lower `size`), or items were deleted from it while its pages were read (the next listing reaches them)"
+    ))
 }
 
 /// The `rel="next"` URL of a `Link` header.
