@@ -335,6 +335,12 @@ pub struct Faults {
     /// Cap the page size a GET asks for (`_limit`) at this, as APIs with a maximum page
     /// size do: the server answers with fewer items than asked, and its full total.
     pub cap_limit: Mutex<Option<usize>>,
+    /// Once, after the server has answered a GET whose path contains `.0`, and before
+    /// that answer goes back: delete `.1` on the server (a path such as `/users/7`). An
+    /// item deleted between two page requests, so the items after it shift one place.
+    pub delete_after: Mutex<Option<(String, String)>>,
+    /// Answer this status instead of the server to GETs of this path (without a query).
+    pub status_for: Mutex<Option<(String, u16)>>,
 }
 
 /// A redirect the proxy answers with.
@@ -697,6 +703,24 @@ fn serve(
                 _ => {}
             }
         }
+        let status_for = f
+            .status_for
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|(p, _)| method == "GET" && path.split('?').next() == Some(p.as_str()));
+        if let Some((_, status)) = status_for {
+            injected.fetch_add(1, Ordering::SeqCst);
+            if !reply(
+                &mut out,
+                &format!("{status} Injected"),
+                &[],
+                b"{\"error\":\"injected\"}",
+            ) {
+                return;
+            }
+            continue;
+        }
         if let Some(cap) = *f.cap_limit.lock().unwrap() {
             if method == "GET" {
                 path = cap_limit(&path, cap);
@@ -730,6 +754,21 @@ fn serve(
             headers.push(("link".into(), v));
         }
         let b = resp.bytes().unwrap_or_default();
+        let delete = {
+            let mut d = f.delete_after.lock().unwrap();
+            if d.as_ref()
+                .is_some_and(|(p, _)| method == "GET" && path.contains(p.as_str()))
+            {
+                d.take()
+            } else {
+                None
+            }
+        };
+        if let Some((_, gone)) = delete {
+            injected.fetch_add(1, Ordering::SeqCst);
+            let r = client.delete(format!("{upstream}{gone}")).send().unwrap();
+            assert!(r.status().is_success(), "DELETE {gone}: {}", r.status());
+        }
         match after {
             Some("truncate") => {
                 // The full length announced, half the body sent, then the connection closed.

@@ -311,6 +311,19 @@ fn short_of_total(listed: usize, total: usize, header: &str, size: usize) -> Res
     ))
 }
 
+/// Where the source answers for the item `key` of `kind`: its `detail_path`, or else its
+/// list `path` (without the query: pagination or filters) followed by `/{id}`.
+fn item_path(kind: &SourceKindConfig, key: &str) -> String {
+    let id = encode_query_value(key);
+    match &kind.detail_path {
+        Some(detail) => detail.replace("{id}", &id),
+        None => {
+            let path = kind.path.split('?').next().unwrap_or_default();
+            format!("{}/{id}", path.trim_end_matches('/'))
+        }
+    }
+}
+
 /// The `rel="next"` URL of a `Link` header.
 fn next_link(header: &str) -> Option<String> {
     header.split(',').find_map(|part| {
@@ -568,6 +581,47 @@ impl Source for HttpSource {
         rx.boxed()
     }
 
+    /// The source asks each item it would delete, since a listing can miss a live one
+    /// without any sign: an item deleted between two page requests shifts the items
+    /// after it one place up, and one of them is on no page read.
+    fn confirms_deletes(&self) -> bool {
+        true
+    }
+
+    /// Which of `entries` are gone: one GET of each item's path ([`item_path`]), with
+    /// at most `page_concurrency` of them at once. 404 or 410 is gone; 2xx is still
+    /// there (not listed, not gone: not deleted); any other answer, once retries are
+    /// spent, is an error, so the scan deletes nothing. An item of a kind no longer
+    /// configured is no longer listed on purpose: gone.
+    async fn absent(
+        &self,
+        entries: Vec<(String, String)>,
+    ) -> Result<std::collections::HashSet<(String, String)>, String> {
+        let mut checks = futures::stream::iter(entries)
+            .map(|(kind, key)| async move {
+                let Some(config) = self.kinds.iter().find(|k| k.name == kind) else {
+                    return Ok(Some((kind, key)));
+                };
+                match self
+                    .client
+                    .send(Method::GET, &item_path(config, &key), None)
+                    .await
+                {
+                    Ok(_) => Ok(None),
+                    Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(Some((kind, key))),
+                    Err(e) => Err(format!(
+                        "kind `{kind}`: `{key}` was not listed, and asking the source whether it is gone failed: {e}. It is not deleted until the source answers 404 for it (the next scan asks again)"
+                    )),
+                }
+            })
+            .buffer_unordered(self.page_concurrency);
+        let mut absent = std::collections::HashSet::new();
+        while let Some(check) = checks.next().await {
+            absent.extend(check?);
+        }
+        Ok(absent)
+    }
+
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError> {
         let fail = |message: String| FetchError::Entry {
             key: format!("{} {}", entry.kind, entry.key),
@@ -579,8 +633,8 @@ impl Source for HttpSource {
             .find(|k| k.name == entry.kind)
             .ok_or_else(|| fail(format!("kind `{}` is not configured", entry.kind)))?;
         let mut item = match (&kind.detail_path, entry.payload.clone()) {
-            (Some(detail), _) => {
-                let path = detail.replace("{id}", &encode_query_value(&entry.key));
+            (Some(_), _) => {
+                let path = item_path(kind, &entry.key);
                 self.client
                     .json(Method::GET, &path, None)
                     .await
