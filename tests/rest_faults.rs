@@ -1441,3 +1441,181 @@ fn status_during_a_slow_first_scan_shows_it_in_progress_with_its_counts() {
     );
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// An API that caps its page size below the configured `size` answers a first page
+/// shorter than asked, with a total that says there is more. That short page used to end
+/// the listing: the scan saw 4 of dev's 6 users and deleted the rest on prod, exit 0
+/// (review finding 2). It is a listing error now, naming the cap and what to set; the
+/// scan deletes nothing, `verify` cannot read the kind, and the advised `size` works.
+#[test]
+fn a_page_the_api_caps_below_size_is_a_listing_error_not_the_end_of_the_listing() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(6));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+
+    // dev now gives at most 4 items a page; the config asks for 50.
+    *dev_proxy.faults.cap_limit.lock().unwrap() = Some(4);
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "a capped listing is degraded");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = &v[0]["scan"];
+    assert_eq!(
+        (scan["errors"].as_u64(), scan["deletes"].as_u64()),
+        (Some(3), Some(0)),
+        "{scan}"
+    );
+    let messages = scan["error_messages"].to_string();
+    assert!(
+        messages.contains("cannot list kind `users`")
+            && messages.contains("the first page holds 4 items where `size = 50` asked for 50, and the API says it has 6")
+            && messages.contains("Set the kind's `size` to 4 or less"),
+        "{messages}"
+    );
+    assert_rest_mirror(&dev, &prod);
+    let verify = env.run(&["verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(1),
+        "a capped listing cannot be verified: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
+    // As advised: pages of 4 reach every item.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace(
+        "pagination = { style = \"page\", size = 50 }",
+        "pagination = { style = \"page\", size = 4 }",
+    ));
+    let gone = dev.all("comments").into_iter().next().unwrap();
+    dev.delete("comments", &gone["id"]);
+    let (scan, _) = env.sync();
+    assert_eq!(
+        (scan["errors"].as_u64(), scan["deletes"].as_u64()),
+        (Some(0), Some(1)),
+        "{scan}"
+    );
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
+/// `prefetch_names` over offset pagination on a prod that caps its page size: the offset
+/// moves by the items each answer held and the listing goes on to the total, so every
+/// existing item is found by name and adopted. The first short answer used to end the
+/// listing, and the items past it were created a second time (review finding 2).
+#[test]
+fn prefetch_names_through_a_capped_offset_listing_adopts_every_item() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(4));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "");
+    let config = std::fs::read_to_string(&env.config).unwrap().replace(
+        "pagination = { style = \"page\", size = 100 }\n",
+        "pagination = { style = \"offset\", offset_param = \"_start\", limit_param = \"_limit\", size = 5 }\nprefetch_names = true\n",
+    );
+    env.write_config(&config);
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+
+    // The state is lost: every item is looked up by name again, in listings of at most 2.
+    std::fs::remove_dir_all(env.path("state")).unwrap();
+    *proxy.faults.cap_limit.lock().unwrap() = Some(2);
+    proxy.seen.lock().unwrap().clear();
+    let (_, project) = env.sync();
+    assert_eq!(
+        project["outcomes"],
+        json!({"adopted": 4 + 8 + 16}),
+        "{project}"
+    );
+    assert_eq!(proxy.count("POST"), 0, "nothing is created twice");
+    assert_rest_mirror(&dev, &prod);
+}
+
+/// A dev item deleted between two page requests shifts the items after it one place up,
+/// so one live item is on no page read. No id is listed twice, so nothing flagged it: the
+/// scan was `ok` and deleted that live user on prod (and prod's cascade its posts) for
+/// good (review finding 4). Each item a scan would delete is now asked for first: one
+/// that answers 200 is kept (the next scan lists it), one that answers 404 is deleted,
+/// and while the source does not answer for one, that scan deletes nothing.
+#[test]
+fn an_item_missed_because_pages_shifted_is_asked_for_and_not_deleted() {
+    let env = rest_env();
+    let mut db = dev_db(4);
+    db["users"].as_array_mut().unwrap().insert(
+        0,
+        json!({"id": 1, "name": "loner", "active": true, "score": 0, "bio": ""}),
+    );
+    let dev = JsonServer::start(env.dir.path(), "dev", &db);
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    // Users two a page, by `Link` headers (no total to compare the listing with).
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let paged =
+        "path = \"/users\"\nname_field = \"/name\"\npagination = { style = \"page\", size = 50 }";
+    assert!(config.contains(paged), "{config}");
+    env.write_config(&config.replace(
+        paged,
+        "path = \"/users?_page=1&_limit=2\"\nname_field = \"/name\"\npagination = { style = \"link\" }",
+    ));
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+
+    // `loner` goes once page 1 ([loner, user-0]) is read: page 2 is then [user-2, user-3].
+    *dev_proxy.faults.delete_after.lock().unwrap() =
+        Some(("/users?_page=1&".into(), "/users/1".into()));
+    let out = env.run(&["sync", "--output", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(dev_proxy.injected.load(Ordering::SeqCst), 1, "dev shifted");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = &v[0]["scan"];
+    assert_eq!(
+        (scan["listed"].as_u64(), scan["deletes"].as_u64()),
+        (Some(4 + 8 + 16), Some(0)),
+        "loner was listed before it went, user-1 was not listed and is kept: {scan}"
+    );
+    assert!(
+        stderr.contains("1 items this scan did not list are still in the source, so they are not deleted: users 1007"),
+        "{stderr}"
+    );
+    assert_eq!(prod.all("users").len(), 5, "no user deleted on prod");
+    assert_eq!(prod.all("posts").len(), 8, "no post deleted on prod");
+    // The next scan lists user-1 again, and deletes loner.
+    let (scan, _) = env.sync();
+    assert_eq!(scan["deletes"], 1, "{scan}");
+    assert_rest_mirror(&dev, &prod);
+
+    // A deleted comment whose GET fails: not known to be gone, so nothing is deleted.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replacen("retry_budget = \"20s\"", "retry_budget = \"1s\"", 1));
+    let gone = dev.all("comments").into_iter().next().unwrap();
+    dev.delete("comments", &gone["id"]);
+    let comment = format!("/comments/{}", gone["id"]);
+    *dev_proxy.faults.status_for.lock().unwrap() = Some((comment.clone(), 500));
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "the scan is degraded");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = &v[0]["scan"];
+    assert_eq!(scan["deletes"], 0, "{scan}");
+    let message = scan["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "kind `comments`: `{}` was not listed, and asking the source whether it is gone failed",
+            gone["id"]
+        )) && message.contains("HTTP 500"),
+        "{message}"
+    );
+    assert_eq!(prod.all("comments").len(), 16, "nothing deleted on prod");
+
+    // dev answers again: the comment is gone (404), and its delete goes through.
+    *dev_proxy.faults.status_for.lock().unwrap() = None;
+    let (scan, _) = env.sync();
+    assert_eq!(scan["deletes"], 1, "{scan}");
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}

@@ -454,7 +454,10 @@ pub enum Pagination {
     /// One response holds everything.
     None,
     /// Page number and page size parameters (json-server: `_page`, `_limit`). A total
-    /// count header (`X-Total-Count`) lets later pages be fetched concurrently.
+    /// count header (`X-Total-Count`) lets later pages be fetched concurrently, and a
+    /// listing that ends short of it (a first page shorter than `size` while the total
+    /// says more: the API caps its page size) is a listing error. Without one, a page
+    /// shorter than `size` ends the listing.
     Page {
         /// Page number parameter.
         #[serde(default = "default_page_param")]
@@ -472,7 +475,10 @@ pub enum Pagination {
         #[serde(default = "default_total_header")]
         total_header: String,
     },
-    /// Offset and limit parameters.
+    /// Offset and limit parameters. The offset moves by the items each answer held. With
+    /// a total count header, the listing goes on until it has that many items (or an
+    /// answer holds none: then, short of the total, it is a listing error); without one,
+    /// an answer shorter than `size` ends it.
     Offset {
         /// Offset parameter.
         #[serde(default = "default_offset_param")]
@@ -483,6 +489,9 @@ pub enum Pagination {
         /// Items per request.
         #[serde(default = "default_page_size")]
         size: usize,
+        /// Response header with the total number of items, when the API sends one.
+        #[serde(default = "default_total_header")]
+        total_header: String,
     },
     /// The next page's URL in a `Link: <…>; rel="next"` header.
     Link,

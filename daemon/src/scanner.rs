@@ -786,13 +786,23 @@ impl Scanner {
         if unseen.is_empty() {
             return Ok(());
         }
+        let indexed = known.len();
+        // A source that is asked about every unlisted entry (an API: one request each) is
+        // asked only when the guard lets the scan through, so a listing that lost much
+        // costs no requests.
+        let confirm = self.source.confirms_deletes();
+        if confirm && self.guard_trips(unseen.len() as u64, indexed, sink, record) {
+            return Ok(());
+        }
         // What vanished during the scan, or was under a directory that did, is deleted
         // only if it is still absent now: a file removed and made again while the scan
-        // ran (as some programs save) keeps its place until the next scan reads it.
+        // ran (as some programs save) keeps its place until the next scan reads it. So is
+        // everything unlisted, for a source whose listing can miss a live item without
+        // knowing it (an API whose pages shifted while they were read).
         let mut doomed = None;
-        if !vanished.is_empty() {
+        if confirm || !vanished.is_empty() {
             let names = known.names_of(&unseen).map_err(self.state_err())?;
-            match self.still_absent(names, vanished).await {
+            match self.still_absent(names, vanished, confirm).await {
                 Ok(names) => doomed = Some(names),
                 Err(message) => {
                     self.entry_error(record, message);
@@ -801,34 +811,7 @@ impl Scanner {
             }
         }
         let would_delete = doomed.as_ref().map_or(unseen.len(), Vec::len) as u64;
-        if would_delete == 0 {
-            return Ok(());
-        }
-        let indexed = known.len();
-        let allowed = self.max_delete.allowed(indexed as u64);
-        if would_delete > allowed {
-            let trip = GuardTrip {
-                would_delete,
-                allowed,
-                limit: self.max_delete.to_string(),
-            };
-            if let Sink::Dry(_) = sink {
-                record.guard = Some(trip);
-                return Ok(());
-            }
-            metrics()
-                .delete_guard_trips
-                .with_label_values(&[&self.pipeline])
-                .inc();
-            warn!(
-                pipeline = %self.pipeline,
-                would_delete,
-                allowed,
-                limit = %trip.limit,
-                "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete in the config, then restart the daemon (or, with no daemon running, run `tidemark sync`)",
-                trip.limit
-            );
-            record.guard = Some(trip);
+        if would_delete == 0 || self.guard_trips(would_delete, indexed, sink, record) {
             return Ok(());
         }
         let mut doomed = match doomed {
@@ -880,29 +863,97 @@ impl Scanner {
         Ok(())
     }
 
+    /// Whether `would_delete` deletes out of `indexed` items are more than `max_delete`
+    /// allows: then the guard trips (counted, logged and recorded; a dry run only records
+    /// it) and the scan emits none.
+    fn guard_trips(
+        &self,
+        would_delete: u64,
+        indexed: usize,
+        sink: &Sink,
+        record: &mut ScanRecord,
+    ) -> bool {
+        let allowed = self.max_delete.allowed(indexed as u64);
+        if would_delete > allowed {
+            let trip = GuardTrip {
+                would_delete,
+                allowed,
+                limit: self.max_delete.to_string(),
+            };
+            if let Sink::Dry(_) = sink {
+                record.guard = Some(trip);
+                return true;
+            }
+            metrics()
+                .delete_guard_trips
+                .with_label_values(&[&self.pipeline])
+                .inc();
+            warn!(
+                pipeline = %self.pipeline,
+                would_delete,
+                allowed,
+                limit = %trip.limit,
+                "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete in the config, then restart the daemon (or, with no daemon running, run `tidemark sync`)",
+                trip.limit
+            );
+            record.guard = Some(trip);
+            return true;
+        }
+        false
+    }
+
     /// The identities among `doomed` to delete: all of them but those that vanished during
-    /// the scan, or were under a directory that did, and are back at their path now.
+    /// the scan, or were under a directory that did, and are back at their path now; with
+    /// `all` (a source that confirms every delete), all of them but those the source
+    /// still has.
     async fn still_absent(
         &self,
         doomed: Vec<String>,
         vanished: &std::collections::HashSet<String>,
+        all: bool,
     ) -> Result<Vec<String>, String> {
-        let key = |id: &str| id.split_once('\0').map_or(id, |(_, key)| key).to_owned();
+        let entry = |id: &str| {
+            let (kind, key) = id.split_once('\0').unwrap_or(("file", id));
+            (kind.to_owned(), key.to_owned())
+        };
         let (check, sure): (Vec<String>, Vec<String>) = doomed.into_iter().partition(|id| {
-            let key = key(id);
-            std::iter::successors(Some(key.as_str()), |k| k.rsplit_once('/').map(|(up, _)| up))
-                .any(|k| vanished.contains(k))
+            let (_, key) = entry(id);
+            all || std::iter::successors(Some(key.as_str()), |k| {
+                k.rsplit_once('/').map(|(up, _)| up)
+            })
+            .any(|k| vanished.contains(k))
         });
         if check.is_empty() {
             return Ok(sure);
         }
         let absent = self
             .source
-            .absent(check.iter().map(|id| key(id)).collect())
+            .absent(check.iter().map(|id| entry(id)).collect())
             .await?;
-        let (gone, back): (Vec<String>, Vec<String>) =
-            check.into_iter().partition(|id| absent.contains(&key(id)));
-        if !back.is_empty() {
+        let (gone, back): (Vec<String>, Vec<String>) = check
+            .into_iter()
+            .partition(|id| absent.contains(&entry(id)));
+        if back.is_empty() {
+            return Ok(sure.into_iter().chain(gone).collect());
+        }
+        if all {
+            let n = back.len();
+            let named: Vec<String> = back
+                .iter()
+                .take(10)
+                .map(|id| {
+                    let (kind, key) = entry(id);
+                    format!("{kind} {key}")
+                })
+                .collect();
+            let more = if n > named.len() { ", …" } else { "" };
+            warn!(
+                pipeline = %self.pipeline,
+                items = n,
+                "{n} items this scan did not list are still in the source, so they are not deleted: {}{more}. Most likely items before them were deleted while the pages were read, which shifts the rest; the next scan lists them. If it keeps happening, the kind's `path` leaves them out of its listing while they can still be read one by one",
+                named.join(", ")
+            );
+        } else {
             debug!(
                 pipeline = %self.pipeline,
                 entries = back.len(),
@@ -997,10 +1048,10 @@ mod tests {
 
         async fn absent(
             &self,
-            keys: Vec<String>,
-        ) -> Result<std::collections::HashSet<String>, String> {
+            entries: Vec<(String, String)>,
+        ) -> Result<std::collections::HashSet<(String, String)>, String> {
             (self.before_deletes)();
-            self.dir.absent(keys).await
+            self.dir.absent(entries).await
         }
     }
 

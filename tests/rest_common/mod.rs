@@ -340,6 +340,15 @@ pub struct Faults {
     pub link_next: Mutex<Option<(String, String)>>,
     /// Answer with a redirect instead of the server, as a load balancer does.
     pub redirect: Mutex<Option<Redirect>>,
+    /// Cap the page size a GET asks for (`_limit`) at this, as APIs with a maximum page
+    /// size do: the server answers with fewer items than asked, and its full total.
+    pub cap_limit: Mutex<Option<usize>>,
+    /// Once, after the server has answered a GET whose path contains `.0`, and before
+    /// that answer goes back: delete `.1` on the server (a path such as `/users/7`). An
+    /// item deleted between two page requests, so the items after it shift one place.
+    pub delete_after: Mutex<Option<(String, String)>>,
+    /// Answer this status instead of the server to GETs of this path (without a query).
+    pub status_for: Mutex<Option<(String, u16)>>,
 }
 
 /// A redirect the proxy answers with.
@@ -743,6 +752,29 @@ fn serve(
                 _ => {}
             }
         }
+        let status_for = f
+            .status_for
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|(p, _)| method == "GET" && path.split('?').next() == Some(p.as_str()));
+        if let Some((_, status)) = status_for {
+            injected.fetch_add(1, Ordering::SeqCst);
+            if !reply(
+                &mut out,
+                &format!("{status} Injected"),
+                &[],
+                b"{\"error\":\"injected\"}",
+            ) {
+                return;
+            }
+            continue;
+        }
+        if let Some(cap) = *f.cap_limit.lock().unwrap() {
+            if method == "GET" {
+                path = cap_limit(&path, cap);
+            }
+        }
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = client.request(m, format!("{upstream}{path}"));
         if len > 0 {
@@ -771,6 +803,21 @@ fn serve(
             headers.push(("link".into(), v));
         }
         let b = resp.bytes().unwrap_or_default();
+        let delete = {
+            let mut d = f.delete_after.lock().unwrap();
+            if d.as_ref()
+                .is_some_and(|(p, _)| method == "GET" && path.contains(p.as_str()))
+            {
+                d.take()
+            } else {
+                None
+            }
+        };
+        if let Some((_, gone)) = delete {
+            injected.fetch_add(1, Ordering::SeqCst);
+            let r = client.delete(format!("{upstream}{gone}")).send().unwrap();
+            assert!(r.status().is_success(), "DELETE {gone}: {}", r.status());
+        }
         match after {
             Some("truncate") => {
                 // The full length announced, half the body sent, then the connection closed.
@@ -801,6 +848,23 @@ fn serve(
             return;
         }
     }
+}
+
+/// `path` with its `_limit` parameter lowered to `cap` where it asks for more.
+fn cap_limit(path: &str, cap: usize) -> String {
+    let Some((route, query)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(
+            |p| match p.strip_prefix("_limit=").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > cap => format!("_limit={cap}"),
+                _ => p.to_owned(),
+            },
+        )
+        .collect();
+    format!("{route}?{}", query.join("&"))
 }
 
 /// An HTTP server that records the head (request line and headers) of every request it

@@ -489,7 +489,10 @@ impl Source for DirSource {
             })
     }
 
-    async fn absent(&self, keys: Vec<String>) -> Result<std::collections::HashSet<String>, String> {
+    async fn absent(
+        &self,
+        entries: Vec<(String, String)>,
+    ) -> Result<std::collections::HashSet<(String, String)>, String> {
         let walker = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let root = &walker.root;
@@ -503,9 +506,9 @@ impl Source for DirSource {
             }
             // Only a path that is not found is absent; any other answer (a permission
             // error) keeps the entry's delete back.
-            Ok(keys
+            Ok(entries
                 .into_iter()
-                .filter(|key| {
+                .filter(|(_, key)| {
                     path_of(root, key).is_some_and(|path| {
                         std::fs::symlink_metadata(path)
                             .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)

@@ -157,19 +157,31 @@ impl Pager<'_> {
                     self.with_params(&[(page_param, n.to_string()), (size_param, size.to_string())])
                 };
                 let (items, resp, _) = self.page(&url(*first)).await?;
-                let total = resp
-                    .headers
-                    .get(total_header.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                let short = items.len() < *size;
-                if !self.send_all(tx, items).await || short {
+                let total = total_of(&resp, total_header);
+                let got = items.len();
+                if let Some(total) = total.filter(|&t| got < *size && got < t) {
+                    // Page numbers count pages of `size` items: past a page the API cut
+                    // short, they would skip what it left out.
+                    return Err(if got == 0 {
+                        format!(
+                            "GET {}: the first page holds no items, but the API says it has {total} (`{total_header}`): check the kind's `first` (the number of its first page) and `page_param`",
+                            resp.url
+                        )
+                    } else {
+                        format!(
+                            "GET {}: the first page holds {got} items where `size = {size}` asked for {size}, and the API says it has {total} (`{total_header}`): it caps its page size below `size`, so the pages after it would skip items. Set the kind's `size` to {got} or less",
+                            resp.url
+                        )
+                    });
+                }
+                if !self.send_all(tx, items).await || got < *size {
                     return Ok(());
                 }
                 match total {
                     Some(total) => {
                         // The count is known: fetch the other pages concurrently, in order.
                         let pages = total.div_ceil(*size);
+                        let mut listed = got;
                         let mut rest = futures::stream::iter(first + 1..first + pages)
                             .map(|n| {
                                 let u = url(n);
@@ -178,10 +190,12 @@ impl Pager<'_> {
                             .buffered(self.page_concurrency);
                         while let Some(page) = rest.next().await {
                             let (items, _, _) = page?;
+                            listed += items.len();
                             if !self.send_all(tx, items).await {
                                 return Ok(());
                             }
                         }
+                        short_of_total(listed, total, total_header, *size)?;
                     }
                     None => {
                         let mut n = first + 1;
@@ -200,19 +214,37 @@ impl Pager<'_> {
                 offset_param,
                 limit_param,
                 size,
+                total_header,
             } => {
+                // The offset moves by the items received, so a page the API cut short
+                // (a cap below `size`) skips nothing; with a total, only reaching it (or
+                // an empty page) ends the listing, not a short page.
                 let mut offset = 0;
+                let mut total = None;
                 loop {
                     let u = self.with_params(&[
                         (offset_param, offset.to_string()),
                         (limit_param, size.to_string()),
                     ]);
-                    let (items, _, _) = self.page(&u).await?;
+                    let (items, resp, _) = self.page(&u).await?;
+                    if offset == 0 {
+                        total = total_of(&resp, total_header);
+                    }
                     let n = items.len();
-                    if !self.send_all(tx, items).await || n < *size {
-                        break;
+                    if !self.send_all(tx, items).await {
+                        return Ok(());
                     }
                     offset += n;
+                    let done = match total {
+                        Some(total) => n == 0 || offset >= total,
+                        None => n < *size,
+                    };
+                    if done {
+                        break;
+                    }
+                }
+                if let Some(total) = total {
+                    short_of_total(offset, total, total_header, *size)?;
                 }
             }
             Pagination::Link => {
@@ -257,6 +289,38 @@ impl Pager<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// The total number of items a list response announces in `header`, if it does.
+fn total_of(resp: &crate::http::Response, header: &str) -> Option<usize> {
+    resp.headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+}
+
+/// A listing that ended with fewer items than the API's total is incomplete: an item it
+/// missed would be deleted, copied to the target never, or created there twice.
+fn short_of_total(listed: usize, total: usize, header: &str, size: usize) -> Result<(), String> {
+    if listed >= total {
+        return Ok(());
+    }
+    Err(format!(
+        "the API said it has {total} items (`{header}`), {listed} were listed: it may cap its page size below `size = {size}` (lower `size`), or items were deleted from it while its pages were read (the next listing reaches them)"
+    ))
+}
+
+/// Where the source answers for the item `key` of `kind`: its `detail_path`, or else its
+/// list `path` (without the query: pagination or filters) followed by `/{id}`.
+fn item_path(kind: &SourceKindConfig, key: &str) -> String {
+    let id = encode_query_value(key);
+    match &kind.detail_path {
+        Some(detail) => detail.replace("{id}", &id),
+        None => {
+            let path = kind.path.split('?').next().unwrap_or_default();
+            format!("{}/{id}", path.trim_end_matches('/'))
+        }
     }
 }
 
@@ -517,6 +581,47 @@ impl Source for HttpSource {
         rx.boxed()
     }
 
+    /// The source asks each item it would delete, since a listing can miss a live one
+    /// without any sign: an item deleted between two page requests shifts the items
+    /// after it one place up, and one of them is on no page read.
+    fn confirms_deletes(&self) -> bool {
+        true
+    }
+
+    /// Which of `entries` are gone: one GET of each item's path ([`item_path`]), with
+    /// at most `page_concurrency` of them at once. 404 or 410 is gone; 2xx is still
+    /// there (not listed, not gone: not deleted); any other answer, once retries are
+    /// spent, is an error, so the scan deletes nothing. An item of a kind no longer
+    /// configured is no longer listed on purpose: gone.
+    async fn absent(
+        &self,
+        entries: Vec<(String, String)>,
+    ) -> Result<std::collections::HashSet<(String, String)>, String> {
+        let mut checks = futures::stream::iter(entries)
+            .map(|(kind, key)| async move {
+                let Some(config) = self.kinds.iter().find(|k| k.name == kind) else {
+                    return Ok(Some((kind, key)));
+                };
+                match self
+                    .client
+                    .send(Method::GET, &item_path(config, &key), None)
+                    .await
+                {
+                    Ok(_) => Ok(None),
+                    Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(Some((kind, key))),
+                    Err(e) => Err(format!(
+                        "kind `{kind}`: `{key}` was not listed, and asking the source whether it is gone failed: {e}. It is not deleted until the source answers 404 for it (the next scan asks again)"
+                    )),
+                }
+            })
+            .buffer_unordered(self.page_concurrency);
+        let mut absent = std::collections::HashSet::new();
+        while let Some(check) = checks.next().await {
+            absent.extend(check?);
+        }
+        Ok(absent)
+    }
+
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError> {
         let fail = |message: String| FetchError::Entry {
             key: format!("{} {}", entry.kind, entry.key),
@@ -528,8 +633,8 @@ impl Source for HttpSource {
             .find(|k| k.name == entry.kind)
             .ok_or_else(|| fail(format!("kind `{}` is not configured", entry.kind)))?;
         let mut item = match (&kind.detail_path, entry.payload.clone()) {
-            (Some(detail), _) => {
-                let path = detail.replace("{id}", &encode_query_value(&entry.key));
+            (Some(_), _) => {
+                let path = item_path(kind, &entry.key);
                 self.client
                     .json(Method::GET, &path, None)
                     .await

@@ -168,14 +168,26 @@ pub trait Source: Send + Sync {
     /// Reads one entry's content and computes its checksum.
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError>;
 
-    /// Which of `keys` are absent from the source now. A scan asks before it deletes
-    /// what vanished while it ran (and what was under it), so an entry removed and made
-    /// again during the scan is not deleted. An error (the source itself moved during the
-    /// scan) counts as a listing error: the scan emits no deletes. Sources that never
-    /// report a vanished entry confirm nothing absent.
-    async fn absent(&self, keys: Vec<String>) -> Result<std::collections::HashSet<String>, String> {
-        let _ = keys;
+    /// Which of `entries` (kind, key) are absent from the source now. A scan asks before
+    /// it deletes what vanished while it ran (and what was under it), so an entry removed
+    /// and made again during the scan is not deleted; and, for a source that
+    /// [`confirms_deletes`](Source::confirms_deletes), before it deletes anything. An
+    /// error (the source itself moved during the scan, an API that does not answer)
+    /// counts as a listing error: the scan emits no deletes. Sources that never report a
+    /// vanished entry, nor confirm deletes, confirm nothing absent.
+    async fn absent(
+        &self,
+        entries: Vec<(String, String)>,
+    ) -> Result<std::collections::HashSet<(String, String)>, String> {
+        let _ = entries;
         Ok(Default::default())
+    }
+
+    /// Whether a scan asks [`Source::absent`] about every entry it would delete, not only
+    /// about what vanished: a source whose listing can miss a live entry without knowing
+    /// it (an API whose pages shift when an item before them is deleted mid-listing).
+    fn confirms_deletes(&self) -> bool {
+        false
     }
 }
 
