@@ -1633,3 +1633,57 @@ fn children_listed_first(env: &Env) {
             .replace("scan_interval = \"300ms\"", "scan_interval = \"30s\""),
     );
 }
+
+/// A kind whose `path` filters is not asked for the items its listing dropped: dev
+/// still answers for a user made inactive, who must still go from a mirror of the active
+/// users (asking kept it on prod for good, with a warning at every scan).
+#[test]
+fn an_item_that_falls_out_of_a_filtered_path_is_deleted_on_prod() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(6));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    env.write_config(&format!(
+        r#"state_dir = "state"
+[[pipeline]]
+name = "t"
+max_delete = "100%"
+[pipeline.source.http]
+base_url = "{}"
+[[pipeline.source.http.kind]]
+name = "users"
+path = "/users?active=true"
+name_field = "/name"
+pagination = {{ style = "page", size = 50 }}
+[pipeline.target.http]
+base_url = "{}"
+prune = true
+[[pipeline.target.http.kind]]
+name = "users"
+path = "/users"
+find = "/users?name={{name}}"
+"#,
+        dev.url(),
+        prod.url()
+    ));
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "created"), 3, "{project}");
+    let u0 = dev
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-0")
+        .unwrap();
+    let mut inactive = u0.clone();
+    inactive["active"] = json!(false);
+    dev.put("users", &u0["id"], inactive);
+
+    let (scan, project) = env.sync();
+    assert_eq!(scan["deletes"], 1, "{scan}");
+    assert_eq!(outcome(&project, "deleted"), 1, "{project}");
+    let names: Vec<Value> = prod
+        .all("users")
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!names.contains(&json!("user-0")), "{names:?}");
+}
