@@ -1634,11 +1634,12 @@ fn children_listed_first(env: &Env) {
     );
 }
 
-/// A kind whose `path` filters is not asked for the items its listing dropped: dev
-/// still answers for a user made inactive, who must still go from a mirror of the active
-/// users (asking kept it on prod for good, with a warning at every scan).
+/// A scan asks dev for each item its listing dropped before deleting it, so a kind whose
+/// `path` filters keeps on prod a user made inactive (dev still answers for it) and warns
+/// naming `confirm_deletes`; with `confirm_deletes = false` it is deleted, as a mirror of
+/// the active users should.
 #[test]
-fn an_item_that_falls_out_of_a_filtered_path_is_deleted_on_prod() {
+fn an_item_that_falls_out_of_a_filtered_path_is_deleted_with_confirm_deletes_off() {
     let env = rest_env();
     let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(6));
     let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
@@ -1676,6 +1677,20 @@ find = "/users?name={{name}}"
     inactive["active"] = json!(false);
     dev.put("users", &u0["id"], inactive);
 
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("still in the source") && stderr.contains("confirm_deletes = false"),
+        "{stderr}"
+    );
+    assert_eq!(prod.all("users").len(), 3);
+
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace(
+        "path = \"/users?active=true\"\n",
+        "path = \"/users?active=true\"\nconfirm_deletes = false\n",
+    ));
     let (scan, project) = env.sync();
     assert_eq!(scan["deletes"], 1, "{scan}");
     assert_eq!(outcome(&project, "deleted"), 1, "{project}");

@@ -573,6 +573,16 @@ pub struct SourceKindConfig {
     /// Reference fields.
     #[serde(default, rename = "ref")]
     pub refs: Vec<RefConfig>,
+    /// Whether a scan asks the source for each item its listing no longer shows before
+    /// it deletes it (true: a live item that pages shifting hid is kept). Set false for a
+    /// `path` that filters items out (`/users?active=true`): an item that left the filter
+    /// must go from the mirror although the source still answers for it.
+    #[serde(default = "default_true")]
+    pub confirm_deletes: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_id_field() -> String {

@@ -950,7 +950,7 @@ impl Scanner {
             warn!(
                 pipeline = %self.pipeline,
                 items = n,
-                "{n} items this scan did not list are still in the source, so they are not deleted: {}{more}. Most likely items before them were deleted while the pages were read, which shifts the rest; the next scan lists them. If it keeps happening, the kind's `path` leaves them out of its listing while they can still be read one by one",
+                "{n} items this scan did not list are still in the source, so they are not deleted: {}{more}. Most likely items before them were deleted while the pages were read, which shifts the rest; the next scan lists them. If it keeps happening, the kind's `path` leaves them out of its listing while they can still be read one by one: when it filters items out on purpose (`?active=true`), set `confirm_deletes = false` on the kind so that items leaving the filter are deleted",
                 named.join(", ")
             );
         } else {

@@ -592,8 +592,8 @@ impl Source for HttpSource {
     /// at most `page_concurrency` of them at once. 404 or 410 is gone; 2xx is still
     /// there (not listed, not gone: not deleted); any other answer, once retries are
     /// spent, is an error, so the scan deletes nothing. An item of a kind no longer
-    /// configured, or of a kind whose `path` filters (has a query), is no longer listed on
-    /// purpose: gone.
+    /// configured, or of a kind with `confirm_deletes = false` (a `path` that filters), is
+    /// no longer listed on purpose: gone.
     async fn absent(
         &self,
         entries: Vec<(String, String)>,
@@ -604,9 +604,8 @@ impl Source for HttpSource {
                     return Ok(Some((kind, key)));
                 };
                 // A `path` that filters (`/users?active=true`): an item that fell out of
-                // the filter is gone from the mirror though dev still answers for it, so
-                // it is not asked for (a shift of its pages is caught by the total check).
-                if config.path.contains('?') {
+                // the filter is gone from the mirror though dev still answers for it.
+                if !config.confirm_deletes {
                     return Ok(Some((kind, key)));
                 }
                 match self
