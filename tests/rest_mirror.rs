@@ -1702,3 +1702,51 @@ find = "/users?name={{name}}"
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(!names.contains(&json!("user-0")), "{names:?}");
 }
+
+/// A target `base_url` changed to another prod: what tidemark advises (`replay --from 0`,
+/// then `project`) builds the new prod by name and creation, and never writes over the
+/// items it holds under the ids the old prod gave out (the replay kept the old ids, and
+/// `project` PUT dev's users over the new prod's unrelated users 1–3).
+#[test]
+fn a_replay_onto_a_new_target_forgets_the_old_targets_ids() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(3));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    assert_eq!(prod.all("users").len(), 3);
+
+    let others: Vec<Value> = (1..=8)
+        .map(|i| json!({"id": i, "name": format!("other-{i}"), "score": 7}))
+        .collect();
+    let prod2 = JsonServer::start(
+        env.dir.path(),
+        "prod2",
+        &json!({"users": others, "posts": [], "comments": []}),
+    );
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace(
+        &format!("base_url = \"{}\"", prod.url()),
+        &format!("base_url = \"{}\"", prod2.url()),
+    ));
+    let refused = env.run(&["sync"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let partial = env.run(&["replay", "--from", "1"]);
+    let stderr = String::from_utf8_lossy(&partial.stderr);
+    assert!(
+        !partial.status.success() && stderr.contains("only `--from 0`"),
+        "{stderr}"
+    );
+
+    env.ok(&["replay", "--from", "0"]);
+    let project = &env.json(&["project"])[0]["project"];
+    assert_eq!(outcome(project, "created"), 3 + 6 + 12, "{project}");
+    assert_eq!(outcome(project, "updated"), 0, "{project}");
+    let users = prod2.all("users");
+    for other in &others {
+        assert!(users.contains(other), "{other} was overwritten: {users:?}");
+    }
+    assert_eq!(users.len(), 8 + 3, "{users:?}");
+    assert_eq!(prod2.all("posts").len(), 6);
+    assert_eq!(prod2.all("comments").len(), 12);
+}

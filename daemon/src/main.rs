@@ -490,6 +490,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             // again are summed over them.
             let mut checked = Vec::with_capacity(pipelines.len());
             for p in &pipelines {
+                if let (1.., Some(was)) = (from, p.projector.changed_target()?) {
+                    anyhow::bail!(
+                        "pipeline `{}`: the target changed from {was}: only `--from 0` builds the new one (what was applied below {from} went to the old one){nothing_moved}",
+                        p.name()
+                    );
+                }
                 p.log.connect().await?;
                 let partitions = p.log.partitions();
                 let mut heads = Vec::new();

@@ -3105,6 +3105,18 @@ impl Projector {
         settled.map(|_| ())
     }
 
+    /// The target the state was built on, when the config now names another one.
+    pub fn changed_target(&self) -> Result<Option<String>, ProjectError> {
+        let was = self
+            .state
+            .targets()
+            .and_then(|t| t.get(&self.pipeline))
+            .map_err(self.err_state())?;
+        Ok(was
+            .map(crate::state::resolved_identity)
+            .filter(|was| *was != self.target.identity()))
+    }
+
     /// Checks that the configured target is the one the applied state was built on, and
     /// with `record` notes it when no target is noted yet: after `path` or `base_url`
     /// changes, skipping the events already applied would leave the new target empty
@@ -3628,7 +3640,20 @@ impl Projector {
             .state
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
-        // The remap table is kept: replayed events adopt the items they created.
+        // The remap table is kept: replayed events adopt the items they created. Unless
+        // the target changed: its ids are the old target's, and a replay that kept them
+        // wrote dev's items over whatever the new target holds under those ids.
+        if let Some(was) = self.changed_target()? {
+            let forgotten = self
+                .state
+                .remap(&self.pipeline)
+                .and_then(|r| r.remove_where(|_, _| true))
+                .map_err(self.err_state())?;
+            info!(
+                pipeline = %self.pipeline,
+                "the target changed from {was}: its {forgotten} target ids are forgotten, so the new target's items are found by name or created"
+            );
+        }
         let deferred = self
             .state
             .deferred(&self.pipeline)
