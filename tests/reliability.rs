@@ -837,3 +837,59 @@ fn a_projector_retrying_on_a_full_target_disk_says_so_in_status_until_a_batch_su
     assert!(daemon.terminate().success());
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// The target directory removed under a running daemon is not made again empty: the
+/// projector retries and `status` says the target is gone (it made `dst/` again with the
+/// next change alone, and status, metrics and `sync` all read 0 lag). Put back, it goes
+/// on. A one-shot run on a state that applied items refuses a missing target, and
+/// `replay --from 0` then `project` builds it anew.
+#[test]
+fn a_target_directory_removed_is_not_made_again_empty() {
+    let env = Env::dirs("retry_max_backoff = \"1s\"", "prune = true");
+    write(env.src().join("a/x.txt"), "x");
+    write(env.src().join("y.txt"), "y");
+    env.sync();
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        (daemon.metric(r#"tidemark_scans_total{pipeline="t",result="ok"}"#) >= 1.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no scan; log:\n{}", env.daemon_log()));
+    std::fs::rename(env.dst(), env.path("dst-aside")).unwrap();
+    write(env.src().join("z.txt"), "z");
+    let retrying = |v: &serde_json::Value| v[0]["projector_retrying"].clone();
+    let status = wait_for(Duration::from_secs(30), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        retrying(&v)["error"].as_str().is_some().then_some(v)
+    })
+    .unwrap_or_else(|| panic!("no retrying in /status; log:\n{}", env.daemon_log()));
+    let error = retrying(&status)["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains(&format!("{} is gone", env.dst().display())),
+        "{status}"
+    );
+    assert!(!env.dst().exists(), "the target was made again");
+    assert!(status[0]["lag_events"].as_u64().unwrap() >= 1, "{status}");
+
+    std::fs::rename(env.path("dst-aside"), env.dst()).unwrap();
+    wait_for(Duration::from_secs(30), || {
+        let v: serde_json::Value = daemon.get("/status").json().ok()?;
+        (v[0]["lag_events"] == 0 && retrying(&v).is_null()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the retrying did not end; log:\n{}", env.daemon_log()));
+    assert!(daemon.terminate().success());
+    assert_mirror(&env.src(), &env.dst());
+
+    std::fs::remove_dir_all(env.dst()).unwrap();
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not exist, but items were applied to it")
+            && stderr.contains("replay --pipeline t --from 0"),
+        "{stderr}"
+    );
+    assert!(!env.dst().exists(), "the target was made again");
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.dst());
+}

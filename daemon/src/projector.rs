@@ -99,6 +99,15 @@ pub enum ProjectError {
         /// The configured target.
         now: String,
     },
+    /// The target is gone (a directory target's root removed or not mounted) while the
+    /// applied state says items were written to it.
+    #[error("pipeline `{pipeline}`: {missing}, but items were applied to it; nothing is applied until it is back: put it back (mount its filesystem), or to build it anew run `tidemark replay --pipeline {pipeline} --from 0` and then `tidemark project`")]
+    TargetMissing {
+        /// The pipeline.
+        pipeline: String,
+        /// What is missing.
+        missing: String,
+    },
     /// The target could not take writes; nothing from the failed event on was committed.
     #[error("pipeline `{pipeline}`: target unavailable: {source}")]
     Apply {
@@ -3148,7 +3157,19 @@ impl Projector {
                 Ok(())
             }
             None if record => targets.put(&self.pipeline, &now).map_err(self.err_state()),
-            _ => Ok(()),
+            _ => {
+                // Made anew, it would get only what comes next, and lag would read 0.
+                if let Some(missing) = self.target.missing().await {
+                    let applied = self.state.applied(&self.pipeline);
+                    if !applied.map_err(self.err_state())?.is_empty() {
+                        return Err(ProjectError::TargetMissing {
+                            pipeline: self.pipeline.clone(),
+                            missing,
+                        });
+                    }
+                }
+                Ok(())
+            }
         }
     }
 

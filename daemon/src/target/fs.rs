@@ -118,6 +118,9 @@ struct Inner {
     /// Parent directories already checked not to be symbolic links since the last flush;
     /// saves an lstat per ancestor per file.
     safe_dirs: Mutex<HashSet<PathBuf>>,
+    /// The root's device and inode, once this process found or made it: a root removed or
+    /// unmounted later is not made again (see [`Inner::check_root`]).
+    root_id: Mutex<Option<(u64, u64)>>,
     /// Directories created because a file below them was written before their own event;
     /// that event then reports them `created`, not `updated`. Kept across flushes, since
     /// the directory's event may come in a later batch (a `sync` projects while it
@@ -219,6 +222,7 @@ impl DirTarget {
                 prune: cfg.prune,
                 remove_empty_parents,
                 safe_dirs: Mutex::new(HashSet::new()),
+                root_id: Mutex::new(None),
                 implicit_dirs: Mutex::new(HashSet::new()),
                 tmp_seq: AtomicU64::new(0),
                 tmp_ready: AtomicU64::new(0),
@@ -464,6 +468,45 @@ impl Inner {
         ))
     }
 
+    /// Makes the root when this process has not seen it yet; once it has, a root that is
+    /// gone, or another directory (its filesystem unmounted, or remounted), is a failure
+    /// of the whole target, tried again: made anew, it would hold only what comes next,
+    /// while the applied state says everything before is there and `status` reads 0 lag.
+    fn check_root(&self) -> Result<(), Failure> {
+        use std::os::unix::fs::MetadataExt;
+        let mut seen = self.root_id.lock().unwrap();
+        let found = match fs::metadata(&self.root) {
+            Ok(m) if !m.is_dir() => {
+                return Err(self.root_error(rustix::io::Errno::EXIST.into()));
+            }
+            Ok(m) => Some((m.dev(), m.ino())),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(self.root_error(e)),
+        };
+        let advice = "tidemark does not make a target it wrote to again, as it would then lack everything applied before: put it back (mount its filesystem), or stop tidemark and run `tidemark replay --from 0`, then `tidemark project`, to build it anew";
+        match (*seen, found) {
+            (Some(_), None) => Err(Failure::Transient(format!(
+                "the target directory {} is gone (removed, or its filesystem unmounted); {advice}",
+                self.root.display()
+            ))),
+            (Some(was), Some(now)) if was != now => Err(Failure::Transient(format!(
+                "the target directory {} is another directory than the one this process wrote to (replaced, or its filesystem unmounted or mounted anew); {advice}",
+                self.root.display()
+            ))),
+            (Some(_), Some(_)) => Ok(()),
+            (None, Some(now)) => {
+                *seen = Some(now);
+                Ok(())
+            }
+            (None, None) => {
+                fs::create_dir_all(&self.root).map_err(|e| self.root_error(e))?;
+                let m = fs::metadata(&self.root).map_err(|e| self.root_error(e))?;
+                *seen = Some((m.dev(), m.ino()));
+                Ok(())
+            }
+        }
+    }
+
     fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
         let parent = path.parent().expect("resolved paths are below the root");
         let known = |dir: &Path| self.safe_dirs.lock().unwrap().contains(dir);
@@ -471,7 +514,7 @@ impl Inner {
             return Ok(());
         }
         if !known(&self.root) {
-            fs::create_dir_all(&self.root).map_err(|e| self.root_error(e))?;
+            self.check_root()?;
             self.safe_dirs.lock().unwrap().insert(self.root.clone());
         }
         let mut dir = self.root.clone();
@@ -1062,6 +1105,26 @@ impl Target for DirTarget {
         tokio::task::spawn_blocking(move || inner.probe(&event))
             .await
             .unwrap_or(Probe::Unknown)
+    }
+
+    /// Also notes the root it finds, as the one this process writes to.
+    async fn missing(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        match fs::metadata(&self.inner.root) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Some(format!(
+                "the target directory {} does not exist",
+                self.inner.root.display()
+            )),
+            Ok(m) if m.is_dir() => {
+                self.inner
+                    .root_id
+                    .lock()
+                    .unwrap()
+                    .get_or_insert((m.dev(), m.ino()));
+                None
+            }
+            _ => None,
+        }
     }
 
     async fn present(&self, event: &Event) -> Option<bool> {

@@ -193,6 +193,14 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// What is missing when the target itself is gone (a directory target's root), so
+    /// that a projector with applied state refuses to start on it; `None` otherwise. A
+    /// directory target notes the root it finds as the one it writes to: one removed
+    /// later is not made again.
+    async fn missing(&self) -> Option<String> {
+        None
+    }
+
     /// Hands a target that adopts existing items by name the table of which source item
     /// each target id mirrors (the projector's remap table), so that it never adopts, nor
     /// deletes, an item another source item owns. Called once by the projector.
