@@ -2836,3 +2836,36 @@ fn a_file_that_changed_since_its_scan_makes_the_run_degraded() {
     assert_eq!(out.status.code(), Some(0));
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A file named with a newline cannot forge a line of `sync --dry-run`, `plan` or
+/// `verify`: it read `create file evil` and then `delete file important (found by this
+/// scan)`, a planned delete that was never planned, for whoever reviews a dry run.
+#[test]
+fn a_name_with_a_newline_cannot_forge_a_line_of_a_dry_run_or_verify() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("evil\ndelete file important"), "a");
+    write(env.src().join("important"), "b");
+    let forged = |text: &str| text.lines().any(|l| l.starts_with("delete file important"));
+    let dry = env.ok(&["sync", "--dry-run"]);
+    assert!(
+        !forged(&dry) && dry.contains(r"create file evil\ndelete file important"),
+        "{dry}"
+    );
+    let out = env.run(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("delete file")),
+        "{text}"
+    );
+    assert!(
+        text.contains(r"missing file evil\ndelete file important"),
+        "{text}"
+    );
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(!forged(&plan), "{plan}");
+    env.ok(&["project"]);
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -132,6 +132,22 @@ pub fn item_label(kind: &str, key: &str, name: Option<&str>) -> String {
         .flatten()
         .and_then(|bytes| String::from_utf8(bytes).ok());
     let key = shown.as_deref().unwrap_or(key);
+    // One line per item: a newline in a name would forge a line of its own (`evil⏎delete
+    // file important` read as a planned delete), so control characters are escaped as
+    // Rust writes them (`\n`, `\u{1b}`), and a backslash is doubled to stay unambiguous
+    // where there is one.
+    let key: std::borrow::Cow<str> = if key.chars().any(char::is_control) {
+        key.chars()
+            .map(|c| match c {
+                '\\' => "\\\\".to_owned(),
+                c if c.is_control() => c.escape_debug().to_string(),
+                c => c.to_string(),
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        key.into()
+    };
     match name {
         Some(name) => format!("{kind} {key} ({name:?})"),
         None => format!("{kind} {key}"),
@@ -1257,6 +1273,18 @@ mod tests {
 
     /// A directory item is shown as its file is named (`100%.txt`); a name that is not
     /// UTF-8 keeps its escapes, and a REST id is shown as it is.
+    #[test]
+    fn an_item_label_escapes_control_characters_so_that_a_name_cannot_forge_a_line() {
+        let label = item_label("file", "evil\ndelete file important", None);
+        assert_eq!(label, "file evil\\ndelete file important");
+        assert_eq!(label.lines().count(), 1);
+        assert_eq!(
+            item_label("file", "a\\b\u{1b}[2J", None),
+            "file a\\\\b\\u{1b}[2J"
+        );
+        assert_eq!(item_label("file", "plain\\name", None), "file plain\\name");
+    }
+
     #[test]
     fn an_item_label_shows_a_file_as_it_is_named() {
         assert_eq!(item_label("file", "d/100%25.txt", None), "file d/100%.txt");
