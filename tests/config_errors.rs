@@ -268,3 +268,24 @@ fn a_pipeline_with_two_targets_is_told_it_has_one() {
         "{err}"
     );
 }
+
+/// Run where no `config/tidemark.toml` is, the error says where it looked and how to name
+/// the config (it said only "No such file or directory").
+#[test]
+fn a_missing_config_says_where_it_looked_and_how_to_name_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("status")
+        .current_dir(dir.path())
+        .env_remove("TIDEMARK_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config config/tidemark.toml")
+            && stderr.contains(&format!("working directory {}", dir.path().display()))
+            && stderr.contains("--config FILE or TIDEMARK_CONFIG"),
+        "{stderr}"
+    );
+}

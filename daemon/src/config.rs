@@ -15,13 +15,29 @@ use toml::Spanned;
 pub use crate::http_config::{ApiSecrets, HttpSourceConfig, HttpTargetConfig};
 use crate::http_config::{At, Refused};
 
+/// What to do about a config file that is not there: where it was looked for, and how to
+/// name another one.
+fn read_hint(file: &Path, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return String::new();
+    }
+    let whence = if file.is_relative() {
+        std::env::current_dir()
+            .map(|d| format!(" (relative to the working directory {})", d.display()))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    format!("{whence}; name the config with --config FILE or TIDEMARK_CONFIG")
+}
+
 /// A config that could not be loaded. Every variant names the file; parse and validation
 /// errors name the line and the key too.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {}: {source}", file.display())]
+    #[error("cannot read config {}: {source}{}", file.display(), read_hint(file, source))]
     Read {
         /// The config file.
         file: PathBuf,
