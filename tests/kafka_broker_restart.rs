@@ -169,6 +169,8 @@ fn metrics_answer_and_freshness_grows_while_the_broker_is_down() {
             mirrors_now(&env.src(), &env.dst()).then_some(())
         });
         assert!(mirrored.is_some(), "no mirror; log:\n{}", env.daemon_log());
+        let readable = r#"tidemark_log_readable{pipeline="t"}"#;
+        assert_eq!(daemon.metric(readable), 1.0);
 
         ops("ops/peers/kafka.sh", &["stop", port, &d]);
         // A change the scanner cannot append: no scan succeeds from now on.
@@ -187,6 +189,8 @@ fn metrics_answer_and_freshness_grows_while_the_broker_is_down() {
             freshness > 10.0,
             "freshness {freshness} s, though no scan succeeded for 15 s: {metrics:?}"
         );
+        // What TidemarkLogUnreachable fires on: nothing else moves while the log is down.
+        assert_eq!(metrics[readable], 0.0, "{metrics:?}");
 
         ops("ops/peers/kafka.sh", &["start", port, &d]);
         let mirrored = wait_for(Duration::from_secs(90), || {
@@ -205,6 +209,7 @@ fn metrics_answer_and_freshness_grows_while_the_broker_is_down() {
             "freshness stays high: {:?}",
             daemon.metrics()
         );
+        assert_eq!(daemon.metric(readable), 1.0);
     });
     drop(daemon);
     ops("ops/peers/kafka.sh", &["stop", port, &d]);

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub committed_offset: IntGaugeVec,
     /// Events appended but not yet applied.
     pub lag_events: IntGaugeVec,
+    /// 1 when the last read of the log's offsets succeeded, 0 while the log cannot be read.
+    pub log_readable: IntGaugeVec,
     /// Age of the oldest unapplied event; 0 when caught up.
     pub lag_seconds: GaugeVec,
     /// Lag in events of each partition of the log (one series per partition, so a
@@ -112,6 +114,13 @@ impl Metrics {
                 Opts::new(
                     "tidemark_lag_events",
                     "Events appended to the log but not yet applied to the target."
+                ),
+                p
+            )),
+            log_readable: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_log_readable",
+                    "1 when the daemon's last read of the event log's offsets (every second) succeeded; 0 while the log cannot be read (a Kafka broker down), when nothing is appended or applied and the lag gauges keep their last values."
                 ),
                 p
             )),
@@ -293,6 +302,7 @@ impl Metrics {
             &self.log_head_offset,
             &self.committed_offset,
             &self.lag_events,
+            &self.log_readable,
             &self.deferred_events,
             &self.failed_items,
         ] {

@@ -451,6 +451,9 @@ impl Pipeline {
         };
         let m = metrics();
         let p = [self.config.name.as_str()];
+        m.log_readable
+            .with_label_values(&p)
+            .set(i64::from(offsets.is_some()));
         let failed = self
             .state
             .failures(&self.config.name)
