@@ -1750,3 +1750,40 @@ fn a_replay_onto_a_new_target_forgets_the_old_targets_ids() {
     assert_eq!(prod2.all("posts").len(), 6);
     assert_eq!(prod2.all("comments").len(), 12);
 }
+
+/// A user deleted on prod by hand (json-server deletes its posts with it) and then
+/// changed in dev is created again under a new prod id: the run says so, names the way
+/// to rewrite what references it, and that way (`replay --from 0`, `project`) mends prod.
+#[test]
+fn an_item_made_again_under_a_new_target_id_is_named_with_the_way_to_mend_its_referrers() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    let on_prod = prod
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-0")
+        .unwrap();
+    prod.delete("users", &on_prod["id"]);
+    let mut changed = dev
+        .all("users")
+        .into_iter()
+        .find(|u| u["name"] == "user-0")
+        .unwrap();
+    changed["score"] = json!(5);
+    dev.put("users", &changed["id"].clone(), changed);
+
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("users {} has a new id on the target", 1000))
+            && stderr.contains(&format!("(it was {}", on_prod["id"]))
+            && stderr.contains("`tidemark replay --from 0` then `tidemark project`"),
+        "{stderr}"
+    );
+    env.ok(&["replay", "--from", "0"]);
+    let project = &env.json(&["project"])[0]["project"];
+    assert_eq!(assert_rest_mirror(&dev, &prod), 2 * 6 + 2 * 7, "{project}");
+}

@@ -472,6 +472,10 @@ struct Refs<'a> {
     /// put under their old mirrors meanwhile, which the delete (and a cascading target)
     /// would take along; what references them waits until they are through.
     withheld: std::sync::Mutex<HashSet<String>>,
+    /// Items the batch applies with only their old target id to go by (after a replay):
+    /// the target may make one again under a new id, so what references one waits until
+    /// it is through, rather than going with the old id at the same time.
+    rebuilt: std::sync::Mutex<HashSet<String>>,
 }
 
 impl<'a> Refs<'a> {
@@ -480,6 +484,29 @@ impl<'a> Refs<'a> {
             remap,
             fresh: Default::default(),
             withheld: Default::default(),
+            rebuilt: Default::default(),
+        }
+    }
+
+    /// Of `ready`, those to apply now: not one that references another ready item being
+    /// [rebuilt](Refs::rebuilt), which goes first; all of them when each waits for another
+    /// (a cycle), so that nothing stalls.
+    fn first_of(&self, ready: Vec<String>, pending: &BTreeMap<String, Deferred>) -> Vec<String> {
+        let rebuilt = self.rebuilt.lock().expect("not poisoned");
+        let set: HashSet<&String> = ready.iter().collect();
+        let waits = |id: &String| {
+            pending.get(id).is_some_and(|d| {
+                d.event.refs.iter().any(|r| {
+                    let other = item_identity(&r.kind, &r.key);
+                    other != *id && rebuilt.contains(&other) && set.contains(&other)
+                })
+            })
+        };
+        let now: Vec<String> = ready.iter().filter(|id| !waits(id)).cloned().collect();
+        if now.is_empty() {
+            ready
+        } else {
+            now
         }
     }
 
@@ -1307,7 +1334,25 @@ impl Projector {
         // Nothing goes under those items' old mirrors meanwhile: an item made again under
         // its deleted id (APIs that hand out the highest id plus one do) gets a new mirror
         // after its delete, and what references it waits for that one.
-        let held: HashSet<String> = last.iter().map(|g| g[0].identity()).collect();
+        let mut held: HashSet<String> = last.iter().map(|g| g[0].identity()).collect();
+        // So does what references an item applied again with only its old target id to go
+        // by (after a replay): the target may have lost it (deleted by hand, or by a
+        // cascade) and make it again under a new id, which its referrers must carry; with
+        // the old id they pointed at nothing, and the next level below needed another
+        // replay.
+        let mut rebuilt = HashSet::new();
+        for g in &others {
+            let (kind, identity) = (&g[0].kind, g[0].identity());
+            if g[0].op == Op::Upsert
+                && referenced.contains(kind)
+                && priors.get(&identity).map_err(self.err_state())?.is_none()
+                && remap.contains(&identity).map_err(self.err_state())?
+            {
+                held.insert(identity.clone());
+                rebuilt.insert(identity);
+            }
+        }
+        *refs.rebuilt.lock().expect("not poisoned") = rebuilt;
         refs.withheld
             .lock()
             .expect("not poisoned")
@@ -1574,6 +1619,17 @@ impl Projector {
         failures
             .apply(failed.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
+        for (identity, new) in &remapped {
+            let Some(new) = new else { continue };
+            match remap.get(identity).map_err(self.err_state())? {
+                Some(old) if old != *new => warn!(
+                    pipeline = %self.pipeline,
+                    "{} has a new id on the target, {new} (it was {old}: deleted there by hand, or by a cascade?); items of the target that reference it still carry {old}, and no change of theirs is coming to rewrite them: `tidemark replay --from 0` then `tidemark project` does (equal items are adopted, not written again)",
+                    identity.replacen('\0', " ", 1)
+                ),
+                _ => {}
+            }
+        }
         remap
             .apply(remapped.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
             .map_err(self.err_state())?;
@@ -2506,7 +2562,7 @@ impl Projector {
                 .min_by_key(|id| waits_of[*id].0)
                 .map(|id| (waits_of[*id].0, (*id).clone()));
             let (batch, partial) = match (ready.is_empty(), cyclic) {
-                (false, _) => (ready, false),
+                (false, _) => (refs.first_of(ready, &pending), false),
                 (true, Some((_, id))) => (vec![id], true),
                 (true, None) => break,
             };
