@@ -297,6 +297,51 @@ fn deleting_directory_trees_across_partitions_leaves_no_empty_directories() {
     assert!(env.dst().join("kept/stays.txt").is_file());
 }
 
+/// Review issue (lost deletes after a SIGKILL), on a Kafka log: the topic keeps what a
+/// scan appended, and the scan was killed before its index changes reached the disk.
+/// Since the log lives outside the state directory, that state is the state directory
+/// from before the scan, put back after it. The next scan replays the events of every
+/// partition past the index's mark, so what the source removed meanwhile is deleted.
+#[test]
+fn a_scan_killed_before_its_index_write_loses_no_delete_on_a_kafka_log() {
+    let brokers = kafka_brokers();
+    let topic = unique("killedscan");
+    let env = Env::dirs(
+        &format!(
+            "max_delete = \"100%\"\n{}",
+            kafka_log_section(&brokers, &topic, &topic, 3)
+        ),
+        "prune = true",
+    );
+    write(env.src().join("base.txt"), "base\n");
+    env.sync();
+    for i in 0..30 {
+        write(env.src().join(format!("n/f{i}")), format!("{i}\n"));
+    }
+    let (state, before) = (env.path("state"), env.path("state-before-scan"));
+    let cp = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    cp(&state, &before);
+    env.ok(&["scan"]);
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&before, &state).unwrap();
+
+    env.ok(&["project"]);
+    assert!(env.dst().join("n/f29").exists());
+    std::fs::remove_dir_all(env.src().join("n")).unwrap();
+    let (scan, project) = env.sync();
+    assert_eq!(scan["deletes"], 31, "{scan}");
+    assert_eq!(outcome(&project, "deleted"), 31, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// `log tail` and `log show` on a topic with several partitions: every event of every
 /// partition is shown (offsets count per partition), not only partition 0's.
 #[test]

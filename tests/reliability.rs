@@ -427,6 +427,82 @@ fn issue_6_a_vanished_source_root_deletes_nothing() {
     assert_eq!(status[0]["delete_guard"]["would_delete"], 3, "{status}");
 }
 
+/// Review issue (lost deletes after a SIGKILL): a scan appends a batch to the log
+/// (flushed) and then journals its index changes, which reach the disk only with a later
+/// flush. A SIGKILL in between kept the events and lost the index entries; once the source
+/// deleted the items, no scan emitted their deletes, and the target kept them for good
+/// while `sync` said "nothing to do".
+///
+/// The killed state is built exactly rather than by a timed kill (which hits the gap about
+/// one time in four): the state directory as it was before a scan, with that scan's events
+/// appended to its log through the log's own `append`, is what the scanner leaves when it
+/// dies after the append returned and before any of its index writes reached the disk.
+#[test]
+fn a_scan_killed_after_its_append_and_before_its_index_write_loses_no_delete() {
+    use tidemark::log::{EventLog, SledLog};
+    use tidemark::state::State;
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("base.txt"), "base");
+    env.sync();
+    for i in 0..40 {
+        write(env.src().join(format!("n/f{i}")), i.to_string());
+    }
+    let (state_dir, before) = (env.path("state"), env.path("state-before-scan"));
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&state_dir)
+        .arg(&before)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let scan = env.json(&["scan"]);
+    assert_eq!(scan[0]["scan"]["upserts"], 41, "{scan}");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let scanned = State::open(&state_dir).unwrap();
+        let scanned_log = SledLog::open(scanned.db(), "t").unwrap();
+        let killed = State::open(&before).unwrap();
+        let killed_log = SledLog::open(killed.db(), "t").unwrap();
+        let from = killed_log.head(0).await.unwrap();
+        let events: Vec<_> = scanned_log
+            .read(0, from, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.unwrap())
+            .collect();
+        assert_eq!(events.len(), 41);
+        killed_log.append(events).await.unwrap();
+    });
+    drop(runtime);
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    std::fs::rename(&before, &state_dir).unwrap();
+
+    // The projector applies what the log holds; then the source deletes it all.
+    env.ok(&["project"]);
+    assert!(env.dst().join("n/f39").exists());
+    std::fs::remove_dir_all(env.src().join("n")).unwrap();
+    let (scan, project) = env.sync();
+    assert_eq!(
+        (scan["upserts"].as_u64(), scan["deletes"].as_u64()),
+        (Some(0), Some(41)),
+        "{scan}"
+    );
+    assert_eq!(outcome(&project, "deleted"), 41, "{project}");
+    assert!(
+        !env.dst().join("n").exists(),
+        "the deleted items stay on the target"
+    );
+    assert_mirror(&env.src(), &env.dst());
+    let (scan, _) = env.sync();
+    assert_eq!(
+        (scan["upserts"].as_u64(), scan["deletes"].as_u64()),
+        (Some(0), Some(0)),
+        "{scan}"
+    );
+}
+
 #[test]
 fn issue_6_sigterm_during_heavy_projection_commits_and_exits_zero() {
     let env = Env::dirs("batch_size = 50\nscan_interval = \"1h\"", "prune = true");

@@ -1534,6 +1534,14 @@ async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
     // Next offset to read per Kafka partition: one past the last copied event that the
     // projector had already applied (sled offset below its committed offset).
     let mut next = vec![0u64; to.partitions() as usize];
+    // How far the source index reflects the log (`state::LogMark`), mapped the same way:
+    // the events it does not cover yet are replayed into it by the first scan.
+    let marks = session.state.index_marks()?;
+    let indexed = marks
+        .get(p.name())?
+        .filter(|m| m.log == sled.identity())
+        .map(|m| m.heads.first().copied().unwrap_or(0));
+    let mut covered = vec![0u64; to.partitions() as usize];
     let (mut from, mut copied, mut invalid) = (0, 0u64, 0u64);
     while from < head {
         let records = sled.read(0, from, 1000).await?;
@@ -1560,7 +1568,18 @@ async fn migrate(session: &Session, p: &Pipeline) -> Result<()> {
             if sled_offset < applied {
                 next[partition as usize] = offset + 1;
             }
+            if indexed.is_some_and(|i| sled_offset < i) {
+                covered[partition as usize] = offset + 1;
+            }
         }
+    }
+    if indexed.is_some() {
+        let mark = tidemark::state::LogMark {
+            log: to.identity(),
+            heads: covered,
+        };
+        marks.put(p.name(), &mark)?;
+        session.state.flush().await?;
     }
     for (partition, n) in next.iter().enumerate() {
         to.seek(consumer, partition as u32, *n).await?;

@@ -1,7 +1,10 @@
 //! Listing → events: diffs a streaming listing against the source index, appends an
 //! `upsert` for every new or changed item and, after a listing without any error, a
 //! `delete` for every indexed key no longer listed — unless the delete guard trips. The
-//! index is updated only after the log has made the events durable.
+//! index is updated only after the log has made the events durable, and records how far
+//! the log it reflects goes ([`LogMark`]): a scan that finds the log further first brings
+//! the index up to it from the events in between ([`Scanner::catch_up`]), so a crash
+//! between an append and its index changes reaching the disk loses nothing.
 
 mod digest;
 
@@ -15,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::DeleteLimit;
-use crate::log::{AppendError, EventLog};
+use crate::log::{AppendError, EventLog, ReadError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
-use crate::state::{GuardTrip, IndexEntry, ScanRecord, State, StateError, ERRORS_KEPT};
+use crate::state::{GuardTrip, IndexEntry, LogMark, ScanRecord, State, StateError, ERRORS_KEPT};
 use digest::{Digest, PreviousVersion, Seen};
 
 /// Result of a scan stopped by shutdown before its listing ended (see
@@ -54,6 +57,14 @@ pub enum ScanError {
         pipeline: String,
         /// Why.
         source: AppendError,
+    },
+    /// The log could not be read to bring the index up to it.
+    #[error("pipeline `{pipeline}`: {source}")]
+    Read {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        source: ReadError,
     },
     /// The index could not be read or written.
     #[error("pipeline `{pipeline}`: {source}")]
@@ -425,11 +436,6 @@ impl Scanner {
             seconds = loading.elapsed().as_secs_f64(),
             "index loaded"
         );
-        let mut listing_done = false;
-        let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
-        let mut pending = Pending::default();
-        let mut flush = tokio::time::interval(self.append_interval);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stopped = async {
             match stop {
                 Some(stop) => stop.cancelled().await,
@@ -437,6 +443,22 @@ impl Scanner {
             }
         };
         tokio::pin!(stopped);
+        // A log that does not answer (a Kafka broker down) must not hold up a shutdown: a
+        // catch-up cut short is done again by the next scan, as its mark did not move.
+        tokio::select! {
+            biased;
+            caught_up = self.catch_up(&mut known, write) => caught_up?,
+            _ = &mut stopped => {
+                record.result = INTERRUPTED.into();
+                info!(pipeline = %self.pipeline, "scan interrupted before it listed anything");
+                return Ok(());
+            }
+        }
+        let mut listing_done = false;
+        let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
+        let mut pending = Pending::default();
+        let mut flush = tokio::time::interval(self.append_interval);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut interrupted = false;
         let mut noticed = Noticed::default();
         loop {
@@ -544,10 +566,166 @@ impl Scanner {
             self.deletes(record, &mut known, sink, &noticed.vanished)
                 .await?;
         }
-        match sink {
-            Sink::Log => known.store().map_err(self.state_err()),
-            Sink::Dry(_) => Ok(()),
+        if let Sink::Log = sink {
+            known.store().map_err(self.state_err())?;
+            if record.upserts + record.deletes > 0 {
+                self.mark_covered(stop).await?;
+            }
         }
+        Ok(())
+    }
+
+    fn read_err(&self) -> impl Fn(ReadError) -> ScanError + '_ {
+        |source| ScanError::Read {
+            pipeline: self.pipeline.clone(),
+            source,
+        }
+    }
+
+    /// The log's head in each partition.
+    async fn heads(&self) -> Result<Vec<u64>, ReadError> {
+        let mut heads = Vec::new();
+        for partition in 0..self.log.partitions() {
+            heads.push(self.log.head(partition).await?);
+        }
+        Ok(heads)
+    }
+
+    /// Records that the index reflects the whole log, once its changes are durable: only
+    /// this pipeline's scanner appends to its log, and every event it appended is in the
+    /// index by now. A failure to do so is only warned of: the next scan replays the
+    /// events since the last mark into the index, which they are in already.
+    /// When `stop` is cancelled and the heads are not at hand at once (a Kafka broker that
+    /// does not answer), the mark stays where it was, so as not to hold up a shutdown.
+    async fn mark_covered(&self, stop: Option<&CancellationToken>) -> Result<(), ScanError> {
+        self.state.flush().await.map_err(self.state_err())?;
+        let stopped = async {
+            match stop {
+                Some(stop) => stop.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let heads = tokio::select! {
+            biased;
+            heads = self.heads() => heads,
+            _ = stopped => {
+                debug!(pipeline = %self.pipeline, "stopping: the source index's mark stays where it was; the next scan reads this scan's events again");
+                return Ok(());
+            }
+        };
+        let heads = match heads {
+            Ok(heads) => heads,
+            Err(e) => {
+                warn!(pipeline = %self.pipeline, "the source index is up to date, but the log's head could not be read to note so ({e}); the next scan reads this scan's events again");
+                return Ok(());
+            }
+        };
+        let mark = LogMark {
+            log: self.log.identity(),
+            heads,
+        };
+        self.state
+            .index_marks()
+            .and_then(|m| m.put(&self.pipeline, &mark))
+            .map_err(self.state_err())
+    }
+
+    /// Brings the index up to the log before a scan diffs against it. A scan appends a
+    /// batch (durable), then journals its index changes, which reach the disk with a later
+    /// flush; a crash in between (SIGKILL, OOM, power loss) keeps events the index does
+    /// not have. Re-listing re-emits such an item only while the source still has it: one
+    /// it deleted meanwhile would never get its delete. So the index notes how far the log
+    /// it reflects goes ([`LogMark`], written after its changes were flushed), and the
+    /// events past that mark are replayed into it here: an upsert indexes the event's
+    /// version without a fingerprint (the event has no inode, so the next listing re-reads
+    /// the item rather than trust a quick check), a delete removes the key. Nothing past
+    /// the mark (every clean scan ends by moving it) costs one small read and the heads.
+    ///
+    /// A state without a mark (its first scan, or one written before marks were kept), or
+    /// with the mark of another log (`log migrate` maps it; a config naming another topic),
+    /// takes its index as it is and marks the log's heads now, durably, before anything is
+    /// appended. A dry run (`write` false) replays into memory only.
+    async fn catch_up(&self, known: &mut Digest, write: bool) -> Result<(), ScanError> {
+        let marks = self.state.index_marks().map_err(self.state_err())?;
+        let log = self.log.identity();
+        let heads = self.heads().await.map_err(self.read_err())?;
+        let covered = match marks.get(&self.pipeline).map_err(self.state_err())? {
+            Some(mark) if mark.log == log => mark.heads,
+            other => {
+                if write {
+                    if let Some(other) = other {
+                        info!(pipeline = %self.pipeline, "the source index was kept against log `{}`, this is `{log}`: the index is taken as it is", other.log);
+                    }
+                    marks
+                        .put(&self.pipeline, &LogMark { log, heads })
+                        .map_err(self.state_err())?;
+                    self.state.flush().await.map_err(self.state_err())?;
+                }
+                return Ok(());
+            }
+        };
+        let mut behind = false;
+        let mut replayed = 0u64;
+        for (partition, &head) in (0u32..).zip(&heads) {
+            let from = covered.get(partition as usize).copied().unwrap_or(0);
+            if from == head {
+                continue;
+            }
+            behind = true;
+            if from > head {
+                warn!(pipeline = %self.pipeline, partition, head, mark = from, "the log `{log}` ends before the offset its source index was last brought up to (was it recreated?); the index is taken as it is for this partition");
+                continue;
+            }
+            let mut at = from;
+            while at < head {
+                let records = self
+                    .log
+                    .read(partition, at, APPEND_BATCH)
+                    .await
+                    .map_err(self.read_err())?;
+                let Some(last) = records.last() else { break };
+                at = last.offset + 1;
+                let mut changes = Vec::with_capacity(records.len());
+                for r in records.into_iter().filter(|r| r.offset < head) {
+                    match r.event {
+                        Ok(e) if e.pipeline == self.pipeline => {
+                            let entry = (e.op == Op::Upsert).then(|| IndexEntry {
+                                version: e.version(),
+                                fingerprint: None,
+                            });
+                            changes.push((e.identity(), entry));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(pipeline = %self.pipeline, partition, offset = r.offset, "not replayed into the source index: {e}");
+                        }
+                    }
+                }
+                let changes: Vec<_> = changes
+                    .iter()
+                    .map(|(identity, entry)| (identity.as_str(), entry.as_ref()))
+                    .collect();
+                replayed += changes.len() as u64;
+                known.catch_up(&changes, write).map_err(self.state_err())?;
+            }
+        }
+        if !behind {
+            return Ok(());
+        }
+        if replayed > 0 {
+            info!(
+            pipeline = %self.pipeline,
+            events = replayed,
+            "the log held {replayed} events past its source index (a scan stopped after appending them, before the index recorded them); the index has them now, so this scan deletes what the source removed since"
+            );
+        }
+        if write {
+            self.state.flush().await.map_err(self.state_err())?;
+            marks
+                .put(&self.pipeline, &LogMark { log, heads })
+                .map_err(self.state_err())?;
+        }
+        Ok(())
     }
 
     /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
@@ -1183,6 +1361,80 @@ mod tests {
         let (scanner, _) = scanner_of(src, &state);
         let record = scanner.scan(&Progress::hidden()).await.unwrap();
         assert_eq!((record.upserts, record.deletes), (1, 0));
+    }
+
+    /// An upsert of `key` with `content`'s checksum, as a scan of the directory source
+    /// appends it.
+    fn upsert(key: &str, content: &str) -> Event {
+        Event {
+            v: SCHEMA_VERSION,
+            pipeline: "p".into(),
+            partition: 0,
+            offset: 0,
+            kind: "file".into(),
+            key: key.into(),
+            op: Op::Upsert,
+            checksum: tidemark_proto::checksum_bytes(content.as_bytes()),
+            mode: Some(0o644),
+            name: None,
+            refs: vec![],
+            body: None,
+            blob: None,
+            mtime_ns: Some(1),
+            observed_at: Utc::now(),
+            scan: "killed".into(),
+        }
+    }
+
+    /// Review issue (lost deletes after a SIGKILL): a scan appended a batch, durably, and
+    /// was killed before its index changes reached the disk. The source then deleted the
+    /// item: the next scan must still emit its delete, from the event the log holds.
+    #[tokio::test]
+    async fn an_item_whose_event_the_index_missed_is_deleted_once_the_source_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("kept.txt"), "kept").unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let (scanner, log) = scanner_of(src.clone(), &state);
+        scanner.scan(&Progress::hidden()).await.unwrap();
+        // The killed scan's batch: in the log, not in the index. The source has removed
+        // the item since.
+        log.append(vec![upsert("gone.txt", "gone")]).await.unwrap();
+        let preview = scanner.preview(&Progress::hidden()).await.unwrap();
+        assert_eq!(preview.record.deletes, 1, "a dry run finds the delete too");
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.upserts, record.deletes), (0, 1));
+        assert_eq!(deleted(&log).await, ["gone.txt"]);
+        // Caught up: the next scan has nothing to replay or emit.
+        let head = log.head(0).await.unwrap();
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.upserts, record.deletes), (0, 0));
+        assert_eq!(log.head(0).await.unwrap(), head);
+    }
+
+    /// The quick check never trusts a replayed entry: the log's last event of `a.txt` has
+    /// another version than the file the index last saw (the killed scan read it changed,
+    /// and it was put back since, with its old size, time and inode), so the file is read
+    /// again and its upsert emitted.
+    #[tokio::test]
+    async fn a_replayed_upsert_makes_the_next_scan_read_the_item_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a.txt"), "one").unwrap();
+        let state = State::open(&dir.path().join("state")).unwrap();
+        let (scanner, log) = scanner_of(src.clone(), &state);
+        scanner.scan(&Progress::hidden()).await.unwrap();
+        log.append(vec![upsert("a.txt", "two")]).await.unwrap();
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.upserts, record.deletes), (1, 0));
+        let last = log.read(0, 0, 100).await.unwrap().pop().unwrap();
+        let event = last.event.unwrap();
+        assert_eq!(event.checksum, tidemark_proto::checksum_bytes(b"one"));
+        // Read once, indexed with its fingerprint again: no more reads.
+        let record = scanner.scan(&Progress::hidden()).await.unwrap();
+        assert_eq!((record.upserts, record.deletes), (0, 0));
     }
 
     /// Once the listing is done and every read is back, the scan appends what it found and

@@ -66,6 +66,20 @@ pub struct IndexEntry {
     pub fingerprint: Option<String>,
 }
 
+/// How far a pipeline's event log is reflected in its source index: every event below
+/// `heads` (per partition) that the pipeline's scanner appended is in the index as it is
+/// on disk. Written only after the index changes it covers were flushed, so a crash
+/// leaves it behind the index, never ahead; a scan that finds the log past it replays the
+/// events in between into the index first (`scanner.rs`, `catch_up`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMark {
+    /// The log it counts in ([`crate::log::EventLog::identity`]): a mark of another log
+    /// (after `log migrate`, or a config pointing at another topic) says nothing of this one.
+    pub log: String,
+    /// Per partition, the next offset the index does not cover yet.
+    pub heads: Vec<u64>,
+}
+
 /// What the projector last applied for an item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Applied {
@@ -424,6 +438,12 @@ impl State {
         Ok(Journal {
             tree: self.db.open_tree(format!("index-journal/{pipeline}"))?,
         })
+    }
+
+    /// How far each pipeline's log is reflected in its source index, keyed by pipeline
+    /// name ([`LogMark`]).
+    pub fn index_marks(&self) -> Result<Records<LogMark>, StateError> {
+        self.records("index-log")
     }
 
     /// Last scan record of each pipeline, keyed by pipeline name.

@@ -1214,6 +1214,10 @@ impl EventLog for KafkaLog {
         self.partitions.load(Ordering::SeqCst)
     }
 
+    fn identity(&self) -> String {
+        format!("{BACKEND}:{}", self.config.topic)
+    }
+
     async fn append(&self, events: Vec<Event>) -> Result<(), AppendError> {
         if events.is_empty() {
             return Ok(());

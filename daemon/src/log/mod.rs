@@ -222,6 +222,13 @@ pub trait EventLog: Send + Sync {
     /// Number of partitions; each has its own offsets.
     fn partitions(&self) -> u32;
 
+    /// Which log this is, for records that count in its offsets (the source index's
+    /// [`crate::state::LogMark`]): the backend, and for Kafka the topic. The default is the
+    /// backend's name.
+    fn identity(&self) -> String {
+        self.backend().to_owned()
+    }
+
     /// Appends the events in order, assigning partition and offset, and returns only once
     /// they are durable.
     async fn append(&self, events: Vec<Event>) -> Result<(), AppendError>;

@@ -303,21 +303,44 @@ impl Digest {
         }
     }
 
-    /// Records index changes (puts and removes) in the journal, atomically, and in the
-    /// digest.
+    /// Records index changes the scan made (puts of entries it listed, and removes) in
+    /// the journal, atomically, and in the digest.
     pub(super) fn apply(
         &mut self,
         changes: &[(&str, Option<&IndexEntry>)],
     ) -> Result<(), StateError> {
+        self.record(changes, true, true)
+    }
+
+    /// Records index changes that events in the log hold and the index missed (see
+    /// `Scanner::catch_up`), before the listing is diffed: a put is not seen yet, so an
+    /// item the source no longer has is deleted by this scan. With `write` they are
+    /// journaled; without (a dry run) kept in memory only.
+    pub(super) fn catch_up(
+        &mut self,
+        changes: &[(&str, Option<&IndexEntry>)],
+        write: bool,
+    ) -> Result<(), StateError> {
+        self.record(changes, false, write)
+    }
+
+    fn record(
+        &mut self,
+        changes: &[(&str, Option<&IndexEntry>)],
+        seen: bool,
+        write: bool,
+    ) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let records = encode_changes(changes);
-        self.journal.append(self.last + 1, &records)?;
-        self.last += records.len() as u64;
-        self.journaled += changes.len();
+        if write {
+            let records = encode_changes(changes);
+            self.journal.append(self.last + 1, &records)?;
+            self.last += records.len() as u64;
+            self.journaled += changes.len();
+        }
         for (identity, entry) in changes {
-            let known = entry.map(|e| KnownEntry::new(&e.version, e.fingerprint.as_deref(), true));
+            let known = entry.map(|e| KnownEntry::new(&e.version, e.fingerprint.as_deref(), seen));
             self.change(hash128(identity.as_bytes()), identity, known);
         }
         Ok(())
