@@ -2869,3 +2869,34 @@ fn a_name_with_a_newline_cannot_forge_a_line_of_a_dry_run_or_verify() {
     env.ok(&["project"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A file whose place on the target a directory holds with entries the source never had
+/// waits for it to be empty, which only a person can bring about: a one-shot run says so
+/// and exits 3 (it exited 0 at every run while the file never came).
+#[test]
+fn a_one_shot_run_that_leaves_items_waiting_exits_3_and_says_so() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("b"), "b");
+    env.sync();
+    std::fs::remove_file(env.dst().join("b")).unwrap();
+    write(env.dst().join("b/keep"), "precious");
+    env.ok(&["replay", "--from", "0"]);
+    for _ in 0..2 {
+        let out = env.run(&["sync"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{stdout}");
+        assert!(
+            stdout.contains(
+                "t: 1 items still wait for a directory in their place on the target to be empty"
+            ),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(env.dst().join("b/keep")).unwrap(),
+        "precious"
+    );
+    std::fs::remove_dir_all(env.dst().join("b")).unwrap();
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -1761,24 +1761,26 @@ fn an_item_made_again_under_a_new_target_id_is_named_with_the_way_to_mend_its_re
     let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
     write_rest_config(&env, &dev.url(), &prod.url(), "");
     env.sync();
+    // Not prod's last id: json-server gives a deleted last id out again.
     let on_prod = prod
         .all("users")
         .into_iter()
-        .find(|u| u["name"] == "user-0")
+        .min_by_key(|u| u["id"].as_u64())
         .unwrap();
     prod.delete("users", &on_prod["id"]);
     let mut changed = dev
         .all("users")
         .into_iter()
-        .find(|u| u["name"] == "user-0")
+        .find(|u| u["name"] == on_prod["name"])
         .unwrap();
+    let dev_id = changed["id"].clone();
     changed["score"] = json!(5);
-    dev.put("users", &changed["id"].clone(), changed);
+    dev.put("users", &dev_id, changed);
 
     let out = env.run(&["sync"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("users {} has a new id on the target", 1000))
+        stderr.contains(&format!("users {dev_id} has a new id on the target"))
             && stderr.contains(&format!("(it was {}", on_prod["id"]))
             && stderr.contains("`tidemark replay --from 0` then `tidemark project`"),
         "{stderr}"

@@ -1078,7 +1078,29 @@ async fn scan_project(
             // A file that changed while it was copied is not on the target as the source
             // has it now: the run did not finish the mirror (rsync says so with its 24).
             let stale = report.stale_left;
-            degraded |= !report.failures.is_empty() || stale > 0;
+            // Items still waiting at the end for what only a person can change (a file
+            // whose place a directory on the target keeps with entries the source never
+            // had): the run did not bring them, and a cron job must not read it as done
+            // (it exited 0 at every run while the item never came). Those waiting for
+            // referenced items wait for a later scan instead, and fail after
+            // `reference_wait`.
+            let waiting = if stopped.is_none() {
+                session
+                    .state
+                    .deferred(p.name())
+                    .map(|d| {
+                        d.iter()
+                            .filter_map(Result::ok)
+                            .filter(|(_, d)| {
+                                d.event.refs.is_empty() && d.taken.is_none() && d.error.is_none()
+                            })
+                            .count()
+                    })
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            degraded |= !report.failures.is_empty() || stale > 0 || waiting > 0;
             written += report.events;
             if select.output == Output::Text {
                 let mut counts: Vec<String> = report
@@ -1124,8 +1146,15 @@ async fn scan_project(
                         p.name()
                     );
                 }
+                if waiting > 0 {
+                    outln!(
+                        "{}: {waiting} items still wait for a directory in their place on the target to be empty (it holds entries the source does not have) and were not applied; `tidemark status` names them",
+                        p.name()
+                    );
+                }
             }
             entry["project"] = serde_json::to_value(&report)?;
+            entry["waiting"] = waiting.into();
             run_report = run_report.with_project(&report);
         }
         if let (None, Some(signal)) = (&stopped, signalled.get()) {
