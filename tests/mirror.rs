@@ -2373,15 +2373,6 @@ fn compact_never_leaves_a_bigger_state() {
         }
     }
     env.ok(&["--quiet", "sync"]);
-    // Superseded log events to drop: dropping them in place made the old database grow
-    // (26.05 MiB -> 27.06 MiB on 20k files, one directory rewritten).
-    for i in 0..100 {
-        write(
-            env.src().join(format!("d2/f{i}")),
-            format!("file 2 {i}, changed"),
-        );
-    }
-    env.ok(&["--quiet", "sync"]);
     // Any open of the database after a run that wrote writes sled's snapshot anew (as
     // `status` does here); measured after it, compaction itself adds nothing.
     env.ok(&["status"]);
@@ -2395,6 +2386,25 @@ fn compact_never_leaves_a_bigger_state() {
     assert!(
         text.contains("nothing to reclaim") && text.contains("kept as it is"),
         "{text}"
+    );
+
+    // With superseded log events to drop, dropping them in place made the old database
+    // grow (26.05 MiB -> 27.06 MiB on 20k files, one directory rewritten), and a copy not
+    // smaller than that left it so. Whether the copy is kept depends on sled's segments.
+    for i in 0..100 {
+        write(
+            env.src().join(format!("d2/f{i}")),
+            format!("file 2 {i}, changed"),
+        );
+    }
+    env.ok(&["--quiet", "sync"]);
+    env.ok(&["status"]);
+    let before = dir_size(&env.path("state/db"));
+    let text = env.ok(&["compact"]);
+    let after = dir_size(&env.path("state/db"));
+    assert!(
+        after <= before,
+        "{before} bytes before, {after} after: {text}"
     );
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], 0, "{scan}");

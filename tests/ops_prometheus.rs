@@ -154,7 +154,7 @@ fn issue_5_real_prometheus_sees_lag_rise_and_return_to_zero() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(loaded, 9, "alert rules loaded: {rules}");
+    assert_eq!(loaded, 10, "alert rules loaded: {rules}");
     let seconds = wait_for(Duration::from_secs(10), || {
         prom.value(r#"tidemark_lag_seconds{pipeline="t"}"#)
             .filter(|v| *v >= 1.0)
