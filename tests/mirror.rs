@@ -2910,3 +2910,23 @@ fn a_one_shot_run_that_leaves_items_waiting_exits_3_and_says_so() {
     env.sync();
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A directory scanned with its files and removed from the source before they were
+/// projected: the run that applies both the upserts and the deletes leaves no trace of it.
+/// A stale file's upsert made its parent before it found its source gone, after the
+/// batch had deleted that directory, which then stayed on the target for good.
+#[test]
+fn a_directory_come_and_gone_before_its_projection_leaves_nothing_on_the_target() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("base"), "x");
+    env.sync();
+    for i in 0..100 {
+        write(env.src().join(format!("n/f{i}")), format!("{i}"));
+    }
+    env.ok(&["scan"]);
+    std::fs::remove_dir_all(env.src().join("n")).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "stale"), 100, "{project}");
+    assert!(!env.dst().join("n").exists(), "{project}");
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -184,6 +184,26 @@ impl From<std::io::Error> for Failure {
     }
 }
 
+/// The source file a file event's blob names, opened to copy; `None` for an event that
+/// carries its bytes (or is no file).
+fn open_source(event: &Event) -> Result<Option<File>, Failure> {
+    let Some(blob) = event.blob.as_ref().filter(|_| {
+        !matches!(event.kind.as_str(), "dir" | "symlink")
+            && !matches!(event.body, Some(Body::Base64(_)))
+    }) else {
+        return Ok(None);
+    };
+    let Some(path) = pathkey::decode(&blob.locator) else {
+        return Err(Failure::Permanent(
+            "blob locator is not a valid path".into(),
+        ));
+    };
+    match File::open(OsStr::from_bytes(&path)) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) => Err(source_open_failure(&e, &blob.locator)),
+    }
+}
+
 /// What an upsert makes of a source file it cannot open to copy. Nothing there, or no
 /// longer a file there (a parent the source made a file: `ENOTDIR`; a link loop: `ELOOP`;
 /// a directory: `EISDIR`): the item moved on since its scan, and a newer event follows,
@@ -595,6 +615,10 @@ impl Inner {
 
     fn upsert(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
         let path = self.resolve(&event.key)?;
+        // The source first: a file gone from it (a newer event follows) is stale before
+        // anything is made on the target. Opened after its parents were made, a stale
+        // file's directory was made again after the batch had deleted it, and stayed.
+        let mut source = open_source(event)?;
         self.prepare_parents(&path)?;
         // A directory's event decides `created` from the lstat and the implicit set
         // together, while no file below it can create it in between.
@@ -699,11 +723,11 @@ impl Inner {
                         return Ok(Outcome::Adopted);
                     }
                 }
-                if existing.is_none() && self.create_in_place(&path, event, mode)? {
+                if existing.is_none() && self.create_in_place(&path, event, mode, &mut source)? {
                     return Ok(fresh);
                 }
                 let tmp = self.tmp_path()?;
-                let written = self.write_tmp(&tmp, event, mode);
+                let written = self.write_tmp(&tmp, event, mode, &mut source);
                 if let Err(e) = written {
                     let _ = fs::remove_file(&tmp);
                     return Err(e);
@@ -793,8 +817,14 @@ impl Inner {
     }
 
     /// Writes the event's bytes to a new file at `tmp`.
-    fn write_tmp(&self, tmp: &Path, event: &Event, mode: u32) -> Result<(), Failure> {
-        self.write_into(&mut File::create(tmp)?, event, mode)
+    fn write_tmp(
+        &self,
+        tmp: &Path,
+        event: &Event,
+        mode: u32,
+        source: &mut Option<File>,
+    ) -> Result<(), Failure> {
+        self.write_into(&mut File::create(tmp)?, event, mode, source)
     }
 
     /// Writes a new file as an unnamed inode in its own directory (`O_TMPFILE`) and links
@@ -804,7 +834,13 @@ impl Inner {
     /// directory, ext4 spent half of an initial sync of 100k files searching one block
     /// group for free inodes. `Ok(false)`: not done (no `O_TMPFILE` or `/proc` here, or
     /// the name was taken meanwhile); the caller writes it the usual way.
-    fn create_in_place(&self, path: &Path, event: &Event, mode: u32) -> Result<bool, Failure> {
+    fn create_in_place(
+        &self,
+        path: &Path,
+        event: &Event,
+        mode: u32,
+        source: &mut Option<File>,
+    ) -> Result<bool, Failure> {
         use rustix::fs::{AtFlags, Mode, OFlags, CWD};
         if self.no_tmpfile.load(Ordering::Relaxed) {
             return Ok(false);
@@ -836,7 +872,7 @@ impl Inner {
             Err(_) => return Ok(false),
         };
         let mut out = File::from(fd);
-        self.write_into(&mut out, event, mode)?;
+        self.write_into(&mut out, event, mode, source)?;
         self.changing(dir);
         let _place = self.place(path);
         // By descriptor when allowed: resolving `/proc/self/fd/N` for every new file cost
@@ -864,7 +900,13 @@ impl Inner {
     }
 
     /// Writes the event's bytes to `out`, checking them against the checksum on the way.
-    fn write_into(&self, out: &mut File, event: &Event, mode: u32) -> Result<(), Failure> {
+    fn write_into(
+        &self,
+        out: &mut File,
+        event: &Event,
+        mode: u32,
+        source: &mut Option<File>,
+    ) -> Result<(), Failure> {
         match (&event.body, &event.blob) {
             (Some(Body::Base64(bytes)), _) => {
                 if checksum_bytes(bytes) != event.checksum {
@@ -874,16 +916,16 @@ impl Inner {
                 }
                 out.write_all(bytes)?;
             }
-            (_, Some(blob)) => {
-                let Some(src) = pathkey::decode(&blob.locator) else {
-                    return Err(Failure::Permanent(
-                        "blob locator is not a valid path".into(),
-                    ));
+            (_, Some(_)) => {
+                // Opened by the upsert; read from the start again when a first write into
+                // another file gave up (a name taken meanwhile).
+                let src = match source {
+                    Some(f) => f,
+                    None => source.insert(open_source(event)?.ok_or_else(|| {
+                        Failure::Permanent("file event carries neither body nor blob".into())
+                    })?),
                 };
-                let mut src = match File::open(OsStr::from_bytes(&src)) {
-                    Ok(f) => f,
-                    Err(e) => return Err(source_open_failure(&e, &blob.locator)),
-                };
+                std::io::Seek::rewind(src)?;
                 let copied = with_read_buffer(|buf| {
                     let mut hasher = ChecksumWriter::new();
                     loop {
