@@ -2372,17 +2372,22 @@ fn compact_never_leaves_a_bigger_state() {
             );
         }
     }
-    env.ok(&["--quiet", "sync"]);
-    // Any open of the database after a run that wrote writes sled's snapshot anew (as
-    // `status` does here); measured after it, compaction itself adds nothing.
-    env.ok(&["status"]);
-    let before = dir_size(&env.path("state/db"));
-    let text = env.ok(&["compact"]);
-    let after = dir_size(&env.path("state/db"));
-    assert!(
-        after <= before,
-        "{before} bytes before, {after} after: {text}"
-    );
+    // A sync, then `compact`, which must leave no more bytes than it found. Any open of
+    // the database after a run that wrote writes sled's snapshot anew (as `status` does
+    // here); measured after it, compaction itself adds nothing.
+    let sync_and_compact = || {
+        env.ok(&["--quiet", "sync"]);
+        env.ok(&["status"]);
+        let before = dir_size(&env.path("state/db"));
+        let text = env.ok(&["compact"]);
+        let after = dir_size(&env.path("state/db"));
+        assert!(
+            after <= before,
+            "{before} bytes before, {after} after: {text}"
+        );
+        text
+    };
+    let text = sync_and_compact();
     assert!(
         text.contains("nothing to reclaim") && text.contains("kept as it is"),
         "{text}"
@@ -2397,15 +2402,7 @@ fn compact_never_leaves_a_bigger_state() {
             format!("file 2 {i}, changed"),
         );
     }
-    env.ok(&["--quiet", "sync"]);
-    env.ok(&["status"]);
-    let before = dir_size(&env.path("state/db"));
-    let text = env.ok(&["compact"]);
-    let after = dir_size(&env.path("state/db"));
-    assert!(
-        after <= before,
-        "{before} bytes before, {after} after: {text}"
-    );
+    sync_and_compact();
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], 0, "{scan}");
     assert_eq!(project["events"], 0, "{project}");
