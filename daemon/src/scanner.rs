@@ -445,7 +445,7 @@ impl Scanner {
         tokio::pin!(stopped);
         // A log that does not answer (a Kafka broker down) must not hold up a shutdown: a
         // catch-up cut short is done again by the next scan, as its mark did not move.
-        tokio::select! {
+        let caught_up = tokio::select! {
             biased;
             caught_up = self.catch_up(&mut known, write) => caught_up?,
             _ = &mut stopped => {
@@ -453,7 +453,7 @@ impl Scanner {
                 info!(pipeline = %self.pipeline, "scan interrupted before it listed anything");
                 return Ok(());
             }
-        }
+        };
         let mut listing_done = false;
         let mut fetching: FuturesUnordered<Fetch> = FuturesUnordered::new();
         let mut pending = Pending::default();
@@ -568,7 +568,7 @@ impl Scanner {
         }
         if let Sink::Log = sink {
             known.store().map_err(self.state_err())?;
-            if record.upserts + record.deletes > 0 {
+            if caught_up && record.upserts + record.deletes > 0 {
                 self.mark_covered(stop).await?;
             }
         }
@@ -645,7 +645,22 @@ impl Scanner {
     /// with the mark of another log (`log migrate` maps it; a config naming another topic),
     /// takes its index as it is and marks the log's heads now, durably, before anything is
     /// appended. A dry run (`write` false) replays into memory only.
-    async fn catch_up(&self, known: &mut Digest, write: bool) -> Result<(), ScanError> {
+    ///
+    /// `Ok(false)`: the log could not be read (a Kafka broker down), and the scan goes on
+    /// with the index as it is, as scans did before marks were kept (so one that finds
+    /// nothing to append still records its result, a tripped delete guard included); it
+    /// then leaves the mark where it was, and the next scan catches up.
+    async fn catch_up(&self, known: &mut Digest, write: bool) -> Result<bool, ScanError> {
+        match self.try_catch_up(known, write).await {
+            Err(ScanError::Read { source, .. }) => {
+                debug!(pipeline = %self.pipeline, "the log cannot be read to bring the source index up to it ({source}); this scan goes on with the index as it is, and the next one catches up");
+                Ok(false)
+            }
+            done => done.map(|()| true),
+        }
+    }
+
+    async fn try_catch_up(&self, known: &mut Digest, write: bool) -> Result<(), ScanError> {
         let marks = self.state.index_marks().map_err(self.state_err())?;
         let log = self.log.identity();
         let heads = self.heads().await.map_err(self.read_err())?;
