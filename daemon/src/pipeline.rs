@@ -316,21 +316,16 @@ impl Pipeline {
         let mut committed = 0;
         let mut oldest: Option<chrono::DateTime<Utc>> = None;
         let mut partitions = Vec::new();
-        let replays = self
-            .state
-            .replays_if_any()
-            .map_err(|source| PipelineError::State {
-                pipeline: self.config.name.clone(),
-                source,
-            })?;
+        let state_err = |source| PipelineError::State {
+            pipeline: self.config.name.clone(),
+            source,
+        };
+        let replays = self.state.replays_if_any().map_err(state_err)?;
         for p in 0..self.log.partitions() {
             let replay = match &replays {
                 Some(r) => r
                     .get(&format!("{}/{p}", self.config.name))
-                    .map_err(|source| PipelineError::State {
-                        pipeline: self.config.name.clone(),
-                        source,
-                    })?,
+                    .map_err(state_err)?,
                 None => None,
             };
             let read_err = |source| ProjectError::Read {
