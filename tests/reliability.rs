@@ -969,3 +969,50 @@ fn a_target_directory_removed_is_not_made_again_empty() {
     env.ok(&["project"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A filesystem unmounted while tidemark was stopped leaves an empty mountpoint where the
+/// target was. Taken for the target, the applied state would skip everything it holds
+/// and write only what comes next into the mountpoint, while lag read 0.
+#[test]
+fn a_target_found_empty_at_start_is_not_taken_for_the_mirror() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("a/x.txt"), "x");
+    write(env.src().join("y.txt"), "y");
+    env.sync();
+    // What an unmount leaves: the same path, empty (or holding only tidemark's own
+    // scratch directory).
+    std::fs::remove_dir_all(env.dst()).unwrap();
+    std::fs::create_dir_all(env.dst().join(".tidemark-tmp")).unwrap();
+    write(env.src().join("z.txt"), "z");
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is empty", env.dst().display()))
+            && stderr.contains("but items were applied to it")
+            && stderr.contains("replay --pipeline t --from 0"),
+        "{stderr}"
+    );
+    assert!(
+        !env.dst().join("z.txt").exists(),
+        "the change went into the empty target"
+    );
+
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["project"]);
+    assert_eq!(
+        std::fs::read_to_string(env.dst().join("a/x.txt")).unwrap(),
+        "x"
+    );
+    // The refused run appended nothing: the next scan brings the new file.
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+    // A source emptied on purpose (nothing applied any more) leaves an empty target that
+    // the next run takes as it is.
+    std::fs::remove_dir_all(env.src()).unwrap();
+    std::fs::create_dir(env.src()).unwrap();
+    env.ok(&["sync"]);
+    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 0);
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}
