@@ -1619,3 +1619,120 @@ fn an_item_missed_because_pages_shifted_is_asked_for_and_not_deleted() {
     assert_rest_mirror(&dev, &prod);
     assert_verified(&env);
 }
+
+/// Runs `tidemark ARGS --output json` to its end, or kills it and fails the test after
+/// `limit`: a run that never ends is the finding, not a hung test.
+fn run_within(env: &Env, args: &[&str], limit: Duration) -> (Option<i32>, Value, String) {
+    let out = std::fs::File::create(env.path("run.out")).unwrap();
+    let err = std::fs::File::create(env.path("run.err")).unwrap();
+    let mut args = args.to_vec();
+    args.extend(["--output", "json"]);
+    let mut child = env.cmd(&args).stdout(out).stderr(err).spawn().unwrap();
+    let status = wait_for(limit, || child.try_wait().unwrap());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stderr = std::fs::read_to_string(env.path("run.err")).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "tidemark {args:?} did not end within {limit:?}; its log ends:\n{}",
+            &stderr[stderr.len().saturating_sub(3000)..]
+        )
+    });
+    let stdout = std::fs::read_to_string(env.path("run.out")).unwrap();
+    let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (status.code(), v, stderr)
+}
+
+/// An API that does not read the page parameter answers every page as the first. Without
+/// a total count a full page never ends such a listing, and the scan never ended (review
+/// finding): a `sync` hung, and a daemon never scanned again. A page holding only items
+/// the listing already read is now a listing error naming the kind, what the page held
+/// and the setting to check: the scan is degraded and deletes nothing. The same for an
+/// offset the API ignores, a cursor that brings the same page again, and a `Link` to a
+/// page already read.
+#[test]
+fn pagination_that_goes_round_is_a_listing_error_not_an_endless_scan() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(3));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    // A comment deleted in dev: a scan that believed its listing would delete it on prod.
+    let gone = dev.all("comments")[0]["id"].clone();
+    dev.delete("comments", &gone);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let users =
+        "path = \"/users\"\nname_field = \"/name\"\npagination = { style = \"page\", size = 50 }";
+    assert!(config.contains(users), "{config}");
+    // json-server reads neither `pg`, `from` nor `after`, and sends no `x-no-total`.
+    for (kind, expected) in [
+        (
+            "path = \"/users\"\npagination = { style = \"page\", page_param = \"pg\", size = 2, total_header = \"x-no-total\" }",
+            vec![
+                "page 2 answers as an earlier page: it holds only items this listing already read (2 items, the first with the id `1000` at `/id`)",
+                "does not seem to read the page number from `pg`",
+                "Check the kind's `page_param`",
+            ],
+        ),
+        (
+            "path = \"/users\"\npagination = { style = \"offset\", offset_param = \"from\", limit_param = \"_limit\", size = 2, total_header = \"x-no-total\" }",
+            vec![
+                "the answer at offset 2 repeats earlier ones",
+                "does not seem to read the offset from `from`",
+                "Check the kind's `offset_param`",
+            ],
+        ),
+        (
+            "path = \"/users?_limit=2\"\npagination = { style = \"cursor\", cursor_pointer = \"/1/id\", cursor_param = \"after\" }",
+            vec![
+                "the page repeats earlier pages",
+                "check the kind's `cursor_param` and `cursor_pointer`",
+            ],
+        ),
+    ] {
+        env.write_config(&config.replace(users, &format!("{kind}\nname_field = \"/name\"")));
+        let (code, v, stderr) = run_within(&env, &["sync"], Duration::from_secs(60));
+        assert_eq!(code, Some(3), "a listing that goes round is degraded: {stderr}");
+        let scan = &v[0]["scan"];
+        assert_eq!(scan["deletes"], 0, "{scan}");
+        let message = scan["message"].as_str().unwrap_or_default();
+        assert!(message.contains("cannot list kind `users`"), "{message}");
+        for part in expected {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+    }
+
+    // Page 2 of a `Link` listing links back to page 1.
+    env.write_config(&config.replace(
+        users,
+        "path = \"/users?_page=1&_limit=2\"\nname_field = \"/name\"\npagination = { style = \"link\" }",
+    ));
+    *dev_proxy.faults.link_next.lock().unwrap() =
+        Some(("/users?_page=2".into(), "/users?_page=1&_limit=2".into()));
+    let (code, v, stderr) = run_within(&env, &["sync"], Duration::from_secs(60));
+    assert_eq!(code, Some(3), "{stderr}");
+    let scan = &v[0]["scan"];
+    assert_eq!(scan["deletes"], 0, "{scan}");
+    let message = scan["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cannot list kind `users`")
+            && message.contains(&format!(
+                "leads back to {}/users?_page=1&_limit=2, a page this listing already read",
+                dev_proxy.url()
+            ))
+            && message.contains("check the kind's `path` and `pagination`"),
+        "{message}"
+    );
+    assert_eq!(prod.all("comments").len(), 12, "no delete may reach prod");
+
+    // Listed as json-server pages, the comment's delete goes through.
+    *dev_proxy.faults.link_next.lock().unwrap() = None;
+    env.write_config(&config);
+    let (scan, _) = env.sync();
+    assert_eq!(scan["deletes"], 1, "{scan}");
+    assert_rest_mirror(&dev, &prod);
+}

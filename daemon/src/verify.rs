@@ -673,6 +673,7 @@ async fn verify_http(
             tk.path.clone(),
             tk.pagination.clone(),
             tk.items.clone(),
+            tk.id_field.clone(),
             4,
         );
         while let Some(next) = items.next().await {
