@@ -1736,3 +1736,105 @@ fn pagination_that_goes_round_is_a_listing_error_not_an_endless_scan() {
     assert_eq!(scan["deletes"], 1, "{scan}");
     assert_rest_mirror(&dev, &prod);
 }
+
+/// Lines of `log` that give, at warn level, the warning of items a scan did not list but
+/// the source still has.
+fn kept_warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("WARN") && l.contains("items this scan did not list are still in the source")
+        })
+        .collect()
+}
+
+/// A user that left the filter of its kind's `path` (`?active=true`), with
+/// `confirm_deletes` on, is missed by every scan and kept, as the source still has it. The
+/// daemon warned of it at every scan, several times a second with a short
+/// `scan_interval` (review finding). It is warned of once, and again when the items kept
+/// change; a one-shot `sync` still warns.
+#[test]
+fn items_kept_scan_after_scan_are_warned_of_once_per_change() {
+    let env = rest_env();
+    let db = dev_db(4);
+    let dev = JsonServer::start(env.dir.path(), "dev", &json!({"users": db["users"]}));
+    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": []}));
+    env.write_config(&format!(
+        r#"state_dir = "state"
+listen = "127.0.0.1:0"
+shutdown_timeout = "20s"
+
+[[pipeline]]
+name = "t"
+scan_interval = "200ms"
+max_delete = "100%"
+
+[pipeline.source.http]
+base_url = "{}"
+
+[[pipeline.source.http.kind]]
+name = "users"
+path = "/users?active=true"
+name_field = "/name"
+
+[pipeline.target.http]
+base_url = "{}"
+prune = true
+
+[[pipeline.target.http.kind]]
+name = "users"
+path = "/users"
+find = "/users?name={{name}}"
+"#,
+        dev.url(),
+        prod.url()
+    ));
+    let (scan, _) = env.sync();
+    assert_eq!(scan["upserts"], 2, "user-0 and user-2 are active: {scan}");
+
+    // user-0 leaves the filter: a one-shot sync warns of it.
+    let user = |i: usize| db["users"][i].clone();
+    let mut off = user(0);
+    off["active"] = json!(false);
+    dev.put("users", &off["id"], off.clone());
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warned = kept_warnings(&stderr);
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert!(warned[0].contains("not deleted: users 1000."), "{stderr}");
+
+    // The daemon: several scans miss user-0 again; one warning.
+    let daemon = env.spawn_daemon();
+    let scans = |n: usize| {
+        wait_for(Duration::from_secs(60), || {
+            (env.daemon_log().matches("scan finished").count() >= n).then_some(())
+        })
+        .unwrap_or_else(|| panic!("fewer than {n} scans:\n{}", env.daemon_log()))
+    };
+    scans(6);
+    let log = env.daemon_log();
+    let warned = kept_warnings(&log);
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("not deleted: users 1000."), "{log}");
+    assert!(
+        log.contains("DEBUG")
+            && log.contains("(the same items as at the last scan; warned of when they began)"),
+        "the repeats are at debug: {log}"
+    );
+
+    // user-2 leaves too: the items kept changed, so they are warned of again, once.
+    let mut off = user(2);
+    off["active"] = json!(false);
+    dev.put("users", &off["id"], off.clone());
+    let before = env.daemon_log().matches("scan finished").count();
+    scans(before + 6);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let log = env.daemon_log();
+    let warned = kept_warnings(&log);
+    assert_eq!(warned.len(), 2, "{log}");
+    assert!(
+        warned[1].contains("2 items this scan did not list")
+            && warned[1].contains("not deleted: users 1000, users 1014."),
+        "{log}"
+    );
+    assert_eq!(prod.all("users").len(), 2, "nothing deleted on prod");
+}
