@@ -1635,9 +1635,12 @@ fn run_within(env: &Env, args: &[&str], limit: Duration) -> (Option<i32>, Value,
     }
     let stderr = std::fs::read_to_string(env.path("run.err")).unwrap_or_default();
     let status = status.unwrap_or_else(|| {
+        let tail = (stderr.len().saturating_sub(3000)..)
+            .find(|&i| stderr.is_char_boundary(i))
+            .unwrap_or(0);
         panic!(
             "tidemark {args:?} did not end within {limit:?}; its log ends:\n{}",
-            &stderr[stderr.len().saturating_sub(3000)..]
+            &stderr[tail..]
         )
     });
     let stdout = std::fs::read_to_string(env.path("run.out")).unwrap();
