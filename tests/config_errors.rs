@@ -203,6 +203,33 @@ fn durations_of_zero_are_refused() {
     refused(&text, "shutdown_timeout", "shutdown_timeout");
 }
 
+/// `pagination = { style = "page", size = 0 }` was accepted, and every page asked the API
+/// for no items (issue): a page `size` of 0 is refused on its line, on either side and
+/// for `offset` pagination too, naming the kind's `pagination.size`.
+#[test]
+fn a_page_size_of_zero_is_refused() {
+    let text = api_to_api("http://127.0.0.1:19961", "", "http://127.0.0.1:19962", "").replacen(
+        "path = \"/users\"\n",
+        "path = \"/users\"\npagination = { style = \"page\", size = 0 }\n",
+        1,
+    );
+    let err = refused(
+        &text,
+        "size = 0",
+        "pipeline.t.source.http.kind.users.pagination.size",
+    );
+    assert!(err.contains("`size` must be at least 1"), "{err}");
+    let text = format!(
+        "{}pagination = {{ style = \"offset\",\n  size = 0 }}\n",
+        api_to_api("http://127.0.0.1:19961", "", "http://127.0.0.1:19962", "")
+    );
+    refused(
+        &text,
+        "size = 0",
+        "pipeline.t.target.http.kind.users.pagination.size",
+    );
+}
+
 /// `DEV_API_TOKEN=` was accepted and sent `Authorization: Bearer ` (issue): an empty (or
 /// blank) variable is refused by the commands that talk to the API, on the line of its
 /// key, naming the variable; those that talk to none start without it, as without an

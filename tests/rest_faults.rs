@@ -1619,3 +1619,225 @@ fn an_item_missed_because_pages_shifted_is_asked_for_and_not_deleted() {
     assert_rest_mirror(&dev, &prod);
     assert_verified(&env);
 }
+
+/// Runs `tidemark ARGS --output json` to its end, or kills it and fails the test after
+/// `limit`: a run that never ends is the finding, not a hung test.
+fn run_within(env: &Env, args: &[&str], limit: Duration) -> (Option<i32>, Value, String) {
+    let out = std::fs::File::create(env.path("run.out")).unwrap();
+    let err = std::fs::File::create(env.path("run.err")).unwrap();
+    let mut args = args.to_vec();
+    args.extend(["--output", "json"]);
+    let mut child = env.cmd(&args).stdout(out).stderr(err).spawn().unwrap();
+    let status = wait_for(limit, || child.try_wait().unwrap());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let stderr = std::fs::read_to_string(env.path("run.err")).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        let tail = (stderr.len().saturating_sub(3000)..)
+            .find(|&i| stderr.is_char_boundary(i))
+            .unwrap_or(0);
+        panic!(
+            "tidemark {args:?} did not end within {limit:?}; its log ends:\n{}",
+            &stderr[tail..]
+        )
+    });
+    let stdout = std::fs::read_to_string(env.path("run.out")).unwrap();
+    let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (status.code(), v, stderr)
+}
+
+/// An API that does not read the page parameter answers every page as the first. Without
+/// a total count a full page never ends such a listing, and the scan never ended (review
+/// finding): a `sync` hung, and a daemon never scanned again. A page holding only items
+/// the listing already read is now a listing error naming the kind, what the page held
+/// and the setting to check: the scan is degraded and deletes nothing. The same for an
+/// offset the API ignores, a cursor that brings the same page again, and a `Link` to a
+/// page already read.
+#[test]
+fn pagination_that_goes_round_is_a_listing_error_not_an_endless_scan() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(3));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    env.sync();
+    assert_rest_mirror(&dev, &prod);
+    // A comment deleted in dev: a scan that believed its listing would delete it on prod.
+    let gone = dev.all("comments")[0]["id"].clone();
+    dev.delete("comments", &gone);
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let users =
+        "path = \"/users\"\nname_field = \"/name\"\npagination = { style = \"page\", size = 50 }";
+    assert!(config.contains(users), "{config}");
+    // json-server reads neither `pg`, `from` nor `after`, and sends no `x-no-total`.
+    for (kind, expected) in [
+        (
+            "path = \"/users\"\npagination = { style = \"page\", page_param = \"pg\", size = 2, total_header = \"x-no-total\" }",
+            vec![
+                "page 2 answers as an earlier page: it holds only items this listing already read (2 items, the first with the id `1000` at `/id`)",
+                "does not seem to read the page number from `pg`",
+                "Check the kind's `page_param`",
+            ],
+        ),
+        (
+            "path = \"/users\"\npagination = { style = \"offset\", offset_param = \"from\", limit_param = \"_limit\", size = 2, total_header = \"x-no-total\" }",
+            vec![
+                "the answer at offset 2 repeats earlier ones",
+                "does not seem to read the offset from `from`",
+                "Check the kind's `offset_param`",
+            ],
+        ),
+        (
+            "path = \"/users?_limit=2\"\npagination = { style = \"cursor\", cursor_pointer = \"/1/id\", cursor_param = \"after\" }",
+            vec![
+                "the page repeats earlier pages",
+                "check the kind's `cursor_param` and `cursor_pointer`",
+            ],
+        ),
+    ] {
+        env.write_config(&config.replace(users, &format!("{kind}\nname_field = \"/name\"")));
+        let (code, v, stderr) = run_within(&env, &["sync"], Duration::from_secs(60));
+        assert_eq!(code, Some(3), "a listing that goes round is degraded: {stderr}");
+        let scan = &v[0]["scan"];
+        assert_eq!(scan["deletes"], 0, "{scan}");
+        let message = scan["message"].as_str().unwrap_or_default();
+        assert!(message.contains("cannot list kind `users`"), "{message}");
+        for part in expected {
+            assert!(message.contains(part), "{part:?} not in: {message}");
+        }
+    }
+
+    // Page 2 of a `Link` listing links back to page 1.
+    env.write_config(&config.replace(
+        users,
+        "path = \"/users?_page=1&_limit=2\"\nname_field = \"/name\"\npagination = { style = \"link\" }",
+    ));
+    *dev_proxy.faults.link_next.lock().unwrap() =
+        Some(("/users?_page=2".into(), "/users?_page=1&_limit=2".into()));
+    let (code, v, stderr) = run_within(&env, &["sync"], Duration::from_secs(60));
+    assert_eq!(code, Some(3), "{stderr}");
+    let scan = &v[0]["scan"];
+    assert_eq!(scan["deletes"], 0, "{scan}");
+    let message = scan["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cannot list kind `users`")
+            && message.contains(&format!(
+                "leads back to {}/users?_page=1&_limit=2, a page this listing already read",
+                dev_proxy.url()
+            ))
+            && message.contains("check the kind's `path` and `pagination`"),
+        "{message}"
+    );
+    assert_eq!(prod.all("comments").len(), 12, "no delete may reach prod");
+
+    // Listed as json-server pages, the comment's delete goes through.
+    *dev_proxy.faults.link_next.lock().unwrap() = None;
+    env.write_config(&config);
+    let (scan, _) = env.sync();
+    assert_eq!(scan["deletes"], 1, "{scan}");
+    assert_rest_mirror(&dev, &prod);
+}
+
+/// Lines of `log` that give, at warn level, the warning of items a scan did not list but
+/// the source still has.
+fn kept_warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("WARN") && l.contains("items this scan did not list are still in the source")
+        })
+        .collect()
+}
+
+/// A user that left the filter of its kind's `path` (`?active=true`), with
+/// `confirm_deletes` on, is missed by every scan and kept, as the source still has it. The
+/// daemon warned of it at every scan, several times a second with a short
+/// `scan_interval` (review finding). It is warned of once, and again when the items kept
+/// change; a one-shot `sync` still warns.
+#[test]
+fn items_kept_scan_after_scan_are_warned_of_once_per_change() {
+    let env = rest_env();
+    let db = dev_db(4);
+    let dev = JsonServer::start(env.dir.path(), "dev", &json!({"users": db["users"]}));
+    let prod = JsonServer::start(env.dir.path(), "prod", &json!({"users": []}));
+    env.write_config(&format!(
+        r#"state_dir = "state"
+listen = "127.0.0.1:0"
+shutdown_timeout = "20s"
+
+[[pipeline]]
+name = "t"
+scan_interval = "200ms"
+max_delete = "100%"
+
+[pipeline.source.http]
+base_url = "{}"
+
+[[pipeline.source.http.kind]]
+name = "users"
+path = "/users?active=true"
+name_field = "/name"
+
+[pipeline.target.http]
+base_url = "{}"
+prune = true
+
+[[pipeline.target.http.kind]]
+name = "users"
+path = "/users"
+find = "/users?name={{name}}"
+"#,
+        dev.url(),
+        prod.url()
+    ));
+    let (scan, _) = env.sync();
+    assert_eq!(scan["upserts"], 2, "user-0 and user-2 are active: {scan}");
+
+    // user-0 leaves the filter: a one-shot sync warns of it.
+    let user = |i: usize| db["users"][i].clone();
+    let mut off = user(0);
+    off["active"] = json!(false);
+    dev.put("users", &off["id"], off.clone());
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warned = kept_warnings(&stderr);
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert!(warned[0].contains("not deleted: users 1000."), "{stderr}");
+
+    // The daemon: several scans miss user-0 again; one warning.
+    let daemon = env.spawn_daemon();
+    let scans = |n: usize| {
+        wait_for(Duration::from_secs(60), || {
+            (env.daemon_log().matches("scan finished").count() >= n).then_some(())
+        })
+        .unwrap_or_else(|| panic!("fewer than {n} scans:\n{}", env.daemon_log()))
+    };
+    scans(6);
+    let log = env.daemon_log();
+    let warned = kept_warnings(&log);
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("not deleted: users 1000."), "{log}");
+    assert!(
+        log.contains("DEBUG")
+            && log.contains("(the same items as at the last scan; warned of when they began)"),
+        "the repeats are at debug: {log}"
+    );
+
+    // user-2 leaves too: the items kept changed, so they are warned of again, once.
+    let mut off = user(2);
+    off["active"] = json!(false);
+    dev.put("users", &off["id"], off.clone());
+    let before = env.daemon_log().matches("scan finished").count();
+    scans(before + 6);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let log = env.daemon_log();
+    let warned = kept_warnings(&log);
+    assert_eq!(warned.len(), 2, "{log}");
+    assert!(
+        warned[1].contains("2 items this scan did not list")
+            && warned[1].contains("not deleted: users 1000, users 1014."),
+        "{log}"
+    );
+    assert_eq!(prod.all("users").len(), 2, "nothing deleted on prod");
+}

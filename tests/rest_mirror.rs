@@ -1031,6 +1031,65 @@ fn verify_names_a_missing_item_and_says_why_a_failed_one_is_missing() {
     );
 }
 
+/// `verify` named the items only prod has by dev id alone, or as `(target id 3)` when no
+/// dev id maps to them, where the items it is missing or finds different are named as
+/// `plan` names them (review finding): each is now named with its prod id and its name
+/// there, in the text and in JSON.
+#[test]
+fn verify_names_the_items_only_the_target_has() {
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(1));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "");
+    env.sync();
+    // Made on prod by hand, and deleted in dev since the last sync.
+    let stray = prod.post(
+        "users",
+        json!({"name": "stray", "active": true, "score": 0, "bio": ""}),
+    );
+    let gone = dev.all("comments")[0].clone();
+    dev.delete("comments", &gone["id"]);
+    let mirror = prod
+        .all("comments")
+        .into_iter()
+        .find(|c| c["name"] == gone["name"])
+        .unwrap();
+
+    let out = env.run(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    let stray_label = format!("users (target id {}) (\"stray\")", stray["id"]);
+    let gone_label = format!(
+        "comments {} ({}) at target id {}",
+        gone["id"], gone["name"], mirror["id"]
+    );
+    for line in [
+        format!("     extra {stray_label}\n"),
+        format!("     extra {gone_label}\n"),
+    ] {
+        assert!(text.contains(&line), "{line}: {text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("t: `tidemark sync` brings") && l.contains(&gone_label)),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("t: {stray_label}: never listed in the source"))),
+        "{text}"
+    );
+    let out = env.run(&["verify", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let extra = v[0]["report"]["extra"].as_array().unwrap().clone();
+    for item in [
+        json!({"kind": "users", "key": format!("(target id {})", stray["id"]), "name": "stray", "target_id": stray["id"].to_string()}),
+        json!({"kind": "comments", "key": gone["id"].to_string(), "name": gone["name"], "target_id": mirror["id"].to_string()}),
+    ] {
+        assert!(extra.contains(&item), "{item} not in {extra:?}");
+    }
+}
+
 /// An item deleted in dev and made again under a new id with the same name (a common way
 /// to "reset" a resource): one sync deletes the old mirror first and creates the new one,
 /// without writing to the item being deleted in between.

@@ -698,6 +698,13 @@ impl Config {
                             vec!["kind".into(), i.to_string(), k.into()],
                             format!(".kind.{}.{k}", kinds.get(i).copied().unwrap_or_default()),
                         ),
+                        At::Pagination(i, k) => (
+                            vec!["kind".into(), i.to_string(), "pagination".into(), k.into()],
+                            format!(
+                                ".kind.{}.pagination.{k}",
+                                kinds.get(i).copied().unwrap_or_default()
+                            ),
+                        ),
                     };
                     let prefix = [
                         "pipeline".to_string(),

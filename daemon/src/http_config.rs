@@ -465,7 +465,7 @@ pub enum Pagination {
         /// Page size parameter.
         #[serde(default = "default_size_param")]
         size_param: String,
-        /// Items per page.
+        /// Items per page; at least 1.
         #[serde(default = "default_page_size")]
         size: usize,
         /// Number of the first page.
@@ -486,7 +486,7 @@ pub enum Pagination {
         /// Limit parameter.
         #[serde(default = "default_limit_param")]
         limit_param: String,
-        /// Items per request.
+        /// Items per request; at least 1.
         #[serde(default = "default_page_size")]
         size: usize,
         /// Response header with the total number of items, when the API sends one.
@@ -527,6 +527,21 @@ fn one() -> usize {
 }
 fn default_pagination() -> Pagination {
     Pagination::None
+}
+
+impl Pagination {
+    /// Refuses a `size` of 0, on the kind at `index` (named `kind`): a page of no items
+    /// reads nothing, and the API would answer with its default page size or an error.
+    fn check(&self, index: usize, kind: &str) -> Result<(), Refused> {
+        match self {
+            Pagination::Page { size: 0, .. } | Pagination::Offset { size: 0, .. } => {
+                Err(At::Pagination(index, "size").refuse()(format!(
+                    "kind `{kind}`: pagination `size` must be at least 1: it is the number of items asked for per page (keep it within the API's maximum page size)"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A reference field and the kind it points to.
@@ -732,6 +747,8 @@ pub enum At {
     Entry(&'static str, usize),
     /// A key inside one `[[…kind]]`, with that kind's index.
     Kind(usize, &'static str),
+    /// A key inside the `pagination` table of one `[[…kind]]`, with that kind's index.
+    Pagination(usize, &'static str),
 }
 
 impl From<String> for Refused {
@@ -814,6 +831,7 @@ impl HttpSourceConfig {
                     .map_err(in_kind(i, "detail_path"))?;
             }
             check_pointer(&k.items, "items").map_err(in_kind(i, "items"))?;
+            k.pagination.check(i, &k.name)?;
             check_pointer(&k.id_field, "id_field").map_err(in_kind(i, "id_field"))?;
             if let Some(n) = &k.name_field {
                 check_pointer(n, "name_field").map_err(in_kind(i, "name_field"))?;
@@ -859,6 +877,7 @@ impl HttpTargetConfig {
                         .map_err(in_kind(i, what))?;
                 }
             }
+            k.pagination.check(i, &k.name)?;
             check_pointer(&k.id_field, "id_field").map_err(in_kind(i, "id_field"))?;
             check_pointer(&k.name_field, "name_field").map_err(in_kind(i, "name_field"))?;
             for s in &k.strip {

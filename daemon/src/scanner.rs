@@ -140,6 +140,12 @@ pub struct Scanner {
     /// lasts (every such scan is still degraded, and `status` shows why), and noted when
     /// it ends.
     absent_refs: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// The items (identities, sorted) that the last scan to decide its deletes did not
+    /// list although the source still has them, as warned of: the same items missed scan
+    /// after scan (a `path` that filters them out, with `confirm_deletes` on) are warned
+    /// of once, at debug while they stay the same, and again when they change. Empty once
+    /// a scan misses none.
+    kept_in_source: std::sync::Mutex<Vec<String>>,
     /// The scan running now, as far as it went, for `status`: a first scan of a large
     /// source takes minutes, and the log fills with its events meanwhile, while its record
     /// is written only at its end.
@@ -253,6 +259,7 @@ impl Scanner {
             warned_skipped: Default::default(),
             warned_items: Default::default(),
             absent_refs: Default::default(),
+            kept_in_source: Default::default(),
             running: Default::default(),
         }
     }
@@ -977,6 +984,7 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         let unseen = known.unseen();
         if unseen.is_empty() {
+            self.kept_in_source.lock().unwrap().clear();
             return Ok(());
         }
         let indexed = known.len();
@@ -1127,11 +1135,16 @@ impl Scanner {
             .into_iter()
             .partition(|id| absent.contains(&entry(id)));
         if back.is_empty() {
+            if all {
+                self.kept_in_source.lock().unwrap().clear();
+            }
             return Ok(sure.into_iter().chain(gone).collect());
         }
         if all {
             let n = back.len();
-            let named: Vec<String> = back
+            let mut kept = back;
+            kept.sort();
+            let named: Vec<String> = kept
                 .iter()
                 .take(10)
                 .map(|id| {
@@ -1140,12 +1153,27 @@ impl Scanner {
                 })
                 .collect();
             let more = if n > named.len() { ", …" } else { "" };
-            warn!(
-                pipeline = %self.pipeline,
-                items = n,
+            let changed = {
+                let mut last = self.kept_in_source.lock().unwrap();
+                let changed = *last != kept;
+                *last = kept;
+                changed
+            };
+            let message = format!(
                 "{n} items this scan did not list are still in the source, so they are not deleted: {}{more}. Most likely items before them were deleted while the pages were read, which shifts the rest; the next scan lists them. If it keeps happening, the kind's `path` leaves them out of its listing while they can still be read one by one: when it filters items out on purpose (`?active=true`), set `confirm_deletes = false` on the kind so that items leaving the filter are deleted",
                 named.join(", ")
             );
+            // Warned of when it begins or the items change; while the same items keep
+            // being missed, a daemon's every scan would repeat the same warning.
+            if changed {
+                warn!(pipeline = %self.pipeline, items = n, "{message}");
+            } else {
+                debug!(
+                    pipeline = %self.pipeline,
+                    items = n,
+                    "{message} (the same items as at the last scan; warned of when they began)"
+                );
+            }
         } else {
             debug!(
                 pipeline = %self.pipeline,

@@ -43,7 +43,8 @@ pub struct VerifyReport {
 }
 
 /// An item that is not on the target as it is in the source. JSON shows it as
-/// `{"kind", "key"}`, with `"name"` when the source names it.
+/// `{"kind", "key"}`, with `"name"` when the source names it (or, for a REST item only
+/// the target has, the target), and `"target_id"` for such an item.
 #[derive(Debug, Clone, Serialize)]
 pub struct Drifted {
     /// Kind of the item.
@@ -52,9 +53,14 @@ pub struct Drifted {
     /// to, `(target id …)`).
     pub key: String,
     /// The item's name in the source (a REST kind's `name_field`), since a REST key is an
-    /// id that says nothing to a person.
+    /// id that says nothing to a person; for a REST item only the target has, its name
+    /// there (the target kind's `name_field`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The id of a REST item only the target has, there: what a person looks it up by on
+    /// the target, where its source key (an id the source no longer has) says nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_id: Option<String>,
     /// The source's version of a missing or different item: whether the log holds it
     /// tells a sync from a replay as what brings the item back.
     #[serde(skip)]
@@ -72,6 +78,7 @@ impl Drifted {
             kind: kind.to_owned(),
             key: key.to_owned(),
             name: None,
+            target_id: None,
             version: None,
             fix: None,
         }
@@ -88,10 +95,29 @@ impl Drifted {
         item_identity(&self.kind, &self.key)
     }
 
-    /// How a person reads it: `kind key`, and its name when it has one.
-    pub fn label(&self) -> String {
-        item_label(&self.kind, &self.key, self.name.as_deref())
+    /// With the target's `id` of it and its `name` there: a REST item only the target
+    /// has.
+    fn on_target(mut self, id: String, name: Option<String>) -> Drifted {
+        self.target_id = Some(id);
+        self.name = name;
+        self
     }
+
+    /// How a person reads it: `kind key`, and its name when it has one; for a REST item
+    /// only the target has, its target id too (`users 1000 ("user-0") at target id 7`),
+    /// unless that is its key (`users (target id 7) ("stray")`: no source id maps to it).
+    pub fn label(&self) -> String {
+        let label = item_label(&self.kind, &self.key, self.name.as_deref());
+        match &self.target_id {
+            Some(id) if self.key != unmapped(id) => format!("{label} at target id {id}"),
+            _ => label,
+        }
+    }
+}
+
+/// The key `verify` gives a REST target item that no source id maps to.
+fn unmapped(target_id: &str) -> String {
+    format!("(target id {target_id})")
 }
 
 /// What brings a drifted item in line with the source, as the source index, the applied
@@ -141,8 +167,7 @@ impl VerifyReport {
     }
 
     /// Counts items only the target has as `extra`, or with prune off as `retained`.
-    fn only_in_target(&mut self, ids: impl IntoIterator<Item = String>) {
-        let items = ids.into_iter().map(|id| Drifted::new(&id));
+    fn only_in_target(&mut self, items: impl IntoIterator<Item = Drifted>) {
         if self.prune {
             self.extra.extend(items);
         } else {
@@ -559,7 +584,7 @@ async fn verify_items(
         target
             .keys()
             .filter(|k| !source.contains_key(*k) && !source_unread.hides(k, &source))
-            .cloned(),
+            .map(|id| Drifted::new(id)),
     );
     Ok(report)
 }
@@ -663,6 +688,8 @@ async fn verify_http(
     // Target: identity → comparable checksum, through the remap table.
     let client = Arc::new(HttpClient::new(&pipeline.name, "target", &t.endpoint));
     let mut dst: BTreeMap<String, String> = BTreeMap::new();
+    // Identity → the target's id and name of it, to name an item only the target has.
+    let mut on_target: HashMap<String, (String, Option<String>)> = HashMap::new();
     for kind in &s.kinds {
         let Some(tk) = t.kind(&kind.name) else {
             continue;
@@ -673,6 +700,7 @@ async fn verify_http(
             tk.path.clone(),
             tk.pagination.clone(),
             tk.items.clone(),
+            tk.id_field.clone(),
             4,
         );
         while let Some(next) = items.next().await {
@@ -691,8 +719,10 @@ async fn verify_http(
                 ));
                 continue;
             };
+            let name = item.pointer(&tk.name_field).and_then(id_string);
             let Some(key) = to_source.get(&(kind.name.clone(), tid.clone())) else {
-                report.only_in_target([format!("{}\0(target id {tid})", kind.name)]);
+                let id = item_identity(&kind.name, &unmapped(&tid));
+                report.only_in_target([Drifted::new(&id).on_target(tid, name)]);
                 continue;
             };
             if src.contains_key(&item_identity(&kind.name, key)) {
@@ -716,10 +746,9 @@ async fn verify_http(
                     None => {}
                 }
             }
-            dst.insert(
-                item_identity(&kind.name, key),
-                comparable(item, &kind.ignore, &tk.strip),
-            );
+            let id = item_identity(&kind.name, key);
+            dst.insert(id.clone(), comparable(item, &kind.ignore, &tk.strip));
+            on_target.insert(id, (tid, name));
         }
     }
     for (id, sum) in &src {
@@ -740,7 +769,10 @@ async fn verify_http(
     report.only_in_target(
         dst.keys()
             .filter(|k| !src.contains_key(*k) && !unread.hides(k, &src))
-            .cloned(),
+            .map(|id| match on_target.remove(id) {
+                Some((tid, name)) => Drifted::new(id).on_target(tid, name),
+                None => Drifted::new(id),
+            }),
     );
     Ok(report)
 }

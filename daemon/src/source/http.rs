@@ -41,13 +41,16 @@ impl HttpSource {
 
     /// Lists the items of one kind of `client`'s API, as raw JSON: for `verify`, and for
     /// the target's `prefetch_names`. A failed page ends the listing with an error, so a
-    /// reader can tell a complete listing from a partial one.
+    /// reader can tell a complete listing from a partial one. `id_field` is where an
+    /// item's id is: a page whose items were all listed before ends the listing with an
+    /// error, as pagination that goes round would never end ([`Seen`]).
     pub fn list_raw(
         client: Arc<HttpClient>,
         kind: String,
         path: String,
         pagination: Pagination,
         items: String,
+        id_field: String,
         page_concurrency: usize,
     ) -> mpsc::Receiver<Result<Value, ListError>> {
         let (mut tx, rx) = mpsc::channel(CHANNEL);
@@ -58,6 +61,7 @@ impl HttpSource {
                 path: &path,
                 pagination: &pagination,
                 items: &items,
+                id_field: &id_field,
                 page_concurrency,
             };
             pages.run(&mut tx).await;
@@ -80,7 +84,61 @@ struct Pager<'a> {
     path: &'a str,
     pagination: &'a Pagination,
     items: &'a str,
+    id_field: &'a str,
     page_concurrency: usize,
+}
+
+/// The items a listing has read so far (a hash of each one's id, or of the whole item when
+/// it has none), to tell pages that go round from pages that move on. An API that does
+/// not know the page (or offset) parameter answers every page as the first, a `Link` or
+/// a cursor can lead back to a page already read, and without a total count nothing else
+/// ends such a listing: the scan never ended. A page (not empty) whose items were all
+/// read before is taken for that. Pages that shifted a whole page while they were read
+/// (as many items created at once at the start) look the same; that listing is then
+/// incomplete anyway, and the next one reads them.
+struct Seen<'a> {
+    id_field: &'a str,
+    items: std::collections::HashSet<u64>,
+}
+
+impl<'a> Seen<'a> {
+    fn new(id_field: &'a str) -> Seen<'a> {
+        Seen {
+            id_field,
+            items: std::collections::HashSet::new(),
+        }
+    }
+
+    /// `None` when `items` brings anything new (recording it), or else what the page
+    /// held, for the error: how many items, and the id of the first.
+    fn again(&mut self, items: &[Value]) -> Option<String> {
+        use std::hash::{Hash, Hasher};
+        let hashes: Vec<u64> = items
+            .iter()
+            .map(|item| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                match item.pointer(self.id_field).and_then(id_string) {
+                    Some(id) => (0u8, id).hash(&mut h),
+                    None => (1u8, item.to_string()).hash(&mut h),
+                }
+                h.finish()
+            })
+            .collect();
+        if hashes.is_empty() || !hashes.iter().all(|h| self.items.contains(h)) {
+            self.items.extend(hashes);
+            return None;
+        }
+        let first = items[0]
+            .pointer(self.id_field)
+            .and_then(id_string)
+            .map_or(String::new(), |id| {
+                format!(", the first with the id `{id}` at `{}`", self.id_field)
+            });
+        Some(format!(
+            "it holds only items this listing already read ({} items{first})",
+            items.len()
+        ))
+    }
 }
 
 impl Pager<'_> {
@@ -156,7 +214,21 @@ impl Pager<'_> {
                 let url = |n: usize| {
                     self.with_params(&[(page_param, n.to_string()), (size_param, size.to_string())])
                 };
+                // A page answered as an earlier one: the API does not read `page_param`.
+                let again = |seen: &mut Seen,
+                             items: &[Value],
+                             resp: &crate::http::Response,
+                             n: usize| {
+                    seen.again(items).map_or(Ok(()), |held| {
+                        Err(format!(
+                            "GET {}: page {n} answers as an earlier page: {held}. The API does not seem to read the page number from `{page_param}` (an API answers a parameter it does not know with its first page), so the listing would never end. Check the kind's `page_param` (and `first`, the number of its first page)",
+                            resp.url
+                        ))
+                    })
+                };
+                let mut seen = Seen::new(self.id_field);
                 let (items, resp, _) = self.page(&url(*first)).await?;
+                seen.again(&items);
                 let total = total_of(&resp, total_header);
                 let got = items.len();
                 if let Some(total) = total.filter(|&t| got < *size && got < t) {
@@ -188,8 +260,11 @@ impl Pager<'_> {
                                 async move { self.page(&u).await }
                             })
                             .buffered(self.page_concurrency);
+                        let mut n = *first;
                         while let Some(page) = rest.next().await {
-                            let (items, _, _) = page?;
+                            let (items, resp, _) = page?;
+                            n += 1;
+                            again(&mut seen, &items, &resp, n)?;
                             listed += items.len();
                             if !self.send_all(tx, items).await {
                                 return Ok(());
@@ -200,7 +275,8 @@ impl Pager<'_> {
                     None => {
                         let mut n = first + 1;
                         loop {
-                            let (items, _, _) = self.page(&url(n)).await?;
+                            let (items, resp, _) = self.page(&url(n)).await?;
+                            again(&mut seen, &items, &resp, n)?;
                             let done = items.len() < *size;
                             if !self.send_all(tx, items).await || done {
                                 break;
@@ -221,6 +297,7 @@ impl Pager<'_> {
                 // an empty page) ends the listing, not a short page.
                 let mut offset = 0;
                 let mut total = None;
+                let mut seen = Seen::new(self.id_field);
                 loop {
                     let u = self.with_params(&[
                         (offset_param, offset.to_string()),
@@ -229,6 +306,12 @@ impl Pager<'_> {
                     let (items, resp, _) = self.page(&u).await?;
                     if offset == 0 {
                         total = total_of(&resp, total_header);
+                    }
+                    if let Some(held) = seen.again(&items) {
+                        return Err(format!(
+                            "GET {}: the answer at offset {offset} repeats earlier ones: {held}. The API does not seem to read the offset from `{offset_param}` (an API answers a parameter it does not know from the start), so the listing would never end. Check the kind's `offset_param`",
+                            resp.url
+                        ));
                     }
                     let n = items.len();
                     if !self.send_all(tx, items).await {
@@ -249,8 +332,22 @@ impl Pager<'_> {
             }
             Pagination::Link => {
                 let mut next = Some(self.path.to_owned());
+                let mut seen = Seen::new(self.id_field);
+                // The pages requested, as full URLs: a link back to one goes round.
+                let mut requested = std::collections::HashSet::new();
                 while let Some(u) = next.take() {
+                    requested.insert(
+                        self.client
+                            .url(&u)
+                            .map_or_else(|_| u.clone(), |u| normal(&u)),
+                    );
                     let (items, resp, _) = self.page(&u).await?;
+                    if let Some(held) = seen.again(&items) {
+                        return Err(format!(
+                            "GET {}: the page its previous page's `Link: rel=\"next\"` leads to repeats earlier pages: {held}, so the listing would never end. The API's next-page links go round: check the kind's `path` and `pagination` (`style = \"link\"` follows `rel=\"next\"` until a page has none)",
+                            resp.url
+                        ));
+                    }
                     let link = resp
                         .headers
                         .get_all(reqwest::header::LINK)
@@ -263,7 +360,16 @@ impl Pager<'_> {
                     // A link to another origin ends the listing with an error: the
                     // request would carry the credentials there.
                     if let Some(link) = link {
-                        next = Some(self.client.next_page(&u, &link)?);
+                        let to = self.client.next_page(&u, &link)?;
+                        if requested.contains(&normal(&to)) {
+                            return Err(format!(
+                                "GET {}: the next page's link (`Link: <{}>; rel=\"next\"`) leads back to {}, a page this listing already read, so the listing would never end. The API's next-page links go round: check the kind's `path` and `pagination` (`style = \"link\"` follows `rel=\"next\"` until a page has none)",
+                                resp.url,
+                                self.client.shown(&link),
+                                self.client.shown(&to)
+                            ));
+                        }
+                        next = Some(to);
                     }
                 }
             }
@@ -272,12 +378,30 @@ impl Pager<'_> {
                 cursor_param,
             } => {
                 let mut u = self.path.to_owned();
+                let mut seen = Seen::new(self.id_field);
+                let mut cursors = std::collections::HashSet::new();
+                let round = format!(
+                    "so the listing would never end. The API does not seem to read the cursor from `{cursor_param}`, or `{cursor_pointer}` is not where it puts the next page's cursor: check the kind's `cursor_param` and `cursor_pointer`"
+                );
                 loop {
-                    let (items, _, body) = self.page(&u).await?;
+                    let (items, resp, body) = self.page(&u).await?;
+                    if let Some(held) = seen.again(&items) {
+                        return Err(format!(
+                            "GET {}: the page repeats earlier pages: {held}, {round}",
+                            resp.url
+                        ));
+                    }
                     let cursor = body
                         .pointer(cursor_pointer)
                         .and_then(id_string)
                         .filter(|c| !c.is_empty());
+                    if let Some(c) = cursor.as_ref().filter(|c| !cursors.insert((*c).clone())) {
+                        return Err(format!(
+                            "GET {}: the next cursor at `{cursor_pointer}`, `{}`, was sent before, {round}",
+                            resp.url,
+                            excerpt(c, 60, "...")
+                        ));
+                    }
                     if !self.send_all(tx, items).await {
                         break;
                     }
@@ -290,6 +414,12 @@ impl Pager<'_> {
         }
         Ok(())
     }
+}
+
+/// `url` written one way (scheme and host in lower case, no default port), to tell a
+/// page requested before.
+fn normal(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(|_| url.to_owned(), String::from)
 }
 
 /// The total number of items a list response announces in `header`, if it does.
@@ -532,6 +662,7 @@ impl Source for HttpSource {
                     kind.path.clone(),
                     kind.pagination.clone(),
                     kind.items.clone(),
+                    kind.id_field.clone(),
                     page_concurrency,
                 );
                 // The ids listed so far, with the item's name: an id listed twice (a

@@ -225,6 +225,7 @@ impl HttpTarget {
             kind.path.clone(),
             kind.pagination.clone(),
             kind.items.clone(),
+            kind.id_field.clone(),
             self.page_concurrency,
         );
         let mut names: HashMap<String, Vec<Value>> = HashMap::new();
