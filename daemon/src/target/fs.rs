@@ -31,13 +31,6 @@ const TMP_SHARDS: u64 = 16;
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
 
-/// Whether `root` holds nothing but [`TMP_DIR`]. One that cannot be read counts as not
-/// empty: the writes that follow say why.
-fn is_empty_root(root: &Path) -> bool {
-    fs::read_dir(root)
-        .is_ok_and(|mut entries| entries.all(|e| e.is_ok_and(|e| e.file_name() == TMP_DIR)))
-}
-
 /// Whether `rel` (a path below the target root) is [`TMP_DIR`] or below it.
 fn in_scratch(rel: &Path) -> bool {
     rel.components().next() == Some(Component::Normal(OsStr::new(TMP_DIR)))
@@ -1156,22 +1149,13 @@ impl Target for DirTarget {
             .unwrap_or(Probe::Unknown)
     }
 
-    /// Also notes the root it finds, as the one this process writes to. An empty root
-    /// (nothing in it but `.tidemark-tmp/`) is missing too: it is what a filesystem
-    /// unmounted while tidemark was stopped leaves, and a projector that skipped what
-    /// its applied state says is there would write into the mountpoint only what comes
-    /// next.
+    /// Also notes the root it finds, as the one this process writes to.
     async fn missing(&self) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
-        let root = &self.inner.root;
-        match fs::metadata(root) {
+        match fs::metadata(&self.inner.root) {
             Err(e) if e.kind() == ErrorKind::NotFound => Some(format!(
                 "the target directory {} does not exist",
-                root.display()
-            )),
-            Ok(m) if m.is_dir() && is_empty_root(root) => Some(format!(
-                "the target directory {} is empty (its filesystem unmounted, or emptied by hand)",
-                root.display()
+                self.inner.root.display()
             )),
             Ok(m) if m.is_dir() => {
                 self.inner
