@@ -969,3 +969,44 @@ fn a_target_directory_removed_is_not_made_again_empty() {
     env.ok(&["project"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A target filesystem unmounted while tidemark was stopped leaves its empty mountpoint
+/// at the target's path. Taken for the target, the applied state would skip everything
+/// the filesystem holds and write only what comes next into the mountpoint, while lag
+/// read 0.
+#[test]
+fn a_target_filesystem_unmounted_while_stopped_is_not_taken_for_the_mirror() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a/x.txt"), "x");
+    write(env.src().join("y.txt"), "y");
+    let mount = Tmpfs::mount(&env.dst(), "8m");
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+    drop(mount);
+    write(env.src().join("z.txt"), "z");
+    for command in ["sync", "project"] {
+        let out = env.run(&[command]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "the target directory {} was the root of a mounted filesystem and is no longer one",
+                env.dst().display()
+            )) && stderr.contains("replay --pipeline t --from 0"),
+            "{command}: {stderr}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(env.dst()).unwrap().count(),
+        0,
+        "something was written into the mountpoint"
+    );
+    // Building the target anew where it is now, as the message says, is taken as the
+    // new normal.
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+    write(env.src().join("w.txt"), "w");
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -3187,8 +3187,16 @@ impl Projector {
     /// changes, skipping the events already applied would leave the new target empty
     /// while lag reads 0. A noted target that never got anything (a first run that the
     /// target refused: a read-only mount, a path that is a file) is no such target: the
-    /// configured one takes its place, and with `record` is noted instead.
+    /// configured one takes its place, and with `record` is noted instead. A target root
+    /// that is gone, or no longer the filesystem it was, is refused too
+    /// ([`Projector::check_mount`]).
     pub async fn check_target(&self, record: bool) -> Result<(), ProjectError> {
+        self.check_identity(record).await?;
+        self.check_mount(record).await
+    }
+
+    /// [`Projector::check_target`]'s check of what the target is, and of a root gone.
+    async fn check_identity(&self, record: bool) -> Result<(), ProjectError> {
         let now = self.target.identity();
         let targets = self.state.targets().map_err(self.err_state())?;
         let was = targets.get(&self.pipeline).map_err(self.err_state())?;
@@ -3227,6 +3235,36 @@ impl Projector {
                 Ok(())
             }
         }
+    }
+
+    /// Refuses a target root that was the root of a mounted filesystem when the projector
+    /// last started and no longer is, while items are applied: its filesystem was
+    /// unmounted while tidemark was stopped, and the empty mountpoint in its place would
+    /// be taken for the target (what comes next written into it, lag reading 0). With
+    /// `record`, notes what the root is now.
+    async fn check_mount(&self, record: bool) -> Result<(), ProjectError> {
+        let Some(now) = self.target.mounted().await else {
+            return Ok(());
+        };
+        let mounts = self.state.target_mounts().map_err(self.err_state())?;
+        let was = mounts.get(&self.pipeline).map_err(self.err_state())?;
+        if was == Some(true) && !now {
+            let applied = self.state.applied(&self.pipeline);
+            if !applied.map_err(self.err_state())?.is_empty() {
+                let target = self.target.identity();
+                let target = target.strip_prefix("dir ").unwrap_or(&target);
+                return Err(ProjectError::TargetMissing {
+                    pipeline: self.pipeline.clone(),
+                    missing: format!(
+                        "the target directory {target} was the root of a mounted filesystem and is no longer one (the filesystem was unmounted: this is the mountpoint under it)"
+                    ),
+                });
+            }
+        }
+        if record && was != Some(now) {
+            mounts.put(&self.pipeline, &now).map_err(self.err_state())?;
+        }
+        Ok(())
     }
 
     /// How long [`Projector::nothing_applied`] waits for the log's committed offsets.

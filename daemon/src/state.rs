@@ -457,6 +457,12 @@ impl State {
         self.records("targets")
     }
 
+    /// Whether each pipeline's target root was the root of a mounted filesystem when the
+    /// projector last started (`Target::mounted`), keyed by pipeline name.
+    pub fn target_mounts(&self) -> Result<Records<bool>, StateError> {
+        self.records("target-mounts")
+    }
+
     /// When each pipeline's projector last made progress (applied and committed a batch),
     /// keyed by pipeline name, so the gauge of it is right again after a restart.
     pub fn last_applies(&self) -> Result<Records<DateTime<Utc>>, StateError> {

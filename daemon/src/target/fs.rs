@@ -1169,6 +1169,13 @@ impl Target for DirTarget {
         }
     }
 
+    async fn mounted(&self) -> Option<bool> {
+        let root = &self.inner.root;
+        let here = fs::metadata(root).ok().filter(|m| m.is_dir())?;
+        let parent = fs::metadata(root.join("..")).ok()?;
+        Some(here.dev() != parent.dev())
+    }
+
     async fn present(&self, event: &Event) -> Option<bool> {
         let path = self.inner.resolve(&event.key).ok()?;
         tokio::task::spawn_blocking(move || match fs::symlink_metadata(&path) {

@@ -201,6 +201,15 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// Whether the target's root is the root of a mounted filesystem (a directory on
+    /// another device than its parent); `None` when that does not apply or cannot be
+    /// told. A projector notes it, so that a filesystem unmounted while tidemark was
+    /// stopped, which leaves the empty mountpoint in its place, is not taken for the
+    /// target.
+    async fn mounted(&self) -> Option<bool> {
+        None
+    }
+
     /// Hands a target that adopts existing items by name the table of which source item
     /// each target id mirrors (the projector's remap table), so that it never adopts, nor
     /// deletes, an item another source item owns. Called once by the projector.
