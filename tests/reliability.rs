@@ -1010,3 +1010,36 @@ fn a_target_filesystem_unmounted_while_stopped_is_not_taken_for_the_mirror() {
     env.ok(&["sync"]);
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A source filesystem unmounted while tidemark was stopped leaves its empty mountpoint
+/// at the source's path. Listed as the source, it would delete everything on the target
+/// (with `max_delete` allowing it, as here).
+#[test]
+fn a_source_filesystem_unmounted_while_stopped_deletes_nothing() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    let mount = Tmpfs::mount(&env.src(), "8m");
+    write(env.src().join("a/x.txt"), "x");
+    write(env.src().join("y.txt"), "y");
+    env.sync();
+    let before = snapshot(&env.dst());
+    assert_eq!(before.len(), 3, "{before:?}");
+    drop(mount);
+    for args in [&["sync", "--dry-run"][..], &["sync"], &["scan"]] {
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "the source directory {} is empty and no longer the root of a mounted filesystem",
+                env.src().display()
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(snapshot(&env.dst()), before, "the target changed");
+    // A source meant to be this directory from now on: an entry in it, and the next scan
+    // takes it as it is.
+    write(env.src().join("new.txt"), "new");
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}

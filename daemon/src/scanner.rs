@@ -21,7 +21,7 @@ use crate::config::DeleteLimit;
 use crate::log::{AppendError, EventLog, ReadError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
-use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
+use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Mount, Source};
 use crate::state::{GuardTrip, IndexEntry, LogMark, ScanRecord, State, StateError, ERRORS_KEPT};
 use digest::{Digest, PreviousVersion, Seen};
 
@@ -363,6 +363,7 @@ impl Scanner {
             record.result = "degraded".into();
         } else {
             record.last_success_at = Some(Utc::now());
+            self.note_mount()?;
         }
         if record.last_success_at.is_none() {
             let previous = self
@@ -402,6 +403,41 @@ impl Scanner {
         Ok(record)
     }
 
+    /// Fails the scan when the source root was the root of a mounted filesystem at the
+    /// last complete scan and no longer is: the filesystem was unmounted, and its
+    /// mountpoint (empty, or holding what was there before the mount) would be listed as
+    /// a source whose every item was deleted. Nothing is appended, so nothing is deleted.
+    fn check_mount(&self) -> Result<(), ScanError> {
+        let Some(Mount::Empty(root)) = self.source.mounted() else {
+            return Ok(());
+        };
+        let mounts = self.state.source_mounts().map_err(self.state_err())?;
+        if mounts.get(&self.pipeline).map_err(self.state_err())? == Some(true) {
+            return Err(ScanError::List {
+                pipeline: self.pipeline.clone(),
+                source: ListError::Root {
+                    message: format!(
+                        "the source directory {} is empty and no longer the root of a mounted filesystem, as it was at the last complete scan (the filesystem was unmounted: this is its mountpoint); nothing is listed or deleted until it is mounted again. (A source meant to be this directory from now on: put an entry in it, and the next scan takes it as it is)",
+                        root.display()
+                    ),
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Notes, after a complete scan, whether the source root is a mountpoint.
+    fn note_mount(&self) -> Result<(), ScanError> {
+        let Some(now) = self.source.mounted().map(|m| m == Mount::Root) else {
+            return Ok(());
+        };
+        let mounts = self.state.source_mounts().map_err(self.state_err())?;
+        if mounts.get(&self.pipeline).map_err(self.state_err())? != Some(now) {
+            mounts.put(&self.pipeline, &now).map_err(self.state_err())?;
+        }
+        Ok(())
+    }
+
     /// What a scan would append now, without appending it, recording it or touching the
     /// index: the listing, the reads of new and changed items, the delete guard and the
     /// listing errors are those of a real scan. Its events have no offsets yet.
@@ -431,6 +467,7 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         // The walk starts before the digest is read, and fills its channel meanwhile.
         let mut listing = listing.unwrap_or_else(|| self.source.list());
+        self.check_mount()?;
         let loading = Instant::now();
         // A dry run writes nothing, not even an older state's index moved into a snapshot.
         let write = !matches!(sink, Sink::Dry(_));

@@ -457,6 +457,12 @@ impl State {
         self.records("targets")
     }
 
+    /// Whether each pipeline's source root was the root of a mounted filesystem at its
+    /// last complete scan (`Source::mounted`), keyed by pipeline name.
+    pub fn source_mounts(&self) -> Result<Records<bool>, StateError> {
+        self.records("source-mounts")
+    }
+
     /// Whether each pipeline's target root was the root of a mounted filesystem when the
     /// projector last started (`Target::mounted`), keyed by pipeline name.
     pub fn target_mounts(&self) -> Result<Records<bool>, StateError> {

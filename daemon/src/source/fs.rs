@@ -23,7 +23,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use tidemark_proto::{checksum_bytes, pathkey, Blob, Body, ChecksumWriter};
 use tokio::sync::mpsc;
 
-use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Source};
+use super::{Entry, FetchError, Item, ListError, ListStream, Listing, Mount, Source};
 use crate::blocking::Runner;
 use crate::config::DirSourceConfig;
 
@@ -472,6 +472,20 @@ impl Source for DirSource {
         let walker = self.inner.clone();
         tokio::task::spawn_blocking(move || walker.walk(&tx));
         Box::pin(tokio_stream_from(rx).flat_map(futures::stream::iter))
+    }
+
+    fn mounted(&self) -> Option<Mount> {
+        let root = &self.inner.root;
+        let here = std::fs::metadata(root).ok().filter(|m| m.is_dir())?;
+        let parent = std::fs::metadata(root.join("..")).ok()?;
+        if here.dev() != parent.dev() {
+            return Some(Mount::Root);
+        }
+        let mut entries = std::fs::read_dir(root).ok()?;
+        Some(match entries.next() {
+            None => Mount::Empty(root.clone()),
+            Some(_) => Mount::Plain,
+        })
     }
 
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError> {

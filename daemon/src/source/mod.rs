@@ -96,6 +96,17 @@ pub enum Listing {
     },
 }
 
+/// What [`Source::mounted`] found at the source's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mount {
+    /// The root of a mounted filesystem.
+    Root,
+    /// A directory of its parent's filesystem (this one), holding nothing.
+    Empty(std::path::PathBuf),
+    /// A directory of its parent's filesystem, holding entries.
+    Plain,
+}
+
 /// A listing error. [`ListError::Root`] ends the scan; the others cost one entry or one
 /// page, and any of them keeps the scan from emitting deletes.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +178,15 @@ pub trait Source: Send + Sync {
 
     /// Reads one entry's content and computes its checksum.
     async fn fetch(&self, entry: Entry) -> Result<Item, FetchError>;
+
+    /// Whether the source's root is the root of a mounted filesystem (a directory on
+    /// another device than its parent), and if not, whether it is empty; `None` when that
+    /// does not apply or cannot be told. The scanner notes it, so that a filesystem
+    /// unmounted while tidemark was stopped, which leaves its empty mountpoint in its
+    /// place, is not listed as a source whose every item was deleted.
+    fn mounted(&self) -> Option<Mount> {
+        None
+    }
 
     /// Which of `entries` (kind, key) are absent from the source now. A scan asks before
     /// it deletes what vanished while it ran (and what was under it), so an entry removed
