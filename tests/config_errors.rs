@@ -15,7 +15,11 @@ fn refused(text: &str, on_line: &str, key: &str) -> String {
 
 /// [`refused`] with environment variables set for the run.
 fn refused_with(text: &str, on_line: &str, key: &str, vars: &[(&str, &str)]) -> String {
-    let env = Env::dirs("", "");
+    refused_in(&Env::dirs("", ""), text, on_line, key, vars)
+}
+
+/// [`refused_with`] in `env`, whose directory a test has prepared (a mount).
+fn refused_in(env: &Env, text: &str, on_line: &str, key: &str, vars: &[(&str, &str)]) -> String {
     env.write_config(text);
     let mut cmd = env.cmd(&["sync"]);
     for (var, value) in vars {
@@ -315,4 +319,126 @@ fn a_missing_config_says_where_it_looked_and_how_to_name_one() {
             && stderr.contains("--config FILE or TIDEMARK_CONFIG"),
         "{stderr}"
     );
+}
+
+/// A bind mount of one directory at another path, unmounted on drop (declare it after the
+/// `Env` holding both, so that it goes first).
+struct Bind(std::path::PathBuf);
+
+impl Bind {
+    fn mount(from: &std::path::Path, at: &std::path::Path) -> Bind {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test makes a bind mount and needs root with CAP_SYS_ADMIN (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Bind(at.to_owned())
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A target reached through a bind mount of its source (`view` showing `src`, target
+/// `view/backup`) passed the overlap check, which compared paths: `sync` wrote the mirror
+/// into the source, and every sync added a level, `src/backup/backup/…` (issue). Refused
+/// on the target's `path` by the directories' device and inode, before anything is
+/// written, and the error says the two paths are one directory.
+#[test]
+fn a_target_inside_its_source_through_a_bind_mount_is_refused() {
+    let env = Env::dirs("", "");
+    std::fs::write(env.src().join("a"), "a").unwrap();
+    let _view = Bind::mount(&env.src(), &env.path("view"));
+    let text =
+        dirs_with("state_dir = \"state\"").replace("path = \"dst\"", "path = \"view/backup\"");
+    let err = refused_in(
+        &env,
+        &text,
+        "view/backup",
+        "pipeline.t.target.dir.path",
+        &[],
+    );
+    assert!(err.contains("overlap"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} and {} are one directory, shown at two paths by a mount",
+            env.path("view").canonicalize().unwrap().display(),
+            env.src().canonicalize().unwrap().display()
+        )),
+        "{err}"
+    );
+    assert_eq!(names(&env.src()), ["a"], "the source was written to");
+}
+
+/// Two pipelines whose targets were `d1` and `bindd1`, a bind mount of `d1`, were both
+/// accepted and both wrote (and would prune) `d1` (issue): refused on the second one's
+/// target `path`, naming the first pipeline and the mount.
+#[test]
+fn two_pipelines_targets_overlapping_through_a_bind_mount_are_refused() {
+    let env = Env::dirs("", "");
+    for dir in ["sa", "sb", "d1"] {
+        std::fs::create_dir_all(env.path(dir)).unwrap();
+    }
+    std::fs::write(env.path("sb/b"), "b").unwrap();
+    let _bind = Bind::mount(&env.path("d1"), &env.path("bindd1"));
+    // The mount itself, and a target inside it that does not exist yet.
+    for target in ["bindd1", "bindd1/sub"] {
+        let text = format!(
+            r#"state_dir = "state"
+
+[[pipeline]]
+name = "a"
+[pipeline.source.dir]
+path = "sa"
+[pipeline.target.dir]
+path = "d1"
+
+[[pipeline]]
+name = "b"
+[pipeline.source.dir]
+path = "sb"
+[pipeline.target.dir]
+prune = true
+path = "{target}"
+"#
+        );
+        let err = refused_in(&env, &text, target, "pipeline.b.target.dir.path", &[]);
+        assert!(err.contains("overlaps the target of pipeline `a`"), "{err}");
+        assert!(err.contains("shown at two paths by a mount"), "{err}");
+    }
+    assert!(names(&env.path("d1")).is_empty(), "d1 was written to");
+}
+
+/// A `state_dir` reached through a bind mount of the source passed the check that keeps
+/// the state out of the source, which compared paths (issue): every scan would have
+/// mirrored the sled database. Refused on its line, nothing created in the source.
+#[test]
+fn a_state_directory_inside_the_source_through_a_bind_mount_is_refused() {
+    let env = Env::dirs("", "");
+    let _view = Bind::mount(&env.src(), &env.path("view"));
+    let text = dirs_with("state_dir = \"view/.tidemark\"");
+    let err = refused_in(&env, &text, "state_dir", "state_dir", &[]);
+    assert!(err.contains("inside the source directory"), "{err}");
+    assert!(err.contains("shown at two paths by a mount"), "{err}");
+    assert!(names(&env.src()).is_empty(), "the source was written to");
 }

@@ -831,30 +831,32 @@ impl Config {
                         SourceConfig::Http(_) => None,
                     };
                     if let Some(root) = source_root {
-                        if overlap(&d.path, root) {
+                        if let Some(how) = overlap(&d.path, root) {
                             return Err(invalid(
                                 path_span.clone(),
                                 key("target.dir.path"),
                                 format!(
-                                    "target {} and source {} overlap; a mirror must not be inside its source or contain it",
+                                    "target {} and source {} overlap{}; a mirror must not be inside its source or contain it",
                                     d.path.display(),
-                                    root.display()
+                                    root.display(),
+                                    how.through()
                                 ),
                             ));
                         }
                     }
-                    if let Some(other) = pipelines.iter().find(|q| match &q.target {
-                        TargetConfig::Dir(t) => overlap(&d.path, &t.path),
-                        TargetConfig::Http(_) => false,
+                    if let Some((other, how)) = pipelines.iter().find_map(|q| match &q.target {
+                        TargetConfig::Dir(t) => overlap(&d.path, &t.path).map(|how| (q, how)),
+                        TargetConfig::Http(_) => None,
                     }) {
                         return Err(invalid(
                             path_span,
                             key("target.dir.path"),
                             format!(
-                                "target {} overlaps the target of pipeline `{}` ({}); two pipelines writing one directory overwrite and delete each other's files, so give each its own",
+                                "target {} overlaps the target of pipeline `{}` ({}){}; two pipelines writing one directory overwrite and delete each other's files, so give each its own",
                                 d.path.display(),
                                 other.name,
-                                other.target_dir().map_or(String::new(), |p| p.display().to_string())
+                                other.target_dir().map_or(String::new(), |p| p.display().to_string()),
+                                how.through()
                             ),
                         ));
                     }
@@ -1029,17 +1031,18 @@ impl Config {
             ] {
                 let Some(root) = root else { continue };
                 for (dir, k, what, default, written) in &own_dirs {
-                    if !inside(dir, root) {
+                    let Some(how) = inside(dir, root) else {
                         continue;
-                    }
+                    };
                     return Err(match written {
                         Some(span) => invalid(
                             span.clone(),
                             k.to_string(),
                             format!(
-                                "the {what} {} is inside the {side} directory {} of pipeline `{name}`: {why}; put it outside",
+                                "the {what} {} is inside the {side} directory {} of pipeline `{name}`{}: {why}; put it outside",
                                 dir.display(),
-                                root.display()
+                                root.display(),
+                                how.through()
                             ),
                         ),
                         None => {
@@ -1048,9 +1051,10 @@ impl Config {
                                 value_span(text, &at).unwrap_or(0..0),
                                 key(&format!("{side}.dir.path")),
                                 format!(
-                                    "the {side} directory {} holds the {what} {} (`{k}` is not set and defaults to {default}): {why}; set `{k}` to a directory outside it",
+                                    "the {side} directory {} holds the {what} {}{} (`{k}` is not set and defaults to {default}): {why}; set `{k}` to a directory outside it",
                                     root.display(),
-                                    dir.display()
+                                    dir.display(),
+                                    how.through()
                                 ),
                             )
                         }
@@ -1429,18 +1433,59 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Whether one of two directories is the other or inside it, as written or once resolved
-/// ([`resolved`]): a symbolic link in either path that leads there counts.
-pub(crate) fn overlap(a: &Path, b: &Path) -> bool {
-    inside(a, b) || inside(b, a)
+/// How one directory was found to be another or inside it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Inside {
+    /// By its path, as written or once resolved ([`resolved`]).
+    Path,
+    /// Through a mount (a bind mount shows one directory at two paths): the directory at
+    /// `at`, the inner one or one of its ancestors, is the one at `is`.
+    Mount { at: PathBuf, is: PathBuf },
 }
 
-/// Whether `dir` is `root` or inside it, as written (its `..` taken lexically: `cfg/../src`
-/// is not inside `cfg`) or once resolved ([`resolved`]): a symbolic link in either path
-/// that leads there counts.
-fn inside(dir: &Path, root: &Path) -> bool {
+impl Inside {
+    /// What an error adds to the paths it names: nothing when they show the overlap, the
+    /// two paths of the one directory when a mount hides it.
+    pub(crate) fn through(&self) -> String {
+        match self {
+            Inside::Path => String::new(),
+            Inside::Mount { at, is } => format!(
+                " ({} and {} are one directory, shown at two paths by a mount)",
+                at.display(),
+                is.display()
+            ),
+        }
+    }
+}
+
+/// Whether one of two directories is the other or inside it ([`inside`], either way
+/// round).
+pub(crate) fn overlap(a: &Path, b: &Path) -> Option<Inside> {
+    inside(a, b).or_else(|| inside(b, a))
+}
+
+/// Whether `dir` is `root` or inside it: as written (its `..` taken lexically: `cfg/../src`
+/// is not inside `cfg`) or once resolved ([`resolved`]), so a symbolic link in either path
+/// that leads there counts; or by identity, so a bind mount that shows `root` elsewhere
+/// does too: `root`'s device and inode are those of `dir` or of one of its ancestors (for a
+/// `dir` that does not exist yet, of its nearest existing ancestor and up).
+fn inside(dir: &Path, root: &Path) -> Option<Inside> {
+    use std::os::unix::fs::MetadataExt;
     let lexical = |p: &Path| resolve_rest(PathBuf::new(), p.components());
-    lexical(dir).starts_with(lexical(root)) || resolved(dir).starts_with(resolved(root))
+    if lexical(dir).starts_with(lexical(root)) || resolved(dir).starts_with(resolved(root)) {
+        return Some(Inside::Path);
+    }
+    // A `root` that does not exist is nothing a mount can show elsewhere.
+    let root = resolved(root);
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let root_id = id(&root)?;
+    resolved(dir)
+        .ancestors()
+        .find(|a| id(a) == Some(root_id))
+        .map(|at| Inside::Mount {
+            at: at.to_owned(),
+            is: root,
+        })
 }
 
 /// `base` with `components` appended, `..` taking the last one off and `.` nothing.
