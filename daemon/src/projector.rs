@@ -40,10 +40,10 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Deferred, Failure, PendingDelete, Records, ReplayMark, State, StateError,
+    Applied, Creating, Deferred, Failure, PendingDelete, Records, ReplayMark, State, StateError,
     StoredFailure, Taken,
 };
-use crate::target::{ApplyError, Claims, Outcome, Probe, Target};
+use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
 
 /// Projection stopped short of the batch.
 #[derive(Debug, thiserror::Error)]
@@ -676,6 +676,96 @@ impl Claims for ClaimTable {
     }
 }
 
+/// The names each item's creates were sent under, noted before each POST and kept until
+/// the item's target id (or its delete) is recorded (`State::creating`): a crash in
+/// between leaves the created item on the target with no id in the state, and the target
+/// finds it by these names however the source changed the item since.
+struct CreateNotes {
+    state: State,
+    pipeline: String,
+    /// The identities with notes, read from the state at the first question (usually
+    /// none), so that recording a batch costs no state lookup per item to drop them.
+    noted: Mutex<Option<HashSet<String>>>,
+    /// Notes written so far, counted.
+    written: std::sync::atomic::AtomicU64,
+    /// How many of them the last flush made durable. One flush at a time, for every
+    /// note written before it began: sled 0.34 runs each flush on its own small pool of
+    /// threads, and as many flushes at once as creates in flight took every thread of it
+    /// waiting for a write no thread was left to do (the run hung).
+    flushed: tokio::sync::Mutex<u64>,
+}
+
+impl CreateNotes {
+    fn tree(&self) -> Result<Records<Creating>, StateError> {
+        self.state.creating(&self.pipeline)
+    }
+
+    /// Runs `f` on the identities with notes, read from the state at the first call.
+    fn with<R>(&self, f: impl FnOnce(&mut HashSet<String>) -> R) -> Result<R, StateError> {
+        let mut noted = self.noted.lock().expect("the notes lock is never poisoned");
+        if noted.is_none() {
+            *noted = Some(self.tree()?.keys().collect::<Result<_, _>>()?);
+        }
+        Ok(f(noted.as_mut().expect("just read")))
+    }
+
+    /// Drops the notes of `settled` (items whose target id or delete is being recorded),
+    /// in the same unflushed write as their applied state, which comes first.
+    fn settle<'a>(&self, settled: impl IntoIterator<Item = &'a str>) -> Result<(), StateError> {
+        let gone: Vec<&str> = self.with(|noted| {
+            settled
+                .into_iter()
+                .filter(|identity| noted.remove(*identity))
+                .collect()
+        })?;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.tree()?.apply(gone.into_iter().map(|k| (k, None)))
+    }
+}
+
+#[async_trait::async_trait]
+impl Creations for CreateNotes {
+    async fn note(&self, identity: &str, name: &str) -> Result<(), String> {
+        let tree = self.tree().map_err(|e| e.to_string())?;
+        let mut creating = tree
+            .get(identity)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        if creating.names.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        creating.names.push(name.to_owned());
+        tree.put(identity, &creating).map_err(|e| e.to_string())?;
+        self.with(|noted| noted.insert(identity.to_owned()))
+            .map_err(|e| e.to_string())?;
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut flushed = self.flushed.lock().await;
+        if *flushed < mine {
+            let upto = self.written.load(Ordering::SeqCst);
+            self.state.flush().await.map_err(|e| e.to_string())?;
+            *flushed = upto;
+        }
+        Ok(())
+    }
+
+    fn noted(&self, identity: &str) -> Result<Vec<String>, String> {
+        if !self
+            .with(|noted| noted.contains(identity))
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(Vec::new());
+        }
+        let tree = self.tree().map_err(|e| e.to_string())?;
+        Ok(tree
+            .get(identity)
+            .map_err(|e| e.to_string())?
+            .map(|c| c.names)
+            .unwrap_or_default())
+    }
+}
+
 /// Which failed items wait for which missing items: for each failed upsert, the items it
 /// references that had no target id when its failure was recorded (typically a reference
 /// that did not resolve within the reference wait). A batch that applies one of those
@@ -919,6 +1009,8 @@ pub struct Projector {
     retry_due: Mutex<RetryDue>,
     /// Which source item each target id mirrors, for a target that adopts by name.
     claims: Arc<ClaimTable>,
+    /// The names creates were sent under, until the item's target id is recorded.
+    creations: Arc<CreateNotes>,
     /// Set for the last settling of a one-shot run ([`Projector::fail_taken`]): events
     /// waiting for a target item another source item holds fail then, not after the
     /// reference wait.
@@ -980,6 +1072,14 @@ impl Projector {
             index: Mutex::default(),
         });
         target.set_claims(claims.clone());
+        let creations = Arc::new(CreateNotes {
+            state: state.clone(),
+            pipeline: pipeline.to_owned(),
+            noted: Mutex::default(),
+            written: Default::default(),
+            flushed: Default::default(),
+        });
+        target.set_creations(creations.clone());
         Projector {
             pipeline: pipeline.to_owned(),
             consumer: format!("{pipeline}.projector"),
@@ -999,6 +1099,7 @@ impl Projector {
             retry_stopped: Mutex::default(),
             retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
+            creations,
             last_call: AtomicBool::new(false),
             tally: Mutex::new(None),
             failed_waits: Mutex::new(None),
@@ -1615,6 +1716,10 @@ impl Projector {
         }
         applied
             .apply(puts.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+            .map_err(self.err_state())?;
+        // Written after the applied state they give way to.
+        self.creations
+            .settle(puts.iter().map(|(k, _)| k.as_str()))
             .map_err(self.err_state())?;
         failures
             .apply(failed.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
@@ -2842,7 +2947,9 @@ impl Projector {
                             Change::Put(a)
                         }
                         (Op::Delete, _) => {
-                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some()) {
+                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some())
+                                || effect.target_id.is_some()
+                            {
                                 refs.record(&identity, None);
                                 remap = Some(None);
                             }
@@ -3724,6 +3831,11 @@ impl Projector {
             let forgotten = self
                 .state
                 .remap(&self.pipeline)
+                .and_then(|r| r.remove_where(|_, _| true))
+                .map_err(self.err_state())?;
+            // The names creates were sent under are the old target's business too.
+            self.state
+                .creating(&self.pipeline)
                 .and_then(|r| r.remove_where(|_, _| true))
                 .map_err(self.err_state())?;
             info!(

@@ -349,6 +349,10 @@ pub struct Faults {
     pub delete_after: Mutex<Option<(String, String)>>,
     /// Answer this status instead of the server to GETs of this path (without a query).
     pub status_for: Mutex<Option<(String, u16)>>,
+    /// After the server has handled a POST to this path (without the query), send no
+    /// answer while this is set (then drop the connection): the item is on the server,
+    /// and the client, killed meanwhile, never learns its id.
+    pub hold_post: Mutex<Option<String>>,
 }
 
 /// A redirect the proxy answers with.
@@ -803,6 +807,20 @@ fn serve(
             headers.push(("link".into(), v));
         }
         let b = resp.bytes().unwrap_or_default();
+        let held = |f: &Faults| {
+            f.hold_post
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|p| method == "POST" && path.split('?').next() == Some(p))
+        };
+        if held(f) {
+            injected.fetch_add(1, Ordering::SeqCst);
+            while held(f) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
         let delete = {
             let mut d = f.delete_after.lock().unwrap();
             if d.as_ref()
