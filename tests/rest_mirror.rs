@@ -1789,3 +1789,48 @@ fn an_item_made_again_under_a_new_target_id_is_named_with_the_way_to_mend_its_re
     let project = &env.json(&["project"])[0]["project"];
     assert_eq!(assert_rest_mirror(&dev, &prod), 2 * 6 + 2 * 7, "{project}");
 }
+
+/// An item whose reference points at itself (a user who is their own manager) is written
+/// without it, then patched: one item, counted once in a first sync's report, not as
+/// `created` and again as `updated`.
+#[test]
+fn a_self_referencing_item_counts_once_in_a_first_syncs_report() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [
+                {"id": 500, "name": "self", "managerId": 500},
+                {"id": 501, "name": "boss", "managerId": null},
+                {"id": 502, "name": "report", "managerId": 501}
+            ],
+            "posts": [],
+            "comments": []
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config_users_ref(&env, &dev.url(), &prod.url(), "", "/managerId|users");
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(0), "{stdout}");
+    let users = prod.all("users");
+    assert_eq!(users.len(), 3, "{users:?}");
+    let me = users.iter().find(|u| u["name"] == "self").unwrap();
+    assert_eq!(
+        me["managerId"], me["id"],
+        "the self-reference is patched: {me}"
+    );
+    let report = last_report(&env);
+    let counted: u64 = report["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 3, "one count per item: {report}");
+    assert_eq!(report["counts"], json!({"created": 3}), "{report}");
+    assert!(
+        stdout.contains("t: applied 3 events: 3 created"),
+        "{stdout}"
+    );
+}

@@ -183,6 +183,17 @@ pub struct ProjectReport {
     /// entry in `failures`; a stale one does not, as the failure stays.
     #[serde(skip)]
     failed_items: BTreeMap<String, String>,
+    /// Items this report counted by a write made without some of their reference fields
+    /// (one side of a cycle, or an item that references itself), with their kind: the
+    /// patch that completes the write is the same item's second pass, not another
+    /// outcome of it.
+    #[serde(skip)]
+    written_partially: BTreeMap<String, String>,
+    /// Patches this report counted of items it did not see written partially, with the
+    /// kind and outcome: when it is merged into a run's total that did, the count leaves
+    /// it.
+    #[serde(skip)]
+    patched: BTreeMap<String, (String, Outcome)>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions. When
@@ -215,11 +226,31 @@ impl ProjectReport {
     }
 
     /// Counts the outcome of an apply of item `identity`: a deferral once while the item
-    /// waits, and a later outcome in place of it.
-    fn count_item(&mut self, identity: &str, kind: &str, outcome: Outcome) {
+    /// waits, and a later outcome in place of it; a write without some reference fields
+    /// (`partial`) once with the patch that completes it (`patch`: a write of an item
+    /// whose applied version is such a write).
+    fn count_item(
+        &mut self,
+        identity: &str,
+        kind: &str,
+        outcome: Outcome,
+        partial: bool,
+        patch: bool,
+    ) {
         *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
         if outcome != Outcome::Stale {
             self.unfail(identity);
+        }
+        if patch && Self::completes(outcome) {
+            if self.written_partially.remove(identity).is_some() {
+                return;
+            }
+            self.patched
+                .insert(identity.to_owned(), (kind.to_owned(), outcome));
+        }
+        if partial {
+            self.written_partially
+                .insert(identity.to_owned(), kind.to_owned());
         }
         if outcome == Outcome::Failed {
             self.failed_items
@@ -237,6 +268,33 @@ impl ProjectReport {
             self.ended.insert(identity.to_owned(), outcome);
         }
         self.add(kind, outcome);
+    }
+
+    /// Whether a patch with this outcome completed the item's write.
+    fn completes(outcome: Outcome) -> bool {
+        matches!(
+            outcome,
+            Outcome::Updated | Outcome::Adopted | Outcome::Unchanged
+        )
+    }
+
+    /// Takes back one count of `outcome` for `kind`.
+    fn less(&mut self, kind: &str, outcome: Outcome) {
+        fn less(counts: &mut BTreeMap<Outcome, u64>, outcome: Outcome) {
+            if let Some(n) = counts.get_mut(&outcome) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&outcome);
+                }
+            }
+        }
+        less(&mut self.outcomes, outcome);
+        if let Some(counts) = self.by_kind.get_mut(kind) {
+            less(counts, outcome);
+            if counts.is_empty() {
+                self.by_kind.remove(kind);
+            }
+        }
     }
 
     fn add(&mut self, kind: &str, outcome: Outcome) {
@@ -321,6 +379,15 @@ impl ProjectReport {
         for identity in other.waiting.keys() {
             self.unfail(identity);
         }
+        // A patch of an item this part saw written partially: counted with that write.
+        for (identity, (kind, outcome)) in std::mem::take(&mut other.patched) {
+            if self.written_partially.remove(&identity).is_some() {
+                other.less(&kind, outcome);
+            } else {
+                self.patched.insert(identity, (kind, outcome));
+            }
+        }
+        self.written_partially.append(&mut other.written_partially);
         self.failed_items.append(&mut other.failed_items);
         for (identity, kind) in std::mem::take(&mut other.waiting) {
             match self.waiting.entry(identity) {
@@ -436,6 +503,8 @@ struct Done {
     deferred: Option<Event>,
     /// Written without its unresolved reference fields.
     partial: bool,
+    /// Written whole over a version written without them: the second pass of a write.
+    patch: bool,
     /// A directory delete that found the directory not empty; tried again later.
     waiting_delete: Option<Event>,
     /// A delete not applied because `prune` is off; applied once it is on.
@@ -1644,7 +1713,7 @@ impl Projector {
             if let Some(id) = d.remap.clone() {
                 remapped.push((d.identity.clone(), id));
             }
-            report.count_item(&d.identity, &d.kind, d.outcome);
+            report.count_item(&d.identity, &d.kind, d.outcome, d.partial, d.patch);
             if d.outcome == Outcome::Stale {
                 stale.insert(d.identity.clone(), d.offset);
             } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
@@ -2698,8 +2767,13 @@ impl Projector {
                         pending.insert(id, d);
                     }
                 }
-                for d in r.done {
+                for mut d in r.done {
                     self.resting.lock().unwrap().remove(&d.identity);
+                    // Waiting written without some references (a cycle's first pass) and
+                    // now written whole: its patch, whose applied state is not stored yet.
+                    if since.get(&d.identity).is_some_and(|(_, partial)| *partial) && !d.partial {
+                        d.patch = true;
+                    }
                     if d.outcome == Outcome::Deferred {
                         blocked.insert(d.identity.clone());
                     }
@@ -2800,6 +2874,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                patch: false,
                 waiting_delete: None,
                 retained: None,
                 bytes: 0,
@@ -2847,6 +2922,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                patch: false,
                 waiting_delete: None,
                 retained: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
@@ -2893,6 +2969,11 @@ impl Projector {
             };
             let mut to_apply = None;
             let mut written_partially = false;
+            // The applied version is a write without some reference fields: this one,
+            // written whole, is its patch.
+            let was_partial = prior
+                .as_ref()
+                .is_some_and(|p| p.version.starts_with("partial:"));
             if event.op == Op::Upsert && !event.refs.is_empty() {
                 let (resolved, missing) = match refs.resolve(&event) {
                     Ok(r) => r,
@@ -2973,6 +3054,8 @@ impl Projector {
                     if written_partially {
                         d.deferred = Some(event.clone());
                         d.partial = true;
+                    } else {
+                        d.patch = was_partial;
                     }
                     result.done.push(d);
                 }
@@ -3956,5 +4039,35 @@ impl RetryDue {
             self.first
         };
         self.at = Some(now + self.pause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write without some reference fields and the patch that completes it count once,
+    /// by the write, also when a daemon cycle's tally merges them from two batches.
+    #[test]
+    fn a_partial_write_and_its_patch_count_once() {
+        let item = item_identity("users", "500");
+        let mut one = ProjectReport::default();
+        one.count_item(&item, "users", Outcome::Deferred, false, false);
+        one.count_item(&item, "users", Outcome::Created, true, false);
+        one.count_item(&item, "users", Outcome::Updated, false, true);
+        assert_eq!(one.outcomes, BTreeMap::from([(Outcome::Created, 1)]));
+
+        let mut first = ProjectReport::default();
+        first.count_item(&item, "users", Outcome::Created, true, false);
+        let mut second = ProjectReport::default();
+        second.count_item(&item, "users", Outcome::Updated, false, true);
+        // A later run's patch alone is that run's update.
+        assert_eq!(second.outcomes, BTreeMap::from([(Outcome::Updated, 1)]));
+        first.merge(second);
+        assert_eq!(first.outcomes, BTreeMap::from([(Outcome::Created, 1)]));
+        assert_eq!(
+            first.by_kind,
+            BTreeMap::from([("users".to_owned(), BTreeMap::from([(Outcome::Created, 1)]))])
+        );
     }
 }

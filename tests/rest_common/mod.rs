@@ -162,8 +162,20 @@ pub fn write_rest_config(env: &Env, dev: &str, prod: &str, target_extra: &str) {
 
 /// As [`write_rest_config`]; with `cyclic`, users also reference posts (`favoritePostId`).
 pub fn write_rest_config_with(env: &Env, dev: &str, prod: &str, target_extra: &str, cyclic: bool) {
-    std::fs::write(env.path("token.txt"), format!("{TOKEN}\n")).unwrap();
     let users_ref = if cyclic { "/favoritePostId|posts" } else { "" };
+    write_rest_config_users_ref(env, dev, prod, target_extra, users_ref)
+}
+
+/// As [`write_rest_config`], users with the reference `users_ref` (`/field|kind`, or none
+/// when empty).
+pub fn write_rest_config_users_ref(
+    env: &Env,
+    dev: &str,
+    prod: &str,
+    target_extra: &str,
+    users_ref: &str,
+) {
+    std::fs::write(env.path("token.txt"), format!("{TOKEN}\n")).unwrap();
     let kinds_src = [("users", users_ref), ("posts", "/userId|users"), ("comments", "/postId|posts")]
         .iter()
         .map(|(k, r)| {
