@@ -1834,3 +1834,56 @@ fn a_self_referencing_item_counts_once_in_a_first_syncs_report() {
         "{stdout}"
     );
 }
+
+/// A comment waits for its post, which waits for a user dev does not have: when their
+/// wait runs out, the comment's failure names the user as what is missing and to add to
+/// the source, not the post (which dev has, and which waits itself).
+#[test]
+fn an_item_at_the_end_of_a_chain_of_waits_is_named_as_the_missing_one() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [{"id": 500, "name": "user-a"}],
+            "posts": [{"id": 600, "name": "post-x", "userId": 424242, "title": "t"}],
+            "comments": [{"id": 701, "name": "comment-x", "postId": 600, "body": "b"}]
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1s\"");
+    let (_, project) = env.sync();
+    assert_eq!(project["outcomes"]["deferred"], 2, "{project}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = env.run(&["project", "--output", "json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failures = json[0]["project"]["failures"].as_array().unwrap().clone();
+    let reason = |kind: &str| -> String {
+        failures
+            .iter()
+            .find(|f| f["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} failure: {json}"))["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let post = reason("posts");
+    assert!(
+        post.contains("users `424242`") && post.contains("add the referenced item to the source"),
+        "{post}"
+    );
+    let comment = reason("comments");
+    assert!(
+        comment.contains("posts `600` (at /postId)"),
+        "names what it references: {comment}"
+    );
+    assert!(
+        comment.contains("add users `424242` to the source"),
+        "names the item missing at the end of the chain: {comment}"
+    );
+    assert!(
+        !comment.contains("add the referenced item to the source"),
+        "does not ask to add the post, which dev has: {comment}"
+    );
+    assert!(prod.all("posts").is_empty() && prod.all("comments").is_empty());
+}

@@ -835,6 +835,17 @@ impl Creations for CreateNotes {
     }
 }
 
+/// Where the wait of an item whose references did not come in time ends
+/// ([`Projector::chain_ends`]), as people read items (`posts `600``).
+#[derive(Default)]
+struct Chain {
+    /// The referenced items that wait themselves for others.
+    waiting: Vec<String>,
+    /// The items at the ends of the waits, which the target does not have and which
+    /// nothing waiting brings: what to add to the source.
+    ends: Vec<String>,
+}
+
 /// Which failed items wait for which missing items: for each failed upsert, the items it
 /// references that had no target id when its failure was recorded (typically a reference
 /// that did not resolve within the reference wait). A batch that applies one of those
@@ -2823,6 +2834,21 @@ impl Projector {
                 expired.push((id.clone(), missing));
             }
         }
+        // Where each expired item's wait ends: a referenced item that waits itself (or
+        // failed waiting) for another is not what is missing, the item at the end of that
+        // chain is (a comment whose post waits for a user dev does not have: the user).
+        let expired_waits: HashMap<String, Vec<String>> = expired
+            .iter()
+            .map(|(id, missing)| {
+                let waits = missing.iter().map(|r| item_identity(&r.kind, &r.key));
+                (id.clone(), waits.collect())
+            })
+            .collect();
+        let mut chains: HashMap<String, Chain> = HashMap::new();
+        for (id, missing) in &expired {
+            let chain = self.chain_ends(missing, &expired_waits, &pending, refs)?;
+            chains.insert(id.clone(), chain);
+        }
         for (id, missing) in expired {
             let Some(d) = pending.remove(&id) else {
                 continue;
@@ -2842,10 +2868,18 @@ impl Projector {
                 })
                 .map(|r| format!("{} `{}`", r.kind, r.key))
                 .collect();
+            let chain = chains.remove(&id).unwrap_or_default();
             let advice = if !failing.is_empty() && failing.len() == missing.len() {
                 format!(
                     "the target keeps failing {} (`status` says how)",
                     failing.join(", ")
+                )
+            } else if !chain.waiting.is_empty() && !chain.ends.is_empty() {
+                let ends = chain.ends.join(", ");
+                format!(
+                    "{} {} for {ends}, which the target does not have either; add {ends} to the source or fix the reference",
+                    chain.waiting.join(", "),
+                    if chain.waiting.len() == 1 { "waits itself" } else { "wait themselves" },
                 )
             } else {
                 "add the referenced item to the source or fix the reference".into()
@@ -2884,6 +2918,57 @@ impl Projector {
             });
         }
         Ok((pending, settled))
+    }
+
+    /// Follows the references `missing` of an item whose wait ran out through the
+    /// referenced items that wait themselves: those still waiting (`pending`), expiring
+    /// with it (`expired`) or failed waiting for others (the failed items' waits), to the
+    /// items at the ends, which nothing brings. An item waiting for the target rather
+    /// than for references (failing, or holding a name) ends a chain without being
+    /// missing.
+    fn chain_ends(
+        &self,
+        missing: &[Ref],
+        expired: &HashMap<String, Vec<String>>,
+        pending: &BTreeMap<String, Deferred>,
+        refs: &Refs<'_>,
+    ) -> Result<Chain, ProjectError> {
+        let waits_of = |id: &str| -> Result<Option<Vec<String>>, ProjectError> {
+            if let Some(waits) = expired.get(id) {
+                return Ok(Some(waits.clone()));
+            }
+            if let Some(d) = pending.get(id) {
+                let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
+                let waits = missing.iter().map(|r| item_identity(&r.kind, &r.key));
+                return Ok(Some(waits.collect()));
+            }
+            self.with_failed_waits(|w| w.waits_for.get(id).cloned())
+        };
+        let label = |id: &str| match id.split_once('\0') {
+            Some((kind, key)) => format!("{kind} `{key}`"),
+            None => format!("`{id}`"),
+        };
+        let mut chain = Chain::default();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut next: Vec<String> = Vec::new();
+        for r in missing {
+            let id = item_identity(&r.kind, &r.key);
+            if waits_of(&id)?.is_some() && !chain.waiting.contains(&label(&id)) {
+                chain.waiting.push(label(&id));
+            }
+            next.push(id);
+        }
+        next.reverse();
+        while let Some(id) = next.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            match waits_of(&id)? {
+                Some(waits) => next.extend(waits.into_iter().rev()),
+                None => chain.ends.push(label(&id)),
+            }
+        }
+        Ok(chain)
     }
 
     async fn apply_group(
