@@ -6,6 +6,8 @@ mod rest_common;
 
 use std::time::Duration;
 
+use serde_json::Value;
+
 use common::*;
 use rest_common::*;
 
@@ -51,6 +53,118 @@ fn issue_3_sigkill_during_projection_creates_no_duplicates() {
     assert_eq!(daemon.terminate().code(), Some(0));
     let n = prod.all("users").len() + prod.all("posts").len() + prod.all("comments").len();
     assert_eq!(n, total, "prod must hold exactly one item per dev item");
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
+/// Dev holds one user, `alice`; prod is empty. The daemon's POST of alice reaches prod
+/// (the proxy holds its answer back) and the daemon is SIGKILLed before it learns alice's
+/// id: prod has the item, tidemark's state does not. Then `change` edits dev, and a
+/// `sync` runs with prod answering again. Returns the env and peers for the asserts.
+fn crash_after_post_then(change: impl FnOnce(&JsonServer)) -> (Env, JsonServer, JsonServer) {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &serde_json::json!({
+            "users": [{"id": 1000, "name": "alice", "active": true, "score": 0, "bio": ""}],
+            "posts": [],
+            "comments": []
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let proxy = FaultProxy::start(&prod.url());
+    *proxy.faults.hold_post.lock().unwrap() = Some("/users".into());
+    write_rest_config(&env, &dev.url(), &proxy.url(), "timeout = \"120s\"");
+    let daemon = env.spawn_daemon();
+    let posted = wait_for(Duration::from_secs(60), || {
+        (!prod.all("users").is_empty()).then_some(())
+    });
+    assert!(
+        posted.is_some(),
+        "the POST did not reach prod\n{}",
+        env.daemon_log()
+    );
+    daemon.kill9();
+    *proxy.faults.hold_post.lock().unwrap() = None;
+    assert_eq!(
+        prod.all("users").len(),
+        1,
+        "the killed run created alice once"
+    );
+    change(&dev);
+    let out = env.run(&["sync"]);
+    assert!(
+        out.status.success(),
+        "sync after the crash failed\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(proxy);
+    (env, dev, prod)
+}
+
+/// An item renamed in dev while the create that a crash interrupted had already reached
+/// prod is that item, renamed on prod: not left there beside a second one (an orphan).
+#[test]
+fn an_item_renamed_after_a_crash_that_hid_its_create_is_not_created_twice() {
+    let (env, dev, prod) = crash_after_post_then(|dev| {
+        dev.put(
+            "users",
+            &1000.into(),
+            serde_json::json!({"name": "alice-renamed", "active": true, "score": 0, "bio": ""}),
+        )
+    });
+    let names: Vec<Value> = prod
+        .all("users")
+        .iter()
+        .map(|u| u["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["alice-renamed"],
+        "prod must hold the one renamed item"
+    );
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
+/// An item deleted in dev while the create that a crash interrupted had already reached
+/// prod is deleted from prod too.
+#[test]
+fn an_item_deleted_after_a_crash_that_hid_its_create_is_deleted_from_prod() {
+    let (env, dev, prod) = crash_after_post_then(|dev| dev.delete("users", &1000.into()));
+    assert_eq!(
+        prod.all("users"),
+        Vec::<Value>::new(),
+        "prod must hold nothing"
+    );
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
+/// The name a cut-off create was sent under, given in dev to another item meanwhile: prod
+/// ends with one item per dev item, whichever of the two takes prod's item.
+#[test]
+fn a_name_a_cut_off_create_used_that_another_item_took_since_leaves_one_item_each() {
+    let (env, dev, prod) = crash_after_post_then(|dev| {
+        dev.put(
+            "users",
+            &1000.into(),
+            serde_json::json!({"name": "alice-renamed", "active": true, "score": 0, "bio": ""}),
+        );
+        dev.post(
+            "users",
+            serde_json::json!({"id": 1001, "name": "alice", "active": false, "score": 1, "bio": ""}),
+        );
+    });
+    let mut names: Vec<String> = prod
+        .all("users")
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["alice", "alice-renamed"]);
     assert_rest_mirror(&dev, &prod);
     assert_verified(&env);
 }

@@ -1848,3 +1848,101 @@ fn an_item_made_again_under_a_new_target_id_is_named_with_the_way_to_mend_its_re
     let project = &env.json(&["project"])[0]["project"];
     assert_eq!(assert_rest_mirror(&dev, &prod), 2 * 6 + 2 * 7, "{project}");
 }
+
+/// An item whose reference points at itself (a user who is their own manager) is written
+/// without it, then patched: one item, counted once in a first sync's report, not as
+/// `created` and again as `updated`.
+#[test]
+fn a_self_referencing_item_counts_once_in_a_first_syncs_report() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [
+                {"id": 500, "name": "self", "managerId": 500},
+                {"id": 501, "name": "boss", "managerId": null},
+                {"id": 502, "name": "report", "managerId": 501}
+            ],
+            "posts": [],
+            "comments": []
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config_users_ref(&env, &dev.url(), &prod.url(), "", "/managerId|users");
+    let (code, stdout) = sync_text(&env);
+    assert_eq!(code, Some(0), "{stdout}");
+    let users = prod.all("users");
+    assert_eq!(users.len(), 3, "{users:?}");
+    let me = users.iter().find(|u| u["name"] == "self").unwrap();
+    assert_eq!(
+        me["managerId"], me["id"],
+        "the self-reference is patched: {me}"
+    );
+    let report = last_report(&env);
+    let counted: u64 = report["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 3, "one count per item: {report}");
+    assert_eq!(report["counts"], json!({"created": 3}), "{report}");
+    assert!(
+        stdout.contains("t: applied 3 events: 3 created"),
+        "{stdout}"
+    );
+}
+
+/// A comment waits for its post, which waits for a user dev does not have: when their
+/// wait runs out, the comment's failure names the user as what is missing and to add to
+/// the source, not the post (which dev has, and which waits itself).
+#[test]
+fn an_item_at_the_end_of_a_chain_of_waits_is_named_as_the_missing_one() {
+    let env = rest_env();
+    let dev = JsonServer::start(
+        env.dir.path(),
+        "dev",
+        &json!({
+            "users": [{"id": 500, "name": "user-a"}],
+            "posts": [{"id": 600, "name": "post-x", "userId": 424242, "title": "t"}],
+            "comments": [{"id": 701, "name": "comment-x", "postId": 600, "body": "b"}]
+        }),
+    );
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    write_rest_config(&env, &dev.url(), &prod.url(), "reference_wait = \"1s\"");
+    let (_, project) = env.sync();
+    assert_eq!(project["outcomes"]["deferred"], 2, "{project}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = env.run(&["project", "--output", "json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failures = json[0]["project"]["failures"].as_array().unwrap().clone();
+    let reason = |kind: &str| -> String {
+        failures
+            .iter()
+            .find(|f| f["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} failure: {json}"))["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let post = reason("posts");
+    assert!(
+        post.contains("users `424242`") && post.contains("add the referenced item to the source"),
+        "{post}"
+    );
+    let comment = reason("comments");
+    assert!(
+        comment.contains("posts `600` (at /postId)"),
+        "names what it references: {comment}"
+    );
+    assert!(
+        comment.contains("add users `424242` to the source"),
+        "names the item missing at the end of the chain: {comment}"
+    );
+    assert!(
+        !comment.contains("add the referenced item to the source"),
+        "does not ask to add the post, which dev has: {comment}"
+    );
+    assert!(prod.all("posts").is_empty() && prod.all("comments").is_empty());
+}

@@ -40,10 +40,10 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Deferred, Failure, PendingDelete, Records, ReplayMark, State, StateError,
+    Applied, Creating, Deferred, Failure, PendingDelete, Records, ReplayMark, State, StateError,
     StoredFailure, Taken,
 };
-use crate::target::{ApplyError, Claims, Outcome, Probe, Target};
+use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
 
 /// Projection stopped short of the batch.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +183,17 @@ pub struct ProjectReport {
     /// entry in `failures`; a stale one does not, as the failure stays.
     #[serde(skip)]
     failed_items: BTreeMap<String, String>,
+    /// Items this report counted by a write made without some of their reference fields
+    /// (one side of a cycle, or an item that references itself), with their kind: the
+    /// patch that completes the write is the same item's second pass, not another
+    /// outcome of it.
+    #[serde(skip)]
+    written_partially: BTreeMap<String, String>,
+    /// Patches this report counted of items it did not see written partially, with the
+    /// kind and outcome: when it is merged into a run's total that did, the count leaves
+    /// it.
+    #[serde(skip)]
+    patched: BTreeMap<String, (String, Outcome)>,
     /// Events that failed permanently, with their reasons.
     pub failures: Vec<Failure>,
     /// Committed offset (next to read) when the run ended, summed over partitions. When
@@ -215,11 +226,31 @@ impl ProjectReport {
     }
 
     /// Counts the outcome of an apply of item `identity`: a deferral once while the item
-    /// waits, and a later outcome in place of it.
-    fn count_item(&mut self, identity: &str, kind: &str, outcome: Outcome) {
+    /// waits, and a later outcome in place of it; a write without some reference fields
+    /// (`partial`) once with the patch that completes it (`patch`: a write of an item
+    /// whose applied version is such a write).
+    fn count_item(
+        &mut self,
+        identity: &str,
+        kind: &str,
+        outcome: Outcome,
+        partial: bool,
+        patch: bool,
+    ) {
         *self.applies.entry((kind.to_owned(), outcome)).or_insert(0) += 1;
         if outcome != Outcome::Stale {
             self.unfail(identity);
+        }
+        if patch && Self::completes(outcome) {
+            if self.written_partially.remove(identity).is_some() {
+                return;
+            }
+            self.patched
+                .insert(identity.to_owned(), (kind.to_owned(), outcome));
+        }
+        if partial {
+            self.written_partially
+                .insert(identity.to_owned(), kind.to_owned());
         }
         if outcome == Outcome::Failed {
             self.failed_items
@@ -237,6 +268,33 @@ impl ProjectReport {
             self.ended.insert(identity.to_owned(), outcome);
         }
         self.add(kind, outcome);
+    }
+
+    /// Whether a patch with this outcome completed the item's write.
+    fn completes(outcome: Outcome) -> bool {
+        matches!(
+            outcome,
+            Outcome::Updated | Outcome::Adopted | Outcome::Unchanged
+        )
+    }
+
+    /// Takes back one count of `outcome` for `kind`.
+    fn less(&mut self, kind: &str, outcome: Outcome) {
+        fn less(counts: &mut BTreeMap<Outcome, u64>, outcome: Outcome) {
+            if let Some(n) = counts.get_mut(&outcome) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&outcome);
+                }
+            }
+        }
+        less(&mut self.outcomes, outcome);
+        if let Some(counts) = self.by_kind.get_mut(kind) {
+            less(counts, outcome);
+            if counts.is_empty() {
+                self.by_kind.remove(kind);
+            }
+        }
     }
 
     fn add(&mut self, kind: &str, outcome: Outcome) {
@@ -321,6 +379,15 @@ impl ProjectReport {
         for identity in other.waiting.keys() {
             self.unfail(identity);
         }
+        // A patch of an item this part saw written partially: counted with that write.
+        for (identity, (kind, outcome)) in std::mem::take(&mut other.patched) {
+            if self.written_partially.remove(&identity).is_some() {
+                other.less(&kind, outcome);
+            } else {
+                self.patched.insert(identity, (kind, outcome));
+            }
+        }
+        self.written_partially.append(&mut other.written_partially);
         self.failed_items.append(&mut other.failed_items);
         for (identity, kind) in std::mem::take(&mut other.waiting) {
             match self.waiting.entry(identity) {
@@ -436,6 +503,8 @@ struct Done {
     deferred: Option<Event>,
     /// Written without its unresolved reference fields.
     partial: bool,
+    /// Written whole over a version written without them: the second pass of a write.
+    patch: bool,
     /// A directory delete that found the directory not empty; tried again later.
     waiting_delete: Option<Event>,
     /// A delete not applied because `prune` is off; applied once it is on.
@@ -674,6 +743,107 @@ impl Claims for ClaimTable {
         let slot = item_identity(kind, target_id);
         self.with(|index| index.other(&slot, identity))
     }
+}
+
+/// The names each item's creates were sent under, noted before each POST and kept until
+/// the item's target id (or its delete) is recorded (`State::creating`): a crash in
+/// between leaves the created item on the target with no id in the state, and the target
+/// finds it by these names however the source changed the item since.
+struct CreateNotes {
+    state: State,
+    pipeline: String,
+    /// The identities with notes, read from the state at the first question (usually
+    /// none), so that recording a batch costs no state lookup per item to drop them.
+    noted: Mutex<Option<HashSet<String>>>,
+    /// Notes written so far, counted.
+    written: std::sync::atomic::AtomicU64,
+    /// How many of them the last flush made durable. One flush at a time, for every
+    /// note written before it began: sled 0.34 runs each flush on its own small pool of
+    /// threads, and as many flushes at once as creates in flight took every thread of it
+    /// waiting for a write no thread was left to do (the run hung).
+    flushed: tokio::sync::Mutex<u64>,
+}
+
+impl CreateNotes {
+    fn tree(&self) -> Result<Records<Creating>, StateError> {
+        self.state.creating(&self.pipeline)
+    }
+
+    /// Runs `f` on the identities with notes, read from the state at the first call.
+    fn with<R>(&self, f: impl FnOnce(&mut HashSet<String>) -> R) -> Result<R, StateError> {
+        let mut noted = self.noted.lock().expect("the notes lock is never poisoned");
+        if noted.is_none() {
+            *noted = Some(self.tree()?.keys().collect::<Result<_, _>>()?);
+        }
+        Ok(f(noted.as_mut().expect("just read")))
+    }
+
+    /// Drops the notes of `settled` (items whose target id or delete is being recorded),
+    /// in the same unflushed write as their applied state, which comes first.
+    fn settle<'a>(&self, settled: impl IntoIterator<Item = &'a str>) -> Result<(), StateError> {
+        let gone: Vec<&str> = self.with(|noted| {
+            settled
+                .into_iter()
+                .filter(|identity| noted.remove(*identity))
+                .collect()
+        })?;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.tree()?.apply(gone.into_iter().map(|k| (k, None)))
+    }
+}
+
+#[async_trait::async_trait]
+impl Creations for CreateNotes {
+    async fn note(&self, identity: &str, name: &str) -> Result<(), String> {
+        let tree = self.tree().map_err(|e| e.to_string())?;
+        let mut creating = tree
+            .get(identity)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        if creating.names.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        creating.names.push(name.to_owned());
+        tree.put(identity, &creating).map_err(|e| e.to_string())?;
+        self.with(|noted| noted.insert(identity.to_owned()))
+            .map_err(|e| e.to_string())?;
+        let mine = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut flushed = self.flushed.lock().await;
+        if *flushed < mine {
+            let upto = self.written.load(Ordering::SeqCst);
+            self.state.flush().await.map_err(|e| e.to_string())?;
+            *flushed = upto;
+        }
+        Ok(())
+    }
+
+    fn noted(&self, identity: &str) -> Result<Vec<String>, String> {
+        if !self
+            .with(|noted| noted.contains(identity))
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(Vec::new());
+        }
+        let tree = self.tree().map_err(|e| e.to_string())?;
+        Ok(tree
+            .get(identity)
+            .map_err(|e| e.to_string())?
+            .map(|c| c.names)
+            .unwrap_or_default())
+    }
+}
+
+/// Where the wait of an item whose references did not come in time ends
+/// ([`Projector::chain_ends`]), as people read items (`posts `600``).
+#[derive(Default)]
+struct Chain {
+    /// The referenced items that wait themselves for others.
+    waiting: Vec<String>,
+    /// The items at the ends of the waits, which the target does not have and which
+    /// nothing waiting brings: what to add to the source.
+    ends: Vec<String>,
 }
 
 /// Which failed items wait for which missing items: for each failed upsert, the items it
@@ -919,6 +1089,8 @@ pub struct Projector {
     retry_due: Mutex<RetryDue>,
     /// Which source item each target id mirrors, for a target that adopts by name.
     claims: Arc<ClaimTable>,
+    /// The names creates were sent under, until the item's target id is recorded.
+    creations: Arc<CreateNotes>,
     /// Set for the last settling of a one-shot run ([`Projector::fail_taken`]): events
     /// waiting for a target item another source item holds fail then, not after the
     /// reference wait.
@@ -980,6 +1152,14 @@ impl Projector {
             index: Mutex::default(),
         });
         target.set_claims(claims.clone());
+        let creations = Arc::new(CreateNotes {
+            state: state.clone(),
+            pipeline: pipeline.to_owned(),
+            noted: Mutex::default(),
+            written: Default::default(),
+            flushed: Default::default(),
+        });
+        target.set_creations(creations.clone());
         Projector {
             pipeline: pipeline.to_owned(),
             consumer: format!("{pipeline}.projector"),
@@ -999,6 +1179,7 @@ impl Projector {
             retry_stopped: Mutex::default(),
             retry_due: Mutex::new(RetryDue::new(Duration::from_secs(5 * 60))),
             claims,
+            creations,
             last_call: AtomicBool::new(false),
             tally: Mutex::new(None),
             failed_waits: Mutex::new(None),
@@ -1543,7 +1724,7 @@ impl Projector {
             if let Some(id) = d.remap.clone() {
                 remapped.push((d.identity.clone(), id));
             }
-            report.count_item(&d.identity, &d.kind, d.outcome);
+            report.count_item(&d.identity, &d.kind, d.outcome, d.partial, d.patch);
             if d.outcome == Outcome::Stale {
                 stale.insert(d.identity.clone(), d.offset);
             } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
@@ -1615,6 +1796,10 @@ impl Projector {
         }
         applied
             .apply(puts.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+            .map_err(self.err_state())?;
+        // Written after the applied state they give way to.
+        self.creations
+            .settle(puts.iter().map(|(k, _)| k.as_str()))
             .map_err(self.err_state())?;
         failures
             .apply(failed.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
@@ -2593,8 +2778,13 @@ impl Projector {
                         pending.insert(id, d);
                     }
                 }
-                for d in r.done {
+                for mut d in r.done {
                     self.resting.lock().unwrap().remove(&d.identity);
+                    // Waiting written without some references (a cycle's first pass) and
+                    // now written whole: its patch, whose applied state is not stored yet.
+                    if since.get(&d.identity).is_some_and(|(_, partial)| *partial) && !d.partial {
+                        d.patch = true;
+                    }
                     if d.outcome == Outcome::Deferred {
                         blocked.insert(d.identity.clone());
                     }
@@ -2644,6 +2834,21 @@ impl Projector {
                 expired.push((id.clone(), missing));
             }
         }
+        // Where each expired item's wait ends: a referenced item that waits itself (or
+        // failed waiting) for another is not what is missing, the item at the end of that
+        // chain is (a comment whose post waits for a user dev does not have: the user).
+        let expired_waits: HashMap<String, Vec<String>> = expired
+            .iter()
+            .map(|(id, missing)| {
+                let waits = missing.iter().map(|r| item_identity(&r.kind, &r.key));
+                (id.clone(), waits.collect())
+            })
+            .collect();
+        let mut chains: HashMap<String, Chain> = HashMap::new();
+        for (id, missing) in &expired {
+            let chain = self.chain_ends(missing, &expired_waits, &pending, refs)?;
+            chains.insert(id.clone(), chain);
+        }
         for (id, missing) in expired {
             let Some(d) = pending.remove(&id) else {
                 continue;
@@ -2663,10 +2868,18 @@ impl Projector {
                 })
                 .map(|r| format!("{} `{}`", r.kind, r.key))
                 .collect();
+            let chain = chains.remove(&id).unwrap_or_default();
             let advice = if !failing.is_empty() && failing.len() == missing.len() {
                 format!(
                     "the target keeps failing {} (`status` says how)",
                     failing.join(", ")
+                )
+            } else if !chain.waiting.is_empty() && !chain.ends.is_empty() {
+                let ends = chain.ends.join(", ");
+                format!(
+                    "{} {} for {ends}, which the target does not have either; add {ends} to the source or fix the reference",
+                    chain.waiting.join(", "),
+                    if chain.waiting.len() == 1 { "waits itself" } else { "wait themselves" },
                 )
             } else {
                 "add the referenced item to the source or fix the reference".into()
@@ -2695,6 +2908,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                patch: false,
                 waiting_delete: None,
                 retained: None,
                 bytes: 0,
@@ -2704,6 +2918,57 @@ impl Projector {
             });
         }
         Ok((pending, settled))
+    }
+
+    /// Follows the references `missing` of an item whose wait ran out through the
+    /// referenced items that wait themselves: those still waiting (`pending`), expiring
+    /// with it (`expired`) or failed waiting for others (the failed items' waits), to the
+    /// items at the ends, which nothing brings. An item waiting for the target rather
+    /// than for references (failing, or holding a name) ends a chain without being
+    /// missing.
+    fn chain_ends(
+        &self,
+        missing: &[Ref],
+        expired: &HashMap<String, Vec<String>>,
+        pending: &BTreeMap<String, Deferred>,
+        refs: &Refs<'_>,
+    ) -> Result<Chain, ProjectError> {
+        let waits_of = |id: &str| -> Result<Option<Vec<String>>, ProjectError> {
+            if let Some(waits) = expired.get(id) {
+                return Ok(Some(waits.clone()));
+            }
+            if let Some(d) = pending.get(id) {
+                let (_, missing) = refs.resolve(&d.event).map_err(self.err_state())?;
+                let waits = missing.iter().map(|r| item_identity(&r.kind, &r.key));
+                return Ok(Some(waits.collect()));
+            }
+            self.with_failed_waits(|w| w.waits_for.get(id).cloned())
+        };
+        let label = |id: &str| match id.split_once('\0') {
+            Some((kind, key)) => format!("{kind} `{key}`"),
+            None => format!("`{id}`"),
+        };
+        let mut chain = Chain::default();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut next: Vec<String> = Vec::new();
+        for r in missing {
+            let id = item_identity(&r.kind, &r.key);
+            if waits_of(&id)?.is_some() && !chain.waiting.contains(&label(&id)) {
+                chain.waiting.push(label(&id));
+            }
+            next.push(id);
+        }
+        next.reverse();
+        while let Some(id) = next.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            match waits_of(&id)? {
+                Some(waits) => next.extend(waits.into_iter().rev()),
+                None => chain.ends.push(label(&id)),
+            }
+        }
+        Ok(chain)
     }
 
     async fn apply_group(
@@ -2742,6 +3007,7 @@ impl Projector {
                 remap: None,
                 deferred: None,
                 partial: false,
+                patch: false,
                 waiting_delete: None,
                 retained: None,
                 bytes: tidemark_proto::content_len(event.body.as_ref(), event.blob.as_ref()),
@@ -2788,6 +3054,11 @@ impl Projector {
             };
             let mut to_apply = None;
             let mut written_partially = false;
+            // The applied version is a write without some reference fields: this one,
+            // written whole, is its patch.
+            let was_partial = prior
+                .as_ref()
+                .is_some_and(|p| p.version.starts_with("partial:"));
             if event.op == Op::Upsert && !event.refs.is_empty() {
                 let (resolved, missing) = match refs.resolve(&event) {
                     Ok(r) => r,
@@ -2842,7 +3113,9 @@ impl Projector {
                             Change::Put(a)
                         }
                         (Op::Delete, _) => {
-                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some()) {
+                            if target_prior.as_ref().is_some_and(|p| p.target_id.is_some())
+                                || effect.target_id.is_some()
+                            {
                                 refs.record(&identity, None);
                                 remap = Some(None);
                             }
@@ -2866,6 +3139,8 @@ impl Projector {
                     if written_partially {
                         d.deferred = Some(event.clone());
                         d.partial = true;
+                    } else {
+                        d.patch = was_partial;
                     }
                     result.done.push(d);
                 }
@@ -3764,6 +4039,11 @@ impl Projector {
                 .remap(&self.pipeline)
                 .and_then(|r| r.remove_where(|_, _| true))
                 .map_err(self.err_state())?;
+            // The names creates were sent under are the old target's business too.
+            self.state
+                .creating(&self.pipeline)
+                .and_then(|r| r.remove_where(|_, _| true))
+                .map_err(self.err_state())?;
             info!(
                 pipeline = %self.pipeline,
                 "the target changed from {was}: its {forgotten} target ids are forgotten, so the new target's items are found by name or created"
@@ -3882,5 +4162,35 @@ impl RetryDue {
             self.first
         };
         self.at = Some(now + self.pause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write without some reference fields and the patch that completes it count once,
+    /// by the write, also when a daemon cycle's tally merges them from two batches.
+    #[test]
+    fn a_partial_write_and_its_patch_count_once() {
+        let item = item_identity("users", "500");
+        let mut one = ProjectReport::default();
+        one.count_item(&item, "users", Outcome::Deferred, false, false);
+        one.count_item(&item, "users", Outcome::Created, true, false);
+        one.count_item(&item, "users", Outcome::Updated, false, true);
+        assert_eq!(one.outcomes, BTreeMap::from([(Outcome::Created, 1)]));
+
+        let mut first = ProjectReport::default();
+        first.count_item(&item, "users", Outcome::Created, true, false);
+        let mut second = ProjectReport::default();
+        second.count_item(&item, "users", Outcome::Updated, false, true);
+        // A later run's patch alone is that run's update.
+        assert_eq!(second.outcomes, BTreeMap::from([(Outcome::Updated, 1)]));
+        first.merge(second);
+        assert_eq!(first.outcomes, BTreeMap::from([(Outcome::Created, 1)]));
+        assert_eq!(
+            first.by_kind,
+            BTreeMap::from([("users".to_owned(), BTreeMap::from([(Outcome::Created, 1)]))])
+        );
     }
 }

@@ -93,6 +93,18 @@ pub struct Applied {
     pub target_id: Option<String>,
 }
 
+/// The names a target's creates of one item were sent under while no target id of it is
+/// recorded (`creating/<pipeline>`): noted durably before each POST and dropped with the
+/// record of the item's target id. A crash between a POST and that record leaves the item
+/// on the target with no id in the state; the next run finds it by one of these names,
+/// also when the source has renamed or deleted the item meanwhile (the event that
+/// created it is then superseded, and a lookup by the current name misses it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Creating {
+    /// Each name a POST of the item was about to be sent under, in order.
+    pub names: Vec<String>,
+}
+
 /// An event waiting for the items it references.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deferred {
@@ -403,6 +415,12 @@ impl State {
     /// duplicates.
     pub fn remap(&self, pipeline: &str) -> Result<Records<String>, StateError> {
         self.records(&format!("remap/{pipeline}"))
+    }
+
+    /// The names creates of items with no recorded target id were sent under, by item
+    /// identity ([`Creating`]).
+    pub fn creating(&self, pipeline: &str) -> Result<Records<Creating>, StateError> {
+        self.records(&format!("creating/{pipeline}"))
     }
 
     /// Events waiting for the items they reference, by item identity; the committed

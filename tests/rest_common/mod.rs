@@ -162,8 +162,20 @@ pub fn write_rest_config(env: &Env, dev: &str, prod: &str, target_extra: &str) {
 
 /// As [`write_rest_config`]; with `cyclic`, users also reference posts (`favoritePostId`).
 pub fn write_rest_config_with(env: &Env, dev: &str, prod: &str, target_extra: &str, cyclic: bool) {
-    std::fs::write(env.path("token.txt"), format!("{TOKEN}\n")).unwrap();
     let users_ref = if cyclic { "/favoritePostId|posts" } else { "" };
+    write_rest_config_users_ref(env, dev, prod, target_extra, users_ref)
+}
+
+/// As [`write_rest_config`], users with the reference `users_ref` (`/field|kind`, or none
+/// when empty).
+pub fn write_rest_config_users_ref(
+    env: &Env,
+    dev: &str,
+    prod: &str,
+    target_extra: &str,
+    users_ref: &str,
+) {
+    std::fs::write(env.path("token.txt"), format!("{TOKEN}\n")).unwrap();
     let kinds_src = [("users", users_ref), ("posts", "/userId|users"), ("comments", "/postId|posts")]
         .iter()
         .map(|(k, r)| {
@@ -349,6 +361,10 @@ pub struct Faults {
     pub delete_after: Mutex<Option<(String, String)>>,
     /// Answer this status instead of the server to GETs of this path (without a query).
     pub status_for: Mutex<Option<(String, u16)>>,
+    /// After the server has handled a POST to this path (without the query), send no
+    /// answer while this is set (then drop the connection): the item is on the server,
+    /// and the client, killed meanwhile, never learns its id.
+    pub hold_post: Mutex<Option<String>>,
 }
 
 /// A redirect the proxy answers with.
@@ -803,6 +819,20 @@ fn serve(
             headers.push(("link".into(), v));
         }
         let b = resp.bytes().unwrap_or_default();
+        let held = |f: &Faults| {
+            f.hold_post
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|p| method == "POST" && path.split('?').next() == Some(p))
+        };
+        if held(f) {
+            injected.fetch_add(1, Ordering::SeqCst);
+            while held(f) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        }
         let delete = {
             let mut d = f.delete_after.lock().unwrap();
             if d.as_ref()

@@ -4,6 +4,11 @@
 //! strips server-managed fields before every write, and maps HTTP failures to
 //! transient (retried later, offset not committed) or permanent (the key is blocked).
 //!
+//! Before each POST the name it is sent under is noted durably (`Creations`) until the
+//! projector records the item's id: a create that a crash cut off from that record is
+//! found again by that name, and adopted (renamed if the source renamed the item) or
+//! deleted (if the source deleted it), instead of staying on the target as an orphan.
+//!
 //! The projector hands it events whose reference fields already hold target ids, and the
 //! item's target id (from applied state or the remap table) in `prior`.
 //!
@@ -22,7 +27,7 @@ use tidemark_proto::{canonical_json, strip_fields, Body, Event, Op};
 use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
 
-use super::{ApplyError, Claims, Effect, Outcome, Target};
+use super::{ApplyError, Claims, Creations, Effect, Outcome, Target};
 use crate::config::HttpTargetConfig;
 use crate::http::{encode_query_value, id_string, HttpClient, RequestError};
 use crate::http_config::{OnConflict, TargetKindConfig, UpdateMethod};
@@ -49,6 +54,10 @@ pub struct HttpTarget {
     /// Which source item each target id mirrors (the projector's remap table): an item
     /// found by name that another source item owns is not adopted, and not deleted.
     claims: Mutex<Option<Arc<dyn Claims>>>,
+    /// The names each item's creates were sent under until its target id is recorded: a
+    /// create a crash cut off from that record is found by them (and adopted, or deleted),
+    /// whatever the source did to the item since.
+    creations: Mutex<Option<Arc<dyn Creations>>>,
 }
 
 impl HttpTarget {
@@ -60,6 +69,22 @@ impl HttpTarget {
             page_concurrency: cfg.endpoint.in_flight.clamp(1, 8),
             listings: Mutex::new(HashMap::new()),
             claims: Mutex::new(None),
+            creations: Mutex::new(None),
+        }
+    }
+
+    fn creations(&self) -> Option<Arc<dyn Creations>> {
+        self.creations
+            .lock()
+            .expect("the creations lock is never poisoned")
+            .clone()
+    }
+
+    fn transient(event: &Event, message: String) -> ApplyError {
+        ApplyError::Transient {
+            kind: event.kind.clone(),
+            key: event.key.clone(),
+            message,
         }
     }
 
@@ -259,6 +284,133 @@ impl HttpTarget {
         }
     }
 
+    /// The target's items under the names earlier creates of `event`'s item were sent
+    /// under (its notes: a create whose id was never recorded, cut off by a crash), as
+    /// (target id, item, name), each id once. A find is sent under a noted name only after
+    /// a lookup found nothing there, so an item found under one now is that create's, and
+    /// the source may have renamed or deleted the item since. Not one that another source
+    /// item mirrors; a lookup that cannot tell (several items of that name, an API that
+    /// ignores the query) is warned of and skipped, never guessed.
+    async fn noted_items(
+        &self,
+        kind: &TargetKindConfig,
+        event: &Event,
+    ) -> Result<Vec<(String, Value, String)>, ApplyError> {
+        let Some(creations) = self.creations() else {
+            return Ok(Vec::new());
+        };
+        if kind.find.is_none() {
+            return Ok(Vec::new());
+        }
+        let identity = event.identity();
+        let names = creations.noted(&identity).map_err(|e| {
+            Self::transient(
+                event,
+                format!("cannot read which names its earlier creates were sent under: {e}"),
+            )
+        })?;
+        let mut found: Vec<(String, Value, String)> = Vec::new();
+        for name in names {
+            match self.find(kind, event, &name).await {
+                Ok(Some((id, item))) => {
+                    let owner = self
+                        .claims()
+                        .and_then(|c| c.other_owner(&kind.name, &id, &identity));
+                    if let Some(owner) = owner {
+                        warn!(kind = %event.kind, key = %event.key, target_id = %id, "an earlier create of this item, cut off before its id was recorded, was sent as `{name}`, but the target's item of that name mirrors the source's `{}` item `{owner}`: it is left alone", event.kind);
+                    } else if !found.iter().any(|(f, _, _)| *f == id) {
+                        found.push((id, item, name));
+                    }
+                }
+                Ok(None) => {}
+                Err(e @ ApplyError::Transient { .. }) => return Err(e),
+                Err(e) => {
+                    warn!(kind = %event.kind, key = %event.key, "{e}; an earlier create of this item, cut off before its id was recorded, was sent as `{name}`: if the target holds an item of that name that no source item has, remove it by hand");
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Adopts the item an earlier create of `event`'s item made, found by a noted name
+    /// ([`HttpTarget::noted_items`]; the one under the item's current name first), and
+    /// writes it as the item is now (a rename included). Any other found there is a
+    /// second such create's, and is deleted: each would otherwise stay on the target, a
+    /// duplicate no later event names.
+    async fn adopt_noted(
+        &self,
+        kind: &TargetKindConfig,
+        event: &Event,
+        desired: &Value,
+    ) -> Result<Option<Effect>, ApplyError> {
+        let mut found = self.noted_items(kind, event).await?;
+        found.sort_by_key(|(_, _, name)| Some(name) != event.name.as_ref());
+        let identity = event.identity();
+        let claims = self.claims();
+        let mut adopted = None;
+        for (id, existing, name) in found {
+            if adopted.is_some() {
+                if self.delete_id(kind, event, &id).await? {
+                    info!(kind = %event.kind, key = %event.key, target_id = %id, "deleted a second copy of this item, made as `{name}` by an earlier create cut off before its id was recorded");
+                }
+                continue;
+            }
+            if let Some(claims) = &claims {
+                if claims.claim(&kind.name, &id, &identity).is_err() {
+                    continue;
+                }
+            }
+            if Self::same(kind, &existing, desired) {
+                adopted = Some(id);
+                continue;
+            }
+            match self.update(kind, event, &id, desired).await {
+                Ok(true) => {
+                    info!(kind = %event.kind, key = %event.key, target_id = %id, "adopted the item an earlier create, cut off before its id was recorded, made as `{name}`, and updated it");
+                    adopted = Some(id);
+                }
+                Ok(false) => {
+                    if let Some(claims) = &claims {
+                        claims.release(&kind.name, &id, &identity);
+                    }
+                }
+                Err(e) => {
+                    if let Some(claims) = &claims {
+                        claims.release(&kind.name, &id, &identity);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(adopted.map(|id| Effect {
+            outcome: Outcome::Adopted,
+            target_id: Some(id),
+        }))
+    }
+
+    /// Sends a DELETE of `id`: `true` when it deleted it, `false` when the target had no
+    /// such item (a 404).
+    async fn delete_id(
+        &self,
+        kind: &TargetKindConfig,
+        event: &Event,
+        id: &str,
+    ) -> Result<bool, ApplyError> {
+        match self
+            .client
+            .send(
+                Method::DELETE,
+                &kind.item_path(&encode_query_value(id)),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(self.error(event, e)),
+        }
+    }
+
     fn same(kind: &TargetKindConfig, existing: &Value, desired: &Value) -> bool {
         let mut existing = existing.clone();
         strip_fields(&mut existing, &kind.strip);
@@ -301,6 +453,9 @@ impl HttpTarget {
         // found by name, every new attempt looks first and adopts what a lost one made,
         // so a flaky connection never creates a duplicate.
         let can_find = event.name.is_some() && kind.find.is_some();
+        if let Some(effect) = self.adopt_noted(kind, event, desired).await? {
+            return Ok(effect);
+        }
         let started = std::time::Instant::now();
         let mut backoff = backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(Duration::from_millis(200))
@@ -409,6 +564,20 @@ impl HttpTarget {
                 }
             }
         }
+        if let (Some(name), Some(_), Some(creations)) = (&event.name, &kind.find, self.creations())
+        {
+            // On disk before the POST goes: should tidemark stop before it records the id,
+            // the next run finds the item by this name, even once the source renamed it.
+            creations
+                .note(&event.identity(), name)
+                .await
+                .map_err(|e| {
+                    Self::transient(
+                        event,
+                        format!("cannot note in the state that it is being created as `{name}`, which a POST needs first (so that a crash cannot leave the item on the target unknown): {e}"),
+                    )
+                })?;
+        }
         let (resp, body) = match self
             .client
             .json(Method::POST, &kind.path, Some(desired))
@@ -471,48 +640,49 @@ impl Target for HttpTarget {
         let known = prior.and_then(|p| p.target_id.clone());
         match event.op {
             Op::Delete => {
-                // Never mirrored (it failed, or waited, until the source deleted it): the
-                // target has nothing to delete.
-                let Some(id) = known else {
-                    return Ok(Outcome::Unchanged.into());
-                };
+                // What creates cut off by a crash made: the item, with no id recorded (its
+                // event was superseded by this delete), or made again after a 404.
+                let noted = self.noted_items(kind, event).await?;
                 let identity = event.identity();
                 let claims = self.claims();
-                if let Some(owner) = claims
-                    .as_ref()
-                    .and_then(|c| c.other_owner(&kind.name, &id, &identity))
-                {
-                    // Only a state written before adoption checked claims holds two items
-                    // mirrored to one: the other one is still in the source.
-                    warn!(kind = %event.kind, key = %event.key, target_id = %id, "not deleting the target's item: it mirrors the source's `{}` item `{owner}` too; only this item's mapping is forgotten", event.kind);
-                    return Ok(Effect {
-                        outcome: Outcome::Unchanged,
-                        target_id: Some(id),
-                    });
+                let mut outcome = Outcome::Unchanged;
+                if let Some(id) = &known {
+                    if let Some(owner) = claims
+                        .as_ref()
+                        .and_then(|c| c.other_owner(&kind.name, id, &identity))
+                    {
+                        // Only a state written before adoption checked claims holds two
+                        // items mirrored to one: the other one is still in the source.
+                        warn!(kind = %event.kind, key = %event.key, target_id = %id, "not deleting the target's item: it mirrors the source's `{}` item `{owner}` too; only this item's mapping is forgotten", event.kind);
+                        return Ok(Effect {
+                            outcome: Outcome::Unchanged,
+                            target_id: known,
+                        });
+                    }
+                    // A 404: gone from the target already (removed by hand, or by a cascade
+                    // of its parent's delete), so this delete deleted nothing: `unchanged`,
+                    // as the directory target counts a file already absent.
+                    if self.delete_id(kind, event, id).await? {
+                        outcome = Outcome::Deleted;
+                    }
+                    if let Some(claims) = &claims {
+                        claims.release(&kind.name, id, &identity);
+                    }
                 }
-                // A 404: gone from the target already (removed by hand, or by a cascade of
-                // its parent's delete), so this delete deleted nothing: `unchanged`, as
-                // the directory target counts a file already absent.
-                let outcome = match self
-                    .client
-                    .send(
-                        Method::DELETE,
-                        &kind.item_path(&encode_query_value(&id)),
-                        None,
-                    )
-                    .await
-                {
-                    Ok(_) => Outcome::Deleted,
-                    Err(e) if e.status() == Some(404) => Outcome::Unchanged,
-                    Err(e) => return Err(self.error(event, e)),
-                };
-                if let Some(claims) = &claims {
-                    claims.release(&kind.name, &id, &identity);
+                // Without a known id or a noted create the item was never mirrored (it
+                // failed, or waited, until the source deleted it): nothing to delete.
+                let mut target_id = known.clone();
+                for (id, _, name) in noted {
+                    if known.as_ref() == Some(&id) {
+                        continue;
+                    }
+                    if self.delete_id(kind, event, &id).await? {
+                        info!(kind = %event.kind, key = %event.key, target_id = %id, "deleted the item an earlier create, cut off before its id was recorded, made as `{name}`");
+                        outcome = Outcome::Deleted;
+                    }
+                    target_id.get_or_insert(id);
                 }
-                Ok(Effect {
-                    outcome,
-                    target_id: Some(id),
-                })
+                Ok(Effect { outcome, target_id })
             }
             Op::Upsert => {
                 let Some(Body::Json(body)) = &event.body else {
@@ -578,6 +748,13 @@ impl Target for HttpTarget {
             .claims
             .lock()
             .expect("the claims lock is never poisoned") = Some(claims);
+    }
+
+    fn set_creations(&self, creations: Arc<dyn Creations>) {
+        *self
+            .creations
+            .lock()
+            .expect("the creations lock is never poisoned") = Some(creations);
     }
 
     fn deletes_first(&self) -> bool {

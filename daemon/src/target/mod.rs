@@ -215,6 +215,12 @@ pub trait Target: Send + Sync {
     /// deletes, an item another source item owns. Called once by the projector.
     fn set_claims(&self, _claims: Arc<dyn Claims>) {}
 
+    /// Hands a target that creates items with ids of its own choosing (a POST) the
+    /// durable notes of the names its creates are sent under, kept until the item's
+    /// target id is recorded, so that an item a crash left on the target unrecorded is
+    /// found again after the source renamed or deleted it. Called once by the projector.
+    fn set_creations(&self, _creations: Arc<dyn Creations>) {}
+
     /// Whether a batch's deletes are applied before its upserts. A target that adopts by
     /// name wants them first: a source item deleted and made again under a new id with the
     /// same name must have its old mirror deleted before the new one looks for its name.
@@ -252,6 +258,20 @@ pub trait Claims: Send + Sync {
 
     /// The key of a source item other than `identity` that `target_id` of `kind` mirrors.
     fn other_owner(&self, kind: &str, target_id: &str, identity: &str) -> Option<String>;
+}
+
+/// The names a target's creates of each item were sent under, noted durably before the
+/// request goes and forgotten once the projector records the item's target id (or its
+/// delete): what finds an item whose create a crash cut off from its record.
+#[async_trait]
+pub trait Creations: Send + Sync {
+    /// Notes that `identity` is about to be created on the target under `name`, and
+    /// returns once the note is on disk; an error (the state cannot be written) means the
+    /// create must not be sent.
+    async fn note(&self, identity: &str, name: &str) -> Result<(), String>;
+
+    /// The names noted for `identity` (none once its target id is recorded).
+    fn noted(&self, identity: &str) -> Result<Vec<String>, String>;
 }
 
 /// What a target holds where an upsert would go, for `plan`.
