@@ -442,3 +442,57 @@ fn a_state_directory_inside_the_source_through_a_bind_mount_is_refused() {
     assert!(err.contains("shown at two paths by a mount"), "{err}");
     assert!(names(&env.src()).is_empty(), "the source was written to");
 }
+
+/// A path written as in a shell: a leading `~` is the home directory (it made a directory
+/// named `~` beside the config, and `$HOME/mirror` stayed empty), and forms a shell would
+/// expand that tidemark does not (`$HOME`, `~user`) are refused on their line rather than
+/// taken as literal names.
+#[test]
+fn a_home_directory_path_is_expanded_and_shell_variables_are_refused() {
+    let env = Env::dirs("", "");
+    let home = env.path("home");
+    std::fs::create_dir_all(env.src()).unwrap();
+    std::fs::write(env.src().join("a.txt"), "a").unwrap();
+    let config = |state: &str, target: &str| {
+        format!(
+            "state_dir = \"{state}\"\nlisten = \"127.0.0.1:0\"\n\n[[pipeline]]\nname = \"t\"\n\n[pipeline.source.dir]\npath = \"src\"\n\n[pipeline.target.dir]\npath = \"{target}\"\n"
+        )
+    };
+    env.write_config(&config("~/state", "~/mirror"));
+    let out = env.cmd(&["sync"]).env("HOME", &home).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(home.join("mirror/a.txt")).unwrap(), b"a");
+    assert!(home.join("state").is_dir());
+    assert!(!env.path("~").exists(), "a directory named ~ was made");
+
+    for (state, target, on_line, key, says) in [
+        (
+            "state",
+            "$HOME/mirror",
+            "path = \"$HOME",
+            "pipeline.t.target.dir.path",
+            "environment variables are not expanded",
+        ),
+        (
+            "${XDG_STATE_HOME}/tm",
+            "dst",
+            "state_dir",
+            "state_dir",
+            "environment variables are not expanded",
+        ),
+        (
+            "state",
+            "~bob/mirror",
+            "path = \"~bob",
+            "pipeline.t.target.dir.path",
+            "`~user` is not expanded",
+        ),
+    ] {
+        let stderr = refused_with(&config(state, target), on_line, key, &[]);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}

@@ -657,11 +657,15 @@ impl Config {
             ));
         }
 
-        let state_dir = base.join(&raw.state_dir);
-        let reports_dir = raw
-            .reports_dir
-            .as_ref()
-            .map_or_else(|| state_dir.join("reports"), |d| base.join(d));
+        let home = |path: &Path, at: &[&str], key: String| {
+            home_expanded(path)
+                .map_err(|message| invalid(value_span(text, at).unwrap_or(0..0), key, message))
+        };
+        let state_dir = base.join(home(&raw.state_dir, &["state_dir"], "state_dir".into())?);
+        let reports_dir = match &raw.reports_dir {
+            Some(d) => base.join(home(d, &["reports_dir"], "reports_dir".into())?),
+            None => state_dir.join("reports"),
+        };
         // What tidemark writes itself, every run, with the line it is set on (`None`: a
         // default) and what it defaults to.
         let own_dirs = [
@@ -784,7 +788,8 @@ impl Config {
                 RawSource::Dir(d) => {
                     let span = d.span();
                     let mut d = d.into_inner();
-                    d.path = base.join(&d.path);
+                    let at = ["pipeline", &index.to_string(), "source", "dir", "path"];
+                    d.path = base.join(home(&d.path, &at, key("source.dir.path"))?);
                     for (list, globs) in [("include", &d.include), ("exclude", &d.exclude)] {
                         for (j, glob) in globs.iter().enumerate() {
                             if let Err(e) = globset::Glob::new(glob) {
@@ -824,7 +829,8 @@ impl Config {
                     // Resolved (`..`, symbolic links) where it exists: the applied state
                     // records the target by this path, and messages show it, so one
                     // directory written two ways is one target.
-                    d.path = resolved(&base.join(&d.path));
+                    let at = ["pipeline", &index.to_string(), "target", "dir", "path"];
+                    d.path = resolved(&base.join(home(&d.path, &at, key("target.dir.path"))?));
                     let path_span = key_span(text, span.clone(), "path");
                     let source_root = match &source {
                         SourceConfig::Dir(s) => Some(&s.path),
@@ -1456,6 +1462,38 @@ impl Inside {
             ),
         }
     }
+}
+
+/// `path` with a leading `~` made the home directory (`$HOME`), as a shell would; other
+/// shell forms (`~user`, `$VAR`) are refused rather than taken as literal names, which
+/// made directories named `~` or `$HOME` beside the config.
+fn home_expanded(path: &Path) -> Result<PathBuf, String> {
+    let text = path.to_string_lossy();
+    if let Some(rest) = text.strip_prefix('~') {
+        if rest.is_empty() || rest.starts_with('/') {
+            let home = std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| {
+                    format!("`{text}` starts with `~`, but HOME is not set: write the path in full")
+                })?;
+            return Ok(PathBuf::from(home).join(rest.trim_start_matches('/')));
+        }
+        return Err(format!(
+            "`{text}`: `~user` is not expanded; write the path in full"
+        ));
+    }
+    let variable = text.match_indices('$').any(|(i, _)| {
+        text[i + 1..]
+            .chars()
+            .next()
+            .is_some_and(|c| c == '{' || c == '_' || c.is_ascii_alphabetic())
+    });
+    if variable {
+        return Err(format!(
+            "`{text}`: environment variables are not expanded in paths; write the path in full (a leading `~` is the home directory)"
+        ));
+    }
+    Ok(path.to_owned())
 }
 
 /// Whether one of two directories is the other or inside it ([`inside`], either way
