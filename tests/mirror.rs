@@ -2503,11 +2503,11 @@ fn a_target_that_never_received_anything_is_not_remembered() {
             && stderr.contains("nothing was scanned, appended or applied"),
         "{stderr}"
     );
-    assert_eq!(
-        env.json(&["status"])[0]["head"],
-        head,
-        "the refused sync appended"
-    );
+    // `status` says it is blocked, and so exits 1.
+    let out = env.run(&["status", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status[0]["head"], head, "the refused sync appended");
 }
 
 /// One target directory written two ways (`sub/../dst`, then its absolute path) is one
@@ -2926,4 +2926,189 @@ fn a_directory_come_and_gone_before_its_projection_leaves_nothing_on_the_target(
     assert_eq!(outcome(&project, "stale"), 100, "{project}");
     assert!(!env.dst().join("n").exists(), "{project}");
     assert_mirror(&env.src(), &env.dst());
+}
+
+/// Two configs beside each other, neither setting `state_dir`, both naming their pipeline
+/// `backup`: they share the default `state` and so one log. The second is refused before
+/// it scans or applies anything, with an error naming both sources and targets, the cause
+/// and the fix, and no advice to replay (following that advice had written the docs into
+/// `bk-photos` and deleted the photos from it, exit 0).
+#[test]
+fn issue_shared_state_two_configs_one_pipeline_name_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (name, files) in [
+        ("photos", ["p1.jpg", "p2.jpg", "p3.jpg"]),
+        ("docs", ["d1.txt", "d2.txt", "d3.txt"]),
+    ] {
+        for f in files {
+            write(root.join(name).join(f), format!("{name} {f}"));
+        }
+        std::fs::write(
+            root.join(format!("{name}.toml")),
+            format!("[[pipeline]]\nname = \"backup\"\n[pipeline.source.dir]\npath = \"{name}\"\n[pipeline.target.dir]\npath = \"bk-{name}\"\nprune = true\n"),
+        )
+        .unwrap();
+    }
+    let run = |config: &str, args: &[&str]| {
+        let mut c = std::process::Command::new(bin());
+        c.current_dir(root).arg("--config").arg(config).args(args);
+        c.output().unwrap()
+    };
+    let out = run("photos.toml", &["sync"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_mirror(&root.join("photos"), &root.join("bk-photos"));
+    let before = snapshot(&root.join("bk-photos"));
+    let head = |config: &str| {
+        let out = run(config, &["status", "--output", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0]["head"].clone()
+    };
+    let head_before = head("photos.toml");
+
+    for args in [
+        &["sync"][..],
+        &["scan"],
+        &["project"],
+        &["plan"],
+        &["replay", "--from", "0"],
+    ] {
+        let out = run("docs.toml", args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let named = |what: &str| {
+            stderr.contains(
+                &root
+                    .join(what)
+                    .canonicalize()
+                    .unwrap_or(root.join(what))
+                    .display()
+                    .to_string(),
+            )
+        };
+        assert!(
+            stderr.contains("holds pipeline `backup` of another source and target")
+                && named("photos")
+                && named("bk-photos")
+                && named("docs")
+                && named("bk-docs")
+                && stderr.contains("two configs share this state directory")
+                && stderr.contains("give this config its own `state_dir`")
+                && !stderr.contains("replay --pipeline"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        !root.join("bk-docs").exists(),
+        "the refused runs wrote the docs target"
+    );
+    assert_eq!(
+        snapshot(&root.join("bk-photos")),
+        before,
+        "bk-photos changed"
+    );
+    assert_eq!(
+        head("photos.toml"),
+        head_before,
+        "a refused run appended to the log"
+    );
+
+    // The photos config goes on as before: nothing to do, exit 0.
+    let out = run("photos.toml", &["sync"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(snapshot(&root.join("bk-photos")), before);
+
+    // The fix the error names: the docs config gets its own state directory.
+    let docs = std::fs::read_to_string(root.join("docs.toml")).unwrap();
+    std::fs::write(
+        root.join("docs.toml"),
+        format!("state_dir = \"state-docs\"\n{docs}"),
+    )
+    .unwrap();
+    let out = run("docs.toml", &["sync"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_mirror(&root.join("docs"), &root.join("bk-docs"));
+    assert_eq!(snapshot(&root.join("bk-photos")), before);
+}
+
+/// A source moved to another path (the old one gone), the target unchanged, is taken as
+/// moved: the next scan appends every item again so the log's events read from the new
+/// path, the target is not written, and a rebuild from the log still works. A source whose
+/// old path is still there is another tree: refused, saying what to do.
+#[test]
+fn a_moved_source_is_read_again_and_a_copied_one_is_refused() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    write(env.src().join("d/b.txt"), "b");
+    env.sync();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let moved = config.replace("path = \"src\"", "path = \"src2\"");
+
+    // Copied, the old one left: refused, nothing appended.
+    let head = env.json(&["status"])[0]["head"].clone();
+    std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(env.src())
+        .arg(env.path("src2"))
+        .status()
+        .unwrap();
+    env.write_config(&moved);
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("which is still there") && stderr.contains("move it away or remove it"),
+        "{stderr}"
+    );
+    let status = env.run(&["status"]);
+    assert_eq!(status.status.code(), Some(1), "{status:?}");
+    let out = env.run(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status[0]["head"], head, "the refused sync appended");
+
+    // Moved: the old path gone.
+    std::fs::remove_dir_all(env.src()).unwrap();
+    let before = snapshot(&env.dst());
+    let (scan, project) = env.sync();
+    assert_eq!(scan["upserts"], 3, "{scan}");
+    assert_eq!(project["outcomes"]["unchanged"], 3, "{project}");
+    assert_eq!(snapshot(&env.dst()), before);
+    write(env.path("src2/c.txt"), "c");
+    env.sync();
+    assert_mirror(&env.path("src2"), &env.dst());
+    // A rebuild from the log reads the new path.
+    std::fs::remove_dir_all(env.dst()).unwrap();
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["project"]);
+    assert_mirror(&env.path("src2"), &env.dst());
+}
+
+/// After the target `path` changes under applied state every run refuses; `status` says
+/// so (text and JSON) and exits 1 instead of reading "lag 0 events", exit 0.
+#[test]
+fn status_shows_a_pipeline_blocked_by_a_changed_target() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("path = \"dst\"", "path = \"dst2\""));
+    let out = env.run(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("BLOCKED: nothing is applied") && stdout.contains("the target is now dir "),
+        "{stdout}"
+    );
+    let out = env.run(&["status", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status[0]["blocked"]
+            .as_str()
+            .is_some_and(|b| b.contains("the target is now dir ")),
+        "{status}"
+    );
+    // Put back, it is healthy again.
+    env.write_config(&config);
+    let status = env.json(&["status"]);
+    assert!(status[0]["blocked"].is_null(), "{status}");
 }

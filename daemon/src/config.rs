@@ -185,6 +185,16 @@ impl PipelineConfig {
             TargetConfig::Http(_) => None,
         }
     }
+
+    /// What the source is (`dir /abs/path`, resolved as a target's path is; `http
+    /// base_url`, which carries no secret), as the state notes the source its log was
+    /// read from (`State::check_owner`).
+    pub fn source_identity(&self) -> String {
+        match &self.source {
+            SourceConfig::Dir(d) => format!("dir {}", resolved(&d.path).display()),
+            SourceConfig::Http(h) => format!("http {}", h.endpoint.base_url),
+        }
+    }
 }
 
 impl SourceConfig {

@@ -490,6 +490,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             // again are summed over them.
             let mut checked = Vec::with_capacity(pipelines.len());
             for p in &pipelines {
+                // Another config's log: a replay writes its events into this target.
+                p.projector.check_owner(false)?;
                 if let (1.., Some(was)) = (from, p.projector.changed_target()?) {
                     anyhow::bail!(
                         "pipeline `{}`: the target changed from {was}: only `--from 0` builds the new one (what was applied below {from} went to the old one){nothing_moved}",
@@ -668,9 +670,11 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
     }
     // A pipeline whose status is partly unknown (its log cannot be read, as with a Kafka
     // broker down) fails the command, as it does without a daemon, after what is known.
+    // So does one that no run applies anything to until a person settles it.
     let errors: Vec<&str> = statuses
         .iter()
-        .filter_map(|s| s["error"].as_str())
+        .flat_map(|s| [s["error"].as_str(), s["blocked"].as_str()])
+        .flatten()
         .collect();
     let code = if errors.is_empty() {
         ExitCode::SUCCESS
@@ -696,6 +700,9 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 // The daemon could not read even the local state: nothing else is known.
                 continue;
             }
+        }
+        if let Some(blocked) = s["blocked"].as_str() {
+            outln!("  BLOCKED: nothing is applied, whatever the lag reads: {blocked}");
         }
         if s["head"].is_null() {
             outln!("  head ?  committed ?  lag ? (unknown while the log cannot be read)");

@@ -100,6 +100,11 @@ pub struct PipelineStatus {
     /// a full disk, a server down; or the log cannot be read): the lag grows, and this
     /// says why. Only the daemon knows it; `null` otherwise.
     pub projector_retrying: Option<Retrying>,
+    /// Why every `sync`, `project`, `plan` and `run` of this pipeline refuses to apply
+    /// anything until a person settles it (the target changed or is gone under applied
+    /// state, the state is another pipeline's): [`Projector::check_target`], reading
+    /// only. `null` when nothing blocks it. The lag reads 0 then while nothing moves.
+    pub blocked: Option<String>,
 }
 
 /// An event waiting for the items it references (or a directory delete waiting for its
@@ -187,22 +192,25 @@ impl Pipeline {
             pipeline: config.name.clone(),
             source,
         })?;
+        let target = target::build(config);
         let scanner = Scanner::new(
             &config.name,
             source::build(config),
             log.clone(),
             state.clone(),
             config.max_delete,
-        );
+        )
+        .with_owner(config.source_identity(), target.identity());
         let projector = Projector::new(
             &config.name,
             log.clone(),
-            target::build(config),
+            target,
             state.clone(),
             config.target.prune(),
             config.concurrency,
             config.batch_size,
         )
+        .with_source(config.source_identity())
         .with_retry_max_backoff(config.retry_max_backoff)
         .with_failed_retry_interval(config.failed_retry_interval);
         let scans = config.role.scans();
@@ -397,6 +405,19 @@ impl Pipeline {
         }
     }
 
+    /// Why the projector refuses to start, as `plan` checks it (reading only); `None`
+    /// when it would start. Errors reading the state or the log are the status's own.
+    async fn blocked(&self) -> Option<String> {
+        match self.projector.check_target(false).await {
+            Err(
+                e @ (ProjectError::Owner(_)
+                | ProjectError::TargetChanged { .. }
+                | ProjectError::TargetMissing { .. }),
+            ) => Some(e.to_string()),
+            _ => None,
+        }
+    }
+
     /// The status, and the error of a log that could not be read (also in the status's
     /// `error`); `retained_deletes` counted only with `retained`, 0 otherwise.
     async fn read_status(
@@ -576,6 +597,7 @@ impl Pipeline {
                 0
             },
             projector_retrying: self.projector.retrying(),
+            blocked: if retained { self.blocked().await } else { None },
         };
         Ok((status, unreadable))
     }

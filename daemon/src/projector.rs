@@ -40,8 +40,8 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Creating, Deferred, Failure, PendingDelete, Records, ReplayMark, State, StateError,
-    StoredFailure, Taken,
+    Applied, Creating, Deferred, Failure, OwnerError, PendingDelete, Records, ReplayMark,
+    SourceNoted, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
 
@@ -89,6 +89,9 @@ pub enum ProjectError {
         /// Why.
         source: TakeError,
     },
+    /// The state is another pipeline's: another source's log, another target.
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
     /// The configured target is not the one the applied state was built on.
     #[error("pipeline `{pipeline}`: the target is now {now}, but what was applied so far went to {was}; nothing is applied until this is settled. To build the new target from the log, run `tidemark replay --pipeline {pipeline} --from 0` and then `tidemark project` (files already equal are adopted, not rewritten); to keep the old target, put its setting back")]
     TargetChanged {
@@ -1119,6 +1122,10 @@ pub struct Projector {
     /// this says that the projector is stuck, since when and on what. `None` once a pass
     /// over the partitions succeeds.
     retrying: Mutex<Option<Retrying>>,
+    /// The configured source (its identity), checked with the target against those the
+    /// state notes ([`State::check_owner`]): the log of another config's pipeline of the
+    /// same name holds that source's events. `None` checks nothing.
+    source: Option<String>,
 }
 
 /// The daemon's projector retrying with backoff, as `status` shows it.
@@ -1187,7 +1194,33 @@ impl Projector {
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
             retrying: Mutex::new(None),
+            source: None,
         }
+    }
+
+    /// The same, checking before it applies anything that the state is this `source`'s
+    /// (an identity, as [`State::check_owner`] takes it) and this target's.
+    pub fn with_source(mut self, source: String) -> Projector {
+        self.source = Some(source);
+        self
+    }
+
+    /// Refuses a state that is another pipeline's ([`State::check_owner`]); with `record`,
+    /// notes the configured source when none is noted (a state of an earlier build).
+    pub fn check_owner(&self, record: bool) -> Result<(), ProjectError> {
+        let Some(source) = &self.source else {
+            return Ok(());
+        };
+        let noted = self
+            .state
+            .check_owner(&self.pipeline, source, &self.target.identity())?;
+        if record && noted == SourceNoted::None {
+            self.state
+                .sources()
+                .and_then(|s| s.put(&self.pipeline, source))
+                .map_err(self.err_state())?;
+        }
+        Ok(())
     }
 
     /// Whether the daemon's projector is retrying with backoff now, since when and why.
@@ -3466,6 +3499,7 @@ impl Projector {
     /// that is gone, or no longer the filesystem it was, is refused too
     /// ([`Projector::check_mount`]).
     pub async fn check_target(&self, record: bool) -> Result<(), ProjectError> {
+        self.check_owner(record)?;
         self.check_identity(record).await?;
         self.check_mount(record).await
     }

@@ -22,7 +22,10 @@ use crate::log::{AppendError, EventLog, ReadError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
 use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Mount, Source};
-use crate::state::{GuardTrip, IndexEntry, LogMark, ScanRecord, State, StateError, ERRORS_KEPT};
+use crate::state::{
+    GuardTrip, IndexEntry, LogMark, OwnerError, ScanRecord, SourceNoted, State, StateError,
+    ERRORS_KEPT,
+};
 use digest::{Digest, PreviousVersion, Seen};
 
 /// Result of a scan stopped by shutdown before its listing ended (see
@@ -74,6 +77,9 @@ pub enum ScanError {
         /// Why.
         source: StateError,
     },
+    /// The state is another pipeline's (another source's log): nothing was scanned.
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
 }
 
 /// A listing of a source, started before the scan that consumes it.
@@ -150,6 +156,11 @@ pub struct Scanner {
     /// source takes minutes, and the log fills with its events meanwhile, while its record
     /// is written only at its end.
     running: std::sync::Mutex<Option<ScanProgress>>,
+    /// The configured source and target (identities), checked against those the state
+    /// notes before a scan reads or appends anything ([`State::check_owner`]): a log
+    /// another config's pipeline of the same name built is not this source's to diff.
+    /// `None` checks nothing.
+    owner: Option<(String, String)>,
 }
 
 /// A scan still running, as `status` shows it: its counts so far.
@@ -261,6 +272,43 @@ impl Scanner {
             absent_refs: Default::default(),
             kept_in_source: Default::default(),
             running: Default::default(),
+            owner: None,
+        }
+    }
+
+    /// The same, checking before each scan that the state is this source's and target's
+    /// (identities, as [`State::check_owner`] takes them).
+    pub fn with_owner(mut self, source: String, target: String) -> Scanner {
+        self.owner = Some((source, target));
+        self
+    }
+
+    /// Checks that the state is this pipeline's ([`State::check_owner`]); with `write`,
+    /// notes the configured source when none is noted (a state of an earlier build).
+    /// Whether the source moved: then every listed item is read and appended again, as
+    /// the log's events read from its old path.
+    fn check_owner(&self, write: bool) -> Result<bool, ScanError> {
+        let Some((source, target)) = &self.owner else {
+            return Ok(false);
+        };
+        match self.state.check_owner(&self.pipeline, source, target)? {
+            SourceNoted::Same => Ok(false),
+            SourceNoted::None => {
+                if write {
+                    self.state
+                        .sources()
+                        .and_then(|s| s.put(&self.pipeline, source))
+                        .map_err(self.state_err())?;
+                }
+                Ok(false)
+            }
+            SourceNoted::Moved { was } => {
+                info!(
+                    pipeline = %self.pipeline,
+                    "the source is now {source}, and {was}, which the log was read from, is gone: taken as moved, so this scan reads every item again and appends it (the target is not written where it already holds it)"
+                );
+                Ok(true)
+            }
         }
     }
 
@@ -326,6 +374,8 @@ impl Scanner {
             Some(e) => (Some(e.listing), e.started_at, e.started),
             None => (None, Utc::now(), Instant::now()),
         };
+        // Before any record: another pipeline's state keeps its own last scan.
+        let reemit = self.check_owner(true)?;
         let mut record = new_record(started_at);
         *self.running.lock().unwrap() = Some(ScanProgress {
             id: record.id.clone(),
@@ -337,7 +387,7 @@ impl Scanner {
         });
         let running = Running(&self.running);
         let outcome = self
-            .scan_into(&mut record, progress, listing, &mut Sink::Log, stop)
+            .scan_into(&mut record, progress, listing, &mut Sink::Log, stop, reemit)
             .await;
         record.duration_secs = t0.elapsed().as_secs_f64();
         let m = metrics();
@@ -445,7 +495,8 @@ impl Scanner {
         let t0 = Instant::now();
         let mut record = new_record(Utc::now());
         let mut sink = Sink::Dry(Vec::new());
-        self.scan_into(&mut record, progress, None, &mut sink, None)
+        let reemit = self.check_owner(false)?;
+        self.scan_into(&mut record, progress, None, &mut sink, None, reemit)
             .await?;
         record.duration_secs = t0.elapsed().as_secs_f64();
         if record.errors > 0 {
@@ -464,6 +515,7 @@ impl Scanner {
         listing: Option<ListStream>,
         sink: &mut Sink,
         stop: Option<&CancellationToken>,
+        reemit: bool,
     ) -> Result<(), ScanError> {
         // The walk starts before the digest is read, and fills its channel meanwhile.
         let mut listing = listing.unwrap_or_else(|| self.source.list());
@@ -563,7 +615,7 @@ impl Scanner {
                         Some(Ok(Listing::Entry(entry))) => {
                             record.listed += 1;
                             progress.inc(1);
-                            if let Some(fetch) = self.diff(entry, &mut known) {
+                            if let Some(fetch) = self.diff(entry, &mut known, reemit) {
                                 fetching.push(fetch);
                             }
                         }
@@ -614,6 +666,16 @@ impl Scanner {
             known.store().map_err(self.state_err())?;
             if caught_up && record.upserts + record.deletes > 0 {
                 self.mark_covered(stop).await?;
+            }
+            // Every item of the moved source is in the log anew: it is the source now.
+            // A scan that missed some reads them all again next time.
+            if reemit && !interrupted && record.errors == 0 {
+                if let Some((source, _)) = &self.owner {
+                    self.state
+                        .sources()
+                        .and_then(|s| s.put(&self.pipeline, source))
+                        .map_err(self.state_err())?;
+                }
             }
         }
         Ok(())
@@ -789,10 +851,11 @@ impl Scanner {
 
     /// Diffs one listed entry against the digest: `None` when it is unchanged, otherwise
     /// the read of its content (with its indexed version, to tell a touched file from a
-    /// changed one).
-    fn diff(&self, entry: Entry, known: &mut Digest) -> Option<Fetch> {
+    /// changed one). With `reemit` (the source moved), every entry is read and appended.
+    fn diff(&self, entry: Entry, known: &mut Digest, reemit: bool) -> Option<Fetch> {
         let identity = item_identity(&entry.kind, &entry.key);
         let previous = match known.see(&identity, entry.fingerprint.as_deref()) {
+            _ if reemit => None,
             Seen::Unchanged => return None,
             Seen::New => None,
             Seen::Changed(previous) => Some(previous),

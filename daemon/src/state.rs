@@ -55,6 +55,78 @@ pub enum StateError {
     },
 }
 
+/// A pipeline's state is another pipeline's: what [`State::check_owner`] refuses. Nothing
+/// is scanned, appended or applied then.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OwnerError {
+    /// Both the source and the target differ from those the state was built on (boxed:
+    /// a `Result` stays small).
+    #[error("{0}")]
+    Other(Box<OtherPipeline>),
+    /// The source differs from the one the log was read from, which is still there.
+    #[error("pipeline `{pipeline}`: the state directory {} holds pipeline `{pipeline}` read from {was}, which is still there, while this config's pipeline `{pipeline}` reads {now}: the log's events are another tree's (they read their files from {was}). Most likely two configs share this state directory (`state` beside the config file is the default `state_dir` of every config there) and both name their pipeline `{pipeline}`, or pipelines were renamed. Nothing was scanned or applied: give this config its own `state_dir` (or its pipeline another name). If {was} is an old copy of this source that you have moved on from, move it away or remove it and run again: a source whose old path is gone is taken as moved, and the next scan reads every item again", state_dir.display())]
+    SourceStillThere {
+        /// The pipeline.
+        pipeline: String,
+        /// The state directory.
+        state_dir: PathBuf,
+        /// The source the state notes.
+        was: String,
+        /// The configured source.
+        now: String,
+    },
+    /// The state could not be read.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Another pipeline's state: what [`OwnerError::Other`] names.
+#[derive(Debug)]
+pub struct OtherPipeline {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The source the state notes.
+    pub source_was: String,
+    /// The target the state notes.
+    pub target_was: String,
+    /// The configured source.
+    pub source_now: String,
+    /// The configured target.
+    pub target_now: String,
+}
+
+impl std::fmt::Display for OtherPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p, dir) = (&self.pipeline, self.state_dir.display());
+        let (sw, tw, sn, tn) = (
+            &self.source_was,
+            &self.target_was,
+            &self.source_now,
+            &self.target_now,
+        );
+        write!(f, "pipeline `{p}`: the state directory {dir} holds pipeline `{p}` of another source and target: its log was read from {sw} and applied to {tw}, while this config's pipeline `{p}` reads {sn} into {tn}. Most likely two configs share this state directory (`state` beside the config file is the default `state_dir` of every config there) and both name their pipeline `{p}`, or pipelines were renamed or swapped. Nothing was scanned or applied: give this config its own `state_dir` (or its pipeline another name) and run it again; a new state reads the source afresh, and files the target already holds as they are are adopted, not rewritten. Do not replay this pipeline: its log holds the other source's events, and a replay writes them into this target")
+    }
+}
+
+/// The source a pipeline's state notes, as [`State::check_owner`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceNoted {
+    /// None: the state was written before sources were noted, or nothing ran yet.
+    None,
+    /// The configured one.
+    Same,
+    /// Another, which is gone, with the target unchanged: the configured source is the
+    /// same tree moved. The log's events read from the old path, so the next scan reads
+    /// every item again and appends it (the projector skips what the target holds).
+    Moved {
+        /// The noted source.
+        was: String,
+    },
+}
+
 /// What the scanner last saw of a source item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexEntry {
@@ -479,6 +551,60 @@ impl State {
     /// last complete scan (`Source::mounted`), keyed by pipeline name.
     pub fn source_mounts(&self) -> Result<Records<bool>, StateError> {
         self.records("source-mounts")
+    }
+
+    /// The source each pipeline's log and source index were built from
+    /// (`Source::identity`), keyed by pipeline name; compare through [`resolved_identity`].
+    /// A state written before it was noted has none: the configured source is taken then.
+    pub fn sources(&self) -> Result<Records<String>, StateError> {
+        self.records("sources")
+    }
+
+    /// Checks that this state's pipeline `pipeline` is the one configured, reading only:
+    /// the source its log was built from and the target its applied state is about, as
+    /// noted, against `source` and `target` (identities, as `Source::identity` and
+    /// `Target::identity` give them). Two configs beside each other share their default
+    /// `state_dir`, and a pipeline of the same name in both then reads the other's log,
+    /// whose events name the other source's files: refused when both the source and the
+    /// target differ ([`OwnerError::Other`]), and when only the source does while the
+    /// noted directory source is still there ([`OwnerError::SourceStillThere`]). A noted
+    /// source that is gone, with the target unchanged, is this source moved
+    /// ([`SourceNoted::Moved`]).
+    pub fn check_owner(
+        &self,
+        pipeline: &str,
+        source: &str,
+        target: &str,
+    ) -> Result<SourceNoted, OwnerError> {
+        let Some(was) = self.sources()?.get(pipeline)?.map(resolved_identity) else {
+            return Ok(SourceNoted::None);
+        };
+        if was == source {
+            return Ok(SourceNoted::Same);
+        }
+        let target_was = self.targets()?.get(pipeline)?.map(resolved_identity);
+        if let Some(target_was) = target_was.filter(|t| t != target) {
+            return Err(OwnerError::Other(Box::new(OtherPipeline {
+                pipeline: pipeline.to_owned(),
+                state_dir: self.path.clone(),
+                source_was: was,
+                target_was,
+                source_now: source.to_owned(),
+                target_now: target.to_owned(),
+            })));
+        }
+        let old_there = was
+            .strip_prefix("dir ")
+            .is_some_and(|old| Path::new(old).is_dir());
+        if old_there {
+            return Err(OwnerError::SourceStillThere {
+                pipeline: pipeline.to_owned(),
+                state_dir: self.path.clone(),
+                was,
+                now: source.to_owned(),
+            });
+        }
+        Ok(SourceNoted::Moved { was })
     }
 
     /// Whether each pipeline's target root was the root of a mounted filesystem when the
