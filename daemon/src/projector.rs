@@ -3555,8 +3555,7 @@ impl Projector {
         let Some(now) = self.target.mounted().await else {
             return Ok(());
         };
-        let mounts = self.state.target_mounts().map_err(self.err_state())?;
-        let was = mounts.get(&self.pipeline).map_err(self.err_state())?;
+        let was = (self.state.target_mount(&self.pipeline)).map_err(self.err_state())?;
         if was == Some(true) && !now {
             let applied = self.state.applied(&self.pipeline);
             if !applied.map_err(self.err_state())?.is_empty() {
@@ -3571,7 +3570,9 @@ impl Projector {
             }
         }
         if record && was != Some(now) {
-            mounts.put(&self.pipeline, &now).map_err(self.err_state())?;
+            (self.state.target_mounts())
+                .and_then(|m| m.put(&self.pipeline, &now))
+                .map_err(self.err_state())?;
         }
         Ok(())
     }

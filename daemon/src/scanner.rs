@@ -461,8 +461,12 @@ impl Scanner {
         let Some(Mount::Empty(root)) = self.source.mounted() else {
             return Ok(());
         };
-        let mounts = self.state.source_mounts().map_err(self.state_err())?;
-        if mounts.get(&self.pipeline).map_err(self.state_err())? == Some(true) {
+        if self
+            .state
+            .source_mount(&self.pipeline)
+            .map_err(self.state_err())?
+            == Some(true)
+        {
             return Err(ScanError::List {
                 pipeline: self.pipeline.clone(),
                 source: ListError::Root {

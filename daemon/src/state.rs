@@ -553,6 +553,11 @@ impl State {
         self.records("source-mounts")
     }
 
+    /// The record of [`State::source_mounts`] for `pipeline`, read without writing.
+    pub fn source_mount(&self, pipeline: &str) -> Result<Option<bool>, StateError> {
+        self.record_if_any("source-mounts", pipeline)
+    }
+
     /// The source each pipeline's log and source index were built from
     /// (`Source::identity`), keyed by pipeline name; compare through [`resolved_identity`].
     /// A state written before it was noted has none: the configured source is taken then.
@@ -613,6 +618,11 @@ impl State {
         self.records("target-mounts")
     }
 
+    /// The record of [`State::target_mounts`] for `pipeline`, read without writing.
+    pub fn target_mount(&self, pipeline: &str) -> Result<Option<bool>, StateError> {
+        self.record_if_any("target-mounts", pipeline)
+    }
+
     /// When each pipeline's projector last made progress (applied and committed a batch),
     /// keyed by pipeline name, so the gauge of it is right again after a restart.
     pub fn last_applies(&self) -> Result<Records<DateTime<Utc>>, StateError> {
@@ -633,6 +643,19 @@ impl State {
             .iter()
             .any(|name| name.as_ref() == b"replays");
         made.then(|| self.replays()).transpose()
+    }
+
+    /// The record under `key` in `tree`, without making the tree when it does not exist
+    /// yet: opening a tree makes it, which is a write, and `status` and `plan` read only.
+    fn record_if_any<T: Serialize + DeserializeOwned>(
+        &self,
+        tree: &str,
+        key: &str,
+    ) -> Result<Option<T>, StateError> {
+        if !self.db.tree_names().iter().any(|n| n == tree.as_bytes()) {
+            return Ok(None);
+        }
+        self.records(tree)?.get(key)
     }
 
     fn records<T>(&self, tree: &str) -> Result<Records<T>, StateError> {
