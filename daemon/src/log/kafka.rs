@@ -1440,6 +1440,10 @@ impl EventLog for KafkaLog {
         true
     }
 
+    fn offsets_home(&self, consumer: &str) -> Option<String> {
+        Some(self.group_id(consumer))
+    }
+
     fn partition_of(&self, identity: &str) -> u32 {
         partition_for(identity, self.partitions())
     }

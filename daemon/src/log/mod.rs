@@ -310,6 +310,15 @@ pub trait EventLog: Send + Sync {
         false
     }
 
+    /// Where `consumer`'s committed offsets are kept, as the user configures it, when that
+    /// is outside this process's state (a Kafka consumer group): there they can change
+    /// (the `group` setting) or be lost without the state knowing, so a projector compares
+    /// them with what it committed itself ([`crate::state::CommitMark`]). `None` (the
+    /// default): the offsets live in the state database, beside the applied state.
+    fn offsets_home(&self, _consumer: &str) -> Option<String> {
+        None
+    }
+
     /// The partition the events of an item are appended to, by its identity
     /// ([`tidemark_proto::Event::identity`]).
     fn partition_of(&self, _identity: &str) -> u32 {
