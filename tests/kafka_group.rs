@@ -500,3 +500,35 @@ fn changing_the_group_refuses_instead_of_replaying_the_topic_onto_the_target() {
     env.sync();
     assert_mirror(&src, &env.dst());
 }
+
+/// Review finding: `status` of a `role = "project"` daemon said `no complete, error-free
+/// scan yet` and `no scan yet` while the scanning daemon scanned normally, as if the
+/// source were never read. It now says this daemon does not scan and where scans show.
+#[test]
+fn status_of_a_project_role_daemon_says_it_does_not_scan_instead_of_no_scan_yet() {
+    let brokers = kafka_brokers();
+    let topic = unique("roles");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 1);
+    let scanner = Env::dirs("", "");
+    let projector = Env::dirs("", "");
+    let (src, dst) = (scanner.src(), scanner.dst());
+    scanner.write_config(&config(&src, &dst, "scan", &kafka));
+    projector.write_config(&config(&src, &dst, "project", &kafka));
+    write(src.join("a.txt"), "a\n");
+    scanner.ok(&["scan"]);
+    let said = projector.ok(&["status"]);
+    assert!(
+        said.contains("not scanned by this daemon (role = \"project\")")
+            && said.contains("role \"scan\" or \"both\" scans"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("no scan yet") && !said.contains("no complete, error-free scan yet"),
+        "{said}"
+    );
+    let status = projector.json(&["status"]);
+    assert_eq!(status[0]["role"], "project", "{status}");
+    // The scanning side still shows its scan.
+    let scanned = scanner.ok(&["status"]);
+    assert!(scanned.contains("last scan "), "{scanned}");
+}
