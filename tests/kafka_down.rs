@@ -455,3 +455,41 @@ fn status_while_the_daemons_broker_is_down_names_the_error_exits_1_and_shows_the
     daemon.terminate();
     drop(stop);
 }
+
+/// Review finding: a broker that refused the SASL handshake was reported as unreachable
+/// ("start the broker, or fix `brokers`"). tansu answers SASL_PLAINTEXT's handshake with a
+/// refusal, which is exactly that case: `status` and `sync` now say the broker answered
+/// but refused to authenticate, point at the `sasl.*` properties and `secret_properties`,
+/// and the password appears nowhere in what they print.
+#[test]
+fn a_refused_sasl_handshake_is_named_as_such_and_the_password_is_never_printed() {
+    let brokers = kafka_brokers();
+    let topic = unique("sasl");
+    let password = "pw-7f3a9c-never-print";
+    let env = Env::dirs(
+        &format!(
+            "{}properties = {{\"security.protocol\"=\"SASL_PLAINTEXT\",\"sasl.mechanism\"=\"PLAIN\",\"sasl.username\"=\"tm\"}}\nsecret_properties = {{\"sasl.password\"={{env=\"TM_TEST_KPW\"}}}}\n",
+            kafka_log_section(&brokers, &topic, &topic, 1)
+        ),
+        "",
+    );
+    write(env.src().join("a.txt"), "a\n");
+    for args in [&["status"][..], &["sync"][..]] {
+        let out = env.cmd(args).env("TM_TEST_KPW", password).output().unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{args:?}\n{stdout}\n{stderr}");
+        let said = format!("{stdout}{stderr}");
+        assert!(
+            said.contains("answered but refused to authenticate this client")
+                && said.contains("`sasl.username`")
+                && said.contains("`secret_properties`"),
+            "{args:?}\n{said}"
+        );
+        assert!(!said.contains("cannot reach"), "{args:?}\n{said}");
+        assert!(
+            !said.contains(password),
+            "{args:?} printed the password:\n{said}"
+        );
+    }
+    assert!(!env.dst().join("a.txt").exists());
+}

@@ -392,3 +392,143 @@ fn ctrl_c_while_a_one_shot_sync_watches_the_leases_stops_it_at_once() {
     assert_eq!(kind_outcome(&project, "file", "created"), 1, "{project}");
     assert_mirror(&src, &dst);
 }
+
+/// Each regular file below `root` by path → (inode, modification time): a file deleted
+/// and made again, or rewritten, shows as a different pair.
+fn inodes(root: &std::path::Path) -> std::collections::BTreeMap<String, (u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, (meta.ino(), meta.mtime(), meta.mtime_nsec()));
+            }
+        }
+    }
+    out
+}
+
+/// Review finding: changing the consumer `group` between runs made the next start project
+/// the topic from offset 0 onto the live target, old deletes included (files the source
+/// has were removed until later events put them back), without a word. Now a one-shot
+/// `sync` and the daemon refuse, naming the group and the offsets, and touch nothing;
+/// with the old group back, syncing goes on; `replay --from 0` rebuilds on purpose.
+#[test]
+fn changing_the_group_refuses_instead_of_replaying_the_topic_onto_the_target() {
+    let brokers = kafka_brokers();
+    let topic = unique("regroup");
+    let (old, new) = (format!("{topic}-old"), format!("{topic}-new"));
+    let env = Env::dirs(
+        &kafka_log_section(&brokers, &topic, &old, 2),
+        "prune = true",
+    );
+    let src = env.src();
+    for i in 0..8 {
+        write(src.join(format!("d/f{i}.txt")), format!("{i}\n"));
+    }
+    env.sync();
+    // History: the topic holds deletes of files the source has again now.
+    for i in 0..4 {
+        std::fs::remove_file(src.join(format!("d/f{i}.txt"))).unwrap();
+    }
+    env.sync();
+    for i in 0..4 {
+        write(src.join(format!("d/f{i}.txt")), format!("{i} again\n"));
+    }
+    env.sync();
+    assert_mirror(&src, &env.dst());
+    let before = inodes(&env.dst());
+    assert_eq!(before.len(), 8, "{before:?}");
+
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let with = |group: &str| {
+        text.replace(
+            &format!("group = \"{old}\""),
+            &format!("group = \"{group}\""),
+        )
+    };
+    env.write_config(&with(&new));
+    let out = env.run(&["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("consumer group `{new}`"))
+            && err.contains("behind")
+            && err.contains("was changed")
+            && err.contains("replay --pipeline t --from 0"),
+        "{err}"
+    );
+    assert_eq!(
+        inodes(&env.dst()),
+        before,
+        "the refused sync touched the target"
+    );
+
+    // The daemon refuses the same way, and keeps its hands off the target.
+    let daemon = env.spawn_daemon();
+    let refused = wait_for(Duration::from_secs(60), || {
+        env.daemon_log()
+            .contains(&format!(
+                "consumer group `{new}` has committed offsets behind"
+            ))
+            .then_some(())
+    });
+    assert!(refused.is_some(), "log:\n{}", env.daemon_log());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(inodes(&env.dst()), before, "log:\n{}", env.daemon_log());
+    assert!(daemon.terminate().success(), "log:\n{}", env.daemon_log());
+    assert_eq!(inodes(&env.dst()), before, "log:\n{}", env.daemon_log());
+
+    // The old group back: syncing goes on where it was, nothing written again.
+    env.write_config(&with(&old));
+    write(src.join("d/g.txt"), "new\n");
+    let (_, project) = env.sync();
+    // The new file and its directory's new time: nothing of the history again.
+    assert_eq!(project["events"], 2, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "created"), 1, "{project}");
+    assert_mirror(&src, &env.dst());
+
+    // A rebuild on purpose with the new group: replay from 0, then sync.
+    env.write_config(&with(&new));
+    env.ok(&["replay", "--from", "0"]);
+    env.sync();
+    assert_mirror(&src, &env.dst());
+}
+
+/// Review finding: `status` of a `role = "project"` daemon said `no complete, error-free
+/// scan yet` and `no scan yet` while the scanning daemon scanned normally, as if the
+/// source were never read. It now says this daemon does not scan and where scans show.
+#[test]
+fn status_of_a_project_role_daemon_says_it_does_not_scan_instead_of_no_scan_yet() {
+    let brokers = kafka_brokers();
+    let topic = unique("roles");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 1);
+    let scanner = Env::dirs("", "");
+    let projector = Env::dirs("", "");
+    let (src, dst) = (scanner.src(), scanner.dst());
+    scanner.write_config(&config(&src, &dst, "scan", &kafka));
+    projector.write_config(&config(&src, &dst, "project", &kafka));
+    write(src.join("a.txt"), "a\n");
+    scanner.ok(&["scan"]);
+    let said = projector.ok(&["status"]);
+    assert!(
+        said.contains("not scanned by this daemon (role = \"project\")")
+            && said.contains("role \"scan\" or \"both\" scans"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("no scan yet") && !said.contains("no complete, error-free scan yet"),
+        "{said}"
+    );
+    let status = projector.json(&["status"]);
+    assert_eq!(status[0]["role"], "project", "{status}");
+    // The scanning side still shows its scan.
+    let scanned = scanner.ok(&["status"]);
+    assert!(scanned.contains("last scan "), "{scanned}");
+}

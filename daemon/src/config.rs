@@ -131,7 +131,7 @@ pub struct PipelineConfig {
 
 /// What `tidemark run` does for a pipeline. With a shared log (Kafka) exactly one daemon
 /// should scan the source; any number may project, sharing the log's partitions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Scan the source and project the log (the default; the only sensible role with sled).

@@ -747,13 +747,19 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 r["error"].as_str().unwrap_or("?")
             );
         }
+        let scans = s["role"].as_str() != Some("project");
+        if !scans {
+            outln!("  source: not scanned by this daemon (role = \"project\"): the daemon with role \"scan\" or \"both\" scans, and its `tidemark status` shows its scans and source freshness (as does `tidemark_source_freshness_seconds` in its /metrics)");
+        }
         match s["source_freshness_seconds"].as_f64() {
+            _ if !scans => {}
             Some(f) => {
                 outln!("  source freshness {f:.1} s (since the last complete, error-free scan)")
             }
             None => outln!("  source freshness: no complete, error-free scan yet"),
         }
         match s.get("last_scan").filter(|v| !v.is_null()) {
+            _ if !scans => {}
             Some(scan) => outln!(
                 "  last scan {} at {}: {} ({} listed, {} upserts, {} deletes, {} errors, {:.2} s)",
                 scan["id"].as_str().unwrap_or("?"),

@@ -61,6 +61,9 @@ pub struct PipelineStatus {
     pub pipeline: String,
     /// Log backend.
     pub log: &'static str,
+    /// What this daemon does for the pipeline: one with `project` never scans, so its
+    /// scan fields stay empty while the scanning daemon scans, and `status` says so.
+    pub role: crate::config::Role,
     /// Why the log cannot be read now (a Kafka broker that is down), and what to do. The
     /// offsets and the lag are `None` then, and `partitions` is empty; the rest comes from
     /// the local state and is shown all the same.
@@ -575,6 +578,7 @@ impl Pipeline {
         let status = PipelineStatus {
             pipeline: self.config.name.clone(),
             log: self.log.backend(),
+            role: self.config.role,
             error,
             head: offsets.as_ref().map(|o| o.head),
             committed: offsets.as_ref().map(|o| o.committed),

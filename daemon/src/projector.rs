@@ -40,8 +40,8 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, Creating, Deferred, Failure, OwnerError, PendingDelete, Records, ReplayMark,
-    SourceNoted, State, StateError, StoredFailure, Taken,
+    Applied, CommitMark, Creating, Deferred, Failure, OwnerError, PendingDelete, Records,
+    ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
 
@@ -111,6 +111,22 @@ pub enum ProjectError {
         /// What is missing.
         missing: String,
     },
+    /// The log's committed offsets (a Kafka consumer group's) are behind what this state
+    /// committed or applied there itself: projecting from them would apply the topic's
+    /// history again onto the live target, old deletes included, so nothing is projected.
+    #[error("pipeline `{pipeline}`: the consumer group `{group}` has committed offsets behind what this state has already applied from {log}: {}; projecting from there would apply that history again onto the live target (its old deletes remove files the source has now, until later events put them back), so nothing is projected. The likely cause: the `group` in [pipeline.log.kafka] was changed (or the broker lost the group's offsets, or the topic was made anew). Put the old `group` back; or, to rebuild the target from the whole topic on purpose, run `tidemark replay --pipeline {pipeline} --from 0` and then `tidemark project` (every event is applied again, old deletes included)", behind_text(behind))]
+    GroupBehind {
+        /// The pipeline.
+        pipeline: String,
+        /// The consumer group, as configured now.
+        group: String,
+        /// The log ([`EventLog::identity`]: `kafka:<topic>`).
+        log: String,
+        /// Per partition behind: the group's committed offset, and what this state last
+        /// committed there (`None`: a state from before those were noted, which has
+        /// applied items while the group has no offset at all).
+        behind: Vec<(u32, u64, Option<u64>)>,
+    },
     /// The target could not take writes; nothing from the failed event on was committed.
     #[error("pipeline `{pipeline}`: target unavailable: {source}")]
     Apply {
@@ -119,6 +135,18 @@ pub enum ProjectError {
         /// Why.
         source: ApplyError,
     },
+}
+
+/// The partitions of [`ProjectError::GroupBehind`], as its message lists them.
+fn behind_text(behind: &[(u32, u64, Option<u64>)]) -> String {
+    behind
+        .iter()
+        .map(|(p, group, ours)| match ours {
+            Some(ours) => format!("partition {p} at offset {group}, while this state committed up to {ours}"),
+            None => format!("partition {p} has no committed offset, while this state holds items applied from it"),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A projection (a [`Projector::step`], [`Projector::catch_up`], [`Projector::follow`])
@@ -1701,6 +1729,15 @@ impl Projector {
             });
         }
         report.committed = Some(next);
+        if next > committed {
+            // After the commit: a mark ahead of the group would refuse the next start.
+            if let Err(e) = self.mark_commit(partition, next) {
+                return Err(Stopped {
+                    done: Box::new(report),
+                    source: e,
+                });
+            }
+        }
         self.known_committed
             .lock()
             .unwrap()
@@ -3755,10 +3792,120 @@ impl Projector {
             .filter(|p| owned.as_ref().is_none_or(|o| !o.contains(p)))
             .copied()
             .collect();
+        self.check_group(&gained).await?;
         self.forget_applied(&gained).await?;
         *owned = Some(partitions.iter().copied().collect());
         self.holding.lock().unwrap().clone_from(owned);
         Ok(partitions)
+    }
+
+    /// Consumer whose committed "offsets" on a log with an [`EventLog::offsets_home`] count
+    /// the `replay`s made on the group, from any state: each bumps them by one. A group's
+    /// offsets that went back behind this state's [`CommitMark`] after such a count rose
+    /// were moved by a replay, not lost.
+    const REPLAYS: &'static str = "tidemark-replays";
+
+    /// The key of `partition`'s [`CommitMark`].
+    fn commit_key(&self, partition: u32) -> String {
+        format!("{}/{}/{partition}", self.pipeline, self.log.identity())
+    }
+
+    /// The replays made on the group for `partition` ([`Projector::REPLAYS`]).
+    async fn replays(&self, partition: u32) -> Result<u64, ProjectError> {
+        self.log
+            .committed(Self::REPLAYS, partition)
+            .await
+            .map_err(|source| ProjectError::ReadOffset {
+                pipeline: self.pipeline.clone(),
+                source,
+            })
+    }
+
+    /// Before this process projects `partitions` of a log whose committed offsets live
+    /// outside the state (a Kafka consumer group), refuses when the group's offset of any
+    /// is behind what this state committed there ([`CommitMark`]) while no `replay` moved
+    /// it back: the `group` setting was changed, or the broker lost the group's offsets,
+    /// and projecting would apply the topic's history again onto the live target
+    /// ([`ProjectError::GroupBehind`]). A state from before those marks were kept is
+    /// refused when the group has no offset on any of them, the topic has events there
+    /// and this state holds items applied from them. Otherwise notes the group's offsets
+    /// and replay counts as this state's marks.
+    async fn check_group(&self, partitions: &BTreeSet<u32>) -> Result<(), ProjectError> {
+        let Some(group) = self.log.offsets_home(&self.consumer) else {
+            return Ok(());
+        };
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let marks = self.state.log_commits().map_err(self.err_state())?;
+        let mut behind = Vec::new();
+        let mut seen = Vec::new();
+        let mut marked = false;
+        for &p in partitions {
+            let committed = self.committed(p).await?;
+            let replays = self.replays(p).await?;
+            let key = self.commit_key(p);
+            let mark = marks.get(&key).map_err(self.err_state())?;
+            marked |= mark.is_some();
+            if let Some(m) = mark {
+                if committed < m.next && replays <= m.replays {
+                    behind.push((p, committed, Some(m.next)));
+                }
+            }
+            seen.push((key, committed, replays));
+        }
+        if behind.is_empty() && !marked && seen.iter().all(|(_, c, _)| *c == 0) {
+            let mut with_events = BTreeSet::new();
+            for &p in partitions {
+                if self.head(p).await? > 0 {
+                    with_events.insert(p);
+                }
+            }
+            let applied = self
+                .state
+                .applied(&self.pipeline)
+                .map_err(self.err_state())?;
+            for key in applied.keys() {
+                let p = self.log.partition_of(&key.map_err(self.err_state())?);
+                if with_events.remove(&p) {
+                    behind.push((p, 0, None));
+                }
+                if with_events.is_empty() {
+                    break;
+                }
+            }
+            behind.sort_unstable();
+        }
+        if !behind.is_empty() {
+            return Err(ProjectError::GroupBehind {
+                pipeline: self.pipeline.clone(),
+                group,
+                log: self.log.identity(),
+                behind,
+            });
+        }
+        for (key, next, replays) in seen {
+            marks
+                .put(&key, &CommitMark { next, replays })
+                .map_err(self.err_state())?;
+        }
+        Ok(())
+    }
+
+    /// Notes that this state committed `next` on `partition` ([`Projector::check_group`]).
+    fn mark_commit(&self, partition: u32, next: u64) -> Result<(), ProjectError> {
+        if self.log.offsets_home(&self.consumer).is_none() {
+            return Ok(());
+        }
+        let marks = self.state.log_commits().map_err(self.err_state())?;
+        let key = self.commit_key(partition);
+        let replays = marks
+            .get(&key)
+            .map_err(self.err_state())?
+            .map_or(0, |m| m.replays);
+        marks
+            .put(&key, &CommitMark { next, replays })
+            .map_err(self.err_state())
     }
 
     /// Forgets the local applied state of the items of `gained`, partitions this process
@@ -3800,6 +3947,7 @@ impl Projector {
                 })?;
         if self.log.shared() {
             let taken: BTreeSet<u32> = taken.into_iter().collect();
+            self.check_group(&taken).await?;
             self.forget_applied(&taken).await?;
             *self.holding.lock().unwrap() = Some(taken);
         }
@@ -4121,14 +4269,35 @@ impl Projector {
             .map_err(self.err_state())?;
         }
         self.state.flush().await.map_err(self.err_state())?;
+        let commit_err = |source| ProjectError::Commit {
+            pipeline: self.pipeline.clone(),
+            source,
+        };
         for p in 0..self.log.partitions() {
             self.log
                 .seek(&self.consumer, p, from)
                 .await
-                .map_err(|source| ProjectError::Commit {
-                    pipeline: self.pipeline.clone(),
-                    source,
-                })?;
+                .map_err(commit_err)?;
+        }
+        if self.log.offsets_home(&self.consumer).is_some() {
+            // Counted on the group, so every other state that projects it takes the
+            // offsets moved back for a replay, not for a change of `group`.
+            let marks = self.state.log_commits().map_err(self.err_state())?;
+            for p in 0..self.log.partitions() {
+                let replays = self.replays(p).await? + 1;
+                self.log
+                    .seek(Self::REPLAYS, p, replays)
+                    .await
+                    .map_err(commit_err)?;
+                let mark = CommitMark {
+                    next: from,
+                    replays,
+                };
+                marks
+                    .put(&self.commit_key(p), &mark)
+                    .map_err(self.err_state())?;
+            }
+            self.state.flush().await.map_err(self.err_state())?;
         }
         Ok(())
     }

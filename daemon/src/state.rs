@@ -305,6 +305,21 @@ pub struct GuardTrip {
     pub limit: String,
 }
 
+/// What this state last committed on one partition of a log that keeps its committed
+/// offsets outside the state (a Kafka consumer group), so a projector can tell that the
+/// group's offsets went back behind its own work: the `group` was changed, or the broker
+/// lost them ([`crate::projector::ProjectError::GroupBehind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CommitMark {
+    /// The offset this state last committed (the next offset to read), or set by a
+    /// `replay` made from this state.
+    pub next: u64,
+    /// The group's replay count (bumped by every `replay`, from any state) when this
+    /// state last looked: a higher count later means a replay, not a loss, moved the
+    /// group's offsets back.
+    pub replays: u64,
+}
+
 /// A `replay` of one partition: the events below `until` had been applied before it, so
 /// their lag counts from `at` (when the replay began), not from when they were observed:
 /// a rebuild is as far behind as it has been running, not as old as the log.
@@ -632,6 +647,12 @@ impl State {
     /// The last `replay` of each partition, keyed `<pipeline>/<partition>`.
     pub fn replays(&self) -> Result<Records<ReplayMark>, StateError> {
         self.records("replays")
+    }
+
+    /// Per pipeline, log and partition (`<pipeline>/<log identity>/<partition>`), what this
+    /// state last committed on a log that keeps its offsets elsewhere ([`CommitMark`]).
+    pub fn log_commits(&self) -> Result<Records<CommitMark>, StateError> {
+        self.records("log-commits")
     }
 
     /// [`State::replays`], or `None` when no replay was ever made: read-only commands

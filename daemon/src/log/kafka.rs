@@ -245,6 +245,7 @@ impl KafkaLog {
         }
         match tokio::time::timeout(DOWN_GRACE, &mut request).await {
             Ok(out) if !unanswered(&out) => Ok(out),
+            _ if self.context.auth_failed() => Err(self.give_up(self.unreachable(None))),
             _ => Err(self.give_up(ConnectError::Lost {
                 brokers: self.config.brokers.clone(),
                 reason: self
@@ -363,17 +364,22 @@ impl KafkaLog {
         }
     }
 
-    /// The brokers could not be reached: why, as the clients last said.
+    /// The brokers could not be reached, or refused to authenticate this client
+    /// ([`ConnectError::Authentication`]): why, as the clients last said.
     fn unreachable(&self, e: Option<KafkaError>) -> ConnectError {
+        let brokers = self.config.brokers.clone();
         let reason = match (self.context.last_failure(), e) {
+            (Some(failure), _) if self.context.auth_failed() => {
+                return ConnectError::Authentication {
+                    brokers,
+                    reason: failure,
+                }
+            }
             (Some(failure), _) => failure,
             (None, Some(e)) => e.to_string(),
             (None, None) => "every broker is down".into(),
         };
-        ConnectError::Unreachable {
-            brokers: self.config.brokers.clone(),
-            reason,
-        }
+        ConnectError::Unreachable { brokers, reason }
     }
 
     /// Creates the topic unless it exists, then reads its partition count. A one-shot
@@ -1438,6 +1444,10 @@ impl EventLog for KafkaLog {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn offsets_home(&self, consumer: &str) -> Option<String> {
+        Some(self.group_id(consumer))
     }
 
     fn partition_of(&self, identity: &str) -> u32 {

@@ -109,6 +109,18 @@ pub enum ConnectError {
         /// Why, as the client last said (`… Connection refused`), or how long it waited.
         reason: String,
     },
+    /// A broker answered but refused to authenticate this client (the SASL handshake or
+    /// the credentials): the message points at the `sasl.*` properties and
+    /// `secret_properties`, never at `brokers`, and holds no secret.
+    #[error(
+        "the Kafka brokers {brokers} answered but refused to authenticate this client ({reason}); check `security.protocol`, `sasl.mechanism` and `sasl.username` in `properties` and `sasl.password` in `secret_properties` of [pipeline.log.kafka] against the broker's SASL setup (that it takes this mechanism and knows this user and password)"
+    )]
+    Authentication {
+        /// The configured bootstrap brokers.
+        brokers: String,
+        /// Why, as the client said (`… SASL PLAIN mechanism handshake failed …`).
+        reason: String,
+    },
     /// Every broker went away during a one-shot command and none came back within a
     /// few seconds: the run stops there, with what it committed before.
     #[error(
@@ -308,6 +320,15 @@ pub trait EventLog: Send + Sync {
     /// partition this process gains may have been projected by another one meanwhile.
     fn shared(&self) -> bool {
         false
+    }
+
+    /// Where `consumer`'s committed offsets are kept, as the user configures it, when that
+    /// is outside this process's state (a Kafka consumer group): there they can change
+    /// (the `group` setting) or be lost without the state knowing, so a projector compares
+    /// them with what it committed itself ([`crate::state::CommitMark`]). `None` (the
+    /// default): the offsets live in the state database, beside the applied state.
+    fn offsets_home(&self, _consumer: &str) -> Option<String> {
+        None
     }
 
     /// The partition the events of an item are appended to, by its identity

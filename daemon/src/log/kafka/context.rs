@@ -46,6 +46,10 @@ struct Shared {
     /// The last client error other than "every broker is down" (a refused connection, an
     /// answer that is no Kafka protocol), without librdkafka's timing suffix.
     last_failure: Mutex<Option<String>>,
+    /// Whether that error was an authentication failure (a SASL handshake or credentials
+    /// the broker refused): the broker answered, so "cannot reach" would send the user to
+    /// the wrong setting.
+    auth_failed: Mutex<bool>,
     /// How many times a client reported every broker down.
     all_down: watch::Sender<u64>,
 }
@@ -59,6 +63,7 @@ impl LogContext {
                 quiet_connect_failures: patience == Patience::OneShot,
                 seen: Mutex::new(HashMap::new()),
                 last_failure: Mutex::new(None),
+                auth_failed: Mutex::new(false),
                 all_down: watch::channel(0).0,
             }),
         }
@@ -73,6 +78,13 @@ impl LogContext {
     /// `127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused`.
     pub(super) fn last_failure(&self) -> Option<String> {
         self.shared.last_failure.lock().unwrap().clone()
+    }
+
+    /// Whether [`LogContext::last_failure`] is the brokers refusing to authenticate this
+    /// client (librdkafka's `Authentication`, `SaslAuthenticationFailed`,
+    /// `UnsupportedSASLMechanism`, `IllegalSASLState`).
+    pub(super) fn auth_failed(&self) -> bool {
+        *self.shared.auth_failed.lock().unwrap()
     }
 
     /// Whether a line of `kind` is to be logged at warn now (else at debug).
@@ -105,6 +117,15 @@ impl ClientContext for LogContext {
             // state CONNECT)": why the broker that went down last did.
             let reason = reason.split(" (after ").next().unwrap_or(reason);
             *self.shared.last_failure.lock().unwrap() = Some(reason.to_owned());
+            *self.shared.auth_failed.lock().unwrap() = matches!(
+                code,
+                Some(
+                    RDKafkaErrorCode::Authentication
+                        | RDKafkaErrorCode::SaslAuthenticationFailed
+                        | RDKafkaErrorCode::UnsupportedSASLMechanism
+                        | RDKafkaErrorCode::IllegalSASLState
+                )
+            );
         }
         let connect_failure = matches!(
             code,
