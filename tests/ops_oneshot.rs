@@ -275,6 +275,46 @@ fn verify_says_extra_items_may_be_deletes_the_guard_withheld() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// Globs narrowed after files were mirrored: the scan would delete them, and the guard
+/// withholds it (or `prune = false` retains it). `verify` said "target matches source",
+/// exit 0, as it compared the target through the new globs. It now lists what tidemark
+/// wrote there and why it stays, and leaves the target's own files the globs leave out.
+#[test]
+fn verify_sees_files_the_narrowed_globs_leave_out_while_their_deletes_are_withheld() {
+    let env = Env::dirs("", "prune = true");
+    for i in 0..4 {
+        write(env.src().join(format!("a/{i}.txt")), format!("{i}"));
+        write(env.src().join(format!("b/{i}.log")), format!("log {i}"));
+    }
+    env.ok(&["sync"]);
+    // A file of the target's own, never written by tidemark and out of the globs.
+    write(env.dst().join("own.log"), "kept by someone else");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace(
+        "[pipeline.source.dir]",
+        "max_delete = \"1\"\n\n[pipeline.source.dir]\nexclude = [\"**/*.log\"]",
+    ));
+    assert_eq!(env.run(&["sync"]).status.code(), Some(3), "the guard trips");
+    assert!(env.dst().join("b/0.log").exists());
+
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for i in 0..4 {
+        assert!(text.contains(&format!("extra file b/{i}.log")), "{text}");
+    }
+    assert!(!text.contains("own.log"), "{text}");
+    assert!(text.contains("the delete guard withheld"), "{text}");
+
+    // What it says, followed: a scan the guard lets through deletes them.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("max_delete = \"1\"", "max_delete = \"100%\""));
+    env.ok(&["sync"]);
+    env.ok(&["verify"]);
+    assert!(!env.dst().join("b/0.log").exists());
+    assert!(env.dst().join("own.log").exists());
+}
+
 /// `status` while a one-shot `sync` holds the state cannot read it, and no daemon serves
 /// it. It used to say "is the daemon running? `tidemark status` asks it over HTTP" and
 /// that `listen.addr` cannot be read: now it names the sync (pid, command line, since

@@ -580,13 +580,60 @@ async fn verify_items(
             Some(_) => {}
         }
     }
+    let out_of_scope = written_out_of_scope(pipeline, s, &target_view, &target, state).await?;
     report.only_in_target(
         target
             .keys()
             .filter(|k| !source.contains_key(*k) && !source_unread.hides(k, &source))
+            .chain(&out_of_scope)
             .map(|id| Drifted::new(id)),
     );
     Ok(report)
+}
+
+/// The items of a directory target that the source's `include` and `exclude` leave out of
+/// the comparison and that tidemark wrote (its applied state or source index holds them):
+/// globs narrowed after they were mirrored, their deletes withheld or retained since.
+/// Only these count, so that files of the target's own that the globs leave out on
+/// purpose (`*.log` written there by something else) are not drift.
+async fn written_out_of_scope(
+    pipeline: &PipelineConfig,
+    s: &crate::config::DirSourceConfig,
+    scoped: &crate::config::DirSourceConfig,
+    in_scope: &BTreeMap<String, String>,
+    state: &State,
+) -> Result<Vec<String>, VerifyError> {
+    if s.include.is_empty() && s.exclude.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut whole = scoped.clone();
+    whole.include.clear();
+    whole.exclude = vec![TMP_DIR.into()];
+    // Unreadable entries were reported by the scoped listing, where they count.
+    let (all, _) = collect(
+        "target",
+        &DirSource::new(&whole, 0),
+        |_| {},
+        &mut Vec::new(),
+    )
+    .await
+    .map_err(|source| VerifyError::List {
+        pipeline: pipeline.name.clone(),
+        source,
+    })?;
+    let state_err = |source| VerifyError::State {
+        pipeline: pipeline.name.clone(),
+        source,
+    };
+    let applied = state.applied(&pipeline.name).map_err(state_err)?;
+    let index = IndexView::read(state, &pipeline.name).map_err(state_err)?;
+    let mut written = Vec::new();
+    for id in all.keys().filter(|id| !in_scope.contains_key(*id)) {
+        if index.holds(id) || applied.contains(id).map_err(state_err)? {
+            written.push(id.clone());
+        }
+    }
+    Ok(written)
 }
 
 /// The comparable form of a REST item: without ignored and server-managed fields.
