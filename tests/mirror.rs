@@ -3115,3 +3115,32 @@ fn status_shows_a_pipeline_blocked_by_a_changed_target() {
     let status = env.json(&["status"]);
     assert!(status[0]["blocked"].is_null(), "{status}");
 }
+
+/// A pipeline renamed in the config starts without the history of its old name: it adopts
+/// what the target holds, and what the source deleted before the rename stays on the
+/// target. Its first run says so, naming both names and the way back.
+#[test]
+fn a_renamed_pipeline_is_warned_of_on_its_first_run() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("top.txt"), "top");
+    write(env.src().join("keep.txt"), "keep");
+    env.sync();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("name = \"t\"", "name = \"mirror\""));
+    std::fs::remove_file(env.src().join("top.txt")).unwrap();
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pipeline `mirror` is new to this state directory, but its pipeline `t` wrote to the same target")
+            && stderr.contains("put the old name back"),
+        "{stderr}"
+    );
+    // Once: the next run of the new name is quiet.
+    let out = env.run(&["sync"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("is new to this state"));
+    // The way back: the old name, whose history owes the delete.
+    env.write_config(&config);
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}

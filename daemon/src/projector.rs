@@ -3566,7 +3566,10 @@ impl Projector {
                 }
                 Ok(())
             }
-            None if record => targets.put(&self.pipeline, &now).map_err(self.err_state()),
+            None if record => {
+                self.warn_of_a_renamed_pipeline(&targets, &now)?;
+                targets.put(&self.pipeline, &now).map_err(self.err_state())
+            }
             _ => {
                 // Made anew, it would get only what comes next, and lag would read 0.
                 if let Some(missing) = self.target.missing().await {
@@ -3581,6 +3584,28 @@ impl Projector {
                 Ok(())
             }
         }
+    }
+
+    /// Warns, when this pipeline is new to the state, of another pipeline of the state
+    /// (one the config no longer names) that wrote to the same target: most likely this
+    /// one renamed. Its history is kept under the old name, so the new one adopts what the
+    /// target holds and never deletes what the source deleted before the rename.
+    fn warn_of_a_renamed_pipeline(
+        &self,
+        targets: &Records<String>,
+        now: &str,
+    ) -> Result<(), ProjectError> {
+        for noted in targets.iter() {
+            let (other, target) = noted.map_err(self.err_state())?;
+            if other != self.pipeline && crate::state::resolved_identity(target) == now {
+                warn!(
+                    pipeline = %self.pipeline,
+                    "pipeline `{}` is new to this state directory, but its pipeline `{other}` wrote to the same target ({now}): if `{}` is `{other}` renamed, stop and put the old name back, as a pipeline's history (what it applied, the deletes it owes) is kept under its name; under the new name, what the source deleted before the rename stays on the target (`tidemark verify` lists it)",
+                    self.pipeline, self.pipeline
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a target root that was the root of a mounted filesystem when the projector

@@ -277,7 +277,7 @@ impl VerifyReport {
         let items = with(&Fix::ByHand);
         if !items.is_empty() {
             out.push_str(&format!(
-                "{pipeline}: {}: never listed in the source, so no event deletes them and a replay does not either: remove them from the target by hand if they should go\n",
+                "{pipeline}: {}: never listed in the source by this pipeline, so no event deletes them and a replay does not either: remove them from the target by hand if they should go (a pipeline renamed starts without the history of its old name)\n",
                 some(&items)
             ));
         }
