@@ -572,6 +572,15 @@ fn retained_deletes_of_a_retired_daemon_are_applied_by_the_one_holding_their_par
     assert!(a.terminate().success());
     // b is retired; a prunes from now on.
     a_env.write_config(&config_with(&src, &dst, "both", &kafka, "prune = true"));
+    // Before a runs again, `verify` says the log holds the deletes of the files b saw
+    // deleted, not that the source never listed them.
+    let out = a_env.run(&["verify"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{said}");
+    assert!(
+        said.contains("the log's last event of") && !said.contains("never listed"),
+        "{said}"
+    );
     let a = a_env.spawn_daemon();
     let pruned = wait_for(Duration::from_secs(60), || {
         mirrors_now(&src, &dst).then_some(())
