@@ -43,6 +43,17 @@ fn applied_keys(log: &str, kind: &str, outcome: &str) -> Vec<String> {
 
 /// A config for a daemon with its own state and port, mirroring `src` into `dst`.
 fn config(src: &std::path::Path, dst: &std::path::Path, role: &str, kafka: &str) -> String {
+    config_with(src, dst, role, kafka, "")
+}
+
+/// [`config`] with `target_extra` (TOML lines) in the target's table.
+fn config_with(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    role: &str,
+    kafka: &str,
+    target_extra: &str,
+) -> String {
     format!(
         r#"state_dir = "state"
 listen = "127.0.0.1:0"
@@ -60,6 +71,7 @@ path = "{}"
 
 [pipeline.target.dir]
 path = "{}"
+{target_extra}
 "#,
         src.display(),
         dst.display()
@@ -531,4 +543,199 @@ fn status_of_a_project_role_daemon_says_it_does_not_scan_instead_of_no_scan_yet(
     // The scanning side still shows its scan.
     let scanned = scanner.ok(&["status"]);
     assert!(scanned.contains("last scan "), "{scanned}");
+}
+
+/// Two daemons, `a` (role both) and `b` (role project), with `prune = false` on one
+/// topic of 4 partitions, holding two partitions each, and the deletes of `DELETED` of
+/// `FILES` mirrored files retained by both. Returns their envs (a's holds the source and
+/// the target), the running daemons and the Kafka table of their configs.
+fn both_retaining(name: &str) -> (Env, Env, Daemon, Daemon, String) {
+    let brokers = kafka_brokers();
+    let topic = unique(name);
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 4);
+    let a_env = Env::dirs("", "");
+    let b_env = Env::dirs("", "");
+    let (src, dst) = (a_env.src(), a_env.dst());
+    a_env.write_config(&config_with(&src, &dst, "both", &kafka, "prune = false"));
+    b_env.write_config(&config_with(&src, &dst, "project", &kafka, "prune = false"));
+    let b = b_env.spawn_daemon();
+    let a = a_env.spawn_daemon();
+    let logs = || format!("a:\n{}\nb:\n{}", a_env.daemon_log(), b_env.daemon_log());
+    let halves = wait_for(Duration::from_secs(90), || {
+        (held(&a_env.daemon_log()) == 2 && held(&b_env.daemon_log()) == 2).then_some(())
+    });
+    assert!(
+        halves.is_some(),
+        "the daemons split the partitions; {}",
+        logs()
+    );
+    for i in 0..FILES {
+        write(src.join(format!("f/{i:02}.txt")), format!("first {i}\n"));
+    }
+    let split = wait_for(Duration::from_secs(90), || {
+        (mirrors_now(&src, &dst)
+            && applied(&a_env.daemon_log(), "file", "created") > 0
+            && applied(&b_env.daemon_log(), "file", "created") > 0)
+            .then_some(())
+    });
+    assert!(split.is_some(), "both daemons project; {}", logs());
+    for i in 0..DELETED {
+        std::fs::remove_file(src.join(format!("f/{i:02}.txt"))).unwrap();
+    }
+    let retained = |d: &Daemon| {
+        let s: serde_json::Value = d.get("/status").json().unwrap();
+        s[0]["retained_deletes"].as_u64().unwrap_or(0)
+    };
+    let both = wait_for(Duration::from_secs(60), || {
+        let (ra, rb) = (retained(&a), retained(&b));
+        (ra > 0 && rb > 0 && ra + rb == DELETED as u64).then_some(())
+    });
+    assert!(
+        both.is_some(),
+        "both daemons retain deletes ({} and {}); {}",
+        retained(&a),
+        retained(&b),
+        logs()
+    );
+    (a_env, b_env, a, b, kafka)
+}
+
+const FILES: usize = 40;
+
+/// How many partitions a daemon log says the daemon holds now: those it leased, less
+/// those it handed over or stopped projecting.
+fn held(log: &str) -> usize {
+    let leased: usize = log
+        .lines()
+        .filter(|l| l.contains("leased partitions"))
+        .filter_map(|l| l.split("partitions=[").nth(1)?.split(']').next())
+        .map(|list| list.split(',').filter(|p| !p.trim().is_empty()).count())
+        .sum();
+    let gone = log
+        .lines()
+        .filter(|l| {
+            l.contains("handed a partition over to another daemon")
+                || l.contains("stopped projecting the partition")
+                || l.contains("stopped projecting it")
+        })
+        .count();
+    leased.saturating_sub(gone)
+}
+const DELETED: usize = 20;
+
+/// Waits until `daemon` has caught up (lag 0).
+fn caught_up(daemon: &Daemon) {
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        (daemon.metric("tidemark_lag_events{pipeline=\"t\"}") == 0.0).then_some(())
+    });
+    assert!(
+        caught_up.is_some(),
+        "lag stays above 0: {:?}",
+        daemon.metrics()
+    );
+}
+
+/// Checks that `verify` (run once the daemon of `env` has stopped) finds the target equal
+/// to the source.
+fn verified(env: &Env) {
+    let out = env.run(&["verify"]);
+    assert!(
+        out.status.success(),
+        "verify finds drift:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Review finding: deletes `b` retained while `prune = false` were applied after a
+/// restart with `prune = true` although `a` had meanwhile taken b's partitions and
+/// applied the source's re-created files: b deleted live files, lag 0, and `sync` did
+/// nothing about it. A retained delete is applied only by the daemon holding its
+/// partition, and only while the log's last event of the item is that delete.
+#[test]
+fn retained_deletes_of_a_daemon_that_lost_their_partitions_delete_no_live_file() {
+    let (a_env, b_env, a, b, kafka) = both_retaining("retained-moved");
+    let (src, dst) = (a_env.src(), a_env.dst());
+    let logs = || format!("a:\n{}\nb:\n{}", a_env.daemon_log(), b_env.daemon_log());
+    assert!(b.terminate().success());
+    // a takes b's partitions and applies the files the source has again.
+    for i in 0..DELETED {
+        write(src.join(format!("f/{i:02}.txt")), format!("second {i}\n"));
+    }
+    let back = wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &dst).then_some(())
+    });
+    assert!(back.is_some(), "a applies the re-created files; {}", logs());
+    assert!(a.terminate().success());
+
+    a_env.write_config(&config_with(&src, &dst, "both", &kafka, "prune = true"));
+    b_env.write_config(&config_with(&src, &dst, "project", &kafka, "prune = true"));
+    let took_over = |env: &Env| env.daemon_log().matches("took over partitions").count();
+    let (a_before, b_before) = (took_over(&a_env), took_over(&b_env));
+    let a = a_env.spawn_daemon();
+    let taken = wait_for(Duration::from_secs(60), || {
+        (took_over(&a_env) > a_before).then_some(())
+    });
+    assert!(taken.is_some(), "a takes the partitions again; {}", logs());
+    let b = b_env.spawn_daemon();
+    let b_holds = wait_for(Duration::from_secs(90), || {
+        (took_over(&b_env) > b_before).then_some(())
+    });
+    assert!(b_holds.is_some(), "b holds partitions again; {}", logs());
+    // Time for b's idle passes, where the retained deletes are applied.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(mirrors_now(&src, &dst), "live files deleted; {}", logs());
+    assert_mirror(&src, &dst);
+    caught_up(&a);
+    caught_up(&b);
+    assert!(b.terminate().success());
+    assert!(a.terminate().success());
+    verified(&a_env);
+    verified(&b_env);
+}
+
+/// Review finding: deletes retained by a daemon that is then retired were lost: with
+/// `prune = true` on the daemon left, the deleted files stayed on the target for good,
+/// lag 0, and `verify` said they were never listed in the source. The daemon that holds
+/// a partition applies the deletes standing in the log there, whoever saw them first.
+#[test]
+fn retained_deletes_of_a_retired_daemon_are_applied_by_the_one_holding_their_partitions() {
+    let (a_env, b_env, a, b, kafka) = both_retaining("retained-retired");
+    let (src, dst) = (a_env.src(), a_env.dst());
+    let logs = || format!("a:\n{}\nb:\n{}", a_env.daemon_log(), b_env.daemon_log());
+    let took_over = a_env.daemon_log().matches("took over partitions").count();
+    assert!(b.terminate().success());
+    let taken = wait_for(Duration::from_secs(60), || {
+        (a_env.daemon_log().matches("took over partitions").count() > took_over).then_some(())
+    });
+    assert!(taken.is_some(), "a takes b's partitions; {}", logs());
+    assert!(a.terminate().success());
+    // b is retired; a prunes from now on.
+    a_env.write_config(&config_with(&src, &dst, "both", &kafka, "prune = true"));
+    // Before a runs again, `verify` says the log holds the deletes of the files b saw
+    // deleted, not that the source never listed them.
+    let out = a_env.run(&["verify"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{said}");
+    assert!(
+        said.contains("the log's last event of") && !said.contains("never listed"),
+        "{said}"
+    );
+    let a = a_env.spawn_daemon();
+    let pruned = wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &dst).then_some(())
+    });
+    assert!(
+        pruned.is_some(),
+        "the deleted files stay on the target: {:?}; {}",
+        (0..DELETED)
+            .map(|i| format!("f/{i:02}.txt"))
+            .filter(|f| dst.join(f).exists())
+            .collect::<Vec<_>>(),
+        logs()
+    );
+    assert_mirror(&src, &dst);
+    caught_up(&a);
+    assert!(a.terminate().success());
+    verified(&a_env);
 }

@@ -23,6 +23,12 @@
 //! partitions the deletes of its contents are not ordered with it and may come later. It is
 //! kept in state and tried again (deepest first, `rmdir` only) after every later batch
 //! until the directory is empty and removed; a newer event for the directory supersedes it.
+//!
+//! A delete read while `prune` is off is *retained*: kept in state and applied once `prune`
+//! is on. On a log several daemons share, the retained deletes a daemon keeps are those of
+//! the partitions it holds; a mark in the log ([`RETAINED_MARK`]) says where a partition
+//! may hold deletes retained by whoever held it, and the daemon that holds it with `prune`
+//! on reads them from the log there ([`Projector::apply_retained`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1076,6 +1082,15 @@ fn replace_all<T: Serialize + serde::de::DeserializeOwned>(
     )
 }
 
+/// The consumer whose committed "offset" of each partition of a log several daemons share
+/// marks where that partition may hold deletes retained while `prune` was off (group
+/// `<group>.tidemark-retained` on Kafka): 0 for none, else one past the lowest offset of
+/// such a delete. Written by the holder that retains one, before it commits past it; the
+/// holder with `prune` on reads the partition's deletes that still stand from there, applies
+/// them and sets it back to 0. Each daemon's retained state only knows what it read itself,
+/// and partitions move between daemons.
+pub const RETAINED_MARK: &str = "tidemark-retained";
+
 /// Applies one pipeline's log to its target.
 pub struct Projector {
     pipeline: String,
@@ -1154,6 +1169,14 @@ pub struct Projector {
     /// state notes ([`State::check_owner`]): the log of another config's pipeline of the
     /// same name holds that source's events. `None` checks nothing.
     source: Option<String>,
+    /// On a log other processes share, the partitions gained since this process last read
+    /// the deletes retained there ([`Projector::read_retained`]): another process may have
+    /// retained deletes in them, or applied newer events of items retained here, so they
+    /// are read from the log once `prune` is on.
+    retained_unread: Mutex<BTreeSet<u32>>,
+    /// On a log other processes share, each held partition's [`RETAINED_MARK`] as last read
+    /// or written here; dropped when the partition moves.
+    retained_marks: Mutex<HashMap<u32, u64>>,
 }
 
 /// The daemon's projector retrying with backoff, as `status` shows it.
@@ -1223,6 +1246,8 @@ impl Projector {
             tailing: AtomicBool::new(false),
             retrying: Mutex::new(None),
             source: None,
+            retained_unread: Mutex::default(),
+            retained_marks: Mutex::default(),
         }
     }
 
@@ -1690,6 +1715,7 @@ impl Projector {
             .retained(&self.pipeline)
             .map_err(self.err_state())?;
         let retained_changes = self.track_retained(&retained, &dones)?;
+        self.mark_retained(&retained_changes).await?;
         self.record(dones, &mut report, Some(partition), &applied, &remap)?;
         retained
             .apply(
@@ -2219,7 +2245,14 @@ impl Projector {
     /// directory delete does). Called once the log is caught up, so an item the source has
     /// again has already dropped its entry. A transient failure stops the pass; what is
     /// left is tried on the next one.
-    pub async fn apply_retained(&self) -> Result<ProjectReport, ProjectError> {
+    ///
+    /// On a log other processes share, only the deletes of `partitions` (held here) are
+    /// applied, and those of a partition gained since its deletes were last read are read
+    /// from the log first ([`Projector::read_retained`]): what this process retained there
+    /// may be stale (another one applied the item's newer events meanwhile), and another
+    /// process (stopped, or retired for good) may have retained deletes there. Once a held
+    /// partition has none left, its [`RETAINED_MARK`] is cleared.
+    pub async fn apply_retained(&self, partitions: &[u32]) -> Result<ProjectReport, ProjectError> {
         let mut report = ProjectReport::default();
         if !self.prune {
             return Ok(report);
@@ -2228,7 +2261,14 @@ impl Projector {
             .state
             .retained(&self.pipeline)
             .map_err(self.err_state())?;
+        let shared = self.log.shared();
+        if shared {
+            self.read_retained(partitions, &stored).await?;
+        }
         if stored.is_empty() {
+            if shared {
+                self.clear_retained_marks(partitions, &stored).await?;
+            }
             return Ok(report);
         }
         let (dirs, others): (Vec<String>, Vec<String>) = stored
@@ -2236,8 +2276,13 @@ impl Projector {
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.err_state())?
             .into_iter()
+            .filter(|id| !shared || partitions.contains(&self.log.partition_of(id)))
             .partition(|id| id.starts_with(&item_identity("dir", "")));
         let total = dirs.len() + others.len();
+        if total == 0 {
+            self.clear_retained_marks(partitions, &stored).await?;
+            return Ok(report);
+        }
         info!(
             pipeline = %self.pipeline,
             deletes = total,
@@ -2297,7 +2342,257 @@ impl Projector {
         }
         self.count_deferred(dir_pending.len())?;
         self.count_applies(&report);
+        if shared {
+            self.clear_retained_marks(partitions, &stored).await?;
+        }
         Ok(report)
+    }
+
+    /// Notes in the log, for each partition of a log other processes share where `changes`
+    /// retain a delete, that deletes may stand there from its offset on
+    /// ([`RETAINED_MARK`]), before the batch's offset is committed: whichever process holds
+    /// the partition once `prune` is on then finds them, even if this one never runs again.
+    async fn mark_retained(
+        &self,
+        changes: &BTreeMap<String, Option<PendingDelete>>,
+    ) -> Result<(), ProjectError> {
+        if !self.log.shared() {
+            return Ok(());
+        }
+        let mut lowest: BTreeMap<u32, u64> = BTreeMap::new();
+        for (id, kept) in changes {
+            if let Some(kept) = kept {
+                let at = lowest.entry(self.log.partition_of(id)).or_insert(u64::MAX);
+                *at = (*at).min(kept.event.offset);
+            }
+        }
+        for (partition, offset) in lowest {
+            self.mark_retained_at(partition, offset).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves `partition`'s [`RETAINED_MARK`] down to cover a delete retained at `offset`.
+    async fn mark_retained_at(&self, partition: u32, offset: u64) -> Result<(), ProjectError> {
+        let mark = self.retained_mark(partition).await?;
+        if mark != 0 && mark <= offset + 1 {
+            return Ok(());
+        }
+        self.set_retained_mark(partition, offset + 1).await
+    }
+
+    /// `partition`'s [`RETAINED_MARK`], as last read or written here, else from the log.
+    async fn retained_mark(&self, partition: u32) -> Result<u64, ProjectError> {
+        if let Some(&mark) = self.retained_marks.lock().unwrap().get(&partition) {
+            return Ok(mark);
+        }
+        let mark = self
+            .log
+            .committed(RETAINED_MARK, partition)
+            .await
+            .map_err(|source| ProjectError::ReadOffset {
+                pipeline: self.pipeline.clone(),
+                source,
+            })?;
+        self.retained_marks.lock().unwrap().insert(partition, mark);
+        Ok(mark)
+    }
+
+    async fn set_retained_mark(&self, partition: u32, mark: u64) -> Result<(), ProjectError> {
+        self.log
+            .seek(RETAINED_MARK, partition, mark)
+            .await
+            .map_err(|source| ProjectError::Commit {
+                pipeline: self.pipeline.clone(),
+                source,
+            })?;
+        self.retained_marks.lock().unwrap().insert(partition, mark);
+        Ok(())
+    }
+
+    /// Clears the [`RETAINED_MARK`] of each of `partitions` (held here, their deletes read)
+    /// that no delete retained here stands in any more.
+    async fn clear_retained_marks(
+        &self,
+        partitions: &[u32],
+        stored: &Records<PendingDelete>,
+    ) -> Result<(), ProjectError> {
+        let marked: Vec<u32> = {
+            let marks = self.retained_marks.lock().unwrap();
+            let unread = self.retained_unread.lock().unwrap();
+            partitions
+                .iter()
+                .filter(|p| marks.get(p).is_some_and(|m| *m != 0) && !unread.contains(p))
+                .copied()
+                .collect()
+        };
+        if marked.is_empty() {
+            return Ok(());
+        }
+        let mut left = BTreeSet::new();
+        for id in stored.keys() {
+            left.insert(self.log.partition_of(&id.map_err(self.err_state())?));
+        }
+        for p in marked.into_iter().filter(|p| !left.contains(p)) {
+            self.set_retained_mark(p, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// For each of `partitions` (held here) not read since this process gained it, replaces
+    /// the deletes retained here of its items by those that still stand in the log: from
+    /// its [`RETAINED_MARK`] (or the lowest offset retained here, for deletes retained
+    /// before the mark existed) up to the committed offset, every item whose last event is
+    /// a delete. A partition with neither costs one read of its mark.
+    async fn read_retained(
+        &self,
+        partitions: &[u32],
+        stored: &Records<PendingDelete>,
+    ) -> Result<(), ProjectError> {
+        let unread: Vec<u32> = {
+            let unread = self.retained_unread.lock().unwrap();
+            partitions
+                .iter()
+                .filter(|p| unread.contains(p))
+                .copied()
+                .collect()
+        };
+        for partition in unread {
+            let mark = self.retained_mark(partition).await?;
+            let mut from = mark.checked_sub(1);
+            let mut here = Vec::new();
+            for entry in stored.iter() {
+                let (id, kept) = entry.map_err(self.err_state())?;
+                if self.log.partition_of(&id) == partition {
+                    from = Some(from.map_or(kept.event.offset, |f| f.min(kept.event.offset)));
+                    here.push(id);
+                }
+            }
+            if let Some(from) = from {
+                let upto = self.committed(partition).await?;
+                let standing = self.standing_deletes(partition, from, upto).await?;
+                let now = Utc::now();
+                let mut changes: Vec<(String, Option<PendingDelete>)> = here
+                    .into_iter()
+                    .filter(|id| !standing.contains_key(id))
+                    .map(|id| (id, None))
+                    .collect();
+                let superseded = changes.len();
+                for (id, event) in standing {
+                    if !stored.contains(&id).map_err(self.err_state())? {
+                        changes.push((id, Some(PendingDelete { event, since: now })));
+                    }
+                }
+                info!(
+                    pipeline = %self.pipeline,
+                    partition,
+                    from,
+                    to = upto,
+                    found = changes.len() - superseded,
+                    superseded,
+                    "read the deletes retained while prune was off from the log"
+                );
+                stored
+                    .apply(
+                        changes
+                            .iter()
+                            .map(|(id, kept)| (id.as_str(), kept.as_ref())),
+                    )
+                    .map_err(self.err_state())?;
+                self.state.flush().await.map_err(self.err_state())?;
+            }
+            self.retained_unread.lock().unwrap().remove(&partition);
+        }
+        Ok(())
+    }
+
+    /// The items of `partition` whose last event in `from..upto` is a delete, with it.
+    async fn standing_deletes(
+        &self,
+        partition: u32,
+        from: u64,
+        upto: u64,
+    ) -> Result<BTreeMap<String, Event>, ProjectError> {
+        let mut standing = BTreeMap::new();
+        let mut at = from;
+        while at < upto {
+            let records = self
+                .log
+                .read(partition, at, self.batch_size.max(1000))
+                .await
+                .map_err(|source| ProjectError::Read {
+                    pipeline: self.pipeline.clone(),
+                    source,
+                })?;
+            let Some(last) = records.last() else { break };
+            at = last.offset + 1;
+            for record in records.into_iter().filter(|r| r.offset < upto) {
+                let Ok(event) = record.event else { continue };
+                if event.op == Op::Delete {
+                    standing.insert(event.identity(), event);
+                } else {
+                    standing.remove(&event.identity());
+                }
+            }
+        }
+        Ok(standing)
+    }
+
+    /// On a log other processes share, when the partitions held change (`held`, of which
+    /// `gained` are new, or the first look): the deletes retained here of partitions no
+    /// longer held are left to their new holder, through the partition's
+    /// [`RETAINED_MARK`] (moved down to cover them, for those retained before the mark
+    /// existed); those of the gained ones are read from the log again once `prune` is on.
+    async fn hold_retained(
+        &self,
+        held: &BTreeSet<u32>,
+        gained: &BTreeSet<u32>,
+    ) -> Result<(), ProjectError> {
+        self.retained_marks
+            .lock()
+            .unwrap()
+            .retain(|p, _| held.contains(p) && !gained.contains(p));
+        {
+            let mut unread = self.retained_unread.lock().unwrap();
+            unread.retain(|p| held.contains(p));
+            unread.extend(gained);
+        }
+        let stored = self
+            .state
+            .retained(&self.pipeline)
+            .map_err(self.err_state())?;
+        if stored.is_empty() {
+            return Ok(());
+        }
+        let mut lowest: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut gone = Vec::new();
+        for entry in stored.iter() {
+            let (id, kept) = entry.map_err(self.err_state())?;
+            let partition = self.log.partition_of(&id);
+            if !held.contains(&partition) {
+                let at = lowest.entry(partition).or_insert(u64::MAX);
+                *at = (*at).min(kept.event.offset);
+                gone.push(id);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for (&partition, &offset) in &lowest {
+            self.mark_retained_at(partition, offset).await?;
+            self.retained_marks.lock().unwrap().remove(&partition);
+        }
+        stored
+            .apply(gone.iter().map(|id| (id.as_str(), None)))
+            .map_err(self.err_state())?;
+        self.state.flush().await.map_err(self.err_state())?;
+        info!(
+            pipeline = %self.pipeline,
+            partitions = ?lowest.keys().collect::<Vec<_>>(),
+            deletes = gone.len(),
+            "deletes retained while prune was off are left to the daemon holding their partitions now"
+        );
+        Ok(())
     }
 
     /// Applies events outside the log's order, each on its own (deletes retained while
@@ -2530,6 +2825,7 @@ impl Projector {
             })
             .collect();
         let retained_changes = self.track_retained(&retained, &dones)?;
+        self.mark_retained(&retained_changes).await?;
         self.record(dones, &mut report, None, &applied, remap)?;
         retained
             .apply(
@@ -3441,8 +3737,8 @@ impl Projector {
                 _ => total.merge(self.retry_dir_deletes().await?),
             }
         }
-        total.merge(self.apply_retained().await?);
         let partitions: Vec<u32> = targets.iter().map(|&(p, _)| p).collect();
+        total.merge(self.apply_retained(&partitions).await?);
         let retried = self.retry_failed(&partitions).await?;
         let made_it = [Outcome::Created, Outcome::Updated, Outcome::Adopted]
             .iter()
@@ -3749,7 +4045,7 @@ impl Projector {
                 // Caught up: deletes retained while prune was off are applied now, then
                 // (once, at the daemon's start) the items that failed in an earlier run
                 // are tried again.
-                if let Err(e) = self.apply_retained().await {
+                if let Err(e) = self.apply_retained(&partitions).await {
                     error!("{e}");
                 }
                 if let Err(e) = self.retry_failed(&partitions).await {
@@ -3819,7 +4115,11 @@ impl Projector {
             .collect();
         self.check_group(&gained).await?;
         self.forget_applied(&gained).await?;
-        *owned = Some(partitions.iter().copied().collect());
+        let held: BTreeSet<u32> = partitions.iter().copied().collect();
+        if owned.as_ref() != Some(&held) {
+            self.hold_retained(&held, &gained).await?;
+        }
+        *owned = Some(held);
         self.holding.lock().unwrap().clone_from(owned);
         Ok(partitions)
     }
@@ -3974,6 +4274,7 @@ impl Projector {
             let taken: BTreeSet<u32> = taken.into_iter().collect();
             self.check_group(&taken).await?;
             self.forget_applied(&taken).await?;
+            self.hold_retained(&taken, &taken).await?;
             *self.holding.lock().unwrap() = Some(taken);
         }
         Ok(())

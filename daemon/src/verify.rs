@@ -140,6 +140,10 @@ pub enum Fix {
     Failed(String),
     /// Never listed in the source (put on the target by hand): no event deletes it.
     ByHand,
+    /// Neither this process's source index nor its applied state holds it, but the log
+    /// it shares with other daemons ends its item with a delete not applied yet: retained
+    /// while `prune` was off (by whichever daemon held its partition), or not yet read.
+    Logged,
 }
 
 /// The labels of up to five items, and how many more there are.
@@ -272,6 +276,13 @@ impl VerifyReport {
         if !failed.is_empty() {
             out.push_str(&format!(
                 "{pipeline}: a replay does not mend a failed item: once what its failure says is fixed, the next `tidemark sync` tries it again (`tidemark status` lists failures)\n"
+            ));
+        }
+        let items = with(&Fix::Logged);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the log's last event of {} is a delete the target has not had (retained while `prune` was off, by whichever daemon held its partition, or not applied yet): with `prune = true`, the daemon that holds its partition applies it once caught up, or, with no daemon running, the next `tidemark sync`\n",
+                some(&items)
             ));
         }
         let items = with(&Fix::ByHand);
@@ -490,7 +501,58 @@ pub async fn verify(
             Fix::ByHand
         });
     }
+    logged_deletes(pipeline, state, &mut report.extra).await;
     Ok(report)
+}
+
+/// On a log other processes share, the local state does not know every item the source
+/// listed (another daemon applied it, or this one forgot its applied state when it took
+/// its partition over): an `extra` item it calls [`Fix::ByHand`] may have its delete in
+/// the log, retained while `prune` was off. Reads the partitions of those items and
+/// makes [`Fix::Logged`] those whose last event is a delete. A log that cannot be read
+/// leaves them as they were, with a warning.
+async fn logged_deletes(pipeline: &PipelineConfig, state: &State, extra: &mut [Drifted]) {
+    let mut asked: BTreeMap<String, Option<bool>> = extra
+        .iter()
+        .filter(|d| d.fix == Some(Fix::ByHand))
+        .map(|d| (d.identity(), None))
+        .collect();
+    if asked.is_empty() || !matches!(pipeline.log, crate::config::LogConfig::Kafka(_)) {
+        return;
+    }
+    let read = async {
+        let log = crate::log::open(pipeline, state, crate::log::Patience::OneShot)
+            .map_err(|e| e.to_string())?;
+        let partitions: std::collections::BTreeSet<u32> =
+            asked.keys().map(|id| log.partition_of(id)).collect();
+        for p in partitions {
+            let head = log.head(p).await.map_err(|e| e.to_string())?;
+            let mut at = 0;
+            while at < head {
+                let records = log.read(p, at, 1000).await.map_err(|e| e.to_string())?;
+                let Some(last) = records.last() else { break };
+                at = last.offset + 1;
+                for event in records.into_iter().filter_map(|r| r.event.ok()) {
+                    if let Some(deleted) = asked.get_mut(&event.identity()) {
+                        *deleted = Some(event.op == tidemark_proto::Op::Delete);
+                    }
+                }
+            }
+        }
+        Ok::<_, String>(())
+    };
+    if let Err(e) = read.await {
+        tracing::warn!(
+            pipeline = %pipeline.name,
+            "cannot read the log to tell whether it holds the deletes of the items only the target has: {e}"
+        );
+        return;
+    }
+    for d in extra.iter_mut() {
+        if asked.get(&d.identity()) == Some(&Some(true)) {
+            d.fix = Some(Fix::Logged);
+        }
+    }
 }
 
 /// [`verify`]'s comparison, item by item.

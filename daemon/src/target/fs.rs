@@ -149,8 +149,12 @@ struct Inner {
     opened: Mutex<HashMap<PathBuf, u32>>,
     /// The user the process writes as: only its own directories are opened.
     uid: u32,
-    /// Directories whose entries were changed since the last flush (their time moved).
-    changed_dirs: Mutex<HashSet<PathBuf>>,
+    /// Directories whose entries were changed since the last flush (their time moved),
+    /// with the time each had before: the one it gets back when neither its event nor its
+    /// applied version gives one (the applied state of a partition this process took over
+    /// is forgotten, and a delete retained while `prune` was off and applied later comes
+    /// after its directory's own event).
+    changed_dirs: Mutex<HashMap<PathBuf, Option<i64>>>,
     /// The modification time each directory gets at the next flush, after every change
     /// to its entries: from its own event in the batch, or its applied version
     /// ([`Target::keep_dir_times`]).
@@ -252,7 +256,7 @@ impl DirTarget {
                 no_empty_path_link: AtomicBool::new(false),
                 opened: Mutex::new(HashMap::new()),
                 uid: rustix::process::geteuid().as_raw(),
-                changed_dirs: Mutex::new(HashSet::new()),
+                changed_dirs: Mutex::new(HashMap::new()),
                 dir_times: Mutex::new(HashMap::new()),
                 places: (0..PLACE_LOCKS).map(|_| Mutex::new(())).collect(),
             }),
@@ -295,15 +299,23 @@ impl Inner {
     }
 
     /// Notes that the entries of `dir` are about to change, which moves its modification
-    /// time: the flush gives it its source time back. The root is no item and keeps its own.
+    /// time: the flush gives it its source time back, or else the time it has now. The
+    /// root is no item and keeps its own.
     fn changing(&self, dir: &Path) {
-        if dir == self.root {
+        if dir == self.root || self.changed_dirs.lock().unwrap().contains_key(dir) {
             return;
         }
-        let mut changed = self.changed_dirs.lock().unwrap();
-        if !changed.contains(dir) {
-            changed.insert(dir.to_owned());
-        }
+        // Looked at before the change (the first to note a directory does it before its
+        // own change, and every other change is noted after it).
+        let before = fs::symlink_metadata(dir)
+            .ok()
+            .filter(|m| m.is_dir())
+            .and_then(|m| mtime_ns(&m));
+        self.changed_dirs
+            .lock()
+            .unwrap()
+            .entry(dir.to_owned())
+            .or_insert(before);
     }
 
     /// Gives each directory with a time to get (see `dir_times`) that time, after every
@@ -312,8 +324,13 @@ impl Inner {
     /// `verify` then shows.
     fn set_dir_times(&self) {
         use rustix::fs::{utimensat, AtFlags, CWD};
-        self.changed_dirs.lock().unwrap().clear();
-        let times = std::mem::take(&mut *self.dir_times.lock().unwrap());
+        let changed = std::mem::take(&mut *self.changed_dirs.lock().unwrap());
+        let mut times = std::mem::take(&mut *self.dir_times.lock().unwrap());
+        for (dir, before) in changed {
+            if let Some(ns) = before {
+                times.entry(dir).or_insert(ns);
+            }
+        }
         for (dir, ns) in times {
             match fs::symlink_metadata(&dir) {
                 Ok(m) if m.is_dir() && mtime_ns(&m) != Some(ns) => {}
@@ -1203,7 +1220,7 @@ impl Target for DirTarget {
             .changed_dirs
             .lock()
             .unwrap()
-            .iter()
+            .keys()
             .filter(|d| !timed.contains_key(*d))
             .filter_map(|d| d.strip_prefix(&inner.root).ok())
             .map(|rel| pathkey::encode(rel.as_os_str().as_bytes()))
