@@ -739,3 +739,38 @@ fn retained_deletes_of_a_retired_daemon_are_applied_by_the_one_holding_their_par
     assert!(a.terminate().success());
     verified(&a_env);
 }
+
+/// Review finding: a daemon with a shorter `session_timeout` took the partitions of a live
+/// one with a longer one, which renews its leases every third of its own (60 s: every 20
+/// s), judging them expired by its own 6 s; both projected the same partitions until the
+/// other noticed, and a partition went back and forth every 20 s. A lease now declares
+/// its holder's `session_timeout`, and expiry waits for the longer of the two.
+#[test]
+fn a_daemon_with_a_shorter_session_timeout_does_not_take_a_live_ones_partitions() {
+    let brokers = kafka_brokers();
+    let topic = unique("timeouts");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 4);
+    let long = Env::dirs("", "");
+    let short = Env::dirs("", "");
+    let (src, dst) = (long.src(), long.dst());
+    long.write_config(&config(&src, &dst, "both", &kafka).replace("\"6s\"", "\"60s\""));
+    short.write_config(&config(&src, &dst, "project", &kafka));
+    let long_daemon = long.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        long.daemon_log()
+            .contains("leased partitions")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no lease; log:\n{}", long.daemon_log()));
+    let short_daemon = short.spawn_daemon();
+    // Past 1.5 × 6 s twice over, and past the 60 s daemon's first renewal (20 s).
+    std::thread::sleep(Duration::from_secs(25));
+    let log = long.daemon_log();
+    assert!(
+        !log.contains("another daemon holds the partition now"),
+        "the 6 s daemon took a live 60 s daemon's partitions; logs:\n{log}\n{}",
+        short.daemon_log()
+    );
+    assert!(short_daemon.terminate().success());
+    assert!(long_daemon.terminate().success());
+}

@@ -735,12 +735,16 @@ fn plain_client(
 /// broker stores faithfully:
 ///
 /// - **Lease slots.** Group `<group>.tidemark-lease` keeps one committed "offset" per
-///   partition holding `(owner << 32) | seq`, where `owner` is a random id of this process
-///   and `seq` changes on every write. A holder rewrites its slots every `lease / 3`.
+///   partition holding `(owner << 32) | (lease << 16) | seq` with bit 62 set, where `owner`
+///   is a random id of this process, `lease` its `session_timeout` in seconds and `seq`
+///   changes on every write (a release writes owner 0 and the sequence alone, as earlier
+///   builds did). A holder rewrites its slots every `lease / 3`.
 /// - **Expiry by observation.** A slot another process holds counts as expired once its
 ///   value has not changed for 1.5 × `lease` by this process's own clock (no clock sync
-///   needed). A holder that could not rewrite a slot for `lease` stops projecting it
-///   first, so it is fenced before anyone else may take it.
+///   needed), the longer of its own `lease` and the one the slot declares (a daemon with a
+///   shorter `session_timeout` took a live one's partitions, which it renews less often).
+///   A holder that could not rewrite a slot for `lease` stops projecting it first, so it
+///   is fenced before anyone else may take it.
 /// - **Claims.** A free slot is written, re-read after a settle delay, and held only if it
 ///   still carries this process's value (the later of two simultaneous claimants wins; a
 ///   double holding is also dropped at the next round by whoever sees the other's value).
@@ -825,7 +829,21 @@ type Claims = Vec<(u32, i64)>;
 type Seen = HashMap<(&'static str, u32), (Option<i64>, Instant)>;
 
 fn owner_of(slot: Option<i64>) -> u32 {
-    slot.map_or(0, |v| (v >> 32) as u32)
+    slot.map_or(0, |v| ((v >> 32) & OWNER_BITS) as u32)
+}
+
+/// The 30 bits of a slot value's owner, above bit 32.
+const OWNER_BITS: i64 = 0x3FFF_FFFF;
+
+/// Bit 62 of a slot value: its writer's lease (`session_timeout`, whole seconds) is in
+/// bits 16–31, and the sequence in bits 0–15. Values written by earlier builds, and
+/// releases (owner 0, which those builds must read as free), have it clear.
+const DECLARES_LEASE: i64 = 1 << 62;
+
+/// The lease the writer of `slot` declared, if it declared one.
+fn declared_lease(slot: Option<i64>) -> Option<Duration> {
+    slot.filter(|v| v & DECLARES_LEASE != 0)
+        .map(|v| Duration::from_secs(((v >> 16) & 0xFFFF) as u64))
 }
 
 impl Leases {
@@ -880,7 +898,11 @@ impl Leases {
             .filter(|&p| owner_of(first[p as usize]) != 0)
             .collect();
         if !named.is_empty() {
-            let expiry = self.lease * 3 / 2;
+            let expiry = named
+                .iter()
+                .map(|&p| self.expiry(first[p as usize]))
+                .max()
+                .unwrap_or_default();
             info!(
                 group = %self.group,
                 partitions = ?named,
@@ -967,7 +989,19 @@ impl Leases {
 
     fn value(&self, owner: u32, state: &mut LeaseState) -> i64 {
         state.seq = state.seq.wrapping_add(1);
-        (i64::from(owner) << 32) | i64::from(state.seq)
+        if owner == 0 {
+            return i64::from(state.seq);
+        }
+        let secs = self.lease.as_secs_f64().ceil().clamp(1.0, 65535.0) as i64;
+        DECLARES_LEASE | (i64::from(owner) << 32) | (secs << 16) | i64::from(state.seq & 0xFFFF)
+    }
+
+    /// How long a slot holding `slot` may go unchanged before its holder counts as gone:
+    /// 1.5 × the longer of this process's lease and the one its writer declared, so that
+    /// a daemon with a shorter `session_timeout` does not take the partitions of a live
+    /// one with a longer one (which renews only every third of its own).
+    fn expiry(&self, slot: Option<i64>) -> Duration {
+        self.lease.max(declared_lease(slot).unwrap_or_default()) * 3 / 2
     }
 
     /// Every slot of `client`'s group: the committed value, `None` if never written.
@@ -1087,12 +1121,11 @@ impl Leases {
                 }
             }
         }
-        let expiry = self.lease * 3 / 2;
         // The owner of a slot another process keeps rewriting; 0 when free or expired.
         let live = |kind: &'static str, p: u32, values: &[Option<i64>]| -> u32 {
             let v = values[p as usize];
             match seen.get(&(kind, p)) {
-                Some((_, since)) if now.duration_since(*since) < expiry => owner_of(v),
+                Some((_, since)) if now.duration_since(*since) < self.expiry(v) => owner_of(v),
                 _ => 0,
             }
         };
