@@ -59,9 +59,20 @@ fn issue_3_sigkill_during_projection_creates_no_duplicates() {
 
 /// Dev holds one user, `alice`; prod is empty. The daemon's POST of alice reaches prod
 /// (the proxy holds its answer back) and the daemon is SIGKILLed before it learns alice's
-/// id: prod has the item, tidemark's state does not. Then `change` edits dev, and a
-/// `sync` runs with prod answering again. Returns the env and peers for the asserts.
-fn crash_after_post_then(change: impl FnOnce(&JsonServer)) -> (Env, JsonServer, JsonServer) {
+/// id: prod has the item, tidemark's state does not. Then `change` edits dev (and may set
+/// the proxy's faults), and a `sync` runs with prod answering again. Returns the env and
+/// peers for the asserts.
+fn crash_after_post_then(
+    change: impl FnOnce(&JsonServer, &FaultProxy),
+) -> (Env, JsonServer, JsonServer) {
+    crash_after_post_then_with(false, change)
+}
+
+/// [`crash_after_post_then`], with the users kind's `prefetch_names` on when asked.
+fn crash_after_post_then_with(
+    prefetch_names: bool,
+    change: impl FnOnce(&JsonServer, &FaultProxy),
+) -> (Env, JsonServer, JsonServer) {
     let env = rest_env();
     let dev = JsonServer::start(
         env.dir.path(),
@@ -76,6 +87,14 @@ fn crash_after_post_then(change: impl FnOnce(&JsonServer)) -> (Env, JsonServer, 
     let proxy = FaultProxy::start(&prod.url());
     *proxy.faults.hold_post.lock().unwrap() = Some("/users".into());
     write_rest_config(&env, &dev.url(), &proxy.url(), "timeout = \"120s\"");
+    if prefetch_names {
+        let config = std::fs::read_to_string(&env.config).unwrap().replacen(
+            "pagination = { style = \"page\", size = 100 }\n",
+            "pagination = { style = \"page\", size = 100 }\nprefetch_names = true\n",
+            1,
+        );
+        std::fs::write(&env.config, config).unwrap();
+    }
     let daemon = env.spawn_daemon();
     let posted = wait_for(Duration::from_secs(60), || {
         (!prod.all("users").is_empty()).then_some(())
@@ -92,7 +111,7 @@ fn crash_after_post_then(change: impl FnOnce(&JsonServer)) -> (Env, JsonServer, 
         1,
         "the killed run created alice once"
     );
-    change(&dev);
+    change(&dev, &proxy);
     let out = env.run(&["sync"]);
     assert!(
         out.status.success(),
@@ -108,7 +127,7 @@ fn crash_after_post_then(change: impl FnOnce(&JsonServer)) -> (Env, JsonServer, 
 /// prod is that item, renamed on prod: not left there beside a second one (an orphan).
 #[test]
 fn an_item_renamed_after_a_crash_that_hid_its_create_is_not_created_twice() {
-    let (env, dev, prod) = crash_after_post_then(|dev| {
+    let (env, dev, prod) = crash_after_post_then(|dev, _| {
         dev.put(
             "users",
             &1000.into(),
@@ -133,7 +152,7 @@ fn an_item_renamed_after_a_crash_that_hid_its_create_is_not_created_twice() {
 /// prod is deleted from prod too.
 #[test]
 fn an_item_deleted_after_a_crash_that_hid_its_create_is_deleted_from_prod() {
-    let (env, dev, prod) = crash_after_post_then(|dev| dev.delete("users", &1000.into()));
+    let (env, dev, prod) = crash_after_post_then(|dev, _| dev.delete("users", &1000.into()));
     assert_eq!(
         prod.all("users"),
         Vec::<Value>::new(),
@@ -144,10 +163,28 @@ fn an_item_deleted_after_a_crash_that_hid_its_create_is_deleted_from_prod() {
 }
 
 /// The name a cut-off create was sent under, given in dev to another item meanwhile: prod
-/// ends with one item per dev item, whichever of the two takes prod's item.
+/// ends with one item per dev item, whichever of the two takes prod's item, in one `sync`
+/// that exits 0. The proxy orders the race that failed the new item for good: the renamed
+/// item's lookup by its noted name (`alice`) is answered first, so it claims prod's item
+/// and renames it; the new item's lookup of `alice` is answered later, but before that
+/// rename lands, and finds prod's item still named `alice`, claimed by the other one.
 #[test]
 fn a_name_a_cut_off_create_used_that_another_item_took_since_leaves_one_item_each() {
-    let (env, dev, prod) = crash_after_post_then(|dev| {
+    let (env, dev, prod) = crash_after_post_then(|dev, proxy| {
+        *proxy.faults.slow.lock().unwrap() = vec![
+            Slow {
+                method: "GET",
+                path: "/users?name=alice".into(),
+                free: 1,
+                delay: Duration::from_millis(400),
+            },
+            Slow {
+                method: "PUT",
+                path: "/users/1".into(),
+                free: 0,
+                delay: Duration::from_millis(1200),
+            },
+        ];
         dev.put(
             "users",
             &1000.into(),
@@ -165,6 +202,57 @@ fn a_name_a_cut_off_create_used_that_another_item_took_since_leaves_one_item_eac
         .collect();
     names.sort();
     assert_eq!(names, ["alice", "alice-renamed"]);
+    assert_rest_mirror(&dev, &prod);
+    assert_verified(&env);
+}
+
+/// As [`a_name_a_cut_off_create_used_that_another_item_took_since_leaves_one_item_each`],
+/// the race ordered the same way every run: with `prefetch_names` the new item looks its
+/// name up in the batch's listing, which the proxy answers after the renamed item has
+/// claimed prod's item (found by its noted name) and while that item's rename is still on
+/// its way. The new item waits for the rename, finds its name free and is created: prod's
+/// item stays the renamed one's, under its new name.
+#[test]
+fn a_new_item_whose_name_a_claimed_item_is_being_renamed_away_from_is_created() {
+    let (env, dev, prod) = crash_after_post_then_with(true, |dev, proxy| {
+        *proxy.faults.slow.lock().unwrap() = vec![
+            Slow {
+                method: "GET",
+                path: "/users?_page=".into(),
+                free: 0,
+                delay: Duration::from_millis(400),
+            },
+            Slow {
+                method: "PUT",
+                path: "/users/1".into(),
+                free: 0,
+                delay: Duration::from_millis(1200),
+            },
+        ];
+        dev.put(
+            "users",
+            &1000.into(),
+            serde_json::json!({"name": "alice-renamed", "active": true, "score": 0, "bio": ""}),
+        );
+        dev.post(
+            "users",
+            serde_json::json!({"id": 1001, "name": "alice", "active": false, "score": 1, "bio": ""}),
+        );
+    });
+    let mut users: Vec<(String, Value)> = prod
+        .all("users")
+        .iter()
+        .map(|u| (u["name"].as_str().unwrap().to_owned(), u["id"].clone()))
+        .collect();
+    users.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        users,
+        [
+            ("alice".to_owned(), 2.into()),
+            ("alice-renamed".to_owned(), 1.into())
+        ],
+        "prod's item stays the renamed one's, and the new item is created"
+    );
     assert_rest_mirror(&dev, &prod);
     assert_verified(&env);
 }

@@ -365,6 +365,21 @@ pub struct Faults {
     /// answer while this is set (then drop the connection): the item is on the server,
     /// and the client, killed meanwhile, never learns its id.
     pub hold_post: Mutex<Option<String>>,
+    /// Hold matching requests back before they reach the server, as a server slow on some
+    /// requests only does: to order two of the daemon's requests in flight at once.
+    pub slow: Mutex<Vec<Slow>>,
+}
+
+/// Requests [`Faults::slow`] holds back.
+pub struct Slow {
+    /// Only requests with this method.
+    pub method: &'static str,
+    /// Only requests to a path (with its query, as asked) that starts with this.
+    pub path: String,
+    /// How many of them go through at once first.
+    pub free: usize,
+    /// How long each one after those is held.
+    pub delay: Duration,
 }
 
 /// A redirect the proxy answers with.
@@ -729,6 +744,23 @@ fn serve(
             }
         }
         if let Some(delay) = *f.delay.lock().unwrap() {
+            std::thread::sleep(delay);
+        }
+        let slow = f
+            .slow
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .find(|s| s.method == method && path.starts_with(&s.path))
+            .and_then(|s| match s.free.checked_sub(1) {
+                Some(free) => {
+                    s.free = free;
+                    None
+                }
+                None => Some(s.delay),
+            });
+        if let Some(delay) = slow {
+            injected.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(delay);
         }
         // A fault that strikes after the server has handled the request.

@@ -9,6 +9,11 @@
 //! found again by that name, and adopted (renamed if the source renamed the item) or
 //! deleted (if the source deleted it), instead of staying on the target as an orphan.
 //!
+//! An adoption holds its target id's lock (`HttpTarget::adopting`) from its claim until its
+//! write is answered: another item whose lookup found that id under its own name while the
+//! claimant was renaming it away waits for that write and looks again, instead of taking
+//! the rename in flight for a second source item of its name.
+//!
 //! The projector hands it events whose reference fields already hold target ids, and the
 //! item's target id (from applied state or the remap table) in `prior`.
 //!
@@ -24,7 +29,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 use tidemark_proto::{canonical_json, strip_fields, Body, Event, Op};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, OwnedMutexGuard};
 use tracing::{debug, info, warn};
 
 use super::{ApplyError, Claims, Creations, Effect, Outcome, Target};
@@ -58,6 +63,37 @@ pub struct HttpTarget {
     /// create a crash cut off from that record is found by them (and adopted, or deleted),
     /// whatever the source did to the item since.
     creations: Mutex<Option<Arc<dyn Creations>>>,
+    /// A lock per target id (`kind\0id`) an adoption is under way for, held from its claim
+    /// until its write is answered. A lookup answered before that write (a rename of the
+    /// item a cut-off create made) finds the item under its old name, and the item looking
+    /// would take the claimant for a second source item of its name and fail for good:
+    /// it waits here, and looks again, instead of racing the rename.
+    adopting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The lock of one target id's adoption ([`HttpTarget::adopting`]), released on drop.
+struct Adopting<'a> {
+    target: &'a HttpTarget,
+    slot: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Drop for Adopting<'_> {
+    fn drop(&mut self) {
+        let mut locks = self
+            .target
+            .adopting
+            .lock()
+            .expect("the adoption locks are never poisoned");
+        if let Some(guard) = self.guard.take() {
+            let lock = OwnedMutexGuard::mutex(&guard).clone();
+            drop(guard);
+            // Only the table and `lock` hold it: nobody waits, so the slot goes.
+            if Arc::strong_count(&lock) == 2 {
+                locks.remove(&self.slot);
+            }
+        }
+    }
 }
 
 impl HttpTarget {
@@ -70,6 +106,25 @@ impl HttpTarget {
             listings: Mutex::new(HashMap::new()),
             claims: Mutex::new(None),
             creations: Mutex::new(None),
+            adopting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes the lock of an adoption of target id `id` of `kind`, once any adoption of it
+    /// under way has had its write answered (or given up).
+    async fn adopting(&self, kind: &str, id: &str) -> Adopting<'_> {
+        let slot = format!("{kind}\0{id}");
+        let lock = self
+            .adopting
+            .lock()
+            .expect("the adoption locks are never poisoned")
+            .entry(slot.clone())
+            .or_default()
+            .clone();
+        Adopting {
+            target: self,
+            slot,
+            guard: Some(lock.lock_owned().await),
         }
     }
 
@@ -355,6 +410,7 @@ impl HttpTarget {
                 }
                 continue;
             }
+            let _adopting = self.adopting(&kind.name, &id).await;
             if let Some(claims) = &claims {
                 if claims.claim(&kind.name, &id, &identity).is_err() {
                     continue;
@@ -500,18 +556,30 @@ impl HttpTarget {
             _ => None,
         };
         if let Some(name) = &event.name {
-            let found = match &names {
+            let mut found = match &names {
                 Some(names) => {
                     let names = names.lock().expect("a names lock is never poisoned");
                     Self::pick(kind, event, name, names.get(name).into_iter().flatten())?
                 }
                 None => self.find(kind, event, name).await?,
             };
-            if let Some((id, existing)) = found {
+            let mut looked_again = false;
+            while let Some((id, existing)) = found.take() {
                 let identity = event.identity();
                 let claims = self.claims();
+                // Held until this adoption's write is answered; taken once another's is.
+                let _adopting = self.adopting(&kind.name, &id).await;
                 if let Some(claims) = &claims {
                     if let Err(owner) = claims.claim(&kind.name, &id, &identity) {
+                        if !looked_again {
+                            // What was found may predate the claimant's write, now
+                            // answered: a rename away from this name (an item a cut-off
+                            // create made, adopted by its noted name). Only a live look
+                            // tells a name that is free now from one two items share.
+                            looked_again = true;
+                            found = self.find(kind, event, name).await?;
+                            continue;
+                        }
                         // The projector waits for that item's delete, which may come in a
                         // later batch, before it fails this one.
                         return Err(ApplyError::Taken {
