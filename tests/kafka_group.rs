@@ -774,3 +774,52 @@ fn a_daemon_with_a_shorter_session_timeout_does_not_take_a_live_ones_partitions(
     assert!(short_daemon.terminate().success());
     assert!(long_daemon.terminate().success());
 }
+
+/// Review finding: a one-shot `sync` refused while daemons held every partition named only
+/// the holders it happened to see renewing first ("1 other process holds partitions 1,
+/// 3" with two daemons holding all four). It now names every partition another process
+/// holds, and how many processes hold them.
+#[test]
+fn a_refused_one_shot_names_every_daemon_and_partition_holding_the_group() {
+    let brokers = kafka_brokers();
+    let topic = unique("holders");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 4);
+    let (a_env, b_env, oneshot) = (Env::dirs("", ""), Env::dirs("", ""), Env::dirs("", ""));
+    let (src, dst) = (a_env.src(), a_env.dst());
+    a_env.write_config(&config(&src, &dst, "both", &kafka));
+    b_env.write_config(&config(&src, &dst, "project", &kafka));
+    oneshot.write_config(&config(&src, &dst, "both", &kafka));
+    // Started a second apart, the two renew their leases at different times.
+    let a = a_env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        a_env
+            .daemon_log()
+            .contains("leased partitions")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("log:\n{}", a_env.daemon_log()));
+    std::thread::sleep(Duration::from_millis(1000));
+    let b = b_env.spawn_daemon();
+    wait_for(Duration::from_secs(90), || {
+        b_env
+            .daemon_log()
+            .contains("leased partitions")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("logs:\n{}\n{}", a_env.daemon_log(), b_env.daemon_log()));
+    // Each try sees the two renew in another order; without the fix, a try that saw one
+    // renew first named that one alone (3 runs of 3 failed within four tries).
+    for _ in 0..4 {
+        let out = oneshot.run(&["sync"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("2 other processes")
+                && stderr.contains("hold partitions 0, 1, 2, 3 of topic"),
+            "{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    assert!(b.terminate().success());
+    assert!(a.terminate().success());
+}

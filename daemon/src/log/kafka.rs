@@ -923,11 +923,18 @@ impl Leases {
                     })
                     .collect();
                 if !renewed.is_empty() {
-                    let holders: BTreeSet<u32> =
-                        renewed.iter().map(|&p| owner_of(now[p as usize])).collect();
+                    // One holder is seen alive: every partition a slot names is counted,
+                    // with its owner (the others renew at their own times, and one that
+                    // has stopped leaves its partitions to the live ones soon): counting
+                    // only those seen renewing named too few processes and partitions.
                     let held: Vec<u32> = (0..self.partitions)
-                        .filter(|&p| holders.contains(&owner_of(now[p as usize])))
+                        .filter(|&p| {
+                            let owner = owner_of(now[p as usize]);
+                            owner != 0 && owner != self.me
+                        })
                         .collect();
+                    let holders: BTreeSet<u32> =
+                        held.iter().map(|&p| owner_of(now[p as usize])).collect();
                     return Ok(Taken::Held {
                         partitions: held,
                         holders: holders.len(),

@@ -177,7 +177,8 @@ pub enum TakeError {
         group: String,
         /// The topic.
         topic: String,
-        /// Partitions whose lease another process renewed while this one looked.
+        /// Partitions whose lease names another process, once one of them was seen
+        /// renewing while this one looked.
         partitions: Vec<u32>,
         /// How many processes hold them.
         holders: usize,
