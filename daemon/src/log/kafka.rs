@@ -1073,13 +1073,19 @@ impl Leases {
         self.closed.store(true, Ordering::SeqCst);
         let mut state = self.state.lock().unwrap();
         state.handover.clear();
-        let held: Vec<u32> = std::mem::take(&mut state.held).into_keys().collect();
+        let mut held: BTreeSet<u32> = std::mem::take(&mut state.held).into_keys().collect();
+        // A claim still settling (written, not yet confirmed as held) names this process
+        // too: left, it kept its partition from others for 1.5 × the lease. Rounds after
+        // `closed` claim nothing, and this lock keeps the one under way out.
+        if let Ok(slots) = self.read(&self.slots) {
+            held.extend((0..self.partitions).filter(|&p| owner_of(slots[p as usize]) == self.me));
+        }
         let values: Vec<(u32, i64)> = held
             .iter()
             .map(|&p| (p, self.value(0, &mut state)))
             .collect();
         self.write(&self.slots, &values)?;
-        Ok(held)
+        Ok(held.into_iter().collect())
     }
 
     /// Keeps the leases until the log is dropped or they are released.
