@@ -823,3 +823,105 @@ fn a_refused_one_shot_names_every_daemon_and_partition_holding_the_group() {
     assert!(b.terminate().success());
     assert!(a.terminate().success());
 }
+
+/// The partition of item `kind`/`key` on a topic of `partitions`.
+fn partition(kind: &str, key: &str, partitions: u32) -> u32 {
+    tidemark::log::kafka::partition_for(&tidemark::proto::item_identity(kind, key), partitions)
+}
+
+/// A file name in directory `dir` whose item falls in `wanted` of 2 partitions.
+fn file_in(dir: &str, wanted: u32, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("{dir}/{tag}{i}.txt"))
+        .find(|key| partition("file", key, 2) == wanted)
+        .unwrap()
+}
+
+/// Review finding: with two projecting daemons, a directory's time on the target went
+/// wrong for good. The daemon that applied the directory's events before its partition
+/// moved kept its applied version; when it later changed an entry of that directory (a
+/// file of its own partition), it gave the directory back that stale time over the one
+/// the partition's new holder had set. `verify` showed the drift, and `sync` did nothing.
+#[test]
+fn a_directorys_time_stays_right_when_its_partition_moved_to_another_daemon() {
+    let brokers = kafka_brokers();
+    let topic = unique("dirtimes");
+    let kafka = kafka_log_section(&brokers, &topic, &topic, 2);
+    let (a_env, b_env) = (Env::dirs("", ""), Env::dirs("", ""));
+    let (src, dst) = (a_env.src(), a_env.dst());
+    a_env.write_config(&config(&src, &dst, "both", &kafka));
+    b_env.write_config(&config(&src, &dst, "project", &kafka));
+    // One directory per partition, each with a file of each partition.
+    let dirs: Vec<String> = (0..2)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("d{i}"))
+                .find(|d| partition("dir", d, 2) == p)
+                .unwrap()
+        })
+        .collect();
+    for dir in &dirs {
+        for p in 0..2 {
+            write(src.join(file_in(dir, p, "f")), "first\n");
+        }
+    }
+    // `a` alone applies every directory's events first.
+    let a = a_env.spawn_daemon();
+    wait_for(Duration::from_secs(60), || {
+        mirrors_now(&src, &dst).then_some(())
+    })
+    .unwrap_or_else(|| panic!("log:\n{}", a_env.daemon_log()));
+    caught_up(&a);
+    // `b` takes one partition over; the directory of that partition is now b's to time.
+    let b = b_env.spawn_daemon();
+    let b_partition = wait_for(Duration::from_secs(90), || {
+        let log = b_env.daemon_log();
+        let line = log.lines().find(|l| l.contains("leased partitions"))?;
+        line.split("partitions=[").nth(1)?[..1].parse::<u32>().ok()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "b leased nothing; logs:\n{}\n{}",
+            a_env.daemon_log(),
+            b_env.daemon_log()
+        )
+    });
+    let dir = &dirs[b_partition as usize];
+    // The handover done on a's side too (it commits before it lets go).
+    std::thread::sleep(Duration::from_secs(2));
+    // A new file of b's partition: b applies it and the directory's new time.
+    write(src.join(file_in(dir, b_partition, "new")), "new\n");
+    let times_equal = || {
+        let s = std::fs::metadata(src.join(dir))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let d = std::fs::metadata(dst.join(dir)).ok()?.modified().ok()?;
+        (s == d).then_some(())
+    };
+    wait_for(Duration::from_secs(30), || {
+        (mirrors_now(&src, &dst) && times_equal().is_some()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("logs:\n{}\n{}", a_env.daemon_log(), b_env.daemon_log()));
+    // A file of a's partition rewritten in place (the source directory's time does not
+    // move): a replaces it on the target, which moves the directory's time there, and
+    // gives the directory back its time.
+    let a_file = src.join(file_in(dir, 1 - b_partition, "f"));
+    std::fs::write(&a_file, "second\n").unwrap();
+    wait_for(Duration::from_secs(30), || {
+        mirrors_now(&src, &dst).then_some(())
+    })
+    .unwrap_or_else(|| panic!("logs:\n{}\n{}", a_env.daemon_log(), b_env.daemon_log()));
+    caught_up(&a);
+    caught_up(&b);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        times_equal().is_some(),
+        "{dir}'s time on the target is not the source's; logs:\n{}\n{}",
+        a_env.daemon_log(),
+        b_env.daemon_log()
+    );
+    assert!(b.terminate().success());
+    assert!(a.terminate().success());
+    verified(&a_env);
+}

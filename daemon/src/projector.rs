@@ -2018,9 +2018,22 @@ impl Projector {
             .state
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
+        // On a log other processes share, a directory's events go to its partition's
+        // holder: this process's applied version of one in a partition it does not hold
+        // is stale (it held it once), and would take back the time the holder gave it
+        // (two daemons left directory times wrong for good). Without one, the target gives
+        // the directory back the time it had before the change.
+        let holding = self.holding.lock().unwrap().clone();
         let mut times = Vec::with_capacity(changed.len());
         for key in changed {
             let id = item_identity("dir", &key);
+            if self.log.shared()
+                && !holding
+                    .as_ref()
+                    .is_some_and(|h| h.contains(&self.log.partition_of(&id)))
+            {
+                continue;
+            }
             if let Some(a) = applied.get(&id).map_err(self.err_state())? {
                 times.extend(version_mtime(&a.version).map(|ns| (key, ns)));
             }
