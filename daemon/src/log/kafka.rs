@@ -32,7 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tidemark_proto::Event;
 use tokio::sync::{watch, Mutex, OnceCell};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     AppendError, BoxError, CommitError, ConnectError, EventLog, Patience, ReadError,
@@ -1085,6 +1085,18 @@ impl Leases {
             .map(|&p| (p, self.value(0, &mut state)))
             .collect();
         self.write(&self.slots, &values)?;
+        // A want of this process left standing would have a busier holder hand it a
+        // partition after it stopped: the slot would then name a process that is gone,
+        // and the partition wait 1.5 × the lease for anyone.
+        if let Ok(wants) = self.read(&self.wants) {
+            let mine: Vec<(u32, i64)> = (0..self.partitions)
+                .filter(|&p| owner_of(wants[p as usize]) == self.me)
+                .map(|p| (p, self.value(0, &mut state)))
+                .collect();
+            if let Err(e) = self.write(&self.wants, &mine) {
+                debug!(group = %self.group, "cannot withdraw this process's wants: {e}");
+            }
+        }
         Ok(held.into_iter().collect())
     }
 
