@@ -731,8 +731,15 @@ impl Inner {
                         self.set_attributes(&path, m, event, mode)?;
                         return Ok(Outcome::Updated);
                     }
-                    // Adopt an equal file that is already there instead of rewriting it.
-                    if prior.is_none() && self.same_content(&path, event)? {
+                    // Adopt an equal file that is already there instead of rewriting it:
+                    // with no applied state (a replay, a pre-filled target), or with the
+                    // applied state of an earlier version while the file has this event's
+                    // size and time, as tidemark gives what it writes (written by a run
+                    // killed before its commit; it was written again). Its bytes decide.
+                    let written_before = event.mtime_ns.is_some()
+                        && event.mtime_ns == mtime_ns(m)
+                        && content_len(event) == Some(m.len());
+                    if (prior.is_none() || written_before) && self.same_content(&path, event)? {
                         // Written by a run that stopped before its flush, perhaps: that
                         // run's change to the directory's entries is this one's too.
                         self.changing(parent);
