@@ -435,6 +435,15 @@ impl State {
             .path(dir.join(DB))
             .open()
             .map_err(|e| open_error(e, dir))?;
+        // A compaction killed while it copied left its partial copy: holding the lock,
+        // this process knows none is running. (One killed between its two renames is
+        // finished above, on the old database, which the copy did not replace.)
+        let partial = dir.join(DB_COMPACTING);
+        if partial.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&partial) {
+                tracing::warn!(path = %partial.display(), "cannot remove what an interrupted compaction left: {e}");
+            }
+        }
         let _ = OPENED.set(dir.to_owned());
         note_holder(dir);
         Ok(State {
