@@ -2911,6 +2911,37 @@ fn a_one_shot_run_that_leaves_items_waiting_exits_3_and_says_so() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A directory the source deleted that holds, on the target, a file put there by hand:
+/// its delete waits for it to be empty. A one-shot run said "1 deferred" and exited 0, with
+/// no word of why; it now exits 3 and says what to do, and once the file is removed the
+/// next run deletes the directory.
+#[test]
+fn a_one_shot_run_that_leaves_a_directory_delete_waiting_exits_3_and_says_so() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("d/a.txt"), "a");
+    write(env.src().join("keep.txt"), "k");
+    env.sync();
+    write(env.dst().join("d/hand.txt"), "by hand");
+    std::fs::remove_dir_all(env.src().join("d")).unwrap();
+    for _ in 0..2 {
+        let out = env.run(&["sync"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{stdout}");
+        assert!(
+            stdout.contains("t: 1 directories the source deleted are still on the target")
+                && stdout.contains("remove those entries"),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(env.dst().join("d/hand.txt")).unwrap(),
+        "by hand"
+    );
+    std::fs::remove_file(env.dst().join("d/hand.txt")).unwrap();
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// A directory scanned with its files and removed from the source before they were
 /// projected: the run that applies both the upserts and the deletes leaves no trace of it.
 /// A stale file's upsert made its parent before it found its source gone, after the

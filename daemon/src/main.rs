@@ -1113,7 +1113,17 @@ async fn scan_project(
             } else {
                 0
             };
-            degraded |= !report.failures.is_empty() || stale > 0 || waiting > 0;
+            // Directory deletes the same: the directory holds entries the source does not
+            // have (put there by hand), so only a person can let its delete through (it
+            // exited 0 with "1 deferred" and no word of why).
+            let dirs_waiting = if stopped.is_none() {
+                (session.state.dir_deletes(p.name()))
+                    .map(|d| d.len())
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            degraded |= !report.failures.is_empty() || stale > 0 || waiting > 0 || dirs_waiting > 0;
             written += report.events;
             if select.output == Output::Text {
                 let mut counts: Vec<String> = report
@@ -1165,9 +1175,16 @@ async fn scan_project(
                         p.name()
                     );
                 }
+                if dirs_waiting > 0 {
+                    outln!(
+                        "{}: {dirs_waiting} directories the source deleted are still on the target, their deletes waiting for them to be empty (they hold entries the source does not have); remove those entries (`tidemark verify` lists them) and the next run deletes the directories",
+                        p.name()
+                    );
+                }
             }
             entry["project"] = serde_json::to_value(&report)?;
             entry["waiting"] = waiting.into();
+            entry["directories_waiting"] = dirs_waiting.into();
             run_report = run_report.with_project(&report);
         }
         if let (None, Some(signal)) = (&stopped, signalled.get()) {
