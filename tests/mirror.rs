@@ -753,7 +753,7 @@ fn a_directory_delete_waits_while_the_target_directory_holds_other_entries() {
     write(env.dst().join("back/stray.txt"), "not from the source");
     std::fs::remove_dir_all(env.src().join("old")).unwrap();
     std::fs::remove_dir_all(env.src().join("back")).unwrap();
-    let (_, project) = env.sync();
+    let (_, project) = env.sync_leaving_directories(2);
     assert_eq!(kind_outcome(&project, "file", "deleted"), 2, "{project}");
     assert_eq!(kind_outcome(&project, "dir", "deferred"), 2, "{project}");
     assert_eq!(kind_outcome(&project, "dir", "deleted"), 0, "{project}");
@@ -763,7 +763,7 @@ fn a_directory_delete_waits_while_the_target_directory_holds_other_entries() {
 
     // The source re-creates `back`: its newer event supersedes the waiting delete.
     std::fs::create_dir(env.src().join("back")).unwrap();
-    env.sync();
+    env.sync_leaving_directories(1);
     assert_eq!(waiting_dirs(&env), ["old"]);
 
     // Once empty, `old` goes after the next batch; `back` stays, the source has it.
@@ -786,7 +786,7 @@ fn the_daemon_removes_a_waiting_directory_once_it_is_empty() {
     env.sync();
     write(env.dst().join("old/stray.txt"), "not from the source");
     std::fs::remove_dir_all(env.src().join("old")).unwrap();
-    env.sync();
+    env.sync_leaving_directories(1);
     assert_eq!(waiting_dirs(&env), ["old"]);
     let daemon = env.spawn_daemon();
     let waiting = wait_for(Duration::from_secs(30), || {
@@ -1410,8 +1410,13 @@ fn verify_says_a_directory_delete_waits_for_the_directory_to_be_empty() {
         "not from the source",
     );
     std::fs::remove_dir_all(env.src().join("a/f7.txt")).unwrap();
-    let out = env.ok(&["sync"]);
+    let out = env.run(&["sync"]);
+    let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("1 deleted, 1 deferred"), "{out}");
+    assert!(
+        out.contains("1 directories the source deleted are still on the target"),
+        "{out}"
+    );
 
     let text = verify_finds(&env, "extra dir a/f7.txt");
     let waiting = hint_line(&text, "waits for its directory to be empty");
@@ -1827,7 +1832,7 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     env.sync();
     write(env.dst().join("sub/local.txt"), "not from the source");
     std::fs::remove_dir_all(env.src().join("sub")).unwrap();
-    env.sync();
+    env.sync_leaving_directories(1);
     assert!(env.dst().join("sub/local.txt").exists());
     assert!(!env.dst().join("sub/a.txt").exists());
 

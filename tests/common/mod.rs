@@ -117,6 +117,23 @@ path = "dst"
         (v[0]["scan"].clone(), v[0]["project"].clone())
     }
 
+    /// [`Env::sync`] for a run that leaves directory deletes waiting for their
+    /// directories to be emptied on the target, which exits 3 and counts them.
+    #[allow(dead_code)]
+    pub fn sync_leaving_directories(&self, waiting: u64) -> (serde_json::Value, serde_json::Value) {
+        let out = self.run(&["sync", "--output", "json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+        assert_eq!(v[0]["directories_waiting"], waiting, "{v}");
+        (v[0]["scan"].clone(), v[0]["project"].clone())
+    }
+
     /// Starts `tidemark run` with stderr captured to `daemon.log` (appended).
     pub fn spawn_daemon(&self) -> Daemon {
         let log = std::fs::OpenOptions::new()
