@@ -1204,11 +1204,25 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
         let m = daemon.metrics();
         (m.get("tidemark_delete_guard_trips_total{pipeline=\"t\"}")
             .copied()?
-            >= 1.0)
+            >= 4.0)
             .then_some(m)
     })
     .expect("the daemon's scans trip the guard too");
     assert_eq!(tripped["tidemark_delete_guard_active{pipeline=\"t\"}"], 1.0);
+    // The same withheld deletes scan after scan: warned of once (it was at every scan),
+    // at debug while it repeats; a change of what is withheld is warned of again.
+    write(env.src().join("f0.txt"), "x");
+    let retripped = wait_for(Duration::from_secs(20), || {
+        let log = env.daemon_log();
+        log.contains("this scan would delete 9 of 10 items")
+            .then_some(log)
+    })
+    .expect("the guard trips for the 9 deletes left");
+    let warned: Vec<&str> = retripped
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("delete guard tripped"))
+        .collect();
+    assert_eq!(warned.len(), 2, "{warned:#?}");
     assert!(daemon.terminate().success());
     assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 10);
 }

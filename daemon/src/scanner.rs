@@ -152,6 +152,11 @@ pub struct Scanner {
     /// of once, at debug while they stay the same, and again when they change. Empty once
     /// a scan misses none.
     kept_in_source: std::sync::Mutex<Vec<String>>,
+    /// The delete guard's last trip as warned of (deletes it would have made, deletes
+    /// allowed): a daemon whose guard trips scan after scan for the same deletes warns
+    /// once, at debug while it repeats (every trip is still counted and recorded), and
+    /// again when what it withholds changes. `None` once a scan does not trip it.
+    guard_warned: std::sync::Mutex<Option<(u64, u64)>>,
     /// The scan running now, as far as it went, for `status`: a first scan of a large
     /// source takes minutes, and the log fills with its events meanwhile, while its record
     /// is written only at its end.
@@ -271,6 +276,7 @@ impl Scanner {
             warned_items: Default::default(),
             absent_refs: Default::default(),
             kept_in_source: Default::default(),
+            guard_warned: Default::default(),
             running: Default::default(),
             owner: None,
         }
@@ -1089,6 +1095,9 @@ impl Scanner {
         let unseen = known.unseen();
         if unseen.is_empty() {
             self.kept_in_source.lock().unwrap().clear();
+            if !matches!(sink, Sink::Dry(_)) {
+                *self.guard_warned.lock().unwrap() = None;
+            }
             return Ok(());
         }
         let indexed = known.len();
@@ -1116,7 +1125,9 @@ impl Scanner {
             }
         }
         let would_delete = doomed.as_ref().map_or(unseen.len(), Vec::len) as u64;
-        if would_delete == 0 || self.guard_trips(would_delete, indexed, sink, record) {
+        // Asked also with nothing to delete, so that a scan which does not trip it ends
+        // the repeat of its warning.
+        if self.guard_trips(would_delete, indexed, sink, record) || would_delete == 0 {
             return Ok(());
         }
         let mut doomed = match doomed {
@@ -1193,16 +1204,26 @@ impl Scanner {
                 .delete_guard_trips
                 .with_label_values(&[&self.pipeline])
                 .inc();
-            warn!(
-                pipeline = %self.pipeline,
-                would_delete,
-                allowed,
-                limit = %trip.limit,
+            let message = format!(
                 "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete in the config, then restart the daemon (or, with no daemon running, run `tidemark sync`)",
                 trip.limit
             );
+            let again = self
+                .guard_warned
+                .lock()
+                .unwrap()
+                .replace((would_delete, allowed))
+                == Some((would_delete, allowed));
+            if again {
+                debug!(pipeline = %self.pipeline, would_delete, allowed, limit = %trip.limit, "{message} (still; warned when it began)");
+            } else {
+                warn!(pipeline = %self.pipeline, would_delete, allowed, limit = %trip.limit, "{message}");
+            }
             record.guard = Some(trip);
             return true;
+        }
+        if !matches!(sink, Sink::Dry(_)) {
+            *self.guard_warned.lock().unwrap() = None;
         }
         false
     }
