@@ -1086,6 +1086,28 @@ fn files_a_killed_run_wrote_before_its_commit_are_not_written_again() {
         assert!(status.success());
     }
     let written = inodes(0..10);
+    // `plan` says what `project` then does.
+    let plan = env.json(&["plan"]);
+    let actions: Vec<(String, String)> = plan[0]["actions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{plan}"))
+        .iter()
+        .map(|a| {
+            (
+                a["key"].as_str().unwrap().to_owned(),
+                a["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (key, action) in &actions {
+        let first_half = key.as_str() < "f10";
+        assert_eq!(
+            action,
+            if first_half { "adopt" } else { "update" },
+            "{key}: {plan}"
+        );
+    }
+    assert_eq!(actions.len(), 20, "{plan}");
     let out = env.json(&["project"]);
     let outcomes = &out[0]["project"]["outcomes"];
     assert_eq!(outcomes["adopted"], 10, "{out}");

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
-use tidemark_proto::{item_identity, version_mtime, Body, Event, Op, Ref};
+use tidemark_proto::{item_identity, version_checksum, version_mtime, Body, Event, Op, Ref};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -4516,10 +4516,14 @@ impl Projector {
                         target_id: None,
                     }),
                 );
-                if prior.is_some() {
+                if let Some(prior) = &prior {
                     // Removed from the target by hand since: `project` creates it again.
+                    // Written by a run killed before its commit: `project` keeps it. (Only
+                    // the mode or time moved: the bytes stay, and that is an update.)
+                    let attributes = version_checksum(&prior.version) == event.checksum;
                     match self.target.present(&event).await {
                         Some(false) => "create",
+                        _ if !attributes && self.target.written(&event).await => "adopt",
                         _ => "update",
                     }
                 } else {

@@ -1200,6 +1200,27 @@ impl Target for DirTarget {
         Some(here.dev() != parent.dev())
     }
 
+    async fn written(&self, event: &Event) -> bool {
+        let inner = self.inner.clone();
+        let event = event.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(path) = inner.resolve(&event.key) else {
+                return false;
+            };
+            let Ok(m) = fs::symlink_metadata(&path) else {
+                return false;
+            };
+            m.is_file()
+                && event.kind == "file"
+                && event.mtime_ns.is_some()
+                && event.mtime_ns == mtime_ns(&m)
+                && content_len(&event) == Some(m.len())
+                && inner.same_content(&path, &event).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     async fn present(&self, event: &Event) -> Option<bool> {
         let path = self.inner.resolve(&event.key).ok()?;
         tokio::task::spawn_blocking(move || match fs::symlink_metadata(&path) {

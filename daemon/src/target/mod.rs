@@ -193,6 +193,15 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// Whether the target already holds an upsert's item as the event has it, although
+    /// the applied state holds an earlier version: written by a run killed before its
+    /// commit, which `project` keeps (`adopted`) instead of writing it again. Looked at
+    /// without writing, for `plan`; only where it is cheap to tell (a directory target:
+    /// a file with the event's size and time, whose bytes are then read).
+    async fn written(&self, _event: &Event) -> bool {
+        false
+    }
+
     /// What is missing when the target itself is gone (a directory target's root), so
     /// that a projector with applied state refuses to start on it; `None` otherwise. A
     /// directory target notes the root it finds as the one it writes to: one removed
