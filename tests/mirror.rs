@@ -1236,6 +1236,43 @@ fn rustix_uid() -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// A source root whose permissions were taken away was an entry error with an empty
+/// name ("cannot list ``: Permission denied"), the scan `degraded` and warned of at every
+/// scan; it is now the scan failing as for a root that is gone, naming the directory.
+#[test]
+fn an_unreadable_source_root_fails_the_scan_naming_it() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    let run_as_user = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        if is_root() {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    };
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(run_as_user(&["sync"]).status.success());
+    set_mode(env.src(), 0o000);
+    let out = run_as_user(&["sync"]);
+    set_mode(env.src(), 0o755);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "source directory {} cannot be listed",
+            env.src().display()
+        )) && stderr.contains("permissions"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot list ``"), "{stderr}");
+    assert!(env.dst().join("a.txt").exists(), "deleted");
+}
+
 #[test]
 fn an_unreadable_subdirectory_causes_no_deletes() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");

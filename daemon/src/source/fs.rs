@@ -285,6 +285,16 @@ impl Walker {
                     key: key_of(&self.root, &work.path),
                 }))
             }
+            // The root itself (its permissions taken away): the scan fails as for a root
+            // that is gone, naming it, instead of an entry error with an empty name.
+            Err(e) if work.path == self.root => {
+                return batch.push(Err(ListError::Root {
+                    message: format!(
+                        "source directory {} cannot be listed: {e}; check its permissions for the user tidemark runs as",
+                        self.root.display()
+                    ),
+                }))
+            }
             Err(e) => {
                 return batch.push(Err(ListError::Entry {
                     key: key_of(&self.root, &work.path),
