@@ -1236,6 +1236,46 @@ fn rustix_uid() -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// A tripped delete guard stays tripped through a scan that does not weigh its deletes
+/// (one with a listing error): the deletes are still withheld. The gauge, its alert and
+/// `status` dropped it at such a scan, to page again at the next complete one.
+#[test]
+fn a_tripped_guard_stays_tripped_through_a_scan_with_a_listing_error() {
+    let env = Env::dirs("max_delete = \"20%\"", "prune = true");
+    for i in 0..10 {
+        write(env.src().join(format!("f{i}.txt")), "x");
+    }
+    let run_as_user = |args: &[&str]| {
+        let mut c = env.cmd(args);
+        if is_root() {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    };
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(run_as_user(&["sync"]).status.success());
+    for i in 0..10 {
+        std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
+    }
+    assert_eq!(run_as_user(&["sync"]).status.code(), Some(3));
+    write(env.src().join("secret/s.txt"), "s");
+    set_mode(env.src().join("secret"), 0o000);
+    let out = run_as_user(&["sync", "--output", "json"]);
+    set_mode(env.src().join("secret"), 0o755);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v[0]["scan"]["errors"].as_u64().unwrap() >= 1, "{v}");
+    let status = String::from_utf8_lossy(&run_as_user(&["status"]).stdout).into_owned();
+    assert!(status.contains("DELETE GUARD TRIPPED"), "{status}");
+    for i in 0..10 {
+        assert!(env.dst().join(format!("f{i}.txt")).exists(), "f{i}.txt deleted");
+    }
+}
+
 /// A source root whose permissions were taken away was an entry error with an empty
 /// name ("cannot list ``: Permission denied"), the scan `degraded` and warned of at every
 /// scan; it is now the scan failing as for a root that is gone, naming the directory.

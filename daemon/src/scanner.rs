@@ -427,6 +427,13 @@ impl Scanner {
                 .scans()
                 .and_then(|s| s.get(p))
                 .map_err(self.state_err())?;
+            // A scan that did not weigh its deletes (a listing error, a failure, an
+            // interruption) leaves a tripped guard as it was: the deletes are still
+            // withheld, and the gauge, its alert and `status` dropped it, to page again
+            // at the next complete scan.
+            if record.guard.is_none() {
+                record.guard = previous.as_ref().and_then(|r| r.guard.clone());
+            }
             record.last_success_at = previous.and_then(|r| r.last_success_at);
         }
         if let Some(at) = record.last_success_at {
