@@ -216,15 +216,17 @@ impl Report {
             error_messages: record.error_messages.clone(),
         });
         let g = &mut self.delete_guard;
-        match &record.guard {
-            Some(trip) => {
+        // A scan that did not weigh its deletes keeps the trip of the last one that did
+        // (`Scanner::scan_inner`): it decided nothing itself.
+        match (&record.guard, record.result == "ok") {
+            (Some(trip), true) => {
                 g.decision = "tripped".into();
                 g.deletes = trip.would_delete;
                 g.allowed = Some(trip.allowed);
                 g.limit = trip.limit.clone();
             }
-            None if record.result != "ok" => g.decision = "skipped".into(),
-            None => {
+            (_, false) => g.decision = "skipped".into(),
+            (None, true) => {
                 g.decision = "passed".into();
                 g.deletes = record.deletes;
             }
