@@ -1272,7 +1272,10 @@ fn a_tripped_guard_stays_tripped_through_a_scan_with_a_listing_error() {
     let status = String::from_utf8_lossy(&run_as_user(&["status"]).stdout).into_owned();
     assert!(status.contains("DELETE GUARD TRIPPED"), "{status}");
     for i in 0..10 {
-        assert!(env.dst().join(format!("f{i}.txt")).exists(), "f{i}.txt deleted");
+        assert!(
+            env.dst().join(format!("f{i}.txt")).exists(),
+            "f{i}.txt deleted"
+        );
     }
 }
 
@@ -3302,4 +3305,36 @@ fn what_a_killed_compaction_left_is_removed_by_the_next_open() {
     assert_mirror(&env.src(), &env.dst());
     let (scan, _) = env.sync();
     assert_eq!(scan["upserts"], 0, "the index was lost: {scan}");
+}
+
+/// `status` with no daemon running read the state as the daemon left it (lag, last scan)
+/// with no word that the daemon is down, and what it was retrying was gone from view.
+/// Read when the daemon that last held the state is not running, it now says so, naming
+/// it; after one-shot runs alone it says nothing of a daemon.
+#[test]
+fn status_says_when_the_daemon_that_held_the_state_is_not_running() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    let quiet = env.ok(&["status"]);
+    assert!(!quiet.contains("NO DAEMON RUNNING"), "{quiet}");
+    let daemon = env.spawn_daemon();
+    let pid = daemon.child.id();
+    wait_for(Duration::from_secs(30), || {
+        (daemon.metric(r#"tidemark_scans_total{pipeline="t",result="ok"}"#) >= 1.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no scan; log:\n{}", env.daemon_log()));
+    daemon.kill9();
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains(&format!("NO DAEMON RUNNING: the last one, pid {pid} (`")),
+        "{text}"
+    );
+    let json = env.json(&["status"]);
+    assert!(
+        json[0]["daemon_not_running"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("pid {pid} "))),
+        "{json}"
+    );
 }

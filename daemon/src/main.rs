@@ -585,11 +585,18 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
     config
         .select(select.pipeline.as_deref())
         .map_err(anyhow::Error::msg)?;
+    let last_daemon = tidemark::state::last_daemon(&config.state_dir);
     let mut statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
         Ok(session) => {
+            // The state opened, so no daemon holds it: one that held it last is not
+            // running (stopped, or killed), and what it was doing (retrying a target that
+            // refuses writes) is not shown; on-call must see that it is down.
+            let gone = last_daemon.map(|h| h.to_string());
             let mut out = Vec::new();
             for p in session.pipelines(select)? {
-                out.push(serde_json::to_value(p.status().await?)?);
+                let mut s = serde_json::to_value(p.status().await?)?;
+                s["daemon_not_running"] = gone.clone().into();
+                out.push(s);
             }
             out
         }
@@ -694,6 +701,11 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
             s["pipeline"].as_str().unwrap_or("?"),
             s["log"].as_str().unwrap_or("?")
         );
+        if let Some(last) = s["daemon_not_running"].as_str() {
+            outln!(
+                "  NO DAEMON RUNNING: the last one, {last}, has stopped (or was killed); nothing is scanned or applied until it runs again"
+            );
+        }
         if let Some(error) = s["error"].as_str() {
             outln!("  ERROR: {error}");
             if s.get("max_delete").is_none() {

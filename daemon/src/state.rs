@@ -1062,15 +1062,36 @@ fn note_holder(dir: &Path) {
         Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         COMMAND.get().copied().unwrap_or_default()
     );
-    let tmp = dir.join(format!(".{HOLDER}.{}", std::process::id()));
-    if std::fs::write(&tmp, text).is_err() || std::fs::rename(&tmp, dir.join(HOLDER)).is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let daemon = COMMAND.get().copied() == Some("run");
+    for name in [HOLDER, DAEMON_NOTE]
+        .into_iter()
+        .take(if daemon { 2 } else { 1 })
+    {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        if std::fs::write(&tmp, &text).is_err() || std::fs::rename(&tmp, dir.join(name)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
+}
+
+/// The note of the last daemon that held the database ([`last_daemon`]).
+const DAEMON_NOTE: &str = "daemon";
+
+/// The last daemon (`tidemark run`) that held `dir`'s database, as it noted itself
+/// ([`note_holder`] notes a daemon twice: in the holder note, which every later open
+/// overwrites, and here), alive or not: a `status` that opens the state itself tells
+/// from it that the daemon is not running.
+pub fn last_daemon(dir: &Path) -> Option<Holder> {
+    read_note(&dir.join(DAEMON_NOTE))
 }
 
 /// What the note in `dir` says ([`note_holder`]), whether or not its process still lives.
 fn holder_note(dir: &Path) -> Option<Holder> {
-    let text = std::fs::read_to_string(dir.join(HOLDER)).ok()?;
+    read_note(&dir.join(HOLDER))
+}
+
+fn read_note(path: &Path) -> Option<Holder> {
+    let text = std::fs::read_to_string(path).ok()?;
     let mut lines = text.lines();
     let pid: u32 = lines.next()?.parse().ok()?;
     let (command_line, since) = (lines.next()?, lines.next()?);
