@@ -3324,6 +3324,8 @@ fn status_says_when_the_daemon_that_held_the_state_is_not_running() {
         (daemon.metric(r#"tidemark_scans_total{pipeline="t",result="ok"}"#) >= 1.0).then_some(())
     })
     .unwrap_or_else(|| panic!("no scan; log:\n{}", env.daemon_log()));
+    let asked = env.json(&["status"]);
+    assert!(asked[0]["daemon_not_running"].is_null(), "{asked}");
     daemon.kill9();
     let text = env.ok(&["status"]);
     assert!(

@@ -667,6 +667,13 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 .collect()
         }
     };
+    // Asked of a running daemon, the field is there too (`null`: it runs).
+    for s in statuses
+        .iter_mut()
+        .filter(|s| s.get("daemon_not_running").is_none())
+    {
+        s["daemon_not_running"] = serde_json::Value::Null;
+    }
     // A first run whose source cannot be read stops before it creates the state, so it
     // records no scan: what it met is shown as the source is now.
     for s in statuses.iter_mut().filter(|s| s["last_scan"].is_null()) {
