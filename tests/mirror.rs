@@ -1227,6 +1227,24 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
     assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 10);
 }
 
+/// Runs tidemark in `env` as an unprivileged user when the tests run as root (root reads
+/// everything, so permissions would not bite), with `env`'s files opened to it first.
+fn unprivileged(env: &Env) -> impl Fn(&[&str]) -> std::process::Output + '_ {
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(env.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    move |args: &[&str]| {
+        let mut c = env.cmd(args);
+        if is_root() {
+            c.uid(65534).gid(65534);
+        }
+        c.output().unwrap()
+    }
+}
+
 fn is_root() -> bool {
     rustix_uid() == 0
 }
@@ -1245,19 +1263,7 @@ fn a_tripped_guard_stays_tripped_through_a_scan_with_a_listing_error() {
     for i in 0..10 {
         write(env.src().join(format!("f{i}.txt")), "x");
     }
-    let run_as_user = |args: &[&str]| {
-        let mut c = env.cmd(args);
-        if is_root() {
-            c.uid(65534).gid(65534);
-        }
-        c.output().unwrap()
-    };
-    let status = std::process::Command::new("chmod")
-        .args(["-R", "a+rwX"])
-        .arg(env.dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let run_as_user = unprivileged(&env);
     assert!(run_as_user(&["sync"]).status.success());
     for i in 0..10 {
         std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
@@ -1286,19 +1292,7 @@ fn a_tripped_guard_stays_tripped_through_a_scan_with_a_listing_error() {
 fn an_unreadable_source_root_fails_the_scan_naming_it() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");
     write(env.src().join("a.txt"), "a");
-    let run_as_user = |args: &[&str]| {
-        let mut c = env.cmd(args);
-        if is_root() {
-            c.uid(65534).gid(65534);
-        }
-        c.output().unwrap()
-    };
-    let status = std::process::Command::new("chmod")
-        .args(["-R", "a+rwX"])
-        .arg(env.dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let run_as_user = unprivileged(&env);
     assert!(run_as_user(&["sync"]).status.success());
     set_mode(env.src(), 0o000);
     let out = run_as_user(&["sync"]);
@@ -1323,19 +1317,7 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
     write(env.src().join("open/b.txt"), "b");
     write(env.src().join("secret/s.txt"), "s");
     // Root reads everything; run tidemark as an unprivileged user so permissions bite.
-    let run_as_user = |args: &[&str]| {
-        let mut c = env.cmd(args);
-        if is_root() {
-            c.uid(65534).gid(65534);
-        }
-        c.output().unwrap()
-    };
-    let status = std::process::Command::new("chmod")
-        .args(["-R", "a+rwX"])
-        .arg(env.dir.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let run_as_user = unprivileged(&env);
     assert!(run_as_user(&["sync"]).status.success());
     assert!(env.dst().join("secret/s.txt").exists());
 
