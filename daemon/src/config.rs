@@ -1580,6 +1580,16 @@ fn key_span(text: &str, table: std::ops::Range<usize>, key: &str) -> std::ops::R
     table
 }
 
+/// Whether `dir` is the root of a mounted filesystem (on another device than its parent);
+/// `None` when it is not a directory or cannot be looked at. Compared within one look at
+/// both, never across runs (device numbers may change at a reboot).
+pub(crate) fn mount_root(dir: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let here = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+    let parent = std::fs::metadata(dir.join("..")).ok()?;
+    Some(here.dev() != parent.dev())
+}
+
 /// `path` with its longest existing ancestor resolved (symbolic links, `..`) and the rest
 /// appended, its `..` taken lexically (what does not exist is no link): where a directory
 /// that may not exist yet will be.

@@ -1984,12 +1984,7 @@ impl Projector {
             .map_err(self.err_state())?;
         let mut events = Vec::new();
         for identity in waiting {
-            if skip(&identity)
-                || (self.log.shared()
-                    && !holding
-                        .as_ref()
-                        .is_some_and(|h| h.contains(&self.log.partition_of(&identity))))
-            {
+            if skip(&identity) || !self.held_here(holding.as_ref(), &identity) {
                 continue;
             }
             let Some(event) = stored
@@ -2005,6 +2000,13 @@ impl Projector {
             }
         }
         Ok(events)
+    }
+
+    /// Whether this process applies `identity`'s events: always on a log of its own; on
+    /// a log other processes share, when it holds the item's partition (`holding`, as
+    /// last taken).
+    fn held_here(&self, holding: Option<&BTreeSet<u32>>, identity: &str) -> bool {
+        !self.log.shared() || holding.is_some_and(|h| h.contains(&self.log.partition_of(identity)))
     }
 
     /// Passes the target the applied times of the directories it changed, which it gives
@@ -2027,11 +2029,7 @@ impl Projector {
         let mut times = Vec::with_capacity(changed.len());
         for key in changed {
             let id = item_identity("dir", &key);
-            if self.log.shared()
-                && !holding
-                    .as_ref()
-                    .is_some_and(|h| h.contains(&self.log.partition_of(&id)))
-            {
+            if !self.held_here(holding.as_ref(), &id) {
                 continue;
             }
             if let Some(a) = applied.get(&id).map_err(self.err_state())? {

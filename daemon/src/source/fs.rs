@@ -486,9 +486,7 @@ impl Source for DirSource {
 
     fn mounted(&self) -> Option<Mount> {
         let root = &self.inner.root;
-        let here = std::fs::metadata(root).ok().filter(|m| m.is_dir())?;
-        let parent = std::fs::metadata(root.join("..")).ok()?;
-        if here.dev() != parent.dev() {
+        if crate::config::mount_root(root)? {
             return Some(Mount::Root);
         }
         let mut entries = std::fs::read_dir(root).ok()?;

@@ -48,6 +48,13 @@ fn tmp_name(tmp: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Whether the file found as `m` has the event's size and modification time, as tidemark
+/// gives the files it writes: one a run killed before its commit may have written, whose
+/// bytes then decide.
+fn written_as(event: &Event, m: &fs::Metadata) -> bool {
+    event.mtime_ns.is_some() && event.mtime_ns == mtime_ns(m) && content_len(event) == Some(m.len())
+}
+
 /// The length of a file event's content, from its inline bytes or its blob.
 fn content_len(event: &Event) -> Option<u64> {
     match (&event.body, &event.blob) {
@@ -736,10 +743,9 @@ impl Inner {
                     // applied state of an earlier version while the file has this event's
                     // size and time, as tidemark gives what it writes (written by a run
                     // killed before its commit; it was written again). Its bytes decide.
-                    let written_before = event.mtime_ns.is_some()
-                        && event.mtime_ns == mtime_ns(m)
-                        && content_len(event) == Some(m.len());
-                    if (prior.is_none() || written_before) && self.same_content(&path, event)? {
+                    if (prior.is_none() || written_as(event, m))
+                        && self.same_content(&path, event)?
+                    {
                         // Written by a run that stopped before its flush, perhaps: that
                         // run's change to the directory's entries is this one's too.
                         self.changing(parent);
@@ -1194,10 +1200,7 @@ impl Target for DirTarget {
     }
 
     async fn mounted(&self) -> Option<bool> {
-        let root = &self.inner.root;
-        let here = fs::metadata(root).ok().filter(|m| m.is_dir())?;
-        let parent = fs::metadata(root.join("..")).ok()?;
-        Some(here.dev() != parent.dev())
+        crate::config::mount_root(&self.inner.root)
     }
 
     async fn written(&self, event: &Event) -> bool {
@@ -1212,9 +1215,7 @@ impl Target for DirTarget {
             };
             m.is_file()
                 && event.kind == "file"
-                && event.mtime_ns.is_some()
-                && event.mtime_ns == mtime_ns(&m)
-                && content_len(&event) == Some(m.len())
+                && written_as(&event, &m)
                 && inner.same_content(&path, &event).unwrap_or(false)
         })
         .await
