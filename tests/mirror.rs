@@ -2966,6 +2966,17 @@ fn a_name_with_a_newline_cannot_forge_a_line_of_a_dry_run_or_verify() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// Two `sync` runs in a row, each exiting 3 and printing every one of `says`: what a
+/// person must clear stays, and every run says so.
+fn syncs_exit_3_saying(env: &Env, says: &[&str]) {
+    for _ in 0..2 {
+        let out = env.run(&["sync"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(3), "{stdout}");
+        assert!(says.iter().all(|s| stdout.contains(s)), "{stdout}");
+    }
+}
+
 /// A file whose place on the target a directory holds with entries the source never had
 /// waits for it to be empty, which only a person can bring about: a one-shot run says so
 /// and exits 3 (it exited 0 at every run while the file never came).
@@ -2977,17 +2988,10 @@ fn a_one_shot_run_that_leaves_items_waiting_exits_3_and_says_so() {
     std::fs::remove_file(env.dst().join("b")).unwrap();
     write(env.dst().join("b/keep"), "precious");
     env.ok(&["replay", "--from", "0"]);
-    for _ in 0..2 {
-        let out = env.run(&["sync"]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(3), "{stdout}");
-        assert!(
-            stdout.contains(
-                "t: 1 items still wait for a directory in their place on the target to be empty"
-            ),
-            "{stdout}"
-        );
-    }
+    syncs_exit_3_saying(
+        &env,
+        &["t: 1 items still wait for a directory in their place on the target to be empty"],
+    );
     assert_eq!(
         std::fs::read_to_string(env.dst().join("b/keep")).unwrap(),
         "precious"
@@ -3009,16 +3013,13 @@ fn a_one_shot_run_that_leaves_a_directory_delete_waiting_exits_3_and_says_so() {
     env.sync();
     write(env.dst().join("d/hand.txt"), "by hand");
     std::fs::remove_dir_all(env.src().join("d")).unwrap();
-    for _ in 0..2 {
-        let out = env.run(&["sync"]);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(3), "{stdout}");
-        assert!(
-            stdout.contains("t: 1 directories the source deleted are still on the target")
-                && stdout.contains("remove those entries"),
-            "{stdout}"
-        );
-    }
+    syncs_exit_3_saying(
+        &env,
+        &[
+            "t: 1 directories the source deleted are still on the target",
+            "remove those entries",
+        ],
+    );
     assert_eq!(
         std::fs::read_to_string(env.dst().join("d/hand.txt")).unwrap(),
         "by hand"
