@@ -278,6 +278,59 @@ fn a_full_state_disk_stops_the_daemon_with_a_clear_error_and_loses_nothing() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A state disk that is full when a run opens the database: sled writes a snapshot at
+/// every open, and the one a full disk cut short used to be read by every later open as
+/// the newest, so the state stayed "corrupted" after space was freed (a crash loop under
+/// a supervisor). Each run while the disk is full says so; the first run after space is
+/// freed goes on, and the target is the mirror.
+#[test]
+fn a_state_disk_full_when_the_database_opens_recovers_once_there_is_space() {
+    let env = Env::dirs("", "");
+    let disk = Tmpfs::mount(&env.path("state"), "4m");
+    for i in 0..200 {
+        write(
+            env.src().join(format!("d{:02}/f{i:03}.txt", i % 10)),
+            format!("file {i}\n"),
+        );
+    }
+    env.sync();
+    // A second run: its open writes a snapshot, and its appends move the log past it, so
+    // the next open has a new snapshot to write.
+    write(env.src().join("d01/second.txt"), "second\n");
+    env.sync();
+    // Fill the disk to the last byte.
+    let filler = env.path("state/filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let mut byte = [0u8; 1];
+        while f.write_all(&byte).is_ok() {
+            byte[0] ^= 1;
+        }
+    }
+    write(env.src().join("d00/new.txt"), "new\n");
+    let state_dir = env.path("state").canonicalize().unwrap();
+    for args in [&["status"][..], &["sync"], &["sync"]] {
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot open state directory {}", state_dir.display()))
+                && stderr.contains("No space left on device (os error 28); the disk of the state directory is full: free space there")
+                && stderr.matches("os error 28").count() == 1,
+            "{args:?}: {stderr}"
+        );
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let (scan, project) = env.sync();
+    assert_eq!(scan["errors"], 0, "{scan}");
+    assert_eq!(outcome(&project, "created"), 1, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+    drop(disk);
+}
+
 /// A `project` that a full target disk stops after some batches still writes its report:
 /// it counts the files that reached the target and names the error, and under
 /// `--log-format json` every stderr line, the fatal one last, is a JSON event.

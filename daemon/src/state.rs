@@ -18,7 +18,7 @@ use crate::progress::Progress;
 #[non_exhaustive]
 pub enum StateError {
     /// The state directory could not be created or opened.
-    #[error("cannot open state directory {}: {source}", path.display())]
+    #[error("cannot open state directory {}: {}", path.display(), IoCause(source, None))]
     Open {
         /// The state directory.
         path: PathBuf,
@@ -431,6 +431,7 @@ impl State {
                 .map_err(open_err)?;
         }
         finish_interrupted_compaction(dir).map_err(open_err)?;
+        remove_unfinished_snapshots(&dir.join(DB)).map_err(open_err)?;
         let db = sled::Config::new()
             .path(dir.join(DB))
             .open()
@@ -875,21 +876,33 @@ pub struct DbError<'a>(pub &'a sled::Error);
 
 impl std::fmt::Display for DbError<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sled::Error::Io(e) = self.0 else {
-            return self.0.fmt(f);
-        };
+        match self.0 {
+            sled::Error::Io(e) => IoCause(e, OPENED.get().map(PathBuf::as_path)).fmt(f),
+            e => e.fmt(f),
+        }
+    }
+}
+
+/// An I/O error of the state database, with [`DbError`]'s words and advice; `.1` is the
+/// state directory, when the message does not name it already.
+struct IoCause<'a>(&'a std::io::Error, Option<&'a Path>);
+
+impl std::fmt::Display for IoCause<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let IoCause(e, dir) = *self;
         // sled hands most I/O errors on as a custom error holding the original's debug
         // form (`Os { code: 28, … }`): its kind reads better.
         match e.kind() {
-            std::io::ErrorKind::StorageFull => write!(f, "no space left on device")?,
+            std::io::ErrorKind::StorageFull if e.raw_os_error().is_none() => {
+                write!(f, "no space left on device")?
+            }
             kind if e.raw_os_error().is_none() && e.to_string().starts_with("Os {") => {
                 write!(f, "{kind}")?
             }
             _ => write!(f, "{e}")?,
         }
         if e.kind() == std::io::ErrorKind::StorageFull {
-            let dir = OPENED
-                .get()
+            let dir = dir
                 .map(|d| format!(" ({})", d.display()))
                 .unwrap_or_default();
             write!(
@@ -1198,6 +1211,39 @@ fn finish_interrupted_compaction(dir: &Path) -> std::io::Result<()> {
     } else {
         std::fs::rename(&retired, &current)
     }
+}
+
+/// Removes the snapshots an open of the database at `db` began and never finished. sled
+/// 0.34 writes a snapshot at every open, as `snap.<lsn>.generating` renamed to `snap.<lsn>`
+/// once complete; an open that failed on the way (a full disk, a kill) leaves the file,
+/// and as its name sorts last the next open reads it as the newest snapshot and calls the
+/// database corrupted, for good. The earlier snapshot it was to replace is still there
+/// (sled removes it only after the rename). Done under sled's own lock on the data file,
+/// so no live open is writing one; when another process holds that lock, nothing is
+/// touched and the open that follows says who holds it.
+fn remove_unfinished_snapshots(db: &Path) -> std::io::Result<()> {
+    let data = match std::fs::File::open(db.join("db")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match rustix::fs::flock(&data, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    for entry in std::fs::read_dir(db)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let path = db.join(&*name);
+            std::fs::remove_file(&path)?;
+            tracing::info!(path = %path.display(), "removed a snapshot an earlier open of the state database left unfinished");
+        }
+    }
+    // Closing the file lets the lock go, for sled to take.
+    drop(data);
+    Ok(())
 }
 
 /// Stored values derived from a tree of records (see [`State::index_snapshot`]), kept in
