@@ -1018,6 +1018,45 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// Without prune, history is not made again: a projector that comes to the events late
+/// (scans went on while it was stopped) or a replay from 0 skips as stale the upserts of
+/// directories and links the source no longer holds as the event has them (gone, made a
+/// file, a link pointing elsewhere since), as it skips a file whose source is gone. They
+/// were made, their deletes were retained, and the target kept what the source had not
+/// had for long.
+#[test]
+fn a_late_projection_or_a_replay_without_prune_makes_nothing_the_source_no_longer_has() {
+    use std::os::unix::fs::symlink;
+    let env = Env::dirs("max_delete = \"100%\"", "");
+    std::fs::create_dir_all(env.src().join("old/sub")).unwrap();
+    write(env.src().join("old/sub/f"), "x");
+    std::fs::create_dir_all(env.src().join("was_dir/inner")).unwrap();
+    write(env.src().join("keep"), "k");
+    symlink("nowhere", env.src().join("oldlink")).unwrap();
+    symlink("first", env.src().join("relink")).unwrap();
+    env.ok(&["scan"]);
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    std::fs::remove_dir_all(env.src().join("was_dir")).unwrap();
+    write(env.src().join("was_dir"), "a file now");
+    std::fs::remove_file(env.src().join("oldlink")).unwrap();
+    std::fs::remove_file(env.src().join("relink")).unwrap();
+    symlink("second", env.src().join("relink")).unwrap();
+    env.ok(&["scan"]);
+
+    let projected = |env: &Env| env.json(&["project"])[0]["project"].clone();
+    let late = projected(&env);
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(kind_outcome(&late, "dir", "stale"), 4, "{late}");
+    assert_eq!(kind_outcome(&late, "symlink", "stale"), 2, "{late}");
+    assert_eq!(kind_outcome(&late, "file", "stale"), 1, "{late}");
+
+    std::fs::remove_dir_all(env.dst()).unwrap();
+    env.ok(&["replay", "--from", "0"]);
+    let replayed = projected(&env);
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(replayed["by_kind"], late["by_kind"], "{replayed}");
+}
+
 /// A source directory made a file between a scan and its projection: the queued upsert
 /// of a file inside it meets `ENOTDIR` when it opens its source, which is stale (the
 /// scan after it brings the delete), not the target unavailable: the projector retried
@@ -1035,7 +1074,9 @@ fn a_source_directory_made_a_file_before_its_projection_does_not_stop_the_pipeli
     write(env.src().join("later"), "after it");
 
     let (_, project) = env.sync();
-    assert_eq!(outcome(&project, "stale"), 1, "{project}");
+    // The file below it, and the directory itself (a file in the source now).
+    assert_eq!(kind_outcome(&project, "file", "stale"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "stale"), 1, "{project}");
     assert_mirror(&env.src(), &env.dst());
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], 0, "{scan}");
@@ -3044,7 +3085,8 @@ fn a_directory_come_and_gone_before_its_projection_leaves_nothing_on_the_target(
     env.ok(&["scan"]);
     std::fs::remove_dir_all(env.src().join("n")).unwrap();
     let (_, project) = env.sync();
-    assert_eq!(outcome(&project, "stale"), 100, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "stale"), 100, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "stale"), 1, "{project}");
     assert!(!env.dst().join("n").exists(), "{project}");
     assert_mirror(&env.src(), &env.dst());
 }
