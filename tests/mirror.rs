@@ -1057,6 +1057,81 @@ fn a_late_projection_or_a_replay_without_prune_makes_nothing_the_source_no_longe
     assert_eq!(replayed["by_kind"], late["by_kind"], "{replayed}");
 }
 
+/// A first sync into a target that already holds entries the source does not have (a
+/// former rsync mirror) says how many, that they stay, and that `verify` lists them: in
+/// its output and its report, and `plan` before it says the same. Once: a later sync says
+/// nothing, and neither does a first sync into an empty target. Only `verify` told.
+#[test]
+fn a_first_sync_into_a_filled_target_says_how_many_entries_only_the_target_has() {
+    const NOTE: &str = "the target holds 3 entries the source does not have";
+    let env = Env::dirs("", "");
+    write(env.src().join("a"), "a");
+    write(env.src().join("d/b"), "b");
+    write(env.dst().join("a"), "a");
+    write(env.dst().join("old.txt"), "gone from the source");
+    write(env.dst().join("d/old/c"), "c");
+    env.ok(&["scan"]);
+
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains(&format!("t: {NOTE}")), "{plan}");
+    assert!(plan.contains("`tidemark verify` lists them"), "{plan}");
+    let first = env.json(&["sync"]);
+    assert_eq!(first[0]["target_only"], 3, "{first}");
+    let dir = std::path::PathBuf::from(first[0]["report_dir"].as_str().unwrap());
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    assert!(summary.contains(NOTE), "{summary}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["target_only"], 3, "{report}");
+    assert!(env.dst().join("old.txt").exists() && env.dst().join("d/old/c").exists());
+
+    write(env.src().join("new"), "n");
+    let later = env.ok(&["sync"]);
+    assert!(!later.contains("the source does not have"), "{later}");
+
+    let fresh = Env::dirs("", "");
+    write(fresh.src().join("a"), "a");
+    let empty = fresh.json(&["sync"]);
+    assert!(empty[0].get("target_only").is_none(), "{empty}");
+}
+
+/// The daemon's first cycle into a filled target says it too, once, and its report keeps it.
+#[test]
+fn the_daemons_first_cycle_into_a_filled_target_says_how_many_entries_only_the_target_has() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a"), "a");
+    write(env.dst().join("mine"), "the target's own");
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("a").exists().then_some(())
+    })
+    .expect("the source's file mirrored");
+    write(env.src().join("b"), "b");
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("b").exists().then_some(())
+    })
+    .expect("a later change mirrored");
+    assert!(daemon.terminate().success());
+    let note = "the target holds 1 entry the source does not have";
+    assert_eq!(
+        env.daemon_log().matches(note).count(),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    let summaries: Vec<String> = walkdir::WalkDir::new(env.path("state/reports/t"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "summary.txt")
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(
+        summaries.iter().filter(|s| s.contains(note)).count(),
+        1,
+        "{summaries:?}"
+    );
+}
+
 /// A source directory made a file between a scan and its projection: the queued upsert
 /// of a file inside it meets `ENOTDIR` when it opens its source, which is stale (the
 /// scan after it brings the delete), not the target unavailable: the projector retried
