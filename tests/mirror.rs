@@ -1018,6 +1018,120 @@ fn replay_from_zero_rebuilds_an_empty_target() {
     assert_eq!(replayed[0]["to_apply"], replayed[0]["head"], "{replayed}");
 }
 
+/// Without prune, history is not made again: a projector that comes to the events late
+/// (scans went on while it was stopped) or a replay from 0 skips as stale the upserts of
+/// directories and links the source no longer holds as the event has them (gone, made a
+/// file, a link pointing elsewhere since), as it skips a file whose source is gone. They
+/// were made, their deletes were retained, and the target kept what the source had not
+/// had for long.
+#[test]
+fn a_late_projection_or_a_replay_without_prune_makes_nothing_the_source_no_longer_has() {
+    use std::os::unix::fs::symlink;
+    let env = Env::dirs("max_delete = \"100%\"", "");
+    std::fs::create_dir_all(env.src().join("old/sub")).unwrap();
+    write(env.src().join("old/sub/f"), "x");
+    std::fs::create_dir_all(env.src().join("was_dir/inner")).unwrap();
+    write(env.src().join("keep"), "k");
+    symlink("nowhere", env.src().join("oldlink")).unwrap();
+    symlink("first", env.src().join("relink")).unwrap();
+    env.ok(&["scan"]);
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    std::fs::remove_dir_all(env.src().join("was_dir")).unwrap();
+    write(env.src().join("was_dir"), "a file now");
+    std::fs::remove_file(env.src().join("oldlink")).unwrap();
+    std::fs::remove_file(env.src().join("relink")).unwrap();
+    symlink("second", env.src().join("relink")).unwrap();
+    env.ok(&["scan"]);
+
+    let projected = |env: &Env| env.json(&["project"])[0]["project"].clone();
+    let late = projected(&env);
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(kind_outcome(&late, "dir", "stale"), 4, "{late}");
+    assert_eq!(kind_outcome(&late, "symlink", "stale"), 2, "{late}");
+    assert_eq!(kind_outcome(&late, "file", "stale"), 1, "{late}");
+
+    std::fs::remove_dir_all(env.dst()).unwrap();
+    env.ok(&["replay", "--from", "0"]);
+    let replayed = projected(&env);
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(replayed["by_kind"], late["by_kind"], "{replayed}");
+}
+
+/// A first sync into a target that already holds entries the source does not have (a
+/// former rsync mirror) says how many, that they stay, and that `verify` lists them: in
+/// its output and its report, and `plan` before it says the same. Once: a later sync says
+/// nothing, and neither does a first sync into an empty target. Only `verify` told.
+#[test]
+fn a_first_sync_into_a_filled_target_says_how_many_entries_only_the_target_has() {
+    const NOTE: &str = "the target holds 3 entries the source does not have";
+    let env = Env::dirs("", "");
+    write(env.src().join("a"), "a");
+    write(env.src().join("d/b"), "b");
+    write(env.dst().join("a"), "a");
+    write(env.dst().join("old.txt"), "gone from the source");
+    write(env.dst().join("d/old/c"), "c");
+    env.ok(&["scan"]);
+
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains(&format!("t: {NOTE}")), "{plan}");
+    assert!(plan.contains("`tidemark verify` lists them"), "{plan}");
+    let first = env.json(&["sync"]);
+    assert_eq!(first[0]["target_only"], 3, "{first}");
+    let dir = std::path::PathBuf::from(first[0]["report_dir"].as_str().unwrap());
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    assert!(summary.contains(NOTE), "{summary}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["target_only"], 3, "{report}");
+    assert!(env.dst().join("old.txt").exists() && env.dst().join("d/old/c").exists());
+
+    write(env.src().join("new"), "n");
+    let later = env.ok(&["sync"]);
+    assert!(!later.contains("the source does not have"), "{later}");
+
+    let fresh = Env::dirs("", "");
+    write(fresh.src().join("a"), "a");
+    let empty = fresh.json(&["sync"]);
+    assert!(empty[0].get("target_only").is_none(), "{empty}");
+}
+
+/// The daemon's first cycle into a filled target says it too, once, and its report keeps it.
+#[test]
+fn the_daemons_first_cycle_into_a_filled_target_says_how_many_entries_only_the_target_has() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a"), "a");
+    write(env.dst().join("mine"), "the target's own");
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("a").exists().then_some(())
+    })
+    .expect("the source's file mirrored");
+    write(env.src().join("b"), "b");
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("b").exists().then_some(())
+    })
+    .expect("a later change mirrored");
+    assert!(daemon.terminate().success());
+    let note = "the target holds 1 entry the source does not have";
+    assert_eq!(
+        env.daemon_log().matches(note).count(),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    let summaries: Vec<String> = walkdir::WalkDir::new(env.path("state/reports/t"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "summary.txt")
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(
+        summaries.iter().filter(|s| s.contains(note)).count(),
+        1,
+        "{summaries:?}"
+    );
+}
+
 /// A source directory made a file between a scan and its projection: the queued upsert
 /// of a file inside it meets `ENOTDIR` when it opens its source, which is stale (the
 /// scan after it brings the delete), not the target unavailable: the projector retried
@@ -1035,7 +1149,9 @@ fn a_source_directory_made_a_file_before_its_projection_does_not_stop_the_pipeli
     write(env.src().join("later"), "after it");
 
     let (_, project) = env.sync();
-    assert_eq!(outcome(&project, "stale"), 1, "{project}");
+    // The file below it, and the directory itself (a file in the source now).
+    assert_eq!(kind_outcome(&project, "file", "stale"), 1, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "stale"), 1, "{project}");
     assert_mirror(&env.src(), &env.dst());
     let (scan, project) = env.sync();
     assert_eq!(scan["upserts"], 0, "{scan}");
@@ -3044,7 +3160,8 @@ fn a_directory_come_and_gone_before_its_projection_leaves_nothing_on_the_target(
     env.ok(&["scan"]);
     std::fs::remove_dir_all(env.src().join("n")).unwrap();
     let (_, project) = env.sync();
-    assert_eq!(outcome(&project, "stale"), 100, "{project}");
+    assert_eq!(kind_outcome(&project, "file", "stale"), 100, "{project}");
+    assert_eq!(kind_outcome(&project, "dir", "stale"), 1, "{project}");
     assert!(!env.dst().join("n").exists(), "{project}");
     assert_mirror(&env.src(), &env.dst());
 }

@@ -1028,6 +1028,9 @@ async fn scan_project(
             out.end(entry, "error", &message, report_dir)?;
             anyhow::bail!(message);
         }
+        // A first projection into a target that already holds entries says, at its end,
+        // how many of them the source does not have (looked at before it writes any).
+        let prefilled = project.then(|| p.prefilled()).flatten();
         // `sync` projects while it scans, so the target fills as the source is read.
         let scan_bar = scan.then(|| Progress::new(show_progress, "scan", None));
         // `project` counts towards the log's head once it has read it; `sync` cannot know
@@ -1089,6 +1092,8 @@ async fn scan_project(
                     .filter(|r| r.result == "failed" && r.started_at >= run_started)
             }
         });
+        // A scan that did not list everything leaves the index short of the source.
+        let listed_all = scanned.as_ref().is_none_or(|r| r.result == "ok");
         if let Some(record) = scanned {
             // Withheld deletes leave the target holding what the source no longer has; a
             // cron job must be able to see that (rsync's `--max-delete` exits 25).
@@ -1144,6 +1149,10 @@ async fn scan_project(
             };
             degraded |= !report.failures.is_empty() || stale > 0 || waiting > 0 || dirs_waiting > 0;
             written += report.events;
+            let target_only = match (&prefilled, &stopped, signalled.get()) {
+                (Some(pre), None, None) if listed_all => pre.target_only(&Default::default()).await,
+                _ => None,
+            };
             if select.output == Output::Text {
                 let mut counts: Vec<String> = report
                     .outcomes
@@ -1204,7 +1213,12 @@ async fn scan_project(
             entry["project"] = serde_json::to_value(&report)?;
             entry["waiting"] = waiting.into();
             entry["directories_waiting"] = dirs_waiting.into();
-            run_report = run_report.with_project(&report);
+            run_report = run_report
+                .with_project(&report)
+                .with_target_only(target_only);
+            if let Some(n) = run_report.target_only {
+                print_target_only(select.output, p.name(), n, &mut entry);
+            }
         }
         if let (None, Some(signal)) = (&stopped, signalled.get()) {
             let lag = p.projector.lag().await.ok();
@@ -1298,6 +1312,27 @@ fn write_report(session: &Session, report: &Report) -> Option<String> {
     }
 }
 
+/// Prints what a first projection into a target that already held entries says of the
+/// `n` the source does not have, or adds it to the pipeline's JSON `entry`.
+fn print_target_only(output: Output, pipeline: &str, n: u64, entry: &mut serde_json::Value) {
+    match output {
+        Output::Text => outln!("{pipeline}: {}", tidemark::report::target_only_note(n)),
+        Output::Json => entry["target_only"] = n.into(),
+    }
+}
+
+/// How many entries of a target that held some before `p`'s first projection the source
+/// does not have, when `actions` plan that projection ([`verify::Prefilled`]).
+async fn planned_target_only(p: &Pipeline, actions: &[PlannedAction]) -> Option<u64> {
+    let prefilled = p.prefilled()?;
+    let upserted = actions
+        .iter()
+        .filter(|a| matches!(a.action, "create" | "adopt" | "update"))
+        .map(|a| tidemark::proto::item_identity(&a.kind, &a.key))
+        .collect();
+    prefilled.target_only(&upserted).await
+}
+
 async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
     let mut out = Vec::new();
     for p in session.pipelines(select)? {
@@ -1312,13 +1347,19 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
             };
             print_plan(p.name(), "plan", &actions, nothing);
         }
-        let report = Report::new(p.name(), "plan", true, p.config.max_delete).with_plan(&actions);
-        out.push(json!({
+        let report = Report::new(p.name(), "plan", true, p.config.max_delete)
+            .with_plan(&actions)
+            .with_target_only(planned_target_only(&p, &actions).await);
+        let mut entry = json!({
             "pipeline": p.name(),
             "actions": actions,
             "last_scan_at": last_scan.map(|s| s.started_at),
             "report_dir": write_dry_report(&session, &report),
-        }));
+        });
+        if let Some(n) = report.target_only {
+            print_target_only(select.output, p.name(), n, &mut entry);
+        }
+        out.push(entry);
     }
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&out)?);
@@ -1344,13 +1385,18 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         }
         let report = Report::new(p.name(), "sync", true, p.config.max_delete)
             .with_scan(&record)
-            .with_plan(&actions);
-        out.push(json!({
+            .with_plan(&actions)
+            .with_target_only(planned_target_only(&p, &actions).await);
+        let mut entry = json!({
             "pipeline": p.name(),
             "scan": record,
             "actions": actions,
             "report_dir": write_dry_report(&session, &report),
-        }));
+        });
+        if let Some(n) = report.target_only {
+            print_target_only(select.output, p.name(), n, &mut entry);
+        }
+        out.push(entry);
     }
     if select.output == Output::Json {
         outln!("{}", serde_json::to_string_pretty(&out)?);

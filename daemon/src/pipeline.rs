@@ -12,6 +12,7 @@ use crate::metrics::{metrics, Metrics};
 use crate::projector::{ProjectError, Projector, Retrying};
 use crate::scanner::{ScanProgress, Scanner};
 use crate::state::{Failure, GuardTrip, ReplayMark, ScanRecord, State, StateError};
+use crate::verify::Prefilled;
 use crate::{source, target};
 
 /// A pipeline could not be built or inspected.
@@ -184,6 +185,12 @@ struct Unapplied {
 }
 
 impl Pipeline {
+    /// A first projection into a directory target that already holds entries, checked
+    /// before the projector applies anything ([`Prefilled::check`]).
+    pub fn prefilled(&self) -> Option<Prefilled> {
+        Prefilled::check(&self.config, &self.state)
+    }
+
     /// Builds the pipeline's components on the shared state; its log waits for an
     /// unreachable backend as `patience` says.
     pub fn build(

@@ -160,6 +160,20 @@ pub struct Report {
     /// counts are what it applied and committed before. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
+    /// Only in the report of a pipeline's first projection (or plan of it) into a
+    /// directory target that already held entries: how many of them the source does not
+    /// have, which tidemark leaves alone ([`target_only_note`]). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_only: Option<u64>,
+}
+
+/// What a pipeline's first projection into a target that already held entries says of
+/// the `n` of them the source does not have: `verify` alone told of them before.
+pub fn target_only_note(n: u64) -> String {
+    format!(
+        "the target holds {n} {} the source does not have (there before this pipeline's first projection); tidemark leaves them alone, as it deletes only what it wrote; `tidemark verify` lists them",
+        if n == 1 { "entry" } else { "entries" }
+    )
 }
 
 impl Report {
@@ -184,7 +198,15 @@ impl Report {
             },
             error: None,
             interrupted: None,
+            target_only: None,
         }
+    }
+
+    /// Records how many entries of a pre-filled target the source does not have
+    /// ([`crate::verify::Prefilled`]), when there are any.
+    pub fn with_target_only(mut self, n: Option<u64>) -> Report {
+        self.target_only = n.filter(|&n| n > 0);
+        self
     }
 
     /// Records the error that stopped the run.
@@ -436,6 +458,9 @@ impl Report {
                 let _ = writeln!(s, "  {kind}: {}", line(counts));
             }
         }
+        if let Some(n) = self.target_only {
+            let _ = writeln!(s, "{}", target_only_note(n));
+        }
         if self.failures.is_empty() {
             let _ = writeln!(s, "failures: none");
         } else {
@@ -566,13 +591,24 @@ pub struct Cycle {
     condition: Option<String>,
     /// The failure the scans keep meeting, for the log.
     failing: Lasting,
+    /// The daemon's first projection goes into a directory target that already held
+    /// entries: the first cycle whose scan completed says how many of them the source
+    /// does not have, once.
+    prefilled: Option<crate::verify::Prefilled>,
 }
 
 impl Cycle {
     /// Starts counting the first cycle of `pipeline`.
     pub fn new(pipeline: Arc<Pipeline>, reports_dir: PathBuf, retention: usize) -> Cycle {
         pipeline.projector.tally();
+        let prefilled = pipeline
+            .config
+            .role
+            .projects()
+            .then(|| pipeline.prefilled())
+            .flatten();
         Cycle {
+            prefilled,
             pipeline,
             reports_dir,
             retention,
@@ -659,7 +695,17 @@ impl Cycle {
             .then(|| status.as_ref().and_then(|s| s.last_scan.clone()))
             .flatten();
         if let Some(scan) = self.scan.take().or(failed_scan) {
+            // One that did not list everything leaves the index short of the source.
+            if scan.result == "ok" {
+                if let Some(prefilled) = self.prefilled.take() {
+                    report =
+                        report.with_target_only(prefilled.target_only(&Default::default()).await);
+                }
+            }
             report = report.with_scan(&scan);
+        }
+        if let Some(n) = report.target_only {
+            info!(pipeline = %name, "{}", target_only_note(n));
         }
         report.add_counts(&self.pipeline.projector.tally());
         if let Some(status) = status {
@@ -681,7 +727,7 @@ impl Cycle {
         self.condition = condition;
         // A cycle that changed nothing and met nothing new (an idle daemon, or one whose
         // lasting failure was logged when it began) is logged at debug, not every interval.
-        let notable = report.activity() || changed;
+        let notable = report.activity() || changed || report.target_only.is_some();
         macro_rules! cycle_finished {
             ($level:ident) => {
                 $level!(

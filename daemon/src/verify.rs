@@ -10,7 +10,8 @@ use serde::Serialize;
 use tidemark_proto::{item_identity, item_version};
 
 use crate::config::{
-    HttpSourceConfig, HttpTargetConfig, PipelineConfig, SourceConfig, TargetConfig,
+    DirSourceConfig, DirTargetConfig, HttpSourceConfig, HttpTargetConfig, PipelineConfig,
+    SourceConfig, TargetConfig,
 };
 use crate::progress::Progress;
 use crate::scanner::IndexView;
@@ -578,9 +579,7 @@ async fn verify_items(
             })
         }
     };
-    let mut target_view = s.clone();
-    target_view.path = t.path.clone();
-    target_view.exclude.push(TMP_DIR.into());
+    let target_view = target_view(s, t);
     let mut report = VerifyReport {
         prune: t.prune,
         ..Default::default()
@@ -653,6 +652,80 @@ async fn verify_items(
     Ok(report)
 }
 
+/// The source's config pointed at the target `t`: the target listed as the source is, with
+/// the same globs, less the target's scratch directory.
+fn target_view(s: &DirSourceConfig, t: &DirTargetConfig) -> DirSourceConfig {
+    let mut view = s.clone();
+    view.path = t.path.clone();
+    view.exclude.push(TMP_DIR.into());
+    view
+}
+
+/// A pipeline's first projection into a directory target that already holds entries (a
+/// former rsync mirror, a copy made by hand): tidemark never deletes what it did not write,
+/// so what the target holds and the source does not stays there, and the run says so once
+/// ([`Prefilled::target_only`]) instead of leaving it to `verify` to find.
+pub struct Prefilled {
+    /// The target, listed as the source is ([`target_view`]).
+    target: DirSourceConfig,
+    pipeline: String,
+    state: State,
+}
+
+impl Prefilled {
+    /// `Some` when `pipeline` has applied nothing yet (its first projection, or a replay
+    /// from 0) and its directory target holds an entry: one read of the applied state's
+    /// first record and, only when there is none, of the target root's first entries.
+    pub fn check(pipeline: &PipelineConfig, state: &State) -> Option<Prefilled> {
+        let (SourceConfig::Dir(s), TargetConfig::Dir(t)) = (&pipeline.source, &pipeline.target)
+        else {
+            return None;
+        };
+        if !state.applied(&pipeline.name).ok()?.is_empty() {
+            return None;
+        }
+        let mut entries = std::fs::read_dir(&t.path).ok()?;
+        entries
+            .any(|e| e.is_ok_and(|e| e.file_name() != TMP_DIR))
+            .then(|| Prefilled {
+                target: target_view(s, t),
+                pipeline: pipeline.name.clone(),
+                state: state.clone(),
+            })
+    }
+
+    /// How many entries of the target the source does not have: those that neither the
+    /// source index (what the last scan listed), the applied state nor `planned` (the
+    /// identities a plan upserts) holds. Only listed, never read; entries that cannot be
+    /// listed are not counted. `None` when the target cannot be listed, or nothing is
+    /// known of the source (no scan, nothing applied or planned: every entry would count).
+    pub async fn target_only(&self, planned: &HashSet<String>) -> Option<u64> {
+        let state = &self.state;
+        let index = IndexView::read(state, &self.pipeline).ok()?;
+        let applied = state.applied(&self.pipeline).ok()?;
+        let scanned = state.scans().ok()?.contains(&self.pipeline).ok()?;
+        if !scanned && applied.is_empty() && planned.is_empty() {
+            return None;
+        }
+        let target = DirSource::new(&self.target, 0);
+        let mut listing = target.list();
+        let mut only = 0;
+        while let Some(next) = listing.next().await {
+            match next {
+                Ok(Listing::Entry(e)) => {
+                    let id = item_identity(&e.kind, &e.key);
+                    if !index.holds(&id) && !planned.contains(&id) && !applied.contains(&id).ok()? {
+                        only += 1;
+                    }
+                }
+                Err(e) if e.is_fatal() => return None,
+                _ => {}
+            }
+        }
+        Some(only)
+    }
+}
+
 /// The items of a directory target that the source's `include` and `exclude` leave out of
 /// the comparison and that tidemark wrote (its applied state or source index holds them):
 /// globs narrowed after they were mirrored, their deletes withheld or retained since.
@@ -660,8 +733,8 @@ async fn verify_items(
 /// purpose (`*.log` written there by something else) are not drift.
 async fn written_out_of_scope(
     pipeline: &PipelineConfig,
-    s: &crate::config::DirSourceConfig,
-    scoped: &crate::config::DirSourceConfig,
+    s: &DirSourceConfig,
+    scoped: &DirSourceConfig,
     in_scope: &BTreeMap<String, String>,
     state: &State,
 ) -> Result<Vec<String>, VerifyError> {

@@ -18,7 +18,7 @@ use tidemark_proto::{checksum_bytes, pathkey, version_checksum, Body, ChecksumWr
 
 use super::{ApplyError, Effect, Outcome, Probe, Target};
 use crate::blocking::Runner;
-use crate::config::DirTargetConfig;
+use crate::config::{DirSourceConfig, DirTargetConfig};
 use crate::source::fs::{hash_reader, mtime_ns, with_read_buffer};
 use crate::state::Applied;
 
@@ -171,6 +171,19 @@ struct Inner {
     /// link (or the reverse) has a delete and an upsert of two identities, applied
     /// concurrently, and the delete must never remove the new item.
     places: Box<[Mutex<()>]>,
+    /// The pipeline's directory source, when it has one: where a directory or link upsert
+    /// looks whether the source still holds it ([`Inner::moved_on`]), as a file upsert
+    /// opens its blob. Without it, history was made again: a replay or a long-stopped
+    /// projector made directories and links the source had deleted since, and with
+    /// `prune = false` they stayed.
+    source: Option<SourceDir>,
+}
+
+/// The directory source an upsert's directory or link is looked up in.
+struct SourceDir {
+    root: PathBuf,
+    /// A followed link to a directory is listed as a directory: looked at through it.
+    follow_symlinks: bool,
 }
 
 /// Stripes of [`Inner::places`].
@@ -266,9 +279,22 @@ impl DirTarget {
                 changed_dirs: Mutex::new(HashMap::new()),
                 dir_times: Mutex::new(HashMap::new()),
                 places: (0..PLACE_LOCKS).map(|_| Mutex::new(())).collect(),
+                source: None,
             }),
             writers: Runner::for_files(),
         }
+    }
+
+    /// The same target, told its pipeline's directory source (`None` for other sources):
+    /// a directory or link upsert that the source no longer holds is then stale.
+    pub fn with_source(mut self, source: Option<&DirSourceConfig>) -> DirTarget {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the target is shared")
+            .source = source.map(|s| SourceDir {
+            root: s.path.clone(),
+            follow_symlinks: s.follow_symlinks,
+        });
+        self
     }
 }
 
@@ -643,6 +669,10 @@ impl Inner {
         // anything is made on the target. Opened after its parents were made, a stale
         // file's directory was made again after the batch had deleted it, and stayed.
         let mut source = open_source(event)?;
+        // So is a directory or link the source no longer holds as the event has it.
+        if self.moved_on(event, &path) {
+            return Err(Failure::Stale);
+        }
         self.prepare_parents(&path)?;
         // A directory's event decides `created` from the lstat and the implicit set
         // together, while no file below it can create it in between.
@@ -765,6 +795,39 @@ impl Inner {
                 self.replace(&tmp, &path, existing.as_ref())?;
                 Ok(fresh)
             }
+        }
+    }
+
+    /// Whether the source no longer holds the directory or link that an upsert would make
+    /// at `path` (nothing there, another kind of item, a link to elsewhere): the item
+    /// moved on since its scan and a newer event of it follows, so the upsert is stale, as
+    /// a file's is when its blob no longer matches. One lstat or readlink per directory or
+    /// link event; files are not looked at here. A source root this process cannot see (a
+    /// projector on another machine) tells nothing: the event is applied.
+    fn moved_on(&self, event: &Event, path: &Path) -> bool {
+        use rustix::io::Errno;
+        let Some(source) = &self.source else {
+            return false;
+        };
+        let in_source = || {
+            let rel = path.strip_prefix(&self.root).unwrap_or(path);
+            source.root.join(rel)
+        };
+        let holds = match (event.kind.as_str(), &event.body) {
+            ("dir", _) if source.follow_symlinks => fs::metadata(in_source()).map(|m| m.is_dir()),
+            ("dir", _) => fs::symlink_metadata(in_source()).map(|m| m.is_dir()),
+            ("symlink", Some(Body::Base64(target))) => {
+                fs::read_link(in_source()).map(|t| t.as_os_str().as_bytes() == target.as_slice())
+            }
+            _ => return false,
+        };
+        match holds.map_err(|e| e.raw_os_error().map(Errno::from_raw_os_error)) {
+            Ok(holds) => !holds,
+            // readlink of something that is not a link.
+            Err(Some(Errno::INVAL)) => true,
+            Err(Some(Errno::NOENT | Errno::NOTDIR | Errno::LOOP)) => source.root.is_dir(),
+            // Unknown (the source refuses to be read): applied as before.
+            Err(_) => false,
         }
     }
 

@@ -296,17 +296,19 @@ pub enum Probe {
     Different,
 }
 
-/// Builds the target a pipeline is configured with.
+/// Builds the target a pipeline is configured with. A directory target is told the
+/// pipeline's directory source (if it has one), so that it skips as stale a directory or
+/// link upsert the source no longer holds.
 pub fn build(pipeline: &PipelineConfig) -> Arc<dyn Target> {
     match &pipeline.target {
         TargetConfig::Dir(cfg) => {
             // Sources with include globs list no directories, so nothing else removes the
             // directories a delete leaves empty.
-            let dirs_are_items = match &pipeline.source {
-                SourceConfig::Dir(s) => s.include.is_empty(),
-                SourceConfig::Http(_) => true,
+            let (dirs_are_items, source) = match &pipeline.source {
+                SourceConfig::Dir(s) => (s.include.is_empty(), Some(s)),
+                SourceConfig::Http(_) => (true, None),
             };
-            Arc::new(DirTarget::new(cfg, !dirs_are_items))
+            Arc::new(DirTarget::new(cfg, !dirs_are_items).with_source(source))
         }
         TargetConfig::Http(cfg) => Arc::new(HttpTarget::new(&pipeline.name, cfg)),
     }
