@@ -1949,9 +1949,6 @@ fn sync_dry_run_shows_the_delete_guard_and_deletes_nothing() {
     );
 }
 
-/// A directory delete waits while the target directory holds something the source never
-/// had; `plan` shows it as `retry` (it sits below the committed offset) until the
-/// directory can go, and it goes on the next `project` once it is empty.
 /// After `replay --from 0` no applied state is left, so what `project` does depends on the
 /// target: `plan` looks (reading only) and says adopt, update or create as `project` then
 /// counts them.
@@ -2015,6 +2012,11 @@ fn plan_says_create_for_a_changed_file_removed_from_the_target_by_hand() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A directory delete waits while the target directory holds something the source never
+/// had: `sync --dry-run` and `plan` show it as `wait`, naming what it holds, before the run
+/// and after it (it sits below the committed offset then), and the dry run exits 3 as
+/// `sync` does (they showed `delete`, then `retry`, and the dry run exited 0). Once the
+/// directory is empty it is a `retry`, and the next `project` deletes it.
 #[test]
 fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     // Two deletes of three items.
@@ -2024,13 +2026,35 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     env.sync();
     write(env.dst().join("sub/local.txt"), "not from the source");
     std::fs::remove_dir_all(env.src().join("sub")).unwrap();
+    let why = "the directory holds entries the source does not have (file sub/local.txt)";
+    let dry = dry_run_exiting(&env, 3);
+    assert!(
+        dry.contains(&format!("wait dir sub (found by this scan: {why}")),
+        "{dry}"
+    );
+    assert!(dry.contains("t: dry run: 1 delete, 1 wait"), "{dry}");
     env.sync_leaving_directories(1);
     assert!(env.dst().join("sub/local.txt").exists());
     assert!(!env.dst().join("sub/a.txt").exists());
 
-    assert_plan_retries(&env, "dir sub");
+    for (what, text) in [
+        ("plan", env.ok(&["plan"])),
+        ("sync --dry-run", dry_run_exiting(&env, 3)),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("wait dir sub (offset"))
+            .unwrap_or_else(|| panic!("{what} does not show `dir sub` waiting:\n{text}"));
+        assert!(
+            line.contains("waiting since") && line.ends_with(&format!(": {why}; its delete waits until they are removed by hand, and the next run then deletes it)")),
+            "{what}: {text}"
+        );
+        assert!(text.contains(": 1 wait"), "{what}: {text}");
+    }
 
     std::fs::remove_file(env.dst().join("sub/local.txt")).unwrap();
+    assert_plan_retries(&env, "dir sub");
+    dry_run_exiting(&env, 0);
     env.ok(&["project"]);
     assert!(
         !env.dst().join("sub").exists(),
@@ -2041,6 +2065,170 @@ fn plan_shows_a_directory_delete_kept_waiting_until_the_directory_is_empty() {
     assert!(
         plan.contains("t: plan: nothing in the log to apply; `tidemark sync --dry-run` also shows"),
         "{plan}"
+    );
+}
+
+/// `sync --dry-run`'s text output, once it exited with `code` (3 where `sync` would).
+fn dry_run_exiting(env: &Env, code: i32) -> String {
+    let out = env.run(&["sync", "--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A file whose place on the target a directory holds with entries the source never had:
+/// `sync` leaves it waiting and exits 3, and `sync --dry-run` and `plan` now say so (`wait`,
+/// naming those entries), the dry run exiting 3 too; they showed `update` and exited 0.
+#[test]
+fn plan_and_dry_run_show_a_file_waiting_for_a_directory_in_its_place_and_exit_3() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("b"), "b");
+    write(env.src().join("c"), "c");
+    env.sync();
+    std::fs::remove_file(env.dst().join("b")).unwrap();
+    write(env.dst().join("b/keep"), "precious");
+    write(env.src().join("b"), "b, changed");
+    write(env.src().join("c"), "c, changed");
+    let why = "a directory in its place on the target holds entries the source does not have (file b/keep)";
+    let dry = dry_run_exiting(&env, 3);
+    assert!(
+        dry.contains(&format!("wait file b (found by this scan: {why}")),
+        "{dry}"
+    );
+    assert!(dry.contains("t: dry run: 1 update, 1 wait"), "{dry}");
+    let out = env.run(&["sync", "--dry-run", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let dry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &dry[0]["actions"][0];
+    assert_eq!(
+        (b["key"].as_str(), b["action"].as_str()),
+        (Some("b"), Some("wait")),
+        "{dry}"
+    );
+    assert!(b["reason"].as_str().unwrap().starts_with(why), "{dry}");
+
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    // b's offset depends on the order the parallel listing found b and c in.
+    let line = |text: &str, start: &str| {
+        let l = text.lines().find(|l| l.trim_start().starts_with(start));
+        l.unwrap_or_else(|| panic!("no `{start}`: {text}"))
+            .to_owned()
+    };
+    assert!(
+        line(&plan, "wait file b (offset ").contains(&format!(": {why}")),
+        "{plan}"
+    );
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let plan = env.ok(&["plan"]);
+    let waiting = line(&plan, "wait file b (offset ");
+    assert!(
+        waiting.contains(", waiting since ") && waiting.contains(why),
+        "{plan}"
+    );
+    dry_run_exiting(&env, 3);
+    assert_eq!(
+        std::fs::read_to_string(env.dst().join("b/keep")).unwrap(),
+        "precious"
+    );
+
+    std::fs::remove_dir_all(env.dst().join("b")).unwrap();
+    let dry = dry_run_exiting(&env, 0);
+    assert!(
+        line(&dry, "retry file b (offset ").contains(", waiting since "),
+        "{dry}"
+    );
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A path whose kind of item the source changed (a file now a directory or a link, a
+/// directory, empty or not, now a file) is one `replace` entry in `sync --dry-run` and
+/// `plan`, with the old and new kind, where they showed the new item's `update` and the
+/// old one's `delete`; their summary counts the events as the run reports them.
+#[test]
+fn plan_and_dry_run_show_a_change_of_kind_as_one_replace() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    let src = env.src();
+    write(src.join("f2d"), "f");
+    write(src.join("lnk"), "l");
+    write(src.join("d2f/x"), "x");
+    std::fs::create_dir_all(src.join("e2f")).unwrap();
+    std::fs::create_dir_all(src.join("e")).unwrap();
+    env.sync();
+    std::fs::remove_file(src.join("f2d")).unwrap();
+    write(src.join("f2d/y"), "y");
+    std::fs::remove_file(src.join("lnk")).unwrap();
+    std::os::unix::fs::symlink("f2d", src.join("lnk")).unwrap();
+    std::fs::remove_dir_all(src.join("d2f")).unwrap();
+    write(src.join("d2f"), "d");
+    std::fs::remove_dir(src.join("e2f")).unwrap();
+    write(src.join("e2f"), "e");
+
+    let dry = dry_run_exiting(&env, 0);
+    for line in [
+        "replace dir -> file d2f (found by this scan)",
+        "replace dir -> file e2f (found by this scan)",
+        "replace file -> dir f2d (found by this scan)",
+        "replace file -> symlink lnk (found by this scan)",
+    ] {
+        assert!(dry.contains(line), "{line}: {dry}");
+    }
+    assert!(
+        dry.contains(
+            "t: dry run: 1 create, 1 delete, 4 replace (the run counts them by event: 2 created, 3 updated, 2 deleted, 3 unchanged)"
+        ),
+        "{dry}"
+    );
+    env.ok(&["scan"]);
+    let plan = env.json(&["plan"]);
+    let actions = plan[0]["actions"].as_array().unwrap();
+    let keys: Vec<&str> = actions.iter().map(|a| a["key"].as_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        ["d2f", "d2f/x", "e2f", "f2d", "f2d/y", "lnk"],
+        "{plan}"
+    );
+    let f2d = &actions[3];
+    assert_eq!(
+        (
+            f2d["action"].as_str(),
+            f2d["kind"].as_str(),
+            f2d["old_kind"].as_str()
+        ),
+        (Some("replace"), Some("dir"), Some("file")),
+        "{plan}"
+    );
+    assert!(
+        f2d["offset"].is_u64() && f2d["old_offset"].is_u64(),
+        "{plan}"
+    );
+    // Every event is counted once, as the run counts it (which of its outcomes an
+    // event of a path applied at once with the other gets is the run's race).
+    let (_, project) = env.sync();
+    assert_eq!(project["events"], 10, "{project}");
+    assert_mirror(&env.src(), &env.dst());
+
+    // Alone in its batch, a replaced empty directory counts as the dry run said.
+    std::fs::remove_dir(src.join("e")).unwrap();
+    write(src.join("e"), "e");
+    let dry = dry_run_exiting(&env, 0);
+    assert!(
+        dry.contains(
+            "t: dry run: 1 replace (the run counts them by event: 1 updated, 1 unchanged)"
+        ),
+        "{dry}"
+    );
+    let sync = env.ok(&["sync"]);
+    assert!(
+        sync.contains("t: applied 2 events: 1 updated, 1 unchanged"),
+        "{sync}"
     );
 }
 

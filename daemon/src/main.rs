@@ -1,7 +1,8 @@
 //! The `tidemark` command line: parses arguments, sets up logging, and calls the library.
 //!
-//! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed, a
-//! scan had errors, or the delete guard withheld a scan's deletes); 4 `verify` found drift;
+//! Exit codes: 0 success; 1 error; 2 bad usage; 3 finished degraded (some items failed or
+//! were left waiting, a scan had errors, or the delete guard withheld a scan's deletes; for
+//! `sync --dry-run`, would); 4 `verify` found drift;
 //! 128 + the signal's number when a signal stopped a one-shot `scan`, `project` or `sync`.
 
 use std::path::PathBuf;
@@ -215,7 +216,8 @@ struct SyncArgs {
     /// Show what the sync would do (what the scan would find, then what projecting the
     /// log and those changes would do to the target). Nothing is written to the target,
     /// the log or the index; a dry-run report is kept in `reports_dir` (default
-    /// `{state_dir}/reports`).
+    /// `{state_dir}/reports`). Exits 3 where the sync would: a degraded scan, or items it
+    /// would leave waiting or failed.
     #[arg(short = 'n', long)]
     dry_run: bool,
 }
@@ -1378,7 +1380,10 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         progress.finish();
         let record = preview.record;
         let actions = p.projector.plan_with(preview.events).await?;
-        degraded |= record.errors > 0 || record.guard.is_some();
+        // As `sync` exits 3 for what it leaves waiting or failed.
+        degraded |= record.errors > 0
+            || record.guard.is_some()
+            || actions.iter().any(|a| matches!(a.action, "wait" | "fail"));
         if select.output == Output::Text {
             print_scan(p.name(), &record, true);
             print_plan(p.name(), "dry run", &actions, "nothing to do");
@@ -1484,37 +1489,63 @@ impl Entries {
 }
 
 /// Prints planned actions, one a line (unchanged items left out), then their counts, or
-/// `nothing` when there are none.
+/// `nothing` when there are none; when an action takes in two events (a `replace`), also
+/// the outcomes the run will count, one an event, as it reports them.
 fn print_plan(pipeline: &str, what: &str, actions: &[PlannedAction], nothing: &str) {
     let mut counts = std::collections::BTreeMap::new();
+    let mut outcomes = std::collections::HashMap::new();
     for a in actions {
         *counts.entry(a.action).or_insert(0) += 1;
+        for (_, outcome) in a.outcomes() {
+            *outcomes.entry(outcome).or_insert(0) += 1;
+        }
         if a.action == "skip" || a.action == "superseded" {
             continue;
         }
-        let at = match a.offset {
-            Some(offset) => format!("offset {offset}"),
-            None => "found by this scan".into(),
+        let at = match (a.offset, a.old_offset) {
+            (Some(offset), Some(old)) => format!("offsets {offset} and {old}"),
+            (Some(offset), None) => format!("offset {offset}"),
+            (None, _) => "found by this scan".into(),
         };
-        let item = item_label(&a.kind, &a.key, a.name.as_deref());
-        match (a.waiting_since, &a.failed) {
-            (_, Some(failed)) => outln!(
-                "{:>6} {item} ({at}, failed {}: {}; tried again, and fails again unless its cause is gone)",
-                a.action,
+        let mut item = item_label(&a.kind, &a.key, a.name.as_deref());
+        if let Some(old) = &a.old_kind {
+            item = format!("{old} -> {item}");
+        }
+        let mut detail = match (a.waiting_since, &a.failed) {
+            (_, Some(failed)) => format!(
+                ", failed {}: {}; tried again, and fails again unless its cause is gone",
                 failed.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 failed.reason
             ),
-            (Some(since), None) => outln!(
-                "{:>6} {item} ({at}, waiting since {})",
-                a.action,
+            (Some(since), None) => format!(
+                ", waiting since {}",
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
-            (None, None) => outln!("{:>6} {item} ({at})", a.action),
+            (None, None) => String::new(),
+        };
+        if let Some(reason) = &a.reason {
+            detail = format!("{detail}: {reason}");
         }
+        outln!("{:>7} {item} ({at}{detail})", a.action);
     }
     let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {a}")).collect();
+    // A replace is two events (the new item's upsert, the old one's delete), which the run
+    // counts one by one.
+    let by_event = if actions.iter().any(|a| a.old_kind.is_some()) {
+        let counted: Vec<String> = tidemark::target::Outcome::ALL
+            .iter()
+            .filter_map(|o| {
+                outcomes
+                    .get(o.as_str())
+                    .map(|n| format!("{n} {}", o.as_str()))
+            })
+            .collect();
+        format!(" (the run counts them by event: {})", counted.join(", "))
+    } else {
+        String::new()
+    };
     outln!(
-        "{pipeline}: {what}: {}",
+        "{pipeline}: {what}: {}{by_event}",
         if summary.is_empty() {
             nothing.into()
         } else {

@@ -46,8 +46,8 @@ use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
 use crate::state::{
-    Applied, CommitMark, Creating, Deferred, Failure, OwnerError, PendingDelete, Records,
-    ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
+    item_label, Applied, CommitMark, Creating, Deferred, Failure, OwnerError, PendingDelete,
+    Records, ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
 
@@ -470,10 +470,14 @@ pub struct PlannedAction {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
     /// `create`, `update`, `delete`, `retain` (delete not applied: prune is off), `skip`,
-    /// `superseded` (a later event of the item follows, so this one changes nothing), or
-    /// `retry`: an event a previous projection kept waiting (for the items it
-    /// references, or a directory delete for the directory to empty), or one that failed
-    /// in an earlier run, tried again.
+    /// `superseded` (a later event of the item follows, so this one changes nothing),
+    /// `replace` (the source replaced an item of another kind at this path, `old_kind`:
+    /// its delete and this upsert are one change on the target), `retry`: an event a
+    /// previous projection kept waiting (for the items it references, or a directory
+    /// delete for the directory to empty), or one that failed in an earlier run, tried
+    /// again; `wait`: one the run leaves waiting, for a directory on the target to be
+    /// empty that holds entries the source does not have (`reason` names them), or `fail`:
+    /// one the run fails (`reason` says why).
     pub action: &'static str,
     /// Kind of the item.
     pub kind: String,
@@ -491,6 +495,77 @@ pub struct PlannedAction {
     /// read as an item that merely waits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<Failure>,
+    /// For a `replace` (or a `wait` or `fail` where the source changed the kind of item):
+    /// the kind of item the source had at this path, whose delete this entry takes in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_kind: Option<String>,
+    /// The offset of that item's delete (none when a dry run found it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_offset: Option<u64>,
+    /// For `wait` and `fail`: why, as the run would say it, and what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the event is a delete: what the target holds at its path decides
+    /// ([`Projector::plan_places`]).
+    #[serde(skip)]
+    op: Op,
+    /// How the run counts the old item's delete that this entry takes in.
+    #[serde(skip)]
+    old_outcome: Option<Outcome>,
+}
+
+impl PlannedAction {
+    fn new(action: &'static str, event: Event, offset: Option<u64>) -> PlannedAction {
+        PlannedAction {
+            offset,
+            action,
+            kind: event.kind,
+            key: event.key,
+            name: event.name,
+            waiting_since: None,
+            failed: None,
+            old_kind: None,
+            old_offset: None,
+            reason: None,
+            op: event.op,
+            old_outcome: None,
+        }
+    }
+
+    /// How the run counts this action, one outcome an event (a `replace` is two: the new
+    /// item's upsert and the old one's delete): (kind, outcome), as its report names them.
+    pub fn outcomes(&self) -> Vec<(&str, &str)> {
+        let outcome = match self.action {
+            "create" => "created",
+            "update" => "updated",
+            "adopt" => "adopted",
+            "delete" => "deleted",
+            "retain" => "retained",
+            "skip" => "unchanged",
+            "retry" | "wait" => "deferred",
+            "fail" => "failed",
+            // The old directory held entries when the upsert came: it waited for the
+            // deletes to empty it, and then found nothing in its place.
+            "replace" if self.old_outcome == Some(Outcome::Deleted) => "created",
+            "replace" => "updated",
+            other => other,
+        };
+        let mut outcomes = vec![(self.kind.as_str(), outcome)];
+        if let (Some(kind), Some(old)) = (&self.old_kind, self.old_outcome) {
+            outcomes.push((kind.as_str(), old.as_str()));
+        }
+        outcomes
+    }
+}
+
+/// The first few of `items`, for a message: `a, b, c and 4 more`.
+fn few(items: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let shown = items[..items.len().min(SHOWN)].join(", ");
+    match items.len().saturating_sub(SHOWN) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
 }
 
 /// A plan being made ([`Projector::plan_with`]).
@@ -507,15 +582,8 @@ impl Plan<'_> {
     /// Notes `event`, which a later event of its item follows: `project` skips it.
     fn superseded(&mut self, event: Event, offset: Option<u64>) {
         self.seen.insert(event.identity());
-        self.actions.push(PlannedAction {
-            offset,
-            action: "superseded",
-            kind: event.kind,
-            key: event.key,
-            name: event.name,
-            waiting_since: None,
-            failed: None,
-        });
+        self.actions
+            .push(PlannedAction::new("superseded", event, offset));
     }
 }
 
@@ -4407,19 +4475,14 @@ impl Projector {
             }
         }
         waiting.sort_by_key(|(event, _, _)| event.offset);
-        actions.extend(
-            waiting
-                .into_iter()
-                .map(|(event, since, failed)| PlannedAction {
-                    offset: Some(event.offset),
-                    action: "retry",
-                    kind: event.kind,
-                    key: event.key,
-                    name: event.name,
-                    waiting_since: Some(since),
-                    failed,
-                }),
-        );
+        actions.extend(waiting.into_iter().map(|(event, since, failed)| {
+            let offset = Some(event.offset);
+            PlannedAction {
+                waiting_since: Some(since),
+                failed,
+                ..PlannedAction::new("retry", event, offset)
+            }
+        }));
         // Last, once caught up: with prune on, the deletes retained while it was off.
         if self.prune {
             let retained = self
@@ -4429,23 +4492,141 @@ impl Projector {
             for entry in retained.iter() {
                 let (id, d) = entry.map_err(self.err_state())?;
                 if !seen.contains(&id) {
-                    actions.push(PlannedAction {
-                        offset: Some(d.event.offset),
-                        action: "delete",
-                        kind: d.event.kind,
-                        key: d.event.key,
-                        name: d.event.name,
-                        waiting_since: None,
-                        failed: None,
-                    });
+                    let offset = Some(d.event.offset);
+                    actions.push(PlannedAction::new("delete", d.event, offset));
                 }
             }
         }
+        self.plan_places(&mut actions).await;
         // Listings run in parallel, so log order differs between runs; a person reads
         // a plan sorted by key, as `rsync -n` lists. The sort is stable: a key's actions
         // stay in the order `project` takes them.
         actions.sort_by(|a, b| (&a.key, &a.kind).cmp(&(&b.key, &b.kind)));
         Ok(actions)
+    }
+
+    /// Corrects a plan's actions for what the target holds at their paths, as `project`
+    /// will find it (only a directory target says, [`Target::holds`]): a directory
+    /// delete, or the upsert of a file or link with a directory in its place, waits while
+    /// that directory keeps entries that no planned delete removes (`wait`; with prune off
+    /// the upsert fails instead, `fail`), and an upsert whose path holds an item of
+    /// another kind that the plan deletes (a file the source replaced by a directory or a
+    /// link, a directory by a file) is one `replace` of it, counted as the run counts it.
+    async fn plan_places(&self, actions: &mut Vec<PlannedAction>) {
+        let removes = |a: &PlannedAction| {
+            a.op == Op::Delete && a.failed.is_none() && matches!(a.action, "delete" | "retry")
+        };
+        // What the run removes: the planned deletes, and the waiting directory deletes.
+        let removed: HashSet<String> = actions
+            .iter()
+            .filter(|a| removes(a))
+            .map(|a| item_identity(&a.kind, &a.key))
+            .collect();
+        // Paths where the plan deletes an item: an upsert there may replace it.
+        let deleting: HashSet<&str> = actions
+            .iter()
+            .filter(|a| a.op == Op::Delete)
+            .map(|a| a.key.as_str())
+            .collect();
+        // Directory deletes deepest first, so that a parent knows which of its directories
+        // stay; then the upserts, which find those directories in their place. (A
+        // `create` found nothing there; a directory's upsert minds only an item it
+        // replaces.)
+        let mut order: Vec<usize> = (0..actions.len())
+            .filter(|&i| {
+                let a = &actions[i];
+                (a.op == Op::Upsert
+                    && a.failed.is_none()
+                    && matches!(a.action, "update" | "adopt" | "retry")
+                    && (a.kind != "dir" || deleting.contains(a.key.as_str())))
+                    || (a.kind == "dir" && removes(a))
+            })
+            .collect();
+        order.sort_by_key(|&i| {
+            let a = &actions[i];
+            (
+                a.op == Op::Upsert,
+                std::cmp::Reverse(a.key.matches('/').count()),
+            )
+        });
+        let mut waiting: HashSet<String> = HashSet::new();
+        let mut taken_in = Vec::new();
+        for i in order {
+            let Some(held) = self.target.holds(&actions[i].key).await else {
+                continue;
+            };
+            let a = &actions[i];
+            // The entries that stay: deleted by nothing, or directories whose deletes wait.
+            let stays: Vec<String> = match held.kind {
+                "dir" if a.kind != "dir" || a.op == Op::Delete => held
+                    .entries
+                    .iter()
+                    .filter(|(kind, key)| {
+                        !removed.contains(&item_identity(kind, key)) || waiting.contains(key)
+                    })
+                    .map(|(kind, key)| item_label(kind, key, None))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if a.op == Op::Delete {
+                if !stays.is_empty() {
+                    waiting.insert(a.key.clone());
+                    let a = &mut actions[i];
+                    a.action = "wait";
+                    a.reason = Some(format!(
+                        "the directory holds entries the source does not have ({}); its delete waits until they are removed by hand, and the next run then deletes it",
+                        few(&stays)
+                    ));
+                }
+                continue;
+            }
+            // The item the source had here before, of the kind the target holds, whose
+            // delete the plan holds too.
+            let old = (held.kind != a.kind)
+                .then(|| {
+                    actions.iter().position(|o| {
+                        o.op == Op::Delete
+                            && o.key == a.key
+                            && o.kind == held.kind
+                            && matches!(o.action, "delete" | "retry" | "wait" | "retain")
+                    })
+                })
+                .flatten();
+            let a = &mut actions[i];
+            if !stays.is_empty() && self.prune {
+                a.action = "wait";
+                a.reason = Some(format!(
+                    "a directory in its place on the target holds entries the source does not have ({}); it waits until they are removed by hand, and the next run then applies it",
+                    few(&stays)
+                ));
+            } else if !stays.is_empty() {
+                a.action = "fail";
+                a.reason = Some(crate::target::fs::DIR_IN_THE_WAY_UNPRUNED.into());
+            } else if old.is_some() {
+                a.action = "replace";
+            }
+            let Some(o) = old else { continue };
+            let old_outcome = match actions[o].action {
+                "wait" => Outcome::Deferred,
+                "retain" => Outcome::Retained,
+                // Not empty when the upsert comes (its entries' deletes follow it): the
+                // upsert waits, the directory's delete removes it.
+                _ if !held.entries.is_empty() => Outcome::Deleted,
+                // The upsert replaced it; its delete finds the new item and leaves it.
+                _ => Outcome::Unchanged,
+            };
+            let (kind, offset) = (actions[o].kind.clone(), actions[o].offset);
+            let a = &mut actions[i];
+            a.old_kind = Some(kind);
+            a.old_offset = offset;
+            a.old_outcome = Some(old_outcome);
+            taken_in.push(o);
+        }
+        taken_in.sort_unstable();
+        taken_in.dedup();
+        for o in taken_in.into_iter().rev() {
+            actions.remove(o);
+        }
     }
 
     /// Reads partition `p` of the log from `from` for a plan.
@@ -4535,15 +4716,7 @@ impl Projector {
                 }
             }
         };
-        plan.actions.push(PlannedAction {
-            offset,
-            action,
-            kind: event.kind,
-            key: event.key,
-            name: event.name,
-            waiting_since: None,
-            failed: None,
-        });
+        plan.actions.push(PlannedAction::new(action, event, offset));
         Ok(())
     }
 

@@ -280,17 +280,9 @@ impl Report {
             if let Some(failed) = &a.failed {
                 self.failures.push(failed.clone());
             }
-            let outcome = match a.action {
-                "create" => "created",
-                "update" => "updated",
-                "adopt" => "adopted",
-                "delete" => "deleted",
-                "retain" => "retained",
-                "skip" => "unchanged",
-                "retry" => "deferred",
-                other => other,
-            };
-            self.add(&a.kind, outcome, 1);
+            for (kind, outcome) in a.outcomes() {
+                self.add(kind, outcome, 1);
+            }
         }
         self
     }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tidemark_proto::{checksum_bytes, pathkey, version_checksum, Body, ChecksumWriter, Event, Op};
 
-use super::{ApplyError, Effect, Outcome, Probe, Target};
+use super::{ApplyError, Effect, Held, Outcome, Probe, Target};
 use crate::blocking::Runner;
 use crate::config::{DirSourceConfig, DirTargetConfig};
 use crate::source::fs::{hash_reader, mtime_ns, with_read_buffer};
@@ -30,6 +30,10 @@ const TMP_SHARDS: u64 = 16;
 
 /// Name of the directory under the root that holds files being written.
 pub const TMP_DIR: &str = ".tidemark-tmp";
+
+/// Why a file or link fails whose place a directory holds that is not empty, with prune
+/// off: what the directory holds is never removed.
+pub const DIR_IN_THE_WAY_UNPRUNED: &str = "a directory that is not empty is in its place, and with prune = false what it holds is never removed; remove the directory on the target or set prune = true";
 
 /// Whether `rel` (a path below the target root) is [`TMP_DIR`] or below it.
 fn in_scratch(rel: &Path) -> bool {
@@ -842,9 +846,9 @@ impl Inner {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
             Err(e) if e.raw_os_error() == Some(39) && self.prune => Ok(false),
-            Err(e) if e.raw_os_error() == Some(39) => Err(Failure::Permanent(
-                "a directory that is not empty is in its place, and with prune = false what it holds is never removed; remove the directory on the target or set prune = true".into(),
-            )),
+            Err(e) if e.raw_os_error() == Some(39) => {
+                Err(Failure::Permanent(DIR_IN_THE_WAY_UNPRUNED.into()))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -873,6 +877,30 @@ impl Inner {
         } else {
             Probe::Different
         }
+    }
+
+    /// What is at `key` ([`Target::holds`]); `None` also when it cannot be read.
+    fn holds(&self, key: &str) -> Option<Held> {
+        let path = self.resolve(key).ok()?;
+        let kind_of = |t: fs::FileType| match t {
+            t if t.is_dir() => "dir",
+            t if t.is_symlink() => "symlink",
+            _ => "file",
+        };
+        let kind = kind_of(fs::symlink_metadata(&path).ok()?.file_type());
+        let mut entries = Vec::new();
+        if kind == "dir" {
+            for entry in fs::read_dir(&path).ok()? {
+                let entry = entry.ok()?;
+                let rel = path.join(entry.file_name());
+                let rel = rel.strip_prefix(&self.root).ok()?;
+                entries.push((
+                    kind_of(entry.file_type().ok()?),
+                    pathkey::encode(rel.as_os_str().as_bytes()),
+                ));
+            }
+        }
+        Some(Held { kind, entries })
     }
 
     fn same_content(&self, path: &Path, event: &Event) -> Result<bool, Failure> {
@@ -1240,6 +1268,15 @@ impl Target for DirTarget {
         tokio::task::spawn_blocking(move || inner.probe(&event))
             .await
             .unwrap_or(Probe::Unknown)
+    }
+
+    async fn holds(&self, key: &str) -> Option<Held> {
+        let inner = self.inner.clone();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || inner.holds(&key))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Also notes the root it finds, as the one this process writes to.

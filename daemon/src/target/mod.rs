@@ -185,6 +185,14 @@ pub trait Target: Send + Sync {
         Probe::Unknown
     }
 
+    /// What the target holds at `key`, looked at without writing, for `plan`: what the
+    /// item of another kind an upsert finds there (a directory in a file's place, a file in
+    /// a directory's) does to it, and what keeps a directory delete waiting. `None`:
+    /// nothing there, or not looked at (a target that cannot tell without a request).
+    async fn holds(&self, _key: &str) -> Option<Held> {
+        None
+    }
+
     /// Whether the target holds anything where an upsert of an item it applied before
     /// would go, looked at without writing and without reading content (`None`: not
     /// looked at): an item removed from the target by hand is created again, and `plan`
@@ -281,6 +289,16 @@ pub trait Creations: Send + Sync {
 
     /// The names noted for `identity` (none once its target id is recorded).
     fn noted(&self, identity: &str) -> Result<Vec<String>, String>;
+}
+
+/// What a target holds at a key ([`Target::holds`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The kind of item there: `file`, `dir` or `symlink`.
+    pub kind: &'static str,
+    /// For a directory, its entries as (kind, key): which of them the plan's deletes remove
+    /// decides whether it can go.
+    pub entries: Vec<(&'static str, String)>,
 }
 
 /// What a target holds where an upsert would go, for `plan`.
