@@ -331,6 +331,36 @@ fn a_state_disk_full_when_the_database_opens_recovers_once_there_is_space() {
     drop(disk);
 }
 
+/// A full `reports_dir` costs the report, not the run, and leaves nothing behind: the
+/// hidden directory a report is written in was left at every failed write, and no
+/// retention removed them.
+#[test]
+fn a_full_reports_disk_warns_and_leaves_no_half_written_report() {
+    let env = Env::dirs("", "");
+    write(env.src().join("a.txt"), "a\n");
+    let reports = env.path("state/reports");
+    let disk = Tmpfs::mount(&reports, "4k");
+    write(reports.join("filler"), vec![b'x'; 4096]);
+    for round in 0..2 {
+        write(env.src().join(format!("r{round}.txt")), "r\n");
+        let out = env.run(&["sync"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("cannot write report")
+                && stderr.contains("the disk of `reports_dir` is full"),
+            "{stderr}"
+        );
+    }
+    assert_mirror(&env.src(), &env.dst());
+    let left: Vec<_> = std::fs::read_dir(reports.join("t"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left in reports_dir: {left:?}");
+    drop(disk);
+}
+
 /// A `project` that a full target disk stops after some batches still writes its report:
 /// it counts the files that reached the target and names the error, and under
 /// `--log-format json` every stderr line, the fatal one last, is a JSON event.

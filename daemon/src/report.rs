@@ -503,7 +503,12 @@ impl Report {
         for (name, text) in [("summary.txt", self.summary()), ("report.json", json)] {
             let bytes = crate::http::redact_known(&text).into_owned();
             let path = tmp.join(name);
-            std::fs::write(&path, bytes).map_err(write_err(&path))?;
+            if let Err(e) = std::fs::write(&path, bytes) {
+                // Its name holds this report's second: left, every failed write (a full
+                // disk) left one more that no retention removes.
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(write_err(&path)(e));
+            }
         }
         loop {
             match std::fs::rename(&tmp, &dir) {
