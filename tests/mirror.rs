@@ -2113,11 +2113,15 @@ fn the_daemon_mirrors_continuously_and_exits_cleanly_on_sigterm() {
     write(env.src().join("first.txt"), "1");
     let daemon = env.spawn_daemon();
     assert_eq!(daemon.get("/healthz").status(), 200);
-    assert_eq!(daemon.get("/readyz").status(), 200);
     wait_for(Duration::from_secs(20), || {
         env.dst().join("first.txt").exists().then_some(())
     })
     .expect("first file mirrored");
+    // Ready once its first scan has listed the source.
+    wait_for(Duration::from_secs(20), || {
+        (daemon.get("/readyz").status() == 200).then_some(())
+    })
+    .expect("ready after the first scan");
 
     write(env.src().join("later/second.txt"), "2");
     std::fs::remove_file(env.src().join("first.txt")).unwrap();

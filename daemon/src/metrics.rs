@@ -28,7 +28,8 @@ pub struct Metrics {
     /// Age of the oldest unapplied event of each partition; 0 when caught up.
     pub partition_lag_seconds: GaugeVec,
     /// Seconds since the last complete, error-free scan: shows a stalled scanner even
-    /// when lag is 0.
+    /// when lag is 0. Before the first one, seconds since the daemon started: 0 would
+    /// read as a scan just done.
     pub source_freshness_seconds: GaugeVec,
     /// Events appended, by kind and op.
     pub events_appended: IntCounterVec,
@@ -148,7 +149,7 @@ impl Metrics {
             source_freshness_seconds: reg!(GaugeVec::new(
                 Opts::new(
                     "tidemark_source_freshness_seconds",
-                    "Seconds since the last complete, error-free scan of the source."
+                    "Seconds since the last complete, error-free scan of the source; before the first one, seconds since the daemon started."
                 ),
                 p
             )),
