@@ -474,3 +474,41 @@ fn a_pipeline_never_scanned_is_not_ready_and_not_fresh() {
     assert!(d.metric(freshness) < 1.0, "{}", d.metric(freshness));
     assert!(d.terminate().success());
 }
+
+/// A directory delete waiting for entries put there by hand waits for good: the age of
+/// the longest-waiting item grows (what `TidemarkItemsWaiting` alerts on) and drops to 0
+/// once the directory is emptied and removed.
+#[test]
+fn a_waiting_directory_delete_ages_in_the_deferred_age_gauge() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    write(env.src().join("old/x.txt"), "x");
+    env.sync();
+    write(env.dst().join("old/stray.txt"), "not from the source");
+    std::fs::remove_dir_all(env.src().join("old")).unwrap();
+    env.sync_leaving_directories(1);
+    let d = env.spawn_daemon();
+    let age = r#"tidemark_deferred_age_seconds{pipeline="t"}"#;
+    let first = wait_for(Duration::from_secs(30), || {
+        let a = d.metric(age);
+        (a >= 1.0).then_some(a)
+    })
+    .unwrap_or_else(|| panic!("{:?}", d.metrics()));
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(d.metric(age) >= first + 1.0, "the age does not grow");
+    // The same age `status` gives the waiting delete.
+    let status: serde_json::Value = d.get("/status").json().unwrap();
+    let since: chrono::DateTime<chrono::Utc> = status[0]["deferred"][0]["since"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let waited = (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0;
+    assert!((waited - d.metric(age)).abs() < 2.0, "{waited} {status}");
+
+    std::fs::remove_file(env.dst().join("old/stray.txt")).unwrap();
+    let cleared = wait_for(Duration::from_secs(30), || {
+        (!env.dst().join("old").exists() && d.metric(age) == 0.0).then_some(())
+    });
+    assert!(cleared.is_some(), "{:?}", d.metrics());
+    assert!(d.terminate().success());
+}

@@ -114,6 +114,8 @@ fn issue_5_alert_rules_pass_promtool_check_and_unit_tests() {
         "TidemarkDeleteGuardTripped",
         "TidemarkTargetDown",
         "TidemarkDown",
+        "TidemarkItemsWaiting",
+        "TidemarkItemsStillFailing",
     ] {
         assert!(alerts.contains(wanted), "alerts.yml lacks {wanted}");
     }
@@ -157,6 +159,8 @@ fn issue_5_dashboard_and_rules_reference_only_exported_metrics() {
         "tidemark_source_freshness_seconds",
         "tidemark_delete_guard_active",
         "tidemark_state_size_bytes",
+        "tidemark_deferred_age_seconds",
+        "tidemark_failed_items",
     ] {
         assert!(
             dashboard.iter().any(|e| referenced(e).contains(wanted)),

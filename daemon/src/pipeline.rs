@@ -600,6 +600,9 @@ impl Pipeline {
         m.deferred_events
             .with_label_values(&p)
             .set(deferred.len() as i64);
+        m.deferred_age_seconds
+            .with_label_values(&p)
+            .set(age(deferred.iter().map(|d| d.since).min()));
         // A gauge, not a reason to fail the status: a real state error shows elsewhere.
         if let Ok(bytes) = self.state.size_on_disk() {
             m.state_size_bytes.set(bytes as i64);

@@ -45,14 +45,15 @@ stat("Lag (seconds)", f'tidemark_lag_seconds{{{P}}}', "s", 5, 1, w=5, desc="Age 
 # From the timestamp, which is 0 before the first complete scan: "never" then.
 stat("Source freshness", f'time() - tidemark_last_scan_success_timestamp_seconds{{{P}}}', "s", 10, 1, w=5,
      desc='Seconds since the last complete, error-free scan; "never" (red) when a pipeline has not had one since its state was created.',
-     thresholds=red_at(900), mappings=[{"type": "range", "options": {"from": 1000000000, "to": None, "result": {"text": "never", "color": "red"}}}])
+     thresholds=red_at(900), mappings=[{"type": "range", "options": {"from": 1000000000, "to": 1e18, "result": {"text": "never", "color": "red"}}}])
 stat("Delete guard", f'tidemark_delete_guard_active{{{P}}}', "short", 15, 1, w=4, desc="1 while the last scan's deletes are withheld by max_delete.", thresholds=red_at(1))
 stat("Failed items", f'tidemark_failed_items{{{P}}}', "short", 19, 1, w=5,
      desc="Items on the failed list (`tidemark status` lists them with their reasons). They are tried again by every run and while the daemon runs; the number falls when their cause is fixed.", thresholds=red_at(1))
 ts("Lag in events per pipeline", [(f'tidemark_lag_events{{{P}}}', "{{pipeline}}"), (f'tidemark_deferred_events{{{P}}}', "{{pipeline}} deferred")], "short", 0, 5,
    desc="Events appended to the log but not yet applied to the target.")
-ts("Lag in seconds per pipeline", [(f'tidemark_lag_seconds{{{P}}}', "{{pipeline}}")], "s", 12, 5,
-   desc="Age of the oldest unapplied event. Grows while the projector is stuck, even if the source is idle.")
+ts("Lag in seconds per pipeline", [(f'tidemark_lag_seconds{{{P}}}', "{{pipeline}}"),
+                                    (f'tidemark_deferred_age_seconds{{{P}}}', "{{pipeline}} oldest waiting item")], "s", 12, 5,
+   desc="Age of the oldest unapplied event. Grows while the projector is stuck, even if the source is idle. The oldest waiting item: how long the longest-waiting deferred item has waited (`tidemark status` lists them); one that keeps rising waits for good, most likely for a directory on the target to be emptied by hand.")
 ts("Log head and committed offset", [(f'tidemark_log_head_offset{{{P}}}', "{{pipeline}} head"),
                                       (f'tidemark_committed_offset{{{P}}}', "{{pipeline}} committed")], "short", 0, 13,
    desc="The gap between the lines is the lag in events.")
