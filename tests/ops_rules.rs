@@ -116,6 +116,7 @@ fn issue_5_alert_rules_pass_promtool_check_and_unit_tests() {
         "TidemarkDown",
         "TidemarkItemsWaiting",
         "TidemarkItemsStillFailing",
+        "TidemarkAbsent",
     ] {
         assert!(alerts.contains(wanted), "alerts.yml lacks {wanted}");
     }
@@ -161,12 +162,20 @@ fn issue_5_dashboard_and_rules_reference_only_exported_metrics() {
         "tidemark_state_size_bytes",
         "tidemark_deferred_age_seconds",
         "tidemark_failed_items",
+        "tidemark_log_readable",
     ] {
         assert!(
             dashboard.iter().any(|e| referenced(e).contains(wanted)),
             "the dashboard has no panel for {wanted}"
         );
     }
+    // Nor is a daemon Prometheus cannot scrape, whose own series all go stale.
+    assert!(
+        dashboard
+            .iter()
+            .any(|e| e.contains(r#"up{job=~"tidemark.*"}"#)),
+        "the dashboard has no panel for the scrape target's `up`"
+    );
 
     // A daemon that has appended and applied, so kind-labelled series exist too.
     let env = Env::dirs("", "prune = true");
@@ -216,4 +225,23 @@ fn every_range_mapping_of_the_dashboard_has_numeric_bounds() {
         }
     }
     assert!(ranges > 0, "the freshness stat's \"never\" mapping is gone");
+}
+
+/// tidemark.json is what generate.py writes: an edit made to the JSON alone (as the
+/// freshness stat's numeric bound once was) is lost at the next generation.
+#[test]
+fn the_dashboard_is_what_its_generator_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("generate.py");
+    std::fs::copy(repo_root().join("ops/grafana/generate.py"), &script).unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{out:?}");
+    let generated = std::fs::read_to_string(tmp.path().join("tidemark.json")).unwrap();
+    assert!(
+        generated == ops("grafana/tidemark.json"),
+        "ops/grafana/tidemark.json differs from what generate.py writes: edit the generator and run `python3 ops/grafana/generate.py`"
+    );
 }
