@@ -245,3 +245,29 @@ fn the_dashboard_is_what_its_generator_writes() {
         "ops/grafana/tidemark.json differs from what generate.py writes: edit the generator and run `python3 ops/grafana/generate.py`"
     );
 }
+
+/// `$__range` is the length of the dashboard's time range: in a time series each point
+/// counts a whole range before it (the left half reaching before the range shown), so the
+/// "delete guard trips in the time range" panel read as more trips than the range held.
+/// Only an instant query, evaluated once at the range's end, counts the range itself.
+#[test]
+fn the_dashboard_counts_over_its_time_range_only_in_instant_queries() {
+    let dash: serde_json::Value = serde_json::from_str(&ops("grafana/tidemark.json")).unwrap();
+    let mut ranged = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if t["expr"].as_str().unwrap_or_default().contains("$__range") {
+                ranged += 1;
+                assert!(
+                    t["instant"] == true && panel["type"] == "stat",
+                    "panel {}: {t}",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(
+        ranged > 0,
+        "the delete guard trips in the time range are gone"
+    );
+}

@@ -21,7 +21,7 @@ def ts(title, targets, unit="short", x=0, y=0, w=12, h=8, desc="", stack=False, 
         "targets": [{"datasource": DS, "refId": chr(65 + i), "expr": e, "legendFormat": l}
                     for i, (e, l) in enumerate(targets)],
     })
-def stat(title, expr, unit, x, y, w=6, h=4, desc="", thresholds=None, legend="{{pipeline}}", mappings=None, no_value=None):
+def stat(title, expr, unit, x, y, w=6, h=4, desc="", thresholds=None, legend="{{pipeline}}", mappings=None, no_value=None, instant=False):
     global pid
     pid += 1
     panels.append({
@@ -30,7 +30,8 @@ def stat(title, expr, unit, x, y, w=6, h=4, desc="", thresholds=None, legend="{{
         "fieldConfig": {"defaults": {"unit": unit, **({"mappings": mappings} if mappings else {}), **({"noValue": no_value} if no_value else {}), "thresholds": thresholds or {"mode": "absolute", "steps": [{"color": "green", "value": None}]}}, "overrides": []},
         "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
                     "colorMode": "background", "graphMode": "area", "textMode": "value_and_name"},
-        "targets": [{"datasource": DS, "refId": "A", "expr": expr, "legendFormat": legend}],
+        "targets": [{"datasource": DS, "refId": "A", "expr": expr, "legendFormat": legend,
+                     **({"instant": True, "range": False} if instant else {})}],
     })
 def row(title, y):
     global pid
@@ -92,8 +93,13 @@ ts("Retries and requests", [
     (f'sum by (pipeline, side) (rate(tidemark_retries_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} retries"),
     (f'sum by (pipeline, side, status_class) (rate(tidemark_requests_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{side}} {{status_class}}"),
 ], "reqps", 12, 35, desc="Requests to REST sources and targets by status class, and retries after transient failures.")
-ts("Delete guard trips", [(f'increase(tidemark_delete_guard_trips_total{{{P}}}[$__range])', "{{pipeline}}")], "short", 0, 43, w=12,
-   desc="Scans whose deletes max_delete withheld, in the dashboard's time range.")
+# Over $__range only as one instant query at the range's end: on a time series each point
+# counted the trips of a whole range before it, reaching before the range on the left.
+ts("Delete guard", [(f'tidemark_delete_guard_active{{{P}}}', "{{pipeline}} withholding deletes")], "short", 0, 43, w=8,
+   desc="1 while the last scan's deletes are withheld by max_delete (TidemarkDeleteGuardTripped): when the guard held, and for how long.")
+stat("Delete guard trips in the time range", f'round(sum by (pipeline) (increase(tidemark_delete_guard_trips_total{{{P}}}[$__range])))', "short", 8, 43, w=4, h=8,
+     desc="Scans whose deletes max_delete withheld, from the start to the end of the dashboard's time range (a guard that stays tripped counts at every scan).",
+     thresholds=red_at(1), instant=True)
 ts("Scans by result", [(f'sum by (pipeline, result) (increase(tidemark_scans_total{{{P}}}[$__rate_interval]))', "{{pipeline}} {{result}}")],
    "short", 12, 43, stack=True, desc="ok; degraded (some entries failed: no deletes); failed.")
 row("Scanner", 51)
