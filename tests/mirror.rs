@@ -782,11 +782,7 @@ fn a_directory_delete_waits_while_the_target_directory_holds_other_entries() {
 fn the_daemon_removes_a_waiting_directory_once_it_is_empty() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");
     write(env.src().join("keep/a.txt"), "a");
-    write(env.src().join("old/x.txt"), "x");
-    env.sync();
-    write(env.dst().join("old/stray.txt"), "not from the source");
-    std::fs::remove_dir_all(env.src().join("old")).unwrap();
-    env.sync_leaving_directories(1);
+    env.leave_a_directory_delete_waiting();
     assert_eq!(waiting_dirs(&env), ["old"]);
     let daemon = env.spawn_daemon();
     let waiting = wait_for(Duration::from_secs(30), || {

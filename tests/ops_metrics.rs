@@ -481,11 +481,7 @@ fn a_pipeline_never_scanned_is_not_ready_and_not_fresh() {
 #[test]
 fn a_waiting_directory_delete_ages_in_the_deferred_age_gauge() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");
-    write(env.src().join("old/x.txt"), "x");
-    env.sync();
-    write(env.dst().join("old/stray.txt"), "not from the source");
-    std::fs::remove_dir_all(env.src().join("old")).unwrap();
-    env.sync_leaving_directories(1);
+    env.leave_a_directory_delete_waiting();
     let d = env.spawn_daemon();
     let age = r#"tidemark_deferred_age_seconds{pipeline="t"}"#;
     let first = wait_for(Duration::from_secs(30), || {
