@@ -782,11 +782,7 @@ fn a_directory_delete_waits_while_the_target_directory_holds_other_entries() {
 fn the_daemon_removes_a_waiting_directory_once_it_is_empty() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");
     write(env.src().join("keep/a.txt"), "a");
-    write(env.src().join("old/x.txt"), "x");
-    env.sync();
-    write(env.dst().join("old/stray.txt"), "not from the source");
-    std::fs::remove_dir_all(env.src().join("old")).unwrap();
-    env.sync_leaving_directories(1);
+    env.leave_a_directory_delete_waiting();
     assert_eq!(waiting_dirs(&env), ["old"]);
     let daemon = env.spawn_daemon();
     let waiting = wait_for(Duration::from_secs(30), || {
@@ -2417,11 +2413,15 @@ fn the_daemon_mirrors_continuously_and_exits_cleanly_on_sigterm() {
     write(env.src().join("first.txt"), "1");
     let daemon = env.spawn_daemon();
     assert_eq!(daemon.get("/healthz").status(), 200);
-    assert_eq!(daemon.get("/readyz").status(), 200);
     wait_for(Duration::from_secs(20), || {
         env.dst().join("first.txt").exists().then_some(())
     })
     .expect("first file mirrored");
+    // Ready once its first scan has listed the source.
+    wait_for(Duration::from_secs(20), || {
+        (daemon.get("/readyz").status() == 200).then_some(())
+    })
+    .expect("ready after the first scan");
 
     write(env.src().join("later/second.txt"), "2");
     std::fs::remove_file(env.src().join("first.txt")).unwrap();

@@ -225,6 +225,7 @@ fn a_restart_keeps_the_last_apply_time() {
 
 /// A daemon that only projects (`role = "project"`) exports none of the scanner's series:
 /// a last scan time of 0 fired `TidemarkScannerStale` forever on such a healthy daemon.
+/// Nor does it wait for a scan of its own to be ready.
 #[test]
 fn a_daemon_that_does_not_scan_exports_no_scanner_series() {
     let env = Env::dirs("role = \"project\"", "");
@@ -235,6 +236,10 @@ fn a_daemon_that_does_not_scan_exports_no_scanner_series() {
         (d.metric(r#"tidemark_lag_events{pipeline="t"}"#) == 0.0).then_some(())
     });
     assert!(lagless.is_some(), "log:\n{}", env.daemon_log());
+    let ready = wait_for(Duration::from_secs(10), || {
+        (d.get("/readyz").status() == 200).then_some(())
+    });
+    assert!(ready.is_some(), "{}", d.get("/readyz").text().unwrap());
     let text = d.get("/metrics").text().unwrap();
     for series in [
         "tidemark_last_scan_success_timestamp_seconds",
@@ -419,4 +424,87 @@ fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
     let status = env.ok(&["status"]);
     assert!(status.contains("pipeline t"), "{status}");
     assert!(daemon.terminate().success());
+}
+
+/// A pipeline whose source no scan has listed yet (here the directory is missing, so
+/// every scan fails) is not ready, and its freshness counts from the daemon's start: it
+/// read 0, as fresh as a scan just done, and `/readyz` answered 200. The first scan that
+/// lists the source makes it ready and fresh.
+#[test]
+fn a_pipeline_never_scanned_is_not_ready_and_not_fresh() {
+    let env = Env::dirs("", "");
+    std::fs::remove_dir(env.src()).unwrap();
+    let started = Instant::now();
+    let d = env.spawn_daemon();
+    let freshness = r#"tidemark_source_freshness_seconds{pipeline="t"}"#;
+    wait_for(Duration::from_secs(30), || {
+        (d.metric(r#"tidemark_scans_total{pipeline="t",result="failed"}"#) >= 3.0
+            && started.elapsed() >= Duration::from_secs(2))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no failed scans; log:\n{}", env.daemon_log()));
+    let ready = d.get("/readyz");
+    assert_eq!(ready.status(), 503);
+    let why = ready.text().unwrap();
+    assert!(
+        why.contains("pipeline `t`") && why.contains("no scan has listed the source"),
+        "{why}"
+    );
+    let first = d.metric(freshness);
+    assert!(
+        first >= 1.0 && first <= started.elapsed().as_secs_f64(),
+        "freshness {first} s, {:?} after the start",
+        started.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(
+        d.metric(freshness) >= first + 1.0,
+        "freshness does not grow"
+    );
+    assert_eq!(
+        d.metric(r#"tidemark_last_scan_success_timestamp_seconds{pipeline="t"}"#),
+        0.0
+    );
+
+    write(env.src().join("a.txt"), "a");
+    let ready = wait_for(Duration::from_secs(30), || {
+        (d.get("/readyz").status() == 200).then_some(())
+    });
+    assert!(ready.is_some(), "log:\n{}", env.daemon_log());
+    assert!(d.metric(freshness) < 1.0, "{}", d.metric(freshness));
+    assert!(d.terminate().success());
+}
+
+/// A directory delete waiting for entries put there by hand waits for good: the age of
+/// the longest-waiting item grows (what `TidemarkItemsWaiting` alerts on) and drops to 0
+/// once the directory is emptied and removed.
+#[test]
+fn a_waiting_directory_delete_ages_in_the_deferred_age_gauge() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    env.leave_a_directory_delete_waiting();
+    let d = env.spawn_daemon();
+    let age = r#"tidemark_deferred_age_seconds{pipeline="t"}"#;
+    let first = wait_for(Duration::from_secs(30), || {
+        let a = d.metric(age);
+        (a >= 1.0).then_some(a)
+    })
+    .unwrap_or_else(|| panic!("{:?}", d.metrics()));
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(d.metric(age) >= first + 1.0, "the age does not grow");
+    // The same age `status` gives the waiting delete.
+    let status: serde_json::Value = d.get("/status").json().unwrap();
+    let since: chrono::DateTime<chrono::Utc> = status[0]["deferred"][0]["since"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let waited = (chrono::Utc::now() - since).num_milliseconds() as f64 / 1000.0;
+    assert!((waited - d.metric(age)).abs() < 2.0, "{waited} {status}");
+
+    std::fs::remove_file(env.dst().join("old/stray.txt")).unwrap();
+    let cleared = wait_for(Duration::from_secs(30), || {
+        (!env.dst().join("old").exists() && d.metric(age) == 0.0).then_some(())
+    });
+    assert!(cleared.is_some(), "{:?}", d.metrics());
+    assert!(d.terminate().success());
 }

@@ -114,6 +114,9 @@ fn issue_5_alert_rules_pass_promtool_check_and_unit_tests() {
         "TidemarkDeleteGuardTripped",
         "TidemarkTargetDown",
         "TidemarkDown",
+        "TidemarkItemsWaiting",
+        "TidemarkItemsStillFailing",
+        "TidemarkAbsent",
     ] {
         assert!(alerts.contains(wanted), "alerts.yml lacks {wanted}");
     }
@@ -157,12 +160,22 @@ fn issue_5_dashboard_and_rules_reference_only_exported_metrics() {
         "tidemark_source_freshness_seconds",
         "tidemark_delete_guard_active",
         "tidemark_state_size_bytes",
+        "tidemark_deferred_age_seconds",
+        "tidemark_failed_items",
+        "tidemark_log_readable",
     ] {
         assert!(
             dashboard.iter().any(|e| referenced(e).contains(wanted)),
             "the dashboard has no panel for {wanted}"
         );
     }
+    // Nor is a daemon Prometheus cannot scrape, whose own series all go stale.
+    assert!(
+        dashboard
+            .iter()
+            .any(|e| e.contains(r#"up{job=~"tidemark.*"}"#)),
+        "the dashboard has no panel for the scrape target's `up`"
+    );
 
     // A daemon that has appended and applied, so kind-labelled series exist too.
     let env = Env::dirs("", "prune = true");
@@ -212,4 +225,49 @@ fn every_range_mapping_of_the_dashboard_has_numeric_bounds() {
         }
     }
     assert!(ranges > 0, "the freshness stat's \"never\" mapping is gone");
+}
+
+/// tidemark.json is what generate.py writes: an edit made to the JSON alone (as the
+/// freshness stat's numeric bound once was) is lost at the next generation.
+#[test]
+fn the_dashboard_is_what_its_generator_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("generate.py");
+    std::fs::copy(repo_root().join("ops/grafana/generate.py"), &script).unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{out:?}");
+    let generated = std::fs::read_to_string(tmp.path().join("tidemark.json")).unwrap();
+    assert!(
+        generated == ops("grafana/tidemark.json"),
+        "ops/grafana/tidemark.json differs from what generate.py writes: edit the generator and run `python3 ops/grafana/generate.py`"
+    );
+}
+
+/// `$__range` is the length of the dashboard's time range: in a time series each point
+/// counts a whole range before it (the left half reaching before the range shown), so the
+/// "delete guard trips in the time range" panel read as more trips than the range held.
+/// Only an instant query, evaluated once at the range's end, counts the range itself.
+#[test]
+fn the_dashboard_counts_over_its_time_range_only_in_instant_queries() {
+    let dash: serde_json::Value = serde_json::from_str(&ops("grafana/tidemark.json")).unwrap();
+    let mut ranged = 0;
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if t["expr"].as_str().unwrap_or_default().contains("$__range") {
+                ranged += 1;
+                assert!(
+                    t["instant"] == true && panel["type"] == "stat",
+                    "panel {}: {t}",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(
+        ranged > 0,
+        "the delete guard trips in the time range are gone"
+    );
 }

@@ -237,7 +237,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     biased;
                     result = pipeline.scanner.scan_until(&progress, &cancel) => {
                         match result {
-                            Ok(record) => cycle.scanned(record),
+                            Ok(record) => {
+                                pipeline.note_scan(&record.result);
+                                cycle.scanned(record)
+                            }
                             Err(e) => cycle.scan_failed(&e),
                         }
                     }

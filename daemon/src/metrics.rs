@@ -28,7 +28,8 @@ pub struct Metrics {
     /// Age of the oldest unapplied event of each partition; 0 when caught up.
     pub partition_lag_seconds: GaugeVec,
     /// Seconds since the last complete, error-free scan: shows a stalled scanner even
-    /// when lag is 0.
+    /// when lag is 0. Before the first one, seconds since the daemon started: 0 would
+    /// read as a scan just done.
     pub source_freshness_seconds: GaugeVec,
     /// Events appended, by kind and op.
     pub events_appended: IntCounterVec,
@@ -61,6 +62,10 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Events waiting for the items they reference, and pending directory deletes.
     pub deferred_events: IntGaugeVec,
+    /// How long the longest-waiting of them has waited: a count cannot tell an item
+    /// waiting for good (a directory holding entries put there by hand) from a stream of
+    /// items each waiting a moment.
+    pub deferred_age_seconds: GaugeVec,
     /// Items on the failed list (`tidemark status`): what on-call has to fix, which the
     /// counters cannot show since a failing item is tried again and again.
     pub failed_items: IntGaugeVec,
@@ -148,7 +153,7 @@ impl Metrics {
             source_freshness_seconds: reg!(GaugeVec::new(
                 Opts::new(
                     "tidemark_source_freshness_seconds",
-                    "Seconds since the last complete, error-free scan of the source."
+                    "Seconds since the last complete, error-free scan of the source; before the first one, seconds since the daemon started."
                 ),
                 p
             )),
@@ -259,6 +264,13 @@ impl Metrics {
                 ),
                 p
             )),
+            deferred_age_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    "tidemark_deferred_age_seconds",
+                    "Seconds the longest-waiting deferred event (tidemark_deferred_events) has waited since it was first deferred; 0 when none waits."
+                ),
+                p
+            )),
             failed_items: reg!(IntGaugeVec::new(
                 Opts::new(
                     "tidemark_failed_items",
@@ -308,7 +320,11 @@ impl Metrics {
         ] {
             g.with_label_values(&[pipeline]);
         }
-        for g in [&self.lag_seconds, &self.last_apply] {
+        for g in [
+            &self.lag_seconds,
+            &self.last_apply,
+            &self.deferred_age_seconds,
+        ] {
             g.with_label_values(&[pipeline]);
         }
         self.decode_errors.with_label_values(&[pipeline]);

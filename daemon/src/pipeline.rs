@@ -1,6 +1,7 @@
 //! One configured pipeline wired together: its log, scanner and projector, and the status
 //! and lag figures `status`, `/status` and `/metrics` show.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -149,6 +150,13 @@ pub struct Pipeline {
     /// What the last refresh that reached the log saw unapplied, so the lag in seconds
     /// keeps growing while the log cannot be read (a Kafka broker down).
     unapplied: std::sync::Mutex<Unapplied>,
+    /// When this process built the pipeline: the freshness gauge counts from it until a
+    /// first complete scan, rather than read 0 (a scan just done) for a pipeline never
+    /// scanned.
+    started: chrono::DateTime<Utc>,
+    /// Set once a scan of this process has listed the source (`ok` or `degraded`):
+    /// `/readyz` answers 503 naming the pipeline until then.
+    scanned: AtomicBool,
 }
 
 /// Seconds from `at` to `now`; 0 without `at`.
@@ -266,12 +274,28 @@ impl Pipeline {
             state: state.clone(),
             refreshing: tokio::sync::Mutex::new(()),
             unapplied: std::sync::Mutex::new(Unapplied::default()),
+            started: Utc::now(),
+            scanned: AtomicBool::new(false),
         })
     }
 
     /// Pipeline name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Notes a scan of this process that ended with `result`: one that listed the source
+    /// (`ok`, or `degraded` by some entries) makes the pipeline ready.
+    pub fn note_scan(&self, result: &str) {
+        if matches!(result, "ok" | "degraded") {
+            self.scanned.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether this process scans the pipeline and no scan of it has listed the source yet
+    /// (a `role = "project"` daemon never scans, so it never waits for one).
+    pub fn awaits_first_scan(&self) -> bool {
+        self.config.role.scans() && !self.scanned.load(Ordering::SeqCst)
     }
 
     /// Updates the gauges that do not need the log: the failed items, the scanner's
@@ -304,11 +328,16 @@ impl Pipeline {
         let m = metrics();
         let p = [self.config.name.as_str()];
         m.failed_items.with_label_values(&p).set(failed as i64);
-        let scanned = last_scan.as_ref().filter(|_| self.config.role.scans());
-        if let Some(at) = scanned.and_then(|s| s.last_success_at) {
+        if self.config.role.scans() {
+            // Never scanned completely: the source has not been seen since this process
+            // started, at best.
+            let since = last_scan
+                .as_ref()
+                .and_then(|s| s.last_success_at)
+                .unwrap_or(self.started);
             m.source_freshness_seconds
                 .with_label_values(&p)
-                .set(age_at(now, Some(at)));
+                .set(age_at(now, Some(since)));
         }
         let known = self.unapplied.lock().unwrap();
         if known.log_unreadable {
@@ -578,6 +607,9 @@ impl Pipeline {
         m.deferred_events
             .with_label_values(&p)
             .set(deferred.len() as i64);
+        m.deferred_age_seconds
+            .with_label_values(&p)
+            .set(age(deferred.iter().map(|d| d.since).min()));
         // A gauge, not a reason to fail the status: a real state error shows elsewhere.
         if let Ok(bytes) = self.state.size_on_disk() {
             m.state_size_bytes.set(bytes as i64);

@@ -1,5 +1,6 @@
 //! The HTTP endpoints of `tidemark run`: `/metrics` (Prometheus text), `/healthz`
-//! (the process answers), `/readyz` (pipelines are built and running) and `/status` (JSON).
+//! (the process answers), `/readyz` (pipelines are built and running, and each one this
+//! process scans has had a scan list its source) and `/status` (JSON).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -100,11 +101,40 @@ async fn status_handler(
         .into_response()
 }
 
+/// Ready once every pipeline runs and each one this process scans has had a scan list
+/// its source: before that, freshness and lag 0 say nothing (the daemon has not looked).
+/// A 503 names what it waits for.
 async fn ready_handler(State(state): State<Arc<ServerState>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
+    if !state.ready.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting (waiting for the event logs) or stopping\n",
+        )
+            .into_response();
+    }
+    let waiting: Vec<String> = state
+        .pipelines
+        .iter()
+        .filter(|p| p.awaits_first_scan())
+        .map(|p| {
+            let now = match p.scanner.in_progress() {
+                Some(s) => format!("its first scan is in progress, {} listed so far", s.listed),
+                None => "waiting for its next scan; `tidemark status` shows the last one".into(),
+            };
+            format!(
+                "pipeline `{}`: no scan has listed the source since the daemon started ({now})",
+                p.name()
+            )
+        })
+        .collect();
+    if waiting.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", waiting.join("; ")),
+        )
+            .into_response()
     }
 }
 

@@ -117,6 +117,17 @@ path = "dst"
         (v[0]["scan"].clone(), v[0]["project"].clone())
     }
 
+    /// Syncs `old/x.txt`, puts `old/stray.txt` on the target by hand and deletes `old`
+    /// from the source: the sync after leaves the delete of `old` waiting for good.
+    #[allow(dead_code)]
+    pub fn leave_a_directory_delete_waiting(&self) {
+        write(self.src().join("old/x.txt"), "x");
+        self.sync();
+        write(self.dst().join("old/stray.txt"), "not from the source");
+        std::fs::remove_dir_all(self.src().join("old")).unwrap();
+        self.sync_leaving_directories(1);
+    }
+
     /// [`Env::sync`] for a run that leaves directory deletes waiting for their
     /// directories to be emptied on the target, which exits 3 and counts them.
     #[allow(dead_code)]
