@@ -1422,6 +1422,28 @@ fn an_unreadable_source_root_fails_the_scan_naming_it() {
     assert!(env.dst().join("a.txt").exists(), "deleted");
 }
 
+/// `verify` lists the target with the source's rules, and a target root it could not list
+/// was called the source directory, sending people to the wrong one.
+#[test]
+fn verify_names_an_unreadable_target_root_as_the_target() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a.txt"), "a");
+    let run_as_user = unprivileged(&env);
+    assert!(run_as_user(&["sync"]).status.success());
+    set_mode(env.dst(), 0o000);
+    let out = run_as_user(&["verify"]);
+    set_mode(env.dst(), 0o755);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "target directory {} cannot be listed",
+            env.dst().display()
+        )) && !stderr.contains("source directory"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_unreadable_subdirectory_causes_no_deletes() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");

@@ -613,7 +613,7 @@ async fn verify_items(
     } else {
         collect(
             "target",
-            &DirSource::new(&target_view, 0),
+            &DirSource::new(&target_view, 0).of_target(),
             |id| {
                 if source.contains_key(id) {
                     progress.inc(1);
@@ -707,7 +707,7 @@ impl Prefilled {
         if !scanned && applied.is_empty() && planned.is_empty() {
             return None;
         }
-        let target = DirSource::new(&self.target, 0);
+        let target = DirSource::new(&self.target, 0).of_target();
         let mut listing = target.list();
         let mut only = 0;
         while let Some(next) = listing.next().await {
@@ -747,7 +747,7 @@ async fn written_out_of_scope(
     // Unreadable entries were reported by the scoped listing, where they count.
     let (all, _) = collect(
         "target",
-        &DirSource::new(&whole, 0),
+        &DirSource::new(&whole, 0).of_target(),
         |_| {},
         &mut Vec::new(),
     )

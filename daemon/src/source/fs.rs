@@ -50,6 +50,9 @@ struct Walker {
     /// (device, inode) of the root when the last walk started: a root moved or unmounted
     /// mid-walk makes whole directories vanish, which must not become deletes.
     root_id: std::sync::Mutex<Option<(u64, u64)>>,
+    /// What the walked tree is to the user: `"source"`, or `"target"` when `verify`
+    /// lists a target with the source's rules. Errors about the root name it so.
+    side: &'static str,
 }
 
 fn globset(globs: &[String]) -> GlobSet {
@@ -73,11 +76,16 @@ pub fn path_of(root: &Path, key: &str) -> Option<PathBuf> {
 
 /// The metadata of a source root that is a directory, or why it cannot be walked.
 pub fn root_dir(root: &Path) -> Result<std::fs::Metadata, String> {
+    side_root_dir(root, "source")
+}
+
+/// [`root_dir`] of the `side` (`"source"` or `"target"`) the walked tree is.
+fn side_root_dir(root: &Path, side: &str) -> Result<std::fs::Metadata, String> {
     match std::fs::metadata(root) {
         Ok(m) if m.is_dir() => Ok(m),
-        Ok(_) => Err(format!("source {} is not a directory", root.display())),
+        Ok(_) => Err(format!("{side} {} is not a directory", root.display())),
         Err(e) => Err(format!(
-            "source directory {} cannot be read: {e}; check source.dir.path in the config and that the directory is mounted",
+            "{side} directory {} cannot be read: {e}; check {side}.dir.path in the config and that the directory is mounted",
             root.display()
         )),
     }
@@ -94,10 +102,20 @@ impl DirSource {
                 follow_symlinks: cfg.follow_symlinks,
                 target: None,
                 root_id: Default::default(),
+                side: "source",
             }),
             inline_limit,
             readers: Runner::for_files(),
         }
+    }
+
+    /// The same walk over a target directory (for `verify`): errors about its root call
+    /// it the target.
+    pub fn of_target(mut self) -> DirSource {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the source is shared")
+            .side = "target";
+        self
     }
 
     /// The same source, told its pipeline's target directory (`None` for other targets):
@@ -172,7 +190,7 @@ impl Walker {
     /// of entries is not defined; only the directory list waiting to be read is held.
     fn walk(&self, tx: &ListSender) {
         let send = |item| tx.blocking_send(vec![item]).is_ok();
-        let root_meta = match root_dir(&self.root) {
+        let root_meta = match side_root_dir(&self.root, self.side) {
             Ok(m) => m,
             Err(message) => {
                 send(Err(ListError::Root { message }));
@@ -290,7 +308,8 @@ impl Walker {
             Err(e) if work.path == self.root => {
                 return batch.push(Err(ListError::Root {
                     message: format!(
-                        "source directory {} cannot be listed: {e}; check its permissions for the user tidemark runs as",
+                        "{} directory {} cannot be listed: {e}; check its permissions for the user tidemark runs as",
+                        self.side,
                         self.root.display()
                     ),
                 }))
