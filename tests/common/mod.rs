@@ -136,13 +136,18 @@ path = "dst"
 
     /// Starts `tidemark run` with stderr captured to `daemon.log` (appended).
     pub fn spawn_daemon(&self) -> Daemon {
+        self.spawn_daemon_with(self.cmd(&["run"]))
+    }
+
+    /// [`Env::spawn_daemon`] with `run`, a command for `tidemark run` set up otherwise
+    /// (as another user).
+    pub fn spawn_daemon_with(&self, mut run: Command) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("daemon.log"))
             .unwrap();
-        let child = self
-            .cmd(&["run"])
+        let child = run
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -161,6 +166,15 @@ path = "dst"
 
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// How many lines of `daemon.log` at `level` (`ERROR`, `WARN`, `INFO`, `DEBUG`) hold
+    /// `what`.
+    pub fn log_lines(&self, level: &str, what: &str) -> usize {
+        self.daemon_log()
+            .lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
     }
 }
 
