@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::DeleteLimit;
 use crate::pipeline::Pipeline;
-use crate::projector::{PlannedAction, ProjectReport};
+use crate::projector::{PlannedAction, ProjectReport, Retrying};
 use crate::state::{Failure, ScanRecord};
 
 /// Version of the `report.json` schema; bumped on any incompatible change.
@@ -160,6 +160,11 @@ pub struct Report {
     /// counts are what it applied and committed before. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
+    /// Only in a daemon cycle's report while its projector retries with backoff (the
+    /// target unavailable, the log unreadable): since when (the outage's start, across
+    /// restarts), the failed attempts, the last error (secrets redacted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projector_retrying: Option<Retrying>,
 }
 
 impl Report {
@@ -184,6 +189,7 @@ impl Report {
             },
             error: None,
             interrupted: None,
+            projector_retrying: None,
         }
     }
 
@@ -300,8 +306,9 @@ impl Report {
     }
 
     /// A condition that lasts until someone acts, described so that two runs meeting
-    /// the same one compare equal: a scan that did not end `ok` (with its error count)
-    /// or a tripped delete guard (with its numbers). `None` when the run met neither.
+    /// the same one compare equal: a scan that did not end `ok` (with its error count),
+    /// a tripped delete guard (with its numbers) or a projector retrying (since when, on
+    /// which error, without the counts of its give-ups). `None` when the run met none.
     pub fn condition(&self) -> Option<String> {
         let scan = self
             .scan
@@ -317,10 +324,15 @@ impl Report {
                 g.limit
             )
         });
-        match (scan, guard) {
-            (None, None) => None,
-            (a, b) => Some(a.into_iter().chain(b).collect::<Vec<_>>().join("; ")),
-        }
+        let retrying = self.projector_retrying.as_ref().map(|r| {
+            format!(
+                "projector retrying since {}: {}",
+                r.outage.since,
+                crate::http::without_tally(&r.outage.error)
+            )
+        });
+        let all: Vec<String> = scan.into_iter().chain(guard).chain(retrying).collect();
+        (!all.is_empty()).then(|| all.join("; "))
     }
 
     /// The human summary written beside `report.json`.
@@ -348,6 +360,15 @@ impl Report {
         }
         if let Some(interrupted) = &self.interrupted {
             let _ = writeln!(s, "{interrupted}");
+        }
+        if let Some(r) = &self.projector_retrying {
+            let _ = writeln!(
+                s,
+                "projector: retrying with backoff since {} ({} failed attempts so far; `tidemark status` shows the latest): {}",
+                r.outage.since.format("%Y-%m-%d %H:%M:%S UTC"),
+                r.outage.attempts,
+                r.outage.error
+            );
         }
         match &self.scan {
             Some(scan) => {
@@ -662,6 +683,7 @@ impl Cycle {
             report = report.with_scan(&scan);
         }
         report.add_counts(&self.pipeline.projector.tally());
+        report.projector_retrying = self.pipeline.projector.retrying();
         if let Some(status) = status {
             report.failures = status
                 .failed

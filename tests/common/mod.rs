@@ -198,6 +198,27 @@ impl Daemon {
         self.metrics().get(series).copied().unwrap_or(f64::NAN)
     }
 
+    /// Waits until `/status` says the projector of the first pipeline retries, past
+    /// `attempts` failed attempts; returns its `projector_retrying`.
+    pub fn retrying_past(&self, attempts: u64, env: &Env) -> serde_json::Value {
+        wait_for(Duration::from_secs(60), || {
+            let v: serde_json::Value = self.get("/status").json().ok()?;
+            let r = v[0]["projector_retrying"].clone();
+            (r["attempts"].as_u64()? > attempts).then_some(r)
+        })
+        .unwrap_or_else(|| panic!("no retrying in /status; log:\n{}", env.daemon_log()))
+    }
+
+    /// Waits until `/status` says the first pipeline is caught up, its projector retrying
+    /// no more.
+    pub fn caught_up(&self, env: &Env) {
+        wait_for(Duration::from_secs(60), || {
+            let v: serde_json::Value = self.get("/status").json().ok()?;
+            (v[0]["lag_events"] == 0 && v[0]["projector_retrying"].is_null()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("the retrying did not end; log:\n{}", env.daemon_log()))
+    }
+
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
