@@ -1342,6 +1342,12 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
 /// Runs tidemark in `env` as an unprivileged user when the tests run as root (root reads
 /// everything, so permissions would not bite), with `env`'s files opened to it first.
 fn unprivileged(env: &Env) -> impl Fn(&[&str]) -> std::process::Output + '_ {
+    let cmd = unprivileged_cmd(env);
+    move |args: &[&str]| cmd(args).output().unwrap()
+}
+
+/// [`unprivileged`], giving the command rather than running it.
+fn unprivileged_cmd(env: &Env) -> impl Fn(&[&str]) -> std::process::Command + '_ {
     let status = std::process::Command::new("chmod")
         .args(["-R", "a+rwX"])
         .arg(env.dir.path())
@@ -1353,8 +1359,50 @@ fn unprivileged(env: &Env) -> impl Fn(&[&str]) -> std::process::Output + '_ {
         if is_root() {
             c.uid(65534).gid(65534);
         }
-        c.output().unwrap()
+        c
     }
+}
+
+/// A source file that cannot be read is warned of once by a daemon, at debug by the scans
+/// after, and an info line says when it is read again (its WARN, and the scan's `the
+/// listing had errors`, came at every scan, flooding the log of a daemon left so).
+#[test]
+fn a_daemon_warns_of_an_unreadable_source_file_once_not_at_every_scan() {
+    let env = Env::dirs("", "");
+    write(env.src().join("ok.txt"), "ok");
+    write(env.src().join("locked.txt"), "locked");
+    let cmd = unprivileged_cmd(&env);
+    set_mode(env.src().join("locked.txt"), 0o000);
+    let daemon = env.spawn_daemon_with(cmd(&["run"]));
+    wait_for(Duration::from_secs(60), || {
+        let degraded = r#"tidemark_scans_total{pipeline="t",result="degraded"}"#;
+        (daemon.metric(degraded) >= 6.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no degraded scans; log:\n{}", env.daemon_log()));
+    let lines = |level: &str, what: &str| env.log_lines(level, what);
+    assert_eq!(lines("WARN", "locked.txt"), 1, "{}", env.daemon_log());
+    assert!(lines("DEBUG", "locked.txt") >= 5, "{}", env.daemon_log());
+    assert_eq!(
+        lines("WARN", "the listing had errors"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert!(env.dst().join("ok.txt").exists());
+
+    set_mode(env.src().join("locked.txt"), 0o644);
+    wait_for(Duration::from_secs(30), || {
+        env.dst().join("locked.txt").exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("not mirrored once readable; log:\n{}", env.daemon_log()));
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        lines("INFO", "are all read again"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(lines("WARN", "locked.txt"), 1, "{}", env.daemon_log());
 }
 
 fn is_root() -> bool {

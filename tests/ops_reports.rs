@@ -95,6 +95,9 @@ fn check(report: &Value) {
         conforms(f, "failures", &schema);
     }
     conforms(&report["delete_guard"], "delete_guard", &schema);
+    if !report["projector_retrying"].is_null() {
+        conforms(&report["projector_retrying"], "projector_retrying", &schema);
+    }
     assert_eq!(report["report_version"], 1);
     assert!(report["generated_at_utc"].as_str().unwrap().ends_with('Z'));
 }
@@ -497,6 +500,70 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
         "idle cycles wrote reports"
     );
     assert_eq!(tripped(&cycle_reports(&env)), 1);
+    assert!(d.terminate().success());
+}
+
+/// A daemon whose target is unavailable says so in its cycle reports, once per outage
+/// (`projector_retrying`: since when, the failed attempts, the error; the summary's
+/// `projector: retrying … since … target unavailable`), though nothing else happens; they
+/// said nothing of it. A report says when it ends.
+#[test]
+fn a_target_outage_is_reported_when_it_begins_and_ends() {
+    let env = Env::dirs("retry_max_backoff = \"300ms\"", "");
+    write(env.src().join("a.txt"), "a");
+    let d = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        env.dst().join("a.txt").exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("no mirror; log:\n{}", env.daemon_log()));
+    let retrying_reports = || -> Vec<(Value, String)> {
+        report_dirs(&env)
+            .iter()
+            .map(|dir| read_report(dir))
+            .filter(|(r, _)| r["run"] == "cycle" && r["projector_retrying"].is_object())
+            .collect()
+    };
+    let before = chrono::Utc::now();
+    std::fs::rename(env.dst(), env.path("dst-aside")).unwrap();
+    write(env.src().join("b.txt"), "b");
+    let first = d.retrying_past(3, &env);
+    let (report, summary) = wait_for(Duration::from_secs(30), || retrying_reports().pop())
+        .unwrap_or_else(|| panic!("no report of the outage; log:\n{}", env.daemon_log()));
+    check(&report);
+    let r = &report["projector_retrying"];
+    assert_eq!(r["since"], first["since"], "{report}");
+    let since: chrono::DateTime<chrono::Utc> = r["since"].as_str().unwrap().parse().unwrap();
+    assert!(since >= before, "{report}");
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("target unavailable: ") && error.contains("is gone"),
+        "{report}"
+    );
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("projector: retrying with backoff since "))
+        .unwrap_or_else(|| panic!("the summary does not say it:\n{summary}"));
+    assert!(
+        line.contains(&since.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            && line.contains("target unavailable: "),
+        "{summary}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        retrying_reports().len(),
+        1,
+        "one report per outage, not per cycle"
+    );
+
+    // Back: a report says the outage ended.
+    std::fs::rename(env.path("dst-aside"), env.dst()).unwrap();
+    wait_for(Duration::from_secs(30), || {
+        let rs = cycle_reports(&env);
+        let last = rs.last()?;
+        (env.dst().join("b.txt").exists() && last["projector_retrying"].is_null()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no report of the end; log:\n{}", env.daemon_log()));
+    assert_eq!(retrying_reports().len(), 1);
     assert!(d.terminate().success());
 }
 

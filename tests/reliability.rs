@@ -997,6 +997,105 @@ fn a_projector_retrying_on_a_full_target_disk_says_so_in_status_until_a_batch_su
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A daemon restarted while its projector retries a full target disk says the outage
+/// lasts since it began (`status` counted it from the restart, hiding how long the target
+/// had been down); the state forgets it once a batch goes through, so the next outage
+/// counts from its own start.
+#[test]
+fn a_restart_during_a_target_outage_keeps_its_start() {
+    let env = Env::dirs("retry_max_backoff = \"300ms\"", "");
+    let disk = Tmpfs::mount(&env.dst(), "2m");
+    write(env.src().join("big.bin"), noise(3 * 1024 * 1024, 7));
+    let daemon = env.spawn_daemon();
+    let first = daemon.retrying_past(2, &env);
+    assert!(daemon.terminate().success());
+
+    let daemon = env.spawn_daemon();
+    let again = daemon.retrying_past(first["attempts"].as_u64().unwrap(), &env);
+    assert_eq!(again["since"], first["since"], "{again}");
+    let since: chrono::DateTime<chrono::Utc> = first["since"].as_str().unwrap().parse().unwrap();
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "projector: retrying since {}",
+            since.format("%Y-%m-%d %H:%M:%S UTC")
+        )),
+        "{text}"
+    );
+    disk.remount("size=16m");
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+
+    // The next outage starts anew.
+    let back = chrono::Utc::now();
+    disk.remount("size=5m");
+    write(env.src().join("big2.bin"), noise(3 * 1024 * 1024, 8));
+    let daemon = env.spawn_daemon();
+    let next = daemon.retrying_past(0, &env);
+    let next_since: chrono::DateTime<chrono::Utc> =
+        next["since"].as_str().unwrap().parse().unwrap();
+    assert!(next_since > back, "{next}");
+    disk.remount("size=16m");
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A target unavailable for many retries is logged as an ERROR once, when it begins; at
+/// debug while the retries meet the same error; as a warning when the error changes; at
+/// info when a batch goes through (the ERROR came at every retry, and flooded the log of a
+/// daemon left so overnight).
+#[test]
+fn a_target_unavailable_for_many_retries_is_logged_when_it_begins_changes_and_ends() {
+    let env = Env::dirs("retry_max_backoff = \"300ms\"", "");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    let daemon = env.spawn_daemon();
+    std::fs::rename(env.dst(), env.path("dst-aside")).unwrap();
+    write(env.src().join("b.txt"), "b");
+    let attempts = daemon.retrying_past(8, &env)["attempts"].as_u64().unwrap();
+    let lines = |level: &str, what: &str| env.log_lines(level, what);
+    let gone = format!("the target directory {} is gone", env.dst().display());
+    assert_eq!(lines("ERROR", &gone), 1, "{}", env.daemon_log());
+    assert!(lines("DEBUG", &gone) >= 5, "{}", env.daemon_log());
+
+    // Another error: the target's path is a file now.
+    write(env.dst(), "not a directory");
+    let r = daemon.retrying_past(attempts + 4, &env);
+    let error = r["error"].as_str().unwrap().to_owned();
+    assert!(!error.contains("is gone"), "{r}");
+    assert_eq!(
+        lines("WARN", "target unavailable"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+
+    std::fs::remove_file(env.dst()).unwrap();
+    std::fs::rename(env.path("dst-aside"), env.dst()).unwrap();
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        lines("INFO", "the projector goes on"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(
+        lines("ERROR", "target unavailable"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(
+        lines("WARN", "target unavailable"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// The target directory removed under a running daemon is not made again empty: the
 /// projector retries and `status` says the target is gone (it made `dst/` again with the
 /// next change alone, and status, metrics and `sync` all read 0 lag). Put back, it goes

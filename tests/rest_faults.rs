@@ -1819,8 +1819,7 @@ find = "/users?name={{name}}"
     assert_eq!(warned.len(), 1, "{log}");
     assert!(warned[0].contains("not deleted: users 1000."), "{log}");
     assert!(
-        log.contains("DEBUG")
-            && log.contains("(the same items as at the last scan; warned of when they began)"),
+        log.contains("DEBUG") && log.contains("(still; logged when it began)"),
         "the repeats are at debug: {log}"
     );
 

@@ -83,7 +83,7 @@ pub enum RequestError {
     /// The server kept failing (connect error, timeout, 408, 429, 5xx) until the retry
     /// budget ran out.
     #[error(
-        "{method} {url}: {message} (gave up after {attempts} attempts in {elapsed:.1?}; {})",
+        "{method} {url}: {message} ({GAVE_UP}{attempts} attempts in {elapsed:.1?}; {})",
         if *.answered { "the server answers, but keeps failing this request" } else { "is the server up?" }
     )]
     Unavailable {
@@ -132,6 +132,25 @@ impl RequestError {
     pub fn is_transient(&self) -> bool {
         matches!(self, RequestError::Unavailable { .. })
     }
+}
+
+/// How [`RequestError::Unavailable`] starts to count what a give-up cost.
+const GAVE_UP: &str = "gave up after ";
+
+/// `message` without the attempts and time of the give-ups it holds
+/// ([`RequestError::Unavailable`]): the same outage met again gives up after other counts,
+/// and is still the same outage to someone reading the log.
+pub fn without_tally(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(GAVE_UP) {
+        let tail = &rest[at..];
+        let Some(end) = tail.find("; ") else { break };
+        out.push_str(&rest[..at]);
+        rest = &tail[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A successful response, read in full.
@@ -954,6 +973,33 @@ pub fn id_string(v: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two give-ups of one outage read the same without their counts; another error does
+    /// not.
+    #[test]
+    fn a_give_up_without_its_tally_is_the_same_outage() {
+        let gave_up = |attempts, elapsed| {
+            RequestError::Unavailable {
+                method: Method::POST,
+                url: "http://prod/posts".into(),
+                message: "connection refused".into(),
+                attempts,
+                elapsed,
+                answered: false,
+            }
+            .to_string()
+        };
+        let first = gave_up(3, Duration::from_millis(900));
+        assert_eq!(
+            without_tally(&first),
+            "POST http://prod/posts: connection refused (is the server up?)"
+        );
+        assert_eq!(
+            without_tally(&first),
+            without_tally(&gave_up(9, Duration::from_secs(21)))
+        );
+        assert_eq!(without_tally("disk full"), "disk full");
+    }
 
     #[test]
     fn redacts_every_secret() {

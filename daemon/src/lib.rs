@@ -19,6 +19,7 @@
 //! - [`verify`]: `tidemark verify`: source and target compared item by item.
 //! - [`progress`]: progress bars on a terminal, silence when piped; log lines kept above the bars.
 //! - [`report`]: `report.json` and `summary.txt` of every run and changed daemon cycle.
+//! - [`recurring`]: conditions met round after round, logged when they begin, change, clear.
 //!
 //! The flow and its guarantees are described in `docs/ARCHITECTURE.md`.
 #![deny(missing_docs)]
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod projector;
+pub mod recurring;
 pub mod report;
 pub mod scanner;
 pub mod server;

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tidemark_proto::{item_identity, version_checksum, version_mtime, Body, Event, Op, Ref};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -45,9 +45,10 @@ use tracing::{debug, error, info, warn};
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
+use crate::recurring::{log_recurring, Recurring};
 use crate::state::{
-    item_label, Applied, CommitMark, Creating, Deferred, Failure, OwnerError, PendingDelete,
-    Records, ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
+    item_label, Applied, CommitMark, Creating, Deferred, Failure, Outage, OwnerError,
+    PendingDelete, Records, ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
 
@@ -1231,8 +1232,13 @@ pub struct Projector {
     /// While the daemon retries with backoff (a target that refuses the batch, a log that
     /// cannot be read), what `status` shows of it: the metrics count the errors, but only
     /// this says that the projector is stuck, since when and on what. `None` once a pass
-    /// over the partitions succeeds.
+    /// over the partitions succeeds. Kept in the state too ([`State::outages`]), so that a
+    /// daemon restarted during an outage says since when it lasts.
     retrying: Mutex<Option<Retrying>>,
+    /// The errors the daemon's retries met (without the counts of their give-ups): logged
+    /// when the outage begins, at debug while it repeats, as a warning when the error
+    /// changes ([`Recurring`]); [`Projector::retried`] says when it ends.
+    failing: Recurring<String>,
     /// The configured source (its identity), checked with the target against those the
     /// state notes ([`State::check_owner`]): the log of another config's pipeline of the
     /// same name holds that source's events. `None` checks nothing.
@@ -1247,15 +1253,13 @@ pub struct Projector {
     retained_marks: Mutex<HashMap<u32, u64>>,
 }
 
-/// The daemon's projector retrying with backoff, as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+/// The daemon's projector retrying with backoff, as `status` and the cycle reports show
+/// it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Retrying {
-    /// When the first attempt of this run of failures failed.
-    pub since: chrono::DateTime<Utc>,
-    /// Attempts that failed since then, in a row.
-    pub attempts: u64,
-    /// The last attempt's error, secrets redacted.
-    pub error: String,
+    /// Since when, how many attempts, the last error: what the state keeps of it.
+    #[serde(flatten)]
+    pub outage: Outage,
     /// When the next attempt starts.
     pub next_attempt_at: chrono::DateTime<Utc>,
 }
@@ -1313,6 +1317,7 @@ impl Projector {
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
             retrying: Mutex::new(None),
+            failing: Recurring::default(),
             source: None,
             retained_unread: Mutex::default(),
             retained_marks: Mutex::default(),
@@ -1349,38 +1354,85 @@ impl Projector {
         self.retrying.lock().unwrap().clone()
     }
 
-    /// Notes an attempt of [`Projector::run`] that failed with `error`, the next one
-    /// starting after `delay`.
-    fn retry_after(&self, error: &ProjectError, delay: Duration) {
+    /// Takes up the outage a daemon stopped during left in the state, if any: the
+    /// retrying goes on counting from its start, and ends as any does.
+    fn resume_outage(&self) {
+        match self.state.outages().and_then(|o| o.get(&self.pipeline)) {
+            Ok(Some(outage)) => {
+                *self.retrying.lock().unwrap() = Some(Retrying {
+                    outage,
+                    next_attempt_at: Utc::now(),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(pipeline = %self.pipeline, "cannot read the outage the last daemon noted: {e}")
+            }
+        }
+    }
+
+    /// Logs the errors of an attempt of [`Projector::run`] that failed ([`Recurring`]:
+    /// once while they stay the same) and notes the attempt, the next one starting after
+    /// `delay`.
+    fn retry_after(&self, errors: &[ProjectError], delay: Duration) {
+        let Some(last) = errors.last() else {
+            return;
+        };
+        for e in errors {
+            let message = crate::http::redact_known(&e.to_string()).into_owned();
+            let seen = self.failing.met(crate::http::without_tally(&message));
+            log_recurring!(
+                seen,
+                error,
+                [],
+                format!("{message} (retried with backoff; logged again if the error changes, and when a batch goes through)")
+            );
+        }
+        self.failing.end_round();
         let now = Utc::now();
         // The status names the pipeline already.
-        let message = error.to_string();
+        let message = last.to_string();
         let prefix = format!("pipeline `{}`: ", self.pipeline);
         let message = message.strip_prefix(&prefix).unwrap_or(&message);
         let message = crate::http::redact_known(message).into_owned();
         let mut retrying = self.retrying.lock().unwrap();
         let r = retrying.get_or_insert_with(|| Retrying {
-            since: now,
-            attempts: 0,
-            error: String::new(),
+            outage: Outage {
+                since: now,
+                attempts: 0,
+                error: String::new(),
+            },
             next_attempt_at: now,
         });
-        r.attempts += 1;
-        r.error = message;
+        r.outage.attempts += 1;
+        r.outage.error = message;
         r.next_attempt_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+        if let Err(e) = self
+            .state
+            .outages()
+            .and_then(|o| o.put(&self.pipeline, &r.outage))
+        {
+            warn!(pipeline = %self.pipeline, "cannot note the outage in the state: {e}");
+        }
     }
 
     /// Ends the retrying [`Projector::retry_after`] noted, once an attempt succeeded.
     fn retried(&self) {
-        if let Some(r) = self.retrying.lock().unwrap().take() {
-            info!(
-                pipeline = %self.pipeline,
-                attempts = r.attempts,
-                since = %r.since,
-                "the projector goes on: a batch succeeded after {} failed attempts since {}",
-                r.attempts,
-                r.since
-            );
+        self.failing.end_round();
+        let Some(r) = self.retrying.lock().unwrap().take() else {
+            return;
+        };
+        let Outage {
+            since, attempts, ..
+        } = r.outage;
+        info!(
+            pipeline = %self.pipeline,
+            attempts,
+            since = %since,
+            "the projector goes on: a batch succeeded after {attempts} failed attempts since {since}"
+        );
+        if let Err(e) = self.state.outages().and_then(|o| o.remove(&self.pipeline)) {
+            warn!(pipeline = %self.pipeline, "cannot clear the outage noted in the state: {e}");
         }
     }
 
@@ -4072,19 +4124,19 @@ impl Projector {
         let mut owned: Option<BTreeSet<u32>> = None;
         let mut last_dir_retry = Instant::now();
         self.tailing.store(true, Ordering::SeqCst);
+        self.resume_outage();
         if let Err(e) = self.recover().await {
             error!("{e}");
         }
         while !cancel.is_cancelled() {
             let mut read = 0;
-            // The last error of this pass, if any failed.
-            let mut failed = None;
+            // The errors of this pass, if any failed.
+            let mut failed = Vec::new();
             // The log (its consumer group, for Kafka) decides which partitions are ours.
             let partitions = match self.take_assignment(&mut owned).await {
                 Ok(p) => p,
                 Err(e) => {
-                    error!("{e}");
-                    failed = Some(e);
+                    failed.push(e);
                     Vec::new()
                 }
             };
@@ -4102,15 +4154,12 @@ impl Projector {
                             );
                         }
                     }
-                    Err(e) => {
-                        error!("{e}");
-                        failed = Some(e.source);
-                    }
+                    Err(e) => failed.push(e.source),
                 }
             }
-            if let Some(e) = failed {
+            if !failed.is_empty() {
                 let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(30));
-                self.retry_after(&e, delay);
+                self.retry_after(&failed, delay);
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,

@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::DeleteLimit;
 use crate::pipeline::Pipeline;
-use crate::projector::{PlannedAction, ProjectReport};
+use crate::projector::{PlannedAction, ProjectReport, Retrying};
 use crate::state::{Failure, ScanRecord};
 
 /// Version of the `report.json` schema; bumped on any incompatible change.
@@ -165,6 +165,11 @@ pub struct Report {
     /// have, which tidemark leaves alone ([`target_only_note`]). Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_only: Option<u64>,
+    /// Only in a daemon cycle's report while its projector retries with backoff (the
+    /// target unavailable, the log unreadable): since when (the outage's start, across
+    /// restarts), the failed attempts, the last error (secrets redacted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projector_retrying: Option<Retrying>,
 }
 
 /// What a pipeline's first projection into a target that already held entries says of
@@ -199,6 +204,7 @@ impl Report {
             error: None,
             interrupted: None,
             target_only: None,
+            projector_retrying: None,
         }
     }
 
@@ -314,8 +320,9 @@ impl Report {
     }
 
     /// A condition that lasts until someone acts, described so that two runs meeting
-    /// the same one compare equal: a scan that did not end `ok` (with its error count)
-    /// or a tripped delete guard (with its numbers). `None` when the run met neither.
+    /// the same one compare equal: a scan that did not end `ok` (with its error count),
+    /// a tripped delete guard (with its numbers) or a projector retrying (since when, on
+    /// which error, without the counts of its give-ups). `None` when the run met none.
     pub fn condition(&self) -> Option<String> {
         let scan = self
             .scan
@@ -331,10 +338,15 @@ impl Report {
                 g.limit
             )
         });
-        match (scan, guard) {
-            (None, None) => None,
-            (a, b) => Some(a.into_iter().chain(b).collect::<Vec<_>>().join("; ")),
-        }
+        let retrying = self.projector_retrying.as_ref().map(|r| {
+            format!(
+                "projector retrying since {}: {}",
+                r.outage.since,
+                crate::http::without_tally(&r.outage.error)
+            )
+        });
+        let all: Vec<String> = scan.into_iter().chain(guard).chain(retrying).collect();
+        (!all.is_empty()).then(|| all.join("; "))
     }
 
     /// The human summary written beside `report.json`.
@@ -362,6 +374,15 @@ impl Report {
         }
         if let Some(interrupted) = &self.interrupted {
             let _ = writeln!(s, "{interrupted}");
+        }
+        if let Some(r) = &self.projector_retrying {
+            let _ = writeln!(
+                s,
+                "projector: retrying with backoff since {} ({} failed attempts so far; `tidemark status` shows the latest): {}",
+                r.outage.since.format("%Y-%m-%d %H:%M:%S UTC"),
+                r.outage.attempts,
+                r.outage.error
+            );
         }
         match &self.scan {
             Some(scan) => {
@@ -705,6 +726,7 @@ impl Cycle {
             info!(pipeline = %name, "{}", target_only_note(n));
         }
         report.add_counts(&self.pipeline.projector.tally());
+        report.projector_retrying = self.pipeline.projector.retrying();
         if let Some(status) = status {
             report.failures = status
                 .failed

@@ -21,6 +21,7 @@ use crate::config::DeleteLimit;
 use crate::log::{AppendError, EventLog, ReadError};
 use crate::metrics::{metrics, Metrics};
 use crate::progress::Progress;
+use crate::recurring::{log_recurring, Recurring, Seen as Repeat};
 use crate::source::{Entry, FetchError, Item, ListError, ListStream, Listing, Mount, Source};
 use crate::state::{
     GuardTrip, IndexEntry, LogMark, OwnerError, ScanRecord, SourceNoted, State, StateError,
@@ -146,17 +147,20 @@ pub struct Scanner {
     /// lasts (every such scan is still degraded, and `status` shows why), and noted when
     /// it ends.
     absent_refs: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
-    /// The items (identities, sorted) that the last scan to decide its deletes did not
-    /// list although the source still has them, as warned of: the same items missed scan
-    /// after scan (a `path` that filters them out, with `confirm_deletes` on) are warned
-    /// of once, at debug while they stay the same, and again when they change. Empty once
-    /// a scan misses none.
-    kept_in_source: std::sync::Mutex<Vec<String>>,
-    /// The delete guard's last trip as warned of (deletes it would have made, deletes
-    /// allowed): a daemon whose guard trips scan after scan for the same deletes warns
-    /// once, at debug while it repeats (every trip is still counted and recorded), and
-    /// again when what it withholds changes. `None` once a scan does not trip it.
-    guard_warned: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The items (identities, sorted) that the scans deciding their deletes did not list
+    /// although the source still has them: the same items missed scan after scan (a
+    /// `path` that filters them out, with `confirm_deletes` on) are warned of once, at
+    /// debug while they stay the same, and again when they change.
+    kept_in_source: Recurring<Vec<String>>,
+    /// The delete guard's trips (deletes it would have made, deletes allowed): a daemon
+    /// whose guard trips scan after scan for the same deletes warns once, at debug while it
+    /// repeats (every trip is still counted and recorded), and again when what it
+    /// withholds changes.
+    guard_warned: Recurring<(u64, u64)>,
+    /// The entries the scans could not list or read (their errors' messages): an
+    /// unreadable file is warned of when a scan first meets it, at debug while the scans
+    /// after keep meeting it, and an info line says when a complete scan meets none.
+    entry_errors: Recurring<String>,
     /// The scan running now, as far as it went, for `status`: a first scan of a large
     /// source takes minutes, and the log fills with its events meanwhile, while its record
     /// is written only at its end.
@@ -200,6 +204,9 @@ impl Drop for Running<'_> {
 struct Noticed {
     /// Items whose warning an earlier scan of this process gave already.
     repeated_warnings: u64,
+    /// Entries this scan could not list or read that the scan before could not either
+    /// (logged at debug).
+    repeated_errors: u64,
     /// Per kind and reference field, how the items read hold it.
     refs: std::collections::BTreeMap<(String, String), RefTally>,
     /// Keys of the entries that vanished before the scan read them.
@@ -277,6 +284,7 @@ impl Scanner {
             absent_refs: Default::default(),
             kept_in_source: Default::default(),
             guard_warned: Default::default(),
+            entry_errors: Default::default(),
             running: Default::default(),
             owner: None,
         }
@@ -605,7 +613,7 @@ impl Scanner {
                             known.unsee(&item_identity(&kind, &key));
                             self.vanished(record, &mut noticed, key);
                         }
-                        Err(e) => self.entry_error(record, e.to_string()),
+                        Err(e) => noticed.repeated_errors += u64::from(self.entry_error(record, e.to_string())),
                     }
                 }
                 next = listing.next(), if !listing_done && fetching.len() < self.fetch_concurrency => {
@@ -614,7 +622,7 @@ impl Scanner {
                         Some(Err(e)) if e.is_fatal() => {
                             return Err(ScanError::List { pipeline: self.pipeline.clone(), source: e });
                         }
-                        Some(Err(e)) => self.entry_error(record, e.to_string()),
+                        Some(Err(e)) => noticed.repeated_errors += u64::from(self.entry_error(record, e.to_string())),
                         Some(Ok(Listing::Skipped { key, reason })) => {
                             record.skipped += 1;
                             if self.warned_skipped.lock().unwrap().insert(key.clone()) {
@@ -654,7 +662,7 @@ impl Scanner {
         let repeated = if interrupted {
             0
         } else {
-            self.absent_refs(&noticed, record)
+            self.absent_refs(&noticed, record) + noticed.repeated_errors
         };
         if interrupted {
             info!(
@@ -678,6 +686,12 @@ impl Scanner {
         } else {
             self.deletes(record, &mut known, sink, &noticed.vanished)
                 .await?;
+        }
+        if !interrupted && self.entry_errors.end_round() {
+            info!(
+                pipeline = %self.pipeline,
+                "the entries the scans before could not list or read are all read again"
+            );
         }
         if let Sink::Log = sink {
             known.store().map_err(self.state_err())?;
@@ -950,7 +964,8 @@ impl Scanner {
             if !first {
                 repeated += 1;
             }
-            self.listing_error(record, message, first);
+            let seen = if first { Repeat::Began } else { Repeat::Again };
+            self.listing_error(record, message, seen);
         }
         repeated
     }
@@ -963,24 +978,25 @@ impl Scanner {
         noticed.vanished.insert(key);
     }
 
-    fn entry_error(&self, record: &mut ScanRecord, message: String) {
-        self.listing_error(record, message, true);
+    /// Counts and logs an entry that could not be listed or read: warned of when a scan
+    /// first meets it, at debug while the scans after meet it again ([`Recurring`]).
+    /// Returns whether the scan before met it too.
+    fn entry_error(&self, record: &mut ScanRecord, message: String) -> bool {
+        let seen = self.entry_errors.met(message.clone());
+        self.listing_error(record, message, seen);
+        seen == Repeat::Again
     }
 
     /// Counts a listing error (so the scan emits no deletes) and logs it: as a warning,
-    /// unless `warn` is false (a lasting condition an earlier scan warned of), at debug.
-    fn listing_error(&self, record: &mut ScanRecord, message: String, warn: bool) {
+    /// but at debug when an earlier scan warned of it (`seen` is [`Repeat::Again`]).
+    fn listing_error(&self, record: &mut ScanRecord, message: String, seen: Repeat) {
         let message = format!("{message}; this scan emits no deletes");
         record.errors += 1;
         metrics()
             .scan_errors
             .with_label_values(&[&self.pipeline])
             .inc();
-        if warn {
-            warn!(pipeline = %self.pipeline, "{message}");
-        } else {
-            debug!(pipeline = %self.pipeline, "{message} (still; warned when it began)");
-        }
+        log_recurring!(seen, warn, [pipeline = %self.pipeline,], &message);
         if record.error_messages.len() < ERRORS_KEPT {
             record.error_messages.push(message.clone());
         }
@@ -1101,9 +1117,9 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         let unseen = known.unseen();
         if unseen.is_empty() {
-            self.kept_in_source.lock().unwrap().clear();
+            self.kept_in_source.end_round();
             if !matches!(sink, Sink::Dry(_)) {
-                *self.guard_warned.lock().unwrap() = None;
+                self.guard_warned.end_round();
             }
             return Ok(());
         }
@@ -1126,7 +1142,7 @@ impl Scanner {
             match self.still_absent(names, vanished, confirm).await {
                 Ok(names) => doomed = Some(names),
                 Err(message) => {
-                    self.entry_error(record, message);
+                    let _ = self.entry_error(record, message);
                     return Ok(());
                 }
             }
@@ -1215,22 +1231,14 @@ impl Scanner {
                 "delete guard tripped: this scan would delete {would_delete} of {indexed} items, more than max_delete = {} allows; no deletes were emitted. If the deletes are intended, raise max_delete in the config, then restart the daemon (or, with no daemon running, run `tidemark sync`)",
                 trip.limit
             );
-            let again = self
-                .guard_warned
-                .lock()
-                .unwrap()
-                .replace((would_delete, allowed))
-                == Some((would_delete, allowed));
-            if again {
-                debug!(pipeline = %self.pipeline, would_delete, allowed, limit = %trip.limit, "{message} (still; warned when it began)");
-            } else {
-                warn!(pipeline = %self.pipeline, would_delete, allowed, limit = %trip.limit, "{message}");
-            }
+            let seen = self.guard_warned.met((would_delete, allowed));
+            self.guard_warned.end_round();
+            log_recurring!(seen, warn, [pipeline = %self.pipeline, would_delete, allowed, limit = %trip.limit,], message);
             record.guard = Some(trip);
             return true;
         }
         if !matches!(sink, Sink::Dry(_)) {
-            *self.guard_warned.lock().unwrap() = None;
+            self.guard_warned.end_round();
         }
         false
     }
@@ -1268,7 +1276,7 @@ impl Scanner {
             .partition(|id| absent.contains(&entry(id)));
         if back.is_empty() {
             if all {
-                self.kept_in_source.lock().unwrap().clear();
+                self.kept_in_source.end_round();
             }
             return Ok(sure.into_iter().chain(gone).collect());
         }
@@ -1285,27 +1293,15 @@ impl Scanner {
                 })
                 .collect();
             let more = if n > named.len() { ", …" } else { "" };
-            let changed = {
-                let mut last = self.kept_in_source.lock().unwrap();
-                let changed = *last != kept;
-                *last = kept;
-                changed
-            };
+            let seen = self.kept_in_source.met(kept);
+            self.kept_in_source.end_round();
             let message = format!(
                 "{n} items this scan did not list are still in the source, so they are not deleted: {}{more}. Most likely items before them were deleted while the pages were read, which shifts the rest; the next scan lists them. If it keeps happening, the kind's `path` leaves them out of its listing while they can still be read one by one: when it filters items out on purpose (`?active=true`), set `confirm_deletes = false` on the kind so that items leaving the filter are deleted",
                 named.join(", ")
             );
             // Warned of when it begins or the items change; while the same items keep
             // being missed, a daemon's every scan would repeat the same warning.
-            if changed {
-                warn!(pipeline = %self.pipeline, items = n, "{message}");
-            } else {
-                debug!(
-                    pipeline = %self.pipeline,
-                    items = n,
-                    "{message} (the same items as at the last scan; warned of when they began)"
-                );
-            }
+            log_recurring!(seen, warn, [pipeline = %self.pipeline, items = n,], message);
         } else {
             debug!(
                 pipeline = %self.pipeline,

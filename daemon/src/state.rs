@@ -305,6 +305,19 @@ pub struct GuardTrip {
     pub limit: String,
 }
 
+/// A daemon projector's run of failed attempts in a row (a target that refuses its
+/// batches, a log that cannot be read), kept so that a daemon restarted during it counts
+/// from when it began, not from the restart; removed once a batch goes through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outage {
+    /// When the first attempt of this run of failures failed.
+    pub since: DateTime<Utc>,
+    /// Attempts that failed since then, in a row.
+    pub attempts: u64,
+    /// The last attempt's error, secrets redacted.
+    pub error: String,
+}
+
 /// What this state last committed on one partition of a log that keeps its committed
 /// offsets outside the state (a Kafka consumer group), so a projector can tell that the
 /// group's offsets went back behind its own work: the `group` was changed, or the broker
@@ -652,6 +665,11 @@ impl State {
     /// keyed by pipeline name, so the gauge of it is right again after a restart.
     pub fn last_applies(&self) -> Result<Records<DateTime<Utc>>, StateError> {
         self.records("last-apply")
+    }
+
+    /// The outage each pipeline's daemon projector is retrying, keyed by pipeline name.
+    pub fn outages(&self) -> Result<Records<Outage>, StateError> {
+        self.records("outages")
     }
 
     /// The last `replay` of each partition, keyed `<pipeline>/<partition>`.

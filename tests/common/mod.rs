@@ -147,13 +147,18 @@ path = "dst"
 
     /// Starts `tidemark run` with stderr captured to `daemon.log` (appended).
     pub fn spawn_daemon(&self) -> Daemon {
+        self.spawn_daemon_with(self.cmd(&["run"]))
+    }
+
+    /// [`Env::spawn_daemon`] with `run`, a command for `tidemark run` set up otherwise
+    /// (as another user).
+    pub fn spawn_daemon_with(&self, mut run: Command) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("daemon.log"))
             .unwrap();
-        let child = self
-            .cmd(&["run"])
+        let child = run
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -172,6 +177,15 @@ path = "dst"
 
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// How many lines of `daemon.log` at `level` (`ERROR`, `WARN`, `INFO`, `DEBUG`) hold
+    /// `what`.
+    pub fn log_lines(&self, level: &str, what: &str) -> usize {
+        self.daemon_log()
+            .lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
     }
 }
 
@@ -193,6 +207,27 @@ impl Daemon {
 
     pub fn metric(&self, series: &str) -> f64 {
         self.metrics().get(series).copied().unwrap_or(f64::NAN)
+    }
+
+    /// Waits until `/status` says the projector of the first pipeline retries, past
+    /// `attempts` failed attempts; returns its `projector_retrying`.
+    pub fn retrying_past(&self, attempts: u64, env: &Env) -> serde_json::Value {
+        wait_for(Duration::from_secs(60), || {
+            let v: serde_json::Value = self.get("/status").json().ok()?;
+            let r = v[0]["projector_retrying"].clone();
+            (r["attempts"].as_u64()? > attempts).then_some(r)
+        })
+        .unwrap_or_else(|| panic!("no retrying in /status; log:\n{}", env.daemon_log()))
+    }
+
+    /// Waits until `/status` says the first pipeline is caught up, its projector retrying
+    /// no more.
+    pub fn caught_up(&self, env: &Env) {
+        wait_for(Duration::from_secs(60), || {
+            let v: serde_json::Value = self.get("/status").json().ok()?;
+            (v[0]["lag_events"] == 0 && v[0]["projector_retrying"].is_null()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("the retrying did not end; log:\n{}", env.daemon_log()))
     }
 
     pub fn signal(&self, sig: &str) {
