@@ -183,6 +183,13 @@ enum Failure {
     /// Permission denied: this item's failure while the target root itself can be written
     /// (a subdirectory owned by someone else), else the whole target's.
     Denied(String),
+    /// The target refused this item with an error that names no condition of the whole
+    /// target (a name or kind of item its filesystem cannot hold: a link on exFAT,
+    /// `ENOSYS`; a name with `*` or `:` there, `ENOENT`; `EILSEQ`, `ENAMETOOLONG`,
+    /// `EINVAL`, `EFBIG`): it would refuse it again at every retry, so it is this item's
+    /// failure while the root is as this process found it and can be written (checked
+    /// only then, see [`Inner::item_alone`]), else the whole target's.
+    Refused(String),
     Stale,
 }
 
@@ -190,9 +197,60 @@ impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Failure {
         match e.raw_os_error() {
             Some(1 | 13) => Failure::Denied(describe_io(&e)),
+            Some(errno) if !target_wide(errno) => Failure::Refused(describe_io(&e)),
             _ => Failure::Transient(describe_io(&e)),
         }
     }
+}
+
+/// Whether a target filesystem refused a name it cannot hold (`EILSEQ`, `ENAMETOOLONG`,
+/// `EINVAL`): nothing can be there under it.
+fn unholdable_name(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw_os_error),
+        Some(Errno::ILSEQ | Errno::NAMETOOLONG | Errno::INVAL)
+    )
+}
+
+/// Whether an error number says something of the whole target that may pass (space,
+/// quota, a read-only or failing filesystem, a FUSE daemon gone, resources of the
+/// process): the batch waits and is retried. Any other error is the item's own.
+fn target_wide(errno: i32) -> bool {
+    use rustix::io::Errno;
+    [
+        Errno::NOSPC,
+        Errno::DQUOT,
+        Errno::ROFS,
+        Errno::IO,
+        Errno::NOTCONN,
+        Errno::STALE,
+        Errno::NODEV,
+        Errno::NXIO,
+        Errno::NOMEDIUM,
+        Errno::UCLEAN,
+        Errno::REMOTEIO,
+        Errno::SHUTDOWN,
+        Errno::TIMEDOUT,
+        Errno::HOSTDOWN,
+        Errno::HOSTUNREACH,
+        Errno::NETDOWN,
+        Errno::NETUNREACH,
+        Errno::CONNABORTED,
+        Errno::CONNRESET,
+        Errno::CONNREFUSED,
+        Errno::MFILE,
+        Errno::NFILE,
+        Errno::NOMEM,
+        Errno::NOBUFS,
+        Errno::NOLCK,
+        Errno::AGAIN,
+        Errno::INTR,
+        Errno::BUSY,
+        Errno::DEADLK,
+        Errno::CANCELED,
+    ]
+    .contains(&Errno::from_raw_os_error(errno))
 }
 
 /// The source file a file event's blob names, opened to copy; `None` for an event that
@@ -235,10 +293,18 @@ fn source_open_failure(e: &std::io::Error, locator: &str) -> Failure {
 }
 
 fn describe_io(e: &std::io::Error) -> String {
-    let hint = match e.raw_os_error() {
-        Some(28) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
-        Some(30) => " (target filesystem is read-only)",
-        Some(13) | Some(1) => " (permission denied on the target; check ownership)",
+    use rustix::io::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+    let hint = match errno {
+        Some(Errno::NOSPC) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
+        Some(Errno::ROFS) => " (target filesystem is read-only)",
+        Some(Errno::ACCESS | Errno::PERM) => " (permission denied on the target; check ownership)",
+        Some(Errno::NOSYS | Errno::OPNOTSUPP) => " (the target filesystem cannot hold this kind of item: FAT and exFAT have no symbolic links; exclude it in the source, or set follow_symlinks to copy what it points to)",
+        Some(Errno::ILSEQ) => " (the target filesystem cannot hold this name: it is not valid in the filesystem's character set; rename it in the source or exclude it)",
+        Some(Errno::NAMETOOLONG) => " (the name is too long for the target filesystem; rename it in the source or exclude it)",
+        Some(Errno::NOENT) => " (the target filesystem refuses this name: FAT and exFAT hold none with any of \" * : < > ? \\ |; rename it in the source or exclude it)",
+        Some(Errno::INVAL) => " (the target filesystem refuses this name or item; rename it in the source or exclude it)",
+        Some(Errno::FBIG) => " (the file is too large for the target filesystem: FAT32 holds at most 4 GiB; exclude it in the source)",
         _ => "",
     };
     format!("{e}{hint}")
@@ -484,13 +550,23 @@ impl Inner {
         failed.map_or(Ok(()), |m| Err(Failure::Transient(m)))
     }
 
-    /// Creates the parents of `path` and checks none of them is a symbolic link. What was
-    /// checked is remembered until the next flush, so each directory (the root too) is
-    /// looked at once per batch, not once per new directory below it.
     /// Whether this process may create and remove entries in the target root.
     fn root_writable(&self) -> bool {
         use rustix::fs::{access, Access};
         access(&self.root, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+    }
+
+    /// Whether an error met on one item is that item's alone: the root is still the
+    /// directory this process found or made (not gone, not unmounted) and can be written.
+    /// Asked on error paths only.
+    fn item_alone(&self) -> bool {
+        let found = fs::metadata(&self.root).ok().filter(|m| m.is_dir());
+        let same = match (*self.root_id.lock().unwrap(), found) {
+            (_, None) => false,
+            (Some(was), Some(m)) => was == (m.dev(), m.ino()),
+            (None, Some(_)) => true,
+        };
+        same && self.root_writable()
     }
 
     /// Why the target root could not be made, naming the root: "File exists" alone points
@@ -551,6 +627,9 @@ impl Inner {
         }
     }
 
+    /// Creates the parents of `path` and checks none of them is a symbolic link. What was
+    /// checked is remembered until the next flush, so each directory (the root too) is
+    /// looked at once per batch, not once per new directory below it.
     fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
         let parent = path.parent().expect("resolved paths are below the root");
         let known = |dir: &Path| self.safe_dirs.lock().unwrap().contains(dir);
@@ -1088,6 +1167,9 @@ impl Inner {
             Ok(false) => return Ok(Outcome::Unchanged),
             Err(e) if e.kind() == ErrorKind::NotFound => Outcome::Unchanged,
             Err(e) if matches!(e.raw_os_error(), Some(20 | 21)) => return Ok(Outcome::Unchanged),
+            // A name the target filesystem cannot hold (exFAT: not UTF-8, too long, `*`):
+            // its upsert failed, so it is not there.
+            Err(e) if unholdable_name(&e) => return Ok(Outcome::Unchanged),
             Err(e) => return Err(e.into()),
         };
         self.safe_dirs.lock().unwrap().remove(&path);
@@ -1149,20 +1231,22 @@ impl Target for DirTarget {
             Ok(outcome) => Ok(outcome.into()),
             Err(Failure::Stale) => Ok(Outcome::Stale.into()),
             // One item below a root that can be written must not hold up the others.
-            Err(Failure::Denied(message)) if self.inner.root_writable() => {
+            Err(Failure::Denied(message) | Failure::Refused(message))
+                if self.inner.item_alone() =>
+            {
                 Err(ApplyError::Permanent {
                     kind: event.kind.clone(),
                     key: event.key.clone(),
                     message: at(message),
                 })
             }
-            Err(Failure::Transient(message) | Failure::Denied(message)) => {
-                Err(ApplyError::Transient {
-                    kind: event.kind.clone(),
-                    key: event.key.clone(),
-                    message: at(message),
-                })
-            }
+            Err(
+                Failure::Transient(message) | Failure::Denied(message) | Failure::Refused(message),
+            ) => Err(ApplyError::Transient {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message: at(message),
+            }),
             Err(Failure::Permanent(message)) => Err(ApplyError::Permanent {
                 kind: event.kind.clone(),
                 key: event.key.clone(),
@@ -1274,7 +1358,8 @@ impl Target for DirTarget {
             Ok(Err(
                 Failure::Transient(message)
                 | Failure::Permanent(message)
-                | Failure::Denied(message),
+                | Failure::Denied(message)
+                | Failure::Refused(message),
             )) => Err(ApplyError::Transient {
                 kind: "dir".into(),
                 key: root,
@@ -1335,6 +1420,20 @@ mod tests {
             );
         }
         assert!(matches!(failure(5), Failure::Transient(_)));
+    }
+
+    #[test]
+    fn only_errors_of_the_whole_target_are_transient() {
+        let failure = |errno: i32| Failure::from(std::io::Error::from_raw_os_error(errno));
+        // ENOSPC, EDQUOT, EROFS, EIO, ENOTCONN, EMFILE
+        for errno in [28, 122, 30, 5, 107, 24] {
+            assert!(matches!(failure(errno), Failure::Transient(_)), "{errno}");
+        }
+        // ENOSYS, ENOENT, EILSEQ, ENAMETOOLONG, EINVAL, EFBIG
+        for errno in [38, 2, 84, 36, 22, 27] {
+            assert!(matches!(failure(errno), Failure::Refused(_)), "{errno}");
+        }
+        assert!(matches!(failure(13), Failure::Denied(_)));
     }
 
     #[tokio::test]
