@@ -95,3 +95,127 @@ fn issue_exfat_items_the_target_cannot_hold_fail_alone() {
     assert_eq!(failed(&env), vec![]);
     assert_eq!(std::fs::read(env.dst().join("d/star")).unwrap(), b"star");
 }
+
+/// The names of the entries of `dir`, sorted, as the target spells them.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".tidemark"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Each of the top entries `top` (`Readme` or `README`, `a` or `A`) holds the content of
+/// the source item with its spelling (`a/same` or `A/same` for a directory).
+fn assert_entries_hold_their_items(env: &Env, top: &[String]) {
+    for name in top {
+        let file = if name.eq_ignore_ascii_case("readme") {
+            name.clone()
+        } else {
+            format!("{name}/same")
+        };
+        assert_eq!(
+            std::fs::read(env.dst().join(&file)).unwrap(),
+            std::fs::read(env.src().join(&file)).unwrap(),
+            "{file}"
+        );
+    }
+}
+
+/// Issue: on a target that folds case, two source items whose paths differ in case only
+/// (`Readme` and `README`, `a/same` and `A/same`) were both "written" to one entry, the
+/// run exiting 0, and deleting one from the source deleted the other's file. Now the
+/// first keeps the place, the second fails naming both keys (and `verify` says so), and
+/// its delete leaves the first alone.
+#[test]
+fn issue_exfat_items_whose_keys_differ_in_case_only_never_share_an_entry() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    let _fs = Exfat::mount(&env.dst());
+    write(env.src().join("Readme"), "first");
+    write(env.src().join("README"), "second");
+    write(env.src().join("a/same"), "lower");
+    write(env.src().join("A/same"), "upper");
+
+    let project = sync_degraded(&env);
+    assert_eq!(outcome(&project, "failed"), 3, "{project}");
+    let failures = failed(&env);
+    assert_eq!(failures.len(), 3, "{failures:?}");
+    let top = names(&env.dst());
+    assert_eq!(top.len(), 2, "{top:?}");
+    assert_entries_hold_their_items(&env, &top);
+    for (key, reason) in &failures {
+        let holder = if key.eq_ignore_ascii_case("readme") {
+            top.iter()
+                .find(|n| n.eq_ignore_ascii_case("readme"))
+                .unwrap()
+        } else {
+            top.iter().find(|n| n.eq_ignore_ascii_case("a")).unwrap()
+        };
+        assert!(
+            reason.contains(&format!("`{key}`")) && reason.contains(&format!("`{holder}")),
+            "{key}: {reason}"
+        );
+        assert!(reason.contains("folds the case"), "{reason}");
+    }
+    let out = env.run(&["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    // What is missing is what failed, said with its reason; nothing is extra.
+    assert!(text.contains("3 missing"), "{text}");
+    assert!(text.contains(" 0 extra"), "{text}");
+    for (key, _) in &failures {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&format!(" {key} failed: ")) && l.contains("folds the case")),
+            "{key}: {text}"
+        );
+    }
+
+    // The source deletes the failed ones: the others stay.
+    let winners: Vec<String> = top.clone();
+    let readme = if winners.contains(&"Readme".to_string()) {
+        "README"
+    } else {
+        "Readme"
+    };
+    let dir = if winners.contains(&"a".to_string()) {
+        "A"
+    } else {
+        "a"
+    };
+    std::fs::remove_file(env.src().join(readme)).unwrap();
+    std::fs::remove_dir_all(env.src().join(dir)).unwrap();
+    let out = env.run(&["sync"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(failed(&env), vec![]);
+    assert_eq!(names(&env.dst()), winners);
+    assert_entries_hold_their_items(&env, &winners);
+}
+
+/// Issue: a rename that changes only the case of a name (`Readme` to `README`, a
+/// directory `docs` to `Docs`) left the target without the file: the new item was
+/// written over the old one's entry, then the old one's delete removed it. Now the new
+/// item waits for the old one's delete, and one sync ends with it on the target.
+#[test]
+fn issue_exfat_a_rename_of_the_case_only_ends_with_the_item_on_the_target() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = true");
+    let _fs = Exfat::mount(&env.dst());
+    write(env.src().join("Readme"), "read me");
+    write(env.src().join("docs/guide"), "guide");
+    env.sync();
+    std::fs::rename(env.src().join("Readme"), env.src().join("README")).unwrap();
+    std::fs::rename(env.src().join("docs"), env.src().join("Docs")).unwrap();
+    env.sync();
+    assert_eq!(names(&env.dst()), ["Docs", "README"]);
+    assert_eq!(std::fs::read(env.dst().join("README")).unwrap(), b"read me");
+    assert_eq!(names(&env.dst().join("Docs")), ["guide"]);
+    assert_eq!(
+        std::fs::read(env.dst().join("Docs/guide")).unwrap(),
+        b"guide"
+    );
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(failed(&env), vec![]);
+}

@@ -11,12 +11,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use tidemark_proto::{checksum_bytes, pathkey, version_checksum, Body, ChecksumWriter, Event, Op};
 
-use super::{ApplyError, Effect, Outcome, Probe, Target};
+use super::{ApplyError, Claims, Effect, Outcome, Probe, Target};
 use crate::blocking::Runner;
 use crate::config::DirTargetConfig;
 use crate::source::fs::{hash_reader, mtime_ns, with_read_buffer};
@@ -171,6 +171,32 @@ struct Inner {
     /// link (or the reverse) has a delete and an upsert of two identities, applied
     /// concurrently, and the delete must never remove the new item.
     places: Box<[Mutex<()>]>,
+    /// Whether the target folds the case of names (exFAT; a casefolded ext4 directory):
+    /// probed once per process in `.tidemark-tmp/` ([`Inner::folds`]). Only then are
+    /// `spellings` kept: an ordinary target does no work per item for it.
+    folds: OnceLock<bool>,
+    /// Held while `folds` is probed.
+    probing: Mutex<()>,
+    /// On a target that folds case: the key (spelling) of the item, or of the directory
+    /// of items, that holds each place there (the key folded), so that two source items
+    /// whose keys differ in case only never share one target entry (the second
+    /// overwrote the first, and its delete removed it). Filled from the applied state
+    /// when the target is found to fold, and kept current by this process's applies.
+    spellings: Mutex<HashMap<String, String>>,
+    /// The projector's claims, which give the applied keys `spellings` starts from.
+    claims: OnceLock<Arc<dyn Claims>>,
+}
+
+/// A key as a target that folds the case of names sees it.
+fn folded(key: &str) -> String {
+    key.to_lowercase()
+}
+
+/// The keys of the places a key takes: its directories', from the top, then its own.
+fn places_of(key: &str) -> impl Iterator<Item = &str> {
+    key.match_indices('/')
+        .map(|(i, _)| &key[..i])
+        .chain(std::iter::once(key))
 }
 
 /// Stripes of [`Inner::places`].
@@ -183,6 +209,8 @@ enum Failure {
     /// Permission denied: this item's failure while the target root itself can be written
     /// (a subdirectory owned by someone else), else the whole target's.
     Denied(String),
+    /// On a target that folds case, another source item (this key) holds the place.
+    Taken(String),
     /// The target refused this item with an error that names no condition of the whole
     /// target (a name or kind of item its filesystem cannot hold: a link on exFAT,
     /// `ENOSYS`; a name with `*` or `:` there, `ENOENT`; `EILSEQ`, `ENAMETOOLONG`,
@@ -332,6 +360,10 @@ impl DirTarget {
                 changed_dirs: Mutex::new(HashMap::new()),
                 dir_times: Mutex::new(HashMap::new()),
                 places: (0..PLACE_LOCKS).map(|_| Mutex::new(())).collect(),
+                folds: OnceLock::new(),
+                probing: Mutex::new(()),
+                spellings: Mutex::new(HashMap::new()),
+                claims: OnceLock::new(),
             }),
             writers: Runner::for_files(),
         }
@@ -716,7 +748,121 @@ impl Inner {
         Ok(dir.join(format!("{}-{n}", self.pid)))
     }
 
+    /// Whether the target folds the case of names, probed the first time the root is
+    /// there (made first when `make_root`, as a write would): a file made in
+    /// `.tidemark-tmp/` is looked up by its name in upper case. A target found to fold
+    /// gets its `spellings` from the applied state. `false` while it cannot be told.
+    fn folds(&self, make_root: bool) -> bool {
+        if let Some(folds) = self.folds.get() {
+            return *folds;
+        }
+        let _probing = self.probing.lock().unwrap();
+        if let Some(folds) = self.folds.get() {
+            return *folds;
+        }
+        if make_root && self.check_root().is_err() {
+            return false;
+        }
+        let tmp = self.root.join(TMP_DIR);
+        match fs::create_dir(&tmp) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return false,
+            _ => {}
+        }
+        let probe = tmp.join(format!("case-probe-{}", self.pid));
+        if File::create(&probe).is_err() {
+            return false;
+        }
+        let folds = fs::symlink_metadata(tmp.join(format!("CASE-PROBE-{}", self.pid))).is_ok();
+        let _ = fs::remove_file(&probe);
+        if folds {
+            let keys = self
+                .claims
+                .get()
+                .map_or(Ok(Vec::new()), |c| c.applied_keys());
+            let mut spellings = self.spellings.lock().unwrap();
+            match keys {
+                Ok(keys) => {
+                    for key in &keys {
+                        for place in places_of(key) {
+                            spellings
+                                .entry(folded(place))
+                                .or_insert_with(|| place.to_owned());
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "the target directory {} folds the case of names, and the applied state cannot be read to tell which item holds each name there ({e}); only what this process applies is known",
+                    self.root.display()
+                ),
+            }
+            tracing::info!(
+                "the target directory {} folds the case of names: source items whose paths differ in case only cannot both be mirrored there",
+                self.root.display()
+            );
+        }
+        let _ = self.folds.set(folds);
+        folds
+    }
+
+    /// The key of another item that holds a place `key` takes, on a target that folds
+    /// case.
+    fn holder(&self, key: &str) -> Option<String> {
+        let spellings = self.spellings.lock().unwrap();
+        places_of(key).find_map(|place| {
+            spellings
+                .get(&folded(place))
+                .filter(|held| *held != place)
+                .cloned()
+        })
+    }
+
+    /// Takes the places of `key` (its directories' and its own) on a target that folds
+    /// case, unless another item holds one. `Ok(true)`: its own place is newly taken.
+    fn take_places(&self, key: &str) -> Result<bool, Failure> {
+        let mut spellings = self.spellings.lock().unwrap();
+        let mut fresh = Vec::new();
+        for place in places_of(key) {
+            let f = folded(place);
+            match spellings.get(&f) {
+                Some(held) if held != place => return Err(Failure::Taken(held.clone())),
+                Some(_) => {}
+                None => fresh.push((f, place)),
+            }
+        }
+        let own = fresh.last().is_some_and(|(_, place)| *place == key);
+        for (f, place) in fresh {
+            spellings.insert(f, place.to_owned());
+        }
+        Ok(own)
+    }
+
+    /// Lets go of `key`'s own place on a target that folds case, when it holds it.
+    fn release_place(&self, key: &str) {
+        let mut spellings = self.spellings.lock().unwrap();
+        let f = folded(key);
+        if spellings.get(&f).is_some_and(|held| held == key) {
+            spellings.remove(&f);
+        }
+    }
+
     fn upsert(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
+        if !self.folds(true) {
+            return self.write_item(event, prior);
+        }
+        let own = self.take_places(&event.key)?;
+        let written = self.write_item(event, prior);
+        if own
+            && !matches!(
+                written,
+                Ok(Outcome::Created | Outcome::Updated | Outcome::Adopted)
+            )
+        {
+            self.release_place(&event.key);
+        }
+        written
+    }
+
+    fn write_item(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
         let path = self.resolve(&event.key)?;
         // The source first: a file gone from it (a newer event follows) is stale before
         // anything is made on the target. Opened after its parents were made, a stale
@@ -1128,7 +1274,31 @@ impl Inner {
         ))
     }
 
+    /// On a target that folds case, a delete leaves alone the entry of another item that
+    /// holds its place (`Readme` when `README` is deleted), and lets go of the place once
+    /// nothing is there.
     fn delete(&self, event: &Event) -> Result<Outcome, Failure> {
+        if !self.folds(false) {
+            return self.remove_item(event);
+        }
+        if let Some(holder) = self.holder(&event.key) {
+            tracing::debug!(
+                key = %event.key,
+                "not deleted: the target folds the case of names, and `{holder}` holds its place there"
+            );
+            return Ok(Outcome::Unchanged);
+        }
+        let removed = self.remove_item(event);
+        let gone = self.resolve(&event.key).is_ok_and(|path| {
+            fs::symlink_metadata(path).is_err_and(|e| e.kind() == ErrorKind::NotFound)
+        });
+        if removed.is_ok() && gone {
+            self.release_place(&event.key);
+        }
+        removed
+    }
+
+    fn remove_item(&self, event: &Event) -> Result<Outcome, Failure> {
         if is_scratch(&event.key) {
             // Never mirrored (see `resolve`), so already absent; the scratch directory
             // itself is not the source's to remove.
@@ -1184,6 +1354,11 @@ impl Inner {
                 self.changing(up);
                 if self.in_dir(up, || fs::remove_dir(d)).is_err() {
                     break;
+                }
+                if self.folds.get() == Some(&true) {
+                    if let Ok(rel) = d.strip_prefix(&self.root) {
+                        self.release_place(&pathkey::encode(rel.as_os_str().as_bytes()));
+                    }
                 }
                 self.safe_dirs.lock().unwrap().remove(d);
                 dir = d.parent();
@@ -1252,7 +1427,25 @@ impl Target for DirTarget {
                 key: event.key.clone(),
                 message,
             }),
+            Err(Failure::Taken(holder)) => Err(ApplyError::Taken {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message: format!(
+                    "the target directory {} folds the case of names (as exFAT does), and `{holder}`, another source item or its directory, holds this name there; rename one of them in the source, or exclude one (tried again once `{holder}` is gone)",
+                    self.inner.root.display()
+                ),
+                target_id: holder,
+            }),
         }
+    }
+
+    fn set_claims(&self, claims: Arc<dyn Claims>) {
+        let _ = self.inner.claims.set(claims);
+    }
+
+    fn still_taken(&self, event: &Event) -> Option<bool> {
+        let inner = &self.inner;
+        Some(inner.folds.get() == Some(&true) && inner.holder(&event.key).is_some())
     }
 
     async fn probe(&self, event: &Event) -> Probe {
@@ -1359,7 +1552,8 @@ impl Target for DirTarget {
                 Failure::Transient(message)
                 | Failure::Permanent(message)
                 | Failure::Denied(message)
-                | Failure::Refused(message),
+                | Failure::Refused(message)
+                | Failure::Taken(message),
             )) => Err(ApplyError::Transient {
                 kind: "dir".into(),
                 key: root,
