@@ -15,6 +15,7 @@ log "installing test peers (skipped when already installed)"
 ops/peers/json-server.sh install
 ops/peers/prometheus.sh install
 ops/peers/kafka.sh install
+ops/peers/exfat.sh install
 # rest_faults makes a self-signed certificate for its TLS peer with the openssl CLI.
 if ! command -v openssl >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -1582,7 +1582,7 @@ fn verify_counts_an_unreadable_source_file_as_unreadable_not_extra() {
     assert!(!text.contains("extra file"), "{text}");
     assert!(!text.contains("by hand"), "{text}");
     // `d` itself is compared: its mode is the source's no more.
-    assert!(text.contains("different dir d\n"), "{text}");
+    assert!(text.contains("different dir d (mode)\n"), "{text}");
     assert!(!text.contains("d/g"), "{text}");
     assert!(
         text.contains("0 missing, 1 different, 2 unreadable, 0 extra"),

@@ -849,6 +849,23 @@ impl Claims for ClaimTable {
         let slot = item_identity(kind, target_id);
         self.with(|index| index.other(&slot, identity))
     }
+
+    fn applied_keys(&self) -> Result<Vec<String>, String> {
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(|e| e.to_string())?;
+        applied
+            .keys()
+            .map(|id| {
+                let id = id.map_err(|e| e.to_string())?;
+                Ok(id
+                    .split_once('\0')
+                    .map_or(id.as_str(), |(_, key)| key)
+                    .to_owned())
+            })
+            .collect()
+    }
 }
 
 /// The names each item's creates were sent under, noted before each POST and kept until
@@ -3199,9 +3216,11 @@ impl Projector {
                     // One waiting for a target item another source item holds goes once
                     // that item let it go (deleted, or mirrored elsewhere).
                     let still_claimed = d.taken.as_ref().is_some_and(|t| {
-                        self.claims
-                            .other_owner(&d.event.kind, &t.target_id, id)
-                            .is_some()
+                        self.target.still_taken(&d.event).unwrap_or_else(|| {
+                            self.claims
+                                .other_owner(&d.event.kind, &t.target_id, id)
+                                .is_some()
+                        })
                     });
                     if !blocked.contains(id) && !still_claimed {
                         ready.push(id.clone());

@@ -69,6 +69,10 @@ pub struct Drifted {
     /// What brings it in line with the source, as the state tells ([`verify`] sets it).
     #[serde(skip)]
     pub fix: Option<Fix>,
+    /// What differs of a different item (`content`, `mode`, `time`), as far as the
+    /// target can hold it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub differs: Vec<&'static str>,
 }
 
 impl Drifted {
@@ -82,6 +86,7 @@ impl Drifted {
             target_id: None,
             version: None,
             fix: None,
+            differs: Vec::new(),
         }
     }
 
@@ -185,7 +190,11 @@ impl VerifyReport {
         let mut out = String::new();
         for (label, items) in [("missing", &self.missing), ("different", &self.different)] {
             for i in items {
-                out.push_str(&format!("{label:>10} {}\n", i.label()));
+                out.push_str(&format!("{label:>10} {}", i.label()));
+                if !i.differs.is_empty() {
+                    out.push_str(&format!(" ({})", i.differs.join(", ")));
+                }
+                out.push('\n');
             }
         }
         for i in &self.unreadable {
@@ -624,6 +633,7 @@ async fn verify_items(
         .await
         .map_err(list_err)?
     };
+    let keeps = Keeps::probe(&t.path);
     for (id, version) in &source {
         report.compared += 1;
         match target.get(id) {
@@ -635,9 +645,14 @@ async fn verify_items(
                         .push(Drifted::new(id).in_source(version, None));
                 }
             }
-            Some(v) if v != version => report
-                .different
-                .push(Drifted::new(id).in_source(version, None)),
+            Some(v) if v != version => {
+                let differs = keeps.differs(version, v);
+                if !differs.is_empty() {
+                    let mut d = Drifted::new(id).in_source(version, None);
+                    d.differs = differs;
+                    report.different.push(d);
+                }
+            }
             Some(_) => {}
         }
     }
@@ -723,6 +738,90 @@ impl Prefilled {
             }
         }
         Some(only)
+    }
+}
+
+/// What a directory target's filesystem keeps of the mode and time tidemark gives an item,
+/// probed once per verify with a file made (and removed) in its `.tidemark-tmp/`: exFAT
+/// shows every mode as 777 and exfat-fuse keeps times to the second, so comparing them
+/// as they are made every item `different` forever, and a replay changes nothing.
+struct Keeps {
+    /// Whether a mode set is shown as set.
+    modes: bool,
+    /// The step, in nanoseconds, of the times kept (1: exact).
+    step_ns: i64,
+}
+
+impl Keeps {
+    fn probe(root: &std::path::Path) -> Keeps {
+        let exact = Keeps {
+            modes: true,
+            step_ns: 1,
+        };
+        let tmp = root.join(TMP_DIR);
+        let made = match std::fs::create_dir(&tmp) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(_) => return exact,
+        };
+        let probe = tmp.join(format!("verify-probe-{}", std::process::id()));
+        let at: i64 = 1_000_000_000_123_456_789;
+        let kept = std::fs::File::create(&probe).and_then(|f| {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(at as u64);
+            f.set_modified(time)?;
+            std::fs::metadata(&probe)
+        });
+        let _ = std::fs::remove_file(&probe);
+        if made {
+            let _ = std::fs::remove_dir(&tmp);
+        }
+        let Ok(m) = kept else {
+            return exact;
+        };
+        use std::os::unix::fs::MetadataExt;
+        let got = crate::source::fs::mtime_ns(&m).unwrap_or(at);
+        let step_ns = [1, 1_000, 1_000_000, 10_000_000, 1_000_000_000]
+            .into_iter()
+            .find(|step| (at - got).abs() < *step)
+            .unwrap_or(2_000_000_000);
+        Keeps {
+            modes: m.mode() & 0o7777 == 0o640,
+            step_ns,
+        }
+    }
+
+    /// What differs between an item's version in the source and on the target
+    /// (`checksum+mode@time`), leaving out what the target cannot hold.
+    fn differs(&self, source: &str, target: &str) -> Vec<&'static str> {
+        fn parts(version: &str) -> (&str, Option<&str>, Option<i64>) {
+            let (content, time) = match version.rsplit_once('@') {
+                Some((c, t)) => (c, t.parse().ok()),
+                None => (version, None),
+            };
+            let (checksum, mode) = match content.split_once('+') {
+                Some((c, m)) => (c, Some(m)),
+                None => (content, None),
+            };
+            (checksum, mode, time)
+        }
+        let (s, t) = (parts(source), parts(target));
+        let mut differs = Vec::new();
+        if s.0 != t.0 {
+            differs.push("content");
+        }
+        if self.modes && s.1 != t.1 {
+            differs.push("mode");
+        }
+        let time_differs = match (s.2, t.2) {
+            (Some(a), Some(b)) => (a - b).abs() >= self.step_ns,
+            (a, b) => a != b,
+        };
+        if time_differs {
+            differs.push("time");
+        }
+        differs
     }
 }
 

@@ -580,3 +580,41 @@ pub fn counts(drawn: &str, what: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+/// How to get the exFAT filesystem the exFAT tests need.
+pub const EXFAT_HINT: &str = "they need root, /dev/fuse and a free loop device; `ops/peers/exfat.sh install` installs exfat-fuse and exfatprogs, and `ops/peers/exfat.sh mount DIR` shows why a mount fails";
+
+/// An exFAT filesystem mounted at a path (`ops/peers/exfat.sh mount`, exfat-fuse on a loop
+/// device) while it lives: unmounted, detached and its image removed when dropped. Fails
+/// the test, naming the command to look at, when it cannot be mounted.
+pub struct Exfat {
+    at: PathBuf,
+}
+
+impl Exfat {
+    /// Mounts a fresh exFAT filesystem at `at` (made if missing).
+    pub fn mount(at: &Path) -> Exfat {
+        let script = repo_root().join("ops/peers/exfat.sh");
+        let out = Command::new(&script)
+            .arg("mount")
+            .arg(at)
+            .output()
+            .unwrap_or_else(|e| panic!("{} cannot run: {e}; {EXFAT_HINT}", script.display()));
+        assert!(
+            out.status.success(),
+            "cannot mount an exFAT filesystem at {}: {}; {EXFAT_HINT}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Exfat { at: at.to_owned() }
+    }
+}
+
+impl Drop for Exfat {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("ops/peers/exfat.sh"))
+            .arg("umount")
+            .arg(&self.at)
+            .status();
+    }
+}

@@ -11,12 +11,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use tidemark_proto::{checksum_bytes, pathkey, version_checksum, Body, ChecksumWriter, Event, Op};
 
-use super::{ApplyError, Effect, Held, Outcome, Probe, Target};
+use super::{ApplyError, Claims, Effect, Held, Outcome, Probe, Target};
 use crate::blocking::Runner;
 use crate::config::{DirSourceConfig, DirTargetConfig};
 use crate::source::fs::{hash_reader, mtime_ns, with_read_buffer};
@@ -181,6 +181,20 @@ struct Inner {
     /// projector made directories and links the source had deleted since, and with
     /// `prune = false` they stayed.
     source: Option<SourceDir>,
+    /// Whether the target folds the case of names (exFAT; a casefolded ext4 directory):
+    /// probed once per process in `.tidemark-tmp/` ([`Inner::folds`]). Only then are
+    /// `spellings` kept: an ordinary target does no work per item for it.
+    folds: OnceLock<bool>,
+    /// Held while `folds` is probed.
+    probing: Mutex<()>,
+    /// On a target that folds case: the key (spelling) of the item, or of the directory
+    /// of items, that holds each place there (the key folded), so that two source items
+    /// whose keys differ in case only never share one target entry (the second
+    /// overwrote the first, and its delete removed it). Filled from the applied state
+    /// when the target is found to fold, and kept current by this process's applies.
+    spellings: Mutex<HashMap<String, String>>,
+    /// The projector's claims, which give the applied keys `spellings` starts from.
+    claims: OnceLock<Arc<dyn Claims>>,
 }
 
 /// The directory source an upsert's directory or link is looked up in.
@@ -188,6 +202,18 @@ struct SourceDir {
     root: PathBuf,
     /// A followed link to a directory is listed as a directory: looked at through it.
     follow_symlinks: bool,
+}
+
+/// A key as a target that folds the case of names sees it.
+fn folded(key: &str) -> String {
+    key.to_lowercase()
+}
+
+/// The keys of the places a key takes: its directories', from the top, then its own.
+fn places_of(key: &str) -> impl Iterator<Item = &str> {
+    key.match_indices('/')
+        .map(|(i, _)| &key[..i])
+        .chain(std::iter::once(key))
 }
 
 /// Stripes of [`Inner::places`].
@@ -200,6 +226,15 @@ enum Failure {
     /// Permission denied: this item's failure while the target root itself can be written
     /// (a subdirectory owned by someone else), else the whole target's.
     Denied(String),
+    /// On a target that folds case, another source item (this key) holds the place.
+    Taken(String),
+    /// The target refused this item with an error that names no condition of the whole
+    /// target (a name or kind of item its filesystem cannot hold: a link on exFAT,
+    /// `ENOSYS`; a name with `*` or `:` there, `ENOENT`; `EILSEQ`, `ENAMETOOLONG`,
+    /// `EINVAL`, `EFBIG`): it would refuse it again at every retry, so it is this item's
+    /// failure while the root is as this process found it and can be written (checked
+    /// only then, see [`Inner::item_alone`]), else the whole target's.
+    Refused(String),
     Stale,
 }
 
@@ -207,9 +242,60 @@ impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Failure {
         match e.raw_os_error() {
             Some(1 | 13) => Failure::Denied(describe_io(&e)),
+            Some(errno) if !target_wide(errno) => Failure::Refused(describe_io(&e)),
             _ => Failure::Transient(describe_io(&e)),
         }
     }
+}
+
+/// Whether a target filesystem refused a name it cannot hold (`EILSEQ`, `ENAMETOOLONG`,
+/// `EINVAL`): nothing can be there under it.
+fn unholdable_name(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw_os_error),
+        Some(Errno::ILSEQ | Errno::NAMETOOLONG | Errno::INVAL)
+    )
+}
+
+/// Whether an error number says something of the whole target that may pass (space,
+/// quota, a read-only or failing filesystem, a FUSE daemon gone, resources of the
+/// process): the batch waits and is retried. Any other error is the item's own.
+fn target_wide(errno: i32) -> bool {
+    use rustix::io::Errno;
+    [
+        Errno::NOSPC,
+        Errno::DQUOT,
+        Errno::ROFS,
+        Errno::IO,
+        Errno::NOTCONN,
+        Errno::STALE,
+        Errno::NODEV,
+        Errno::NXIO,
+        Errno::NOMEDIUM,
+        Errno::UCLEAN,
+        Errno::REMOTEIO,
+        Errno::SHUTDOWN,
+        Errno::TIMEDOUT,
+        Errno::HOSTDOWN,
+        Errno::HOSTUNREACH,
+        Errno::NETDOWN,
+        Errno::NETUNREACH,
+        Errno::CONNABORTED,
+        Errno::CONNRESET,
+        Errno::CONNREFUSED,
+        Errno::MFILE,
+        Errno::NFILE,
+        Errno::NOMEM,
+        Errno::NOBUFS,
+        Errno::NOLCK,
+        Errno::AGAIN,
+        Errno::INTR,
+        Errno::BUSY,
+        Errno::DEADLK,
+        Errno::CANCELED,
+    ]
+    .contains(&Errno::from_raw_os_error(errno))
 }
 
 /// The source file a file event's blob names, opened to copy; `None` for an event that
@@ -252,10 +338,18 @@ fn source_open_failure(e: &std::io::Error, locator: &str) -> Failure {
 }
 
 fn describe_io(e: &std::io::Error) -> String {
-    let hint = match e.raw_os_error() {
-        Some(28) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
-        Some(30) => " (target filesystem is read-only)",
-        Some(13) | Some(1) => " (permission denied on the target; check ownership)",
+    use rustix::io::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+    let hint = match errno {
+        Some(Errno::NOSPC) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
+        Some(Errno::ROFS) => " (target filesystem is read-only)",
+        Some(Errno::ACCESS | Errno::PERM) => " (permission denied on the target; check ownership)",
+        Some(Errno::NOSYS | Errno::OPNOTSUPP) => " (the target filesystem cannot hold this kind of item: FAT and exFAT have no symbolic links; exclude it in the source, or set follow_symlinks to copy what it points to)",
+        Some(Errno::ILSEQ) => " (the target filesystem cannot hold this name: it is not valid in the filesystem's character set; rename it in the source or exclude it)",
+        Some(Errno::NAMETOOLONG) => " (the name is too long for the target filesystem; rename it in the source or exclude it)",
+        Some(Errno::NOENT) => " (the target filesystem refuses this name: FAT and exFAT hold none with any of \" * : < > ? \\ |; rename it in the source or exclude it)",
+        Some(Errno::INVAL) => " (the target filesystem refuses this name or item; rename it in the source or exclude it)",
+        Some(Errno::FBIG) => " (the file is too large for the target filesystem: FAT32 holds at most 4 GiB; exclude it in the source)",
         _ => "",
     };
     format!("{e}{hint}")
@@ -284,6 +378,10 @@ impl DirTarget {
                 dir_times: Mutex::new(HashMap::new()),
                 places: (0..PLACE_LOCKS).map(|_| Mutex::new(())).collect(),
                 source: None,
+                folds: OnceLock::new(),
+                probing: Mutex::new(()),
+                spellings: Mutex::new(HashMap::new()),
+                claims: OnceLock::new(),
             }),
             writers: Runner::for_files(),
         }
@@ -514,13 +612,23 @@ impl Inner {
         failed.map_or(Ok(()), |m| Err(Failure::Transient(m)))
     }
 
-    /// Creates the parents of `path` and checks none of them is a symbolic link. What was
-    /// checked is remembered until the next flush, so each directory (the root too) is
-    /// looked at once per batch, not once per new directory below it.
     /// Whether this process may create and remove entries in the target root.
     fn root_writable(&self) -> bool {
         use rustix::fs::{access, Access};
         access(&self.root, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+    }
+
+    /// Whether an error met on one item is that item's alone: the root is still the
+    /// directory this process found or made (not gone, not unmounted) and can be written.
+    /// Asked on error paths only.
+    fn item_alone(&self) -> bool {
+        let found = fs::metadata(&self.root).ok().filter(|m| m.is_dir());
+        let same = match (*self.root_id.lock().unwrap(), found) {
+            (_, None) => false,
+            (Some(was), Some(m)) => was == (m.dev(), m.ino()),
+            (None, Some(_)) => true,
+        };
+        same && self.root_writable()
     }
 
     /// Why the target root could not be made, naming the root: "File exists" alone points
@@ -581,6 +689,9 @@ impl Inner {
         }
     }
 
+    /// Creates the parents of `path` and checks none of them is a symbolic link. What was
+    /// checked is remembered until the next flush, so each directory (the root too) is
+    /// looked at once per batch, not once per new directory below it.
     fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
         let parent = path.parent().expect("resolved paths are below the root");
         let known = |dir: &Path| self.safe_dirs.lock().unwrap().contains(dir);
@@ -667,7 +778,121 @@ impl Inner {
         Ok(dir.join(format!("{}-{n}", self.pid)))
     }
 
+    /// Whether the target folds the case of names, probed the first time the root is
+    /// there (made first when `make_root`, as a write would): a file made in
+    /// `.tidemark-tmp/` is looked up by its name in upper case. A target found to fold
+    /// gets its `spellings` from the applied state. `false` while it cannot be told.
+    fn folds(&self, make_root: bool) -> bool {
+        if let Some(folds) = self.folds.get() {
+            return *folds;
+        }
+        let _probing = self.probing.lock().unwrap();
+        if let Some(folds) = self.folds.get() {
+            return *folds;
+        }
+        if make_root && self.check_root().is_err() {
+            return false;
+        }
+        let tmp = self.root.join(TMP_DIR);
+        match fs::create_dir(&tmp) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return false,
+            _ => {}
+        }
+        let probe = tmp.join(format!("case-probe-{}", self.pid));
+        if File::create(&probe).is_err() {
+            return false;
+        }
+        let folds = fs::symlink_metadata(tmp.join(format!("CASE-PROBE-{}", self.pid))).is_ok();
+        let _ = fs::remove_file(&probe);
+        if folds {
+            let keys = self
+                .claims
+                .get()
+                .map_or(Ok(Vec::new()), |c| c.applied_keys());
+            let mut spellings = self.spellings.lock().unwrap();
+            match keys {
+                Ok(keys) => {
+                    for key in &keys {
+                        for place in places_of(key) {
+                            spellings
+                                .entry(folded(place))
+                                .or_insert_with(|| place.to_owned());
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "the target directory {} folds the case of names, and the applied state cannot be read to tell which item holds each name there ({e}); only what this process applies is known",
+                    self.root.display()
+                ),
+            }
+            tracing::info!(
+                "the target directory {} folds the case of names: source items whose paths differ in case only cannot both be mirrored there",
+                self.root.display()
+            );
+        }
+        let _ = self.folds.set(folds);
+        folds
+    }
+
+    /// The key of another item that holds a place `key` takes, on a target that folds
+    /// case.
+    fn holder(&self, key: &str) -> Option<String> {
+        let spellings = self.spellings.lock().unwrap();
+        places_of(key).find_map(|place| {
+            spellings
+                .get(&folded(place))
+                .filter(|held| *held != place)
+                .cloned()
+        })
+    }
+
+    /// Takes the places of `key` (its directories' and its own) on a target that folds
+    /// case, unless another item holds one. `Ok(true)`: its own place is newly taken.
+    fn take_places(&self, key: &str) -> Result<bool, Failure> {
+        let mut spellings = self.spellings.lock().unwrap();
+        let mut fresh = Vec::new();
+        for place in places_of(key) {
+            let f = folded(place);
+            match spellings.get(&f) {
+                Some(held) if held != place => return Err(Failure::Taken(held.clone())),
+                Some(_) => {}
+                None => fresh.push((f, place)),
+            }
+        }
+        let own = fresh.last().is_some_and(|(_, place)| *place == key);
+        for (f, place) in fresh {
+            spellings.insert(f, place.to_owned());
+        }
+        Ok(own)
+    }
+
+    /// Lets go of `key`'s own place on a target that folds case, when it holds it.
+    fn release_place(&self, key: &str) {
+        let mut spellings = self.spellings.lock().unwrap();
+        let f = folded(key);
+        if spellings.get(&f).is_some_and(|held| held == key) {
+            spellings.remove(&f);
+        }
+    }
+
     fn upsert(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
+        if !self.folds(true) {
+            return self.write_item(event, prior);
+        }
+        let own = self.take_places(&event.key)?;
+        let written = self.write_item(event, prior);
+        if own
+            && !matches!(
+                written,
+                Ok(Outcome::Created | Outcome::Updated | Outcome::Adopted)
+            )
+        {
+            self.release_place(&event.key);
+        }
+        written
+    }
+
+    fn write_item(&self, event: &Event, prior: Option<&Applied>) -> Result<Outcome, Failure> {
         let path = self.resolve(&event.key)?;
         // The source first: a file gone from it (a newer event follows) is stale before
         // anything is made on the target. Opened after its parents were made, a stale
@@ -1140,7 +1365,31 @@ impl Inner {
         ))
     }
 
+    /// On a target that folds case, a delete leaves alone the entry of another item that
+    /// holds its place (`Readme` when `README` is deleted), and lets go of the place once
+    /// nothing is there.
     fn delete(&self, event: &Event) -> Result<Outcome, Failure> {
+        if !self.folds(false) {
+            return self.remove_item(event);
+        }
+        if let Some(holder) = self.holder(&event.key) {
+            tracing::debug!(
+                key = %event.key,
+                "not deleted: the target folds the case of names, and `{holder}` holds its place there"
+            );
+            return Ok(Outcome::Unchanged);
+        }
+        let removed = self.remove_item(event);
+        let gone = self.resolve(&event.key).is_ok_and(|path| {
+            fs::symlink_metadata(path).is_err_and(|e| e.kind() == ErrorKind::NotFound)
+        });
+        if removed.is_ok() && gone {
+            self.release_place(&event.key);
+        }
+        removed
+    }
+
+    fn remove_item(&self, event: &Event) -> Result<Outcome, Failure> {
         if is_scratch(&event.key) {
             // Never mirrored (see `resolve`), so already absent; the scratch directory
             // itself is not the source's to remove.
@@ -1179,6 +1428,9 @@ impl Inner {
             Ok(false) => return Ok(Outcome::Unchanged),
             Err(e) if e.kind() == ErrorKind::NotFound => Outcome::Unchanged,
             Err(e) if matches!(e.raw_os_error(), Some(20 | 21)) => return Ok(Outcome::Unchanged),
+            // A name the target filesystem cannot hold (exFAT: not UTF-8, too long, `*`):
+            // its upsert failed, so it is not there.
+            Err(e) if unholdable_name(&e) => return Ok(Outcome::Unchanged),
             Err(e) => return Err(e.into()),
         };
         self.safe_dirs.lock().unwrap().remove(&path);
@@ -1193,6 +1445,11 @@ impl Inner {
                 self.changing(up);
                 if self.in_dir(up, || fs::remove_dir(d)).is_err() {
                     break;
+                }
+                if self.folds.get() == Some(&true) {
+                    if let Ok(rel) = d.strip_prefix(&self.root) {
+                        self.release_place(&pathkey::encode(rel.as_os_str().as_bytes()));
+                    }
                 }
                 self.safe_dirs.lock().unwrap().remove(d);
                 dir = d.parent();
@@ -1240,26 +1497,46 @@ impl Target for DirTarget {
             Ok(outcome) => Ok(outcome.into()),
             Err(Failure::Stale) => Ok(Outcome::Stale.into()),
             // One item below a root that can be written must not hold up the others.
-            Err(Failure::Denied(message)) if self.inner.root_writable() => {
+            Err(Failure::Denied(message) | Failure::Refused(message))
+                if self.inner.item_alone() =>
+            {
                 Err(ApplyError::Permanent {
                     kind: event.kind.clone(),
                     key: event.key.clone(),
                     message: at(message),
                 })
             }
-            Err(Failure::Transient(message) | Failure::Denied(message)) => {
-                Err(ApplyError::Transient {
-                    kind: event.kind.clone(),
-                    key: event.key.clone(),
-                    message: at(message),
-                })
-            }
+            Err(
+                Failure::Transient(message) | Failure::Denied(message) | Failure::Refused(message),
+            ) => Err(ApplyError::Transient {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message: at(message),
+            }),
             Err(Failure::Permanent(message)) => Err(ApplyError::Permanent {
                 kind: event.kind.clone(),
                 key: event.key.clone(),
                 message,
             }),
+            Err(Failure::Taken(holder)) => Err(ApplyError::Taken {
+                kind: event.kind.clone(),
+                key: event.key.clone(),
+                message: format!(
+                    "the target directory {} folds the case of names (as exFAT does), and `{holder}`, another source item or its directory, holds this name there; rename one of them in the source, or exclude one (tried again once `{holder}` is gone)",
+                    self.inner.root.display()
+                ),
+                target_id: holder,
+            }),
         }
+    }
+
+    fn set_claims(&self, claims: Arc<dyn Claims>) {
+        let _ = self.inner.claims.set(claims);
+    }
+
+    fn still_taken(&self, event: &Event) -> Option<bool> {
+        let inner = &self.inner;
+        Some(inner.folds.get() == Some(&true) && inner.holder(&event.key).is_some())
     }
 
     async fn probe(&self, event: &Event) -> Probe {
@@ -1374,7 +1651,9 @@ impl Target for DirTarget {
             Ok(Err(
                 Failure::Transient(message)
                 | Failure::Permanent(message)
-                | Failure::Denied(message),
+                | Failure::Denied(message)
+                | Failure::Refused(message)
+                | Failure::Taken(message),
             )) => Err(ApplyError::Transient {
                 kind: "dir".into(),
                 key: root,
@@ -1435,6 +1714,20 @@ mod tests {
             );
         }
         assert!(matches!(failure(5), Failure::Transient(_)));
+    }
+
+    #[test]
+    fn only_errors_of_the_whole_target_are_transient() {
+        let failure = |errno: i32| Failure::from(std::io::Error::from_raw_os_error(errno));
+        // ENOSPC, EDQUOT, EROFS, EIO, ENOTCONN, EMFILE
+        for errno in [28, 122, 30, 5, 107, 24] {
+            assert!(matches!(failure(errno), Failure::Transient(_)), "{errno}");
+        }
+        // ENOSYS, ENOENT, EILSEQ, ENAMETOOLONG, EINVAL, EFBIG
+        for errno in [38, 2, 84, 36, 22, 27] {
+            assert!(matches!(failure(errno), Failure::Refused(_)), "{errno}");
+        }
+        assert!(matches!(failure(13), Failure::Denied(_)));
     }
 
     #[tokio::test]

@@ -255,6 +255,14 @@ pub trait Target: Send + Sync {
         false
     }
 
+    /// Whether an upsert that waits for a place another source item holds
+    /// ([`ApplyError::Taken`]) still finds it held, for a target that keeps such places
+    /// itself (a directory that folds the case of names); `None`: the projector's claims
+    /// tell (a target id another source item mirrors).
+    fn still_taken(&self, _event: &Event) -> Option<bool> {
+        None
+    }
+
     /// Whether an item's key is a place that holds one item of any kind (a directory
     /// target's path: a file, a directory or a link), so that putting one there ends a
     /// retained delete of another kind of item at the same key.
@@ -275,6 +283,13 @@ pub trait Claims: Send + Sync {
 
     /// The key of a source item other than `identity` that `target_id` of `kind` mirrors.
     fn other_owner(&self, kind: &str, target_id: &str, identity: &str) -> Option<String>;
+
+    /// The keys of every item the applied state holds: for a directory target that folds
+    /// the case of names, which spelling holds each name there. Read once per run, and
+    /// only by such a target.
+    fn applied_keys(&self) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// The names a target's creates of each item were sent under, noted durably before the
