@@ -361,6 +361,26 @@ fn a_full_reports_disk_warns_and_leaves_no_half_written_report() {
     drop(disk);
 }
 
+/// A target filesystem out of inodes, with space left, fails with ENOSPC as a full one
+/// does: the error said "free space" only, while `df -h` showed plenty.
+#[test]
+fn a_target_out_of_inodes_says_so() {
+    let env = Env::dirs("", "");
+    for i in 0..40 {
+        write(env.src().join(format!("f{i:02}.txt")), "x\n");
+    }
+    let disk = Tmpfs::mount(&env.dst(), "8m,nr_inodes=16");
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("target disk is full: out of space or out of inodes")
+            && stderr.contains("`df -i`"),
+        "{stderr}"
+    );
+    drop(disk);
+}
+
 /// A `project` that a full target disk stops after some batches still writes its report:
 /// it counts the files that reached the target and names the error, and under
 /// `--log-format json` every stderr line, the fatal one last, is a JSON event.

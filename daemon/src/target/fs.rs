@@ -341,7 +341,7 @@ fn describe_io(e: &std::io::Error) -> String {
     use rustix::io::Errno;
     let errno = e.raw_os_error().map(Errno::from_raw_os_error);
     let hint = match errno {
-        Some(Errno::NOSPC) => " (target disk is full; free space: a daemon resumes by itself, and the next sync goes on from the last commit)",
+        Some(Errno::NOSPC) => " (target disk is full: out of space or out of inodes, `df -h` and `df -i` on it tell which; free some: a daemon resumes by itself, and the next sync goes on from the last commit)",
         Some(Errno::ROFS) => " (target filesystem is read-only)",
         Some(Errno::ACCESS | Errno::PERM) => " (permission denied on the target; check ownership)",
         Some(Errno::NOSYS | Errno::OPNOTSUPP) => " (the target filesystem cannot hold this kind of item: FAT and exFAT have no symbolic links; exclude it in the source, or set follow_symlinks to copy what it points to)",
