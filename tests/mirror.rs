@@ -3229,6 +3229,42 @@ fn a_failing_item_counts_failed_once_and_its_retries_failed_again() {
     assert!(daemon.terminate().success());
 }
 
+/// An item that fails at every retry of the failed items is logged as an ERROR when its
+/// failure begins, at debug while the retries fail the same way, and at info when it goes
+/// through (the ERROR came at every retry pass: a daemon left for a night with one item
+/// failing flooded its log).
+#[test]
+fn an_item_failing_at_every_retry_is_logged_when_it_begins_and_when_it_goes_through() {
+    let env = Env::dirs(
+        "max_delete = \"100%\"\nfailed_retry_interval = \"1s\"",
+        "prune = false",
+    );
+    write(env.src().join("x/in.txt"), "inside");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let again = "tidemark_applies_total{kind=\"file\",outcome=\"failed_again\",pipeline=\"t\"}";
+    let daemon = env.spawn_daemon();
+    let retried = wait_for(Duration::from_secs(30), || {
+        (daemon.metric(again) >= 3.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", env.daemon_log());
+    let failure = "once the cause is fixed it is tried again";
+    assert_eq!(env.log_lines("ERROR", failure), 1, "{}", env.daemon_log());
+    assert!(env.log_lines("DEBUG", failure) >= 3, "{}", env.daemon_log());
+
+    std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    assert_daemon_brings_the_fixed_file(&env, daemon, "x");
+    assert_eq!(
+        env.log_lines("INFO", "file `x` created after"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(env.log_lines("ERROR", failure), 1, "{}", env.daemon_log());
+    assert_eq!(env.log_lines("WARN", failure), 0, "{}", env.daemon_log());
+}
+
 /// The running `daemon` writes `name` (a file `now a file` that failed before), leaves
 /// no failed item and counts one created file; then it stops cleanly.
 fn assert_daemon_brings_the_fixed_file(env: &Env, daemon: Daemon, name: &str) {

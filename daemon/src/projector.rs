@@ -45,7 +45,7 @@ use tracing::{debug, error, info, warn};
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
-use crate::recurring::{log_recurring, Recurring};
+use crate::recurring::{log_recurring, Failing, Recurring};
 use crate::state::{
     item_label, Applied, CommitMark, Creating, Deferred, Failure, Outage, OwnerError,
     PendingDelete, Records, ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
@@ -1239,6 +1239,11 @@ pub struct Projector {
     /// when the outage begins, at debug while it repeats, as a warning when the error
     /// changes ([`Recurring`]); [`Projector::retried`] says when it ends.
     failing: Recurring<String>,
+    /// The items the target fails again and again (at each retry of the failed items, or
+    /// of a resting one), by identity: each logged when its failure begins, at debug while
+    /// it repeats, as a warning when its error changes ([`Failing`]), and at info when it
+    /// goes through ([`Projector::record`]).
+    items_failing: Failing<String>,
     /// The configured source (its identity), checked with the target against those the
     /// state notes ([`State::check_owner`]): the log of another config's pipeline of the
     /// same name holds that source's events. `None` checks nothing.
@@ -1318,6 +1323,7 @@ impl Projector {
             tailing: AtomicBool::new(false),
             retrying: Mutex::new(None),
             failing: Recurring::default(),
+            items_failing: Failing::default(),
             source: None,
             retained_unread: Mutex::default(),
             retained_marks: Mutex::default(),
@@ -1941,6 +1947,25 @@ impl Projector {
                 remapped.push((d.identity.clone(), id));
             }
             report.count_item(&d.identity, &d.kind, d.outcome, d.partial, d.patch);
+            if !matches!(
+                d.outcome,
+                Outcome::Failed | Outcome::Deferred | Outcome::Stale
+            ) {
+                if let Some(f) = self.items_failing.cleared(&d.identity) {
+                    info!(
+                        pipeline = %self.pipeline,
+                        kind = %d.kind,
+                        key = %d.key,
+                        since = %f.since,
+                        "{} `{}` {} after {} failed tries since {}: its failure is over",
+                        d.kind,
+                        d.key,
+                        d.outcome.as_str(),
+                        f.tries,
+                        f.since
+                    );
+                }
+            }
             if d.outcome == Outcome::Stale {
                 stale.insert(d.identity.clone(), d.offset);
             } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
@@ -2818,6 +2843,7 @@ impl Projector {
         let report = self
             .retry_stored(partitions, &HashSet::new(), "earlier")
             .await;
+        self.forget_items_gone();
         let left = self
             .state
             .stored_failures(&self.pipeline)
@@ -3073,13 +3099,10 @@ impl Projector {
         } else {
             "tried again by the next run".into()
         };
-        error!(
-            pipeline = %self.pipeline,
-            kind = %event.kind,
-            key = %event.key,
-            name = event.name.as_deref(),
-            offset = event.offset,
-            "{e}; the item waits and is {when}; the items that do not depend on it go on"
+        self.item_failed(
+            event,
+            &e.to_string(),
+            format!("{e}; the item waits and is {when}; the items that do not depend on it go on"),
         );
         resting.insert(
             identity.to_owned(),
@@ -3093,6 +3116,41 @@ impl Projector {
             },
         );
         message
+    }
+
+    /// Logs that the target failed item `event` with `error` (`message`, its log line) as
+    /// [`Failing`] says: at error when the item's failure begins, as a warning when its
+    /// error changes, at debug while it repeats (a daemon retries it for a night).
+    fn item_failed(&self, event: &Event, error: &str, message: String) {
+        let error = crate::http::without_tally(&crate::http::redact_known(error));
+        let seen = self.items_failing.failed(event.identity(), error);
+        log_recurring!(
+            seen,
+            error,
+            [
+                pipeline = %self.pipeline,
+                kind = %event.kind,
+                key = %event.key,
+                name = event.name.as_deref(),
+                offset = event.offset,
+            ],
+            message
+        );
+    }
+
+    /// Forgets the failing items ([`Projector::item_failed`]) neither failed nor waiting
+    /// any more: they left without going through (superseded, or another daemon's).
+    fn forget_items_gone(&self) {
+        let pipeline = &self.pipeline;
+        let (Ok(failed), Ok(waiting)) = (
+            self.state.stored_failures(pipeline),
+            self.state.deferred(pipeline),
+        ) else {
+            return;
+        };
+        self.items_failing.retain(|id| {
+            failed.contains(id).unwrap_or(true) || waiting.contains(id).unwrap_or(true)
+        });
     }
 
     /// The error of an item the target failed transiently in this run that still waits
@@ -3389,7 +3447,7 @@ impl Projector {
                     humantime::format_duration(wait)
                 ),
             };
-            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, name = d.event.name.as_deref(), "{reason}");
+            self.item_failed(&d.event, &reason, reason.clone());
             metrics()
                 .apply_errors
                 .with_label_values(&[&self.pipeline, "permanent"])
@@ -3681,15 +3739,14 @@ impl Projector {
                         .apply_errors
                         .with_label_values(&[&self.pipeline, "permanent"])
                         .inc();
-                    error!(
-                        pipeline = %self.pipeline,
-                        kind = %event.kind,
-                        key = %event.key,
-                        name = event.name.as_deref(),
-                        offset = event.offset,
-                        "{e}; once the cause is fixed it is tried again: by a running daemon every failed_retry_interval, otherwise by the next `sync` or `project` (or, with the daemon stopped, `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
-                        self.pipeline,
-                        event.offset
+                    self.item_failed(
+                        &event,
+                        &e.to_string(),
+                        format!(
+                            "{e}; once the cause is fixed it is tried again: by a running daemon every failed_retry_interval, otherwise by the next `sync` or `project` (or, with the daemon stopped, `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
+                            self.pipeline,
+                            event.offset
+                        ),
                     );
                     let mut d = done(Outcome::Failed, Change::Keep, Some(e.to_string()));
                     d.retry = Some(event.clone());
