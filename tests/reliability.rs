@@ -1041,6 +1041,56 @@ fn a_restart_during_a_target_outage_keeps_its_start() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A daemon stopped during a target outage leaves it in the state: `status` with no
+/// daemon running says what its projector was retrying when it stopped (it said nothing
+/// of it), and a one-shot `sync` whose batch goes through forgets it (only the next daemon
+/// did, logging as just ended an outage long over).
+#[test]
+fn a_stopped_daemons_outage_shows_in_status_until_a_one_shot_run_goes_through() {
+    let env = Env::dirs("retry_max_backoff = \"300ms\"", "");
+    write(env.src().join("a.txt"), "a");
+    env.sync();
+    let daemon = env.spawn_daemon();
+    std::fs::rename(env.dst(), env.path("dst-aside")).unwrap();
+    write(env.src().join("b.txt"), "b");
+    let r = daemon.retrying_past(2, &env);
+    assert!(daemon.terminate().success());
+    std::fs::rename(env.path("dst-aside"), env.dst()).unwrap();
+
+    let status = env.json(&["status"]);
+    let was = &status[0]["projector_was_retrying"];
+    assert_eq!(was["since"], r["since"], "{status}");
+    assert!(was["attempts"].as_u64().unwrap() > 2, "{status}");
+    assert!(
+        was["error"].as_str().unwrap().contains("is gone"),
+        "{status}"
+    );
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains("NO DAEMON RUNNING")
+            && text.contains("projector: was retrying since ")
+            && text.contains("when the daemon stopped"),
+        "{text}"
+    );
+
+    let (_, project) = env.sync();
+    assert_eq!(project["by_kind"]["file"]["created"], 1, "{project}");
+    let status = env.json(&["status"]);
+    assert!(status[0]["projector_was_retrying"].is_null(), "{status}");
+    let text = env.ok(&["status"]);
+    assert!(!text.contains("was retrying"), "{text}");
+    let daemon = env.spawn_daemon();
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        env.log_lines("INFO", "the projector goes on"),
+        0,
+        "{}",
+        env.daemon_log()
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// A target unavailable for many retries is logged as an ERROR once, when it begins; at
 /// debug while the retries meet the same error; as a warning when the error changes; at
 /// info when a batch goes through (the ERROR came at every retry, and flooded the log of a

@@ -1360,21 +1360,54 @@ impl Projector {
         self.retrying.lock().unwrap().clone()
     }
 
+    /// The outage the last daemon's projector was retrying when it stopped, as the state
+    /// keeps it ([`State::outages`]) until a batch goes through: what `status` shows with
+    /// no daemon running.
+    pub fn noted_outage(&self) -> Option<Outage> {
+        self.state
+            .outages()
+            .and_then(|o| o.get(&self.pipeline))
+            .unwrap_or_else(|e| {
+                warn!(pipeline = %self.pipeline, "cannot read the outage the last daemon noted: {e}");
+                None
+            })
+    }
+
+    /// Forgets the outage the state keeps, once a batch went through.
+    fn forget_outage(&self) {
+        if let Err(e) = self.state.outages().and_then(|o| o.remove(&self.pipeline)) {
+            warn!(pipeline = %self.pipeline, "cannot clear the outage noted in the state: {e}");
+        }
+    }
+
     /// Takes up the outage a daemon stopped during left in the state, if any: the
     /// retrying goes on counting from its start, and ends as any does.
     fn resume_outage(&self) {
-        match self.state.outages().and_then(|o| o.get(&self.pipeline)) {
-            Ok(Some(outage)) => {
-                *self.retrying.lock().unwrap() = Some(Retrying {
-                    outage,
-                    next_attempt_at: Utc::now(),
-                });
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!(pipeline = %self.pipeline, "cannot read the outage the last daemon noted: {e}")
-            }
+        if let Some(outage) = self.noted_outage() {
+            *self.retrying.lock().unwrap() = Some(Retrying {
+                outage,
+                next_attempt_at: Utc::now(),
+            });
         }
+    }
+
+    /// A one-shot run's batch went through: the outage the last daemon noted, if any, is
+    /// over, and is forgotten (else `status` showed it, and the next daemon took it up only
+    /// to say it ended).
+    fn outage_over(&self) {
+        let Some(Outage {
+            since, attempts, ..
+        }) = self.noted_outage()
+        else {
+            return;
+        };
+        self.forget_outage();
+        info!(
+            pipeline = %self.pipeline,
+            attempts,
+            since = %since,
+            "the outage the last daemon was retrying since {since} ({attempts} failed attempts) is over: a batch went through"
+        );
     }
 
     /// Logs the errors of an attempt of [`Projector::run`] that failed ([`Recurring`]:
@@ -1437,9 +1470,7 @@ impl Projector {
             since = %since,
             "the projector goes on: a batch succeeded after {attempts} failed attempts since {since}"
         );
-        if let Err(e) = self.state.outages().and_then(|o| o.remove(&self.pipeline)) {
-            warn!(pipeline = %self.pipeline, "cannot clear the outage noted in the state: {e}");
-        }
+        self.forget_outage();
     }
 
     /// Sets the pause before the daemon's first pass over the failed items after the one
@@ -3848,6 +3879,9 @@ impl Projector {
                     progress.add_bytes(report.bytes_written);
                 }
                 total.merge(report);
+                if read > 0 {
+                    self.outage_over();
+                }
                 Ok(read)
             }
             Err(Stopped { done, source }) => {
@@ -3958,6 +3992,9 @@ impl Projector {
         }
         total.committed = Some(self.committed_sum(&targets).await?);
         total.stale_left = self.stale.lock().unwrap().len() as u64;
+        // With nothing to read (a log that could not be read then), the run going through
+        // ends the outage too.
+        self.outage_over();
         Ok(())
     }
 
