@@ -1526,6 +1526,54 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
     );
 }
 
+/// With prune off, the delete of an item whose upsert was skipped as stale (it came and
+/// went between two scans, so it never reached the target) is not retained: nothing of it
+/// is there. `status`, `/metrics` and `plan` counted it as retained, `verify` (finding
+/// nothing) did not. A delete of an item the target got is retained, and all agree.
+#[test]
+fn a_delete_of_an_item_that_never_reached_the_target_is_not_retained() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("keep"), "k");
+    write(env.src().join("came_and_went"), "x");
+    env.ok(&["scan"]);
+    std::fs::remove_file(env.src().join("came_and_went")).unwrap();
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(!plan.contains("retain"), "{plan}");
+
+    let retained = "tidemark_applies_total{kind=\"file\",outcome=\"retained\",pipeline=\"t\"}";
+    let daemon = env.spawn_daemon();
+    daemon.caught_up(&env);
+    // No series, or 0.
+    let none = daemon.metric(retained);
+    assert!(none.is_nan() || none == 0.0, "{none}\n{}", env.daemon_log());
+    let status: serde_json::Value = daemon.get("/status").json().unwrap();
+    assert_eq!(status[0]["retained_deletes"], 0, "{status}");
+    assert!(env.dst().join("keep").exists() && !env.dst().join("came_and_went").exists());
+
+    // An item that reached the target: its delete is retained, counted alike everywhere.
+    write(env.src().join("kept"), "k");
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("kept").exists().then_some(())
+    })
+    .expect("kept mirrored");
+    std::fs::remove_file(env.src().join("kept")).unwrap();
+    let counted = wait_for(Duration::from_secs(20), || {
+        let status: serde_json::Value = daemon.get("/status").json().ok()?;
+        (status[0]["retained_deletes"] == 1).then_some(())
+    });
+    assert!(counted.is_some(), "{}", env.daemon_log());
+    assert_eq!(daemon.metric(retained), 1.0, "{}", env.daemon_log());
+    assert!(daemon.terminate().success());
+    let v = env.json(&["verify"]);
+    assert_eq!(
+        v[0]["report"]["retained"],
+        serde_json::json!([{"kind": "file", "key": "kept"}]),
+        "{v}"
+    );
+    assert_eq!(env.json(&["status"])[0]["retained_deletes"], 1);
+}
+
 /// With prune off, an item only the target has is kept on purpose: `verify` lists it as
 /// `retained`, not `extra`, in JSON as in text, and finds no drift.
 #[test]

@@ -3149,6 +3149,15 @@ impl Projector {
         message
     }
 
+    /// Whether the item of delete `event` never reached the target: no applied state
+    /// (`prior`), and nothing where it would be (an item that came and went between two
+    /// projections, whose upsert was skipped as stale; a replay). Its delete changes
+    /// nothing, so with prune off it is not retained either: `status`, the metrics and
+    /// `plan` counted a retained delete that `verify` found nothing of.
+    async fn never_reached(&self, event: &Event, prior: Option<&Applied>) -> bool {
+        prior.is_none() && self.target.probe(event).await == Probe::Absent
+    }
+
     /// Logs that the target failed item `event` with `error` (`message`, its log line) as
     /// [`Failing`] says: at error when the item's failure begins, as a warning when its
     /// error changes, at debug while it repeats (a daemon retries it for a night).
@@ -3601,7 +3610,12 @@ impl Projector {
                 taken: None,
                 scan: Some(event.scan.clone()),
             };
-            if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
+            if let Some(mut outcome) = decide(&event, prior.as_ref(), self.prune) {
+                if outcome == Outcome::Retained && self.never_reached(&event, prior.as_ref()).await
+                {
+                    // Nothing of it to keep: `unchanged`, as with prune on.
+                    outcome = Outcome::Unchanged;
+                }
                 let mut d = done(outcome, Change::Keep, None);
                 if outcome == Outcome::Retained {
                     d.retained = Some(event.clone());
@@ -4818,15 +4832,17 @@ impl Projector {
             None => plan.applied.get(&id).map_err(self.err_state())?,
         };
         let action = match (decide(&event, prior.as_ref(), self.prune), event.op) {
+            (Some(Outcome::Retained), _) if self.never_reached(&event, prior.as_ref()).await => {
+                "skip"
+            }
             (Some(Outcome::Retained), _) => "retain",
             (Some(_), _) => "skip",
             (None, Op::Delete) => {
                 plan.overlay.insert(id, None);
-                // Never applied (an item that came and went between two projections, a
-                // replay): a delete of what the target does not hold changes nothing.
-                match prior {
-                    None if self.target.probe(&event).await == Probe::Absent => "skip",
-                    _ => "delete",
+                if self.never_reached(&event, prior.as_ref()).await {
+                    "skip"
+                } else {
+                    "delete"
                 }
             }
             (None, Op::Upsert) => {
