@@ -1451,14 +1451,7 @@ fn a_tripped_guard_stays_tripped_through_a_scan_with_a_listing_error() {
 #[test]
 fn an_unreadable_source_root_fails_the_scan_naming_it() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");
-    write(env.src().join("a.txt"), "a");
-    let run_as_user = unprivileged(&env);
-    assert!(run_as_user(&["sync"]).status.success());
-    set_mode(env.src(), 0o000);
-    let out = run_as_user(&["sync"]);
-    set_mode(env.src(), 0o755);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails_with_a_root_unreadable(&env, &env.src(), "sync");
     assert!(
         stderr.contains(&format!(
             "source directory {} cannot be listed",
@@ -1475,14 +1468,7 @@ fn an_unreadable_source_root_fails_the_scan_naming_it() {
 #[test]
 fn verify_names_an_unreadable_target_root_as_the_target() {
     let env = Env::dirs("", "prune = true");
-    write(env.src().join("a.txt"), "a");
-    let run_as_user = unprivileged(&env);
-    assert!(run_as_user(&["sync"]).status.success());
-    set_mode(env.dst(), 0o000);
-    let out = run_as_user(&["verify"]);
-    set_mode(env.dst(), 0o755);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails_with_a_root_unreadable(&env, &env.dst(), "verify");
     assert!(
         stderr.contains(&format!(
             "target directory {} cannot be listed",
@@ -1490,6 +1476,20 @@ fn verify_names_an_unreadable_target_root_as_the_target() {
         )) && !stderr.contains("source directory"),
         "{stderr}"
     );
+}
+
+/// Syncs `a.txt` as an unprivileged user, then runs `command` as that user with `root`
+/// (the source's or the target's) unreadable: it exits 1; returns its stderr.
+fn fails_with_a_root_unreadable(env: &Env, root: &std::path::Path, command: &str) -> String {
+    write(env.src().join("a.txt"), "a");
+    let run_as_user = unprivileged(env);
+    assert!(run_as_user(&["sync"]).status.success());
+    set_mode(root, 0o000);
+    let out = run_as_user(&[command]);
+    set_mode(root, 0o755);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
 }
 
 #[test]
