@@ -1451,14 +1451,7 @@ fn a_tripped_guard_stays_tripped_through_a_scan_with_a_listing_error() {
 #[test]
 fn an_unreadable_source_root_fails_the_scan_naming_it() {
     let env = Env::dirs("max_delete = \"100%\"", "prune = true");
-    write(env.src().join("a.txt"), "a");
-    let run_as_user = unprivileged(&env);
-    assert!(run_as_user(&["sync"]).status.success());
-    set_mode(env.src(), 0o000);
-    let out = run_as_user(&["sync"]);
-    set_mode(env.src(), 0o755);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails_with_a_root_unreadable(&env, &env.src(), "sync");
     assert!(
         stderr.contains(&format!(
             "source directory {} cannot be listed",
@@ -1475,14 +1468,7 @@ fn an_unreadable_source_root_fails_the_scan_naming_it() {
 #[test]
 fn verify_names_an_unreadable_target_root_as_the_target() {
     let env = Env::dirs("", "prune = true");
-    write(env.src().join("a.txt"), "a");
-    let run_as_user = unprivileged(&env);
-    assert!(run_as_user(&["sync"]).status.success());
-    set_mode(env.dst(), 0o000);
-    let out = run_as_user(&["verify"]);
-    set_mode(env.dst(), 0o755);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fails_with_a_root_unreadable(&env, &env.dst(), "verify");
     assert!(
         stderr.contains(&format!(
             "target directory {} cannot be listed",
@@ -1490,6 +1476,20 @@ fn verify_names_an_unreadable_target_root_as_the_target() {
         )) && !stderr.contains("source directory"),
         "{stderr}"
     );
+}
+
+/// Syncs `a.txt` as an unprivileged user, then runs `command` as that user with `root`
+/// (the source's or the target's) unreadable: it exits 1; returns its stderr.
+fn fails_with_a_root_unreadable(env: &Env, root: &std::path::Path, command: &str) -> String {
+    write(env.src().join("a.txt"), "a");
+    let run_as_user = unprivileged(env);
+    assert!(run_as_user(&["sync"]).status.success());
+    set_mode(root, 0o000);
+    let out = run_as_user(&[command]);
+    set_mode(root, 0o755);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
 }
 
 #[test]
@@ -1524,6 +1524,54 @@ fn an_unreadable_subdirectory_causes_no_deletes() {
         env.dst().join("open/b.txt").exists(),
         "a delete was emitted by a degraded scan"
     );
+}
+
+/// With prune off, the delete of an item whose upsert was skipped as stale (it came and
+/// went between two scans, so it never reached the target) is not retained: nothing of it
+/// is there. `status`, `/metrics` and `plan` counted it as retained, `verify` (finding
+/// nothing) did not. A delete of an item the target got is retained, and all agree.
+#[test]
+fn a_delete_of_an_item_that_never_reached_the_target_is_not_retained() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    write(env.src().join("keep"), "k");
+    write(env.src().join("came_and_went"), "x");
+    env.ok(&["scan"]);
+    std::fs::remove_file(env.src().join("came_and_went")).unwrap();
+    env.ok(&["scan"]);
+    let plan = env.ok(&["plan"]);
+    assert!(!plan.contains("retain"), "{plan}");
+
+    let retained = "tidemark_applies_total{kind=\"file\",outcome=\"retained\",pipeline=\"t\"}";
+    let daemon = env.spawn_daemon();
+    daemon.caught_up(&env);
+    // No series, or 0.
+    let none = daemon.metric(retained);
+    assert!(none.is_nan() || none == 0.0, "{none}\n{}", env.daemon_log());
+    let status: serde_json::Value = daemon.get("/status").json().unwrap();
+    assert_eq!(status[0]["retained_deletes"], 0, "{status}");
+    assert!(env.dst().join("keep").exists() && !env.dst().join("came_and_went").exists());
+
+    // An item that reached the target: its delete is retained, counted alike everywhere.
+    write(env.src().join("kept"), "k");
+    wait_for(Duration::from_secs(20), || {
+        env.dst().join("kept").exists().then_some(())
+    })
+    .expect("kept mirrored");
+    std::fs::remove_file(env.src().join("kept")).unwrap();
+    let counted = wait_for(Duration::from_secs(20), || {
+        let status: serde_json::Value = daemon.get("/status").json().ok()?;
+        (status[0]["retained_deletes"] == 1).then_some(())
+    });
+    assert!(counted.is_some(), "{}", env.daemon_log());
+    assert_eq!(daemon.metric(retained), 1.0, "{}", env.daemon_log());
+    assert!(daemon.terminate().success());
+    let v = env.json(&["verify"]);
+    assert_eq!(
+        v[0]["report"]["retained"],
+        serde_json::json!([{"kind": "file", "key": "kept"}]),
+        "{v}"
+    );
+    assert_eq!(env.json(&["status"])[0]["retained_deletes"], 1);
 }
 
 /// With prune off, an item only the target has is kept on purpose: `verify` lists it as
@@ -3227,6 +3275,42 @@ fn a_failing_item_counts_failed_once_and_its_retries_failed_again() {
     assert!(cleared.is_some(), "{}", env.daemon_log());
     assert_eq!(daemon.metric(failed), 0.0);
     assert!(daemon.terminate().success());
+}
+
+/// An item that fails at every retry of the failed items is logged as an ERROR when its
+/// failure begins, at debug while the retries fail the same way, and at info when it goes
+/// through (the ERROR came at every retry pass: a daemon left for a night with one item
+/// failing flooded its log).
+#[test]
+fn an_item_failing_at_every_retry_is_logged_when_it_begins_and_when_it_goes_through() {
+    let env = Env::dirs(
+        "max_delete = \"100%\"\nfailed_retry_interval = \"1s\"",
+        "prune = false",
+    );
+    write(env.src().join("x/in.txt"), "inside");
+    env.sync();
+    std::fs::remove_dir_all(env.src().join("x")).unwrap();
+    write(env.src().join("x"), "now a file");
+    let again = "tidemark_applies_total{kind=\"file\",outcome=\"failed_again\",pipeline=\"t\"}";
+    let daemon = env.spawn_daemon();
+    let retried = wait_for(Duration::from_secs(30), || {
+        (daemon.metric(again) >= 3.0).then_some(())
+    });
+    assert!(retried.is_some(), "{}", env.daemon_log());
+    let failure = "once the cause is fixed it is tried again";
+    assert_eq!(env.log_lines("ERROR", failure), 1, "{}", env.daemon_log());
+    assert!(env.log_lines("DEBUG", failure) >= 3, "{}", env.daemon_log());
+
+    std::fs::remove_dir_all(env.dst().join("x")).unwrap();
+    assert_daemon_brings_the_fixed_file(&env, daemon, "x");
+    assert_eq!(
+        env.log_lines("INFO", "file `x` created after"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(env.log_lines("ERROR", failure), 1, "{}", env.daemon_log());
+    assert_eq!(env.log_lines("WARN", failure), 0, "{}", env.daemon_log());
 }
 
 /// The running `daemon` writes `name` (a file `now a file` that failed before), leaves

@@ -1061,19 +1061,78 @@ fn a_restart_during_a_target_outage_keeps_its_start() {
     assert_mirror(&env.src(), &env.dst());
 }
 
-/// A target unavailable for many retries is logged as an ERROR once, when it begins; at
-/// debug while the retries meet the same error; as a warning when the error changes; at
-/// info when a batch goes through (the ERROR came at every retry, and flooded the log of a
-/// daemon left so overnight).
+/// A daemon stopped during a target outage leaves it in the state: `status` with no
+/// daemon running says what its projector was retrying when it stopped (it said nothing
+/// of it), and a one-shot `sync` whose batch goes through forgets it (only the next daemon
+/// did, logging as just ended an outage long over).
 #[test]
-fn a_target_unavailable_for_many_retries_is_logged_when_it_begins_changes_and_ends() {
+fn a_stopped_daemons_outage_shows_in_status_until_a_one_shot_run_goes_through() {
+    let (env, daemon, r) = a_daemon_retrying_a_target_moved_aside(2);
+    assert!(daemon.terminate().success());
+    std::fs::rename(env.path("dst-aside"), env.dst()).unwrap();
+
+    let status = env.json(&["status"]);
+    let was = &status[0]["projector_was_retrying"];
+    assert_eq!(was["since"], r["since"], "{status}");
+    assert!(was["attempts"].as_u64().unwrap() > 2, "{status}");
+    assert!(
+        was["error"].as_str().unwrap().contains("is gone"),
+        "{status}"
+    );
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains("NO DAEMON RUNNING")
+            && text.contains("projector: was retrying since ")
+            && text.contains("when the daemon stopped"),
+        "{text}"
+    );
+
+    let (_, project) = env.sync();
+    assert_eq!(project["by_kind"]["file"]["created"], 1, "{project}");
+    let status = env.json(&["status"]);
+    assert!(status[0]["projector_was_retrying"].is_null(), "{status}");
+    let text = env.ok(&["status"]);
+    assert!(!text.contains("was retrying"), "{text}");
+    // The next daemon has no outage to take up and end.
+    catches_up_having_said_it_goes_on(&env, env.spawn_daemon(), 0);
+}
+
+/// A daemon that synced `a.txt`, whose target directory was moved aside (to `dst-aside`)
+/// before `b.txt` was written, once its projector has retried past `attempts`; with its
+/// `projector_retrying` then.
+fn a_daemon_retrying_a_target_moved_aside(attempts: u64) -> (Env, Daemon, serde_json::Value) {
     let env = Env::dirs("retry_max_backoff = \"300ms\"", "");
     write(env.src().join("a.txt"), "a");
     env.sync();
     let daemon = env.spawn_daemon();
     std::fs::rename(env.dst(), env.path("dst-aside")).unwrap();
     write(env.src().join("b.txt"), "b");
-    let attempts = daemon.retrying_past(8, &env)["attempts"].as_u64().unwrap();
+    let retrying = daemon.retrying_past(attempts, &env);
+    (env, daemon, retrying)
+}
+
+/// `daemon` catches up and stops cleanly, its target the source's mirror, having logged
+/// `the projector goes on` `times` times.
+fn catches_up_having_said_it_goes_on(env: &Env, daemon: Daemon, times: usize) {
+    daemon.caught_up(env);
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        env.log_lines("INFO", "the projector goes on"),
+        times,
+        "{}",
+        env.daemon_log()
+    );
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A target unavailable for many retries is logged as an ERROR once, when it begins; at
+/// debug while the retries meet the same error; as a warning when the error changes; at
+/// info when a batch goes through (the ERROR came at every retry, and flooded the log of a
+/// daemon left so overnight).
+#[test]
+fn a_target_unavailable_for_many_retries_is_logged_when_it_begins_changes_and_ends() {
+    let (env, daemon, r) = a_daemon_retrying_a_target_moved_aside(8);
+    let attempts = r["attempts"].as_u64().unwrap();
     let lines = |level: &str, what: &str| env.log_lines(level, what);
     let gone = format!("the target directory {} is gone", env.dst().display());
     assert_eq!(lines("ERROR", &gone), 1, "{}", env.daemon_log());
@@ -1093,14 +1152,7 @@ fn a_target_unavailable_for_many_retries_is_logged_when_it_begins_changes_and_en
 
     std::fs::remove_file(env.dst()).unwrap();
     std::fs::rename(env.path("dst-aside"), env.dst()).unwrap();
-    daemon.caught_up(&env);
-    assert!(daemon.terminate().success());
-    assert_eq!(
-        lines("INFO", "the projector goes on"),
-        1,
-        "{}",
-        env.daemon_log()
-    );
+    catches_up_having_said_it_goes_on(&env, daemon, 1);
     assert_eq!(
         lines("ERROR", "target unavailable"),
         1,
@@ -1113,7 +1165,6 @@ fn a_target_unavailable_for_many_retries_is_logged_when_it_begins_changes_and_en
         "{}",
         env.daemon_log()
     );
-    assert_mirror(&env.src(), &env.dst());
 }
 
 /// The target directory removed under a running daemon is not made again empty: the

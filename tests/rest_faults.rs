@@ -1004,9 +1004,13 @@ fn a_500_on_one_waiting_item_holds_back_nothing_else_and_is_its_reason() {
     let daemon = env.spawn_daemon();
     let transient = "tidemark_apply_errors_total{class=\"transient\",pipeline=\"t\"}";
     let retried = wait_for(Duration::from_secs(60), || {
-        (daemon.metric(transient) >= 2.0).then_some(())
+        (daemon.metric(transient) >= 3.0).then_some(())
     });
     assert!(retried.is_some(), "{}", env.daemon_log());
+    // Its 500 is logged once, when it begins, not at every retry.
+    let waits = "the item waits and is tried again";
+    assert_eq!(env.log_lines("ERROR", waits), 1, "{}", env.daemon_log());
+    assert!(env.log_lines("DEBUG", waits) >= 2, "{}", env.daemon_log());
     *proxy.faults.fail_body.lock().unwrap() = None;
     let written = wait_for(Duration::from_secs(30), || {
         (names("comments").len() == 3).then_some(())
@@ -1016,6 +1020,13 @@ fn a_500_on_one_waiting_item_holds_back_nothing_else_and_is_its_reason() {
     assert_rest_mirror(&dev, &prod);
     let status = env.json(&["status"]);
     assert_eq!(status[0]["deferred"], json!([]), "{status}");
+    assert_eq!(
+        env.log_lines("INFO", "posts `12` created after"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(env.log_lines("ERROR", waits), 1, "{}", env.daemon_log());
 }
 
 /// Adds a secret `X-Api-Key` header and `api_key` query parameter, both `key`, to the

@@ -591,13 +591,14 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
     let mut statuses: Vec<serde_json::Value> = match Session::open_read_only(config.clone()) {
         Ok(session) => {
             // The state opened, so no daemon holds it: one that held it last is not
-            // running (stopped, or killed), and what it was doing (retrying a target that
-            // refuses writes) is not shown; on-call must see that it is down.
+            // running (stopped, or killed); on-call must see that it is down, and what its
+            // projector was retrying when it stopped (a target that refuses writes).
             let gone = last_daemon.map(|h| h.to_string());
             let mut out = Vec::new();
             for p in session.pipelines(select)? {
                 let mut s = serde_json::to_value(p.status().await?)?;
                 s["daemon_not_running"] = gone.clone().into();
+                s["projector_was_retrying"] = serde_json::to_value(p.projector.noted_outage())?;
                 out.push(s);
             }
             out
@@ -669,12 +670,13 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 .collect()
         }
     };
-    // Asked of a running daemon, the field is there too (`null`: it runs).
+    // Asked of a running daemon, the fields are there too (`null`: it runs).
     for s in statuses
         .iter_mut()
         .filter(|s| s.get("daemon_not_running").is_none())
     {
         s["daemon_not_running"] = serde_json::Value::Null;
+        s["projector_was_retrying"] = serde_json::Value::Null;
     }
     // A first run whose source cannot be read stops before it creates the state, so it
     // records no scan: what it met is shown as the source is now.
@@ -748,22 +750,33 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 );
             }
         }
+        let at = |r: &serde_json::Value, field: &str| {
+            r[field]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+        };
+        let since = |r: &serde_json::Value| {
+            at(r, "since").map_or("?".into(), |t| {
+                t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+            })
+        };
         if let Some(r) = s.get("projector_retrying").filter(|r| !r.is_null()) {
-            let at = |field: &str| {
-                r[field]
-                    .as_str()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map(|t| t.with_timezone(&chrono::Utc))
-            };
-            let next = at("next_attempt_at").map_or(String::new(), |t| {
+            let next = at(r, "next_attempt_at").map_or(String::new(), |t| {
                 let secs = (t - chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
                 format!(", the next in {secs:.1} s")
             });
             outln!(
                 "  projector: retrying since {} ({} failed attempts{next}): {}",
-                at("since").map_or("?".into(), |t| t
-                    .format("%Y-%m-%d %H:%M:%S UTC")
-                    .to_string()),
+                since(r),
+                r["attempts"],
+                r["error"].as_str().unwrap_or("?")
+            );
+        }
+        if let Some(r) = s.get("projector_was_retrying").filter(|r| !r.is_null()) {
+            outln!(
+                "  projector: was retrying since {} when the daemon stopped ({} failed attempts): {}; the next `run`, `sync` or `project` tries again",
+                since(r),
                 r["attempts"],
                 r["error"].as_str().unwrap_or("?")
             );

@@ -45,7 +45,7 @@ use tracing::{debug, error, info, warn};
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
-use crate::recurring::{log_recurring, Recurring};
+use crate::recurring::{log_recurring, Failing, Recurring};
 use crate::state::{
     item_label, Applied, CommitMark, Creating, Deferred, Failure, Outage, OwnerError,
     PendingDelete, Records, ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
@@ -1256,6 +1256,11 @@ pub struct Projector {
     /// when the outage begins, at debug while it repeats, as a warning when the error
     /// changes ([`Recurring`]); [`Projector::retried`] says when it ends.
     failing: Recurring<String>,
+    /// The items the target fails again and again (at each retry of the failed items, or
+    /// of a resting one), by identity: each logged when its failure begins, at debug while
+    /// it repeats, as a warning when its error changes ([`Failing`]), and at info when it
+    /// goes through ([`Projector::record`]).
+    items_failing: Failing<String>,
     /// The configured source (its identity), checked with the target against those the
     /// state notes ([`State::check_owner`]): the log of another config's pipeline of the
     /// same name holds that source's events. `None` checks nothing.
@@ -1335,6 +1340,7 @@ impl Projector {
             tailing: AtomicBool::new(false),
             retrying: Mutex::new(None),
             failing: Recurring::default(),
+            items_failing: Failing::default(),
             source: None,
             retained_unread: Mutex::default(),
             retained_marks: Mutex::default(),
@@ -1371,21 +1377,54 @@ impl Projector {
         self.retrying.lock().unwrap().clone()
     }
 
+    /// The outage the last daemon's projector was retrying when it stopped, as the state
+    /// keeps it ([`State::outages`]) until a batch goes through: what `status` shows with
+    /// no daemon running.
+    pub fn noted_outage(&self) -> Option<Outage> {
+        self.state
+            .outages()
+            .and_then(|o| o.get(&self.pipeline))
+            .unwrap_or_else(|e| {
+                warn!(pipeline = %self.pipeline, "cannot read the outage the last daemon noted: {e}");
+                None
+            })
+    }
+
+    /// Forgets the outage the state keeps, once a batch went through.
+    fn forget_outage(&self) {
+        if let Err(e) = self.state.outages().and_then(|o| o.remove(&self.pipeline)) {
+            warn!(pipeline = %self.pipeline, "cannot clear the outage noted in the state: {e}");
+        }
+    }
+
     /// Takes up the outage a daemon stopped during left in the state, if any: the
     /// retrying goes on counting from its start, and ends as any does.
     fn resume_outage(&self) {
-        match self.state.outages().and_then(|o| o.get(&self.pipeline)) {
-            Ok(Some(outage)) => {
-                *self.retrying.lock().unwrap() = Some(Retrying {
-                    outage,
-                    next_attempt_at: Utc::now(),
-                });
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!(pipeline = %self.pipeline, "cannot read the outage the last daemon noted: {e}")
-            }
+        if let Some(outage) = self.noted_outage() {
+            *self.retrying.lock().unwrap() = Some(Retrying {
+                outage,
+                next_attempt_at: Utc::now(),
+            });
         }
+    }
+
+    /// A one-shot run's batch went through: the outage the last daemon noted, if any, is
+    /// over, and is forgotten (else `status` showed it, and the next daemon took it up only
+    /// to say it ended).
+    fn outage_over(&self) {
+        let Some(Outage {
+            since, attempts, ..
+        }) = self.noted_outage()
+        else {
+            return;
+        };
+        self.forget_outage();
+        info!(
+            pipeline = %self.pipeline,
+            attempts,
+            since = %since,
+            "the outage the last daemon was retrying since {since} ({attempts} failed attempts) is over: a batch went through"
+        );
     }
 
     /// Logs the errors of an attempt of [`Projector::run`] that failed ([`Recurring`]:
@@ -1448,9 +1487,7 @@ impl Projector {
             since = %since,
             "the projector goes on: a batch succeeded after {attempts} failed attempts since {since}"
         );
-        if let Err(e) = self.state.outages().and_then(|o| o.remove(&self.pipeline)) {
-            warn!(pipeline = %self.pipeline, "cannot clear the outage noted in the state: {e}");
-        }
+        self.forget_outage();
     }
 
     /// Sets the pause before the daemon's first pass over the failed items after the one
@@ -1958,6 +1995,25 @@ impl Projector {
                 remapped.push((d.identity.clone(), id));
             }
             report.count_item(&d.identity, &d.kind, d.outcome, d.partial, d.patch);
+            if !matches!(
+                d.outcome,
+                Outcome::Failed | Outcome::Deferred | Outcome::Stale
+            ) {
+                if let Some(f) = self.items_failing.cleared(&d.identity) {
+                    info!(
+                        pipeline = %self.pipeline,
+                        kind = %d.kind,
+                        key = %d.key,
+                        since = %f.since,
+                        "{} `{}` {} after {} failed tries since {}: its failure is over",
+                        d.kind,
+                        d.key,
+                        d.outcome.as_str(),
+                        f.tries,
+                        f.since
+                    );
+                }
+            }
             if d.outcome == Outcome::Stale {
                 stale.insert(d.identity.clone(), d.offset);
             } else if stale.get(&d.identity).is_some_and(|&o| o < d.offset) {
@@ -2835,6 +2891,7 @@ impl Projector {
         let report = self
             .retry_stored(partitions, &HashSet::new(), "earlier")
             .await;
+        self.forget_items_gone();
         let left = self
             .state
             .stored_failures(&self.pipeline)
@@ -3090,13 +3147,10 @@ impl Projector {
         } else {
             "tried again by the next run".into()
         };
-        error!(
-            pipeline = %self.pipeline,
-            kind = %event.kind,
-            key = %event.key,
-            name = event.name.as_deref(),
-            offset = event.offset,
-            "{e}; the item waits and is {when}; the items that do not depend on it go on"
+        self.item_failed(
+            event,
+            &e.to_string(),
+            format!("{e}; the item waits and is {when}; the items that do not depend on it go on"),
         );
         resting.insert(
             identity.to_owned(),
@@ -3110,6 +3164,50 @@ impl Projector {
             },
         );
         message
+    }
+
+    /// Whether the item of delete `event` never reached the target: no applied state
+    /// (`prior`), and nothing where it would be (an item that came and went between two
+    /// projections, whose upsert was skipped as stale; a replay). Its delete changes
+    /// nothing, so with prune off it is not retained either: `status`, the metrics and
+    /// `plan` counted a retained delete that `verify` found nothing of.
+    async fn never_reached(&self, event: &Event, prior: Option<&Applied>) -> bool {
+        prior.is_none() && self.target.probe(event).await == Probe::Absent
+    }
+
+    /// Logs that the target failed item `event` with `error` (`message`, its log line) as
+    /// [`Failing`] says: at error when the item's failure begins, as a warning when its
+    /// error changes, at debug while it repeats (a daemon retries it for a night).
+    fn item_failed(&self, event: &Event, error: &str, message: String) {
+        let error = crate::http::without_tally(&crate::http::redact_known(error));
+        let seen = self.items_failing.failed(event.identity(), error);
+        log_recurring!(
+            seen,
+            error,
+            [
+                pipeline = %self.pipeline,
+                kind = %event.kind,
+                key = %event.key,
+                name = event.name.as_deref(),
+                offset = event.offset,
+            ],
+            message
+        );
+    }
+
+    /// Forgets the failing items ([`Projector::item_failed`]) neither failed nor waiting
+    /// any more: they left without going through (superseded, or another daemon's).
+    fn forget_items_gone(&self) {
+        let pipeline = &self.pipeline;
+        let (Ok(failed), Ok(waiting)) = (
+            self.state.stored_failures(pipeline),
+            self.state.deferred(pipeline),
+        ) else {
+            return;
+        };
+        self.items_failing.retain(|id| {
+            failed.contains(id).unwrap_or(true) || waiting.contains(id).unwrap_or(true)
+        });
     }
 
     /// The error of an item the target failed transiently in this run that still waits
@@ -3408,7 +3506,7 @@ impl Projector {
                     humantime::format_duration(wait)
                 ),
             };
-            error!(pipeline = %self.pipeline, kind = %d.event.kind, key = %d.event.key, name = d.event.name.as_deref(), "{reason}");
+            self.item_failed(&d.event, &reason, reason.clone());
             metrics()
                 .apply_errors
                 .with_label_values(&[&self.pipeline, "permanent"])
@@ -3531,7 +3629,12 @@ impl Projector {
                 taken: None,
                 scan: Some(event.scan.clone()),
             };
-            if let Some(outcome) = decide(&event, prior.as_ref(), self.prune) {
+            if let Some(mut outcome) = decide(&event, prior.as_ref(), self.prune) {
+                if outcome == Outcome::Retained && self.never_reached(&event, prior.as_ref()).await
+                {
+                    // Nothing of it to keep: `unchanged`, as with prune on.
+                    outcome = Outcome::Unchanged;
+                }
                 let mut d = done(outcome, Change::Keep, None);
                 if outcome == Outcome::Retained {
                     d.retained = Some(event.clone());
@@ -3700,15 +3803,14 @@ impl Projector {
                         .apply_errors
                         .with_label_values(&[&self.pipeline, "permanent"])
                         .inc();
-                    error!(
-                        pipeline = %self.pipeline,
-                        kind = %event.kind,
-                        key = %event.key,
-                        name = event.name.as_deref(),
-                        offset = event.offset,
-                        "{e}; once the cause is fixed it is tried again: by a running daemon every failed_retry_interval, otherwise by the next `sync` or `project` (or, with the daemon stopped, `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
-                        self.pipeline,
-                        event.offset
+                    self.item_failed(
+                        &event,
+                        &e.to_string(),
+                        format!(
+                            "{e}; once the cause is fixed it is tried again: by a running daemon every failed_retry_interval, otherwise by the next `sync` or `project` (or, with the daemon stopped, `tidemark replay --pipeline {} --from {}` then `tidemark project`)",
+                            self.pipeline,
+                            event.offset
+                        ),
                     );
                     let mut d = done(Outcome::Failed, Change::Keep, Some(e.to_string()));
                     d.retry = Some(event.clone());
@@ -3810,6 +3912,9 @@ impl Projector {
                     progress.add_bytes(report.bytes_written);
                 }
                 total.merge(report);
+                if read > 0 {
+                    self.outage_over();
+                }
                 Ok(read)
             }
             Err(Stopped { done, source }) => {
@@ -3920,6 +4025,9 @@ impl Projector {
         }
         total.committed = Some(self.committed_sum(&targets).await?);
         total.stale_left = self.stale.lock().unwrap().len() as u64;
+        // With nothing to read (a log that could not be read then), the run going through
+        // ends the outage too.
+        self.outage_over();
         Ok(())
     }
 
@@ -4743,15 +4851,17 @@ impl Projector {
             None => plan.applied.get(&id).map_err(self.err_state())?,
         };
         let action = match (decide(&event, prior.as_ref(), self.prune), event.op) {
+            (Some(Outcome::Retained), _) if self.never_reached(&event, prior.as_ref()).await => {
+                "skip"
+            }
             (Some(Outcome::Retained), _) => "retain",
             (Some(_), _) => "skip",
             (None, Op::Delete) => {
                 plan.overlay.insert(id, None);
-                // Never applied (an item that came and went between two projections, a
-                // replay): a delete of what the target does not hold changes nothing.
-                match prior {
-                    None if self.target.probe(&event).await == Probe::Absent => "skip",
-                    _ => "delete",
+                if self.never_reached(&event, prior.as_ref()).await {
+                    "skip"
+                } else {
+                    "delete"
                 }
             }
             (None, Op::Upsert) => {
