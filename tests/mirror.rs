@@ -516,6 +516,59 @@ fn turning_prune_on_later_applies_the_deletes_retained_while_it_was_off() {
     assert_eq!(outcome(&again, "created"), 0, "{again}");
 }
 
+/// `project` runs no scan: turned on with `prune = true`, it applied the deletes retained
+/// while prune was off of files the source has again (put back, or back within widened
+/// globs), deleting them from the target until a scan wrote them again. They are left now
+/// (`plan` agrees), and the next scan settles them.
+#[test]
+fn project_leaves_retained_deletes_of_items_the_source_has_again() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    for name in [
+        "keep.txt",
+        "back.txt",
+        "gone.txt",
+        "logs/a.log",
+        "logs/b.log",
+    ] {
+        write(env.src().join(name), format!("{name}\n"));
+    }
+    env.sync();
+    std::fs::rename(env.src().join("back.txt"), env.path("back.txt")).unwrap();
+    std::fs::remove_file(env.src().join("gone.txt")).unwrap();
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let narrowed = config.replacen(
+        "[pipeline.source.dir]\n",
+        "[pipeline.source.dir]\nexclude = [\"**/*.log\"]\n",
+        1,
+    );
+    assert_ne!(narrowed, config, "the test edits the source's section");
+    env.write_config(&narrowed);
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "retained"), 4, "{project}");
+
+    // Back in the source, and back within the globs; then prune on, and `project` alone.
+    std::fs::rename(env.path("back.txt"), env.src().join("back.txt")).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let plan = env.ok(&["plan"]);
+    assert!(plan.contains("delete file gone.txt"), "{plan}");
+    for name in ["back.txt", "a.log", "b.log"] {
+        assert!(!plan.contains(name), "plan deletes {name}:\n{plan}");
+    }
+    let out = env.ok(&["project"]);
+    assert!(out.contains("1 deleted"), "{out}");
+    for name in ["back.txt", "logs/a.log", "logs/b.log"] {
+        assert!(
+            env.dst().join(name).exists(),
+            "{name} deleted by project: {out}"
+        );
+    }
+    assert!(!env.dst().join("gone.txt").exists(), "{out}");
+    let (_, again) = env.sync();
+    assert_eq!(outcome(&again, "deleted"), 0, "{again}");
+    assert_mirror(&env.src(), &env.dst());
+    assert_eq!(env.json(&["status"])[0]["retained_deletes"], 0);
+}
+
 /// The daemon applies retained deletes too, once it has caught up with the log.
 #[test]
 fn the_daemon_applies_deletes_retained_before_prune_was_turned_on() {

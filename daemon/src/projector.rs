@@ -2513,11 +2513,18 @@ impl Projector {
                     .map(|c| (c.to_vec(), false)),
             )
             .collect::<Vec<_>>();
+        let mut back = 0;
         for (ids, concurrent) in chunks {
             let mut events = Vec::with_capacity(ids.len());
             for id in &ids {
                 if let Some(p) = stored.get(id).map_err(self.err_state())? {
-                    events.push(p.event);
+                    // The source has it again (`project` runs no scan to say so): left
+                    // retained, for the next scan's upsert to settle.
+                    if self.target.source_holds(&p.event).await {
+                        back += 1;
+                    } else {
+                        events.push(p.event);
+                    }
                 }
             }
             let refs = Refs::new(&remap);
@@ -2543,6 +2550,12 @@ impl Projector {
                 );
                 break;
             }
+        }
+        if back > 0 {
+            info!(
+                pipeline = %self.pipeline,
+                "{back} of the deletes retained while prune was off are not applied: the source has those items again, and the next scan brings them up to date"
+            );
         }
         self.count_deferred(dir_pending.len())?;
         self.count_applies(&report);
@@ -4667,7 +4680,7 @@ impl Projector {
                 .map_err(self.err_state())?;
             for entry in retained.iter() {
                 let (id, d) = entry.map_err(self.err_state())?;
-                if !seen.contains(&id) {
+                if !seen.contains(&id) && !self.target.source_holds(&d.event).await {
                     let offset = Some(d.event.offset);
                     actions.push(PlannedAction::new("delete", d.event, offset));
                 }

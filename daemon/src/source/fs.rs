@@ -63,6 +63,39 @@ fn globset(globs: &[String]) -> GlobSet {
     b.build().expect("a set of valid globs builds")
 }
 
+/// A directory source's `include` and `exclude` globs, applied as its walk applies them,
+/// for a question about one item (not used by the walk itself).
+pub struct Globs {
+    include: Option<GlobSet>,
+    exclude: GlobSet,
+}
+
+impl Globs {
+    /// The globs of `cfg`.
+    pub fn new(cfg: &DirSourceConfig) -> Globs {
+        Globs {
+            include: (!cfg.include.is_empty()).then(|| globset(&cfg.include)),
+            exclude: globset(&cfg.exclude),
+        }
+    }
+
+    /// Whether a walk lists an item of `kind` at `rel`: neither it nor a directory on its
+    /// way is excluded, and with `include` globs it is no directory (those are not items
+    /// then) and they match it.
+    pub fn lists(&self, rel: &Path, kind: &str) -> bool {
+        let mut way = PathBuf::new();
+        for part in rel.components() {
+            way.push(part);
+            if !self.exclude.is_empty() && self.exclude.is_match(&way) {
+                return false;
+            }
+        }
+        self.include
+            .as_ref()
+            .is_none_or(|g| kind != "dir" && g.is_match(rel))
+    }
+}
+
 /// The key of `path` below `root`.
 pub fn key_of(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);

@@ -202,6 +202,8 @@ struct SourceDir {
     root: PathBuf,
     /// A followed link to a directory is listed as a directory: looked at through it.
     follow_symlinks: bool,
+    /// Which items the source lists ([`Inner::source_holds`]).
+    globs: crate::source::fs::Globs,
 }
 
 /// A key as a target that folds the case of names sees it.
@@ -395,6 +397,7 @@ impl DirTarget {
             .source = source.map(|s| SourceDir {
             root: s.path.clone(),
             follow_symlinks: s.follow_symlinks,
+            globs: crate::source::fs::Globs::new(s),
         });
         self
     }
@@ -1027,6 +1030,34 @@ impl Inner {
         }
     }
 
+    /// Whether the source holds, and its globs list, an item of the event's kind at its
+    /// key: a delete retained while `prune` was off whose item came back (or came back
+    /// into the globs) is not applied when prune is turned on, though no scan has run
+    /// since (`project`). `false` without a directory source this process can see.
+    fn source_holds(&self, event: &Event) -> bool {
+        let Some(source) = &self.source else {
+            return false;
+        };
+        let Some(rel) = pathkey::decode(&event.key) else {
+            return false;
+        };
+        let rel = Path::new(OsStr::from_bytes(&rel));
+        if !source.globs.lists(rel, &event.kind) {
+            return false;
+        }
+        let path = source.root.join(rel);
+        let meta = if source.follow_symlinks {
+            fs::metadata(&path)
+        } else {
+            fs::symlink_metadata(&path)
+        };
+        meta.is_ok_and(|m| match event.kind.as_str() {
+            "dir" => m.is_dir(),
+            "symlink" => m.file_type().is_symlink(),
+            _ => m.is_file(),
+        })
+    }
+
     /// Whether the source no longer holds the directory or link that an upsert would make
     /// at `path` (nothing there, another kind of item, a link to elsewhere): the item
     /// moved on since its scan and a newer event of it follows, so the upsert is stale, as
@@ -1597,6 +1628,14 @@ impl Target for DirTarget {
         })
         .await
         .unwrap_or(false)
+    }
+
+    async fn source_holds(&self, event: &Event) -> bool {
+        let inner = self.inner.clone();
+        let event = event.clone();
+        tokio::task::spawn_blocking(move || inner.source_holds(&event))
+            .await
+            .unwrap_or(false)
     }
 
     async fn present(&self, event: &Event) -> Option<bool> {

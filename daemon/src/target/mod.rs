@@ -193,6 +193,13 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// Whether the pipeline's source holds the item of a delete again, and lists it, looked
+    /// at without a scan: a delete retained while `prune` was off is then not applied
+    /// (`false`: not looked at, as where the source is not a directory this process sees).
+    async fn source_holds(&self, _event: &Event) -> bool {
+        false
+    }
+
     /// Whether the target holds anything where an upsert of an item it applied before
     /// would go, looked at without writing and without reading content (`None`: not
     /// looked at): an item removed from the target by hand is created again, and `plan`
