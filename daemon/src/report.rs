@@ -496,17 +496,28 @@ impl Report {
             move |source| ReportError::Write { path, source }
         };
         std::fs::create_dir_all(&base).map_err(write_err(&base))?;
-        // Two reports in the same second get `-1`, `-2`, … so neither is lost. The suffix
-        // goes past every existing one, so a pruned name is never reused for a newer report.
-        let mut n = std::fs::read_dir(&base)
+        let names: Vec<String> = std::fs::read_dir(&base)
             .map_err(write_err(&base))?
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                match name.strip_prefix(stamp.as_str())? {
-                    "" => Some(0),
-                    rest => rest.strip_prefix('-')?.parse::<u64>().ok(),
-                }
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        // A clock set back (or a report written ahead of it) would name this report before
+        // earlier ones, and retention, which goes by name, removed it at once: it takes the
+        // newest report's second then (its `generated_at_utc` still says when it was made).
+        let stamp = names
+            .iter()
+            .filter_map(|name| name.split('-').next())
+            .filter(|s| chrono::NaiveDateTime::parse_from_str(s, STAMP).is_ok())
+            .max()
+            .filter(|newest| **newest > *stamp)
+            .map_or(stamp, |newest| newest.to_owned());
+        // Two reports in the same second get `-1`, `-2`, … so neither is lost. The suffix
+        // goes past every existing one, so a pruned name is never reused for a newer report.
+        let mut n = names
+            .iter()
+            .filter_map(|name| match name.strip_prefix(stamp.as_str())? {
+                "" => Some(0),
+                rest => rest.strip_prefix('-')?.parse::<u64>().ok(),
             })
             .max()
             .map_or(0, |m| m + 1);
@@ -889,6 +900,33 @@ mod tests {
         assert_eq!((ended.failures, ended.source), (1, false));
         assert!(lasting.ended().is_none());
         assert_eq!(lasting.failed(gone(), true, at(3 * 3600 + 3)), Note::Began);
+    }
+
+    /// A report written after the clock was set back (or after one written ahead of it)
+    /// is named after the newest report, so retention, which goes by name, keeps it: it
+    /// was named by its own earlier second and removed at once.
+    #[test]
+    fn a_report_written_after_the_clock_went_back_is_kept_by_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = dir.path().join("p/20991231T235959Z");
+        std::fs::create_dir_all(&ahead).unwrap();
+        let report = Report::new("p", "sync", false, crate::config::DeleteLimit::Count(1));
+        let written = report.write(dir.path(), 1).unwrap();
+        assert_eq!(
+            written.file_name().unwrap().to_string_lossy(),
+            "20991231T235959Z-1"
+        );
+        assert!(written.exists(), "the new report was pruned");
+        assert!(!ahead.exists(), "the older one is the one pruned");
+        // A clock that is right again names reports by their own second once more.
+        let next = Report::new("p", "sync", false, crate::config::DeleteLimit::Count(1))
+            .write(&dir.path().join("other"), 1)
+            .unwrap();
+        assert!(!next
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("2099"));
     }
 
     /// A report lost to a full disk says so, rather than sending the reader to check
