@@ -305,6 +305,11 @@ fn verify_sees_files_the_narrowed_globs_leave_out_while_their_deletes_are_withhe
     }
     assert!(!text.contains("own.log"), "{text}");
     assert!(text.contains("the delete guard withheld"), "{text}");
+    // The source still has them: its globs leave them out.
+    assert!(
+        text.contains("the source no longer lists") && text.contains("left out by its globs"),
+        "{text}"
+    );
 
     // What it says, followed: a scan the guard lets through deletes them.
     let config = std::fs::read_to_string(&env.config).unwrap();

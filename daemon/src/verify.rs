@@ -261,7 +261,7 @@ impl VerifyReport {
         let items = with(&Fix::Withheld);
         if !items.is_empty() {
             out.push_str(&format!(
-                "{pipeline}: the source no longer has {}, but the last scan emitted no deletes ({}): they stay until a scan emits their deletes (`tidemark status` says more)\n",
+                "{pipeline}: the source no longer lists {} (removed there, or left out by its globs), but the last scan emitted no deletes ({}): they stay until a scan emits their deletes (`tidemark status` says more)\n",
                 some(&items),
                 self.deletes_withheld.as_deref().unwrap_or("see `tidemark status`"),
             ));
