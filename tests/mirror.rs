@@ -3689,7 +3689,12 @@ fn a_moved_source_is_read_again_and_a_copied_one_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("which is still there") && stderr.contains("move it away or remove it"),
+        stderr.contains("which is still there")
+            && stderr.contains(&format!(
+                "If {} is this source's new home",
+                env.path("src2").display()
+            ))
+            && stderr.contains(&format!("move {} away or remove it", env.src().display())),
         "{stderr}"
     );
     let status = env.run(&["status"]);

@@ -55,6 +55,11 @@ pub enum StateError {
     },
 }
 
+/// A noted directory source (`dir /path`) as its path alone, for advice about the path.
+fn bare_path(source: &str) -> &str {
+    source.strip_prefix("dir ").unwrap_or(source)
+}
+
 /// A pipeline's state is another pipeline's: what [`State::check_owner`] refuses. Nothing
 /// is scanned, appended or applied then.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +70,7 @@ pub enum OwnerError {
     #[error("{0}")]
     Other(Box<OtherPipeline>),
     /// The source differs from the one the log was read from, which is still there.
-    #[error("pipeline `{pipeline}`: the state directory {} holds pipeline `{pipeline}` read from {was}, which is still there, while this config's pipeline `{pipeline}` reads {now}: the log's events are another tree's (they read their files from {was}). Most likely two configs share this state directory (`state` beside the config file is the default `state_dir` of every config there) and both name their pipeline `{pipeline}`, or pipelines were renamed. Nothing was scanned or applied: give this config its own `state_dir` (or its pipeline another name). If {was} is an old copy of this source that you have moved on from, move it away or remove it and run again: a source whose old path is gone is taken as moved, and the next scan reads every item again", state_dir.display())]
+    #[error("pipeline `{pipeline}`: the state directory {} holds pipeline `{pipeline}` read from {was}, which is still there, while this config's pipeline `{pipeline}` reads {now}; the log's events read their files from {was}. Nothing was scanned or applied. If {now_path} is this source's new home (a copy of {was_path} you have moved on to), move {was_path} away or remove it and run again: a source whose old path is gone is taken as moved, and the next scan reads every item again. If not, two configs likely share this state directory (`state` beside the config file is the default `state_dir` of every config there) and both name their pipeline `{pipeline}`, or pipelines were renamed: give this config its own `state_dir` (or its pipeline another name)", state_dir.display(), was_path = bare_path(was), now_path = bare_path(now))]
     SourceStillThere {
         /// The pipeline.
         pipeline: String,
