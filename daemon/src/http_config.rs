@@ -301,16 +301,15 @@ impl HttpEndpointConfig {
     /// Checks the URL and resolves the secrets as `secrets` says. The error says what to
     /// fix.
     pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
-        // A user name or password in the URL is never repeated, not even in this error.
-        if let Some((_, rest)) = self.base_url.split_once("://") {
-            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-            if authority.contains('@') {
-                return Err(At::Key("base_url").refuse()("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into()));
-            }
-        }
         let url = reqwest::Url::parse(&self.base_url)
             .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))
             .map_err(At::Key("base_url").refuse())?;
+        // Decided on the URL as parsed, which is what the client sends: the parser takes
+        // `http:/u:p@host`, `https:u:p@host` and `https:\\u:p@host` as `user:p@host` too.
+        // A user name or password is never repeated, not even in this error.
+        if !url.username().is_empty() || url.password().is_some_and(|p| !p.is_empty()) {
+            return Err(At::Key("base_url").refuse()("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into()));
+        }
         if !matches!(url.scheme(), "http" | "https") {
             return Err(At::Key("base_url").refuse()(format!(
                 "base_url `{}` must be http or https",
