@@ -3,11 +3,13 @@
 //! and resets after one, and `/status` carries what operators need.
 
 mod common;
+mod rest_common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rest_common::Recorder;
 
 /// `name → type` of every metric in `docs/metrics.md`'s tables.
 fn documented() -> BTreeMap<String, String> {
@@ -424,6 +426,40 @@ fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
     let status = env.ok(&["status"]);
     assert!(status.contains("pipeline t"), "{status}");
     assert!(daemon.terminate().success());
+}
+
+/// `tidemark status` asked a running daemon through the proxy `http_proxy` names, and
+/// so handed the proxy the `/status` token (issue): it goes straight to the daemon, the
+/// proxy gets nothing, and the status is the daemon's.
+#[test]
+fn status_asks_the_daemon_directly_and_never_hands_its_token_to_a_proxy() {
+    const VAR: &str = "TM_OPS_STATUS_TOKEN_PROXY";
+    const TOKEN: &str = "tok-status-proxy-7c1";
+    let env = Env::dirs("", "");
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{VAR}\""),
+    );
+    env.write_config(&text);
+    // SAFETY of the test: the variable name is unique to this test.
+    std::env::set_var(VAR, TOKEN);
+    let daemon = env.spawn_daemon();
+    let proxy = Recorder::start();
+    let mut status = env.cmd(&["status", "--output", "json"]);
+    for var in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+        status.env(var, proxy.url());
+    }
+    let out = status
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .unwrap();
+    assert!(daemon.terminate().success());
+    let requests = proxy.requests();
+    assert!(requests.is_empty(), "the proxy was asked: {requests:?}");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["pipeline"], "t", "{v}");
 }
 
 /// A pipeline whose source no scan has listed yet (here the directory is missing, so
