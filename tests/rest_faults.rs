@@ -140,6 +140,66 @@ fn issue_3_bearer_token_never_appears() {
     }
 }
 
+/// A secret Authorization header with a scheme (`Basic <base64>`, `Token <key>`), from a
+/// variable: prod rejects comments quoting only the credential, and for `Basic` the
+/// `user:password` it encodes and the password alone. None of them shows anywhere, the
+/// state included (issue: only the whole header value was redacted).
+#[test]
+fn a_secret_headers_credential_quoted_without_its_scheme_never_shows() {
+    const VAR: &str = "TM_REST_FAULTS_AUTH_HEADER";
+    // base64 of `svcuser:BASICCRED-pw-123`.
+    for (value, leaks) in [
+        (
+            "Basic c3ZjdXNlcjpCQVNJQ0NSRUQtcHctMTIz",
+            ["c3ZjdXNlcjpCQVNJ", "BASICCRED"],
+        ),
+        ("Token TOKHDR-key-555", ["TOKHDR", "key-555"]),
+    ] {
+        let env = rest_env();
+        let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+        let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+        let proxy = FaultProxy::start(&prod.url());
+        *proxy.faults.echo_credential.lock().unwrap() = Some("/comments".into());
+        let header =
+            format!("[[pipeline.target.http.header]]\nname = \"Authorization\"\nenv = \"{VAR}\"\n");
+        write_rest_config(&env, &dev.url(), &proxy.url(), &header);
+        let config = std::fs::read_to_string(&env.config).unwrap();
+        let bearer = "bearer = { file = \"token.txt\" }\nprune = true";
+        assert!(config.contains(bearer), "{config}");
+        env.write_config(&config.replace(bearer, "prune = true"));
+        // SAFETY of the test: the variable name is unique to this test.
+        std::env::set_var(VAR, value);
+        let sync = env.run(&["sync"]);
+        assert_eq!(sync.status.code(), Some(3), "{sync:?}");
+        let stdout = String::from_utf8_lossy(&sync.stdout);
+        assert!(
+            stdout.contains("HTTP 400") && stdout.contains("\"credential\":\"***\""),
+            "the rejection is reported with its excerpt, the credential redacted: {stdout}"
+        );
+        let mut everything = everything_reported(&env, &sync);
+        for entry in walkdir::WalkDir::new(env.path("state"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+        {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            everything.push((
+                entry.path().display().to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+        for (what, text) in everything {
+            for leak in leaks {
+                assert!(
+                    !text.contains(leak),
+                    "{value}: {leak} leaked into {what}: {}",
+                    text.lines().find(|l| l.contains(leak)).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
 /// An API that takes its key only in the query string: the key comes from a file, is sent
 /// with every request, and shows as `***` in every URL tidemark reports, even when the
 /// server's error quotes the URL it was asked for.

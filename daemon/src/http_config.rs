@@ -369,6 +369,7 @@ impl HttpEndpointConfig {
                 .resolve_as(base, &what, secrets)
                 .map_err(At::Entry("header", i).refuse())?;
             if let Some(v) = v {
+                crate::http::remember_credentials_in(v.expose());
                 check_header_value(&v, &what, &h.value, secrets)
                     .map_err(At::Entry("header", i).refuse())?;
                 self.resolved_headers.push((h.name.clone(), v));
