@@ -1215,6 +1215,45 @@ fn a_redirect_to_another_origin_is_not_followed_and_named() {
     }
 }
 
+/// A redirect whose Location quotes the query key as Python's `urllib.parse.quote` encodes
+/// it (`/` left alone: `QKEY%2Bsec/ret%3Dval`), in either case of hex digits: the key
+/// shows as `***` in the error and nowhere else (issue: only the encodings of RFC 3986, of
+/// a form and of `encodeURIComponent` were redacted, and this one reached every output).
+#[test]
+fn a_secret_percent_encoded_leaving_slashes_alone_never_shows() {
+    const KEY: &str = "QKEY+sec/ret=val";
+    let env = rest_env();
+    let dev = JsonServer::start(env.dir.path(), "dev", &dev_db(2));
+    let prod = JsonServer::start(env.dir.path(), "prod", &empty_db());
+    let dev_proxy = FaultProxy::start(&dev.url());
+    *dev_proxy.faults.redirect.lock().unwrap() = Some(Redirect {
+        method: None,
+        path: "/users".into(),
+        status: 302,
+        location: "http://127.0.0.1:9/users?api_key=QKEY%2Bsec/ret%3Dval&key=QKEY%2bsec/ret%3dval"
+            .into(),
+    });
+    write_rest_config(&env, &dev_proxy.url(), &prod.url(), "");
+    source_with_keys(&env, KEY);
+    let out = env.run(&["sync", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = v[0]["scan"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("HTTP 302 (a redirect to http://127.0.0.1:9/users?api_key=***&key=***)"),
+        "{message}"
+    );
+    for (what, text) in everything_reported(&env, &out) {
+        assert!(
+            !text.contains("QKEY") && !text.contains("sec/ret"),
+            "the key leaked into {what}: {}",
+            text.lines()
+                .find(|l| l.contains("QKEY") || l.contains("sec/ret"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// A load balancer that redirects writes (`301` from `/posts` to `/posts/`): the POST is not
 /// turned into a GET; each create fails with the redirect named and what to set (issue:
 /// every create failed with "the response has no id at `/id`; set id_field").

@@ -698,8 +698,9 @@ fn credentials_in(header_value: &str) -> Vec<String> {
 }
 
 /// The forms a secret takes in what a server answers or tidemark writes: as written;
-/// percent-encoded as tidemark sends it in a query, with lower-case hex digits, as a form
-/// field (`+` for a space) and as JavaScript's `encodeURIComponent` leaves it; and each of
+/// percent-encoded by each common encoder (as tidemark sends it in a query, as Python's
+/// `quote` and `quote_plus`, a form field and JavaScript's `encodeURIComponent` write it),
+/// with upper- and lower-case hex digits; and each of
 /// those inside a JSON string: escaped as most encoders do (`\\`, `\"`), with `/` as `\/`
 /// too (PHP's `json_encode`), with non-ASCII characters as `\uXXXX` (PHP, Python), with
 /// `&`, `<` and `>` as `\u0026`, `\u003c` and `\u003e` (Go's `encoding/json`, Rails), and
@@ -722,13 +723,24 @@ fn secret_forms(secret: &str) -> Vec<String> {
         out
     };
     let unreserved = |b: u8| b"-_.~".contains(&b);
-    let mut forms = vec![
-        secret.to_owned(),
-        percent(&unreserved, "", false),
-        percent(&unreserved, "", true),
-        percent(&|b| b"*-._".contains(&b), "+", false),
-        percent(&|b| b"-_.!~*'()".contains(&b), "", false),
+    // The characters each common encoder leaves as they are, and what it writes a space as.
+    let encoders: [(&dyn Fn(u8) -> bool, &str); 5] = [
+        // RFC 3986 (tidemark's own, Go's `url.QueryEscape` but for the space).
+        (&unreserved, ""),
+        // Python's `urllib.parse.quote`, which leaves `/` alone by default.
+        (&|b| unreserved(b) || b == b'/', ""),
+        // Python's `quote_plus`.
+        (&unreserved, "+"),
+        // HTML forms (`application/x-www-form-urlencoded`, `URLSearchParams`).
+        (&|b| b"*-._".contains(&b), "+"),
+        // JavaScript's `encodeURIComponent`.
+        (&|b| b"-_.!~*'()".contains(&b), ""),
     ];
+    let mut forms = vec![secret.to_owned()];
+    for (keep, space) in encoders {
+        forms.push(percent(keep, space, false));
+        forms.push(percent(keep, space, true));
+    }
     let json = |s: &str| {
         let quoted = serde_json::to_string(s).expect("a string serializes");
         quoted[1..quoted.len() - 1].to_owned()
