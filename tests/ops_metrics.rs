@@ -428,6 +428,42 @@ fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
     assert!(daemon.terminate().success());
 }
 
+/// `listen` on an address other machines reach, without `status_token_env`, served
+/// `/status` (failure reasons quoting API answers, URLs and file names) to anyone, and
+/// nothing said so (issue; ops/k8s shipped that config): the daemon warns once at start,
+/// naming the address and the setting that closes it; with a token, or on loopback, not.
+#[test]
+fn status_open_to_other_machines_without_a_token_is_warned_of_at_start() {
+    const VAR: &str = "TM_OPS_STATUS_TOKEN_OPEN";
+    const WARNING: &str = "answers anyone who can reach that address";
+    let env = Env::dirs("", "");
+    let loopback = std::fs::read_to_string(&env.config).unwrap();
+    let open = loopback.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
+    let with_token = open.replace(
+        "listen = \"0.0.0.0:0\"",
+        &format!("listen = \"0.0.0.0:0\"\nstatus_token_env = \"{VAR}\""),
+    );
+    // SAFETY of the test: the variable name is unique to this test.
+    std::env::set_var(VAR, "tok-status-open-3e9");
+    for (config, warned) in [(&open, 1), (&with_token, 0), (&loopback, 0)] {
+        env.write_config(config);
+        let _ = std::fs::remove_file(env.path("daemon.log"));
+        let daemon = env.spawn_daemon();
+        let addr = daemon.addr.clone();
+        assert!(daemon.terminate().success());
+        let log = env.daemon_log();
+        assert_eq!(env.log_lines("WARN", WARNING), warned, "{config}\n{log}");
+        if warned > 0 {
+            let line = log.lines().find(|l| l.contains(WARNING)).unwrap();
+            assert!(
+                line.contains(&format!("/status on {addr}"))
+                    && line.contains("set status_token_env = \"VAR\""),
+                "{line}"
+            );
+        }
+    }
+}
+
 /// `tidemark status` asked a running daemon through the proxy `http_proxy` names, and
 /// so handed the proxy the `/status` token (issue): it goes straight to the daemon, the
 /// proxy gets nothing, and the status is the daemon's.
