@@ -93,6 +93,7 @@ impl Running {
 /// Runs every pipeline until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let state = State::open(&config.state_dir)?;
+    crate::state::warn_if_open_to_others(&config.state_dir, &config.reports_dir);
     let pipelines = config
         .pipelines
         .iter()

@@ -385,6 +385,7 @@ struct Session {
 impl Session {
     fn open(config: Config) -> Result<Session> {
         let state = State::open(&config.state_dir)?;
+        tidemark::state::warn_if_open_to_others(&config.state_dir, &config.reports_dir);
         Ok(Session {
             config,
             state,
