@@ -145,6 +145,41 @@ fn a_password_in_a_base_url_is_refused_however_the_url_is_written() {
     }
 }
 
+/// A `base_url` that does not parse, or is not http, was quoted whole in the error, its
+/// password or `?api_key=` included (issue). The error quotes it with the user name and
+/// password and the query's values as `***`.
+#[test]
+fn a_base_url_refused_as_no_url_is_quoted_without_its_secrets() {
+    for (url, shown, why) in [
+        (
+            "https://u:URLPW/two-9@h.example/",
+            "`https://***@h.example/`",
+            "is not a URL",
+        ),
+        (
+            "https://h.example:99999/v1?api_key=QVAL-two-7&x",
+            "`https://h.example:99999/v1?api_key=***&***`",
+            "is not a URL",
+        ),
+        (
+            "ftp://h.example/?api_key=QVAL-two-7",
+            "`ftp://h.example/?api_key=***`",
+            "must be http or https",
+        ),
+    ] {
+        let text = api_to_api(url, "", "http://127.0.0.1:19964", "");
+        let err = refused(&text, "h.example", "pipeline.t.source.http.base_url");
+        assert!(
+            err.contains(&format!("base_url {shown} {why}")),
+            "{url}: {err}"
+        );
+        assert!(
+            !err.contains("URLPW") && !err.contains("two-9") && !err.contains("QVAL"),
+            "{url}: {err}"
+        );
+    }
+}
+
 /// A directory pipeline `t` from `src` to `dst`, as `Env::dirs` writes it, with
 /// `state_dir = "state"` replaced by `top` (keys of the top level).
 fn dirs_with(top: &str) -> String {
