@@ -372,6 +372,16 @@ fn the_error_that_ends_a_command_follows_the_log_format() {
     );
 }
 
+/// Makes the config of `env` (listening on `127.0.0.1:0`) require the `/status` token in
+/// the variable `var`.
+fn requires_status_token(env: &Env, var: &str) {
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{var}\""),
+    );
+    env.write_config(&text);
+}
+
 /// `status_token_env` naming an empty variable made the token `""`, which a request
 /// without any token matches: `/status` was open while its config said it was not. An
 /// empty variable stops the daemon at start, naming it; the whitespace around a token
@@ -380,11 +390,7 @@ fn the_error_that_ends_a_command_follows_the_log_format() {
 fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
     const VAR: &str = "TM_OPS_STATUS_TOKEN_TRIM";
     let env = Env::dirs("", "");
-    let text = std::fs::read_to_string(&env.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{VAR}\""),
-    );
-    env.write_config(&text);
+    requires_status_token(&env, VAR);
     let mut run = env
         .cmd(&["run"])
         .env(VAR, " \n")
@@ -472,11 +478,7 @@ fn status_asks_the_daemon_directly_and_never_hands_its_token_to_a_proxy() {
     const VAR: &str = "TM_OPS_STATUS_TOKEN_PROXY";
     const TOKEN: &str = "tok-status-proxy-7c1";
     let env = Env::dirs("", "");
-    let text = std::fs::read_to_string(&env.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{VAR}\""),
-    );
-    env.write_config(&text);
+    requires_status_token(&env, VAR);
     // SAFETY of the test: the variable name is unique to this test.
     std::env::set_var(VAR, TOKEN);
     let daemon = env.spawn_daemon();
