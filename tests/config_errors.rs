@@ -121,6 +121,65 @@ fn a_rest_target_that_is_its_sources_api_is_refused() {
     assert!(err.contains("is the source's API"), "{err}");
 }
 
+/// `http:/u:p@host`, `https:u:p@host` and `https:\\u:p@host` passed the `user:password@`
+/// check, which looked for `://`, while the URL parser takes them as `u:p@host`: the
+/// client sent the password as Basic auth and every log line, `status`, report and the
+/// state quoted it (issue). Each is refused on its line like `https://u:p@host`, the
+/// password never repeated.
+#[test]
+fn a_password_in_a_base_url_is_refused_however_the_url_is_written() {
+    for url in [
+        "http://svc:URLPW-one-1@127.0.0.1:19963/",
+        "http:/svc:URLPW-one-1@127.0.0.1:19963/",
+        "http:svc:URLPW-one-1@127.0.0.1:19963/",
+        r"http:\\\\svc:URLPW-one-1@127.0.0.1:19963/",
+        "http:///svc@127.0.0.1:19963/",
+    ] {
+        let text = api_to_api(url, "", "http://127.0.0.1:19964", "");
+        let err = refused(&text, "19963", "pipeline.t.source.http.base_url");
+        assert!(
+            err.contains("carries a user name or password"),
+            "{url}: {err}"
+        );
+        assert!(!err.contains("URLPW"), "{url}: {err}");
+    }
+}
+
+/// A `base_url` that does not parse, or is not http, was quoted whole in the error, its
+/// password or `?api_key=` included (issue). The error quotes it with the user name and
+/// password and the query's values as `***`.
+#[test]
+fn a_base_url_refused_as_no_url_is_quoted_without_its_secrets() {
+    for (url, shown, why) in [
+        (
+            "https://u:URLPW/two-9@h.example/",
+            "`https://***@h.example/`",
+            "is not a URL",
+        ),
+        (
+            "https://h.example:99999/v1?api_key=QVAL-two-7&x",
+            "`https://h.example:99999/v1?api_key=***&***`",
+            "is not a URL",
+        ),
+        (
+            "ftp://h.example/?api_key=QVAL-two-7",
+            "`ftp://h.example/?api_key=***`",
+            "must be http or https",
+        ),
+    ] {
+        let text = api_to_api(url, "", "http://127.0.0.1:19964", "");
+        let err = refused(&text, "h.example", "pipeline.t.source.http.base_url");
+        assert!(
+            err.contains(&format!("base_url {shown} {why}")),
+            "{url}: {err}"
+        );
+        assert!(
+            !err.contains("URLPW") && !err.contains("two-9") && !err.contains("QVAL"),
+            "{url}: {err}"
+        );
+    }
+}
+
 /// A directory pipeline `t` from `src` to `dst`, as `Env::dirs` writes it, with
 /// `state_dir = "state"` replaced by `top` (keys of the top level).
 fn dirs_with(top: &str) -> String {

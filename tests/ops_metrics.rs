@@ -3,11 +3,13 @@
 //! and resets after one, and `/status` carries what operators need.
 
 mod common;
+mod rest_common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rest_common::Recorder;
 
 /// `name → type` of every metric in `docs/metrics.md`'s tables.
 fn documented() -> BTreeMap<String, String> {
@@ -370,6 +372,16 @@ fn the_error_that_ends_a_command_follows_the_log_format() {
     );
 }
 
+/// Makes the config of `env` (listening on `127.0.0.1:0`) require the `/status` token in
+/// the variable `var`.
+fn requires_status_token(env: &Env, var: &str) {
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{var}\""),
+    );
+    env.write_config(&text);
+}
+
 /// `status_token_env` naming an empty variable made the token `""`, which a request
 /// without any token matches: `/status` was open while its config said it was not. An
 /// empty variable stops the daemon at start, naming it; the whitespace around a token
@@ -378,11 +390,7 @@ fn the_error_that_ends_a_command_follows_the_log_format() {
 fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
     const VAR: &str = "TM_OPS_STATUS_TOKEN_TRIM";
     let env = Env::dirs("", "");
-    let text = std::fs::read_to_string(&env.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:0\"\nstatus_token_env = \"{VAR}\""),
-    );
-    env.write_config(&text);
+    requires_status_token(&env, VAR);
     let mut run = env
         .cmd(&["run"])
         .env(VAR, " \n")
@@ -424,6 +432,72 @@ fn an_empty_status_token_variable_stops_the_daemon_instead_of_opening_status() {
     let status = env.ok(&["status"]);
     assert!(status.contains("pipeline t"), "{status}");
     assert!(daemon.terminate().success());
+}
+
+/// `listen` on an address other machines reach, without `status_token_env`, served
+/// `/status` (failure reasons quoting API answers, URLs and file names) to anyone, and
+/// nothing said so (issue; ops/k8s shipped that config): the daemon warns once at start,
+/// naming the address and the setting that closes it; with a token, or on loopback, not.
+#[test]
+fn status_open_to_other_machines_without_a_token_is_warned_of_at_start() {
+    const VAR: &str = "TM_OPS_STATUS_TOKEN_OPEN";
+    const WARNING: &str = "answers anyone who can reach that address";
+    let env = Env::dirs("", "");
+    let loopback = std::fs::read_to_string(&env.config).unwrap();
+    let open = loopback.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
+    let with_token = open.replace(
+        "listen = \"0.0.0.0:0\"",
+        &format!("listen = \"0.0.0.0:0\"\nstatus_token_env = \"{VAR}\""),
+    );
+    // SAFETY of the test: the variable name is unique to this test.
+    std::env::set_var(VAR, "tok-status-open-3e9");
+    for (config, warned) in [(&open, 1), (&with_token, 0), (&loopback, 0)] {
+        env.write_config(config);
+        let _ = std::fs::remove_file(env.path("daemon.log"));
+        let daemon = env.spawn_daemon();
+        let addr = daemon.addr.clone();
+        assert!(daemon.terminate().success());
+        let log = env.daemon_log();
+        assert_eq!(env.log_lines("WARN", WARNING), warned, "{config}\n{log}");
+        if warned > 0 {
+            let line = log.lines().find(|l| l.contains(WARNING)).unwrap();
+            assert!(
+                line.contains(&format!("/status on {addr}"))
+                    && line.contains("set status_token_env = \"VAR\""),
+                "{line}"
+            );
+        }
+    }
+}
+
+/// `tidemark status` asked a running daemon through the proxy `http_proxy` names, and
+/// so handed the proxy the `/status` token (issue): it goes straight to the daemon, the
+/// proxy gets nothing, and the status is the daemon's.
+#[test]
+fn status_asks_the_daemon_directly_and_never_hands_its_token_to_a_proxy() {
+    const VAR: &str = "TM_OPS_STATUS_TOKEN_PROXY";
+    const TOKEN: &str = "tok-status-proxy-7c1";
+    let env = Env::dirs("", "");
+    requires_status_token(&env, VAR);
+    // SAFETY of the test: the variable name is unique to this test.
+    std::env::set_var(VAR, TOKEN);
+    let daemon = env.spawn_daemon();
+    let proxy = Recorder::start();
+    let mut status = env.cmd(&["status", "--output", "json"]);
+    for var in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+        status.env(var, proxy.url());
+    }
+    let out = status
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .unwrap();
+    assert!(daemon.terminate().success());
+    let requests = proxy.requests();
+    assert!(requests.is_empty(), "the proxy was asked: {requests:?}");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["pipeline"], "t", "{v}");
 }
 
 /// A pipeline whose source no scan has listed yet (here the directory is missing, so

@@ -614,3 +614,90 @@ fn the_last_cycle_report_after_sigterm_counts_every_appended_and_applied_event()
         );
     }
 }
+
+/// A state directory that existed kept its mode 0755, and a separate `reports_dir` was
+/// created 0755: another local user could read the log (with `inline_limit`, the bytes of
+/// a source file only its owner may read) and the reports (issue). A reports directory
+/// tidemark creates is owner-only; a state or reports directory that others can reach is
+/// left as its user made it and warned of once at start, saying what to run.
+#[test]
+fn a_state_or_reports_directory_others_can_read_is_warned_of_and_new_reports_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    const WARNING: &str = "can be read by its group and others (mode 0755)";
+    let env = Env::dirs("inline_limit = 4096", "");
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace(
+        "state_dir = \"state\"",
+        "state_dir = \"state\"\nreports_dir = \"reports\"",
+    ));
+    let mode = |rel: &str| {
+        std::fs::metadata(env.path(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let chmod = |rel: &str, mode: u32| {
+        std::fs::set_permissions(env.path(rel), std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    // Reachable by others, as a home directory usually is (a test's is 0700).
+    chmod("", 0o755);
+    std::fs::create_dir(env.path("state")).unwrap();
+    chmod("state", 0o755);
+    write(env.src().join("a.txt"), "owner-only bytes");
+    chmod("src/a.txt", 0o600);
+    let warned = |out: &std::process::Output, what: &str| {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(what) && l.contains(WARNING))
+            .count()
+    };
+
+    let sync = env.run(&["sync"]);
+    assert!(sync.status.success(), "{sync:?}");
+    let state = env.path("state").display().to_string();
+    assert_eq!(
+        warned(&sync, &format!("state directory {state} ")),
+        1,
+        "{sync:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&sync.stderr).contains(&format!("run `chmod 700 {state}`")),
+        "{sync:?}"
+    );
+    assert_eq!(
+        mode("state"),
+        0o755,
+        "a directory the user made keeps its mode"
+    );
+    for created in ["reports", "reports/t"] {
+        assert_eq!(mode(created), 0o700, "{created}");
+    }
+    assert_eq!(warned(&sync, "reports directory"), 0, "{sync:?}");
+
+    // A reports directory the user opened, a state directory closed: that one is warned of.
+    chmod("reports", 0o755);
+    chmod("state", 0o700);
+    let sync = env.run(&["sync"]);
+    assert_eq!(warned(&sync, "reports directory"), 1, "{sync:?}");
+    assert_eq!(warned(&sync, "state directory"), 0, "{sync:?}");
+
+    // The daemon warns once, not at every cycle.
+    chmod("state", 0o755);
+    let daemon = env.spawn_daemon();
+    write(env.src().join("b.txt"), "b");
+    wait_for(Duration::from_secs(30), || {
+        (std::fs::read_dir(env.path("reports/t")).unwrap().count() >= 3).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no cycle report; log:\n{}", env.daemon_log()));
+    assert!(daemon.terminate().success());
+    assert_eq!(env.log_lines("WARN", WARNING), 2, "{}", env.daemon_log());
+
+    chmod("state", 0o700);
+    chmod("reports", 0o700);
+    let sync = env.run(&["sync"]);
+    assert!(
+        !String::from_utf8_lossy(&sync.stderr).contains("can be read by"),
+        "{sync:?}"
+    );
+}

@@ -93,6 +93,7 @@ impl Running {
 /// Runs every pipeline until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let state = State::open(&config.state_dir)?;
+    crate::state::warn_if_open_to_others(&config.state_dir, &config.reports_dir);
     let pipelines = config
         .pipelines
         .iter()
@@ -139,6 +140,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let listener = TcpListener::bind(config.listen).await.map_err(listen_err)?;
     let addr = listener.local_addr().map_err(listen_err)?;
+    if status_token.is_none() && !addr.ip().is_loopback() {
+        warn!(
+            %addr,
+            "/status on {addr} answers anyone who can reach that address: its failure reasons quote API answers, URLs and file names; set status_token_env = \"VAR\" in {} (and export VAR, the token every request must then carry), or listen on 127.0.0.1",
+            config.file.display()
+        );
+    }
     let addr_file: PathBuf = config.state_dir.join(LISTEN_ADDR_FILE);
     if let Err(e) = std::fs::write(&addr_file, format!("{addr}\n")) {
         warn!("cannot write {}: {e}", addr_file.display());

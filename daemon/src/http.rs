@@ -648,9 +648,59 @@ pub fn remember_secret(secret: &str) {
     known.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
 }
 
+/// Adds what a secret header's value (already remembered whole by
+/// [`crate::http_config::SecretSource::resolve`]) holds that an API may quote on its own:
+/// the credential after its scheme (`Token <key>`, `Basic <base64>`), and for `Basic` the
+/// `user:password` it encodes and the password alone. A password shorter than 4 bytes is
+/// left out as every such form is ([`remember_secret`]).
+pub fn remember_credentials_in(header_value: &str) {
+    for part in credentials_in(header_value) {
+        remember_secret(&part);
+    }
+}
+
+/// The parts of a header value [`remember_credentials_in`] remembers: none when it does not
+/// start with an authentication scheme (a token of letters, digits and `-._~+`) and a space.
+fn credentials_in(header_value: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let Some((scheme, credential)) = header_value.split_once(' ') else {
+        return Vec::new();
+    };
+    let credential = credential.trim_start();
+    if scheme.is_empty()
+        || credential.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+".contains(&b))
+    {
+        return Vec::new();
+    }
+    let mut parts = vec![credential.to_owned()];
+    if scheme.eq_ignore_ascii_case("basic") {
+        let engines = [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ];
+        let decoded = engines
+            .iter()
+            .find_map(|e| e.decode(credential).ok())
+            .and_then(|bytes| String::from_utf8(bytes).ok());
+        if let Some(pair) = decoded {
+            if let Some((_, password)) = pair.split_once(':') {
+                parts.push(password.to_owned());
+            }
+            parts.push(pair);
+        }
+    }
+    parts
+}
+
 /// The forms a secret takes in what a server answers or tidemark writes: as written;
-/// percent-encoded as tidemark sends it in a query, with lower-case hex digits, as a form
-/// field (`+` for a space) and as JavaScript's `encodeURIComponent` leaves it; and each of
+/// percent-encoded by each common encoder (as tidemark sends it in a query, as Python's
+/// `quote` and `quote_plus`, a form field and JavaScript's `encodeURIComponent` write it),
+/// with upper- and lower-case hex digits; and each of
 /// those inside a JSON string: escaped as most encoders do (`\\`, `\"`), with `/` as `\/`
 /// too (PHP's `json_encode`), with non-ASCII characters as `\uXXXX` (PHP, Python), with
 /// `&`, `<` and `>` as `\u0026`, `\u003c` and `\u003e` (Go's `encoding/json`, Rails), and
@@ -673,13 +723,24 @@ fn secret_forms(secret: &str) -> Vec<String> {
         out
     };
     let unreserved = |b: u8| b"-_.~".contains(&b);
-    let mut forms = vec![
-        secret.to_owned(),
-        percent(&unreserved, "", false),
-        percent(&unreserved, "", true),
-        percent(&|b| b"*-._".contains(&b), "+", false),
-        percent(&|b| b"-_.!~*'()".contains(&b), "", false),
+    // The characters each common encoder leaves as they are, and what it writes a space as.
+    let encoders: [(&dyn Fn(u8) -> bool, &str); 5] = [
+        // RFC 3986 (tidemark's own, Go's `url.QueryEscape` but for the space).
+        (&unreserved, ""),
+        // Python's `urllib.parse.quote`, which leaves `/` alone by default.
+        (&|b| unreserved(b) || b == b'/', ""),
+        // Python's `quote_plus`.
+        (&unreserved, "+"),
+        // HTML forms (`application/x-www-form-urlencoded`, `URLSearchParams`).
+        (&|b| b"*-._".contains(&b), "+"),
+        // JavaScript's `encodeURIComponent`.
+        (&|b| b"-_.!~*'()".contains(&b), ""),
     ];
+    let mut forms = vec![secret.to_owned()];
+    for (keep, space) in encoders {
+        forms.push(percent(keep, space, false));
+        forms.push(percent(keep, space, true));
+    }
     let json = |s: &str| {
         let quoted = serde_json::to_string(s).expect("a string serializes");
         quoted[1..quoted.len() - 1].to_owned()
@@ -973,6 +1034,22 @@ pub fn id_string(v: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A header value's scheme is not the credential; `Basic` gives what it encodes.
+    #[test]
+    fn the_credentials_in_a_header_value_are_after_its_scheme() {
+        assert_eq!(credentials_in("Token TOKHDR-key-555"), ["TOKHDR-key-555"]);
+        assert_eq!(
+            credentials_in("Basic c3ZjdXNlcjpCQVNJQ0NSRUQtcHctMTIz"),
+            [
+                "c3ZjdXNlcjpCQVNJQ0NSRUQtcHctMTIz",
+                "BASICCRED-pw-123",
+                "svcuser:BASICCRED-pw-123"
+            ]
+        );
+        assert!(credentials_in("plain-key-without-scheme").is_empty());
+        assert!(credentials_in("a=b c").is_empty());
+    }
 
     /// Two give-ups of one outage read the same without their counts; another error does
     /// not.

@@ -297,24 +297,73 @@ pub fn check_no_credentials(url: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A URL from the config as an error may quote it, the user name and password and the
+/// values of its query and fragment parameters shown as `***`: read from the text, since
+/// it is quoted because it does not parse (or is not http), and its `@` may follow a `/`
+/// in the password (`https://u:pa/ss@host`). Whatever comes before the last `@` after the
+/// scheme goes.
+fn shown_url(url: &str) -> String {
+    let (rest, fragment) = match url.split_once('#') {
+        Some((r, f)) => (r, Some(f)),
+        None => (url, None),
+    };
+    let (head, query) = match rest.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (rest, None),
+    };
+    let scheme_end = head
+        .find(':')
+        .filter(|&i| {
+            head[..i]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        })
+        .map_or(0, |i| i + 1);
+    let (scheme, after) = head.split_at(scheme_end);
+    let slashes = after.len() - after.trim_start_matches(['/', '\\']).len();
+    let (slashes, authority) = after.split_at(slashes);
+    let mut out = format!("{scheme}{slashes}");
+    match authority.rfind('@') {
+        Some(at) => out.push_str(&format!("***{}", &authority[at..])),
+        None => out.push_str(authority),
+    }
+    let values = |params: &str| {
+        params
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) => format!("{name}=***"),
+                None if pair.is_empty() => String::new(),
+                None => "***".to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    if let Some(q) = query {
+        out.push_str(&format!("?{}", values(q)));
+    }
+    if let Some(f) = fragment {
+        out.push_str(&format!("#{}", values(f)));
+    }
+    out
+}
+
 impl HttpEndpointConfig {
     /// Checks the URL and resolves the secrets as `secrets` says. The error says what to
     /// fix.
     pub fn validate(&mut self, base: &Path, secrets: ApiSecrets) -> Result<(), Refused> {
-        // A user name or password in the URL is never repeated, not even in this error.
-        if let Some((_, rest)) = self.base_url.split_once("://") {
-            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-            if authority.contains('@') {
-                return Err(At::Key("base_url").refuse()("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into()));
-            }
-        }
         let url = reqwest::Url::parse(&self.base_url)
-            .map_err(|e| format!("base_url `{}` is not a URL: {e}", self.base_url))
+            .map_err(|e| format!("base_url `{}` is not a URL: {e}", shown_url(&self.base_url)))
             .map_err(At::Key("base_url").refuse())?;
+        // Decided on the URL as parsed, which is what the client sends: the parser takes
+        // `http:/u:p@host`, `https:u:p@host` and `https:\\u:p@host` as `user:p@host` too.
+        // A user name or password is never repeated, not even in this error.
+        if !url.username().is_empty() || url.password().is_some_and(|p| !p.is_empty()) {
+            return Err(At::Key("base_url").refuse()("base_url carries a user name or password (`user:…@host`); secrets never go in the config: use `bearer`, or a [[…header]] named Authorization, with env = \"VAR\" or file = \"PATH\"".into()));
+        }
         if !matches!(url.scheme(), "http" | "https") {
             return Err(At::Key("base_url").refuse()(format!(
                 "base_url `{}` must be http or https",
-                self.base_url
+                shown_url(&self.base_url)
             )));
         }
         check_no_credentials(&self.base_url, "base_url").map_err(At::Key("base_url").refuse())?;
@@ -370,6 +419,7 @@ impl HttpEndpointConfig {
                 .resolve_as(base, &what, secrets)
                 .map_err(At::Entry("header", i).refuse())?;
             if let Some(v) = v {
+                crate::http::remember_credentials_in(v.expose());
                 check_header_value(&v, &what, &h.value, secrets)
                     .map_err(At::Entry("header", i).refuse())?;
                 self.resolved_headers.push((h.name.clone(), v));

@@ -385,6 +385,7 @@ struct Session {
 impl Session {
     fn open(config: Config) -> Result<Session> {
         let state = State::open(&config.state_dir)?;
+        tidemark::state::warn_if_open_to_others(&config.state_dir, &config.reports_dir);
         Ok(Session {
             config,
             state,
@@ -634,7 +635,13 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 }
             })?;
             let url = format!("http://{}/status", addr.trim());
-            let mut request = reqwest::Client::new().get(&url);
+            // Straight to the daemon, with its token: never through a proxy `http_proxy`
+            // names (which would get the token), never on to where a redirect points.
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?;
+            let mut request = client.get(&url);
             let token_var = config.status_token_env.as_deref();
             // As the daemon reads it: without the whitespace around it.
             let token = token_var
@@ -645,7 +652,7 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 tidemark::http::remember_secret(token);
                 request = request.bearer_auth(token);
             }
-            let all: Vec<serde_json::Value> = request
+            let all = request
                 .send()
                 .await
                 .and_then(|r| r.error_for_status())
@@ -657,9 +664,15 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                         Some(hint) => anyhow::anyhow!("{e:#}; {hint}"),
                         None => e,
                     }
-                })?
-                .json()
-                .await?;
+                })?;
+            if all.status().is_redirection() {
+                anyhow::bail!(
+                    "asking the running daemon at {url}: HTTP {} (a redirect), not followed: a tidemark daemon never redirects; check that {} names this daemon's address",
+                    all.status(),
+                    addr_file.display()
+                );
+            }
+            let all: Vec<serde_json::Value> = all.json().await?;
             all.into_iter()
                 .filter(|s| {
                     select

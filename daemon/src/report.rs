@@ -495,7 +495,14 @@ impl Report {
             let path = path.to_owned();
             move |source| ReportError::Write { path, source }
         };
-        std::fs::create_dir_all(&base).map_err(write_err(&base))?;
+        // Owner-only, as the state directory: reports name files and quote failure
+        // reasons. (A directory that exists keeps its mode.)
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)
+            .map_err(write_err(&base))?;
         let names: Vec<String> = std::fs::read_dir(&base)
             .map_err(write_err(&base))?
             .filter_map(|e| e.ok())
@@ -530,7 +537,10 @@ impl Report {
         // reader never sees a report directory without its files.
         let tmp = base.join(format!(".{stamp}.{}.tmp", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(write_err(&tmp))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(write_err(&tmp))?;
         let json = serde_json::to_string_pretty(self).expect("reports serialize");
         for (name, text) in [("summary.txt", self.summary()), ("report.json", json)] {
             let bytes = crate::http::redact_known(&text).into_owned();

@@ -966,6 +966,59 @@ impl std::error::Error for LogDbError {
 
 /// What opening the sled database at `path` failed with: held by another process
 /// ([`StateError::Locked`]), an I/O error naming the path, or sled's own.
+/// Warns of the state directory or the reports directory when users other than its owner
+/// can reach it: the state holds the log (with `inline_limit`, files' bytes, from files
+/// only their owner may read) and both hold failure reasons quoting API answers, URLs and
+/// file names. tidemark creates both owner-only but never changes the mode of one a user
+/// made: the warning says what to run. A directory inside one its owner alone can enter
+/// (the default reports directory in a state directory of mode 0700) is not warned of.
+pub fn warn_if_open_to_others(state_dir: &Path, reports_dir: &Path) {
+    let dirs = [
+        (
+            state_dir,
+            "state directory",
+            "the event log (with inline_limit, the bytes of source files), the failures and their reasons",
+        ),
+        (
+            reports_dir,
+            "reports directory",
+            "reports naming files and quoting failure reasons",
+        ),
+    ];
+    for (dir, what, holds) in dirs {
+        let Some((mode, who)) = open_to(dir) else {
+            continue;
+        };
+        tracing::warn!(
+            path = %dir.display(),
+            "the {what} {} can be read by {who} (mode {mode:04o}): it holds {holds}; run `chmod 700 {}` (tidemark creates it so, and never changes the mode of one you made)",
+            dir.display(),
+            dir.display()
+        );
+    }
+}
+
+/// The mode of `dir` and who besides its owner can reach it (`group`, `others`, or both),
+/// through every directory above it; `None` when only its owner can, or it does not exist.
+fn open_to(dir: &Path) -> Option<(u32, &'static str)> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let mode = std::fs::metadata(&dir).ok()?.permissions().mode() & 0o7777;
+    // Who may enter every directory above it (the search bit of group and of others).
+    let mut above = 0o011;
+    for parent in dir.ancestors().skip(1) {
+        above &= std::fs::metadata(parent).ok()?.permissions().mode();
+    }
+    let group = above & 0o010 != 0 && mode & 0o070 != 0;
+    let others = above & 0o001 != 0 && mode & 0o007 != 0;
+    match (group, others) {
+        (true, true) => Some((mode, "its group and others")),
+        (true, false) => Some((mode, "its group")),
+        (false, true) => Some((mode, "others")),
+        (false, false) => None,
+    }
+}
+
 fn open_error(e: sled::Error, path: &Path) -> StateError {
     match e {
         e if is_locked(&e) => StateError::Locked {

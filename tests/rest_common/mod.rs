@@ -316,6 +316,10 @@ pub struct Faults {
     /// Where in that answer's body the echoed header starts (in characters), when more
     /// than right after its error: it is padded to put it there.
     pub echo_auth_at: AtomicU64,
+    /// Answer 400 to paths containing this, quoting only the credential of the request's
+    /// Authorization header (what follows its scheme) and, when that is base64 as `Basic`
+    /// sends it, the `user:password` it encodes and the password alone.
+    pub echo_credential: Mutex<Option<String>>,
     /// Answer 401 to requests whose query lacks this `name=value`; strip it from the
     /// others before they go on (json-server would read it as a filter).
     pub require_query: Mutex<Option<String>>,
@@ -454,6 +458,20 @@ impl FaultProxy {
     pub fn writes(&self) -> usize {
         self.count("POST") + self.count("PUT") + self.count("PATCH") + self.count("DELETE")
     }
+}
+
+/// What [`Faults::echo_credential`] quotes of the Authorization header `auth`, as the rest
+/// of a JSON object's fields after the one it starts.
+fn credential_quoted(auth: &str) -> String {
+    use base64::Engine as _;
+    let credential = auth.split_once(' ').map_or(auth, |(_, c)| c);
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credential)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default();
+    let password = decoded.split_once(':').map_or("", |(_, p)| p);
+    format!("{credential}\",\"decoded\":\"{decoded}\",\"password\":\"{password}")
 }
 
 /// Serves one connection: `upstream` is the server's URL, `own` the proxy's (put in place
@@ -617,6 +635,7 @@ fn serve(
                 &auth,
             ),
             (&f.echo_path, "url", &asked),
+            (&f.echo_credential, "credential", &credential_quoted(&auth)),
         ]
         .into_iter()
         .find_map(|(on, field, value)| {
