@@ -1356,11 +1356,7 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
         stderr.contains("delete guard tripped"),
         "log line names the guard: {stderr}"
     );
-    assert_eq!(
-        std::fs::read_dir(env.dst()).unwrap().count(),
-        10,
-        "nothing deleted"
-    );
+    assert_eq!(entries(&env.dst()), 10, "nothing deleted");
 
     let status = env.ok(&["status"]);
     assert!(status.contains("DELETE GUARD TRIPPED"), "{status}");
@@ -1389,7 +1385,7 @@ fn emptying_the_source_trips_max_delete_and_deletes_nothing() {
         .collect();
     assert_eq!(warned.len(), 2, "{warned:#?}");
     assert!(daemon.terminate().success());
-    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 10);
+    assert_eq!(entries(&env.dst()), 10);
 }
 
 /// Runs tidemark in `env` as an unprivileged user when the tests run as root (root reads
@@ -2107,7 +2103,7 @@ fn sync_dry_run_shows_the_delete_guard_and_deletes_nothing() {
         "{stdout}"
     );
     assert!(stdout.contains("t: dry run: nothing to do"), "{stdout}");
-    assert_eq!(std::fs::read_dir(env.dst()).unwrap().count(), 4);
+    assert_eq!(entries(&env.dst()), 4);
     let status = env.json(&["status"]);
     assert!(status[0]["delete_guard"].is_null(), "{status}");
     assert_eq!(

@@ -1250,7 +1250,7 @@ fn a_target_filesystem_unmounted_while_stopped_is_not_taken_for_the_mirror() {
         );
     }
     assert_eq!(
-        std::fs::read_dir(env.dst()).unwrap().count(),
+        entries(&env.dst()),
         0,
         "something was written into the mountpoint"
     );
@@ -1370,5 +1370,156 @@ fn files_a_killed_run_wrote_before_its_commit_are_not_written_again() {
         written,
         "the files already written were written again"
     );
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// Copies the directory `from` to `to` as it is (`cp -a`).
+fn copy_dir(from: &Path, to: &Path) {
+    let copied = Command::new("cp").arg("-a").arg(from).arg(to).status();
+    assert!(copied.unwrap().success());
+}
+
+/// A state restored from a backup has not seen what the newer history did to the target:
+/// a file it created that the source deleted since stayed for good, and a file it deleted
+/// that the source has again as it was was never written back, while the run said all was
+/// well. The target's writer note tells: the run is refused, saying what happened and what
+/// to do (`status`, `verify` too), and the rebuild it names mends the target, `verify`
+/// then naming the file only the lost history wrote.
+#[test]
+fn a_state_restored_from_a_backup_is_refused_on_the_newer_target_until_rebuilt() {
+    let env = Env::dirs("", "prune = true");
+    for name in ["keep.txt", "back.txt", "a.txt"] {
+        write(env.src().join(name), name);
+    }
+    env.sync();
+    let (state, backup) = (env.path("state"), env.path("state-backup"));
+    copy_dir(&state, &backup);
+
+    // The newer history: a file created, one renamed, one deleted.
+    write(env.src().join("new.txt"), "new");
+    std::fs::rename(env.src().join("a.txt"), env.src().join("renamed.txt")).unwrap();
+    let back = env.src().join("back.txt");
+    let back_time = std::fs::metadata(&back).unwrap().modified().unwrap();
+    std::fs::remove_file(&back).unwrap();
+    env.sync();
+    assert!(env.dst().join("new.txt").exists() && !env.dst().join("back.txt").exists());
+
+    // The backup put back; the source deletes the new file and has the deleted one again,
+    // with the same bytes and time.
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&backup, &state);
+    std::fs::remove_file(env.src().join("new.txt")).unwrap();
+    write(&back, "back.txt");
+    let file = std::fs::File::options().write(true).open(&back).unwrap();
+    file.set_modified(back_time).unwrap();
+
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Restored from a backup, or a copy"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`tidemark replay --pipeline t --from 0` and then `tidemark sync`"),
+        "{stderr}"
+    );
+    assert!(env.dst().join("new.txt").exists(), "nothing is applied");
+    let status = env.run(&["status"]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("BLOCKED") && shown.contains("older than the target"),
+        "{shown}"
+    );
+    let verify = String::from_utf8(env.run(&["verify"]).stdout).unwrap();
+    assert!(
+        verify.contains("t: the target was last written by run 2 of pipeline `t`"),
+        "{verify}"
+    );
+
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["sync"]);
+    assert_eq!(
+        std::fs::read(env.dst().join("back.txt")).unwrap(),
+        b"back.txt"
+    );
+    let verify = env.run(&["verify"]);
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert_eq!(verify.status.code(), Some(4), "{said}");
+    assert!(said.contains("extra file new.txt"), "{said}");
+    assert!(said.contains("never listed in the source"), "{said}");
+    std::fs::remove_file(env.dst().join("new.txt")).unwrap();
+    assert_mirror(&env.src(), &env.dst());
+    env.ok(&["sync"]);
+}
+
+/// A config reached through a symbolic link resolves its relative `state_dir` beside the
+/// link: a second, fresh state. Its first run said the target's extra entries were there
+/// before its first projection, though tidemark wrote them; now it names the state that
+/// did, and that state's next run is refused, as the other one wrote the target since.
+#[test]
+fn a_fresh_state_is_told_which_state_wrote_the_target() {
+    let env = Env::dirs("", "prune = true");
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let text = text
+        .replace("path = \"src\"", &format!("path = {:?}", env.src()))
+        .replace("path = \"dst\"", &format!("path = {:?}", env.dst()));
+    env.write_config(&text);
+    write(env.src().join("a"), "a");
+    write(env.src().join("b"), "b");
+    env.sync();
+    assert!(env.dst().join(".tidemark-tmp/written-by").is_file());
+    std::fs::remove_file(env.src().join("b")).unwrap();
+
+    let elsewhere = env.path("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&env.config, elsewhere.join("tidemark.toml")).unwrap();
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(elsewhere.join("tidemark.toml"))
+        .arg("sync")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("t: the target holds 1 entry the source does not have; tidemark wrote this target before, last in run 1 of pipeline `t` of the state in"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("symbolic link"), "{stdout}");
+    assert!(!stdout.contains("there before"), "{stdout}");
+
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("another state projected into"), "{stderr}");
+}
+
+/// A target written by an older version has no writer note: the run goes on, says
+/// nothing of it, and notes itself.
+#[test]
+fn a_target_without_a_writer_note_is_taken_as_it_is() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let note = env.dst().join(".tidemark-tmp/written-by");
+    std::fs::remove_dir_all(note.parent().unwrap()).unwrap();
+    write(env.src().join("b"), "b");
+    let out = env.run(&["sync"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    for told in [
+        "older than the target",
+        "another state",
+        "wrote this target before",
+    ] {
+        assert!(!said.contains(told), "{said}");
+    }
+    assert!(note.is_file());
     assert_mirror(&env.src(), &env.dst());
 }

@@ -20,6 +20,7 @@
 //! - [`progress`]: progress bars on a terminal, silence when piped; log lines kept above the bars.
 //! - [`report`]: `report.json` and `summary.txt` of every run and changed daemon cycle.
 //! - [`recurring`]: conditions met round after round, logged when they begin, change, clear.
+//! - [`writer`]: the note a directory target keeps of the state that last projected into it.
 //!
 //! The flow and its guarantees are described in `docs/ARCHITECTURE.md`.
 #![deny(missing_docs)]
@@ -42,5 +43,6 @@ pub mod source;
 pub mod state;
 pub mod target;
 pub mod verify;
+pub mod writer;
 
 pub use tidemark_proto as proto;

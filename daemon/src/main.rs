@@ -1244,9 +1244,7 @@ async fn scan_project(
             run_report = run_report
                 .with_project(&report)
                 .with_target_only(target_only);
-            if let Some(n) = run_report.target_only {
-                print_target_only(select.output, p.name(), n, &mut entry);
-            }
+            print_target_only(select.output, p.name(), &run_report, &mut entry);
         }
         if let (None, Some(signal)) = (&stopped, signalled.get()) {
             let lag = p.projector.lag().await.ok();
@@ -1340,18 +1338,34 @@ fn write_report(session: &Session, report: &Report) -> Option<String> {
     }
 }
 
-/// Prints what a first projection into a target that already held entries says of the
-/// `n` the source does not have, or adds it to the pipeline's JSON `entry`.
-fn print_target_only(output: Output, pipeline: &str, n: u64, entry: &mut serde_json::Value) {
+/// Prints what a first projection into a target that already held entries says of those
+/// the source does not have, as `report` has them, or adds it to the pipeline's JSON `entry`.
+fn print_target_only(
+    output: Output,
+    pipeline: &str,
+    report: &Report,
+    entry: &mut serde_json::Value,
+) {
+    let (Some(n), Some(note)) = (report.target_only, report.target_only_note()) else {
+        return;
+    };
     match output {
-        Output::Text => outln!("{pipeline}: {}", tidemark::report::target_only_note(n)),
-        Output::Json => entry["target_only"] = n.into(),
+        Output::Text => outln!("{pipeline}: {note}"),
+        Output::Json => {
+            entry["target_only"] = n.into();
+            if let Some(by) = &report.target_written_by {
+                entry["target_written_by"] = by.as_str().into();
+            }
+        }
     }
 }
 
 /// How many entries of a target that held some before `p`'s first projection the source
 /// does not have, when `actions` plan that projection ([`verify::Prefilled`]).
-async fn planned_target_only(p: &Pipeline, actions: &[PlannedAction]) -> Option<u64> {
+async fn planned_target_only(
+    p: &Pipeline,
+    actions: &[PlannedAction],
+) -> Option<verify::TargetOnly> {
     let prefilled = p.prefilled()?;
     let upserted = actions
         .iter()
@@ -1384,9 +1398,7 @@ async fn plan(session: Session, select: &Select) -> Result<ExitCode> {
             "last_scan_at": last_scan.map(|s| s.started_at),
             "report_dir": write_dry_report(&session, &report),
         });
-        if let Some(n) = report.target_only {
-            print_target_only(select.output, p.name(), n, &mut entry);
-        }
+        print_target_only(select.output, p.name(), &report, &mut entry);
         out.push(entry);
     }
     if select.output == Output::Json {
@@ -1424,9 +1436,7 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
             "actions": actions,
             "report_dir": write_dry_report(&session, &report),
         });
-        if let Some(n) = report.target_only {
-            print_target_only(select.output, p.name(), n, &mut entry);
-        }
+        print_target_only(select.output, p.name(), &report, &mut entry);
         out.push(entry);
     }
     if select.output == Output::Json {

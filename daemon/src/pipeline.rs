@@ -451,7 +451,8 @@ impl Pipeline {
             Err(
                 e @ (ProjectError::Owner(_)
                 | ProjectError::TargetChanged { .. }
-                | ProjectError::TargetMissing { .. }),
+                | ProjectError::TargetMissing { .. }
+                | ProjectError::WrittenElsewhere(_)),
             ) => Some(e.to_string()),
             _ => None,
         }

@@ -51,6 +51,7 @@ use crate::state::{
     PendingDelete, Records, ReplayMark, SourceNoted, State, StateError, StoredFailure, Taken,
 };
 use crate::target::{ApplyError, Claims, Creations, Outcome, Probe, Target};
+use crate::writer::{WriterMark, WriterNote, Written};
 
 /// Projection stopped short of the batch.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,10 @@ pub enum ProjectError {
         /// applied items while the group has no offset at all).
         behind: Vec<(u32, u64, Option<u64>)>,
     },
+    /// The target was last written by another state, or by a run of this state's history
+    /// that this state has not seen ([`crate::writer`]): the reason and what to do.
+    #[error("{0}")]
+    WrittenElsewhere(String),
     /// The target could not take writes; nothing from the failed event on was committed.
     #[error("pipeline `{pipeline}`: target unavailable: {source}")]
     Apply {
@@ -1273,6 +1278,9 @@ pub struct Projector {
     /// On a log other processes share, each held partition's [`RETAINED_MARK`] as last read
     /// or written here; dropped when the partition moves.
     retained_marks: Mutex<HashMap<u32, u64>>,
+    /// This run's mark, once its first commit noted it in the state and in the target's
+    /// writer note ([`crate::writer`]): once per run (a daemon's: once per process).
+    noted: Mutex<Option<WriterMark>>,
 }
 
 /// The daemon's projector retrying with backoff, as `status` and the cycle reports show
@@ -1338,6 +1346,7 @@ impl Projector {
             holding: Mutex::new(None),
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
+            noted: Mutex::new(None),
             retrying: Mutex::new(None),
             failing: Recurring::default(),
             items_failing: Failing::default(),
@@ -1911,7 +1920,11 @@ impl Projector {
                 .and_then(|r| r.put(&self.pipeline, &now))
                 .map_err(self.err_state())?;
         }
+        let mark = self.mark_writer()?;
         self.state.flush().await.map_err(self.err_state())?;
+        if let Some(mark) = mark {
+            self.note_writer(mark).await;
+        }
         // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
         self.count_applies(&report);
         let m = metrics();
@@ -4105,7 +4118,89 @@ impl Projector {
     pub async fn check_target(&self, record: bool) -> Result<(), ProjectError> {
         self.check_owner(record)?;
         self.check_identity(record).await?;
-        self.check_mount(record).await
+        self.check_mount(record).await?;
+        self.check_writer().await
+    }
+
+    /// How the target's writer note stands to this state ([`crate::writer::judge`]); on a
+    /// log other processes share, several states project into one target by design, so
+    /// nothing is told there ([`Written::Unnoted`]). One read of the note.
+    pub async fn written(&self) -> Result<Written, ProjectError> {
+        if self.log.shared() {
+            return Ok(Written::Unnoted);
+        }
+        let Some(note) = self.target.writer_note().await else {
+            return Ok(Written::Unnoted);
+        };
+        let mark = (self.state.writer_mark(&self.pipeline)).map_err(self.err_state())?;
+        Ok(crate::writer::judge(Some(note), mark.as_ref()))
+    }
+
+    /// Refuses to project from a state that has applied items when the target was last
+    /// written by another state, or by a run of this state's history this state has not
+    /// seen (a backup restored, a copy used elsewhere): what that history did is not here,
+    /// so what it wrote and the source deleted would stay for good. A state with nothing
+    /// applied (a new one, or after `replay --from 0`) takes the target over.
+    async fn check_writer(&self) -> Result<(), ProjectError> {
+        let written = self.written().await?;
+        if written.elsewhere().is_none() {
+            return Ok(());
+        }
+        let applied = self.state.applied(&self.pipeline);
+        if applied.map_err(self.err_state())?.is_empty() {
+            return Ok(());
+        }
+        if let Written::Other(n) = &written {
+            // Another pipeline of this state: a rename put back, as its warning advises.
+            let theirs = (self.state.writer_mark(&n.pipeline)).map_err(self.err_state())?;
+            if theirs.is_some_and(|m| m.state == n.mark.state) {
+                warn!(
+                    pipeline = %self.pipeline,
+                    "the target was last written by pipeline `{}` of this state ({}): if that was this pipeline renamed, what it wrote that the source has deleted since stays on the target (`tidemark verify` lists it)",
+                    n.pipeline, n.describe()
+                );
+                return Ok(());
+            }
+        }
+        let mark = (self.state.writer_mark(&self.pipeline)).map_err(self.err_state())?;
+        let target = self.target.identity();
+        let target = target.strip_prefix("dir ").unwrap_or(&target);
+        match written.refusal(&self.pipeline, target, mark.as_ref()) {
+            Some(why) => Err(ProjectError::WrittenElsewhere(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// The state's mark of this run, put in the batch's state write by its first commit
+    /// ([`Projector::note_writer`] writes the target's note once that is durable); `None`
+    /// after, and on a log other processes share.
+    fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
+        if self.log.shared() || self.noted.lock().unwrap().is_some() {
+            return Ok(None);
+        }
+        let marks = self.state.writer_marks().map_err(self.err_state())?;
+        let last = marks.get(&self.pipeline).map_err(self.err_state())?;
+        let mark = WriterMark::next(last.as_ref());
+        marks.put(&self.pipeline, &mark).map_err(self.err_state())?;
+        *self.noted.lock().unwrap() = Some(mark.clone());
+        Ok(Some(mark))
+    }
+
+    /// Writes the target's note of this run's `mark` ([`Projector::mark_writer`]); a note
+    /// that cannot be written is warned of, as it weakens only that check.
+    async fn note_writer(&self, mark: WriterMark) {
+        let note = WriterNote {
+            mark,
+            pipeline: self.pipeline.clone(),
+            state_dir: self.state.path().to_owned(),
+            at: Utc::now(),
+        };
+        if let Err(e) = self.target.put_writer_note(&note).await {
+            warn!(
+                pipeline = %self.pipeline,
+                "cannot note in the target which state wrote it ({e}): a copy of this state restored from a backup would not be told from it"
+            );
+        }
     }
 
     /// [`Projector::check_target`]'s check of what the target is, and of a root gone.

@@ -165,6 +165,10 @@ pub struct Report {
     /// have, which tidemark leaves alone ([`target_only_note`]). Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_only: Option<u64>,
+    /// With `target_only`, who wrote the target before, by its writer note
+    /// ([`crate::writer`]): those entries are tidemark's, of a history this state lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_written_by: Option<String>,
     /// Only in a daemon cycle's report while its projector retries with backoff (the
     /// target unavailable, the log unreadable): since when (the outage's start, across
     /// restarts), the failed attempts, the last error (secrets redacted).
@@ -173,12 +177,18 @@ pub struct Report {
 }
 
 /// What a pipeline's first projection into a target that already held entries says of
-/// the `n` of them the source does not have: `verify` alone told of them before.
-pub fn target_only_note(n: u64) -> String {
-    format!(
-        "the target holds {n} {} the source does not have (there before this pipeline's first projection); tidemark leaves them alone, as it deletes only what it wrote; `tidemark verify` lists them",
-        if n == 1 { "entry" } else { "entries" }
-    )
+/// the `n` of them the source does not have: `verify` alone told of them before. With
+/// `written_by` (the target's writer note), tidemark wrote them, not someone before it.
+pub fn target_only_note(n: u64, written_by: Option<&str>) -> String {
+    let entries = if n == 1 { "entry" } else { "entries" };
+    match written_by {
+        None => format!(
+            "the target holds {n} {entries} the source does not have (there before this pipeline's first projection); tidemark leaves them alone, as it deletes only what it wrote; `tidemark verify` lists them"
+        ),
+        Some(by) => format!(
+            "the target holds {n} {entries} the source does not have; tidemark wrote this target before, last in {by}, and this state has none of that history: they may be files it wrote that the source has deleted since; they are left alone, as tidemark deletes only what this state wrote; `tidemark verify` lists them (remove them by hand if they should go)"
+        ),
+    }
 }
 
 impl Report {
@@ -204,15 +214,25 @@ impl Report {
             error: None,
             interrupted: None,
             target_only: None,
+            target_written_by: None,
             projector_retrying: None,
         }
     }
 
     /// Records how many entries of a pre-filled target the source does not have
     /// ([`crate::verify::Prefilled`]), when there are any.
-    pub fn with_target_only(mut self, n: Option<u64>) -> Report {
-        self.target_only = n.filter(|&n| n > 0);
+    pub fn with_target_only(mut self, found: Option<crate::verify::TargetOnly>) -> Report {
+        if let Some(found) = found.filter(|f| f.entries > 0) {
+            self.target_only = Some(found.entries);
+            self.target_written_by = found.written_by;
+        }
         self
+    }
+
+    /// What the run says of the entries only the target has ([`target_only_note`]).
+    pub fn target_only_note(&self) -> Option<String> {
+        let n = self.target_only?;
+        Some(target_only_note(n, self.target_written_by.as_deref()))
     }
 
     /// Records the error that stopped the run.
@@ -471,8 +491,8 @@ impl Report {
                 let _ = writeln!(s, "  {kind}: {}", line(counts));
             }
         }
-        if let Some(n) = self.target_only {
-            let _ = writeln!(s, "{}", target_only_note(n));
+        if let Some(note) = self.target_only_note() {
+            let _ = writeln!(s, "{note}");
         }
         if self.failures.is_empty() {
             let _ = writeln!(s, "failures: none");
@@ -743,8 +763,8 @@ impl Cycle {
             }
             report = report.with_scan(&scan);
         }
-        if let Some(n) = report.target_only {
-            info!(pipeline = %name, "{}", target_only_note(n));
+        if let Some(note) = report.target_only_note() {
+            info!(pipeline = %name, "{note}");
         }
         report.add_counts(&self.pipeline.projector.tally());
         report.projector_retrying = self.pipeline.projector.retrying();

@@ -655,6 +655,20 @@ impl State {
         Ok(SourceNoted::Moved { was })
     }
 
+    /// What each pipeline's last projecting run wrote into its directory target's note
+    /// ([`crate::writer::WriterMark`]), keyed by pipeline name.
+    pub fn writer_marks(&self) -> Result<Records<crate::writer::WriterMark>, StateError> {
+        self.records("writer-marks")
+    }
+
+    /// The record of [`State::writer_marks`] for `pipeline`, read without writing.
+    pub fn writer_mark(
+        &self,
+        pipeline: &str,
+    ) -> Result<Option<crate::writer::WriterMark>, StateError> {
+        self.record_if_any("writer-marks", pipeline)
+    }
+
     /// Whether each pipeline's target root was the root of a mounted filesystem when the
     /// projector last started (`Target::mounted`), keyed by pipeline name.
     pub fn target_mounts(&self) -> Result<Records<bool>, StateError> {

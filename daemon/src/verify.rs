@@ -41,6 +41,10 @@ pub struct VerifyReport {
     /// the target until a later scan emits their deletes, and show as `extra` meanwhile.
     #[serde(skip)]
     pub deletes_withheld: Option<String>,
+    /// Who wrote a directory target last, by its writer note ([`crate::writer`]), when
+    /// that is not this state: what that history wrote or deleted is not known here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_written_by: Option<String>,
 }
 
 /// An item that is not on the target as it is in the source. JSON shows it as
@@ -227,6 +231,11 @@ impl VerifyReport {
                 "; DRIFT"
             },
         ));
+        if let Some(by) = &self.target_written_by {
+            out.push_str(&format!(
+                "{pipeline}: the target was last written by {by}, not by this state: what that history wrote or deleted is not known here, so an item below said to be never listed in the source may be a file it wrote that the source has deleted since, and one changed there by hand one it changed or deleted; `tidemark plan` says what to do\n"
+            ));
+        }
         // What to do about it, by what the state says of each item: most drift is a
         // change the next sync brings; a change made on the target by hand stays until
         // its item changes in the source; an item only the target has, never listed in
@@ -468,6 +477,11 @@ pub async fn verify(
         (None, 0) => None,
         (None, errors) => Some(format!("its listing had {errors} errors")),
     });
+    if let TargetConfig::Dir(t) = &pipeline.target {
+        let mark = state.writer_mark(&pipeline.name).map_err(state_err)?;
+        let written = crate::writer::judge(crate::writer::read_note(&t.path), mark.as_ref());
+        report.target_written_by = written.elsewhere().map(|n| n.describe());
+    }
     if report.is_clean() {
         return Ok(report);
     }
@@ -685,6 +699,17 @@ pub struct Prefilled {
     target: DirSourceConfig,
     pipeline: String,
     state: State,
+    /// Who wrote the target last, by its writer note ([`crate::writer`]): the entries
+    /// are then tidemark's, of a history this state does not have, not there before.
+    written_by: Option<String>,
+}
+
+/// What [`Prefilled::target_only`] found.
+pub struct TargetOnly {
+    /// Entries of the target the source does not have.
+    pub entries: u64,
+    /// Who wrote the target last, by its writer note ([`Prefilled::written_by`]).
+    pub written_by: Option<String>,
 }
 
 impl Prefilled {
@@ -706,6 +731,13 @@ impl Prefilled {
                 target: target_view(s, t),
                 pipeline: pipeline.name.clone(),
                 state: state.clone(),
+                written_by: crate::writer::read_note(&t.path).map(|n| {
+                    let mut by = n.describe();
+                    if n.state_dir != state.path() {
+                        by.push_str(", not this config's state: if it is this config's state reached another way (a config reached through a symbolic link resolves a relative `state_dir` beside the link), stop and point `state_dir` at it");
+                    }
+                    by
+                }),
             })
     }
 
@@ -714,7 +746,7 @@ impl Prefilled {
     /// identities a plan upserts) holds. Only listed, never read; entries that cannot be
     /// listed are not counted. `None` when the target cannot be listed, or nothing is
     /// known of the source (no scan, nothing applied or planned: every entry would count).
-    pub async fn target_only(&self, planned: &HashSet<String>) -> Option<u64> {
+    pub async fn target_only(&self, planned: &HashSet<String>) -> Option<TargetOnly> {
         let state = &self.state;
         let index = IndexView::read(state, &self.pipeline).ok()?;
         let applied = state.applied(&self.pipeline).ok()?;
@@ -737,7 +769,10 @@ impl Prefilled {
                 _ => {}
             }
         }
-        Some(only)
+        Some(TargetOnly {
+            entries: only,
+            written_by: self.written_by.clone(),
+        })
     }
 }
 

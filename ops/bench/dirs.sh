@@ -134,7 +134,7 @@ timed() {
   read -r wall user sys rss < "$log.time"
   local ok=skipped
   if [ "$VERIFY" = 1 ]; then
-    if diff -rq "$src" "$dst" >"$log.diff" 2>&1; then ok=equal; else ok=DIFFERS; fi
+    if diff -rq -x .tidemark-tmp "$src" "$dst" >"$log.diff" 2>&1; then ok=equal; else ok=DIFFERS; fi
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tree" "$phase" "$tool" "$wall" "$user" "$sys" "$rss" "$ok" "$rep" >>"$results"
   printf '  %-5s %-12s %-9s %7.2f s wall %7.2f s cpu %7.1f MB  %s\n' "$tree" "$phase" "$tool" \

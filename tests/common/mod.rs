@@ -326,8 +326,12 @@ pub fn write(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) {
     std::fs::write(path, bytes).unwrap();
 }
 
-/// Every entry below `root` (excluding nothing): relative path bytes → (type, mode, content).
-/// Two trees are equal mirrors when their snapshots are equal.
+/// The note a directory target keeps of the state that last wrote it, and its directory.
+pub const WRITER_NOTE: [&str; 2] = [".tidemark-tmp", ".tidemark-tmp/written-by"];
+
+/// Every entry below `root` but the target's writer note ([`WRITER_NOTE`]; any other
+/// debris in `.tidemark-tmp` counts): relative path bytes → (type, mode, content). Two
+/// trees are equal mirrors when their snapshots are equal.
 pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
     let mut out = BTreeMap::new();
     for entry in walkdir::WalkDir::new(root).min_depth(1) {
@@ -339,6 +343,9 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
             .as_os_str()
             .as_bytes()
             .to_vec();
+        if WRITER_NOTE.iter().any(|n| n.as_bytes() == rel) {
+            continue;
+        }
         let meta = entry.path().symlink_metadata().unwrap();
         let mode = meta.permissions().mode() & 0o7777;
         let value = if meta.is_dir() {
@@ -359,6 +366,14 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
         out.insert(rel, value);
     }
     out
+}
+
+/// How many entries the directory `dir` holds, a target's `.tidemark-tmp` left out.
+pub fn entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != WRITER_NOTE[0])
+        .count()
 }
 
 /// Asserts `dst` mirrors `src` exactly, naming the first differences.

@@ -1500,8 +1500,17 @@ impl Inner {
         let root = File::open(&self.root)?;
         rustix::fs::syncfs(&root).map_err(|e| Failure::Transient(format!("syncfs: {e}")))?;
         // No write is in flight during a flush, so anything left in the temporary directory
-        // is debris of a process killed between write and rename.
-        let _ = fs::remove_dir_all(self.root.join(TMP_DIR));
+        // is debris of a process killed between write and rename; the writer note stays.
+        let tmp = self.root.join(TMP_DIR);
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                if e.file_name() != crate::writer::NOTE_FILE {
+                    let path = e.path();
+                    let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+                }
+            }
+            let _ = fs::remove_dir(&tmp);
+        }
         self.tmp_ready.store(0, Ordering::Release);
         Ok(())
     }
@@ -1609,6 +1618,19 @@ impl Target for DirTarget {
 
     async fn mounted(&self) -> Option<bool> {
         crate::config::mount_root(&self.inner.root)
+    }
+
+    async fn writer_note(&self) -> Option<crate::writer::WriterNote> {
+        let root = self.inner.root.clone();
+        tokio::task::spawn_blocking(move || crate::writer::read_note(&root))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn put_writer_note(&self, note: &crate::writer::WriterNote) -> std::io::Result<()> {
+        let (root, note) = (self.inner.root.clone(), note.clone());
+        tokio::task::spawn_blocking(move || crate::writer::write_note(&root, &note)).await?
     }
 
     async fn written(&self, event: &Event) -> bool {

@@ -234,6 +234,18 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// The note the target keeps of the state that last projected into it
+    /// ([`crate::writer`]); `None` when it keeps none (a REST target), has none yet, or it
+    /// cannot be read.
+    async fn writer_note(&self) -> Option<crate::writer::WriterNote> {
+        None
+    }
+
+    /// Writes that note, once per projecting run, after the state's mark is durable.
+    async fn put_writer_note(&self, _note: &crate::writer::WriterNote) -> std::io::Result<()> {
+        Ok(())
+    }
+
     /// Hands a target that adopts existing items by name the table of which source item
     /// each target id mirrors (the projector's remap table), so that it never adopts, nor
     /// deletes, an item another source item owns. Called once by the projector.

@@ -1,0 +1,222 @@
+//! The writer note: which state last projected into a directory target, and how recently.
+//!
+//! A state restored from a backup, or one of two copies of a state used in turn, has not
+//! seen what the newer history did to the target: files it wrote that the source deleted
+//! since, files it deleted that the source has again as they were. Nothing in the state
+//! tells, so the target keeps a small note of its last writer (`.tidemark-tmp/written-by`),
+//! written once per projecting run, and the state keeps what it last wrote there
+//! ([`WriterMark`]); a projector compares the two before it applies anything.
+
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::target::fs::TMP_DIR;
+
+/// The note's file name, in the target's `.tidemark-tmp/`.
+pub const NOTE_FILE: &str = "written-by";
+
+/// What a state keeps of its pipeline's last projecting run (tree `writer-marks`, keyed by
+/// pipeline), and what it writes into the target's note with [`WriterNote`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterMark {
+    /// The id of this pipeline's history in this state, made at its first noted run: a
+    /// copy of the state directory (a backup) keeps it, another state has another.
+    pub state: String,
+    /// Projecting runs of that history so far: a copy restored from a backup has fewer
+    /// than the note the newer history left.
+    pub run: u64,
+    /// The last run's own token: two copies that each made one run more have the same
+    /// count and differ here.
+    pub token: String,
+}
+
+impl WriterMark {
+    /// The mark of the projecting run after `last` (a new history id when there is none).
+    pub fn next(last: Option<&WriterMark>) -> WriterMark {
+        WriterMark {
+            state: last.map_or_else(fresh_id, |m| m.state.clone()),
+            run: last.map_or(1, |m| m.run + 1),
+            token: fresh_id(),
+        }
+    }
+}
+
+/// The note a directory target keeps of the state that last projected into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterNote {
+    /// That state's mark for the run that wrote it.
+    #[serde(flatten)]
+    pub mark: WriterMark,
+    /// The pipeline, as that state names it.
+    pub pipeline: String,
+    /// That state's directory, as its process saw it: where a person finds it.
+    pub state_dir: PathBuf,
+    /// When the run wrote the note (its first commit).
+    pub at: DateTime<Utc>,
+}
+
+impl WriterNote {
+    /// Who wrote the target, for people: the state directory, pipeline, run and time.
+    pub fn describe(&self) -> String {
+        format!(
+            "run {} of pipeline `{}` of the state in {} ({})",
+            self.mark.run,
+            self.pipeline,
+            self.state_dir.display(),
+            self.at.format("%Y-%m-%d %H:%M:%S UTC")
+        )
+    }
+}
+
+/// How the target's note stands to this state's mark ([`judge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// No note (a target written by an older version, or never): nothing to tell.
+    Unnoted,
+    /// This state wrote the target last (or its note did not reach the disk).
+    Ours,
+    /// This state's history wrote it, in a run this state has not seen: the state is older
+    /// than the target (restored from a backup, or a copy used elsewhere too).
+    Behind(Box<WriterNote>),
+    /// Another state (or this state's pipeline under another name) wrote it.
+    Other(Box<WriterNote>),
+}
+
+/// How the target's `note` stands to the state's `mark`. A note behind the mark of its
+/// own history (the state is flushed before the note is written, so a crash in between
+/// leaves the note one run behind) is taken as this state's.
+pub fn judge(note: Option<WriterNote>, mark: Option<&WriterMark>) -> Written {
+    let Some(note) = note else {
+        return Written::Unnoted;
+    };
+    match mark {
+        Some(m) if m.state == note.mark.state => {
+            if m.token == note.mark.token || note.mark.run < m.run {
+                Written::Ours
+            } else {
+                Written::Behind(Box::new(note))
+            }
+        }
+        _ => Written::Other(Box::new(note)),
+    }
+}
+
+impl Written {
+    /// The note of a writer that is not this state.
+    pub fn elsewhere(&self) -> Option<&WriterNote> {
+        match self {
+            Written::Behind(n) | Written::Other(n) => Some(n),
+            Written::Unnoted | Written::Ours => None,
+        }
+    }
+
+    /// Why a projection from this state, with applied state, would do harm to `target`,
+    /// and what to do (`None` when it would not): [`crate::projector::ProjectError::WrittenElsewhere`].
+    pub fn refusal(
+        &self,
+        pipeline: &str,
+        target: &str,
+        mark: Option<&WriterMark>,
+    ) -> Option<String> {
+        let runs = mark.map_or(0, |m| m.run);
+        let (what, other) = match self {
+            Written::Behind(n) => (
+                format!(
+                    "this state is older than the target: {target} was last written by {}, and this state has made {runs} such run(s). Restored from a backup, or a copy of the state used elsewhere too? What those newer runs did is not in this state",
+                    n.describe()
+                ),
+                "put the newer state back in its place",
+            ),
+            Written::Other(n) => (
+                format!(
+                    "another state projected into {target} after this one: {}. Two states on one target (a config reached through a symbolic link resolves a relative `state_dir` beside the link; two configs naming one target)? What that state did is not in this one",
+                    n.describe()
+                ),
+                "point `state_dir` at the state that wrote the target last",
+            ),
+            Written::Unnoted | Written::Ours => return None,
+        };
+        Some(format!(
+            "pipeline `{pipeline}`: {what}: files that history wrote that the source has deleted since would stay on the target for good, and files it deleted that the source has again as they were would never be written back. Nothing is applied until this is settled: {other}; or, to go on from this state, run `tidemark replay --pipeline {pipeline} --from 0` and then `tidemark sync` (equal files are adopted, not rewritten), then `tidemark verify`: the extra entries it says were never listed in the source are those only the other history wrote (remove them by hand if they should go)"
+        ))
+    }
+}
+
+/// The note in the directory target `root`; `None` when there is none, or it cannot be
+/// read or parsed (taken as none: a target written by an older version has none).
+pub fn read_note(root: &Path) -> Option<WriterNote> {
+    let bytes = std::fs::read(root.join(TMP_DIR).join(NOTE_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Writes `note` into the directory target `root`, in place of the last one in one step
+/// (written beside it, then renamed over it). Not synced here: the next batch's `syncfs`
+/// makes it durable, and a note lost to a power cut is one run behind, which [`judge`]
+/// takes as this state's.
+pub fn write_note(root: &Path, note: &WriterNote) -> std::io::Result<()> {
+    let dir = root.join(TMP_DIR);
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let part = dir.join(format!("{NOTE_FILE}.{}", std::process::id()));
+    std::fs::write(&part, serde_json::to_vec(note)?)?;
+    std::fs::rename(&part, dir.join(NOTE_FILE))
+}
+
+/// A new random id (16 hex digits): the process's randomly seeded hasher, the time and
+/// the pid, hashed.
+fn fresh_id() -> String {
+    let seeded = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    let mut h = blake3::Hasher::new();
+    h.update(&seeded.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    h.update(&now.to_le_bytes());
+    h.finalize().to_hex()[..16].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(mark: &WriterMark) -> WriterNote {
+        WriterNote {
+            mark: mark.clone(),
+            pipeline: "t".into(),
+            state_dir: "/s".into(),
+            at: Utc::now(),
+        }
+    }
+
+    /// A restored backup is behind the note its newer history left; two copies that each
+    /// made a run are told apart by the token; another state is another; no note tells
+    /// nothing, and a note one run behind (a crash before it was written) is ours.
+    #[test]
+    fn the_note_is_judged_against_the_states_mark() {
+        let five = WriterMark::next(None);
+        let six = WriterMark::next(Some(&five));
+        assert_eq!(six.state, five.state);
+        assert_eq!(judge(None, Some(&five)), Written::Unnoted);
+        assert_eq!(judge(Some(note(&six)), Some(&six)), Written::Ours);
+        assert_eq!(judge(Some(note(&five)), Some(&six)), Written::Ours);
+        assert!(matches!(
+            judge(Some(note(&six)), Some(&five)),
+            Written::Behind(_)
+        ));
+        let copy = WriterMark::next(Some(&five));
+        assert!(matches!(
+            judge(Some(note(&six)), Some(&copy)),
+            Written::Behind(_)
+        ));
+        let other = WriterMark::next(None);
+        assert!(matches!(
+            judge(Some(note(&six)), Some(&other)),
+            Written::Other(_)
+        ));
+        assert!(matches!(judge(Some(note(&six)), None), Written::Other(_)));
+    }
+}
