@@ -569,6 +569,45 @@ fn project_leaves_retained_deletes_of_items_the_source_has_again() {
     assert_eq!(env.json(&["status"])[0]["retained_deletes"], 0);
 }
 
+/// A chain of mirrors (dev to staging, staging to prod): the middle one is a tidemark
+/// target, which keeps tidemark's scratch directory and writer note at its top. Read as a
+/// source, they are not items: listed, the next target refused them (`.tidemark-tmp` is
+/// its own), and every run of the second pipeline ended with failed items, exit 3.
+#[test]
+fn a_tidemark_target_read_as_the_source_of_another_pipeline_mirrors_without_its_scratch() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a/one.txt"), "one\n");
+    write(env.src().join("two.txt"), "two\n");
+    env.ok(&["sync"]);
+    assert!(
+        env.dst().join(".tidemark-tmp").exists(),
+        "the first target keeps its note"
+    );
+    let second = env.path("second.toml");
+    std::fs::write(
+        &second,
+        "state_dir = \"state2\"\nlisten = \"127.0.0.1:0\"\n\n[[pipeline]]\nname = \"next\"\n\n[pipeline.source.dir]\npath = \"dst\"\n\n[pipeline.target.dir]\npath = \"dst2\"\nprune = true\n",
+    )
+    .unwrap();
+    for round in 0..2 {
+        let out = std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&second)
+            .arg("sync")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!stdout.contains("failed"), "{stdout}");
+    }
+    assert_mirror(&env.src(), &env.path("dst2"));
+}
+
 /// The daemon applies retained deletes too, once it has caught up with the log.
 #[test]
 fn the_daemon_applies_deletes_retained_before_prune_was_turned_on() {

@@ -96,6 +96,18 @@ impl Globs {
     }
 }
 
+/// Whether `name` in the directory `root` is a tidemark target's scratch directory: named
+/// `.tidemark-tmp` and holding a writer note (a directory of that name without one is
+/// listed, and a target then refuses it by name).
+fn is_tidemark_scratch(root: &Path, name: &OsStr) -> bool {
+    name == crate::target::fs::TMP_DIR
+        && root
+            .join(name)
+            .join(crate::writer::NOTE_FILE)
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_file())
+}
+
 /// The key of `path` below `root`.
 pub fn key_of(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
@@ -376,6 +388,12 @@ impl Walker {
             };
             let rel = rel_dir.join(entry.file_name());
             if !self.exclude.is_empty() && self.exclude.is_match(&rel) {
+                continue;
+            }
+            // A source that is itself a tidemark target (a chain: dev to staging, staging
+            // to prod) keeps tidemark's scratch directory and writer note at its top; they
+            // are that pipeline's, and no target can hold them.
+            if work.path == self.root && is_tidemark_scratch(&work.path, &entry.file_name()) {
                 continue;
             }
             let key = pathkey::encode(rel.as_os_str().as_bytes());
