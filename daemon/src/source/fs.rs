@@ -338,6 +338,7 @@ impl Walker {
         found: &mut Vec<DirWork>,
         target: Option<&Path>,
     ) -> bool {
+        let at_root = work.path == self.root;
         let entries = match std::fs::read_dir(&work.path) {
             Ok(entries) => entries,
             // Removed or renamed since its parent was read. The root is never taken for
@@ -393,7 +394,7 @@ impl Walker {
             // A source that is itself a tidemark target (a chain: dev to staging, staging
             // to prod) keeps tidemark's scratch directory and writer note at its top; they
             // are that pipeline's, and no target can hold them.
-            if work.path == self.root && is_tidemark_scratch(&work.path, &entry.file_name()) {
+            if at_root && is_tidemark_scratch(&work.path, &entry.file_name()) {
                 continue;
             }
             let key = pathkey::encode(rel.as_os_str().as_bytes());
