@@ -126,9 +126,8 @@ fn ctrl_c_of_a_one_shot_sync_commits_reports_and_exits_130() {
         serde_json::from_slice(&std::fs::read(format!("{report_dir}/report.json")).unwrap())
             .unwrap();
     assert_eq!(report["interrupted"].as_str(), Some(interrupted));
-    let files_on_target = walkdir::WalkDir::new(env.dst())
-        .into_iter()
-        .filter(|e| e.as_ref().unwrap().file_type().is_file())
+    let files_on_target = walk_target(&env.dst())
+        .filter(|e| e.file_type().is_file())
         .count() as u64;
     assert!(files_on_target < 8000, "interrupted before the end");
     assert_eq!(

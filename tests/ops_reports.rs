@@ -150,8 +150,7 @@ fn sync_report_exiting(env: &Env, args: &[&str], code: i32) -> (Value, String) {
 
 fn count_files(root: &Path) -> (u64, u64) {
     let (mut files, mut dirs) = (0, 0);
-    for e in walkdir::WalkDir::new(root).min_depth(1) {
-        let e = e.unwrap();
+    for e in walk_target(root) {
         if e.file_type().is_dir() {
             dirs += 1;
         } else {

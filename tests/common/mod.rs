@@ -368,6 +368,16 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, (char, u32, Vec<u8>)> {
     out
 }
 
+/// Every entry below the directory target `root`, its `.tidemark-tmp` (tidemark's
+/// scratch directory and writer note) left out.
+pub fn walk_target(root: &Path) -> impl Iterator<Item = walkdir::DirEntry> {
+    walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == WRITER_NOTE[0]))
+        .map(|e| e.unwrap())
+}
+
 /// How many entries the directory `dir` holds, a target's `.tidemark-tmp` left out.
 pub fn entries(dir: &Path) -> usize {
     std::fs::read_dir(dir)
