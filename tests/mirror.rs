@@ -608,6 +608,55 @@ fn a_tidemark_target_read_as_the_source_of_another_pipeline_mirrors_without_its_
     assert_mirror(&env.src(), &env.path("dst2"));
 }
 
+/// Deletes retained while `prune` was off, each scan's under `max_delete`, were all
+/// applied in one run once prune was turned on: 12 deletes past a limit of 5, exit 0.
+/// They are weighed together now: over the limit, none is applied, the run says why
+/// and exits 3, and `plan` shows them kept; raised, the next run applies them.
+#[test]
+fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_turned_on() {
+    let env = Env::dirs("max_delete = \"5\"", "prune = false");
+    for i in 0..40 {
+        write(env.src().join(format!("f{i:02}.txt")), format!("{i}\n"));
+    }
+    env.sync();
+    for round in 0..3 {
+        for i in 0..4 {
+            std::fs::remove_file(env.src().join(format!("f{:02}.txt", round * 4 + i))).unwrap();
+        }
+        let (scan, _) = env.sync();
+        assert_eq!(scan["deletes"], 4, "each scan is under the limit: {scan}");
+    }
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let plan = env.ok(&["plan"]);
+    assert!(!plan.contains("delete file"), "{plan}");
+    assert!(plan.contains("retain file f00.txt"), "{plan}");
+    let out = env.run(&["sync"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains(
+            "the 12 deletes retained while it was off are more than max_delete = 5 allows"
+        ),
+        "{stdout}"
+    );
+    for i in 0..12 {
+        assert!(
+            env.dst().join(format!("f{i:02}.txt")).exists(),
+            "f{i:02}.txt deleted: {stdout}"
+        );
+    }
+
+    env.write_config(
+        &config
+            .replace("prune = false", "prune = true")
+            .replace("max_delete = \"5\"", "max_delete = \"12\""),
+    );
+    let out = env.ok(&["sync"]);
+    assert!(out.contains("12 deleted"), "{out}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// The daemon applies retained deletes too, once it has caught up with the log.
 #[test]
 fn the_daemon_applies_deletes_retained_before_prune_was_turned_on() {

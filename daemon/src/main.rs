@@ -1175,7 +1175,11 @@ async fn scan_project(
             } else {
                 0
             };
-            degraded |= !report.failures.is_empty() || stale > 0 || waiting > 0 || dirs_waiting > 0;
+            degraded |= !report.failures.is_empty()
+                || stale > 0
+                || waiting > 0
+                || dirs_waiting > 0
+                || report.retained_withheld.is_some();
             written += report.events;
             let target_only = match (&prefilled, &stopped, signalled.get()) {
                 (Some(pre), None, None) if listed_all => pre.target_only(&Default::default()).await,
@@ -1236,6 +1240,9 @@ async fn scan_project(
                         "{}: {dirs_waiting} directories the source deleted are still on the target, their deletes waiting for them to be empty (they hold entries the source does not have); remove those entries (`tidemark verify` lists them) and the next run deletes the directories",
                         p.name()
                     );
+                }
+                if let Some(withheld) = &report.retained_withheld {
+                    outln!("{}: {withheld}", p.name());
                 }
             }
             entry["project"] = serde_json::to_value(&report)?;

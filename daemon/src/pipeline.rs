@@ -229,6 +229,7 @@ impl Pipeline {
             config.batch_size,
         )
         .with_source(config.source_identity())
+        .with_max_delete(config.max_delete)
         .with_retry_max_backoff(config.retry_max_backoff)
         .with_failed_retry_interval(config.failed_retry_interval);
         let scans = config.role.scans();

@@ -42,6 +42,7 @@ use tidemark_proto::{item_identity, version_checksum, version_mtime, Body, Event
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::config::DeleteLimit;
 use crate::log::{CommitError, EventLog, ReadError, ReadOffsetError, TakeError};
 use crate::metrics::{metrics, Metrics, FAILED_AGAIN};
 use crate::progress::Progress;
@@ -255,6 +256,10 @@ pub struct ProjectReport {
     /// first failure raises the failure alert. The report counts every failure.
     #[serde(skip)]
     pub failed_again: BTreeMap<String, u64>,
+    /// Set when the deletes retained while `prune` was off were more than `max_delete`
+    /// allows and none was applied: why, and what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retained_withheld: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -406,6 +411,9 @@ impl ProjectReport {
 
     /// Adds what `other`, a later part of the run, did.
     fn merge(&mut self, mut other: ProjectReport) {
+        if other.retained_withheld.is_some() {
+            self.retained_withheld = other.retained_withheld.take();
+        }
         self.events += other.events;
         self.superseded += other.superseded;
         self.stale_left += other.stale_left;
@@ -1281,6 +1289,12 @@ pub struct Projector {
     /// This run's mark, once its first commit noted it in the state and in the target's
     /// writer note ([`crate::writer`]): once per run (a daemon's: once per process).
     noted: Mutex<Option<WriterMark>>,
+    /// The pipeline's delete limit, which the deletes retained while `prune` was off are
+    /// weighed against when it is turned on ([`Projector::apply_retained`]).
+    max_delete: DeleteLimit,
+    /// How many retained deletes the limit held back, round by round, for a daemon that
+    /// meets it at every pass to warn once.
+    retained_guard: Recurring<u64>,
 }
 
 /// The daemon's projector retrying with backoff, as `status` and the cycle reports show
@@ -1353,7 +1367,40 @@ impl Projector {
             source: None,
             retained_unread: Mutex::default(),
             retained_marks: Mutex::default(),
+            max_delete: DeleteLimit::Percent(100.0),
+            retained_guard: Recurring::default(),
         }
+    }
+
+    /// Why `deletes` retained while `prune` was off, applied at once now that it is on,
+    /// are more than `max_delete` allows (`None`: they are not). Each scan's deletes are
+    /// weighed by the scanner's guard; these are many scans' at once, so they are weighed
+    /// together, against the items on the target (the applied state). Not on a log other
+    /// processes share: a daemon's applied state there is its partitions' share of the
+    /// target, no measure of the whole.
+    fn retained_over_limit(&self, deletes: usize) -> Result<Option<String>, ProjectError> {
+        if deletes == 0 || self.log.shared() || self.max_delete == DeleteLimit::Percent(100.0) {
+            return Ok(None);
+        }
+        let on_target = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?
+            .len() as u64;
+        let allowed = self.max_delete.allowed(on_target);
+        Ok((deletes as u64 > allowed).then(|| {
+            format!(
+                "prune is on, and the {deletes} deletes retained while it was off are more than max_delete = {} allows ({allowed} of the {on_target} items on the target): none is applied. If they are intended, raise max_delete in the config and run again (restart a running daemon); `tidemark plan` lists them",
+                self.max_delete
+            )
+        }))
+    }
+
+    /// The same, weighing the deletes retained while `prune` was off against `limit`
+    /// before it applies them once prune is on.
+    pub fn with_max_delete(mut self, limit: DeleteLimit) -> Projector {
+        self.max_delete = limit;
+        self
     }
 
     /// The same, checking before it applies anything that the state is this `source`'s
@@ -2495,20 +2542,53 @@ impl Projector {
             .into_iter()
             .filter(|id| !shared || partitions.contains(&self.log.partition_of(id)))
             .partition(|id| id.starts_with(&item_identity("dir", "")));
+        // The source has some of them again (`project` runs no scan to say so): left
+        // retained, for the next scan's upsert to settle.
+        let mut back = 0;
+        let mut kept: [Vec<String>; 2] = Default::default();
+        for (ids, kept) in [others, dirs].into_iter().zip(kept.iter_mut()) {
+            for id in ids {
+                match stored.get(&id).map_err(self.err_state())? {
+                    Some(p) if self.target.source_holds(&p.event).await => back += 1,
+                    Some(_) => kept.push(id),
+                    None => {}
+                }
+            }
+        }
+        let [others, dirs] = kept;
+        if back > 0 {
+            info!(
+                pipeline = %self.pipeline,
+                "{back} of the deletes retained while prune was off are not applied: the source has those items again, and the next scan brings them up to date"
+            );
+        }
         let total = dirs.len() + others.len();
         if total == 0 {
+            self.retained_guard.end_round();
             self.clear_retained_marks(partitions, &stored).await?;
             return Ok(report);
         }
+        let applied = self
+            .state
+            .applied(&self.pipeline)
+            .map_err(self.err_state())?;
+        if let Some(message) = self.retained_over_limit(total)? {
+            log_recurring!(
+                self.retained_guard.met(total as u64),
+                warn,
+                [pipeline = %self.pipeline,],
+                message
+            );
+            self.retained_guard.end_round();
+            report.retained_withheld = Some(message);
+            return Ok(report);
+        }
+        self.retained_guard.end_round();
         info!(
             pipeline = %self.pipeline,
             deletes = total,
             "prune is on: applying the deletes retained while it was off"
         );
-        let applied = self
-            .state
-            .applied(&self.pipeline)
-            .map_err(self.err_state())?;
         let remap = self.state.remap(&self.pipeline).map_err(self.err_state())?;
         let dir_pending = self
             .state
@@ -2526,18 +2606,11 @@ impl Projector {
                     .map(|c| (c.to_vec(), false)),
             )
             .collect::<Vec<_>>();
-        let mut back = 0;
         for (ids, concurrent) in chunks {
             let mut events = Vec::with_capacity(ids.len());
             for id in &ids {
                 if let Some(p) = stored.get(id).map_err(self.err_state())? {
-                    // The source has it again (`project` runs no scan to say so): left
-                    // retained, for the next scan's upsert to settle.
-                    if self.target.source_holds(&p.event).await {
-                        back += 1;
-                    } else {
-                        events.push(p.event);
-                    }
+                    events.push(p.event);
                 }
             }
             let refs = Refs::new(&remap);
@@ -2563,12 +2636,6 @@ impl Projector {
                 );
                 break;
             }
-        }
-        if back > 0 {
-            info!(
-                pipeline = %self.pipeline,
-                "{back} of the deletes retained while prune was off are not applied: the source has those items again, and the next scan brings them up to date"
-            );
         }
         self.count_deferred(dir_pending.len())?;
         self.count_applies(&report);
@@ -4773,13 +4840,22 @@ impl Projector {
                 .state
                 .retained(&self.pipeline)
                 .map_err(self.err_state())?;
+            let mut deletes = Vec::new();
             for entry in retained.iter() {
                 let (id, d) = entry.map_err(self.err_state())?;
                 if !seen.contains(&id) && !self.target.source_holds(&d.event).await {
                     let offset = Some(d.event.offset);
-                    actions.push(PlannedAction::new("delete", d.event, offset));
+                    deletes.push(PlannedAction::new("delete", d.event, offset));
                 }
             }
+            // Weighed as `apply_retained` weighs them: over `max_delete`, none is applied.
+            if let Some(why) = self.retained_over_limit(deletes.len())? {
+                for delete in &mut deletes {
+                    delete.action = "retain";
+                    delete.reason = Some(why.clone());
+                }
+            }
+            actions.append(&mut deletes);
         }
         self.plan_places(&mut actions).await;
         // Listings run in parallel, so log order differs between runs; a person reads
