@@ -646,6 +646,29 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
             "f{i:02}.txt deleted: {stdout}"
         );
     }
+    // A daemon asks at every pass while idle: it says so once, and the answer stands
+    // until a batch (weighing reads every retained delete and the whole applied state).
+    let daemon = env.spawn_daemon();
+    wait_for(Duration::from_secs(30), || {
+        env.daemon_log()
+            .contains("more than max_delete = 5 allows")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", env.daemon_log()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(daemon.terminate().success());
+    let log = env.daemon_log();
+    assert_eq!(
+        log.matches("more than max_delete = 5 allows").count(),
+        1,
+        "{log}"
+    );
+    for i in 0..12 {
+        assert!(
+            env.dst().join(format!("f{i:02}.txt")).exists(),
+            "f{i:02}.txt deleted: {log}"
+        );
+    }
 
     env.write_config(
         &config

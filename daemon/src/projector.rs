@@ -31,7 +31,7 @@
 //! on reads them from the log there ([`Projector::apply_retained`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1295,6 +1295,13 @@ pub struct Projector {
     /// How many retained deletes the limit held back, round by round, for a daemon that
     /// meets it at every pass to warn once.
     retained_guard: Recurring<u64>,
+    /// Batches recorded by this process ([`Projector::record`]): what can change the
+    /// retained deletes or the applied state.
+    recorded: AtomicU64,
+    /// The limit's last refusal and the `recorded` count it was made at: a daemon asks
+    /// at every pass while idle, and weighing reads every retained delete, the source
+    /// path of each and the whole applied state, so the answer stands until a batch.
+    retained_held: Mutex<Option<(u64, String)>>,
 }
 
 /// The daemon's projector retrying with backoff, as `status` and the cycle reports show
@@ -1369,6 +1376,8 @@ impl Projector {
             retained_marks: Mutex::default(),
             max_delete: DeleteLimit::Percent(100.0),
             retained_guard: Recurring::default(),
+            recorded: AtomicU64::new(0),
+            retained_held: Mutex::new(None),
         }
     }
 
@@ -2042,6 +2051,7 @@ impl Projector {
         applied: &Records<Applied>,
         remap: &Records<String>,
     ) -> Result<(), ProjectError> {
+        self.recorded.fetch_add(1, Ordering::Relaxed);
         let failures = self
             .state
             .stored_failures(&self.pipeline)
@@ -2521,6 +2531,13 @@ impl Projector {
         if !self.prune {
             return Ok(report);
         }
+        let recorded = self.recorded.load(Ordering::Relaxed);
+        if let Some((at, why)) = &*self.retained_held.lock().unwrap() {
+            if *at == recorded {
+                report.retained_withheld = Some(why.clone());
+                return Ok(report);
+            }
+        }
         let stored = self
             .state
             .retained(&self.pipeline)
@@ -2580,9 +2597,11 @@ impl Projector {
                 message
             );
             self.retained_guard.end_round();
+            *self.retained_held.lock().unwrap() = Some((recorded, message.clone()));
             report.retained_withheld = Some(message);
             return Ok(report);
         }
+        *self.retained_held.lock().unwrap() = None;
         self.retained_guard.end_round();
         info!(
             pipeline = %self.pipeline,
