@@ -646,6 +646,13 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
             "f{i:02}.txt deleted: {stdout}"
         );
     }
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("RETAINED DELETES WITHHELD: prune is on, and the 12 deletes"),
+        "{status}"
+    );
+    let json = env.json(&["status"]);
+    assert!(json[0]["retained_withheld"].is_string(), "{json}");
     // A daemon asks at every pass while idle: it says so once, and the answer stands
     // until a batch (weighing reads every retained delete and the whole applied state).
     let daemon = env.spawn_daemon();

@@ -867,7 +867,9 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 g["would_delete"], g["limit"].as_str().unwrap_or("?"), g["allowed"]
             );
         }
-        if let Some(n) = s["retained_deletes"].as_u64().filter(|n| *n > 0) {
+        if let Some(why) = s["retained_withheld"].as_str() {
+            outln!("  RETAINED DELETES WITHHELD: {why}");
+        } else if let Some(n) = s["retained_deletes"].as_u64().filter(|n| *n > 0) {
             outln!(
                 "  {n} deletes retained (not applied while prune is off): the target keeps those items until prune = true, then they are applied once the projector has caught up"
             );

@@ -101,6 +101,10 @@ pub struct PipelineStatus {
     /// Deletes not applied because `prune` is off: the target still holds those items.
     /// With `prune = true` they are applied once the projector has caught up.
     pub retained_deletes: usize,
+    /// With `prune = true`: why the retained deletes are not applied, when together they
+    /// are more than `max_delete` allows ([`Projector::retained_withheld`]); `null`
+    /// otherwise.
+    pub retained_withheld: Option<String>,
     /// Set while the daemon's projector retries with backoff (the target refuses writes:
     /// a full disk, a server down; or the log cannot be read): the lag grows, and this
     /// says why. Only the daemon knows it; `null` otherwise.
@@ -616,6 +620,14 @@ impl Pipeline {
         if let Ok(bytes) = self.state.size_on_disk() {
             m.state_size_bytes.set(bytes as i64);
         }
+        let retained_deletes = if retained {
+            self.state
+                .retained(&self.config.name)
+                .map_err(state_err)?
+                .len()
+        } else {
+            0
+        };
         let status = PipelineStatus {
             pipeline: self.config.name.clone(),
             log: self.log.backend(),
@@ -633,13 +645,10 @@ impl Pipeline {
             scan_in_progress: self.scanner.in_progress(),
             failed,
             deferred,
-            retained_deletes: if retained {
-                self.state
-                    .retained(&self.config.name)
-                    .map_err(state_err)?
-                    .len()
-            } else {
-                0
+            retained_deletes,
+            retained_withheld: match retained_deletes {
+                0 => None,
+                n => self.projector.retained_withheld(n)?,
             },
             projector_retrying: self.projector.retrying(),
             blocked: if retained { self.blocked().await } else { None },

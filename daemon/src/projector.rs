@@ -1405,6 +1405,16 @@ impl Projector {
         }))
     }
 
+    /// Why the `retained` deletes are not applied now that `prune` is on, when together
+    /// they are more than `max_delete` allows (`None` with prune off, or within the
+    /// limit): what `status` shows.
+    pub fn retained_withheld(&self, retained: usize) -> Result<Option<String>, ProjectError> {
+        if !self.prune {
+            return Ok(None);
+        }
+        self.retained_over_limit(retained)
+    }
+
     /// The same, weighing the deletes retained while `prune` was off against `limit`
     /// before it applies them once prune is on.
     pub fn with_max_delete(mut self, limit: DeleteLimit) -> Projector {
