@@ -2584,10 +2584,15 @@ impl Projector {
         }
         let [others, dirs] = kept;
         if back > 0 {
-            info!(
-                pipeline = %self.pipeline,
+            let message = format!(
                 "{back} of the deletes retained while prune was off are not applied: the source has those items again, and the next scan brings them up to date"
             );
+            // A daemon meets them at every idle pass until its next scan.
+            if self.tailing.load(Ordering::SeqCst) {
+                debug!(pipeline = %self.pipeline, "{message}");
+            } else {
+                info!(pipeline = %self.pipeline, "{message}");
+            }
         }
         let total = dirs.len() + others.len();
         if total == 0 {
