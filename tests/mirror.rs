@@ -631,6 +631,7 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
     let plan = env.ok(&["plan"]);
     assert!(!plan.contains("delete file"), "{plan}");
     assert!(plan.contains("retain file f00.txt"), "{plan}");
+    dry_run_exiting(&env, 3);
     let out = env.run(&["sync"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");

@@ -1427,10 +1427,13 @@ async fn dry_sync(session: Session, select: &Select, show_progress: bool) -> Res
         progress.finish();
         let record = preview.record;
         let actions = p.projector.plan_with(preview.events).await?;
-        // As `sync` exits 3 for what it leaves waiting or failed.
+        // As `sync` exits 3 for what it leaves waiting or failed, and for retained deletes
+        // `max_delete` withholds (the only `retain`s with a reason).
         degraded |= record.errors > 0
             || record.guard.is_some()
-            || actions.iter().any(|a| matches!(a.action, "wait" | "fail"));
+            || actions.iter().any(|a| {
+                matches!(a.action, "wait" | "fail") || (a.action == "retain" && a.reason.is_some())
+            });
         if select.output == Output::Text {
             print_scan(p.name(), &record, true);
             print_plan(p.name(), "dry run", &actions, "nothing to do");
