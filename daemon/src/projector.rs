@@ -3299,7 +3299,20 @@ impl Projector {
     /// nothing, so with prune off it is not retained either: `status`, the metrics and
     /// `plan` counted a retained delete that `verify` found nothing of.
     async fn never_reached(&self, event: &Event, prior: Option<&Applied>) -> bool {
-        prior.is_none() && self.target.probe(event).await == Probe::Absent
+        if prior.is_some() {
+            return false;
+        }
+        match self.target.probe(event).await {
+            Probe::Absent => true,
+            // Another kind of item in its place (a file the source put where this directory
+            // was, applied first in the same batch): that item's, nothing of this one.
+            Probe::Different => self
+                .target
+                .holds(&event.key)
+                .await
+                .is_some_and(|held| held.kind != event.kind),
+            Probe::Equal | Probe::Unknown => false,
+        }
     }
 
     /// Logs that the target failed item `event` with `error` (`message`, its log line) as

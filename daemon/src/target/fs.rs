@@ -1118,7 +1118,10 @@ impl Inner {
         };
         let m = match fs::symlink_metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Probe::Absent,
+            // Nothing there, or a file where a parent would be: nothing can be there.
+            Err(e) if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(20) => {
+                return Probe::Absent
+            }
             Err(_) => return Probe::Unknown,
         };
         // As the upsert decides with no applied state: what it adopts without a write.
