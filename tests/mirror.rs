@@ -1287,11 +1287,10 @@ fn the_daemons_first_cycle_into_a_filled_target_says_how_many_entries_only_the_t
         "{}",
         env.daemon_log()
     );
-    let summaries: Vec<String> = walkdir::WalkDir::new(env.path("state/reports/t"))
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name() == "summary.txt")
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+    let summaries: Vec<String> = env
+        .report_dirs("t")
+        .iter()
+        .map(|d| std::fs::read_to_string(d.join("summary.txt")).unwrap())
         .collect();
     assert_eq!(
         summaries.iter().filter(|s| s.contains(note)).count(),

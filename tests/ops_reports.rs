@@ -104,17 +104,7 @@ fn check(report: &Value) {
 
 /// Report directories of pipeline `t`, oldest first.
 fn report_dirs(env: &Env) -> Vec<PathBuf> {
-    let base = env.path("state/reports/t");
-    // A report being written sits in a hidden directory until it is complete.
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&base)
-        .map(|rd| {
-            rd.map(|e| e.unwrap().path())
-                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort();
-    dirs
+    env.report_dirs("t")
 }
 
 fn read_report(dir: &Path) -> (Value, String) {

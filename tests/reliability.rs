@@ -407,13 +407,7 @@ fn a_project_stopped_by_a_full_disk_reports_what_reached_the_target() {
     let error = fatal["message"].as_str().unwrap();
     assert!(error.contains("disk is full"), "{error}");
 
-    let reports = env.path("state/reports/t");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&reports)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .collect();
-    dirs.sort();
+    let dirs = env.report_dirs("t");
     let report = |dir: &Path| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
     };

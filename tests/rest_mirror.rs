@@ -1381,15 +1381,8 @@ fn plan_and_failure_lines_name_the_item_besides_its_dev_id() {
     );
     let report = last_report(&env);
     assert_eq!(report["failures"][0]["name"], "post-0-1", "{report}");
-    let summary = std::fs::read_to_string(
-        std::fs::read_dir(env.path("state/reports/t"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap()
-            .join("summary.txt"),
-    )
-    .unwrap();
+    let summary =
+        std::fs::read_to_string(env.report_dirs("t").pop().unwrap().join("summary.txt")).unwrap();
     assert!(
         summary.contains("  posts 5011 (\"post-0-1\") (offset "),
         "{summary}"
@@ -1558,15 +1551,8 @@ fn sync_counts_items_by_how_they_ended_and_notes_those_that_waited() {
     let report = last_report(&env);
     assert_eq!(report["counts"], json!({"created": 21}), "{report}");
     assert_eq!(report["waited"], waited, "{report}");
-    let summary = std::fs::read_to_string(
-        std::fs::read_dir(env.path("state/reports/t"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap()
-            .join("summary.txt"),
-    )
-    .unwrap();
+    let summary =
+        std::fs::read_to_string(env.report_dirs("t").pop().unwrap().join("summary.txt")).unwrap();
     assert!(
         summary.contains(&format!(
             "applied: 21 created ({waited} waited for other items first)\n"
@@ -1601,13 +1587,9 @@ fn daemon_cycle_reports_count_items_by_how_they_ended_and_note_those_that_waited
 
     let daemon = env.spawn_daemon();
     let reports = |env: &Env| -> Vec<Value> {
-        let dir = env.path("state/reports/t");
-        let mut dirs: Vec<_> = std::fs::read_dir(dir)
-            .map(|d| d.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        dirs.sort();
         // A report the retention removes between the listing and the read is left out.
-        dirs.iter()
+        env.report_dirs("t")
+            .iter()
             .filter_map(|d| std::fs::read(d.join("report.json")).ok())
             .map(|bytes| serde_json::from_slice(&bytes).unwrap())
             .filter(|r: &Value| r["run"] == "cycle")
@@ -1641,16 +1623,7 @@ fn daemon_cycle_reports_count_items_by_how_they_ended_and_note_those_that_waited
     assert!((6..=18).contains(&waited), "{rs:?}");
     let first = &rs[0];
     assert_eq!(first["scan"]["upserts"], 21, "{first}");
-    let summary = std::fs::read_to_string(
-        std::fs::read_dir(env.path("state/reports/t"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.join("summary.txt").is_file())
-            .min()
-            .unwrap()
-            .join("summary.txt"),
-    )
-    .unwrap();
+    let summary = std::fs::read_to_string(env.report_dirs("t")[0].join("summary.txt")).unwrap();
     assert!(
         summary.contains(&format!(
             "applied: {} created ({} waited for other items first)\n",

@@ -70,6 +70,28 @@ path = "dst"
         self.dir.path().join(rel)
     }
 
+    /// The finished report directories of `pipeline` under `state/reports`, oldest first.
+    /// A report being written sits in a hidden directory until both its files are
+    /// complete, so a test reading reports while a daemon runs must leave those out.
+    pub fn report_dirs(&self, pipeline: &str) -> Vec<PathBuf> {
+        let base = self.path("state/reports").join(pipeline);
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&base)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // `{stamp}` then `{stamp}-1`, `{stamp}-2`, … `{stamp}-10` in the order written.
+        dirs.sort_by_key(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let (stamp, n) = name.split_once('-').unwrap_or((name.as_str(), "0"));
+            (stamp.to_owned(), n.parse::<u64>().unwrap_or(0))
+        });
+        dirs
+    }
+
     pub fn src(&self) -> PathBuf {
         self.path("src")
     }

@@ -1095,13 +1095,10 @@ impl TlsPeer {
 
 /// The `report.json` of pipeline `t`'s last run.
 pub fn last_report(env: &Env) -> Value {
-    let dir = env.path("state/reports/t");
-    let last = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("no reports in {}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("report.json").is_file())
-        .max()
-        .unwrap_or_else(|| panic!("no report.json under {}", dir.display()));
+    let last = env
+        .report_dirs("t")
+        .pop()
+        .unwrap_or_else(|| panic!("no report under {}", env.path("state/reports/t").display()));
     serde_json::from_slice(&std::fs::read(last.join("report.json")).unwrap()).unwrap()
 }
 
