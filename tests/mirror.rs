@@ -663,6 +663,11 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
             .then_some(())
     })
     .unwrap_or_else(|| panic!("{}", env.daemon_log()));
+    // On-call sees it on the dashboard, not only in the log.
+    assert_eq!(
+        daemon.metric("tidemark_retained_deletes_withheld{pipeline=\"t\"}"),
+        12.0
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(daemon.terminate().success());
     let log = env.daemon_log();
@@ -685,6 +690,39 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
     );
     let out = env.ok(&["sync"]);
     assert!(out.contains("12 deleted"), "{out}");
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// `tidemark_retained_deletes_withheld` counts the retained deletes `max_delete` holds
+/// back, and goes back to 0 once they are within the limit: here because the source has
+/// one of the items again, so the two deletes left are applied by the running daemon.
+#[test]
+fn the_retained_deletes_max_delete_withholds_are_a_metric_that_clears_when_they_fit() {
+    let env = Env::dirs("max_delete = \"2\"", "prune = false");
+    for i in 0..10 {
+        write(env.src().join(format!("f{i}.txt")), format!("{i}\n"));
+    }
+    env.sync();
+    for i in 0..3 {
+        std::fs::remove_file(env.src().join(format!("f{i}.txt"))).unwrap();
+        env.sync();
+    }
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    let daemon = env.spawn_daemon();
+    let series = "tidemark_retained_deletes_withheld{pipeline=\"t\"}";
+    wait_for(Duration::from_secs(30), || {
+        (daemon.metric(series) == 3.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}\n{}", daemon.metrics(), env.daemon_log()));
+    assert!(env.dst().join("f1.txt").exists());
+
+    write(env.src().join("f0.txt"), "0\n");
+    wait_for(Duration::from_secs(30), || {
+        (daemon.metric(series) == 0.0 && !env.dst().join("f2.txt").exists()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}\n{}", daemon.metrics(), env.daemon_log()));
+    assert!(daemon.terminate().success());
     assert_mirror(&env.src(), &env.dst());
 }
 

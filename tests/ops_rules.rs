@@ -112,6 +112,7 @@ fn issue_5_alert_rules_pass_promtool_check_and_unit_tests() {
         "TidemarkProjectorStuck",
         "TidemarkApplyFailuresRising",
         "TidemarkDeleteGuardTripped",
+        "TidemarkRetainedDeletesWithheld",
         "TidemarkTargetDown",
         "TidemarkDown",
         "TidemarkItemsWaiting",

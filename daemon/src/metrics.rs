@@ -51,6 +51,8 @@ pub struct Metrics {
     pub delete_guard_trips: IntCounterVec,
     /// 1 while the last scan's deletes are withheld by the guard.
     pub delete_guard_active: IntGaugeVec,
+    /// Deletes retained while `prune` was off that `max_delete` withholds now that it is on.
+    pub retained_deletes_withheld: IntGaugeVec,
     /// Unix time of the last complete, error-free scan.
     pub last_scan_success: GaugeVec,
     /// Unix time of the last batch applied and committed.
@@ -229,6 +231,13 @@ impl Metrics {
                 ),
                 p
             )),
+            retained_deletes_withheld: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tidemark_retained_deletes_withheld",
+                    "Deletes retained while prune was off that max_delete withholds now that prune is on (none of them is applied until max_delete allows them all); 0 otherwise."
+                ),
+                p
+            )),
             last_scan_success: reg!(GaugeVec::new(
                 Opts::new(
                     "tidemark_last_scan_success_timestamp_seconds",
@@ -317,6 +326,7 @@ impl Metrics {
             &self.log_readable,
             &self.deferred_events,
             &self.failed_items,
+            &self.retained_deletes_withheld,
         ] {
             g.with_label_values(&[pipeline]);
         }

@@ -2548,6 +2548,9 @@ impl Projector {
                 return Ok(report);
             }
         }
+        let withheld = metrics()
+            .retained_deletes_withheld
+            .with_label_values(&[&self.pipeline]);
         let stored = self
             .state
             .retained(&self.pipeline)
@@ -2557,6 +2560,7 @@ impl Projector {
             self.read_retained(partitions, &stored).await?;
         }
         if stored.is_empty() {
+            withheld.set(0);
             if shared {
                 self.clear_retained_marks(partitions, &stored).await?;
             }
@@ -2596,6 +2600,7 @@ impl Projector {
         }
         let total = dirs.len() + others.len();
         if total == 0 {
+            withheld.set(0);
             self.retained_guard.end_round();
             self.clear_retained_marks(partitions, &stored).await?;
             return Ok(report);
@@ -2605,6 +2610,7 @@ impl Projector {
             .applied(&self.pipeline)
             .map_err(self.err_state())?;
         if let Some(message) = self.retained_over_limit(total)? {
+            withheld.set(total as i64);
             log_recurring!(
                 self.retained_guard.met(total as u64),
                 warn,
@@ -2617,6 +2623,7 @@ impl Projector {
             return Ok(report);
         }
         *self.retained_held.lock().unwrap() = None;
+        withheld.set(0);
         self.retained_guard.end_round();
         info!(
             pipeline = %self.pipeline,

@@ -95,8 +95,11 @@ ts("Retries and requests", [
 ], "reqps", 12, 35, desc="Requests to REST sources and targets by status class, and retries after transient failures.")
 # Over $__range only as one instant query at the range's end: on a time series each point
 # counted the trips of a whole range before it, reaching before the range on the left.
-ts("Delete guard", [(f'tidemark_delete_guard_active{{{P}}}', "{{pipeline}} withholding deletes")], "short", 0, 43, w=8,
-   desc="1 while the last scan's deletes are withheld by max_delete (TidemarkDeleteGuardTripped): when the guard held, and for how long.")
+ts("Delete guard", [
+    (f'tidemark_delete_guard_active{{{P}}}', "{{pipeline}} withholding deletes"),
+    (f'tidemark_retained_deletes_withheld{{{P}}}', "{{pipeline}} retained deletes withheld"),
+], "short", 0, 43, w=8,
+   desc="1 while the last scan's deletes are withheld by max_delete (TidemarkDeleteGuardTripped): when the guard held, and for how long. Also the number of deletes retained while prune was off that max_delete withholds once prune is on (TidemarkRetainedDeletesWithheld).")
 stat("Delete guard trips in the time range", f'round(sum by (pipeline) (increase(tidemark_delete_guard_trips_total{{{P}}}[$__range])))', "short", 8, 43, w=4, h=8,
      desc="Scans whose deletes max_delete withheld, from the start to the end of the dashboard's time range (a guard that stays tripped counts at every scan).",
      thresholds=red_at(1), instant=True)
