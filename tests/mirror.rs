@@ -1422,6 +1422,59 @@ fn a_replay_onto_an_equal_target_adopts_every_item_and_rewrites_no_link() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A replay onto a live target whose history holds items deleted and made again (a
+/// directory replaced wholesale, a file put back, a link made again) takes none of them
+/// off the target: each delete that a later event of its item follows is skipped, so the
+/// items are adopted where they are (issue: `project` deleted them, then made them again,
+/// so prod was without them for the length of the run). Within one batch, and across
+/// batches (`batch_size = 2`), as `plan` shows it.
+#[test]
+fn a_replay_onto_a_live_target_does_not_delete_what_its_history_deleted_and_made_again() {
+    use std::os::unix::fs::MetadataExt;
+    for batch in ["", "batch_size = 2"] {
+        let env = Env::dirs(&format!("max_delete = \"100%\"\n{batch}"), "prune = true");
+        for i in 0..3 {
+            write(
+                env.src().join(format!("site/assets/{i}.css")),
+                format!("{i}"),
+            );
+        }
+        write(env.src().join("a.txt"), "a");
+        write(env.src().join("keep.txt"), "keep");
+        std::os::unix::fs::symlink("a.txt", env.src().join("l")).unwrap();
+        env.sync();
+        std::fs::remove_dir_all(env.src().join("site")).unwrap();
+        std::fs::remove_file(env.src().join("a.txt")).unwrap();
+        std::fs::remove_file(env.src().join("l")).unwrap();
+        env.sync();
+        for i in 0..3 {
+            write(
+                env.src().join(format!("site/assets/{i}.css")),
+                format!("{i}"),
+            );
+        }
+        write(env.src().join("a.txt"), "a");
+        std::os::unix::fs::symlink("a.txt", env.src().join("l")).unwrap();
+        env.sync();
+        assert_mirror(&env.src(), &env.dst());
+        let inode = |p: &str| std::fs::symlink_metadata(env.dst().join(p)).unwrap().ino();
+        let before: Vec<u64> = ["a.txt", "l", "site/assets/0.css"].map(inode).to_vec();
+
+        env.ok(&["replay", "--from", "0"]);
+        let plan = env.ok(&["plan"]);
+        assert!(!plan.contains("delete "), "{batch}: {plan}");
+        let project = &env.json(&["project"])[0]["project"];
+        assert_eq!(outcome(project, "deleted"), 0, "{batch}: {project}");
+        assert_eq!(outcome(project, "created"), 0, "{batch}: {project}");
+        assert_eq!(
+            ["a.txt", "l", "site/assets/0.css"].map(inode).to_vec(),
+            before,
+            "{batch}: items made again"
+        );
+        assert_mirror(&env.src(), &env.dst());
+    }
+}
+
 /// A percentage is rounded down: emptying a source of one item trips the default guard
 /// (50% of 1 allowed that one delete before).
 #[test]

@@ -646,6 +646,10 @@ struct Backlog {
     last: HashMap<String, u64>,
 }
 
+/// The offsets of a partition's deletes that a later event of their item follows, and the
+/// head they were read up to ([`Projector::superseded_deletes`]).
+type SupersededDeletes = (u64, Arc<HashSet<u64>>);
+
 /// A partition's [`Backlog`] and the offset it ends before.
 struct BacklogEntry {
     end: u64,
@@ -1218,6 +1222,10 @@ pub struct Projector {
     /// the committed offset has passed all of it. Events appended later are compared
     /// within their batch.
     backlog_last: Mutex<HashMap<u32, BacklogEntry>>,
+    /// Per partition, for a target that gets every event, the offsets of the deletes that
+    /// a later event of their item follows, in what the log held from the committed offset
+    /// to the head when it was read, and that head ([`Projector::superseded_deletes`]).
+    later_deletes: Mutex<HashMap<u32, SupersededDeletes>>,
     /// Since the run began, items whose last event was stale, with its offset; a later
     /// event of the item applied takes it off ([`ProjectReport::stale_left`]).
     stale: Mutex<HashMap<String, u64>>,
@@ -1354,6 +1362,7 @@ impl Projector {
             done_ahead: Mutex::default(),
             known_committed: Mutex::default(),
             backlog_last: Mutex::default(),
+            later_deletes: Mutex::default(),
             stale: Mutex::default(),
             retried: AtomicBool::new(false),
             failed_now: Mutex::default(),
@@ -1688,6 +1697,101 @@ impl Projector {
         Ok((committed < head).then_some(shared))
     }
 
+    /// The offsets of the deletes in `partition`'s log, from `from` to its head, that a
+    /// later event of the same item follows: read through once when a batch meets a
+    /// delete of an item the source holds again whose later event is not in the batch (a
+    /// `replay` over a history where the item was deleted and made again), and kept while
+    /// the deletes asked about lie below the head it was read to. Only deletes are
+    /// remembered while reading, not every item, so a long log costs one pass and little
+    /// memory.
+    async fn superseded_deletes(
+        &self,
+        partition: u32,
+        from: u64,
+        offset: u64,
+    ) -> Result<Arc<HashSet<u64>>, ProjectError> {
+        if let Some((end, set)) = self.later_deletes.lock().unwrap().get(&partition) {
+            if offset < *end {
+                return Ok(Arc::clone(set));
+            }
+        }
+        let read_err = |source| ProjectError::Read {
+            pipeline: self.pipeline.clone(),
+            source,
+        };
+        let head = self.log.head(partition).await.map_err(read_err)?;
+        let mut open: HashMap<String, u64> = HashMap::new();
+        let mut superseded = HashSet::new();
+        let mut at = from;
+        while at < head {
+            let records = self
+                .log
+                .read(partition, at, self.batch_size.max(1000))
+                .await
+                .map_err(read_err)?;
+            let Some(end) = records.last().map(|r| r.offset + 1) else {
+                break;
+            };
+            for r in records.into_iter().filter(|r| r.offset < head) {
+                if let Ok(event) = r.event {
+                    let id = event.identity();
+                    if let Some(delete) = open.remove(&id) {
+                        superseded.insert(delete);
+                    }
+                    if event.op == Op::Delete {
+                        open.insert(id, r.offset);
+                    }
+                }
+            }
+            at = end;
+        }
+        let set = Arc::new(superseded);
+        self.later_deletes
+            .lock()
+            .unwrap()
+            .insert(partition, (head, Arc::clone(&set)));
+        Ok(set)
+    }
+
+    /// The offsets of the deletes among `records` that a later event of their item follows
+    /// (see [`Projector::superseded_deletes`]); nothing is looked at in a batch without
+    /// deletes.
+    async fn batch_superseded_deletes(
+        &self,
+        partition: u32,
+        committed: u64,
+        records: &[crate::log::Record],
+    ) -> Result<HashSet<u64>, ProjectError> {
+        let mut superseded = HashSet::new();
+        let deletes = |r: &&crate::log::Record| matches!(&r.event, Ok(e) if e.op == Op::Delete);
+        if !records.iter().any(|r| deletes(&r)) {
+            return Ok(superseded);
+        }
+        let mut open: HashMap<String, (u64, &Event)> = HashMap::new();
+        for record in records {
+            if let Ok(event) = &record.event {
+                let id = event.identity();
+                if let Some((delete, _)) = open.remove(&id) {
+                    superseded.insert(delete);
+                }
+                if event.op == Op::Delete {
+                    open.insert(id, (record.offset, event));
+                }
+            }
+        }
+        for (offset, event) in open.into_values() {
+            if self.target.source_holds(event).await
+                && self
+                    .superseded_deletes(partition, committed, offset)
+                    .await?
+                    .contains(&offset)
+            {
+                superseded.insert(offset);
+            }
+        }
+        Ok(superseded)
+    }
+
     /// Applies one batch of one partition and commits what finished. Returns the report and
     /// the number of records read (0 when caught up). A transient failure is returned as
     /// an error after the finished prefix is committed, with what the batch applied.
@@ -1748,6 +1852,18 @@ impl Projector {
                 }
             }
         }
+        // A target that gets every event still skips a delete that a later event of its
+        // item follows: applied, it removed an item the next event then made again, so a
+        // `replay` onto a live target took every item deleted and made again in its
+        // history (a directory replaced wholesale, say) off the target for a while. Looked
+        // for within the batch, and, for a delete of an item the source holds again, in
+        // the log past it.
+        let superseded_deletes = if skip {
+            HashSet::new()
+        } else {
+            self.batch_superseded_deletes(partition, committed, &records)
+                .await?
+        };
 
         // Group by key, keeping each key's events in log order.
         let mut groups: Vec<Vec<Event>> = Vec::new();
@@ -1775,6 +1891,7 @@ impl Projector {
                     if skip
                         && (later(last.get(&id))
                             || later(backlog.as_ref().and_then(|b| b.last.get(&id))))
+                        || superseded_deletes.contains(&record.offset)
                     {
                         report.superseded += 1;
                         continue;
