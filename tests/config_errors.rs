@@ -156,6 +156,18 @@ fn a_base_url_refused_as_no_url_is_quoted_without_its_secrets() {
             "`https://***@h.example/`",
             "is not a URL",
         ),
+        // A password holding `#` or `?` showed its user name and first characters
+        // (`https://svc:Pa#***`): the fragment and query were split off first.
+        (
+            "https://svc:URLPW#two-9@h.example/",
+            "`https://***@h.example/`",
+            "is not a URL",
+        ),
+        (
+            "https://svc:URLPW?two-9@h.example/v1",
+            "`https://***@h.example/v1`",
+            "is not a URL",
+        ),
         (
             "https://h.example:99999/v1?api_key=QVAL-two-7&x",
             "`https://h.example:99999/v1?api_key=***&***`",
@@ -174,7 +186,10 @@ fn a_base_url_refused_as_no_url_is_quoted_without_its_secrets() {
             "{url}: {err}"
         );
         assert!(
-            !err.contains("URLPW") && !err.contains("two-9") && !err.contains("QVAL"),
+            !err.contains("URLPW")
+                && !err.contains("two-9")
+                && !err.contains("QVAL")
+                && !err.contains("svc"),
             "{url}: {err}"
         );
     }

@@ -299,34 +299,39 @@ pub fn check_no_credentials(url: &str, what: &str) -> Result<(), String> {
 
 /// A URL from the config as an error may quote it, the user name and password and the
 /// values of its query and fragment parameters shown as `***`: read from the text, since
-/// it is quoted because it does not parse (or is not http), and its `@` may follow a `/`
-/// in the password (`https://u:pa/ss@host`). Whatever comes before the last `@` after the
-/// scheme goes.
+/// it is quoted because it does not parse (or is not http). Whatever comes before the
+/// last `@` after the scheme goes, before the query and fragment are split off: the
+/// password may hold `/`, `?` or `#` (`https://u:pa#ss@host`), and an `@` in a query
+/// value costs the host too, never the secret.
 fn shown_url(url: &str) -> String {
-    let (rest, fragment) = match url.split_once('#') {
+    let scheme_end = url
+        .find(':')
+        .filter(|&i| {
+            url[..i]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        })
+        .map_or(0, |i| i + 1);
+    let (scheme, after) = url.split_at(scheme_end);
+    let slashes = after.len() - after.trim_start_matches(['/', '\\']).len();
+    let (slashes, rest) = after.split_at(slashes);
+    let mut out = format!("{scheme}{slashes}");
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            out.push_str("***");
+            &rest[at..]
+        }
+        None => rest,
+    };
+    let (rest, fragment) = match rest.split_once('#') {
         Some((r, f)) => (r, Some(f)),
-        None => (url, None),
+        None => (rest, None),
     };
     let (head, query) = match rest.split_once('?') {
         Some((h, q)) => (h, Some(q)),
         None => (rest, None),
     };
-    let scheme_end = head
-        .find(':')
-        .filter(|&i| {
-            head[..i]
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-        })
-        .map_or(0, |i| i + 1);
-    let (scheme, after) = head.split_at(scheme_end);
-    let slashes = after.len() - after.trim_start_matches(['/', '\\']).len();
-    let (slashes, authority) = after.split_at(slashes);
-    let mut out = format!("{scheme}{slashes}");
-    match authority.rfind('@') {
-        Some(at) => out.push_str(&format!("***{}", &authority[at..])),
-        None => out.push_str(authority),
-    }
+    out.push_str(head);
     let values = |params: &str| {
         params
             .split('&')
