@@ -693,6 +693,48 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// `status` weighs the retained deletes as the run does, leaving out those of items the
+/// source has again: it said `RETAINED DELETES WITHHELD` for all 6 while `plan` and
+/// `project` left the 2 that are back alone and applied the other 4 (issue).
+#[test]
+fn status_weighs_retained_deletes_as_the_run_does_when_the_source_has_some_again() {
+    let env = Env::dirs("max_delete = \"50%\"", "prune = false");
+    for i in 1..=10 {
+        write(env.src().join(format!("f{i}")), format!("{i}\n"));
+    }
+    env.sync();
+    for r in 0..3 {
+        for i in [2 * r + 1, 2 * r + 2] {
+            std::fs::remove_file(env.src().join(format!("f{i}"))).unwrap();
+        }
+        env.sync();
+    }
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&config.replace("prune = false", "prune = true"));
+    write(env.src().join("f1"), "1\n");
+    write(env.src().join("f2"), "2\n");
+
+    let status = env.ok(&["status"]);
+    assert!(!status.contains("WITHHELD"), "{status}");
+    assert!(
+        status.contains("2 of the retained deletes are of items the source has again"),
+        "{status}"
+    );
+    let json = &env.json(&["status"])[0];
+    assert!(json["retained_withheld"].is_null(), "{json}");
+    assert_eq!(json["retained_back"], 2, "{json}");
+    assert_eq!(json["prune"], true, "{json}");
+    let out = env.ok(&["project"]);
+    assert!(out.contains("4 deleted"), "{out}");
+    for i in 1..=10 {
+        assert_eq!(
+            env.dst().join(format!("f{i}")).exists(),
+            !(3..=6).contains(&i),
+            "f{i}: {out}"
+        );
+    }
+}
+
 /// `tidemark_retained_deletes_withheld` counts the retained deletes `max_delete` holds
 /// back, and goes back to 0 once they are within the limit: here because the source has
 /// one of the items again, so the two deletes left are applied by the running daemon.

@@ -867,11 +867,23 @@ async fn status(config: Config, select: &Select) -> Result<ExitCode> {
                 g["would_delete"], g["limit"].as_str().unwrap_or("?"), g["allowed"]
             );
         }
+        let back = s["retained_back"].as_u64().unwrap_or(0);
         if let Some(why) = s["retained_withheld"].as_str() {
             outln!("  RETAINED DELETES WITHHELD: {why}");
         } else if let Some(n) = s["retained_deletes"].as_u64().filter(|n| *n > 0) {
+            if s["prune"] == true {
+                outln!(
+                    "  {n} deletes retained while prune was off: applied by the next `sync` or `project`, or by the daemon once its projector has caught up"
+                );
+            } else {
+                outln!(
+                    "  {n} deletes retained (not applied while prune is off): the target keeps those items until prune = true, then they are applied once the projector has caught up"
+                );
+            }
+        }
+        if back > 0 {
             outln!(
-                "  {n} deletes retained (not applied while prune is off): the target keeps those items until prune = true, then they are applied once the projector has caught up"
+                "  {back} of the retained deletes are of items the source has again: not applied; the next scan brings those items up to date"
             );
         }
         if let Some(deferred) = s["deferred"].as_array().filter(|d| !d.is_empty()) {

@@ -101,6 +101,11 @@ pub struct PipelineStatus {
     /// Deletes not applied because `prune` is off: the target still holds those items.
     /// With `prune = true` they are applied once the projector has caught up.
     pub retained_deletes: usize,
+    /// Whether the target applies deletes (`prune = true`).
+    pub prune: bool,
+    /// With `prune = true`: how many of `retained_deletes` are of items the source holds
+    /// again, which stay for the next scan to bring up to date instead of being applied.
+    pub retained_back: usize,
     /// With `prune = true`: why the retained deletes are not applied, when together they
     /// are more than `max_delete` allows ([`Projector::retained_withheld`]); `null`
     /// otherwise.
@@ -628,6 +633,10 @@ impl Pipeline {
         } else {
             0
         };
+        let standing = match retained_deletes {
+            0 => None,
+            _ => self.projector.retained_standing().await?,
+        };
         let status = PipelineStatus {
             pipeline: self.config.name.clone(),
             log: self.log.backend(),
@@ -646,10 +655,9 @@ impl Pipeline {
             failed,
             deferred,
             retained_deletes,
-            retained_withheld: match retained_deletes {
-                0 => None,
-                n => self.projector.retained_withheld(n)?,
-            },
+            prune: self.projector.prunes(),
+            retained_back: standing.as_ref().map_or(0, |s| s.back),
+            retained_withheld: standing.and_then(|s| s.withheld),
             projector_retrying: self.projector.retrying(),
             blocked: if retained { self.blocked().await } else { None },
         };

@@ -646,6 +646,15 @@ struct Backlog {
     last: HashMap<String, u64>,
 }
 
+/// What stands of the deletes retained while `prune` was off, once it is on
+/// ([`Projector::retained_standing`]).
+pub struct RetainedStanding {
+    /// Of items the source holds again: left for the next scan to bring up to date.
+    pub back: usize,
+    /// Why the others are not applied, when they are more than `max_delete` allows.
+    pub withheld: Option<String>,
+}
+
 /// The offsets of a partition's deletes that a later event of their item follows, and the
 /// head they were read up to ([`Projector::superseded_deletes`]).
 type SupersededDeletes = (u64, Arc<HashSet<u64>>);
@@ -1414,14 +1423,37 @@ impl Projector {
         }))
     }
 
-    /// Why the `retained` deletes are not applied now that `prune` is on, when together
-    /// they are more than `max_delete` allows (`None` with prune off, or within the
-    /// limit): what `status` shows.
-    pub fn retained_withheld(&self, retained: usize) -> Result<Option<String>, ProjectError> {
+    /// Whether the target applies deletes (`prune = true`).
+    pub fn prunes(&self) -> bool {
+        self.prune
+    }
+
+    /// With `prune` on, what stands of the deletes retained while it was off, as
+    /// [`Projector::apply_retained`] weighs them: how many are of items the source holds
+    /// again (left for the next scan), and why the others are not applied when together
+    /// they are more than `max_delete` allows (`None` within the limit). `None` with prune
+    /// off. What `status` shows: one `lstat` per retained delete, only with prune on.
+    pub async fn retained_standing(&self) -> Result<Option<RetainedStanding>, ProjectError> {
         if !self.prune {
             return Ok(None);
         }
-        self.retained_over_limit(retained)
+        let stored = self
+            .state
+            .retained(&self.pipeline)
+            .map_err(self.err_state())?;
+        let (mut back, mut standing) = (0, 0);
+        for id in stored.keys() {
+            let id = id.map_err(self.err_state())?;
+            match stored.get(&id).map_err(self.err_state())? {
+                Some(p) if self.target.source_holds(&p.event).await => back += 1,
+                Some(_) => standing += 1,
+                None => {}
+            }
+        }
+        Ok(Some(RetainedStanding {
+            back,
+            withheld: self.retained_over_limit(standing)?,
+        }))
     }
 
     /// The same, weighing the deletes retained while `prune` was off against `limit`
