@@ -682,6 +682,17 @@ fn deletes_retained_while_prune_was_off_are_weighed_by_max_delete_when_it_is_tur
             "f{i:02}.txt deleted: {log}"
         );
     }
+    // A replay forgets them and applies their deletes as events, unweighed: it is
+    // refused before it moves anything (issue: `replay --from 0`, then `sync`, applied
+    // all 12, exit 0).
+    let replay = env.run(&["replay", "--from", "0"]);
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(replay.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the replay would apply the 12 deletes retained while prune was off"),
+        "{stderr}"
+    );
+    assert_eq!(env.json(&["status"])[0]["lag_events"], 0);
 
     env.write_config(
         &config

@@ -502,6 +502,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 p.log.connect().await?;
+                if let Some(why) = p.projector.replay_unweighed(from).await? {
+                    anyhow::bail!("pipeline `{}`: {why}{nothing_moved}", p.name());
+                }
                 let partitions = p.log.partitions();
                 let mut heads = Vec::new();
                 for partition in 0..partitions {

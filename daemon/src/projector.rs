@@ -1406,6 +1406,17 @@ impl Projector {
     /// processes share: a daemon's applied state there is its partitions' share of the
     /// target, no measure of the whole.
     fn retained_over_limit(&self, deletes: usize) -> Result<Option<String>, ProjectError> {
+        Ok(self.retained_limit(deletes)?.map(|(allowed, on_target)| {
+            format!(
+                "prune is on, and the {deletes} deletes retained while it was off are more than max_delete = {} allows ({allowed} of the {on_target} items on the target): none is applied. If they are intended, raise max_delete in the config and run again (restart a running daemon); `tidemark plan` lists them",
+                self.max_delete
+            )
+        }))
+    }
+
+    /// `max_delete`'s allowance and the items on the target, when `deletes` retained
+    /// deletes are more than it allows (`None` within it, or not weighed).
+    fn retained_limit(&self, deletes: usize) -> Result<Option<(u64, u64)>, ProjectError> {
         if deletes == 0 || self.log.shared() || self.max_delete == DeleteLimit::Percent(100.0) {
             return Ok(None);
         }
@@ -1415,9 +1426,34 @@ impl Projector {
             .map_err(self.err_state())?
             .len() as u64;
         let allowed = self.max_delete.allowed(on_target);
-        Ok((deletes as u64 > allowed).then(|| {
+        Ok((deletes as u64 > allowed).then_some((allowed, on_target)))
+    }
+
+    /// With `prune` on, why a replay from `from` must not go ahead: it forgets the deletes
+    /// retained while prune was off at or after `from` and applies them as the events
+    /// they are, which no limit weighs, so a replay applied every delete that `max_delete`
+    /// withheld (those of items the source has again aside, as [`Projector::apply_retained`]
+    /// leaves them).
+    pub async fn replay_unweighed(&self, from: u64) -> Result<Option<String>, ProjectError> {
+        if !self.prune {
+            return Ok(None);
+        }
+        let stored = self
+            .state
+            .retained(&self.pipeline)
+            .map_err(self.err_state())?;
+        let mut deletes = 0;
+        for id in stored.keys() {
+            let id = id.map_err(self.err_state())?;
+            if let Some(p) = stored.get(&id).map_err(self.err_state())? {
+                if p.event.offset >= from && !self.target.source_holds(&p.event).await {
+                    deletes += 1;
+                }
+            }
+        }
+        Ok(self.retained_limit(deletes)?.map(|(allowed, on_target)| {
             format!(
-                "prune is on, and the {deletes} deletes retained while it was off are more than max_delete = {} allows ({allowed} of the {on_target} items on the target): none is applied. If they are intended, raise max_delete in the config and run again (restart a running daemon); `tidemark plan` lists them",
+                "the replay would apply the {deletes} deletes retained while prune was off from offset {from} on, which max_delete = {} withholds ({allowed} of the {on_target} items on the target): a replay applies them as events, unweighed. If they are intended, raise max_delete in the config first; otherwise put prune back off for the replay",
                 self.max_delete
             )
         }))
