@@ -220,6 +220,33 @@ fn issue_exfat_a_rename_of_the_case_only_ends_with_the_item_on_the_target() {
     assert_eq!(failed(&env), vec![]);
 }
 
+/// Issue: with `prune = false` a rename of the case only never reached the target: the
+/// old name's delete is retained, so its entry was held for good, and the new item failed
+/// at every run naming "another source item" that the source no longer had. The new
+/// spelling takes the entry over (renamed, then written), as a live item must.
+#[test]
+fn issue_exfat_a_rename_of_the_case_only_reaches_the_target_with_prune_off() {
+    let env = Env::dirs("max_delete = \"100%\"", "prune = false");
+    let _fs = Exfat::mount(&env.dst());
+    write(env.src().join("Readme"), "read me");
+    write(env.src().join("docs/guide"), "guide");
+    env.sync();
+    std::fs::remove_file(env.src().join("Readme")).unwrap();
+    write(env.src().join("README"), "READ ME, changed");
+    std::fs::rename(env.src().join("docs"), env.src().join("Docs")).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "failed"), 0, "{project}");
+    assert_eq!(names(&env.dst()), ["Docs", "README"]);
+    assert_eq!(
+        std::fs::read(env.dst().join("README")).unwrap(),
+        b"READ ME, changed"
+    );
+    assert_eq!(names(&env.dst().join("Docs")), ["guide"]);
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(failed(&env), vec![]);
+}
+
 /// Issue: after a clean sync to exFAT, `verify` called every item `different` forever
 /// (exFAT shows every mode as 777, exfat-fuse keeps times to the second), without saying
 /// what differs, and advised a replay that changed nothing. It compares what the target

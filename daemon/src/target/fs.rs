@@ -851,13 +851,34 @@ impl Inner {
 
     /// Takes the places of `key` (its directories' and its own) on a target that folds
     /// case, unless another item holds one. `Ok(true)`: its own place is newly taken.
+    ///
+    /// With `prune = false`, a place held by an item the source no longer has (its delete
+    /// retained: `Readme` renamed to `README` in the source) is taken over: the entry is
+    /// renamed to the new spelling, which is then written as the item it holds. Waiting
+    /// for the old item's delete, as with prune on, waited for good, and the new item
+    /// failed at every run naming a source item that did not exist.
     fn take_places(&self, key: &str) -> Result<bool, Failure> {
         let mut spellings = self.spellings.lock().unwrap();
         let mut fresh = Vec::new();
         for place in places_of(key) {
             let f = folded(place);
             match spellings.get(&f) {
-                Some(held) if held != place => return Err(Failure::Taken(held.clone())),
+                Some(held) if held != place => {
+                    if self.prune || self.source_has(held) {
+                        return Err(Failure::Taken(held.clone()));
+                    }
+                    let (from, to) = (self.resolve(held)?, self.resolve(place)?);
+                    match fs::rename(&from, &to) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    tracing::debug!(
+                        key = %place,
+                        "the target folds the case of names: took over the entry of `{held}`, which the source no longer has (its delete retained, as prune is off)"
+                    );
+                    spellings.insert(f, place.to_owned());
+                }
                 Some(_) => {}
                 None => fresh.push((f, place)),
             }
@@ -867,6 +888,18 @@ impl Inner {
             spellings.insert(f, place.to_owned());
         }
         Ok(own)
+    }
+
+    /// Whether the source has an entry at `key` (of any kind): `true` when it cannot be
+    /// told (no directory source this process sees, a key that is no path).
+    fn source_has(&self, key: &str) -> bool {
+        let Some(source) = &self.source else {
+            return true;
+        };
+        let Some(rel) = pathkey::decode(key) else {
+            return true;
+        };
+        fs::symlink_metadata(source.root.join(OsStr::from_bytes(&rel))).is_ok()
     }
 
     /// Lets go of `key`'s own place on a target that folds case, when it holds it.
