@@ -793,25 +793,28 @@ fn the_daemon_applies_deletes_retained_before_prune_was_turned_on() {
     let config = std::fs::read_to_string(&env.config).unwrap();
     env.write_config(&config.replace("prune = false", "prune = true"));
     let daemon = env.spawn_daemon();
+    let deleted = |metrics: &std::collections::BTreeMap<String, f64>| {
+        metrics
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("tidemark_applies_total{") && k.contains("outcome=\"deleted\"")
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    // The delete is counted once the state is flushed, after the file is gone.
     let gone = wait_for(Duration::from_secs(20), || {
-        (!env.dst().join("gone.txt").exists()).then_some(())
+        (!env.dst().join("gone.txt").exists() && deleted(&daemon.metrics()) >= 1.0).then_some(())
     });
     let metrics = daemon.metrics();
     assert!(daemon.terminate().success());
     assert!(
         gone.is_some(),
-        "the retained delete was not applied:\n{}",
+        "the retained delete was not applied and counted: {metrics:?}\n{}",
         env.daemon_log()
     );
     assert_mirror(&env.src(), &env.dst());
-    let deleted = metrics
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with("tidemark_applies_total{") && k.contains("outcome=\"deleted\"")
-        })
-        .map(|(_, v)| v)
-        .sum::<f64>();
-    assert_eq!(deleted, 1.0, "{metrics:?}");
+    assert_eq!(deleted(&metrics), 1.0, "{metrics:?}");
 }
 
 #[test]
@@ -1869,9 +1872,11 @@ fn a_delete_of_an_item_that_never_reached_the_target_is_not_retained() {
     })
     .expect("kept mirrored");
     std::fs::remove_file(env.src().join("kept")).unwrap();
+    // The state holds the retained delete (what `/status` counts) before the state's
+    // flush, and the apply is counted after it: both are waited for.
     let counted = wait_for(Duration::from_secs(20), || {
         let status: serde_json::Value = daemon.get("/status").json().ok()?;
-        (status[0]["retained_deletes"] == 1).then_some(())
+        (status[0]["retained_deletes"] == 1 && daemon.metric(retained) >= 1.0).then_some(())
     });
     assert!(counted.is_some(), "{}", env.daemon_log());
     assert_eq!(daemon.metric(retained), 1.0, "{}", env.daemon_log());
@@ -3627,16 +3632,18 @@ fn an_item_failing_at_every_retry_is_logged_when_it_begins_and_when_it_goes_thro
 /// The running `daemon` writes `name` (a file `now a file` that failed before), leaves
 /// no failed item and counts one created file; then it stops cleanly.
 fn assert_daemon_brings_the_fixed_file(env: &Env, daemon: Daemon, name: &str) {
+    let created = "tidemark_applies_total{kind=\"file\",outcome=\"created\",pipeline=\"t\"}";
+    // The file, then the failed list, are written before the apply is counted (after
+    // the state's flush): the count is waited for too.
     let arrived = wait_for(Duration::from_secs(30), || {
         let status = env.json(&["status"]);
-        (env.dst().join(name).is_file() && status[0]["failed"] == serde_json::json!([]))
+        (env.dst().join(name).is_file()
+            && status[0]["failed"] == serde_json::json!([])
+            && daemon.metric(created) >= 1.0)
             .then_some(())
     });
     assert!(arrived.is_some(), "{}", env.daemon_log());
-    assert_eq!(
-        daemon.metric("tidemark_applies_total{kind=\"file\",outcome=\"created\",pipeline=\"t\"}"),
-        1.0
-    );
+    assert_eq!(daemon.metric(created), 1.0, "{}", env.daemon_log());
     assert!(daemon.terminate().success());
     assert_eq!(std::fs::read(env.dst().join(name)).unwrap(), b"now a file");
 }

@@ -371,6 +371,14 @@ fn issue_5_daemon_cycles_that_change_something_write_reports() {
     assert!(d.terminate().success());
 }
 
+/// The files the daemon's cycle reports of pipeline `t` count created, all together.
+fn created_in_cycle_reports(env: &Env) -> u64 {
+    cycle_reports(env)
+        .iter()
+        .map(|r| r["by_kind"]["file"]["created"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// Every report of pipeline `t` written by daemon cycles, oldest first.
 fn cycle_reports(env: &Env) -> Vec<Value> {
     report_dirs(env)
@@ -388,8 +396,14 @@ fn a_lasting_condition_is_reported_when_it_begins_and_ends_not_at_every_cycle() 
     }
     let d = env.spawn_daemon();
     let series = |name: &str| format!("{name}{{pipeline=\"t\"}}");
+    // Mirrored and reported: an apply is counted after its file is written, so a cycle
+    // that ended before the count left it to a later one, and that one, met with the trip
+    // below, was a second report saying the guard tripped.
     wait_for(Duration::from_secs(30), || {
-        (env.dst().exists() && count_files(&env.dst()).0 == 4).then_some(())
+        (env.dst().exists()
+            && count_files(&env.dst()).0 == 4
+            && created_in_cycle_reports(&env) == 4)
+            .then_some(())
     })
     .unwrap_or_else(|| panic!("no mirror; log:\n{}", env.daemon_log()));
 
@@ -501,8 +515,10 @@ fn a_target_outage_is_reported_when_it_begins_and_ends() {
     let env = Env::dirs("retry_max_backoff = \"300ms\"", "");
     write(env.src().join("a.txt"), "a");
     let d = env.spawn_daemon();
+    // Mirrored and reported: a create counted in a cycle during the outage would write
+    // a second report saying the projector retries.
     wait_for(Duration::from_secs(30), || {
-        env.dst().join("a.txt").exists().then_some(())
+        (env.dst().join("a.txt").exists() && created_in_cycle_reports(&env) == 1).then_some(())
     })
     .unwrap_or_else(|| panic!("no mirror; log:\n{}", env.daemon_log()));
     let retrying_reports = || -> Vec<(Value, String)> {
@@ -552,7 +568,17 @@ fn a_target_outage_is_reported_when_it_begins_and_ends() {
         (env.dst().join("b.txt").exists() && last["projector_retrying"].is_null()).then_some(())
     })
     .unwrap_or_else(|| panic!("no report of the end; log:\n{}", env.daemon_log()));
-    assert_eq!(retrying_reports().len(), 1);
+    // No other report for the outage alone. The batch that ends it is counted before the
+    // projector notes that it goes on: a cycle ending in between reports that batch with
+    // the outage still on, and the next one its end.
+    let rs = retrying_reports();
+    assert!(
+        rs[1..]
+            .iter()
+            .all(|(r, _)| r["counts"]["created"].as_u64() >= Some(1)),
+        "{rs:?}"
+    );
+    assert!(rs.len() <= 2, "{rs:?}");
     assert!(d.terminate().success());
 }
 

@@ -182,8 +182,13 @@ fn issue_6_a_full_target_disk_keeps_the_offset_corrupts_nothing_and_recovers() {
         );
     }
     let daemon = env.spawn_daemon();
+    // The batch's ERROR, logged once the batch has ended and its error is counted; each
+    // item the full disk failed said so at debug before then.
     wait_for(Duration::from_secs(30), || {
-        env.daemon_log().contains("disk is full").then_some(())
+        env.daemon_log()
+            .lines()
+            .any(|l| l.contains(" ERROR ") && l.contains("disk is full"))
+            .then_some(())
     })
     .unwrap_or_else(|| panic!("no clear disk-full error; log:\n{}", env.daemon_log()));
     let status: serde_json::Value = daemon.get("/status").json().unwrap();
@@ -1004,9 +1009,13 @@ fn a_projector_retrying_on_a_full_target_disk_says_so_in_status_until_a_batch_su
     .unwrap_or_else(|| panic!("the retrying did not end; log:\n{}", env.daemon_log()));
     let text = env.ok(&["status"]);
     assert!(!text.contains("projector: retrying"), "{text}");
-    assert!(env
-        .daemon_log()
-        .contains("the projector goes on: a batch succeeded after"));
+    // Logged just after the retrying ends (what `/status` showed).
+    wait_for(Duration::from_secs(10), || {
+        env.daemon_log()
+            .contains("the projector goes on: a batch succeeded after")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("its end is not logged:\n{}", env.daemon_log()));
     assert!(daemon.terminate().success());
     assert_mirror(&env.src(), &env.dst());
 }

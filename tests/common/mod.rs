@@ -180,13 +180,15 @@ path = "dst"
             .append(true)
             .open(self.path("daemon.log"))
             .unwrap();
+        // One a killed daemon left is removed before the new one starts: removed after,
+        // it could be the new daemon's, written already, and the wait below ran out.
+        let addr_file = self.path("state/listen.addr");
+        let _ = std::fs::remove_file(&addr_file);
         let child = run
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("tidemark run starts");
-        let addr_file = self.path("state/listen.addr");
-        let _ = std::fs::remove_file(&addr_file);
         let addr = wait_for(Duration::from_secs(30), || {
             std::fs::read_to_string(&addr_file)
                 .ok()

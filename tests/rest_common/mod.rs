@@ -17,13 +17,24 @@ use crate::common::{repo_root, wait_for, Env};
 /// The bearer token the tests configure; it must never show up anywhere.
 pub const TOKEN: &str = "tm-secret-7f3a9c1e55d04b2a";
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, never one this process handed out before: the port is
+/// free only until its listener is dropped, and two tests starting peers at once could
+/// be given the same one, the second peer then failing to listen or, worse, the second
+/// test's readiness check answered by the first test's peer.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One json-server instance, killed on drop.
@@ -37,48 +48,58 @@ impl JsonServer {
     /// Starts json-server on a copy of `db` in `dir`, through the project's script.
     pub fn start(dir: &Path, name: &str, db: &Value) -> JsonServer {
         let file = dir.join(format!("{name}.json"));
-        std::fs::write(&file, serde_json::to_vec_pretty(db).unwrap()).unwrap();
-        let port = free_port();
         let script = repo_root().join("ops/peers/json-server.sh");
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(&script)
-            .arg(&file)
-            .arg(port.to_string())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start the REST peer with `{} {} {port}`: {e}",
-                    script.display(),
-                    file.display()
-                )
+        // Another process (a daemon listening on port 0) may take the port between
+        // `free_port` and the peer's listen, and the peer exits then (json-server says
+        // nothing of it): tried again on another port.
+        for attempt in 1.. {
+            std::fs::write(&file, serde_json::to_vec_pretty(db).unwrap()).unwrap();
+            let port = free_port();
+            let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+            let child = Command::new(&script)
+                .arg(&file)
+                .arg(port.to_string())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start the REST peer with `{} {} {port}`: {e}",
+                        script.display(),
+                        file.display()
+                    )
+                });
+            let mut server = JsonServer {
+                child,
+                port,
+                db: file.clone(),
+            };
+            let up = wait_for(Duration::from_secs(120), || {
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    return Some(Err(status));
+                }
+                reqwest::blocking::get(format!("http://127.0.0.1:{port}/db"))
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(Ok)
             });
-        let mut server = JsonServer {
-            child,
-            port,
-            db: file.clone(),
-        };
-        let up = wait_for(Duration::from_secs(120), || {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!(
+            match up {
+                Some(Ok(_)) => return server,
+                Some(Err(_)) if attempt < 3 => continue,
+                Some(Err(status)) => panic!(
                     "the REST peer exited ({status}); start it by hand to see why: `{} {} {port}`\n{}",
                     script.display(),
                     file.display(),
                     std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
-                );
+                ),
+                None => panic!(
+                    "the REST peer did not answer on port {port}; it is started with `{} {} {port}`",
+                    script.display(),
+                    file.display()
+                ),
             }
-            reqwest::blocking::get(format!("http://127.0.0.1:{port}/db"))
-                .ok()
-                .filter(|r| r.status().is_success())
-        });
-        assert!(
-            up.is_some(),
-            "the REST peer did not answer on port {port}; it is started with `{} {} {port}`",
-            script.display(),
-            file.display()
-        );
-        server
+        }
+        unreachable!()
     }
 
     pub fn url(&self) -> String {
