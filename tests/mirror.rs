@@ -746,6 +746,53 @@ fn status_weighs_retained_deletes_as_the_run_does_when_the_source_has_some_again
     }
 }
 
+/// A file saved as vim and emacs save it (renamed away, written anew, the old one
+/// removed) is missing from its directory's listing if the scan reads the directory in
+/// between: the scan deleted it from the target, though the source had it again before
+/// the scan ended, and the target lacked it until the next scan (issue). Every entry a
+/// scan did not list is looked at once more before its delete is emitted. Here the file
+/// is written back while the scan is still reading a new large (sparse) file of the same
+/// directory, which it found in the listing that lacked the saved one.
+#[test]
+fn a_file_saved_by_renaming_it_away_during_a_scan_is_not_deleted() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("app.conf"), "v1");
+    write(env.src().join("other.conf"), "other");
+    env.sync();
+    let big = env.src().join("big.bin");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    std::fs::rename(env.src().join("app.conf"), env.path("app.conf~")).unwrap();
+
+    let scan = env
+        .cmd(&["scan", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let fds = format!("/proc/{}/fd", scan.id());
+    let reading = || {
+        std::fs::read_dir(&fds).is_ok_and(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == big))
+        })
+    };
+    let seen = wait_for(Duration::from_secs(60), || reading().then_some(()));
+    write(env.src().join("app.conf"), "v2");
+    std::fs::remove_file(env.path("app.conf~")).unwrap();
+    let out = scan.wait_with_output().unwrap();
+    assert!(seen.is_some(), "the scan never read the large file");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(report[0]["scan"]["deletes"], 0, "{report}");
+    std::fs::remove_file(&big).unwrap();
+    env.sync();
+    assert_eq!(std::fs::read(env.dst().join("app.conf")).unwrap(), b"v2");
+    assert_mirror(&env.src(), &env.dst());
+}
+
 /// `tidemark_retained_deletes_withheld` counts the retained deletes `max_delete` holds
 /// back, and goes back to 0 once they are within the limit: here because the source has
 /// one of the items again, so the two deletes left are applied by the running daemon.

@@ -993,7 +993,7 @@ impl EarlyListing {
         }
         Some(EarlyListing {
             pipeline: first.name.clone(),
-            listing: StartedListing::start(&*tidemark::source::build(first)),
+            listing: StartedListing::start(tidemark::source::build(first)),
         })
     }
 }

@@ -88,15 +88,19 @@ pub struct StartedListing {
     listing: ListStream,
     started_at: chrono::DateTime<Utc>,
     started: Instant,
+    /// The source that lists: it knows what its walk saw (the root it started from),
+    /// which the scan asks it about before it emits deletes ([`Source::absent`]).
+    source: Arc<dyn Source>,
 }
 
 impl StartedListing {
     /// Starts listing `source`.
-    pub fn start(source: &dyn Source) -> StartedListing {
+    pub fn start(source: Arc<dyn Source>) -> StartedListing {
         StartedListing {
             listing: source.list(),
             started_at: Utc::now(),
             started: Instant::now(),
+            source,
         }
     }
 }
@@ -165,6 +169,9 @@ pub struct Scanner {
     /// source takes minutes, and the log fills with its events meanwhile, while its record
     /// is written only at its end.
     running: std::sync::Mutex<Option<ScanProgress>>,
+    /// The source that listed the running scan, when a listing started before the scan
+    /// did ([`StartedListing`]): asked what is absent, as it knows the walk it made.
+    lister: std::sync::Mutex<Option<Arc<dyn Source>>>,
     /// The configured source and target (identities), checked against those the state
     /// notes before a scan reads or appends anything ([`State::check_owner`]): a log
     /// another config's pipeline of the same name built is not this source's to diff.
@@ -286,6 +293,7 @@ impl Scanner {
             guard_warned: Default::default(),
             entry_errors: Default::default(),
             running: Default::default(),
+            lister: Default::default(),
             owner: None,
         }
     }
@@ -385,8 +393,14 @@ impl Scanner {
         stop: Option<&CancellationToken>,
     ) -> Result<ScanRecord, ScanError> {
         let (listing, started_at, t0) = match early {
-            Some(e) => (Some(e.listing), e.started_at, e.started),
-            None => (None, Utc::now(), Instant::now()),
+            Some(e) => {
+                *self.lister.lock().unwrap() = Some(e.source);
+                (Some(e.listing), e.started_at, e.started)
+            }
+            None => {
+                *self.lister.lock().unwrap() = None;
+                (None, Utc::now(), Instant::now())
+            }
         };
         // Before any record: another pipeline's state keeps its own last scan.
         let reemit = self.check_owner(true)?;
@@ -1137,9 +1151,10 @@ impl Scanner {
         // everything unlisted, for a source whose listing can miss a live item without
         // knowing it (an API whose pages shifted while they were read).
         let mut doomed = None;
-        if confirm || !vanished.is_empty() {
+        let recheck = self.source.rechecks_unlisted();
+        if confirm || recheck || !vanished.is_empty() {
             let names = known.names_of(&unseen).map_err(self.state_err())?;
-            match self.still_absent(names, vanished, confirm).await {
+            match self.still_absent(names, vanished, confirm, recheck).await {
                 Ok(names) => doomed = Some(names),
                 Err(message) => {
                     let _ = self.entry_error(record, message);
@@ -1245,13 +1260,14 @@ impl Scanner {
 
     /// The identities among `doomed` to delete: all of them but those that vanished during
     /// the scan, or were under a directory that did, and are back at their path now; with
-    /// `all` (a source that confirms every delete), all of them but those the source
-    /// still has.
+    /// `all` (a source that confirms every delete) or `every` (one that checks every
+    /// unlisted entry quietly), all of them but those the source still has.
     async fn still_absent(
         &self,
         doomed: Vec<String>,
         vanished: &std::collections::HashSet<String>,
         all: bool,
+        every: bool,
     ) -> Result<Vec<String>, String> {
         let entry = |id: &str| {
             let (kind, key) = id.split_once('\0').unwrap_or(("file", id));
@@ -1259,16 +1275,17 @@ impl Scanner {
         };
         let (check, sure): (Vec<String>, Vec<String>) = doomed.into_iter().partition(|id| {
             let (_, key) = entry(id);
-            all || std::iter::successors(Some(key.as_str()), |k| {
-                k.rsplit_once('/').map(|(up, _)| up)
-            })
-            .any(|k| vanished.contains(k))
+            all || every
+                || std::iter::successors(Some(key.as_str()), |k| {
+                    k.rsplit_once('/').map(|(up, _)| up)
+                })
+                .any(|k| vanished.contains(k))
         });
         if check.is_empty() {
             return Ok(sure);
         }
-        let absent = self
-            .source
+        let source = (self.lister.lock().unwrap().clone()).unwrap_or_else(|| self.source.clone());
+        let absent = source
             .absent(check.iter().map(|id| entry(id)).collect())
             .await?;
         let (gone, back): (Vec<String>, Vec<String>) = check
@@ -1306,7 +1323,7 @@ impl Scanner {
             debug!(
                 pipeline = %self.pipeline,
                 entries = back.len(),
-                "entries that vanished during the scan are back; their deletes are left to the next scan"
+                "entries this scan did not list are in the source (made again, or renamed back, while their directory was read); their deletes are left to the next scan"
             );
         }
         Ok(sure.into_iter().chain(gone).collect())

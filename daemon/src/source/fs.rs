@@ -40,9 +40,7 @@ pub struct DirSource {
 
 struct Walker {
     root: PathBuf,
-    /// `None` means everything is included.
-    include: Option<GlobSet>,
-    exclude: GlobSet,
+    globs: Globs,
     follow_symlinks: bool,
     /// The pipeline's target directory, for a directory target. A followed link that leads
     /// into it would mirror the target into itself, one level deeper at every sync.
@@ -66,6 +64,7 @@ fn globset(globs: &[String]) -> GlobSet {
 /// A directory source's `include` and `exclude` globs, applied as its walk applies them,
 /// for a question about one item (not used by the walk itself).
 pub struct Globs {
+    /// `None` means everything is included.
     include: Option<GlobSet>,
     exclude: GlobSet,
 }
@@ -142,8 +141,7 @@ impl DirSource {
         DirSource {
             inner: Arc::new(Walker {
                 root: cfg.path.clone(),
-                include: (!cfg.include.is_empty()).then(|| globset(&cfg.include)),
-                exclude: globset(&cfg.exclude),
+                globs: Globs::new(cfg),
                 follow_symlinks: cfg.follow_symlinks,
                 target: None,
                 root_id: Default::default(),
@@ -388,7 +386,7 @@ impl Walker {
                 }
             };
             let rel = rel_dir.join(entry.file_name());
-            if !self.exclude.is_empty() && self.exclude.is_match(&rel) {
+            if !self.globs.exclude.is_empty() && self.globs.exclude.is_match(&rel) {
                 continue;
             }
             // A source that is itself a tidemark target (a chain: dev to staging, staging
@@ -454,9 +452,9 @@ impl Walker {
                 };
                 found.push(DirWork { path, ancestors });
             }
-            let included = self.include.as_ref().is_none_or(|g| g.is_match(&rel));
+            let included = self.globs.include.as_ref().is_none_or(|g| g.is_match(&rel));
             let listing = if ft.is_dir() {
-                if self.include.is_some() {
+                if self.globs.include.is_some() {
                     continue;
                 }
                 Listing::Entry(Entry {
@@ -582,6 +580,14 @@ impl Source for DirSource {
             })
     }
 
+    /// Asked about every entry a scan did not list, one `lstat` each: a file saved by
+    /// renaming it away and writing it anew (vim's backup, emacs) is missing from its
+    /// directory's listing for a moment, and was deleted from the target until the next
+    /// scan put it back.
+    fn rechecks_unlisted(&self) -> bool {
+        true
+    }
+
     async fn absent(
         &self,
         entries: Vec<(String, String)>,
@@ -597,15 +603,39 @@ impl Source for DirSource {
                     root.display()
                 ));
             }
-            // Only a path that is not found is absent; any other answer (a permission
-            // error) keeps the entry's delete back.
+            // Absent: not found, another kind of item there now, or left out by the globs
+            // (narrowed since it was listed). Any other answer (a permission error) keeps
+            // the entry's delete back.
             Ok(entries
                 .into_iter()
-                .filter(|(_, key)| {
-                    path_of(root, key).is_some_and(|path| {
-                        std::fs::symlink_metadata(path)
-                            .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-                    })
+                .filter(|(kind, key)| {
+                    let Some(path) = path_of(root, key) else {
+                        return false;
+                    };
+                    let rel = path.strip_prefix(root).unwrap_or(&path);
+                    if !walker.globs.lists(rel, kind) {
+                        return true;
+                    }
+                    let meta = std::fs::symlink_metadata(&path);
+                    let meta = match meta {
+                        Ok(m) if walker.follow_symlinks && m.file_type().is_symlink() => {
+                            std::fs::metadata(&path).or(Ok(m))
+                        }
+                        m => m,
+                    };
+                    match meta {
+                        Ok(m) => !match kind.as_str() {
+                            "dir" => m.is_dir(),
+                            "symlink" => m.file_type().is_symlink(),
+                            _ => m.is_file(),
+                        },
+                        // A directory on its way is now a file (`ENOTDIR`): nothing
+                        // of it is there either.
+                        Err(e) => matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                        ),
+                    }
                 })
                 .collect())
         })

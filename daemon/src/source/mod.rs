@@ -209,6 +209,13 @@ pub trait Source: Send + Sync {
     fn confirms_deletes(&self) -> bool {
         false
     }
+
+    /// Whether a scan asks [`Source::absent`] about every entry it did not list, quietly
+    /// (a source where that is cheap, and whose listing misses an entry that is renamed
+    /// away and back while its directory is read).
+    fn rechecks_unlisted(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the source a pipeline is configured with. A directory source is told the
