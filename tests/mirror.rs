@@ -793,6 +793,40 @@ fn a_file_saved_by_renaming_it_away_during_a_scan_is_not_deleted() {
     assert_mirror(&env.src(), &env.dst());
 }
 
+/// A file rewritten in place with its size kept and its time put back (`touch -r`, tools
+/// that keep timestamps) passes the scans' quick check, as it does rsync's: `sync` has
+/// nothing to do. `verify` finds it different and said `tidemark sync` brings it, which
+/// it does not (issue); it says to touch the file, and that does.
+#[test]
+fn verify_says_to_touch_a_file_whose_content_changed_without_its_time() {
+    let env = Env::dirs("", "prune = true");
+    let conf = env.src().join("app.conf");
+    write(&conf, "port = 8080\n");
+    env.sync();
+    let before = std::fs::metadata(&conf).unwrap().modified().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&conf)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"port = 9090\n"))
+        .unwrap();
+    set_mtime(&conf, before);
+    let (scan, _) = env.sync();
+    assert_eq!(scan["upserts"], 0, "the quick check sees no change: {scan}");
+    let advice = verify_finds(&env, "different file app.conf");
+    assert!(
+        advice.contains("changed without its modification time moving")
+            && advice.contains("`touch` them in the source"),
+        "{advice}"
+    );
+    assert!(!advice.contains("`tidemark sync` brings"), "{advice}");
+    set_mtime(&conf, std::time::SystemTime::now());
+    env.sync();
+    assert_eq!(
+        std::fs::read(env.dst().join("app.conf")).unwrap(),
+        b"port = 9090\n"
+    );
+}
+
 /// `tidemark_retained_deletes_withheld` counts the retained deletes `max_delete` holds
 /// back, and goes back to 0 once they are within the limit: here because the source has
 /// one of the items again, so the two deletes left are applied by the running daemon.

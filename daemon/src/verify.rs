@@ -141,6 +141,11 @@ pub enum Fix {
     /// The log holds the source's version, the projector applied it and the target
     /// differs all the same (changed there by hand): only a replay writes it again.
     Replay,
+    /// The source's content changed without its modification time moving (written in
+    /// place with its time put back, or within the timestamp resolution of its
+    /// filesystem): the scans' quick check does not read it again, so a sync does not
+    /// bring it; touching the source file does.
+    Unseen,
     /// The source no longer has it, but the last scan withheld its delete (see
     /// [`VerifyReport::deletes_withheld`]).
     Withheld,
@@ -257,6 +262,13 @@ impl VerifyReport {
         if !items.is_empty() {
             out.push_str(&format!(
                 "{pipeline}: `tidemark sync` brings {} in line: the source changed them since its last scan, or the log holds changes of them the target does not have yet\n",
+                some(&items)
+            ));
+        }
+        let items = with(&Fix::Unseen);
+        if !items.is_empty() {
+            out.push_str(&format!(
+                "{pipeline}: the source's content of {} changed without its modification time moving (written in place with its time put back, as `cp -p` or `touch -r` do, or within the timestamp resolution of the source's filesystem), so scans, which read a file again only when its size, time or inode moved, do not see it: `touch` them in the source, then `tidemark sync`\n",
                 some(&items)
             ));
         }
@@ -500,9 +512,21 @@ pub async fn verify(
         }
         let now = d.version.as_deref().unwrap_or_default();
         let applied = applied.get(&id).map_err(state_err)?;
+        // The scans last read it at the version the target has, its time now is that
+        // version's and only its content differs: the quick check (size, time, inode)
+        // does not see the change, so a sync would not bring it.
+        let unseen = |a: &crate::state::Applied| {
+            index.holds_at(&id, &a.version)
+                && tidemark_proto::version_mtime(now).is_some()
+                && tidemark_proto::version_mtime(now) == tidemark_proto::version_mtime(&a.version)
+                && tidemark_proto::version_checksum(now)
+                    != tidemark_proto::version_checksum(&a.version)
+        };
         d.fix = Some(
-            if index.holds_at(&id, now) && applied.is_some_and(|a| a.version == now) {
+            if index.holds_at(&id, now) && applied.as_ref().is_some_and(|a| a.version == now) {
                 Fix::Replay
+            } else if applied.as_ref().is_some_and(unseen) {
+                Fix::Unseen
             } else {
                 Fix::Sync
             },
