@@ -1731,29 +1731,12 @@ impl Projector {
             }
             return Ok(Some(Arc::clone(&b.shared)));
         }
-        let read_err = |source| ProjectError::Read {
-            pipeline: self.pipeline.clone(),
-            source,
-        };
-        let head = self.log.head(partition).await.map_err(read_err)?;
         let mut last = HashMap::new();
-        let mut from = committed;
-        while from < head {
-            let records = self
-                .log
-                .read(partition, from, self.batch_size.max(1000))
-                .await
-                .map_err(read_err)?;
-            let Some(end) = records.last().map(|r| r.offset + 1) else {
-                break;
-            };
-            for r in records.into_iter().filter(|r| r.offset < head) {
-                if let Ok(event) = r.event {
-                    last.insert(event.identity(), r.offset);
-                }
-            }
-            from = end;
-        }
+        let head = self
+            .read_to_head(partition, committed, |offset, event| {
+                last.insert(event.identity(), offset);
+            })
+            .await?;
         let shared = Arc::new(Backlog { last });
         self.backlog_last.lock().unwrap().insert(
             partition,
@@ -1763,6 +1746,40 @@ impl Projector {
             },
         );
         Ok((committed < head).then_some(shared))
+    }
+
+    /// Reads `partition` from `from` to its head as it is now, handing each event (with
+    /// its offset) to `each`; records that are no valid event are passed over. Returns
+    /// that head.
+    async fn read_to_head(
+        &self,
+        partition: u32,
+        from: u64,
+        mut each: impl FnMut(u64, Event),
+    ) -> Result<u64, ProjectError> {
+        let read_err = |source| ProjectError::Read {
+            pipeline: self.pipeline.clone(),
+            source,
+        };
+        let head = self.log.head(partition).await.map_err(read_err)?;
+        let mut at = from;
+        while at < head {
+            let records = self
+                .log
+                .read(partition, at, self.batch_size.max(1000))
+                .await
+                .map_err(read_err)?;
+            let Some(end) = records.last().map(|r| r.offset + 1) else {
+                break;
+            };
+            for r in records.into_iter().filter(|r| r.offset < head) {
+                if let Ok(event) = r.event {
+                    each(r.offset, event);
+                }
+            }
+            at = end;
+        }
+        Ok(head)
     }
 
     /// The offsets of the deletes in `partition`'s log, from `from` to its head, that a
@@ -1783,36 +1800,19 @@ impl Projector {
                 return Ok(Arc::clone(set));
             }
         }
-        let read_err = |source| ProjectError::Read {
-            pipeline: self.pipeline.clone(),
-            source,
-        };
-        let head = self.log.head(partition).await.map_err(read_err)?;
         let mut open: HashMap<String, u64> = HashMap::new();
         let mut superseded = HashSet::new();
-        let mut at = from;
-        while at < head {
-            let records = self
-                .log
-                .read(partition, at, self.batch_size.max(1000))
-                .await
-                .map_err(read_err)?;
-            let Some(end) = records.last().map(|r| r.offset + 1) else {
-                break;
-            };
-            for r in records.into_iter().filter(|r| r.offset < head) {
-                if let Ok(event) = r.event {
-                    let id = event.identity();
-                    if let Some(delete) = open.remove(&id) {
-                        superseded.insert(delete);
-                    }
-                    if event.op == Op::Delete {
-                        open.insert(id, r.offset);
-                    }
+        let head = self
+            .read_to_head(partition, from, |offset, event| {
+                let id = event.identity();
+                if let Some(delete) = open.remove(&id) {
+                    superseded.insert(delete);
                 }
-            }
-            at = end;
-        }
+                if event.op == Op::Delete {
+                    open.insert(id, offset);
+                }
+            })
+            .await?;
         let set = Arc::new(superseded);
         self.later_deletes
             .lock()
