@@ -1517,3 +1517,62 @@ fn a_target_without_a_writer_note_is_taken_as_it_is() {
     assert!(note.is_file());
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// Two copies of one state used in turn: copy S is refused on the target the other copy
+/// wrote, follows the advice (`replay --from 0`, `sync`) and writes its own run; the
+/// other copy, put back, has made more runs than S but not seen S's, and is refused too.
+/// It was taken as the target's writer (any older note of its history counted as its
+/// own), and a file S wrote that the source deleted since stayed on the target for good.
+#[test]
+fn a_copy_of_the_state_is_refused_after_the_other_copy_wrote_the_target() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let (state, s, s_prime) = (env.path("state"), env.path("s"), env.path("s-prime"));
+    copy_dir(&state, &s);
+    for name in ["b", "c"] {
+        write(env.src().join(name), name);
+        env.sync();
+    }
+    copy_dir(&state, &s_prime);
+
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&s, &state);
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    env.ok(&["replay", "--from", "0"]);
+    write(env.src().join("d"), "d");
+    env.sync();
+    assert!(env.dst().join("d").exists());
+
+    std::fs::remove_file(env.src().join("d")).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&s_prime, &state);
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target")
+            && stderr.contains("another copy of this state"),
+        "{stderr}"
+    );
+    assert!(env.dst().join("d").exists(), "nothing is applied");
+}
+
+/// The state is flushed with its new mark before the target's note is written: a crash
+/// in between leaves the note the state's last run wrote, which is still this state's.
+#[test]
+fn a_note_left_by_a_crash_before_it_was_written_is_still_the_states() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let note = env.dst().join(".tidemark-tmp/written-by");
+    let before = std::fs::read(&note).unwrap();
+    write(env.src().join("b"), "b");
+    env.sync();
+    assert_ne!(std::fs::read(&note).unwrap(), before);
+    std::fs::write(&note, &before).unwrap();
+    std::fs::remove_file(env.src().join("a")).unwrap();
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+}

@@ -1297,6 +1297,10 @@ pub struct Projector {
     /// This run's mark, once its first commit noted it in the state and in the target's
     /// writer note ([`crate::writer`]): once per run (a daemon's: once per process).
     noted: Mutex<Option<WriterMark>>,
+    /// The token of the writer note on the target as this process knows it: read at its
+    /// first mark, then that of each note it wrote. A mark keeps it ([`WriterMark::prev`]):
+    /// a crash before the mark's note is written leaves that one.
+    on_target: Mutex<Option<String>>,
     /// The pipeline's delete limit, which the deletes retained while `prune` was off are
     /// weighed against when it is turned on ([`Projector::apply_retained`]).
     max_delete: DeleteLimit,
@@ -1377,6 +1381,7 @@ impl Projector {
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
             noted: Mutex::new(None),
+            on_target: Mutex::new(None),
             retrying: Mutex::new(None),
             failing: Recurring::default(),
             items_failing: Failing::default(),
@@ -2103,7 +2108,7 @@ impl Projector {
                 .and_then(|r| r.put(&self.pipeline, &now))
                 .map_err(self.err_state())?;
         }
-        let mark = self.mark_writer()?;
+        let mark = self.mark_writer().await?;
         self.state.flush().await.map_err(self.err_state())?;
         if let Some(mark) = mark {
             self.note_writer(mark).await;
@@ -4412,32 +4417,52 @@ impl Projector {
     /// The state's mark of this run, put in the batch's state write by its first commit
     /// ([`Projector::note_writer`] writes the target's note once that is durable); `None`
     /// after, and on a log other processes share.
-    fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
+    async fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
         if self.log.shared() || self.noted.lock().unwrap().is_some() {
             return Ok(None);
         }
         let marks = self.state.writer_marks().map_err(self.err_state())?;
         let last = marks.get(&self.pipeline).map_err(self.err_state())?;
-        let mark = WriterMark::next(last.as_ref());
+        let on_target = match self.note_on_target().await {
+            Some(token) => token,
+            None => last.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
+        };
+        let mark = WriterMark::next(last.as_ref(), &on_target);
         marks.put(&self.pipeline, &mark).map_err(self.err_state())?;
         *self.noted.lock().unwrap() = Some(mark.clone());
         Ok(Some(mark))
     }
 
+    /// The token of the target's writer note ([`Projector::on_target`]), read from the
+    /// target until there is one to read. `None` when there is none, or it cannot be read
+    /// (the target root gone for a while): the caller takes the note of the state's last
+    /// mark for it.
+    async fn note_on_target(&self) -> Option<String> {
+        if let Some(token) = self.on_target.lock().unwrap().clone() {
+            return Some(token);
+        }
+        let token = self.target.writer_note().await?.mark.token;
+        *self.on_target.lock().unwrap() = Some(token.clone());
+        Some(token)
+    }
+
     /// Writes the target's note of this run's `mark` ([`Projector::mark_writer`]); a note
-    /// that cannot be written is warned of, as it weakens only that check.
+    /// that cannot be written is warned of, as it weakens only that check (the next mark
+    /// keeps the token of the note still there, which stays this state's).
     async fn note_writer(&self, mark: WriterMark) {
+        let token = mark.token.clone();
         let note = WriterNote {
             mark,
             pipeline: self.pipeline.clone(),
             state_dir: self.state.path().to_owned(),
             at: Utc::now(),
         };
-        if let Err(e) = self.target.put_writer_note(&note).await {
-            warn!(
+        match self.target.put_writer_note(&note).await {
+            Ok(()) => *self.on_target.lock().unwrap() = Some(token),
+            Err(e) => warn!(
                 pipeline = %self.pipeline,
                 "cannot note in the target which state wrote it ({e}): a copy of this state restored from a backup would not be told from it"
-            );
+            ),
         }
     }
 

@@ -31,15 +31,23 @@ pub struct WriterMark {
     /// The last run's own token: two copies that each made one run more have the same
     /// count and differ here.
     pub token: String,
+    /// The token of the note that was on the target when this mark was taken (that of the
+    /// mark before when none could be read; empty without either): the state is flushed with its new mark before the note is
+    /// written, so a crash in between leaves that note, which is then still this state's.
+    /// `None` in a mark of an earlier version, which did not keep it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
 }
 
 impl WriterMark {
-    /// The mark of the projecting run after `last` (a new history id when there is none).
-    pub fn next(last: Option<&WriterMark>) -> WriterMark {
+    /// The mark of the projecting run after `last` (a new history id when there is none),
+    /// taken while the target's note has the token `on_target` (empty: no note).
+    pub fn next(last: Option<&WriterMark>, on_target: &str) -> WriterMark {
         WriterMark {
             state: last.map_or_else(fresh_id, |m| m.state.clone()),
             run: last.map_or(1, |m| m.run + 1),
             token: fresh_id(),
+            prev: Some(on_target.to_owned()),
         }
     }
 }
@@ -85,23 +93,31 @@ pub enum Written {
     Other(Box<WriterNote>),
 }
 
-/// How the target's `note` stands to the state's `mark`. A note behind the mark of its
-/// own history (the state is flushed before the note is written, so a crash in between
-/// leaves the note one run behind) is taken as this state's.
+/// How the target's `note` stands to the state's `mark`. The note of the mark, and the
+/// note that was on the target when the mark was taken (the state is flushed with its new
+/// mark before the note is written, so a crash in between leaves that one), are this
+/// state's; any other note of its history is one this state has not seen: a newer run of
+/// a backup's history, or a run of another copy, which may count fewer runs than this one
+/// (two copies used in turn). A mark of an earlier version, which kept no such token,
+/// takes a note of its own history exactly one run behind as its own.
 pub fn judge(note: Option<WriterNote>, mark: Option<&WriterMark>) -> Written {
     let Some(note) = note else {
         return Written::Unnoted;
     };
-    match mark {
-        Some(m) if m.state == note.mark.state => {
-            if m.token == note.mark.token || note.mark.run < m.run {
-                Written::Ours
-            } else {
-                Written::Behind(Box::new(note))
-            }
-        }
-        _ => Written::Other(Box::new(note)),
+    let Some(m) = mark else {
+        return Written::Other(Box::new(note));
+    };
+    let theirs = &note.mark;
+    if theirs.token == m.token || m.prev.as_deref() == Some(theirs.token.as_str()) {
+        return Written::Ours;
     }
+    if theirs.state != m.state {
+        return Written::Other(Box::new(note));
+    }
+    if m.prev.is_none() && theirs.run + 1 == m.run {
+        return Written::Ours;
+    }
+    Written::Behind(Box::new(note))
 }
 
 impl Written {
@@ -123,12 +139,19 @@ impl Written {
     ) -> Option<String> {
         let runs = mark.map_or(0, |m| m.run);
         let (what, other) = match self {
-            Written::Behind(n) => (
+            Written::Behind(n) if n.mark.run >= runs => (
                 format!(
                     "this state is older than the target: {target} was last written by {}, and this state has made {runs} such run(s). Restored from a backup, or a copy of the state used elsewhere too? What those newer runs did is not in this state",
                     n.describe()
                 ),
                 "put the newer state back in its place",
+            ),
+            Written::Behind(n) => (
+                format!(
+                    "this state is older than the target: {target} was last written by {}, a run of another copy of this state that this one has not seen (this state has made {runs} run(s) of its own). Two copies of the state used in turn (a backup put back and used, then the other copy)? What that copy did is not in this state",
+                    n.describe()
+                ),
+                "put the state that wrote the target last back in its place",
             ),
             Written::Other(n) => (
                 format!(
@@ -194,11 +217,12 @@ mod tests {
 
     /// A restored backup is behind the note its newer history left; two copies that each
     /// made a run are told apart by the token; another state is another; no note tells
-    /// nothing, and a note one run behind (a crash before it was written) is ours.
+    /// nothing, and the note that was on the target when the mark was taken (a crash
+    /// before the new one was written) is ours.
     #[test]
     fn the_note_is_judged_against_the_states_mark() {
-        let five = WriterMark::next(None);
-        let six = WriterMark::next(Some(&five));
+        let five = WriterMark::next(None, "");
+        let six = WriterMark::next(Some(&five), &five.token);
         assert_eq!(six.state, five.state);
         assert_eq!(judge(None, Some(&five)), Written::Unnoted);
         assert_eq!(judge(Some(note(&six)), Some(&six)), Written::Ours);
@@ -207,16 +231,49 @@ mod tests {
             judge(Some(note(&six)), Some(&five)),
             Written::Behind(_)
         ));
-        let copy = WriterMark::next(Some(&five));
+        let copy = WriterMark::next(Some(&five), &five.token);
         assert!(matches!(
             judge(Some(note(&six)), Some(&copy)),
             Written::Behind(_)
         ));
-        let other = WriterMark::next(None);
+        let other = WriterMark::next(None, "");
         assert!(matches!(
             judge(Some(note(&six)), Some(&other)),
             Written::Other(_)
         ));
         assert!(matches!(judge(Some(note(&six)), None), Written::Other(_)));
+        // A state that took the target over (nothing applied) and crashed before its
+        // note was written: the other state's note is still there.
+        let taking = WriterMark::next(None, &six.token);
+        assert_eq!(judge(Some(note(&six)), Some(&taking)), Written::Ours);
+    }
+
+    /// Two copies of one state used in turn: the one with more runs is not taken for
+    /// the writer of an older note of its history that the other copy wrote.
+    #[test]
+    fn a_copy_with_more_runs_is_behind_the_other_copys_note() {
+        let one = WriterMark::next(None, "");
+        let two = WriterMark::next(Some(&one), &one.token);
+        let three = WriterMark::next(Some(&two), &two.token);
+        let their_two = WriterMark::next(Some(&one), &three.token);
+        let Written::Behind(n) = judge(Some(note(&their_two)), Some(&three)) else {
+            panic!("a diverged copy's note is not this state's");
+        };
+        let why = Written::Behind(n).refusal("t", "/d", Some(&three)).unwrap();
+        assert!(why.contains("another copy of this state"), "{why}");
+        // A mark of an earlier version kept no token of the note before it: a note of
+        // its history one run behind is still its own, two runs behind is not.
+        let old = WriterMark {
+            prev: None,
+            ..three.clone()
+        };
+        assert_eq!(judge(Some(note(&two)), Some(&old)), Written::Ours);
+        assert!(matches!(
+            judge(Some(note(&one)), Some(&old)),
+            Written::Behind(_)
+        ));
+        let parsed: WriterMark =
+            serde_json::from_str(r#"{"state":"a","run":2,"token":"b"}"#).unwrap();
+        assert_eq!(parsed.prev, None);
     }
 }
