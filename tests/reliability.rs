@@ -1576,3 +1576,45 @@ fn a_note_left_by_a_crash_before_it_was_written_is_still_the_states() {
     env.sync();
     assert_mirror(&env.src(), &env.dst());
 }
+
+/// A run that only applies the deletes retained while prune was off (a `project` once it
+/// is on) notes itself in the target like any other: a backup of the state from before it
+/// is refused. It was not (only a batch of the log noted a run), and the file that run
+/// deleted, which the source then had again as it was, was never written back while
+/// `sync` said it was unchanged.
+#[test]
+fn a_backup_from_before_a_run_that_applied_only_retained_deletes_is_refused() {
+    let env = Env::dirs("", "prune = false");
+    for name in ["f1", "f2"] {
+        write(env.src().join(name), name);
+    }
+    env.sync();
+    let f1 = env.src().join("f1");
+    let f1_time = std::fs::metadata(&f1).unwrap().modified().unwrap();
+    std::fs::remove_file(&f1).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "retained"), 1, "{project}");
+    let (state, backup) = (env.path("state"), env.path("state-backup"));
+    copy_dir(&state, &backup);
+
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&text.replace("prune = false", "prune = true"));
+    env.ok(&["project"]);
+    assert!(!env.dst().join("f1").exists());
+
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&backup, &state);
+    write(&f1, "f1");
+    let file = std::fs::File::options().write(true).open(&f1).unwrap();
+    file.set_modified(f1_time).unwrap();
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target"),
+        "{stderr}"
+    );
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}

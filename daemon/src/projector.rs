@@ -2108,11 +2108,7 @@ impl Projector {
                 .and_then(|r| r.put(&self.pipeline, &now))
                 .map_err(self.err_state())?;
         }
-        let mark = self.mark_writer().await?;
-        self.state.flush().await.map_err(self.err_state())?;
-        if let Some(mark) = mark {
-            self.note_writer(mark).await;
-        }
+        self.flush_noted().await?;
         // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
         self.count_applies(&report);
         let m = metrics();
@@ -2583,7 +2579,7 @@ impl Projector {
         self.record(done, &mut report, None, &applied, &remap)?;
         replace_all(&stored, &waiting).map_err(self.err_state())?;
         self.count_deferred(waiting.len())?;
-        self.state.flush().await.map_err(self.err_state())?;
+        self.flush_noted().await?;
         self.count_applies(&report);
         Ok(report)
     }
@@ -2791,7 +2787,7 @@ impl Projector {
                 .apply(finished.iter().map(|id| (id.as_str(), None)))
                 .map_err(self.err_state())?;
             replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
-            self.state.flush().await.map_err(self.err_state())?;
+            self.flush_noted().await?;
             if let Some((_, e)) = stopped.into_iter().next() {
                 warn!(
                     pipeline = %self.pipeline,
@@ -3300,7 +3296,7 @@ impl Projector {
             .map_err(self.err_state())?;
         replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
         self.count_deferred(waiting.len())?;
-        self.state.flush().await.map_err(self.err_state())?;
+        self.flush_noted().await?;
         self.count_applies(&report);
         // An item that stopped on a transient failure stays on the failed list, with what
         // went wrong this time: `status` showing the reason it failed with days ago, while
@@ -4414,9 +4410,25 @@ impl Projector {
         }
     }
 
-    /// The state's mark of this run, put in the batch's state write by its first commit
-    /// ([`Projector::note_writer`] writes the target's note once that is durable); `None`
-    /// after, and on a log other processes share.
+    /// Makes what was applied durable in the state (flushes it), with this run's writer
+    /// mark when it takes one now ([`Projector::mark_writer`]), then writes the target's
+    /// note of that mark: every commit of applies to the target goes through here (a
+    /// batch's; a pass over the retained deletes, the failed items or the directory
+    /// deletes waiting), so a run that only applied those is noted too. A backup of the
+    /// state from before such a run was not refused: a file it deleted that the source
+    /// then had again as it was was never written back.
+    async fn flush_noted(&self) -> Result<(), ProjectError> {
+        let mark = self.mark_writer().await?;
+        self.state.flush().await.map_err(self.err_state())?;
+        if let Some(mark) = mark {
+            self.note_writer(mark).await;
+        }
+        Ok(())
+    }
+
+    /// The state's mark of this run, put in the state write of its first commit
+    /// ([`Projector::flush_noted`], which writes the target's note once that is durable);
+    /// `None` after, and on a log other processes share.
     async fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
         if self.log.shared() || self.noted.lock().unwrap().is_some() {
             return Ok(None);
