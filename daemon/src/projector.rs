@@ -1294,13 +1294,17 @@ pub struct Projector {
     /// On a log other processes share, each held partition's [`RETAINED_MARK`] as last read
     /// or written here; dropped when the partition moves.
     retained_marks: Mutex<HashMap<u32, u64>>,
-    /// This run's mark, once its first commit noted it in the state and in the target's
-    /// writer note ([`crate::writer`]): once per run (a daemon's: once per process).
-    noted: Mutex<Option<WriterMark>>,
-    /// The token of the writer note on the target as this process knows it: read at its
-    /// first mark, then that of each note it wrote. A mark keeps it ([`WriterMark::prev`]):
-    /// a crash before the mark's note is written leaves that one.
+    /// Applies recorded since the last writer mark changed the target (an item written,
+    /// deleted or adopted): the next commit takes a new mark and writes the target's note
+    /// of it ([`Projector::flush_noted`]).
+    unmarked: AtomicBool,
+    /// The token of the writer note on the target as this process knows it: that of each
+    /// note it read there at a mark, or wrote. A mark keeps it ([`WriterMark::prev`]): a
+    /// crash before the mark's note is written leaves that one.
     on_target: Mutex<Option<String>>,
+    /// The target's note was found to be another writer's at a mark: this process writes
+    /// none over it from then on ([`Projector::mark_writer`]).
+    overwritten: AtomicBool,
     /// The pipeline's delete limit, which the deletes retained while `prune` was off are
     /// weighed against when it is turned on ([`Projector::apply_retained`]).
     max_delete: DeleteLimit,
@@ -1380,8 +1384,9 @@ impl Projector {
             holding: Mutex::new(None),
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
-            noted: Mutex::new(None),
+            unmarked: AtomicBool::new(false),
             on_target: Mutex::new(None),
+            overwritten: AtomicBool::new(false),
             retrying: Mutex::new(None),
             failing: Recurring::default(),
             items_failing: Failing::default(),
@@ -2221,6 +2226,7 @@ impl Projector {
                 report.bytes_written += d.bytes;
             }
             if d.outcome.wrote() || d.outcome == Outcome::Adopted {
+                self.unmarked.store(true, Ordering::SeqCst);
                 debug!(
                     pipeline = %self.pipeline,
                     partition,
@@ -4365,23 +4371,40 @@ impl Projector {
     /// log other processes share, several states project into one target by design, so
     /// nothing is told there ([`Written::Unnoted`]). One read of the note.
     pub async fn written(&self) -> Result<Written, ProjectError> {
+        Ok(self.read_written().await?.0)
+    }
+
+    /// [`Projector::written`], with the token of the note read.
+    async fn read_written(&self) -> Result<(Written, Option<String>), ProjectError> {
         if self.log.shared() {
-            return Ok(Written::Unnoted);
+            return Ok((Written::Unnoted, None));
         }
         let Some(note) = self.target.writer_note().await else {
-            return Ok(Written::Unnoted);
+            return Ok((Written::Unnoted, None));
         };
+        let token = note.mark.token.clone();
         let mark = (self.state.writer_mark(&self.pipeline)).map_err(self.err_state())?;
-        Ok(crate::writer::judge(Some(note), mark.as_ref()))
+        Ok((crate::writer::judge(Some(note), mark.as_ref()), Some(token)))
     }
 
     /// Refuses to project from a state that has applied items when the target was last
     /// written by another state, or by a run of this state's history this state has not
     /// seen (a backup restored, a copy used elsewhere): what that history did is not here,
     /// so what it wrote and the source deleted would stay for good. A state with nothing
-    /// applied (a new one, or after `replay --from 0`) takes the target over.
+    /// applied (a new one, or after `replay --from 0`) takes the target over. The note let
+    /// pass is the one this process knows on the target ([`Projector::on_target`]): another
+    /// found there at its next mark was written by another process meanwhile.
     async fn check_writer(&self) -> Result<(), ProjectError> {
-        let written = self.written().await?;
+        let (written, token) = self.read_written().await?;
+        self.judge_writer(written)?;
+        if token.is_some() {
+            *self.on_target.lock().unwrap() = token;
+        }
+        Ok(())
+    }
+
+    /// [`Projector::check_writer`]'s verdict on `written`.
+    fn judge_writer(&self, written: Written) -> Result<(), ProjectError> {
         if written.elsewhere().is_none() {
             return Ok(());
         }
@@ -4410,13 +4433,18 @@ impl Projector {
         }
     }
 
-    /// Makes what was applied durable in the state (flushes it), with this run's writer
-    /// mark when it takes one now ([`Projector::mark_writer`]), then writes the target's
-    /// note of that mark: every commit of applies to the target goes through here (a
-    /// batch's; a pass over the retained deletes, the failed items or the directory
-    /// deletes waiting), so a run that only applied those is noted too. A backup of the
+    /// Makes what was applied durable in the state (flushes it), with a new writer mark
+    /// when the applies changed the target ([`Projector::mark_writer`]), then writes the
+    /// target's note of that mark: every commit of applies to the target goes through here
+    /// (a batch's; a pass over the retained deletes, the failed items or the directory
+    /// deletes waiting), so a run that only applied those is noted too (a backup of the
     /// state from before such a run was not refused: a file it deleted that the source
-    /// then had again as it was was never written back.
+    /// then had again as it was was never written back). A mark per commit that changed
+    /// the target, not per run: a daemon's state copied while it runs (a snapshot of its
+    /// volume) is then refused once the daemon changed the target after the copy; with a
+    /// mark per process it never was. A commit that changed nothing (all unchanged,
+    /// superseded, failed, retained or deferred) writes no note: the target is as the
+    /// state's last mark left it.
     async fn flush_noted(&self) -> Result<(), ProjectError> {
         let mark = self.mark_writer().await?;
         self.state.flush().await.map_err(self.err_state())?;
@@ -4426,39 +4454,47 @@ impl Projector {
         Ok(())
     }
 
-    /// The state's mark of this run, put in the state write of its first commit
-    /// ([`Projector::flush_noted`], which writes the target's note once that is durable);
-    /// `None` after, and on a log other processes share.
+    /// The state's next mark, put in the state write of a commit whose applies changed the
+    /// target ([`Projector::flush_noted`], which writes the target's note once that is
+    /// durable); `None` when they changed nothing, and on a log other processes share.
+    /// The note is read first (one small read): one that is not what this process last
+    /// wrote or found there is another writer's, which a note of this state would hide
+    /// from this state's next start; it is left there, with a warning.
     async fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
-        if self.log.shared() || self.noted.lock().unwrap().is_some() {
+        if self.log.shared() || !self.unmarked.swap(false, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        if self.overwritten.load(Ordering::SeqCst) {
             return Ok(None);
         }
         let marks = self.state.writer_marks().map_err(self.err_state())?;
         let last = marks.get(&self.pipeline).map_err(self.err_state())?;
-        let on_target = match self.note_on_target().await {
-            Some(token) => token,
-            None => last.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
+        let known = self.on_target.lock().unwrap().clone();
+        let on_target = match (self.target.writer_note().await, known) {
+            (Some(n), Some(known)) if n.mark.token != known => {
+                self.overwritten.store(true, Ordering::SeqCst);
+                warn!(
+                    pipeline = %self.pipeline,
+                    "the target's writer note names {}, not what this process last wrote or found there: another state, or a copy of this one, projected into the target while this process did, and what it did is not in this state. That note is left as it is, so this state's next start is refused, saying what to do",
+                    n.describe()
+                );
+                return Ok(None);
+            }
+            (Some(n), _) => {
+                *self.on_target.lock().unwrap() = Some(n.mark.token.clone());
+                n.mark.token
+            }
+            (None, Some(known)) => known,
+            // None, or none that can be read (the target root gone for a while): the note
+            // of the state's last mark is taken to be there.
+            (None, None) => last.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
         };
         let mark = WriterMark::next(last.as_ref(), &on_target);
         marks.put(&self.pipeline, &mark).map_err(self.err_state())?;
-        *self.noted.lock().unwrap() = Some(mark.clone());
         Ok(Some(mark))
     }
 
-    /// The token of the target's writer note ([`Projector::on_target`]), read from the
-    /// target until there is one to read. `None` when there is none, or it cannot be read
-    /// (the target root gone for a while): the caller takes the note of the state's last
-    /// mark for it.
-    async fn note_on_target(&self) -> Option<String> {
-        if let Some(token) = self.on_target.lock().unwrap().clone() {
-            return Some(token);
-        }
-        let token = self.target.writer_note().await?.mark.token;
-        *self.on_target.lock().unwrap() = Some(token.clone());
-        Some(token)
-    }
-
-    /// Writes the target's note of this run's `mark` ([`Projector::mark_writer`]); a note
+    /// Writes the target's note of `mark` ([`Projector::mark_writer`]); a note
     /// that cannot be written is warned of, as it weakens only that check (the next mark
     /// keeps the token of the note still there, which stays this state's).
     async fn note_writer(&self, mark: WriterMark) {
