@@ -1441,7 +1441,7 @@ fn a_state_restored_from_a_backup_is_refused_on_the_newer_target_until_rebuilt()
     );
     let verify = String::from_utf8(env.run(&["verify"]).stdout).unwrap();
     assert!(
-        verify.contains("t: the target was last written by run 2 of pipeline `t`"),
+        verify.contains("t: the target was last written by commit 2 of pipeline `t`"),
         "{verify}"
     );
 
@@ -1491,7 +1491,7 @@ fn a_fresh_state_is_told_which_state_wrote_the_target() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("t: the target holds 1 entry the source does not have; tidemark wrote this target before, last in run 1 of pipeline `t` of the state in"),
+        stdout.contains("t: the target holds 1 entry the source does not have; tidemark wrote this target before, last in commit 1 of pipeline `t` of the state in"),
         "{stdout}"
     );
     assert!(stdout.contains("symbolic link"), "{stdout}");
@@ -1525,4 +1525,238 @@ fn a_target_without_a_writer_note_is_taken_as_it_is() {
     }
     assert!(note.is_file());
     assert_mirror(&env.src(), &env.dst());
+}
+
+/// Two copies of one state used in turn: copy S is refused on the target the other copy
+/// wrote, follows the advice (`replay --from 0`, `sync`) and writes its own run; the
+/// other copy, put back, has made more runs than S but not seen S's, and is refused too.
+/// It was taken as the target's writer (any older note of its history counted as its
+/// own), and a file S wrote that the source deleted since stayed on the target for good.
+#[test]
+fn a_copy_of_the_state_is_refused_after_the_other_copy_wrote_the_target() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let (state, s, s_prime) = (env.path("state"), env.path("s"), env.path("s-prime"));
+    copy_dir(&state, &s);
+    for name in ["b", "c"] {
+        write(env.src().join(name), name);
+        env.sync();
+    }
+    copy_dir(&state, &s_prime);
+
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&s, &state);
+    let out = env.run(&["sync"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    env.ok(&["replay", "--from", "0"]);
+    write(env.src().join("d"), "d");
+    env.sync();
+    assert!(env.dst().join("d").exists());
+
+    std::fs::remove_file(env.src().join("d")).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&s_prime, &state);
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target")
+            && stderr.contains("another copy of this state"),
+        "{stderr}"
+    );
+    assert!(env.dst().join("d").exists(), "nothing is applied");
+}
+
+/// The state is flushed with its new mark before the target's note is written: a crash
+/// in between leaves the note the state's last run wrote, which is still this state's.
+#[test]
+fn a_note_left_by_a_crash_before_it_was_written_is_still_the_states() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let note = env.dst().join(".tidemark-tmp/written-by");
+    let before = std::fs::read(&note).unwrap();
+    write(env.src().join("b"), "b");
+    env.sync();
+    assert_ne!(std::fs::read(&note).unwrap(), before);
+    std::fs::write(&note, &before).unwrap();
+    std::fs::remove_file(env.src().join("a")).unwrap();
+    env.sync();
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A run that only applies the deletes retained while prune was off (a `project` once it
+/// is on) notes itself in the target like any other: a backup of the state from before it
+/// is refused. It was not (only a batch of the log noted a run), and the file that run
+/// deleted, which the source then had again as it was, was never written back while
+/// `sync` said it was unchanged.
+#[test]
+fn a_backup_from_before_a_run_that_applied_only_retained_deletes_is_refused() {
+    let env = Env::dirs("", "prune = false");
+    for name in ["f1", "f2"] {
+        write(env.src().join(name), name);
+    }
+    env.sync();
+    let f1 = env.src().join("f1");
+    let f1_time = std::fs::metadata(&f1).unwrap().modified().unwrap();
+    std::fs::remove_file(&f1).unwrap();
+    let (_, project) = env.sync();
+    assert_eq!(outcome(&project, "retained"), 1, "{project}");
+    let (state, backup) = (env.path("state"), env.path("state-backup"));
+    copy_dir(&state, &backup);
+
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    env.write_config(&text.replace("prune = false", "prune = true"));
+    env.ok(&["project"]);
+    assert!(!env.dst().join("f1").exists());
+
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&backup, &state);
+    write(&f1, "f1");
+    let file = std::fs::File::options().write(true).open(&f1).unwrap();
+    file.set_modified(f1_time).unwrap();
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target"),
+        "{stderr}"
+    );
+    env.ok(&["replay", "--from", "0"]);
+    env.ok(&["sync"]);
+    assert_mirror(&env.src(), &env.dst());
+}
+
+/// A running daemon's state copied at an instant (a snapshot of its volume, the daemon
+/// frozen meanwhile), after the daemon applied a change and before it applied another: put
+/// back, it is refused, as the daemon changed the target after the copy. It was not (a
+/// daemon noted itself in the target once per process, at its first commit, so the copy's
+/// mark was the note's), and a file the daemon wrote after the copy, deleted from the
+/// source since, stayed on the target for good.
+#[test]
+fn a_snapshot_of_a_running_daemons_state_is_refused_once_the_daemon_wrote_after_it() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let daemon = env.spawn_daemon();
+    let appears = |name: &str| {
+        let path = env.dst().join(name);
+        wait_for(Duration::from_secs(30), || path.exists().then_some(()))
+            .unwrap_or_else(|| panic!("{name} not applied; log:\n{}", env.daemon_log()));
+    };
+    write(env.src().join("x"), "x");
+    appears("x");
+    daemon.caught_up(&env);
+    let (state, snapshot) = (env.path("state"), env.path("state-snapshot"));
+    daemon.signal("STOP");
+    copy_dir(&state, &snapshot);
+    daemon.signal("CONT");
+    write(env.src().join("y"), "y");
+    appears("y");
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+
+    std::fs::remove_file(env.src().join("y")).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&snapshot, &state);
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target"),
+        "{stderr}"
+    );
+    assert!(env.dst().join("y").exists(), "nothing is applied");
+}
+
+/// A run that changed nothing on the target writes no note; each commit that changes it
+/// writes one (a daemon's too: once per batch that changed the target, not once per
+/// process), keeping the token of the note before it.
+#[test]
+fn the_writer_note_is_written_by_each_commit_that_changes_the_target() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let note = env.dst().join(".tidemark-tmp/written-by");
+    let read =
+        || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&note).unwrap()).unwrap() };
+    let mut last = read();
+    assert_eq!(last["run"], 1, "{last}");
+    let (_, project) = env.sync();
+    assert_eq!(project["events"], 0, "{project}");
+    assert_eq!(read(), last, "a run that applied nothing wrote the note");
+
+    let daemon = env.spawn_daemon();
+    for (name, commit) in [("b", 2), ("c", 3)] {
+        write(env.src().join(name), name);
+        let now = wait_for(Duration::from_secs(30), || {
+            Some(read()).filter(|n| n["run"] == commit)
+        })
+        .unwrap_or_else(|| panic!("no note of commit {commit}; log:\n{}", env.daemon_log()));
+        assert_eq!(now["prev"], last["token"], "{now}");
+        last = now;
+    }
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+    assert_eq!(read(), last);
+}
+
+/// A copy of a running daemon's state, run meanwhile, writes the target's note: the
+/// daemon's next commit that changes the target leaves that note there (with a warning)
+/// instead of writing its own over it, so the daemon's state is refused at its next start,
+/// as it has not seen what the copy did.
+#[test]
+fn a_daemon_leaves_the_note_of_a_copy_that_wrote_the_target_while_it_ran() {
+    let env = Env::dirs("", "prune = true");
+    write(env.src().join("a"), "a");
+    env.sync();
+    let daemon = env.spawn_daemon();
+    daemon.caught_up(&env);
+    // The daemon frozen while its state is copied and the copy syncs a new file.
+    daemon.signal("STOP");
+    copy_dir(&env.path("state"), &env.path("copy"));
+    let text = std::fs::read_to_string(&env.config).unwrap();
+    let copy = env.path("copy.toml");
+    std::fs::write(
+        &copy,
+        text.replace("state_dir = \"state\"", "state_dir = \"copy\""),
+    )
+    .unwrap();
+    write(env.src().join("b"), "b");
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(&copy)
+        .arg("sync")
+        .output()
+        .unwrap();
+    daemon.signal("CONT");
+    assert!(out.status.success(), "{out:?}");
+    let note = env.dst().join(".tidemark-tmp/written-by");
+    let copys = std::fs::read(&note).unwrap();
+    // The daemon adopts the copy's file, and writes another.
+    write(env.src().join("c"), "c");
+    let c = env.dst().join("c");
+    wait_for(Duration::from_secs(30), || c.exists().then_some(()))
+        .unwrap_or_else(|| panic!("c not applied; log:\n{}", env.daemon_log()));
+    daemon.caught_up(&env);
+    assert!(daemon.terminate().success());
+    assert_eq!(
+        std::fs::read(&note).unwrap(),
+        copys,
+        "the copy's note is kept"
+    );
+    assert_eq!(
+        env.log_lines("WARN", "projected into the target while this process did"),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    let out = env.run(&["sync"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("this state is older than the target"),
+        "{stderr}"
+    );
 }

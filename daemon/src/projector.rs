@@ -1303,9 +1303,17 @@ pub struct Projector {
     /// On a log other processes share, each held partition's [`RETAINED_MARK`] as last read
     /// or written here; dropped when the partition moves.
     retained_marks: Mutex<HashMap<u32, u64>>,
-    /// This run's mark, once its first commit noted it in the state and in the target's
-    /// writer note ([`crate::writer`]): once per run (a daemon's: once per process).
-    noted: Mutex<Option<WriterMark>>,
+    /// Applies recorded since the last writer mark changed the target (an item written,
+    /// deleted or adopted): the next commit takes a new mark and writes the target's note
+    /// of it ([`Projector::flush_noted`]).
+    unmarked: AtomicBool,
+    /// The token of the writer note on the target as this process knows it: that of each
+    /// note it read there at a mark, or wrote. A mark keeps it ([`WriterMark::prev`]): a
+    /// crash before the mark's note is written leaves that one.
+    on_target: Mutex<Option<String>>,
+    /// The target's note was found to be another writer's at a mark: this process writes
+    /// none over it from then on ([`Projector::mark_writer`]).
+    overwritten: AtomicBool,
     /// The pipeline's delete limit, which the deletes retained while `prune` was off are
     /// weighed against when it is turned on ([`Projector::apply_retained`]).
     max_delete: DeleteLimit,
@@ -1385,7 +1393,9 @@ impl Projector {
             holding: Mutex::new(None),
             resting: Mutex::default(),
             tailing: AtomicBool::new(false),
-            noted: Mutex::new(None),
+            unmarked: AtomicBool::new(false),
+            on_target: Mutex::new(None),
+            overwritten: AtomicBool::new(false),
             retrying: Mutex::new(None),
             failing: Recurring::default(),
             items_failing: Failing::default(),
@@ -2171,11 +2181,7 @@ impl Projector {
                 .and_then(|r| r.put(&self.pipeline, &now))
                 .map_err(self.err_state())?;
         }
-        let mark = self.mark_writer()?;
-        self.state.flush().await.map_err(self.err_state())?;
-        if let Some(mark) = mark {
-            self.note_writer(mark).await;
-        }
+        self.flush_noted().await?;
         // Counted before the commit: whoever sees the lag reach 0 sees these applies too.
         self.count_applies(&report);
         let m = metrics();
@@ -2288,6 +2294,7 @@ impl Projector {
                 report.bytes_written += d.bytes;
             }
             if d.outcome.wrote() || d.outcome == Outcome::Adopted {
+                self.unmarked.store(true, Ordering::SeqCst);
                 debug!(
                     pipeline = %self.pipeline,
                     partition,
@@ -2646,7 +2653,7 @@ impl Projector {
         self.record(done, &mut report, None, &applied, &remap)?;
         replace_all(&stored, &waiting).map_err(self.err_state())?;
         self.count_deferred(waiting.len())?;
-        self.state.flush().await.map_err(self.err_state())?;
+        self.flush_noted().await?;
         self.count_applies(&report);
         Ok(report)
     }
@@ -2854,7 +2861,7 @@ impl Projector {
                 .apply(finished.iter().map(|id| (id.as_str(), None)))
                 .map_err(self.err_state())?;
             replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
-            self.state.flush().await.map_err(self.err_state())?;
+            self.flush_noted().await?;
             if let Some((_, e)) = stopped.into_iter().next() {
                 warn!(
                     pipeline = %self.pipeline,
@@ -3363,7 +3370,7 @@ impl Projector {
             .map_err(self.err_state())?;
         replace_all(&dir_pending, &waiting).map_err(self.err_state())?;
         self.count_deferred(waiting.len())?;
-        self.state.flush().await.map_err(self.err_state())?;
+        self.flush_noted().await?;
         self.count_applies(&report);
         // An item that stopped on a transient failure stays on the failed list, with what
         // went wrong this time: `status` showing the reason it failed with days ago, while
@@ -4432,23 +4439,40 @@ impl Projector {
     /// log other processes share, several states project into one target by design, so
     /// nothing is told there ([`Written::Unnoted`]). One read of the note.
     pub async fn written(&self) -> Result<Written, ProjectError> {
+        Ok(self.read_written().await?.0)
+    }
+
+    /// [`Projector::written`], with the token of the note read.
+    async fn read_written(&self) -> Result<(Written, Option<String>), ProjectError> {
         if self.log.shared() {
-            return Ok(Written::Unnoted);
+            return Ok((Written::Unnoted, None));
         }
         let Some(note) = self.target.writer_note().await else {
-            return Ok(Written::Unnoted);
+            return Ok((Written::Unnoted, None));
         };
+        let token = note.mark.token.clone();
         let mark = (self.state.writer_mark(&self.pipeline)).map_err(self.err_state())?;
-        Ok(crate::writer::judge(Some(note), mark.as_ref()))
+        Ok((crate::writer::judge(Some(note), mark.as_ref()), Some(token)))
     }
 
     /// Refuses to project from a state that has applied items when the target was last
     /// written by another state, or by a run of this state's history this state has not
     /// seen (a backup restored, a copy used elsewhere): what that history did is not here,
     /// so what it wrote and the source deleted would stay for good. A state with nothing
-    /// applied (a new one, or after `replay --from 0`) takes the target over.
+    /// applied (a new one, or after `replay --from 0`) takes the target over. The note let
+    /// pass is the one this process knows on the target ([`Projector::on_target`]): another
+    /// found there at its next mark was written by another process meanwhile.
     async fn check_writer(&self) -> Result<(), ProjectError> {
-        let written = self.written().await?;
+        let (written, token) = self.read_written().await?;
+        self.judge_writer(written)?;
+        if token.is_some() {
+            *self.on_target.lock().unwrap() = token;
+        }
+        Ok(())
+    }
+
+    /// [`Projector::check_writer`]'s verdict on `written`.
+    fn judge_writer(&self, written: Written) -> Result<(), ProjectError> {
         if written.elsewhere().is_none() {
             return Ok(());
         }
@@ -4477,35 +4501,84 @@ impl Projector {
         }
     }
 
-    /// The state's mark of this run, put in the batch's state write by its first commit
-    /// ([`Projector::note_writer`] writes the target's note once that is durable); `None`
-    /// after, and on a log other processes share.
-    fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
-        if self.log.shared() || self.noted.lock().unwrap().is_some() {
+    /// Makes what was applied durable in the state (flushes it), with a new writer mark
+    /// when the applies changed the target ([`Projector::mark_writer`]), then writes the
+    /// target's note of that mark: every commit of applies to the target goes through here
+    /// (a batch's; a pass over the retained deletes, the failed items or the directory
+    /// deletes waiting), so a run that only applied those is noted too (a backup of the
+    /// state from before such a run was not refused: a file it deleted that the source
+    /// then had again as it was was never written back). A mark per commit that changed
+    /// the target, not per run: a daemon's state copied while it runs (a snapshot of its
+    /// volume) is then refused once the daemon changed the target after the copy; with a
+    /// mark per process it never was. A commit that changed nothing (all unchanged,
+    /// superseded, failed, retained or deferred) writes no note: the target is as the
+    /// state's last mark left it.
+    async fn flush_noted(&self) -> Result<(), ProjectError> {
+        let mark = self.mark_writer().await?;
+        self.state.flush().await.map_err(self.err_state())?;
+        if let Some(mark) = mark {
+            self.note_writer(mark).await;
+        }
+        Ok(())
+    }
+
+    /// The state's next mark, put in the state write of a commit whose applies changed the
+    /// target ([`Projector::flush_noted`], which writes the target's note once that is
+    /// durable); `None` when they changed nothing, and on a log other processes share.
+    /// The note is read first (one small read): one that is not what this process last
+    /// wrote or found there is another writer's, which a note of this state would hide
+    /// from this state's next start; it is left there, with a warning.
+    async fn mark_writer(&self) -> Result<Option<WriterMark>, ProjectError> {
+        if self.log.shared() || !self.unmarked.swap(false, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        if self.overwritten.load(Ordering::SeqCst) {
             return Ok(None);
         }
         let marks = self.state.writer_marks().map_err(self.err_state())?;
         let last = marks.get(&self.pipeline).map_err(self.err_state())?;
-        let mark = WriterMark::next(last.as_ref());
+        let known = self.on_target.lock().unwrap().clone();
+        let on_target = match (self.target.writer_note().await, known) {
+            (Some(n), Some(known)) if n.mark.token != known => {
+                self.overwritten.store(true, Ordering::SeqCst);
+                warn!(
+                    pipeline = %self.pipeline,
+                    "the target's writer note names {}, not what this process last wrote or found there: another state, or a copy of this one, projected into the target while this process did, and what it did is not in this state. That note is left as it is, so this state's next start is refused, saying what to do",
+                    n.describe()
+                );
+                return Ok(None);
+            }
+            (Some(n), _) => {
+                *self.on_target.lock().unwrap() = Some(n.mark.token.clone());
+                n.mark.token
+            }
+            (None, Some(known)) => known,
+            // None, or none that can be read (the target root gone for a while): the note
+            // of the state's last mark is taken to be there.
+            (None, None) => last.as_ref().map(|m| m.token.clone()).unwrap_or_default(),
+        };
+        let mark = WriterMark::next(last.as_ref(), &on_target);
         marks.put(&self.pipeline, &mark).map_err(self.err_state())?;
-        *self.noted.lock().unwrap() = Some(mark.clone());
         Ok(Some(mark))
     }
 
-    /// Writes the target's note of this run's `mark` ([`Projector::mark_writer`]); a note
-    /// that cannot be written is warned of, as it weakens only that check.
+    /// Writes the target's note of `mark` ([`Projector::mark_writer`]); a note
+    /// that cannot be written is warned of, as it weakens only that check (the next mark
+    /// keeps the token of the note still there, which stays this state's).
     async fn note_writer(&self, mark: WriterMark) {
+        let token = mark.token.clone();
         let note = WriterNote {
             mark,
             pipeline: self.pipeline.clone(),
             state_dir: self.state.path().to_owned(),
             at: Utc::now(),
         };
-        if let Err(e) = self.target.put_writer_note(&note).await {
-            warn!(
+        match self.target.put_writer_note(&note).await {
+            Ok(()) => *self.on_target.lock().unwrap() = Some(token),
+            Err(e) => warn!(
                 pipeline = %self.pipeline,
                 "cannot note in the target which state wrote it ({e}): a copy of this state restored from a backup would not be told from it"
-            );
+            ),
         }
     }
 

@@ -241,7 +241,8 @@ pub trait Target: Send + Sync {
         None
     }
 
-    /// Writes that note, once per projecting run, after the state's mark is durable.
+    /// Writes that note, after each commit that changed the target, once the state's mark is
+    /// durable.
     async fn put_writer_note(&self, _note: &crate::writer::WriterNote) -> std::io::Result<()> {
         Ok(())
     }
